@@ -1,0 +1,23 @@
+"""paraplan's cost model: pure functions of (model spec, strategy, hardware) -> time, memory.
+
+Imports nothing else of paraplan and never touches a live device.
+"""
+
+from costmodel.cluster import Cluster, load_cluster
+from costmodel.errors import ConfigError
+from costmodel.result import StepResult
+from costmodel.simulate import simulate
+from costmodel.spec import ModelSpec
+from costmodel.step import StepModel, build_step
+from costmodel.strategy import Precision, Recompute, Schedule, Strategy
+
+
+def predict(spec: ModelSpec, strategy: Strategy, cluster: Cluster, *, record_events: bool = False) -> StepResult:
+    """Simulate one training step of `spec` under `strategy` on `cluster`."""
+    return simulate(build_step(spec, strategy, cluster), record_events=record_events)
+
+
+__all__ = [
+    "Cluster", "ConfigError", "ModelSpec", "Precision", "Recompute", "Schedule", "StepModel", "StepResult",
+    "Strategy", "build_step", "load_cluster", "predict", "simulate",
+]

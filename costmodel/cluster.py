@@ -1,0 +1,200 @@
+"""A cluster: nodes of GPUs of one device profile, joined by intra- and inter-node links.
+
+`a100-80g:1024` means 1024 GPUs of the `a100-80g` profile in nodes of the profile's
+`gpus_per_node` (8) with its default links; a cluster YAML names nodes, gpus_per_node, the
+device profile (a name from profiles/ or a path) and, optionally, its own links.
+Profiles compose: a profile with `extends: NAME` overrides fields of NAME.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from costmodel.errors import ConfigError
+from costmodel.hardware import Device, EfficiencyCurve, MemoryOverhead
+from costmodel.network import Group, Link, group_on_mesh
+
+PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Cluster:
+    name: str
+    device: Device
+    nodes: int
+    gpus_per_node: int
+    intra: Link
+    inter: Link
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1 or self.gpus_per_node < 1:
+            raise ConfigError(f"cluster {self.name}: nodes and gpus_per_node must be positive")
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    def group(self, size: int, stride: int) -> Group:
+        """The group of `size` ranks `stride` apart in rank order."""
+        return group_on_mesh(size, stride, self.gpus_per_node, self.intra, self.inter)
+
+    def p2p_link(self, stride: int) -> Link:
+        """Link between ranks `stride` apart (pipeline neighbours)."""
+        return self.intra if self.nodes == 1 or stride < self.gpus_per_node else self.inter
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path} is not valid YAML{where}; fix the file's syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of fields, not {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def available_profiles(profiles_dir: Path = PROFILES_DIR) -> list[str]:
+    return sorted(p.stem for p in profiles_dir.glob("*.yaml"))
+
+
+def load_profile_data(name_or_path: str, profiles_dir: Path = PROFILES_DIR, _seen: tuple = ()) -> dict:
+    """The merged mapping of a profile (following `extends`)."""
+    path = Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") and path.exists()):
+        path = profiles_dir / f"{name_or_path}.yaml"
+    if not path.exists():
+        raise ConfigError(
+            f"unknown device '{name_or_path}'; known devices: {', '.join(available_profiles(profiles_dir))} "
+            "(or give a profile YAML path)"
+        )
+    if str(path) in _seen:
+        raise ConfigError(f"profile {path} extends itself in a cycle")
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is not None:
+        data = _merge(load_profile_data(str(parent), profiles_dir, _seen + (str(path),)), data)
+    data.setdefault("name", path.stem)
+    return data
+
+
+def _section(data: dict, key: str, where: str) -> dict:
+    value = data.get(key)
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: field '{key}' is missing or not a mapping")
+    return value
+
+
+def _link(data: dict, where: str) -> Link:
+    try:
+        return Link(
+            bandwidth_gb_per_s=float(data["bandwidth_gb_per_s"]),
+            latency_us=float(data["latency_us"]),
+            efficiency=float(data["efficiency"]),
+        )
+    except KeyError as exc:
+        raise ConfigError(f"{where}: link lacks {exc.args[0]} (needs bandwidth_gb_per_s, latency_us, efficiency)") from None
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: link figures must be numbers") from None
+
+
+def device_from_data(data: dict) -> Device:
+    name = str(data.get("name", "device"))
+    dev = _section(data, "device", f"profile {name}")
+    try:
+        overhead = dev.get("memory_overhead", {"fixed_gib": 0.0, "fragmentation": 0.0})
+        return Device(
+            name=name,
+            peak_tflops={str(k): float(v) for k, v in _section(dev, "peak_tflops", f"profile {name}").items()},
+            hbm_gib=float(dev["hbm_gib"]),
+            hbm_gb_per_s=float(dev["hbm_gb_per_s"]),
+            hbm_efficiency=float(dev["hbm_efficiency"]),
+            gemm_efficiency=EfficiencyCurve(tuple(tuple(p) for p in dev["gemm_efficiency"])),
+            attention_efficiency=EfficiencyCurve(
+                tuple(tuple(p) for p in dev.get("attention_efficiency", dev["gemm_efficiency"]))
+            ),
+            memory_overhead=MemoryOverhead(
+                fixed_gib=float(overhead["fixed_gib"]), fragmentation=float(overhead["fragmentation"])
+            ),
+        )
+    except KeyError as exc:
+        raise ConfigError(f"profile {name}: device lacks field {exc.args[0]}") from None
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"profile {name}: device figures must be numbers ([size, efficiency] pairs for curves)") from None
+
+
+def load_cluster(text: str, profiles_dir: Path = PROFILES_DIR) -> Cluster:
+    """Parse `DEVICE:COUNT` or a cluster YAML path."""
+    path = Path(text)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.exists():
+            raise ConfigError(f"cluster file {text} does not exist; give DEVICE:COUNT or a cluster YAML")
+        return _cluster_from_yaml(_read_yaml(path), str(path), profiles_dir)
+    device_name, sep, count_text = text.rpartition(":")
+    if not sep or not device_name:
+        raise ConfigError(f"--cluster '{text}' is neither DEVICE:COUNT (e.g. a100-80g:64) nor a .yaml file")
+    try:
+        count = int(count_text)
+    except ValueError:
+        raise ConfigError(f"--cluster '{text}': GPU count '{count_text}' is not an integer") from None
+    if count < 1:
+        raise ConfigError(f"--cluster '{text}': GPU count must be at least 1")
+    data = load_profile_data(device_name, profiles_dir)
+    per_node = int(data.get("gpus_per_node", 8))
+    if count > per_node and count % per_node:
+        raise ConfigError(
+            f"--cluster '{text}': {count} GPUs do not fill nodes of {per_node}; use a multiple of {per_node} "
+            "or a cluster YAML"
+        )
+    nodes, per_node = (count // per_node, per_node) if count >= per_node else (1, count)
+    return _cluster(data, f"{device_name}:{count}", nodes, per_node, {})
+
+
+def _cluster_from_yaml(data: dict, where: str, profiles_dir: Path) -> Cluster:
+    unknown = sorted(set(data) - {"name", "nodes", "gpus_per_node", "device", "intra_node", "inter_node"})
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown field(s) {', '.join(unknown)}; a cluster has nodes, gpus_per_node, device, "
+            "intra_node, inter_node"
+        )
+    if "device" not in data:
+        raise ConfigError(f"{where}: field 'device' (a profile name or path) is missing")
+    profile = load_profile_data(str(data["device"]), profiles_dir)
+    try:
+        nodes = int(data.get("nodes", 1))
+        per_node = int(data.get("gpus_per_node", profile.get("gpus_per_node", 8)))
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: nodes and gpus_per_node must be integers") from None
+    links = {k: data[k] for k in ("intra_node", "inter_node") if k in data}
+    return _cluster(profile, str(data.get("name", Path(where).stem)), nodes, per_node, links)
+
+
+def _cluster(profile: dict, name: str, nodes: int, per_node: int, links: dict) -> Cluster:
+    profile_links = profile.get("links", {})
+    intra = links.get("intra_node", profile_links.get("intra_node"))
+    inter = links.get("inter_node", profile_links.get("inter_node", intra))
+    if not isinstance(intra, dict) or not isinstance(inter, dict):
+        raise ConfigError(f"cluster {name}: intra_node and inter_node links must be mappings")
+    return Cluster(
+        name=name,
+        device=device_from_data(profile),
+        nodes=nodes,
+        gpus_per_node=per_node,
+        intra=_link(intra, f"cluster {name} intra_node"),
+        inter=_link(inter, f"cluster {name} inter_node"),
+    )

@@ -1,0 +1,106 @@
+"""A device's compute and memory, as data: peaks, capacities and efficiency curves.
+
+In the style of Calculon's `processor.py`: efficiency is data from the profile (size-dependent
+curves), never a constant in code. Vendor figures are decimal (1 TFLOP/s = 1e12 FLOP/s,
+1 GB/s = 1e9 B/s); capacities are GiB (2**30 bytes), as nvidia-smi reports them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass, field
+
+from costmodel.errors import ConfigError
+
+GIB = 2**30
+
+
+@dataclass(frozen=True, slots=True)
+class EfficiencyCurve:
+    """Achieved fraction of peak as a function of work size (FLOPs or bytes), interpolated
+    linearly in log10(size) between measured points and held flat beyond the ends."""
+
+    points: tuple[tuple[float, float], ...]
+    _xs: tuple[float, ...] = field(init=False, repr=False, compare=False)
+    _ys: tuple[float, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        pts = tuple(sorted((float(x), float(y)) for x, y in self.points))
+        if not pts:
+            raise ConfigError("an efficiency curve needs at least one [size, efficiency] point")
+        for x, y in pts:
+            if x <= 0 or not 0 < y <= 1:
+                raise ConfigError(f"efficiency point [{x}, {y}] is invalid: size must be > 0 and efficiency in (0, 1]")
+        object.__setattr__(self, "points", pts)
+        object.__setattr__(self, "_xs", tuple(math.log10(x) for x, _ in pts))
+        object.__setattr__(self, "_ys", tuple(y for _, y in pts))
+
+    def __call__(self, size: float) -> float:
+        xs, ys = self._xs, self._ys
+        if size <= 0:
+            return ys[0]
+        x = math.log10(size)
+        i = bisect.bisect_left(xs, x)
+        if i == 0:
+            return ys[0]
+        if i == len(xs):
+            return ys[-1]
+        x0, x1 = xs[i - 1], xs[i]
+        return ys[i - 1] + (ys[i] - ys[i - 1]) * (x - x0) / (x1 - x0)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MemoryOverhead:
+    """What a GPU loses beyond the model's tensors: CUDA context, library workspaces and
+    communication buffers (fixed), and allocator fragmentation (a fraction of the rest)."""
+
+    fixed_gib: float
+    fragmentation: float
+
+    def __post_init__(self) -> None:
+        if self.fixed_gib < 0 or not 0 <= self.fragmentation < 1:
+            raise ConfigError("memory_overhead needs fixed_gib >= 0 and 0 <= fragmentation < 1")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Device:
+    name: str
+    peak_tflops: dict[str, float]
+    hbm_gib: float
+    hbm_gb_per_s: float
+    hbm_efficiency: float
+    gemm_efficiency: EfficiencyCurve
+    attention_efficiency: EfficiencyCurve
+    memory_overhead: MemoryOverhead
+
+    def __post_init__(self) -> None:
+        if not self.peak_tflops or any(v <= 0 for v in self.peak_tflops.values()):
+            raise ConfigError(f"device {self.name}: peak_tflops needs positive figures per dtype")
+        if self.hbm_gib <= 0 or self.hbm_gb_per_s <= 0 or not 0 < self.hbm_efficiency <= 1:
+            raise ConfigError(f"device {self.name}: hbm_gib, hbm_gb_per_s > 0 and 0 < hbm_efficiency <= 1 required")
+
+    def peak_flops(self, dtype: str) -> float:
+        try:
+            return self.peak_tflops[dtype] * 1e12
+        except KeyError:
+            have = ", ".join(sorted(self.peak_tflops))
+            raise ConfigError(f"device {self.name} has no {dtype} peak; it lists {have}") from None
+
+    @property
+    def hbm_bytes(self) -> float:
+        return self.hbm_gib * GIB
+
+    def gemm_s(self, flops: float, bytes_moved: float, dtype: str) -> float:
+        """Roofline time of a matrix multiply at the size-dependent efficiency."""
+        compute = flops / (self.peak_flops(dtype) * self.gemm_efficiency(flops))
+        return max(compute, self.memory_s(bytes_moved))
+
+    def attention_s(self, flops: float, bytes_moved: float, dtype: str) -> float:
+        """Roofline time of a fused (Flash) attention kernel."""
+        compute = flops / (self.peak_flops(dtype) * self.attention_efficiency(flops))
+        return max(compute, self.memory_s(bytes_moved))
+
+    def memory_s(self, bytes_moved: float) -> float:
+        """Time of a memory-bound kernel (elementwise, norms, softmax, optimizer)."""
+        return bytes_moved / (self.hbm_gb_per_s * 1e9 * self.hbm_efficiency)

@@ -1,0 +1,227 @@
+"""The operators of one transformer layer (and of the embedding and head) on one GPU:
+FLOPs and bytes of each, timed by the device's roofline, plus the tensor- and
+context-parallel collectives the layer issues.
+
+Per GPU, a layer sees T = b * s/cp tokens; tensor parallelism splits heads and the ffn width
+(Megatron's column-then-row split), sequence parallelism splits the norms and elementwise
+ops over the tokens. Backward runs two GEMMs (input and weight gradient) per forward GEMM,
+2.5x the FLOPs of a fused attention forward (FlashAttention-2), and twice the traffic of
+each memory-bound op.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from costmodel.cluster import Cluster
+from costmodel.collectives import all_gather_s, all_reduce_s, reduce_scatter_s, send_recv_s
+from costmodel.network import Group
+from costmodel.spec import Activation, ModelSpec, Position
+from costmodel.strategy import Recompute, Strategy
+
+FLASH_BACKWARD_FLOPS_RATIO = 2.5  # FlashAttention-2 backward: 5 matmuls against 2 forward
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Part:
+    """Seconds spent in each kind of work by one task (a forward or backward of some layers)."""
+
+    compute: float = 0.0
+    recompute: float = 0.0
+    tp_comm: float = 0.0
+    cp_comm: float = 0.0
+    exposed_comm: float = 0.0  # data-parallel / FSDP traffic the compute did not hide
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.recompute + self.tp_comm + self.cp_comm + self.exposed_comm
+
+    def __add__(self, other: "Part") -> "Part":
+        return Part(
+            compute=self.compute + other.compute,
+            recompute=self.recompute + other.recompute,
+            tp_comm=self.tp_comm + other.tp_comm,
+            cp_comm=self.cp_comm + other.cp_comm,
+            exposed_comm=self.exposed_comm + other.exposed_comm,
+        )
+
+    def scaled(self, k: float) -> "Part":
+        return Part(
+            compute=self.compute * k, recompute=self.recompute * k, tp_comm=self.tp_comm * k,
+            cp_comm=self.cp_comm * k, exposed_comm=self.exposed_comm * k,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LayerCost:
+    """One transformer layer for one microbatch on one GPU."""
+
+    forward: Part
+    backward: Part  # recompute included
+    wgrad_s: float  # weight-gradient GEMM time inside the backward (overlap budget)
+    params: int  # parameters of the layer held by one tp rank
+
+
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    tokens: int  # T = b * s_local
+    rows: int  # tokens seen by norms and elementwise ops (T / tp with sequence parallelism)
+    b: int
+    s: int  # local sequence (s / cp)
+    s_kv: int  # keys each query may attend to (whole sequence)
+    h: int
+    q: int  # query width per tp rank
+    kv: int  # K (or V) width per tp rank
+    f: int  # ffn width per tp rank
+    heads: int  # attention heads per tp rank
+    e: int  # bytes per activation value
+
+
+def _shape(spec: ModelSpec, strategy: Strategy) -> _Shape:
+    tp, cp = strategy.tp, strategy.cp
+    b = strategy.microbatch_size
+    seq = strategy.seq_len or spec.seq_len
+    s = seq // cp
+    tokens = b * s
+    kv_heads_local = max(spec.kv_heads // tp, 1)
+    return _Shape(
+        tokens=tokens,
+        rows=tokens // tp if strategy.sequence_parallel else tokens,
+        b=b, s=s, s_kv=seq, h=spec.hidden, q=spec.hidden // tp, kv=kv_heads_local * spec.head_dim,
+        f=spec.ffn_hidden // tp, heads=spec.heads // tp, e=strategy.policy.activation_bytes,
+    )
+
+
+def _gemm(device, dtype: str, m: int, k: int, n: int, e: int) -> float:
+    return device.gemm_s(2.0 * m * k * n, e * (m * k + k * n + m * n), dtype)
+
+
+def _attention_core(spec: ModelSpec, strategy: Strategy, cluster: Cluster, sh: _Shape) -> tuple[float, float]:
+    """(forward, backward) seconds of softmax(QK^T)V for one microbatch."""
+    dev, dtype, e = cluster.device, strategy.policy.compute_dtype, sh.e
+    if strategy.flash_attention:
+        causal = 0.5
+        flops = 4.0 * sh.tokens * sh.s_kv * sh.q * causal
+        moved = e * (2 * sh.tokens * sh.q + 2 * sh.b * sh.s_kv * sh.kv)
+        return dev.attention_s(flops, moved, dtype), dev.attention_s(FLASH_BACKWARD_FLOPS_RATIO * flops, 2 * moved, dtype)
+    scores = sh.b * sh.heads * sh.s * sh.s_kv  # (b, heads, s, s_kv) values per tp rank
+    bmm = dev.gemm_s(2.0 * sh.tokens * sh.s_kv * sh.q, e * (2 * sh.tokens * sh.q + scores), dtype)
+    mask_bytes = 1 if spec.dropout else 0
+    # fused scale-mask-softmax (read, write) and dropout (read, write, mask)
+    softmax_fwd = dev.memory_s(scores * (2 * e + (2 * e + mask_bytes if spec.dropout else 0)))
+    fwd = 2 * bmm + softmax_fwd
+    bwd = 4 * bmm + 1.5 * softmax_fwd
+    return fwd, bwd
+
+
+def layer_cost(spec: ModelSpec, strategy: Strategy, cluster: Cluster, tp_group: Group, cp_group: Group) -> LayerCost:
+    dev, dtype = cluster.device, strategy.policy.compute_dtype
+    sh = _shape(spec, strategy)
+    T, e, h = sh.tokens, sh.e, sh.h
+    # -- forward compute ------------------------------------------------------------
+    qkv = _gemm(dev, dtype, T, h, sh.q + 2 * sh.kv, e)
+    proj = _gemm(dev, dtype, T, sh.q, h, e)
+    up_width = 2 * sh.f if spec.activation is Activation.SWIGLU else sh.f
+    fc1 = _gemm(dev, dtype, T, h, up_width, e)
+    fc2 = _gemm(dev, dtype, T, sh.f, h, e)
+    gemms = qkv + proj + fc1 + fc2
+    attn_f, attn_b = _attention_core(spec, strategy, cluster, sh)
+    row_bytes = sh.rows * h * e
+    elementwise = 2 * 2 * row_bytes  # two norms: read + write
+    elementwise += 2 * 3 * row_bytes  # two fused bias-dropout-residual adds: two reads, one write
+    elementwise += (3 if spec.activation is Activation.SWIGLU else 2) * T * sh.f * e  # activation
+    if spec.position is Position.ROPE:
+        elementwise += 2 * T * (sh.q + sh.kv) * e
+    elem_f = dev.memory_s(elementwise)
+    fwd_compute = gemms + attn_f + elem_f
+    bwd_compute = 2 * gemms + attn_b + 2 * elem_f
+    wgrad = gemms
+    # -- tensor-parallel collectives: 2 per direction (all-reduce, or all-gather + reduce-scatter)
+    act_bytes = T * h * e
+    if tp_group.size > 1:
+        if strategy.sequence_parallel:
+            tp_once = all_gather_s(act_bytes, tp_group) + reduce_scatter_s(act_bytes, tp_group)
+        else:
+            tp_once = all_reduce_s(act_bytes, tp_group)
+        tp_f = 2 * tp_once
+    else:
+        tp_f = 0.0
+    tp_b = tp_f
+    # -- context parallel: ring exchange of K and V, overlapped with the attention blocks
+    cp_f = cp_b = 0.0
+    if cp_group.size > 1:
+        link = cp_group.inter if cp_group.nodes > 1 else cp_group.intra
+        kv_chunk = 2 * sh.b * sh.s * sh.kv * e  # K and V of one cp rank
+        ring_f = (cp_group.size - 1) * send_recv_s(kv_chunk, link)
+        cp_f = max(0.0, ring_f - attn_f)
+        cp_b = max(0.0, 2 * ring_f - attn_b)  # K, V forward again and dK, dV back
+    # -- recomputation before the backward
+    recompute = Recompute(strategy.recompute)
+    if recompute is Recompute.FULL:
+        re_compute, re_tp = fwd_compute, tp_f
+    elif recompute is Recompute.SELECTIVE and not strategy.flash_attention:
+        re_compute, re_tp = attn_f, 0.0
+    else:
+        re_compute, re_tp = 0.0, 0.0
+    params = _params_per_tp_rank(spec, strategy.tp)
+    return LayerCost(
+        forward=Part(compute=fwd_compute, tp_comm=tp_f, cp_comm=cp_f),
+        backward=Part(compute=bwd_compute, recompute=re_compute, tp_comm=tp_b + re_tp, cp_comm=cp_b),
+        wgrad_s=wgrad,
+        params=params,
+    )
+
+
+def _params_per_tp_rank(spec: ModelSpec, tp: int) -> int:
+    """Layer parameters on one tp rank: matmul weights split, norms replicated (K/V replicated
+    when tp exceeds kv_heads)."""
+    kv_repeat = max(tp // spec.kv_heads, 1)
+    norms = 2 * spec.norm_params
+    sharded = spec.layer_params - norms + 2 * spec.hidden * spec.kv_dim * (kv_repeat - 1)
+    return sharded // tp + norms
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EndsCost:
+    """Embedding (first stage) and final norm + logits + loss (last stage), one microbatch."""
+
+    embed_forward: Part
+    embed_backward: Part
+    head_forward: Part
+    head_backward: Part
+    embed_params: int  # per tp rank (vocab-parallel)
+    head_params: int  # per tp rank; with tied embeddings on pp > 1 the last stage keeps a copy
+
+
+def ends_cost(spec: ModelSpec, strategy: Strategy, cluster: Cluster, tp_group: Group) -> EndsCost:
+    dev, dtype = cluster.device, strategy.policy.compute_dtype
+    sh = _shape(spec, strategy)
+    T, e, h, tp = sh.tokens, sh.e, sh.h, strategy.tp
+    vocab_local = -(-spec.vocab // tp)
+    act_bytes = T * h * e
+    # embedding: gather rows, add positions, dropout; vocab-parallel needs a reduction over tp
+    embed_f = dev.memory_s(3 * sh.rows * h * e)
+    embed_b = dev.memory_s(T * h * 4 + sh.rows * h * e)
+    reduce = 0.0
+    if tp_group.size > 1:
+        reduce = reduce_scatter_s(act_bytes, tp_group) if strategy.sequence_parallel else all_reduce_s(act_bytes, tp_group)
+    # head: final norm, logits GEMM (vocab split over tp), vocab-parallel cross-entropy in fp32
+    logits = _gemm(dev, dtype, T, h, vocab_local, e)
+    norm = dev.memory_s(2 * sh.rows * h * e)
+    xent = dev.memory_s(T * vocab_local * (e + 3 * 4))
+    gather = 0.0
+    if tp_group.size > 1:
+        gather = all_gather_s(act_bytes, tp_group) if strategy.sequence_parallel else all_reduce_s(act_bytes, tp_group)
+        gather += 3 * all_reduce_s(T * 4, tp_group)  # max, sum-exp, target logit
+    head_f = Part(compute=norm + logits + xent, tp_comm=gather)
+    head_b = Part(compute=2 * norm + 2 * logits + xent, tp_comm=gather)
+    embed_params = vocab_local * h + (spec.seq_len * h if spec.position is Position.LEARNED else 0)
+    head_params = spec.norm_params + (vocab_local * h if not spec.tied_embeddings or strategy.pp > 1 else 0)
+    return EndsCost(
+        embed_forward=Part(compute=embed_f, tp_comm=reduce),
+        embed_backward=Part(compute=embed_b),
+        head_forward=head_f,
+        head_backward=head_b,
+        embed_params=embed_params,
+        head_params=head_params,
+    )

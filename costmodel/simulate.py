@@ -1,0 +1,135 @@
+"""Discrete-event simulation of one training step over per-rank streams.
+
+Each pipeline rank has a compute stream that runs its schedule's tasks in order (a task
+starts when the stream is free and its input has arrived), a send stream that carries
+activations forward and gradients back (asynchronous, as isend/irecv), and a data-parallel
+stream that reduces gradient buckets as the last backward of each chunk produces them. The
+optimizer runs once a rank's gradients are reduced. The bubble is what the compute streams
+wait: it comes out of the schedule, not out of a formula.
+"""
+
+from __future__ import annotations
+
+from costmodel.errors import ConfigError
+from costmodel.result import Event, StepResult
+from costmodel.step import StepModel
+from costmodel.layer import Part
+
+
+def simulate(model: StepModel, *, record_events: bool = True) -> StepResult:
+    s = model.strategy
+    pp, m, k_stages = s.pp, s.num_microbatches, s.num_stages
+    nan = float("nan")
+    # arrival[k][mb]: when the input of virtual stage k for microbatch mb is on its rank
+    arrive_f = [[0.0] * m] + [[nan] * m for _ in range(k_stages - 1)]
+    arrive_b = [[nan] * m for _ in range(k_stages)]
+    free = [0.0] * pp
+    send_free_f = [0.0] * pp
+    send_free_b = [0.0] * pp
+    pos = [0] * pp
+    last_backward_start = [nan] * k_stages
+    busy = [Part() for _ in range(pp)]
+    send_busy = [0.0] * pp
+    events: list[Event] = []
+    last_mb = m - 1
+    remaining = sum(len(o) for o in model.orders)
+    while remaining:
+        progressed = False
+        for r in range(pp):
+            order = model.orders[r]
+            while pos[r] < len(order):
+                task = order[pos[r]]
+                k = task.chunk * pp + r
+                mb = task.microbatch
+                ready = arrive_f[k][mb] if task.forward else arrive_b[k][mb]
+                if ready != ready:  # not arrived yet
+                    break
+                if task.forward:
+                    part = model.forward_first[k] if mb == 0 else model.forward[k]
+                else:
+                    part = model.backward[k]
+                    if mb == last_mb:
+                        last_backward_start[k] = max(free[r], ready)
+                start = max(free[r], ready)
+                end = start + part.total
+                free[r] = end
+                busy[r] = busy[r] + part
+                if record_events:
+                    events.append(Event(r, "compute", f"{'F' if task.forward else 'B'}{mb}.{task.chunk}", start, part.total))
+                pos[r] += 1
+                remaining -= 1
+                progressed = True
+                if task.forward:
+                    if k + 1 < k_stages:
+                        send = max(end, send_free_f[r])
+                        send_free_f[r] = send + model.p2p_s
+                        send_busy[r] += model.p2p_s
+                        arrive_f[k + 1][mb] = send + model.p2p_s
+                        if record_events and model.p2p_s:
+                            events.append(Event(r, "send", f"act {mb}.{task.chunk}", send, model.p2p_s))
+                    else:
+                        arrive_b[k][mb] = end  # the loss: backward starts on the same rank
+                elif k > 0:
+                    send = max(end, send_free_b[r])
+                    send_free_b[r] = send + model.p2p_s
+                    send_busy[r] += model.p2p_s
+                    arrive_b[k - 1][mb] = send + model.p2p_s
+                    if record_events and model.p2p_s:
+                        events.append(Event(r, "send", f"grad {mb}.{task.chunk}", send, model.p2p_s))
+        if not progressed:
+            raise ConfigError(f"the {s.schedule.value} schedule deadlocks for pp={pp}, microbatches={m}")
+
+    # data-parallel gradient buckets and the optimizer, per rank
+    rank_end, dp_exposed = [], []
+    for r in range(pp):
+        dp_free = 0.0
+        for k in range(r, k_stages, pp):
+            t0 = last_backward_start[k]
+            for i, bucket in enumerate(model.buckets[k]):
+                start = max(dp_free, t0 + bucket.ready_s)
+                dp_free = start + bucket.comm_s
+                if record_events:
+                    events.append(Event(r, "dp", f"grad bucket {k}.{i}", start, bucket.comm_s))
+        grads_done = max(free[r], dp_free)
+        dp_exposed.append(grads_done - free[r])
+        if record_events:
+            events.append(Event(r, "optimizer", "optimizer", grads_done, model.optimizer_s[r]))
+        rank_end.append(grads_done + model.optimizer_s[r])
+    step = max(rank_end)
+
+    # the bottleneck rank: most compute-stream work
+    worst = max(range(pp), key=lambda r: busy[r].total + dp_exposed[r] + model.optimizer_s[r])
+    b = busy[worst]
+    exposed = b.exposed_comm + dp_exposed[worst]
+    working = b.compute + b.recompute + b.tp_comm + b.cp_comm + exposed + model.optimizer_s[worst]
+    time_s = {
+        "compute": b.compute + model.optimizer_s[worst],
+        "recompute": b.recompute,
+        "tp_comm": b.tp_comm,
+        "cp_comm": b.cp_comm,
+        "pp_comm": send_busy[worst],
+        "dp_comm": model.dp_comm_s[worst],
+        "exposed_comm": exposed,
+        "bubble": max(0.0, step - working),
+    }
+    mem = [rm.gib() for rm in model.memory]
+    worst_mem = max(mem, key=lambda d: d["total"])
+    cluster = model.cluster
+    world = cluster.world_size
+    peak = cluster.device.peak_flops(s.policy.compute_dtype)
+    model_tflops = model.model_flops / step / world / 1e12
+    return StepResult(
+        step_time_s=step,
+        tokens_per_s=model.tokens / step,
+        model_tflops_per_gpu=model_tflops,
+        hardware_tflops_per_gpu=model.hardware_flops / step / world / 1e12,
+        mfu=model_tflops * 1e12 / peak,
+        bubble_fraction=time_s["bubble"] / step,
+        fits=worst_mem["total"] <= cluster.device.hbm_gib,
+        memory_gib=worst_mem,
+        time_s=time_s,
+        rank_memory_gib=tuple(mem),
+        capacity_gib=cluster.device.hbm_gib,
+        events=tuple(events),
+    )
+

@@ -1,0 +1,246 @@
+"""The system object: a model, a strategy and a cluster composed into one step's tasks.
+
+`build_step` turns the parts (device roofline, links and collectives, layer operators,
+memory formulas, the pipeline schedule) into what the event simulator replays: for every
+virtual stage the duration of a forward and of a backward of one microbatch, the pipeline
+transfers, the data-parallel gradient buckets, the optimizer step, and the memory of every
+pipeline rank. Ranks that differ only in their data- or tensor-parallel index behave alike,
+so one pipeline of ranks stands for the whole cluster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from costmodel.cluster import Cluster
+from costmodel.collectives import all_gather_s, all_reduce_s, reduce_scatter_s, send_recv_s
+from costmodel.flops import hardware_flops_per_step, model_flops_per_step
+from costmodel.hardware import GIB
+from costmodel.layer import LayerCost, Part, ends_cost, layer_cost
+from costmodel.memory import layer_activation_bytes, zero_model_state_bytes
+from costmodel.network import Group
+from costmodel.schedule import Task, build, peak_in_flight
+from costmodel.spec import ModelSpec
+from costmodel.strategy import Recompute, Strategy
+from costmodel.validate import check_strategy, stage_layer_counts
+
+DDP_BUCKET_BYTES = 25 * 10**6  # PyTorch DDP's default bucket_cap_mb
+ADAM_BYTES_PER_PARAM = 32  # fp32 master, grad, two moments read; master, moments written; 16-bit copy; grad zeroed
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RankMemory:
+    """Bytes one GPU of a pipeline rank holds at its peak."""
+
+    parameters: float
+    gradients: float
+    optimizer: float
+    activations: float
+    other: float
+
+    @property
+    def total(self) -> float:
+        return self.parameters + self.gradients + self.optimizer + self.activations + self.other
+
+    def gib(self) -> dict[str, float]:
+        return {
+            "parameters": self.parameters / GIB, "gradients": self.gradients / GIB, "optimizer": self.optimizer / GIB,
+            "activations": self.activations / GIB, "other": self.other / GIB, "total": self.total / GIB,
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Bucket:
+    ready_s: float  # after the start of the last backward of its chunk
+    comm_s: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepModel:
+    spec: ModelSpec
+    strategy: Strategy
+    cluster: Cluster
+    layers: tuple[int, ...]  # per virtual stage
+    orders: list[list[Task]]  # per pipeline rank
+    forward: tuple[Part, ...]  # per virtual stage, one microbatch
+    forward_first: tuple[Part, ...]  # the first microbatch (ZeRO-1/2 parameter all-gather)
+    backward: tuple[Part, ...]
+    buckets: tuple[tuple[Bucket, ...], ...]  # per virtual stage, in its last backward
+    p2p_s: float  # one activation (or its gradient) between neighbouring stages
+    dp_comm_s: tuple[float, ...]  # per pipeline rank: all data-parallel traffic of a step
+    optimizer_s: tuple[float, ...]  # per pipeline rank
+    memory: tuple[RankMemory, ...]  # per pipeline rank
+    model_flops: float
+    hardware_flops: float
+    tokens: int
+
+
+def overlap_s(compute: list[float], pre: list[float], post: list[float]) -> float:
+    """Duration of layers run on a compute stream while a communication stream fetches each
+    layer's parameters one layer ahead (`pre`) and reduces its gradients after it (`post`)."""
+    n = len(compute)
+    comm_free = pre[0] if pre else 0.0
+    ready_next = comm_free
+    t = 0.0
+    for i in range(n):
+        start = max(t, ready_next)
+        if pre and i + 1 < n:
+            comm_free = max(comm_free, start) + pre[i + 1]
+            ready_next = comm_free
+        t = start + compute[i]
+        if post:
+            comm_free = max(comm_free, t) + post[i]
+    return max(t, comm_free)
+
+
+def _task(parts: list[Part], layer: Part, n: int, pre: list[float], post: list[float]) -> Part:
+    """A task's parts (`n` of them the same transformer layer) with the exposed share of its
+    FSDP traffic added."""
+    total = layer.scaled(n)
+    for p in parts:
+        if p is not layer:
+            total = total + p
+    if not pre and not post:
+        return total
+    busy = total.total
+    exposed = overlap_s([p.total for p in parts], pre, post) - busy
+    return total + Part(exposed_comm=max(0.0, exposed))
+
+
+def build_step(spec: ModelSpec, strategy: Strategy, cluster: Cluster) -> StepModel:
+    check_strategy(spec, strategy, cluster.world_size)
+    s = strategy
+    if s.seq_len and s.seq_len != spec.seq_len:
+        spec = spec.with_seq_len(s.seq_len)
+    pol = s.policy
+    shard = s.dp_shard * s.cp  # ZeRO/FSDP shard over data and context parallel ranks alike
+    tp_group = cluster.group(s.tp, 1)
+    cp_group = cluster.group(s.cp, s.tp)
+    shard_group = cluster.group(shard, s.tp)
+    replicate_group = cluster.group(s.dp_replicate, s.tp * shard)
+    p2p_link = cluster.p2p_link(s.tp * s.cp * s.dp)
+    layer = layer_cost(spec, s, cluster, tp_group, cp_group)
+    ends = ends_cost(spec, s, cluster, tp_group)
+    counts = stage_layer_counts(spec, s)
+    k_stages, pp, m = s.num_stages, s.pp, s.num_microbatches
+
+    fwd, fwd_first, bwd, buckets, sharded_comm = [], [], [], [], []
+    for k, n in enumerate(counts):
+        first, last = k == 0, k == k_stages - 1
+        f_parts = ([ends.embed_forward] if first else []) + [layer.forward] * n + ([ends.head_forward] if last else [])
+        b_parts = ([ends.head_backward] if last else []) + [layer.backward] * n + ([ends.embed_backward] if first else [])
+        params = ([ends.embed_params] if first else []) + [layer.params] * n + ([ends.head_params] if last else [])
+        gather = [all_gather_s(p * pol.param_bytes, shard_group) for p in params] if shard > 1 else []
+        scatter = [reduce_scatter_s(p * pol.grad_bytes, shard_group) for p in params] if shard > 1 else []
+        zero = s.zero if shard > 1 else 0
+        fwd.append(_task(f_parts, layer.forward, n, gather if zero == 3 else [], []))
+        fwd_first.append(_task(f_parts, layer.forward, n, gather if zero >= 1 else [], []))
+        bwd.append(_task(b_parts, layer.backward, n, gather[::-1] if zero == 3 else [], scatter[::-1] if zero >= 2 else []))
+        buckets.append(_grad_buckets(b_parts, params[::-1], s, pol.grad_bytes, shard_group, replicate_group))
+        # FSDP traffic of every microbatch: gathers in forward and backward, reduce-scatters
+        sharded_comm.append(m * ((2 * sum(gather) if zero == 3 else 0.0) + (sum(scatter) if zero >= 2 else 0.0)))
+
+    orders = build(s.schedule, pp, m, s.virtual_stages)
+    memory = tuple(_rank_memory(spec, s, cluster, layer, ends, counts, r) for r in range(pp))
+    act = pol.activation_bytes * spec.hidden * s.microbatch_size * (spec.seq_len // s.cp)
+    p2p = send_recv_s(act / s.tp, p2p_link) if pp > 1 else 0.0  # Megatron's scatter-gather: 1/tp each
+    dp_comm, optim = [], []
+    for r in range(pp):
+        chunks = range(r, k_stages, pp)
+        params = sum(counts[k] * layer.params for k in chunks)
+        params += (ends.embed_params if 0 in chunks else 0) + (ends.head_params if k_stages - 1 in chunks else 0)
+        comm = sum(b.comm_s for k in chunks for b in buckets[k]) + sum(sharded_comm[k] for k in chunks)
+        comm += _gather_total(params, pol.param_bytes, shard, shard_group, s.zero)
+        dp_comm.append(comm)
+        optim.append(cluster.device.memory_s(params / (shard if s.zero >= 1 else 1) * ADAM_BYTES_PER_PARAM))
+    tokens = s.global_batch * spec.seq_len
+    return StepModel(
+        spec=spec, strategy=s, cluster=cluster, layers=counts, orders=orders,
+        forward=tuple(fwd), forward_first=tuple(fwd_first), backward=tuple(bwd), buckets=tuple(buckets),
+        p2p_s=p2p, dp_comm_s=tuple(dp_comm), optimizer_s=tuple(optim), memory=memory,
+        model_flops=model_flops_per_step(spec, tokens, spec.seq_len),
+        hardware_flops=hardware_flops_per_step(spec, tokens, spec.seq_len, Recompute(s.recompute), s.flash_attention),
+        tokens=tokens,
+    )
+
+
+def _gather_total(params: float, param_bytes: int, shard: int, group: Group, zero: int) -> float:
+    """Per-step parameter all-gather traffic of ZeRO-1/2 (once) and ZeRO-3 (counted in tasks)."""
+    if shard <= 1 or zero not in (1, 2):
+        return 0.0
+    return all_gather_s(params * param_bytes, group)
+
+
+def _grad_buckets(
+    b_parts: list[Part], params: list[int], s: Strategy, grad_bytes: int, shard_group: Group, replicate_group: Group
+) -> tuple[Bucket, ...]:
+    """Gradient reduction issued during the last backward of a chunk, in DDP-sized buckets:
+    ZeRO-0 all-reduces over all data-parallel ranks, ZeRO-1 reduce-scatters over the shard
+    group; sharded gradients (and ZeRO-2/3) are then all-reduced across HSDP replicas."""
+    zero = s.zero if shard_group.size > 1 else 0
+    if shard_group.size * replicate_group.size == 1 or (zero >= 2 and replicate_group.size == 1):
+        return ()
+    everyone = _merged(shard_group, replicate_group)
+    seen: dict[float, float] = {}
+
+    def reduce(full: float) -> float:
+        if full not in seen:
+            if zero == 0:
+                seen[full] = all_reduce_s(full, everyone)
+            else:
+                comm = reduce_scatter_s(full, shard_group) if zero == 1 else 0.0
+                seen[full] = comm + all_reduce_s(full / shard_group.size, replicate_group)
+        return seen[full]
+
+    out, pending, ready = [], 0.0, 0.0
+    for i, (part, p) in enumerate(zip(b_parts, params)):
+        ready += part.total
+        pending += p * grad_bytes
+        if pending >= DDP_BUCKET_BYTES or i == len(b_parts) - 1:
+            out.append(Bucket(ready_s=ready, comm_s=reduce(pending)))
+            pending = 0.0
+    return tuple(out)
+
+
+def _merged(inner: Group, outer: Group) -> Group:
+    """The group of all ranks of `inner` times `outer` (inner ranks adjacent)."""
+    size = inner.size * outer.size
+    per_node = inner.per_node * (outer.per_node if inner.per_node == inner.size else 1)
+    return Group(size=size, per_node=per_node, intra=inner.intra, inter=inner.inter)
+
+
+def _rank_memory(spec, s: Strategy, cluster: Cluster, layer: LayerCost, ends, counts, rank) -> RankMemory:
+    pol = s.policy
+    k_stages = s.num_stages
+    shard = s.dp_shard * s.cp
+    seq = spec.seq_len // s.cp
+    chunks = list(range(rank, k_stages, s.pp))
+    params = sum(counts[k] * layer.params for k in chunks)
+    params += (ends.embed_params if 0 in chunks else 0) + (ends.head_params if k_stages - 1 in chunks else 0)
+    p, g, o = zero_model_state_bytes(
+        params, shard, s.zero if shard > 1 else 0,
+        param_bytes=pol.param_bytes, grad_bytes=pol.grad_bytes, optimizer_bytes=pol.optimizer_bytes,
+    )
+    per_layer = layer_activation_bytes(
+        spec, seq=seq, batch=s.microbatch_size, tp=s.tp, sequence_parallel=s.sequence_parallel,
+        recompute=Recompute(s.recompute), flash_attention=s.flash_attention, bytes_per_value=pol.activation_bytes,
+    )
+    e, b, h = pol.activation_bytes, s.microbatch_size, spec.hidden
+    sp_div = s.tp if s.sequence_parallel else 1
+    embed_act = (seq * b * h * 0.5 * e / sp_div) if spec.dropout else 0.0  # embedding dropout mask
+    head_act = seq * b * (h * e / sp_div + -(-spec.vocab // s.tp) * 4)  # final norm input, fp32 logits
+    weights = [0.0] * s.virtual_stages
+    for c, k in enumerate(chunks):
+        weights[c] = counts[k] * per_layer + (embed_act if k == 0 else 0.0) + (head_act if k == k_stages - 1 else 0.0)
+    activations = peak_in_flight(s.schedule, s.pp, s.num_microbatches, s.virtual_stages, rank, weights)
+    if s.recompute == Recompute.FULL:  # the layer being recomputed holds its full activations
+        activations += layer_activation_bytes(
+            spec, seq=seq, batch=b, tp=s.tp, sequence_parallel=s.sequence_parallel, recompute=Recompute.NONE,
+            flash_attention=s.flash_attention, bytes_per_value=e,
+        )
+    overhead = cluster.device.memory_overhead
+    buffers = 0.0
+    if s.zero == 3 and shard > 1:  # two layers gathered (current, prefetched) and one unsharded gradient
+        buffers = layer.params * (2 * pol.param_bytes + pol.grad_bytes)
+    other = overhead.fixed_gib * GIB + buffers + overhead.fragmentation * (p + g + o + activations)
+    return RankMemory(parameters=p, gradients=g, optimizer=o, activations=activations, other=other)

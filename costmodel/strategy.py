@@ -1,0 +1,156 @@
+"""How one training step is split: the strategy the cost model evaluates.
+
+The device mesh has five named axes, outermost first: pp, dp_replicate, dp_shard, cp, tp
+(tp innermost, so a tensor-parallel group sits inside a node when it can). `dp` is the
+whole data-parallel degree; `zero` says what is sharded over `dp_shard`:
+0 nothing (DDP), 1 optimizer states, 2 plus gradients, 3 plus parameters (FSDP).
+`shard_group` (HSDP) shards within groups of that size and replicates across them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from enum import StrEnum
+
+from costmodel.errors import ConfigError
+
+MESH_AXES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+
+
+class Recompute(StrEnum):
+    NONE = "none"
+    SELECTIVE = "selective"
+    FULL = "full"
+
+
+class Schedule(StrEnum):
+    GPIPE = "gpipe"
+    ONE_F_ONE_B = "1f1b"
+    INTERLEAVED = "interleaved"
+
+
+class Precision(StrEnum):
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+    FP8 = "fp8"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PrecisionPolicy:
+    """Bytes per element of each kind of state, and the dtype whose peak the GEMMs run at.
+
+    16-bit mixed precision follows Megatron-LM: 16-bit weights, fp32 gradient accumulation,
+    fp32 master weights and two Adam moments (2 + 4 + 12 = 18 bytes per parameter).
+    """
+
+    compute_dtype: str
+    param_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+    activation_bytes: int
+
+    @classmethod
+    def of(cls, precision: Precision) -> "PrecisionPolicy":
+        if precision is Precision.FP32:
+            return cls(compute_dtype="fp32", param_bytes=4, grad_bytes=4, optimizer_bytes=8, activation_bytes=4)
+        dtype = "fp8" if precision is Precision.FP8 else "bf16"
+        return cls(compute_dtype=dtype, param_bytes=2, grad_bytes=4, optimizer_bytes=12, activation_bytes=2)
+
+
+def _positive(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Strategy:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    cp: int = 1
+    zero: int = 0
+    shard_group: int = 0
+    sequence_parallel: bool = False
+    recompute: Recompute = Recompute.NONE
+    microbatch_size: int = 1
+    global_batch: int = 1
+    schedule: Schedule = Schedule.ONE_F_ONE_B
+    virtual_stages: int = 1
+    precision: Precision = Precision.BF16
+    flash_attention: bool = True
+    seq_len: int = 0
+    stage_layers: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "dp", "cp", "microbatch_size", "global_batch", "virtual_stages"):
+            _positive(name, getattr(self, name))
+        if self.zero not in (0, 1, 2, 3):
+            raise ConfigError(f"--zero must be 0, 1, 2 or 3, got {self.zero!r}")
+        if not isinstance(self.seq_len, int) or self.seq_len < 0:
+            raise ConfigError(f"--seq-len must be a positive integer, got {self.seq_len!r}")
+        for name, kind in (("recompute", Recompute), ("schedule", Schedule), ("precision", Precision)):
+            value = getattr(self, name)
+            try:
+                object.__setattr__(self, name, kind(value))
+            except ValueError:
+                allowed = ", ".join(k.value for k in kind)
+                raise ConfigError(f"--{name} {value!r} is not one of {allowed}") from None
+        if self.shard_group == 0:
+            object.__setattr__(self, "shard_group", self.dp if self.zero > 0 else 1)
+        _positive("shard_group", self.shard_group)
+        if self.zero == 0 and self.shard_group != 1:
+            raise ConfigError(f"--shard-group {self.shard_group} needs --zero 1, 2 or 3 (nothing is sharded at zero 0)")
+        if self.dp % self.shard_group:
+            raise ConfigError(
+                f"--shard-group {self.shard_group} does not divide dp ({self.dp}); "
+                f"use a divisor of {self.dp}"
+            )
+        if self.virtual_stages > 1 and self.schedule is not Schedule.INTERLEAVED:
+            raise ConfigError(
+                f"--virtual-stages {self.virtual_stages} needs --schedule interleaved (got {self.schedule.value})"
+            )
+        if self.schedule is Schedule.INTERLEAVED and self.pp == 1:
+            raise ConfigError("--schedule interleaved needs --pp 2 or more")
+        object.__setattr__(self, "stage_layers", tuple(self.stage_layers))
+
+    # -- the mesh --------------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.dp * self.cp * self.tp
+
+    @property
+    def dp_shard(self) -> int:
+        return self.shard_group
+
+    @property
+    def dp_replicate(self) -> int:
+        return self.dp // self.shard_group
+
+    @property
+    def mesh(self) -> dict[str, int]:
+        """Named axis -> size, outermost first."""
+        return {"pp": self.pp, "dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "cp": self.cp, "tp": self.tp}
+
+    @property
+    def num_stages(self) -> int:
+        """Virtual pipeline stages: pp * virtual_stages (model chunks in pipeline order)."""
+        return self.pp * self.virtual_stages
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.global_batch // (self.dp * self.microbatch_size)
+
+    @property
+    def policy(self) -> PrecisionPolicy:
+        return PrecisionPolicy.of(self.precision)
+
+    def replace(self, **changes) -> "Strategy":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.value if isinstance(value, StrEnum) else (list(value) if isinstance(value, tuple) else value)
+        return out

@@ -1,0 +1,1 @@
+"""paraplan's planner: model -> graph -> search -> Plan (imports the cost model)."""

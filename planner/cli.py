@@ -1,0 +1,81 @@
+"""`paraplan`: the command line. Each subcommand parses its flags, calls the library, and
+prints a table (or JSON with --json). Bad input of any kind ends in one line on stderr and
+exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from costmodel.errors import ConfigError
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's signature
+        raise ConfigError(f"{message}; see `{self.prog} --help`")
+
+
+def add_strategy_flags(p: argparse.ArgumentParser) -> None:
+    """The strategy flags shared by `plan` and `simulate` (DESIGN.md)."""
+    g = p.add_argument_group("strategy (given flags are fixed)")
+    g.add_argument("--tp", type=int, help="tensor-parallel degree")
+    g.add_argument("--pp", type=int, help="pipeline-parallel degree")
+    g.add_argument("--dp", type=int, help="data-parallel degree (default: what the cluster leaves)")
+    g.add_argument("--cp", type=int, help="context-parallel degree")
+    g.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO stage; 3 = FSDP full sharding")
+    g.add_argument("--shard-group", type=int, help="HSDP: shard within groups of N data-parallel ranks")
+    g.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None,
+                   help="Megatron sequence parallelism (default: on when tp > 1)")
+    g.add_argument("--recompute", choices=("none", "selective", "full"), help="activation recomputation")
+    g.add_argument("--microbatch-size", type=int, help="sequences per microbatch")
+    g.add_argument("--schedule", choices=("gpipe", "1f1b", "interleaved"), help="pipeline schedule")
+    g.add_argument("--virtual-stages", type=int, help="model chunks per pipeline rank (interleaved)")
+    g.add_argument("--seq-len", type=int, help="sequence length (default: the model's)")
+    g.add_argument("--precision", choices=("fp32", "bf16", "fp16", "fp8"), help="training precision")
+    g.add_argument("--flash-attention", action=argparse.BooleanOptionalAction, default=None,
+                   help="fused attention without s x s tensors (default: on)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="paraplan", description="Plan, predict and run parallel transformer training.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sim = sub.add_parser("simulate", help="predict one training step of a plan or of a strategy")
+    sim.add_argument("--plan", help="a plan YAML (its model, cluster and strategy)")
+    sim.add_argument("--model", help="zoo name, spec .yaml/.json, HF config.json or py:MODULE:CALLABLE")
+    sim.add_argument("--cluster", help="DEVICE:COUNT (e.g. a100-80g:1024) or a cluster YAML")
+    sim.add_argument("--global-batch", type=int, help="sequences per step (default: dp * microbatch size)")
+    add_strategy_flags(sim)
+    sim.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace of the step")
+    sim.add_argument("-o", "--output", metavar="PLAN", help="write the strategy as a plan YAML")
+    sim.add_argument("--json", action="store_true", help="print JSON for scripts")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command == "simulate":
+            from planner.commands.simulate import run_simulate
+
+            return run_simulate(args)
+        raise ConfigError(f"unknown command {args.command}")
+    except ConfigError as exc:
+        print(f"paraplan: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("paraplan: interrupted", file=sys.stderr)
+        return 130
+
+
+def print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=False))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

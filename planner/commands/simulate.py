@@ -1,0 +1,96 @@
+"""`paraplan simulate`: predict one step of a plan, or of a strategy given by flags."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from costmodel import ConfigError, Strategy, load_cluster, predict
+from costmodel.spec import ModelSpec
+from costmodel.trace import chrome_trace
+from planner.files import atomic_write_text
+from planner.model_source import load_model_spec
+from planner.plan import Plan, plan_from_strategy
+
+STRATEGY_FLAGS = ("tp", "pp", "dp", "cp", "zero", "shard_group", "sequence_parallel", "recompute", "microbatch_size",
+                  "schedule", "virtual_stages", "seq_len", "precision", "flash_attention")
+
+
+def strategy_from_args(args: argparse.Namespace, spec: ModelSpec, world_size: int) -> Strategy:
+    """A strategy from the flags, filling what is not given: dp from the world size, sequence
+    parallelism on when tp > 1, the interleaved schedule when virtual stages are asked for."""
+    given = {k: getattr(args, k) for k in STRATEGY_FLAGS if getattr(args, k, None) is not None}
+    tp, pp, cp = given.get("tp", 1), given.get("pp", 1), given.get("cp", 1)
+    for name in ("tp", "pp", "cp"):
+        if given.get(name, 1) < 1:
+            raise ConfigError(f"--{name} must be a positive integer, got {given[name]}")
+    if "dp" not in given:
+        if world_size % (tp * pp * cp):
+            raise ConfigError(
+                f"tp({tp}) * pp({pp}) * cp({cp}) = {tp * pp * cp} does not divide world size {world_size}; "
+                "choose degrees that divide the GPU count"
+            )
+        given["dp"] = world_size // (tp * pp * cp)
+    given.setdefault("sequence_parallel", tp > 1)
+    if given.get("virtual_stages", 1) > 1:
+        given.setdefault("schedule", "interleaved")
+    mbs = given.setdefault("microbatch_size", 1)
+    batch = args.global_batch if args.global_batch is not None else given["dp"] * mbs
+    return Strategy(global_batch=batch, **given)
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    if args.plan:
+        conflicting = [k for k in ("model", "cluster", "global_batch", *STRATEGY_FLAGS) if getattr(args, k, None) is not None]
+        if conflicting:
+            raise ConfigError(f"--plan fixes the model, cluster and strategy; drop --{conflicting[0].replace('_', '-')}")
+        path = Path(args.plan)
+        if not path.exists():
+            raise ConfigError(f"plan file {args.plan} does not exist")
+        plan = Plan.from_yaml(path.read_text())
+        spec, cluster_text, strategy = plan.spec, plan.cluster, plan.strategy()
+    else:
+        if not args.model or not args.cluster:
+            raise ConfigError("simulate needs --plan, or --model and --cluster (with strategy flags)")
+        spec, cluster_text = load_model_spec(args.model), args.cluster
+        strategy = None
+    cluster = load_cluster(cluster_text)
+    if strategy is None:
+        strategy = strategy_from_args(args, spec, cluster.world_size)
+    result = predict(spec, strategy, cluster, record_events=bool(args.trace))
+    predicted = result.predicted()
+    outputs = []
+    if args.output:
+        outputs.append((args.output, plan_from_strategy(spec, strategy, cluster_text, predicted).to_yaml()))
+    if args.trace:
+        outputs.append((args.trace, json.dumps(chrome_trace(result, title=f"{spec.name} on {cluster_text}"))))
+    for target, text in outputs:
+        atomic_write_text(target, text)
+    if args.json:
+        print(json.dumps({"model": spec.name, "cluster": cluster_text, "strategy": strategy.to_dict(),
+                          "predicted": predicted}, indent=2))
+    else:
+        print(format_table(spec, cluster_text, strategy, result))
+    return 0
+
+
+def format_table(spec: ModelSpec, cluster_text: str, s: Strategy, r) -> str:
+    mesh = " x ".join(f"{k} {v}" for k, v in s.mesh.items() if v > 1) or "1 GPU"
+    sched = s.schedule.value + (f" (v={s.virtual_stages})" if s.virtual_stages > 1 else "")
+    lines = [
+        f"{spec.name} ({spec.num_params / 1e9:.2f}B params) on {cluster_text}",
+        f"  mesh {mesh}; zero {s.zero}; sequence parallel {'on' if s.sequence_parallel else 'off'}; "
+        f"recompute {s.recompute.value}; {sched}, {s.num_microbatches} microbatches of {s.microbatch_size}",
+        "",
+        f"  step time        {r.step_time_s:10.4f} s",
+        f"  tokens/s         {r.tokens_per_s:10.0f}",
+        f"  model TFLOP/s    {r.model_tflops_per_gpu:10.1f} per GPU   (MFU {100 * r.mfu:.1f}%)",
+        f"  hardware TFLOP/s {r.hardware_tflops_per_gpu:10.1f} per GPU",
+        f"  bubble           {100 * r.bubble_fraction:10.1f} %",
+        "",
+        "  time (s)     " + "  ".join(f"{k} {v:.3f}" for k, v in r.time_s.items()),
+        "  memory (GiB) " + "  ".join(f"{k} {v:.2f}" for k, v in r.memory_gib.items())
+        + f"  of {r.capacity_gib:g}: {'fits' if r.fits else 'DOES NOT FIT'}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,127 @@
+"""`--model`: a zoo name, a YAML/JSON spec, a Hugging Face config.json, or py:MODULE:CALLABLE.
+
+Everything becomes a `ModelSpec`. Hugging Face configs are read as plain JSON (transformers
+is not needed): Llama-family configs (llama, mistral, qwen2, ...) and GPT-2 style configs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import yaml
+
+from costmodel.errors import ConfigError
+from costmodel.spec import ModelSpec
+from planner.zoo import ZOO
+
+
+def load_model_spec(text: str) -> ModelSpec:
+    if text in ZOO:
+        return ZOO[text]
+    if text.startswith("py:"):
+        return _from_python(text)
+    path = Path(text)
+    if path.suffix in (".yaml", ".yml", ".json"):
+        return _from_file(path)
+    raise ConfigError(
+        f"unknown model '{text}'; use a built-in name ({', '.join(ZOO)}), a spec .yaml/.json, "
+        "a Hugging Face config.json or py:MODULE:CALLABLE"
+    )
+
+
+def _from_file(path: Path) -> ModelSpec:
+    if not path.exists():
+        raise ConfigError(f"model file {path} does not exist")
+    try:
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        line = getattr(exc, "lineno", None) or (getattr(getattr(exc, "problem_mark", None), "line", -1) + 1)
+        raise ConfigError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'} (line {line}); fix its syntax") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of model fields")
+    if is_hf_config(data):
+        return spec_from_hf_config(data, name=path.stem)
+    return ModelSpec.from_dict(data, name=path.stem)
+
+
+def is_hf_config(data: dict) -> bool:
+    return any(k in data for k in ("model_type", "num_hidden_layers", "n_layer", "architectures"))
+
+
+def _int(data: dict, *keys: str, default=None) -> int:
+    for key in keys:
+        if key in data and data[key] is not None:
+            value = data[key]
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"config field '{key}' must be an integer, got {value!r}")
+            return value
+    if default is not None:
+        return default
+    raise ConfigError(f"Hugging Face config lacks '{keys[0]}'; it is needed to size the model")
+
+
+def spec_from_hf_config(data: dict, *, name: str = "hf-model") -> ModelSpec:
+    """A `ModelSpec` from the fields of a Hugging Face config.json."""
+    model_type = str(data.get("model_type", ""))
+    if model_type == "gpt2" or "n_layer" in data:
+        return ModelSpec(
+            name=name,
+            layers=_int(data, "n_layer", "num_hidden_layers"),
+            hidden=_int(data, "n_embd", "hidden_size"),
+            heads=_int(data, "n_head", "num_attention_heads"),
+            vocab=_int(data, "vocab_size"),
+            seq_len=_int(data, "n_positions", "max_position_embeddings", default=1024),
+            ffn_hidden=_int(data, "n_inner", default=0),
+        )
+    heads = _int(data, "num_attention_heads")
+    act = str(data.get("hidden_act", "silu"))
+    gated = act in ("silu", "swish") or model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma", "mixtral")
+    return ModelSpec(
+        name=name,
+        layers=_int(data, "num_hidden_layers"),
+        hidden=_int(data, "hidden_size"),
+        heads=heads,
+        kv_heads=_int(data, "num_key_value_heads", default=heads),
+        ffn_hidden=_int(data, "intermediate_size", default=0),
+        vocab=_int(data, "vocab_size"),
+        seq_len=_int(data, "max_position_embeddings", default=2048),
+        activation="swiglu" if gated else "gelu",
+        norm="rmsnorm" if "rms_norm_eps" in data or gated else "layernorm",
+        position="rope" if "rope_theta" in data or gated else "learned",
+        tied_embeddings=bool(data.get("tie_word_embeddings", not gated)),
+        bias=bool(data.get("attention_bias", data.get("mlp_bias", False))),
+        dropout=False,
+    )
+
+
+def _from_python(text: str) -> ModelSpec:
+    """py:MODULE:CALLABLE returning a paraplan `Transformer` (or (module, inputs)), built on
+    the meta device. Arbitrary modules need the graph tracer of the planner."""
+    _, _, rest = text.partition(":")
+    module_name, sep, attr = rest.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"--model '{text}' must look like py:MODULE:CALLABLE")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import {module_name} for --model {text}: {exc}") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ConfigError(f"{module_name} has no callable '{attr}' for --model {text}")
+    import torch
+
+    with torch.device("meta"):
+        built = fn()
+    model = built[0] if isinstance(built, tuple) else built
+    spec = getattr(model, "spec", None)
+    if not isinstance(spec, ModelSpec):
+        raise ConfigError(
+            f"--model {text} returned a {type(model).__name__}; py: models are read through their "
+            "`spec` (a paraplan Transformer) until the graph tracer (planner.trace) lands"
+        )
+    return spec

@@ -1,0 +1,203 @@
+"""The Plan: the one contract between planning and running, serialised as YAML.
+
+A plan names the model (its full spec, so it stands alone), the cluster, the mesh (named
+axis -> size), the ZeRO level, sequence parallelism, the pipeline schedule, the stages
+(layer ranges per virtual stage and their recompute policy), per-parameter placements
+(parameter name or glob -> {mesh axis: Shard(dim) | Replicate()}; axes left out are
+replicated), what the cost model predicts, and search statistics.
+`paraplan simulate --plan` reproduces `predicted` exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import yaml
+
+from costmodel.errors import ConfigError
+from costmodel.spec import ModelSpec
+from costmodel.strategy import MESH_AXES, Recompute, Strategy
+from costmodel.validate import stage_layer_counts
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StagePlan:
+    virtual_stage: int
+    pp_rank: int
+    layers: tuple[int, int]  # [first, end) transformer layers
+    recompute: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Plan:
+    schema_version: int = SCHEMA_VERSION
+    model: dict
+    cluster: str
+    global_batch: int
+    seq_len: int
+    precision: str
+    flash_attention: bool
+    mesh: dict[str, int]
+    zero: int
+    sequence_parallel: bool
+    schedule: dict
+    stages: tuple[StagePlan, ...]
+    placements: dict[str, dict[str, str]]
+    predicted: dict = field(default_factory=dict)
+    search: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.schema_version != SCHEMA_VERSION:
+            raise ConfigError(
+                f"plan schema_version {self.schema_version} is not supported (this paraplan reads {SCHEMA_VERSION}); "
+                "re-run paraplan plan to write a current plan"
+            )
+        missing = [a for a in MESH_AXES if a not in self.mesh]
+        if missing:
+            raise ConfigError(f"plan mesh lacks axis {', '.join(missing)}; a mesh names {', '.join(MESH_AXES)}")
+
+    @property
+    def spec(self) -> ModelSpec:
+        return ModelSpec.from_dict(self.model)
+
+    def strategy(self) -> Strategy:
+        mesh = self.mesh
+        recomputes = {st.recompute for st in self.stages}
+        if len(recomputes) > 1:
+            raise ConfigError("plan stages mix recompute policies; the simulator takes one policy for all stages")
+        sched = self.schedule
+        return Strategy(
+            tp=mesh["tp"], pp=mesh["pp"], cp=mesh["cp"], dp=mesh["dp_replicate"] * mesh["dp_shard"],
+            zero=self.zero, shard_group=mesh["dp_shard"] if self.zero > 0 else 1,
+            sequence_parallel=self.sequence_parallel, recompute=recomputes.pop() if recomputes else "none",
+            microbatch_size=sched["microbatch_size"], global_batch=self.global_batch,
+            schedule=sched["name"], virtual_stages=sched.get("virtual_stages", 1), precision=self.precision,
+            flash_attention=self.flash_attention, seq_len=self.seq_len,
+            stage_layers=tuple(st.layers[1] - st.layers[0] for st in sorted(self.stages, key=lambda x: x.virtual_stage)),
+        )
+
+    # -- YAML ----------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "schema_version": self.schema_version,
+            "model": dict(self.model),
+            "cluster": self.cluster,
+            "global_batch": self.global_batch,
+            "seq_len": self.seq_len,
+            "precision": self.precision,
+            "flash_attention": self.flash_attention,
+            "mesh": {a: self.mesh[a] for a in MESH_AXES},
+            "zero": self.zero,
+            "sequence_parallel": self.sequence_parallel,
+            "schedule": dict(self.schedule),
+            "stages": [
+                {"virtual_stage": s.virtual_stage, "pp_rank": s.pp_rank, "layers": list(s.layers), "recompute": s.recompute}
+                for s in self.stages
+            ],
+            "placements": {k: dict(v) for k, v in self.placements.items()},
+            "predicted": self.predicted,
+            "search": self.search,
+        }
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=100)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Plan":
+        if not isinstance(data, dict):
+            raise ConfigError("a plan file must hold a mapping (see DESIGN.md: schema_version, model, mesh, ...)")
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ConfigError(
+                f"plan schema_version {version!r} is not supported (this paraplan reads {SCHEMA_VERSION}); "
+                "re-run paraplan plan to write a current plan"
+            )
+        required = ("model", "cluster", "global_batch", "mesh", "zero", "sequence_parallel", "schedule", "stages")
+        missing = [k for k in required if k not in data]
+        if missing:
+            raise ConfigError(f"plan lacks field(s) {', '.join(missing)}")
+        try:
+            stages = tuple(
+                StagePlan(virtual_stage=int(s["virtual_stage"]), pp_rank=int(s["pp_rank"]),
+                          layers=(int(s["layers"][0]), int(s["layers"][1])), recompute=str(s["recompute"]))
+                for s in data["stages"]
+            )
+            model = dict(data["model"])
+            return cls(
+                schema_version=version, model=model, cluster=str(data["cluster"]),
+                global_batch=int(data["global_batch"]), seq_len=int(data.get("seq_len", model.get("seq_len", 0))),
+                precision=str(data.get("precision", "bf16")), flash_attention=bool(data.get("flash_attention", True)),
+                mesh={k: int(v) for k, v in dict(data["mesh"]).items()}, zero=int(data["zero"]),
+                sequence_parallel=bool(data["sequence_parallel"]), schedule=dict(data["schedule"]), stages=stages,
+                placements={str(k): dict(v) for k, v in dict(data.get("placements") or {}).items()},
+                predicted=dict(data.get("predicted") or {}), search=dict(data.get("search") or {}),
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"plan field is malformed ({type(exc).__name__}: {exc}); compare with DESIGN.md's plan format") from None
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "Plan":
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"plan is not valid YAML{where}; fix its syntax") from None
+        return cls.from_dict(data)
+
+
+def megatron_placements(spec: ModelSpec, strategy: Strategy) -> dict[str, dict[str, str]]:
+    """Megatron-LM's tensor-parallel layout (column-parallel Q/K/V and w1/w3, row-parallel wo
+    and w2, vocab-parallel embedding and output) plus FSDP's dim-0 sharding at ZeRO-3. The
+    intra-op ILP replaces this with what it finds."""
+    out: dict[str, dict[str, str]] = {}
+
+    def put(name: str, **axes: str) -> None:
+        axes = {a: p for a, p in axes.items() if p}
+        if strategy.zero == 3 and strategy.dp_shard * strategy.cp > 1:
+            axes.setdefault("dp_shard", "Shard(0)")
+        if axes:
+            out[name] = axes
+
+    tp = "Shard(0)" if strategy.tp > 1 else ""
+    tp_row = "Shard(1)" if strategy.tp > 1 else ""
+    put("tok_embeddings.weight", tp=tp)
+    for proj in ("wq", "wk", "wv"):
+        put(f"layers.*.attention.{proj}.weight", tp=tp)
+        if spec.bias:
+            put(f"layers.*.attention.{proj}.bias", tp=tp)
+    put("layers.*.attention.wo.weight", tp=tp_row)
+    put("layers.*.feed_forward.w1.weight", tp=tp)
+    if spec.bias:
+        put("layers.*.feed_forward.w1.bias", tp=tp)
+    if spec.activation == "swiglu":
+        put("layers.*.feed_forward.w3.weight", tp=tp)
+    put("layers.*.feed_forward.w2.weight", tp=tp_row)
+    if not spec.tied_embeddings:
+        put("output.weight", tp=tp)
+    return out
+
+
+def plan_from_strategy(
+    spec: ModelSpec, strategy: Strategy, cluster: str, predicted: dict, search: dict | None = None
+) -> Plan:
+    counts = stage_layer_counts(spec, strategy)
+    stages, start = [], 0
+    for k, n in enumerate(counts):
+        stages.append(StagePlan(virtual_stage=k, pp_rank=k % strategy.pp, layers=(start, start + n),
+                                recompute=Recompute(strategy.recompute).value))
+        start += n
+    return Plan(
+        model=spec.to_dict(), cluster=cluster, global_batch=strategy.global_batch,
+        seq_len=strategy.seq_len or spec.seq_len, precision=strategy.precision.value,
+        flash_attention=strategy.flash_attention, mesh=strategy.mesh, zero=strategy.zero,
+        sequence_parallel=strategy.sequence_parallel,
+        schedule={"name": strategy.schedule.value, "microbatch_size": strategy.microbatch_size,
+                  "num_microbatches": strategy.num_microbatches, "virtual_stages": strategy.virtual_stages},
+        stages=tuple(stages), placements=megatron_placements(spec, strategy), predicted=predicted,
+        search=search or {},
+    )

@@ -1,0 +1,1 @@
+"""paraplan's reports: strategies compared in tables and pictures (issue 6; not built yet)."""
