@@ -85,7 +85,13 @@ def in_flight_peaks(schedule: Schedule, pp: int, m: int, v: int, rank: int) -> t
         else:
             peaks.add(tuple(held))
             held[task.chunk] -= 1
-    return tuple(sorted(peaks))
+    # only vectors no other vector dominates can be the peak for non-negative weights; a
+    # vector can only be dominated by one with a larger sum, so scan by decreasing sum
+    frontier: list[tuple[int, ...]] = []
+    for p in sorted(peaks, key=lambda c: (-sum(c), c)):
+        if not any(all(a >= b for a, b in zip(q, p)) for q in frontier):
+            frontier.append(p)
+    return tuple(sorted(frontier))
 
 
 def peak_in_flight(schedule: Schedule, pp: int, m: int, v: int, rank: int, weights: list[float]) -> float:

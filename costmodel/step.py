@@ -124,15 +124,28 @@ def build_step(spec: ModelSpec, strategy: Strategy, cluster: Cluster) -> StepMod
     counts = stage_layer_counts(spec, s)
     k_stages, pp, m = s.num_stages, s.pp, s.num_microbatches
 
+    gathers: dict[int, float] = {}
+    scatters: dict[int, float] = {}
+
+    def gather_s(params: int) -> float:  # one all-gather of a layer's 16-bit weights
+        if params not in gathers:
+            gathers[params] = all_gather_s(params * pol.param_bytes, shard_group)
+        return gathers[params]
+
+    def scatter_s(params: int) -> float:  # one reduce-scatter of a layer's gradients
+        if params not in scatters:
+            scatters[params] = reduce_scatter_s(params * pol.grad_bytes, shard_group)
+        return scatters[params]
+
     fwd, fwd_first, bwd, buckets, sharded_comm = [], [], [], [], []
     for k, n in enumerate(counts):
         first, last = k == 0, k == k_stages - 1
         f_parts = ([ends.embed_forward] if first else []) + [layer.forward] * n + ([ends.head_forward] if last else [])
         b_parts = ([ends.head_backward] if last else []) + [layer.backward] * n + ([ends.embed_backward] if first else [])
         params = ([ends.embed_params] if first else []) + [layer.params] * n + ([ends.head_params] if last else [])
-        gather = [all_gather_s(p * pol.param_bytes, shard_group) for p in params] if shard > 1 else []
-        scatter = [reduce_scatter_s(p * pol.grad_bytes, shard_group) for p in params] if shard > 1 else []
         zero = s.zero if shard > 1 else 0
+        gather = [gather_s(p) for p in params] if zero >= 1 else []
+        scatter = [scatter_s(p) for p in params] if zero >= 2 else []
         fwd.append(_task(f_parts, layer.forward, n, gather if zero == 3 else [], []))
         fwd_first.append(_task(f_parts, layer.forward, n, gather if zero >= 1 else [], []))
         bwd.append(_task(b_parts, layer.backward, n, gather[::-1] if zero == 3 else [], scatter[::-1] if zero >= 2 else []))

@@ -9,6 +9,7 @@ from pathlib import Path
 from costmodel import ConfigError, Strategy, load_cluster, predict
 from costmodel.spec import ModelSpec
 from costmodel.trace import chrome_trace
+from costmodel.validate import check_strategy, stage_layer_counts
 from planner.files import atomic_write_text
 from planner.model_source import load_model_spec
 from planner.plan import Plan, plan_from_strategy
@@ -58,6 +59,9 @@ def run_simulate(args: argparse.Namespace) -> int:
     cluster = load_cluster(cluster_text)
     if strategy is None:
         strategy = strategy_from_args(args, spec, cluster.world_size)
+    check_strategy(spec, strategy, cluster.world_size)
+    # resolved, so that what is printed and written names every choice
+    strategy = strategy.replace(seq_len=strategy.seq_len or spec.seq_len, stage_layers=stage_layer_counts(spec, strategy))
     result = predict(spec, strategy, cluster, record_events=bool(args.trace))
     predicted = result.predicted()
     outputs = []
