@@ -1,0 +1,78 @@
+"""--model: zoo names, spec files, Hugging Face config.json files and py: callables."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from costmodel.errors import ConfigError
+from costmodel.spec import ModelSpec
+from planner.model_source import load_model_spec, spec_from_hf_config
+from planner.zoo import ZOO
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_zoo_name():
+    assert load_model_spec("llama3-70b") is ZOO["llama3-70b"]
+
+
+def test_hf_llama_config_equals_the_zoo_entry():
+    spec = load_model_spec(str(DATA / "llama3_8b_config.json"))
+    zoo = ZOO["llama3-8b"]
+    assert {k: v for k, v in spec.to_dict().items() if k != "name"} == {
+        k: v for k, v in zoo.to_dict().items() if k != "name"
+    }
+    assert spec.num_params == zoo.num_params
+
+
+def test_hf_gpt2_config_is_gpt2_small():
+    spec = load_model_spec(str(DATA / "gpt2_config.json"))
+    # GPT-2 small: 124,439,808 parameters (tied head, learned positions, biases)
+    assert spec.num_params == 124_439_808
+
+
+def test_spec_yaml_and_json(tmp_path):
+    fields = {"layers": 2, "hidden": 128, "heads": 4, "vocab": 512, "seq_len": 64, "activation": "swiglu", "kv_heads": 2}
+    (tmp_path / "m.json").write_text(json.dumps(fields))
+    (tmp_path / "m.yaml").write_text("\n".join(f"{k}: {v}" for k, v in fields.items()))
+    a, b = load_model_spec(str(tmp_path / "m.json")), load_model_spec(str(tmp_path / "m.yaml"))
+    assert a == b and a.ffn_hidden == 512 and a.kv_heads == 2
+
+
+def test_py_callable():
+    sys.path.insert(0, str(Path(__file__).parent))
+    spec = load_model_spec("py:user_model:build")
+    assert spec.name == "user-gpt" and spec.layers == 6
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("py:user_model:not_a_transformer", "returned a Linear"),
+        ("py:no_such_module_xyz:build", "cannot import"),
+        ("py:user_model", "py:MODULE:CALLABLE"),
+        ("missing.yaml", "does not exist"),
+        ("llama9", "unknown model"),
+    ],
+)
+def test_bad_models(text, needle):
+    sys.path.insert(0, str(Path(__file__).parent))
+    with pytest.raises(ConfigError, match=needle):
+        load_model_spec(text)
+
+
+def test_unknown_spec_field_is_named(tmp_path):
+    p = tmp_path / "m.yaml"
+    p.write_text("layers: 2\nhidden: 64\nheads: 4\nvocab: 10\nseq_len: 8\nhiden: 3\n")
+    with pytest.raises(ConfigError, match="unknown model field.*hiden"):
+        load_model_spec(str(p))
+
+
+def test_hf_config_with_wrong_types():
+    with pytest.raises(ConfigError, match="num_hidden_layers"):
+        spec_from_hf_config({"model_type": "llama", "num_hidden_layers": "32", "hidden_size": 4096,
+                             "num_attention_heads": 32, "vocab_size": 10})
+    assert isinstance(spec_from_hf_config({"model_type": "mistral", "num_hidden_layers": 2, "hidden_size": 64,
+                                           "num_attention_heads": 4, "vocab_size": 10}), ModelSpec)
