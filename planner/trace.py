@@ -1,0 +1,208 @@
+"""planner.trace: any nn.Module -> an operator graph (networkx), traced on the meta device.
+
+`torch.export.export(..., strict=False)` on meta tensors records every ATen op with the
+FakeTensor of its output (shapes and dtypes) and the module path it ran in
+(`nn_module_stack`); nothing is allocated, so a 175B model traces in seconds. Each node of
+the `OpGraph` carries the op, its kind (linear, norm, pointwise, view, ...), output shape,
+element count, forward FLOPs, the module path, the repeated block it belongs to, and for
+parameters their name. Repeated blocks (children `N` of a ModuleList/ModuleDict of one
+class, like `layers.0 .. layers.95`) are grouped by a structural signature, so one solve
+serves every copy.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import networkx as nx
+import torch
+
+from costmodel.errors import ConfigError
+
+_BLOCK = re.compile(r"^(.*?)\.(\d+)$")
+
+POINTWISE = {
+    "aten.add.Tensor", "aten.sub.Tensor", "aten.mul.Tensor", "aten.div.Tensor", "aten.neg.default",
+    "aten.gelu.default", "aten.silu.default", "aten.relu.default", "aten.tanh.default", "aten.dropout.default",
+    "aten.to.dtype", "aten.to.dtype_layout", "aten._to_copy.default", "aten.clone.default", "aten.rsqrt.default",
+    "aten.pow.Tensor_Scalar", "aten.exp.default", "aten.sigmoid.default", "aten.contiguous.default",
+}
+KINDS = {
+    "aten.linear.default": "linear",
+    "aten.embedding.default": "embedding",
+    "aten.layer_norm.default": "norm",
+    "aten.rms_norm.default": "norm",
+    "aten.view.default": "view",
+    "aten.reshape.default": "view",
+    "aten._unsafe_view.default": "view",
+    "aten.transpose.int": "transpose",
+    "aten.permute.default": "permute",
+    "aten.scaled_dot_product_attention.default": "sdpa",
+    "aten.slice.Tensor": "slice",
+    "aten.cat.default": "cat",
+    "aten.repeat_interleave.self_int": "repeat",
+}
+SKIP = {"aten._assert_tensor_metadata.default", "aten.arange.default", "aten.arange.start"}
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    prefix: str  # e.g. "layers"
+    index: int
+    signature: int  # equal for structurally identical copies
+
+
+class OpGraph:
+    """A traced model: `graph` (networkx.DiGraph) in execution order, and its blocks."""
+
+    def __init__(self, graph: nx.DiGraph, order: list[str], blocks: dict[tuple[str, int], list[str]]) -> None:
+        self.graph = graph
+        self.order = order
+        self.blocks = blocks  # (prefix, index) -> node names in order
+
+    def block_kinds(self) -> dict[int, list[tuple[str, int]]]:
+        """Structural signature -> the blocks that share it."""
+        kinds: dict[int, list[tuple[str, int]]] = {}
+        for key in self.blocks:
+            kinds.setdefault(self.graph.nodes[self.blocks[key][0]]["block_signature"], []).append(key)
+        return kinds
+
+    def node(self, name: str) -> dict:
+        return self.graph.nodes[name]
+
+    def subgraph(self, names: list[str]) -> nx.DiGraph:
+        return self.graph.subgraph(names)
+
+    def total_flops(self) -> float:
+        return sum(d.get("flops", 0.0) for _, d in self.graph.nodes(data=True))
+
+
+def _val_shape(node) -> tuple[tuple[int, ...], torch.dtype] | None:
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return tuple(int(s) for s in val.shape), val.dtype
+    return None
+
+
+def _flops(kind: str, target: str, shape: tuple[int, ...], in_shapes: list[tuple[int, ...]]) -> float:
+    numel = math.prod(shape) if shape else 1
+    if kind == "linear" and len(in_shapes) >= 2:
+        k = in_shapes[0][-1]
+        return 2.0 * numel * k
+    if kind == "sdpa" and len(in_shapes) >= 3:
+        b, h, t, d = in_shapes[0]
+        s = in_shapes[1][2]
+        return 4.0 * b * h * t * s * d
+    if kind in ("norm",):
+        return 5.0 * numel
+    if kind == "pointwise":
+        return float(numel)
+    return 0.0
+
+
+def _module_path(node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    return list(stack.values())[-1][0]
+
+
+def _block_of(node, param_name: str | None) -> tuple[str, int] | None:
+    """The outermost `prefix.N` module this node ran in (or a parameter belongs to)."""
+    if param_name is not None:
+        parts = param_name.split(".")
+        for i in range(len(parts) - 1):
+            if parts[i + 1].isdigit():
+                return ".".join(parts[: i + 1]), int(parts[i + 1])
+        return None
+    stack = node.meta.get("nn_module_stack") or {}
+    for path, _cls in stack.values():
+        m = _BLOCK.match(path)
+        if m:
+            return m.group(1), int(m.group(2))
+    return None
+
+
+def trace_module(module: torch.nn.Module, example_inputs: tuple) -> OpGraph:
+    """Trace `module` (on the meta device) into an OpGraph."""
+    try:
+        exported = torch.export.export(module, example_inputs, strict=False)
+    except Exception as exc:  # torch raises many kinds; the user needs one line
+        raise ConfigError(f"torch.export could not trace the model: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    param_names = {}
+    for spec in exported.graph_signature.input_specs:
+        if spec.kind.name in ("PARAMETER", "BUFFER"):
+            param_names[spec.arg.name] = (spec.target, spec.kind.name.lower())
+    g = nx.DiGraph()
+    order: list[str] = []
+    for node in exported.graph.nodes:
+        if node.op not in ("placeholder", "call_function"):
+            continue
+        target = str(node.target) if node.op == "call_function" else "placeholder"
+        if target in SKIP:
+            continue
+        shape_dtype = _val_shape(node)
+        if shape_dtype is None:
+            continue
+        shape, dtype = shape_dtype
+        inputs = [a for a in node.all_input_nodes if a.name in g]
+        in_shapes = [g.nodes[a.name]["shape"] for a in inputs]
+        if node.op == "placeholder":
+            pname, pkind = param_names.get(node.name, (None, "input"))
+            kind = {"parameter": "param", "buffer": "buffer"}.get(pkind, "input")
+        else:
+            pname = None
+            kind = KINDS.get(target, "pointwise" if target in POINTWISE else "other")
+        attrs = {
+            "op": target, "kind": kind, "shape": shape, "dtype": str(dtype).replace("torch.", ""),
+            "numel": math.prod(shape) if shape else 1, "module": _module_path(node), "param": pname,
+            "flops": _flops(kind, target, shape, in_shapes), "args": _static_args(node),
+        }
+        block = _block_of(node, pname if kind == "param" else None)
+        attrs["block"] = block
+        g.add_node(node.name, **attrs)
+        order.append(node.name)
+        for pos, a in enumerate(inputs):
+            g.add_edge(a.name, node.name, arg=pos)
+    blocks: dict[tuple[str, int], list[str]] = {}
+    for name in order:
+        b = g.nodes[name]["block"]
+        if b is not None:
+            blocks.setdefault(b, []).append(name)
+    for key, names in blocks.items():
+        sig = hash(tuple((g.nodes[n]["op"], g.nodes[n]["shape"], g.nodes[n]["kind"]) for n in names))
+        for n in names:
+            g.nodes[n]["block_signature"] = sig
+    return OpGraph(g, order, blocks)
+
+
+def _static_args(node) -> dict:
+    """The non-tensor arguments the sharding rules need (dims, shapes)."""
+    t = str(node.target)
+    a = node.args
+    if t in ("aten.view.default", "aten.reshape.default", "aten._unsafe_view.default"):
+        return {"shape": [int(x) for x in a[1]]}
+    if t == "aten.transpose.int":
+        return {"dims": [int(a[1]), int(a[2])]}
+    if t == "aten.permute.default":
+        return {"dims": [int(x) for x in a[1]]}
+    if t == "aten.slice.Tensor":
+        return {"dim": int(a[1]) if len(a) > 1 else 0}
+    if t == "aten.cat.default":
+        return {"dim": int(a[1]) if len(a) > 1 else 0}
+    if t == "aten.repeat_interleave.self_int":
+        return {"dim": int(node.kwargs.get("dim", a[2] if len(a) > 2 else 0))}
+    if t in ("aten.layer_norm.default", "aten.rms_norm.default"):
+        return {"normalized_ndim": len(a[1])}
+    return {}
+
+
+def trace_spec(spec, *, batch: int = 1) -> OpGraph:
+    """Trace the zoo's Transformer for a spec (meta device, `batch` sequences)."""
+    from planner.zoo.model import build_model
+
+    model = build_model(spec, device="meta")
+    tokens = torch.zeros(batch, spec.seq_len, dtype=torch.long, device="meta")
+    return trace_module(model, (tokens,))

@@ -1,0 +1,117 @@
+"""Planner rediscovery: the sharding ILP finds Megatron, DP/TP splits, DP and FSDP by itself."""
+
+import pytest
+import torch
+from torch import nn
+
+from costmodel import ConfigError, load_cluster
+from costmodel.spec import gpt_spec, llama_spec
+from costmodel.strategy import Precision, PrecisionPolicy
+from planner.intra_op import CostContext, IntraOpProblem, LogicalMesh, solve_block
+from planner.trace import trace_module, trace_spec
+
+BF16 = PrecisionPolicy.of(Precision.BF16)
+MiB, GiB = 2**20, 2**30
+
+
+class MLP(nn.Module):
+    def __init__(self, h: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(h, 4 * h)
+        self.fc2 = nn.Linear(4 * h, h)
+
+    def forward(self, x):
+        return self.fc2(nn.functional.gelu(self.fc1(x)))
+
+
+def _block(graph):
+    return [n for n in graph.blocks[("layers", 0)] if graph.node(n)["kind"] not in ("param", "buffer")]
+
+
+def _solve(graph, ops, cluster, shape, names, roles, budget=float("inf"), m=8):
+    c = load_cluster(cluster)
+    mesh = LogicalMesh.on(c, shape, names, roles)
+    return solve_block(graph, ops, mesh, CostContext(cluster=c, policy=BF16, num_microbatches=m, memory_budget_bytes=budget))
+
+
+def _all_reduces_forward(sol) -> int:
+    return sum(1 for kind, *_ in sol.forward_collectives() if kind == "all_reduce")
+
+
+def test_mlp_with_tp8_is_column_then_row():
+    with torch.device("meta"):
+        graph = trace_module(MLP(4096), (torch.zeros(1, 2048, 4096),))
+    ops = [n for n in graph.order if graph.node(n)["kind"] not in ("param", "input")]
+    sol = _solve(graph, ops, "a100-80g:8", (8,), ("tp",), ("tensor",))
+    placements = sol.parameter_placements()
+    assert placements["fc1.weight"] == {"tp": "Shard(0)"}
+    assert placements["fc2.weight"] == {"tp": "Shard(1)"}
+    assert _all_reduces_forward(sol) == 1  # fc2's partial sums, all-reduced once
+    assert "column" in sol.explain("linear") and "fc1" in sol.explain("linear")
+
+
+@pytest.mark.parametrize("spec", [
+    gpt_spec("g", layers=2, hidden=4096, heads=32, seq_len=2048),
+    llama_spec("l", layers=2, hidden=4096, heads=32, kv_heads=8, ffn_hidden=14336, vocab=32000, seq_len=2048),
+], ids=["gpt", "llama-gqa"])
+def test_attention_splits_heads_and_rows(spec):
+    graph = trace_spec(spec)
+    sol = _solve(graph, _block(graph), "a100-80g:8", (8,), ("tp",), ("tensor",))
+    p = sol.parameter_placements()
+    for proj in ("wq", "wk", "wv"):
+        assert p[f"layers.0.attention.{proj}.weight"] == {"tp": "Shard(0)"}  # by heads
+    assert p["layers.0.attention.wo.weight"] == {"tp": "Shard(1)"}  # by rows
+    sdpa = [op for op in sol.choice if sol.nodes[op]["kind"] == "sdpa"][0]
+    assert sol.choice[sdpa].out == ("S1",)  # attention runs head-parallel
+    assert _all_reduces_forward(sol) == 2  # Megatron: two per layer forward
+
+
+def test_2d_mesh_large_batch_splits_into_data_and_tensor_axes():
+    # two nodes of eight: axis a0 crosses InfiniBand, a1 is NVLink; the solver chooses both roles
+    graph = trace_spec(gpt_spec("g", layers=2, hidden=8192, heads=64, seq_len=2048), batch=8)
+    sol = _solve(graph, _block(graph), "a100-80g:16", (2, 8), ("a0", "a1"), ("free", "free"), budget=6 * GiB)
+    linears = [s.name for op, s in sol.choice.items() if sol.nodes[op]["kind"] == "linear"]
+    assert all(name.split("|")[0] == "batch0" for name in linears)  # a0: data parallel
+    assert {name.split("|")[1] for name in linears} == {"column", "row"}  # a1: tensor parallel
+    assert sol.uses("batch") >= {"a0"} and sol.uses("column") == {"a1"}
+
+
+SMALL = gpt_spec("s", layers=2, hidden=256, heads=8, vocab=1000, seq_len=512)
+
+
+def test_small_model_without_memory_pressure_is_pure_data_parallel():
+    graph = trace_spec(SMALL, batch=64)
+    sol = _solve(graph, _block(graph), "a100-80g:8", (8,), ("a",), ("free",))
+    assert all(s.name.startswith(("batch", "split", "replicate")) for s in sol.choice.values())
+    assert all(not p for p in sol.parameter_placements().values())  # every weight replicated
+    assert sol.uses("column") == set() and sol.uses("row") == set()
+
+
+def test_same_model_under_memory_pressure_shards_parameters_fsdp_style():
+    graph = trace_spec(SMALL, batch=64)
+    free = _solve(graph, _block(graph), "a100-80g:8", (8,), ("a",), ("free",))
+    used = sum(s.state_bytes for s in free.choice.values()) + sum(s.act_bytes for s in free.choice.values())
+    tight = _solve(graph, _block(graph), "a100-80g:8", (8,), ("a",), ("free",), budget=used * 0.9)
+    sharded = {k: v for k, v in tight.parameter_placements().items() if v}
+    assert sharded, "some parameters must be sharded to fit"
+    # FSDP: weights stored sharded over the data axis while every linear still runs data parallel
+    linears = [s.name for op, s in tight.choice.items() if tight.nodes[op]["kind"] == "linear"]
+    assert all(n.startswith("batch") for n in linears)
+    assert sum(s.state_bytes for s in tight.choice.values()) < sum(s.state_bytes for s in free.choice.values())
+
+
+def test_impossible_budget_is_one_clear_error():
+    graph = trace_spec(SMALL, batch=64)
+    with pytest.raises(ConfigError, match="infeasible.*memory budget"):
+        _solve(graph, _block(graph), "a100-80g:8", (8,), ("a",), ("free",), budget=1 * MiB)
+
+
+def test_formulation_names_its_constraints():
+    graph = trace_spec(SMALL, batch=8)
+    c = load_cluster("a100-80g:8")
+    prob = IntraOpProblem(graph, _block(graph), LogicalMesh.on(c, (8,), ("dp",), ("data",)),
+                          CostContext(cluster=c, policy=BF16, memory_budget_bytes=GiB))
+    prob.build()
+    names = {c.name for c in prob.prob.constraints()} if callable(prob.prob.constraints) else set(prob.prob.constraints)
+    for family in ("one_hot_", "edge_out_", "edge_in_", "memory_step_", "fixed_", "chain_out_"):
+        assert any(n.startswith(family) for n in names), family
