@@ -44,6 +44,15 @@ def add_strategy_flags(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="paraplan", description="Plan, predict and run parallel transformer training.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    plan = sub.add_parser("plan", help="search for the fastest plan that fits")
+    plan.add_argument("--model", help="zoo name, spec .yaml/.json, HF config.json or py:MODULE:CALLABLE")
+    plan.add_argument("--cluster", help="DEVICE:COUNT (e.g. a100-80g:1024) or a cluster YAML")
+    plan.add_argument("--global-batch", type=int, help="sequences per step")
+    add_strategy_flags(plan)
+    plan.add_argument("--time-limit", type=float, metavar="S", help="stop searching after S seconds, keep the best")
+    plan.add_argument("-o", "--output", metavar="PLAN", help="write the plan YAML here")
+    plan.add_argument("--no-timing", action="store_true", help="leave wall-clock times out of the plan (byte-identical reruns)")
+    plan.add_argument("--json", action="store_true", help="print JSON for scripts")
     sim = sub.add_parser("simulate", help="predict one training step of a plan or of a strategy")
     sim.add_argument("--plan", help="a plan YAML (its model, cluster and strategy)")
     sim.add_argument("--model", help="zoo name, spec .yaml/.json, HF config.json or py:MODULE:CALLABLE")
@@ -60,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        if args.command == "plan":
+            from planner.commands.plan import run_plan
+
+            return run_plan(args)
         if args.command == "simulate":
             from planner.commands.simulate import run_simulate
 

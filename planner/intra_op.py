@@ -97,6 +97,7 @@ class CostContext:
     num_microbatches: int = 1
     memory_budget_bytes: float = math.inf
     activation_copies: float = 1.0  # microbatches a pipeline stage keeps in flight
+    state_bytes_per_param: float | None = None  # default: the policy's weights + gradients + optimizer
 
 
 @dataclass(slots=True)
@@ -244,7 +245,7 @@ class IntraOpProblem:
                 comm += all_reduce_s(grads, group) / self.ctx.num_microbatches
         state = act = 0.0
         if kind == "param":
-            per_param = pol.param_bytes + pol.grad_bytes + pol.optimizer_bytes
+            per_param = self.ctx.state_bytes_per_param or (pol.param_bytes + pol.grad_bytes + pol.optimizer_bytes)
             state = per_param * local_numel(numel_out, node["shape"], placement, mesh)
         elif kind in SAVED_KINDS or node["op"] in SAVED_POINTWISE:
             act = e * local_numel(numel_out, node["shape"], placement, mesh)

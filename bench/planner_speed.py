@@ -1,0 +1,57 @@
+"""Planner speed and quality. Prints, for each request, the wall time of `run_search`, the
+candidates evaluated, the ILP solves and their time, and the plan found; then the
+Korthikanti Table 3 comparison (planned against the published configuration, same simulator).
+Run:  python bench/planner_speed.py
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from costmodel import Strategy, load_cluster, predict  # noqa: E402
+from golden_data import KORTHIKANTI_TABLE3  # noqa: E402
+from planner.search import SearchRequest, run_search  # noqa: E402
+from planner.zoo import ZOO  # noqa: E402
+
+
+def describe(s) -> str:
+    mesh = " x ".join(f"{k}{v}" for k, v in s.mesh.items() if v > 1)
+    sched = s.schedule.value + (f"(v={s.virtual_stages})" if s.virtual_stages > 1 else "")
+    return f"{mesh}, zero {s.zero}, {s.recompute.value} recompute, {sched}, microbatch {s.microbatch_size}"
+
+
+def main() -> None:
+    print("| request | wall s | candidates | ILP solves (s) | plan | step s | MFU |")
+    print("|---|---|---|---|---|---|---|")
+    for name, cluster, batch in (("gpt3-175b", "a100-80g:1024", 1536), ("megatron-1t", "a100-80g:3072", 3072),
+                                 ("llama3-70b", "h100-sxm:64", 256)):
+        t0 = time.perf_counter()
+        found = run_search(SearchRequest(spec=ZOO[name], cluster=load_cluster(cluster), global_batch=batch))
+        dt = time.perf_counter() - t0
+        st = found.stats
+        print(f"| {name} on {cluster}, batch {batch} | {dt:.1f} | {st['candidates']} | {st['ilp_solves']} "
+              f"({st['ilp_time_s']:.2f}) | {describe(found.strategy)} | {found.result.step_time_s:.2f} | "
+              f"{100 * found.result.mfu:.1f}% |")
+
+    print("\nKorthikanti et al. 2022 Table 3 runs: planned vs published configuration (no FlashAttention)")
+    print("| model | GPUs | batch | published config s | planned s | plan | memory GiB |")
+    print("|---|---|---|---|---|---|---|")
+    for row in KORTHIKANTI_TABLE3:
+        name, _a, _h, _l, tp, pp, gpus, batch, mb, v = row
+        cluster = load_cluster(f"a100-80g:{gpus}")
+        published = predict(ZOO[name], Strategy(
+            tp=tp, pp=pp, global_batch=batch, microbatch_size=mb, virtual_stages=v,
+            schedule="interleaved" if v > 1 else "1f1b", recompute="selective", sequence_parallel=True,
+            flash_attention=False), cluster)
+        found = run_search(SearchRequest(spec=ZOO[name], cluster=cluster, global_batch=batch,
+                                         fixed={"flash_attention": False}))
+        print(f"| {name} | {gpus} | {batch} | {published.step_time_s:.2f} | {found.result.step_time_s:.2f} | "
+              f"{describe(found.strategy)} | {found.result.memory_gib['total']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""`paraplan plan`: search for the fastest plan that fits and write it as YAML."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from costmodel import ConfigError, load_cluster
+from planner.commands.simulate import STRATEGY_FLAGS, format_table
+from planner.files import atomic_write_text
+from planner.model_source import load_model_spec
+from planner.plan import plan_from_strategy
+from planner.search import SearchRequest, run_search
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    if not args.model or not args.cluster or args.global_batch is None:
+        raise ConfigError("plan needs --model, --cluster and --global-batch")
+    if args.global_batch < 1:
+        raise ConfigError(f"--global-batch must be a positive integer, got {args.global_batch}")
+    if args.time_limit is not None and args.time_limit <= 0:
+        raise ConfigError(f"--time-limit must be positive seconds, got {args.time_limit}")
+    spec = load_model_spec(args.model)
+    cluster = load_cluster(args.cluster)
+    fixed = {k: getattr(args, k) for k in STRATEGY_FLAGS if getattr(args, k, None) is not None}
+    for k in ("tp", "pp", "dp", "cp", "microbatch_size", "virtual_stages", "shard_group", "seq_len"):
+        if k in fixed and fixed[k] < 1:
+            raise ConfigError(f"--{k.replace('_', '-')} must be a positive integer, got {fixed[k]}")
+    if "virtual_stages" in fixed and fixed["virtual_stages"] > 1:
+        fixed.setdefault("schedule", "interleaved")
+    req = SearchRequest(spec=spec, cluster=cluster, global_batch=args.global_batch, fixed=fixed,
+                        time_limit_s=args.time_limit, progress=sys.stderr.isatty() and not args.json)
+    found = run_search(req)
+    stats = dict(found.stats)
+    if args.no_timing:
+        for key in [k for k in stats if k.endswith("time_s") or k == "trace_s"]:
+            del stats[key]
+    plan = plan_from_strategy(spec, found.strategy, args.cluster, found.result.predicted(), stats)
+    plan = plan.__class__(**{**{f: getattr(plan, f) for f in plan.__slots__}, "placements": found.placements})
+    if args.output:
+        atomic_write_text(args.output, plan.to_yaml())
+    if args.json:
+        print(json.dumps({"plan": plan.to_dict()}, indent=2))
+    else:
+        print(format_table(spec, args.cluster, found.strategy, found.result))
+        print("  search       " + "  ".join(f"{k} {v}" for k, v in stats.items()))
+        if args.output:
+            print(f"  plan written to {args.output}")
+    return 0

@@ -1,0 +1,306 @@
+"""planner.search: the outer loop over mesh shapes, ZeRO level, recomputation, microbatch
+size and schedule; ranks by the cost model and returns the fastest plan that fits.
+
+1. Enumerate candidates over what the user did not fix: tp (within a node, dividing the
+   heads), cp, pp, dp (the rest), ZeRO 0-3 and HSDP shard groups, recomputation,
+   microbatch size, schedule and virtual stages. Sequence parallelism is on with tp > 1
+   (same traffic as tensor parallelism, less memory and work).
+2. Estimate each with the analytic path (`costmodel.analytic`); drop those that do not fit.
+3. For the best few: cut layers into stages with the inter-op DP (`planner.inter_op`),
+   solve the intra-op ILP of the repeated block on the stage's tensor-parallel mesh
+   (`planner.intra_op`, one solve per distinct mesh and microbatch), and replay the step in
+   the event simulator. The fastest simulated candidate whose ILP solution is feasible wins.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm import tqdm
+
+from costmodel import ConfigError, Strategy, build_step, simulate
+from costmodel.analytic import estimate
+from costmodel.cluster import Cluster
+from costmodel.hardware import GIB
+from costmodel.result import StepResult
+from costmodel.spec import ModelSpec
+from costmodel.strategy import Recompute, Schedule
+from planner.inter_op import partition_layers
+from planner.intra_op import CostContext, IntraOpSolution, LogicalMesh, solve_block
+
+SIMULATE_TOP = 8
+MAX_MICROBATCH = 8
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SearchRequest:
+    spec: ModelSpec
+    cluster: Cluster
+    global_batch: int
+    fixed: dict = field(default_factory=dict)  # strategy flags the user gave
+    time_limit_s: float | None = None
+    progress: bool = False
+
+
+@dataclass(slots=True, kw_only=True)
+class SearchResult:
+    strategy: Strategy
+    result: StepResult
+    placements: dict[str, dict[str, str]]
+    stats: dict
+    ilp: IntraOpSolution | None = None
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def enumerate_candidates(req: SearchRequest) -> list[Strategy]:
+    spec, cluster, fixed = req.spec, req.cluster, req.fixed
+    world, per_node = cluster.world_size, cluster.gpus_per_node
+    seq = fixed.get("seq_len") or spec.seq_len
+    tps = [fixed["tp"]] if "tp" in fixed else [t for t in (1, 2, 4, 8, 16) if t <= per_node and spec.heads % t == 0]
+    cps = [fixed["cp"]] if "cp" in fixed else ([1, 2, 4] if seq >= 16384 else [1, 2] if seq >= 8192 else [1])
+    out: list[Strategy] = []
+    for tp in tps:
+        for cp in cps:
+            if world % (tp * cp):
+                continue
+            rest = world // (tp * cp)
+            pps = [fixed["pp"]] if "pp" in fixed else [p for p in _divisors(rest) if p <= spec.layers and p <= 128]
+            for pp in pps:
+                if rest % pp:
+                    continue
+                dp = rest // pp
+                if "dp" in fixed and fixed["dp"] != dp:
+                    continue
+                if req.global_batch % dp:
+                    continue
+                per_replica = req.global_batch // dp
+                mbss = [fixed["microbatch_size"]] if "microbatch_size" in fixed else [
+                    b for b in _divisors(per_replica) if b <= MAX_MICROBATCH]
+                shard_count = dp * cp
+                zeros = [fixed["zero"]] if "zero" in fixed else ([0, 1, 2, 3] if shard_count > 1 else [0])
+                for zero in zeros:
+                    groups = [fixed["shard_group"]] if "shard_group" in fixed else _shard_groups(zero, dp, tp * cp, per_node)
+                    for group in groups:
+                        for rc in _recomputes(fixed):
+                            for mbs in mbss:
+                                for sched, v in _schedules(fixed, pp, per_replica // mbs, spec.layers):
+                                    try:
+                                        out.append(Strategy(
+                                            tp=tp, pp=pp, dp=dp, cp=cp, zero=zero, shard_group=group,
+                                            sequence_parallel=fixed.get("sequence_parallel", tp > 1),
+                                            recompute=rc, microbatch_size=mbs, global_batch=req.global_batch,
+                                            schedule=sched, virtual_stages=v,
+                                            precision=fixed.get("precision", "bf16"),
+                                            flash_attention=fixed.get("flash_attention", True),
+                                            seq_len=seq,
+                                        ))
+                                    except ConfigError:
+                                        continue
+    return out
+
+
+def _shard_groups(zero: int, dp: int, inner: int, per_node: int) -> list[int]:
+    if zero == 0:
+        return [1]
+    groups = [dp]
+    node_group = per_node // inner if inner < per_node else 1
+    if zero == 3 and 1 < node_group < dp and dp % node_group == 0:
+        groups.append(node_group)  # HSDP: shard inside a node, replicate across nodes
+    return groups
+
+
+def _recomputes(fixed: dict) -> list[str]:
+    if "recompute" in fixed:
+        return [fixed["recompute"]]
+    if fixed.get("flash_attention", True):
+        return ["none", "full"]  # with FlashAttention, selective recomputation keeps nothing less
+    return ["none", "selective", "full"]
+
+
+def _schedules(fixed: dict, pp: int, m: int, layers: int) -> list[tuple[str, int]]:
+    if pp == 1:
+        return [(fixed.get("schedule", "1f1b"), 1)] if fixed.get("schedule", "1f1b") != "interleaved" else []
+    if "schedule" in fixed:
+        sched = fixed["schedule"]
+        if sched != "interleaved":
+            return [(sched, 1)]
+        vs = [fixed["virtual_stages"]] if "virtual_stages" in fixed else [2, 3, 4]
+        return [("interleaved", v) for v in vs if layers >= pp * v and m % pp == 0]
+    out = [("1f1b", 1)]
+    if m % pp == 0:
+        vs = [fixed["virtual_stages"]] if "virtual_stages" in fixed else [2, 3, 4, 6]
+        out += [("interleaved", v) for v in vs if v > 1 and layers >= pp * v]
+    return out
+
+
+def _partition(spec: ModelSpec, s: Strategy, cluster: Cluster) -> Strategy:
+    """Cut the layers with the inter-op DP for a non-interleaved pipeline."""
+    if s.pp == 1 or s.schedule is Schedule.INTERLEAVED:
+        return s
+    model = build_step(spec, s, cluster)
+    # per-layer figures from the balanced model: a middle stage has only transformer layers
+    counts = model.layers
+    mid = max(range(len(counts)), key=lambda k: (0 < k < len(counts) - 1, counts[k]))
+    per_layer_t = (model.forward[mid].total + model.backward[mid].total) / counts[mid]
+    first_t = model.forward[0].total + model.backward[0].total - per_layer_t * counts[0]
+    last_t = model.forward[-1].total + model.backward[-1].total - per_layer_t * counts[-1]
+    mem_mid = model.memory[mid]
+    in_flight = np.array([s.pp - i if s.schedule is Schedule.ONE_F_ONE_B else s.num_microbatches for i in range(s.pp)],
+                         dtype=float)
+    states_per_layer = (mem_mid.parameters + mem_mid.gradients + mem_mid.optimizer) / counts[mid]
+    act_per_layer = mem_mid.activations / counts[mid] / in_flight[mid]
+    overhead = cluster.device.memory_overhead
+    capacity = (cluster.device.hbm_bytes - overhead.fixed_gib * GIB) / (1 + overhead.fragmentation)
+    first_mem, last_mem = model.memory[0], model.memory[-1]
+    embed_bytes = first_mem.parameters + first_mem.gradients + first_mem.optimizer - states_per_layer * counts[0]
+    head_bytes = last_mem.parameters + last_mem.gradients + last_mem.optimizer - states_per_layer * counts[-1]
+    L = spec.layers
+    part = partition_layers(
+        np.full(L, per_layer_t), np.full(L, states_per_layer), np.full(L, act_per_layer),
+        stages=s.pp, microbatches=s.num_microbatches, in_flight=in_flight,
+        embed_s=max(first_t, 0.0), head_s=max(last_t, 0.0), embed_bytes=max(embed_bytes, 0.0),
+        head_bytes=max(head_bytes, 0.0), capacity_bytes=capacity,
+    )
+    return s.replace(stage_layers=part.layers) if part else s
+
+
+def run_search(req: SearchRequest, *, trace_graph=None) -> SearchResult:
+    t_start = time.perf_counter()
+    spec, cluster = req.spec, req.cluster
+    candidates = enumerate_candidates(req)
+    if not candidates:
+        raise ConfigError(
+            f"no strategy of the given flags fits {cluster.world_size} GPUs for global batch {req.global_batch}; "
+            "loosen a flag or change the batch"
+        )
+    scored: list[tuple[float, int, Strategy]] = []
+    smallest_gib = math.inf
+    estimated = 0
+    timed_out = False
+    bar = tqdm(candidates, desc="estimating", unit="cand", disable=not req.progress, leave=False)
+    for i, s in enumerate(bar):
+        if req.time_limit_s is not None and time.perf_counter() - t_start > req.time_limit_s * 0.5:
+            timed_out = True
+            break
+        try:
+            est = estimate(build_step(spec, s, cluster))
+        except ConfigError:
+            continue
+        estimated += 1
+        smallest_gib = min(smallest_gib, est.memory_gib)
+        if est.fits:
+            scored.append((est.step_time_s, i, s))
+    bar.close()
+    if not scored:
+        raise ConfigError(
+            f"{spec.name} ({spec.num_params / 1e9:.1f}B parameters) does not fit on {cluster.name}: the smallest plan "
+            f"found needs {smallest_gib:.1f} GiB per GPU against {cluster.device.hbm_gib:g} GiB; use more GPUs"
+        )
+    scored.sort(key=lambda x: (x[0], x[1]))
+    graph = trace_graph
+    trace_s = 0.0
+    ilp_cache: dict[tuple, IntraOpSolution | None] = {}
+    ilp_time = 0.0
+    best: tuple[float, Strategy, StepResult, IntraOpSolution | None] | None = None
+    simulated = 0
+    for est_s, _i, s in tqdm(scored[:SIMULATE_TOP], desc="simulating", unit="plan", disable=not req.progress, leave=False):
+        if best is not None and est_s > best[0] * 1.5:
+            break
+        s = _partition(spec, s, cluster)
+        try:
+            result = simulate(build_step(spec, s, cluster), record_events=False)
+        except ConfigError:
+            continue
+        simulated += 1
+        if not result.fits:
+            continue
+        key = (s.tp, s.microbatch_size)
+        if key not in ilp_cache:
+            if graph is None:
+                t0 = time.perf_counter()
+                from planner.trace import trace_spec
+
+                graph = trace_spec(_block_probe(spec, s), batch=s.microbatch_size)
+                trace_s += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            ilp_cache[key] = _solve_tp_axis(graph, spec, s, cluster, result)
+            ilp_time += time.perf_counter() - t0
+        solution = ilp_cache[key]  # None: infeasible under the ILP's coarser memory; Megatron's layout is used
+        if best is None or result.step_time_s < best[0]:
+            best = (result.step_time_s, s, result, solution)
+    if best is None:
+        raise ConfigError(
+            f"{spec.name} does not fit on {cluster.name} once simulated in full; use more GPUs or a smaller batch"
+        )
+    _, strategy, result, solution = best
+    stats = {
+        "time_s": round(time.perf_counter() - t_start, 3),
+        "candidates": len(candidates),
+        "estimated": estimated,
+        "simulated": simulated,
+        "ilp_solves": len(ilp_cache),
+        "ilp_infeasible": sum(1 for v in ilp_cache.values() if v is None),
+        "ilp_time_s": round(ilp_time, 3),
+        "trace_s": round(trace_s, 3),
+        "timed_out": timed_out,
+    }
+    return SearchResult(strategy=strategy, result=result, placements=placements_for(spec, strategy, solution),
+                        stats=stats, ilp=solution)
+
+
+def _block_probe(spec: ModelSpec, s: Strategy) -> ModelSpec:
+    """The model with two layers: its repeated block is the one every layer of the full model
+    shares (the tracer finds and groups blocks the same way on the full model)."""
+    from dataclasses import replace
+
+    return replace(spec, layers=min(2, spec.layers), seq_len=s.seq_len or spec.seq_len)
+
+
+def _solve_tp_axis(graph, spec: ModelSpec, s: Strategy, cluster: Cluster, result: StepResult) -> IntraOpSolution | None:
+    """The block's ILP on the tensor-parallel axis, with the memory one layer may use."""
+    key = next(iter(graph.block_kinds().values()))[0]
+    ops = [n for n in graph.blocks[key] if graph.node(n)["kind"] not in ("param", "buffer")]
+    mesh = LogicalMesh.on(cluster, (s.tp,), ("tp",), ("tensor",))
+    # Activations follow the strategy's recompute and sequence-parallel policies, which the
+    # simulator prices (Korthikanti); the ILP places the parameters in the memory they leave.
+    layers_per_rank = max(math.ceil(spec.layers / s.pp), 1)
+    worst = max(result.rank_memory_gib, key=lambda m: m["total"])
+    left_gib = cluster.device.hbm_gib - worst["activations"] - worst["other"]
+    budget = left_gib * GIB / layers_per_rank
+    pol = s.policy
+    shard = s.dp_shard * s.cp
+    per_param = (pol.param_bytes / (shard if s.zero >= 3 else 1) + pol.grad_bytes / (shard if s.zero >= 2 else 1)
+                 + pol.optimizer_bytes / (shard if s.zero >= 1 else 1))
+    ctx = CostContext(cluster=cluster, policy=pol, num_microbatches=s.num_microbatches,
+                      memory_budget_bytes=budget, activation_copies=0.0, state_bytes_per_param=per_param)
+    try:
+        return solve_block(graph, ops, mesh, ctx, time_limit_s=30)
+    except ConfigError:
+        return None
+
+
+def placements_for(spec: ModelSpec, s: Strategy, solution: IntraOpSolution | None) -> dict[str, dict[str, str]]:
+    """Per-parameter placements: the ILP's for the repeated block (as `layers.*.`), Megatron's
+    vocab-parallel layout for the embedding and head, FSDP's Shard(0) over dp_shard at ZeRO-3."""
+    from planner.plan import megatron_placements
+
+    out = {k: v for k, v in megatron_placements(spec, s).items() if not k.startswith("layers.")}
+    if solution is not None:
+        for name, placement in sorted(solution.parameter_placements().items()):
+            parts = name.split(".")
+            generic = ".".join(["layers", "*"] + parts[2:]) if parts[0] == "layers" else name
+            axes = dict(placement)
+            if s.zero == 3 and s.dp_shard * s.cp > 1:
+                axes.setdefault("dp_shard", "Shard(0)")
+            if axes:
+                out[generic] = axes
+    else:
+        out.update({k: v for k, v in megatron_placements(spec, s).items() if k.startswith("layers.")})
+    return dict(sorted(out.items()))
+
