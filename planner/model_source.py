@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import sys
 from pathlib import Path
 
 import yaml
@@ -18,10 +20,20 @@ from planner.zoo import ZOO
 
 
 def load_model_spec(text: str) -> ModelSpec:
+    return load_model(text)[0]
+
+
+def load_model(text: str):
+    """(spec, traced graph or None): a py: module comes with the graph it was read from, so
+    the planner's placements name the module's own parameters."""
     if text in ZOO:
-        return ZOO[text]
+        return ZOO[text], None
     if text.startswith("py:"):
         return _from_python(text)
+    return _load_file_spec(text), None
+
+
+def _load_file_spec(text: str) -> ModelSpec:
     path = Path(text)
     if path.suffix in (".yaml", ".yml", ".json"):
         return _from_file(path)
@@ -99,13 +111,15 @@ def spec_from_hf_config(data: dict, *, name: str = "hf-model") -> ModelSpec:
     )
 
 
-def _from_python(text: str) -> ModelSpec:
-    """py:MODULE:CALLABLE returning a paraplan `Transformer` (or (module, inputs)), built on
-    the meta device. Arbitrary modules need the graph tracer of the planner."""
+def _from_python(text: str):
+    """py:MODULE:CALLABLE, called on the meta device, returning a paraplan `Transformer` or
+    (module, example_inputs) for any module, which is traced and read (planner.graph_spec)."""
     _, _, rest = text.partition(":")
     module_name, sep, attr = rest.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(f"--model '{text}' must look like py:MODULE:CALLABLE")
+    if os.getcwd() not in sys.path:  # like `python -m`: modules in the working directory import
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -117,11 +131,17 @@ def _from_python(text: str) -> ModelSpec:
 
     with torch.device("meta"):
         built = fn()
-    model = built[0] if isinstance(built, tuple) else built
+    model, inputs = (built[0], built[1]) if isinstance(built, tuple) else (built, None)
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"--model {text} returned a {type(model).__name__}, not an nn.Module")
     spec = getattr(model, "spec", None)
-    if not isinstance(spec, ModelSpec):
-        raise ConfigError(
-            f"--model {text} returned a {type(model).__name__}; py: models are read through their "
-            "`spec` (a paraplan Transformer) until the graph tracer (planner.trace) lands"
-        )
-    return spec
+    if isinstance(spec, ModelSpec):
+        return spec, None
+    if inputs is None:
+        raise ConfigError(f"--model {text}: return (module, example_inputs) so the module can be traced")
+    from planner.graph_spec import spec_from_graph
+    from planner.trace import trace_module
+
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    graph = trace_module(model, inputs)
+    return spec_from_graph(graph, name=attr), graph

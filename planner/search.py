@@ -250,8 +250,8 @@ def run_search(req: SearchRequest, *, trace_graph=None) -> SearchResult:
         "trace_s": round(trace_s, 3),
         "timed_out": timed_out,
     }
-    return SearchResult(strategy=strategy, result=result, placements=placements_for(spec, strategy, solution),
-                        stats=stats, ilp=solution)
+    placements = placements_for(spec, strategy, solution, zoo_names=trace_graph is None)
+    return SearchResult(strategy=strategy, result=result, placements=placements, stats=stats, ilp=solution)
 
 
 def _block_probe(spec: ModelSpec, s: Strategy) -> ModelSpec:
@@ -285,22 +285,24 @@ def _solve_tp_axis(graph, spec: ModelSpec, s: Strategy, cluster: Cluster, result
         return None
 
 
-def placements_for(spec: ModelSpec, s: Strategy, solution: IntraOpSolution | None) -> dict[str, dict[str, str]]:
-    """Per-parameter placements: the ILP's for the repeated block (as `layers.*.`), Megatron's
-    vocab-parallel layout for the embedding and head, FSDP's Shard(0) over dp_shard at ZeRO-3."""
+def placements_for(spec: ModelSpec, s: Strategy, solution: IntraOpSolution | None,
+                   *, zoo_names: bool = True) -> dict[str, dict[str, str]]:
+    """Per-parameter placements: the ILP's for the repeated block (its index written `*`),
+    and for the zoo's models Megatron's vocab-parallel embedding and head; FSDP's Shard(0)
+    over dp_shard at ZeRO-3."""
     from planner.plan import megatron_placements
 
-    out = {k: v for k, v in megatron_placements(spec, s).items() if not k.startswith("layers.")}
-    if solution is not None:
-        for name, placement in sorted(solution.parameter_placements().items()):
-            parts = name.split(".")
-            generic = ".".join(["layers", "*"] + parts[2:]) if parts[0] == "layers" else name
-            axes = dict(placement)
-            if s.zero == 3 and s.dp_shard * s.cp > 1:
-                axes.setdefault("dp_shard", "Shard(0)")
-            if axes:
-                out[generic] = axes
-    else:
-        out.update({k: v for k, v in megatron_placements(spec, s).items() if k.startswith("layers.")})
+    megatron = megatron_placements(spec, s) if zoo_names else {}
+    out = {k: v for k, v in megatron.items() if not k.startswith("layers.")}
+    if solution is None:
+        out.update({k: v for k, v in megatron.items() if k.startswith("layers.")})
+        return dict(sorted(out.items()))
+    for name, placement in sorted(solution.parameter_placements().items()):
+        parts = name.split(".")
+        generic = ".".join("*" if p.isdigit() else p for p in parts)
+        axes = dict(placement)
+        if s.zero == 3 and s.dp_shard * s.cp > 1:
+            axes.setdefault("dp_shard", "Shard(0)")
+        if axes:
+            out[generic] = axes
     return dict(sorted(out.items()))
-

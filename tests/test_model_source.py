@@ -50,7 +50,7 @@ def test_py_callable():
 @pytest.mark.parametrize(
     "text, needle",
     [
-        ("py:user_model:not_a_transformer", "returned a Linear"),
+        ("py:user_model:not_a_transformer", "no repeated blocks"),
         ("py:no_such_module_xyz:build", "cannot import"),
         ("py:user_model", "py:MODULE:CALLABLE"),
         ("missing.yaml", "does not exist"),
@@ -76,3 +76,32 @@ def test_hf_config_with_wrong_types():
                              "num_attention_heads": 32, "vocab_size": 10})
     assert isinstance(spec_from_hf_config({"model_type": "mistral", "num_hidden_layers": 2, "hidden_size": 64,
                                            "num_attention_heads": 4, "vocab_size": 10}), ModelSpec)
+
+
+def test_any_module_is_traced_and_read():
+    sys.path.insert(0, str(Path(__file__).parent))
+    spec = load_model_spec("py:user_model:user_lm")
+    assert (spec.layers, spec.hidden, spec.heads, spec.kv_heads, spec.ffn_hidden, spec.vocab, spec.seq_len) == (
+        3, 128, 8, 2, 352, 1000, 64)
+    assert spec.activation == "swiglu" and spec.norm == "rmsnorm" and not spec.tied_embeddings and not spec.bias
+    import user_model
+
+    assert spec.num_params == sum(p.numel() for p in user_model.UserLM().parameters())
+
+
+def test_plan_of_a_user_module_names_its_parameters(tmp_path):
+    from tests_helpers import paraplan
+
+    out = paraplan("plan", "--model", "py:user_model:user_lm", "--cluster", "cpu:4", "--global-batch", "8",
+                   "--tp", "2", "--json")
+    assert out.returncode == 0, out.stderr
+    placements = json.loads(out.stdout)["plan"]["placements"]
+    assert placements and all(k.startswith("blocks.*.") for k in placements)  # the module's own names
+    assert placements["blocks.*.up.weight"] == {"tp": "Shard(0)"}
+    assert placements["blocks.*.down.weight"] == {"tp": "Shard(1)"}
+
+
+def test_a_module_needs_example_inputs():
+    sys.path.insert(0, str(Path(__file__).parent))
+    with pytest.raises(ConfigError, match="example_inputs"):
+        load_model_spec("py:user_model:user_lm_without_inputs")

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -7,4 +8,5 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def paraplan(*args: str) -> subprocess.CompletedProcess:
     """Run the command line in a fresh interpreter, as a user would."""
-    return subprocess.run([sys.executable, "-m", "planner.cli", *args], capture_output=True, text=True, cwd=ROOT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+    return subprocess.run([sys.executable, "-m", "planner.cli", *args], capture_output=True, text=True, cwd=ROOT, env=env)

@@ -11,4 +11,64 @@ def build():
 def not_a_transformer():
     import torch
 
-    return torch.nn.Linear(4, 4)
+    return torch.nn.Linear(4, 4), (torch.zeros(2, 4),)
+
+
+class _Block(__import__("torch").nn.Module):
+    """A Llama-like layer written the way a user would, without paraplan's classes."""
+
+    def __init__(self, h, nh, nkv, f):
+        import torch.nn as nn
+
+        super().__init__()
+        self.nh, self.nkv, self.hd = nh, nkv, h // nh
+        self.norm1, self.norm2 = nn.RMSNorm(h), nn.RMSNorm(h)
+        self.q = nn.Linear(h, h, bias=False)
+        self.k = nn.Linear(h, nkv * self.hd, bias=False)
+        self.v = nn.Linear(h, nkv * self.hd, bias=False)
+        self.o = nn.Linear(h, h, bias=False)
+        self.gate = nn.Linear(h, f, bias=False)
+        self.up = nn.Linear(h, f, bias=False)
+        self.down = nn.Linear(f, h, bias=False)
+
+    def forward(self, x):
+        import torch.nn.functional as F
+
+        b, t, h = x.shape
+        y = self.norm1(x)
+        q = self.q(y).view(b, t, self.nh, self.hd).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k(y).view(b, t, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.v(y).view(b, t, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hs)
+        k = k.repeat_interleave(self.nh // self.nkv, dim=1)
+        v = v.repeat_interleave(self.nh // self.nkv, dim=1)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, h)
+        x = x + self.o(a)
+        y = self.norm2(x)
+        return x + self.down(F.silu(self.gate(y)) * self.up(y))
+
+
+class UserLM(__import__("torch").nn.Module):
+    def __init__(self, layers=3, h=128, nh=8, nkv=2, f=352, vocab=1000):
+        import torch.nn as nn
+
+        super().__init__()
+        self.embed = nn.Embedding(vocab, h)
+        self.blocks = nn.ModuleList(_Block(h, nh, nkv, f) for _ in range(layers))
+        self.norm = nn.RMSNorm(h)
+        self.head = nn.Linear(h, vocab, bias=False)
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.norm(x))
+
+
+def user_lm():
+    import torch
+
+    return UserLM(), (torch.zeros(1, 64, dtype=torch.long),)
+
+
+def user_lm_without_inputs():
+    return UserLM()

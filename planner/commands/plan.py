@@ -9,7 +9,7 @@ import sys
 from costmodel import ConfigError, load_cluster
 from planner.commands.simulate import STRATEGY_FLAGS, format_table
 from planner.files import atomic_write_text
-from planner.model_source import load_model_spec
+from planner.model_source import load_model
 from planner.plan import plan_from_strategy
 from planner.search import SearchRequest, run_search
 
@@ -21,7 +21,7 @@ def run_plan(args: argparse.Namespace) -> int:
         raise ConfigError(f"--global-batch must be a positive integer, got {args.global_batch}")
     if args.time_limit is not None and args.time_limit <= 0:
         raise ConfigError(f"--time-limit must be positive seconds, got {args.time_limit}")
-    spec = load_model_spec(args.model)
+    spec, graph = load_model(args.model)
     cluster = load_cluster(args.cluster)
     fixed = {k: getattr(args, k) for k in STRATEGY_FLAGS if getattr(args, k, None) is not None}
     for k in ("tp", "pp", "dp", "cp", "microbatch_size", "virtual_stages", "shard_group", "seq_len"):
@@ -31,7 +31,7 @@ def run_plan(args: argparse.Namespace) -> int:
         fixed.setdefault("schedule", "interleaved")
     req = SearchRequest(spec=spec, cluster=cluster, global_batch=args.global_batch, fixed=fixed,
                         time_limit_s=args.time_limit, progress=sys.stderr.isatty() and not args.json)
-    found = run_search(req)
+    found = run_search(req, trace_graph=graph)
     stats = dict(found.stats)
     if args.no_timing:
         for key in [k for k in stats if k.endswith("time_s") or k == "trace_s"]:
