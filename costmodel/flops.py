@@ -28,11 +28,10 @@ def model_flops_per_step(spec: ModelSpec, tokens: int, seq: int) -> float:
     return 3.0 * tokens * (spec.layers * (matmul + attn) + logits)
 
 
-def hardware_flops_per_step(spec: ModelSpec, tokens: int, seq: int, recompute: Recompute, flash: bool) -> float:
+def hardware_flops_per_step(spec: ModelSpec, tokens: int, seq: int, recompute: dict[Recompute, int], flash: bool) -> float:
+    """`recompute`: how many layers run under each recompute policy."""
     matmul, attn, _ = forward_flops_per_token(spec, seq)
-    extra = 0.0
-    if recompute is Recompute.FULL:
-        extra = tokens * spec.layers * (matmul + attn)
-    elif recompute is Recompute.SELECTIVE and not flash:
-        extra = tokens * spec.layers * attn
+    extra = tokens * recompute.get(Recompute.FULL, 0) * (matmul + attn)
+    if not flash:
+        extra += tokens * recompute.get(Recompute.SELECTIVE, 0) * attn
     return model_flops_per_step(spec, tokens, seq) + extra

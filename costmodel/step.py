@@ -119,7 +119,11 @@ def build_step(spec: ModelSpec, strategy: Strategy, cluster: Cluster) -> StepMod
     shard_group = cluster.group(shard, s.tp)
     replicate_group = cluster.group(s.dp_replicate, s.tp * shard)
     p2p_link = cluster.p2p_link(s.tp * s.cp * s.dp)
-    layer = layer_cost(spec, s, cluster, tp_group, cp_group)
+    layers_by_policy = {
+        rc: layer_cost(spec, s.replace(recompute=rc, stage_recompute=()), cluster, tp_group, cp_group)
+        for rc in {s.recompute_of(k) for k in range(s.num_stages)}
+    }
+    layer = layers_by_policy[s.recompute_of(0)]
     ends = ends_cost(spec, s, cluster, tp_group)
     counts = stage_layer_counts(spec, s)
     k_stages, pp, m = s.num_stages, s.pp, s.num_microbatches
@@ -140,6 +144,7 @@ def build_step(spec: ModelSpec, strategy: Strategy, cluster: Cluster) -> StepMod
     fwd, fwd_first, bwd, buckets, sharded_comm = [], [], [], [], []
     for k, n in enumerate(counts):
         first, last = k == 0, k == k_stages - 1
+        layer = layers_by_policy[s.recompute_of(k)]
         f_parts = ([ends.embed_forward] if first else []) + [layer.forward] * n + ([ends.head_forward] if last else [])
         b_parts = ([ends.head_backward] if last else []) + [layer.backward] * n + ([ends.embed_backward] if first else [])
         params = ([ends.embed_params] if first else []) + [layer.params] * n + ([ends.head_params] if last else [])
@@ -155,6 +160,9 @@ def build_step(spec: ModelSpec, strategy: Strategy, cluster: Cluster) -> StepMod
 
     orders = build(s.schedule, pp, m, s.virtual_stages)
     memory = tuple(_rank_memory(spec, s, cluster, layer, ends, counts, r) for r in range(pp))
+    per_policy: dict[Recompute, int] = {}
+    for k, n in enumerate(counts):
+        per_policy[s.recompute_of(k)] = per_policy.get(s.recompute_of(k), 0) + n
     act = pol.activation_bytes * spec.hidden * s.microbatch_size * (spec.seq_len // s.cp)
     p2p = send_recv_s(act / s.tp, p2p_link) if pp > 1 else 0.0  # Megatron's scatter-gather: 1/tp each
     dp_comm, optim = [], []
@@ -172,7 +180,7 @@ def build_step(spec: ModelSpec, strategy: Strategy, cluster: Cluster) -> StepMod
         forward=tuple(fwd), forward_first=tuple(fwd_first), backward=tuple(bwd), buckets=tuple(buckets),
         p2p_s=p2p, dp_comm_s=tuple(dp_comm), optimizer_s=tuple(optim), memory=memory,
         model_flops=model_flops_per_step(spec, tokens, spec.seq_len),
-        hardware_flops=hardware_flops_per_step(spec, tokens, spec.seq_len, Recompute(s.recompute), s.flash_attention),
+        hardware_flops=hardware_flops_per_step(spec, tokens, spec.seq_len, per_policy, s.flash_attention),
         tokens=tokens,
     )
 
@@ -234,19 +242,21 @@ def _rank_memory(spec, s: Strategy, cluster: Cluster, layer: LayerCost, ends, co
         params, shard, s.zero if shard > 1 else 0,
         param_bytes=pol.param_bytes, grad_bytes=pol.grad_bytes, optimizer_bytes=pol.optimizer_bytes,
     )
-    per_layer = layer_activation_bytes(
-        spec, seq=seq, batch=s.microbatch_size, tp=s.tp, sequence_parallel=s.sequence_parallel,
-        recompute=Recompute(s.recompute), flash_attention=s.flash_attention, bytes_per_value=pol.activation_bytes,
-    )
+    def per_layer(k: int) -> float:
+        return layer_activation_bytes(
+            spec, seq=seq, batch=s.microbatch_size, tp=s.tp, sequence_parallel=s.sequence_parallel,
+            recompute=s.recompute_of(k), flash_attention=s.flash_attention, bytes_per_value=pol.activation_bytes,
+        )
+
     e, b, h = pol.activation_bytes, s.microbatch_size, spec.hidden
     sp_div = s.tp if s.sequence_parallel else 1
     embed_act = (seq * b * h * 0.5 * e / sp_div) if spec.dropout else 0.0  # embedding dropout mask
     head_act = seq * b * (h * e / sp_div + -(-spec.vocab // s.tp) * 4)  # final norm input, fp32 logits
     weights = [0.0] * s.virtual_stages
     for c, k in enumerate(chunks):
-        weights[c] = counts[k] * per_layer + (embed_act if k == 0 else 0.0) + (head_act if k == k_stages - 1 else 0.0)
+        weights[c] = counts[k] * per_layer(k) + (embed_act if k == 0 else 0.0) + (head_act if k == k_stages - 1 else 0.0)
     activations = peak_in_flight(s.schedule, s.pp, s.num_microbatches, s.virtual_stages, rank, weights)
-    if s.recompute == Recompute.FULL:  # the layer being recomputed holds its full activations
+    if any(s.recompute_of(k) is Recompute.FULL for k in chunks):  # the layer being recomputed holds its full activations
         activations += layer_activation_bytes(
             spec, seq=seq, batch=b, tp=s.tp, sequence_parallel=s.sequence_parallel, recompute=Recompute.NONE,
             flash_attention=s.flash_attention, bytes_per_value=e,

@@ -81,6 +81,7 @@ class Strategy:
     flash_attention: bool = True
     seq_len: int = 0
     stage_layers: tuple[int, ...] = ()
+    stage_recompute: tuple[Recompute, ...] = ()  # per virtual stage; empty: `recompute` everywhere
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "dp", "cp", "microbatch_size", "global_batch", "virtual_stages"):
@@ -113,6 +114,15 @@ class Strategy:
         if self.schedule is Schedule.INTERLEAVED and self.pp == 1:
             raise ConfigError("--schedule interleaved needs --pp 2 or more")
         object.__setattr__(self, "stage_layers", tuple(self.stage_layers))
+        try:
+            object.__setattr__(self, "stage_recompute", tuple(Recompute(r) for r in self.stage_recompute))
+        except ValueError:
+            raise ConfigError(f"stage recompute {list(self.stage_recompute)} must use none, selective or full") from None
+        if self.stage_recompute and len(self.stage_recompute) != self.pp * self.virtual_stages:
+            raise ConfigError(
+                f"{len(self.stage_recompute)} per-stage recompute policies for pp({self.pp}) * "
+                f"virtual_stages({self.virtual_stages}) = {self.pp * self.virtual_stages} stages"
+            )
 
     # -- the mesh --------------------------------------------------------------------
     @property
@@ -141,6 +151,10 @@ class Strategy:
     def num_microbatches(self) -> int:
         return self.global_batch // (self.dp * self.microbatch_size)
 
+    def recompute_of(self, stage: int) -> Recompute:
+        """The recompute policy of virtual stage `stage`."""
+        return self.stage_recompute[stage] if self.stage_recompute else self.recompute
+
     @property
     def policy(self) -> PrecisionPolicy:
         return PrecisionPolicy.of(self.precision)
@@ -152,5 +166,7 @@ class Strategy:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            out[f.name] = value.value if isinstance(value, StrEnum) else (list(value) if isinstance(value, tuple) else value)
+            if isinstance(value, tuple):
+                value = [v.value if isinstance(v, StrEnum) else v for v in value]
+            out[f.name] = value.value if isinstance(value, StrEnum) else value
         return out

@@ -16,7 +16,7 @@ import yaml
 
 from costmodel.errors import ConfigError
 from costmodel.spec import ModelSpec
-from costmodel.strategy import MESH_AXES, Recompute, Strategy
+from costmodel.strategy import MESH_AXES, Strategy
 from costmodel.validate import stage_layer_counts
 
 SCHEMA_VERSION = 1
@@ -64,18 +64,19 @@ class Plan:
 
     def strategy(self) -> Strategy:
         mesh = self.mesh
-        recomputes = {st.recompute for st in self.stages}
-        if len(recomputes) > 1:
-            raise ConfigError("plan stages mix recompute policies; the simulator takes one policy for all stages")
+        ordered = sorted(self.stages, key=lambda x: x.virtual_stage)
+        recomputes = [st.recompute for st in ordered]
+        uniform = len(set(recomputes)) <= 1
         sched = self.schedule
         return Strategy(
             tp=mesh["tp"], pp=mesh["pp"], cp=mesh["cp"], dp=mesh["dp_replicate"] * mesh["dp_shard"],
             zero=self.zero, shard_group=mesh["dp_shard"] if self.zero > 0 else 1,
-            sequence_parallel=self.sequence_parallel, recompute=recomputes.pop() if recomputes else "none",
+            sequence_parallel=self.sequence_parallel, recompute=recomputes[0] if recomputes else "none",
+            stage_recompute=() if uniform else tuple(recomputes),
             microbatch_size=sched["microbatch_size"], global_batch=self.global_batch,
             schedule=sched["name"], virtual_stages=sched.get("virtual_stages", 1), precision=self.precision,
             flash_attention=self.flash_attention, seq_len=self.seq_len,
-            stage_layers=tuple(st.layers[1] - st.layers[0] for st in sorted(self.stages, key=lambda x: x.virtual_stage)),
+            stage_layers=tuple(st.layers[1] - st.layers[0] for st in ordered),
         )
 
     # -- YAML ----------------------------------------------------------------------------
@@ -189,7 +190,7 @@ def plan_from_strategy(
     stages, start = [], 0
     for k, n in enumerate(counts):
         stages.append(StagePlan(virtual_stage=k, pp_rank=k % strategy.pp, layers=(start, start + n),
-                                recompute=Recompute(strategy.recompute).value))
+                                recompute=strategy.recompute_of(k).value))
         start += n
     return Plan(
         model=spec.to_dict(), cluster=cluster, global_batch=strategy.global_batch,

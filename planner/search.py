@@ -14,6 +14,7 @@ size and schedule; ranks by the cost model and returns the fastest plan that fit
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -65,44 +66,45 @@ def enumerate_candidates(req: SearchRequest) -> list[Strategy]:
     tps = [fixed["tp"]] if "tp" in fixed else [t for t in (1, 2, 4, 8, 16) if t <= per_node and spec.heads % t == 0]
     cps = [fixed["cp"]] if "cp" in fixed else ([1, 2, 4] if seq >= 16384 else [1, 2] if seq >= 8192 else [1])
     out: list[Strategy] = []
-    for tp in tps:
-        for cp in cps:
-            if world % (tp * cp):
+    for tp, cp in itertools.product(tps, cps):
+        if world % (tp * cp):
+            continue
+        rest = world // (tp * cp)
+        pps = [fixed["pp"]] if "pp" in fixed else [p for p in _divisors(rest) if p <= min(spec.layers, 128)]
+        for pp in (p for p in pps if rest % p == 0):
+            dp = rest // pp
+            if ("dp" in fixed and fixed["dp"] != dp) or req.global_batch % dp:
                 continue
-            rest = world // (tp * cp)
-            pps = [fixed["pp"]] if "pp" in fixed else [p for p in _divisors(rest) if p <= spec.layers and p <= 128]
-            for pp in pps:
-                if rest % pp:
-                    continue
-                dp = rest // pp
-                if "dp" in fixed and fixed["dp"] != dp:
-                    continue
-                if req.global_batch % dp:
-                    continue
-                per_replica = req.global_batch // dp
-                mbss = [fixed["microbatch_size"]] if "microbatch_size" in fixed else [
-                    b for b in _divisors(per_replica) if b <= MAX_MICROBATCH]
-                shard_count = dp * cp
-                zeros = [fixed["zero"]] if "zero" in fixed else ([0, 1, 2, 3] if shard_count > 1 else [0])
-                for zero in zeros:
-                    groups = [fixed["shard_group"]] if "shard_group" in fixed else _shard_groups(zero, dp, tp * cp, per_node)
-                    for group in groups:
-                        for rc in _recomputes(fixed):
-                            for mbs in mbss:
-                                for sched, v in _schedules(fixed, pp, per_replica // mbs, spec.layers):
-                                    try:
-                                        out.append(Strategy(
-                                            tp=tp, pp=pp, dp=dp, cp=cp, zero=zero, shard_group=group,
-                                            sequence_parallel=fixed.get("sequence_parallel", tp > 1),
-                                            recompute=rc, microbatch_size=mbs, global_batch=req.global_batch,
-                                            schedule=sched, virtual_stages=v,
-                                            precision=fixed.get("precision", "bf16"),
-                                            flash_attention=fixed.get("flash_attention", True),
-                                            seq_len=seq,
-                                        ))
-                                    except ConfigError:
-                                        continue
+            per_replica = req.global_batch // dp
+            mbss = [fixed["microbatch_size"]] if "microbatch_size" in fixed else [
+                b for b in _divisors(per_replica) if b <= MAX_MICROBATCH]
+            zeros = [fixed["zero"]] if "zero" in fixed else ([0, 1, 2, 3] if dp * cp > 1 else [0])
+            for zero, rc, mbs in itertools.product(zeros, _recomputes(fixed), mbss):
+                groups = [fixed["shard_group"]] if "shard_group" in fixed else _shard_groups(zero, dp, tp * cp, per_node)
+                for group, (sched, v) in itertools.product(groups, _schedules(fixed, pp, per_replica // mbs, spec.layers)):
+                    for stage_rc in _stage_recomputes(fixed, rc, pp, sched):
+                        try:
+                            out.append(Strategy(
+                                tp=tp, pp=pp, dp=dp, cp=cp, zero=zero, shard_group=group,
+                                sequence_parallel=fixed.get("sequence_parallel", tp > 1), recompute=rc,
+                                stage_recompute=stage_rc, microbatch_size=mbs, global_batch=req.global_batch,
+                                schedule=sched, virtual_stages=v, precision=fixed.get("precision", "bf16"),
+                                flash_attention=fixed.get("flash_attention", True), seq_len=seq,
+                            ))
+                        except ConfigError:
+                            continue
     return out
+
+
+def _stage_recomputes(fixed: dict, rc: str, pp: int, schedule: str) -> list[tuple[str, ...]]:
+    """Uniform recomputation, and under 1F1B full recomputation on only the first stages,
+    which keep the most microbatches in flight (pp - r on rank r)."""
+    options: list[tuple[str, ...]] = [()]
+    if "recompute" in fixed or rc != "full" or schedule != "1f1b" or pp < 4:
+        return options
+    for k in sorted({pp // 4, pp // 2, 3 * pp // 4} - {0, pp}):
+        options.append(("full",) * k + ("none",) * (pp - k))
+    return options
 
 
 def _shard_groups(zero: int, dp: int, inner: int, per_node: int) -> list[int]:
@@ -185,7 +187,8 @@ def run_search(req: SearchRequest, *, trace_graph=None) -> SearchResult:
     timed_out = False
     bar = tqdm(candidates, desc="estimating", unit="cand", disable=not req.progress, leave=False)
     for i, s in enumerate(bar):
-        if req.time_limit_s is not None and time.perf_counter() - t_start > req.time_limit_s * 0.5:
+        # past the time limit, stop at once a plan that fits is in hand
+        if scored and req.time_limit_s is not None and time.perf_counter() - t_start > req.time_limit_s * 0.5:
             timed_out = True
             break
         try:

@@ -136,3 +136,17 @@ def test_pipeline_in_flight_microbatches():
     per_mb = ofob.memory[3].activations / 5
     assert ofob.memory[7].activations < ofob.memory[0].activations
     assert gpipe.memory[3].activations == pytest.approx(per_mb * 32, rel=1e-9)
+
+
+def test_per_stage_recompute_trades_memory_on_the_early_stages():
+    from costmodel import simulate
+
+    spec, cluster = ZOO["gpt3-13b"], load_cluster("a100-80g:8")
+    base = dict(pp=8, global_batch=64, schedule="1f1b")
+    none = build_step(spec, Strategy(recompute="none", **base), cluster)
+    full = build_step(spec, Strategy(recompute="full", **base), cluster)
+    mixed = build_step(spec, Strategy(recompute="none", stage_recompute=("full",) * 4 + ("none",) * 4, **base), cluster)
+    assert mixed.memory[0].activations < none.memory[0].activations  # rank 0 keeps 8 microbatches
+    assert mixed.memory[7].activations == none.memory[7].activations
+    t = [simulate(m, record_events=False).step_time_s for m in (none, mixed, full)]
+    assert t[0] <= t[1] <= t[2]

@@ -118,3 +118,21 @@ def test_a_request_that_cannot_fit_says_so():
     line = out.stderr.strip()
     assert "\n" not in line and "Traceback" not in line
     assert "does not fit" in line and "GiB per GPU against 80 GiB" in line
+
+
+def test_mixed_recompute_survives_the_plan_file(tmp_path):
+    from planner.plan import Plan, plan_from_strategy
+
+    spec, cluster = ZOO["gpt3-13b"], load_cluster("a100-80g:8")
+    s = Strategy(pp=4, dp=2, global_batch=32, stage_recompute=("full", "full", "none", "none"))
+    result = predict(spec, s, cluster)
+    plan = Plan.from_yaml(plan_from_strategy(spec, s, "a100-80g:8", result.predicted()).to_yaml())
+    assert [st.recompute for st in plan.stages] == ["full", "full", "none", "none"]
+    assert predict(plan.spec, plan.strategy(), cluster).predicted() == result.predicted()
+
+
+def test_time_limit_keeps_the_best_so_far():
+    found = run_search(SearchRequest(spec=ZOO["gpt3-175b"], cluster=load_cluster("a100-80g:1024"),
+                                     global_batch=1536, time_limit_s=0.2))
+    assert found.stats["timed_out"] and found.stats["estimated"] < found.stats["candidates"]
+    assert found.result.fits
