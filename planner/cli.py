@@ -53,6 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("-o", "--output", metavar="PLAN", help="write the plan YAML here")
     plan.add_argument("--no-timing", action="store_true", help="leave wall-clock times out of the plan (byte-identical reruns)")
     plan.add_argument("--json", action="store_true", help="print JSON for scripts")
+    run = sub.add_parser("run", help="train a plan on torch.distributed (torchrun)")
+    run.add_argument("plan", help="a plan YAML")
+    run.add_argument("--steps", type=int, default=10)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--data", help="tokens (.npy/.bin) or a text file (bytes); default synthetic")
+    run.add_argument("--checkpoint-dir")
+    run.add_argument("--checkpoint-every", type=int, default=0)
+    run.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    run.add_argument("--metrics", help="append a JSON line per step here")
+    run.add_argument("--nnodes", type=int, help="nodes (multi-node torchrun)")
+    run.add_argument("--node-rank", type=int, default=0)
+    run.add_argument("--rdzv-endpoint", help="HOST:PORT of the rendezvous (multi-node)")
+    run.add_argument("--max-restarts", type=int, default=0)
+    run.add_argument("--json", action="store_true", help="print the summary as JSON")
     sim = sub.add_parser("simulate", help="predict one training step of a plan or of a strategy")
     sim.add_argument("--plan", help="a plan YAML (its model, cluster and strategy)")
     sim.add_argument("--model", help="zoo name, spec .yaml/.json, HF config.json or py:MODULE:CALLABLE")
@@ -73,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
             from planner.commands.plan import run_plan
 
             return run_plan(args)
+        if args.command == "run":
+            from runtime.launch import run
+
+            return run(args)
         if args.command == "simulate":
             from planner.commands.simulate import run_simulate
 

@@ -26,7 +26,7 @@ _SPECS = [
     llama_spec("llama3-70b", layers=80, hidden=8192, heads=64, kv_heads=8, ffn_hidden=28672, vocab=128256, seq_len=8192),
     llama_spec("llama3-405b", layers=126, hidden=16384, heads=128, kv_heads=8, ffn_hidden=53248, vocab=128256, seq_len=8192),
     # tiny models for tests and CPU runs
-    gpt_spec("tiny-gpt", layers=4, hidden=64, heads=4, vocab=256, seq_len=32),
+    ModelSpec(name="tiny-gpt", layers=4, hidden=64, heads=4, vocab=256, seq_len=32, tied_embeddings=False),
     llama_spec("tiny-llama", layers=4, hidden=64, heads=4, kv_heads=2, ffn_hidden=176, vocab=256, seq_len=32),
 ]
 

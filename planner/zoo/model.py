@@ -10,6 +10,7 @@ the plan's placements can name parameters.
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 import torch.nn.functional as F
@@ -117,28 +118,57 @@ class Transformer(nn.Module):
         else:
             self.rope_cos = self.rope_sin = None
 
+    def init_buffers(self) -> None:
+        """Recompute the rotary tables (after `to_empty` from the meta device)."""
+        if self.rope_cos is not None:
+            cos, sin = rope_tables(self.spec.head_dim, self.spec.seq_len, device=self.rope_cos.device)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
+
     def init_weights(self, seed: int = 0) -> None:
-        """GPT-2 style initialisation, deterministic for a seed (std 0.02, output projections
-        scaled by 1/sqrt(2 * layers))."""
-        gen = torch.Generator().manual_seed(seed)
+        """GPT-2 style initialisation (std 0.02, output projections scaled by 1/sqrt(2 layers)),
+        drawn per parameter from a generator seeded by (seed, parameter name): every copy of
+        the model, whole or cut into pipeline stages and sharded, gets the same values."""
         scaled = 0.02 / math.sqrt(2 * self.spec.layers)
         with torch.no_grad():
+            self.init_buffers()
             for name, p in self.named_parameters():
+                name = name.replace("_checkpoint_wrapped_module.", "")
                 if p.dim() == 1:
-                    (p.fill_(1.0) if name.endswith("weight") else p.zero_())
+                    full = torch.ones(p.shape) if name.endswith("weight") else torch.zeros(p.shape)
                 else:
+                    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
                     std = scaled if name.endswith(("wo.weight", "w2.weight")) else 0.02
-                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+                    full = torch.randn(tuple(p.shape), generator=gen) * std
+                _copy_full(p, full)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        seq = tokens.shape[1]  # tokens: (B, T)
-        x = self.tok_embeddings(tokens)  # (B, T, C)
-        if self.pos_embeddings is not None:
-            x = x + self.pos_embeddings(torch.arange(seq, device=tokens.device))  # (B, T, C)
-        x = self.embed_dropout(x)
+        """tokens (B, T) -> logits (B, T, V). A pipeline stage without the embedding takes and
+        one without the head returns hidden states (B, T, C)."""
+        if self.tok_embeddings is not None:
+            seq = tokens.shape[1]
+            x = self.tok_embeddings(tokens)  # (B, T, C)
+            if self.pos_embeddings is not None:
+                x = x + self.pos_embeddings(torch.arange(seq, device=tokens.device))  # (B, T, C)
+            x = self.embed_dropout(x)
+        else:
+            x = tokens
         for block in self.layers.values():
             x = block(x, self.rope_cos, self.rope_sin)
+        if self.output is None:
+            return x
         return self.output(self.norm(x))  # (B, T, V)
+
+
+def _copy_full(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a whole tensor into a parameter, which may be a DTensor sharded over a mesh."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        local = distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements).to_local()
+        param.to_local().copy_(local.to(param.to_local().device))
+    else:
+        param.copy_(full.to(param.dtype).to(param.device))
 
 
 def build_model(spec: ModelSpec, *, device: str | torch.device = "meta", dropout: float = 0.0) -> Transformer:

@@ -1,0 +1,62 @@
+"""Tensor and sequence parallelism with DTensor, from the plan's placements.
+
+A linear whose weight is Shard(0) on `tp` runs column-parallel, Shard(1) row-parallel
+(Megatron); the token embedding Shard(0) is vocab-parallel. With sequence parallelism the
+norms run on sequence shards and each attention / MLP gathers its input (torchtitan's plan).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel, parallelize_module,
+)
+
+
+def _tp_placement(placements: dict[str, dict[str, str]], name: str) -> str | None:
+    for pattern, axes in placements.items():
+        if fnmatch.fnmatchcase(name, pattern) and "tp" in axes:
+            return axes["tp"]
+    return None
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, placements: dict[str, dict[str, str]],
+                          sequence_parallel: bool) -> None:
+    sp = sequence_parallel
+    top: dict[str, object] = {}
+    if model.tok_embeddings is not None and _tp_placement(placements, "tok_embeddings.weight") == "Shard(0)":
+        top["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1) if sp else Replicate())
+        if model.pos_embeddings is not None:  # positions split like the sequence, rows of the table
+            top["pos_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(0) if sp else Replicate())
+    if model.output is not None:
+        if sp:
+            top["norm"] = SequenceParallel()
+        if _tp_placement(placements, "output.weight") == "Shard(0)":
+            top["output"] = ColwiseParallel(input_layouts=Shard(1) if sp else Replicate(), output_layouts=Replicate())
+        elif sp:
+            top["output"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
+                                               use_local_output=True)
+    if top:
+        parallelize_module(model, tp_mesh, top)
+    for index, block in model.layers.items():
+        plan: dict[str, object] = {}
+        for path, module in block.named_modules():
+            if not isinstance(module, nn.Linear):
+                continue
+            placement = _tp_placement(placements, f"layers.{index}.{path}.weight")
+            if placement == "Shard(0)":
+                plan[path] = ColwiseParallel()
+            elif placement == "Shard(1)":
+                plan[path] = RowwiseParallel(output_layouts=Shard(1) if sp else Replicate())
+        if sp:
+            plan["attention_norm"] = SequenceParallel()
+            plan["ffn_norm"] = SequenceParallel()
+            plan["attention"] = PrepareModuleInput(input_layouts=(Shard(1), None, None),
+                                                   desired_input_layouts=(Replicate(), None, None))
+            plan["feed_forward"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+        if plan:
+            parallelize_module(block, tp_mesh, plan)

@@ -1,0 +1,202 @@
+"""The training loop: a plan, built on this process group, trained for some steps.
+
+AdamW with linear warm-up and cosine decay, gradient clipping by the global norm (over
+tensor-, data- and pipeline-parallel ranks alike), synthetic or file data, a JSONL line per
+step, DCP checkpoints and exact resume. Returns the losses, the measured step time (median)
+and the plan's prediction side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+
+from planner.plan import Plan
+from planner.zoo.model import build_model
+from runtime import checkpoint as ckpt
+from runtime.activation_checkpoint import apply_recompute
+from runtime.check import check_runnable
+from runtime.data import TokenSource, dp_slice
+from runtime.data_parallel import apply_data_parallel
+from runtime.mesh import build_mesh
+from runtime.pipeline import build_schedule, my_stages, stage_module
+from runtime.tensor_parallel import apply_tensor_parallel
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunConfig:
+    steps: int = 10
+    seed: int = 0
+    lr: float = 1e-3
+    warmup_steps: int = 2
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    data: str | None = None
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0
+    resume: bool = False
+    metrics_path: str | None = None
+    stop_after: int | None = None  # leave the loop after this step (tests of resume)
+
+
+def _lr_lambda(cfg: RunConfig):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return f
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))  # (B*T, V) vs (B*T,)
+
+
+def build_parts(plan: Plan, mesh, device: torch.device, seed: int):
+    """The model parts this rank runs, parallelized per the plan and initialised."""
+    spec = plan.spec
+    pp, tp = plan.mesh["pp"], plan.mesh["tp"]
+    dp = plan.mesh["dp_replicate"] * plan.mesh["dp_shard"]
+    pp_rank = mesh["pp"].get_local_rank()
+    stages = my_stages(plan, pp_rank) if pp > 1 else [(0, 0, spec.layers)]
+    last = len(plan.stages) - 1 if pp > 1 else 0
+    recompute = {s.virtual_stage: s.recompute for s in plan.stages}
+    modules, ids = [], []
+    for k, first, end in stages:
+        m = stage_module(spec, first, end, has_embedding=k == 0, has_head=k == last) if pp > 1 else build_model(spec)
+        if tp > 1:
+            apply_tensor_parallel(m, mesh["tp"], plan.placements, plan.sequence_parallel)
+        apply_recompute(m, {key: recompute.get(k, "none") for key in m.layers.keys()})
+        if dp > 1:
+            apply_data_parallel(m, mesh["dp_replicate", "dp_shard"], plan.zero, plan.precision)
+        m.to_empty(device=device)
+        m.init_weights(seed)
+        modules.append(m)
+        ids.append(k)
+    return modules, ids
+
+
+def _grad_norm_clip(modules, max_norm: float, pp_group) -> float:
+    total = torch.zeros((), dtype=torch.float64)
+    for m in modules:
+        for p in m.parameters():
+            if p.grad is None:
+                continue
+            sq = torch.linalg.vector_norm(p.grad.float()) ** 2
+            total += (sq.full_tensor() if isinstance(sq, DTensor) else sq).double().cpu()
+    if pp_group is not None:
+        total = total.to(_device_of(modules))
+        dist.all_reduce(total, group=pp_group)
+        total = total.cpu()
+    norm = float(total.sqrt())
+    coef = min(1.0, max_norm / (norm + 1e-6))
+    if coef < 1.0:
+        for m in modules:
+            for p in m.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+    return norm
+
+
+def _device_of(modules) -> torch.device:
+    p = next(modules[0].parameters())
+    return (p.to_local() if isinstance(p, DTensor) else p).device
+
+
+def train(plan: Plan, cfg: RunConfig) -> dict:
+    world, rank = dist.get_world_size(), dist.get_rank()
+    check_runnable(plan, world)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    mesh = build_mesh(plan.mesh, device.type)
+    spec = plan.spec
+    pp = plan.mesh["pp"]
+    dp = plan.mesh["dp_replicate"] * plan.mesh["dp_shard"]
+    dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    dp_rank = dp_mesh.get_local_rank()
+    modules, stage_ids = build_parts(plan, mesh, device, cfg.seed)
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
+                  for m in modules]
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, _lr_lambda(cfg)) for o in optimizers]
+    pp_group = mesh["pp"].get_group() if pp > 1 else None
+    schedule = build_schedule(plan, modules, stage_ids, device, pp_group, loss_fn) if pp > 1 else None
+    source = TokenSource(spec.vocab, plan.seq_len, cfg.data, cfg.seed)
+    extra = {"step": 0}
+    state = ckpt.TrainState(modules, optimizers, extra)
+    if cfg.resume and cfg.checkpoint_dir:
+        found = ckpt.latest(cfg.checkpoint_dir)
+        if found is not None:
+            ckpt.load(found, state)
+            for s in schedulers:
+                s.last_epoch = extra["step"] - 1
+                s.step()
+    has_first = 0 in stage_ids or pp == 1
+    has_last = (len(plan.stages) - 1) in stage_ids or pp == 1
+    m_micro = plan.schedule["num_microbatches"]
+    losses, times = [], []
+    metrics = open(cfg.metrics_path, "a") if cfg.metrics_path and rank == 0 else None
+    start_step = extra["step"]
+    for step in range(start_step, cfg.steps):
+        t0 = time.perf_counter()
+        x, y = source.batch(step, plan.global_batch)
+        x, y = dp_slice(x, dp_rank, dp).to(device), dp_slice(y, dp_rank, dp).to(device)
+        if schedule is None:
+            loss = torch.zeros((), device=device)
+            for xm, ym in zip(x.chunk(m_micro), y.chunk(m_micro)):
+                part = loss_fn(modules[0](xm), ym) / m_micro
+                part.backward()
+                loss += part.detach()
+        else:
+            mb_losses: list[torch.Tensor] = []
+            kwargs = {"target": y, "losses": mb_losses} if has_last else {}
+            if has_first:
+                schedule.step(x, **kwargs)
+            else:
+                schedule.step(**kwargs)
+            loss = torch.stack(mb_losses).mean().detach() if has_last else torch.zeros((), device=device)
+            dist.all_reduce(loss, group=pp_group)  # only the last stage holds it
+        if dp > 1:
+            dist.all_reduce(loss, op=dist.ReduceOp.AVG, group=dp_mesh.get_group())
+        _grad_norm_clip(modules, cfg.grad_clip, pp_group)
+        for o, s in zip(optimizers, schedulers):
+            o.step()
+            o.zero_grad(set_to_none=True)
+            s.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        value = float(loss)
+        losses.append(value)
+        times.append(dt)
+        extra["step"] = step + 1
+        if metrics is not None:
+            record = {"step": step + 1, "loss": value, "step_time_s": dt,
+                      "tokens_per_s": plan.global_batch * plan.seq_len / dt}
+            if device.type == "cuda":
+                record["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+        if cfg.checkpoint_dir and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            ckpt.save(cfg.checkpoint_dir, step + 1, state)
+        if cfg.stop_after is not None and step + 1 >= cfg.stop_after:
+            break
+    if metrics is not None:
+        metrics.close()
+    measured = statistics.median(times[1:] if len(times) > 1 else times) if times else 0.0
+    return {
+        "losses": losses,
+        "step_time_s": measured,
+        "predicted_step_time_s": plan.predicted.get("step_time_s"),
+        "tokens_per_s": plan.global_batch * plan.seq_len / measured if measured else 0.0,
+        "world_size": world,
+        "first_step": start_step + 1,
+    }

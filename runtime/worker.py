@@ -1,0 +1,68 @@
+"""One torchrun worker: join the process group, train the plan, report (rank 0).
+
+    python -m runtime.worker PLAN.yaml [--steps N] [--out FILE] ...   (under torchrun)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from costmodel.errors import ConfigError
+from planner.plan import Plan
+from runtime.train import RunConfig, train
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="runtime.worker")
+    p.add_argument("plans", nargs="+", help="plan YAML files, run one after the other")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data")
+    p.add_argument("--checkpoint-dir")
+    p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--metrics")
+    p.add_argument("--stop-after", type=int)
+    p.add_argument("--out", help="rank 0 writes one JSON line per plan here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
+    try:
+        for path in args.plans:
+            plan = Plan.from_yaml(Path(path).read_text())
+            cfg = RunConfig(steps=args.steps, seed=args.seed, data=args.data, checkpoint_dir=args.checkpoint_dir,
+                            checkpoint_every=args.checkpoint_every, resume=args.resume, metrics_path=args.metrics,
+                            stop_after=args.stop_after)
+            summary = train(plan, cfg)
+            if dist.get_rank() == 0:
+                line = json.dumps({"plan": path, **summary})
+                if args.out:
+                    with open(args.out, "a") as f:
+                        f.write(line + "\n")
+                else:
+                    print(line, flush=True)
+    except ConfigError as exc:
+        if dist.get_rank() == 0:
+            print(f"paraplan: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
