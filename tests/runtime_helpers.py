@@ -1,0 +1,64 @@
+"""Plans and torchrun launches shared by the runtime tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from costmodel import Strategy, load_cluster, predict
+from planner.plan import plan_from_strategy
+from planner.zoo import ZOO
+
+ROOT = Path(__file__).resolve().parent.parent
+BATCH = 8
+
+# name -> (strategy, world size). fp32 throughout: the parity tolerance is for fp32.
+CONFIGS = {
+    "dp": dict(dp=4, microbatch_size=2),
+    "zero2": dict(dp=4, zero=2, microbatch_size=2),
+    "fsdp": dict(dp=4, zero=3, microbatch_size=2),
+    "fsdp_full_recompute": dict(dp=4, zero=3, microbatch_size=2, recompute="full"),
+    "hsdp": dict(dp=4, zero=3, shard_group=2, microbatch_size=2),
+    "tp": dict(tp=2, dp=2, microbatch_size=4),
+    "tp_sp": dict(tp=2, dp=2, sequence_parallel=True, microbatch_size=4),
+    "tp_sp_selective_recompute": dict(tp=2, dp=2, sequence_parallel=True, microbatch_size=4, recompute="selective"),
+    "pp_gpipe": dict(pp=4, microbatch_size=2, schedule="gpipe"),
+    "pp_1f1b": dict(pp=4, microbatch_size=2, schedule="1f1b"),
+    "pp_1f1b_full_recompute": dict(pp=4, microbatch_size=2, schedule="1f1b", recompute="full"),
+    "pp_interleaved": dict(pp=2, dp=2, microbatch_size=2, schedule="interleaved", virtual_stages=2),
+    "3d": dict(pp=2, dp=2, tp=2, sequence_parallel=True, microbatch_size=2, schedule="1f1b"),
+    "3d_interleaved_fsdp_recompute": dict(pp=2, dp=2, tp=2, zero=3, microbatch_size=2, schedule="interleaved",
+                                          virtual_stages=2, recompute="full"),
+}
+MODELS = ("tiny-gpt", "tiny-llama")
+
+
+def strategy(name: str) -> Strategy:
+    return Strategy(precision="fp32", global_batch=BATCH, **CONFIGS[name])
+
+
+def write_plan(directory: Path, model: str, s: Strategy, name: str) -> Path:
+    spec = ZOO[model]
+    cluster = f"cpu:{s.world_size}"
+    plan = plan_from_strategy(spec, s, cluster, predict(spec, s, load_cluster(cluster)).predicted())
+    path = directory / f"{model}__{name}.yaml"
+    path.write_text(plan.to_yaml())
+    return path
+
+
+def torchrun(nproc: int, plans: list[Path], out: Path, *extra: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "runtime.worker", *map(str, plans), "--out", str(out), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+
+
+def read_results(out: Path) -> dict[str, dict]:
+    results = {}
+    for line in out.read_text().splitlines():
+        d = json.loads(line)
+        results[Path(d["plan"]).stem] = d
+    return results
