@@ -136,17 +136,12 @@ def layer_cost(spec: ModelSpec, strategy: Strategy, cluster: Cluster, tp_group: 
     fwd_compute = gemms + attn_f + elem_f
     bwd_compute = 2 * gemms + attn_b + 2 * elem_f
     wgrad = gemms
-    # -- tensor-parallel collectives: 2 per direction (all-reduce, or all-gather + reduce-scatter)
+    # -- tensor-parallel collectives of one (b, s, h) activation each (tp_collectives_per_layer)
     act_bytes = T * h * e
-    if tp_group.size > 1:
-        if strategy.sequence_parallel:
-            tp_once = all_gather_s(act_bytes, tp_group) + reduce_scatter_s(act_bytes, tp_group)
-        else:
-            tp_once = all_reduce_s(act_bytes, tp_group)
-        tp_f = 2 * tp_once
-    else:
-        tp_f = 0.0
-    tp_b = tp_f
+    calls = tp_collectives_per_layer(strategy) if tp_group.size > 1 else {"forward": {}, "backward": {}}
+    timed = {"all_reduce": all_reduce_s, "all_gather_into_tensor": all_gather_s, "reduce_scatter_tensor": reduce_scatter_s}
+    tp_f = sum(n * timed[op](act_bytes, tp_group) for op, n in calls["forward"].items())
+    tp_b = sum(n * timed[op](act_bytes, tp_group) for op, n in calls["backward"].items())
     # -- context parallel: ring exchange of K and V, overlapped with the attention blocks
     cp_f = cp_b = 0.0
     if cp_group.size > 1:
@@ -170,6 +165,19 @@ def layer_cost(spec: ModelSpec, strategy: Strategy, cluster: Cluster, tp_group: 
         wgrad_s=wgrad,
         params=params,
     )
+
+
+def tp_collectives_per_layer(strategy: Strategy) -> dict[str, dict[str, int]]:
+    """Megatron's collectives of one layer on the tensor-parallel group, each of a (b, s, h)
+    activation: without sequence parallelism an all-reduce after each row-parallel linear
+    (forward) and before each column-parallel linear (backward); with it, an all-gather
+    before and a reduce-scatter after, each way (Korthikanti et al. 2022, Sec. 4.2.2)."""
+    if strategy.tp == 1:
+        return {"forward": {}, "backward": {}}
+    if strategy.sequence_parallel:
+        both = {"all_gather_into_tensor": 2, "reduce_scatter_tensor": 2}
+        return {"forward": dict(both), "backward": dict(both)}
+    return {"forward": {"all_reduce": 2}, "backward": {"all_reduce": 2}}
 
 
 def _params_per_tp_rank(spec: ModelSpec, tp: int) -> int:

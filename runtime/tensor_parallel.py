@@ -52,11 +52,16 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, placements: dic
                 plan[path] = ColwiseParallel()
             elif placement == "Shard(1)":
                 plan[path] = RowwiseParallel(output_layouts=Shard(1) if sp else Replicate())
+        # each tensor-parallel sub-block takes its input as one DTensor, so the gradients of its
+        # column-parallel projections (q, k, v; w1, w3) add up before one reduction (Megatron's f)
+        arrive = Shard(1) if sp else Replicate()
+        if any(k.startswith("attention.") for k in plan):
+            plan["attention"] = PrepareModuleInput(input_layouts=(arrive, None, None),
+                                                   desired_input_layouts=(Replicate(), None, None))
+        if any(k.startswith("feed_forward.") for k in plan):
+            plan["feed_forward"] = PrepareModuleInput(input_layouts=(arrive,), desired_input_layouts=(Replicate(),))
         if sp:
             plan["attention_norm"] = SequenceParallel()
             plan["ffn_norm"] = SequenceParallel()
-            plan["attention"] = PrepareModuleInput(input_layouts=(Shard(1), None, None),
-                                                   desired_input_layouts=(Replicate(), None, None))
-            plan["feed_forward"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
         if plan:
             parallelize_module(block, tp_mesh, plan)

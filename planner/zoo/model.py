@@ -89,11 +89,12 @@ class Block(nn.Module):
         self.attention = Attention(spec, dropout)
         self.ffn_norm = _norm(spec)
         self.feed_forward = FeedForward(spec)
-        self.dropout = nn.Dropout(dropout)
+        self.attention_dropout = nn.Dropout(dropout)  # one module per call site (module trackers need it)
+        self.ffn_dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin))
-        return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
+        x = x + self.attention_dropout(self.attention(self.attention_norm(x), cos, sin))
+        return x + self.ffn_dropout(self.feed_forward(self.ffn_norm(x)))
 
 
 class Transformer(nn.Module):

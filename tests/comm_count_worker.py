@@ -1,0 +1,40 @@
+"""Under torchrun: count the collectives one tensor-parallel layer issues (CommDebugMode)
+and print them as JSON (rank 0), with what the cost model predicts for the same layer."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor.debug import CommDebugMode
+
+from costmodel.layer import tp_collectives_per_layer
+from planner.plan import Plan
+from runtime.mesh import build_mesh
+from runtime.train import build_parts
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    plan = Plan.from_yaml(Path(sys.argv[1]).read_text())
+    mesh = build_mesh(plan.mesh, "cpu")
+    (model,), _ = build_parts(plan, mesh, torch.device("cpu"), seed=0)
+    spec = plan.spec
+    tp = plan.mesh["tp"]
+    seq = spec.seq_len // tp if plan.sequence_parallel else spec.seq_len  # the block's local input
+    x = torch.randn(plan.schedule["microbatch_size"], seq, spec.hidden, requires_grad=True)
+    block = model.layers["1"]
+    with CommDebugMode() as fwd:
+        out = block(x, model.rope_cos, model.rope_sin)
+    with CommDebugMode() as bwd:
+        out.sum().backward()
+    counts = {phase: {str(op).split(".")[-1]: n for op, n in mode.get_comm_counts().items()}
+              for phase, mode in (("forward", fwd), ("backward", bwd))}
+    if dist.get_rank() == 0:
+        print(json.dumps({"measured": counts, "predicted": tp_collectives_per_layer(plan.strategy())}))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""The tensor-parallel collectives counted at run time (CommDebugMode) equal the ones the
+cost model prices for the plan, per layer, forward and backward."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from costmodel import Strategy
+from runtime_helpers import ROOT, write_plan
+
+
+@pytest.mark.parametrize("model", ["tiny-gpt", "tiny-llama"])
+@pytest.mark.parametrize("sp", [False, True], ids=["tp", "tp+sp"])
+def test_collectives_per_layer_match_the_plan(tmp_path, model, sp):
+    plan = write_plan(tmp_path, model, Strategy(precision="fp32", tp=2, global_batch=2, microbatch_size=2,
+                                                sequence_parallel=sp), "comm")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          str(ROOT / "tests" / "comm_count_worker.py"), str(plan)],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = next(l for l in out.stdout.splitlines() if l.startswith("{"))
+    counts = json.loads(line)
+    assert counts["measured"] == counts["predicted"]
+    assert sum(counts["measured"]["forward"].values()) in (2, 4)
