@@ -26,7 +26,21 @@ def worker_args(args: argparse.Namespace, out: str | None) -> list[str]:
         a += ["--checkpoint-every", str(args.checkpoint_every)]
     if args.resume:
         a.append("--resume")
+    if not args.json:
+        a.append("--step-lines")
     return a
+
+
+def _from_slurm(env) -> None:
+    """Inside `srun`, take rank and world from SLURM (MASTER_ADDR/PORT must be set by the job)."""
+    if "RANK" in env or "SLURM_PROCID" not in env or "SLURM_NTASKS" not in env:
+        return
+    if "MASTER_ADDR" not in env:
+        raise ConfigError("running under SLURM needs MASTER_ADDR (and MASTER_PORT) exported by the job script")
+    env["RANK"] = env["SLURM_PROCID"]
+    env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    env.setdefault("MASTER_PORT", "29500")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--steps must be a positive integer, got {args.steps}")
     world = plan.mesh["pp"] * plan.mesh["dp_replicate"] * plan.mesh["dp_shard"] * plan.mesh["cp"] * plan.mesh["tp"]
     check_runnable(plan)
+    _from_slurm(os.environ)
     if "RANK" in os.environ:  # already inside torchrun / SLURM
         from runtime.worker import main as worker_main
 

@@ -8,6 +8,7 @@ and the plan's prediction side by side.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import statistics
@@ -47,6 +48,7 @@ class RunConfig:
     resume: bool = False
     metrics_path: str | None = None
     stop_after: int | None = None  # leave the loop after this step (tests of resume)
+    log: bool = False  # a line per step on rank 0's stdout
 
 
 def _lr_lambda(cfg: RunConfig):
@@ -87,13 +89,21 @@ def build_parts(plan: Plan, mesh, device: torch.device, seed: int):
 
 
 def _grad_norm_clip(modules, max_norm: float, pp_group) -> float:
-    total = torch.zeros((), dtype=torch.float64)
+    """Clip by the global L2 norm. Gradients are grouped by (mesh, placements), one norm and
+    one reduction per group (clip_grad_norm_ cannot stack norms of DTensors on different
+    meshes); pipeline ranks then add their squares."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
     for m in modules:
         for p in m.parameters():
-            if p.grad is None:
-                continue
-            sq = torch.linalg.vector_norm(p.grad.float()) ** 2
-            total += (sq.full_tensor() if isinstance(sq, DTensor) else sq).double().cpu()
+            if p.grad is not None:
+                g = p.grad
+                key = (id(g.device_mesh), tuple(g.placements)) if isinstance(g, DTensor) else ("local",)
+                groups.setdefault(key, []).append(g)
+    total = torch.zeros((), dtype=torch.float64)
+    for grads in groups.values():
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=False)
+        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+        total += norm.double().cpu() ** 2
     if pp_group is not None:
         total = total.to(_device_of(modules))
         dist.all_reduce(total, group=pp_group)
@@ -101,10 +111,9 @@ def _grad_norm_clip(modules, max_norm: float, pp_group) -> float:
     norm = float(total.sqrt())
     coef = min(1.0, max_norm / (norm + 1e-6))
     if coef < 1.0:
-        for m in modules:
-            for p in m.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(coef)
+        for grads in groups.values():
+            for g in grads:
+                g.mul_(coef)
     return norm
 
 
@@ -143,6 +152,10 @@ def train(plan: Plan, cfg: RunConfig) -> dict:
     has_last = (len(plan.stages) - 1) in stage_ids or pp == 1
     m_micro = plan.schedule["num_microbatches"]
     losses, times = [], []
+    # 16-bit compute: FSDP's mixed-precision policy where data parallel, autocast otherwise
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.precision)
+    autocast = (torch.autocast(device.type, dtype=low) if low is not None and dp == 1
+                else contextlib.nullcontext())
     metrics = open(cfg.metrics_path, "a") if cfg.metrics_path and rank == 0 else None
     start_step = extra["step"]
     for step in range(start_step, cfg.steps):
@@ -152,7 +165,8 @@ def train(plan: Plan, cfg: RunConfig) -> dict:
         if schedule is None:
             loss = torch.zeros((), device=device)
             for xm, ym in zip(x.chunk(m_micro), y.chunk(m_micro)):
-                part = loss_fn(modules[0](xm), ym) / m_micro
+                with autocast:
+                    part = loss_fn(modules[0](xm), ym) / m_micro
                 part.backward()
                 loss += part.detach()
         else:
@@ -178,6 +192,9 @@ def train(plan: Plan, cfg: RunConfig) -> dict:
         losses.append(value)
         times.append(dt)
         extra["step"] = step + 1
+        if cfg.log and rank == 0:
+            print(f"step {step + 1:>5}  loss {value:.4f}  {dt * 1e3:8.1f} ms  "
+                  f"{plan.global_batch * plan.seq_len / dt:10.0f} tokens/s", flush=True)
         if metrics is not None:
             record = {"step": step + 1, "loss": value, "step_time_s": dt,
                       "tokens_per_s": plan.global_batch * plan.seq_len / dt}

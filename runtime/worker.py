@@ -32,6 +32,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--metrics")
     p.add_argument("--stop-after", type=int)
     p.add_argument("--out", help="rank 0 writes one JSON line per plan here")
+    p.add_argument("--step-lines", action="store_true", help="print a line per step (rank 0)")
     return p.parse_args(argv)
 
 
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             plan = Plan.from_yaml(Path(path).read_text())
             cfg = RunConfig(steps=args.steps, seed=args.seed, data=args.data, checkpoint_dir=args.checkpoint_dir,
                             checkpoint_every=args.checkpoint_every, resume=args.resume, metrics_path=args.metrics,
-                            stop_after=args.stop_after)
+                            stop_after=args.stop_after, log=args.step_lines)
             summary = train(plan, cfg)
             if dist.get_rank() == 0:
                 line = json.dumps({"plan": path, **summary})
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"paraplan: error: {exc}", file=sys.stderr)
         return 2
     finally:
+        dist.barrier()  # no rank tears gloo down while another still talks (C++ terminate otherwise)
         dist.destroy_process_group()
     return 0
 

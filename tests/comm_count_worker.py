@@ -33,6 +33,7 @@ def main() -> None:
               for phase, mode in (("forward", fwd), ("backward", bwd))}
     if dist.get_rank() == 0:
         print(json.dumps({"measured": counts, "predicted": tp_collectives_per_layer(plan.strategy())}))
+    dist.barrier()
     dist.destroy_process_group()
 
 
