@@ -53,6 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("-o", "--output", metavar="PLAN", help="write the plan YAML here")
     plan.add_argument("--no-timing", action="store_true", help="leave wall-clock times out of the plan (byte-identical reruns)")
     plan.add_argument("--json", action="store_true", help="print JSON for scripts")
+    rep = sub.add_parser("report", help="compare strategies in tables and pictures")
+    rep.add_argument("--model", required=True)
+    rep.add_argument("--cluster", required=True)
+    rep.add_argument("--global-batch", type=int, required=True)
+    rep.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for report.md, CSV and PNGs")
+    rep.add_argument("--format", default="md", help="md, html or md,html")
+    rep.add_argument("--json", action="store_true")
+    cmp_ = sub.add_parser("compare", help="plans side by side")
+    cmp_.add_argument("plans", nargs="+", metavar="PLAN")
+    cmp_.add_argument("--json", action="store_true")
     run = sub.add_parser("run", help="train a plan on torch.distributed (torchrun)")
     run.add_argument("plan", help="a plan YAML")
     run.add_argument("--steps", type=int, default=10)
@@ -87,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
             from planner.commands.plan import run_plan
 
             return run_plan(args)
+        if args.command in ("report", "compare"):
+            from planner.commands.report import run_compare, run_report
+
+            return run_report(args) if args.command == "report" else run_compare(args)
         if args.command == "run":
             from runtime.launch import run
 
