@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from costmodel import Strategy, load_cluster, predict  # noqa: E402
 from costmodel.layer import layer_cost  # noqa: E402
-from golden_data import KORTHIKANTI_TABLE3, KORTHIKANTI_TABLE4_22B_MS, KORTHIKANTI_TABLE5_S  # noqa: E402
+from golden_data import KORTHIKANTI_TABLE3, KORTHIKANTI_TABLE4_22B_MS, KORTHIKANTI_TABLE5_S, published_strategy  # noqa: E402
 from planner.zoo import ZOO  # noqa: E402
 
 
@@ -26,9 +26,7 @@ def main() -> None:
         name, _a, _h, _l, tp, pp, gpus, batch, mb, v = row
         cluster = load_cluster(f"a100-80g:{gpus}")
         for i, recompute in enumerate(("full", "selective")):
-            s = Strategy(tp=tp, pp=pp, global_batch=batch, microbatch_size=mb, virtual_stages=v,
-                         schedule="interleaved" if v > 1 else "1f1b", recompute=recompute,
-                         sequence_parallel=recompute == "selective", flash_attention=False)
+            s = published_strategy(row, recompute)
             r = predict(ZOO[name], s, cluster)
             pub = KORTHIKANTI_TABLE5_S[name][i]
             err = r.step_time_s / pub - 1

@@ -12,8 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from costmodel import Strategy, load_cluster, predict  # noqa: E402
-from golden_data import KORTHIKANTI_TABLE3  # noqa: E402
+from costmodel import load_cluster, predict  # noqa: E402
+from golden_data import KORTHIKANTI_TABLE3, published_strategy  # noqa: E402
 from planner.search import SearchRequest, run_search  # noqa: E402
 from planner.zoo import ZOO  # noqa: E402
 
@@ -41,12 +41,9 @@ def main() -> None:
     print("| model | GPUs | batch | published config s | planned s | plan | memory GiB |")
     print("|---|---|---|---|---|---|---|")
     for row in KORTHIKANTI_TABLE3:
-        name, _a, _h, _l, tp, pp, gpus, batch, mb, v = row
+        name, gpus, batch = row[0], row[6], row[7]
         cluster = load_cluster(f"a100-80g:{gpus}")
-        published = predict(ZOO[name], Strategy(
-            tp=tp, pp=pp, global_batch=batch, microbatch_size=mb, virtual_stages=v,
-            schedule="interleaved" if v > 1 else "1f1b", recompute="selective", sequence_parallel=True,
-            flash_attention=False), cluster)
+        published = predict(ZOO[name], published_strategy(row, "selective"), cluster)
         found = run_search(SearchRequest(spec=ZOO[name], cluster=cluster, global_batch=batch,
                                          fixed={"flash_attention": False}))
         print(f"| {name} | {gpus} | {batch} | {published.step_time_s:.2f} | {found.result.step_time_s:.2f} | "

@@ -316,20 +316,7 @@ class IntraOpProblem:
         if len(activations) != 1 or len(outputs) != 1:
             return []
         src, dst = outputs[0], activations[0]
-        ys, terms = {}, []
-        for i, so in enumerate(self.strategies[src]):
-            for j, sd in enumerate(self.strategies[dst]):
-                c = self._reshard_s(src, so.out, sd.out)
-                var = self.prob.add_variable(f"chain_{i}_{j}", cat="Binary")
-                ys[(i, j)] = var
-                if c:
-                    terms.append(c * var)
-        for i, xv in enumerate(self.x[src]):
-            self.prob += pulp.lpSum(v for (a, _), v in ys.items() if a == i) == xv, f"chain_out_{src}_{i}"
-        for j, xv in enumerate(self.x[dst]):
-            self.prob += pulp.lpSum(v for (_, b), v in ys.items() if b == j) == xv, f"chain_in_{dst}_{j}"
-        self.y[(src, dst, -1)] = ys
-        return terms
+        return self._link(src, dst, -1, lambda sd: sd.out, "chain")
 
     def add_one_hot_constraint(self) -> None:
         for op in self.order:
@@ -337,25 +324,28 @@ class IntraOpProblem:
 
     def add_edge_constraint(self, u: str, v: str, pos: int) -> list:
         """Link y[u,v,s,t] to x[u,s] and x[v,t]; returns the resharding terms."""
-        key = (u, v)
+        return self._link(u, v, pos, lambda sv: sv.ins[pos], "edge")
+
+    def _link(self, u: str, v: str, pos: int, needs, family: str) -> list:
+        """y variables for the finite-cost pairs of (u's strategy, v's strategy), where v
+        needs `needs(v's strategy)` from u, tied to the x of both ends by named constraints."""
         ys, costs, terms = {}, {}, []
         for i, su in enumerate(self.strategies[u]):
             for j, sv in enumerate(self.strategies[v]):
-                need = sv.ins[pos]
-                c = self._reshard_s(u, su.out, need)
+                c = self._reshard_s(u, su.out, needs(sv))
                 if math.isinf(c):
                     continue
-                var = self.prob.add_variable(f"y_{u}_{v}_{pos}_{i}_{j}", cat="Binary")
+                var = self.prob.add_variable(f"y_{family}_{u}_{v}_{pos}_{i}_{j}", cat="Binary")
                 ys[(i, j)] = var
                 costs[(i, j)] = c
                 if c:
                     terms.append(c * var)
         for i, xv in enumerate(self.x[u]):
-            self.prob += pulp.lpSum(var for (a, _), var in ys.items() if a == i) == xv, f"edge_out_{u}_{v}_{pos}_{i}"
+            self.prob += pulp.lpSum(var for (a, _), var in ys.items() if a == i) == xv, f"{family}_out_{u}_{v}_{pos}_{i}"
         for j, xv in enumerate(self.x[v]):
-            self.prob += pulp.lpSum(var for (_, b), var in ys.items() if b == j) == xv, f"edge_in_{u}_{v}_{pos}_{j}"
-        self.y[key + (pos,)] = ys
-        self.edge_cost[key + (pos,)] = costs
+            self.prob += pulp.lpSum(var for (_, b), var in ys.items() if b == j) == xv, f"{family}_in_{u}_{v}_{pos}_{j}"
+        self.y[(u, v, pos)] = ys
+        self.edge_cost[(u, v, pos)] = costs
         return terms
 
     def add_memory_constraint(self) -> None:

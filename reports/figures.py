@@ -25,23 +25,37 @@ def _short(name: str) -> str:
     return name.replace(" recompute", "").replace(" (no FlashAttention)", "*")
 
 
-def memory_bars(results: dict[str, StepResult], order: list[str], path: Path) -> None:
+def _stacked_bars(rows: dict[str, dict[str, float]], order: list[str], parts: list[str], path: Path, *,
+                  xlabel: str, title: str, capacity: float | None = None) -> None:
+    """One horizontal bar per strategy, stacked by part, legend outside the plot."""
     fig, ax = plt.subplots(figsize=(10, 0.32 * len(order) + 1.5))
     left = [0.0] * len(order)
-    for part in MEMORY_PARTS:
-        values = [results[n].memory_gib[part] for n in order]
-        ax.barh([_short(n) for n in order], values, left=left, color=COLORS[part], label=part)
+    for part in parts:
+        values = [rows[n][part] for n in order]
+        ax.barh([_short(n) for n in order], values, left=left, color=COLORS[part], label=part.replace("_", " "))
         left = [a + b for a, b in zip(left, values)]
-    cap = results[order[0]].capacity_gib
-    ax.axvline(cap, color="black", linestyle="--", linewidth=1)
-    ax.text(cap, -0.9, f" {cap:g} GiB", va="bottom", fontsize=8)
-    ax.set_xlabel("memory per GPU (GiB), worst rank")
+    if capacity is not None:
+        ax.axvline(capacity, color="black", linestyle="--", linewidth=1)
+        ax.text(capacity, -0.9, f" {capacity:g} GiB", va="bottom", fontsize=8)
+        limit = 3 * capacity  # keep the bars near the capacity readable; longer ones are cut and labelled
+        if max(left) > limit:
+            ax.set_xlim(0, limit)
+            for y, total in enumerate(left):
+                if total > limit:
+                    ax.text(limit, y, f"{total:,.0f} GiB → ", ha="right", va="center", fontsize=7, color="white")
+    ax.set_xlabel(xlabel)
     ax.invert_yaxis()
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
-    ax.set_title("Memory of each strategy against the GPU's capacity")
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def memory_bars(results: dict[str, StepResult], order: list[str], path: Path) -> None:
+    _stacked_bars({n: results[n].memory_gib for n in order}, order, MEMORY_PARTS, path,
+                  xlabel="memory per GPU (GiB), worst rank", title="Memory of each strategy against the GPU's capacity",
+                  capacity=results[order[0]].capacity_gib)
 
 
 def pareto(table: pd.DataFrame, capacity_gib: float, path: Path) -> None:
@@ -110,16 +124,5 @@ def timeline(result: StepResult, path: Path, title: str) -> None:
 
 
 def breakdown(results: dict[str, StepResult], order: list[str], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(10, 0.32 * len(order) + 1.5))
-    left = [0.0] * len(order)
-    for part in TIME_PARTS:
-        values = [results[n].time_s[part] for n in order]
-        ax.barh([_short(n) for n in order], values, left=left, color=COLORS[part], label=part.replace("_", " "))
-        left = [a + b for a, b in zip(left, values)]
-    ax.set_xlabel("seconds per step (bottleneck rank)")
-    ax.invert_yaxis()
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
-    ax.set_title("Where the step time goes (strategies that fit)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _stacked_bars({n: results[n].time_s for n in order}, order, TIME_PARTS, path,
+                  xlabel="seconds per step (bottleneck rank)", title="Where the step time goes (strategies that fit)")

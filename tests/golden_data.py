@@ -55,3 +55,14 @@ LLAMA_PUBLISHED_PARAMS = {
 
 # KV cache (calibration.yaml kv_cache): 2 * layers * kv_heads * head_dim * bytes.
 KV_BYTES_PER_TOKEN_KIB = {"llama2-70b": 320, "llama3-8b": 128}
+
+
+def published_strategy(row, recompute: str):
+    """The configuration Korthikanti et al. ran for a Table 3 row: full recompute, or sequence
+    parallelism with selective recompute; Megatron-LM without FlashAttention."""
+    from costmodel import Strategy
+
+    _name, _a, _h, _l, tp, pp, _gpus, batch, mb, v = row
+    return Strategy(tp=tp, pp=pp, global_batch=batch, microbatch_size=mb, virtual_stages=v,
+                    schedule="interleaved" if v > 1 else "1f1b", recompute=recompute,
+                    sequence_parallel=recompute == "selective", flash_attention=False)

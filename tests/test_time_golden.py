@@ -9,17 +9,8 @@ import pytest
 
 from costmodel import Strategy, load_cluster, predict
 from costmodel.layer import layer_cost
-from golden_data import KORTHIKANTI_TABLE3, KORTHIKANTI_TABLE4_22B_MS, KORTHIKANTI_TABLE5_S
+from golden_data import KORTHIKANTI_TABLE3, KORTHIKANTI_TABLE4_22B_MS, KORTHIKANTI_TABLE5_S, published_strategy
 from planner.zoo import ZOO
-
-
-def table5_strategy(row, recompute: str) -> Strategy:
-    _name, _a, _h, _l, tp, pp, _gpus, batch, mb, v = row
-    return Strategy(
-        tp=tp, pp=pp, global_batch=batch, microbatch_size=mb, virtual_stages=v,
-        schedule="interleaved" if v > 1 else "1f1b", recompute=recompute,
-        sequence_parallel=recompute == "selective", flash_attention=False,
-    )
 
 
 @pytest.mark.parametrize("recompute", ["full", "selective"])
@@ -27,7 +18,7 @@ def table5_strategy(row, recompute: str) -> Strategy:
 def test_korthikanti_table5_iteration_time(row, recompute):
     name, gpus = row[0], row[6]
     published = KORTHIKANTI_TABLE5_S[name][0 if recompute == "full" else 1]
-    result = predict(ZOO[name], table5_strategy(row, recompute), load_cluster(f"a100-80g:{gpus}"))
+    result = predict(ZOO[name], published_strategy(row, recompute), load_cluster(f"a100-80g:{gpus}"))
     assert result.step_time_s == pytest.approx(published, rel=0.10)
     assert result.fits
 
@@ -48,8 +39,8 @@ def test_korthikanti_table4_one_layer(key):
 def test_selective_recompute_costs_less_than_full():
     row = KORTHIKANTI_TABLE3[1]
     cluster = load_cluster("a100-80g:64")
-    full = predict(ZOO["gpt3-175b"], table5_strategy(row, "full"), cluster)
-    sel = predict(ZOO["gpt3-175b"], table5_strategy(row, "selective"), cluster)
+    full = predict(ZOO["gpt3-175b"], published_strategy(row, "full"), cluster)
+    sel = predict(ZOO["gpt3-175b"], published_strategy(row, "selective"), cluster)
     assert sel.step_time_s < full.step_time_s
     assert full.hardware_tflops_per_gpu > full.model_tflops_per_gpu
     # Korthikanti Table 5: MFU 51.4% for 175B with SP + selective
