@@ -23,9 +23,9 @@ def strategy_from_args(args: argparse.Namespace, spec: ModelSpec, world_size: in
     parallelism on when tp > 1, the interleaved schedule when virtual stages are asked for."""
     given = {k: getattr(args, k) for k in STRATEGY_FLAGS if getattr(args, k, None) is not None}
     tp, pp, cp = given.get("tp", 1), given.get("pp", 1), given.get("cp", 1)
-    for name in ("tp", "pp", "cp"):
-        if given.get(name, 1) < 1:
-            raise ConfigError(f"--{name} must be a positive integer, got {given[name]}")
+    for name in ("tp", "pp", "cp", "dp", "microbatch_size", "virtual_stages", "seq_len", "shard_group"):
+        if name in given and given[name] < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {given[name]}")
     if "dp" not in given:
         if world_size % (tp * pp * cp):
             raise ConfigError(
