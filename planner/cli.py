@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("-o", "--output", metavar="PLAN", help="write the plan YAML here")
     plan.add_argument("--no-timing", action="store_true", help="leave wall-clock times out of the plan (byte-identical reruns)")
     plan.add_argument("--json", action="store_true", help="print JSON for scripts")
+    prof = sub.add_parser("profile", help="measure this machine into a hardware profile")
+    prof.add_argument("-o", "--output", required=True, metavar="PROFILE", help="profiles/NAME.yaml")
+    prof.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    prof.add_argument("--quick", action="store_true", help="fewer sizes (under 2 minutes on a CPU)")
+    prof.add_argument("--extends", help="the datasheet profile the measurements override (default: cpu / h100-sxm)")
     rep = sub.add_parser("report", help="compare strategies in tables and pictures")
     rep.add_argument("--model", required=True)
     rep.add_argument("--cluster", required=True)
@@ -97,6 +102,19 @@ def main(argv: list[str] | None = None) -> int:
             from planner.commands.plan import run_plan
 
             return run_plan(args)
+        if args.command == "profile":
+            from pathlib import Path
+
+            from runtime.profiler import profile
+
+            out = Path(args.output)
+            if out.suffix not in (".yaml", ".yml"):
+                raise ConfigError(f"-o {out}: a profile is a .yaml file")
+            data = profile(out, device=args.device, quick=args.quick, base=args.extends)
+            dev = data["device"]
+            print(f"wrote {out}: peak {max(dev['peak_tflops'].values()):.4g} TFLOP/s, memory {dev['hbm_gb_per_s']} GB/s, "
+                  f"link {data['links']['intra_node']}")
+            return 0
         if args.command in ("report", "compare"):
             from planner.commands.report import run_compare, run_report
 
