@@ -168,8 +168,7 @@ def build_step(spec: ModelSpec, strategy: Strategy, cluster: Cluster) -> StepMod
     dp_comm, optim = [], []
     for r in range(pp):
         chunks = range(r, k_stages, pp)
-        params = sum(counts[k] * layer.params for k in chunks)
-        params += (ends.embed_params if 0 in chunks else 0) + (ends.head_params if k_stages - 1 in chunks else 0)
+        params = _rank_params(counts, layer, ends, r, pp)
         comm = sum(b.comm_s for k in chunks for b in buckets[k]) + sum(sharded_comm[k] for k in chunks)
         comm += _gather_total(params, pol.param_bytes, shard, shard_group, s.zero)
         dp_comm.append(comm)
@@ -230,14 +229,20 @@ def _merged(inner: Group, outer: Group) -> Group:
     return Group(size=size, per_node=per_node, intra=inner.intra, inter=inner.inter)
 
 
+def _rank_params(counts, layer: LayerCost, ends, rank: int, pp: int) -> int:
+    """Parameters (per tp rank) of the chunks pipeline rank `rank` holds, ends included."""
+    chunks = range(rank, len(counts), pp)
+    params = sum(counts[k] * layer.params for k in chunks)
+    return params + (ends.embed_params if 0 in chunks else 0) + (ends.head_params if len(counts) - 1 in chunks else 0)
+
+
 def _rank_memory(spec, s: Strategy, cluster: Cluster, layer: LayerCost, ends, counts, rank) -> RankMemory:
     pol = s.policy
     k_stages = s.num_stages
     shard = s.dp_shard * s.cp
     seq = spec.seq_len // s.cp
     chunks = list(range(rank, k_stages, s.pp))
-    params = sum(counts[k] * layer.params for k in chunks)
-    params += (ends.embed_params if 0 in chunks else 0) + (ends.head_params if k_stages - 1 in chunks else 0)
+    params = _rank_params(counts, layer, ends, rank, s.pp)
     p, g, o = zero_model_state_bytes(
         params, shard, s.zero if shard > 1 else 0,
         param_bytes=pol.param_bytes, grad_bytes=pol.grad_bytes, optimizer_bytes=pol.optimizer_bytes,

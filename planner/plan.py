@@ -10,6 +10,7 @@ replicated), what the cost model predicts, and search statistics.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import yaml
@@ -57,6 +58,10 @@ class Plan:
         missing = [a for a in MESH_AXES if a not in self.mesh]
         if missing:
             raise ConfigError(f"plan mesh lacks axis {', '.join(missing)}; a mesh names {', '.join(MESH_AXES)}")
+
+    @property
+    def world_size(self) -> int:
+        return math.prod(self.mesh[a] for a in MESH_AXES)
 
     @property
     def spec(self) -> ModelSpec:

@@ -26,6 +26,7 @@ from costmodel import ConfigError, Strategy, build_step, simulate
 from costmodel.analytic import estimate
 from costmodel.cluster import Cluster
 from costmodel.hardware import GIB
+from costmodel.memory import zero_model_state_bytes
 from costmodel.result import StepResult
 from costmodel.spec import ModelSpec
 from costmodel.strategy import Recompute, Schedule
@@ -278,8 +279,8 @@ def _solve_tp_axis(graph, spec: ModelSpec, s: Strategy, cluster: Cluster, result
     budget = left_gib * GIB / layers_per_rank
     pol = s.policy
     shard = s.dp_shard * s.cp
-    per_param = (pol.param_bytes / (shard if s.zero >= 3 else 1) + pol.grad_bytes / (shard if s.zero >= 2 else 1)
-                 + pol.optimizer_bytes / (shard if s.zero >= 1 else 1))
+    per_param = sum(zero_model_state_bytes(1, shard, s.zero, param_bytes=pol.param_bytes,
+                                           grad_bytes=pol.grad_bytes, optimizer_bytes=pol.optimizer_bytes))
     ctx = CostContext(cluster=cluster, policy=pol, num_microbatches=s.num_microbatches,
                       memory_budget_bytes=budget, activation_copies=0.0, state_bytes_per_param=per_param)
     try:

@@ -10,7 +10,7 @@ SUPPORTED = {"Shard(0)", "Shard(1)", "Replicate()"}
 
 def check_runnable(plan: Plan, world_size: int | None = None) -> None:
     mesh = plan.mesh
-    size = mesh["pp"] * mesh["dp_replicate"] * mesh["dp_shard"] * mesh["cp"] * mesh["tp"]
+    size = plan.world_size
     if world_size is not None and size != world_size:
         raise ConfigError(
             f"plan mesh pp({mesh['pp']}) * dp_replicate({mesh['dp_replicate']}) * dp_shard({mesh['dp_shard']}) * "

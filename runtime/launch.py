@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     plan = Plan.from_yaml(path.read_text())
     if args.steps < 1:
         raise ConfigError(f"--steps must be a positive integer, got {args.steps}")
-    world = plan.mesh["pp"] * plan.mesh["dp_replicate"] * plan.mesh["dp_shard"] * plan.mesh["cp"] * plan.mesh["tp"]
+    world = plan.world_size
     check_runnable(plan)
     _from_slurm(os.environ)
     if "RANK" in os.environ:  # already inside torchrun / SLURM

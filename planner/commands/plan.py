@@ -7,7 +7,7 @@ import json
 import sys
 
 from costmodel import ConfigError, load_cluster
-from planner.commands.simulate import STRATEGY_FLAGS, format_table
+from planner.commands.simulate import format_table, given_flags
 from planner.files import atomic_write_text
 from planner.model_source import load_model
 from planner.plan import plan_from_strategy
@@ -23,10 +23,7 @@ def run_plan(args: argparse.Namespace) -> int:
         raise ConfigError(f"--time-limit must be positive seconds, got {args.time_limit}")
     spec, graph = load_model(args.model)
     cluster = load_cluster(args.cluster)
-    fixed = {k: getattr(args, k) for k in STRATEGY_FLAGS if getattr(args, k, None) is not None}
-    for k in ("tp", "pp", "dp", "cp", "microbatch_size", "virtual_stages", "shard_group", "seq_len"):
-        if k in fixed and fixed[k] < 1:
-            raise ConfigError(f"--{k.replace('_', '-')} must be a positive integer, got {fixed[k]}")
+    fixed = given_flags(args)
     if "virtual_stages" in fixed and fixed["virtual_stages"] > 1:
         fixed.setdefault("schedule", "interleaved")
     req = SearchRequest(spec=spec, cluster=cluster, global_batch=args.global_batch, fixed=fixed,

@@ -18,14 +18,20 @@ STRATEGY_FLAGS = ("tp", "pp", "dp", "cp", "zero", "shard_group", "sequence_paral
                   "schedule", "virtual_stages", "seq_len", "precision", "flash_attention")
 
 
-def strategy_from_args(args: argparse.Namespace, spec: ModelSpec, world_size: int) -> Strategy:
-    """A strategy from the flags, filling what is not given: dp from the world size, sequence
-    parallelism on when tp > 1, the interleaved schedule when virtual stages are asked for."""
+def given_flags(args: argparse.Namespace) -> dict:
+    """The strategy flags the user gave, with every degree and size checked positive."""
     given = {k: getattr(args, k) for k in STRATEGY_FLAGS if getattr(args, k, None) is not None}
-    tp, pp, cp = given.get("tp", 1), given.get("pp", 1), given.get("cp", 1)
     for name in ("tp", "pp", "cp", "dp", "microbatch_size", "virtual_stages", "seq_len", "shard_group"):
         if name in given and given[name] < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {given[name]}")
+    return given
+
+
+def strategy_from_args(args: argparse.Namespace, spec: ModelSpec, world_size: int) -> Strategy:
+    """A strategy from the flags, filling what is not given: dp from the world size, sequence
+    parallelism on when tp > 1, the interleaved schedule when virtual stages are asked for."""
+    given = given_flags(args)
+    tp, pp, cp = given.get("tp", 1), given.get("pp", 1), given.get("cp", 1)
     if "dp" not in given:
         if world_size % (tp * pp * cp):
             raise ConfigError(
