@@ -4,11 +4,19 @@
 `gpus_per_node` (8) with its default links; a cluster YAML names nodes, gpus_per_node, the
 device profile (a name from profiles/ or a path) and, optionally, its own links.
 Profiles compose: a profile with `extends: NAME` overrides fields of NAME.
+
+A CPU profile names `host_cores`: its "GPUs" are processes that share those cores, one
+thread each (torchrun's OMP_NUM_THREADS=1), and its figures were measured on one thread. With
+p processes on c cores, each process runs at 1 / max(1, p/c) of those figures (compute, memory
+bandwidth, host overheads), link bandwidth divides by the same factor, every hop of a
+collective waits `host_wait_us` more per extra process per core (the peer is descheduled;
+latency_us itself is measured in situ, between compute), each process holds 1/p of the
+memory, and communication does not overlap compute (gloo runs on the same cores).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -28,10 +36,22 @@ class Cluster:
     gpus_per_node: int
     intra: Link
     inter: Link
+    # set where the "GPUs" are processes sharing this many cores of each node (a CPU profile)
+    host_cores: int | None = None
 
     def __post_init__(self) -> None:
         if self.nodes < 1 or self.gpus_per_node < 1:
             raise ConfigError(f"cluster {self.name}: nodes and gpus_per_node must be positive")
+
+    @property
+    def overlaps_comm(self) -> bool:
+        """A communication stream runs beside compute (GPUs); processes sharing a host's cores
+        spend those same cores on gloo, so nothing overlaps there."""
+        return self.host_cores is None
+
+    @property
+    def oversubscription(self) -> float:
+        return oversubscription(self.gpus_per_node, self.host_cores)
 
     @property
     def world_size(self) -> int:
@@ -104,11 +124,19 @@ def _link(data: dict, where: str) -> Link:
             bandwidth_gb_per_s=float(data["bandwidth_gb_per_s"]),
             latency_us=float(data["latency_us"]),
             efficiency=float(data["efficiency"]),
+            call_us=float(data.get("call_us", 0.0)),
+            tree_allreduce=bool(data.get("tree_allreduce", False)),
         )
     except KeyError as exc:
         raise ConfigError(f"{where}: link lacks {exc.args[0]} (needs bandwidth_gb_per_s, latency_us, efficiency)") from None
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: link figures must be numbers") from None
+
+
+def _pair(value) -> tuple[float, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise TypeError("not a pair")
+    return tuple(float(v) for v in value)
 
 
 def device_from_data(data: dict) -> Device:
@@ -129,6 +157,10 @@ def device_from_data(data: dict) -> Device:
             memory_overhead=MemoryOverhead(
                 fixed_gib=float(overhead["fixed_gib"]), fragmentation=float(overhead["fragmentation"])
             ),
+            layer_overhead_us=_pair(dev.get("layer_overhead_us", (0.0, 0.0))),
+            tp_layer_overhead_us=_pair(dev.get("tp_layer_overhead_us", (0.0, 0.0))),
+            fsdp_layer_overhead_us=_pair(dev.get("fsdp_layer_overhead_us", (0.0, 0.0))),
+            optimizer_overhead_us=_pair(dev.get("optimizer_overhead_us", (0.0, 0.0))),
         )
     except KeyError as exc:
         raise ConfigError(f"profile {name}: device lacks field {exc.args[0]}") from None
@@ -184,17 +216,106 @@ def _cluster_from_yaml(data: dict, where: str, profiles_dir: Path) -> Cluster:
     return _cluster(profile, str(data.get("name", Path(where).stem)), nodes, per_node, links)
 
 
+def oversubscription(processes: int, host_cores: int | None) -> float:
+    """How many processes take turns on each core (1 where the device is not a shared host)."""
+    return max(1.0, processes / host_cores) if host_cores else 1.0
+
+
+def host_share(processes: int, host_cores: int | None) -> float:
+    """The fraction of one core (the profile's single-threaded peak) each process gets."""
+    return 1.0 / oversubscription(processes, host_cores)
+
+
+def _host_cores(profile: dict, name: str) -> int | None:
+    cores = profile.get("host_cores")
+    if cores is None:
+        return None
+    if isinstance(cores, bool) or not isinstance(cores, int) or cores < 1:
+        raise ConfigError(f"profile {name}: host_cores must be a positive integer, got {cores!r}")
+    return cores
+
+
+def _shared_compute(profile: dict) -> float:
+    value = (profile.get("calibration") or {}).get("shared_compute", 1.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1.5:
+        raise ConfigError(f"profile {profile.get('name', 'profile')}: calibration shared_compute must be in (0, 1.5]")
+    return float(value)
+
+
+def _host_wait_us(profile: dict, name: str) -> float:
+    wait = profile.get("host_wait_us", 0.0)
+    if isinstance(wait, bool) or not isinstance(wait, (int, float)) or wait < 0:
+        raise ConfigError(f"profile {name}: host_wait_us must be a number >= 0, got {wait!r}")
+    return float(wait)
+
+
+def _apply_calibration(profile: dict) -> dict:
+    """Fold a profile's `calibration` (fitted by `paraplan profile` to measured training steps)
+    into its figures: `compute` scales the peaks and memory bandwidth (what a step sustains of
+    the microbenchmarks' rates), `latency_us` and `host_wait_us` replace the link latency and
+    the host wait, `call_us` sets the links' cost per collective call (at one process per
+    core; it grows with the oversubscription like the wait)."""
+    cal = profile.get("calibration")
+    if cal is None:
+        return profile
+    name = profile.get("name", "profile")
+    if not isinstance(cal, dict):
+        raise ConfigError(f"profile {name}: calibration must be a mapping of compute, latency_us, host_wait_us")
+    try:
+        compute = float(cal.get("compute", 1.0))
+        latency = cal.get("latency_us")
+        wait = cal.get("host_wait_us")
+    except (TypeError, ValueError):
+        raise ConfigError(f"profile {name}: calibration figures must be numbers") from None
+    if not 0 < compute <= 1.5:
+        raise ConfigError(f"profile {name}: calibration compute must be in (0, 1.5], got {compute}")
+    out = _merge(profile, {})
+    dev = dict(out.get("device", {}))
+    if isinstance(dev.get("peak_tflops"), dict):
+        dev["peak_tflops"] = {k: float(v) * compute for k, v in dev["peak_tflops"].items()}
+    if "hbm_gb_per_s" in dev:
+        dev["hbm_gb_per_s"] = float(dev["hbm_gb_per_s"]) * compute
+    out["device"] = dev
+    call = cal.get("call_us")
+    if latency is not None or call is not None:
+        links = dict(out.get("links", {}))
+        for key in ("intra_node", "inter_node"):
+            if isinstance(links.get(key), dict):
+                links[key] = {**links[key], **({"latency_us": latency} if latency is not None else {}),
+                              **({"call_us": call} if call is not None else {})}
+        out["links"] = links
+    if wait is not None:
+        out["host_wait_us"] = wait
+    return out
+
+
 def _cluster(profile: dict, name: str, nodes: int, per_node: int, links: dict) -> Cluster:
+    profile = _apply_calibration(profile)
     profile_links = profile.get("links", {})
     intra = links.get("intra_node", profile_links.get("intra_node"))
     inter = links.get("inter_node", profile_links.get("inter_node", intra))
     if not isinstance(intra, dict) or not isinstance(inter, dict):
         raise ConfigError(f"cluster {name}: intra_node and inter_node links must be mappings")
-    return Cluster(
-        name=name,
-        device=device_from_data(profile),
-        nodes=nodes,
-        gpus_per_node=per_node,
-        intra=_link(intra, f"cluster {name} intra_node"),
-        inter=_link(inter, f"cluster {name} inter_node"),
-    )
+    device = device_from_data(profile)
+    intra_link, inter_link = _link(intra, f"cluster {name} intra_node"), _link(inter, f"cluster {name} inter_node")
+    cores = _host_cores(profile, str(profile.get("name", name)))
+    if cores:
+        share, slow = host_share(per_node, cores), oversubscription(per_node, cores)
+        if slow > 1:  # what time-slicing, cache sharing and the communication threads cost on top
+            share *= _shared_compute(profile)
+        device = replace(
+            device,
+            peak_tflops={k: v * share for k, v in device.peak_tflops.items()},
+            hbm_gb_per_s=device.hbm_gb_per_s * share,
+            hbm_gib=device.hbm_gib / per_node,
+            layer_overhead_us=tuple(v * slow for v in device.layer_overhead_us),
+            tp_layer_overhead_us=tuple(v * slow for v in device.tp_layer_overhead_us),
+            fsdp_layer_overhead_us=tuple(v * slow for v in device.fsdp_layer_overhead_us),
+            optimizer_overhead_us=tuple(v * slow for v in device.optimizer_overhead_us),
+        )
+        wait_us = _host_wait_us(profile, str(profile.get("name", name)))
+        intra_link = replace(intra_link, latency_us=intra_link.latency_us + wait_us * (slow - 1),
+                             bandwidth_gb_per_s=intra_link.bandwidth_gb_per_s / slow,
+                             call_us=intra_link.call_us * slow)
+    return Cluster(name=name, device=device, nodes=nodes, gpus_per_node=per_node, intra=intra_link, inter=inter_link,
+                   host_cores=cores)

@@ -73,12 +73,37 @@ class Device:
     gemm_efficiency: EfficiencyCurve
     attention_efficiency: EfficiencyCurve
     memory_overhead: MemoryOverhead
+    # host time of one transformer layer's operators that the device does not hide, (forward,
+    # backward) per microbatch: ~0 on a GPU whose launch queue runs ahead; on a CPU the eager
+    # dispatch of every op, and more for DTensor (tensor-parallel) ops, measured by the profiler
+    layer_overhead_us: tuple[float, float] = (0.0, 0.0)
+    tp_layer_overhead_us: tuple[float, float] = (0.0, 0.0)
+    fsdp_layer_overhead_us: tuple[float, float] = (0.0, 0.0)  # FSDP2 hooks, on top of the above
+    # host time per parameter tensor of gradient clipping plus the optimizer step, (plain
+    # tensor, DTensor): a per-tensor loop is dispatch-bound on a CPU
+    optimizer_overhead_us: tuple[float, float] = (0.0, 0.0)
 
     def __post_init__(self) -> None:
+        for field_name in ("layer_overhead_us", "tp_layer_overhead_us", "fsdp_layer_overhead_us",
+                           "optimizer_overhead_us"):
+            pair = getattr(self, field_name)
+            if len(pair) != 2 or any(v < 0 for v in pair):
+                raise ConfigError(f"device {self.name}: {field_name} must be [forward, backward] microseconds >= 0")
         if not self.peak_tflops or any(v <= 0 for v in self.peak_tflops.values()):
             raise ConfigError(f"device {self.name}: peak_tflops needs positive figures per dtype")
         if self.hbm_gib <= 0 or self.hbm_gb_per_s <= 0 or not 0 < self.hbm_efficiency <= 1:
             raise ConfigError(f"device {self.name}: hbm_gib, hbm_gb_per_s > 0 and 0 < hbm_efficiency <= 1 required")
+
+    def layer_overhead_s(self, tensor_parallel: bool, fsdp: bool) -> tuple[float, float]:
+        """(forward, backward) seconds of host overhead per layer and microbatch."""
+        f, b = self.tp_layer_overhead_us if tensor_parallel else self.layer_overhead_us
+        if fsdp:
+            f, b = f + self.fsdp_layer_overhead_us[0], b + self.fsdp_layer_overhead_us[1]
+        return f * 1e-6, b * 1e-6
+
+    def optimizer_overhead_s(self, tensors: int, dtensor: bool) -> float:
+        """Host seconds of clipping and the optimizer over `tensors` parameter tensors."""
+        return tensors * self.optimizer_overhead_us[1 if dtensor else 0] * 1e-6
 
     def peak_flops(self, dtype: str) -> float:
         try:

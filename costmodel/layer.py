@@ -133,8 +133,10 @@ def layer_cost(spec: ModelSpec, strategy: Strategy, cluster: Cluster, tp_group: 
     if spec.position is Position.ROPE:
         elementwise += 2 * T * (sh.q + sh.kv) * e
     elem_f = dev.memory_s(elementwise)
-    fwd_compute = gemms + attn_f + elem_f
-    bwd_compute = 2 * gemms + attn_b + 2 * elem_f
+    # host dispatch the device does not hide (the runtime wraps every block in FSDP2 when dp > 1)
+    host_f, host_b = dev.layer_overhead_s(tensor_parallel=strategy.tp > 1, fsdp=strategy.dp > 1)
+    fwd_compute = gemms + attn_f + elem_f + host_f
+    bwd_compute = 2 * gemms + attn_b + 2 * elem_f + host_b
     wgrad = gemms
     # -- tensor-parallel collectives of one (b, s, h) activation each (tp_collectives_per_layer)
     act_bytes = T * h * e

@@ -17,8 +17,16 @@ class Link:
     bandwidth_gb_per_s: float
     latency_us: float
     efficiency: float
+    # fixed cost of issuing one collective, whatever its hops: framework dispatch and, where
+    # processes share cores, the wait until every member is scheduled (0 for NCCL on GPUs)
+    call_us: float = 0.0
+    # NCCL also has a (double binary) tree all-reduce and picks it when it is faster: for small
+    # messages its 2 log2(n) latency steps beat the ring's 2 (n - 1)
+    tree_allreduce: bool = False
 
     def __post_init__(self) -> None:
+        if self.call_us < 0:
+            raise ConfigError(f"a link's call_us must be >= 0, got {self.call_us}")
         if self.bandwidth_gb_per_s <= 0 or self.latency_us < 0 or not 0 < self.efficiency <= 1:
             raise ConfigError(
                 "a link needs bandwidth_gb_per_s > 0, latency_us >= 0 and 0 < efficiency <= 1, got "
@@ -32,6 +40,10 @@ class Link:
     @property
     def latency_s(self) -> float:
         return self.latency_us * 1e-6
+
+    @property
+    def call_s(self) -> float:
+        return self.call_us * 1e-6
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

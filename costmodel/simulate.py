@@ -10,13 +10,22 @@ wait: it comes out of the schedule, not out of a formula.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from costmodel.errors import ConfigError
 from costmodel.result import Event, StepResult
 from costmodel.step import StepModel
 from costmodel.layer import Part
 
 
-def simulate(model: StepModel, *, record_events: bool = True) -> StepResult:
+def _task_part(model: StepModel, task, k: int) -> Part:
+    if task.forward:
+        return model.forward_first[k] if task.microbatch == 0 else model.forward[k]
+    return model.backward[k]
+
+
+def _run(model: StepModel, record_events: bool) -> _Pipeline:
+    """Each rank's stream runs its tasks in order, each as soon as its input is there."""
     s = model.strategy
     pp, m, k_stages = s.pp, s.num_microbatches, s.num_stages
     nan = float("nan")
@@ -78,6 +87,117 @@ def simulate(model: StepModel, *, record_events: bool = True) -> StepResult:
                         events.append(Event(r, "send", f"grad {mb}.{task.chunk}", send, model.p2p_s))
         if not progressed:
             raise ConfigError(f"the {s.schedule.value} schedule deadlocks for pp={pp}, microbatches={m}")
+
+    return _Pipeline(free, last_backward_start, busy, send_busy, events)
+
+
+def _run_shared_host(model: StepModel, record_events: bool) -> _Pipeline:
+    """The same schedule where the "GPUs" are processes sharing a host's cores: a fluid
+    processor-sharing simulation. Task durations in the model assume every process busy (each
+    gets cores / processes); when pipeline ranks idle in a bubble, the busy ones share the
+    cores among fewer and run faster. With n of the pp ranks' process groups busy, a task
+    progresses at rate slow / max(1, per_node * n / (pp * cores)) of its modelled speed, slow the
+    static oversubscription."""
+    s = model.strategy
+    pp, m, k_stages = s.pp, s.num_microbatches, s.num_stages
+    cluster = model.cluster
+    slow = cluster.oversubscription
+    nan = float("nan")
+    arrive_f = [[0.0] * m] + [[nan] * m for _ in range(k_stages - 1)]
+    arrive_b = [[nan] * m for _ in range(k_stages)]
+    free = [0.0] * pp
+    send_free_f = [0.0] * pp
+    send_free_b = [0.0] * pp
+    pos = [0] * pp
+    last_backward_start = [nan] * k_stages
+    busy = [Part() for _ in range(pp)]
+    send_busy = [0.0] * pp
+    events: list[Event] = []
+    running: dict[int, list] = {}  # rank -> [task, k, part, remaining seconds at the modelled speed, start]
+    now = 0.0
+    last_mb = m - 1
+    while True:
+        for r in range(pp):  # start what can start
+            if r in running or pos[r] >= len(model.orders[r]):
+                continue
+            task = model.orders[r][pos[r]]
+            k = task.chunk * pp + r
+            ready = arrive_f[k][task.microbatch] if task.forward else arrive_b[k][task.microbatch]
+            if ready == ready and ready <= now:
+                part = _task_part(model, task, k)
+                if not task.forward and task.microbatch == last_mb:
+                    last_backward_start[k] = now
+                running[r] = [task, k, part, part.total, now]
+        if not running:
+            pending = [t for r in range(pp) if pos[r] < len(model.orders[r])
+                       for t in [_ready_time(model, r, pos[r], arrive_f, arrive_b)] if t == t]
+            if not any(pos[r] < len(model.orders[r]) for r in range(pp)):
+                break
+            if not pending:
+                raise ConfigError(f"the {s.schedule.value} schedule deadlocks for pp={pp}, microbatches={m}")
+            now = max(now, min(pending))
+            continue
+        rate = slow / max(1.0, cluster.gpus_per_node * len(running) / (pp * cluster.host_cores))
+        finish = min(item[3] for item in running.values()) / rate
+        arrivals = [t for r in range(pp) if r not in running and pos[r] < len(model.orders[r])
+                    for t in [_ready_time(model, r, pos[r], arrive_f, arrive_b)] if t == t and t > now]
+        step = min([finish] + [t - now for t in arrivals])
+        now += step
+        for r in list(running):
+            item = running[r]
+            item[3] -= step * rate
+            if item[3] > 1e-12:
+                continue
+            task, k, part, _, start = running.pop(r)
+            mb = task.microbatch
+            free[r] = now
+            busy[r] = busy[r] + part
+            if record_events:
+                events.append(Event(r, "compute", f"{'F' if task.forward else 'B'}{mb}.{task.chunk}", start, now - start))
+            pos[r] += 1
+            if task.forward:
+                if k + 1 < k_stages:
+                    send = max(now, send_free_f[r])
+                    send_free_f[r] = send + model.p2p_s
+                    send_busy[r] += model.p2p_s
+                    arrive_f[k + 1][mb] = send + model.p2p_s
+                else:
+                    arrive_b[k][mb] = now
+            elif k > 0:
+                send = max(now, send_free_b[r])
+                send_free_b[r] = send + model.p2p_s
+                send_busy[r] += model.p2p_s
+                arrive_b[k - 1][mb] = send + model.p2p_s
+    return _Pipeline(free, last_backward_start, busy, send_busy, events)
+
+
+def _ready_time(model: StepModel, r: int, i: int, arrive_f, arrive_b) -> float:
+    task = model.orders[r][i]
+    k = task.chunk * model.strategy.pp + r
+    return arrive_f[k][task.microbatch] if task.forward else arrive_b[k][task.microbatch]
+
+
+@dataclass
+class _Pipeline:
+    """What the compute streams did: when each rank's stream went free, when the last
+    microbatch's backward of each virtual stage started, the work done, the sends."""
+
+    free: list[float]
+    last_backward_start: list[float]
+    busy: list[Part]
+    send_busy: list[float]
+    events: list[Event]
+
+
+def simulate(model: StepModel, *, record_events: bool = True) -> StepResult:
+    s = model.strategy
+    pp, k_stages = s.pp, s.num_stages
+    if model.cluster.host_cores and pp > 1:
+        pipe = _run_shared_host(model, record_events)
+    else:
+        pipe = _run(model, record_events)
+    free, last_backward_start, busy, send_busy, events = (
+        pipe.free, pipe.last_backward_start, pipe.busy, pipe.send_busy, pipe.events)
 
     # data-parallel gradient buckets and the optimizer, per rank
     rank_end, dp_exposed = [], []

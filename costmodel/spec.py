@@ -124,6 +124,20 @@ class ModelSpec:
         return self.norm_params + (0 if self.tied_embeddings else self.vocab * self.hidden)
 
     @property
+    def layer_tensors(self) -> int:
+        """Parameter tensors of one block (what a per-tensor optimizer loop visits)."""
+        linears = 4 + (3 if self.activation is Activation.SWIGLU else 2)
+        per_norm = 2 if self.norm is Norm.LAYERNORM else 1
+        return linears * (2 if self.bias else 1) + 2 * per_norm
+
+    @property
+    def ends_tensors(self) -> tuple[int, int]:
+        """Parameter tensors of the embedding (first stage) and of the final norm and head (last)."""
+        embed = 2 if self.position is Position.LEARNED else 1
+        head = (2 if self.norm is Norm.LAYERNORM else 1) + (0 if self.tied_embeddings else 1)
+        return embed, head
+
+    @property
     def num_params(self) -> int:
         return self.layers * self.layer_params + self.embedding_params + self.head_params
 
@@ -140,8 +154,10 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, data: dict, *, name: str | None = None) -> "ModelSpec":
+        if not isinstance(data, dict):
+            raise ConfigError(f"a model spec must be a mapping of fields, not {type(data).__name__}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(str(k) for k in set(data) - known)
         if unknown:
             raise ConfigError(
                 f"unknown model field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}"

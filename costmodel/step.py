@@ -24,7 +24,6 @@ from costmodel.spec import ModelSpec
 from costmodel.strategy import Recompute, Strategy
 from costmodel.validate import check_strategy, stage_layer_counts
 
-DDP_BUCKET_BYTES = 25 * 10**6  # PyTorch DDP's default bucket_cap_mb
 ADAM_BYTES_PER_PARAM = 32  # fp32 master, grad, two moments read; master, moments written; 16-bit copy; grad zeroed
 
 
@@ -93,9 +92,9 @@ def overlap_s(compute: list[float], pre: list[float], post: list[float]) -> floa
     return max(t, comm_free)
 
 
-def _task(parts: list[Part], layer: Part, n: int, pre: list[float], post: list[float]) -> Part:
+def _task(parts: list[Part], layer: Part, n: int, pre: list[float], post: list[float], overlap: bool = True) -> Part:
     """A task's parts (`n` of them the same transformer layer) with the exposed share of its
-    FSDP traffic added."""
+    FSDP traffic added (all of it where communication cannot overlap compute)."""
     total = layer.scaled(n)
     for p in parts:
         if p is not layer:
@@ -103,6 +102,8 @@ def _task(parts: list[Part], layer: Part, n: int, pre: list[float], post: list[f
     if not pre and not post:
         return total
     busy = total.total
+    if not overlap:
+        return total + Part(exposed_comm=sum(pre) + sum(post))
     exposed = overlap_s([p.total for p in parts], pre, post) - busy
     return total + Part(exposed_comm=max(0.0, exposed))
 
@@ -151,10 +152,12 @@ def build_step(spec: ModelSpec, strategy: Strategy, cluster: Cluster) -> StepMod
         zero = s.zero if shard > 1 else 0
         gather = [gather_s(p) for p in params] if zero >= 1 else []
         scatter = [scatter_s(p) for p in params] if zero >= 2 else []
-        fwd.append(_task(f_parts, layer.forward, n, gather if zero == 3 else [], []))
-        fwd_first.append(_task(f_parts, layer.forward, n, gather if zero >= 1 else [], []))
-        bwd.append(_task(b_parts, layer.backward, n, gather[::-1] if zero == 3 else [], scatter[::-1] if zero >= 2 else []))
-        buckets.append(_grad_buckets(b_parts, params[::-1], s, pol.grad_bytes, shard_group, replicate_group))
+        ov = cluster.overlaps_comm
+        fwd.append(_task(f_parts, layer.forward, n, gather if zero == 3 else [], [], ov))
+        fwd_first.append(_task(f_parts, layer.forward, n, gather if zero >= 1 else [], [], ov))
+        bwd.append(_task(b_parts, layer.backward, n, gather[::-1] if zero == 3 else [], scatter[::-1] if zero >= 2 else [], ov))
+        root = ([True] if last else []) + [False] * n + ([True] if first else [])  # FSDP2's root unit holds the ends
+        buckets.append(_grad_buckets(b_parts, params[::-1], root, s, pol.grad_bytes, shard_group, replicate_group, ov))
         # FSDP traffic of every microbatch: gathers in forward and backward, reduce-scatters
         sharded_comm.append(m * ((2 * sum(gather) if zero == 3 else 0.0) + (sum(scatter) if zero >= 2 else 0.0)))
 
@@ -172,7 +175,8 @@ def build_step(spec: ModelSpec, strategy: Strategy, cluster: Cluster) -> StepMod
         comm = sum(b.comm_s for k in chunks for b in buckets[k]) + sum(sharded_comm[k] for k in chunks)
         comm += _gather_total(params, pol.param_bytes, shard, shard_group, s.zero)
         dp_comm.append(comm)
-        optim.append(cluster.device.memory_s(params / (shard if s.zero >= 1 else 1) * ADAM_BYTES_PER_PARAM))
+        optim.append(cluster.device.memory_s(params / (shard if s.zero >= 1 else 1) * ADAM_BYTES_PER_PARAM)
+                     + cluster.device.optimizer_overhead_s(_rank_tensors(spec, counts, r, pp), dtensor=s.dp * s.tp * s.cp > 1))
     tokens = s.global_batch * spec.seq_len
     return StepModel(
         spec=spec, strategy=s, cluster=cluster, layers=counts, orders=orders,
@@ -192,11 +196,15 @@ def _gather_total(params: float, param_bytes: int, shard: int, group: Group, zer
 
 
 def _grad_buckets(
-    b_parts: list[Part], params: list[int], s: Strategy, grad_bytes: int, shard_group: Group, replicate_group: Group
+    b_parts: list[Part], params: list[int], root: list[bool], s: Strategy, grad_bytes: int, shard_group: Group,
+    replicate_group: Group, overlap: bool = True,
 ) -> tuple[Bucket, ...]:
-    """Gradient reduction issued during the last backward of a chunk, in DDP-sized buckets:
-    ZeRO-0 all-reduces over all data-parallel ranks, ZeRO-1 reduce-scatters over the shard
-    group; sharded gradients (and ZeRO-2/3) are then all-reduced across HSDP replicas."""
+    """Gradient reduction issued during the last backward of a chunk, one per FSDP2 unit as
+    the runtime wraps them: each block as its backward ends, the root unit (embedding, final
+    norm, head: the parts marked `root`) after the whole backward. ZeRO-0 all-reduces over all
+    data-parallel ranks, ZeRO-1 reduce-scatters over the shard group; sharded gradients (and
+    ZeRO-2/3) are then all-reduced across HSDP replicas. Without overlap every reduction
+    waits for the end of the backward."""
     zero = s.zero if shard_group.size > 1 else 0
     if shard_group.size * replicate_group.size == 1 or (zero >= 2 and replicate_group.size == 1):
         return ()
@@ -212,13 +220,16 @@ def _grad_buckets(
                 seen[full] = comm + all_reduce_s(full / shard_group.size, replicate_group)
         return seen[full]
 
-    out, pending, ready = [], 0.0, 0.0
-    for i, (part, p) in enumerate(zip(b_parts, params)):
+    end = sum(part.total for part in b_parts)
+    out, root_bytes, ready = [], 0.0, 0.0
+    for part, p, is_root in zip(b_parts, params, root):
         ready += part.total
-        pending += p * grad_bytes
-        if pending >= DDP_BUCKET_BYTES or i == len(b_parts) - 1:
-            out.append(Bucket(ready_s=ready, comm_s=reduce(pending)))
-            pending = 0.0
+        if is_root:
+            root_bytes += p * grad_bytes
+        else:
+            out.append(Bucket(ready_s=ready if overlap else end, comm_s=reduce(p * grad_bytes)))
+    if root_bytes:
+        out.append(Bucket(ready_s=end, comm_s=reduce(root_bytes)))
     return tuple(out)
 
 
@@ -234,6 +245,14 @@ def _rank_params(counts, layer: LayerCost, ends, rank: int, pp: int) -> int:
     chunks = range(rank, len(counts), pp)
     params = sum(counts[k] * layer.params for k in chunks)
     return params + (ends.embed_params if 0 in chunks else 0) + (ends.head_params if len(counts) - 1 in chunks else 0)
+
+
+def _rank_tensors(spec: ModelSpec, counts, rank: int, pp: int) -> int:
+    """Parameter tensors pipeline rank `rank` holds."""
+    chunks = range(rank, len(counts), pp)
+    embed, head = spec.ends_tensors
+    return (sum(counts[k] for k in chunks) * spec.layer_tensors + (embed if 0 in chunks else 0)
+            + (head if len(counts) - 1 in chunks else 0))
 
 
 def _rank_memory(spec, s: Strategy, cluster: Cluster, layer: LayerCost, ends, counts, rank) -> RankMemory:

@@ -10,53 +10,63 @@ from costmodel.spec import ModelSpec
 from costmodel.strategy import Schedule, Strategy
 
 
-def check_strategy(spec: ModelSpec, strategy: Strategy, world_size: int) -> None:
+def strategy_problems(spec: ModelSpec, strategy: Strategy, world_size: int) -> list[str]:
+    """Every reason the strategy cannot run the model on `world_size` GPUs (empty: it can)."""
     s = strategy
+    problems: list[str] = []
     if s.world_size != world_size:
-        raise ConfigError(
+        problems.append(
             f"pp({s.pp}) * dp({s.dp}) * cp({s.cp}) * tp({s.tp}) = {s.world_size} != world size {world_size}; "
             "choose degrees whose product is the GPU count"
         )
     if spec.heads % s.tp:
-        raise ConfigError(f"tp({s.tp}) does not divide heads({spec.heads}); use a tp that divides {spec.heads}")
+        problems.append(f"tp({s.tp}) does not divide heads({spec.heads}); use a tp that divides {spec.heads}")
     if s.tp > spec.kv_heads and s.tp % spec.kv_heads:
-        raise ConfigError(
+        problems.append(
             f"tp({s.tp}) and kv_heads({spec.kv_heads}) do not nest: tp must divide kv_heads or be a multiple of it"
         )
     if s.tp <= spec.kv_heads and spec.kv_heads % s.tp:
-        raise ConfigError(f"tp({s.tp}) does not divide kv_heads({spec.kv_heads}); use a divisor of {spec.kv_heads}")
+        problems.append(f"tp({s.tp}) does not divide kv_heads({spec.kv_heads}); use a divisor of {spec.kv_heads}")
     if spec.ffn_hidden % s.tp:
-        raise ConfigError(f"tp({s.tp}) does not divide ffn_hidden({spec.ffn_hidden}); use a divisor of it")
+        problems.append(f"tp({s.tp}) does not divide ffn_hidden({spec.ffn_hidden}); use a divisor of it")
     seq = s.seq_len or spec.seq_len
     if seq % (2 * s.cp if s.cp > 1 else 1):
-        raise ConfigError(
+        problems.append(
             f"seq_len({seq}) is not a multiple of 2 * cp({s.cp}); load-balanced context parallelism "
             "splits the sequence into 2*cp chunks"
         )
     if s.sequence_parallel and seq // s.cp % s.tp:
-        raise ConfigError(f"sequence parallelism splits seq_len/cp ({seq // s.cp}) over tp({s.tp}), which does not divide it")
+        problems.append(f"sequence parallelism splits seq_len/cp ({seq // s.cp}) over tp({s.tp}), which does not divide it")
     per_replica = s.dp * s.microbatch_size
     if s.global_batch % per_replica:
-        raise ConfigError(
+        problems.append(
             f"global batch {s.global_batch} is not a multiple of dp({s.dp}) * microbatch_size({s.microbatch_size}) "
             f"= {per_replica}; use a multiple of {per_replica}"
         )
     if s.schedule is Schedule.INTERLEAVED and s.num_microbatches % s.pp:
-        raise ConfigError(
+        problems.append(
             f"interleaved 1F1B needs microbatches ({s.num_microbatches}) to be a multiple of pp({s.pp}); "
             "change the global batch or the microbatch size"
         )
     if spec.layers < s.num_stages:
-        raise ConfigError(
+        problems.append(
             f"layers({spec.layers}) < pp({s.pp}) * virtual_stages({s.virtual_stages}) = {s.num_stages}; "
             "every pipeline stage needs at least one layer"
         )
     if s.stage_layers:
         if len(s.stage_layers) != s.num_stages or sum(s.stage_layers) != spec.layers or min(s.stage_layers) < 1:
-            raise ConfigError(
+            problems.append(
                 f"stage_layers {list(s.stage_layers)} must give {s.num_stages} positive counts summing to "
                 f"layers({spec.layers})"
             )
+    return problems
+
+
+def check_strategy(spec: ModelSpec, strategy: Strategy, world_size: int) -> None:
+    """Raise the first of `strategy_problems`, if any."""
+    problems = strategy_problems(spec, strategy, world_size)
+    if problems:
+        raise ConfigError(problems[0])
 
 
 def stage_layer_counts(spec: ModelSpec, strategy: Strategy) -> tuple[int, ...]:

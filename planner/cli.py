@@ -41,6 +41,27 @@ def add_strategy_flags(p: argparse.ArgumentParser) -> None:
                    help="fused attention without s x s tensors (default: on)")
 
 
+def add_mode_flags(p: argparse.ArgumentParser) -> None:
+    """Pre-training (default), LoRA/QLoRA fine-tuning, or serving."""
+    p.add_argument("--mode", choices=("train", "lora", "inference"), default="train",
+                   help="pre-train (default), fine-tune with LoRA adapters, or serve")
+    g = p.add_argument_group("fine-tuning (--mode lora)")
+    g.add_argument("--lora-rank", type=int, help="adapter rank r (default 16)")
+    g.add_argument("--lora-targets", help="comma list of q,k,v,o,up,gate,down (default q,k,v,o)")
+    g.add_argument("--base-precision", choices=("bf16", "nf4"), help="frozen base weights: bf16, or nf4 (QLoRA)")
+    g = p.add_argument_group("serving (--mode inference)")
+    g.add_argument("--prompt-len", type=int, help="prompt tokens per request")
+    g.add_argument("--output-len", type=int, help="generated tokens per request")
+    g.add_argument("--batch", type=int, help="sequences per replica (default: the best the KV cache allows)")
+    g.add_argument("--max-ttft-ms", type=float, help="time-to-first-token target")
+    g.add_argument("--max-tpot-ms", type=float, help="time-per-output-token target")
+    g.add_argument("--beam", type=int, help="beam width (multiplies the KV cache of the output)")
+    g.add_argument("--block-size", type=int, help="paged KV block, tokens (default 16)")
+    g.add_argument("--draft-model", help="speculative decoding: the draft model")
+    g.add_argument("--draft-len", type=int, help="speculative decoding: tokens drafted per step (gamma, default 4)")
+    g.add_argument("--acceptance", type=float, help="speculative decoding: acceptance rate alpha (default 0.8)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="paraplan", description="Plan, predict and run parallel transformer training.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -53,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("-o", "--output", metavar="PLAN", help="write the plan YAML here")
     plan.add_argument("--no-timing", action="store_true", help="leave wall-clock times out of the plan (byte-identical reruns)")
     plan.add_argument("--json", action="store_true", help="print JSON for scripts")
+    add_mode_flags(plan)
     prof = sub.add_parser("profile", help="measure this machine into a hardware profile")
     prof.add_argument("-o", "--output", required=True, metavar="PROFILE", help="profiles/NAME.yaml")
     prof.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -68,6 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_ = sub.add_parser("compare", help="plans side by side")
     cmp_.add_argument("plans", nargs="+", metavar="PLAN")
     cmp_.add_argument("--json", action="store_true")
+    chk = sub.add_parser("check", help="list every reason a plan cannot run on a cluster")
+    chk.add_argument("plan", help="a plan YAML")
+    chk.add_argument("--cluster", help="DEVICE:COUNT or a cluster YAML (default: the plan's)")
+    chk.add_argument("--json", action="store_true")
+    rep_ = sub.add_parser("replan", help="plan the same model and batch for a new GPU count")
+    rep_.add_argument("plan", help="the plan YAML in use")
+    rep_.add_argument("--gpus", type=int, required=True, help="the GPU count now available")
+    rep_.add_argument("--cluster", help="the new cluster (default: the plan's device with --gpus of them)")
+    rep_.add_argument("--time-limit", type=float, metavar="S", help="stop searching after S seconds, keep the best")
+    rep_.add_argument("-o", "--output", metavar="PLAN", help="write the new plan YAML here")
+    rep_.add_argument("--json", action="store_true")
     run = sub.add_parser("run", help="train a plan on torch.distributed (torchrun)")
     run.add_argument("plan", help="a plan YAML")
     run.add_argument("--steps", type=int, default=10)
@@ -123,13 +156,22 @@ def main(argv: list[str] | None = None) -> int:
             from runtime.launch import run
 
             return run(args)
+        if args.command == "check":
+            from planner.commands.check import run_check
+
+            return run_check(args)
+        if args.command == "replan":
+            from planner.commands.replan import run_replan
+
+            return run_replan(args)
         if args.command == "simulate":
             from planner.commands.simulate import run_simulate
 
             return run_simulate(args)
         raise ConfigError(f"unknown command {args.command}")
     except ConfigError as exc:
-        print(f"paraplan: error: {exc}", file=sys.stderr)
+        one_line = " ".join(str(exc).split())  # names from user files may carry newlines
+        print(f"paraplan: error: {one_line}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("paraplan: interrupted", file=sys.stderr)

@@ -21,6 +21,7 @@ from costmodel.strategy import MESH_AXES, Strategy
 from costmodel.validate import stage_layer_counts
 
 SCHEMA_VERSION = 1
+MODES = ("train", "lora", "inference")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -48,8 +49,13 @@ class Plan:
     placements: dict[str, dict[str, str]]
     predicted: dict = field(default_factory=dict)
     search: dict = field(default_factory=dict)
+    mode: str = "train"  # train | lora | inference
+    serving: dict = field(default_factory=dict)  # inference: prompt_len, output_len, beam, block_tokens, replicas
+    lora: dict = field(default_factory=dict)  # lora: rank, targets, base_precision
 
     def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"plan mode {self.mode!r} is unknown; use one of {', '.join(MODES)}")
         if self.schema_version != SCHEMA_VERSION:
             raise ConfigError(
                 f"plan schema_version {self.schema_version} is not supported (this paraplan reads {SCHEMA_VERSION}); "
@@ -58,6 +64,14 @@ class Plan:
         missing = [a for a in MESH_AXES if a not in self.mesh]
         if missing:
             raise ConfigError(f"plan mesh lacks axis {', '.join(missing)}; a mesh names {', '.join(MESH_AXES)}")
+        bad = [f"{a}={v}" for a, v in self.mesh.items() if v < 1]
+        if bad:
+            raise ConfigError(f"plan mesh sizes must be positive, got {', '.join(bad)}")
+        for name, axes in self.placements.items():
+            if not isinstance(axes, dict) or not all(isinstance(v, str) for v in axes.values()):
+                raise ConfigError(f"placement of {name} must map mesh axes to Shard(dim) or Replicate()")
+        self.spec  # the model and the strategy validate themselves: a plan that loads is whole
+        self.strategy()
 
     @property
     def world_size(self) -> int:
@@ -105,6 +119,9 @@ class Plan:
             "placements": {k: dict(v) for k, v in self.placements.items()},
             "predicted": self.predicted,
             "search": self.search,
+            "mode": self.mode,
+            **({"serving": dict(self.serving)} if self.serving else {}),
+            **({"lora": dict(self.lora)} if self.lora else {}),
         }
 
     def to_yaml(self) -> str:
@@ -130,6 +147,8 @@ class Plan:
                           layers=(int(s["layers"][0]), int(s["layers"][1])), recompute=str(s["recompute"]))
                 for s in data["stages"]
             )
+            if not isinstance(data["model"], dict):
+                raise ConfigError("plan field 'model' must be a mapping of model fields (layers, hidden, ...)")
             model = dict(data["model"])
             return cls(
                 schema_version=version, model=model, cluster=str(data["cluster"]),
@@ -139,6 +158,8 @@ class Plan:
                 sequence_parallel=bool(data["sequence_parallel"]), schedule=dict(data["schedule"]), stages=stages,
                 placements={str(k): dict(v) for k, v in dict(data.get("placements") or {}).items()},
                 predicted=dict(data.get("predicted") or {}), search=dict(data.get("search") or {}),
+                mode=str(data.get("mode", "train")), serving=dict(data.get("serving") or {}),
+                lora=dict(data.get("lora") or {}),
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             if isinstance(exc, ConfigError):

@@ -22,13 +22,29 @@ GALLERY = [
 
 def main() -> int:
     root = Path(__file__).resolve().parent / "gallery"
-    index = ["# Gallery", "", "Regenerate with `python -m reports.gallery`.", ""]
-    for model, cluster, batch in GALLERY:
+    serving_only = "--serving" in sys.argv  # regenerate only the serving report
+    index = ["# Gallery", "", "Regenerate with `python -m reports.gallery` (`--serving`: only the serving report).", ""]
+    if serving_only and (root / "README.md").exists():
+        index = [line for line in (root / "README.md").read_text().splitlines()
+                 if line and "serving" not in line and not line.startswith(("# ", "Regenerate"))]
+        index = ["# Gallery", "", "Regenerate with `python -m reports.gallery` (`--serving`: only the serving report).", "",
+                 *index]
+    for model, cluster, batch in ([] if serving_only else GALLERY):
         name = f"{model}_{cluster.replace(':', '-')}"
         summary = build_report(ZOO[model], load_cluster(cluster), batch, root / name, ("md", "html"))
         print(f"{name}: {summary['strategies']} strategies, {summary['fitting']} fit, best {summary['best']}, "
               f"{summary['seconds']:.1f} s", flush=True)
         index.append(f"- [{model} on {cluster}, global batch {batch}]({name}/report.md): best {summary['best']}")
+    from costmodel.serving import ServingRequest
+    from reports.serving import build_serving_report
+
+    req = ServingRequest(prompt_len=1024, output_len=256, max_tpot_ms=50)
+    best = build_serving_report(ZOO["llama2-70b"], ["h100-sxm:4", "h100-sxm:8"], req, root / "serving_llama2-70b_h100")
+    for cluster, d in best.items():
+        print(f"serving llama2-70b on {cluster}: tp{d['tp']} x pp{d['pp']}, batch {d['batch']}, "
+              f"{d['throughput_tokens_per_s']:.0f} tokens/s", flush=True)
+    index.append("- [serving llama2-70b on 4 and 8 H100 (throughput against latency, KV capacity, batch limits)]"
+                 "(serving_llama2-70b_h100/report.md)")
     (root / "README.md").write_text("\n".join(index) + "\n")
     return 0
 

@@ -8,34 +8,44 @@ from planner.plan import Plan
 SUPPORTED = {"Shard(0)", "Shard(1)", "Replicate()"}
 
 
-def check_runnable(plan: Plan, world_size: int | None = None) -> None:
+def runnable_problems(plan: Plan, world_size: int | None = None) -> list[str]:
+    """Every reason the runtime cannot execute the plan (on `world_size` processes)."""
+    problems: list[str] = []
     mesh = plan.mesh
     size = plan.world_size
     if world_size is not None and size != world_size:
-        raise ConfigError(
+        problems.append(
             f"plan mesh pp({mesh['pp']}) * dp_replicate({mesh['dp_replicate']}) * dp_shard({mesh['dp_shard']}) * "
             f"cp({mesh['cp']}) * tp({mesh['tp']}) = {size} != world size {world_size}; launch {size} processes"
         )
     if mesh["cp"] > 1:
-        raise ConfigError("context parallelism (cp > 1) is planned and simulated but the runtime does not run it yet; "
-                          "re-plan with --cp 1")
+        problems.append("context parallelism (cp > 1) is planned and simulated but the runtime does not run it yet; "
+                        "re-plan with --cp 1")
     spec = plan.spec
     if spec.tied_embeddings and mesh["pp"] > 1:
-        raise ConfigError(f"{spec.name} ties its embedding and output weights, which the runtime cannot split across "
-                          "pipeline stages; re-plan with --pp 1")
+        problems.append(f"{spec.name} ties its embedding and output weights, which the runtime cannot split across "
+                        "pipeline stages; re-plan with --pp 1")
     if plan.precision == "fp8":
-        raise ConfigError("fp8 training is planned but not run; re-plan with --precision bf16")
+        problems.append("fp8 training is planned but not run; re-plan with --precision bf16")
     for name, axes in plan.placements.items():
         for axis, placement in axes.items():
             if axis not in ("tp", "dp_shard"):
-                raise ConfigError(f"placement of {name} on axis '{axis}' is not executable; use tp or dp_shard")
-            if placement not in SUPPORTED:
-                raise ConfigError(f"placement {placement} of {name} has no sharding rule in the runtime "
-                                  f"(supported: {', '.join(sorted(SUPPORTED))})")
+                problems.append(f"placement of {name} on axis '{axis}' is not executable; use tp or dp_shard")
+            elif placement not in SUPPORTED:
+                problems.append(f"placement {placement} of {name} has no sharding rule in the runtime "
+                                f"(supported: {', '.join(sorted(SUPPORTED))})")
     tp_layers = {k for k, v in plan.placements.items() if k.startswith("layers.") and "tp" in v}
     if mesh["tp"] > 1 and plan.sequence_parallel:
         linears = {"wq", "wk", "wv", "wo", "w1", "w2"} | ({"w3"} if spec.activation == "swiglu" else set())
         missing = sorted(n for n in linears if not any(f".{n}.weight" in k for k in tp_layers))
         if missing:
-            raise ConfigError(f"sequence parallelism needs every block linear tensor-parallel; {', '.join(missing)} "
-                              "are replicated in the plan; re-plan with --no-sequence-parallel")
+            problems.append(f"sequence parallelism needs every block linear tensor-parallel; {', '.join(missing)} "
+                            "are replicated in the plan; re-plan with --no-sequence-parallel")
+    return problems
+
+
+def check_runnable(plan: Plan, world_size: int | None = None) -> None:
+    """Raise the first of `runnable_problems`, if any."""
+    problems = runnable_problems(plan, world_size)
+    if problems:
+        raise ConfigError(problems[0])

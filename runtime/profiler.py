@@ -27,6 +27,8 @@ import torch.multiprocessing as mp
 import yaml
 from tqdm import tqdm
 
+from costmodel.cluster import oversubscription
+
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
 
 
@@ -62,6 +64,16 @@ def measure_attention(device: str, seqs: list[int], dtype: torch.dtype, reps: in
         out.append((4.0 * 8 * s * s * 64 * 0.5, t))
         bar.update()
     return out
+
+
+def measure_elementwise(device: str, reps: int) -> float:
+    """Bytes per second (read + write) of the memory-bound ops of a layer: a norm, the MLP's
+    activation, a softmax; the median over them."""
+    F = torch.nn.functional
+    x = torch.randn(2048, 1024, device=device)
+    w = torch.ones(1024, device=device)
+    ops = [lambda: F.layer_norm(x, (1024,), w, w), lambda: F.gelu(x), lambda: x.softmax(-1)]
+    return statistics.median(2 * x.numel() * 4 / _time(op, reps) for op in ops)
 
 
 def measure_copy(device: str, mib: int, reps: int) -> float:
@@ -101,6 +113,59 @@ def _collective_worker(rank: int, world: int, port: int, sizes: list[int], reps:
     dist.destroy_process_group()
 
 
+def _in_situ_worker(rank: int, world: int, port: int, iters: int, out_path: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    a = torch.randn(384, 384)
+    small = torch.randn(256)
+    times = []
+    for collective in (False, True, False, True):
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            a @ a
+            a @ a
+            if collective:
+                dist.all_reduce(small)
+        dist.barrier()
+        times.append((time.perf_counter() - t0) / iters)
+    if rank == 0:
+        cost = (times[1] + times[3] - times[0] - times[2]) / 2
+        Path(out_path).write_text(yaml.safe_dump([world, max(cost, 0.0)]))
+    dist.destroy_process_group()
+
+
+def measure_in_situ(worlds: list[int], iters: int, bar) -> list[tuple[int, float]]:
+    """(ranks, seconds) a small all-reduce adds to a loop of GEMMs on every rank: the latency
+    a training step sees, where ranks drift apart and wait for descheduled peers, which a
+    lockstep microbenchmark of the collective alone hides."""
+    rows = []
+    for world in worlds:
+        with tempfile.TemporaryDirectory() as tmp, socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            s.close()
+            out = str(Path(tmp) / "cost.yaml")
+            mp.start_processes(_in_situ_worker, args=(world, port, iters, out), nprocs=world, join=True,
+                               start_method="spawn")
+            rows.append(tuple(yaml.safe_load(Path(out).read_text())))
+        bar.update()
+    return rows
+
+
+def fit_in_situ_latency(rows: list[tuple[int, float]], host_cores: int) -> tuple[float, float]:
+    """Least squares of cost = 2 (p - 1) * (alpha + wait * (max(1, p/c) - 1)) over the
+    in-situ all-reduce costs of p ranks on c cores: (alpha, wait) in microseconds, >= 0."""
+    xs = [[2 * (p - 1), 2 * (p - 1) * (oversubscription(p, host_cores) - 1)] for p, _ in rows]
+    ys = [t for _, t in rows]
+    if all(x[1] == 0 for x in xs):  # no oversubscribed point: latency only
+        alpha = sum(ys) / sum(x[0] for x in xs)
+        return round(alpha * 1e6, 2), 0.0
+    (alpha, wait), *_ = np.linalg.lstsq(np.array(xs, dtype=float), np.array(ys), rcond=None)
+    return round(max(float(alpha), 1e-7) * 1e6, 2), round(max(float(wait), 0.0) * 1e6, 2)
+
+
 def measure_collectives(worlds: list[int], sizes: list[int], reps: int, backend: str, bar) -> list[tuple]:
     rows = []
     for world in worlds:
@@ -116,8 +181,11 @@ def measure_collectives(worlds: list[int], sizes: list[int], reps: int, backend:
     return rows
 
 
-def fit_alpha_beta(rows: list[tuple]) -> dict:
-    """Ring model: t = steps * alpha + factor * bytes / bw (planner's costmodel.collectives)."""
+def fit_alpha_beta(rows: list[tuple], host_cores: int | None = None) -> dict:
+    """Ring model: t = slow * (steps * alpha + factor * bytes / bw), the terms of
+    costmodel.collectives, with slow = max(1, ranks / host_cores) where the ranks share a
+    host's cores (costmodel.cluster.oversubscription), so alpha and beta are those of
+    ranks that each have a core. Least squares over all rows."""
     xs, ys = [], []
     for name, n, nbytes, t in rows:
         if name == "all_reduce":
@@ -126,12 +194,106 @@ def fit_alpha_beta(rows: list[tuple]) -> dict:
             steps, factor = n - 1, (n - 1) / n
         else:
             steps, factor = 1, 1.0
-        xs.append([steps, factor * nbytes])
+        slow = oversubscription(n, host_cores)
+        xs.append([slow * steps, slow * factor * nbytes])
         ys.append(t)
     (alpha, inv_bw), *_ = np.linalg.lstsq(np.array(xs), np.array(ys), rcond=None)
     alpha = max(float(alpha), 1e-7)
     bw = 1.0 / max(float(inv_bw), 1e-15)
     return {"bandwidth_gb_per_s": round(bw / 1e9, 4), "latency_us": round(alpha * 1e6, 2), "efficiency": 1.0}
+
+
+def _layer_seconds(layers: int, tensor_parallel: bool, reps: int, fsdp: bool = False) -> tuple[float, float]:
+    """Median (forward, backward) seconds of a step of the built-in GPT at a size where the
+    arithmetic is negligible: what is left is the host's dispatch of its operators."""
+    from costmodel.spec import ModelSpec
+    from planner.zoo.model import build_model
+
+    spec = ModelSpec(name="overhead", layers=layers, hidden=64, heads=4, vocab=64, seq_len=8, tied_embeddings=False)
+    model = build_model(spec)
+    if tensor_parallel:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from runtime.tensor_parallel import apply_tensor_parallel
+
+        mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("tp",))
+        placements = {"layers.*.attention.w[qkv].weight": {"tp": "Shard(0)"},
+                      "layers.*.attention.wo.weight": {"tp": "Shard(1)"},
+                      "layers.*.feed_forward.w1.weight": {"tp": "Shard(0)"},
+                      "layers.*.feed_forward.w2.weight": {"tp": "Shard(1)"}}
+        apply_tensor_parallel(model, mesh, placements, sequence_parallel=False)
+    if fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from runtime.data_parallel import apply_data_parallel
+
+        apply_data_parallel(model, init_device_mesh("cpu", (1,), mesh_dim_names=("dp",)), 0, "fp32")
+    model.to_empty(device="cpu")
+    model.init_weights(0)
+    x = torch.randint(0, spec.vocab, (1, spec.seq_len))
+    fwd, bwd = [], []
+    for i in range(reps + 3):
+        t0 = time.perf_counter()
+        loss = model(x).float().mean()
+        t1 = time.perf_counter()
+        loss.backward()
+        if i >= 3:
+            fwd.append(t1 - t0)
+            bwd.append(time.perf_counter() - t1)
+    return statistics.median(fwd), statistics.median(bwd)
+
+
+def _optimizer_seconds(dtensor: bool, reps: int, tensors: int = 64) -> float:
+    """Seconds per parameter tensor of what the runtime does after the backward: a norm per
+    gradient (clipping), AdamW without foreach, zero_grad; tiny tensors, so dispatch only."""
+    params = [torch.nn.Parameter(torch.randn(16)) for _ in range(tensors)]
+    if dtensor:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Replicate, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("dp",))
+        params = [torch.nn.Parameter(distribute_tensor(p.detach(), mesh, [Replicate()])) for p in params]
+    opt = torch.optim.AdamW(params, lr=1e-3, foreach=False)
+
+    def step() -> None:
+        for p in params:
+            p.grad = torch.ones_like(p)
+        torch.nn.utils.get_total_norm([p.grad for p in params], foreach=False)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return _time(step, reps) / tensors
+
+
+def _overhead_worker(rank: int, port: int, reps: int, out_path: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    result = {}
+    for key, tp, fsdp in (("layer_overhead_us", False, False), ("tp_layer_overhead_us", True, False),
+                          ("fsdp_layer_overhead_us", False, True)):
+        one, three = _layer_seconds(1, tp, reps, fsdp), _layer_seconds(3, tp, reps, fsdp)
+        result[key] = [max(0.0, (b - a) / 2) * 1e6 for a, b in zip(one, three)]
+    # FSDP's hooks on top of the eager dispatch
+    result["fsdp_layer_overhead_us"] = [max(0.0, f - e) for f, e in zip(result["fsdp_layer_overhead_us"],
+                                                                       result["layer_overhead_us"])]
+    result["optimizer_overhead_us"] = [_optimizer_seconds(False, reps) * 1e6, _optimizer_seconds(True, reps) * 1e6]
+    result = {k: [round(v, 1) for v in pair] for k, pair in result.items()}
+    Path(out_path).write_text(yaml.safe_dump(result))
+    dist.destroy_process_group()
+
+
+def measure_layer_overhead(reps: int) -> dict:
+    """Host overhead per transformer layer and microbatch, (forward, backward) microseconds,
+    eager and with DTensor tensor parallelism (a one-rank mesh: the dispatch without the
+    collectives): the difference between a 3-layer and a 1-layer model, over two."""
+    with tempfile.TemporaryDirectory() as tmp, socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        out = str(Path(tmp) / "overhead.yaml")
+        mp.start_processes(_overhead_worker, args=(port, reps, out), nprocs=1, join=True, start_method="spawn")
+        return yaml.safe_load(Path(out).read_text())
 
 
 def _curve(points: list[tuple[float, float]], peak_flops: float) -> list[list[float]]:
@@ -149,45 +311,80 @@ def profile(out: Path, *, device: str = "cpu", quick: bool = False, base: str | 
     worlds = [2, 4] if device == "cpu" else [torch.cuda.device_count()]
     msgs = [2**14, 2**18, 2**21] if quick else [2**12, 2**14, 2**16, 2**18, 2**20, 2**22]
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    total = len(sizes) + len(seqs) + len(worlds) + 1
-    with tqdm(total=total, desc="profiling", unit="step", disable=None) as bar:
-        gemms = measure_gemms(device, sizes, dtype, reps, bar)
-        attn = measure_attention(device, seqs, dtype, reps, bar)
-        copy_bps = measure_copy(device, 64 if quick else 256, reps)
-        bar.update()
-        rows = measure_collectives(worlds, msgs, reps, "nccl" if device == "cuda" else "gloo", bar)
+    # a CPU "GPU" is one single-threaded process (torchrun sets OMP_NUM_THREADS=1): measure one
+    # thread, and record how many cores the processes of a run share
+    host_cores = len(os.sched_getaffinity(0)) if device == "cpu" else None
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(1)
+    situ_worlds = [2] + [k * host_cores for k in (2, 4) if k * host_cores <= 16] if host_cores else []
+    total = len(sizes) + len(seqs) + len(worlds) + len(situ_worlds) + 2
+    try:
+        with tqdm(total=total, desc="profiling", unit="step", disable=None) as bar:
+            gemms = measure_gemms(device, sizes, dtype, reps, bar)
+            attn = measure_attention(device, seqs, dtype, reps, bar)
+            copy_bps = measure_copy(device, 64 if quick else 256, reps)
+            elementwise_bps = measure_elementwise(device, reps)
+            bar.update()
+            overhead = measure_layer_overhead(10 if quick else 30) if device == "cpu" else {}
+            bar.update()
+            rows = measure_collectives(worlds, msgs, reps, "nccl" if device == "cuda" else "gloo", bar)
+            situ = measure_in_situ(situ_worlds, 20 if quick else 60, bar)
+    finally:
+        torch.set_num_threads(threads)
     peak = max(f / t for f, t in gemms)
     dname = "fp32" if dtype == torch.float32 else "bf16"
-    link = fit_alpha_beta(rows)
+    link = fit_alpha_beta(rows, host_cores)
+    wait_us = None
+    if situ:  # the latency a step sees replaces the lockstep one; the bandwidth stays
+        link["latency_us"], wait_us = fit_in_situ_latency(situ, host_cores)
     name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
     data = {
         "name": out.stem,
         "extends": base or ("cpu" if device == "cpu" else "h100-sxm"),
         "description": f"measured on {name}, {os.cpu_count()} CPUs" if device == "cpu" else f"measured on {name}",
         "source": "measured",
+        **({"host_cores": host_cores, "host_wait_us": wait_us} if host_cores else {}),
         "measured": {"device": name, "torch": str(torch.__version__), "date": datetime.date.today().isoformat(),
                      "host": platform.node(), "quick": quick},
         "device": {
             "peak_tflops": {dname: round(peak / 1e12, 6), **({"bf16": round(peak / 1e12, 6)} if dname == "fp32" else {})},
             "hbm_gb_per_s": round(copy_bps / 1e9, 3),
-            "hbm_efficiency": 1.0,
+            "hbm_efficiency": round(min(1.0, elementwise_bps / copy_bps), 4),
             "gemm_efficiency": _curve(gemms, peak),
             "attention_efficiency": _curve(attn, peak),
+            **overhead,
         },
         "links": {"intra_node": link, "inter_node": dict(link)},
         "sources": {
-            "peak_tflops": f"best rate of {len(gemms)} square {dname} GEMMs [measured]",
+            "peak_tflops": f"best rate of {len(gemms)} square {dname} GEMMs"
+                           f"{' on one thread' if device == 'cpu' else ''} [measured]",
+            **({"layer_overhead_us": "per layer and microbatch, [forward, backward]: a 3-layer minus a 1-layer "
+                                     "tiny GPT step, over two, eager, with DTensor TP, and FSDP2's extra [measured]",
+                "optimizer_overhead_us": "per parameter tensor, [tensor, DTensor]: a gradient norm, AdamW "
+                                         "(foreach off), zero_grad on 64 tiny tensors [measured]"} if overhead else {}),
             "gemm_efficiency": "each GEMM size's rate over the best [measured]",
             "attention_efficiency": "SDPA forward, causal, 8 heads of 64, over the GEMM peak [measured]",
             "hbm_gb_per_s": "a large tensor copy, read plus write [measured]",
-            "intra_node": f"least-squares alpha-beta fit of {len(rows)} gloo/NCCL collective timings [measured]",
+            "hbm_efficiency": "median of layer_norm, gelu, softmax bytes/s over the copy's [measured]",
+            "intra_node": f"bandwidth: least-squares alpha-beta fit of {len(rows)} gloo/NCCL collective timings; "
+                          + ("latency: all-reduce between GEMMs on 2.. ranks, fitted with host_wait_us [measured]"
+                             if situ else "latency: the same fit [measured]"),
         },
         "raw": {"gemm_flops_s": [[f, float(f"{t:.4g}")] for f, t in gemms],
                 "attention_flops_s": [[f, float(f"{t:.4g}")] for f, t in attn],
-                "collectives_op_ranks_bytes_s": [[o, n, b, float(f"{t:.4g}")] for o, n, b, t in rows]},
+                "collectives_op_ranks_bytes_s": [[o, n, b, float(f"{t:.4g}")] for o, n, b, t in rows],
+                "in_situ_all_reduce_ranks_s": [[n, float(f"{t:.4g}")] for n, t in situ]},
     }
-    text = yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=110)
     from planner.files import atomic_write_text
 
-    atomic_write_text(out, text)
+    atomic_write_text(out, yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=110))
+    if device == "cpu" and not quick:  # the calibration loop runs the runtime against this very profile
+        from runtime.calibrate import REFERENCE_PLANS, calibrate
+
+        with tqdm(total=len(REFERENCE_PLANS), desc="calibrating", unit="plan", disable=None) as bar:
+            data["calibration"] = calibrate(out, bar=bar)
+        data["sources"]["calibration"] = ("fitted to `paraplan run` of reference plans of a small GPT, each "
+                                          "plan's error in fitted_to (runtime/calibrate.py) [fitted]")
+        atomic_write_text(out, yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=110))
     return data

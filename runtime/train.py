@@ -142,9 +142,8 @@ def train(plan: Plan, cfg: RunConfig) -> dict:
     extra = {"step": 0}
     state = ckpt.TrainState(modules, optimizers, extra)
     if cfg.resume and cfg.checkpoint_dir:
-        found = ckpt.latest(cfg.checkpoint_dir)
+        found = ckpt.load_latest(cfg.checkpoint_dir, state)
         if found is not None:
-            ckpt.load(found, state)
             for s in schedulers:
                 s.last_epoch = extra["step"] - 1
                 s.step()

@@ -45,8 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for path in args.plans:
             plan = Plan.from_yaml(Path(path).read_text())
+            # a worker group torchrun restarted (--max-restarts) goes on from the last checkpoint
+            restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
             cfg = RunConfig(steps=args.steps, seed=args.seed, data=args.data, checkpoint_dir=args.checkpoint_dir,
-                            checkpoint_every=args.checkpoint_every, resume=args.resume, metrics_path=args.metrics,
+                            checkpoint_every=args.checkpoint_every, resume=args.resume or restarted,
+                            metrics_path=args.metrics,
                             stop_after=args.stop_after, log=args.step_lines)
             summary = train(plan, cfg)
             if dist.get_rank() == 0:

@@ -15,6 +15,10 @@ from planner.search import SearchRequest, run_search
 
 
 def run_plan(args: argparse.Namespace) -> int:
+    if getattr(args, "mode", "train") == "inference":
+        from planner.commands.serve import run_serving
+
+        return run_serving(args)
     if not args.model or not args.cluster or args.global_batch is None:
         raise ConfigError("plan needs --model, --cluster and --global-batch")
     if args.global_batch < 1:

@@ -1,0 +1,300 @@
+"""Serving a model: KV cache, paged blocks, prefill and decode, replicas, speculative decoding.
+
+Per replica of tp x pp GPUs (Megatron's split of each layer, layers cut into pp stages):
+
+    KV bytes per token   2 * layers * kv_heads * head_dim * bytes  (K and V of every layer)
+                         per GPU: layers/pp layers and kv_heads/tp heads; when tp exceeds
+                         kv_heads each GPU keeps one head (GQA/MQA heads are replicated)
+    KV capacity          usable memory (vLLM's gpu_memory_utilization 0.9 of the GPU) minus
+                         weights and the prefill workspace, over KV bytes per token per GPU
+    per sequence         contiguous: the model's whole context reserved up front, per beam;
+                         paged: blocks of `block_tokens` on demand, the prompt's blocks shared
+                         by the beams (Kwon et al. 2023, vLLM); fragmentation = 1 - used/held
+    prefill              a prompt through every layer: compute-bound, the training cost model's
+                         forward (costmodel.layer) with the logits of the last token
+    decode step          memory-bound: every weight and the KV cache read once per token
+                         (roofline of the bytes and of 2 * params * batch FLOPs), plus two
+                         tensor-parallel all-reduces of (batch, hidden) per layer and the
+                         pipeline hops; stages run one after the other for a token
+    continuous batching (Orca, vLLM): a request is admitted between decode steps, so
+    TTFT = prefill of its prompt + one decode step of the running batch; TPOT = the decode
+    step at the mean context P + O/2; a replica serves `batch` sequences of O tokens in
+    O decode steps plus their `batch` prefills:
+    throughput = replicas * batch * O / (O * TPOT + batch * prefill)
+
+Speculative decoding (Leviathan et al. 2023): a draft model proposes gamma tokens, the target
+checks them in one step; with acceptance rate alpha and draft/target step cost ratio c the
+expected speedup is (1 - alpha^(gamma+1)) / ((1 - alpha) * (gamma * c + 1)).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from costmodel.cluster import Cluster
+from costmodel.collectives import all_reduce_s, send_recv_s
+from costmodel.errors import ConfigError
+from costmodel.layer import _params_per_tp_rank, layer_cost
+from costmodel.spec import ModelSpec
+from costmodel.strategy import Strategy
+
+GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default share of the GPU it may use
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServingRequest:
+    prompt_len: int
+    output_len: int
+    batch: int | None = None  # sequences per replica; None: the largest that meets the targets
+    max_ttft_ms: float | None = None
+    max_tpot_ms: float | None = None
+    beam: int = 1
+    block_tokens: int = 16
+    precision: str = "bf16"  # weights and KV cache
+    draft: ModelSpec | None = None
+    draft_len: int = 4
+    acceptance: float = 0.8
+
+    def __post_init__(self) -> None:
+        for name in ("prompt_len", "output_len", "beam", "block_tokens", "draft_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.batch is not None and (isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1):
+            raise ConfigError(f"--batch must be a positive integer, got {self.batch!r}")
+        for name in ("max_ttft_ms", "max_tpot_ms"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive milliseconds, got {value!r}")
+        if self.precision not in BYTES:
+            raise ConfigError(f"serving precision {self.precision!r}; use one of {', '.join(BYTES)}")
+        if not 0 <= self.acceptance < 1:
+            raise ConfigError(f"--acceptance must be in [0, 1), got {self.acceptance}")
+
+    @property
+    def bytes_per_value(self) -> int:
+        return BYTES[self.precision]
+
+
+def kv_bytes_per_token(spec: ModelSpec, bytes_per_value: int = 2) -> int:
+    """K and V of every layer for one token, the whole model."""
+    return 2 * spec.layers * spec.kv_heads * spec.head_dim * bytes_per_value
+
+
+def kv_heads_per_gpu(spec: ModelSpec, tp: int) -> int:
+    """KV heads one tensor-parallel GPU keeps (one, replicated, when tp exceeds kv_heads)."""
+    return max(spec.kv_heads // tp, 1)
+
+
+def layout_problems(spec: ModelSpec, tp: int, pp: int) -> list[str]:
+    """Why tp x pp cannot serve the model (the query heads split; KV heads split or replicate)."""
+    problems = []
+    if spec.heads % tp:
+        problems.append(f"tp({tp}) does not divide heads({spec.heads})")
+    if tp > spec.kv_heads and tp % spec.kv_heads:
+        problems.append(f"tp({tp}) and kv_heads({spec.kv_heads}) do not nest: tp must divide kv_heads or be a "
+                        "multiple of it (then each KV head is replicated)")
+    elif tp <= spec.kv_heads and spec.kv_heads % tp:
+        problems.append(f"tp({tp}) does not divide kv_heads({spec.kv_heads})")
+    if spec.layers < pp:
+        problems.append(f"layers({spec.layers}) < pp({pp})")
+    return problems
+
+
+def speculative_speedup(alpha: float, gamma: int, cost_ratio: float) -> float:
+    """Expected decode speedup of speculative decoding (Leviathan et al. 2023, Theorem 3.8)."""
+    if not 0 <= alpha < 1 or gamma < 1 or cost_ratio < 0:
+        raise ConfigError("speculative decoding needs 0 <= alpha < 1, gamma >= 1 and a cost ratio >= 0")
+    return (1 - alpha ** (gamma + 1)) / ((1 - alpha) * (gamma * cost_ratio + 1))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KVBudget:
+    weights_gib: float  # per GPU
+    workspace_gib: float
+    kv_gib: float  # per GPU, what is left for the cache
+    kv_bytes_per_token_gpu: float
+    capacity_tokens: int  # per replica
+    reserved_tokens_contiguous: int  # per sequence
+    reserved_tokens_paged: int
+    used_tokens: int  # per sequence at its end
+    max_batch_contiguous: int
+    max_batch_paged: int
+
+    @property
+    def fragmentation_contiguous(self) -> float:
+        return 1 - self.used_tokens / self.reserved_tokens_contiguous
+
+    @property
+    def fragmentation_paged(self) -> float:
+        return 1 - self.used_tokens / self.reserved_tokens_paged
+
+
+def weights_bytes_per_gpu(spec: ModelSpec, tp: int, pp: int, bytes_per_value: int) -> float:
+    """The largest stage's weights on one GPU: its layers split over tp, plus the embedding
+    or the head (vocab-parallel)."""
+    layers = math.ceil(spec.layers / pp)
+    vocab = -(-spec.vocab // tp) * spec.hidden
+    ends = vocab if pp > 1 else vocab * (1 if spec.tied_embeddings else 2)
+    return (layers * _params_per_tp_rank(spec, tp) + ends + spec.norm_params) * bytes_per_value
+
+
+def kv_budget(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: int, pp: int) -> KVBudget:
+    e = req.bytes_per_value
+    weights = weights_bytes_per_gpu(spec, tp, pp, e)
+    # prefill workspace: one sequence's prompt through a layer (residual, q/k/v, MLP) and its logits
+    workspace = req.prompt_len * (4 * spec.hidden + 2 * spec.ffn_hidden // tp) * e + spec.vocab // tp * 4
+    usable = cluster.device.hbm_bytes * GPU_MEMORY_UTILIZATION - cluster.device.memory_overhead.fixed_gib * 2**30
+    kv = max(0.0, usable - weights - workspace)
+    per_token = 2 * math.ceil(spec.layers / pp) * kv_heads_per_gpu(spec, tp) * spec.head_dim * e
+    capacity = int(kv // per_token)
+    P, O, b = req.prompt_len, req.output_len, req.block_tokens
+    if P + O > spec.seq_len:
+        raise ConfigError(f"prompt {P} + output {O} tokens exceed the model's context of {spec.seq_len}")
+    contiguous = req.beam * spec.seq_len  # the whole context reserved per beam
+    paged = b * (math.ceil(P / b) + req.beam * math.ceil(O / b))  # the prompt's blocks shared by the beams
+    used = P + req.beam * O
+    return KVBudget(
+        weights_gib=weights / 2**30, workspace_gib=workspace / 2**30, kv_gib=kv / 2**30,
+        kv_bytes_per_token_gpu=per_token, capacity_tokens=capacity, reserved_tokens_contiguous=contiguous,
+        reserved_tokens_paged=paged, used_tokens=used, max_batch_contiguous=capacity // contiguous,
+        max_batch_paged=capacity // paged,
+    )
+
+
+def prefill_s(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: int, pp: int, batch: int = 1) -> float:
+    """`batch` prompts through every stage, and the logits of their last tokens."""
+    s = Strategy(tp=tp, precision=req.precision, microbatch_size=batch, global_batch=batch,
+                 seq_len=req.prompt_len, sequence_parallel=False)
+    tp_group, cp_group = cluster.group(tp, 1), cluster.group(1, tp)
+    per_layer = layer_cost(spec.with_seq_len(req.prompt_len), s, cluster, tp_group, cp_group).forward.total
+    dev, e = cluster.device, req.bytes_per_value
+    logits = dev.gemm_s(2.0 * batch * spec.hidden * spec.vocab / tp, e * spec.hidden * spec.vocab / tp, req.precision)
+    hops = (pp - 1) * send_recv_s(batch * req.prompt_len * spec.hidden * e, cluster.p2p_link(tp))
+    return spec.layers * per_layer + logits + hops
+
+
+def decode_step_s(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: int, pp: int, batch: int,
+                  context: float) -> float:
+    """One token for every sequence of the batch with `context` tokens cached (per beam)."""
+    dev, e = cluster.device, req.bytes_per_value
+    rows = batch * req.beam
+    params = _params_per_tp_rank(spec, tp)
+    kv_layer = 2 * kv_heads_per_gpu(spec, tp) * spec.head_dim * e  # bytes per cached token per layer per GPU
+    flops = 2.0 * params * rows + 4.0 * rows * context * spec.hidden / tp  # weights, then QK^T and PV
+    moved = params * e + rows * context * kv_layer
+    layer = max(flops / dev.peak_flops(req.precision), dev.memory_s(moved))
+    layer += dev.layer_overhead_s(tensor_parallel=tp > 1, fsdp=False)[0]
+    if tp > 1:
+        layer += 2 * all_reduce_s(rows * spec.hidden * e, cluster.group(tp, 1))
+    head = dev.memory_s(spec.vocab / tp * spec.hidden * e)
+    hops = (pp - 1) * send_recv_s(rows * spec.hidden * e, cluster.p2p_link(tp))
+    return spec.layers * layer + head + hops
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServingPoint:
+    tp: int
+    pp: int
+    replicas: int
+    batch: int
+    ttft_s: float
+    tpot_s: float
+    throughput_tokens_per_s: float  # the whole cluster
+    budget: KVBudget
+    speculative_speedup: float = 1.0
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.pp * self.replicas
+
+    def to_dict(self) -> dict:
+        b = self.budget
+        return {
+            "tp": self.tp, "pp": self.pp, "replicas": self.replicas, "batch": self.batch,
+            "ttft_ms": round(self.ttft_s * 1e3, 3), "tpot_ms": round(self.tpot_s * 1e3, 3),
+            "throughput_tokens_per_s": round(self.throughput_tokens_per_s, 1),
+            "speculative_speedup": round(self.speculative_speedup, 3),
+            "weights_gib_per_gpu": round(b.weights_gib, 2), "kv_gib_per_gpu": round(b.kv_gib, 2),
+            "kv_capacity_tokens": b.capacity_tokens, "max_batch_paged": b.max_batch_paged,
+            "max_batch_contiguous": b.max_batch_contiguous,
+            "fragmentation_paged": round(b.fragmentation_paged, 4),
+            "fragmentation_contiguous": round(b.fragmentation_contiguous, 4),
+        }
+
+
+def evaluate(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: int, pp: int, batch: int,
+             budget: KVBudget | None = None) -> ServingPoint:
+    budget = budget or kv_budget(spec, cluster, req, tp, pp)
+    prefill = prefill_s(spec, cluster, req, tp, pp)
+    tpot = decode_step_s(spec, cluster, req, tp, pp, batch, req.prompt_len + req.output_len / 2)
+    ttft = prefill + tpot
+    speedup = 1.0
+    if req.draft is not None:
+        draft = decode_step_s(req.draft, cluster, req, tp, 1, batch, req.prompt_len + req.output_len / 2)
+        speedup = speculative_speedup(req.acceptance, req.draft_len, draft / tpot)
+        tpot /= speedup
+    replicas = cluster.world_size // (tp * pp)
+    total = req.output_len * tpot + batch * prefill
+    return ServingPoint(tp=tp, pp=pp, replicas=replicas, batch=batch, ttft_s=ttft, tpot_s=tpot,
+                        throughput_tokens_per_s=replicas * batch * req.output_len / total, budget=budget,
+                        speculative_speedup=speedup)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServingPlan:
+    best: ServingPoint
+    curves: dict[tuple[int, int], list[ServingPoint]] = field(default_factory=dict)  # (tp, pp) -> by batch
+    refused: dict[tuple[int, int], str] = field(default_factory=dict)
+
+
+def _batches(limit: int) -> list[int]:
+    out, b = [], 1
+    while b < limit:
+        out.append(b)
+        b *= 2
+    return out + [limit]
+
+
+def plan_serving(spec: ModelSpec, cluster: Cluster, req: ServingRequest) -> ServingPlan:
+    """Search tp (within a node) x pp x replicas and the batch: the most tokens per second
+    whose TTFT and TPOT meet the targets, with the KV cache in paged blocks.
+
+    Formulation: enumerate every layout tp * pp dividing the GPU count with tp <= GPUs per
+    node and the heads splitting (layout_problems); for each, batches 1, 2, 4, ... up to the
+    paged KV capacity (or the requested batch); keep the points meeting max_ttft/max_tpot;
+    maximise cluster throughput. Exhaustive, so the optimum over the grid is exact."""
+    n = cluster.world_size
+    curves, refused, best = {}, {}, None
+    for tp in [d for d in range(1, min(n, cluster.gpus_per_node) + 1) if n % d == 0]:
+        for pp in [d for d in range(1, n // tp + 1) if (n // tp) % d == 0]:
+            why = layout_problems(spec, tp, pp)
+            if why:
+                refused[(tp, pp)] = "; ".join(why)
+                continue
+            budget = kv_budget(spec, cluster, req, tp, pp)
+            if budget.max_batch_paged < 1:
+                refused[(tp, pp)] = (f"weights need {budget.weights_gib:.1f} GiB per GPU, leaving no room for one "
+                                     f"sequence's KV cache on {cluster.device.hbm_gib:g} GiB")
+                continue
+            if req.batch is not None and req.batch > budget.max_batch_paged:
+                refused[(tp, pp)] = f"batch {req.batch} exceeds the KV capacity of {budget.max_batch_paged} sequences"
+                continue
+            batches = [req.batch] if req.batch is not None else _batches(budget.max_batch_paged)
+            points = [evaluate(spec, cluster, req, tp, pp, b, budget) for b in batches]
+            curves[(tp, pp)] = points
+            for p in points:
+                if req.max_ttft_ms is not None and p.ttft_s * 1e3 > req.max_ttft_ms:
+                    continue
+                if req.max_tpot_ms is not None and p.tpot_s * 1e3 > req.max_tpot_ms:
+                    continue
+                if best is None or p.throughput_tokens_per_s > best.throughput_tokens_per_s:
+                    best = p
+    if best is None:
+        reasons = "; ".join(f"tp{tp} x pp{pp}: {why}" for (tp, pp), why in list(refused.items())[:3])
+        targets = " within the latency targets" if req.max_ttft_ms or req.max_tpot_ms else ""
+        raise ConfigError(f"no layout serves {spec.name} on {cluster.name}{targets}"
+                          f"{' (' + reasons + ')' if reasons else ''}; add GPUs, shorten the sequences or relax the targets")
+    return ServingPlan(best=best, curves=curves, refused=refused)

@@ -1,0 +1,65 @@
+"""`paraplan replan PLAN --gpus N`: the same model, batch and precision planned for N GPUs
+(a node lost or added). The new plan resumes from the old plan's checkpoints: they are keyed
+by parameter name and DCP reshards them on load."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from costmodel import ConfigError, load_cluster
+from planner.commands.simulate import format_table
+from planner.files import atomic_write_text
+from planner.plan import Plan, plan_from_strategy
+from planner.search import SearchRequest, run_search
+
+
+def resized_cluster(cluster: str, gpus: int) -> str:
+    """DEVICE:COUNT with the new count; a cluster file needs --cluster."""
+    device, sep, count = cluster.rpartition(":")
+    if not sep or not device or not count.isdigit():
+        raise ConfigError(f"the plan's cluster '{cluster}' is a file; give the new cluster with --cluster")
+    return f"{device}:{gpus}"
+
+
+def runtime_constraints(plan: Plan) -> dict:
+    """Strategy flags that keep the new plan runnable and numerically the same run: the
+    precision, sequence length and attention kernel stay; the runtime has no context
+    parallelism and cannot split tied embeddings over pipeline stages."""
+    fixed = {"precision": plan.precision, "seq_len": plan.seq_len, "flash_attention": plan.flash_attention, "cp": 1}
+    if plan.spec.tied_embeddings:
+        fixed["pp"] = 1
+    return fixed
+
+
+def run_replan(args: argparse.Namespace) -> int:
+    path = Path(args.plan)
+    if not path.exists():
+        raise ConfigError(f"plan file {args.plan} does not exist")
+    if args.gpus is None or args.gpus < 1:
+        raise ConfigError("replan needs --gpus N, a positive GPU count")
+    old = Plan.from_yaml(path.read_text())
+    cluster_text = args.cluster or resized_cluster(old.cluster, args.gpus)
+    cluster = load_cluster(cluster_text)
+    if cluster.world_size != args.gpus:
+        raise ConfigError(f"--cluster {cluster_text} has {cluster.world_size} GPUs, not --gpus {args.gpus}")
+    spec = old.spec
+    req = SearchRequest(spec=spec, cluster=cluster, global_batch=old.global_batch, fixed=runtime_constraints(old),
+                        time_limit_s=args.time_limit, progress=sys.stderr.isatty() and not args.json)
+    found = run_search(req)
+    plan = plan_from_strategy(spec, found.strategy, cluster_text, found.result.predicted(), found.stats)
+    plan = plan.__class__(**{**{f: getattr(plan, f) for f in plan.__slots__}, "placements": found.placements})
+    if args.output:
+        atomic_write_text(args.output, plan.to_yaml())
+    if args.json:
+        import json
+
+        print(json.dumps({"plan": plan.to_dict()}, indent=2))
+    else:
+        print(f"re-planned {args.plan} ({old.world_size} processes) for {args.gpus} GPUs")
+        print(format_table(spec, cluster_text, found.strategy, found.result))
+        if args.output:
+            print(f"  plan written to {args.output}; `paraplan run {args.output} --resume --checkpoint-dir DIR` "
+                  "continues from the old plan's checkpoints")
+    return 0

@@ -1,0 +1,92 @@
+"""`paraplan plan --mode inference`: the serving layout (tp x pp x replicas) and batch with
+the most tokens per second within the latency targets, the KV cache in paged blocks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from costmodel import ConfigError, Strategy, load_cluster
+from costmodel.serving import ServingPlan, ServingPoint, ServingRequest, kv_bytes_per_token, plan_serving
+from planner.files import atomic_write_text
+from planner.model_source import load_model_spec
+from planner.plan import plan_from_strategy
+
+SERVING_FLAGS = ("prompt_len", "output_len", "batch", "max_ttft_ms", "max_tpot_ms", "beam", "block_size",
+                 "draft_model", "draft_len", "acceptance")
+
+
+def serving_request(args: argparse.Namespace) -> ServingRequest:
+    if args.prompt_len is None or args.output_len is None:
+        raise ConfigError("--mode inference needs --prompt-len and --output-len")
+    draft = load_model_spec(args.draft_model) if args.draft_model else None
+    return ServingRequest(
+        prompt_len=args.prompt_len, output_len=args.output_len, batch=args.batch, max_ttft_ms=args.max_ttft_ms,
+        max_tpot_ms=args.max_tpot_ms, beam=args.beam or 1, block_tokens=args.block_size or 16,
+        precision=args.precision or "bf16", draft=draft, draft_len=args.draft_len or 4,
+        acceptance=0.8 if args.acceptance is None else args.acceptance,
+    )
+
+
+def predicted(spec, req: ServingRequest, p: ServingPoint) -> dict:
+    """The plan's `predicted` for serving (DESIGN.md): ttft_s, tpot_s, kv_cache_bytes_per_token,
+    max_batch, and what else the point knows."""
+    return {
+        "ttft_s": p.ttft_s, "tpot_s": p.tpot_s, "kv_cache_bytes_per_token": kv_bytes_per_token(spec, req.bytes_per_value),
+        "max_batch": p.budget.max_batch_paged, "max_batch_contiguous": p.budget.max_batch_contiguous,
+        "batch": p.batch, "throughput_tokens_per_s": p.throughput_tokens_per_s,
+        "kv_capacity_tokens": p.budget.capacity_tokens, "weights_gib_per_gpu": p.budget.weights_gib,
+        "kv_gib_per_gpu": p.budget.kv_gib, "fragmentation_paged": p.budget.fragmentation_paged,
+        "fragmentation_contiguous": p.budget.fragmentation_contiguous, "speculative_speedup": p.speculative_speedup,
+    }
+
+
+def format_serving(spec, cluster_text: str, req: ServingRequest, found: ServingPlan) -> str:
+    p, b = found.best, found.best.budget
+    lines = [
+        f"{spec.name} ({spec.num_params / 1e9:.2f}B params) serving on {cluster_text}: prompt {req.prompt_len}, "
+        f"output {req.output_len} tokens{f', beam {req.beam}' if req.beam > 1 else ''}",
+        f"  layout tp {p.tp} x pp {p.pp}, {p.replicas} replica(s); batch {p.batch} sequences per replica",
+        f"  TTFT {p.ttft_s * 1e3:9.1f} ms   TPOT {p.tpot_s * 1e3:7.2f} ms   throughput {p.throughput_tokens_per_s:9.0f} "
+        f"tokens/s" + (f"   (speculative x{p.speculative_speedup:.2f})" if req.draft is not None else ""),
+        f"  KV cache {kv_bytes_per_token(spec, req.bytes_per_value) / 1024:.0f} KiB per token; per GPU: weights "
+        f"{b.weights_gib:.1f} GiB, cache {b.kv_gib:.1f} GiB = {b.capacity_tokens} tokens per replica",
+        f"  batch limit: paged ({req.block_tokens}-token blocks) {b.max_batch_paged} sequences, fragmentation "
+        f"{100 * b.fragmentation_paged:.1f}%; contiguous {b.max_batch_contiguous}, fragmentation "
+        f"{100 * b.fragmentation_contiguous:.1f}%",
+        "",
+        "  layout      batch   TPOT ms   tokens/s   (the throughput-latency curve of each layout)",
+    ]
+    for (tp, pp), points in sorted(found.curves.items()):
+        for q in points:
+            lines.append(f"  tp{tp} x pp{pp} {q.batch:8d} {q.tpot_s * 1e3:9.2f} {q.throughput_tokens_per_s:10.0f}")
+    for (tp, pp), why in sorted(found.refused.items()):
+        lines.append(f"  tp{tp} x pp{pp}: {why}")
+    return "\n".join(lines)
+
+
+def run_serving(args: argparse.Namespace) -> int:
+    if not args.model or not args.cluster:
+        raise ConfigError("plan --mode inference needs --model and --cluster")
+    spec = load_model_spec(args.model)
+    cluster = load_cluster(args.cluster)
+    req = serving_request(args)
+    found = plan_serving(spec, cluster, req)
+    best = found.best
+    s = Strategy(tp=best.tp, pp=best.pp, dp=best.replicas, microbatch_size=best.batch,
+                 global_batch=best.batch * best.replicas, precision=req.precision, seq_len=spec.seq_len,
+                 sequence_parallel=False)
+    plan = plan_from_strategy(spec, s, args.cluster, predicted(spec, req, best))
+    plan = plan.__class__(**{**{f: getattr(plan, f) for f in plan.__slots__}, "mode": "inference",
+                             "serving": {"prompt_len": req.prompt_len, "output_len": req.output_len, "beam": req.beam,
+                                         "block_tokens": req.block_tokens, "replicas": best.replicas}})
+    if args.output:
+        atomic_write_text(args.output, plan.to_yaml())
+    if args.json:
+        print(json.dumps({"plan": plan.to_dict(), "curves": {f"tp{tp}_pp{pp}": [q.to_dict() for q in pts]
+                                                             for (tp, pp), pts in found.curves.items()}}, indent=2))
+    else:
+        print(format_serving(spec, args.cluster, req, found))
+        if args.output:
+            print(f"  plan written to {args.output}")
+    return 0

@@ -1,0 +1,133 @@
+"""Serving: KV bytes (golden), GQA/MQA, paged blocks against contiguous allocation, beams,
+prefill and decode rooflines, speculative decoding, the layout search and its command line."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import yaml
+
+from costmodel import ConfigError, load_cluster
+from costmodel.serving import (
+    ServingRequest, decode_step_s, kv_budget, kv_bytes_per_token, kv_heads_per_gpu, layout_problems, plan_serving,
+    prefill_s, speculative_speedup, weights_bytes_per_gpu,
+)
+from golden_data import KV_BYTES_PER_TOKEN_KIB
+from planner.zoo import ZOO
+from tests_helpers import paraplan
+
+H100 = load_cluster("h100-sxm:8")
+REQ = ServingRequest(prompt_len=1024, output_len=256)
+
+
+@pytest.mark.parametrize("name", sorted(KV_BYTES_PER_TOKEN_KIB))
+def test_kv_bytes_per_token_golden(name):
+    # Llama-2-70B fp16: 80 layers x 8 KV heads x 128 x (K, V) x 2 bytes = 320 KiB; Llama-3-8B: 128 KiB
+    assert kv_bytes_per_token(ZOO[name], 2) == KV_BYTES_PER_TOKEN_KIB[name] * 1024
+
+
+def test_gqa_against_mha_memory_and_batch():
+    gqa = ZOO["llama2-70b"]
+    mha = replace(gqa, kv_heads=gqa.heads)
+    assert kv_bytes_per_token(mha) / kv_bytes_per_token(gqa) == 8  # 64 query heads share 8 KV heads
+    a, b = kv_budget(gqa, H100, REQ, 8, 1), kv_budget(mha, H100, REQ, 8, 1)
+    assert b.kv_bytes_per_token_gpu == 8 * a.kv_bytes_per_token_gpu
+    # MHA's larger K/V projections leave a little less memory, and each GiB holds 8x fewer tokens
+    assert b.kv_gib < a.kv_gib
+    assert a.capacity_tokens / b.capacity_tokens == pytest.approx(8 * a.kv_gib / b.kv_gib, rel=0.001)
+    assert a.max_batch_paged > 8 * b.max_batch_paged
+
+
+def test_tp_against_kv_heads():
+    spec = ZOO["llama2-70b"]  # 8 KV heads
+    assert kv_heads_per_gpu(spec, 4) == 2 and kv_heads_per_gpu(spec, 8) == 1
+    mqa = replace(spec, kv_heads=1)
+    assert kv_heads_per_gpu(mqa, 8) == 1  # replicated: the cache per GPU does not shrink with tp
+    assert layout_problems(mqa, 8, 1) == []
+    odd = replace(spec, heads=48, kv_heads=6, hidden=6144)
+    assert any("do not nest" in p for p in layout_problems(odd, 8, 1))  # 8 GPUs cannot share 6 KV heads
+    assert any("does not divide kv_heads" in p for p in layout_problems(odd, 4, 1))
+    # tp 8 over 4 KV heads nests (each GPU keeps one, replicated twice)
+    assert layout_problems(replace(spec, kv_heads=4), 8, 1) == []
+
+
+def test_paged_blocks_against_contiguous():
+    spec = ZOO["llama2-70b"]  # 4096-token context
+    req = ServingRequest(prompt_len=1000, output_len=100, block_tokens=16)
+    b = kv_budget(spec, H100, req, 8, 1)
+    assert b.reserved_tokens_paged == 16 * (63 + 7) and b.used_tokens == 1100
+    assert b.fragmentation_paged == pytest.approx(1 - 1100 / 1120)
+    assert b.reserved_tokens_contiguous == 4096 and b.fragmentation_contiguous == pytest.approx(1 - 1100 / 4096)
+    assert b.max_batch_paged == b.capacity_tokens // 1120 and b.max_batch_contiguous == b.capacity_tokens // 4096
+
+
+def test_beams_multiply_the_cache_and_paged_blocks_share_the_prompt():
+    spec = ZOO["llama2-70b"]
+    one, four = (kv_budget(spec, H100, ServingRequest(prompt_len=1024, output_len=256, beam=k), 8, 1) for k in (1, 4))
+    assert four.reserved_tokens_contiguous == 4 * one.reserved_tokens_contiguous
+    assert four.reserved_tokens_paged == 1024 + 4 * 256  # one prompt, four outputs
+    assert four.max_batch_paged < one.max_batch_paged and four.max_batch_contiguous == one.max_batch_contiguous // 4
+
+
+def test_weights_fill_the_gpu_without_room_for_a_cache():
+    spec = ZOO["llama2-70b"]
+    assert weights_bytes_per_gpu(spec, 1, 1, 2) / 2**30 > 128  # 69B params in bf16 on one GPU
+    with pytest.raises(ConfigError, match="no layout serves llama2-70b"):
+        plan_serving(spec, load_cluster("h100-sxm:1"), REQ)
+
+
+def test_decode_is_memory_bound_and_prefill_compute_bound():
+    spec, dev = ZOO["llama2-70b"], H100.device
+    weights = weights_bytes_per_gpu(spec, 4, 1, 2)
+    step = decode_step_s(spec, H100, REQ, 4, 1, batch=1, context=1024)
+    read = dev.memory_s(weights)
+    assert read < step < 1.6 * read  # reading the weights dominates one token at batch 1 (plus TP all-reduces)
+    prefill = prefill_s(spec, H100, REQ, 4, 1)
+    at_peak = 2 * spec.num_params * 1024 / 4 / dev.peak_flops("bf16")
+    assert at_peak < prefill < 3 * at_peak  # the arithmetic at the GEMM efficiency, plus the TP all-reduces
+    # 1024 tokens do 1024 FLOPs per weight byte, over H100's ridge (~295): compute-bound, several times the read
+    assert prefill > 2.5 * read
+    # decode time grows with the batch far slower than linearly (the weights are read once)
+    assert decode_step_s(spec, H100, REQ, 4, 1, batch=64, context=1024) < 4 * step
+
+
+def test_speculative_decoding_formula():
+    # Leviathan et al. 2023: expected tokens per target step (1 - a^(g+1)) / (1 - a)
+    assert speculative_speedup(0.7, 3, 0.0) == pytest.approx((1 - 0.7**4) / 0.3)  # 2.533 with a free draft
+    assert speculative_speedup(0.8, 4, 0.05) == pytest.approx((1 - 0.8**5) / (0.2 * 1.2))
+    assert speculative_speedup(0.0, 4, 0.1) < 1  # nothing accepted: the draft only costs
+    req = ServingRequest(prompt_len=512, output_len=128, batch=1, draft=ZOO["llama2-7b"], draft_len=4, acceptance=0.8)
+    spec = ZOO["llama2-70b"]
+    plain = plan_serving(spec, H100, replace(req, draft=None)).best
+    spec_dec = plan_serving(spec, H100, req).best
+    assert spec_dec.speculative_speedup > 1.5 and spec_dec.tpot_s < plain.tpot_s / 1.5
+
+
+def test_the_search_meets_the_latency_target_and_prefers_throughput():
+    spec = ZOO["llama2-70b"]
+    free = plan_serving(spec, H100, REQ)
+    tight = plan_serving(spec, H100, replace(REQ, max_tpot_ms=25.0))
+    assert tight.best.tpot_s * 1e3 <= 25.0 < free.best.tpot_s * 1e3
+    assert tight.best.throughput_tokens_per_s < free.best.throughput_tokens_per_s
+    # every layout's curve: more batch, more throughput, more latency
+    for points in free.curves.values():
+        assert all(a.tpot_s <= b.tpot_s and a.throughput_tokens_per_s < b.throughput_tokens_per_s
+                   for a, b in zip(points, points[1:]))
+
+
+def test_command_line_writes_a_serving_plan(tmp_path):
+    out = tmp_path / "serve.yaml"
+    run = paraplan("plan", "--mode", "inference", "--model", "llama2-70b", "--cluster", "h100-sxm:8",
+                   "--prompt-len", "1024", "--output-len", "256", "--max-tpot-ms", "40", "-o", str(out), "--json")
+    assert run.returncode == 0, run.stderr
+    plan = yaml.safe_load(out.read_text())
+    assert plan["mode"] == "inference" and plan["serving"]["prompt_len"] == 1024
+    p = plan["predicted"]
+    assert p["kv_cache_bytes_per_token"] == 320 * 1024 and p["tpot_s"] <= 0.040 and p["ttft_s"] > p["tpot_s"]
+    assert p["max_batch"] >= p["batch"] >= 1
+    assert json.loads(run.stdout)["plan"]["mesh"]["tp"] * json.loads(run.stdout)["plan"]["mesh"]["dp_replicate"] <= 8
+    bad = paraplan("plan", "--mode", "inference", "--model", "llama2-70b", "--cluster", "h100-sxm:8")
+    assert bad.returncode == 2 and "--prompt-len" in bad.stderr
+    never = paraplan("plan", "--mode", "inference", "--model", "llama2-70b", "--cluster", "h100-sxm:8",
+                     "--prompt-len", "1024", "--output-len", "256", "--max-tpot-ms", "1")
+    assert never.returncode == 2 and "latency targets" in never.stderr and "Traceback" not in never.stderr
