@@ -113,6 +113,17 @@ def test_replan_for_fewer_processes_resumes_from_the_old_checkpoint(tmp_path):
     for step in range(5, steps + 1):
         assert got[step] == pytest.approx(want[step], rel=1e-5), (step, got, want)
     assert got[5] != got[4]  # training went on
+    # the same checkpoint also resumes cut into pipeline stages (tiny-llama is untied)
+    piped = write_plan(tmp_path, "tiny-llama", Strategy(precision="fp32", pp=2, global_batch=8, microbatch_size=2,
+                                                        schedule="1f1b"), "pp2")
+    metrics_pp = tmp_path / "pp.jsonl"
+    resumed = torchrun(2, [piped], tmp_path / "o4.jsonl", "--steps", str(steps), "--metrics", str(metrics_pp),
+                       "--checkpoint-dir", str(ckpt), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    got = _losses(metrics_pp)
+    assert sorted(got) == list(range(5, steps + 1))  # went on from step 4
+    for step in range(5, steps + 1):
+        assert got[step] == pytest.approx(want[step], rel=1e-5), (step, got, want)
 
 
 def test_replan_refuses_what_it_cannot_do(tmp_path):
