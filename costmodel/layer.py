@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from costmodel import lora
 from costmodel.cluster import Cluster
 from costmodel.collectives import all_gather_s, all_reduce_s, reduce_scatter_s, send_recv_s
 from costmodel.network import Group
@@ -59,7 +60,8 @@ class LayerCost:
     forward: Part
     backward: Part  # recompute included
     wgrad_s: float  # weight-gradient GEMM time inside the backward (overlap budget)
-    params: int  # parameters of the layer held by one tp rank
+    params: int  # trained parameters of the layer on one tp rank (all of them; LoRA: the adapters)
+    frozen_bytes: float = 0.0  # bytes of frozen weights on one tp rank (LoRA's base)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,9 +137,17 @@ def layer_cost(spec: ModelSpec, strategy: Strategy, cluster: Cluster, tp_group: 
     elem_f = dev.memory_s(elementwise)
     # host dispatch the device does not hide (the runtime wraps every block in FSDP2 when dp > 1)
     host_f, host_b = dev.layer_overhead_s(tensor_parallel=strategy.tp > 1, fsdp=strategy.dp > 1)
-    fwd_compute = gemms + attn_f + elem_f + host_f
-    bwd_compute = 2 * gemms + attn_b + 2 * elem_f + host_b
-    wgrad = gemms
+    if strategy.lora:  # frozen base: input gradients only; adapters: both; QLoRA dequantizes at each use
+        adapters = sum(_gemm(dev, dtype, T, a, r, e) + _gemm(dev, dtype, T, r, b, e)
+                       for a, r, b in lora.adapter_shapes(spec, strategy.lora_targets, strategy.lora_rank, strategy.tp))
+        dequant = dev.memory_s(lora.dequant_bytes(spec, strategy.tp, strategy.base_precision))
+        fwd_compute = gemms + adapters + dequant + attn_f + elem_f + host_f
+        bwd_compute = gemms + 2 * adapters + dequant + attn_b + 2 * elem_f + host_b
+        wgrad = adapters
+    else:
+        fwd_compute = gemms + attn_f + elem_f + host_f
+        bwd_compute = 2 * gemms + attn_b + 2 * elem_f + host_b
+        wgrad = gemms
     # -- tensor-parallel collectives of one (b, s, h) activation each (tp_collectives_per_layer)
     act_bytes = T * h * e
     calls = tp_collectives_per_layer(strategy) if tp_group.size > 1 else {"forward": {}, "backward": {}}
@@ -160,12 +170,16 @@ def layer_cost(spec: ModelSpec, strategy: Strategy, cluster: Cluster, tp_group: 
         re_compute, re_tp = attn_f, 0.0
     else:
         re_compute, re_tp = 0.0, 0.0
-    params = _params_per_tp_rank(spec, strategy.tp)
+    params, frozen = _params_per_tp_rank(spec, strategy.tp), 0.0
+    if strategy.lora:
+        frozen = lora.frozen_layer_bytes(spec, strategy.tp, strategy.base_precision, strategy.policy.param_bytes)
+        params = lora.adapter_params_per_tp_rank(spec, strategy.lora_targets, strategy.lora_rank, strategy.tp)
     return LayerCost(
         forward=Part(compute=fwd_compute, tp_comm=tp_f, cp_comm=cp_f),
         backward=Part(compute=bwd_compute, recompute=re_compute, tp_comm=tp_b + re_tp, cp_comm=cp_b),
         wgrad_s=wgrad,
         params=params,
+        frozen_bytes=frozen,
     )
 
 
@@ -201,6 +215,8 @@ class EndsCost:
     head_backward: Part
     embed_params: int  # per tp rank (vocab-parallel)
     head_params: int  # per tp rank; with tied embeddings on pp > 1 the last stage keeps a copy
+    embed_frozen_bytes: float = 0.0  # LoRA: the ends are frozen
+    head_frozen_bytes: float = 0.0
 
 
 def ends_cost(spec: ModelSpec, strategy: Strategy, cluster: Cluster, tp_group: Group) -> EndsCost:
@@ -227,6 +243,12 @@ def ends_cost(spec: ModelSpec, strategy: Strategy, cluster: Cluster, tp_group: G
     head_b = Part(compute=2 * norm + 2 * logits + xent, tp_comm=gather)
     embed_params = vocab_local * h + (spec.seq_len * h if spec.position is Position.LEARNED else 0)
     head_params = spec.norm_params + (vocab_local * h if not spec.tied_embeddings or strategy.pp > 1 else 0)
+    frozen = (0.0, 0.0)
+    if strategy.lora:  # frozen ends: no gradient or optimizer state, no weight-gradient GEMM
+        head_b = Part(compute=2 * norm + logits + xent, tp_comm=gather)
+        embed_b = 0.0
+        frozen = (embed_params * strategy.policy.param_bytes, head_params * strategy.policy.param_bytes)
+        embed_params = head_params = 0
     return EndsCost(
         embed_forward=Part(compute=embed_f, tp_comm=reduce),
         embed_backward=Part(compute=embed_b),
@@ -234,4 +256,6 @@ def ends_cost(spec: ModelSpec, strategy: Strategy, cluster: Cluster, tp_group: G
         head_backward=head_b,
         embed_params=embed_params,
         head_params=head_params,
+        embed_frozen_bytes=frozen[0],
+        head_frozen_bytes=frozen[1],
     )

@@ -129,13 +129,14 @@ def build_step(spec: ModelSpec, strategy: Strategy, cluster: Cluster) -> StepMod
     counts = stage_layer_counts(spec, s)
     k_stages, pp, m = s.num_stages, s.pp, s.num_microbatches
 
-    gathers: dict[int, float] = {}
+    gathers: dict[tuple[int, float], float] = {}
     scatters: dict[int, float] = {}
 
-    def gather_s(params: int) -> float:  # one all-gather of a layer's 16-bit weights
-        if params not in gathers:
-            gathers[params] = all_gather_s(params * pol.param_bytes, shard_group)
-        return gathers[params]
+    def gather_s(params: int, frozen: float = 0.0) -> float:  # one all-gather of a layer's 16-bit weights
+        key = (params, frozen)
+        if key not in gathers:
+            gathers[key] = all_gather_s(params * pol.param_bytes + frozen, shard_group)
+        return gathers[key]
 
     def scatter_s(params: int) -> float:  # one reduce-scatter of a layer's gradients
         if params not in scatters:
@@ -149,8 +150,13 @@ def build_step(spec: ModelSpec, strategy: Strategy, cluster: Cluster) -> StepMod
         f_parts = ([ends.embed_forward] if first else []) + [layer.forward] * n + ([ends.head_forward] if last else [])
         b_parts = ([ends.head_backward] if last else []) + [layer.backward] * n + ([ends.embed_backward] if first else [])
         params = ([ends.embed_params] if first else []) + [layer.params] * n + ([ends.head_params] if last else [])
+        frozen = ([ends.embed_frozen_bytes] if first else []) + [layer.frozen_bytes] * n + (
+            [ends.head_frozen_bytes] if last else [])
         zero = s.zero if shard > 1 else 0
-        gather = [gather_s(p) for p in params] if zero >= 1 else []
+        if zero >= 3:  # FSDP gathers the frozen weights too; ZeRO-1/2 gather only what the optimizer updated
+            gather = [gather_s(p, f) for p, f in zip(params, frozen)]
+        else:
+            gather = [gather_s(p) for p in params] if zero >= 1 else []
         scatter = [scatter_s(p) for p in params] if zero >= 2 else []
         ov = cluster.overlaps_comm
         fwd.append(_task(f_parts, layer.forward, n, gather if zero == 3 else [], [], ov))
@@ -176,14 +182,15 @@ def build_step(spec: ModelSpec, strategy: Strategy, cluster: Cluster) -> StepMod
         comm += _gather_total(params, pol.param_bytes, shard, shard_group, s.zero)
         dp_comm.append(comm)
         optim.append(cluster.device.memory_s(params / (shard if s.zero >= 1 else 1) * ADAM_BYTES_PER_PARAM)
-                     + cluster.device.optimizer_overhead_s(_rank_tensors(spec, counts, r, pp), dtensor=s.dp * s.tp * s.cp > 1))
+                     + cluster.device.optimizer_overhead_s(_rank_tensors(spec, s, counts, r, pp), dtensor=s.dp * s.tp * s.cp > 1))
     tokens = s.global_batch * spec.seq_len
+    flops_share = 2 / 3 if s.lora else 1.0  # frozen weights skip the weight-gradient GEMMs: 4 N T, not 6 N T
     return StepModel(
         spec=spec, strategy=s, cluster=cluster, layers=counts, orders=orders,
         forward=tuple(fwd), forward_first=tuple(fwd_first), backward=tuple(bwd), buckets=tuple(buckets),
         p2p_s=p2p, dp_comm_s=tuple(dp_comm), optimizer_s=tuple(optim), memory=memory,
-        model_flops=model_flops_per_step(spec, tokens, spec.seq_len),
-        hardware_flops=hardware_flops_per_step(spec, tokens, spec.seq_len, per_policy, s.flash_attention),
+        model_flops=flops_share * model_flops_per_step(spec, tokens, spec.seq_len),
+        hardware_flops=flops_share * hardware_flops_per_step(spec, tokens, spec.seq_len, per_policy, s.flash_attention),
         tokens=tokens,
     )
 
@@ -247,9 +254,11 @@ def _rank_params(counts, layer: LayerCost, ends, rank: int, pp: int) -> int:
     return params + (ends.embed_params if 0 in chunks else 0) + (ends.head_params if len(counts) - 1 in chunks else 0)
 
 
-def _rank_tensors(spec: ModelSpec, counts, rank: int, pp: int) -> int:
-    """Parameter tensors pipeline rank `rank` holds."""
+def _rank_tensors(spec: ModelSpec, s: Strategy, counts, rank: int, pp: int) -> int:
+    """Parameter tensors the optimizer of pipeline rank `rank` visits (LoRA: two per adapter)."""
     chunks = range(rank, len(counts), pp)
+    if s.lora:
+        return sum(counts[k] for k in chunks) * 2 * len(s.lora_targets)
     embed, head = spec.ends_tensors
     return (sum(counts[k] for k in chunks) * spec.layer_tensors + (embed if 0 in chunks else 0)
             + (head if len(counts) - 1 in chunks else 0))
@@ -266,6 +275,10 @@ def _rank_memory(spec, s: Strategy, cluster: Cluster, layer: LayerCost, ends, co
         params, shard, s.zero if shard > 1 else 0,
         param_bytes=pol.param_bytes, grad_bytes=pol.grad_bytes, optimizer_bytes=pol.optimizer_bytes,
     )
+    if s.lora:  # the frozen base: weights only, sharded by FSDP (ZeRO-3)
+        frozen = (sum(counts[k] for k in chunks) * layer.frozen_bytes + (ends.embed_frozen_bytes if 0 in chunks else 0)
+                  + (ends.head_frozen_bytes if k_stages - 1 in chunks else 0))
+        p += frozen / (shard if s.zero == 3 and shard > 1 else 1)
     def per_layer(k: int) -> float:
         return layer_activation_bytes(
             spec, seq=seq, batch=s.microbatch_size, tp=s.tp, sequence_parallel=s.sequence_parallel,
@@ -288,6 +301,6 @@ def _rank_memory(spec, s: Strategy, cluster: Cluster, layer: LayerCost, ends, co
     overhead = cluster.device.memory_overhead
     buffers = 0.0
     if s.zero == 3 and shard > 1:  # two layers gathered (current, prefetched) and one unsharded gradient
-        buffers = layer.params * (2 * pol.param_bytes + pol.grad_bytes)
+        buffers = 2 * (layer.params * pol.param_bytes + layer.frozen_bytes) + layer.params * pol.grad_bytes
     other = overhead.fixed_gib * GIB + buffers + overhead.fragmentation * (p + g + o + activations)
     return RankMemory(parameters=p, gradients=g, optimizer=o, activations=activations, other=other)

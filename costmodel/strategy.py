@@ -82,8 +82,27 @@ class Strategy:
     seq_len: int = 0
     stage_layers: tuple[int, ...] = ()
     stage_recompute: tuple[Recompute, ...] = ()  # per virtual stage; empty: `recompute` everywhere
+    # LoRA fine-tuning (costmodel.lora): rank 0 trains every weight
+    lora_rank: int = 0
+    lora_targets: tuple[str, ...] = ()
+    base_precision: str = "bf16"
 
     def __post_init__(self) -> None:
+        from costmodel.lora import BASE_PRECISIONS, DEFAULT_TARGETS, TARGETS
+
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ConfigError(f"--lora-rank must be a positive integer, got {self.lora_rank!r}")
+        targets = tuple(self.lora_targets) or (DEFAULT_TARGETS if self.lora_rank else ())
+        unknown = [t for t in targets if t not in TARGETS]
+        if unknown:
+            raise ConfigError(f"--lora-targets {','.join(map(str, unknown))} unknown; use some of {','.join(TARGETS)}")
+        if len(set(targets)) != len(targets):
+            raise ConfigError(f"--lora-targets {','.join(targets)} names a target twice")
+        object.__setattr__(self, "lora_targets", targets)
+        if self.base_precision not in BASE_PRECISIONS:
+            raise ConfigError(f"--base-precision {self.base_precision!r} is not one of {', '.join(BASE_PRECISIONS)}")
+        if self.base_precision == "nf4" and not self.lora_rank:
+            raise ConfigError("--base-precision nf4 (QLoRA) needs LoRA adapters: give --mode lora")
         for name in ("tp", "pp", "dp", "cp", "microbatch_size", "global_batch", "virtual_stages"):
             _positive(name, getattr(self, name))
         if self.zero not in (0, 1, 2, 3):
@@ -154,6 +173,10 @@ class Strategy:
     def recompute_of(self, stage: int) -> Recompute:
         """The recompute policy of virtual stage `stage`."""
         return self.stage_recompute[stage] if self.stage_recompute else self.recompute
+
+    @property
+    def lora(self) -> bool:
+        return self.lora_rank > 0
 
     @property
     def policy(self) -> PrecisionPolicy:

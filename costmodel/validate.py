@@ -37,6 +37,9 @@ def strategy_problems(spec: ModelSpec, strategy: Strategy, world_size: int) -> l
         )
     if s.sequence_parallel and seq // s.cp % s.tp:
         problems.append(f"sequence parallelism splits seq_len/cp ({seq // s.cp}) over tp({s.tp}), which does not divide it")
+    if "gate" in s.lora_targets and spec.activation.value != "swiglu":
+        problems.append(f"--lora-targets gate: {spec.name} has no gate projection (a {spec.activation.value} MLP); "
+                        "use q,k,v,o,up,down")
     per_replica = s.dp * s.microbatch_size
     if s.global_batch % per_replica:
         problems.append(

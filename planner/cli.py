@@ -121,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--cluster", help="DEVICE:COUNT (e.g. a100-80g:1024) or a cluster YAML")
     sim.add_argument("--global-batch", type=int, help="sequences per step (default: dp * microbatch size)")
     add_strategy_flags(sim)
+    add_mode_flags(sim)
     sim.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace of the step")
     sim.add_argument("-o", "--output", metavar="PLAN", help="write the strategy as a plan YAML")
     sim.add_argument("--json", action="store_true", help="print JSON for scripts")

@@ -96,6 +96,8 @@ class Plan:
             schedule=sched["name"], virtual_stages=sched.get("virtual_stages", 1), precision=self.precision,
             flash_attention=self.flash_attention, seq_len=self.seq_len,
             stage_layers=tuple(st.layers[1] - st.layers[0] for st in ordered),
+            lora_rank=int(self.lora.get("rank", 0)), lora_targets=tuple(self.lora.get("targets", ())),
+            base_precision=str(self.lora.get("base_precision", "bf16")),
         )
 
     # -- YAML ----------------------------------------------------------------------------
@@ -226,5 +228,7 @@ def plan_from_strategy(
         schedule={"name": strategy.schedule.value, "microbatch_size": strategy.microbatch_size,
                   "num_microbatches": strategy.num_microbatches, "virtual_stages": strategy.virtual_stages},
         stages=tuple(stages), placements=megatron_placements(spec, strategy), predicted=predicted,
-        search=search or {},
+        search=search or {}, mode="lora" if strategy.lora else "train",
+        lora={"rank": strategy.lora_rank, "targets": list(strategy.lora_targets),
+              "base_precision": strategy.base_precision} if strategy.lora else {},
     )

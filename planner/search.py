@@ -91,6 +91,8 @@ def enumerate_candidates(req: SearchRequest) -> list[Strategy]:
                                 stage_recompute=stage_rc, microbatch_size=mbs, global_batch=req.global_batch,
                                 schedule=sched, virtual_stages=v, precision=fixed.get("precision", "bf16"),
                                 flash_attention=fixed.get("flash_attention", True), seq_len=seq,
+                                lora_rank=fixed.get("lora_rank", 0), lora_targets=fixed.get("lora_targets", ()),
+                                base_precision=fixed.get("base_precision", "bf16"),
                             ))
                         except ConfigError:
                             continue

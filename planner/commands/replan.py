@@ -30,6 +30,9 @@ def runtime_constraints(plan: Plan) -> dict:
     fixed = {"precision": plan.precision, "seq_len": plan.seq_len, "flash_attention": plan.flash_attention, "cp": 1}
     if plan.spec.tied_embeddings:
         fixed["pp"] = 1
+    if plan.mode == "lora":  # the same adapters
+        fixed.update(lora_rank=int(plan.lora["rank"]), lora_targets=tuple(plan.lora["targets"]),
+                     base_precision=str(plan.lora.get("base_precision", "bf16")))
     return fixed
 
 

@@ -24,7 +24,25 @@ def given_flags(args: argparse.Namespace) -> dict:
     for name in ("tp", "pp", "cp", "dp", "microbatch_size", "virtual_stages", "seq_len", "shard_group"):
         if name in given and given[name] < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {given[name]}")
+    given.update(lora_flags(args))
     return given
+
+
+def lora_flags(args: argparse.Namespace) -> dict:
+    """The LoRA fields of the strategy under --mode lora (rank 16 on q,k,v,o by default)."""
+    mode = getattr(args, "mode", "train")
+    named = [f for f in ("lora_rank", "lora_targets", "base_precision") if getattr(args, f, None) is not None]
+    if mode != "lora":
+        if named:
+            raise ConfigError(f"--{named[0].replace('_', '-')} needs --mode lora")
+        return {}
+    rank = 16 if args.lora_rank is None else args.lora_rank
+    if rank < 1:
+        raise ConfigError(f"--lora-rank must be a positive integer, got {rank}")
+    out = {"lora_rank": rank, "base_precision": args.base_precision or "bf16"}
+    if args.lora_targets:
+        out["lora_targets"] = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    return out
 
 
 def strategy_from_args(args: argparse.Namespace, spec: ModelSpec, world_size: int) -> Strategy:
@@ -48,6 +66,8 @@ def strategy_from_args(args: argparse.Namespace, spec: ModelSpec, world_size: in
 
 
 def run_simulate(args: argparse.Namespace) -> int:
+    if getattr(args, "mode", "train") == "inference":
+        raise ConfigError("simulate predicts a training step; for serving use `paraplan plan --mode inference`")
     if args.plan:
         conflicting = [k for k in ("model", "cluster", "global_batch", *STRATEGY_FLAGS) if getattr(args, k, None) is not None]
         if conflicting:

@@ -1,0 +1,69 @@
+"""LoRA and QLoRA fine-tuning: frozen base weights, trained low-rank adapters.
+
+A target linear W (in -> out) gains B A with A: r x in and B: out x r (Hu et al. 2021). Under
+tensor parallelism the adapter follows its base: a column-parallel W keeps A whole and splits
+B's rows; a row-parallel W splits A's columns and keeps B whole. So per tp rank:
+
+    column-parallel (q, k, v, up, gate)   r * in + r * out / tp
+    row-parallel    (o, down)             r * in / tp + r * out
+
+Only adapters have gradients and optimizer states; data-parallel traffic carries only their
+gradients. The frozen base keeps its weights in 16 bits, or in 4-bit NormalFloat (QLoRA,
+Dettmers et al. 2023): blocks of 64 with double-quantized constants, 4.127 bits per weight,
+dequantized to 16 bits (read 0.516 B, write 2 B per weight) at every use. The backward of a
+frozen linear computes only the input gradient (no weight-gradient GEMM). Embeddings, norms
+and the head stay frozen in 16 bits.
+"""
+
+from __future__ import annotations
+
+from costmodel.spec import Activation, ModelSpec
+
+TARGETS = ("q", "k", "v", "o", "up", "gate", "down")
+DEFAULT_TARGETS = ("q", "k", "v", "o")
+NF4_BYTES_PER_WEIGHT = 4.127 / 8  # QLoRA, Sec. 3: 4-bit NF4 plus 0.127 bits of double-quantized constants
+BASE_PRECISIONS = ("bf16", "nf4")
+MODULES = {"q": "attention.wq", "k": "attention.wk", "v": "attention.wv", "o": "attention.wo",
+           "up": "feed_forward.w1", "gate": "feed_forward.w3", "down": "feed_forward.w2"}
+
+
+def target_shapes(spec: ModelSpec) -> dict[str, tuple[int, int, bool]]:
+    """Target -> (in, out, column-parallel) for the linears of one block."""
+    h, kv, f = spec.hidden, spec.kv_dim, spec.ffn_hidden
+    shapes = {"q": (h, h, True), "k": (h, kv, True), "v": (h, kv, True), "o": (h, h, False),
+              "up": (h, f, True), "down": (f, h, False)}
+    if spec.activation is Activation.SWIGLU:
+        shapes["gate"] = (h, f, True)
+    return shapes
+
+
+def adapter_shapes(spec: ModelSpec, targets, rank: int, tp: int) -> list[tuple[int, int, int]]:
+    """(in, r, out) per target on one tp rank: the two GEMMs x A^T then (x A^T) B^T."""
+    out = []
+    for name in targets:
+        n_in, n_out, column = target_shapes(spec)[name]
+        out.append((n_in, rank, n_out // tp) if column else (n_in // tp, rank, n_out))
+    return out
+
+
+def adapter_params_per_tp_rank(spec: ModelSpec, targets, rank: int, tp: int) -> int:
+    return sum(rank * (a + b) for a, _, b in adapter_shapes(spec, targets, rank, tp))
+
+
+def linear_weights_per_tp_rank(spec: ModelSpec, tp: int) -> int:
+    """Weights of the block's linears on one tp rank (what QLoRA quantizes)."""
+    kv_repeat = max(tp // spec.kv_heads, 1)
+    return (spec.layer_params - 2 * spec.norm_params + 2 * spec.hidden * spec.kv_dim * (kv_repeat - 1)) // tp
+
+
+def frozen_layer_bytes(spec: ModelSpec, tp: int, base_precision: str, bytes_16: int) -> float:
+    """Bytes of one block's frozen base on one tp rank: linears in the base precision, norms in 16 bits."""
+    per = NF4_BYTES_PER_WEIGHT if base_precision == "nf4" else bytes_16
+    return linear_weights_per_tp_rank(spec, tp) * per + 2 * spec.norm_params * bytes_16
+
+
+def dequant_bytes(spec: ModelSpec, tp: int, base_precision: str) -> float:
+    """Memory traffic to dequantize one block's linears once (0 for a 16-bit base)."""
+    if base_precision != "nf4":
+        return 0.0
+    return linear_weights_per_tp_rank(spec, tp) * (NF4_BYTES_PER_WEIGHT + 2)
