@@ -87,7 +87,8 @@ def enumerate_candidates(req: SearchRequest) -> list[Strategy]:
                         try:
                             out.append(Strategy(
                                 tp=tp, pp=pp, dp=dp, cp=cp, zero=zero, shard_group=group,
-                                sequence_parallel=fixed.get("sequence_parallel", tp > 1), recompute=rc,
+                                sequence_parallel=fixed.get("sequence_parallel", tp > 1 and not fixed.get("lora_rank")),
+                                recompute=rc,
                                 stage_recompute=stage_rc, microbatch_size=mbs, global_batch=req.global_batch,
                                 schedule=sched, virtual_stages=v, precision=fixed.get("precision", "bf16"),
                                 flash_attention=fixed.get("flash_attention", True), seq_len=seq,

@@ -25,6 +25,13 @@ def runnable_problems(plan: Plan, world_size: int | None = None) -> list[str]:
     if spec.tied_embeddings and mesh["pp"] > 1:
         problems.append(f"{spec.name} ties its embedding and output weights, which the runtime cannot split across "
                         "pipeline stages; re-plan with --pp 1")
+    if plan.mode == "inference":
+        problems.append("a serving plan is not trained; `paraplan generate` runs the built-in models with a KV cache")
+    if plan.mode == "lora" and plan.sequence_parallel and mesh["tp"] > 1:
+        problems.append("LoRA with sequence parallelism is not run yet (its losses drift from the single-process "
+                        "run by 1e-5 to 1e-4 after a few steps); re-plan with --no-sequence-parallel")
+    if plan.mode == "lora" and plan.lora.get("base_precision") == "nf4":
+        problems.append("QLoRA's 4-bit base is planned but not run; re-plan with --base-precision bf16")
     if plan.precision == "fp8":
         problems.append("fp8 training is planned but not run; re-plan with --precision bf16")
     for name, axes in plan.placements.items():

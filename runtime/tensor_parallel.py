@@ -16,6 +16,8 @@ from torch.distributed.tensor.parallel import (
     ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel, parallelize_module,
 )
 
+from runtime.lora import LoRAColwiseParallel, LoRALinear, LoRARowwiseParallel
+
 
 def _tp_placement(placements: dict[str, dict[str, str]], name: str) -> str | None:
     for pattern, axes in placements.items():
@@ -48,10 +50,12 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, placements: dic
             if not isinstance(module, nn.Linear):
                 continue
             placement = _tp_placement(placements, f"layers.{index}.{path}.weight")
+            adapted = isinstance(module, LoRALinear)
             if placement == "Shard(0)":
-                plan[path] = ColwiseParallel()
+                plan[path] = LoRAColwiseParallel() if adapted else ColwiseParallel()
             elif placement == "Shard(1)":
-                plan[path] = RowwiseParallel(output_layouts=Shard(1) if sp else Replicate())
+                row = LoRARowwiseParallel if adapted else RowwiseParallel
+                plan[path] = row(output_layouts=Shard(1) if sp else Replicate())
         # each tensor-parallel sub-block takes its input as one DTensor, so the gradients of its
         # column-parallel projections (q, k, v; w1, w3) add up before one reduction (Megatron's f)
         arrive = Shard(1) if sp else Replicate()

@@ -28,6 +28,7 @@ from runtime.activation_checkpoint import apply_recompute
 from runtime.check import check_runnable
 from runtime.data import TokenSource, dp_slice
 from runtime.data_parallel import apply_data_parallel
+from runtime.lora import apply_lora
 from runtime.mesh import build_mesh
 from runtime.pipeline import build_schedule, my_stages, stage_module
 from runtime.tensor_parallel import apply_tensor_parallel
@@ -76,6 +77,8 @@ def build_parts(plan: Plan, mesh, device: torch.device, seed: int):
     modules, ids = [], []
     for k, first, end in stages:
         m = stage_module(spec, first, end, has_embedding=k == 0, has_head=k == last) if pp > 1 else build_model(spec)
+        if plan.mode == "lora":
+            apply_lora(m, plan.lora["targets"], int(plan.lora["rank"]))
         if tp > 1:
             apply_tensor_parallel(m, mesh["tp"], plan.placements, plan.sequence_parallel)
         apply_recompute(m, {key: recompute.get(k, "none") for key in m.layers.keys()})
@@ -133,7 +136,7 @@ def train(plan: Plan, cfg: RunConfig) -> dict:
     dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
     dp_rank = dp_mesh.get_local_rank()
     modules, stage_ids = build_parts(plan, mesh, device, cfg.seed)
-    optimizers = [torch.optim.AdamW(m.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
+    optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
                   for m in modules]
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, _lr_lambda(cfg)) for o in optimizers]
     pp_group = mesh["pp"].get_group() if pp > 1 else None

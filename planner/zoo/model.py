@@ -135,7 +135,7 @@ class Transformer(nn.Module):
             self.init_buffers()
             for name, p in self.named_parameters():
                 name = name.replace("_checkpoint_wrapped_module.", "")
-                if p.dim() == 1:
+                if p.dim() == 1 or name.endswith("lora_b"):  # LoRA's B starts at zero: training starts at the base
                     full = torch.ones(p.shape) if name.endswith("weight") else torch.zeros(p.shape)
                 else:
                     gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
