@@ -91,12 +91,22 @@ def available_profiles(profiles_dir: Path = PROFILES_DIR) -> list[str]:
     return sorted(p.stem for p in profiles_dir.glob("*.yaml"))
 
 
+def _exists(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name too long or otherwise impossible is simply not there
+        return False
+
+
 def load_profile_data(name_or_path: str, profiles_dir: Path = PROFILES_DIR, _seen: tuple = ()) -> dict:
     """The merged mapping of a profile (following `extends`)."""
+    if not isinstance(name_or_path, str) or not name_or_path or "\n" in name_or_path or len(name_or_path) > 255:
+        raise ConfigError(f"device must be a profile name ({', '.join(available_profiles(profiles_dir))}) or a "
+                          "profile YAML path")
     path = Path(name_or_path)
-    if not (path.suffix in (".yaml", ".yml") and path.exists()):
+    if not (path.suffix in (".yaml", ".yml") and _exists(path)):
         path = profiles_dir / f"{name_or_path}.yaml"
-    if not path.exists():
+    if not _exists(path):
         raise ConfigError(
             f"unknown device '{name_or_path}'; known devices: {', '.join(available_profiles(profiles_dir))} "
             "(or give a profile YAML path)"
@@ -139,6 +149,10 @@ def _pair(value) -> tuple[float, ...]:
     return tuple(float(v) for v in value)
 
 
+def _curve(points) -> EfficiencyCurve | None:
+    return None if points is None else EfficiencyCurve(tuple(tuple(p) for p in points))
+
+
 def device_from_data(data: dict) -> Device:
     name = str(data.get("name", "device"))
     dev = _section(data, "device", f"profile {name}")
@@ -161,6 +175,8 @@ def device_from_data(data: dict) -> Device:
             tp_layer_overhead_us=_pair(dev.get("tp_layer_overhead_us", (0.0, 0.0))),
             fsdp_layer_overhead_us=_pair(dev.get("fsdp_layer_overhead_us", (0.0, 0.0))),
             optimizer_overhead_us=_pair(dev.get("optimizer_overhead_us", (0.0, 0.0))),
+            skinny_gemm_efficiency=_curve(dev.get("skinny_gemm_efficiency")),
+            decode_attention_efficiency=_curve(dev.get("decode_attention_efficiency")),
         )
     except KeyError as exc:
         raise ConfigError(f"profile {name}: device lacks field {exc.args[0]}") from None
@@ -206,7 +222,9 @@ def _cluster_from_yaml(data: dict, where: str, profiles_dir: Path) -> Cluster:
         )
     if "device" not in data:
         raise ConfigError(f"{where}: field 'device' (a profile name or path) is missing")
-    profile = load_profile_data(str(data["device"]), profiles_dir)
+    if not isinstance(data["device"], str):
+        raise ConfigError(f"{where}: field 'device' must be a profile name or path, not {type(data['device']).__name__}")
+    profile = load_profile_data(data["device"], profiles_dir)
     try:
         nodes = int(data.get("nodes", 1))
         per_node = int(data.get("gpus_per_node", profile.get("gpus_per_node", 8)))

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from costmodel.errors import ConfigError
 
 GIB = 2**30
+SKINNY_ROWS = 64  # a GEMM with at most this many rows uses the skinny curve
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +83,10 @@ class Device:
     # host time per parameter tensor of gradient clipping plus the optimizer step, (plain
     # tensor, DTensor): a per-tensor loop is dispatch-bound on a CPU
     optimizer_overhead_us: tuple[float, float] = (0.0, 0.0)
+    # decoding's shapes, where measured: GEMMs of few rows (one token per sequence) and
+    # attention of one query over a cache run far below the square-GEMM curves
+    skinny_gemm_efficiency: EfficiencyCurve | None = None  # GEMMs of <= SKINNY_ROWS rows
+    decode_attention_efficiency: EfficiencyCurve | None = None
 
     def __post_init__(self) -> None:
         for field_name in ("layer_overhead_us", "tp_layer_overhead_us", "fsdp_layer_overhead_us",
@@ -116,14 +121,19 @@ class Device:
     def hbm_bytes(self) -> float:
         return self.hbm_gib * GIB
 
-    def gemm_s(self, flops: float, bytes_moved: float, dtype: str) -> float:
-        """Roofline time of a matrix multiply at the size-dependent efficiency."""
-        compute = flops / (self.peak_flops(dtype) * self.gemm_efficiency(flops))
+    def gemm_s(self, flops: float, bytes_moved: float, dtype: str, rows: int | None = None) -> float:
+        """Roofline time of a matrix multiply at the size-dependent efficiency (the skinny curve
+        for a GEMM of few rows, where the profile measured one)."""
+        curve = self.gemm_efficiency
+        if rows is not None and rows <= SKINNY_ROWS and self.skinny_gemm_efficiency is not None:
+            curve = self.skinny_gemm_efficiency
+        compute = flops / (self.peak_flops(dtype) * curve(flops))
         return max(compute, self.memory_s(bytes_moved))
 
-    def attention_s(self, flops: float, bytes_moved: float, dtype: str) -> float:
-        """Roofline time of a fused (Flash) attention kernel."""
-        compute = flops / (self.peak_flops(dtype) * self.attention_efficiency(flops))
+    def attention_s(self, flops: float, bytes_moved: float, dtype: str, decode: bool = False) -> float:
+        """Roofline time of a fused (Flash) attention kernel (one query per sequence: `decode`)."""
+        curve = self.decode_attention_efficiency if decode and self.decode_attention_efficiency else self.attention_efficiency
+        compute = flops / (self.peak_flops(dtype) * curve(flops))
         return max(compute, self.memory_s(bytes_moved))
 
     def memory_s(self, bytes_moved: float) -> float:

@@ -95,7 +95,7 @@ def _shape(spec: ModelSpec, strategy: Strategy) -> _Shape:
 
 
 def _gemm(device, dtype: str, m: int, k: int, n: int, e: int) -> float:
-    return device.gemm_s(2.0 * m * k * n, e * (m * k + k * n + m * n), dtype)
+    return device.gemm_s(2.0 * m * k * n, e * (m * k + k * n + m * n), dtype, rows=m)
 
 
 def _attention_core(spec: ModelSpec, strategy: Strategy, cluster: Cluster, sh: _Shape) -> tuple[float, float]:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from costmodel.cluster import Cluster
 from costmodel.collectives import all_reduce_s, send_recv_s
 from costmodel.errors import ConfigError
-from costmodel.layer import _params_per_tp_rank, layer_cost
+from costmodel.layer import _gemm, _params_per_tp_rank, layer_cost
 from costmodel.spec import ModelSpec
 from costmodel.strategy import Strategy
 
@@ -178,18 +178,24 @@ def prefill_s(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: int, p
 
 def decode_step_s(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: int, pp: int, batch: int,
                   context: float) -> float:
-    """One token for every sequence of the batch with `context` tokens cached (per beam)."""
-    dev, e = cluster.device, req.bytes_per_value
+    """One token for every sequence of the batch with `context` tokens cached (per beam): per
+    layer the weight GEMMs of `rows` tokens (skinny: at the device's efficiency for their size,
+    bounded below by reading the weights), attention reading the cache, the norms and
+    residuals, host dispatch, two tensor-parallel all-reduces; the head; the pipeline hops."""
+    dev, e, dtype = cluster.device, req.bytes_per_value, req.precision
     rows = batch * req.beam
-    params = _params_per_tp_rank(spec, tp)
-    kv_layer = 2 * kv_heads_per_gpu(spec, tp) * spec.head_dim * e  # bytes per cached token per layer per GPU
-    flops = 2.0 * params * rows + 4.0 * rows * context * spec.hidden / tp  # weights, then QK^T and PV
-    moved = params * e + rows * context * kv_layer
-    layer = max(flops / dev.peak_flops(req.precision), dev.memory_s(moved))
-    layer += dev.layer_overhead_s(tensor_parallel=tp > 1, fsdp=False)[0]
+    q, kv = spec.hidden // tp, kv_heads_per_gpu(spec, tp) * spec.head_dim
+    f = spec.ffn_hidden // tp
+    up = 2 * f if spec.activation.value == "swiglu" else f
+    gemms = sum(_gemm(dev, dtype, rows, k, n, e) for k, n in ((spec.hidden, q + 2 * kv), (q, spec.hidden),
+                                                              (spec.hidden, up), (f, spec.hidden)))
+    cache = rows * context * 2 * kv * e  # K and V of every cached token, read once
+    attention = dev.attention_s(4.0 * rows * context * q, cache + 2 * rows * q * e, dtype, decode=True)
+    elementwise = dev.memory_s(rows * (10 * spec.hidden + 3 * f) * e)  # norms, residuals, activation, rope
+    layer = gemms + attention + elementwise + dev.layer_overhead_s(tensor_parallel=tp > 1, fsdp=False)[0]
     if tp > 1:
         layer += 2 * all_reduce_s(rows * spec.hidden * e, cluster.group(tp, 1))
-    head = dev.memory_s(spec.vocab / tp * spec.hidden * e)
+    head = _gemm(dev, dtype, rows, spec.hidden, -(-spec.vocab // tp), e)
     hops = (pp - 1) * send_recv_s(rows * spec.hidden * e, cluster.p2p_link(tp))
     return spec.layers * layer + head + hops
 

@@ -18,6 +18,19 @@ from costmodel.step import StepModel
 from costmodel.layer import Part
 
 
+def _fresh(model: StepModel) -> tuple:
+    """The streams' state before the step: arrivals (arrive_f[k][mb]: when the input of
+    virtual stage k for microbatch mb is on its rank; NaN: not yet), free times, positions in
+    the schedule, the last backward's start per stage, work done, sends, events."""
+    s = model.strategy
+    pp, m, k_stages = s.pp, s.num_microbatches, s.num_stages
+    nan = float("nan")
+    arrive_f = [[0.0] * m] + [[nan] * m for _ in range(k_stages - 1)]
+    arrive_b = [[nan] * m for _ in range(k_stages)]
+    return (arrive_f, arrive_b, [0.0] * pp, [0.0] * pp, [0.0] * pp, [0] * pp, [nan] * k_stages,
+            [Part() for _ in range(pp)], [0.0] * pp, [])
+
+
 def _task_part(model: StepModel, task, k: int) -> Part:
     if task.forward:
         return model.forward_first[k] if task.microbatch == 0 else model.forward[k]
@@ -28,18 +41,7 @@ def _run(model: StepModel, record_events: bool) -> _Pipeline:
     """Each rank's stream runs its tasks in order, each as soon as its input is there."""
     s = model.strategy
     pp, m, k_stages = s.pp, s.num_microbatches, s.num_stages
-    nan = float("nan")
-    # arrival[k][mb]: when the input of virtual stage k for microbatch mb is on its rank
-    arrive_f = [[0.0] * m] + [[nan] * m for _ in range(k_stages - 1)]
-    arrive_b = [[nan] * m for _ in range(k_stages)]
-    free = [0.0] * pp
-    send_free_f = [0.0] * pp
-    send_free_b = [0.0] * pp
-    pos = [0] * pp
-    last_backward_start = [nan] * k_stages
-    busy = [Part() for _ in range(pp)]
-    send_busy = [0.0] * pp
-    events: list[Event] = []
+    arrive_f, arrive_b, free, send_free_f, send_free_b, pos, last_backward_start, busy, send_busy, events = _fresh(model)
     last_mb = m - 1
     remaining = sum(len(o) for o in model.orders)
     while remaining:
@@ -102,17 +104,7 @@ def _run_shared_host(model: StepModel, record_events: bool) -> _Pipeline:
     pp, m, k_stages = s.pp, s.num_microbatches, s.num_stages
     cluster = model.cluster
     slow = cluster.oversubscription
-    nan = float("nan")
-    arrive_f = [[0.0] * m] + [[nan] * m for _ in range(k_stages - 1)]
-    arrive_b = [[nan] * m for _ in range(k_stages)]
-    free = [0.0] * pp
-    send_free_f = [0.0] * pp
-    send_free_b = [0.0] * pp
-    pos = [0] * pp
-    last_backward_start = [nan] * k_stages
-    busy = [Part() for _ in range(pp)]
-    send_busy = [0.0] * pp
-    events: list[Event] = []
+    arrive_f, arrive_b, free, send_free_f, send_free_b, pos, last_backward_start, busy, send_busy, events = _fresh(model)
     running: dict[int, list] = {}  # rank -> [task, k, part, remaining seconds at the modelled speed, start]
     now = 0.0
     last_mb = m - 1

@@ -101,6 +101,21 @@ def build_parser() -> argparse.ArgumentParser:
     rep_.add_argument("--time-limit", type=float, metavar="S", help="stop searching after S seconds, keep the best")
     rep_.add_argument("-o", "--output", metavar="PLAN", help="write the new plan YAML here")
     rep_.add_argument("--json", action="store_true")
+    gen = sub.add_parser("generate", help="sample text from a built-in model with a KV cache")
+    gen.add_argument("--model", required=True, help="a built-in model (tiny-gpt, tiny-llama, ...)")
+    gen.add_argument("--prompt", default="Hello", help="prompt text (its UTF-8 bytes are the tokens)")
+    gen.add_argument("--prompt-tokens", help="comma-separated token ids instead of --prompt")
+    gen.add_argument("--max-new-tokens", type=int, default=16)
+    gen.add_argument("--batch", type=int, default=1, help="sequences generated together")
+    gen.add_argument("--greedy", action="store_true", help="always the most likely token")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0: all)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="sample within this probability mass (nucleus)")
+    gen.add_argument("--seed", type=int, default=0, help="weights (without --checkpoint) and sampling")
+    gen.add_argument("--checkpoint", help="a `paraplan run --checkpoint-dir` folder (its latest checkpoint)")
+    gen.add_argument("--threads", type=int, default=1, help="CPU threads")
+    gen.add_argument("--cluster", default="cpu-2core:1", help="the profile the decode step is predicted on")
+    gen.add_argument("--json", action="store_true")
     run = sub.add_parser("run", help="train a plan on torch.distributed (torchrun)")
     run.add_argument("plan", help="a plan YAML")
     run.add_argument("--steps", type=int, default=10)
@@ -157,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
             from runtime.launch import run
 
             return run(args)
+        if args.command == "generate":
+            from planner.commands.generate import run_generate
+
+            return run_generate(args)
         if args.command == "check":
             from planner.commands.check import run_check
 

@@ -66,6 +66,28 @@ def measure_attention(device: str, seqs: list[int], dtype: torch.dtype, reps: in
     return out
 
 
+def measure_skinny_gemms(device: str, dtype: torch.dtype, reps: int) -> list[tuple[float, float]]:
+    """(FLOPs, seconds) of GEMMs of few rows (decoding: one token per sequence) against square weights."""
+    out = []
+    for n in (256, 1024, 2048):
+        w = torch.randn(n, n, device=device, dtype=dtype)
+        for rows in (1, 4, 16, 64):
+            x = torch.randn(rows, n, device=device, dtype=dtype)
+            out.append((2.0 * rows * n * n, _time(lambda: x @ w, reps * 3)))
+    return out
+
+
+def measure_decode_attention(device: str, dtype: torch.dtype, reps: int) -> list[tuple[float, float]]:
+    """(FLOPs, seconds) of SDPA with one query per sequence over a cache: 8 heads of 64."""
+    out = []
+    for batch, cached in ((1, 256), (4, 256), (1, 2048), (16, 256), (4, 2048), (16, 2048)):
+        q = torch.randn(batch, 8, 1, 64, device=device, dtype=dtype)
+        k = torch.randn(batch, 8, cached, 64, device=device, dtype=dtype)
+        t = _time(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, k), reps * 3)
+        out.append((4.0 * batch * 8 * cached * 64, t))
+    return out
+
+
 def measure_elementwise(device: str, reps: int) -> float:
     """Bytes per second (read + write) of the memory-bound ops of a layer: a norm, the MLP's
     activation, a softmax; the median over them."""
@@ -84,7 +106,7 @@ def measure_copy(device: str, mib: int, reps: int) -> float:
     return 2 * x.numel() * 4 / t
 
 
-def _collective_worker(rank: int, world: int, port: int, sizes: list[int], reps: int, backend: str, out_path: str):
+def _collective_worker(rank: int, world: int, sizes: list[int], reps: int, backend: str, port: int, out_path: str):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group(backend, rank=rank, world_size=world)
@@ -113,7 +135,7 @@ def _collective_worker(rank: int, world: int, port: int, sizes: list[int], reps:
     dist.destroy_process_group()
 
 
-def _in_situ_worker(rank: int, world: int, port: int, iters: int, out_path: str) -> None:
+def _in_situ_worker(rank: int, world: int, iters: int, port: int, out_path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -142,14 +164,7 @@ def measure_in_situ(worlds: list[int], iters: int, bar) -> list[tuple[int, float
     lockstep microbenchmark of the collective alone hides."""
     rows = []
     for world in worlds:
-        with tempfile.TemporaryDirectory() as tmp, socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-            s.close()
-            out = str(Path(tmp) / "cost.yaml")
-            mp.start_processes(_in_situ_worker, args=(world, port, iters, out), nprocs=world, join=True,
-                               start_method="spawn")
-            rows.append(tuple(yaml.safe_load(Path(out).read_text())))
+        rows.append(tuple(_spawn(_in_situ_worker, world, world, iters)))
         bar.update()
     return rows
 
@@ -166,17 +181,22 @@ def fit_in_situ_latency(rows: list[tuple[int, float]], host_cores: int) -> tuple
     return round(max(float(alpha), 1e-7) * 1e6, 2), round(max(float(wait), 0.0) * 1e6, 2)
 
 
+def _spawn(worker, nprocs: int, *args):
+    """Run `worker(rank, *args, port, out_path)` on `nprocs` spawned processes; what rank 0
+    wrote to out_path (YAML)."""
+    with tempfile.TemporaryDirectory() as tmp, socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        out = str(Path(tmp) / "out.yaml")
+        mp.start_processes(worker, args=(*args, port, out), nprocs=nprocs, join=True, start_method="spawn")
+        return yaml.safe_load(Path(out).read_text())
+
+
 def measure_collectives(worlds: list[int], sizes: list[int], reps: int, backend: str, bar) -> list[tuple]:
     rows = []
     for world in worlds:
-        with tempfile.TemporaryDirectory() as tmp, socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-            s.close()
-            out = str(Path(tmp) / "rows.yaml")
-            mp.start_processes(_collective_worker, args=(world, port, sizes, reps, backend, out), nprocs=world,
-                               join=True, start_method="spawn")
-            rows += [tuple(r) for r in yaml.safe_load(Path(out).read_text())]
+        rows += [tuple(r) for r in _spawn(_collective_worker, world, world, sizes, reps, backend)]
         bar.update()
     return rows
 
@@ -265,7 +285,7 @@ def _optimizer_seconds(dtensor: bool, reps: int, tensors: int = 64) -> float:
     return _time(step, reps) / tensors
 
 
-def _overhead_worker(rank: int, port: int, reps: int, out_path: str) -> None:
+def _overhead_worker(rank: int, reps: int, port: int, out_path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=0, world_size=1)
@@ -287,17 +307,11 @@ def measure_layer_overhead(reps: int) -> dict:
     """Host overhead per transformer layer and microbatch, (forward, backward) microseconds,
     eager and with DTensor tensor parallelism (a one-rank mesh: the dispatch without the
     collectives): the difference between a 3-layer and a 1-layer model, over two."""
-    with tempfile.TemporaryDirectory() as tmp, socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
-        out = str(Path(tmp) / "overhead.yaml")
-        mp.start_processes(_overhead_worker, args=(port, reps, out), nprocs=1, join=True, start_method="spawn")
-        return yaml.safe_load(Path(out).read_text())
+    return _spawn(_overhead_worker, 1, reps)
 
 
 def _curve(points: list[tuple[float, float]], peak_flops: float) -> list[list[float]]:
-    return [[float(f"{f:.4g}"), round(min(1.0, f / t / peak_flops), 4)] for f, t in sorted(points)]
+    return [[float(f"{f:.4g}"), max(1e-4, round(min(1.0, f / t / peak_flops), 4))] for f, t in sorted(points)]
 
 
 def profile(out: Path, *, device: str = "cpu", quick: bool = False, base: str | None = None) -> dict:
@@ -325,6 +339,8 @@ def profile(out: Path, *, device: str = "cpu", quick: bool = False, base: str | 
             attn = measure_attention(device, seqs, dtype, reps, bar)
             copy_bps = measure_copy(device, 64 if quick else 256, reps)
             elementwise_bps = measure_elementwise(device, reps)
+            skinny = measure_skinny_gemms(device, dtype, reps)
+            decode_attn = measure_decode_attention(device, dtype, reps)
             bar.update()
             overhead = measure_layer_overhead(10 if quick else 30) if device == "cpu" else {}
             bar.update()
@@ -353,6 +369,8 @@ def profile(out: Path, *, device: str = "cpu", quick: bool = False, base: str | 
             "hbm_efficiency": round(min(1.0, elementwise_bps / copy_bps), 4),
             "gemm_efficiency": _curve(gemms, peak),
             "attention_efficiency": _curve(attn, peak),
+            "skinny_gemm_efficiency": _curve(skinny, peak),
+            "decode_attention_efficiency": _curve(decode_attn, peak),
             **overhead,
         },
         "links": {"intra_node": link, "inter_node": dict(link)},
@@ -366,6 +384,8 @@ def profile(out: Path, *, device: str = "cpu", quick: bool = False, base: str | 
             "gemm_efficiency": "each GEMM size's rate over the best [measured]",
             "attention_efficiency": "SDPA forward, causal, 8 heads of 64, over the GEMM peak [measured]",
             "hbm_gb_per_s": "a large tensor copy, read plus write [measured]",
+            "skinny_gemm_efficiency": "GEMMs of 1-64 rows against 256-2048 square weights, over the peak [measured]",
+            "decode_attention_efficiency": "SDPA of one query over 256-2048 cached tokens, 8 heads of 64 [measured]",
             "hbm_efficiency": "median of layer_norm, gelu, softmax bytes/s over the copy's [measured]",
             "intra_node": f"bandwidth: least-squares alpha-beta fit of {len(rows)} gloo/NCCL collective timings; "
                           + ("latency: all-reduce between GEMMs on 2.. ranks, fitted with host_wait_us [measured]"

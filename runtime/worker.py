@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import faulthandler
+import signal
 import json
 import os
 import sys
@@ -36,12 +38,28 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _init_process_group(backend: str, timeout: datetime.timedelta) -> None:
+    """Join the group. After torchrun restarts a worker group (--max-restarts) its store still
+    holds the dead group's gloo addresses under the same keys, and the new group would connect
+    to them (refused, or hanging): give each incarnation its own key prefix."""
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restart and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                              timeout=timeout)
+        dist.init_process_group(backend, store=dist.PrefixStore(f"paraplan/restart_{restart}", store), rank=rank,
+                                world_size=world, timeout=timeout)
+    else:
+        dist.init_process_group(backend, timeout=timeout)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` prints where a worker is stuck
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
+    _init_process_group(backend, datetime.timedelta(minutes=10))
     try:
         for path in args.plans:
             plan = Plan.from_yaml(Path(path).read_text())

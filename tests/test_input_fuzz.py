@@ -16,7 +16,7 @@ from planner.cli import main
 from planner.plan import plan_from_strategy
 from planner.zoo import ZOO
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 # values of every type YAML can hold, including the awkward ones
 scalars = st.one_of(

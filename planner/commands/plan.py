@@ -5,13 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 
 from costmodel import ConfigError, load_cluster
 from planner.commands.simulate import format_table, given_flags
 from planner.files import atomic_write_text
 from planner.model_source import load_model
-from planner.plan import plan_from_strategy
+from planner.plan import Plan, plan_from_strategy
 from planner.search import SearchRequest, run_search
+
+
+def plan_of_search(spec, found, cluster_text: str, stats: dict) -> Plan:
+    """The plan of a search result, with the placements the ILP chose."""
+    plan = plan_from_strategy(spec, found.strategy, cluster_text, found.result.predicted(), stats)
+    return replace(plan, placements=found.placements)
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -37,8 +44,7 @@ def run_plan(args: argparse.Namespace) -> int:
     if args.no_timing:
         for key in [k for k in stats if k.endswith("time_s") or k == "trace_s"]:
             del stats[key]
-    plan = plan_from_strategy(spec, found.strategy, args.cluster, found.result.predicted(), stats)
-    plan = plan.__class__(**{**{f: getattr(plan, f) for f in plan.__slots__}, "placements": found.placements})
+    plan = plan_of_search(spec, found, args.cluster, stats)
     if args.output:
         atomic_write_text(args.output, plan.to_yaml())
     if args.json:

@@ -11,7 +11,8 @@ from pathlib import Path
 from costmodel import ConfigError, load_cluster
 from planner.commands.simulate import format_table
 from planner.files import atomic_write_text
-from planner.plan import Plan, plan_from_strategy
+from planner.commands.plan import plan_of_search
+from planner.plan import Plan
 from planner.search import SearchRequest, run_search
 
 
@@ -51,8 +52,7 @@ def run_replan(args: argparse.Namespace) -> int:
     req = SearchRequest(spec=spec, cluster=cluster, global_batch=old.global_batch, fixed=runtime_constraints(old),
                         time_limit_s=args.time_limit, progress=sys.stderr.isatty() and not args.json)
     found = run_search(req)
-    plan = plan_from_strategy(spec, found.strategy, cluster_text, found.result.predicted(), found.stats)
-    plan = plan.__class__(**{**{f: getattr(plan, f) for f in plan.__slots__}, "placements": found.placements})
+    plan = plan_of_search(spec, found, cluster_text, found.stats)
     if args.output:
         atomic_write_text(args.output, plan.to_yaml())
     if args.json:

@@ -32,12 +32,41 @@ def rope_tables(head_dim: int, seq_len: int, theta: float = 10000.0, device=None
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[..., :hs/2], x[..., hs/2:]) of x: (B, nh, T, hs)."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """Rotate pairs (x[..., :hs/2], x[..., hs/2:]) of x: (B, nh, T, hs), at positions start.."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]  # (B, nh, T, hs/2) each
-    cos, sin = cos[: x.shape[-2]].to(x.dtype), sin[: x.shape[-2]].to(x.dtype)  # (T, hs/2)
+    end = start + x.shape[-2]
+    cos, sin = cos[start:end].to(x.dtype), sin[start:end].to(x.dtype)  # (T, hs/2)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class KVCache:
+    """Keys and values of every layer for a batch, preallocated for `max_len` tokens: per layer
+    two (B, kv_heads, max_len, head_dim) tensors, so 2 * layers * kv_heads * head_dim * bytes
+    per token (GQA keeps the narrow K/V, before they are repeated for the query heads)."""
+
+    def __init__(self, spec: ModelSpec, batch: int, max_len: int, *, dtype=torch.float32, device=None) -> None:
+        if max_len > spec.seq_len:
+            raise ValueError(f"a cache of {max_len} tokens exceeds the model's context of {spec.seq_len}")
+        shape = (batch, spec.kv_heads, max_len, spec.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.layers)]
+        self.length = 0  # tokens cached so far
+        self.max_len = max_len
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, nkv, T, hs) at the current position; all cached so far (B, nkv, S, hs)."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"the cache holds {self.max_len} tokens; {end} were asked for")
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
 class Attention(nn.Module):
@@ -51,19 +80,32 @@ class Attention(nn.Module):
         self.wo = nn.Linear(spec.heads * spec.head_dim, spec.hidden, bias=spec.bias)
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         bsz, seq, _ = x.shape  # (B, T, C)
+        start = cache.length if cache is not None else 0
         # the head counts come from the weights, so tensor parallelism (fewer local heads) just works
         q = self.wq(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = self.wk(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.wv(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         if self.rope:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if k.shape[1] != q.shape[1]:
+            q, k = apply_rope(q, cos, sin, start), apply_rope(k, cos, sin, start)
+        mask, causal = None, True
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, nkv, S, hs), S = start + T
+            if start:  # the new tokens see every cached one and the new ones up to themselves
+                causal = False
+                pos = torch.arange(k.shape[2], device=x.device)
+                mask = pos[None, :] <= (start + torch.arange(seq, device=x.device))[:, None]  # (T, S)
+        gqa = k.shape[1] != q.shape[1]
+        if gqa and cache is None:  # training (DTensor-friendly): repeat K/V for the query heads
             repeat = q.shape[1] // k.shape[1]
-            k = k.repeat_interleave(repeat, dim=1)  # (B, nh, T, hs)
-            v = v.repeat_interleave(repeat, dim=1)  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+            k = k.repeat_interleave(repeat, dim=1)  # (B, nh, S, hs)
+            v = v.repeat_interleave(repeat, dim=1)  # (B, nh, S, hs)
+            gqa = False
+        # generation reads the narrow cache directly (SDPA's grouped-query attention)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa,
+                                           dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(bsz, seq, -1)  # (B, T, nh * hs)
         return self.wo(y)
 
@@ -92,8 +134,12 @@ class Block(nn.Module):
         self.attention_dropout = nn.Dropout(dropout)  # one module per call site (module trackers need it)
         self.ffn_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attention_dropout(self.attention(self.attention_norm(x), cos, sin))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        h = self.attention_norm(x)
+        # tensor parallelism's input hook on `attention` expects exactly (x, cos, sin): pass the cache only when decoding
+        attended = self.attention(h, cos, sin) if cache is None else self.attention(h, cos, sin, cache, layer)
+        x = x + self.attention_dropout(attended)
         return x + self.ffn_dropout(self.feed_forward(self.ffn_norm(x)))
 
 
@@ -143,19 +189,23 @@ class Transformer(nn.Module):
                     full = torch.randn(tuple(p.shape), generator=gen) * std
                 _copy_full(p, full)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, V). A pipeline stage without the embedding takes and
-        one without the head returns hidden states (B, T, C)."""
+        one without the head returns hidden states (B, T, C). With a cache, the tokens follow
+        the cached ones (generation) and are added to it."""
+        start = cache.length if cache is not None else 0
         if self.tok_embeddings is not None:
             seq = tokens.shape[1]
             x = self.tok_embeddings(tokens)  # (B, T, C)
             if self.pos_embeddings is not None:
-                x = x + self.pos_embeddings(torch.arange(seq, device=tokens.device))  # (B, T, C)
+                x = x + self.pos_embeddings(torch.arange(start, start + seq, device=tokens.device))  # (B, T, C)
             x = self.embed_dropout(x)
         else:
             x = tokens
-        for block in self.layers.values():
-            x = block(x, self.rope_cos, self.rope_sin)
+        for i, block in enumerate(self.layers.values()):
+            x = block(x, self.rope_cos, self.rope_sin) if cache is None else block(x, self.rope_cos, self.rope_sin, cache, i)
+        if cache is not None:
+            cache.length += x.shape[1]
         if self.output is None:
             return x
         return self.output(self.norm(x))  # (B, T, V)

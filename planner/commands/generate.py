@@ -1,0 +1,62 @@
+"""`paraplan generate`: sample from a built-in model with a KV cache and report what it cost."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from costmodel import ConfigError, load_cluster
+from costmodel.serving import ServingRequest, decode_step_s, kv_bytes_per_token
+from planner.model_source import load_model_spec
+from planner.zoo import ZOO
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from runtime.generate import Sampling, decode, encode, generate, load_model
+
+    if args.model not in ZOO:
+        raise ConfigError(f"generate runs the built-in models ({', '.join(ZOO)}); got '{args.model}'")
+    spec = load_model_spec(args.model)
+    if args.max_new_tokens < 1 or args.batch < 1:
+        raise ConfigError("--max-new-tokens and --batch must be positive integers")
+    sampling = Sampling(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        seed=args.seed)
+    if args.prompt_tokens:
+        try:
+            ids = [int(t) for t in args.prompt_tokens.split(",")]
+        except ValueError:
+            raise ConfigError("--prompt-tokens takes comma-separated integers, e.g. 72,101,108") from None
+        if not ids or any(not 0 <= t < spec.vocab for t in ids):
+            raise ConfigError(f"--prompt-tokens must be ids in [0, {spec.vocab})")
+    else:
+        ids = encode(args.prompt, spec.vocab)
+        if not ids:
+            raise ConfigError("--prompt is empty; give some text or --prompt-tokens")
+    torch.set_num_threads(args.threads)
+    model = load_model(spec, checkpoint=args.checkpoint, seed=args.seed)
+    prompt = torch.tensor([ids] * args.batch)  # (B, P)
+    out = generate(model, prompt, args.max_new_tokens, sampling)
+    predicted_bytes = kv_bytes_per_token(spec, 4) * args.batch * (len(ids) + args.max_new_tokens)
+    cluster = load_cluster(args.cluster)
+    req = ServingRequest(prompt_len=len(ids), output_len=args.max_new_tokens, precision="fp32")
+    predicted_step = decode_step_s(spec, cluster, req, 1, 1, args.batch, len(ids) + args.max_new_tokens / 2)
+    result = {
+        "texts": [decode(row.tolist()) for row in out.tokens],
+        "tokens": out.tokens.tolist(),
+        "prefill_s": out.prefill_s,
+        "decode_step_s": out.decode_step_s,
+        "predicted_decode_step_s": predicted_step,
+        "kv_cache_bytes": out.cache_bytes,
+        "predicted_kv_cache_bytes": predicted_bytes,
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for text in result["texts"]:
+            print(text)
+        print(f"\n{args.batch} x ({len(ids)} + {args.max_new_tokens}) tokens; prefill {out.prefill_s * 1e3:.1f} ms, "
+              f"decode {out.decode_step_s * 1e3:.2f} ms/step (predicted {predicted_step * 1e3:.2f} on {args.cluster}); "
+              f"KV cache {out.cache_bytes} bytes (predicted {predicted_bytes})")
+    return 0
