@@ -21,7 +21,8 @@ def test_collectives_per_layer_match_the_plan(tmp_path, model, sp):
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                           str(ROOT / "tests" / "comm_count_worker.py"), str(plan)],
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
+    clues = [l for l in out.stderr.splitlines() if any(w in l for w in ("terminate", "Fatal", "Error", "File \""))]
+    assert out.returncode == 0, "\n".join(clues[:40]) + out.stderr[-1500:]
     line = next(l for l in out.stdout.splitlines() if l.startswith("{"))
     counts = json.loads(line)
     assert counts["measured"] == counts["predicted"]
