@@ -31,6 +31,29 @@ def _fresh(model: StepModel) -> tuple:
             [Part() for _ in range(pp)], [0.0] * pp, [])
 
 
+def _deliver(model: StepModel, task, k: int, r: int, end: float, arrive_f, arrive_b, send_free_f, send_free_b,
+             send_busy, events) -> None:
+    """After a task of virtual stage k ends on rank r at `end`: send its activation on (or, at
+    the last stage, start the backward here) or its gradient back, on the rank's send streams."""
+    mb, p2p = task.microbatch, model.p2p_s
+    last = len(arrive_f) - 1
+    if task.forward and k == last:
+        arrive_b[k][mb] = end  # the loss: backward starts on the same rank
+        return
+    if not task.forward and k == 0:
+        return
+    free = send_free_f if task.forward else send_free_b
+    send = max(end, free[r])
+    free[r] = send + p2p
+    send_busy[r] += p2p
+    if task.forward:
+        arrive_f[k + 1][mb] = send + p2p
+    else:
+        arrive_b[k - 1][mb] = send + p2p
+    if events is not None and p2p:
+        events.append(Event(r, "send", f"{'act' if task.forward else 'grad'} {mb}.{task.chunk}", send, p2p))
+
+
 def _task_part(model: StepModel, task, k: int) -> Part:
     if task.forward:
         return model.forward_first[k] if task.microbatch == 0 else model.forward[k]
@@ -40,7 +63,7 @@ def _task_part(model: StepModel, task, k: int) -> Part:
 def _run(model: StepModel, record_events: bool) -> _Pipeline:
     """Each rank's stream runs its tasks in order, each as soon as its input is there."""
     s = model.strategy
-    pp, m, k_stages = s.pp, s.num_microbatches, s.num_stages
+    pp, m = s.pp, s.num_microbatches
     arrive_f, arrive_b, free, send_free_f, send_free_b, pos, last_backward_start, busy, send_busy, events = _fresh(model)
     last_mb = m - 1
     remaining = sum(len(o) for o in model.orders)
@@ -70,23 +93,8 @@ def _run(model: StepModel, record_events: bool) -> _Pipeline:
                 pos[r] += 1
                 remaining -= 1
                 progressed = True
-                if task.forward:
-                    if k + 1 < k_stages:
-                        send = max(end, send_free_f[r])
-                        send_free_f[r] = send + model.p2p_s
-                        send_busy[r] += model.p2p_s
-                        arrive_f[k + 1][mb] = send + model.p2p_s
-                        if record_events and model.p2p_s:
-                            events.append(Event(r, "send", f"act {mb}.{task.chunk}", send, model.p2p_s))
-                    else:
-                        arrive_b[k][mb] = end  # the loss: backward starts on the same rank
-                elif k > 0:
-                    send = max(end, send_free_b[r])
-                    send_free_b[r] = send + model.p2p_s
-                    send_busy[r] += model.p2p_s
-                    arrive_b[k - 1][mb] = send + model.p2p_s
-                    if record_events and model.p2p_s:
-                        events.append(Event(r, "send", f"grad {mb}.{task.chunk}", send, model.p2p_s))
+                _deliver(model, task, k, r, end, arrive_f, arrive_b, send_free_f, send_free_b, send_busy,
+                         events if record_events else None)
         if not progressed:
             raise ConfigError(f"the {s.schedule.value} schedule deadlocks for pp={pp}, microbatches={m}")
 
@@ -101,7 +109,7 @@ def _run_shared_host(model: StepModel, record_events: bool) -> _Pipeline:
     progresses at rate slow / max(1, per_node * n / (pp * cores)) of its modelled speed, slow the
     static oversubscription."""
     s = model.strategy
-    pp, m, k_stages = s.pp, s.num_microbatches, s.num_stages
+    pp, m = s.pp, s.num_microbatches
     cluster = model.cluster
     slow = cluster.oversubscription
     arrive_f, arrive_b, free, send_free_f, send_free_b, pos, last_backward_start, busy, send_busy, events = _fresh(model)
@@ -147,19 +155,8 @@ def _run_shared_host(model: StepModel, record_events: bool) -> _Pipeline:
             if record_events:
                 events.append(Event(r, "compute", f"{'F' if task.forward else 'B'}{mb}.{task.chunk}", start, now - start))
             pos[r] += 1
-            if task.forward:
-                if k + 1 < k_stages:
-                    send = max(now, send_free_f[r])
-                    send_free_f[r] = send + model.p2p_s
-                    send_busy[r] += model.p2p_s
-                    arrive_f[k + 1][mb] = send + model.p2p_s
-                else:
-                    arrive_b[k][mb] = now
-            elif k > 0:
-                send = max(now, send_free_b[r])
-                send_free_b[r] = send + model.p2p_s
-                send_busy[r] += model.p2p_s
-                arrive_b[k - 1][mb] = send + model.p2p_s
+            _deliver(model, task, k, r, now, arrive_f, arrive_b, send_free_f, send_free_b, send_busy,
+                     events if record_events else None)
     return _Pipeline(free, last_backward_start, busy, send_busy, events)
 
 
