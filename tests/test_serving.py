@@ -131,3 +131,17 @@ def test_command_line_writes_a_serving_plan(tmp_path):
     never = paraplan("plan", "--mode", "inference", "--model", "llama2-70b", "--cluster", "h100-sxm:8",
                      "--prompt-len", "1024", "--output-len", "256", "--max-tpot-ms", "1")
     assert never.returncode == 2 and "latency targets" in never.stderr and "Traceback" not in never.stderr
+
+
+def test_check_weighs_a_serving_plan_by_its_kv_cache(tmp_path):
+    out = tmp_path / "serve.yaml"
+    assert paraplan("plan", "--mode", "inference", "--model", "llama2-70b", "--cluster", "h100-sxm:8", "--prompt-len",
+                    "1024", "--output-len", "256", "-o", str(out)).returncode == 0
+    data = yaml.safe_load(out.read_text())
+    data["schedule"]["microbatch_size"] = 5000  # far beyond the KV capacity
+    data["global_batch"] = 5000 * data["mesh"]["dp_replicate"]
+    out.write_text(yaml.safe_dump(data))
+    r = paraplan("check", str(out), "--json")
+    report = json.loads(r.stdout)
+    assert r.returncode == 2 and report["max_batch"] < 5000
+    assert any("batch 5000 needs more KV cache" in p for p in report["problems"])

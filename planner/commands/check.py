@@ -44,7 +44,9 @@ def plan_problems(plan: Plan, cluster: Cluster) -> tuple[list[str], dict]:
         return problems + [str(exc)], facts
     layout = strategy_problems(spec, strategy, plan.world_size)
     problems += layout
-    if not layout:
+    if not layout and plan.mode == "inference":
+        problems += _serving_memory(plan, spec, cluster, facts)
+    elif not layout:
         try:
             result = predict(spec, strategy, cluster)
         except ConfigError as exc:
@@ -64,6 +66,26 @@ def plan_problems(plan: Plan, cluster: Cluster) -> tuple[list[str], dict]:
             problems.append(f"placement '{pattern}' matches no parameter of {spec.name} "
                             f"(names look like {names[min(2, len(names) - 1)]})")
     return problems, facts
+
+
+def _serving_memory(plan: Plan, spec, cluster: Cluster, facts: dict) -> list[str]:
+    """A serving plan's weights and KV cache against the GPU (costmodel.serving)."""
+    from costmodel.serving import ServingRequest, kv_budget
+
+    sv = plan.serving
+    try:
+        req = ServingRequest(prompt_len=int(sv["prompt_len"]), output_len=int(sv["output_len"]),
+                             beam=int(sv.get("beam", 1)), block_tokens=int(sv.get("block_tokens", 16)),
+                             precision=plan.precision)
+    except (KeyError, TypeError, ValueError):
+        return ["the serving plan lacks prompt_len and output_len under `serving`; re-plan with --mode inference"]
+    budget = kv_budget(spec, cluster, req, plan.mesh["tp"], plan.mesh["pp"])
+    batch = plan.schedule["microbatch_size"]
+    facts.update(weights_gib_per_gpu=round(budget.weights_gib, 2), max_batch=budget.max_batch_paged)
+    if batch > budget.max_batch_paged:
+        return [f"batch {batch} needs more KV cache than the {budget.kv_gib:.1f} GiB per GPU left after "
+                f"{budget.weights_gib:.1f} GiB of weights (at most {budget.max_batch_paged} sequences); lower --batch"]
+    return []
 
 
 def run_check(args: argparse.Namespace) -> int:
