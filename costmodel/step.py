@@ -153,10 +153,8 @@ def build_step(spec: ModelSpec, strategy: Strategy, cluster: Cluster) -> StepMod
         frozen = ([ends.embed_frozen_bytes] if first else []) + [layer.frozen_bytes] * n + (
             [ends.head_frozen_bytes] if last else [])
         zero = s.zero if shard > 1 else 0
-        if zero >= 3:  # FSDP gathers the frozen weights too; ZeRO-1/2 gather only what the optimizer updated
-            gather = [gather_s(p, f) for p, f in zip(params, frozen)]
-        else:
-            gather = [gather_s(p) for p in params] if zero >= 1 else []
+        # FSDP gathers the frozen weights too; ZeRO-1/2 gather only what the optimizer updated
+        gather = [gather_s(p, f if zero >= 3 else 0.0) for p, f in zip(params, frozen)] if zero >= 1 else []
         scatter = [scatter_s(p) for p in params] if zero >= 2 else []
         ov = cluster.overlaps_comm
         fwd.append(_task(f_parts, layer.forward, n, gather if zero == 3 else [], [], ov))
