@@ -239,9 +239,13 @@ def oversubscription(processes: int, host_cores: int | None) -> float:
     return max(1.0, processes / host_cores) if host_cores else 1.0
 
 
-def host_share(processes: int, host_cores: int | None) -> float:
-    """The fraction of one core (the profile's single-threaded peak) each process gets."""
-    return 1.0 / oversubscription(processes, host_cores)
+def _host_figure(profile: dict, key: str, default: float, low: float, high: float) -> float:
+    """A number of a shared-host profile (after calibration is folded in), within [low, high]."""
+    value = profile.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ConfigError(f"profile {profile.get('name', 'profile')}: {key} must be a number in [{low:g}, {high:g}], "
+                          f"got {value!r}")
+    return float(value)
 
 
 def _host_cores(profile: dict, name: str) -> int | None:
@@ -253,26 +257,13 @@ def _host_cores(profile: dict, name: str) -> int | None:
     return cores
 
 
-def _shared_compute(profile: dict) -> float:
-    value = (profile.get("calibration") or {}).get("shared_compute", 1.0)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1.5:
-        raise ConfigError(f"profile {profile.get('name', 'profile')}: calibration shared_compute must be in (0, 1.5]")
-    return float(value)
-
-
-def _host_wait_us(profile: dict, name: str) -> float:
-    wait = profile.get("host_wait_us", 0.0)
-    if isinstance(wait, bool) or not isinstance(wait, (int, float)) or wait < 0:
-        raise ConfigError(f"profile {name}: host_wait_us must be a number >= 0, got {wait!r}")
-    return float(wait)
-
-
 def _apply_calibration(profile: dict) -> dict:
     """Fold a profile's `calibration` (fitted by `paraplan profile` to measured training steps)
     into its figures: `compute` scales the peaks and memory bandwidth (what a step sustains of
     the microbenchmarks' rates), `latency_us` and `host_wait_us` replace the link latency and
     the host wait, `call_us` sets the links' cost per collective call (at one process per
-    core; it grows with the oversubscription like the wait)."""
+    core; it grows with the oversubscription like the wait), `shared_compute` becomes the
+    host's `host_shared_compute`."""
     cal = profile.get("calibration")
     if cal is None:
         return profile
@@ -304,6 +295,8 @@ def _apply_calibration(profile: dict) -> dict:
         out["links"] = links
     if wait is not None:
         out["host_wait_us"] = wait
+    if "shared_compute" in cal:
+        out["host_shared_compute"] = cal["shared_compute"]
     return out
 
 
@@ -318,9 +311,10 @@ def _cluster(profile: dict, name: str, nodes: int, per_node: int, links: dict) -
     intra_link, inter_link = _link(intra, f"cluster {name} intra_node"), _link(inter, f"cluster {name} inter_node")
     cores = _host_cores(profile, str(profile.get("name", name)))
     if cores:
-        share, slow = host_share(per_node, cores), oversubscription(per_node, cores)
+        slow = oversubscription(per_node, cores)
+        share = 1 / slow  # of the one-thread figures each process gets
         if slow > 1:  # what time-slicing, cache sharing and the communication threads cost on top
-            share *= _shared_compute(profile)
+            share *= _host_figure(profile, "host_shared_compute", 1.0, 1e-3, 1.5)
         device = replace(
             device,
             peak_tflops={k: v * share for k, v in device.peak_tflops.items()},
@@ -331,7 +325,7 @@ def _cluster(profile: dict, name: str, nodes: int, per_node: int, links: dict) -
             fsdp_layer_overhead_us=tuple(v * slow for v in device.fsdp_layer_overhead_us),
             optimizer_overhead_us=tuple(v * slow for v in device.optimizer_overhead_us),
         )
-        wait_us = _host_wait_us(profile, str(profile.get("name", name)))
+        wait_us = _host_figure(profile, "host_wait_us", 0.0, 0.0, float("inf"))
         intra_link = replace(intra_link, latency_us=intra_link.latency_us + wait_us * (slow - 1),
                              bandwidth_gb_per_s=intra_link.bandwidth_gb_per_s / slow,
                              call_us=intra_link.call_us * slow)
