@@ -24,7 +24,7 @@ def main() -> None:
     errors = []
     for row in KORTHIKANTI_TABLE3:
         name, _a, _h, _l, tp, pp, gpus, batch, mb, v = row
-        cluster = load_cluster(f"a100-80g:{gpus}")
+        cluster = load_cluster(f"a100-80g:{gpus}", runtime="megatron-core")
         for i, recompute in enumerate(("full", "selective")):
             s = published_strategy(row, recompute)
             r = predict(ZOO[name], s, cluster)
@@ -39,7 +39,7 @@ def main() -> None:
     print("Korthikanti et al. 2022, Table 4 (one 22B layer, tp 8, microbatch 4; ms)")
     print("| variant | published fwd | predicted fwd | published bwd | predicted bwd |")
     print("|---|---|---|---|---|")
-    cluster = load_cluster("a100-80g:8")
+    cluster = load_cluster("a100-80g:8", runtime="megatron-core")
     for key, (fwd, bwd) in KORTHIKANTI_TABLE4_22B_MS.items():
         sp = "sequence_parallel" in key
         recompute = {"full_recompute": "full"}.get(key, "selective" if "selective" in key else "none")

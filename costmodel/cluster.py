@@ -24,6 +24,7 @@ import yaml
 from costmodel.errors import ConfigError
 from costmodel.hardware import Device, EfficiencyCurve, MemoryOverhead
 from costmodel.network import Group, Link, group_on_mesh
+from costmodel.runtime import DEFAULT_RUNTIME, TrainingRuntime, load_runtime
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 
@@ -38,6 +39,14 @@ class Cluster:
     inter: Link
     # set where the "GPUs" are processes sharing this many cores of each node (a CPU profile)
     host_cores: int | None = None
+    runtime: TrainingRuntime = TrainingRuntime(name="megatron-core")  # the training software that is priced
+    profile: str = ""  # the hardware profile's name
+
+    @property
+    def priced_runtime(self) -> bool:
+        """Whether the runtime's GPU terms apply (a measured CPU host was calibrated with the
+        runtime that ran on it, so they do not)."""
+        return self.host_cores is None
 
     def __post_init__(self) -> None:
         if self.nodes < 1 or self.gpus_per_node < 1:
@@ -177,6 +186,8 @@ def device_from_data(data: dict) -> Device:
             optimizer_overhead_us=_pair(dev.get("optimizer_overhead_us", (0.0, 0.0))),
             skinny_gemm_efficiency=_curve(dev.get("skinny_gemm_efficiency")),
             decode_attention_efficiency=_curve(dev.get("decode_attention_efficiency")),
+            attention_backward_efficiency=_curve(dev.get("attention_backward_efficiency")),
+            arch=str(data.get("arch", "")),
         )
     except KeyError as exc:
         raise ConfigError(f"profile {name}: device lacks field {exc.args[0]}") from None
@@ -186,8 +197,25 @@ def device_from_data(data: dict) -> Device:
         raise ConfigError(f"profile {name}: device figures must be numbers ([size, efficiency] pairs for curves)") from None
 
 
-def load_cluster(text: str, profiles_dir: Path = PROFILES_DIR) -> Cluster:
-    """Parse `DEVICE:COUNT` or a cluster YAML path."""
+def load_cluster(text: str, profiles_dir: Path = PROFILES_DIR, *,
+                 runtime: str | TrainingRuntime = DEFAULT_RUNTIME) -> Cluster:
+    """Parse `DEVICE:COUNT` or a cluster YAML path; `runtime` names the training runtime
+    profile that prices it (profiles/runtimes/)."""
+    rt = runtime if isinstance(runtime, TrainingRuntime) else load_runtime(runtime)
+    return with_runtime(_load_cluster(text, profiles_dir), rt)
+
+
+def with_runtime(cluster: Cluster, runtime: TrainingRuntime) -> Cluster:
+    """The cluster priced for `runtime`: its attention kernel's cap on the device's curves
+    (GPU devices only; the share of the compute rates sustained beside data-parallel
+    collectives is applied per strategy, costmodel.step)."""
+    device = cluster.device
+    if cluster.host_cores is None:
+        device = replace(device, attention_cap=runtime.attention_cap(device.arch))
+    return replace(cluster, device=device, runtime=runtime)
+
+
+def _load_cluster(text: str, profiles_dir: Path) -> Cluster:
     path = Path(text)
     if path.suffix in (".yaml", ".yml"):
         if not path.exists():
@@ -330,4 +358,4 @@ def _cluster(profile: dict, name: str, nodes: int, per_node: int, links: dict) -
                              bandwidth_gb_per_s=intra_link.bandwidth_gb_per_s / slow,
                              call_us=intra_link.call_us * slow)
     return Cluster(name=name, device=device, nodes=nodes, gpus_per_node=per_node, intra=intra_link, inter=inter_link,
-                   host_cores=cores)
+                   host_cores=cores, profile=str(profile.get("name", name)))

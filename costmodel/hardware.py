@@ -87,6 +87,15 @@ class Device:
     # attention of one query over a cache run far below the square-GEMM curves
     skinny_gemm_efficiency: EfficiencyCurve | None = None  # GEMMs of <= SKINNY_ROWS rows
     decode_attention_efficiency: EfficiencyCurve | None = None
+    # the fused attention's backward, where measured (its FLOPs: FLASH_BACKWARD_FLOPS_RATIO x
+    # the forward's); otherwise the forward's curve
+    attention_backward_efficiency: EfficiencyCurve | None = None
+    arch: str = ""  # the GPU architecture (ampere, hopper, cpu): runtime profiles' figures are per architecture
+    # set from the training runtime (costmodel.runtime): the share of the microbenchmarked
+    # compute rates a training step sustains, and the best fraction of peak its attention
+    # kernel reaches
+    compute_sustained: float = 1.0
+    attention_cap: float = 1.0
 
     def __post_init__(self) -> None:
         for field_name in ("layer_overhead_us", "tp_layer_overhead_us", "fsdp_layer_overhead_us",
@@ -127,13 +136,19 @@ class Device:
         curve = self.gemm_efficiency
         if rows is not None and rows <= SKINNY_ROWS and self.skinny_gemm_efficiency is not None:
             curve = self.skinny_gemm_efficiency
-        compute = flops / (self.peak_flops(dtype) * curve(flops))
+        compute = flops / (self.peak_flops(dtype) * curve(flops) * self.compute_sustained)
         return max(compute, self.memory_s(bytes_moved))
 
-    def attention_s(self, flops: float, bytes_moved: float, dtype: str, decode: bool = False) -> float:
-        """Roofline time of a fused (Flash) attention kernel (one query per sequence: `decode`)."""
-        curve = self.decode_attention_efficiency if decode and self.decode_attention_efficiency else self.attention_efficiency
-        compute = flops / (self.peak_flops(dtype) * curve(flops))
+    def attention_s(self, flops: float, bytes_moved: float, dtype: str, decode: bool = False,
+                    backward: bool = False) -> float:
+        """Roofline time of a fused (Flash) attention kernel (one query per sequence: `decode`;
+        the backward kernels: `backward`)."""
+        curve = self.attention_efficiency
+        if decode and self.decode_attention_efficiency:
+            curve = self.decode_attention_efficiency
+        elif backward and self.attention_backward_efficiency:
+            curve = self.attention_backward_efficiency
+        compute = flops / (self.peak_flops(dtype) * min(curve(flops), self.attention_cap) * self.compute_sustained)
         return max(compute, self.memory_s(bytes_moved))
 
     def memory_s(self, bytes_moved: float) -> float:

@@ -10,7 +10,7 @@ so one pipeline of ranks stands for the whole cluster.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from costmodel.cluster import Cluster
 from costmodel.collectives import all_gather_s, all_reduce_s, reduce_scatter_s, send_recv_s
@@ -24,7 +24,7 @@ from costmodel.spec import ModelSpec
 from costmodel.strategy import Recompute, Strategy
 from costmodel.validate import check_strategy, stage_layer_counts
 
-ADAM_BYTES_PER_PARAM = 32  # fp32 master, grad, two moments read; master, moments written; 16-bit copy; grad zeroed
+ADAM_BYTES_PER_PARAM = 32  # fused AdamW: fp32 master, grad, two moments read; master, moments written; 16-bit copy
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -110,7 +110,10 @@ def _task(parts: list[Part], layer: Part, n: int, pre: list[float], post: list[f
 
 def build_step(spec: ModelSpec, strategy: Strategy, cluster: Cluster) -> StepModel:
     check_strategy(spec, strategy, cluster.world_size)
-    s = strategy
+    s = strategy if strategy.grad_dtype else strategy.replace(grad_dtype=cluster.runtime.grad_dtype)
+    if cluster.priced_runtime and s.dp > 1:  # FSDP/DDP collectives beside the compute: NCCL takes SMs, clocks sag
+        cluster = replace(cluster, device=replace(cluster.device,
+                                                  compute_sustained=cluster.runtime.gemm_scale(cluster.device.arch)))
     if s.seq_len and s.seq_len != spec.seq_len:
         spec = spec.with_seq_len(s.seq_len)
     pol = s.policy
@@ -131,11 +134,14 @@ def build_step(spec: ModelSpec, strategy: Strategy, cluster: Cluster) -> StepMod
 
     gathers: dict[tuple[int, float], float] = {}
     scatters: dict[int, float] = {}
+    gather_bytes = pol.param_bytes  # per parameter: the compute dtype, or fp32 where the runtime gathers fp32 weights
+    if cluster.priced_runtime and cluster.runtime.fsdp_param_dtype == "fp32":
+        gather_bytes = 4
 
-    def gather_s(params: int, frozen: float = 0.0) -> float:  # one all-gather of a layer's 16-bit weights
+    def gather_s(params: int, frozen: float = 0.0) -> float:  # one all-gather of a layer's weights
         key = (params, frozen)
         if key not in gathers:
-            gathers[key] = all_gather_s(params * pol.param_bytes + frozen, shard_group)
+            gathers[key] = all_gather_s(params * gather_bytes + frozen, shard_group)
         return gathers[key]
 
     def scatter_s(params: int) -> float:  # one reduce-scatter of a layer's gradients
@@ -177,9 +183,10 @@ def build_step(spec: ModelSpec, strategy: Strategy, cluster: Cluster) -> StepMod
         chunks = range(r, k_stages, pp)
         params = _rank_params(counts, layer, ends, r, pp)
         comm = sum(b.comm_s for k in chunks for b in buckets[k]) + sum(sharded_comm[k] for k in chunks)
-        comm += _gather_total(params, pol.param_bytes, shard, shard_group, s.zero)
+        comm += _gather_total(params, gather_bytes, shard, shard_group, s.zero)
         dp_comm.append(comm)
-        optim.append(cluster.device.memory_s(params / (shard if s.zero >= 1 else 1) * ADAM_BYTES_PER_PARAM)
+        adam_bytes = cluster.runtime.optimizer_bytes_per_param if cluster.priced_runtime else ADAM_BYTES_PER_PARAM
+        optim.append(cluster.device.memory_s(params / (shard if s.zero >= 1 else 1) * adam_bytes)
                      + cluster.device.optimizer_overhead_s(_rank_tensors(spec, s, counts, r, pp), dtensor=s.dp * s.tp * s.cp > 1))
     tokens = s.global_batch * spec.seq_len
     flops_share = 2 / 3 if s.lora else 1.0  # frozen weights skip the weight-gradient GEMMs: 4 N T, not 6 N T

@@ -51,11 +51,15 @@ class PrecisionPolicy:
     activation_bytes: int
 
     @classmethod
-    def of(cls, precision: Precision) -> "PrecisionPolicy":
+    def of(cls, precision: Precision, grad_dtype: str = "fp32", master_dtype: str = "fp32") -> "PrecisionPolicy":
+        """`grad_dtype` bf16: 16-bit gradients (ZeRO's paper, DeepSpeed's fp16/bf16 default:
+        2 + 2 + 12 bytes per parameter); `master_dtype` bf16: no fp32 copy of the weights,
+        the optimizer keeps only its two fp32 moments."""
         if precision is Precision.FP32:
             return cls(compute_dtype="fp32", param_bytes=4, grad_bytes=4, optimizer_bytes=8, activation_bytes=4)
         dtype = "fp8" if precision is Precision.FP8 else "bf16"
-        return cls(compute_dtype=dtype, param_bytes=2, grad_bytes=4, optimizer_bytes=12, activation_bytes=2)
+        return cls(compute_dtype=dtype, param_bytes=2, grad_bytes=2 if grad_dtype == "bf16" else 4,
+                   optimizer_bytes=8 if master_dtype == "bf16" else 12, activation_bytes=2)
 
 
 def _positive(name: str, value) -> None:
@@ -86,6 +90,9 @@ class Strategy:
     lora_rank: int = 0
     lora_targets: tuple[str, ...] = ()
     base_precision: str = "bf16"
+    # gradients and master weights: "" takes the training runtime's default (costmodel.runtime)
+    grad_dtype: str = ""
+    master_dtype: str = "fp32"
 
     def __post_init__(self) -> None:
         from costmodel.lora import BASE_PRECISIONS, DEFAULT_TARGETS, TARGETS
@@ -103,6 +110,10 @@ class Strategy:
             raise ConfigError(f"--base-precision {self.base_precision!r} is not one of {', '.join(BASE_PRECISIONS)}")
         if self.base_precision == "nf4" and not self.lora_rank:
             raise ConfigError("--base-precision nf4 (QLoRA) needs LoRA adapters: give --mode lora")
+        if self.grad_dtype not in ("", "fp32", "bf16"):
+            raise ConfigError(f"--grad-dtype {self.grad_dtype!r} is not one of fp32, bf16")
+        if self.master_dtype not in ("fp32", "bf16"):
+            raise ConfigError(f"--master-dtype {self.master_dtype!r} is not one of fp32, bf16")
         for name in ("tp", "pp", "dp", "cp", "microbatch_size", "global_batch", "virtual_stages"):
             _positive(name, getattr(self, name))
         if self.zero not in (0, 1, 2, 3):
@@ -180,7 +191,7 @@ class Strategy:
 
     @property
     def policy(self) -> PrecisionPolicy:
-        return PrecisionPolicy.of(self.precision)
+        return PrecisionPolicy.of(self.precision, self.grad_dtype or "fp32", self.master_dtype)
 
     def replace(self, **changes) -> "Strategy":
         return replace(self, **changes)

@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             data = profile(out, device=args.device, quick=args.quick, base=args.extends)
             dev = data["device"]
             print(f"wrote {out}: peak {max(dev['peak_tflops'].values()):.4g} TFLOP/s, memory {dev['hbm_gb_per_s']} GB/s, "
-                  f"link {data['links']['intra_node']}")
+                  f"link {data.get('links', {}).get('intra_node', 'not measured (one GPU)')}")
             return 0
         if args.command in ("report", "compare"):
             from planner.commands.report import run_compare, run_report

@@ -33,6 +33,10 @@ COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send
 
 
 def _time(fn, reps: int) -> float:
+    """Median seconds of `fn` (CUDA: device events around `inner` calls, so launch gaps of
+    small kernels are what a stream of them sees; CPU: the wall clock)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return _time_cuda(fn, reps)
     fn()  # warm-up
     samples = []
     for _ in range(reps):
@@ -41,6 +45,22 @@ def _time(fn, reps: int) -> float:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()
         samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def _time_cuda(fn, reps: int, inner: int = 5) -> float:
+    for _ in range(2):
+        fn()  # warm-up: library handles, autotuning
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e-3 / inner)
     return statistics.median(samples)
 
 
@@ -55,13 +75,21 @@ def measure_gemms(device: str, sizes: list[int], dtype: torch.dtype, reps: int, 
     return out
 
 
-def measure_attention(device: str, seqs: list[int], dtype: torch.dtype, reps: int, bar) -> list[tuple[float, float]]:
-    """(FLOPs of the causal half, seconds) of SDPA forward, 8 heads of 64."""
+def measure_attention(device: str, seqs: list[int], dtype: torch.dtype, reps: int, bar,
+                      heads: int = 8, head_dim: int = 64, tokens: int = 0) -> list[tuple[float, float, float]]:
+    """(FLOPs of the causal half, forward seconds, backward seconds) of causal SDPA; with
+    `tokens` the batch is tokens // seq (a training microbatch's shape), else 1. The backward's
+    FLOPs are 2.5 times the forward's (FlashAttention-2: 5 matmuls against 2)."""
     out = []
     for s in seqs:
-        q = torch.randn(1, 8, s, 64, device=device, dtype=dtype)
-        t = _time(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True), reps)
-        out.append((4.0 * 8 * s * s * 64 * 0.5, t))
+        b = max(1, tokens // s) if tokens else 1
+        q, k, v = (torch.randn(b, heads, s, head_dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        fwd = _time(lambda: sdpa(q, k, v, is_causal=True), reps)
+        o = sdpa(q, k, v, is_causal=True)
+        g = torch.randn_like(o)
+        both = _time(lambda: torch.autograd.grad(sdpa(q, k, v, is_causal=True), (q, k, v), g), reps)
+        out.append((4.0 * b * heads * s * s * head_dim * 0.5, fwd, max(both - fwd, 1e-9)))
         bar.update()
     return out
 
@@ -88,14 +116,15 @@ def measure_decode_attention(device: str, dtype: torch.dtype, reps: int) -> list
     return out
 
 
-def measure_elementwise(device: str, reps: int) -> float:
+def measure_elementwise(device: str, reps: int, rows: int = 2048, width: int = 1024,
+                        dtype: torch.dtype = torch.float32) -> float:
     """Bytes per second (read + write) of the memory-bound ops of a layer: a norm, the MLP's
     activation, a softmax; the median over them."""
     F = torch.nn.functional
-    x = torch.randn(2048, 1024, device=device)
-    w = torch.ones(1024, device=device)
-    ops = [lambda: F.layer_norm(x, (1024,), w, w), lambda: F.gelu(x), lambda: x.softmax(-1)]
-    return statistics.median(2 * x.numel() * 4 / _time(op, reps) for op in ops)
+    x = torch.randn(rows, width, device=device, dtype=dtype)
+    w = torch.ones(width, device=device, dtype=dtype)
+    ops = [lambda: F.layer_norm(x, (width,), w, w), lambda: F.gelu(x), lambda: x.softmax(-1)]
+    return statistics.median(2 * x.numel() * x.element_size() / _time(op, reps) for op in ops)
 
 
 def measure_copy(device: str, mib: int, reps: int) -> float:
@@ -314,16 +343,35 @@ def _curve(points: list[tuple[float, float]], peak_flops: float) -> list[list[fl
     return [[float(f"{f:.4g}"), max(1e-4, round(min(1.0, f / t / peak_flops), 4))] for f, t in sorted(points)]
 
 
+# datasheet profile a measured GPU extends, by the name torch reports
+GPU_BASES = (("H200", "h200"), ("H100", "h100-sxm"), ("A100-SXM4-40GB", "a100-40g"), ("A100", "a100-80g"))
+
+
+def gpu_base(name: str) -> str:
+    """The datasheet profile of the GPU torch names `name` (h100-sxm where none matches)."""
+    return next((base for key, base in GPU_BASES if key in name), "h100-sxm")
+
+
 def profile(out: Path, *, device: str = "cpu", quick: bool = False, base: str | None = None) -> dict:
     if device == "cuda" and not torch.cuda.is_available():
         from costmodel.errors import ConfigError
 
         raise ConfigError("--device cuda: no CUDA device here; use --device cpu")
-    sizes = [128, 256, 512, 1024] if quick else [64, 128, 256, 512, 1024, 1536, 2048]
-    seqs = [256, 512, 1024] if quick else [128, 256, 512, 1024, 2048]
+    gpu = device == "cuda"
+    if gpu:  # sizes a GPU fills: GEMMs up to 8192^3, attention at a microbatch's shape (16 heads of 128)
+        sizes = [512, 1024, 2048, 4096, 8192] if quick else [256, 512, 1024, 2048, 3072, 4096, 6144, 8192]
+        seqs = [512, 2048, 8192] if quick else [512, 1024, 2048, 4096, 8192]
+        attn_shape = {"heads": 16, "head_dim": 128, "tokens": 16384}
+    else:
+        sizes = [128, 256, 512, 1024] if quick else [64, 128, 256, 512, 1024, 1536, 2048]
+        seqs = [256, 512, 1024] if quick else [128, 256, 512, 1024, 2048]
+        attn_shape = {}
     reps = 3 if quick else 7
-    worlds = [2, 4] if device == "cpu" else [torch.cuda.device_count()]
+    # one GPU has no collective to measure: its links stay the datasheet's
+    worlds = [2, 4] if not gpu else ([torch.cuda.device_count()] if torch.cuda.device_count() > 1 else [])
     msgs = [2**14, 2**18, 2**21] if quick else [2**12, 2**14, 2**16, 2**18, 2**20, 2**22]
+    if gpu:
+        msgs = [2**16, 2**20, 2**24, 2**27]
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     # a CPU "GPU" is one single-threaded process (torchrun sets OMP_NUM_THREADS=1): measure one
     # thread, and record how many cores the processes of a run share
@@ -335,29 +383,34 @@ def profile(out: Path, *, device: str = "cpu", quick: bool = False, base: str | 
     total = len(sizes) + len(seqs) + len(worlds) + len(situ_worlds) + 2
     try:
         with tqdm(total=total, desc="profiling", unit="step", disable=None) as bar:
+            if gpu:
+                torch.cuda.init()
             gemms = measure_gemms(device, sizes, dtype, reps, bar)
-            attn = measure_attention(device, seqs, dtype, reps, bar)
-            copy_bps = measure_copy(device, 64 if quick else 256, reps)
-            elementwise_bps = measure_elementwise(device, reps)
+            attn3 = measure_attention(device, seqs, dtype, reps, bar, **attn_shape)
+            copy_bps = measure_copy(device, 2048 if gpu else 64 if quick else 256, reps)
+            elementwise_bps = (measure_elementwise(device, reps, 16384, 4096, torch.bfloat16) if gpu
+                               else measure_elementwise(device, reps))
             skinny = measure_skinny_gemms(device, dtype, reps)
             decode_attn = measure_decode_attention(device, dtype, reps)
             bar.update()
             overhead = measure_layer_overhead(10 if quick else 30) if device == "cpu" else {}
             bar.update()
-            rows = measure_collectives(worlds, msgs, reps, "nccl" if device == "cuda" else "gloo", bar)
+            rows = measure_collectives(worlds, msgs, reps, "nccl" if device == "cuda" else "gloo", bar) if worlds else []
             situ = measure_in_situ(situ_worlds, 20 if quick else 60, bar)
     finally:
         torch.set_num_threads(threads)
+    attn = [(f, t) for f, t, _ in attn3]
+    attn_bwd = [(2.5 * f, tb) for f, _, tb in attn3]
     peak = max(f / t for f, t in gemms)
     dname = "fp32" if dtype == torch.float32 else "bf16"
-    link = fit_alpha_beta(rows, host_cores)
+    link = fit_alpha_beta(rows, host_cores) if rows else None
     wait_us = None
     if situ:  # the latency a step sees replaces the lockstep one; the bandwidth stays
         link["latency_us"], wait_us = fit_in_situ_latency(situ, host_cores)
     name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
     data = {
         "name": out.stem,
-        "extends": base or ("cpu" if device == "cpu" else "h100-sxm"),
+        "extends": base or ("cpu" if device == "cpu" else gpu_base(torch.cuda.get_device_name())),
         "description": f"measured on {name}, {os.cpu_count()} CPUs" if device == "cpu" else f"measured on {name}",
         "source": "measured",
         **({"host_cores": host_cores, "host_wait_us": wait_us} if host_cores else {}),
@@ -369,11 +422,12 @@ def profile(out: Path, *, device: str = "cpu", quick: bool = False, base: str | 
             "hbm_efficiency": round(min(1.0, elementwise_bps / copy_bps), 4),
             "gemm_efficiency": _curve(gemms, peak),
             "attention_efficiency": _curve(attn, peak),
+            "attention_backward_efficiency": _curve(attn_bwd, peak),
             "skinny_gemm_efficiency": _curve(skinny, peak),
             "decode_attention_efficiency": _curve(decode_attn, peak),
             **overhead,
         },
-        "links": {"intra_node": link, "inter_node": dict(link)},
+        **({"links": {"intra_node": link, "inter_node": dict(link)}} if link else {}),
         "sources": {
             "peak_tflops": f"best rate of {len(gemms)} square {dname} GEMMs"
                            f"{' on one thread' if device == 'cpu' else ''} [measured]",
@@ -382,17 +436,23 @@ def profile(out: Path, *, device: str = "cpu", quick: bool = False, base: str | 
                 "optimizer_overhead_us": "per parameter tensor, [tensor, DTensor]: a gradient norm, AdamW "
                                          "(foreach off), zero_grad on 64 tiny tensors [measured]"} if overhead else {}),
             "gemm_efficiency": "each GEMM size's rate over the best [measured]",
-            "attention_efficiency": "SDPA forward, causal, 8 heads of 64, over the GEMM peak [measured]",
+            "attention_efficiency": f"SDPA forward, causal, {attn_shape.get('heads', 8)} heads of "
+                                    f"{attn_shape.get('head_dim', 64)}, over the GEMM peak [measured]",
+            "attention_backward_efficiency": "the same SDPA's backward (forward+backward minus forward), "
+                                             "2.5x the forward's FLOPs, over the GEMM peak [measured]",
             "hbm_gb_per_s": "a large tensor copy, read plus write [measured]",
             "skinny_gemm_efficiency": "GEMMs of 1-64 rows against 256-2048 square weights, over the peak [measured]",
             "decode_attention_efficiency": "SDPA of one query over 256-2048 cached tokens, 8 heads of 64 [measured]",
             "hbm_efficiency": "median of layer_norm, gelu, softmax bytes/s over the copy's [measured]",
-            "intra_node": f"bandwidth: least-squares alpha-beta fit of {len(rows)} gloo/NCCL collective timings; "
-                          + ("latency: all-reduce between GEMMs on 2.. ranks, fitted with host_wait_us [measured]"
-                             if situ else "latency: the same fit [measured]"),
+            **({"intra_node": f"bandwidth: least-squares alpha-beta fit of {len(rows)} gloo/NCCL collective "
+                              "timings; " + ("latency: all-reduce between GEMMs on 2.. ranks, fitted with host_wait_us "
+                                             "[measured]" if situ else "latency: the same fit [measured]")}
+               if rows else {"intra_node": "one GPU: no collective measured, the links are the datasheet profile's"}),
         },
         "raw": {"gemm_flops_s": [[f, float(f"{t:.4g}")] for f, t in gemms],
                 "attention_flops_s": [[f, float(f"{t:.4g}")] for f, t in attn],
+                "attention_backward_flops_s": [[f, float(f"{t:.4g}")] for f, t in attn_bwd],
+                "copy_bytes_per_s": float(f"{copy_bps:.4g}"), "elementwise_bytes_per_s": float(f"{elementwise_bps:.4g}"),
                 "collectives_op_ranks_bytes_s": [[o, n, b, float(f"{t:.4g}")] for o, n, b, t in rows],
                 "in_situ_all_reduce_ranks_s": [[n, float(f"{t:.4g}")] for n, t in situ]},
     }

@@ -18,7 +18,7 @@ from planner.zoo import ZOO
 def test_korthikanti_table5_iteration_time(row, recompute):
     name, gpus = row[0], row[6]
     published = KORTHIKANTI_TABLE5_S[name][0 if recompute == "full" else 1]
-    result = predict(ZOO[name], published_strategy(row, recompute), load_cluster(f"a100-80g:{gpus}"))
+    result = predict(ZOO[name], published_strategy(row, recompute), load_cluster(f"a100-80g:{gpus}", runtime="megatron-core"))
     assert result.step_time_s == pytest.approx(published, rel=0.10)
     assert result.fits
 
@@ -29,7 +29,7 @@ def test_korthikanti_table4_one_layer(key):
     recompute = {"full_recompute": "full"}.get(key, "selective" if "selective" in key else "none")
     strategy = Strategy(tp=8, global_batch=4, microbatch_size=4, sequence_parallel=sp, recompute=recompute,
                         flash_attention=False)
-    cluster = load_cluster("a100-80g:8")
+    cluster = load_cluster("a100-80g:8", runtime="megatron-core")
     layer = layer_cost(ZOO["megatron-22b"], strategy, cluster, cluster.group(8, 1), cluster.group(1, 8))
     fwd_ms, bwd_ms = KORTHIKANTI_TABLE4_22B_MS[key]
     assert layer.forward.total * 1e3 == pytest.approx(fwd_ms, rel=0.12)
@@ -38,7 +38,7 @@ def test_korthikanti_table4_one_layer(key):
 
 def test_selective_recompute_costs_less_than_full():
     row = KORTHIKANTI_TABLE3[1]
-    cluster = load_cluster("a100-80g:64")
+    cluster = load_cluster("a100-80g:64", runtime="megatron-core")
     full = predict(ZOO["gpt3-175b"], published_strategy(row, "full"), cluster)
     sel = predict(ZOO["gpt3-175b"], published_strategy(row, "selective"), cluster)
     assert sel.step_time_s < full.step_time_s
