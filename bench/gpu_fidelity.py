@@ -43,7 +43,15 @@ PLANS = {
                                                                        recompute="full")),
     "llama-1b mb4 x2, no recompute": (LLAMA, dict(microbatch_size=4, global_batch=8, recompute="none")),
     "llama-1b mb4 x2, full recompute": (LLAMA, dict(microbatch_size=4, global_batch=8, recompute="full")),
+    "gpt-1.3b mb8 x2, no recompute, compiled": (GPT, dict(microbatch_size=8, global_batch=16, recompute="none")),
+    "llama-1b mb4 x2, no recompute, compiled": (LLAMA, dict(microbatch_size=4, global_batch=8, recompute="none")),
+    "llama-1b mb4 x2, full recompute, compiled": (LLAMA, dict(microbatch_size=4, global_batch=8, recompute="full")),
 }
+
+
+def runtime_of(name: str) -> str:
+    """The training runtime a plan runs (and is priced) with."""
+    return "paraplan-compile" if name.endswith(", compiled") else "paraplan"
 
 
 def spec_and_strategy(name: str) -> tuple[ModelSpec, Strategy]:
@@ -53,8 +61,9 @@ def spec_and_strategy(name: str) -> tuple[ModelSpec, Strategy]:
 
 def measure_one(name: str, profile: str, steps: int, tmp: Path) -> dict:
     spec, s = spec_and_strategy(name)
-    cluster = f"{profile}:1"
-    plan = plan_from_strategy(spec, s, cluster, predict(spec, s, load_cluster(cluster)).predicted())
+    cluster, runtime = f"{profile}:1", runtime_of(name)
+    plan = plan_from_strategy(spec, s, cluster, predict(spec, s, load_cluster(cluster, runtime=runtime)).predicted(),
+                              runtime=runtime)
     path, metrics = tmp / "plan.yaml", tmp / f"metrics-{len(list(tmp.iterdir()))}.jsonl"
     path.write_text(plan.to_yaml())
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -63,7 +72,7 @@ def measure_one(name: str, profile: str, steps: int, tmp: Path) -> dict:
     if out.returncode:
         return {"error": (out.stderr or out.stdout).strip().splitlines()[-12:]}
     lines = [json.loads(x) for x in metrics.read_text().splitlines()]
-    times = [x["step_time_s"] for x in lines[2:]]  # the first two: allocator and autotuning warm-up
+    times = [x["step_time_s"] for x in lines[3:]]  # the first three: allocator, autotuning, compilation
     return {"step_time_s": statistics.median(times), "step_times_s": [round(t, 5) for t in times],
             "peak_memory_gib": max(x.get("peak_memory_gib", 0.0) for x in lines),
             "loss_first_last": [lines[0]["loss"], lines[-1]["loss"]]}
@@ -77,7 +86,7 @@ def run_measure(args) -> None:
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "date": datetime.date.today().isoformat(), "steps": args.steps, "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in PLANS:
+        for name in [p for p in PLANS if not args.only or any(part in p for part in args.only.split("|"))]:
             result["runs"][name] = measure_one(name, args.profile, args.steps, Path(tmp))
             print(f"  {name}: {result['runs'][name]}", file=sys.stderr, flush=True)
             Path(args.output).write_text(json.dumps(result, indent=1))
@@ -90,28 +99,28 @@ def main() -> None:
     m.add_argument("-o", "--output", required=True)
     m.add_argument("--steps", type=int, default=10)
     m.add_argument("--profile", default="h200", help="the profile written into the plans (not what is measured)")
+    m.add_argument("--only", help="run only the plans whose name contains one of these |-separated parts")
     ap.add_argument("--measured", default=str(MEASURED))
     ap.add_argument("--profile", default="h200-measured")
-    ap.add_argument("--runtime", default=None, help="training-runtime profile (default: the cost model's)")
+    ap.add_argument("--runtime", default=None, help="training-runtime profile (default: each plan's own)")
     args = ap.parse_args()
     if args.command == "measure":
         return run_measure(args)
     data = json.loads(Path(args.measured).read_text())
     print(f"measured on {data['device']} (torch {data['torch']}, {data['date']}); predicted with profile "
           f"{args.profile}" + (f", runtime {args.runtime}" if args.runtime else ""))
-    print("| plan | predicted ms | measured ms | error | predicted GiB | peak allocated GiB |")
-    print("|---|---|---|---|---|---|")
+    print("| plan | runtime | predicted ms | measured ms | error | predicted GiB | peak allocated GiB |")
+    print("|---|---|---|---|---|---|---|")
     errors = []
     for name, run in data["runs"].items():
         if "step_time_s" not in run:
-            print(f"| {name} | | failed: {run.get('error', ['?'])[-1]} | | | |")
+            print(f"| {name} | {runtime_of(name)} | | failed: {run.get('error', ['?'])[-1]} | | | |")
             continue
         spec, s = spec_and_strategy(name)
-        kw = {}
-        r = predict(spec, s, load_cluster(f"{args.profile}:1", **kw))
+        r = predict(spec, s, load_cluster(f"{args.profile}:1", runtime=args.runtime or runtime_of(name)))
         err = 100 * (r.step_time_s / run["step_time_s"] - 1)
         errors.append(err)
-        print(f"| {name} | {r.step_time_s * 1e3:.1f} | {run['step_time_s'] * 1e3:.1f} | {err:+.1f}% | "
+        print(f"| {name} | {args.runtime or runtime_of(name)} | {r.step_time_s * 1e3:.1f} | {run['step_time_s'] * 1e3:.1f} | {err:+.1f}% | "
               f"{r.memory_gib['total']:.1f} | {run['peak_memory_gib']:.1f} |")
     if errors:
         print(f"median |error| {statistics.median(abs(e) for e in errors):.1f}%, "

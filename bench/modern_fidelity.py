@@ -87,15 +87,19 @@ def _with(runtime: TrainingRuntime, key: tuple, value: float) -> TrainingRuntime
     return replace(runtime, **{field: {**getattr(runtime, field), arch: value}})
 
 
-def fit(rows: list[dict], runtime: TrainingRuntime, rounds: int = 3) -> TrainingRuntime:
+def fit(rows: list[dict], runtime: TrainingRuntime, rounds: int = 3, figures: dict | None = None) -> TrainingRuntime:
     """Least squares of log(predicted / measured) over `rows`, one figure at a time
-    (coordinate descent, golden-section search within each figure's bounds)."""
+    (coordinate descent, golden-section search within each figure's bounds).
+
+    Formulation: minimise sum_runs log(tput_pred(theta) / tput_meas)^2 over theta = the
+    `figures` (default FITTED: GEMM rate sustained beside FSDP per architecture, attention
+    kernel cap per architecture, elementwise traffic), each within its bounds."""
     def loss(rt: TrainingRuntime) -> float:
         return sum(math.log1p(e) ** 2 for e in errors(rows, rt))
 
     g = (math.sqrt(5) - 1) / 2
     for _ in range(rounds):
-        for key, (lo, hi) in FITTED.items():
+        for key, (lo, hi) in (figures or FITTED).items():
             a, b = lo, hi
             c, d = b - g * (b - a), a + g * (b - a)
             fc, fd = loss(_with(runtime, key, c)), loss(_with(runtime, key, d))

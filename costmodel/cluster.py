@@ -41,6 +41,7 @@ class Cluster:
     host_cores: int | None = None
     runtime: TrainingRuntime = TrainingRuntime(name="megatron-core")  # the training software that is priced
     profile: str = ""  # the hardware profile's name
+    host_band: tuple[float, float] | None = None  # a measured host's fidelity residuals (prediction_band)
 
     @property
     def priced_runtime(self) -> bool:
@@ -188,6 +189,8 @@ def device_from_data(data: dict) -> Device:
             decode_attention_efficiency=_curve(dev.get("decode_attention_efficiency")),
             attention_backward_efficiency=_curve(dev.get("attention_backward_efficiency")),
             arch=str(data.get("arch", "")),
+            mfu_peak_tflops={str(k): float(v) for k, v in (dev.get("mfu_peak_tflops") or {}).items()},
+            best_published_mfu=float((data.get("best_published_mfu") or {}).get("mfu", 0.0)),
         )
     except KeyError as exc:
         raise ConfigError(f"profile {name}: device lacks field {exc.args[0]}") from None
@@ -328,6 +331,19 @@ def _apply_calibration(profile: dict) -> dict:
     return out
 
 
+def _band(profile: dict) -> tuple[float, float] | None:
+    band = profile.get("prediction_band")
+    if band is None:
+        return None
+    try:
+        low, high = (float(x) for x in band)
+    except (TypeError, ValueError):
+        raise ConfigError(f"profile {profile.get('name')}: prediction_band must be [low, high]") from None
+    if not -1 < low <= high:
+        raise ConfigError(f"profile {profile.get('name')}: prediction_band needs -1 < low <= high")
+    return low, high
+
+
 def _cluster(profile: dict, name: str, nodes: int, per_node: int, links: dict) -> Cluster:
     profile = _apply_calibration(profile)
     profile_links = profile.get("links", {})
@@ -358,4 +374,4 @@ def _cluster(profile: dict, name: str, nodes: int, per_node: int, links: dict) -
                              bandwidth_gb_per_s=intra_link.bandwidth_gb_per_s / slow,
                              call_us=intra_link.call_us * slow)
     return Cluster(name=name, device=device, nodes=nodes, gpus_per_node=per_node, intra=intra_link, inter=inter_link,
-                   host_cores=cores, profile=str(profile.get("name", name)))
+                   host_cores=cores, profile=str(profile.get("name", name)), host_band=_band(profile))

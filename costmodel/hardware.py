@@ -96,6 +96,10 @@ class Device:
     # kernel reaches
     compute_sustained: float = 1.0
     attention_cap: float = 1.0
+    # MFU's denominator: the datasheet's dense peak (a measured profile's peak_tflops is what
+    # its GEMMs reached); and the best MFU published for this GPU type (0: none known)
+    mfu_peak_tflops: dict[str, float] = field(default_factory=dict)
+    best_published_mfu: float = 0.0
 
     def __post_init__(self) -> None:
         for field_name in ("layer_overhead_us", "tp_layer_overhead_us", "fsdp_layer_overhead_us",
@@ -118,6 +122,12 @@ class Device:
     def optimizer_overhead_s(self, tensors: int, dtensor: bool) -> float:
         """Host seconds of clipping and the optimizer over `tensors` parameter tensors."""
         return tensors * self.optimizer_overhead_us[1 if dtensor else 0] * 1e-6
+
+    def mfu_peak_flops(self, dtype: str) -> float:
+        """The peak MFU is quoted against: the datasheet's, where the profile measured its own."""
+        if dtype in self.mfu_peak_tflops:
+            return self.mfu_peak_tflops[dtype] * 1e12
+        return self.peak_flops(dtype)
 
     def peak_flops(self, dtype: str) -> float:
         try:

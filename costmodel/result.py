@@ -28,6 +28,17 @@ class StepResult:
     rank_memory_gib: tuple[dict[str, float], ...] = ()  # every pipeline rank
     capacity_gib: float = 0.0
     events: tuple[Event, ...] = field(default=(), repr=False)
+    # the range the step time should fall in (measured / predicted - 1 of the calibration
+    # residuals of this runtime and GPU architecture), and whether the plan is inside them
+    step_time_s_range: tuple[float, float] = (0.0, 0.0)
+    calibrated: bool = False
+    runtime: str = ""
+    profile: str = ""
+    best_published_mfu: float = 0.0  # of this GPU type (0: none known)
+
+    @property
+    def mfu_above_published(self) -> bool:
+        return bool(self.best_published_mfu) and self.mfu > self.best_published_mfu
 
     def predicted(self) -> dict:
         """The DESIGN.md keys, rounded so that a plan file reproduces them exactly."""
@@ -41,6 +52,8 @@ class StepResult:
             "fits": bool(self.fits),
             "memory_gib": {k: _r(v) for k, v in self.memory_gib.items()},
             "time_s": {k: _r(v) for k, v in self.time_s.items()},
+            "step_time_s_range": [_r(self.step_time_s_range[0]), _r(self.step_time_s_range[1])],
+            "calibrated": bool(self.calibrated),
         }
 
 

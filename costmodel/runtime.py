@@ -65,6 +65,7 @@ class TrainingRuntime:
     layer_overhead_us: tuple[float, float] = (0.0, 0.0)
     grad_dtype: str = "fp32"
     band: dict[str, tuple[float, float]] = field(default_factory=dict)
+    calibrated_axes: tuple[str, ...] = ()  # the parallelisms the calibration runs used (dp, tp, pp, cp)
     sources: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -142,6 +143,8 @@ def load_runtime(name_or_path: str = DEFAULT_RUNTIME, runtimes_dir: Path = RUNTI
         if "weight_cast_bytes_per_param" in data:
             data["weight_cast_bytes_per_param"] = tuple(tuple(float(x) for x in pair)
                                                         for pair in data["weight_cast_bytes_per_param"])
+        if "calibrated_axes" in data:
+            data["calibrated_axes"] = tuple(str(a) for a in data["calibrated_axes"])
         if "band" in data:
             data["band"] = {str(k): tuple(float(x) for x in v) for k, v in data["band"].items()}
         for key in ("elementwise_traffic", "cross_entropy_bytes_per_logit", "optimizer_bytes_per_param",
@@ -152,5 +155,7 @@ def load_runtime(name_or_path: str = DEFAULT_RUNTIME, runtimes_dir: Path = RUNTI
             if key in data:
                 data[key] = {str(k): float(v) for k, v in data[key].items()}
         return TrainingRuntime(**data)
+    except ConfigError:
+        raise
     except (TypeError, ValueError, AttributeError):
         raise ConfigError(f"runtime {path.stem}: figures must be numbers (pairs for layer_overhead_us and bands)") from None

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from costmodel.errors import ConfigError
 from costmodel.result import Event, StepResult
+from costmodel.runtime import UNCALIBRATED_BAND
 from costmodel.step import StepModel
 from costmodel.layer import Part
 
@@ -225,8 +226,9 @@ def simulate(model: StepModel, *, record_events: bool = True) -> StepResult:
     worst_mem = max(mem, key=lambda d: d["total"])
     cluster = model.cluster
     world = cluster.world_size
-    peak = cluster.device.peak_flops(s.policy.compute_dtype)
+    peak = cluster.device.mfu_peak_flops(s.policy.compute_dtype)
     model_tflops = model.model_flops / step / world / 1e12
+    (low, high), calibrated = prediction_band(model)
     return StepResult(
         step_time_s=step,
         tokens_per_s=model.tokens / step,
@@ -240,5 +242,26 @@ def simulate(model: StepModel, *, record_events: bool = True) -> StepResult:
         rank_memory_gib=tuple(mem),
         capacity_gib=cluster.device.hbm_gib,
         events=tuple(events),
+        step_time_s_range=(step * (1 + low), step * (1 + high)),
+        calibrated=calibrated,
+        runtime=cluster.runtime.name,
+        profile=cluster.profile,
+        best_published_mfu=cluster.device.best_published_mfu,
     )
+
+
+def prediction_band(model: StepModel) -> tuple[tuple[float, float], bool]:
+    """(low, high) of measured / predicted step time - 1, and whether the plan is inside what
+    was calibrated: the runtime's residuals on this GPU architecture (a measured host: its
+    own fidelity residuals), twice as wide where the plan uses a parallelism the runtime's
+    calibration runs did not (`calibrated_axes`)."""
+    cluster, s = model.cluster, model.strategy
+    if not cluster.priced_runtime:
+        band = cluster.host_band
+        return (band, True) if band else (UNCALIBRATED_BAND, False)
+    band, calibrated = cluster.runtime.band_of(cluster.device.arch)
+    used = {axis for axis, degree in (("tp", s.tp), ("pp", s.pp), ("cp", s.cp), ("dp", s.dp)) if degree > 1}
+    if calibrated and not used <= set(cluster.runtime.calibrated_axes):
+        return (2 * band[0], 2 * band[1]), False
+    return band, calibrated
 

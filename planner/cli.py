@@ -37,6 +37,12 @@ def add_strategy_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--virtual-stages", type=int, help="model chunks per pipeline rank (interleaved)")
     g.add_argument("--seq-len", type=int, help="sequence length (default: the model's)")
     g.add_argument("--precision", choices=("fp32", "bf16", "fp16", "fp8"), help="training precision")
+    g.add_argument("--grad-dtype", choices=("fp32", "bf16"),
+                   help="gradients and their reduction (default: the training runtime's)")
+    g.add_argument("--master-dtype", choices=("fp32", "bf16"),
+                   help="the optimizer's copy of the weights (bf16: none beside the 16-bit weights)")
+    g.add_argument("--runtime", help="training-runtime profile that prices the plan: paraplan (default), "
+                                     "llm-foundry, megatron-core, paraplan-compile, or a runtime YAML")
     g.add_argument("--flash-attention", action=argparse.BooleanOptionalAction, default=None,
                    help="fused attention without s x s tensors (default: on)")
 
@@ -85,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--cluster", required=True)
     rep.add_argument("--global-batch", type=int, required=True)
     rep.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for report.md, CSV and PNGs")
+    rep.add_argument("--runtime", help="training-runtime profile (default paraplan)")
     rep.add_argument("--format", default="md", help="md, html or md,html")
     rep.add_argument("--json", action="store_true")
     cmp_ = sub.add_parser("compare", help="plans side by side")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from costmodel.errors import ConfigError
+from costmodel.runtime import load_runtime
 from costmodel.spec import ModelSpec
 from costmodel.strategy import MESH_AXES, Strategy
 from costmodel.validate import stage_layer_counts
@@ -52,6 +53,10 @@ class Plan:
     mode: str = "train"  # train | lora | inference
     serving: dict = field(default_factory=dict)  # inference: prompt_len, output_len, beam, block_tokens, replicas
     lora: dict = field(default_factory=dict)  # lora: rank, targets, base_precision
+    grad_dtype: str = "fp32"  # gradients (and their reduction)
+    master_dtype: str = "fp32"  # the optimizer's copy of the weights
+    runtime: str = "paraplan"  # the training-runtime profile that priced the plan (profiles/runtimes/)
+    profile: str = ""  # the hardware profile that priced it
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -98,6 +103,7 @@ class Plan:
             stage_layers=tuple(st.layers[1] - st.layers[0] for st in ordered),
             lora_rank=int(self.lora.get("rank", 0)), lora_targets=tuple(self.lora.get("targets", ())),
             base_precision=str(self.lora.get("base_precision", "bf16")),
+            grad_dtype=self.grad_dtype, master_dtype=self.master_dtype,
         )
 
     # -- YAML ----------------------------------------------------------------------------
@@ -122,6 +128,10 @@ class Plan:
             "predicted": self.predicted,
             "search": self.search,
             "mode": self.mode,
+            "grad_dtype": self.grad_dtype,
+            "master_dtype": self.master_dtype,
+            "runtime": self.runtime,
+            "profile": self.profile,
             **({"serving": dict(self.serving)} if self.serving else {}),
             **({"lora": dict(self.lora)} if self.lora else {}),
         }
@@ -162,6 +172,8 @@ class Plan:
                 predicted=dict(data.get("predicted") or {}), search=dict(data.get("search") or {}),
                 mode=str(data.get("mode", "train")), serving=dict(data.get("serving") or {}),
                 lora=dict(data.get("lora") or {}),
+                grad_dtype=str(data.get("grad_dtype", "fp32")), master_dtype=str(data.get("master_dtype", "fp32")),
+                runtime=str(data.get("runtime", "paraplan")), profile=str(data.get("profile", "")),
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             if isinstance(exc, ConfigError):
@@ -212,7 +224,8 @@ def megatron_placements(spec: ModelSpec, strategy: Strategy) -> dict[str, dict[s
 
 
 def plan_from_strategy(
-    spec: ModelSpec, strategy: Strategy, cluster: str, predicted: dict, search: dict | None = None
+    spec: ModelSpec, strategy: Strategy, cluster: str, predicted: dict, search: dict | None = None, *,
+    runtime: str = "paraplan", profile: str = "",
 ) -> Plan:
     counts = stage_layer_counts(spec, strategy)
     stages, start = [], 0
@@ -231,4 +244,5 @@ def plan_from_strategy(
         search=search or {}, mode="lora" if strategy.lora else "train",
         lora={"rank": strategy.lora_rank, "targets": list(strategy.lora_targets),
               "base_precision": strategy.base_precision} if strategy.lora else {},
+        grad_dtype=strategy.grad_dtype or load_runtime(runtime).grad_dtype, master_dtype=strategy.master_dtype, runtime=runtime, profile=profile,
     )

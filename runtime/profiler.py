@@ -352,6 +352,12 @@ def gpu_base(name: str) -> str:
     return next((base for key, base in GPU_BASES if key in name), "h100-sxm")
 
 
+def _datasheet_peaks(base: str) -> dict:
+    from costmodel.cluster import load_profile_data
+
+    return dict(load_profile_data(base).get("device", {}).get("peak_tflops", {}))
+
+
 def profile(out: Path, *, device: str = "cpu", quick: bool = False, base: str | None = None) -> dict:
     if device == "cuda" and not torch.cuda.is_available():
         from costmodel.errors import ConfigError
@@ -418,6 +424,8 @@ def profile(out: Path, *, device: str = "cpu", quick: bool = False, base: str | 
                      "host": platform.node(), "quick": quick},
         "device": {
             "peak_tflops": {dname: round(peak / 1e12, 6), **({"bf16": round(peak / 1e12, 6)} if dname == "fp32" else {})},
+            # MFU stays quoted against the datasheet's peak, not what these GEMMs reached
+            **({"mfu_peak_tflops": _datasheet_peaks(base or gpu_base(name))} if gpu else {}),
             "hbm_gb_per_s": round(copy_bps / 1e9, 3),
             "hbm_efficiency": round(min(1.0, elementwise_bps / copy_bps), 4),
             "gemm_efficiency": _curve(gemms, peak),

@@ -81,6 +81,9 @@ def build_parts(plan: Plan, mesh, device: torch.device, seed: int):
         if tp > 1:
             apply_tensor_parallel(m, mesh["tp"], plan.placements, plan.sequence_parallel)
         apply_recompute(m, {key: recompute.get(k, "none") for key in m.layers.keys()})
+        if plan.runtime == "paraplan-compile":  # each block under torch.compile, after AC and before FSDP (torchtitan's order)
+            for block in m.layers.values():
+                block.compile()
         if dp > 1:
             apply_data_parallel(m, mesh["dp_replicate", "dp_shard"], plan.zero, plan.precision)
         m.to_empty(device=device)

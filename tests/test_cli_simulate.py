@@ -10,7 +10,7 @@ from tests_helpers import ROOT, paraplan
 
 PREDICTED_KEYS = {
     "step_time_s", "tokens_per_s", "model_tflops_per_gpu", "hardware_tflops_per_gpu", "mfu", "bubble_fraction",
-    "fits", "memory_gib", "time_s",
+    "fits", "memory_gib", "time_s", "step_time_s_range", "calibrated",
 }
 MEMORY_KEYS = {"parameters", "gradients", "optimizer", "activations", "other", "total"}
 TIME_KEYS = {"compute", "recompute", "tp_comm", "cp_comm", "pp_comm", "dp_comm", "exposed_comm", "bubble"}

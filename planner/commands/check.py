@@ -94,7 +94,7 @@ def run_check(args: argparse.Namespace) -> int:
         raise ConfigError(f"plan file {args.plan} does not exist")
     plan = Plan.from_yaml(path.read_text())
     cluster_text = args.cluster or plan.cluster
-    cluster = load_cluster(cluster_text)
+    cluster = load_cluster(cluster_text, runtime=plan.runtime)
     problems, facts = plan_problems(plan, cluster)
     problems = [" ".join(p.split()) for p in problems]  # one line each, whatever names they quote
     if args.json:

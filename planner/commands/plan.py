@@ -8,6 +8,7 @@ import sys
 from dataclasses import replace
 
 from costmodel import ConfigError, load_cluster
+from costmodel.runtime import DEFAULT_RUNTIME
 from planner.commands.simulate import format_table, given_flags
 from planner.files import atomic_write_text
 from planner.model_source import load_model
@@ -17,7 +18,8 @@ from planner.search import SearchRequest, run_search
 
 def plan_of_search(spec, found, cluster_text: str, stats: dict) -> Plan:
     """The plan of a search result, with the placements the ILP chose."""
-    plan = plan_from_strategy(spec, found.strategy, cluster_text, found.result.predicted(), stats)
+    plan = plan_from_strategy(spec, found.strategy, cluster_text, found.result.predicted(), stats,
+                              runtime=found.result.runtime, profile=found.result.profile)
     return replace(plan, placements=found.placements)
 
 
@@ -33,7 +35,7 @@ def run_plan(args: argparse.Namespace) -> int:
     if args.time_limit is not None and args.time_limit <= 0:
         raise ConfigError(f"--time-limit must be positive seconds, got {args.time_limit}")
     spec, graph = load_model(args.model)
-    cluster = load_cluster(args.cluster)
+    cluster = load_cluster(args.cluster, runtime=args.runtime or DEFAULT_RUNTIME)
     fixed = given_flags(args)
     if "virtual_stages" in fixed and fixed["virtual_stages"] > 1:
         fixed.setdefault("schedule", "interleaved")

@@ -45,7 +45,7 @@ def run_replan(args: argparse.Namespace) -> int:
         raise ConfigError("replan needs --gpus N, a positive GPU count")
     old = Plan.from_yaml(path.read_text())
     cluster_text = args.cluster or resized_cluster(old.cluster, args.gpus)
-    cluster = load_cluster(cluster_text)
+    cluster = load_cluster(cluster_text, runtime=old.runtime)
     if cluster.world_size != args.gpus:
         raise ConfigError(f"--cluster {cluster_text} has {cluster.world_size} GPUs, not --gpus {args.gpus}")
     spec = old.spec

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from costmodel import ConfigError, load_cluster, predict
+from costmodel.runtime import DEFAULT_RUNTIME
 from planner.model_source import load_model_spec
 from planner.plan import Plan
 
@@ -25,7 +26,7 @@ def run_report(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"-o {out} is a file; give a folder for the report")
     spec = load_model_spec(args.model)
-    cluster = load_cluster(args.cluster)
+    cluster = load_cluster(args.cluster, runtime=args.runtime or DEFAULT_RUNTIME)
     summary = build_report(spec, cluster, args.global_batch, out, formats, progress=sys.stderr.isatty() and not args.json)
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -42,7 +43,7 @@ def run_compare(args: argparse.Namespace) -> int:
         if not p.exists():
             raise ConfigError(f"plan file {path} does not exist")
         plan = Plan.from_yaml(p.read_text())
-        result = predict(plan.spec, plan.strategy(), load_cluster(plan.cluster)).predicted()
+        result = predict(plan.spec, plan.strategy(), load_cluster(plan.cluster, runtime=plan.runtime)).predicted()
         mesh = " x ".join(f"{k} {v}" for k, v in plan.mesh.items() if v > 1) or "1 GPU"
         rows.append({"plan": path, "model": plan.model.get("name"), "cluster": plan.cluster, "mesh": mesh,
                      "zero": plan.zero, "schedule": plan.schedule["name"], **{k: result[k] for k in (

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from costmodel import ConfigError, Strategy, load_cluster, predict
+from costmodel.runtime import DEFAULT_RUNTIME
 from costmodel.spec import ModelSpec
 from costmodel.trace import chrome_trace
 from costmodel.validate import check_strategy, stage_layer_counts
@@ -15,7 +16,7 @@ from planner.model_source import load_model_spec
 from planner.plan import Plan, plan_from_strategy
 
 STRATEGY_FLAGS = ("tp", "pp", "dp", "cp", "zero", "shard_group", "sequence_parallel", "recompute", "microbatch_size",
-                  "schedule", "virtual_stages", "seq_len", "precision", "flash_attention")
+                  "schedule", "virtual_stages", "seq_len", "precision", "flash_attention", "grad_dtype", "master_dtype")
 
 
 def given_flags(args: argparse.Namespace) -> dict:
@@ -77,50 +78,77 @@ def run_simulate(args: argparse.Namespace) -> int:
             raise ConfigError(f"plan file {args.plan} does not exist")
         plan = Plan.from_yaml(path.read_text())
         spec, cluster_text, strategy = plan.spec, plan.cluster, plan.strategy()
+        runtime = args.runtime or plan.runtime  # --runtime re-prices the plan under another runtime
     else:
         if not args.model or not args.cluster:
             raise ConfigError("simulate needs --plan, or --model and --cluster (with strategy flags)")
         spec, cluster_text = load_model_spec(args.model), args.cluster
-        strategy = None
-    cluster = load_cluster(cluster_text)
+        strategy, runtime = None, args.runtime or DEFAULT_RUNTIME
+    cluster = load_cluster(cluster_text, runtime=runtime)
     if strategy is None:
         strategy = strategy_from_args(args, spec, cluster.world_size)
     check_strategy(spec, strategy, cluster.world_size)
     # resolved, so that what is printed and written names every choice
-    strategy = strategy.replace(seq_len=strategy.seq_len or spec.seq_len, stage_layers=stage_layer_counts(spec, strategy))
+    strategy = strategy.replace(seq_len=strategy.seq_len or spec.seq_len, stage_layers=stage_layer_counts(spec, strategy),
+                                grad_dtype=strategy.grad_dtype or cluster.runtime.grad_dtype)
     result = predict(spec, strategy, cluster, record_events=bool(args.trace))
     predicted = result.predicted()
     outputs = []
     if args.output:
-        outputs.append((args.output, plan_from_strategy(spec, strategy, cluster_text, predicted).to_yaml()))
+        outputs.append((args.output, plan_from_strategy(spec, strategy, cluster_text, predicted, runtime=runtime,
+                                                        profile=cluster.profile).to_yaml()))
     if args.trace:
         outputs.append((args.trace, json.dumps(chrome_trace(result, title=f"{spec.name} on {cluster_text}"))))
     for target, text in outputs:
         atomic_write_text(target, text)
     if args.json:
-        print(json.dumps({"model": spec.name, "cluster": cluster_text, "strategy": strategy.to_dict(),
-                          "predicted": predicted}, indent=2))
+        print(json.dumps({"model": spec.name, "cluster": cluster_text, "runtime": cluster.runtime.name,
+                          "profile": cluster.profile, "strategy": strategy.to_dict(), "predicted": predicted}, indent=2))
     else:
         print(format_table(spec, cluster_text, strategy, result))
     return 0
 
 
+MFU_CONVENTION = ("model FLOPs 6 x (non-embedding weights + output head) x tokens + 12 x layers x hidden x seq "
+                  "x tokens (attention over the full s x s, not halved for causality; Megatron-LM, torchtitan and "
+                  "llm-foundry count the same) over the datasheet's dense peak")
+
+
 def format_table(spec: ModelSpec, cluster_text: str, s: Strategy, r) -> str:
     mesh = " x ".join(f"{k} {v}" for k, v in s.mesh.items() if v > 1) or "1 GPU"
     sched = s.schedule.value + (f" (v={s.virtual_stages})" if s.virtual_stages > 1 else "")
+    low, high = r.step_time_s_range
+    sure = "calibrated" if r.calibrated else "outside the calibration data: wide"
     lines = [
-        f"{spec.name} ({spec.num_params / 1e9:.2f}B params) on {cluster_text}",
+        f"{spec.name} ({format_count(spec.num_params)} params) on {cluster_text}",
+        f"  priced with runtime {r.runtime} on hardware profile {r.profile}",
         f"  mesh {mesh}; zero {s.zero}; sequence parallel {'on' if s.sequence_parallel else 'off'}; "
         f"recompute {s.recompute.value}; {sched}, {s.num_microbatches} microbatches of {s.microbatch_size}",
+        f"  sequence length {s.seq_len or spec.seq_len}; precision {s.precision.value}; gradients "
+        f"{s.grad_dtype or 'fp32'}; master weights {s.master_dtype}",
         "",
-        f"  step time        {r.step_time_s:10.4f} s",
+        f"  step time        {r.step_time_s:10.4f} s   (range {low:.4g} - {high:.4g} s, {sure})",
         f"  tokens/s         {r.tokens_per_s:10.0f}",
         f"  model TFLOP/s    {r.model_tflops_per_gpu:10.1f} per GPU   (MFU {100 * r.mfu:.1f}%)",
         f"  hardware TFLOP/s {r.hardware_tflops_per_gpu:10.1f} per GPU",
         f"  bubble           {100 * r.bubble_fraction:10.1f} %",
+    ]
+    if r.mfu_above_published:
+        lines.append(f"  note: MFU {100 * r.mfu:.1f}% is above the best published for this GPU type "
+                     f"({100 * r.best_published_mfu:.1f}%): treat the prediction as optimistic")
+    lines += [
         "",
         "  time (s)     " + "  ".join(f"{k} {v:.3f}" for k, v in r.time_s.items()),
         "  memory (GiB) " + "  ".join(f"{k} {v:.2f}" for k, v in r.memory_gib.items())
         + f"  of {r.capacity_gib:g}: {'fits' if r.fits else 'DOES NOT FIT'}",
+        f"  MFU counts {MFU_CONVENTION}",
     ]
     return "\n".join(lines)
+
+
+def format_count(n: float) -> str:
+    """A parameter count with a unit that fits: 1.32B, 350.2M, 42.5K."""
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:.0f}"
