@@ -37,12 +37,13 @@ def main() -> None:
               f"({st['ilp_time_s']:.2f}) | {describe(found.strategy)} | {found.result.step_time_s:.2f} | "
               f"{100 * found.result.mfu:.1f}% |")
 
-    print("\nKorthikanti et al. 2022 Table 3 runs: planned vs published configuration (no FlashAttention)")
+    print("\nKorthikanti et al. 2022 Table 3 runs: planned vs published configuration (no FlashAttention), "
+          "both priced as Megatron-LM (--runtime megatron-core)")
     print("| model | GPUs | batch | published config s | planned s | plan | memory GiB |")
     print("|---|---|---|---|---|---|---|")
     for row in KORTHIKANTI_TABLE3:
         name, gpus, batch = row[0], row[6], row[7]
-        cluster = load_cluster(f"a100-80g:{gpus}")
+        cluster = load_cluster(f"a100-80g:{gpus}", runtime="megatron-core")
         published = predict(ZOO[name], published_strategy(row, "selective"), cluster)
         found = run_search(SearchRequest(spec=ZOO[name], cluster=cluster, global_batch=batch,
                                          fixed={"flash_attention": False}))

@@ -248,7 +248,8 @@ def ends_cost(spec: ModelSpec, strategy: Strategy, cluster: Cluster, tp_group: G
     rt = cluster.runtime if cluster.priced_runtime else None
     norm = dev.memory_s(2 * sh.rows * h * e * (rt.elementwise_traffic if rt else 1.0))
     # the loss over fp32 logits, forward and backward alike (half the runtime's bytes each)
-    xent = dev.memory_s(T * vocab_local * (rt.cross_entropy_bytes_per_logit / 2 if rt else e + 3 * 4))
+    xent_bytes = rt.cross_entropy_bytes_per_logit / 2 if rt and rt.cross_entropy_bytes_per_logit else e + 3 * 4
+    xent = dev.memory_s(T * vocab_local * xent_bytes)
     gather = 0.0
     if tp_group.size > 1:
         gather = all_gather_s(act_bytes, tp_group) if strategy.sequence_parallel else all_reduce_s(act_bytes, tp_group)

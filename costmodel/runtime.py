@@ -59,7 +59,7 @@ class TrainingRuntime:
     # HBM bytes per parameter and microbatch of casting weights to the compute dtype and the
     # gradients back, (forward, backward), [without data parallelism, under FSDP]
     weight_cast_bytes_per_param: tuple[tuple[float, float], tuple[float, float]] = ((0.0, 0.0), (0.0, 0.0))
-    cross_entropy_bytes_per_logit: float = 28.0
+    cross_entropy_bytes_per_logit: float = 0.0  # 0: fused (the logits read once, three fp32 passes: e + 12 each way)
     fsdp_param_dtype: str = ""  # dtype FSDP gathers the parameters in ("": the compute dtype; fp32: FSDP1 with fp32 params)
     optimizer_bytes_per_param: float = 32.0
     layer_overhead_us: tuple[float, float] = (0.0, 0.0)
@@ -76,7 +76,9 @@ class TrainingRuntime:
                 raise ConfigError(f"{where}: {key} must map architectures to fractions in (0, 1]")
         if not 0.5 <= self.elementwise_traffic <= 10:
             raise ConfigError(f"{where}: elementwise_traffic must be in [0.5, 10], got {self.elementwise_traffic}")
-        for key in ("cross_entropy_bytes_per_logit", "optimizer_bytes_per_param"):
+        if not 0 <= self.cross_entropy_bytes_per_logit < 1000:
+            raise ConfigError(f"{where}: cross_entropy_bytes_per_logit must be a number of bytes >= 0 (0: fused)")
+        for key in ("optimizer_bytes_per_param",):
             if not 0 < getattr(self, key) < 1000:
                 raise ConfigError(f"{where}: {key} must be a positive number of bytes")
         if len(self.weight_cast_bytes_per_param) != 2 or any(

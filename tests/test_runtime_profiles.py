@@ -30,7 +30,7 @@ def test_every_shipped_runtime_loads_and_cites_its_figures():
         # every figure that departs from the fused default says where it comes from
         for key in ("elementwise_traffic", "cross_entropy_bytes_per_logit", "optimizer_bytes_per_param",
                     "weight_cast_bytes_per_param", "gemm_sustained", "attention_peak_fraction"):
-            if data.get(key) not in (None, {}, 1.0, 28, 32, [[0, 0], [0, 0]]):
+            if data.get(key) not in (None, {}, 1.0, 0, 32, [[0, 0], [0, 0]]):
                 assert key in sourced, (name, key)
         assert rt.grad_dtype in ("fp32", "bf16")
 
@@ -78,15 +78,22 @@ def test_llm_foundry_fit_recovers_a_perturbed_figure():
 
 
 def test_single_gpu_h200_runs_of_paraplans_runtime():
-    """bench/data/gpu_fidelity_h200.json: `paraplan run` on an H200 (bf16, 1-1.3B models),
-    predicted with the profile measured on that GPU and paraplan's runtime: within 12%; the
-    fused Megatron-class runtime underestimates the same runs by 12-30%."""
+    """bench/data/gpu_fidelity_h200.json: `paraplan run` on an H200 (bf16, 1-1.3B models, eager
+    and under torch.compile), predicted with the profile measured on that GPU and the plan's
+    runtime: within 12%; the fused Megatron-class runtime underestimates the eager runs by
+    more than 10%, and the compiled runs are predicted faster than the eager ones, as measured."""
     data = json.loads(gpu_fidelity.MEASURED.read_text())
-    assert "H200" in data["device"] and len(data["runs"]) == 5
+    assert "H200" in data["device"] and len(data["runs"]) == 8
     errors, fused = [], []
     for name, run in data["runs"].items():
         spec, s = gpu_fidelity.spec_and_strategy(name)
-        t = predict(spec, s, load_cluster("h200-measured:1")).step_time_s
+        t = predict(spec, s, load_cluster("h200-measured:1", runtime=gpu_fidelity.runtime_of(name))).step_time_s
+        if name.endswith("compiled"):
+            eager = name.removesuffix(", compiled")
+            t_eager = predict(spec, s, load_cluster("h200-measured:1")).step_time_s
+            assert run["step_time_s"] < data["runs"][eager]["step_time_s"] and t < t_eager
+            errors.append(t / run["step_time_s"] - 1)
+            continue
         t_fused = predict(spec, s, load_cluster("h200-measured:1", runtime="megatron-core")).step_time_s
         errors.append(t / run["step_time_s"] - 1)
         fused.append(t_fused / run["step_time_s"] - 1)
@@ -140,8 +147,8 @@ def test_bands_are_wider_outside_the_calibration_data():
     tp = predict(spec, Strategy(dp=2, tp=4, zero=3, microbatch_size=8, global_batch=64), load_cluster("h100-sxm:8"))
     assert not tp.calibrated  # tensor parallelism: no calibration run used it
     assert (tp.step_time_s_range[1] / tp.step_time_s - 1) == pytest.approx(2 * rt.band["hopper"][1])
-    fresh = predict(spec, fsdp, load_cluster("h100-sxm:8", runtime="paraplan-compile"))
-    assert not fresh.calibrated and fresh.step_time_s_range[1] / fresh.step_time_s > 1.3  # no data for it at all
+    fresh = predict(spec, fsdp, load_cluster("a100-80g:8", runtime="paraplan-compile"))
+    assert not fresh.calibrated and fresh.step_time_s_range[1] / fresh.step_time_s > 1.3  # no data on an A100 at all
 
 
 def test_mfu_above_the_best_published_is_flagged():
