@@ -1,4 +1,4 @@
-"""What a simulated step predicts: the `predicted` object of DESIGN.md, plus the events."""
+"""What a simulated step predicts: the `predicted` object of docs/ARCHITECTURE.md, plus the events."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ class StepResult:
         return bool(self.best_published_mfu) and self.mfu > self.best_published_mfu
 
     def predicted(self) -> dict:
-        """The DESIGN.md keys, rounded so that a plan file reproduces them exactly."""
+        """The docs/ARCHITECTURE.md keys, rounded so that a plan file reproduces them exactly."""
         return {
             "step_time_s": _r(self.step_time_s),
             "tokens_per_s": _r(self.tokens_per_s),

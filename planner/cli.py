@@ -21,7 +21,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def add_strategy_flags(p: argparse.ArgumentParser) -> None:
-    """The strategy flags shared by `plan` and `simulate` (DESIGN.md)."""
+    """The strategy flags shared by `plan` and `simulate` (docs/ARCHITECTURE.md)."""
     g = p.add_argument_group("strategy (given flags are fixed)")
     g.add_argument("--tp", type=int, help="tensor-parallel degree")
     g.add_argument("--pp", type=int, help="pipeline-parallel degree")

@@ -142,7 +142,7 @@ class Plan:
     @classmethod
     def from_dict(cls, data: dict) -> "Plan":
         if not isinstance(data, dict):
-            raise ConfigError("a plan file must hold a mapping (see DESIGN.md: schema_version, model, mesh, ...)")
+            raise ConfigError("a plan file must hold a mapping (see docs/ARCHITECTURE.md: schema_version, model, mesh, ...)")
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
             raise ConfigError(
@@ -178,7 +178,7 @@ class Plan:
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             if isinstance(exc, ConfigError):
                 raise
-            raise ConfigError(f"plan field is malformed ({type(exc).__name__}: {exc}); compare with DESIGN.md's plan format") from None
+            raise ConfigError(f"plan field is malformed ({type(exc).__name__}: {exc}); compare with docs/ARCHITECTURE.md's plan format") from None
 
     @classmethod
     def from_yaml(cls, text: str) -> "Plan":

@@ -1,5 +1,5 @@
-"""Published figures used by the golden tests, each with its source (copied from
-../shared/reference/calibration.yaml)."""
+"""Published figures used by the golden tests, each with its source (the paper and table
+named above each figure)."""
 
 # Korthikanti et al., "Reducing Activation Recomputation in Large Transformer Models"
 # (MLSys 2023, arXiv 2205.05198). Table 3 configurations (seq 2048, vocab 51200, dp 1,

@@ -29,7 +29,7 @@ def serving_request(args: argparse.Namespace) -> ServingRequest:
 
 
 def predicted(spec, req: ServingRequest, p: ServingPoint) -> dict:
-    """The plan's `predicted` for serving (DESIGN.md): ttft_s, tpot_s, kv_cache_bytes_per_token,
+    """The plan's `predicted` for serving (docs/ARCHITECTURE.md): ttft_s, tpot_s, kv_cache_bytes_per_token,
     max_batch, and what else the point knows."""
     return {
         "ttft_s": p.ttft_s, "tpot_s": p.tpot_s, "kv_cache_bytes_per_token": kv_bytes_per_token(spec, req.bytes_per_value),
