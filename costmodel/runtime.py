@@ -18,6 +18,7 @@ says how much of it a training framework gets, term by term, each figure sourced
 - `cross_entropy_bytes_per_logit`: HBM bytes per logit of the loss, forward and backward
   (a fused vocabulary-parallel loss reads the 16-bit logits once; an eager `.float()` +
   log-softmax + NLL writes and reads fp32 copies).
+- `loss_activation_bytes_per_logit`: memory per logit the loss holds at its peak.
 - `optimizer_bytes_per_param`: HBM bytes per parameter of the optimizer step (a fused or
   foreach AdamW: 32; a per-tensor loop of unfused ops: more).
 - `layer_overhead_us`: host time per layer and microbatch the GPU does not hide (eager
@@ -60,6 +61,9 @@ class TrainingRuntime:
     # gradients back, (forward, backward), [without data parallelism, under FSDP]
     weight_cast_bytes_per_param: tuple[tuple[float, float], tuple[float, float]] = ((0.0, 0.0), (0.0, 0.0))
     cross_entropy_bytes_per_logit: float = 0.0  # 0: fused (the logits read once, three fp32 passes: e + 12 each way)
+    # bytes per logit the loss holds at its peak (fused: the fp32 logits; eager: the 16-bit logits, their
+    # fp32 copy and the log-softmax output)
+    loss_activation_bytes_per_logit: float = 4.0
     fsdp_param_dtype: str = ""  # dtype FSDP gathers the parameters in ("": the compute dtype; fp32: FSDP1 with fp32 params)
     optimizer_bytes_per_param: float = 32.0
     layer_overhead_us: tuple[float, float] = (0.0, 0.0)
@@ -78,7 +82,7 @@ class TrainingRuntime:
             raise ConfigError(f"{where}: elementwise_traffic must be in [0.5, 10], got {self.elementwise_traffic}")
         if not 0 <= self.cross_entropy_bytes_per_logit < 1000:
             raise ConfigError(f"{where}: cross_entropy_bytes_per_logit must be a number of bytes >= 0 (0: fused)")
-        for key in ("optimizer_bytes_per_param",):
+        for key in ("optimizer_bytes_per_param", "loss_activation_bytes_per_logit"):
             if not 0 < getattr(self, key) < 1000:
                 raise ConfigError(f"{where}: {key} must be a positive number of bytes")
         if len(self.weight_cast_bytes_per_param) != 2 or any(
@@ -150,7 +154,7 @@ def load_runtime(name_or_path: str = DEFAULT_RUNTIME, runtimes_dir: Path = RUNTI
         if "band" in data:
             data["band"] = {str(k): tuple(float(x) for x in v) for k, v in data["band"].items()}
         for key in ("elementwise_traffic", "cross_entropy_bytes_per_logit", "optimizer_bytes_per_param",
-                    "rmsnorm_traffic", "rope_traffic"):
+                    "rmsnorm_traffic", "rope_traffic", "loss_activation_bytes_per_logit"):
             if key in data:
                 data[key] = float(data[key])
         for key in ("attention_peak_fraction", "gemm_sustained"):

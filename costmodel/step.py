@@ -293,7 +293,8 @@ def _rank_memory(spec, s: Strategy, cluster: Cluster, layer: LayerCost, ends, co
     e, b, h = pol.activation_bytes, s.microbatch_size, spec.hidden
     sp_div = s.tp if s.sequence_parallel else 1
     embed_act = (seq * b * h * 0.5 * e / sp_div) if spec.dropout else 0.0  # embedding dropout mask
-    head_act = seq * b * (h * e / sp_div + -(-spec.vocab // s.tp) * 4)  # final norm input, fp32 logits
+    logit_bytes = cluster.runtime.loss_activation_bytes_per_logit if cluster.priced_runtime else 4
+    head_act = seq * b * (h * e / sp_div + -(-spec.vocab // s.tp) * logit_bytes)  # final norm input, the loss's logits
     weights = [0.0] * s.virtual_stages
     for c, k in enumerate(chunks):
         weights[c] = counts[k] * per_layer(k) + (embed_act if k == 0 else 0.0) + (head_act if k == k_stages - 1 else 0.0)

@@ -92,7 +92,8 @@ def build_report(spec: ModelSpec, cluster: Cluster, global_batch: int, out_dir: 
         with_events = predict(spec, strategies[best], cluster, record_events=True)
         figures.timeline(with_events, out_dir / "timeline.png", f"Pipeline timeline of the best plan: {best}")
         figures.breakdown(results, fitting, out_dir / "breakdown.png")
-    summary = {"model": spec.name, "cluster": cluster.name, "global_batch": global_batch, "strategies": len(order),
+    summary = {"model": spec.name, "cluster": cluster.name, "runtime": cluster.runtime.name, "profile": cluster.profile,
+               "global_batch": global_batch, "strategies": len(order),
                "fitting": len(fitting), "best": fitting[0] if fitting else None, "seconds": time.perf_counter() - t0}
     md = _markdown(spec, cluster, global_batch, table, results, strategies, fitting,
                    None if found else planner_note, summary, skipped)
@@ -108,7 +109,9 @@ def _markdown(spec, cluster, batch, table, results, strategies, fitting, planner
     lines = [f"# {spec.name} on {cluster.name}, global batch {batch}", ""]
     lines.append(f"{spec.name}: {spec.num_params / 1e9:.2f}B parameters, {spec.layers} layers, hidden {spec.hidden}, "
                  f"{spec.heads} heads ({spec.kv_heads} KV), sequence {spec.seq_len}. {cluster.world_size} x "
-                 f"{cluster.device.name} ({cluster.device.hbm_gib:g} GiB), {cluster.gpus_per_node} per node.")
+                 f"{cluster.device.name} ({cluster.device.hbm_gib:g} GiB), {cluster.gpus_per_node} per node. "
+                 f"Priced with the training runtime `{cluster.runtime.name}` on the hardware profile "
+                 f"`{cluster.profile}`; MFU counts attention over the full s x s, over the datasheet's peak.")
     lines.append("")
     if fitting:
         best = fitting[0]

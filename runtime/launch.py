@@ -15,6 +15,8 @@ from costmodel.errors import ConfigError
 from planner.plan import Plan
 from runtime.check import check_runnable
 
+RUNNABLE_RUNTIMES = ("paraplan", "paraplan-compile")  # the runtime profiles that describe this runtime
+
 
 def worker_args(args: argparse.Namespace, out: str | None) -> list[str]:
     a = [args.plan, "--steps", str(args.steps), "--seed", str(args.seed)]
@@ -52,6 +54,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--steps must be a positive integer, got {args.steps}")
     world = plan.world_size
     check_runnable(plan)
+    if plan.runtime not in RUNNABLE_RUNTIMES:  # priced for another framework: say what the comparison means
+        print(f"paraplan: note: {args.plan} was priced for runtime {plan.runtime}; paraplan run executes paraplan's "
+              f"runtime, so compare the measured step with `paraplan simulate --plan {args.plan} --runtime paraplan`",
+              file=sys.stderr)
     _from_slurm(os.environ)
     if "RANK" in os.environ:  # already inside torchrun / SLURM
         from runtime.worker import main as worker_main
