@@ -87,7 +87,7 @@ def test_zero_table1(params, nd):
 def test_korthikanti_figure1_memory(row):
     name, _a, _h, _l, tp, pp, gpus, batch, mb, v = row
     spec = ZOO[name]
-    cluster = load_cluster(f"a100-80g:{gpus}")
+    cluster = load_cluster(f"a100-80g:{gpus}", runtime="megatron-core")  # the paper ran Megatron-LM
     states_pub, act_none_pub, act_sel_pub = KORTHIKANTI_FIGURE1_GIB[name]
     base = dict(tp=tp, pp=pp, global_batch=batch, microbatch_size=mb, virtual_stages=v, flash_attention=False,
                 schedule="interleaved" if v > 1 else "1f1b")
