@@ -178,6 +178,8 @@ def layer_cost(spec: ModelSpec, strategy: Strategy, cluster: Cluster, tp_group: 
     recompute = Recompute(strategy.recompute)
     if recompute is Recompute.FULL:
         re_compute, re_tp = fwd_compute, tp_f
+    elif recompute is Recompute.SELECTIVE and rt and rt.selective_recompute == "save-matmuls":
+        re_compute, re_tp = elem_f, 0.0  # op-level: the memory-bound ops run again, matmuls and attention do not
     elif recompute is Recompute.SELECTIVE and not strategy.flash_attention:
         re_compute, re_tp = attn_f, 0.0
     else:

@@ -70,6 +70,21 @@ def layer_activation_bytes(
     return replicated / sp_div + (sharded + scores) / tp
 
 
+def saved_matmul_outputs_bytes(spec: ModelSpec, *, seq: int, batch: int, tp: int, sequence_parallel: bool,
+                               bytes_per_value: int = 2) -> float:
+    """Bytes a layer keeps under op-level selective checkpointing that saves the outputs of
+    the matmuls and of fused attention and recomputes everything else (torchtitan's "op"
+    policy; paraplan's runtime): the block input, Q/K/V, the attention output and its
+    log-sum-exp, the projections' outputs (whole h on every tp rank: saved before the
+    reduction), the MLP's up projection."""
+    s, b, h, e = seq, batch, spec.hidden, bytes_per_value
+    sp_div = tp if sequence_parallel else 1
+    kv = spec.kv_dim * (max(spec.kv_heads, tp) / spec.kv_heads)
+    up = (2 if spec.activation is Activation.SWIGLU else 1) * spec.ffn_hidden
+    per_token = e * (h / sp_div + (h + 2 * kv + h + up) / tp + 2 * h) + 4 * spec.heads / tp
+    return s * b * per_token
+
+
 def korthikanti_layer_bytes(s: int, b: int, h: int, a: int, t: int, *, sp: bool, recompute: str) -> float:
     """The paper's closed forms (Table 2), for golden tests against `layer_activation_bytes`."""
     if recompute == "full":

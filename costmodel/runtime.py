@@ -19,6 +19,7 @@ says how much of it a training framework gets, term by term, each figure sourced
   (a fused vocabulary-parallel loss reads the 16-bit logits once; an eager `.float()` +
   log-softmax + NLL writes and reads fp32 copies).
 - `loss_activation_bytes_per_logit`: memory per logit the loss holds at its peak.
+- `selective_recompute`: what `--recompute selective` recomputes in this runtime.
 - `optimizer_bytes_per_param`: HBM bytes per parameter of the optimizer step (a fused or
   foreach AdamW: 32; a per-tensor loop of unfused ops: more).
 - `layer_overhead_us`: host time per layer and microbatch the GPU does not hide (eager
@@ -64,6 +65,9 @@ class TrainingRuntime:
     # bytes per logit the loss holds at its peak (fused: the fp32 logits; eager: the 16-bit logits, their
     # fp32 copy and the log-softmax output)
     loss_activation_bytes_per_logit: float = 4.0
+    # what selective recomputation recomputes: "attention" (Megatron: the attention core, free with
+    # FlashAttention) or "save-matmuls" (op-level: keep matmul and attention outputs, recompute the rest)
+    selective_recompute: str = "attention"
     fsdp_param_dtype: str = ""  # dtype FSDP gathers the parameters in ("": the compute dtype; fp32: FSDP1 with fp32 params)
     optimizer_bytes_per_param: float = 32.0
     layer_overhead_us: tuple[float, float] = (0.0, 0.0)
@@ -93,6 +97,8 @@ class TrainingRuntime:
             raise ConfigError(f"{where}: rmsnorm_traffic and rope_traffic must be in [0.5, 20]")
         if len(self.layer_overhead_us) != 2 or any(v < 0 for v in self.layer_overhead_us):
             raise ConfigError(f"{where}: layer_overhead_us must be [forward, backward] microseconds >= 0")
+        if self.selective_recompute not in ("attention", "save-matmuls"):
+            raise ConfigError(f"{where}: selective_recompute must be attention or save-matmuls")
         if self.fsdp_param_dtype not in ("",) + GRAD_DTYPES:
             raise ConfigError(f"{where}: fsdp_param_dtype must be one of {', '.join(GRAD_DTYPES)}")
         if self.grad_dtype not in GRAD_DTYPES:

@@ -17,7 +17,7 @@ from costmodel.collectives import all_gather_s, all_reduce_s, reduce_scatter_s, 
 from costmodel.flops import hardware_flops_per_step, model_flops_per_step
 from costmodel.hardware import GIB
 from costmodel.layer import LayerCost, Part, ends_cost, layer_cost
-from costmodel.memory import layer_activation_bytes, zero_model_state_bytes
+from costmodel.memory import layer_activation_bytes, saved_matmul_outputs_bytes, zero_model_state_bytes
 from costmodel.network import Group
 from costmodel.schedule import Task, build, peak_in_flight
 from costmodel.spec import ModelSpec
@@ -284,7 +284,12 @@ def _rank_memory(spec, s: Strategy, cluster: Cluster, layer: LayerCost, ends, co
         frozen = (sum(counts[k] for k in chunks) * layer.frozen_bytes + (ends.embed_frozen_bytes if 0 in chunks else 0)
                   + (ends.head_frozen_bytes if k_stages - 1 in chunks else 0))
         p += frozen / (shard if s.zero == 3 and shard > 1 else 1)
+    op_level = cluster.priced_runtime and cluster.runtime.selective_recompute == "save-matmuls"
+
     def per_layer(k: int) -> float:
+        if op_level and s.recompute_of(k) is Recompute.SELECTIVE:
+            return saved_matmul_outputs_bytes(spec, seq=seq, batch=s.microbatch_size, tp=s.tp,
+                                              sequence_parallel=s.sequence_parallel, bytes_per_value=pol.activation_bytes)
         return layer_activation_bytes(
             spec, seq=seq, batch=s.microbatch_size, tp=s.tp, sequence_parallel=s.sequence_parallel,
             recompute=s.recompute_of(k), flash_attention=s.flash_attention, bytes_per_value=pol.activation_bytes,

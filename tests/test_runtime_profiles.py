@@ -192,3 +192,19 @@ def test_planner_ranks_by_the_calibrated_runtime(tmp_path):
     plan = json.loads(out.stdout)["plan"]
     assert plan["runtime"] == "paraplan" and plan["profile"] == "a100-80g"
     assert plan["predicted"]["mfu"] < 0.6423
+
+
+def test_selective_recompute_is_what_the_runtime_recomputes():
+    """Megatron's selective recomputation re-runs the attention core (free with FlashAttention);
+    paraplan's runtime keeps matmul and attention outputs and re-runs the memory-bound ops:
+    some recompute time, memory between none and full."""
+    spec = ModelSpec(name="b", layers=16, hidden=2048, heads=16, vocab=32000, seq_len=4096, bias=False, dropout=False)
+
+    def run(runtime, recompute):
+        s = Strategy(dp=8, zero=3, microbatch_size=2, global_batch=16, recompute=recompute)
+        return predict(spec, s, load_cluster("h100-sxm:8", runtime=runtime))
+
+    assert run("megatron-core", "selective").time_s["recompute"] == 0
+    none, sel, full = (run("paraplan", r) for r in ("none", "selective", "full"))
+    assert 0 < sel.time_s["recompute"] < 0.5 * full.time_s["recompute"]
+    assert full.memory_gib["activations"] < sel.memory_gib["activations"] < none.memory_gib["activations"]
