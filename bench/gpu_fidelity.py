@@ -47,6 +47,8 @@ PLANS = {
                                                                        recompute="full")),
     "llama-1b mb1 x4, seq 8192, no recompute": ({**LLAMA, "seq_len": 8192}, dict(microbatch_size=1, global_batch=4,
                                                                                  recompute="none")),
+    "gpt-1.3b mb8 x2, selective recompute": (GPT, dict(microbatch_size=8, global_batch=16, recompute="selective")),
+    "llama-1b mb4 x2, selective recompute": (LLAMA, dict(microbatch_size=4, global_batch=8, recompute="selective")),
     "gpt-1.3b mb8 x2, no recompute, compiled": (GPT, dict(microbatch_size=8, global_batch=16, recompute="none")),
     "llama-1b mb4 x2, no recompute, compiled": (LLAMA, dict(microbatch_size=4, global_batch=8, recompute="none")),
     "llama-1b mb4 x2, full recompute, compiled": (LLAMA, dict(microbatch_size=4, global_batch=8, recompute="full")),
