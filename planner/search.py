@@ -94,6 +94,8 @@ def enumerate_candidates(req: SearchRequest) -> list[Strategy]:
                                 flash_attention=fixed.get("flash_attention", True), seq_len=seq,
                                 lora_rank=fixed.get("lora_rank", 0), lora_targets=fixed.get("lora_targets", ()),
                                 base_precision=fixed.get("base_precision", "bf16"),
+                                grad_dtype=fixed.get("grad_dtype", cluster.runtime.grad_dtype),
+                                master_dtype=fixed.get("master_dtype", "fp32"),
                             ))
                         except ConfigError:
                             continue

@@ -208,3 +208,22 @@ def test_selective_recompute_is_what_the_runtime_recomputes():
     none, sel, full = (run("paraplan", r) for r in ("none", "selective", "full"))
     assert 0 < sel.time_s["recompute"] < 0.5 * full.time_s["recompute"]
     assert full.memory_gib["activations"] < sel.memory_gib["activations"] < none.memory_gib["activations"]
+
+
+def test_plan_keeps_the_given_dtypes(tmp_path):
+    """--grad-dtype and --master-dtype are fixed for the search like every given flag."""
+    path = tmp_path / "p.yaml"
+    out = paraplan("plan", "--model", "llama2-7b", "--cluster", "a100-80g:8", "--global-batch", "16", "--grad-dtype",
+                   "bf16", "--master-dtype", "bf16", "-o", str(path))
+    assert out.returncode == 0, out.stderr
+    assert "gradients bf16; master weights bf16" in out.stdout
+    data = yaml.safe_load(path.read_text())
+    assert data["grad_dtype"] == "bf16" and data["master_dtype"] == "bf16"
+    plan = yaml.safe_load(path.read_text())
+    plan["master_dtype"] = "fp32"
+    fp32_master = tmp_path / "fp32.yaml"
+    fp32_master.write_text(yaml.safe_dump(plan))
+    again = json.loads(paraplan("simulate", "--plan", str(fp32_master), "--json").stdout)["predicted"]
+    # Adam's two fp32 moments (8 bytes) against moments plus an fp32 master copy (12)
+    assert data["predicted"]["memory_gib"]["optimizer"] == pytest.approx(again["memory_gib"]["optimizer"] * 8 / 12,
+                                                                         rel=1e-3)

@@ -28,7 +28,8 @@ def runtime_constraints(plan: Plan) -> dict:
     """Strategy flags that keep the new plan runnable and numerically the same run: the
     precision, sequence length and attention kernel stay; the runtime has no context
     parallelism and cannot split tied embeddings over pipeline stages."""
-    fixed = {"precision": plan.precision, "seq_len": plan.seq_len, "flash_attention": plan.flash_attention, "cp": 1}
+    fixed = {"precision": plan.precision, "seq_len": plan.seq_len, "flash_attention": plan.flash_attention, "cp": 1,
+             "grad_dtype": plan.grad_dtype, "master_dtype": plan.master_dtype}
     if plan.spec.tied_embeddings:
         fixed["pp"] = 1
     if plan.mode == "lora":  # the same adapters
