@@ -191,6 +191,22 @@ class Plan:
         return cls.from_dict(data)
 
 
+def schedule_problems(name: str, pp: int, microbatches: int) -> list[str]:
+    """What torch.distributed.pipelining refuses in a pipeline schedule (Schedule1F1B needs at
+    least as many microbatches as stages; ScheduleInterleaved1F1B a multiple of the stages, as
+    the search plans it). The search emits only schedules without problems, and `check` and
+    `run` refuse the rest, so the three agree."""
+    if pp == 1:
+        return []
+    if name == "1f1b" and microbatches < pp:
+        return [f"1F1B needs at least as many microbatches as pipeline stages: {microbatches} microbatches for "
+                f"pp {pp}; raise the global batch, lower the microbatch size or use --schedule gpipe"]
+    if name == "interleaved" and microbatches % pp:
+        return [f"the interleaved schedule needs the microbatches ({microbatches}) to be a multiple of pp ({pp}); "
+                "change the global batch or the microbatch size"]
+    return []
+
+
 def megatron_placements(spec: ModelSpec, strategy: Strategy) -> dict[str, dict[str, str]]:
     """Megatron-LM's tensor-parallel layout (column-parallel Q/K/V and w1/w3, row-parallel wo
     and w2, vocab-parallel embedding and output) plus FSDP's dim-0 sharding at ZeRO-3. The

@@ -31,6 +31,7 @@ from costmodel.result import StepResult
 from costmodel.spec import ModelSpec
 from costmodel.strategy import Recompute, Schedule
 from planner.inter_op import partition_layers
+from planner.plan import megatron_placements, schedule_problems
 from planner.intra_op import CostContext, IntraOpSolution, LogicalMesh, solve_block
 
 SIMULATE_TOP = 8
@@ -132,6 +133,11 @@ def _recomputes(fixed: dict) -> list[str]:
 
 
 def _schedules(fixed: dict, pp: int, m: int, layers: int) -> list[tuple[str, int]]:
+    """The (schedule, virtual stages) to try: those the runtime's pipelining accepts."""
+    return [(name, v) for name, v in _schedule_choices(fixed, pp, m, layers) if not schedule_problems(name, pp, m)]
+
+
+def _schedule_choices(fixed: dict, pp: int, m: int, layers: int) -> list[tuple[str, int]]:
     if pp == 1:
         return [(fixed.get("schedule", "1f1b"), 1)] if fixed.get("schedule", "1f1b") != "interleaved" else []
     if "schedule" in fixed:
@@ -139,12 +145,9 @@ def _schedules(fixed: dict, pp: int, m: int, layers: int) -> list[tuple[str, int
         if sched != "interleaved":
             return [(sched, 1)]
         vs = [fixed["virtual_stages"]] if "virtual_stages" in fixed else [2, 3, 4]
-        return [("interleaved", v) for v in vs if layers >= pp * v and m % pp == 0]
-    out = [("1f1b", 1)]
-    if m % pp == 0:
-        vs = [fixed["virtual_stages"]] if "virtual_stages" in fixed else [2, 3, 4, 6]
-        out += [("interleaved", v) for v in vs if v > 1 and layers >= pp * v]
-    return out
+        return [("interleaved", v) for v in vs if layers >= pp * v]
+    vs = [fixed["virtual_stages"]] if "virtual_stages" in fixed else [2, 3, 4, 6]
+    return [("1f1b", 1)] + [("interleaved", v) for v in vs if v > 1 and layers >= pp * v]
 
 
 def _partition(spec: ModelSpec, s: Strategy, cluster: Cluster) -> Strategy:
@@ -299,8 +302,6 @@ def placements_for(spec: ModelSpec, s: Strategy, solution: IntraOpSolution | Non
     """Per-parameter placements: the ILP's for the repeated block (its index written `*`),
     and for the zoo's models Megatron's vocab-parallel embedding and head; FSDP's Shard(0)
     over dp_shard at ZeRO-3."""
-    from planner.plan import megatron_placements
-
     megatron = megatron_placements(spec, s) if zoo_names else {}
     out = {k: v for k, v in megatron.items() if not k.startswith("layers.")}
     if solution is None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from costmodel.errors import ConfigError
-from planner.plan import Plan
+from planner.plan import Plan, schedule_problems
 
 SUPPORTED = {"Shard(0)", "Shard(1)", "Replicate()"}
 
@@ -18,6 +18,7 @@ def runnable_problems(plan: Plan, world_size: int | None = None) -> list[str]:
             f"plan mesh pp({mesh['pp']}) * dp_replicate({mesh['dp_replicate']}) * dp_shard({mesh['dp_shard']}) * "
             f"cp({mesh['cp']}) * tp({mesh['tp']}) = {size} != world size {world_size}; launch {size} processes"
         )
+    problems += schedule_problems(plan.schedule["name"], mesh["pp"], int(plan.schedule["num_microbatches"]))
     if mesh["cp"] > 1:
         problems.append("context parallelism (cp > 1) is planned and simulated but the runtime does not run it yet; "
                         "re-plan with --cp 1")

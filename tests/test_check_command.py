@@ -52,3 +52,21 @@ def test_memory_per_gpu_is_checked(tmp_path):
     report = json.loads(out.stdout)
     assert not report["ok"] and report["peak_memory_gib"] > 1000
     assert any("pipeline rank 0 needs" in p and "GiB per GPU against 80 GiB" in p for p in report["problems"])
+
+
+def test_the_planner_writes_only_schedules_the_runtime_accepts(tmp_path):
+    """`plan --model tiny-llama --cluster cpu-2core:4 --global-batch 8` wrote pp 4 with one
+    microbatch of 8 under 1F1B; `check` said OK and every rank of `run` died in
+    Schedule1F1B ("Number of microbatches (1) must be greater than or equal to the number of
+    stages (4)"). Now the search skips it and `check` refuses such a plan."""
+    path = tmp_path / "p.yaml"
+    out = paraplan("plan", "--model", "tiny-llama", "--cluster", "cpu-2core:4", "--global-batch", "8", "-o", str(path))
+    assert out.returncode == 0, out.stderr
+    plan = yaml.safe_load(path.read_text())
+    pp, m = plan["mesh"]["pp"], plan["schedule"]["num_microbatches"]
+    assert pp == 1 or (m >= pp if plan["schedule"]["name"] == "1f1b" else True)
+    assert paraplan("check", str(path)).returncode == 0
+    bad = _plan(tmp_path, "tiny-llama", Strategy(precision="fp32", pp=4, global_batch=8, microbatch_size=8), "cpu:4",
+                "bad.yaml")
+    out = paraplan("check", str(bad))
+    assert out.returncode == 2 and "1F1B needs at least as many microbatches as pipeline stages" in out.stdout + out.stderr
