@@ -24,7 +24,7 @@ import yaml
 from costmodel.errors import ConfigError
 from costmodel.hardware import Device, EfficiencyCurve, MemoryOverhead
 from costmodel.network import Group, Link, group_on_mesh
-from costmodel.runtime import DEFAULT_RUNTIME, TrainingRuntime, load_runtime
+from costmodel.runtime import DEFAULT_RUNTIME, FUSED, TrainingRuntime, load_runtime
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 
@@ -39,15 +39,15 @@ class Cluster:
     inter: Link
     # set where the "GPUs" are processes sharing this many cores of each node (a CPU profile)
     host_cores: int | None = None
-    runtime: TrainingRuntime = TrainingRuntime(name="megatron-core")  # the training software that is priced
+    runtime: TrainingRuntime = FUSED  # the training software that is priced (named in plans and output)
     profile: str = ""  # the hardware profile's name
     host_band: tuple[float, float] | None = None  # a measured host's fidelity residuals (prediction_band)
 
     @property
-    def priced_runtime(self) -> bool:
-        """Whether the runtime's GPU terms apply (a measured CPU host was calibrated with the
-        runtime that ran on it, so they do not)."""
-        return self.host_cores is None
+    def cost_runtime(self) -> TrainingRuntime:
+        """The runtime whose terms the cost model applies: `runtime` on GPUs; on a measured CPU
+        host, calibrated with the runtime that ran on it, the fused one (which adds nothing)."""
+        return self.runtime if self.host_cores is None else FUSED
 
     def __post_init__(self) -> None:
         if self.nodes < 1 or self.gpus_per_node < 1:
@@ -212,10 +212,9 @@ def with_runtime(cluster: Cluster, runtime: TrainingRuntime) -> Cluster:
     """The cluster priced for `runtime`: its attention kernel's cap on the device's curves
     (GPU devices only; the share of the compute rates sustained beside data-parallel
     collectives is applied per strategy, costmodel.step)."""
-    device = cluster.device
-    if cluster.host_cores is None:
-        device = replace(device, attention_cap=runtime.attention_cap(device.arch))
-    return replace(cluster, device=device, runtime=runtime)
+    cluster = replace(cluster, runtime=runtime)
+    device = replace(cluster.device, attention_cap=cluster.cost_runtime.attention_cap(cluster.device.arch))
+    return replace(cluster, device=device)
 
 
 def _load_cluster(text: str, profiles_dir: Path) -> Cluster:

@@ -129,26 +129,25 @@ def layer_cost(spec: ModelSpec, strategy: Strategy, cluster: Cluster, tp_group: 
     fc2 = _gemm(dev, dtype, T, sh.f, h, e)
     gemms = qkv + proj + fc1 + fc2
     attn_f, attn_b = _attention_core(spec, strategy, cluster, sh)
-    rt = cluster.runtime if cluster.priced_runtime else None
+    rt = cluster.cost_runtime
     row_bytes = sh.rows * h * e
-    norm_traffic = (rt.rmsnorm_traffic if rt and spec.norm is Norm.RMSNORM else 1.0)
+    norm_traffic = rt.rmsnorm_traffic if spec.norm is Norm.RMSNORM else 1.0
     elementwise = 2 * 2 * row_bytes * norm_traffic  # two norms: read + write
     elementwise += 2 * 3 * row_bytes  # two fused bias-dropout-residual adds: two reads, one write
     elementwise += (3 if spec.activation is Activation.SWIGLU else 2) * T * sh.f * e  # activation
     if spec.position is Position.ROPE:
-        elementwise += 2 * T * (sh.q + sh.kv) * e * (rt.rope_traffic if rt else 1.0)
-    if rt and rt.gqa_repeat and sh.kv < sh.q:  # K and V copied out to every query head
+        elementwise += 2 * T * (sh.q + sh.kv) * e * rt.rope_traffic
+    if rt.gqa_repeat and sh.kv < sh.q:  # K and V copied out to every query head
         elementwise += 2 * T * (sh.kv + sh.q) * e
-    elem_f = dev.memory_s(elementwise * (rt.elementwise_traffic if rt else 1.0))
+    elem_f = dev.memory_s(elementwise * rt.elementwise_traffic)
     # host dispatch the device does not hide (the runtime wraps every block in FSDP2 when dp > 1)
     host_f, host_b = dev.layer_overhead_s(tensor_parallel=strategy.tp > 1, fsdp=strategy.dp > 1)
-    if rt:
-        host_f, host_b = host_f + rt.layer_overhead_us[0] * 1e-6, host_b + rt.layer_overhead_us[1] * 1e-6
-        # weights cast to the compute dtype at each use and their gradients cast back
-        cast_f, cast_b = rt.weight_cast_bytes(sharded=strategy.dp > 1)
-        layer_params = _params_per_tp_rank(spec, strategy.tp)
-        host_f += dev.memory_s(cast_f * layer_params)
-        host_b += dev.memory_s(cast_b * layer_params)
+    # the runtime's own host time, and the weights cast to the compute dtype at each use and
+    # their gradients cast back
+    cast_f, cast_b = rt.weight_cast_bytes(sharded=strategy.dp > 1)
+    layer_params = _params_per_tp_rank(spec, strategy.tp)
+    host_f += rt.layer_overhead_us[0] * 1e-6 + dev.memory_s(cast_f * layer_params)
+    host_b += rt.layer_overhead_us[1] * 1e-6 + dev.memory_s(cast_b * layer_params)
     if strategy.lora:  # frozen base: input gradients only; adapters: both; QLoRA dequantizes at each use
         adapters = sum(_gemm(dev, dtype, T, a, r, e) + _gemm(dev, dtype, T, r, b, e)
                        for a, r, b in lora.adapter_shapes(spec, strategy.lora_targets, strategy.lora_rank, strategy.tp))
@@ -178,7 +177,7 @@ def layer_cost(spec: ModelSpec, strategy: Strategy, cluster: Cluster, tp_group: 
     recompute = Recompute(strategy.recompute)
     if recompute is Recompute.FULL:
         re_compute, re_tp = fwd_compute, tp_f
-    elif recompute is Recompute.SELECTIVE and rt and rt.selective_recompute == "save-matmuls":
+    elif recompute is Recompute.SELECTIVE and rt.selective_recompute == "save-matmuls":
         re_compute, re_tp = elem_f, 0.0  # op-level: the memory-bound ops run again, matmuls and attention do not
     elif recompute is Recompute.SELECTIVE and not strategy.flash_attention:
         re_compute, re_tp = attn_f, 0.0
@@ -247,22 +246,18 @@ def ends_cost(spec: ModelSpec, strategy: Strategy, cluster: Cluster, tp_group: G
         reduce = reduce_scatter_s(act_bytes, tp_group) if strategy.sequence_parallel else all_reduce_s(act_bytes, tp_group)
     # head: final norm, logits GEMM (vocab split over tp), vocab-parallel cross-entropy in fp32
     logits = _gemm(dev, dtype, T, h, vocab_local, e)
-    rt = cluster.runtime if cluster.priced_runtime else None
-    norm = dev.memory_s(2 * sh.rows * h * e * (rt.elementwise_traffic if rt else 1.0))
+    rt = cluster.cost_runtime
+    norm = dev.memory_s(2 * sh.rows * h * e * rt.elementwise_traffic)
     # the loss over fp32 logits, forward and backward alike (half the runtime's bytes each)
-    xent_bytes = rt.cross_entropy_bytes_per_logit / 2 if rt and rt.cross_entropy_bytes_per_logit else e + 3 * 4
+    xent_bytes = rt.cross_entropy_bytes_per_logit / 2 if rt.cross_entropy_bytes_per_logit else e + 3 * 4
     xent = dev.memory_s(T * vocab_local * xent_bytes)
     gather = 0.0
     if tp_group.size > 1:
         gather = all_gather_s(act_bytes, tp_group) if strategy.sequence_parallel else all_reduce_s(act_bytes, tp_group)
         gather += 3 * all_reduce_s(T * 4, tp_group)  # max, sum-exp, target logit
-    if rt:  # the output projection's weight cast at its use, its gradient cast back
-        cast_f, cast_b = rt.weight_cast_bytes(sharded=strategy.dp > 1)
-        logits_f, logits_b = logits + dev.memory_s(cast_f * vocab_local * h), 2 * logits + dev.memory_s(cast_b * vocab_local * h)
-    else:
-        logits_f, logits_b = logits, 2 * logits
-    head_f = Part(compute=norm + logits_f + xent, tp_comm=gather)
-    head_b = Part(compute=2 * norm + logits_b + xent, tp_comm=gather)
+    cast_f, cast_b = rt.weight_cast_bytes(sharded=strategy.dp > 1)  # the output weight's cast, its gradient's
+    head_f = Part(compute=norm + logits + dev.memory_s(cast_f * vocab_local * h) + xent, tp_comm=gather)
+    head_b = Part(compute=2 * norm + 2 * logits + dev.memory_s(cast_b * vocab_local * h) + xent, tp_comm=gather)
     embed_params = vocab_local * h + (spec.seq_len * h if spec.position is Position.LEARNED else 0)
     head_params = spec.norm_params + (vocab_local * h if not spec.tied_embeddings or strategy.pp > 1 else 0)
     frozen = (0.0, 0.0)

@@ -69,7 +69,7 @@ class TrainingRuntime:
     # FlashAttention) or "save-matmuls" (op-level: keep matmul and attention outputs, recompute the rest)
     selective_recompute: str = "attention"
     fsdp_param_dtype: str = ""  # dtype FSDP gathers the parameters in ("": the compute dtype; fp32: FSDP1 with fp32 params)
-    optimizer_bytes_per_param: float = 32.0
+    optimizer_bytes_per_param: float = 32.0  # fused AdamW: fp32 master, grad, two moments read; master, moments, 16-bit copy written
     layer_overhead_us: tuple[float, float] = (0.0, 0.0)
     grad_dtype: str = "fp32"
     band: dict[str, tuple[float, float]] = field(default_factory=dict)
@@ -121,6 +121,11 @@ class TrainingRuntime:
         if arch in self.band:
             return tuple(self.band[arch]), True
         return UNCALIBRATED_BAND, False
+
+
+# every term at its fused value: the layer formulas as written (Megatron-class kernels), what a
+# measured host (calibrated with the runtime that ran on it) and a serving engine's prefill add nothing to
+FUSED = TrainingRuntime(name="fused", description="fused kernels, fused Adam, bf16 weights: the layer formulas as written")
 
 
 def available_runtimes(runtimes_dir: Path = RUNTIMES_DIR) -> list[str]:

@@ -37,12 +37,8 @@ from costmodel.collectives import all_reduce_s, send_recv_s
 from costmodel.errors import ConfigError
 from costmodel.layer import _gemm, _params_per_tp_rank, layer_cost
 from costmodel.spec import ModelSpec
-from costmodel.runtime import TrainingRuntime
+from costmodel.runtime import FUSED
 from costmodel.strategy import Strategy
-
-# serving engines (vLLM, TensorRT-LLM) run fused kernels and bf16 weights: the prefill's
-# forward at every fused term of the layer model, whatever runtime priced training
-FUSED_ENGINE = TrainingRuntime(name="serving-engine", description="fused kernels, bf16 weights (vLLM-class)")
 
 GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default share of the GPU it may use
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
@@ -173,7 +169,8 @@ def prefill_s(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: int, p
     """`batch` prompts through every stage, and the logits of their last tokens."""
     s = Strategy(tp=tp, precision=req.precision, microbatch_size=batch, global_batch=batch,
                  seq_len=req.prompt_len, sequence_parallel=False)
-    cluster = with_runtime(cluster, FUSED_ENGINE)
+    # serving engines (vLLM, TensorRT-LLM) run fused kernels over bf16 weights, whatever runtime priced training
+    cluster = with_runtime(cluster, FUSED)
     tp_group, cp_group = cluster.group(tp, 1), cluster.group(1, tp)
     per_layer = layer_cost(spec.with_seq_len(req.prompt_len), s, cluster, tp_group, cp_group).forward.total
     dev, e = cluster.device, req.bytes_per_value

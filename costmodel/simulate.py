@@ -256,7 +256,7 @@ def prediction_band(model: StepModel) -> tuple[tuple[float, float], bool]:
     own fidelity residuals), twice as wide where the plan uses a parallelism the runtime's
     calibration runs did not (`calibrated_axes`)."""
     cluster, s = model.cluster, model.strategy
-    if not cluster.priced_runtime:
+    if cluster.host_cores:
         band = cluster.host_band
         return (band, True) if band else (UNCALIBRATED_BAND, False)
     band, calibrated = cluster.runtime.band_of(cluster.device.arch)

@@ -24,9 +24,6 @@ from costmodel.spec import ModelSpec
 from costmodel.strategy import Recompute, Strategy
 from costmodel.validate import check_strategy, stage_layer_counts
 
-ADAM_BYTES_PER_PARAM = 32  # fused AdamW: fp32 master, grad, two moments read; master, moments written; 16-bit copy
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RankMemory:
     """Bytes one GPU of a pipeline rank holds at its peak."""
@@ -111,9 +108,9 @@ def _task(parts: list[Part], layer: Part, n: int, pre: list[float], post: list[f
 def build_step(spec: ModelSpec, strategy: Strategy, cluster: Cluster) -> StepModel:
     check_strategy(spec, strategy, cluster.world_size)
     s = strategy if strategy.grad_dtype else strategy.replace(grad_dtype=cluster.runtime.grad_dtype)
-    if cluster.priced_runtime and s.dp > 1:  # FSDP/DDP collectives beside the compute: NCCL takes SMs, clocks sag
-        cluster = replace(cluster, device=replace(cluster.device,
-                                                  compute_sustained=cluster.runtime.gemm_scale(cluster.device.arch)))
+    rt = cluster.cost_runtime
+    if s.dp > 1:  # FSDP/DDP collectives beside the compute: NCCL takes SMs, clocks sag
+        cluster = replace(cluster, device=replace(cluster.device, compute_sustained=rt.gemm_scale(cluster.device.arch)))
     if s.seq_len and s.seq_len != spec.seq_len:
         spec = spec.with_seq_len(s.seq_len)
     pol = s.policy
@@ -134,9 +131,8 @@ def build_step(spec: ModelSpec, strategy: Strategy, cluster: Cluster) -> StepMod
 
     gathers: dict[tuple[int, float], float] = {}
     scatters: dict[int, float] = {}
-    gather_bytes = pol.param_bytes  # per parameter: the compute dtype, or fp32 where the runtime gathers fp32 weights
-    if cluster.priced_runtime and cluster.runtime.fsdp_param_dtype == "fp32":
-        gather_bytes = 4
+    # per parameter: the compute dtype, or fp32 where the runtime gathers fp32 weights
+    gather_bytes = 4 if rt.fsdp_param_dtype == "fp32" else pol.param_bytes
 
     def gather_s(params: int, frozen: float = 0.0) -> float:  # one all-gather of a layer's weights
         key = (params, frozen)
@@ -185,8 +181,7 @@ def build_step(spec: ModelSpec, strategy: Strategy, cluster: Cluster) -> StepMod
         comm = sum(b.comm_s for k in chunks for b in buckets[k]) + sum(sharded_comm[k] for k in chunks)
         comm += _gather_total(params, gather_bytes, shard, shard_group, s.zero)
         dp_comm.append(comm)
-        adam_bytes = cluster.runtime.optimizer_bytes_per_param if cluster.priced_runtime else ADAM_BYTES_PER_PARAM
-        optim.append(cluster.device.memory_s(params / (shard if s.zero >= 1 else 1) * adam_bytes)
+        optim.append(cluster.device.memory_s(params / (shard if s.zero >= 1 else 1) * rt.optimizer_bytes_per_param)
                      + cluster.device.optimizer_overhead_s(_rank_tensors(spec, s, counts, r, pp), dtensor=s.dp * s.tp * s.cp > 1))
     tokens = s.global_batch * spec.seq_len
     flops_share = 2 / 3 if s.lora else 1.0  # frozen weights skip the weight-gradient GEMMs: 4 N T, not 6 N T
@@ -284,7 +279,7 @@ def _rank_memory(spec, s: Strategy, cluster: Cluster, layer: LayerCost, ends, co
         frozen = (sum(counts[k] for k in chunks) * layer.frozen_bytes + (ends.embed_frozen_bytes if 0 in chunks else 0)
                   + (ends.head_frozen_bytes if k_stages - 1 in chunks else 0))
         p += frozen / (shard if s.zero == 3 and shard > 1 else 1)
-    op_level = cluster.priced_runtime and cluster.runtime.selective_recompute == "save-matmuls"
+    op_level = cluster.cost_runtime.selective_recompute == "save-matmuls"
 
     def per_layer(k: int) -> float:
         if op_level and s.recompute_of(k) is Recompute.SELECTIVE:
@@ -298,8 +293,7 @@ def _rank_memory(spec, s: Strategy, cluster: Cluster, layer: LayerCost, ends, co
     e, b, h = pol.activation_bytes, s.microbatch_size, spec.hidden
     sp_div = s.tp if s.sequence_parallel else 1
     embed_act = (seq * b * h * 0.5 * e / sp_div) if spec.dropout else 0.0  # embedding dropout mask
-    logit_bytes = cluster.runtime.loss_activation_bytes_per_logit if cluster.priced_runtime else 4
-    head_act = seq * b * (h * e / sp_div + -(-spec.vocab // s.tp) * logit_bytes)  # final norm input, the loss's logits
+    head_act = seq * b * (h * e / sp_div + -(-spec.vocab // s.tp) * cluster.cost_runtime.loss_activation_bytes_per_logit)  # final norm input, the loss's logits
     weights = [0.0] * s.virtual_stages
     for c, k in enumerate(chunks):
         weights[c] = counts[k] * per_layer(k) + (embed_act if k == 0 else 0.0) + (head_act if k == k_stages - 1 else 0.0)

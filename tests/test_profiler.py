@@ -78,10 +78,10 @@ def test_pipeline_bubbles_free_the_shared_cores():
 
     spec = replace(ZOO["tiny-gpt"], hidden=256, heads=8, seq_len=256)
     shared = load_cluster("cpu-2core:4")
-    from costmodel.runtime import TrainingRuntime
+    from costmodel.runtime import FUSED
 
     # same figures, no processor sharing (and the fused runtime, which adds nothing to a host's measured figures)
-    static = replace(shared, host_cores=None, runtime=TrainingRuntime(name="fused"))
+    static = replace(shared, host_cores=None, runtime=FUSED)
     pp = Strategy(precision="fp32", pp=4, global_batch=4, microbatch_size=1, schedule="1f1b")  # bubble 3/7
     fast, slow = simulate(build_step(spec, pp, shared)), simulate(build_step(spec, pp, static))
     assert fast.step_time_s < 0.85 * slow.step_time_s
