@@ -145,9 +145,9 @@ def layer_cost(spec: ModelSpec, strategy: Strategy, cluster: Cluster, tp_group: 
     # the runtime's own host time, and the weights cast to the compute dtype at each use and
     # their gradients cast back
     cast_f, cast_b = rt.weight_cast_bytes(sharded=strategy.dp > 1)
-    layer_params = _params_per_tp_rank(spec, strategy.tp)
-    host_f += rt.layer_overhead_us[0] * 1e-6 + dev.memory_s(cast_f * layer_params)
-    host_b += rt.layer_overhead_us[1] * 1e-6 + dev.memory_s(cast_b * layer_params)
+    params = _params_per_tp_rank(spec, strategy.tp)
+    host_f += rt.layer_overhead_us[0] * 1e-6 + dev.memory_s(cast_f * params)
+    host_b += rt.layer_overhead_us[1] * 1e-6 + dev.memory_s(cast_b * params)
     if strategy.lora:  # frozen base: input gradients only; adapters: both; QLoRA dequantizes at each use
         adapters = sum(_gemm(dev, dtype, T, a, r, e) + _gemm(dev, dtype, T, r, b, e)
                        for a, r, b in lora.adapter_shapes(spec, strategy.lora_targets, strategy.lora_rank, strategy.tp))
@@ -183,7 +183,7 @@ def layer_cost(spec: ModelSpec, strategy: Strategy, cluster: Cluster, tp_group: 
         re_compute, re_tp = attn_f, 0.0
     else:
         re_compute, re_tp = 0.0, 0.0
-    params, frozen = _params_per_tp_rank(spec, strategy.tp), 0.0
+    frozen = 0.0
     if strategy.lora:
         frozen = lora.frozen_layer_bytes(spec, strategy.tp, strategy.base_precision, strategy.policy.param_bytes)
         params = lora.adapter_params_per_tp_rank(spec, strategy.lora_targets, strategy.lora_rank, strategy.tp)

@@ -109,8 +109,9 @@ def build_step(spec: ModelSpec, strategy: Strategy, cluster: Cluster) -> StepMod
     check_strategy(spec, strategy, cluster.world_size)
     s = strategy if strategy.grad_dtype else strategy.replace(grad_dtype=cluster.runtime.grad_dtype)
     rt = cluster.cost_runtime
-    if s.dp > 1:  # FSDP/DDP collectives beside the compute: NCCL takes SMs, clocks sag
-        cluster = replace(cluster, device=replace(cluster.device, compute_sustained=rt.gemm_scale(cluster.device.arch)))
+    sustained = rt.gemm_scale(cluster.device.arch)
+    if s.dp > 1 and sustained != 1.0:  # FSDP/DDP collectives beside the compute: NCCL takes SMs, clocks sag
+        cluster = replace(cluster, device=replace(cluster.device, compute_sustained=sustained))
     if s.seq_len and s.seq_len != spec.seq_len:
         spec = spec.with_seq_len(s.seq_len)
     pol = s.policy
