@@ -51,7 +51,7 @@ def measure(name: str, profile: str, steps: int, tmp: Path) -> float:
     path = tmp / "plan.yaml"
     path.write_text(plan.to_yaml())
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-m", "planner.cli", "run", str(path), "--steps", str(steps), "--json"],
+    out = subprocess.run([sys.executable, "-m", "cli", "run", str(path), "--steps", str(steps), "--json"],
                          capture_output=True, text=True, env=env, cwd=ROOT, check=True)
     return json.loads(out.stdout)["step_time_s"]
 

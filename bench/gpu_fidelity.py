@@ -73,7 +73,7 @@ def measure_one(name: str, profile: str, steps: int, tmp: Path) -> dict:
     path, metrics = tmp / "plan.yaml", tmp / f"metrics-{len(list(tmp.iterdir()))}.jsonl"
     path.write_text(plan.to_yaml())
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    out = subprocess.run([sys.executable, "-m", "planner.cli", "run", str(path), "--steps", str(steps), "--json",
+    out = subprocess.run([sys.executable, "-m", "cli", "run", str(path), "--steps", str(steps), "--json",
                           "--metrics", str(metrics)], capture_output=True, text=True, env=env, cwd=ROOT)
     if out.returncode:
         return {"error": (out.stderr or out.stdout).strip().splitlines()[-12:]}

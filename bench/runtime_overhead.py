@@ -85,7 +85,7 @@ def main() -> None:
         hand_path.write_text(HAND)
         rows = []
         for round_ in range(3):  # alternate, so drift on a shared machine hits both alike
-            ours = subprocess.run([sys.executable, "-m", "planner.cli", "run", str(plan_path), "--steps", str(STEPS),
+            ours = subprocess.run([sys.executable, "-m", "cli", "run", str(plan_path), "--steps", str(STEPS),
                                    "--json"], capture_output=True, text=True, env=env, cwd=ROOT, check=True)
             ours_s = json.loads(ours.stdout)["step_time_s"]
             hand = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",

@@ -54,6 +54,15 @@ class Cluster:
             raise ConfigError(f"cluster {self.name}: nodes and gpus_per_node must be positive")
 
     @property
+    def profile_note(self) -> str:
+        """What a reader of the prediction must know about the profile that priced it ("" if nothing)."""
+        if self.device.arch == "cpu" and self.host_cores is None:
+            return (f"profile {self.profile} is a datasheet guess without the host's overheads (on a 2-core machine "
+                    "it predicts steps about 40x too fast); for this machine measure one with `paraplan profile -o "
+                    "profiles/host.yaml` and plan on profiles/host.yaml:N, or use cpu-2core:N (measured on a 2-core VM)")
+        return ""
+
+    @property
     def overlaps_comm(self) -> bool:
         """A communication stream runs beside compute (GPUs); processes sharing a host's cores
         spend those same cores on gloo, so nothing overlaps there."""

@@ -7,6 +7,7 @@ fraction a ring collective achieves (NCCL bus bandwidth over link bandwidth).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from costmodel.errors import ConfigError
@@ -70,6 +71,14 @@ def group_on_mesh(size: int, stride: int, gpus_per_node: int, intra: Link, inter
     if size == 1:
         return Group(size=1, per_node=1, intra=intra, inter=inter)
     per_node = max(1, min(size, gpus_per_node // stride)) if stride < gpus_per_node else 1
+    span = size * stride  # the ranks one group's block covers
+    if stride < gpus_per_node and gpus_per_node % span and span % gpus_per_node:
+        # groups do not line up with nodes (tp 4 on nodes of 6: ranks 4-7 sit on two nodes); the
+        # collective runs at the pace of the group spread over the most nodes, counted per group
+        period = math.lcm(span, gpus_per_node)
+        spread = max(len({(block + j + i * stride) // gpus_per_node for i in range(size)})
+                     for block in range(0, period, span) for j in range(stride))
+        per_node = min(per_node, size // spread)
     while size % per_node:
         per_node -= 1
     return Group(size=size, per_node=per_node, intra=intra, inter=inter)

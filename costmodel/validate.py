@@ -30,6 +30,9 @@ def strategy_problems(spec: ModelSpec, strategy: Strategy, world_size: int) -> l
     if spec.ffn_hidden % s.tp:
         problems.append(f"tp({s.tp}) does not divide ffn_hidden({spec.ffn_hidden}); use a divisor of it")
     seq = s.seq_len or spec.seq_len
+    if spec.position.value == "learned" and seq > spec.seq_len:
+        problems.append(f"sequence length {seq} is longer than {spec.name}'s {spec.seq_len} learned positions; "
+                        f"use --seq-len {spec.seq_len} or less")
     if seq % (2 * s.cp if s.cp > 1 else 1):
         problems.append(
             f"seq_len({seq}) is not a multiple of 2 * cp({s.cp}); load-balanced context parallelism "

@@ -19,6 +19,9 @@ from costmodel.spec import ModelSpec
 from planner.zoo import ZOO
 
 
+HF_TRAIN_SEQ_LEN = 8192  # a RoPE config's default training sequence (Llama 3's and torchtitan's; --seq-len overrides)
+
+
 def load_model_spec(text: str) -> ModelSpec:
     return load_model(text)[0]
 
@@ -101,7 +104,8 @@ def spec_from_hf_config(data: dict, *, name: str = "hf-model") -> ModelSpec:
         kv_heads=_int(data, "num_key_value_heads", default=heads),
         ffn_hidden=_int(data, "intermediate_size", default=0),
         vocab=_int(data, "vocab_size"),
-        seq_len=_int(data, "max_position_embeddings", default=2048),
+        # RoPE models read up to max_position_embeddings (131072 for Qwen2.5) but pre-train shorter
+        seq_len=min(_int(data, "max_position_embeddings", default=2048), HF_TRAIN_SEQ_LEN),
         activation="swiglu" if gated else "gelu",
         norm="rmsnorm" if "rms_norm_eps" in data or gated else "layernorm",
         position="rope" if "rope_theta" in data or gated else "learned",

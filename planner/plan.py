@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import yaml
 
@@ -179,6 +180,18 @@ class Plan:
             if isinstance(exc, ConfigError):
                 raise
             raise ConfigError(f"plan field is malformed ({type(exc).__name__}: {exc}); compare with docs/ARCHITECTURE.md's plan format") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        """The plan in a YAML file; a missing or unreadable file is bad input."""
+        target = Path(path)
+        if not target.is_file():
+            raise ConfigError(f"plan file {path} does not exist; write one with `paraplan plan ... -o {path}`")
+        try:
+            text = target.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"plan file {path} cannot be read ({type(exc).__name__}); give a plan YAML") from None
+        return cls.from_yaml(text)
 
     @classmethod
     def from_yaml(cls, text: str) -> "Plan":

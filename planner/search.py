@@ -29,7 +29,9 @@ from costmodel.hardware import GIB
 from costmodel.memory import zero_model_state_bytes
 from costmodel.result import StepResult
 from costmodel.spec import ModelSpec
-from costmodel.strategy import Recompute, Schedule
+from costmodel.strategy import Schedule
+from costmodel.validate import strategy_problems
+from planner.contract import RUNNABLE_RUNTIMES, layout_problems, strategy_runtime_problems
 from planner.inter_op import partition_layers
 from planner.plan import megatron_placements, schedule_problems
 from planner.intra_op import CostContext, IntraOpSolution, LogicalMesh, solve_block
@@ -61,13 +63,20 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def enumerate_candidates(req: SearchRequest) -> list[Strategy]:
+def enumerate_candidates(req: SearchRequest, rejected: list[str] | None = None) -> list[Strategy]:
+    """Every strategy of the given flags that the model, the cluster and (for plans priced
+    for paraplan's own runtime) `paraplan run` accept; why the others were dropped goes to
+    `rejected`."""
+    rejected = [] if rejected is None else rejected
     spec, cluster, fixed = req.spec, req.cluster, req.fixed
     world, per_node = cluster.world_size, cluster.gpus_per_node
     seq = fixed.get("seq_len") or spec.seq_len
-    tps = [fixed["tp"]] if "tp" in fixed else [t for t in (1, 2, 4, 8, 16) if t <= per_node and spec.heads % t == 0]
+    # tensor-parallel groups inside a node: a tp that does not divide the node would straddle two
+    tps = [fixed["tp"]] if "tp" in fixed else [t for t in (1, 2, 4, 8, 16)
+                                               if t <= per_node and per_node % t == 0 and spec.heads % t == 0]
     cps = [fixed["cp"]] if "cp" in fixed else ([1, 2, 4] if seq >= 16384 else [1, 2] if seq >= 8192 else [1])
     out: list[Strategy] = []
+    runnable = cluster.runtime.name in RUNNABLE_RUNTIMES  # `paraplan run` will execute the plan
     for tp, cp in itertools.product(tps, cps):
         if world % (tp * cp):
             continue
@@ -86,7 +95,7 @@ def enumerate_candidates(req: SearchRequest) -> list[Strategy]:
                 for group, (sched, v) in itertools.product(groups, _schedules(fixed, pp, per_replica // mbs, spec.layers)):
                     for stage_rc in _stage_recomputes(fixed, rc, pp, sched):
                         try:
-                            out.append(Strategy(
+                            s = Strategy(
                                 tp=tp, pp=pp, dp=dp, cp=cp, zero=zero, shard_group=group,
                                 sequence_parallel=fixed.get("sequence_parallel", tp > 1 and not fixed.get("lora_rank")),
                                 recompute=rc,
@@ -97,9 +106,17 @@ def enumerate_candidates(req: SearchRequest) -> list[Strategy]:
                                 base_precision=fixed.get("base_precision", "bf16"),
                                 grad_dtype=fixed.get("grad_dtype", cluster.runtime.grad_dtype),
                                 master_dtype=fixed.get("master_dtype", "fp32"),
-                            ))
-                        except ConfigError:
+                            )
+                        except ConfigError as exc:
+                            rejected.append(str(exc))
                             continue
+                        problems = strategy_problems(spec, s, world)
+                        if runnable and not problems:
+                            problems = strategy_runtime_problems(spec, s, "lora" if s.lora else "train")
+                        if problems:
+                            rejected.append(problems[0])
+                        else:
+                            out.append(s)
     return out
 
 
@@ -184,8 +201,11 @@ def _partition(spec: ModelSpec, s: Strategy, cluster: Cluster) -> Strategy:
 def run_search(req: SearchRequest, *, trace_graph=None) -> SearchResult:
     t_start = time.perf_counter()
     spec, cluster = req.spec, req.cluster
-    candidates = enumerate_candidates(req)
+    rejected: list[str] = []
+    candidates = enumerate_candidates(req, rejected)
     if not candidates:
+        if rejected:  # the most frequent reason, in the words of the rule that gave it
+            raise ConfigError(max(set(rejected), key=lambda r: (rejected.count(r), r)))
         raise ConfigError(
             f"no strategy of the given flags fits {cluster.world_size} GPUs for global batch {req.global_batch}; "
             "loosen a flag or change the batch"
@@ -233,7 +253,7 @@ def run_search(req: SearchRequest, *, trace_graph=None) -> SearchResult:
         if not result.fits:
             continue
         key = (s.tp, s.microbatch_size)
-        if key not in ilp_cache:
+        if s.tp > 1 and key not in ilp_cache:  # tp 1: the block has no tensor axis to place on
             if graph is None:
                 t0 = time.perf_counter()
                 from planner.trace import trace_spec
@@ -243,7 +263,7 @@ def run_search(req: SearchRequest, *, trace_graph=None) -> SearchResult:
             t0 = time.perf_counter()
             ilp_cache[key] = _solve_tp_axis(graph, spec, s, cluster, result)
             ilp_time += time.perf_counter() - t0
-        solution = ilp_cache[key]  # None: infeasible under the ILP's coarser memory; Megatron's layout is used
+        solution = ilp_cache.get(key)  # None: tp 1, or infeasible under the ILP's coarser memory
         if best is None or result.step_time_s < best[0]:
             best = (result.step_time_s, s, result, solution)
     if best is None:
@@ -263,6 +283,8 @@ def run_search(req: SearchRequest, *, trace_graph=None) -> SearchResult:
         "timed_out": timed_out,
     }
     placements = placements_for(spec, strategy, solution, zoo_names=trace_graph is None)
+    stats["placements"] = ("none on tp (tp 1)" if strategy.tp == 1 else "ilp" if solution is not None and placements
+                           == _ilp_placements(spec, strategy, solution, zoo_names=trace_graph is None) else "megatron")
     return SearchResult(strategy=strategy, result=result, placements=placements, stats=stats, ilp=solution)
 
 
@@ -299,14 +321,23 @@ def _solve_tp_axis(graph, spec: ModelSpec, s: Strategy, cluster: Cluster, result
 
 def placements_for(spec: ModelSpec, s: Strategy, solution: IntraOpSolution | None,
                    *, zoo_names: bool = True) -> dict[str, dict[str, str]]:
-    """Per-parameter placements: the ILP's for the repeated block (its index written `*`),
-    and for the zoo's models Megatron's vocab-parallel embedding and head; FSDP's Shard(0)
-    over dp_shard at ZeRO-3."""
+    """Per-parameter placements: the ILP's for the repeated block where the runtime executes
+    them and they split what the step was priced with (every block linear when tp > 1, as
+    the cost model's Megatron layer assumes); Megatron's layout otherwise. The zoo's models
+    add the vocab-parallel embedding and head; ZeRO-3 adds FSDP's Shard(0) over dp_shard."""
+    megatron = megatron_placements(spec, s) if zoo_names else {}
+    if solution is None or s.tp == 1:
+        return dict(sorted(megatron.items()))
+    ilp = _ilp_placements(spec, s, solution, zoo_names=zoo_names)
+    priced = layout_problems(spec, ilp, s.tp, sequence_parallel=True)  # every linear split, as priced
+    return dict(sorted((megatron if priced and zoo_names else ilp).items()))
+
+
+def _ilp_placements(spec: ModelSpec, s: Strategy, solution: IntraOpSolution,
+                    *, zoo_names: bool = True) -> dict[str, dict[str, str]]:
+    """The ILP's block placements (layer index written `*`) with the zoo's embedding and head."""
     megatron = megatron_placements(spec, s) if zoo_names else {}
     out = {k: v for k, v in megatron.items() if not k.startswith("layers.")}
-    if solution is None:
-        out.update({k: v for k, v in megatron.items() if k.startswith("layers.")})
-        return dict(sorted(out.items()))
     for name, placement in sorted(solution.parameter_placements().items()):
         parts = name.split(".")
         generic = ".".join("*" if p.isdigit() else p for p in parts)

@@ -84,7 +84,7 @@ def measure_reference(profile_path: Path, steps: int, bar=None, repeats: int = 2
             path.write_text(plan.to_yaml())
             times = []
             for _ in range(repeats):
-                out = subprocess.run([sys.executable, "-m", "planner.cli", "run", str(path), "--steps", str(steps),
+                out = subprocess.run([sys.executable, "-m", "cli", "run", str(path), "--steps", str(steps),
                                       "--json"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
                 if out.returncode != 0:
                     raise RuntimeError(f"calibration run {name} failed: {out.stderr.strip().splitlines()[-1:]}")

@@ -1,36 +1,66 @@
-"""`paraplan run`: check the plan, then train it under torchrun (started here with the plan's
-process count, or the one already running: RANK set by torchrun or SLURM)."""
+"""`paraplan run`: refuse what `check` refuses, then train the plan under torchrun (started
+here with the plan's process count, or the one already running: RANK set by torchrun or SLURM)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
+from costmodel.cluster import load_cluster
 from costmodel.errors import ConfigError
+from planner.contract import RUNNABLE_RUNTIMES, plan_problems
 from planner.plan import Plan
-from runtime.check import check_runnable
-
-RUNNABLE_RUNTIMES = ("paraplan", "paraplan-compile")  # the runtime profiles that describe this runtime
 
 
-def worker_args(args: argparse.Namespace, out: str | None) -> list[str]:
-    a = [args.plan, "--steps", str(args.steps), "--seed", str(args.seed)]
-    for flag, value in (("--data", args.data), ("--checkpoint-dir", args.checkpoint_dir),
-                        ("--metrics", args.metrics), ("--out", out)):
-        if value:
-            a += [flag, value]
-    if args.checkpoint_every:
-        a += ["--checkpoint-every", str(args.checkpoint_every)]
-    if args.resume:
-        a.append("--resume")
-    if not args.json:
-        a.append("--step-lines")
-    return a
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LaunchConfig:
+    """What `paraplan run` was asked: the plan file, the training loop's settings and torchrun's."""
+
+    plan_path: str
+    steps: int = 10
+    seed: int = 0
+    data: str | None = None
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0
+    resume: bool = False
+    metrics: str | None = None
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str | None = None
+    max_restarts: int = 0
+    json: bool = False
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"--steps must be a positive integer, got {self.steps}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"--checkpoint-every must be 0 (never) or a positive step count, got {self.checkpoint_every}")
+        if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError(f"--nnodes {self.nnodes} --node-rank {self.node_rank}: need nnodes >= 1 and "
+                              "0 <= node-rank < nnodes")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ConfigError("a multi-node run needs --rdzv-endpoint HOST:PORT")
+        if self.max_restarts < 0:
+            raise ConfigError(f"--max-restarts must be 0 or more, got {self.max_restarts}")
+
+    def worker_args(self, out: str | None) -> list[str]:
+        a = [self.plan_path, "--steps", str(self.steps), "--seed", str(self.seed)]
+        for flag, value in (("--data", self.data), ("--checkpoint-dir", self.checkpoint_dir),
+                            ("--metrics", self.metrics), ("--out", out)):
+            if value:
+                a += [flag, value]
+        if self.checkpoint_every:
+            a += ["--checkpoint-every", str(self.checkpoint_every)]
+        if self.resume:
+            a.append("--resume")
+        if not self.json:
+            a.append("--step-lines")
+        return a
 
 
 def _from_slurm(env) -> None:
@@ -45,45 +75,47 @@ def _from_slurm(env) -> None:
     env.setdefault("MASTER_PORT", "29500")
 
 
-def run(args: argparse.Namespace) -> int:
-    path = Path(args.plan)
-    if not path.exists():
-        raise ConfigError(f"plan file {args.plan} does not exist")
-    plan = Plan.from_yaml(path.read_text())
-    if args.steps < 1:
-        raise ConfigError(f"--steps must be a positive integer, got {args.steps}")
+def refuse_unrunnable(plan: Plan) -> None:
+    """Raise what `paraplan check` would print for the plan on its own cluster, if anything."""
+    problems, _ = plan_problems(plan, load_cluster(plan.cluster, runtime=plan.runtime))
+    if problems:
+        more = f" (and {len(problems) - 1} more: see `paraplan check`)" if len(problems) > 1 else ""
+        raise ConfigError(problems[0] + more)
+
+
+def run(cfg: LaunchConfig) -> int:
+    plan = Plan.load(cfg.plan_path)
     world = plan.world_size
-    check_runnable(plan)
+    refuse_unrunnable(plan)
     if plan.runtime not in RUNNABLE_RUNTIMES:  # priced for another framework: say what the comparison means
-        print(f"paraplan: note: {args.plan} was priced for runtime {plan.runtime}; paraplan run executes paraplan's "
-              f"runtime, so compare the measured step with `paraplan simulate --plan {args.plan} --runtime paraplan`",
-              file=sys.stderr)
+        print(f"paraplan: note: {cfg.plan_path} was priced for runtime {plan.runtime}; paraplan run executes "
+              f"paraplan's runtime, so compare the measured step with `paraplan simulate --plan {cfg.plan_path} "
+              "--runtime paraplan`", file=sys.stderr)
     _from_slurm(os.environ)
     if "RANK" in os.environ:  # already inside torchrun / SLURM
         from runtime.worker import main as worker_main
 
-        return worker_main(worker_args(args, None))
+        return worker_main(cfg.worker_args(None))
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "summary.jsonl")
-        nnodes = args.nnodes or 1
-        per_node = world // nnodes
-        if per_node * nnodes != world:
-            raise ConfigError(f"the plan's {world} processes do not split over {nnodes} nodes evenly")
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={per_node}", f"--nnodes={nnodes}"]
-        if nnodes == 1:
+        per_node = world // cfg.nnodes
+        if per_node * cfg.nnodes != world:
+            raise ConfigError(f"the plan's {world} processes do not split over {cfg.nnodes} nodes evenly")
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={per_node}", f"--nnodes={cfg.nnodes}"]
+        if cfg.nnodes == 1:
             cmd.append("--standalone")
         else:
-            cmd += [f"--node-rank={args.node_rank}", f"--rdzv-endpoint={args.rdzv_endpoint}", "--rdzv-backend=c10d"]
-        if args.max_restarts:
-            cmd.append(f"--max-restarts={args.max_restarts}")
-        cmd += ["-m", "runtime.worker", *worker_args(args, out)]
+            cmd += [f"--node-rank={cfg.node_rank}", f"--rdzv-endpoint={cfg.rdzv_endpoint}", "--rdzv-backend=c10d"]
+        if cfg.max_restarts:
+            cmd.append(f"--max-restarts={cfg.max_restarts}")
+        cmd += ["-m", "runtime.worker", *cfg.worker_args(out)]
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL if args.json else None)
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL if cfg.json else None)
         if proc.returncode != 0:
             raise ConfigError(f"the run failed (torchrun exit {proc.returncode}); see the workers' messages above")
         summary = json.loads(Path(out).read_text().splitlines()[-1]) if Path(out).exists() else {}
     summary.pop("plan", None)
-    if args.json:
+    if cfg.json:
         print(json.dumps(summary, indent=2))
     else:
         losses = summary.get("losses", [])

@@ -20,11 +20,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
+from costmodel.errors import ConfigError
 from planner.plan import Plan
 from planner.zoo.model import build_model
 from runtime import checkpoint as ckpt
 from runtime.activation_checkpoint import apply_recompute
-from runtime.check import check_runnable
+from planner.contract import runnable_problems
 from runtime.data import TokenSource, dp_slice
 from runtime.data_parallel import apply_data_parallel
 from runtime.lora import apply_lora
@@ -129,7 +130,9 @@ def _device_of(modules) -> torch.device:
 
 def train(plan: Plan, cfg: RunConfig) -> dict:
     world, rank = dist.get_world_size(), dist.get_rank()
-    check_runnable(plan, world)
+    problems = runnable_problems(plan, world)
+    if problems:
+        raise ConfigError(problems[0])
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     mesh = build_mesh(plan.mesh, device.type)
     spec = plan.spec

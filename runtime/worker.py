@@ -12,7 +12,6 @@ import signal
 import json
 import os
 import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -62,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     _init_process_group(backend, datetime.timedelta(minutes=10))
     try:
         for path in args.plans:
-            plan = Plan.from_yaml(Path(path).read_text())
+            plan = Plan.load(path)
             # a worker group torchrun restarted (--max-restarts) goes on from the last checkpoint
             restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
             cfg = RunConfig(steps=args.steps, seed=args.seed, data=args.data, checkpoint_dir=args.checkpoint_dir,

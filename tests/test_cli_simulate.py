@@ -109,5 +109,5 @@ def test_readme_test_command_is_the_ci_command():
 
 
 def test_console_script_help_lists_simulate():
-    out = subprocess.run([sys.executable, "-m", "planner.cli", "--help"], capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-m", "cli", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and "simulate" in out.stdout

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from costmodel import Strategy, load_cluster, predict
-from planner.cli import main
+from cli.main import main
 from planner.plan import plan_from_strategy
 from planner.zoo import ZOO
 

@@ -50,7 +50,7 @@ def test_sigkill_of_one_rank_is_restarted_by_torchrun_from_the_last_checkpoint(t
     assert torchrun(2, [plan], tmp_path / "o1.jsonl", "--steps", str(steps), "--metrics", str(straight)).returncode == 0
     metrics, ckpt = tmp_path / "killed.jsonl", tmp_path / "ckpt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "planner.cli", "run", str(plan), "--steps", str(steps), "--metrics",
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "run", str(plan), "--steps", str(steps), "--metrics",
                              str(metrics), "--checkpoint-dir", str(ckpt), "--checkpoint-every", "3", "--max-restarts", "1"],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300

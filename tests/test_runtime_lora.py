@@ -35,7 +35,7 @@ def _lora_plan(directory, model: str, name: str, **fields) -> Plan:
 
 
 def test_lora_with_sequence_parallelism_is_refused_before_launch(tmp_path):
-    from runtime.check import runnable_problems
+    from planner.contract import runnable_problems
 
     plan = Plan.from_yaml(_lora_plan(tmp_path, "tiny-llama", "sp", tp=2, sequence_parallel=True,
                                      microbatch_size=8).read_text())

@@ -28,7 +28,7 @@ def _losses(metrics) -> dict[int, float]:
 
 def _run(plan, *args, **kw):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "planner.cli", "run", str(plan), *args], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "cli", "run", str(plan), *args], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **kw)
 
 
@@ -64,7 +64,7 @@ def test_planned_run_end_to_end(tmp_path):
                    "-o", str(plan))
     assert out.returncode == 0, out.stderr
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, "-m", "planner.cli", "run", str(plan), "--steps", "5", "--json"],
+    run = subprocess.run([sys.executable, "-m", "cli", "run", str(plan), "--steps", "5", "--json"],
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     summary = json.loads(run.stdout)

@@ -11,7 +11,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
   python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"; } > "$OUT/device.txt" 2>&1
 cat "$OUT/device.txt"
 t0=$SECONDS
-timeout 150 python3 -m planner.cli profile --device cuda -o "$OUT/gpu-measured.yaml" > "$OUT/profile.log" 2>&1
+timeout 150 python3 -m cli profile --device cuda -o "$OUT/gpu-measured.yaml" > "$OUT/profile.log" 2>&1
 echo "profile rc $? in $((SECONDS - t0)) s"; tail -3 "$OUT/profile.log"
 t0=$SECONDS
 timeout 270 python3 bench/gpu_fidelity.py measure -o "$OUT/gpu_fidelity.json" --steps 10 > "$OUT/fidelity.log" 2>&1

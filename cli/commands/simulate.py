@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from costmodel import ConfigError, Strategy, load_cluster, predict
 from costmodel.runtime import DEFAULT_RUNTIME
@@ -73,10 +72,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         conflicting = [k for k in ("model", "cluster", "global_batch", *STRATEGY_FLAGS) if getattr(args, k, None) is not None]
         if conflicting:
             raise ConfigError(f"--plan fixes the model, cluster and strategy; drop --{conflicting[0].replace('_', '-')}")
-        path = Path(args.plan)
-        if not path.exists():
-            raise ConfigError(f"plan file {args.plan} does not exist")
-        plan = Plan.from_yaml(path.read_text())
+        plan = Plan.load(args.plan)
         spec, cluster_text, strategy = plan.spec, plan.cluster, plan.strategy()
         runtime = args.runtime or plan.runtime  # --runtime re-prices the plan under another runtime
     else:
@@ -103,9 +99,9 @@ def run_simulate(args: argparse.Namespace) -> int:
         atomic_write_text(target, text)
     if args.json:
         print(json.dumps({"model": spec.name, "cluster": cluster_text, "runtime": cluster.runtime.name,
-                          "profile": cluster.profile, "strategy": strategy.to_dict(), "predicted": predicted}, indent=2))
+                          "profile": cluster.profile, "profile_note": cluster.profile_note, "strategy": strategy.to_dict(), "predicted": predicted}, indent=2))
     else:
-        print(format_table(spec, cluster_text, strategy, result))
+        print(format_table(spec, cluster_text, strategy, result, notes=(cluster.profile_note,)))
     return 0
 
 
@@ -114,18 +110,25 @@ MFU_CONVENTION = ("model FLOPs 6 x (non-embedding weights + output head) x token
                   "llm-foundry count the same) over the datasheet's dense peak")
 
 
-def format_table(spec: ModelSpec, cluster_text: str, s: Strategy, r) -> str:
+def format_table(spec: ModelSpec, cluster_text: str, s: Strategy, r, *, given: set[str] | None = None,
+                 notes: tuple[str, ...] = ()) -> str:
+    """The prediction as text. `given`: the strategy flags the user fixed; the settings that
+    change the answer and were defaulted say so."""
+    def default(flag: str, hint: str) -> str:
+        return f" (default; {hint})" if given is not None and flag not in given else ""
+
     mesh = " x ".join(f"{k} {v}" for k, v in s.mesh.items() if v > 1) or "1 GPU"
     sched = s.schedule.value + (f" (v={s.virtual_stages})" if s.virtual_stages > 1 else "")
     low, high = r.step_time_s_range
     sure = "calibrated" if r.calibrated else "outside the calibration data: wide"
     lines = [
         f"{spec.name} ({format_count(spec.num_params)} params) on {cluster_text}",
-        f"  priced with runtime {r.runtime} on hardware profile {r.profile}",
+        f"  priced with runtime {r.runtime}{default('runtime', '--runtime')} on hardware profile {r.profile}",
         f"  mesh {mesh}; zero {s.zero}; sequence parallel {'on' if s.sequence_parallel else 'off'}; "
         f"recompute {s.recompute.value}; {sched}, {s.num_microbatches} microbatches of {s.microbatch_size}",
-        f"  sequence length {s.seq_len or spec.seq_len}; precision {s.precision.value}; gradients "
-        f"{s.grad_dtype or 'fp32'}; master weights {s.master_dtype}",
+        f"  sequence length {s.seq_len or spec.seq_len}{default('seq_len', '--seq-len')}; precision "
+        f"{s.precision.value}{default('precision', '--precision')}; gradients {s.grad_dtype or 'fp32'}"
+        f"{default('grad_dtype', '--grad-dtype')}; master weights {s.master_dtype}",
         "",
         f"  step time        {r.step_time_s:10.4f} s   (range {low:.4g} - {high:.4g} s, {sure})",
         f"  tokens/s         {r.tokens_per_s:10.0f}",
@@ -133,6 +136,7 @@ def format_table(spec: ModelSpec, cluster_text: str, s: Strategy, r) -> str:
         f"  hardware TFLOP/s {r.hardware_tflops_per_gpu:10.1f} per GPU",
         f"  bubble           {100 * r.bubble_fraction:10.1f} %",
     ]
+    lines += [f"  note: {n}" for n in notes if n]
     if r.mfu_above_published:
         lines.append(f"  note: MFU {100 * r.mfu:.1f}% is above the best published for this GPU type "
                      f"({100 * r.best_published_mfu:.1f}%): treat the prediction as optimistic")

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from costmodel import ConfigError, load_cluster
-from planner.commands.simulate import format_table
+from cli.commands.simulate import format_table
 from planner.files import atomic_write_text
-from planner.commands.plan import plan_of_search
+from cli.commands.plan import plan_of_search
 from planner.plan import Plan
 from planner.search import SearchRequest, run_search
 
@@ -39,12 +38,9 @@ def runtime_constraints(plan: Plan) -> dict:
 
 
 def run_replan(args: argparse.Namespace) -> int:
-    path = Path(args.plan)
-    if not path.exists():
-        raise ConfigError(f"plan file {args.plan} does not exist")
+    old = Plan.load(args.plan)
     if args.gpus is None or args.gpus < 1:
         raise ConfigError("replan needs --gpus N, a positive GPU count")
-    old = Plan.from_yaml(path.read_text())
     cluster_text = args.cluster or resized_cluster(old.cluster, args.gpus)
     cluster = load_cluster(cluster_text, runtime=old.runtime)
     if cluster.world_size != args.gpus:
@@ -62,7 +58,7 @@ def run_replan(args: argparse.Namespace) -> int:
         print(json.dumps({"plan": plan.to_dict()}, indent=2))
     else:
         print(f"re-planned {args.plan} ({old.world_size} processes) for {args.gpus} GPUs")
-        print(format_table(spec, cluster_text, found.strategy, found.result))
+        print(format_table(spec, cluster_text, found.strategy, found.result, notes=(cluster.profile_note,)))
         if args.output:
             print(f"  plan written to {args.output}; `paraplan run {args.output} --resume --checkpoint-dir DIR` "
                   "continues from the old plan's checkpoints")

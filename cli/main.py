@@ -5,7 +5,7 @@ exit status 2."""
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import sys
 
 from costmodel.errors import ConfigError
@@ -154,47 +154,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        if args.command == "plan":
-            from planner.commands.plan import run_plan
-
-            return run_plan(args)
-        if args.command == "profile":
-            from pathlib import Path
-
-            from runtime.profiler import profile
-
-            out = Path(args.output)
-            if out.suffix not in (".yaml", ".yml"):
-                raise ConfigError(f"-o {out}: a profile is a .yaml file")
-            data = profile(out, device=args.device, quick=args.quick, base=args.extends)
-            dev = data["device"]
-            print(f"wrote {out}: peak {max(dev['peak_tflops'].values()):.4g} TFLOP/s, memory {dev['hbm_gb_per_s']} GB/s, "
-                  f"link {data.get('links', {}).get('intra_node', 'not measured (one GPU)')}")
-            return 0
-        if args.command in ("report", "compare"):
-            from planner.commands.report import run_compare, run_report
-
-            return run_report(args) if args.command == "report" else run_compare(args)
-        if args.command == "run":
-            from runtime.launch import run
-
-            return run(args)
-        if args.command == "generate":
-            from planner.commands.generate import run_generate
-
-            return run_generate(args)
-        if args.command == "check":
-            from planner.commands.check import run_check
-
-            return run_check(args)
-        if args.command == "replan":
-            from planner.commands.replan import run_replan
-
-            return run_replan(args)
-        if args.command == "simulate":
-            from planner.commands.simulate import run_simulate
-
-            return run_simulate(args)
+        commands = {"plan": ("plan", "run_plan"), "profile": ("profile", "run_profile"),
+                    "report": ("report", "run_report"), "compare": ("report", "run_compare"),
+                    "run": ("run", "run_run"), "generate": ("generate", "run_generate"),
+                    "check": ("check", "run_check"), "replan": ("replan", "run_replan"),
+                    "simulate": ("simulate", "run_simulate")}
+        if args.command in commands:
+            module, function = commands[args.command]
+            return getattr(importlib.import_module(f"cli.commands.{module}"), function)(args)
         raise ConfigError(f"unknown command {args.command}")
     except ConfigError as exc:
         one_line = " ".join(str(exc).split())  # names from user files may carry newlines
@@ -203,10 +170,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("paraplan: interrupted", file=sys.stderr)
         return 130
-
-
-def print_json(obj) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=False))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 from costmodel import ConfigError, load_cluster
 from costmodel.runtime import DEFAULT_RUNTIME
-from planner.commands.simulate import format_table, given_flags
+from cli.commands.simulate import format_table, given_flags
 from planner.files import atomic_write_text
 from planner.model_source import load_model
 from planner.plan import Plan, plan_from_strategy
@@ -25,7 +25,7 @@ def plan_of_search(spec, found, cluster_text: str, stats: dict) -> Plan:
 
 def run_plan(args: argparse.Namespace) -> int:
     if getattr(args, "mode", "train") == "inference":
-        from planner.commands.serve import run_serving
+        from cli.commands.serve import run_serving
 
         return run_serving(args)
     if not args.model or not args.cluster or args.global_batch is None:
@@ -52,7 +52,8 @@ def run_plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"plan": plan.to_dict()}, indent=2))
     else:
-        print(format_table(spec, args.cluster, found.strategy, found.result))
+        print(format_table(spec, args.cluster, found.strategy, found.result, given=set(fixed) | ({"runtime"} if args.runtime else set()),
+                           notes=(cluster.profile_note,)))
         print("  search       " + "  ".join(f"{k} {v}" for k, v in stats.items()))
         if args.output:
             print(f"  plan written to {args.output}")

@@ -39,10 +39,7 @@ def run_report(args: argparse.Namespace) -> int:
 def run_compare(args: argparse.Namespace) -> int:
     rows = []
     for path in args.plans:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"plan file {path} does not exist")
-        plan = Plan.from_yaml(p.read_text())
+        plan = Plan.load(path)
         result = predict(plan.spec, plan.strategy(), load_cluster(plan.cluster, runtime=plan.runtime)).predicted()
         mesh = " x ".join(f"{k} {v}" for k, v in plan.mesh.items() if v > 1) or "1 GPU"
         rows.append({"plan": path, "model": plan.model.get("name"), "cluster": plan.cluster, "mesh": mesh,
