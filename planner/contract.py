@@ -10,7 +10,7 @@ without importing the runtime); the runtime's executable layouts are written dow
   token embedding (Shard(0), vocab-parallel); inside a block the attention projections go
   together (q, k, v column and o row, or all replicated), and so do the MLP's (w1, w3
   column and w2 row, or all replicated);
-- sequence parallelism needs every block linear split;
+- sequence parallelism needs every block linear split; tp at most the K/V heads;
 - context parallelism, fp8 training and 4-bit QLoRA bases are planned, not run.
 """
 
@@ -93,6 +93,9 @@ def layout_problems(spec: ModelSpec, placements: dict[str, dict[str, str]], tp: 
 def strategy_runtime_problems(spec: ModelSpec, s: Strategy, mode: str = "train") -> list[str]:
     """What `paraplan run` does not execute in a strategy, whatever its placements."""
     problems = schedule_problems(s.schedule.value, s.pp, s.num_microbatches)
+    if s.tp > spec.kv_heads:
+        problems.append(f"tp({s.tp}) is more than {spec.name}'s {spec.kv_heads} K/V heads: the runtime splits whole "
+                        f"K/V heads (it does not copy them, as Megatron does); use --tp {spec.kv_heads} or less")
     if s.cp > 1:
         problems.append("context parallelism (cp > 1) is planned and simulated but the runtime does not run it yet; "
                         "re-plan with --cp 1")

@@ -79,12 +79,27 @@ def enumerate_candidates(req: SearchRequest, rejected: list[str] | None = None) 
     runnable = cluster.runtime.name in RUNNABLE_RUNTIMES  # `paraplan run` will execute the plan
     for tp, cp in itertools.product(tps, cps):
         if world % (tp * cp):
+            rejected.append(f"tp({tp}) * cp({cp}) = {tp * cp} does not divide the {world} GPUs of {cluster.name}; "
+                            "use degrees that divide the GPU count")
             continue
         rest = world // (tp * cp)
         pps = [fixed["pp"]] if "pp" in fixed else [p for p in _divisors(rest) if p <= min(spec.layers, 128)]
-        for pp in (p for p in pps if rest % p == 0):
+        if not pps:
+            rejected.append(f"{world} GPUs: every pipeline depth that divides {rest} exceeds {spec.name}'s "
+                            f"{spec.layers} layers, and dp or tp cannot take the rest; use another GPU count")
+        for pp in pps:
+            if rest % pp:
+                rejected.append(f"pp({pp}) does not divide the {rest} GPUs left by tp({tp}) * cp({cp}) on "
+                                f"{cluster.name}; use a pp that divides {rest}")
+                continue
             dp = rest // pp
-            if ("dp" in fixed and fixed["dp"] != dp) or req.global_batch % dp:
+            if "dp" in fixed and fixed["dp"] != dp:
+                rejected.append(f"--dp {fixed['dp']} leaves pp({pp}) * tp({tp}) * cp({cp}) = {pp * tp * cp} for "
+                                f"{world} GPUs; give degrees whose product is {world}")
+                continue
+            if req.global_batch % dp:
+                rejected.append(f"global batch {req.global_batch} does not split over dp({dp}) on {world} GPUs; "
+                                f"use a multiple of {dp} or fix --pp/--tp to leave a dp that divides it")
                 continue
             per_replica = req.global_batch // dp
             mbss = [fixed["microbatch_size"]] if "microbatch_size" in fixed else [

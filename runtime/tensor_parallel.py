@@ -7,8 +7,6 @@ norms run on sequence shards and each attention / MLP gathers its input (torchti
 
 from __future__ import annotations
 
-import fnmatch
-
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
@@ -16,28 +14,24 @@ from torch.distributed.tensor.parallel import (
     ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel, parallelize_module,
 )
 
+from planner.contract import tp_placement
 from runtime.lora import LoRAColwiseParallel, LoRALinear, LoRARowwiseParallel
-
-
-def _tp_placement(placements: dict[str, dict[str, str]], name: str) -> str | None:
-    for pattern, axes in placements.items():
-        if fnmatch.fnmatchcase(name, pattern) and "tp" in axes:
-            return axes["tp"]
-    return None
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, placements: dict[str, dict[str, str]],
                           sequence_parallel: bool) -> None:
     sp = sequence_parallel
     top: dict[str, object] = {}
-    if model.tok_embeddings is not None and _tp_placement(placements, "tok_embeddings.weight") == "Shard(0)":
+    if model.tok_embeddings is not None and tp_placement(placements, "tok_embeddings.weight") == "Shard(0)":
         top["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1) if sp else Replicate())
         if model.pos_embeddings is not None:  # positions split like the sequence, rows of the table
             top["pos_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(0) if sp else Replicate())
     if model.output is not None:
         if sp:
             top["norm"] = SequenceParallel()
-        if _tp_placement(placements, "output.weight") == "Shard(0)":
+        # a tied head is the embedding's own weight: vocab-parallel with it (the plan names it once)
+        head = "tok_embeddings.weight" if model.spec.tied_embeddings else "output.weight"
+        if tp_placement(placements, head) == "Shard(0)":
             top["output"] = ColwiseParallel(input_layouts=Shard(1) if sp else Replicate(), output_layouts=Replicate())
         elif sp:
             top["output"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
@@ -49,7 +43,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, placements: dic
         for path, module in block.named_modules():
             if not isinstance(module, nn.Linear):
                 continue
-            placement = _tp_placement(placements, f"layers.{index}.{path}.weight")
+            placement = tp_placement(placements, f"layers.{index}.{path}.weight")
             adapted = isinstance(module, LoRALinear)
             if placement == "Shard(0)":
                 plan[path] = LoRAColwiseParallel() if adapted else ColwiseParallel()

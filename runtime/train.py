@@ -13,7 +13,7 @@ import json
 import math
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from costmodel.errors import ConfigError
+from costmodel.spec import ModelSpec, Position
 from planner.plan import Plan
 from planner.zoo.model import build_model
 from runtime import checkpoint as ckpt
@@ -65,9 +66,49 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))  # (B*T, V) vs (B*T,)
 
 
+def runnable_spec(plan: Plan) -> ModelSpec:
+    """The plan's model with rotary tables as long as the plan's sequence (a RoPE model may
+    train longer than its default `seq_len`; learned positions may not, which check refuses)."""
+    spec = plan.spec
+    if spec.position is Position.ROPE and plan.seq_len > spec.seq_len:
+        return replace(spec, seq_len=plan.seq_len)
+    return spec
+
+
+def tied_pairs(plan: Plan, mesh) -> object | None:
+    """The process group joining this rank's first and last pipeline stages when the model ties
+    its embedding and head across them (Megatron's embedding group): one group per
+    coordinate of the other mesh axes, created on every rank in the same order."""
+    if plan.mesh["pp"] == 1 or not plan.spec.tied_embeddings:
+        return None
+    ranks = mesh.mesh  # (pp, dp_replicate, dp_shard, cp, tp) global ranks
+    mine = None
+    for pair in zip(ranks[0].flatten().tolist(), ranks[-1].flatten().tolist()):
+        group = dist.new_group(list(pair))
+        if dist.get_rank() in pair:
+            mine = group
+    return mine
+
+
+def sync_tied_grads(modules, group) -> None:
+    """Add the first stage's and the last stage's gradients of the tied weight (each stage saw
+    only its own use of it), so both copies take the same update."""
+    for m in modules:
+        for part in (m.tok_embeddings, m.output):
+            if part is None or part.weight.grad is None:
+                continue
+            grad = part.weight.grad
+            if isinstance(grad, DTensor) and grad.placements != part.weight.placements:
+                # a vocab-parallel embedding's gradient may come back replicated: lay it out like
+                # the weight, as the other stage's is, so the two local tensors add up
+                grad = grad.redistribute(part.weight.device_mesh, part.weight.placements)
+                part.weight.grad = grad
+            dist.all_reduce(grad.to_local() if isinstance(grad, DTensor) else grad, group=group)
+
+
 def build_parts(plan: Plan, mesh, device: torch.device, seed: int):
     """The model parts this rank runs, parallelized per the plan and initialised."""
-    spec = plan.spec
+    spec = runnable_spec(plan)
     pp, tp = plan.mesh["pp"], plan.mesh["tp"]
     dp = plan.mesh["dp_replicate"] * plan.mesh["dp_shard"]
     pp_rank = mesh["pp"].get_local_rank()
@@ -81,6 +122,7 @@ def build_parts(plan: Plan, mesh, device: torch.device, seed: int):
             apply_lora(m, plan.lora["targets"], int(plan.lora["rank"]))
         if tp > 1:
             apply_tensor_parallel(m, mesh["tp"], plan.placements, plan.sequence_parallel)
+            m.tie_weights()  # before FSDP, which then manages the one shared parameter
         apply_recompute(m, {key: recompute.get(k, "none") for key in m.layers.keys()})
         if plan.runtime == "paraplan-compile":  # each block under torch.compile, after AC and before FSDP (torchtitan's order)
             for block in m.layers.values():
@@ -88,19 +130,27 @@ def build_parts(plan: Plan, mesh, device: torch.device, seed: int):
         if dp > 1:
             apply_data_parallel(m, mesh["dp_replicate", "dp_shard"], plan.zero, plan.precision)
         m.to_empty(device=device)
+        m.tie_weights()  # to_empty gives plain tensors each their own copy (DTensors keep theirs)
         m.init_weights(seed)
         modules.append(m)
         ids.append(k)
     return modules, ids
 
 
-def _grad_norm_clip(modules, max_norm: float, pp_group) -> float:
+def _grad_norm_clip(modules, max_norm: float, pp_group, tied_copy: bool = False) -> float:
     """Clip by the global L2 norm. Gradients are grouped by (mesh, placements), one norm and
     one reduction per group (clip_grad_norm_ cannot stack norms of DTensors on different
-    meshes); pipeline ranks then add their squares."""
+    meshes); pipeline ranks then add their squares. `tied_copy`: the last stage's head is a
+    copy of the first stage's embedding, counted there only."""
     groups: dict[tuple, list[torch.Tensor]] = {}
+    copies: list[torch.Tensor] = []
     for m in modules:
+        skip = m.output.weight if tied_copy and m.output is not None and m.tok_embeddings is None else None
         for p in m.parameters():
+            if p is skip:
+                if p.grad is not None:
+                    copies.append(p.grad)
+                continue
             if p.grad is not None:
                 g = p.grad
                 key = (id(g.device_mesh), tuple(g.placements)) if isinstance(g, DTensor) else ("local",)
@@ -117,7 +167,7 @@ def _grad_norm_clip(modules, max_norm: float, pp_group) -> float:
     norm = float(total.sqrt())
     coef = min(1.0, max_norm / (norm + 1e-6))
     if coef < 1.0:
-        for grads in groups.values():
+        for grads in [*groups.values(), copies]:
             for g in grads:
                 g.mul_(coef)
     return norm
@@ -145,6 +195,7 @@ def train(plan: Plan, cfg: RunConfig) -> dict:
                   for m in modules]
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, _lr_lambda(cfg)) for o in optimizers]
     pp_group = mesh["pp"].get_group() if pp > 1 else None
+    tied_group = tied_pairs(plan, mesh)
     schedule = build_schedule(plan, modules, stage_ids, device, pp_group, loss_fn) if pp > 1 else None
     source = TokenSource(spec.vocab, plan.seq_len, cfg.data, cfg.seed)
     extra = {"step": 0}
@@ -187,7 +238,9 @@ def train(plan: Plan, cfg: RunConfig) -> dict:
             dist.all_reduce(loss, group=pp_group)  # only the last stage holds it
         if dp > 1:
             dist.all_reduce(loss, op=dist.ReduceOp.AVG, group=dp_mesh.get_group())
-        _grad_norm_clip(modules, cfg.grad_clip, pp_group)
+        if tied_group is not None:
+            sync_tied_grads(modules, tied_group)
+        _grad_norm_clip(modules, cfg.grad_clip, pp_group, tied_copy=pp > 1 and spec.tied_embeddings)
         for o, s in zip(optimizers, schedulers):
             o.step()
             o.zero_grad(set_to_none=True)

@@ -27,6 +27,8 @@ _SPECS = [
     llama_spec("llama3-405b", layers=126, hidden=16384, heads=128, kv_heads=8, ffn_hidden=53248, vocab=128256, seq_len=8192),
     # tiny models for tests and CPU runs
     ModelSpec(name="tiny-gpt", layers=4, hidden=64, heads=4, vocab=256, seq_len=32, tied_embeddings=False),
+    # GPT-2's tie of the token embedding and the output head (so do GPT-NeoX, Gemma and small Llamas)
+    ModelSpec(name="tiny-gpt-tied", layers=4, hidden=64, heads=4, vocab=256, seq_len=32),
     llama_spec("tiny-llama", layers=4, hidden=64, heads=4, kv_heads=2, ffn_hidden=176, vocab=256, seq_len=32),
 ]
 

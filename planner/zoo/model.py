@@ -165,6 +165,13 @@ class Transformer(nn.Module):
         else:
             self.rope_cos = self.rope_sin = None
 
+    def tie_weights(self) -> None:
+        """Share the token embedding with the output head (a tied model). `to_empty` and
+        tensor parallelism's parameter swaps leave the two apart; call this after them."""
+        if self.spec.tied_embeddings and self.tok_embeddings is not None and self.output is not None \
+                and self.output.weight is not self.tok_embeddings.weight:
+            self.output.weight = self.tok_embeddings.weight
+
     def init_buffers(self) -> None:
         """Recompute the rotary tables (after `to_empty` from the meta device)."""
         if self.rope_cos is not None:
@@ -181,6 +188,8 @@ class Transformer(nn.Module):
             self.init_buffers()
             for name, p in self.named_parameters():
                 name = name.replace("_checkpoint_wrapped_module.", "")
+                if name == "output.weight" and self.spec.tied_embeddings:  # a last pipeline stage's copy of the tie
+                    name = "tok_embeddings.weight"
                 if p.dim() == 1 or name.endswith("lora_b"):  # LoRA's B starts at zero: training starts at the base
                     full = torch.ones(p.shape) if name.endswith("weight") else torch.zeros(p.shape)
                 else:
