@@ -338,14 +338,15 @@ def placements_for(spec: ModelSpec, s: Strategy, solution: IntraOpSolution | Non
                    *, zoo_names: bool = True) -> dict[str, dict[str, str]]:
     """Per-parameter placements: the ILP's for the repeated block where the runtime executes
     them and they split what the step was priced with (every block linear when tp > 1, as
-    the cost model's Megatron layer assumes); Megatron's layout otherwise. The zoo's models
-    add the vocab-parallel embedding and head; ZeRO-3 adds FSDP's Shard(0) over dp_shard."""
-    megatron = megatron_placements(spec, s) if zoo_names else {}
+    the cost model's Megatron layer assumes); Megatron's layout otherwise, named as in the
+    model `paraplan run` builds (for a py: module, paraplan's rebuild of its spec). The
+    zoo's names add the vocab-parallel embedding and head; ZeRO-3 adds FSDP's Shard(0)."""
+    megatron = megatron_placements(spec, s)  # named as in the model `paraplan run` builds
     if solution is None or s.tp == 1:
-        return dict(sorted(megatron.items()))
+        return dict(sorted(megatron.items())) if zoo_names or s.tp > 1 else {}
     ilp = _ilp_placements(spec, s, solution, zoo_names=zoo_names)
     priced = layout_problems(spec, ilp, s.tp, sequence_parallel=True)  # every linear split, as priced
-    return dict(sorted((megatron if priced and zoo_names else ilp).items()))
+    return dict(sorted((megatron if priced else ilp).items()))
 
 
 def _ilp_placements(spec: ModelSpec, s: Strategy, solution: IntraOpSolution,

@@ -12,15 +12,22 @@ from costmodel.runtime import DEFAULT_RUNTIME
 from cli.commands.simulate import format_table, given_flags
 from planner.files import atomic_write_text
 from planner.model_source import load_model
+from planner.contract import RUNNABLE_RUNTIMES, plan_problems
 from planner.plan import Plan, plan_from_strategy
 from planner.search import SearchRequest, run_search
 
 
-def plan_of_search(spec, found, cluster_text: str, stats: dict) -> Plan:
-    """The plan of a search result, with the placements the ILP chose."""
+def plan_of_search(spec, found, cluster_text: str, stats: dict, cluster) -> Plan:
+    """The plan of a search result, with the placements the ILP chose. A plan priced for
+    paraplan's own runtime is written only if `check` would accept it (the same function)."""
     plan = plan_from_strategy(spec, found.strategy, cluster_text, found.result.predicted(), stats,
                               runtime=found.result.runtime, profile=found.result.profile)
-    return replace(plan, placements=found.placements)
+    plan = replace(plan, placements=found.placements)
+    if plan.runtime in RUNNABLE_RUNTIMES:
+        problems, _ = plan_problems(plan, cluster)
+        if problems:
+            raise ConfigError(f"the best plan found would not run: {problems[0]}")
+    return plan
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -46,7 +53,7 @@ def run_plan(args: argparse.Namespace) -> int:
     if args.no_timing:
         for key in [k for k in stats if k.endswith("time_s") or k == "trace_s"]:
             del stats[key]
-    plan = plan_of_search(spec, found, args.cluster, stats)
+    plan = plan_of_search(spec, found, args.cluster, stats, cluster)
     if args.output:
         atomic_write_text(args.output, plan.to_yaml())
     if args.json:

@@ -49,7 +49,7 @@ def run_replan(args: argparse.Namespace) -> int:
     req = SearchRequest(spec=spec, cluster=cluster, global_batch=old.global_batch, fixed=runtime_constraints(old),
                         time_limit_s=args.time_limit, progress=sys.stderr.isatty() and not args.json)
     found = run_search(req)
-    plan = plan_of_search(spec, found, cluster_text, found.stats)
+    plan = plan_of_search(spec, found, cluster_text, found.stats, cluster)
     if args.output:
         atomic_write_text(args.output, plan.to_yaml())
     if args.json:
