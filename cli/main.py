@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--cluster", help="DEVICE:COUNT (e.g. a100-80g:1024) or a cluster YAML")
     plan.add_argument("--global-batch", type=int, help="sequences per step")
     add_strategy_flags(plan)
+    plan.add_argument("--from", dest="from_engine", nargs=2, metavar=("ENGINE", "FILE_OR_ARGS"),
+                      help="start from a torchtitan/megatron/deepspeed config: price it, then say what to change")
     plan.add_argument("--time-limit", type=float, metavar="S", help="stop searching after S seconds, keep the best")
     plan.add_argument("-o", "--output", metavar="PLAN", help="write the plan YAML here")
     plan.add_argument("--no-timing", action="store_true", help="leave wall-clock times out of the plan (byte-identical reruns)")
@@ -144,9 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--global-batch", type=int, help="sequences per step (default: dp * microbatch size)")
     add_strategy_flags(sim)
     add_mode_flags(sim)
+    sim.add_argument("--from", dest="from_engine", nargs=2, metavar=("ENGINE", "FILE_OR_ARGS"),
+                     help="price an engine's config: torchtitan TOML, Megatron-LM arguments (a file or the quoted "
+                          "line), DeepSpeed JSON")
     sim.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace of the step")
     sim.add_argument("-o", "--output", metavar="PLAN", help="write the strategy as a plan YAML")
     sim.add_argument("--json", action="store_true", help="print JSON for scripts")
+    exp = sub.add_parser("export", help="write a plan as an engine's config (torchtitan, megatron, deepspeed, vllm)")
+    exp.add_argument("plan", help="a plan YAML")
+    exp.add_argument("--to", required=True, choices=("torchtitan", "megatron", "deepspeed", "vllm"))
+    exp.add_argument("-o", "--output", metavar="FILE", help="write here (default: standard output)")
     return parser
 
 
@@ -158,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                     "report": ("report", "run_report"), "compare": ("report", "run_compare"),
                     "run": ("run", "run_run"), "generate": ("generate", "run_generate"),
                     "check": ("check", "run_check"), "replan": ("replan", "run_replan"),
-                    "simulate": ("simulate", "run_simulate")}
+                    "simulate": ("simulate", "run_simulate"),
+                    "export": ("engines", "run_export")}
         if args.command in commands:
             module, function = commands[args.command]
             return getattr(importlib.import_module(f"cli.commands.{module}"), function)(args)

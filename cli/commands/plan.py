@@ -35,6 +35,8 @@ def run_plan(args: argparse.Namespace) -> int:
         from cli.commands.serve import run_serving
 
         return run_serving(args)
+    if getattr(args, "from_engine", None):
+        return run_plan_from(args)
     if not args.model or not args.cluster or args.global_batch is None:
         raise ConfigError("plan needs --model, --cluster and --global-batch")
     if args.global_batch < 1:
@@ -65,3 +67,61 @@ def run_plan(args: argparse.Namespace) -> int:
         if args.output:
             print(f"  plan written to {args.output}")
     return 0
+
+
+def run_plan_from(args: argparse.Namespace) -> int:
+    """`plan --from ENGINE FILE`: price the user's config, search from its model, batch,
+    sequence and precision, and say what changes and by how much."""
+    from cli.commands.engines import read_engine_config, unknown_line
+    from costmodel import predict
+
+    if not args.cluster:
+        raise ConfigError("plan --from ENGINE FILE needs --cluster")
+    cluster = load_cluster(args.cluster, runtime=args.runtime or DEFAULT_RUNTIME)
+    given_spec = load_model(args.model)[0] if args.model else None
+    imported = read_engine_config(args.from_engine[0], args.from_engine[1], cluster, args.seq_len, given_spec)
+    spec = given_spec or imported.spec
+    if spec is None:
+        raise ConfigError(f"the {args.from_engine[0]} config does not give the model's shape; add --model")
+    theirs = imported.strategy
+    current = predict(spec, theirs, cluster)
+    fixed = {**given_flags(args), "seq_len": theirs.seq_len, "precision": theirs.precision.value}
+    req = SearchRequest(spec=spec, cluster=cluster, global_batch=args.global_batch or theirs.global_batch, fixed=fixed,
+                        time_limit_s=args.time_limit, progress=sys.stderr.isatty() and not args.json)
+    found = run_search(req)
+    plan = plan_of_search(spec, found, args.cluster, dict(found.stats), cluster)
+    changes = strategy_changes(theirs, found.strategy)
+    speedup = current.step_time_s / found.result.step_time_s
+    if args.output:
+        atomic_write_text(args.output, plan.to_yaml())
+    if args.json:
+        print(json.dumps({"from": args.from_engine[0], "current": current.predicted(), "plan": plan.to_dict(),
+                          "changes": changes, "speedup": speedup, "not_understood": list(imported.unknown)}, indent=2))
+        return 0
+    print(f"{spec.name} on {args.cluster}: your {args.from_engine[0]} config, priced")
+    print(format_table(spec, args.cluster, theirs, current, notes=(cluster.profile_note,)))
+    print(unknown_line(imported))
+    print()
+    fits = "" if current.fits else " (yours does not fit)"
+    print(f"paraplan's plan: {found.result.step_time_s:.4g} s/step against {current.step_time_s:.4g} s: "
+          f"{speedup:.2f}x{fits}")
+    for name, (old, new) in changes.items():
+        print(f"  {name:<18} {old!s:>12} -> {new!s}")
+    if not changes:
+        print("  nothing: your config is the best paraplan finds")
+    if args.output:
+        print(f"  plan written to {args.output}")
+    return 0
+
+
+def strategy_changes(old, new) -> dict[str, tuple]:
+    """The settings two strategies differ in, as (old, new)."""
+    keys = ("tp", "pp", "dp", "cp", "zero", "dp_shard", "sequence_parallel", "recompute", "microbatch_size",
+            "schedule", "virtual_stages")
+    out = {}
+    for k in keys:
+        a, b = getattr(old, k), getattr(new, k)
+        a, b = getattr(a, "value", a), getattr(b, "value", b)
+        if a != b:
+            out[k] = (a, b)
+    return out

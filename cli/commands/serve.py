@@ -79,7 +79,9 @@ def run_serving(args: argparse.Namespace) -> int:
     plan = plan_from_strategy(spec, s, args.cluster, predicted(spec, req, best))
     plan = plan.__class__(**{**{f: getattr(plan, f) for f in plan.__slots__}, "mode": "inference",
                              "serving": {"prompt_len": req.prompt_len, "output_len": req.output_len, "beam": req.beam,
-                                         "block_tokens": req.block_tokens, "replicas": best.replicas}})
+                                         "block_tokens": req.block_tokens, "replicas": best.replicas,
+                                         **({"draft_model": args.draft_model, "draft_len": req.draft_len,
+                                             "acceptance": req.acceptance} if req.draft is not None else {})}})
     if args.output:
         atomic_write_text(args.output, plan.to_yaml())
     if args.json:

@@ -68,7 +68,25 @@ def strategy_from_args(args: argparse.Namespace, spec: ModelSpec, world_size: in
 def run_simulate(args: argparse.Namespace) -> int:
     if getattr(args, "mode", "train") == "inference":
         raise ConfigError("simulate predicts a training step; for serving use `paraplan plan --mode inference`")
-    if args.plan:
+    imported = None
+    if getattr(args, "from_engine", None):
+        from cli.commands.engines import read_engine_config
+
+        if args.plan or not args.cluster:
+            raise ConfigError("simulate --from ENGINE FILE needs --cluster (and no --plan)")
+        given = [k for k in STRATEGY_FLAGS if getattr(args, k, None) is not None and k != "seq_len"]
+        if given or args.global_batch is not None:
+            raise ConfigError(f"--from takes the strategy from the engine's config; drop --{(given or ['global_batch'])[0].replace('_', '-')}")
+        runtime = args.runtime or DEFAULT_RUNTIME
+        cluster_text = args.cluster
+        given_spec = load_model_spec(args.model) if args.model else None
+        imported = read_engine_config(args.from_engine[0], args.from_engine[1], load_cluster(cluster_text), args.seq_len,
+                                      given_spec)
+        spec = given_spec or imported.spec
+        if spec is None:
+            raise ConfigError(f"the {args.from_engine[0]} config does not give the model's shape; add --model")
+        strategy = imported.strategy
+    elif args.plan:
         conflicting = [k for k in ("model", "cluster", "global_batch", *STRATEGY_FLAGS) if getattr(args, k, None) is not None]
         if conflicting:
             raise ConfigError(f"--plan fixes the model, cluster and strategy; drop --{conflicting[0].replace('_', '-')}")
@@ -77,7 +95,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         runtime = args.runtime or plan.runtime  # --runtime re-prices the plan under another runtime
     else:
         if not args.model or not args.cluster:
-            raise ConfigError("simulate needs --plan, or --model and --cluster (with strategy flags)")
+            raise ConfigError("simulate needs --plan, --from ENGINE FILE, or --model and --cluster (with strategy flags)")
         spec, cluster_text = load_model_spec(args.model), args.cluster
         strategy, runtime = None, args.runtime or DEFAULT_RUNTIME
     cluster = load_cluster(cluster_text, runtime=runtime)
@@ -99,9 +117,14 @@ def run_simulate(args: argparse.Namespace) -> int:
         atomic_write_text(target, text)
     if args.json:
         print(json.dumps({"model": spec.name, "cluster": cluster_text, "runtime": cluster.runtime.name,
-                          "profile": cluster.profile, "profile_note": cluster.profile_note, "strategy": strategy.to_dict(), "predicted": predicted}, indent=2))
+                          "profile": cluster.profile, "profile_note": cluster.profile_note, "strategy": strategy.to_dict(), "predicted": predicted,
+                          **({"not_understood": list(imported.unknown)} if imported is not None else {})}, indent=2))
     else:
         print(format_table(spec, cluster_text, strategy, result, notes=(cluster.profile_note,)))
+        if imported is not None:
+            from cli.commands.engines import unknown_line
+
+            print(unknown_line(imported))
     return 0
 
 

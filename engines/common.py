@@ -1,0 +1,65 @@
+"""What every engine translation shares: the facts of a plan an engine config can say, and
+the result of reading an engine's config back (a strategy, the model where the config names
+one, and the settings paraplan does not understand)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from costmodel.errors import ConfigError
+from costmodel.spec import ModelSpec
+from costmodel.strategy import Strategy
+from planner.plan import Plan
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Imported:
+    """An engine config read back: the strategy it runs, its model when the config gives the
+    shape (Megatron's flags) or names a known one (torchtitan's flavor), and every setting
+    that was not understood, listed rather than dropped."""
+
+    engine: str
+    strategy: Strategy
+    spec: ModelSpec | None = None
+    unknown: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ConfigError(f"unknown engine {self.engine!r}; use one of {', '.join(ENGINES)}")
+
+
+ENGINES = ("torchtitan", "megatron", "deepspeed", "vllm")
+
+
+def uniform_recompute(plan: Plan, engine: str) -> str:
+    """The plan's recomputation when every stage does the same (engines set one policy)."""
+    kinds = {s.recompute for s in plan.stages}
+    if len(kinds) > 1:
+        raise ConfigError(f"{engine} sets one recomputation policy for every stage, and this plan recomputes "
+                          f"{' / '.join(s.recompute for s in sorted(plan.stages, key=lambda s: s.virtual_stage))} "
+                          "per stage; re-plan with --recompute none|selective|full")
+    return kinds.pop() if kinds else "none"
+
+
+def stage_layers(plan: Plan) -> list[int]:
+    """Layers per virtual stage, in pipeline order."""
+    return [s.layers[1] - s.layers[0] for s in sorted(plan.stages, key=lambda s: s.virtual_stage)]
+
+
+def training_plan(plan: Plan, engine: str) -> None:
+    """Refuse a serving plan where a training config is asked for."""
+    if plan.mode == "inference":
+        raise ConfigError(f"{engine} trains; this is a serving plan: export it --to vllm")
+    if plan.mode == "lora":
+        raise ConfigError(f"a LoRA plan has no {engine} training config here; export a pre-training plan")
+
+
+def positive_int(value, name: str, engine: str) -> int:
+    """An integer setting of an engine config, checked."""
+    try:
+        out = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{engine} setting {name} must be an integer, got {value!r}") from None
+    if out < 1 and not (name.endswith("data_parallel_shard_degree") and out == -1):
+        raise ConfigError(f"{engine} setting {name} must be positive, got {out}")
+    return out

@@ -1,0 +1,211 @@
+"""Megatron-LM (core 0.20): a plan as `pretrain_gpt.py` arguments, and such arguments read back.
+
+Megatron's distributed optimizer is ZeRO-1 (sharded optimizer state; ZeRO-2's gradient
+sharding is what its reduce-scatter already does per bucket); full sharding is
+`--use-torch-fsdp2`, which Megatron refuses with pipelining. Interleaving is
+`--num-layers-per-virtual-pipeline-stage`; a cut whose first or last stage differs from the
+even middle is `--decoder-first/last-pipeline-num-layers`.
+"""
+
+from __future__ import annotations
+
+import shlex
+
+from costmodel.errors import ConfigError
+from costmodel.spec import ModelSpec
+from costmodel.strategy import Strategy
+from engines.common import Imported, positive_int, stage_layers, training_plan, uniform_recompute
+from planner.plan import Plan
+
+VALUED = {"--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--num-layers-per-virtual-pipeline-stage",
+          "--context-parallel-size", "--expert-model-parallel-size", "--recompute-granularity", "--recompute-method",
+          "--recompute-num-layers", "--micro-batch-size", "--global-batch-size", "--seq-length",
+          "--decoder-first-pipeline-num-layers", "--decoder-last-pipeline-num-layers", "--num-layers", "--hidden-size",
+          "--ffn-hidden-size", "--num-attention-heads", "--num-query-groups", "--max-position-embeddings",
+          "--position-embedding-type", "--normalization", "--vocab-size", "--attention-backend",
+          "--num-virtual-stages-per-pipeline-rank"}
+SWITCHES = {"--sequence-parallel", "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
+            "--bf16", "--fp16", "--group-query-attention", "--swiglu", "--untie-embeddings-and-output-weights",
+            "--disable-bias-linear", "--use-flash-attn", "--use-torch-fsdp2"}
+
+
+def export(plan: Plan) -> list[str]:
+    """The plan as Megatron-LM arguments (model shape, parallelism, batch, precision)."""
+    training_plan(plan, "Megatron-LM")
+    spec, mesh, sched = plan.spec, plan.mesh, plan.schedule
+    if plan.zero == 3 and mesh["pp"] > 1:
+        raise ConfigError("Megatron-LM's FSDP (--use-torch-fsdp2) does not run with pipeline parallelism; "
+                          "re-plan with --zero 1 or --pp 1")
+    if mesh["dp_replicate"] > 1 and mesh["dp_shard"] > 1:
+        raise ConfigError("Megatron-LM shards over the whole data-parallel group, not in HSDP groups; re-plan "
+                          "without --shard-group")
+    recompute = uniform_recompute(plan, "Megatron-LM")
+    args = ["--num-layers", spec.layers, "--hidden-size", spec.hidden, "--ffn-hidden-size", spec.ffn_hidden,
+            "--num-attention-heads", spec.heads]
+    if spec.kv_heads != spec.heads:
+        args += ["--group-query-attention", "--num-query-groups", spec.kv_heads]
+    args += ["--max-position-embeddings", spec.seq_len if spec.position.value == "learned" else max(spec.seq_len,
+                                                                                                    plan.seq_len),
+             "--position-embedding-type", "learned_absolute" if spec.position.value == "learned" else "rope",
+             "--normalization", "LayerNorm" if spec.norm.value == "layernorm" else "RMSNorm",
+             "--vocab-size", spec.vocab]
+    if spec.activation.value == "swiglu":
+        args.append("--swiglu")
+    if not spec.tied_embeddings:
+        args.append("--untie-embeddings-and-output-weights")
+    if not spec.bias:
+        args.append("--disable-bias-linear")
+    args += ["--tensor-model-parallel-size", mesh["tp"], "--pipeline-model-parallel-size", mesh["pp"],
+             "--context-parallel-size", mesh["cp"]]
+    if plan.sequence_parallel and mesh["tp"] > 1:
+        args.append("--sequence-parallel")
+    if mesh["pp"] > 1:
+        counts = stage_layers(plan)
+        if sched["name"] == "interleaved":
+            if len(set(counts)) > 1:
+                raise ConfigError("Megatron-LM interleaves equal virtual stages only; this plan's cut is uneven: "
+                                  "re-plan with --schedule 1f1b")
+            args += ["--num-layers-per-virtual-pipeline-stage", counts[0]]
+        elif sched["name"] == "gpipe":
+            raise ConfigError("Megatron-LM runs 1F1B (or interleaved) pipelines, not GPipe; re-plan with "
+                              "--schedule 1f1b")
+        elif len(set(counts)) > 1:
+            middle = counts[1:-1]
+            if len(set(middle)) > 1:
+                raise ConfigError(f"Megatron-LM cuts the middle stages evenly; this plan's cut is {counts}: re-plan "
+                                  "with a --pp that divides the layers")
+            even = middle[0] if middle else None
+            if even is None or counts[0] != even:
+                args += ["--decoder-first-pipeline-num-layers", counts[0]]
+            if even is None or counts[-1] != even:
+                args += ["--decoder-last-pipeline-num-layers", counts[-1]]
+    if plan.zero == 3:
+        args.append("--use-torch-fsdp2")
+    elif plan.zero in (1, 2):
+        args += ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"]
+    elif mesh["dp_replicate"] * mesh["dp_shard"] > 1:
+        args.append("--overlap-grad-reduce")
+    if recompute == "full":
+        args += ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", 1]
+    elif recompute == "selective":
+        args += ["--recompute-granularity", "selective"]
+    args += ["--micro-batch-size", sched["microbatch_size"], "--global-batch-size", plan.global_batch,
+             "--seq-length", plan.seq_len]
+    if plan.precision in ("bf16", "fp16"):
+        args.append(f"--{plan.precision}")
+    elif plan.precision == "fp8":
+        raise ConfigError("fp8 in Megatron-LM needs Transformer Engine's --fp8-format; export a bf16 plan")
+    if plan.flash_attention:
+        args += ["--attention-backend", "flash"]
+    return [str(a) for a in args]
+
+
+def export_text(plan: Plan) -> str:
+    args = export(plan)
+    lines, i = [], 0
+    while i < len(args):  # one flag (and its value) per line
+        if i + 1 < len(args) and not args[i + 1].startswith("--"):
+            lines.append(f"{args[i]} {shlex.quote(args[i + 1])}")
+            i += 2
+        else:
+            lines.append(args[i])
+            i += 1
+    return " \\\n".join(lines) + "\n"
+
+
+def import_(argv: list[str], *, world_size: int) -> Imported:
+    """Megatron-LM arguments on `world_size` GPUs -> the strategy (and the model) they run."""
+    values: dict[str, str] = {}
+    switches: set[str] = set()
+    unknown: list[str] = []
+    i = 0
+    while i < len(argv):
+        flag = argv[i].split("=", 1)
+        name = flag[0].replace("_", "-")
+        if name in VALUED:
+            if len(flag) == 2:
+                values[name] = flag[1]
+            elif i + 1 < len(argv):
+                values[name] = argv[i + 1]
+                i += 1
+            else:
+                raise ConfigError(f"Megatron-LM flag {name} needs a value")
+        elif name in SWITCHES:
+            switches.add(name)
+        elif name.startswith("--"):
+            has_value = len(flag) == 2 or (i + 1 < len(argv) and not argv[i + 1].startswith("--"))
+            unknown.append(argv[i] + (f" {argv[i + 1]}" if has_value and len(flag) == 1 else ""))
+            i += 1 if has_value and len(flag) == 1 else 0
+        else:
+            unknown.append(argv[i])
+        i += 1
+
+    def num(name: str, default: int | None = None) -> int:
+        if name not in values:
+            if default is None:
+                raise ConfigError(f"the Megatron-LM arguments lack {name}; it is needed to price the run")
+            return default
+        return positive_int(values[name], name, "Megatron-LM")
+
+    spec = None
+    if "--num-layers" in values:
+        heads = num("--num-attention-heads")
+        position = values.get("--position-embedding-type", "learned_absolute")
+        spec = ModelSpec(
+            name="megatron-model", layers=num("--num-layers"), hidden=num("--hidden-size"), heads=heads,
+            kv_heads=num("--num-query-groups", heads) if "--group-query-attention" in switches else heads,
+            ffn_hidden=num("--ffn-hidden-size", 0), vocab=num("--vocab-size", 51200),
+            seq_len=num("--max-position-embeddings", num("--seq-length", 2048)),
+            activation="swiglu" if "--swiglu" in switches else "gelu",
+            norm="rmsnorm" if values.get("--normalization", "LayerNorm") == "RMSNorm" else "layernorm",
+            position="rope" if position == "rope" else "learned",
+            tied_embeddings="--untie-embeddings-and-output-weights" not in switches,
+            bias="--disable-bias-linear" not in switches, dropout=True)
+    tp, pp, cp = num("--tensor-model-parallel-size", 1), num("--pipeline-model-parallel-size", 1), \
+        num("--context-parallel-size", 1)
+    if num("--expert-model-parallel-size", 1) > 1:
+        raise ConfigError("--expert-model-parallel-size > 1 needs a mixture-of-experts model, which paraplan does "
+                          "not price yet")
+    if world_size % (tp * pp * cp):
+        raise ConfigError(f"tp {tp} x pp {pp} x cp {cp} does not divide the {world_size} GPUs of the cluster")
+    dp = world_size // (tp * pp * cp)
+    zero = 3 if "--use-torch-fsdp2" in switches else (1 if "--use-distributed-optimizer" in switches else 0)
+    granularity = values.get("--recompute-granularity")
+    if granularity not in (None, "full", "selective"):
+        raise ConfigError(f"--recompute-granularity {granularity}: Megatron-LM takes full or selective")
+    if granularity == "full" and values.get("--recompute-method", "uniform") == "block":
+        unknown.append(f"--recompute-method block --recompute-num-layers {values.get('--recompute-num-layers')} "
+                       "(priced as full recomputation of every layer)")
+    fields: dict = dict(tp=tp, pp=pp, cp=cp, dp=dp, zero=zero, shard_group=dp if zero else 1,
+                        sequence_parallel="--sequence-parallel" in switches and tp > 1,
+                        recompute=granularity or "none", microbatch_size=num("--micro-batch-size", 1),
+                        global_batch=num("--global-batch-size", num("--micro-batch-size", 1) * dp),
+                        seq_len=num("--seq-length"),
+                        precision="bf16" if "--bf16" in switches else "fp16" if "--fp16" in switches else "fp32",
+                        flash_attention=values.get("--attention-backend", "flash" if "--use-flash-attn" in switches
+                                                   else "auto") in ("flash", "auto"))
+    if pp > 1:
+        layers = spec.layers if spec else None
+        if "--num-layers-per-virtual-pipeline-stage" in values:
+            if layers is None:
+                raise ConfigError("--num-layers-per-virtual-pipeline-stage needs --num-layers")
+            fields.update(schedule="interleaved",
+                          virtual_stages=layers // (num("--num-layers-per-virtual-pipeline-stage") * pp))
+        elif "--num-virtual-stages-per-pipeline-rank" in values:
+            fields.update(schedule="interleaved", virtual_stages=num("--num-virtual-stages-per-pipeline-rank"))
+        first, last = values.get("--decoder-first-pipeline-num-layers"), values.get("--decoder-last-pipeline-num-layers")
+        if (first or last) and layers is not None:
+            f = positive_int(first, "--decoder-first-pipeline-num-layers", "Megatron-LM") if first else None
+            l_ = positive_int(last, "--decoder-last-pipeline-num-layers", "Megatron-LM") if last else None
+            middle_count = pp - (f is not None) - (l_ is not None)
+            rest = layers - (f or 0) - (l_ or 0)
+            if middle_count < 0 or (middle_count and rest % middle_count) or (not middle_count and rest):
+                raise ConfigError(f"--decoder-first/last-pipeline-num-layers leave {rest} layers for {middle_count} "
+                                  "middle stages, which do not split evenly")
+            mid = [rest // middle_count] * middle_count if middle_count else []
+            fields["stage_layers"] = tuple(([f] if f is not None else []) + mid + ([l_] if l_ is not None else []))
+    try:
+        strategy = Strategy(**fields)
+    except ConfigError as exc:
+        raise ConfigError(f"the Megatron-LM arguments do not make a strategy: {exc}") from None
+    return Imported(engine="megatron", strategy=strategy, spec=spec, unknown=tuple(unknown))

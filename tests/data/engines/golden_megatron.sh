@@ -1,0 +1,28 @@
+--num-layers 80 \
+--hidden-size 8192 \
+--ffn-hidden-size 28672 \
+--num-attention-heads 64 \
+--group-query-attention \
+--num-query-groups 8 \
+--max-position-embeddings 8192 \
+--position-embedding-type rope \
+--normalization RMSNorm \
+--vocab-size 128256 \
+--swiglu \
+--untie-embeddings-and-output-weights \
+--disable-bias-linear \
+--tensor-model-parallel-size 8 \
+--pipeline-model-parallel-size 4 \
+--context-parallel-size 1 \
+--sequence-parallel \
+--use-distributed-optimizer \
+--overlap-grad-reduce \
+--overlap-param-gather \
+--recompute-granularity full \
+--recompute-method uniform \
+--recompute-num-layers 1 \
+--micro-batch-size 1 \
+--global-batch-size 256 \
+--seq-length 8192 \
+--bf16 \
+--attention-backend flash
