@@ -186,3 +186,10 @@ def llama_spec(
         position=Position.ROPE, tied_embeddings=False, bias=False, dropout=False,
     )
 
+
+def format_count(n: float) -> str:
+    """A parameter count with a unit that fits: 1.32B, 350.2M, 42.5K."""
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:.0f}"

@@ -96,17 +96,26 @@ def strategy_runtime_problems(spec: ModelSpec, s: Strategy, mode: str = "train")
     if s.tp > spec.kv_heads:
         problems.append(f"tp({s.tp}) is more than {spec.name}'s {spec.kv_heads} K/V heads: the runtime splits whole "
                         f"K/V heads (it does not copy them, as Megatron does); use --tp {spec.kv_heads} or less")
+    return problems + list(planned_only(s, mode).values())
+
+
+def planned_only(s: Strategy, mode: str = "train") -> dict[str, str]:
+    """Features the cost model prices and `paraplan run` does not execute yet, by the flag
+    that asks for them. The search never picks them on its own; a plan that asks for one
+    (the flag given) is written with a note, and `check` and `run` refuse it, as they agree."""
+    out: dict[str, str] = {}
     if s.cp > 1:
-        problems.append("context parallelism (cp > 1) is planned and simulated but the runtime does not run it yet; "
-                        "re-plan with --cp 1")
+        out["cp"] = ("context parallelism (cp > 1) is planned and simulated but the runtime does not run it yet; "
+                     "re-plan with --cp 1")
     if mode == "lora" and s.sequence_parallel and s.tp > 1:
-        problems.append("LoRA with sequence parallelism is not run yet (its losses drift from the single-process "
-                        "run by 1e-5 to 1e-4 after a few steps); re-plan with --no-sequence-parallel")
+        out["sequence_parallel"] = ("LoRA with sequence parallelism is not run yet (its losses drift from the "
+                                    "single-process run by 1e-5 to 1e-4 after a few steps); re-plan with "
+                                    "--no-sequence-parallel")
     if mode == "lora" and s.base_precision == "nf4":
-        problems.append("QLoRA's 4-bit base is planned but not run; re-plan with --base-precision bf16")
+        out["base_precision"] = "QLoRA's 4-bit base is planned but not run; re-plan with --base-precision bf16"
     if s.precision.value == "fp8":
-        problems.append("fp8 training is planned but not run; re-plan with --precision bf16")
-    return problems
+        out["precision"] = "fp8 training is planned but not run; re-plan with --precision bf16"
+    return out
 
 
 def runnable_problems(plan: Plan, world_size: int | None = None) -> list[str]:

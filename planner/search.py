@@ -28,10 +28,10 @@ from costmodel.cluster import Cluster
 from costmodel.hardware import GIB
 from costmodel.memory import zero_model_state_bytes
 from costmodel.result import StepResult
-from costmodel.spec import ModelSpec
+from costmodel.spec import ModelSpec, format_count
 from costmodel.strategy import Schedule
 from costmodel.validate import strategy_problems
-from planner.contract import RUNNABLE_RUNTIMES, layout_problems, strategy_runtime_problems
+from planner.contract import RUNNABLE_RUNTIMES, layout_problems, planned_only, strategy_runtime_problems
 from planner.inter_op import partition_layers
 from planner.plan import megatron_placements, schedule_problems
 from planner.intra_op import CostContext, IntraOpSolution, LogicalMesh, solve_block
@@ -126,8 +126,10 @@ def enumerate_candidates(req: SearchRequest, rejected: list[str] | None = None) 
                             rejected.append(str(exc))
                             continue
                         problems = strategy_problems(spec, s, world)
-                        if runnable and not problems:
-                            problems = strategy_runtime_problems(spec, s, "lora" if s.lora else "train")
+                        if runnable and not problems:  # what the user asked for by a flag stays, with a note
+                            mode = "lora" if s.lora else "train"
+                            asked = {msg for flag, msg in planned_only(s, mode).items() if flag in fixed}
+                            problems = [p for p in strategy_runtime_problems(spec, s, mode) if p not in asked]
                         if problems:
                             rejected.append(problems[0])
                         else:
@@ -237,16 +239,19 @@ def run_search(req: SearchRequest, *, trace_graph=None) -> SearchResult:
             break
         try:
             est = estimate(build_step(spec, s, cluster))
-        except ConfigError:
+        except ConfigError as exc:
+            rejected.append(str(exc))
             continue
         estimated += 1
         smallest_gib = min(smallest_gib, est.memory_gib)
         if est.fits:
             scored.append((est.step_time_s, i, s))
     bar.close()
+    if not scored and estimated == 0 and rejected:  # nothing could be priced: say why, not "inf GiB"
+        raise ConfigError(max(set(rejected), key=lambda r: (rejected.count(r), r)))
     if not scored:
         raise ConfigError(
-            f"{spec.name} ({spec.num_params / 1e9:.1f}B parameters) does not fit on {cluster.name}: the smallest plan "
+            f"{spec.name} ({format_count(spec.num_params)} parameters) does not fit on {cluster.name}: the smallest plan "
             f"found needs {smallest_gib:.1f} GiB per GPU against {cluster.device.hbm_gib:g} GiB; use more GPUs"
         )
     scored.sort(key=lambda x: (x[0], x[1]))

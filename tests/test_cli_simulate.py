@@ -77,7 +77,7 @@ def test_hf_config_and_spec_files(tmp_path):
         (["--model", "gpt3-13b", "--cluster", "a100-80g:x"], "is not an integer"),
         (["--plan", "does/not/exist.yaml"], "does not exist"),
         (["--model", "gpt3-13b", "--cluster", "a100-80g:8", "--virtual-stages", "2"], "needs --pp 2"),
-        (["--model", "gpt3-13b"], "needs --plan, or --model and --cluster"),
+        (["--model", "gpt3-13b"], "needs --plan, --from ENGINE FILE, or --model and --cluster"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, needle):

@@ -237,11 +237,16 @@ def test_simulate_from_megatron_prices_the_published_175b_run(capsys):
 
 
 def test_plan_from_says_what_to_change(capsys):
-    code = main(["plan", "--from", "megatron", NARAYANAN_175B, "--cluster", "a100-80g:1024", "--no-timing"])
+    # a 1.3B GPT run with needless tensor and pipeline parallelism on 16 GPUs
+    args = ("--num-layers 24 --hidden-size 2048 --num-attention-heads 16 --seq-length 2048 --max-position-embeddings 2048 "
+            "--tensor-model-parallel-size 4 --pipeline-model-parallel-size 2 --micro-batch-size 2 "
+            "--global-batch-size 512 --bf16 --vocab-size 51200 --log-interval 10 --lr 6e-5")
+    code = main(["plan", "--from", "megatron", args, "--cluster", "a100-80g:16", "--no-timing"])
     out = capsys.readouterr().out
     assert code == 0
     assert "your megatron config, priced" in out and "paraplan's plan:" in out
     assert "2 setting(s) not understood, not priced: --log-interval 10; --lr 6e-5" in out
+    assert "tp                              4 -> " in out
     speedup = float(out.split("paraplan's plan:")[1].split("s:")[1].split("x")[0])
     assert speedup >= 1.0
 

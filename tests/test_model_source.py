@@ -89,16 +89,21 @@ def test_any_module_is_traced_and_read():
     assert spec.num_params == sum(p.numel() for p in user_model.UserLM().parameters())
 
 
-def test_plan_of_a_user_module_names_its_parameters(tmp_path):
+def test_plan_of_a_user_module_names_the_parameters_of_what_runs(tmp_path):
+    # `paraplan run` trains paraplan's rebuild of the module's spec, so a tensor-parallel plan
+    # names the rebuild's parameters (with the module's own names, check refused the plan it
+    # had just written: "placement 'blocks.*.up.weight' matches no parameter")
     from tests_helpers import paraplan
 
+    target = tmp_path / "user.yaml"
     out = paraplan("plan", "--model", "py:user_model:user_lm", "--cluster", "cpu:4", "--global-batch", "8",
-                   "--tp", "2", "--json")
+                   "--tp", "2", "--json", "-o", str(target))
     assert out.returncode == 0, out.stderr
     placements = json.loads(out.stdout)["plan"]["placements"]
-    assert placements and all(k.startswith("blocks.*.") for k in placements)  # the module's own names
-    assert placements["blocks.*.up.weight"] == {"tp": "Shard(0)"}
-    assert placements["blocks.*.down.weight"] == {"tp": "Shard(1)"}
+    assert placements["layers.*.feed_forward.w1.weight"] == {"tp": "Shard(0)"}
+    assert placements["layers.*.feed_forward.w2.weight"] == {"tp": "Shard(1)"}
+    check = paraplan("check", str(target))
+    assert check.returncode == 0, check.stderr
 
 
 def test_a_module_needs_example_inputs():

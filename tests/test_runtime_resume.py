@@ -15,7 +15,7 @@ from costmodel import Strategy
 from runtime_helpers import ROOT, write_plan
 from tests_helpers import paraplan
 
-STEPS = 40
+STEPS = 14
 
 
 def _losses(metrics) -> dict[int, float]:
@@ -39,10 +39,10 @@ def test_sigkill_then_resume_gives_the_uninterrupted_losses(tmp_path):
     assert _run(plan, "--steps", str(STEPS), "--metrics", str(straight)).wait(timeout=600) == 0
     metrics, ckpt = tmp_path / "killed.jsonl", tmp_path / "ckpt"
     proc = _run(plan, "--steps", str(STEPS), "--metrics", str(metrics), "--checkpoint-dir", str(ckpt),
-                "--checkpoint-every", "5", start_new_session=True)
+                "--checkpoint-every", "3", start_new_session=True)
     deadline = time.time() + 600
     while time.time() < deadline:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 17:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 8:
             break
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)

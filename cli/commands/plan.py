@@ -12,7 +12,7 @@ from costmodel.runtime import DEFAULT_RUNTIME
 from cli.commands.simulate import format_table, given_flags
 from planner.files import atomic_write_text
 from planner.model_source import load_model
-from planner.contract import RUNNABLE_RUNTIMES, plan_problems
+from planner.contract import RUNNABLE_RUNTIMES, plan_problems, planned_only
 from planner.plan import Plan, plan_from_strategy
 from planner.search import SearchRequest, run_search
 
@@ -25,8 +25,12 @@ def plan_of_search(spec, found, cluster_text: str, stats: dict, cluster) -> Plan
     plan = replace(plan, placements=found.placements)
     if plan.runtime in RUNNABLE_RUNTIMES:
         problems, _ = plan_problems(plan, cluster)
-        if problems:
-            raise ConfigError(f"the best plan found would not run: {problems[0]}")
+        asked = set(planned_only(found.strategy, plan.mode).values())  # features the flags asked for: noted
+        hard = [p for p in problems if p not in asked]
+        if hard:
+            raise ConfigError(f"the best plan found would not run: {hard[0]}")
+        for p in problems:
+            print(f"paraplan: note: `paraplan run` will refuse this plan: {p}", file=sys.stderr)
     return plan
 
 

@@ -7,7 +7,7 @@ import json
 
 from costmodel import ConfigError, Strategy, load_cluster, predict
 from costmodel.runtime import DEFAULT_RUNTIME
-from costmodel.spec import ModelSpec
+from costmodel.spec import ModelSpec, format_count
 from costmodel.trace import chrome_trace
 from costmodel.validate import check_strategy, stage_layer_counts
 from planner.files import atomic_write_text
@@ -171,11 +171,3 @@ def format_table(spec: ModelSpec, cluster_text: str, s: Strategy, r, *, given: s
         f"  MFU counts {MFU_CONVENTION}",
     ]
     return "\n".join(lines)
-
-
-def format_count(n: float) -> str:
-    """A parameter count with a unit that fits: 1.32B, 350.2M, 42.5K."""
-    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f}{unit}"
-    return f"{n:.0f}"
