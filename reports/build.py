@@ -10,7 +10,7 @@ from pathlib import Path
 
 from costmodel import ConfigError, Strategy, predict
 from costmodel.cluster import Cluster
-from costmodel.spec import ModelSpec
+from costmodel.spec import ModelSpec, format_count
 from planner.search import SearchRequest, run_search
 from reports import figures
 from reports.analysis import describe, evaluate
@@ -107,7 +107,7 @@ def build_report(spec: ModelSpec, cluster: Cluster, global_batch: int, out_dir: 
 
 def _markdown(spec, cluster, batch, table, results, strategies, fitting, planner_note, summary, skipped) -> str:
     lines = [f"# {spec.name} on {cluster.name}, global batch {batch}", ""]
-    lines.append(f"{spec.name}: {spec.num_params / 1e9:.2f}B parameters, {spec.layers} layers, hidden {spec.hidden}, "
+    lines.append(f"{spec.name}: {format_count(spec.num_params)} parameters, {spec.layers} layers, hidden {spec.hidden}, "
                  f"{spec.heads} heads ({spec.kv_heads} KV), sequence {spec.seq_len}. {cluster.world_size} x "
                  f"{cluster.device.name} ({cluster.device.hbm_gib:g} GiB), {cluster.gpus_per_node} per node. "
                  f"Priced with the training runtime `{cluster.runtime.name}` on the hardware profile "

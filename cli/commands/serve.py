@@ -8,6 +8,7 @@ import json
 
 from costmodel import ConfigError, Strategy, load_cluster
 from costmodel.serving import ServingPlan, ServingPoint, ServingRequest, kv_bytes_per_token, plan_serving
+from costmodel.spec import format_count
 from planner.files import atomic_write_text
 from planner.model_source import load_model_spec
 from planner.plan import plan_from_strategy
@@ -44,7 +45,7 @@ def predicted(spec, req: ServingRequest, p: ServingPoint) -> dict:
 def format_serving(spec, cluster_text: str, req: ServingRequest, found: ServingPlan) -> str:
     p, b = found.best, found.best.budget
     lines = [
-        f"{spec.name} ({spec.num_params / 1e9:.2f}B params) serving on {cluster_text}: prompt {req.prompt_len}, "
+        f"{spec.name} ({format_count(spec.num_params)} params) serving on {cluster_text}: prompt {req.prompt_len}, "
         f"output {req.output_len} tokens{f', beam {req.beam}' if req.beam > 1 else ''}",
         f"  layout tp {p.tp} x pp {p.pp}, {p.replicas} replica(s); batch {p.batch} sequences per replica",
         f"  TTFT {p.ttft_s * 1e3:9.1f} ms   TPOT {p.tpot_s * 1e3:7.2f} ms   throughput {p.throughput_tokens_per_s:9.0f} "
