@@ -276,3 +276,38 @@ def test_deepspeed_import_needs_a_model_and_says_so(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["strategy"]["zero"] == 3 and out["strategy"]["microbatch_size"] == 4
     assert out["not_understood"] == ["zero_optimization.offload_optimizer"]
+
+
+@pytest.mark.parametrize("engine,content,needle", [
+    ("torchtitan", "[parallelism\ntensor_parallel_degree = 2", "not valid TOML"),
+    ("torchtitan", '[parallelism]\ntensor_parallel_degree = "two"', "must be an integer"),
+    ("torchtitan", '[parallelism]\nfsdp_reshard_after_forward = "sometimes"', "default, always or never"),
+    ("torchtitan", '[parallelism]\npipeline_parallel_degree = 2\npipeline_parallel_schedule = "ZBVZeroBubble"',
+     "not priced by paraplan"),
+    ("deepspeed", "{not json", "not valid JSON"),
+    ("deepspeed", '{"train_batch_size": 100, "train_micro_batch_size_per_gpu": 3, "gradient_accumulation_steps": 2}',
+     "DeepSpeed refuses this too"),
+    ("deepspeed", '{"zero_optimization": {"stage": 5}, "train_batch_size": 64}', "takes 0-3"),
+    ("megatron", "--num-layers 24 --tensor-model-parallel-size", "needs a value"),
+    ("megatron", "--num-layers 24 --hidden-size 2048 --num-attention-heads 16 --tensor-model-parallel-size 3",
+     "does not divide the 16 GPUs"),
+    ("megatron", "--num-layers 24 --hidden-size 2048 --num-attention-heads 16 --seq-length 2048 "
+                 "--expert-model-parallel-size 4", "mixture-of-experts"),
+])
+def test_bad_engine_configs_are_one_line_exit_2(engine, content, needle, tmp_path, capsys):
+    source = content
+    if engine != "megatron":
+        path = tmp_path / f"config.{'toml' if engine == 'torchtitan' else 'json'}"
+        path.write_text(content)
+        source = str(path)
+    code = main(["simulate", "--from", engine, source, "--cluster", "a100-80g:16", "--model", "gpt3-1.3b",
+                 "--seq-len", "2048"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_export_of_a_missing_plan_and_an_unknown_engine(tmp_path, capsys):
+    assert main(["export", str(tmp_path / "none.yaml"), "--to", "megatron"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "none.yaml"), "--to", "nemo"]) == 2
+    assert "invalid choice: 'nemo'" in capsys.readouterr().err
