@@ -80,8 +80,36 @@ def _int(data: dict, *keys: str, default=None) -> int:
     raise ConfigError(f"Hugging Face config lacks '{keys[0]}'; it is needed to size the model")
 
 
+READ_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")  # the dense decoders this reader sizes exactly
+EXPERT_FIELDS = ("num_local_experts", "n_routed_experts", "num_experts", "moe_num_experts")
+
+
+def _understood(data: dict) -> None:
+    """Refuse, naming the field, a config this reader would silently size as something else."""
+    model_type = str(data.get("model_type", ""))
+    for key in EXPERT_FIELDS:
+        experts = data.get(key)
+        if isinstance(experts, int) and not isinstance(experts, bool) and experts > 1:
+            raise ConfigError(f"the config is a mixture-of-experts model ({key} = {experts}, model_type "
+                              f"{model_type or 'not given'}); paraplan does not price experts yet, and read as dense "
+                              f"it would count one expert of {experts}: no plan for it until mixture-of-experts "
+                              "support lands")
+    if model_type and model_type not in READ_TYPES:
+        raise ConfigError(f"model_type {model_type!r} is not one this reader sizes (it reads "
+                          f"{', '.join(READ_TYPES)}); read as one of those it would be mispriced: write a spec "
+                          "YAML with its sizes")
+    heads = data.get("num_attention_heads", data.get("n_head"))
+    head_dim, hidden = data.get("head_dim"), data.get("hidden_size", data.get("n_embd"))
+    if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (heads, head_dim, hidden)) \
+            and head_dim * heads != hidden:
+        raise ConfigError(f"head_dim {head_dim} x {heads} heads = {head_dim * heads} is not hidden_size {hidden}; "
+                          "paraplan's spec sizes attention as hidden / heads: write a spec YAML")
+
+
 def spec_from_hf_config(data: dict, *, name: str = "hf-model") -> ModelSpec:
-    """A `ModelSpec` from the fields of a Hugging Face config.json."""
+    """A `ModelSpec` from the fields of a Hugging Face config.json (dense GPT-2 and Llama-family
+    decoders; anything else is refused by name rather than sized as one of them)."""
+    _understood(data)
     model_type = str(data.get("model_type", ""))
     if model_type == "gpt2" or "n_layer" in data:
         return ModelSpec(

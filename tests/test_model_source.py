@@ -1,6 +1,7 @@
 """--model: zoo names, spec files, Hugging Face config.json files and py: callables."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -110,3 +111,24 @@ def test_a_module_needs_example_inputs():
     sys.path.insert(0, str(Path(__file__).parent))
     with pytest.raises(ConfigError, match="example_inputs"):
         load_model_spec("py:user_model:user_lm_without_inputs")
+
+
+@pytest.mark.parametrize("config,needle", [
+    # Mixtral-8x7B's config.json: was planned as a dense Mistral (7.24B instead of 46.7B)
+    ({"model_type": "mixtral", "num_hidden_layers": 32, "hidden_size": 4096, "num_attention_heads": 32,
+      "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 32000, "num_local_experts": 8,
+      "num_experts_per_tok": 2, "rope_theta": 1e6, "rms_norm_eps": 1e-5, "hidden_act": "silu"},
+     "mixture-of-experts model (num_local_experts = 8, model_type mixtral)"),
+    # Gemma-2-9B: head_dim 256 and gated GELU; was read as 6.85B instead of 9.24B
+    ({"model_type": "gemma2", "num_hidden_layers": 42, "hidden_size": 3584, "num_attention_heads": 16,
+      "num_key_value_heads": 8, "head_dim": 256, "intermediate_size": 14336, "vocab_size": 256000},
+     "model_type 'gemma2' is not one this reader sizes"),
+    # Qwen3-0.6B: 16 heads of 128 on a 1024 width
+    ({"model_type": "qwen3", "num_hidden_layers": 28, "hidden_size": 1024, "num_attention_heads": 16,
+      "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 3072, "vocab_size": 151936,
+      "rope_theta": 1e6, "rms_norm_eps": 1e-6, "hidden_act": "silu"},
+     "head_dim 128 x 16 heads = 2048 is not hidden_size 1024"),
+])
+def test_configs_it_would_misread_are_refused_by_name(config, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        spec_from_hf_config(config)
