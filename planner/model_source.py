@@ -10,6 +10,7 @@ import importlib
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -33,7 +34,50 @@ def load_model(text: str):
         return ZOO[text], None
     if text.startswith("py:"):
         return _from_python(text)
+    if text.startswith("hf:"):
+        return _from_hf(text[3:]), None
     return _load_file_spec(text), None
+
+
+COUNT_TOLERANCE = 0.005  # the reader against transformers' own class (Qwen2's q/k/v biases: 0.01%)
+
+
+def _from_hf(where: str) -> ModelSpec:
+    """hf:DIR (a model directory holding config.json) or hf:FILE (the config.json itself):
+    sized by the config reader and, where transformers is installed, checked against the
+    parameter count of transformers' own class built from the config on the meta device: a
+    config the reader would misprice is refused, naming both counts."""
+    path = Path(where)
+    config = path / "config.json" if path.is_dir() else path
+    if not config.is_file():
+        raise ConfigError(f"--model hf:{where}: no config.json there; give a model directory or its config.json")
+    spec = _from_file(config) if config.suffix == ".json" else None
+    if spec is None:
+        raise ConfigError(f"--model hf:{where}: the config must be a .json file")
+    name = path.name if path.is_dir() else path.parent.name or path.stem
+    spec = replace(spec, name=name or spec.name)
+    real = _transformers_count(json.loads(config.read_text()))
+    if real is not None and abs(spec.num_params - real) > COUNT_TOLERANCE * real:
+        raise ConfigError(f"--model hf:{where}: transformers builds {real:,} parameters from this config and the "
+                          f"reader {spec.num_params:,}; it has fields the reader does not size: write a spec YAML")
+    return spec
+
+
+def _transformers_count(data: dict) -> int | None:
+    """Parameters of transformers' causal-LM class for the config (meta device), or None
+    without transformers (`pip install "paraplan[hf]"`) or for a config it cannot build."""
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        return None
+    try:
+        config = transformers.AutoConfig.for_model(**data)
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001 - transformers raises many kinds; the reader's size stands
+        return None
+    return sum(p.numel() for p in model.parameters())
 
 
 def _load_file_spec(text: str) -> ModelSpec:
@@ -42,7 +86,7 @@ def _load_file_spec(text: str) -> ModelSpec:
         return _from_file(path)
     raise ConfigError(
         f"unknown model '{text}'; use a built-in name ({', '.join(ZOO)}), a spec .yaml/.json, "
-        "a Hugging Face config.json or py:MODULE:CALLABLE"
+        "a Hugging Face config.json, hf:MODEL_DIR or py:MODULE:CALLABLE"
     )
 
 

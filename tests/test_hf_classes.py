@@ -64,3 +64,25 @@ def test_mixtral_is_refused_because_a_dense_reading_would_miss_seven_experts_in_
     assert abs(dense - 7.24e9) / 7.24e9 < 0.005  # what the old reader planned
     with pytest.raises(ConfigError, match="num_local_experts = 8"):
         spec_from_hf_config(data)
+
+
+def test_hf_input_reads_a_model_directory_and_checks_it_against_transformers(tmp_path, monkeypatch):
+    import json
+
+    from costmodel.errors import ConfigError
+    from planner import model_source
+
+    model_dir = tmp_path / "Meta-Llama-3-8B"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps(CONFIGS["meta-llama/Meta-Llama-3-8B"]))
+    spec, graph = model_source.load_model(f"hf:{model_dir}")
+    assert spec.name == "Meta-Llama-3-8B" and graph is None
+    assert spec.num_params == 8_030_261_248  # the model card's 8.03B, counted by transformers above
+    assert model_source.load_model(f"hf:{model_dir / 'config.json'}")[0].num_params == spec.num_params
+    with pytest.raises(ConfigError, match="no config.json there"):
+        model_source.load_model(f"hf:{tmp_path / 'nothing'}")
+    # a config whose real class the reader would misprice is refused with both counts
+    monkeypatch.setattr(model_source, "_transformers_count", lambda data: 9_000_000_000)
+    with pytest.raises(ConfigError, match="transformers builds 9,000,000,000 parameters from this config and the "
+                                          "reader 8,030,261,248"):
+        model_source.load_model(f"hf:{model_dir}")
