@@ -26,6 +26,7 @@ class Norm(StrEnum):
 class Position(StrEnum):
     LEARNED = "learned"
     ROPE = "rope"
+    NONE = "none"  # no position signal beyond the causal mask (NoPE)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

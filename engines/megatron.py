@@ -46,7 +46,7 @@ def export(plan: Plan) -> list[str]:
         args += ["--group-query-attention", "--num-query-groups", spec.kv_heads]
     args += ["--max-position-embeddings", spec.seq_len if spec.position.value == "learned" else max(spec.seq_len,
                                                                                                     plan.seq_len),
-             "--position-embedding-type", "learned_absolute" if spec.position.value == "learned" else "rope",
+             "--position-embedding-type", {"learned": "learned_absolute"}.get(spec.position.value, spec.position.value),
              "--normalization", "LayerNorm" if spec.norm.value == "layernorm" else "RMSNorm",
              "--vocab-size", spec.vocab]
     if spec.activation.value == "swiglu":
@@ -158,7 +158,7 @@ def import_(argv: list[str], *, world_size: int) -> Imported:
             seq_len=num("--max-position-embeddings", num("--seq-length", 2048)),
             activation="swiglu" if "--swiglu" in switches else "gelu",
             norm="rmsnorm" if values.get("--normalization", "LayerNorm") == "RMSNorm" else "layernorm",
-            position="rope" if position == "rope" else "learned",
+            position={"rope": "rope", "none": "none"}.get(position, "learned"),
             tied_embeddings="--untie-embeddings-and-output-weights" not in switches,
             bias="--disable-bias-linear" not in switches, dropout=True)
     tp, pp, cp = num("--tensor-model-parallel-size", 1), num("--pipeline-model-parallel-size", 1), \

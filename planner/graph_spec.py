@@ -17,6 +17,17 @@ from costmodel.spec import ModelSpec
 from planner.trace import OpGraph
 
 
+def _norm_kind(ops: set[str]) -> str:
+    """LayerNorm as its op or as mean, variance and subtraction; RMSNorm as its op or written
+    out (Hugging Face's LlamaRMSNorm: pow(2), mean, rsqrt, mul, with no mean subtracted)."""
+    if "aten.layer_norm.default" in ops or "aten.native_layer_norm.default" in ops:
+        return "layernorm"
+    if "aten.rms_norm.default" in ops or {"aten.pow.Tensor_Scalar", "aten.rsqrt.default"} <= ops \
+            and "aten.var.correction" not in ops and "aten.var_mean.correction" not in ops:
+        return "rmsnorm"
+    return "layernorm"
+
+
 def spec_from_graph(graph: OpGraph, *, name: str) -> ModelSpec:
     g = graph.graph
     kinds = graph.block_kinds()
@@ -48,7 +59,7 @@ def spec_from_graph(graph: OpGraph, *, name: str) -> ModelSpec:
     ffn = max(w[0] for w in from_hidden)
     ops = {nodes[n]["op"] for n in block}
     swiglu = "aten.silu.default" in ops and sum(1 for w in from_hidden if w[0] == ffn) >= 2
-    norm = "rmsnorm" if "aten.rms_norm.default" in ops else "layernorm"
+    norm = _norm_kind(ops)
     rope = "aten.cat.default" in ops
     embeddings = [n for n in graph.order if g.nodes[n]["kind"] == "embedding"]
     if not embeddings:
@@ -61,7 +72,7 @@ def spec_from_graph(graph: OpGraph, *, name: str) -> ModelSpec:
     spec = ModelSpec(
         name=name, layers=len(copies), hidden=hidden, heads=heads, kv_heads=kv_heads, ffn_hidden=ffn, vocab=vocab,
         seq_len=seq_len, activation="swiglu" if swiglu else "gelu", norm=norm,
-        position="rope" if rope else ("learned" if len(embeddings) > 1 else "rope"),
+        position="rope" if rope else ("learned" if len(embeddings) > 1 else "none"),
         tied_embeddings=tied, bias=any(w[2] for w in widths), dropout="aten.dropout.default" in ops,
     )
     counted = sum(math.prod(d["shape"]) for _, d in g.nodes(data=True) if d["kind"] == "param")

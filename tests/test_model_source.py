@@ -132,3 +132,20 @@ def test_a_module_needs_example_inputs():
 def test_configs_it_would_misread_are_refused_by_name(config, needle):
     with pytest.raises(ConfigError, match=re.escape(needle)):
         spec_from_hf_config(config)
+
+
+def test_written_out_rmsnorm_and_no_positions_are_read_as_such():
+    # was: LlamaRMSNorm written out (pow, mean, rsqrt) read as layernorm, and a model without
+    # positions read as RoPE
+    import torch
+
+    from planner.zoo.model import build_model
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    for callable_name in ("user_lm", "user_lm_hand_norm"):
+        spec = load_model_spec(f"py:user_model:{callable_name}")
+        assert spec.norm == "rmsnorm" and spec.position == "none", callable_name
+    model = build_model(spec, device="cpu")  # the rebuild `paraplan run` trains: no position table, no rotation
+    model.init_weights(0)
+    assert model.pos_embeddings is None and model.rope_cos is None
+    assert model(torch.zeros(2, 16, dtype=torch.long)).shape == (2, 16, spec.vocab)

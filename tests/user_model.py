@@ -72,3 +72,30 @@ def user_lm():
 
 def user_lm_without_inputs():
     return UserLM()
+
+
+class _HandRMSNorm(__import__("torch").nn.Module):
+    """RMSNorm written out as Hugging Face's LlamaRMSNorm is: pow(2), mean, rsqrt, mul."""
+
+    def __init__(self, h, eps=1e-6):
+        import torch
+
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(h))
+        self.eps = eps
+
+    def forward(self, x):
+        import torch
+
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        return self.weight * (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype)
+
+
+def user_lm_hand_norm():
+    import torch
+
+    model = UserLM()
+    for blk in model.blocks:
+        blk.norm1, blk.norm2 = _HandRMSNorm(128), _HandRMSNorm(128)
+    model.norm = _HandRMSNorm(128)
+    return model, (torch.zeros(1, 64, dtype=torch.long),)
