@@ -126,9 +126,18 @@ def _block_of(node, param_name: str | None) -> tuple[str, int] | None:
 
 
 def trace_module(module: torch.nn.Module, example_inputs: tuple) -> OpGraph:
-    """Trace `module` (on the meta device) into an OpGraph."""
+    """Trace `module` (on the meta device) into an OpGraph. A module whose forward takes
+    `use_cache` (Hugging Face's) is traced with it off: its KV cache object is not a tensor
+    torch.export can return, and training keeps no cache."""
+    import inspect
+
     try:
-        exported = torch.export.export(module, example_inputs, strict=False)
+        takes_cache = "use_cache" in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        takes_cache = False
+    try:
+        exported = torch.export.export(module, example_inputs, kwargs={"use_cache": False} if takes_cache else None,
+                                       strict=False)
     except Exception as exc:  # torch raises many kinds; the user needs one line
         raise ConfigError(f"torch.export could not trace the model: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
     param_names = {}

@@ -86,3 +86,22 @@ def test_hf_input_reads_a_model_directory_and_checks_it_against_transformers(tmp
     with pytest.raises(ConfigError, match="transformers builds 9,000,000,000 parameters from this config and the "
                                           "reader 8,030,261,248"):
         model_source.load_model(f"hf:{model_dir}")
+
+
+def test_a_hugging_face_module_traces_without_the_user_turning_its_cache_off():
+    # was: "torch.export could not trace the model: ... DynamicCache ... not a known type"
+    import sys
+    from pathlib import Path
+
+    from planner.model_source import load_model
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import user_model
+
+    spec, graph = load_model("py:user_model:hf_llama")
+    with torch.device("meta"):
+        real = sum(p.numel() for p in user_model.hf_llama()[0].parameters())
+    assert spec.num_params == real
+    assert (spec.norm, spec.position, spec.activation, spec.kv_heads) == ("rmsnorm", "rope", "swiglu", 2)
+    params = {d["param"] for _, d in graph.graph.nodes(data=True) if d["kind"] == "param"}
+    assert "model.layers.0.self_attn.q_proj.weight" in params  # the module's own names, traced

@@ -99,3 +99,14 @@ def user_lm_hand_norm():
         blk.norm1, blk.norm2 = _HandRMSNorm(128), _HandRMSNorm(128)
     model.norm = _HandRMSNorm(128)
     return model, (torch.zeros(1, 64, dtype=torch.long),)
+
+
+def hf_llama():
+    """A Hugging Face LlamaForCausalLM (needs transformers), as a user would pass it."""
+    import torch
+    import transformers
+
+    config = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=256, num_attention_heads=8,
+                                      num_key_value_heads=2, intermediate_size=512, vocab_size=1000,
+                                      max_position_embeddings=128)
+    return transformers.LlamaForCausalLM(config), (torch.zeros(1, 64, dtype=torch.long),)
