@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from costmodel import ConfigError, Strategy, load_cluster, predict
 from costmodel.runtime import DEFAULT_RUNTIME
@@ -12,6 +13,7 @@ from costmodel.trace import chrome_trace
 from costmodel.validate import check_strategy, stage_layer_counts
 from planner.files import atomic_write_text
 from planner.model_source import load_model_spec
+from planner.contract import plan_problems
 from planner.plan import Plan, plan_from_strategy
 
 STRATEGY_FLAGS = ("tp", "pp", "dp", "cp", "zero", "shard_group", "sequence_parallel", "recompute", "microbatch_size",
@@ -109,8 +111,11 @@ def run_simulate(args: argparse.Namespace) -> int:
     predicted = result.predicted()
     outputs = []
     if args.output:
-        outputs.append((args.output, plan_from_strategy(spec, strategy, cluster_text, predicted, runtime=runtime,
-                                                        profile=cluster.profile).to_yaml()))
+        written = plan_from_strategy(spec, strategy, cluster_text, predicted, runtime=runtime, profile=cluster.profile)
+        outputs.append((args.output, written.to_yaml()))
+        # a hand-given strategy is written as asked; say now what `check` and `run` will say
+        for problem in plan_problems(written, cluster)[0]:
+            print(f"paraplan: note: `paraplan run` will refuse {args.output}: {problem}", file=sys.stderr)
     if args.trace:
         outputs.append((args.trace, json.dumps(chrome_trace(result, title=f"{spec.name} on {cluster_text}"))))
     for target, text in outputs:
