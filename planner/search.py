@@ -255,11 +255,7 @@ def run_search(req: SearchRequest, *, trace_graph=None) -> SearchResult:
             f"found needs {smallest_gib:.1f} GiB per GPU against {cluster.device.hbm_gib:g} GiB; use more GPUs"
         )
     scored.sort(key=lambda x: (x[0], x[1]))
-    graph = trace_graph
-    trace_s = 0.0
-    ilp_cache: dict[tuple, IntraOpSolution | None] = {}
-    ilp_time = 0.0
-    best: tuple[float, Strategy, StepResult, IntraOpSolution | None] | None = None
+    best: tuple[float, Strategy, StepResult] | None = None
     simulated = 0
     for est_s, _i, s in tqdm(scored[:SIMULATE_TOP], desc="simulating", unit="plan", disable=not req.progress, leave=False):
         if best is not None and est_s > best[0] * 1.5:
@@ -272,32 +268,34 @@ def run_search(req: SearchRequest, *, trace_graph=None) -> SearchResult:
         simulated += 1
         if not result.fits:
             continue
-        key = (s.tp, s.microbatch_size)
-        if s.tp > 1 and key not in ilp_cache:  # tp 1: the block has no tensor axis to place on
-            if graph is None:
-                t0 = time.perf_counter()
-                from planner.trace import trace_spec
-
-                graph = trace_spec(_block_probe(spec, s), batch=s.microbatch_size)
-                trace_s += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            ilp_cache[key] = _solve_tp_axis(graph, spec, s, cluster, result)
-            ilp_time += time.perf_counter() - t0
-        solution = ilp_cache.get(key)  # None: tp 1, or infeasible under the ILP's coarser memory
         if best is None or result.step_time_s < best[0]:
-            best = (result.step_time_s, s, result, solution)
+            best = (result.step_time_s, s, result)
     if best is None:
         raise ConfigError(
             f"{spec.name} does not fit on {cluster.name} once simulated in full; use more GPUs or a smaller batch"
         )
-    _, strategy, result, solution = best
+    _, strategy, result = best
+    # the block's ILP for the chosen plan only (the step is priced on the layer model, so the
+    # ILP ranks nothing): traced at its microbatch, with the memory its simulation leaves
+    solution, trace_s, ilp_time = None, 0.0, 0.0
+    if strategy.tp > 1:  # tp 1: the block has no tensor axis to place on
+        graph = trace_graph
+        if graph is None:
+            t0 = time.perf_counter()
+            from planner.trace import trace_spec
+
+            graph = trace_spec(_block_probe(spec, strategy), batch=strategy.microbatch_size)
+            trace_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        solution = _solve_tp_axis(graph, spec, strategy, cluster, result)  # None: infeasible under its memory
+        ilp_time = time.perf_counter() - t0
     stats = {
         "time_s": round(time.perf_counter() - t_start, 3),
         "candidates": len(candidates),
         "estimated": estimated,
         "simulated": simulated,
-        "ilp_solves": len(ilp_cache),
-        "ilp_infeasible": sum(1 for v in ilp_cache.values() if v is None),
+        "ilp_solves": int(strategy.tp > 1),
+        "ilp_infeasible": int(strategy.tp > 1 and solution is None),
         "ilp_time_s": round(ilp_time, 3),
         "trace_s": round(trace_s, 3),
         "timed_out": timed_out,

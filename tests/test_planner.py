@@ -94,7 +94,8 @@ def test_plan_cli_round_trip_and_determinism(tmp_path):
     for key in ("schema_version", "model", "cluster", "mesh", "zero", "sequence_parallel", "schedule", "stages",
                 "placements", "predicted", "search"):
         assert key in plan
-    assert plan["search"]["candidates"] > 100 and plan["search"]["ilp_solves"] >= 1
+    assert plan["search"]["candidates"] > 100
+    assert plan["search"]["ilp_solves"] == (1 if plan["mesh"]["tp"] > 1 else 0)  # the chosen plan's block only
     sim = json.loads(paraplan("simulate", "--plan", str(a), "--json").stdout)
     assert sim["predicted"] == plan["predicted"]
     if plan["mesh"]["tp"] > 1:
