@@ -54,12 +54,12 @@ def training_plan(plan: Plan, engine: str) -> None:
         raise ConfigError(f"a LoRA plan has no {engine} training config here; export a pre-training plan")
 
 
-def positive_int(value, name: str, engine: str) -> int:
-    """An integer setting of an engine config, checked."""
+def positive_int(value, name: str, engine: str, *, leftover: bool = False) -> int:
+    """An integer setting of an engine config, checked (`leftover`: -1 also, "the ranks left")."""
     try:
         out = int(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{engine} setting {name} must be an integer, got {value!r}") from None
-    if out < 1 and not (name.endswith("data_parallel_shard_degree") and out == -1):
+    if out < 1 and not (leftover and out == -1):
         raise ConfigError(f"{engine} setting {name} must be positive, got {out}")
     return out

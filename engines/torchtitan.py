@@ -121,13 +121,13 @@ def import_(text: str, *, world_size: int, spec: ModelSpec | None = None) -> Imp
     unknown += [k for k, v in data.items() if not isinstance(v, dict)]
     par, tr, ac = data.get("parallelism", {}), data.get("training", {}), data.get("activation_checkpoint", {})
 
-    def num(section: dict, key: str, default: int) -> int:
-        return positive_int(section.get(key, default), key, "torchtitan")
+    def num(section: dict, key: str, default: int, leftover: bool = False) -> int:
+        return positive_int(section.get(key, default), key, "torchtitan", leftover=leftover)
 
     tp, pp, cp = num(par, "tensor_parallel_degree", 1), num(par, "pipeline_parallel_degree", 1), \
         num(par, "context_parallel_degree", 1)
     rep = num(par, "data_parallel_replicate_degree", 1)
-    shard = num(par, "data_parallel_shard_degree", -1)
+    shard = num(par, "data_parallel_shard_degree", -1, leftover=True)
     if shard == -1:  # the ranks left over
         rest = world_size // (tp * pp * cp * rep)
         if rest < 1 or rest * tp * pp * cp * rep != world_size:
@@ -157,6 +157,7 @@ def import_(text: str, *, world_size: int, spec: ModelSpec | None = None) -> Imp
     fields: dict = dict(tp=tp, pp=pp, cp=cp, dp=dp, zero=zero, shard_group=shard if zero else 1,
                         sequence_parallel=tp > 1, recompute=mode, global_batch=global_batch, seq_len=seq,
                         precision="fp32" if tr.get("mixed_precision_param") == "float32" else "bf16")
+    per_stage = None  # interleaved layers per stage: virtual stages follow from the model's layers
     if pp > 1:
         name = str(par.get("pipeline_parallel_schedule", "1F1B"))
         back = {v.lower(): k for k, v in SCHEDULES.items()}
@@ -170,11 +171,9 @@ def import_(text: str, *, world_size: int, spec: ModelSpec | None = None) -> Imp
             fields["stage_layers"] = tuple(sum(1 for n in part if str(n).startswith("layers.")) for part in parts)
             fields["virtual_stages"] = len(parts) // pp
         elif fields["schedule"] == "interleaved" and "pipeline_parallel_layers_per_stage" in par:
-            fields["virtual_stages"] = 0  # resolved against the model's layers by the caller
-            fields["_layers_per_stage"] = num(par, "pipeline_parallel_layers_per_stage", 1)
+            per_stage = num(par, "pipeline_parallel_layers_per_stage", 1)
     else:
         fields["microbatch_size"] = local
-    per_stage = fields.pop("_layers_per_stage", None)
     model = data.get("model", {})
     from planner.zoo import ZOO
 

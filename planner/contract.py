@@ -43,8 +43,8 @@ def tp_placement(placements: dict[str, dict[str, str]], name: str) -> str | None
     return None
 
 
-def layout_problems(spec: ModelSpec, placements: dict[str, dict[str, str]], tp: int, sequence_parallel: bool,
-                    *, world_size: int | None = None) -> list[str]:
+def layout_problems(spec: ModelSpec, placements: dict[str, dict[str, str]], tp: int,
+                    sequence_parallel: bool) -> list[str]:
     """Every reason the runtime cannot execute these placements on a mesh with this tp."""
     problems: list[str] = []
     for name, axes in placements.items():

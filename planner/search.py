@@ -300,9 +300,8 @@ def run_search(req: SearchRequest, *, trace_graph=None) -> SearchResult:
         "trace_s": round(trace_s, 3),
         "timed_out": timed_out,
     }
-    placements = placements_for(spec, strategy, solution, zoo_names=trace_graph is None)
-    stats["placements"] = ("none on tp (tp 1)" if strategy.tp == 1 else "ilp" if solution is not None and placements
-                           == _ilp_placements(spec, strategy, solution, zoo_names=trace_graph is None) else "megatron")
+    placements, source = placements_for(spec, strategy, solution, zoo_names=trace_graph is None)
+    stats["placements"] = source
     return SearchResult(strategy=strategy, result=result, placements=placements, stats=stats, ilp=solution)
 
 
@@ -338,18 +337,21 @@ def _solve_tp_axis(graph, spec: ModelSpec, s: Strategy, cluster: Cluster, result
 
 
 def placements_for(spec: ModelSpec, s: Strategy, solution: IntraOpSolution | None,
-                   *, zoo_names: bool = True) -> dict[str, dict[str, str]]:
-    """Per-parameter placements: the ILP's for the repeated block where the runtime executes
+                   *, zoo_names: bool = True) -> tuple[dict[str, dict[str, str]], str]:
+    """(per-parameter placements, where they come from: "ilp", "megatron" or none at tp 1): the ILP's for the repeated block where the runtime executes
     them and they split what the step was priced with (every block linear when tp > 1, as
     the cost model's Megatron layer assumes); Megatron's layout otherwise, named as in the
     model `paraplan run` builds (for a py: module, paraplan's rebuild of its spec). The
     zoo's names add the vocab-parallel embedding and head; ZeRO-3 adds FSDP's Shard(0)."""
     megatron = megatron_placements(spec, s)  # named as in the model `paraplan run` builds
-    if solution is None or s.tp == 1:
-        return dict(sorted(megatron.items())) if zoo_names or s.tp > 1 else {}
+    if s.tp == 1:
+        return (dict(sorted(megatron.items())) if zoo_names else {}), "none on tp (tp 1)"
+    if solution is None:
+        return dict(sorted(megatron.items())), "megatron"
     ilp = _ilp_placements(spec, s, solution, zoo_names=zoo_names)
-    priced = layout_problems(spec, ilp, s.tp, sequence_parallel=True)  # every linear split, as priced
-    return dict(sorted((megatron if priced else ilp).items()))
+    if layout_problems(spec, ilp, s.tp, sequence_parallel=True):  # every linear split, as priced
+        return dict(sorted(megatron.items())), "megatron"
+    return ilp, "ilp"
 
 
 def _ilp_placements(spec: ModelSpec, s: Strategy, solution: IntraOpSolution,
