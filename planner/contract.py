@@ -22,30 +22,23 @@ from costmodel.errors import ConfigError
 from costmodel.spec import ModelSpec
 from costmodel.strategy import Strategy
 from costmodel.validate import strategy_problems
+from planner.module_map import ModuleMap, placement_of
+from planner.model_source import module_map_of
 from planner.plan import Plan, schedule_problems
 
 SUPPORTED = ("Shard(0)", "Shard(1)", "Replicate()")
 RUNNABLE_RUNTIMES = ("paraplan", "paraplan-compile")  # the runtime profiles that describe `paraplan run`
 
 
-def _linears(spec: ModelSpec) -> dict[str, dict[str, str]]:
-    """Block linears by sub-block, with the Megatron placement each takes under tp."""
-    mlp = {"w1": "Shard(0)", "w2": "Shard(1)"} | ({"w3": "Shard(0)"} if spec.activation.value == "swiglu" else {})
-    return {"attention": {"wq": "Shard(0)", "wk": "Shard(0)", "wv": "Shard(0)", "wo": "Shard(1)"},
-            "feed_forward": mlp}
-
-
 def tp_placement(placements: dict[str, dict[str, str]], name: str) -> str | None:
     """The tensor-parallel placement the plan gives parameter `name` (globs allowed), if any."""
-    for pattern, axes in placements.items():
-        if fnmatch.fnmatchcase(name, pattern) and "tp" in axes:
-            return axes["tp"]
-    return None
+    return placement_of(placements, name, "tp")
 
 
-def layout_problems(spec: ModelSpec, placements: dict[str, dict[str, str]], tp: int,
+def layout_problems(mmap: ModuleMap, placements: dict[str, dict[str, str]], tp: int,
                     sequence_parallel: bool) -> list[str]:
-    """Every reason the runtime cannot execute these placements on a mesh with this tp."""
+    """Every reason the runtime cannot execute these placements on a mesh with this tp, for the
+    module `mmap` describes (names as that module has them)."""
     problems: list[str] = []
     for name, axes in placements.items():
         for axis, placement in axes.items():
@@ -60,31 +53,33 @@ def layout_problems(spec: ModelSpec, placements: dict[str, dict[str, str]], tp: 
             problems.append(f"the mesh has tp 1 but the plan splits {tp_named[0]} over tp; drop its tp placement "
                             "or re-plan with --tp")
         return problems
-    linears = _linears(spec)
-    block_linear = {f"layers.*.{sub}.{n}.weight" for sub, names in linears.items() for n in names}
+    if not mmap.groups:
+        return problems + [f"tensor parallelism splits nn.Linear projections and the module's blocks have none the "
+                           f"runtime can split ({', '.join(mmap.unsplittable) or 'no nn.Linear in a block'}); use --tp 1"]
+    splittable = {f"{mmap.blocks}.*.{path}.{leaf}" for g in mmap.groups for path in (*g.column, g.row)
+                  for leaf in ("weight", "bias")}
     for name in tp_named:
         generic = ".".join("*" if p.isdigit() else p for p in name.split("."))
-        allowed = generic in block_linear or generic.endswith(".bias") or name in ("tok_embeddings.weight", "output.weight")
-        if not allowed:
-            problems.append(f"the runtime splits only linears and the token embedding over tp, not {name}; "
-                            "drop its tp placement")
-    for name in ("tok_embeddings.weight", "output.weight"):
+        if generic not in splittable and name not in (mmap.embedding_weight, mmap.head_weight):
+            problems.append(f"the runtime splits only block linears and the token embedding and head over tp, "
+                            f"not {name}; drop its tp placement")
+    for name in dict.fromkeys((mmap.embedding_weight, mmap.head_weight)):
         got = tp_placement(placements, name)
         if got not in (None, "Replicate()", "Shard(0)"):
             problems.append(f"{name} runs vocab-parallel (Shard(0)) or replicated over tp, not {got}")
     split_all = True
-    for layer in range(spec.layers):
-        for sub, names in linears.items():
-            got = {n: tp_placement(placements, f"layers.{layer}.{sub}.{n}.weight") or "Replicate()" for n in names}
-            split = all(got[n] == want for n, want in names.items())
-            replicated = all(g == "Replicate()" for g in got.values())
-            if not (split or replicated):
-                shown = ", ".join(f"{n} {g}" for n, g in got.items())
-                problems.append(f"layer {layer}'s {sub} is split over tp as {shown}, which the runtime cannot run: "
-                                f"it splits {', '.join(names)} as {', '.join(names.values())} or none of them")
+    for layer in range(mmap.layers):
+        for g in mmap.groups:
+            want = {p: "Shard(0)" for p in g.column} | {g.row: "Shard(1)"}
+            got = {p: tp_placement(placements, mmap.block_param(layer, p)) or "Replicate()" for p in want}
+            split = got == want
+            if not (split or all(v == "Replicate()" for v in got.values())):
+                shown = ", ".join(f"{p} {v}" for p, v in got.items())
+                problems.append(f"layer {layer}'s {', '.join(want)} are split over tp as {shown}, which the runtime "
+                                f"cannot run: it splits them as {', '.join(want.values())} or none of them")
                 return problems
             split_all = split_all and split
-    if sequence_parallel and not split_all:
+    if sequence_parallel and (not split_all or mmap.unsplittable):
         problems.append("sequence parallelism needs every block linear tensor-parallel, and the plan replicates some; "
                         "re-plan with --no-sequence-parallel")
     return problems
@@ -132,18 +127,66 @@ def runnable_problems(plan: Plan, world_size: int | None = None) -> list[str]:
         return problems + ["a serving plan is not trained; `paraplan generate` runs the built-in models with a KV cache"]
     spec = plan.spec
     problems += strategy_runtime_problems(spec, plan.strategy(), plan.mode)
-    problems += layout_problems(spec, plan.placements, mesh["tp"], plan.sequence_parallel)
+    problems += source_problems(plan)
+    if problems:
+        return problems
+    problems += layout_problems(module_map_of(plan.source, spec), plan.placements, mesh["tp"], plan.sequence_parallel)
     return problems
 
 
-def parameter_names(spec: ModelSpec) -> list[str]:
-    """The parameter names of the model the runtime builds (meta device: nothing allocated)."""
+PIPELINED_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # decoders whose stages runtime.module drives
+
+
+def source_problems(plan: Plan) -> list[str]:
+    """What `paraplan run` does not execute on a user's module (hf: or py:) yet."""
+    if not plan.source.get("kind"):
+        return []
+    problems = source_strategy_problems(plan.source, plan.strategy(), plan.mode)
+    if plan.runtime == "paraplan-compile":
+        problems.append("the compiled runtime runs paraplan's built-in models only; re-plan with --runtime paraplan")
+    return problems
+
+
+def source_strategy_problems(source: dict, s: Strategy, mode: str = "train") -> list[str]:
+    """What the runtime does not execute of strategy `s` on the module of `source` (the search
+    drops such candidates; check and run refuse them)."""
+    kind = source.get("kind")
+    problems = []
+    if kind and mode == "lora":
+        problems.append("LoRA runs on paraplan's built-in models only so far; plan a zoo model or a spec file "
+                        "for LoRA, or full fine-tuning of this one")
+    if s.pp > 1 and kind == "py":
+        problems.append("pipelining a py: module is not run yet (its forward between blocks is its own); "
+                        "re-plan with --pp 1")
+    if s.pp > 1 and kind == "hf":
+        model_type = _hf_model_type(source["path"])
+        if model_type not in PIPELINED_HF_TYPES:
+            problems.append(f"pipelining a Hugging Face {model_type or 'model'} is not run yet (stages are driven "
+                            f"for {', '.join(PIPELINED_HF_TYPES)}); re-plan with --pp 1")
+    return problems
+
+
+def _hf_model_type(path: str) -> str:
+    import json
+    from pathlib import Path
+
+    target = Path(path)
+    config = target / "config.json" if target.is_dir() else target
+    try:
+        return str(json.loads(config.read_text()).get("model_type", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
+def parameter_names(plan: Plan) -> list[str]:
+    """The parameter names of the module the runtime builds (meta device: nothing allocated)."""
     import torch
 
-    from planner.zoo.model import build_model
+    from planner.model_source import build_source_module
 
     with torch.device("meta"):
-        return [name for name, _ in build_model(spec).named_parameters()]
+        module, _ = build_source_module(plan.source, plan.spec)
+        return [name for name, _ in module.named_parameters(remove_duplicate=False)]
 
 
 def plan_problems(plan: Plan, cluster) -> tuple[list[str], dict]:
@@ -175,7 +218,7 @@ def plan_problems(plan: Plan, cluster) -> tuple[list[str], dict]:
                         f"pipeline rank {rank} needs {mem['total']:.1f} GiB per GPU against {cluster.device.hbm_gib:g} "
                         f"GiB on {cluster.device.name}; add recomputation, ZeRO sharding or GPUs")
     problems += runnable_problems(plan)
-    names = parameter_names(spec)
+    names = parameter_names(plan)
     for pattern in plan.placements:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             problems.append(f"placement '{pattern}' matches no parameter of {spec.name} "

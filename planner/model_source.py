@@ -39,6 +39,104 @@ def load_model(text: str):
     return _load_file_spec(text), None
 
 
+def source_of(text: str) -> dict:
+    """Where the module that `paraplan run` trains comes from, as a plan records it: {} for
+    paraplan's own `Transformer` (a zoo name or a spec file), {"kind": "hf", "path": ...} for a
+    Hugging Face config or model directory, {"kind": "py", "target": "MODULE:CALLABLE",
+    "path": the folder it imports from} for a user's module whose spec was read off its graph."""
+    if text in ZOO:
+        return {}
+    if text.startswith("hf:"):
+        path = Path(text[3:]).resolve()
+        return {"kind": "hf", "path": str(path)}
+    if text.startswith("py:"):
+        target = text[3:]
+        module_name = target.partition(":")[0]
+        module = sys.modules.get(module_name) or importlib.import_module(module_name)
+        fn = getattr(module, target.partition(":")[2])
+        with _meta():
+            built = fn()
+        if isinstance(getattr(built, "spec", None), ModelSpec):
+            return {}  # a paraplan Transformer: the built-in runs it
+        root = Path(module.__file__).resolve().parents[module_name.count(".")]
+        return {"kind": "py", "target": target, "path": str(root)}
+    path = Path(text)
+    if path.suffix == ".json" and path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+            return {}
+        if isinstance(data, dict) and is_hf_config(data):
+            return {"kind": "hf", "path": str(path.resolve())}
+    return {}
+
+
+def _meta():
+    import torch
+
+    return torch.device("meta")
+
+
+def hf_config(path: str):
+    """transformers' config object for a model directory or its config.json (eager SDPA
+    attention, no generation cache: what training runs)."""
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError('running a Hugging Face model needs transformers: pip install "paraplan[hf]"') from None
+    target = Path(path)
+    config_file = target / "config.json" if target.is_dir() else target
+    if not config_file.is_file():
+        raise ConfigError(f"{path}: no config.json there; give a model directory or its config.json")
+    data = json.loads(config_file.read_text())
+    config = transformers.AutoConfig.for_model(**data)
+    config._attn_implementation = "sdpa"
+    config.use_cache = False
+    return config
+
+
+def build_source_module(source: dict, spec: ModelSpec):
+    """(the source's module on the meta device, example inputs for one pass over it)."""
+    import torch
+
+    tokens = (torch.zeros(1, min(spec.seq_len, 64), dtype=torch.long, device="meta"),)
+    kind = source.get("kind")
+    if kind == "hf":
+        import transformers
+
+        config = hf_config(source["path"])
+        with torch.device("meta"):
+            module = transformers.AutoModelForCausalLM.from_config(config)
+        return module, tokens
+    if kind == "py":
+        if source.get("path") and source["path"] not in sys.path:
+            sys.path.insert(0, source["path"])
+        module_name, _, attr = source["target"].partition(":")
+        try:
+            fn = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(f"the plan's model py:{source['target']} cannot be imported from {source.get('path')} "
+                              f"({exc}); run where the module is importable") from None
+        with torch.device("meta"):
+            built = fn()
+        module, inputs = (built[0], built[1]) if isinstance(built, tuple) else (built, tokens)
+        return module, inputs if isinstance(inputs, tuple) else (inputs,)
+    from planner.zoo.model import build_model
+
+    return build_model(spec), tokens
+
+
+def module_map_of(source: dict, spec: ModelSpec):
+    """The `ModuleMap` of the module a plan runs: the zoo's read statically (any size), any
+    other read off one meta-device pass."""
+    from planner.module_map import traced_map, zoo_map
+
+    if not source:
+        return zoo_map(spec)
+    module, inputs = build_source_module(source, spec)
+    return traced_map(module, inputs, spec)
+
+
 COUNT_TOLERANCE = 0.005  # the reader against transformers' own class (Qwen2's q/k/v biases: 0.01%)
 
 

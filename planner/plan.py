@@ -58,6 +58,10 @@ class Plan:
     master_dtype: str = "fp32"  # the optimizer's copy of the weights
     runtime: str = "paraplan"  # the training-runtime profile that priced the plan (profiles/runtimes/)
     profile: str = ""  # the hardware profile that priced it
+    # the module `paraplan run` builds: {} paraplan's own Transformer from `model`; {"kind": "hf",
+    # "path": DIR or config.json} a Hugging Face model; {"kind": "py", "target": "MODULE:CALLABLE",
+    # "path": its import folder} a user's nn.Module (planner.model_source.source_of)
+    source: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -73,6 +77,8 @@ class Plan:
         bad = [f"{a}={v}" for a, v in self.mesh.items() if v < 1]
         if bad:
             raise ConfigError(f"plan mesh sizes must be positive, got {', '.join(bad)}")
+        if self.source and self.source.get("kind") not in ("hf", "py"):
+            raise ConfigError(f"plan source kind {self.source.get('kind')!r} is unknown; use hf or py (or no source)")
         for name, axes in self.placements.items():
             if not isinstance(axes, dict) or not all(isinstance(v, str) for v in axes.values()):
                 raise ConfigError(f"placement of {name} must map mesh axes to Shard(dim) or Replicate()")
@@ -133,6 +139,7 @@ class Plan:
             "master_dtype": self.master_dtype,
             "runtime": self.runtime,
             "profile": self.profile,
+            **({"source": dict(self.source)} if self.source else {}),
             **({"serving": dict(self.serving)} if self.serving else {}),
             **({"lora": dict(self.lora)} if self.lora else {}),
         }
@@ -175,6 +182,7 @@ class Plan:
                 lora=dict(data.get("lora") or {}),
                 grad_dtype=str(data.get("grad_dtype", "fp32")), master_dtype=str(data.get("master_dtype", "fp32")),
                 runtime=str(data.get("runtime", "paraplan")), profile=str(data.get("profile", "")),
+                source=dict(data.get("source") or {}),
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             if isinstance(exc, ConfigError):
@@ -220,41 +228,28 @@ def schedule_problems(name: str, pp: int, microbatches: int) -> list[str]:
     return []
 
 
-def megatron_placements(spec: ModelSpec, strategy: Strategy) -> dict[str, dict[str, str]]:
-    """Megatron-LM's tensor-parallel layout (column-parallel Q/K/V and w1/w3, row-parallel wo
-    and w2, vocab-parallel embedding and output) plus FSDP's dim-0 sharding at ZeRO-3. The
-    intra-op ILP replaces this with what it finds."""
-    out: dict[str, dict[str, str]] = {}
+def megatron_placements(spec: ModelSpec, strategy: Strategy, module_map=None) -> dict[str, dict[str, str]]:
+    """Megatron-LM's tensor-parallel layout (column-parallel Q/K/V and gate/up, row-parallel
+    output projections, vocab-parallel embedding and head) named as in the module that runs
+    (`module_map`; paraplan's own `Transformer` when None), plus FSDP's dim-0 sharding at
+    ZeRO-3. The intra-op ILP replaces this with what it finds."""
+    from planner.module_map import zoo_map
 
-    def put(name: str, **axes: str) -> None:
-        axes = {a: p for a, p in axes.items() if p}
-        if strategy.zero == 3 and strategy.dp_shard * strategy.cp > 1:
-            axes.setdefault("dp_shard", "Shard(0)")
+    mmap = module_map or zoo_map(spec)
+    shard = strategy.zero == 3 and strategy.dp_shard * strategy.cp > 1
+    out: dict[str, dict[str, str]] = {}
+    for name, placement in mmap.megatron().items():
+        axes = {"tp": placement} if strategy.tp > 1 else {}
+        if shard:
+            axes["dp_shard"] = "Shard(0)"
         if axes:
             out[name] = axes
-
-    tp = "Shard(0)" if strategy.tp > 1 else ""
-    tp_row = "Shard(1)" if strategy.tp > 1 else ""
-    put("tok_embeddings.weight", tp=tp)
-    for proj in ("wq", "wk", "wv"):
-        put(f"layers.*.attention.{proj}.weight", tp=tp)
-        if spec.bias:
-            put(f"layers.*.attention.{proj}.bias", tp=tp)
-    put("layers.*.attention.wo.weight", tp=tp_row)
-    put("layers.*.feed_forward.w1.weight", tp=tp)
-    if spec.bias:
-        put("layers.*.feed_forward.w1.bias", tp=tp)
-    if spec.activation == "swiglu":
-        put("layers.*.feed_forward.w3.weight", tp=tp)
-    put("layers.*.feed_forward.w2.weight", tp=tp_row)
-    if not spec.tied_embeddings:
-        put("output.weight", tp=tp)
     return out
 
 
 def plan_from_strategy(
     spec: ModelSpec, strategy: Strategy, cluster: str, predicted: dict, search: dict | None = None, *,
-    runtime: str = "paraplan", profile: str = "",
+    runtime: str = "paraplan", profile: str = "", source: dict | None = None, module_map=None,
 ) -> Plan:
     counts = stage_layer_counts(spec, strategy)
     stages, start = [], 0
@@ -269,7 +264,8 @@ def plan_from_strategy(
         sequence_parallel=strategy.sequence_parallel,
         schedule={"name": strategy.schedule.value, "microbatch_size": strategy.microbatch_size,
                   "num_microbatches": strategy.num_microbatches, "virtual_stages": strategy.virtual_stages},
-        stages=tuple(stages), placements=megatron_placements(spec, strategy), predicted=predicted,
+        stages=tuple(stages), placements=megatron_placements(spec, strategy, module_map), predicted=predicted,
+        source=dict(source or {}),
         search=search or {}, mode="lora" if strategy.lora else "train",
         lora={"rank": strategy.lora_rank, "targets": list(strategy.lora_targets),
               "base_precision": strategy.base_precision} if strategy.lora else {},

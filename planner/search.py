@@ -31,7 +31,9 @@ from costmodel.result import StepResult
 from costmodel.spec import ModelSpec, format_count
 from costmodel.strategy import Schedule
 from costmodel.validate import strategy_problems
-from planner.contract import RUNNABLE_RUNTIMES, layout_problems, planned_only, strategy_runtime_problems
+from planner.contract import (
+    RUNNABLE_RUNTIMES, layout_problems, planned_only, source_strategy_problems, strategy_runtime_problems,
+)
 from planner.inter_op import partition_layers
 from planner.plan import megatron_placements, schedule_problems
 from planner.intra_op import CostContext, IntraOpSolution, LogicalMesh, solve_block
@@ -48,6 +50,7 @@ class SearchRequest:
     fixed: dict = field(default_factory=dict)  # strategy flags the user gave
     time_limit_s: float | None = None
     progress: bool = False
+    source: dict = field(default_factory=dict)  # the module `paraplan run` builds (planner.model_source.source_of)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -130,6 +133,7 @@ def enumerate_candidates(req: SearchRequest, rejected: list[str] | None = None) 
                             mode = "lora" if s.lora else "train"
                             asked = {msg for flag, msg in planned_only(s, mode).items() if flag in fixed}
                             problems = [p for p in strategy_runtime_problems(spec, s, mode) if p not in asked]
+                            problems += source_strategy_problems(req.source, s, mode)
                         if problems:
                             rejected.append(problems[0])
                         else:
@@ -215,7 +219,11 @@ def _partition(spec: ModelSpec, s: Strategy, cluster: Cluster) -> Strategy:
     return s.replace(stage_layers=part.layers) if part else s
 
 
-def run_search(req: SearchRequest, *, trace_graph=None) -> SearchResult:
+def run_search(req: SearchRequest, *, trace_graph=None, module_map=None) -> SearchResult:
+    """The fastest plan that fits: every candidate estimated, the best simulated in full, the
+    block's ILP solved for the chosen one. `trace_graph`: the user's module traced (its ILP
+    names its parameters); `module_map`: the module `paraplan run` will build (None:
+    paraplan's own Transformer), whose names the placements take."""
     t_start = time.perf_counter()
     spec, cluster = req.spec, req.cluster
     rejected: list[str] = []
@@ -300,7 +308,7 @@ def run_search(req: SearchRequest, *, trace_graph=None) -> SearchResult:
         "trace_s": round(trace_s, 3),
         "timed_out": timed_out,
     }
-    placements, source = placements_for(spec, strategy, solution, zoo_names=trace_graph is None)
+    placements, source = placements_for(spec, strategy, solution, module_map)
     stats["placements"] = source
     return SearchResult(strategy=strategy, result=result, placements=placements, stats=stats, ilp=solution)
 
@@ -337,28 +345,29 @@ def _solve_tp_axis(graph, spec: ModelSpec, s: Strategy, cluster: Cluster, result
 
 
 def placements_for(spec: ModelSpec, s: Strategy, solution: IntraOpSolution | None,
-                   *, zoo_names: bool = True) -> tuple[dict[str, dict[str, str]], str]:
-    """(per-parameter placements, where they come from: "ilp", "megatron" or none at tp 1): the ILP's for the repeated block where the runtime executes
-    them and they split what the step was priced with (every block linear when tp > 1, as
-    the cost model's Megatron layer assumes); Megatron's layout otherwise, named as in the
-    model `paraplan run` builds (for a py: module, paraplan's rebuild of its spec). The
-    zoo's names add the vocab-parallel embedding and head; ZeRO-3 adds FSDP's Shard(0)."""
-    megatron = megatron_placements(spec, s)  # named as in the model `paraplan run` builds
+                   module_map=None) -> tuple[dict[str, dict[str, str]], str]:
+    """(per-parameter placements, where they come from: "ilp", "megatron" or none at tp 1),
+    named as in the module `paraplan run` builds (`module_map`; paraplan's own Transformer when
+    None). The ILP's for the repeated block where the runtime executes them and they split
+    what the step was priced with (every block linear when tp > 1, as the cost model's
+    Megatron layer assumes); Megatron's layout otherwise. ZeRO-3 adds FSDP's Shard(0)."""
+    from planner.module_map import zoo_map
+
+    mmap = module_map or zoo_map(spec)
+    megatron = megatron_placements(spec, s, mmap)
     if s.tp == 1:
-        return (dict(sorted(megatron.items())) if zoo_names else {}), "none on tp (tp 1)"
+        return dict(sorted(megatron.items())), "none on tp (tp 1)"
     if solution is None:
         return dict(sorted(megatron.items())), "megatron"
-    ilp = _ilp_placements(spec, s, solution, zoo_names=zoo_names)
-    if layout_problems(spec, ilp, s.tp, sequence_parallel=True):  # every linear split, as priced
+    ilp = _ilp_placements(s, solution, megatron, mmap)
+    if layout_problems(mmap, ilp, s.tp, sequence_parallel=True):  # every linear split, as priced
         return dict(sorted(megatron.items())), "megatron"
     return ilp, "ilp"
 
 
-def _ilp_placements(spec: ModelSpec, s: Strategy, solution: IntraOpSolution,
-                    *, zoo_names: bool = True) -> dict[str, dict[str, str]]:
-    """The ILP's block placements (layer index written `*`) with the zoo's embedding and head."""
-    megatron = megatron_placements(spec, s) if zoo_names else {}
-    out = {k: v for k, v in megatron.items() if not k.startswith("layers.")}
+def _ilp_placements(s: Strategy, solution: IntraOpSolution, megatron: dict, mmap) -> dict[str, dict[str, str]]:
+    """The ILP's block placements (layer index written `*`) with Megatron's embedding and head."""
+    out = {k: v for k, v in megatron.items() if not k.startswith(f"{mmap.blocks}.")}
     for name, placement in sorted(solution.parameter_placements().items()):
         parts = name.split(".")
         generic = ".".join("*" if p.isdigit() else p for p in parts)

@@ -4,8 +4,6 @@ op-level selective checkpointing)."""
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -23,6 +21,11 @@ def _policy(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if op in _SAVE else CheckpointPolicy.PREFER_RECOMPUTE
 
 
+def selective_context():
+    """The context pair of selective recomputation (torchtitan's op-level policy)."""
+    return create_selective_checkpoint_contexts(_policy)
+
+
 def apply_recompute(model: nn.Module, policy_by_layer: dict[str, str]) -> None:
     for index in list(model.layers.keys()):
         policy = policy_by_layer.get(index, "none")
@@ -33,5 +36,5 @@ def apply_recompute(model: nn.Module, policy_by_layer: dict[str, str]) -> None:
             wrapped = checkpoint_wrapper(block, preserve_rng_state=False)
         else:
             wrapped = checkpoint_wrapper(block, preserve_rng_state=False,
-                                         context_fn=partial(create_selective_checkpoint_contexts, _policy))
+                                         context_fn=selective_context)
         model.layers[index] = wrapped

@@ -17,8 +17,14 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def apply_data_parallel(model: nn.Module, dp_mesh: DeviceMesh, zero: int, precision: str) -> None:
+    apply_data_parallel_blocks(model, list(model.layers.values()), dp_mesh, zero, precision)
+
+
+def apply_data_parallel_blocks(model: nn.Module, blocks: list[nn.Module], dp_mesh: DeviceMesh, zero: int,
+                               precision: str) -> None:
+    """fully_shard each repeated block, then the root (the embedding, final norm and head)."""
     reshard = zero == 3
     mp = MixedPrecisionPolicy(param_dtype=DTYPES.get(precision, torch.float32), reduce_dtype=torch.float32)
-    for block in model.layers.values():
+    for block in blocks:
         fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp)
     fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp)

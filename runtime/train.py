@@ -27,10 +27,12 @@ from planner.zoo.model import build_model
 from runtime import checkpoint as ckpt
 from runtime.activation_checkpoint import apply_recompute
 from planner.contract import runnable_problems
+from planner.model_source import module_map_of
 from runtime.data import TokenSource, dp_slice
 from runtime.data_parallel import apply_data_parallel
 from runtime.lora import apply_lora
 from runtime.mesh import build_mesh
+from runtime.module import build_user_parts, logits_of
 from runtime.pipeline import build_schedule, my_stages, stage_module
 from runtime.tensor_parallel import apply_tensor_parallel
 
@@ -90,11 +92,20 @@ def tied_pairs(plan: Plan, mesh) -> object | None:
     return mine
 
 
-def sync_tied_grads(modules, group) -> None:
+def tied_ends(m, mmap=None) -> tuple:
+    """(token embedding, output head) of a model part, None where the part lacks one."""
+    if mmap is None:
+        return m.tok_embeddings, m.output
+    from runtime.module import part_at
+
+    return part_at(m, mmap.embedding), part_at(m, mmap.head)
+
+
+def sync_tied_grads(modules, group, mmap=None) -> None:
     """Add the first stage's and the last stage's gradients of the tied weight (each stage saw
     only its own use of it), so both copies take the same update."""
     for m in modules:
-        for part in (m.tok_embeddings, m.output):
+        for part in tied_ends(m, mmap):
             if part is None or part.weight.grad is None:
                 continue
             grad = part.weight.grad
@@ -137,7 +148,7 @@ def build_parts(plan: Plan, mesh, device: torch.device, seed: int):
     return modules, ids
 
 
-def _grad_norm_clip(modules, max_norm: float, pp_group, tied_copy: bool = False) -> float:
+def _grad_norm_clip(modules, max_norm: float, pp_group, tied_copy: bool = False, mmap=None) -> float:
     """Clip by the global L2 norm. Gradients are grouped by (mesh, placements), one norm and
     one reduction per group (clip_grad_norm_ cannot stack norms of DTensors on different
     meshes); pipeline ranks then add their squares. `tied_copy`: the last stage's head is a
@@ -145,7 +156,8 @@ def _grad_norm_clip(modules, max_norm: float, pp_group, tied_copy: bool = False)
     groups: dict[tuple, list[torch.Tensor]] = {}
     copies: list[torch.Tensor] = []
     for m in modules:
-        skip = m.output.weight if tied_copy and m.output is not None and m.tok_embeddings is None else None
+        embedding, head = tied_ends(m, mmap)
+        skip = head.weight if tied_copy and head is not None and embedding is None else None
         for p in m.parameters():
             if p is skip:
                 if p.grad is not None:
@@ -190,7 +202,12 @@ def train(plan: Plan, cfg: RunConfig) -> dict:
     dp = plan.mesh["dp_replicate"] * plan.mesh["dp_shard"]
     dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
     dp_rank = dp_mesh.get_local_rank()
-    modules, stage_ids = build_parts(plan, mesh, device, cfg.seed)
+    mmap = module_map_of(plan.source, spec) if plan.source else None  # the user's module (None: the built-in)
+    if mmap is None:
+        modules, stage_ids = build_parts(plan, mesh, device, cfg.seed)
+    else:
+        stages = my_stages(plan, mesh["pp"].get_local_rank()) if pp > 1 else [(0, 0, spec.layers)]
+        modules, stage_ids = build_user_parts(plan, mesh, device, cfg.seed, mmap, stages)
     optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
                   for m in modules]
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, _lr_lambda(cfg)) for o in optimizers]
@@ -224,7 +241,7 @@ def train(plan: Plan, cfg: RunConfig) -> dict:
             loss = torch.zeros((), device=device)
             for xm, ym in zip(x.chunk(m_micro), y.chunk(m_micro)):
                 with autocast:
-                    part = loss_fn(modules[0](xm), ym) / m_micro
+                    part = loss_fn(logits_of(modules[0](xm)), ym) / m_micro
                 part.backward()
                 loss += part.detach()
         else:
@@ -239,8 +256,8 @@ def train(plan: Plan, cfg: RunConfig) -> dict:
         if dp > 1:
             dist.all_reduce(loss, op=dist.ReduceOp.AVG, group=dp_mesh.get_group())
         if tied_group is not None:
-            sync_tied_grads(modules, tied_group)
-        _grad_norm_clip(modules, cfg.grad_clip, pp_group, tied_copy=pp > 1 and spec.tied_embeddings)
+            sync_tied_grads(modules, tied_group, mmap)
+        _grad_norm_clip(modules, cfg.grad_clip, pp_group, tied_copy=pp > 1 and spec.tied_embeddings, mmap=mmap)
         for o, s in zip(optimizers, schedulers):
             o.step()
             o.zero_grad(set_to_none=True)

@@ -11,17 +11,17 @@ from costmodel import ConfigError, load_cluster
 from costmodel.runtime import DEFAULT_RUNTIME
 from cli.commands.simulate import format_table, given_flags
 from planner.files import atomic_write_text
-from planner.model_source import load_model
+from planner.model_source import load_model, module_map_of, source_of
 from planner.contract import RUNNABLE_RUNTIMES, plan_problems, planned_only
 from planner.plan import Plan, plan_from_strategy
 from planner.search import SearchRequest, run_search
 
 
-def plan_of_search(spec, found, cluster_text: str, stats: dict, cluster) -> Plan:
+def plan_of_search(spec, found, cluster_text: str, stats: dict, cluster, source: dict | None = None) -> Plan:
     """The plan of a search result, with the placements the ILP chose. A plan priced for
     paraplan's own runtime is written only if `check` would accept it (the same function)."""
     plan = plan_from_strategy(spec, found.strategy, cluster_text, found.result.predicted(), stats,
-                              runtime=found.result.runtime, profile=found.result.profile)
+                              runtime=found.result.runtime, profile=found.result.profile, source=source)
     plan = replace(plan, placements=found.placements)
     if plan.runtime in RUNNABLE_RUNTIMES:
         problems, _ = plan_problems(plan, cluster)
@@ -48,18 +48,20 @@ def run_plan(args: argparse.Namespace) -> int:
     if args.time_limit is not None and args.time_limit <= 0:
         raise ConfigError(f"--time-limit must be positive seconds, got {args.time_limit}")
     spec, graph = load_model(args.model)
+    source = source_of(args.model)
+    module_map = module_map_of(source, spec) if source else None
     cluster = load_cluster(args.cluster, runtime=args.runtime or DEFAULT_RUNTIME)
     fixed = given_flags(args)
     if "virtual_stages" in fixed and fixed["virtual_stages"] > 1:
         fixed.setdefault("schedule", "interleaved")
     req = SearchRequest(spec=spec, cluster=cluster, global_batch=args.global_batch, fixed=fixed,
-                        time_limit_s=args.time_limit, progress=sys.stderr.isatty() and not args.json)
-    found = run_search(req, trace_graph=graph)
+                        time_limit_s=args.time_limit, progress=sys.stderr.isatty() and not args.json, source=source)
+    found = run_search(req, trace_graph=graph, module_map=module_map)
     stats = dict(found.stats)
     if args.no_timing:
         for key in [k for k in stats if k.endswith("time_s") or k == "trace_s"]:
             del stats[key]
-    plan = plan_of_search(spec, found, args.cluster, stats, cluster)
+    plan = plan_of_search(spec, found, args.cluster, stats, cluster, source)
     if args.output:
         atomic_write_text(args.output, plan.to_yaml())
     if args.json:

@@ -12,6 +12,7 @@ from cli.commands.simulate import format_table
 from planner.files import atomic_write_text
 from cli.commands.plan import plan_of_search
 from planner.plan import Plan
+from planner.model_source import module_map_of
 from planner.search import SearchRequest, run_search
 
 
@@ -47,9 +48,10 @@ def run_replan(args: argparse.Namespace) -> int:
         raise ConfigError(f"--cluster {cluster_text} has {cluster.world_size} GPUs, not --gpus {args.gpus}")
     spec = old.spec
     req = SearchRequest(spec=spec, cluster=cluster, global_batch=old.global_batch, fixed=runtime_constraints(old),
-                        time_limit_s=args.time_limit, progress=sys.stderr.isatty() and not args.json)
-    found = run_search(req)
-    plan = plan_of_search(spec, found, cluster_text, found.stats, cluster)
+                        time_limit_s=args.time_limit, progress=sys.stderr.isatty() and not args.json,
+                        source=old.source)
+    found = run_search(req, module_map=module_map_of(old.source, spec) if old.source else None)
+    plan = plan_of_search(spec, found, cluster_text, found.stats, cluster, old.source)
     if args.output:
         atomic_write_text(args.output, plan.to_yaml())
     if args.json:

@@ -1,0 +1,351 @@
+"""The user's own module, run from a plan: a Hugging Face model (`hf:`) or any `py:` module.
+
+Every rank builds the module the plan was made from on the meta device, cuts it to its
+pipeline stages, parallelizes it from the plan (tensor and sequence parallelism from the
+per-parameter placements and the module map, recomputation and FSDP2 per repeated block),
+then allocates its shards and fills them: pretrained safetensors where the model directory
+has them (each rank reads only its slices, through DCP's Hugging Face reader), otherwise the
+model's own initialisation, the same values on any layout (Hugging Face: `_init_weights`
+per submodule, seeded by its name; `py:`: the module built once on the CPU under the seed).
+
+Tensor parallelism, per column group of the map (Megatron's f and g): the column linears
+(q, k, v; gate, up) go column-parallel and read one DTensor (the norm's output, replicated;
+gathered from sequence shards under sequence parallelism), so their input gradients add up
+before one reduction; the row linear (o; down) goes row-parallel, reduced (or reduce-
+scattered to sequence shards). The embedding and head go vocab-parallel where the plan
+splits them; attention modules that keep head counts as attributes get their local counts.
+"""
+
+from __future__ import annotations
+
+import copy
+import types
+import zlib
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel, parallelize_module
+
+from costmodel.errors import ConfigError
+from planner.contract import tp_placement
+from planner.model_source import build_source_module, hf_config
+from planner.module_map import ModuleMap
+from planner.plan import Plan
+from runtime.activation_checkpoint import selective_context
+from runtime.data_parallel import DTYPES, apply_data_parallel_blocks
+
+WRAPPED = "_checkpoint_wrapped_module."
+
+
+def clean(name: str) -> str:
+    """A parameter's name as the module has it (without the recompute wrapper's prefix)."""
+    return name.replace(WRAPPED, "")
+
+
+def logits_of(output) -> torch.Tensor:
+    """Logits from what a causal LM returns: a tensor, a ModelOutput (.logits) or a tuple."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    return output[0]
+
+
+# -- building ---------------------------------------------------------------------------------
+def build_meta(plan: Plan) -> nn.Module:
+    with torch.device("meta"):
+        module, _ = build_source_module(plan.source, plan.spec)
+    return module
+
+
+def cut_stage(model: nn.Module, mmap: ModuleMap, first: int, end: int, *, has_embedding: bool, has_head: bool,
+              seq_len: int) -> nn.Module:
+    """A Hugging Face decoder cut to layers [first, end): the blocks kept in a ModuleDict under
+    their global index (so every name stays the module's own), the embedding on the first
+    stage only, the final norm and head on the last; its forward drives the stage (tokens or
+    hidden states in, hidden states or logits out), as the model's own forward does."""
+    inner = model.get_submodule(mmap.blocks.rpartition(".")[0]) if "." in mmap.blocks else model
+    blocks_attr = mmap.blocks.rpartition(".")[2]
+    blocks = getattr(inner, blocks_attr)
+    setattr(inner, blocks_attr, nn.ModuleDict({str(i): blocks[i] for i in range(first, end)}))
+    if not has_embedding:
+        _set(model, mmap.embedding, None)
+    if not has_head:
+        _set(model, mmap.head, None)
+        if mmap.final_norm:
+            _set(model, mmap.final_norm, None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = inner.embed_tokens(x) if inner.embed_tokens is not None else x  # (B, T, C) or its sequence shard
+        positions = torch.arange(seq_len, device=h.device).unsqueeze(0)  # (1, T): the whole sequence
+        cos_sin = inner.rotary_emb(h, positions)
+        for block in getattr(inner, blocks_attr).values():
+            out = block(h, attention_mask=None, position_ids=positions, position_embeddings=cos_sin)
+            h = out[0] if isinstance(out, tuple) else out
+        if self.lm_head is None:
+            return h
+        return self.lm_head(inner.norm(h))  # (B, T, V)
+
+    model.forward = types.MethodType(forward, model)
+    return model
+
+
+def _set(root: nn.Module, path: str, value) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, value)
+
+
+def part_at(root: nn.Module, path: str):
+    """The submodule at `path`, or None where this part does not hold it (a pipeline stage)."""
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def tie(model: nn.Module, mmap: ModuleMap) -> None:
+    """Share the embedding's weight with the head (a tied model) where this part holds both;
+    tensor parallelism and `to_empty` give each its own copy."""
+    emb, head = part_at(model, mmap.embedding), part_at(model, mmap.head)
+    if mmap.tied and emb is not None and head is not None and head.weight is not emb.weight:
+        head.weight = emb.weight
+
+
+def blocks_of(model: nn.Module, mmap: ModuleMap) -> nn.Module:
+    return model.get_submodule(mmap.blocks)
+
+
+# -- tensor and sequence parallelism ---------------------------------------------------------
+def _replicate_output(mesh, sequence_parallel: bool, local: bool):
+    """A forward hook: a norm's output as one replicated tensor (gathered from sequence shards
+    under sequence parallelism), a DTensor its column linears share, or local."""
+    def hook(module, args, out):
+        if sequence_parallel:
+            out = out if isinstance(out, DTensor) else DTensor.from_local(out, mesh, [Shard(1)], run_check=False)
+            out = out.redistribute(mesh, [Replicate()])
+        elif not isinstance(out, DTensor):
+            out = DTensor.from_local(out, mesh, [Replicate()], run_check=False)
+        return out.to_local() if local else out
+    return hook
+
+
+def _scatter_sequence(mesh):
+    """A forward pre-hook on the first block: its input, replicated, cut to this rank's
+    sequence shard (the residual stream runs sequence-parallel from here)."""
+    def hook(module, args, kwargs):
+        def cut(x):
+            return DTensor.from_local(x, mesh, [Replicate()], run_check=False).redistribute(mesh, [Shard(1)]).to_local()
+        if args:
+            return (cut(args[0]), *args[1:]), kwargs
+        key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
+        return args, {**kwargs, key: cut(kwargs[key])}
+    return hook
+
+
+def apply_module_tp(model: nn.Module, mmap: ModuleMap, mesh, placements: dict, sequence_parallel: bool,
+                    tp: int) -> None:
+    sp = sequence_parallel
+    emb, head, norm = part_at(model, mmap.embedding), part_at(model, mmap.head), part_at(model, mmap.final_norm) if mmap.final_norm else None
+    top: dict[str, object] = {}
+    if emb is not None and tp_placement(placements, mmap.embedding_weight) == "Shard(0)":
+        # the whole sequence leaves the embedding: the model's own forward sizes positions and
+        # masks from it; the first block then takes its sequence shard
+        top[mmap.embedding] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+    head_split = head is not None and tp_placement(placements, mmap.head_weight) == "Shard(0)"
+    if head_split:
+        top[mmap.head] = ColwiseParallel(output_layouts=Replicate())
+    if norm is not None and sp:
+        top[mmap.final_norm] = SequenceParallel()
+    if top:
+        parallelize_module(model, mesh, top)
+    if norm is not None and (sp or head_split):
+        norm.register_forward_hook(_replicate_output(mesh, sp, local=not head_split))
+    blocks = blocks_of(model, mmap)
+    for key, block in blocks.named_children():
+        plan: dict[str, object] = {}
+        sources = []
+        for g in mmap.groups:
+            if tp_placement(placements, mmap.block_param(key, g.column[0])) != "Shard(0)":
+                continue  # a replicated group (the contract allows all or none)
+            for path in g.column:
+                plan[path] = ColwiseParallel(input_layouts=Shard(1) if sp and not g.source else Replicate())
+            plan[g.row] = RowwiseParallel(output_layouts=Shard(1) if sp else Replicate())
+            if g.source:
+                sources.append(g.source)
+                if sp:
+                    plan[g.source] = SequenceParallel()
+        if not plan:
+            continue
+        parallelize_module(block, mesh, plan)
+        for path in dict.fromkeys(sources):
+            block.get_submodule(path).register_forward_hook(_replicate_output(mesh, sp, local=False))
+        for path, names in mmap.head_attributes.items():
+            sub = block.get_submodule(path) if path else block
+            for attr in names.split(","):
+                setattr(sub, attr, getattr(sub, attr) // tp)
+    if sp and emb is not None:
+        first = blocks[next(iter(blocks._modules))] if isinstance(blocks, nn.ModuleDict) else blocks[0]
+        first.register_forward_pre_hook(_scatter_sequence(mesh), with_kwargs=True)
+
+
+def apply_module_recompute(model: nn.Module, mmap: ModuleMap, policy_by_layer: dict[str, str]) -> None:
+    blocks = blocks_of(model, mmap)
+    for key, block in list(blocks.named_children()):
+        policy = policy_by_layer.get(key, "none")
+        if policy == "none":
+            continue
+        kwargs = {} if policy == "full" else {"context_fn": selective_context}
+        wrapped = checkpoint_wrapper(block, preserve_rng_state=False, **kwargs)
+        if isinstance(blocks, nn.ModuleDict):
+            blocks[key] = wrapped
+        else:
+            blocks[int(key)] = wrapped
+
+
+# -- values -----------------------------------------------------------------------------------
+def safetensors_files(plan: Plan) -> list[Path]:
+    if plan.source.get("kind") != "hf":
+        return []
+    path = Path(plan.source["path"])
+    folder = path if path.is_dir() else path.parent
+    return sorted(folder.glob("*.safetensors"))
+
+
+def _copy_full(param: torch.Tensor, full: torch.Tensor) -> None:
+    from torch.distributed.tensor import distribute_tensor
+
+    with torch.no_grad():
+        if isinstance(param, DTensor):
+            local = distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements).to_local()
+            param.to_local().copy_(local.to(param.to_local().device))
+        else:
+            param.copy_(full.to(param.dtype).to(param.device))
+
+
+def _by_name(model: nn.Module) -> dict[str, torch.Tensor]:
+    """This part's parameters by the module's own names (a tied copy under each name it has)."""
+    return {clean(n): p for n, p in model.named_parameters(remove_duplicate=False)}
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def initialise(model: nn.Module, pristine: nn.Module, plan: Plan, mmap: ModuleMap, seed: int) -> None:
+    """Fill this part's parameters with the model's own initialisation (see the module docstring)."""
+    mine = _by_name(model)
+    if plan.source.get("kind") == "py":
+        torch.manual_seed(seed)
+        with torch.device("cpu"):
+            whole, _ = build_source_module(plan.source, plan.spec)
+        full = dict(whole.named_parameters(remove_duplicate=False))
+        for name, p in mine.items():
+            _copy_full(p, full[name].detach())
+        return
+    tied_head = f"{mmap.head}.weight" if mmap.tied else None
+    for path, sub in pristine.named_modules():
+        direct = [n for n, _ in sub.named_parameters(recurse=False)
+                  if _join(path, n) in mine and _join(path, n) != tied_head]
+        if direct:
+            _init_submodule(pristine, path, seed, {n: mine[_join(path, n)] for n in direct})
+    if tied_head and tied_head in mine and mmap.embedding_weight not in mine:
+        # a last pipeline stage's copy of a tied head starts as the embedding does
+        _init_submodule(pristine, mmap.embedding, seed, {"weight": mine[tied_head]})
+
+
+def _init_submodule(pristine: nn.Module, path: str, seed: int, targets: dict[str, torch.Tensor]) -> None:
+    """Hugging Face's `_init_weights` on a CPU copy of one submodule (its own parameters only),
+    seeded by its path, copied into this rank's shards of `targets`."""
+    local = copy.copy(pristine.get_submodule(path))
+    local._modules = {}  # this submodule's own parameters only
+    local._parameters = {n: None if p is None else nn.Parameter(torch.empty(p.shape, dtype=p.dtype),
+                                                                  requires_grad=p.requires_grad)
+                         for n, p in local._parameters.items()}
+    torch.manual_seed(seed * 1_000_003 + zlib.crc32(path.encode()))
+    pristine._init_weights(local)
+    for n, target in targets.items():
+        _copy_full(target, local._parameters[n].detach())
+
+
+def load_pretrained(model: nn.Module, plan: Plan, mmap: ModuleMap) -> None:
+    """Read this part's slices of the model directory's safetensors (DCP's Hugging Face reader:
+    each rank reads what its shards hold). A tied head not stored under its own name (as
+    `save_pretrained` writes a tied model) reads the embedding's tensor."""
+    import torch.distributed.checkpoint as dcp
+
+    files = safetensors_files(plan)
+    state: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, p in _by_name(model).items():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        key = mmap.embedding_weight if mmap.tied and name == f"{mmap.head}.weight" else name
+        state[key] = p
+    dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(files[0].parent)))
+
+
+# -- the whole build --------------------------------------------------------------------------
+def build_user_parts(plan: Plan, mesh, device: torch.device, seed: int, mmap: ModuleMap, stages):
+    """The parts of the user's module this rank runs (one per virtual stage), parallelized per
+    the plan and filled; `stages`: (virtual stage, first layer, end layer) of this rank."""
+    pp, tp = plan.mesh["pp"], plan.mesh["tp"]
+    dp = plan.mesh["dp_replicate"] * plan.mesh["dp_shard"]
+    last = len(plan.stages) - 1 if pp > 1 else 0
+    recompute = {s.virtual_stage: s.recompute for s in plan.stages}
+    pretrained = bool(safetensors_files(plan))
+    parts, ids = [], []
+    for k, first, end in stages:
+        model = build_meta(plan)
+        pristine = copy.deepcopy(model) if not pretrained else None
+        if pp > 1:
+            model = cut_stage(model, mmap, first, end, has_embedding=k == 0, has_head=k == last, seq_len=plan.seq_len)
+        if tp > 1:
+            apply_module_tp(model, mmap, mesh["tp"], plan.placements, plan.sequence_parallel, tp)
+        tie(model, mmap)
+        apply_module_recompute(model, mmap, {key: recompute.get(k, "none") for key, _ in
+                                             blocks_of(model, mmap).named_children()})
+        if dp > 1:
+            apply_data_parallel_blocks(model, list(blocks_of(model, mmap).children()),
+                                       mesh["dp_replicate", "dp_shard"], plan.zero, plan.precision)
+        model.to_empty(device=device)
+        tie(model, mmap)
+        if pretrained:
+            load_pretrained(model, plan, mmap)
+        else:
+            initialise(model, pristine, plan, mmap, seed)
+        _restore_buffers(model, plan)
+        model.train()
+        parts.append(model)
+        ids.append(k)
+    return parts, ids
+
+
+def _restore_buffers(model: nn.Module, plan: Plan) -> None:
+    """Buffers (rotary tables) after `to_empty`: Hugging Face's init recomputes its rotary
+    embedding's; a py: module's come from its CPU build."""
+    if plan.source.get("kind") == "hf":
+        for path, sub in model.named_modules():
+            if "RotaryEmbedding" in type(sub).__name__ and hasattr(sub, "original_inv_freq"):
+                init = getattr(model, "_init_weights")
+                init(sub)
+        return
+    buffers = list(model.named_buffers())
+    if buffers:
+        with torch.device("cpu"):
+            whole, _ = build_source_module(plan.source, plan.spec)
+        full = dict(whole.named_buffers())
+        with torch.no_grad():
+            for name, b in buffers:
+                b.copy_(full[clean(name)].to(b.device))
+
+
+def param_dtype(plan: Plan) -> torch.dtype:
+    return DTYPES.get(plan.precision, torch.float32)
+
+
+def hf_config_of(plan: Plan):
+    return hf_config(plan.source["path"])
