@@ -152,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace of the step")
     sim.add_argument("-o", "--output", metavar="PLAN", help="write the strategy as a plan YAML")
     sim.add_argument("--json", action="store_true", help="print JSON for scripts")
+    ew = sub.add_parser("export-weights", help="write a Hugging Face model's checkpoint as a from_pretrained folder")
+    ew.add_argument("checkpoint", help="a `paraplan run --checkpoint-dir` folder (its newest checkpoint) or a step_N folder")
+    ew.add_argument("-o", "--output", required=True, metavar="DIR", help="a new folder for config.json + model.safetensors")
+    ew.add_argument("--plan", help="the plan it was trained under (default: the plan.yaml kept beside the checkpoints)")
     exp = sub.add_parser("export", help="write a plan as an engine's config (torchtitan, megatron, deepspeed, vllm)")
     exp.add_argument("plan", help="a plan YAML")
     exp.add_argument("--to", required=True, choices=("torchtitan", "megatron", "deepspeed", "vllm"))
@@ -168,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                     "run": ("run", "run_run"), "generate": ("generate", "run_generate"),
                     "check": ("check", "run_check"), "replan": ("replan", "run_replan"),
                     "simulate": ("simulate", "run_simulate"),
-                    "export": ("engines", "run_export")}
+                    "export": ("engines", "run_export"), "export-weights": ("weights", "run_export_weights")}
         if args.command in commands:
             module, function = commands[args.command]
             return getattr(importlib.import_module(f"cli.commands.{module}"), function)(args)

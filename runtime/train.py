@@ -14,6 +14,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -148,6 +149,16 @@ def build_parts(plan: Plan, mesh, device: torch.device, seed: int):
     return modules, ids
 
 
+def build_plan_parts(plan: Plan, mesh, device: torch.device, seed: int):
+    """(model parts of this rank, their virtual stages, the user's module map or None): the
+    built-in Transformer, or the module the plan's source names (runtime.module)."""
+    if not plan.source:
+        return (*build_parts(plan, mesh, device, seed), None)
+    mmap = module_map_of(plan.source, plan.spec)
+    stages = my_stages(plan, mesh["pp"].get_local_rank()) if plan.mesh["pp"] > 1 else [(0, 0, plan.spec.layers)]
+    return (*build_user_parts(plan, mesh, device, seed, mmap, stages), mmap)
+
+
 def _grad_norm_clip(modules, max_norm: float, pp_group, tied_copy: bool = False, mmap=None) -> float:
     """Clip by the global L2 norm. Gradients are grouped by (mesh, placements), one norm and
     one reduction per group (clip_grad_norm_ cannot stack norms of DTensors on different
@@ -202,12 +213,7 @@ def train(plan: Plan, cfg: RunConfig) -> dict:
     dp = plan.mesh["dp_replicate"] * plan.mesh["dp_shard"]
     dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
     dp_rank = dp_mesh.get_local_rank()
-    mmap = module_map_of(plan.source, spec) if plan.source else None  # the user's module (None: the built-in)
-    if mmap is None:
-        modules, stage_ids = build_parts(plan, mesh, device, cfg.seed)
-    else:
-        stages = my_stages(plan, mesh["pp"].get_local_rank()) if pp > 1 else [(0, 0, spec.layers)]
-        modules, stage_ids = build_user_parts(plan, mesh, device, cfg.seed, mmap, stages)
+    modules, stage_ids, mmap = build_plan_parts(plan, mesh, device, cfg.seed)
     optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
                   for m in modules]
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, _lr_lambda(cfg)) for o in optimizers]
@@ -217,6 +223,11 @@ def train(plan: Plan, cfg: RunConfig) -> dict:
     source = TokenSource(spec.vocab, plan.seq_len, cfg.data, cfg.seed)
     extra = {"step": 0}
     state = ckpt.TrainState(modules, optimizers, extra)
+    if cfg.checkpoint_dir and rank == 0:  # the plan beside its checkpoints (export-weights reads it)
+        from planner.files import atomic_write_text
+
+        Path(cfg.checkpoint_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(str(Path(cfg.checkpoint_dir) / "plan.yaml"), plan.to_yaml())
     if cfg.resume and cfg.checkpoint_dir:
         found = ckpt.load_latest(cfg.checkpoint_dir, state)
         if found is not None:

@@ -1,0 +1,111 @@
+"""A Hugging Face model whole on one process: from its directory (config, safetensors) and,
+optionally, the model of a `paraplan run` checkpoint; and back out as a Hugging Face
+directory (`save_pretrained`: config.json + model.safetensors, the tokenizer files copied)
+that `AutoModelForCausalLM.from_pretrained` loads.
+
+DCP checkpoints keep the module's own parameter names (`model.layers.0.self_attn.q_proj.weight`),
+so a checkpoint written under any layout loads here by name. This path materialises the whole
+model in host memory (export and generation run on one process).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from costmodel.errors import ConfigError
+from planner.model_source import hf_config
+from planner.plan import Plan
+
+PLAN_FILE = "plan.yaml"  # `paraplan run --checkpoint-dir DIR` keeps the plan it trained here
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt")
+
+
+def model_dir(path: str | Path) -> Path:
+    p = Path(path)
+    return p if p.is_dir() else p.parent
+
+
+def resolve_checkpoint(checkpoint: str | Path) -> Path:
+    """A checkpoint folder (DIR/step_N), or the newest complete one under a run's DIR."""
+    from runtime.checkpoint import MARKER, latest
+
+    path = Path(checkpoint)
+    if (path / MARKER).exists():
+        return path
+    found = latest(path)
+    if found is None:
+        raise ConfigError(f"no complete checkpoint in {checkpoint}; give a `paraplan run --checkpoint-dir` folder "
+                          "or one of its step_N folders")
+    return found
+
+
+def plan_of_checkpoint(checkpoint: Path) -> Plan:
+    """The plan a checkpoint was trained under (kept beside its step folders)."""
+    for folder in (checkpoint, checkpoint.parent):
+        if (folder / PLAN_FILE).is_file():
+            return Plan.load(folder / PLAN_FILE)
+    raise ConfigError(f"{checkpoint} holds no {PLAN_FILE} (written by `paraplan run --checkpoint-dir`); "
+                      "give the plan with --plan")
+
+
+def load_hf_model(path: str | Path, *, checkpoint: Path | None = None, seed: int = 0, dtype=torch.float32):
+    """The Hugging Face model of a directory on the CPU: its pretrained weights (or its own
+    initialisation under `seed`), then the model state of `checkpoint` if given."""
+    import transformers
+
+    config = hf_config(str(path))
+    folder = model_dir(path)
+    if any(folder.glob("*.safetensors")):
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), config=config, dtype=dtype)
+    else:
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if checkpoint is not None:
+        load_model_state(model, checkpoint)
+    return model.eval()
+
+
+def load_model_state(model: torch.nn.Module, checkpoint: Path) -> None:
+    """The model part of a training checkpoint (`train.model.<name>`) into a whole module."""
+    import torch.distributed.checkpoint as dcp
+
+    stored = set(dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata)
+    state = {name: t for name, t in model.state_dict().items() if f"train.model.{name}" in stored}
+    missing = [n for n, _ in model.named_parameters() if n not in state]
+    if missing:
+        raise ConfigError(f"checkpoint {checkpoint} lacks {missing[0]} (and {len(missing) - 1} more); it was "
+                          "written for another model")
+    try:
+        dcp.load({"train": {"model": state}}, checkpoint_id=str(checkpoint), no_dist=True)
+    except Exception as exc:  # noqa: BLE001 - a damaged checkpoint or another model's
+        raise ConfigError(f"cannot load the model from {checkpoint}: {str(exc).splitlines()[0][:200]}") from None
+    model.load_state_dict(state, strict=False)
+
+
+def export_weights(checkpoint: str | Path, output: str | Path, plan: Plan | None = None) -> Path:
+    """Write the model of a training checkpoint as a Hugging Face directory."""
+    step = resolve_checkpoint(checkpoint)
+    plan = plan or plan_of_checkpoint(step)
+    if plan.source.get("kind") != "hf":
+        raise ConfigError("export-weights writes Hugging Face models (plans made with --model hf:DIR or a "
+                          "config.json); this plan trains paraplan's built-in model or a py: module")
+    out = Path(output)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} exists and is not empty; give a new folder")
+    model = load_hf_model(plan.source["path"], checkpoint=step)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    source = model_dir(plan.source["path"])
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, tmp / name)
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    return out
