@@ -95,17 +95,18 @@ def hf_config(path: str):
     return config
 
 
-def build_source_module(source: dict, spec: ModelSpec):
-    """(the source's module on the meta device, example inputs for one pass over it)."""
+def build_source_module(source: dict, spec: ModelSpec, device: str = "meta"):
+    """(the source's module on `device` (meta: nothing allocated), example inputs for one pass
+    over it)."""
     import torch
 
-    tokens = (torch.zeros(1, min(spec.seq_len, 64), dtype=torch.long, device="meta"),)
+    tokens = (torch.zeros(1, min(spec.seq_len, 64), dtype=torch.long, device=device),)
     kind = source.get("kind")
     if kind == "hf":
         import transformers
 
         config = hf_config(source["path"])
-        with torch.device("meta"):
+        with torch.device(device):
             module = transformers.AutoModelForCausalLM.from_config(config)
         return module, tokens
     if kind == "py":
@@ -117,7 +118,7 @@ def build_source_module(source: dict, spec: ModelSpec):
         except (ImportError, AttributeError) as exc:
             raise ConfigError(f"the plan's model py:{source['target']} cannot be imported from {source.get('path')} "
                               f"({exc}); run where the module is importable") from None
-        with torch.device("meta"):
+        with torch.device(device):
             built = fn()
         module, inputs = (built[0], built[1]) if isinstance(built, tuple) else (built, tokens)
         return module, inputs if isinstance(inputs, tuple) else (inputs,)

@@ -1,5 +1,6 @@
-"""Training data: synthetic tokens (default), a tokenized .npy/.bin file, or a text file read
-as bytes. Deterministic: the batch of step t depends only on (seed, t), and every data-
+"""Training data: synthetic tokens (default), a tokenized .npy/.bin file, or a text file: read
+as bytes, or tokenized by the Hugging Face tokenizer of the model's directory when it has one
+(`tokenizer`: that directory). Deterministic: the batch of step t depends only on (seed, t), and every data-
 parallel rank takes its own contiguous slice of the global batch."""
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from costmodel.errors import ConfigError
 
 
 class TokenSource:
-    def __init__(self, vocab: int, seq_len: int, path: str | None = None, seed: int = 0) -> None:
+    def __init__(self, vocab: int, seq_len: int, path: str | None = None, seed: int = 0,
+                 tokenizer: str | None = None) -> None:
         self.vocab, self.seq_len, self.seed = vocab, seq_len, seed
+        self.tokenizer = tokenizer
         self.tokens = None if path is None else self._load(Path(path))
 
     def _load(self, path: Path) -> np.ndarray:
@@ -24,6 +27,8 @@ class TokenSource:
             tokens = np.load(path, mmap_mode="r")
         elif path.suffix == ".bin":
             tokens = np.memmap(path, dtype=np.uint16, mode="r")
+        elif self.tokenizer is not None:  # text, tokenized as the model was
+            tokens = tokenize(path, self.tokenizer)
         else:  # plain text: byte-level tokens
             tokens = np.frombuffer(path.read_bytes(), dtype=np.uint8)
         if tokens.ndim != 1 or len(tokens) <= self.seq_len + 1:
@@ -42,6 +47,33 @@ class TokenSource:
             seqs = torch.stack([torch.from_numpy(np.asarray(self.tokens[s:s + self.seq_len + 1], dtype=np.int64))
                                 for s in starts.tolist()])
         return seqs[:, :-1].contiguous(), seqs[:, 1:].contiguous()
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def tokenizer_dir(folder: str | Path | None) -> str | None:
+    """The folder if it holds a Hugging Face tokenizer, else None."""
+    if folder is None:
+        return None
+    path = Path(folder)
+    path = path if path.is_dir() else path.parent
+    return str(path) if any((path / name).is_file() for name in TOKENIZER_FILES) else None
+
+
+def tokenize(path: Path, tokenizer: str) -> np.ndarray:
+    """A text file's token ids under the tokenizer saved in `tokenizer` (a model directory)."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise ConfigError('tokenizing text needs transformers: pip install "paraplan[hf]"') from None
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"the tokenizer in {tokenizer} cannot be loaded ({exc}); remove its files to read "
+                          "the text as bytes") from None
+    ids = tok(path.read_text(encoding="utf-8", errors="replace"))["input_ids"]
+    return np.asarray(ids, dtype=np.int64)
 
 
 def dp_slice(x: torch.Tensor, dp_rank: int, dp: int) -> torch.Tensor:

@@ -110,6 +110,39 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, samp
                       decode_step_s=statistics.median(steps) if steps else 0.0, cache_bytes=cache.nbytes)
 
 
+@torch.no_grad()
+def generate_hf(model, prompt: torch.Tensor, max_new_tokens: int, sampling: Sampling) -> Generation:
+    """The same loop on a Hugging Face causal LM, with its own KV cache (DynamicCache): the
+    prompt once (prefill), then one token per step against the cache."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    bsz, plen = prompt.shape
+    if limit is not None and plen + max_new_tokens > limit:
+        raise ConfigError(f"prompt {plen} + {max_new_tokens} new tokens exceed the model's {limit} positions")
+    import inspect
+
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    gen = torch.Generator().manual_seed(sampling.seed)
+    t0 = time.perf_counter()
+    out = model(prompt, use_cache=True)
+    prefill = time.perf_counter() - t0
+    cache = getattr(out, cache_arg)
+    tokens, steps = [prompt], []
+    token = next_tokens(out.logits[:, -1], sampling, gen)  # (B,)
+    for i in range(max_new_tokens):
+        tokens.append(token[:, None])
+        if i == max_new_tokens - 1:
+            break
+        t0 = time.perf_counter()
+        out = model(token[:, None], use_cache=True, **{cache_arg: cache})
+        cache = getattr(out, cache_arg)
+        token = next_tokens(out.logits[:, -1], sampling, gen)
+        steps.append(time.perf_counter() - t0)
+    cache_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+                      if isinstance(t, torch.Tensor)) if hasattr(cache, "layers") else 0
+    return Generation(tokens=torch.cat(tokens, dim=1), prefill_s=prefill,
+                      decode_step_s=statistics.median(steps) if steps else 0.0, cache_bytes=cache_bytes)
+
+
 def encode(text: str, vocab: int) -> list[int]:
     data = list(text.encode("utf-8"))
     if vocab < 256 and any(b >= vocab for b in data):

@@ -239,8 +239,7 @@ def initialise(model: nn.Module, pristine: nn.Module, plan: Plan, mmap: ModuleMa
     mine = _by_name(model)
     if plan.source.get("kind") == "py":
         torch.manual_seed(seed)
-        with torch.device("cpu"):
-            whole, _ = build_source_module(plan.source, plan.spec)
+        whole, _ = build_source_module(plan.source, plan.spec, device="cpu")
         full = dict(whole.named_parameters(remove_duplicate=False))
         for name, p in mine.items():
             _copy_full(p, full[name].detach())
@@ -335,8 +334,7 @@ def _restore_buffers(model: nn.Module, plan: Plan) -> None:
         return
     buffers = list(model.named_buffers())
     if buffers:
-        with torch.device("cpu"):
-            whole, _ = build_source_module(plan.source, plan.spec)
+        whole, _ = build_source_module(plan.source, plan.spec, device="cpu")
         full = dict(whole.named_buffers())
         with torch.no_grad():
             for name, b in buffers:

@@ -29,7 +29,7 @@ from runtime import checkpoint as ckpt
 from runtime.activation_checkpoint import apply_recompute
 from planner.contract import runnable_problems
 from planner.model_source import module_map_of
-from runtime.data import TokenSource, dp_slice
+from runtime.data import TokenSource, dp_slice, tokenizer_dir
 from runtime.data_parallel import apply_data_parallel
 from runtime.lora import apply_lora
 from runtime.mesh import build_mesh
@@ -220,7 +220,8 @@ def train(plan: Plan, cfg: RunConfig) -> dict:
     pp_group = mesh["pp"].get_group() if pp > 1 else None
     tied_group = tied_pairs(plan, mesh)
     schedule = build_schedule(plan, modules, stage_ids, device, pp_group, loss_fn) if pp > 1 else None
-    source = TokenSource(spec.vocab, plan.seq_len, cfg.data, cfg.seed)
+    tokenizer = tokenizer_dir(plan.source["path"]) if plan.source.get("kind") == "hf" else None
+    source = TokenSource(spec.vocab, plan.seq_len, cfg.data, cfg.seed, tokenizer=tokenizer)
     extra = {"step": 0}
     state = ckpt.TrainState(modules, optimizers, extra)
     if cfg.checkpoint_dir and rank == 0:  # the plan beside its checkpoints (export-weights reads it)

@@ -14,7 +14,8 @@ from torch.distributed.tensor.debug import CommDebugMode
 from costmodel.layer import tp_collectives_per_layer
 from planner.plan import Plan
 from runtime.mesh import build_mesh
-from runtime.train import build_parts
+from runtime.module import blocks_of
+from runtime.train import build_plan_parts
 
 
 def main() -> None:
@@ -22,14 +23,22 @@ def main() -> None:
     dist.init_process_group("gloo")
     plan = Plan.from_yaml(Path(sys.argv[1]).read_text())
     mesh = build_mesh(plan.mesh, "cpu")
-    (model,), _ = build_parts(plan, mesh, torch.device("cpu"), seed=0)
+    (model,), _, mmap = build_plan_parts(plan, mesh, torch.device("cpu"), seed=0)
     spec = plan.spec
     tp = plan.mesh["tp"]
-    seq = spec.seq_len // tp if plan.sequence_parallel else spec.seq_len  # the block's local input
+    seq = plan.seq_len // tp if plan.sequence_parallel else plan.seq_len  # the block's local input
     x = torch.randn(plan.schedule["microbatch_size"], seq, spec.hidden, requires_grad=True)
-    block = model.layers["1"]
+    if mmap is None:  # paraplan's own Transformer
+        block = model.layers["1"]
+        call = lambda: block(x, model.rope_cos, model.rope_sin)  # noqa: E731
+    else:  # a Hugging Face decoder layer, called as its model calls it
+        block = blocks_of(model, mmap)[1]
+        positions = torch.arange(plan.seq_len).unsqueeze(0)  # (1, T)
+        cos_sin = model.model.rotary_emb(x, positions)
+        call = lambda: block(x, attention_mask=None, position_ids=positions, position_embeddings=cos_sin)  # noqa: E731
     with CommDebugMode() as fwd:
-        out = block(x, model.rope_cos, model.rope_sin)
+        out = call()
+        out = out[0] if isinstance(out, tuple) else out
     with CommDebugMode() as bwd:
         out.sum().backward()
     counts = {phase: {str(op).split(".")[-1]: n for op, n in mode.get_comm_counts().items()}

@@ -49,8 +49,22 @@ def write_plan(directory: Path, model: str, s: Strategy, name: str) -> Path:
     return path
 
 
+def write_source_plan(directory: Path, model: str, s: Strategy, name: str) -> Path:
+    """A plan for a user's module (`hf:DIR` or `py:MODULE:CALLABLE`), named as that module is."""
+    from planner.model_source import load_model, module_map_of, source_of
+
+    spec, _ = load_model(model)
+    source = source_of(model)
+    cluster = f"cpu:{s.world_size}"
+    plan = plan_from_strategy(spec, s, cluster, predict(spec, s, load_cluster(cluster)).predicted(), source=source,
+                              module_map=module_map_of(source, spec))
+    path = directory / f"{name}.yaml"
+    path.write_text(plan.to_yaml())
+    return path
+
+
 def torchrun(nproc: int, plans: list[Path], out: Path, *extra: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "runtime.worker", *map(str, plans), "--out", str(out), *extra]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)

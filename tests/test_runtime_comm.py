@@ -9,14 +9,27 @@ import sys
 import pytest
 
 from costmodel import Strategy
-from runtime_helpers import ROOT, write_plan
+from runtime_helpers import ROOT, write_plan, write_source_plan
 
 
-@pytest.mark.parametrize("model", ["tiny-gpt", "tiny-llama"])
+def _hf_llama(tmp_path) -> str:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=128, vocab_size=256,
+                                      max_position_embeddings=64)
+    config.save_pretrained(tmp_path / "hf-llama")
+    return f"hf:{tmp_path / 'hf-llama'}"
+
+
+@pytest.mark.parametrize("model", ["tiny-gpt", "tiny-llama", "hf-llama"])
 @pytest.mark.parametrize("sp", [False, True], ids=["tp", "tp+sp"])
 def test_collectives_per_layer_match_the_plan(tmp_path, model, sp):
-    plan = write_plan(tmp_path, model, Strategy(precision="fp32", tp=2, global_batch=2, microbatch_size=2,
-                                                sequence_parallel=sp), "comm")
+    s = Strategy(precision="fp32", tp=2, global_batch=2, microbatch_size=2, sequence_parallel=sp,
+                 seq_len=32 if model == "hf-llama" else 0)
+    if model == "hf-llama":  # the user's module (LlamaDecoderLayer), parallelized from the plan
+        plan = write_source_plan(tmp_path, _hf_llama(tmp_path), s, "comm")
+    else:
+        plan = write_plan(tmp_path, model, s, "comm")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                           str(ROOT / "tests" / "comm_count_worker.py"), str(plan)],

@@ -70,6 +70,35 @@ def user_lm():
     return UserLM(), (torch.zeros(1, 64, dtype=torch.long),)
 
 
+class _TPBlock(_Block):
+    """The same layer, reshaping its attention output with -1 (its local heads under tensor
+    parallelism) as Hugging Face's and torchtitan's layers do."""
+
+    def forward(self, x):
+        import torch.nn.functional as F
+
+        b, t, _ = x.shape
+        y = self.norm1(x)
+        q = self.q(y).view(b, t, self.nh, self.hd).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k(y).view(b, t, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.v(y).view(b, t, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hs)
+        k = k.repeat_interleave(self.nh // self.nkv, dim=1)
+        v = v.repeat_interleave(self.nh // self.nkv, dim=1)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, -1)  # (B, T, nh*hs)
+        x = x + self.o(a)
+        y = self.norm2(x)
+        return x + self.down(F.silu(self.gate(y)) * self.up(y))
+
+
+def user_lm_tp():
+    """UserLM with its own block class (_TPBlock), vocabulary 256 and 4 layers: run by the tests."""
+    import torch
+
+    model = UserLM(layers=4, h=64, nh=4, nkv=2, f=128, vocab=256)
+    model.blocks = torch.nn.ModuleList(_TPBlock(64, 4, 2, 128) for _ in range(4))
+    return model, (torch.zeros(1, 32, dtype=torch.long),)
+
+
 def user_lm_without_inputs():
     return UserLM()
 

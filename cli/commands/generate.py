@@ -7,18 +7,29 @@ import json
 
 from costmodel import ConfigError, load_cluster
 from costmodel.serving import ServingRequest, decode_step_s, kv_bytes_per_token
-from planner.model_source import load_model_spec
+from planner.model_source import load_model_spec, source_of
 from planner.zoo import ZOO
 
 
 def run_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from runtime.generate import Sampling, decode, encode, generate, load_model
+    from runtime.generate import Sampling, decode, encode, generate, generate_hf, load_model
 
-    if args.model not in ZOO:
-        raise ConfigError(f"generate runs the built-in models ({', '.join(ZOO)}); got '{args.model}'")
+    source = source_of(args.model)
+    if args.model not in ZOO and source.get("kind") != "hf":
+        raise ConfigError(f"generate runs the built-in models ({', '.join(ZOO)}) and Hugging Face models "
+                          f"(hf:DIR); got '{args.model}'")
     spec = load_model_spec(args.model)
+    tokenizer = None
+    if source.get("kind") == "hf":
+        from runtime.data import tokenizer_dir
+
+        folder = tokenizer_dir(source["path"])
+        if folder is not None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(folder)
     if args.max_new_tokens < 1 or args.batch < 1:
         raise ConfigError("--max-new-tokens and --batch must be positive integers")
     sampling = Sampling(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -31,19 +42,27 @@ def run_generate(args: argparse.Namespace) -> int:
         if not ids or any(not 0 <= t < spec.vocab for t in ids):
             raise ConfigError(f"--prompt-tokens must be ids in [0, {spec.vocab})")
     else:
-        ids = encode(args.prompt, spec.vocab)
+        ids = tokenizer(args.prompt)["input_ids"] if tokenizer is not None else encode(args.prompt, spec.vocab)
         if not ids:
             raise ConfigError("--prompt is empty; give some text or --prompt-tokens")
     torch.set_num_threads(args.threads)
-    model = load_model(spec, checkpoint=args.checkpoint, seed=args.seed)
     prompt = torch.tensor([ids] * args.batch)  # (B, P)
-    out = generate(model, prompt, args.max_new_tokens, sampling)
+    if source.get("kind") == "hf":
+        from runtime.hf_weights import load_hf_model, resolve_checkpoint
+
+        checkpoint = resolve_checkpoint(args.checkpoint) if args.checkpoint else None
+        out = generate_hf(load_hf_model(source["path"], checkpoint=checkpoint, seed=args.seed), prompt,
+                          args.max_new_tokens, sampling)
+    else:
+        model = load_model(spec, checkpoint=args.checkpoint, seed=args.seed)
+        out = generate(model, prompt, args.max_new_tokens, sampling)
     predicted_bytes = kv_bytes_per_token(spec, 4) * args.batch * (len(ids) + args.max_new_tokens)
     cluster = load_cluster(args.cluster)
     req = ServingRequest(prompt_len=len(ids), output_len=args.max_new_tokens, precision="fp32")
     predicted_step = decode_step_s(spec, cluster, req, 1, 1, args.batch, len(ids) + args.max_new_tokens / 2)
     result = {
-        "texts": [decode(row.tolist()) for row in out.tokens],
+        "texts": [tokenizer.decode(row.tolist()) if tokenizer is not None else decode(row.tolist())
+                  for row in out.tokens],
         "tokens": out.tokens.tolist(),
         "prefill_s": out.prefill_s,
         "decode_step_s": out.decode_step_s,

@@ -1,0 +1,192 @@
+"""`paraplan run` trains the user's own module: tiny Hugging Face LlamaForCausalLM and
+Qwen2ForCausalLM (GQA; tied and untied; Qwen2's q/k/v biases) and a py: module of its own
+naming, under every kind of split, with the losses of the same module on one process.
+
+Tolerance: 1e-5 relative, fp32, as tests/test_runtime_parity.py argues: the layouts only
+reorder floating-point sums (split matmuls, reduced gradients, averaged microbatches), a few
+ulps per op; a wrong gradient scale, a lost microbatch or a module that is not the user's moves
+the loss by more than 1e-3 within two steps.
+"""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+
+from costmodel import Strategy  # noqa: E402
+from runtime.data import TokenSource  # noqa: E402
+from runtime_helpers import BATCH, ROOT, read_results, torchrun, write_source_plan  # noqa: E402
+
+TOLERANCE = 1e-5
+STEPS = 6
+SEQ = 32
+SIZES = dict(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=128, vocab_size=256, max_position_embeddings=64)
+
+TEXT = "the quick brown fox jumps over the lazy dog while the cat sleeps " * 40
+LAYOUTS = {  # name -> strategy flags (world size 4, or 8 for 3d)
+    "dp": dict(dp=4, microbatch_size=2),
+    "fsdp": dict(dp=4, zero=3, microbatch_size=2),
+    "hsdp": dict(dp=4, zero=3, shard_group=2, microbatch_size=2),
+    "tp": dict(tp=2, dp=2, microbatch_size=4),
+    "tp_sp": dict(tp=2, dp=2, sequence_parallel=True, microbatch_size=4, recompute="selective"),
+    "pp_1f1b": dict(pp=2, dp=2, microbatch_size=2, schedule="1f1b", recompute="full"),
+    "pp_interleaved": dict(pp=2, dp=2, microbatch_size=2, schedule="interleaved", virtual_stages=2),
+    "3d": dict(pp=2, dp=2, tp=2, zero=3, sequence_parallel=True, microbatch_size=2, schedule="1f1b"),
+}
+MODELS = {  # name -> (config class, extra fields, with pretrained weights, layouts run)
+    "llama": ("LlamaConfig", dict(tie_word_embeddings=False), False, tuple(LAYOUTS)),
+    "llama_tied": ("LlamaConfig", dict(tie_word_embeddings=True), True, ("dp", "fsdp", "tp_sp", "pp_1f1b", "3d")),
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=False), False, ("hsdp", "tp", "tp_sp", "pp_interleaved")),
+}
+
+
+def _model_dir(root, name):
+    cls, extra, weights, _ = MODELS[name]
+    config = getattr(transformers, cls)(**SIZES, **extra)
+    folder = root / name
+    if weights:
+        torch.manual_seed(1)
+        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    else:
+        config.save_pretrained(folder)
+    return folder
+
+
+def strategy(**flags):
+    return Strategy(precision="fp32", global_batch=BATCH, seq_len=SEQ, **flags)
+
+
+@pytest.fixture(scope="module")
+def hf_runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hf")
+    by_world: dict[int, list] = {1: []}
+    dirs = {}
+    for name, (_, _, _, layouts) in MODELS.items():
+        dirs[name] = _model_dir(d, name)
+        by_world[1].append(write_source_plan(d, f"hf:{dirs[name]}", strategy(microbatch_size=BATCH), f"{name}__reference"))
+        for layout in layouts:
+            s = strategy(**LAYOUTS[layout])
+            by_world.setdefault(s.world_size, []).append(write_source_plan(d, f"hf:{dirs[name]}", s, f"{name}__{layout}"))
+    user = "py:user_model:user_lm_tp"
+    by_world[1].append(write_source_plan(d, user, strategy(microbatch_size=BATCH), "user__reference"))
+    by_world[4].append(write_source_plan(d, user, strategy(tp=2, dp=2, zero=3, microbatch_size=4), "user__tp_fsdp"))
+    data = d / "data.txt"  # text (bytes as tokens) that a model can learn, unlike uniform random tokens
+    data.write_text(TEXT)
+    results = {}
+    for world, plans in sorted(by_world.items()):
+        out = d / f"world{world}.jsonl"
+        proc = torchrun(world, plans, out, "--steps", str(STEPS), "--data", str(data))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results.update(read_results(out))
+    return results, dirs, data
+
+
+CASES = [(m, layout) for m, (_, _, _, layouts) in MODELS.items() for layout in layouts] + [("user", "tp_fsdp")]
+
+
+@pytest.mark.parametrize(("model", "layout"), CASES)
+def test_user_module_matches_one_process(hf_runs, model, layout):
+    results, _, _ = hf_runs
+    ours, ref = results[f"{model}__{layout}"]["losses"], results[f"{model}__reference"]["losses"]
+    assert len(ours) == len(ref) == STEPS
+    for step, (a, b) in enumerate(zip(ours, ref), 1):
+        assert abs(a - b) <= TOLERANCE * abs(b), f"step {step}: {a} vs {b}"
+    assert ours[-1] < ours[0]  # it trains
+
+
+def test_step_one_is_the_transformers_modules_loss(hf_runs):
+    """The loss of the first step, distributed (tp2 x dp2, SP, and 3D on 8 processes), equals
+    what the plain transformers module computes from the same pretrained weights on the same
+    batch: the module trained is the user's, with the user's weights."""
+    results, dirs, data = hf_runs
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(dirs["llama_tied"])).eval()
+    x, y = TokenSource(SIZES["vocab_size"], SEQ, str(data), 0).batch(0, BATCH)
+    with torch.no_grad():
+        plain = float(F.cross_entropy(model(x).logits.flatten(0, 1), y.flatten()))
+    for layout in ("tp_sp", "3d", "pp_1f1b"):
+        assert abs(results[f"llama_tied__{layout}"]["losses"][0] - plain) <= TOLERANCE * plain
+    # and a module initialised by paraplan is another model: the losses differ from step 1
+    assert abs(results["llama__reference"]["losses"][0] - plain) > 1e-3
+
+
+def _save_tokenizer(folder) -> object:
+    """A word-level tokenizer (the tokenizers library) saved as a model directory's tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([TEXT], trainers.WordLevelTrainer(vocab_size=64, special_tokens=["[UNK]"]))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    fast.save_pretrained(folder)
+    return fast
+
+
+def test_text_is_tokenized_by_the_models_tokenizer(tmp_path):
+    from runtime.data import tokenizer_dir
+
+    fast = _save_tokenizer(tmp_path)
+    (tmp_path / "data.txt").write_text(TEXT)
+    source = TokenSource(256, 8, str(tmp_path / "data.txt"), 0, tokenizer=tokenizer_dir(tmp_path))
+    assert source.tokens[:9].tolist() == fast("the quick brown fox jumps over the lazy dog")["input_ids"]
+    assert int(source.tokens.max()) < 64  # word ids, not bytes (the bytes of "t" alone are 116)
+    (tmp_path / "bare").mkdir()
+    assert tokenizer_dir(tmp_path / "bare") is None
+
+
+def test_pretrained_round_trip(tmp_path):
+    """save_pretrained -> 3 steps under tp2 x dp2 on text tokenized by the model's tokenizer ->
+    export-weights -> from_pretrained: the reloaded model's logits equal the distributed
+    model's (1e-5), and the tokenizer travels with the export."""
+    from cli.main import main
+
+    folder = _model_dir(tmp_path, "llama_tied")
+    _save_tokenizer(folder)
+    (tmp_path / "data.txt").write_text(TEXT)
+    plan = write_source_plan(tmp_path, f"hf:{folder}", strategy(tp=2, dp=2, microbatch_size=4), "rt")
+    ckpt, out = tmp_path / "ckpt", tmp_path / "exported"
+    proc = torchrun(4, [plan], tmp_path / "rt.jsonl", "--steps", "3", "--checkpoint-dir", str(ckpt),
+                    "--checkpoint-every", "3", "--data", str(tmp_path / "data.txt"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tokens = tmp_path / "x.pt"
+    x, _ = TokenSource(SIZES["vocab_size"], SEQ, None, 7).batch(0, 4)
+    torch.save(x, tokens)
+    assert main(["export-weights", str(ckpt), "-o", str(out)]) == 0
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    got = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
+                          str(ROOT / "tests" / "logits_worker.py"), str(plan), str(ckpt / "step_3"), str(tokens),
+                          str(tmp_path / "logits.pt")], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert got.returncode == 0, got.stderr[-3000:]
+    distributed = torch.load(tmp_path / "logits.pt")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    with torch.no_grad():
+        logits = reloaded(x).logits
+    assert torch.allclose(logits, distributed, rtol=1e-5, atol=1e-5 * float(logits.abs().max()))
+    start = transformers.AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    with torch.no_grad():
+        assert not torch.allclose(start(x).logits, logits, atol=1e-4)  # the export holds the trained weights
+    assert (out / "tokenizer.json").is_file()
+    assert main(["export-weights", str(ckpt), "-o", str(out)]) == 2  # never over a folder with files in it
+    losses = json.loads((tmp_path / "rt.jsonl").read_text().splitlines()[-1])["losses"]
+    assert len(losses) == 3
+
+
+def test_generate_on_a_hugging_face_model(tmp_path, capsys):
+    """`paraplan generate --model hf:DIR --greedy` gives the tokens transformers' own greedy
+    generate() gives, through the model's KV cache."""
+    from cli.main import main
+
+    folder = _model_dir(tmp_path, "llama_tied")
+    assert main(["generate", "--model", f"hf:{folder}", "--prompt-tokens", "5,17,99", "--max-new-tokens", "6",
+                 "--greedy", "--json"]) == 0
+    ours = json.loads(capsys.readouterr().out)["tokens"][0]
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    theirs = model.generate(torch.tensor([[5, 17, 99]]), max_new_tokens=6, do_sample=False)[0].tolist()
+    assert ours == theirs
