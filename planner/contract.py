@@ -127,9 +127,9 @@ def runnable_problems(plan: Plan, world_size: int | None = None) -> list[str]:
         return problems + ["a serving plan is not trained; `paraplan generate` runs the built-in models with a KV cache"]
     spec = plan.spec
     problems += strategy_runtime_problems(spec, plan.strategy(), plan.mode)
-    problems += source_problems(plan)
-    if problems:
-        return problems
+    from_source = source_problems(plan)
+    if from_source:
+        return problems + from_source
     problems += layout_problems(module_map_of(plan.source, spec), plan.placements, mesh["tp"], plan.sequence_parallel)
     return problems
 
@@ -158,24 +158,35 @@ def source_strategy_problems(source: dict, s: Strategy, mode: str = "train") -> 
     if s.pp > 1 and kind == "py":
         problems.append("pipelining a py: module is not run yet (its forward between blocks is its own); "
                         "re-plan with --pp 1")
+    if s.sequence_parallel and s.tp > 1 and kind == "py":
+        problems.append("sequence parallelism on a py: module is not run (its blocks may size themselves from "
+                        "their sequence-sharded input); re-plan with --no-sequence-parallel")
     if s.pp > 1 and kind == "hf":
-        model_type = _hf_model_type(source["path"])
+        model_type, window, use_window = _hf_fields(source["path"], "model_type", "sliding_window",
+                                                    "use_sliding_window")
+        if isinstance(window, int) and use_window is not False and s.seq_len > window:
+            problems.append(f"the model attends within a sliding window of {window} tokens, which the pipeline "
+                            f"stages do not apply, and the plan trains {s.seq_len}; re-plan with --pp 1 or "
+                            f"--seq-len {window}")
         if model_type not in PIPELINED_HF_TYPES:
             problems.append(f"pipelining a Hugging Face {model_type or 'model'} is not run yet (stages are driven "
                             f"for {', '.join(PIPELINED_HF_TYPES)}); re-plan with --pp 1")
     return problems
 
 
-def _hf_model_type(path: str) -> str:
+def _hf_fields(path: str, *keys: str) -> tuple:
+    """Fields of a Hugging Face config.json (None where absent or unreadable)."""
     import json
     from pathlib import Path
 
     target = Path(path)
     config = target / "config.json" if target.is_dir() else target
     try:
-        return str(json.loads(config.read_text()).get("model_type", ""))
-    except (OSError, ValueError, AttributeError):
-        return ""
+        data = json.loads(config.read_text())
+    except (OSError, ValueError):
+        data = {}
+    data = data if isinstance(data, dict) else {}
+    return tuple(data.get(k) for k in keys)
 
 
 def parameter_names(plan: Plan) -> list[str]:

@@ -189,11 +189,11 @@ def traced_map(module, example_inputs: tuple, spec: ModelSpec) -> ModuleMap:
 
 
 def _width(in_block) -> int:
-    """The residual stream's width: the in-features of the block's first linear."""
+    """The residual stream's width: the in-features of the block's first linear (0: none)."""
     from torch import nn
 
-    first = next(c[1] for c in in_block if isinstance(c[1], nn.Linear))
-    return first.in_features
+    first = next((c[1] for c in in_block if isinstance(c[1], nn.Linear)), None)
+    return first.in_features if first is not None else 0
 
 
 def _forward_args(module) -> set[str]:

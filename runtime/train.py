@@ -201,6 +201,29 @@ def _device_of(modules) -> torch.device:
     return (p.to_local() if isinstance(p, DTensor) else p).device
 
 
+def _forward_backward(modules, schedule, x, y, m_micro: int, autocast, device, has_first: bool, has_last: bool,
+                      pp_group) -> torch.Tensor:
+    """One step's forward and backward over its microbatches (the pipeline schedule's, or
+    accumulated on one stage); the mean loss (on every pipeline rank)."""
+    if schedule is None:
+        loss = torch.zeros((), device=device)
+        for xm, ym in zip(x.chunk(m_micro), y.chunk(m_micro)):
+            with autocast:
+                part = loss_fn(logits_of(modules[0](xm)), ym) / m_micro
+            part.backward()
+            loss += part.detach()
+        return loss
+    mb_losses: list[torch.Tensor] = []
+    kwargs = {"target": y, "losses": mb_losses} if has_last else {}
+    if has_first:
+        schedule.step(x, **kwargs)
+    else:
+        schedule.step(**kwargs)
+    loss = torch.stack(mb_losses).mean().detach() if has_last else torch.zeros((), device=device)
+    dist.all_reduce(loss, group=pp_group)  # only the last stage holds it
+    return loss
+
+
 def train(plan: Plan, cfg: RunConfig) -> dict:
     world, rank = dist.get_world_size(), dist.get_rank()
     problems = runnable_problems(plan, world)
@@ -249,22 +272,17 @@ def train(plan: Plan, cfg: RunConfig) -> dict:
         t0 = time.perf_counter()
         x, y = source.batch(step, plan.global_batch)
         x, y = dp_slice(x, dp_rank, dp).to(device), dp_slice(y, dp_rank, dp).to(device)
-        if schedule is None:
-            loss = torch.zeros((), device=device)
-            for xm, ym in zip(x.chunk(m_micro), y.chunk(m_micro)):
-                with autocast:
-                    part = loss_fn(logits_of(modules[0](xm)), ym) / m_micro
-                part.backward()
-                loss += part.detach()
-        else:
-            mb_losses: list[torch.Tensor] = []
-            kwargs = {"target": y, "losses": mb_losses} if has_last else {}
-            if has_first:
-                schedule.step(x, **kwargs)
-            else:
-                schedule.step(**kwargs)
-            loss = torch.stack(mb_losses).mean().detach() if has_last else torch.zeros((), device=device)
-            dist.all_reduce(loss, group=pp_group)  # only the last stage holds it
+        try:
+            loss = _forward_backward(modules, schedule, x, y, m_micro, autocast, device, has_first, has_last, pp_group)
+        except RuntimeError as exc:
+            if not plan.source or step != start_step:
+                raise
+            # the user's module under the plan's split (a reshape to the whole hidden size, say)
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"the module {plan.source.get('target') or plan.source.get('path')} failed in its first "
+                              f"step under this plan ({type(exc).__name__}: {first}); a module split over tp must "
+                              "size its reshapes from its tensors (view(b, t, -1, head_dim)) or from head-count "
+                              "attributes (n_heads, num_key_value_heads); or re-plan with --tp 1") from None
         if dp > 1:
             dist.all_reduce(loss, op=dist.ReduceOp.AVG, group=dp_mesh.get_group())
         if tied_group is not None:

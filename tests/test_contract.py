@@ -10,6 +10,7 @@ from cli.main import main
 from costmodel import Strategy, load_cluster, predict
 from costmodel.errors import ConfigError
 from planner.contract import layout_problems, plan_problems
+from planner.module_map import zoo_map
 from planner.plan import Plan
 from planner.zoo import ZOO
 from runtime.launch import refuse_unrunnable
@@ -71,8 +72,10 @@ def test_a_hand_edited_layout_the_runtime_cannot_run_is_refused_by_check_and_run
     target.write_text(plan.to_yaml())
     code, _, err = _run(capsys, "check", str(target))
     assert code == 2
-    assert "the runtime splits only linears and the token embedding over tp, not layers.*.ffn_norm.weight" in err
-    assert "layer 0's attention is split over tp as wq Shard(1), wk Replicate(), wv Replicate(), wo Replicate()" in err
+    assert ("the runtime splits only block linears and the token embedding and head over tp, not "
+            "layers.*.ffn_norm.weight") in err
+    assert ("layer 0's attention.wq, attention.wk, attention.wv, attention.wo are split over tp as attention.wq "
+            "Shard(1), attention.wk Replicate(), attention.wv Replicate(), attention.wo Replicate()") in err
     problems, _ = plan_problems(Plan.load(target), load_cluster("cpu:4"))
     with pytest.raises(ConfigError) as exc:  # `paraplan run` refuses on the same list, first problem first
         refuse_unrunnable(Plan.load(target))
@@ -85,10 +88,10 @@ def test_layout_rules():
     spec = ZOO["tiny-llama"]
     megatron = {f"layers.*.attention.{n}.weight": {"tp": "Shard(0)"} for n in ("wq", "wk", "wv")}
     megatron |= {"layers.*.attention.wo.weight": {"tp": "Shard(1)"}}
-    assert layout_problems(spec, megatron, 2, sequence_parallel=False) == []
-    assert "sequence parallelism needs every block linear" in layout_problems(spec, megatron, 2, True)[0]
-    assert "mesh has tp 1" in layout_problems(spec, megatron, 1, False)[0]
-    assert layout_problems(spec, {}, 2, sequence_parallel=False) == []  # all replicated: runs
+    assert layout_problems(zoo_map(spec), megatron, 2, sequence_parallel=False) == []
+    assert "sequence parallelism needs every block linear" in layout_problems(zoo_map(spec), megatron, 2, True)[0]
+    assert "mesh has tp 1" in layout_problems(zoo_map(spec), megatron, 1, False)[0]
+    assert layout_problems(zoo_map(spec), {}, 2, sequence_parallel=False) == []  # all replicated: runs
 
 
 def test_heads_that_tp_does_not_split_are_the_message(tmp_path, capsys):

@@ -91,9 +91,8 @@ def test_any_module_is_traced_and_read():
 
 
 def test_plan_of_a_user_module_names_the_parameters_of_what_runs(tmp_path):
-    # `paraplan run` trains paraplan's rebuild of the module's spec, so a tensor-parallel plan
-    # names the rebuild's parameters (with the module's own names, check refused the plan it
-    # had just written: "placement 'blocks.*.up.weight' matches no parameter")
+    # `paraplan run` trains the module itself (runtime.module), so a tensor-parallel plan names
+    # the module's own parameters, read off its module map (earlier: paraplan's rebuild's)
     from tests_helpers import paraplan
 
     target = tmp_path / "user.yaml"
@@ -101,8 +100,12 @@ def test_plan_of_a_user_module_names_the_parameters_of_what_runs(tmp_path):
                    "--tp", "2", "--json", "-o", str(target))
     assert out.returncode == 0, out.stderr
     placements = json.loads(out.stdout)["plan"]["placements"]
-    assert placements["layers.*.feed_forward.w1.weight"] == {"tp": "Shard(0)"}
-    assert placements["layers.*.feed_forward.w2.weight"] == {"tp": "Shard(1)"}
+    assert placements["blocks.*.up.weight"] == {"tp": "Shard(0)"}
+    assert placements["blocks.*.down.weight"] == {"tp": "Shard(1)"}
+    assert placements["embed.weight"] == {"tp": "Shard(0)"}
+    plan = json.loads(out.stdout)["plan"]
+    assert plan["source"]["kind"] == "py" and plan["source"]["target"] == "user_model:user_lm"
+    assert plan["sequence_parallel"] is False  # not run on py: modules (they may size from their input)
     check = paraplan("check", str(target))
     assert check.returncode == 0, check.stderr
 

@@ -52,6 +52,8 @@ def run_plan(args: argparse.Namespace) -> int:
     module_map = module_map_of(source, spec) if source else None
     cluster = load_cluster(args.cluster, runtime=args.runtime or DEFAULT_RUNTIME)
     fixed = given_flags(args)
+    if module_map is not None and not module_map.groups:
+        fixed.setdefault("tp", 1)  # no nn.Linear in its blocks for tensor parallelism to split (GPT-2's Conv1D)
     if "virtual_stages" in fixed and fixed["virtual_stages"] > 1:
         fixed.setdefault("schedule", "interleaved")
     req = SearchRequest(spec=spec, cluster=cluster, global_batch=args.global_batch, fixed=fixed,
