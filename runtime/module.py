@@ -29,13 +29,12 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel, parallelize_module
 
-from costmodel.errors import ConfigError
 from planner.contract import tp_placement
-from planner.model_source import build_source_module, hf_config
+from planner.model_source import build_source_module
 from planner.module_map import ModuleMap
 from planner.plan import Plan
 from runtime.activation_checkpoint import selective_context
-from runtime.data_parallel import DTYPES, apply_data_parallel_blocks
+from runtime.data_parallel import apply_data_parallel_blocks
 
 WRAPPED = "_checkpoint_wrapped_module."
 
@@ -329,8 +328,7 @@ def _restore_buffers(model: nn.Module, plan: Plan) -> None:
     if plan.source.get("kind") == "hf":
         for path, sub in model.named_modules():
             if "RotaryEmbedding" in type(sub).__name__ and hasattr(sub, "original_inv_freq"):
-                init = getattr(model, "_init_weights")
-                init(sub)
+                model._init_weights(sub)
         return
     buffers = list(model.named_buffers())
     if buffers:
@@ -339,11 +337,3 @@ def _restore_buffers(model: nn.Module, plan: Plan) -> None:
         with torch.no_grad():
             for name, b in buffers:
                 b.copy_(full[clean(name)].to(b.device))
-
-
-def param_dtype(plan: Plan) -> torch.dtype:
-    return DTYPES.get(plan.precision, torch.float32)
-
-
-def hf_config_of(plan: Plan):
-    return hf_config(plan.source["path"])

@@ -1,0 +1,90 @@
+"""The module map: where a module keeps its blocks, embedding and head, and which of its block
+linears tensor parallelism splits column- and row-wise, read off one meta-device pass; plans
+of a user's module name its own parameters, and what the runtime cannot run on it is refused."""
+
+import json
+
+import pytest
+
+from planner.model_source import load_model, module_map_of, source_of
+from planner.module_map import ColumnGroup, zoo_map
+from planner.zoo import ZOO
+from tests_helpers import paraplan
+
+transformers = pytest.importorskip("transformers")
+
+
+def _llama_dir(tmp_path, **extra):
+    config = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=128, vocab_size=256,
+                                      max_position_embeddings=64, **extra)
+    config.save_pretrained(tmp_path / "llama")
+    return f"hf:{tmp_path / 'llama'}"
+
+
+def test_a_hugging_face_llama_is_read_in_its_own_names(tmp_path):
+    model = _llama_dir(tmp_path, tie_word_embeddings=True)
+    spec, _ = load_model(model)
+    mmap = module_map_of(source_of(model), spec)
+    assert (mmap.blocks, mmap.layers, mmap.embedding, mmap.head, mmap.final_norm) == (
+        "model.layers", 2, "model.embed_tokens", "lm_head", "model.norm")
+    assert mmap.tied and mmap.head_weight == "model.embed_tokens.weight"
+    assert mmap.groups == (
+        ColumnGroup(source="input_layernorm", column=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                    row="self_attn.o_proj"),
+        ColumnGroup(source="post_attention_layernorm", column=("mlp.gate_proj", "mlp.up_proj"), row="mlp.down_proj"))
+    assert mmap.unsplittable == ()
+
+
+def test_a_users_module_with_its_own_naming(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    spec, _ = load_model("py:user_model:user_lm")
+    mmap = module_map_of(source_of("py:user_model:user_lm"), spec)
+    assert (mmap.blocks, mmap.embedding, mmap.head, mmap.final_norm, mmap.tied) == ("blocks", "embed", "head", "norm",
+                                                                                   False)
+    assert [(g.source, g.column, g.row) for g in mmap.groups] == [("norm1", ("q", "k", "v"), "o"),
+                                                                   ("norm2", ("gate", "up"), "down")]
+    assert mmap.head_attributes == {"": "nh,nkv"}  # the block sizes its heads from these: divided by tp
+
+
+def test_the_zoos_map_gives_megatrons_layout_in_the_zoos_names():
+    spec = ZOO["tiny-gpt"]
+    assert zoo_map(spec).megatron() == {
+        "tok_embeddings.weight": "Shard(0)", "output.weight": "Shard(0)",
+        **{f"layers.*.attention.{p}.{leaf}": "Shard(0)" for p in ("wq", "wk", "wv") for leaf in ("weight", "bias")},
+        "layers.*.attention.wo.weight": "Shard(1)",
+        "layers.*.feed_forward.w1.weight": "Shard(0)", "layers.*.feed_forward.w1.bias": "Shard(0)",
+        "layers.*.feed_forward.w2.weight": "Shard(1)"}
+
+
+def test_gpt2s_conv1d_blocks_plan_without_tensor_parallelism(tmp_path):
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=256, n_positions=64)
+    config.save_pretrained(tmp_path / "gpt2")
+    out = paraplan("plan", "--model", f"hf:{tmp_path / 'gpt2'}", "--cluster", "cpu:4", "--global-batch", "8", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["plan"]["mesh"]["tp"] == 1
+    forced = paraplan("plan", "--model", f"hf:{tmp_path / 'gpt2'}", "--cluster", "cpu:4", "--global-batch", "8",
+                      "--tp", "2")
+    assert forced.returncode == 2 and len(forced.stderr.strip().splitlines()) == 1
+    assert "splits nn.Linear projections" in forced.stderr
+
+
+def test_what_the_runtime_does_not_run_on_a_users_module_is_refused_in_one_line(tmp_path):
+    model = _llama_dir(tmp_path)
+    target = tmp_path / "pp.yaml"
+    out = paraplan("simulate", "--model", model, "--cluster", "cpu:4", "--pp", "2", "--dp", "2",
+                   "--microbatch-size", "2", "--global-batch", "8", "--seq-len", "32", "-o", str(target))
+    assert out.returncode == 0, out.stderr
+    assert paraplan("check", str(target)).returncode == 0  # a Llama decoder pipelines
+    text = target.read_text().replace(f"kind: hf, path: {tmp_path / 'llama'}", "kind: hf, path: /nowhere/llama")
+    assert "/nowhere/llama" in text
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text.replace("kind: hf", "kind: onnx"))
+    refused = paraplan("check", str(bad))
+    assert refused.returncode == 2 and "source kind 'onnx' is unknown" in refused.stderr
+    lora = paraplan("plan", "--model", model, "--cluster", "cpu:4", "--global-batch", "8", "--seq-len", "32",
+                    "--mode", "lora")
+    assert lora.returncode == 2 and "LoRA runs on paraplan's built-in models only" in lora.stderr
