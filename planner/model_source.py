@@ -89,7 +89,11 @@ def hf_config(path: str):
     if not config_file.is_file():
         raise ConfigError(f"{path}: no config.json there; give a model directory or its config.json")
     data = json.loads(config_file.read_text())
-    config = transformers.AutoConfig.for_model(**data)
+    try:
+        config = transformers.AutoConfig.for_model(**data)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds for a config it cannot read
+        raise ConfigError(f"transformers cannot read {config_file} ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
     config._attn_implementation = "sdpa"
     config.use_cache = False
     return config
@@ -103,11 +107,15 @@ def build_source_module(source: dict, spec: ModelSpec, device: str = "meta"):
     tokens = (torch.zeros(1, min(spec.seq_len, 64), dtype=torch.long, device=device),)
     kind = source.get("kind")
     if kind == "hf":
-        import transformers
+        import transformers  # hf_config has said how to install it where it is missing
 
         config = hf_config(source["path"])
-        with torch.device(device):
-            module = transformers.AutoModelForCausalLM.from_config(config)
+        try:
+            with torch.device(device):
+                module = transformers.AutoModelForCausalLM.from_config(config)
+        except Exception as exc:  # noqa: BLE001 - transformers raises many kinds for a model it cannot build
+            raise ConfigError(f"transformers cannot build a causal LM from {source['path']} ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
         return module, tokens
     if kind == "py":
         if source.get("path") and source["path"] not in sys.path:
@@ -125,6 +133,22 @@ def build_source_module(source: dict, spec: ModelSpec, device: str = "meta"):
     from planner.zoo.model import build_model
 
     return build_model(spec), tokens
+
+
+def source_and_map(text: str, spec: ModelSpec):
+    """(source, module map, note) for `--model text`: the user's module where paraplan can build
+    it; otherwise ({}, None, why), and `paraplan run` trains paraplan's rebuild of the spec (a
+    Hugging Face config without transformers installed, or one transformers cannot build)."""
+    source = source_of(text)
+    if not source:
+        return {}, None, ""
+    try:
+        return source, module_map_of(source, spec), ""
+    except ConfigError as exc:
+        if source["kind"] == "py":
+            raise
+        return {}, None, (f"{text} is planned from its config, and `paraplan run` will train paraplan's own "
+                          f"rebuild of it, not the Hugging Face module: {exc}")
 
 
 def module_map_of(source: dict, spec: ModelSpec):

@@ -11,7 +11,7 @@ from costmodel import ConfigError, load_cluster
 from costmodel.runtime import DEFAULT_RUNTIME
 from cli.commands.simulate import format_table, given_flags
 from planner.files import atomic_write_text
-from planner.model_source import load_model, module_map_of, source_of
+from planner.model_source import load_model, source_and_map
 from planner.contract import RUNNABLE_RUNTIMES, plan_problems, planned_only
 from planner.plan import Plan, plan_from_strategy
 from planner.search import SearchRequest, run_search
@@ -48,8 +48,9 @@ def run_plan(args: argparse.Namespace) -> int:
     if args.time_limit is not None and args.time_limit <= 0:
         raise ConfigError(f"--time-limit must be positive seconds, got {args.time_limit}")
     spec, graph = load_model(args.model)
-    source = source_of(args.model)
-    module_map = module_map_of(source, spec) if source else None
+    source, module_map, note = source_and_map(args.model, spec)
+    if note:
+        print(f"paraplan: note: {note}", file=sys.stderr)
     cluster = load_cluster(args.cluster, runtime=args.runtime or DEFAULT_RUNTIME)
     fixed = given_flags(args)
     if module_map is not None and not module_map.groups:

@@ -12,7 +12,7 @@ from costmodel.spec import ModelSpec, format_count
 from costmodel.trace import chrome_trace
 from costmodel.validate import check_strategy, stage_layer_counts
 from planner.files import atomic_write_text
-from planner.model_source import load_model_spec, module_map_of, source_of
+from planner.model_source import load_model_spec, module_map_of, source_and_map
 from planner.contract import plan_problems
 from planner.plan import Plan, plan_from_strategy
 
@@ -111,9 +111,14 @@ def run_simulate(args: argparse.Namespace) -> int:
     predicted = result.predicted()
     outputs = []
     if args.output:
-        source = plan.source if args.plan else (source_of(args.model) if args.model else {})
+        if args.plan:
+            source, module_map = plan.source, module_map_of(plan.source, spec) if plan.source else None
+        else:
+            source, module_map, note = source_and_map(args.model, spec) if args.model else ({}, None, "")
+            if note:
+                print(f"paraplan: note: {note}", file=sys.stderr)
         written = plan_from_strategy(spec, strategy, cluster_text, predicted, runtime=runtime, profile=cluster.profile,
-                                     source=source, module_map=module_map_of(source, spec) if source else None)
+                                     source=source, module_map=module_map)
         outputs.append((args.output, written.to_yaml()))
         # a hand-given strategy is written as asked; say now what `check` and `run` will say
         for problem in plan_problems(written, cluster)[0]:
