@@ -135,16 +135,16 @@ def _hf_case(tmp: Path):
     """(plan, hand script, its arguments, label) for a Hugging Face Llama given as hf:DIR."""
     import transformers
 
-    from planner.model_source import load_model, module_map_of, source_of
+    from planner.model_source import load_model, source_and_map
 
     folder = tmp / "hf-llama"
     transformers.LlamaConfig(**HF_SIZES).save_pretrained(folder)
     model = f"hf:{folder}"
     spec, _ = load_model(model)
     s = STRATEGY.replace(seq_len=SPEC.seq_len)
-    source = source_of(model)
+    source, module_map, _ = source_and_map(model, spec)
     plan = plan_from_strategy(spec, s, "cpu:4", predict(spec, s, load_cluster("cpu:4")).predicted(), source=source,
-                              module_map=module_map_of(source, spec))
+                              module_map=module_map)
     return plan, HF_HAND, [str(folder), str(STEPS), str(SPEC.seq_len)], \
         f"dp2 x tp2, Hugging Face LlamaForCausalLM ({spec.num_params / 1e6:.1f}M params) as hf:DIR"
 

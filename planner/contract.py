@@ -155,9 +155,6 @@ def source_strategy_problems(source: dict, s: Strategy, mode: str = "train") -> 
     if kind and mode == "lora":
         problems.append("LoRA runs on paraplan's built-in models only so far; plan a zoo model or a spec file "
                         "for LoRA, or full fine-tuning of this one")
-    if s.pp > 1 and kind == "py":
-        problems.append("pipelining a py: module is not run yet (its forward between blocks is its own); "
-                        "re-plan with --pp 1")
     if s.sequence_parallel and s.tp > 1 and kind == "py":
         problems.append("sequence parallelism on a py: module is not run (its blocks may size themselves from "
                         "their sequence-sharded input); re-plan with --no-sequence-parallel")

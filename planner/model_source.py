@@ -143,7 +143,8 @@ def source_and_map(text: str, spec: ModelSpec):
     if not source:
         return {}, None, ""
     try:
-        return source, module_map_of(source, spec), ""
+        mmap = module_map_of(source, spec)
+        return {**source, "map": mmap.to_dict()}, mmap, ""
     except ConfigError as exc:
         if source["kind"] == "py":
             raise
@@ -152,12 +153,15 @@ def source_and_map(text: str, spec: ModelSpec):
 
 
 def module_map_of(source: dict, spec: ModelSpec):
-    """The `ModuleMap` of the module a plan runs: the zoo's read statically (any size), any
-    other read off one meta-device pass."""
-    from planner.module_map import traced_map, zoo_map
+    """The `ModuleMap` of the module a plan runs: the zoo's read statically (any size); any
+    other as the plan recorded it (`source["map"]`, written when it was planned) or read off
+    one meta-device pass."""
+    from planner.module_map import ModuleMap, traced_map, zoo_map
 
     if not source:
         return zoo_map(spec)
+    if "map" in source:
+        return ModuleMap.from_dict(source["map"])
     module, inputs = build_source_module(source, spec)
     return traced_map(module, inputs, spec)
 

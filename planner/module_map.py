@@ -55,6 +55,27 @@ class ModuleMap:
         if not self.blocks or not self.embedding or not self.head:
             raise ConfigError("a module map names its blocks, token embedding and output head")
 
+    def to_dict(self) -> dict:
+        return {"blocks": self.blocks, "layers": self.layers, "embedding": self.embedding, "head": self.head,
+                "final_norm": self.final_norm, "positions": self.positions, "tied": self.tied,
+                "groups": [{"source": g.source, "column": list(g.column), "row": g.row} for g in self.groups],
+                "biased": list(self.biased), "unsplittable": list(self.unsplittable),
+                "head_attributes": dict(self.head_attributes)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModuleMap":
+        try:
+            return cls(blocks=str(data["blocks"]), layers=int(data["layers"]), embedding=str(data["embedding"]),
+                       head=str(data["head"]), final_norm=str(data.get("final_norm", "")),
+                       positions=str(data.get("positions", "")), tied=bool(data.get("tied", False)),
+                       groups=tuple(ColumnGroup(source=str(g["source"]), column=tuple(map(str, g["column"])),
+                                                row=str(g["row"])) for g in data.get("groups", ())),
+                       biased=tuple(map(str, data.get("biased", ()))),
+                       unsplittable=tuple(map(str, data.get("unsplittable", ()))),
+                       head_attributes={str(k): str(v) for k, v in dict(data.get("head_attributes", {})).items()})
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ConfigError(f"the plan's module map is malformed ({type(exc).__name__}: {exc}); re-plan") from None
+
     def block_param(self, layer: int | str, path: str, leaf: str = "weight") -> str:
         return f"{self.blocks}.{layer}.{path}.{leaf}"
 

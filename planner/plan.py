@@ -60,7 +60,8 @@ class Plan:
     profile: str = ""  # the hardware profile that priced it
     # the module `paraplan run` builds: {} paraplan's own Transformer from `model`; {"kind": "hf",
     # "path": DIR or config.json} a Hugging Face model; {"kind": "py", "target": "MODULE:CALLABLE",
-    # "path": its import folder} a user's nn.Module (planner.model_source.source_of)
+    # "path": its import folder} a user's nn.Module (planner.model_source.source_of); with "map",
+    # its planner.module_map.ModuleMap as read when it was planned
     source: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

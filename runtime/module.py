@@ -29,6 +29,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel, parallelize_module
 
+from costmodel.errors import ConfigError
 from planner.contract import tp_placement
 from planner.model_source import build_source_module
 from planner.module_map import ModuleMap
@@ -61,23 +62,28 @@ def build_meta(plan: Plan) -> nn.Module:
 
 
 def cut_stage(model: nn.Module, mmap: ModuleMap, first: int, end: int, *, has_embedding: bool, has_head: bool,
-              seq_len: int) -> nn.Module:
-    """A Hugging Face decoder cut to layers [first, end): the blocks kept in a ModuleDict under
-    their global index (so every name stays the module's own), the embedding on the first
-    stage only, the final norm and head on the last; its forward drives the stage (tokens or
-    hidden states in, hidden states or logits out), as the model's own forward does."""
+              seq_len: int, kind: str) -> nn.Module:
+    """The module cut to layers [first, end): the blocks kept in a ModuleDict under their global
+    index (so every name stays the module's own), the embedding on the first stage only, the
+    final norm and head on the last; its forward drives the stage (tokens or hidden states in,
+    hidden states or logits out) as the model's own forward does: a Hugging Face decoder's
+    (rotary tables for the whole sequence, blocks called as its model calls them), or a `py:`
+    module's read as embedding (+ positions) -> blocks -> norm -> head (`stage_driver_problem`
+    checks that reading against the module's own forward before training)."""
     inner = model.get_submodule(mmap.blocks.rpartition(".")[0]) if "." in mmap.blocks else model
     blocks_attr = mmap.blocks.rpartition(".")[2]
     blocks = getattr(inner, blocks_attr)
     setattr(inner, blocks_attr, nn.ModuleDict({str(i): blocks[i] for i in range(first, end)}))
     if not has_embedding:
         _set(model, mmap.embedding, None)
+        if mmap.positions:
+            _set(model, mmap.positions, None)
     if not has_head:
         _set(model, mmap.head, None)
         if mmap.final_norm:
             _set(model, mmap.final_norm, None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def hf_forward(self, x: torch.Tensor) -> torch.Tensor:
         h = inner.embed_tokens(x) if inner.embed_tokens is not None else x  # (B, T, C) or its sequence shard
         positions = torch.arange(seq_len, device=h.device).unsqueeze(0)  # (1, T): the whole sequence
         cos_sin = inner.rotary_emb(h, positions)
@@ -88,8 +94,48 @@ def cut_stage(model: nn.Module, mmap: ModuleMap, first: int, end: int, *, has_em
             return h
         return self.lm_head(inner.norm(h))  # (B, T, V)
 
-    model.forward = types.MethodType(forward, model)
+    def py_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return drive(self, mmap, x)
+
+    model.forward = types.MethodType(hf_forward if kind == "hf" else py_forward, model)
     return model
+
+
+def drive(model: nn.Module, mmap: ModuleMap, x: torch.Tensor) -> torch.Tensor:
+    """A `py:` module's forward read off its map: tokens (B, T) -> embedding (+ learned
+    positions) -> blocks in order -> final norm -> head -> logits (B, T, V); a part without
+    the embedding takes and one without the head returns hidden states (B, T, C)."""
+    embedding, head = part_at(model, mmap.embedding), part_at(model, mmap.head)
+    h = x
+    if embedding is not None:
+        h = embedding(x)  # (B, T, C)
+        positions = part_at(model, mmap.positions) if mmap.positions else None
+        if positions is not None:
+            h = h + positions(torch.arange(x.shape[1], device=x.device))  # (B, T, C)
+    for block in blocks_of(model, mmap).children():
+        out = block(h)
+        h = out[0] if isinstance(out, tuple) else out
+    if head is None:
+        return h
+    norm = part_at(model, mmap.final_norm) if mmap.final_norm else None
+    return head(norm(h) if norm is not None else h)
+
+
+def stage_driver_problem(plan: Plan, mmap: ModuleMap, seed: int) -> str | None:
+    """Why a `py:` module cannot be pipelined as `drive` reads it (its own forward does more,
+    or other, than embedding -> blocks -> norm -> head), or None: both run on the CPU on a
+    batch of the plan's length and must agree."""
+    torch.manual_seed(seed)
+    whole, _ = build_source_module(plan.source, plan.spec, device="cpu")
+    tokens = torch.randint(0, plan.spec.vocab, (1, plan.seq_len))  # (1, T)
+    with torch.no_grad():
+        own = logits_of(whole(tokens))
+        driven = drive(whole, mmap, tokens)
+    if own.shape != driven.shape or not torch.allclose(own, driven, rtol=1e-5, atol=1e-6):
+        return (f"the module's forward is not embedding -> its {mmap.blocks} in order -> {mmap.final_norm or 'norm'} -> "
+                f"{mmap.head} (its logits differ from that reading), so its pipeline stages cannot be cut; "
+                "re-plan with --pp 1")
+    return None
 
 
 def _set(root: nn.Module, path: str, value) -> None:
@@ -295,12 +341,17 @@ def build_user_parts(plan: Plan, mesh, device: torch.device, seed: int, mmap: Mo
     last = len(plan.stages) - 1 if pp > 1 else 0
     recompute = {s.virtual_stage: s.recompute for s in plan.stages}
     pretrained = bool(safetensors_files(plan))
+    if pp > 1 and plan.source["kind"] == "py":
+        problem = stage_driver_problem(plan, mmap, seed)
+        if problem:
+            raise ConfigError(problem)
     parts, ids = [], []
     for k, first, end in stages:
         model = build_meta(plan)
         pristine = copy.deepcopy(model) if not pretrained else None
         if pp > 1:
-            model = cut_stage(model, mmap, first, end, has_embedding=k == 0, has_head=k == last, seq_len=plan.seq_len)
+            model = cut_stage(model, mmap, first, end, has_embedding=k == 0, has_head=k == last, seq_len=plan.seq_len,
+                              kind=plan.source["kind"])
         if tp > 1:
             apply_module_tp(model, mmap, mesh["tp"], plan.placements, plan.sequence_parallel, tp)
         tie(model, mmap)

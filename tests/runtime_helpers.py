@@ -51,13 +51,13 @@ def write_plan(directory: Path, model: str, s: Strategy, name: str) -> Path:
 
 def write_source_plan(directory: Path, model: str, s: Strategy, name: str) -> Path:
     """A plan for a user's module (`hf:DIR` or `py:MODULE:CALLABLE`), named as that module is."""
-    from planner.model_source import load_model, module_map_of, source_of
+    from planner.model_source import load_model, source_and_map
 
     spec, _ = load_model(model)
-    source = source_of(model)
+    source, module_map, _ = source_and_map(model, spec)
     cluster = f"cpu:{s.world_size}"
     plan = plan_from_strategy(spec, s, cluster, predict(spec, s, load_cluster(cluster)).predicted(), source=source,
-                              module_map=module_map_of(source, spec))
+                              module_map=module_map)
     path = directory / f"{name}.yaml"
     path.write_text(plan.to_yaml())
     return path

@@ -75,6 +75,7 @@ def hf_runs(tmp_path_factory):
     user = "py:user_model:user_lm_tp"
     by_world[1].append(write_source_plan(d, user, strategy(microbatch_size=BATCH), "user__reference"))
     by_world[4].append(write_source_plan(d, user, strategy(tp=2, dp=2, zero=3, microbatch_size=4), "user__tp_fsdp"))
+    by_world[4].append(write_source_plan(d, user, strategy(**LAYOUTS["pp_1f1b"]), "user__pp_1f1b"))
     data = d / "data.txt"  # text (bytes as tokens) that a model can learn, unlike uniform random tokens
     data.write_text(TEXT)
     results = {}
@@ -86,7 +87,8 @@ def hf_runs(tmp_path_factory):
     return results, dirs, data
 
 
-CASES = [(m, layout) for m, (_, _, _, layouts) in MODELS.items() for layout in layouts] + [("user", "tp_fsdp")]
+CASES = [(m, layout) for m, (_, _, _, layouts) in MODELS.items() for layout in layouts] + [
+    ("user", "tp_fsdp"), ("user", "pp_1f1b")]
 
 
 @pytest.mark.parametrize(("model", "layout"), CASES)
@@ -191,3 +193,13 @@ def test_generate_on_a_hugging_face_model(tmp_path, capsys):
     model = transformers.AutoModelForCausalLM.from_pretrained(str(folder)).eval()
     theirs = model.generate(torch.tensor([[5, 17, 99]]), max_new_tokens=6, do_sample=False)[0].tolist()
     assert ours == theirs
+
+
+def test_a_py_module_whose_forward_is_not_the_chain_is_not_pipelined(tmp_path):
+    """Pipeline stages of a py: module are driven as embedding -> blocks -> norm -> head; a module
+    whose forward does more (here: scales its embedding) is refused in one line before training."""
+    plan = write_source_plan(tmp_path, "py:user_model:user_lm_scaled", strategy(**LAYOUTS["pp_1f1b"]), "scaled")
+    proc = torchrun(4, [plan], tmp_path / "scaled.jsonl", "--steps", "1")
+    assert proc.returncode != 0
+    line = next(l for l in proc.stderr.splitlines() if l.startswith("paraplan: error:"))
+    assert "its pipeline stages cannot be cut; re-plan with --pp 1" in line

@@ -139,3 +139,22 @@ def hf_llama():
                                       num_key_value_heads=2, intermediate_size=512, vocab_size=1000,
                                       max_position_embeddings=128)
     return transformers.LlamaForCausalLM(config), (torch.zeros(1, 64, dtype=torch.long),)
+
+
+class _ScaledLM(UserLM):
+    """Scales its embedding by sqrt(hidden) in its own forward (as Gemma does): not the plain
+    embedding -> blocks -> norm -> head chain that pipeline stages are cut from."""
+
+    def forward(self, tokens):
+        x = self.embed(tokens) * 8.0
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.norm(x))
+
+
+def user_lm_scaled():
+    import torch
+
+    model = _ScaledLM(layers=4, h=64, nh=4, nkv=2, f=128, vocab=256)
+    model.blocks = torch.nn.ModuleList(_TPBlock(64, 4, 2, 128) for _ in range(4))
+    return model, (torch.zeros(1, 32, dtype=torch.long),)
