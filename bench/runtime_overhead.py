@@ -55,14 +55,19 @@ for block in model.layers.values():
 fully_shard(model, mesh=dp_mesh, reshard_after_forward=False)
 model.to_empty(device="cpu"); model.init_weights(0)
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, foreach=False)
+VOCAB, SEQ, LOGITS = spec.vocab, spec.seq_len, model
+'''
+
+# the training loop both scripts end with (the same data, clipping and optimizer as `paraplan run`)
+LOOP = r'''
 times = []
 dp_rank = mesh["dp_replicate"].get_local_rank()
 for step in range(int(sys.argv[2])):
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(step)
-    seqs = torch.randint(0, spec.vocab, (8, spec.seq_len + 1), generator=gen)[dp_rank * 4:(dp_rank + 1) * 4]
+    seqs = torch.randint(0, VOCAB, (8, SEQ + 1), generator=gen)[dp_rank * 4:(dp_rank + 1) * 4]
     x, y = seqs[:, :-1], seqs[:, 1:]
-    loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(0, 1))
+    loss = F.cross_entropy(LOGITS(x).flatten(0, 1), y.flatten(0, 1))
     loss.backward()
     # clip_grad_norm_ cannot stack norms of DTensors on different meshes: sum squares by hand
     sq = sum((torch.linalg.vector_norm(p.grad) ** 2).full_tensor() for p in model.parameters())
@@ -108,26 +113,7 @@ fully_shard(model, mesh=dp_mesh, reshard_after_forward=False)
 model.to_empty(device="cpu")
 model.apply(model._init_weights)
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, foreach=False)
-times = []
-dp_rank = mesh["dp_replicate"].get_local_rank()
-seq = int(sys.argv[3])
-for step in range(int(sys.argv[2])):
-    t0 = time.perf_counter()
-    gen = torch.Generator().manual_seed(step)
-    seqs = torch.randint(0, config.vocab_size, (8, seq + 1), generator=gen)[dp_rank * 4:(dp_rank + 1) * 4]
-    x, y = seqs[:, :-1], seqs[:, 1:]
-    loss = F.cross_entropy(model(x).logits.flatten(0, 1), y.flatten(0, 1))
-    loss.backward()
-    sq = sum((torch.linalg.vector_norm(p.grad) ** 2).full_tensor() for p in model.parameters())
-    coef = min(1.0, 1.0 / (float(sq) ** 0.5 + 1e-6))
-    if coef < 1.0:
-        for p in model.parameters():
-            p.grad.mul_(coef)
-    opt.step(); opt.zero_grad(set_to_none=True)
-    times.append(time.perf_counter() - t0)
-if dist.get_rank() == 0:
-    print(json.dumps({"step_time_s": statistics.median(times[1:])}))
-dist.destroy_process_group()
+VOCAB, SEQ, LOGITS = config.vocab_size, int(sys.argv[3]), lambda x: model(x).logits
 '''
 
 
@@ -145,7 +131,7 @@ def _hf_case(tmp: Path):
     source, module_map, _ = source_and_map(model, spec)
     plan = plan_from_strategy(spec, s, "cpu:4", predict(spec, s, load_cluster("cpu:4")).predicted(), source=source,
                               module_map=module_map)
-    return plan, HF_HAND, [str(folder), str(STEPS), str(SPEC.seq_len)], \
+    return plan, HF_HAND + LOOP, [str(folder), str(STEPS), str(SPEC.seq_len)], \
         f"dp2 x tp2, Hugging Face LlamaForCausalLM ({spec.num_params / 1e6:.1f}M params) as hf:DIR"
 
 
@@ -155,7 +141,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cases = [] if only_hf else [(
             plan_from_strategy(SPEC, STRATEGY, "cpu:4", predict(SPEC, STRATEGY, load_cluster("cpu:4")).predicted()),
-            HAND, [json.dumps(SPEC.to_dict()), str(STEPS)],
+            HAND + LOOP, [json.dumps(SPEC.to_dict()), str(STEPS)],
             f"dp2 x tp2, {SPEC.name} ({SPEC.num_params / 1e6:.1f}M params)")]
         cases.append(_hf_case(Path(tmp)))
         for k, (plan, hand, hand_args, label) in enumerate(cases):

@@ -201,7 +201,8 @@ def apply_module_tp(model: nn.Module, mmap: ModuleMap, mesh, placements: dict, s
         top[mmap.embedding] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
     head_split = head is not None and tp_placement(placements, mmap.head_weight) == "Shard(0)"
     if head_split:
-        top[mmap.head] = ColwiseParallel(output_layouts=Replicate())
+        # vocab-parallel logits, left sharded: the loss reduces over tp (runtime.train.loss_fn), no gather
+        top[mmap.head] = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
     if norm is not None and sp:
         top[mmap.final_norm] = SequenceParallel()
     if top:

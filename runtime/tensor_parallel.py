@@ -32,7 +32,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, placements: dic
         # a tied head is the embedding's own weight: vocab-parallel with it (the plan names it once)
         head = "tok_embeddings.weight" if model.spec.tied_embeddings else "output.weight"
         if tp_placement(placements, head) == "Shard(0)":
-            top["output"] = ColwiseParallel(input_layouts=Shard(1) if sp else Replicate(), output_layouts=Replicate())
+            # vocab-parallel logits, left sharded: the loss reduces over tp (runtime.train.loss_fn), no gather
+            top["output"] = ColwiseParallel(input_layouts=Shard(1) if sp else Replicate(), output_layouts=Shard(-1),
+                                            use_local_output=False)
         elif sp:
             top["output"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
                                                use_local_output=True)

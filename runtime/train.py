@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 from costmodel.errors import ConfigError
 from costmodel.spec import ModelSpec, Position
@@ -66,7 +67,15 @@ def _lr_lambda(cfg: RunConfig):
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy. Vocab-parallel logits (a DTensor sharded over the vocabulary, from a
+    head the plan splits over tp) are never gathered: under `loss_parallel` each rank takes
+    the max, the sum of exponentials and the target's logit over its vocabulary slice and tp
+    reduces those (Megatron's vocab-parallel cross-entropy, as the cost model prices it)."""
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))  # (B*T, V) vs (B*T,)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def runnable_spec(plan: Plan) -> ModelSpec:
@@ -211,7 +220,7 @@ def _forward_backward(modules, schedule, x, y, m_micro: int, autocast, device, h
             with autocast:
                 part = loss_fn(logits_of(modules[0](xm)), ym) / m_micro
             part.backward()
-            loss += part.detach()
+            loss += _local(part.detach())
         return loss
     mb_losses: list[torch.Tensor] = []
     kwargs = {"target": y, "losses": mb_losses} if has_last else {}
@@ -219,7 +228,7 @@ def _forward_backward(modules, schedule, x, y, m_micro: int, autocast, device, h
         schedule.step(x, **kwargs)
     else:
         schedule.step(**kwargs)
-    loss = torch.stack(mb_losses).mean().detach() if has_last else torch.zeros((), device=device)
+    loss = torch.stack([_local(v.detach()) for v in mb_losses]).mean() if has_last else torch.zeros((), device=device)
     dist.all_reduce(loss, group=pp_group)  # only the last stage holds it
     return loss
 
@@ -273,7 +282,9 @@ def train(plan: Plan, cfg: RunConfig) -> dict:
         x, y = source.batch(step, plan.global_batch)
         x, y = dp_slice(x, dp_rank, dp).to(device), dp_slice(y, dp_rank, dp).to(device)
         try:
-            loss = _forward_backward(modules, schedule, x, y, m_micro, autocast, device, has_first, has_last, pp_group)
+            with loss_parallel():  # acts on vocab-parallel (DTensor) logits only
+                loss = _forward_backward(modules, schedule, x, y, m_micro, autocast, device, has_first, has_last,
+                                         pp_group)
         except RuntimeError as exc:
             if not plan.source or step != start_step:
                 raise

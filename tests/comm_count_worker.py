@@ -14,8 +14,10 @@ from torch.distributed.tensor.debug import CommDebugMode
 from costmodel.layer import tp_collectives_per_layer
 from planner.plan import Plan
 from runtime.mesh import build_mesh
-from runtime.module import blocks_of
-from runtime.train import build_plan_parts
+from torch.distributed.tensor.parallel import loss_parallel
+
+from runtime.module import blocks_of, logits_of
+from runtime.train import build_plan_parts, loss_fn
 
 
 def main() -> None:
@@ -43,8 +45,16 @@ def main() -> None:
         out.sum().backward()
     counts = {phase: {str(op).split(".")[-1]: n for op, n in mode.get_comm_counts().items()}
               for phase, mode in (("forward", fwd), ("backward", bwd))}
+    # the head's logits stay split over the vocabulary and the loss reduces statistics, not logits
+    tokens = torch.randint(0, spec.vocab, (plan.schedule["microbatch_size"], plan.seq_len))  # (B, T)
+    with torch.no_grad():
+        logits = logits_of(model(tokens))
+    with CommDebugMode() as loss_mode, loss_parallel():
+        loss_fn(logits, tokens)
+    loss_counts = {str(op).split(".")[-1]: n for op, n in loss_mode.get_comm_counts().items()}
     if dist.get_rank() == 0:
-        print(json.dumps({"measured": counts, "predicted": tp_collectives_per_layer(plan.strategy())}))
+        print(json.dumps({"measured": counts, "predicted": tp_collectives_per_layer(plan.strategy()),
+                          "logits": [str(p) for p in getattr(logits, "placements", ())], "loss": loss_counts}))
     dist.barrier()
     # leave without tearing gloo down: its destructor raced with the peer's once in CI (SIGABRT
     # after the counts were printed); the runtime's own teardown is tested by every run test

@@ -6,6 +6,7 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from planner.plan import Plan
@@ -25,6 +26,8 @@ def main(plan_path: str, checkpoint: str, tokens_path: str, out_path: str) -> No
     model.eval()
     with torch.no_grad():
         logits = logits_of(model(torch.load(tokens_path)))
+    if isinstance(logits, DTensor):  # vocab-parallel logits (the loss never gathers them): whole here
+        logits = logits.full_tensor()
     if dist.get_rank() == 0:
         torch.save(logits, out_path)
     dist.barrier()

@@ -39,4 +39,8 @@ def test_collectives_per_layer_match_the_plan(tmp_path, model, sp):
     line = next(l for l in out.stdout.splitlines() if l.startswith("{"))
     counts = json.loads(line)
     assert counts["measured"] == counts["predicted"]
+    # the vocab-parallel head's logits are never gathered (Shard over the vocabulary), and the loss
+    # reduces its statistics over tp, as the cost model's head prices it (no all_gather)
+    assert counts["logits"] == ["S(2)"]  # DTensor writes Shard(dim=2) so
+    assert counts["loss"] == {"all_reduce": 3}  # max, sum of exponentials, target logit (costmodel.layer)
     assert sum(counts["measured"]["forward"].values()) in (2, 4)

@@ -41,10 +41,14 @@ class _Block(__import__("torch").nn.Module):
         v = self.v(y).view(b, t, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hs)
         k = k.repeat_interleave(self.nh // self.nkv, dim=1)
         v = v.repeat_interleave(self.nh // self.nkv, dim=1)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, h)
+        a = self.merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2), h)
         x = x + self.o(a)
         y = self.norm2(x)
         return x + self.down(F.silu(self.gate(y)) * self.up(y))
+
+    def merge_heads(self, a, h):
+        """(B, T, nh, hs) -> (B, T, h): sized from the model's hidden width."""
+        return a.reshape(a.shape[0], a.shape[1], h)
 
 
 class UserLM(__import__("torch").nn.Module):
@@ -71,23 +75,11 @@ def user_lm():
 
 
 class _TPBlock(_Block):
-    """The same layer, reshaping its attention output with -1 (its local heads under tensor
+    """The same layer, merging its attention heads with -1 (its local heads under tensor
     parallelism) as Hugging Face's and torchtitan's layers do."""
 
-    def forward(self, x):
-        import torch.nn.functional as F
-
-        b, t, _ = x.shape
-        y = self.norm1(x)
-        q = self.q(y).view(b, t, self.nh, self.hd).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k(y).view(b, t, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hs)
-        v = self.v(y).view(b, t, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hs)
-        k = k.repeat_interleave(self.nh // self.nkv, dim=1)
-        v = v.repeat_interleave(self.nh // self.nkv, dim=1)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, -1)  # (B, T, nh*hs)
-        x = x + self.o(a)
-        y = self.norm2(x)
-        return x + self.down(F.silu(self.gate(y)) * self.up(y))
+    def merge_heads(self, a, h):
+        return a.reshape(a.shape[0], a.shape[1], -1)  # (B, T, nh * hs)
 
 
 def user_lm_tp():
