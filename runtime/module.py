@@ -193,7 +193,8 @@ def _scatter_sequence(mesh):
 def apply_module_tp(model: nn.Module, mmap: ModuleMap, mesh, placements: dict, sequence_parallel: bool,
                     tp: int) -> None:
     sp = sequence_parallel
-    emb, head, norm = part_at(model, mmap.embedding), part_at(model, mmap.head), part_at(model, mmap.final_norm) if mmap.final_norm else None
+    emb, head = part_at(model, mmap.embedding), part_at(model, mmap.head)
+    norm = part_at(model, mmap.final_norm) if mmap.final_norm else None
     top: dict[str, object] = {}
     if emb is not None and tp_placement(placements, mmap.embedding_weight) == "Shard(0)":
         # the whole sequence leaves the embedding: the model's own forward sizes positions and
