@@ -5,6 +5,7 @@ hf:DIR (the user's module, parallelized from the plan). Prints both median step 
 overhead. Run:
     python bench/runtime_overhead.py            # both
     python bench/runtime_overhead.py hf         # the Hugging Face model only
+    python bench/runtime_overhead.py zoo        # the built-in GPT only
 """
 
 from __future__ import annotations
@@ -137,13 +138,14 @@ def _hf_case(tmp: Path):
 
 def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    only_hf = sys.argv[1:] == ["hf"]
+    only_hf, only_zoo = sys.argv[1:] == ["hf"], sys.argv[1:] == ["zoo"]
     with tempfile.TemporaryDirectory() as tmp:
         cases = [] if only_hf else [(
             plan_from_strategy(SPEC, STRATEGY, "cpu:4", predict(SPEC, STRATEGY, load_cluster("cpu:4")).predicted()),
             HAND + LOOP, [json.dumps(SPEC.to_dict()), str(STEPS)],
             f"dp2 x tp2, {SPEC.name} ({SPEC.num_params / 1e6:.1f}M params)")]
-        cases.append(_hf_case(Path(tmp)))
+        if not only_zoo:
+            cases.append(_hf_case(Path(tmp)))
         for k, (plan, hand, hand_args, label) in enumerate(cases):
             _compare(Path(tmp), k, plan, hand, hand_args, label, env)
 
