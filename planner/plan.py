@@ -80,6 +80,13 @@ class Plan:
             raise ConfigError(f"plan mesh sizes must be positive, got {', '.join(bad)}")
         if self.source and self.source.get("kind") not in ("hf", "py"):
             raise ConfigError(f"plan source kind {self.source.get('kind')!r} is unknown; use hf or py (or no source)")
+        needs = {"hf": ("path",), "py": ("target", "path")}.get(self.source.get("kind"), ())
+        lacking = [k for k in needs if not isinstance(self.source.get(k), str) or not self.source[k]]
+        if lacking:
+            raise ConfigError(f"plan source of kind {self.source['kind']} lacks {', '.join(lacking)}; re-plan "
+                              "with --model hf:DIR or py:MODULE:CALLABLE")
+        if "map" in self.source and not isinstance(self.source["map"], dict):
+            raise ConfigError("plan source map must be a mapping (blocks, embedding, head, ...); re-plan")
         for name, axes in self.placements.items():
             if not isinstance(axes, dict) or not all(isinstance(v, str) for v in axes.values()):
                 raise ConfigError(f"placement of {name} must map mesh axes to Shard(dim) or Replicate()")

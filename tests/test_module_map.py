@@ -91,3 +91,21 @@ def test_what_the_runtime_does_not_run_on_a_users_module_is_refused_in_one_line(
     lora = paraplan("plan", "--model", model, "--cluster", "cpu:4", "--global-batch", "8", "--seq-len", "32",
                     "--mode", "lora")
     assert lora.returncode == 2 and "LoRA runs on paraplan's built-in models only" in lora.stderr
+
+
+def test_a_malformed_source_is_one_line():
+    from costmodel import ConfigError, Strategy, load_cluster, predict
+    from planner.plan import Plan, plan_from_strategy
+
+    spec = ZOO["tiny-llama"]
+    s = Strategy(precision="fp32", global_batch=8, microbatch_size=8)
+    good = plan_from_strategy(spec, s, "cpu:1", predict(spec, s, load_cluster("cpu:1")).predicted()).to_dict()
+    for source, words in (({"kind": "onnx"}, "kind 'onnx' is unknown"), ({"kind": "hf"}, "lacks path"),
+                          ({"kind": "py", "target": "m:f"}, "lacks path"),
+                          ({"kind": "hf", "path": "/x", "map": 3}, "map must be a mapping")):
+        with pytest.raises(ConfigError, match=words):
+            Plan.from_dict({**good, "source": source})
+    from planner.model_source import module_map_of
+
+    with pytest.raises(ConfigError, match="module map is malformed"):
+        module_map_of({"kind": "hf", "path": "/x", "map": {"blocks": "model.layers"}}, spec)
