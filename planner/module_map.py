@@ -48,6 +48,10 @@ class ModuleMap:
     biased: tuple[str, ...] = ()  # block-relative linears with a bias
     unsplittable: tuple[str, ...] = ()  # block linears neither column nor row (tensor parallelism refused)
     head_attributes: dict[str, str] = field(default_factory=dict)  # block-relative module -> its head-count attributes
+    # block-relative modules with parameters that are neither a split linear nor a norm of the
+    # residual stream (Qwen3's q_norm / k_norm act on each rank's local heads: under tp their
+    # gradients are partial sums that transformers all-reduces, "replicated_with_grad_allreduce")
+    others: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.layers < 1:
@@ -60,7 +64,7 @@ class ModuleMap:
                 "final_norm": self.final_norm, "positions": self.positions, "tied": self.tied,
                 "groups": [{"source": g.source, "column": list(g.column), "row": g.row} for g in self.groups],
                 "biased": list(self.biased), "unsplittable": list(self.unsplittable),
-                "head_attributes": dict(self.head_attributes)}
+                "head_attributes": dict(self.head_attributes), "others": list(self.others)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModuleMap":
@@ -72,9 +76,16 @@ class ModuleMap:
                                                 row=str(g["row"])) for g in data.get("groups", ())),
                        biased=tuple(map(str, data.get("biased", ()))),
                        unsplittable=tuple(map(str, data.get("unsplittable", ()))),
-                       head_attributes={str(k): str(v) for k, v in dict(data.get("head_attributes", {})).items()})
+                       head_attributes={str(k): str(v) for k, v in dict(data.get("head_attributes", {})).items()},
+                       others=tuple(map(str, data.get("others", ()))))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ConfigError(f"the plan's module map is malformed ({type(exc).__name__}: {exc}); re-plan") from None
+
+    @property
+    def splits_cleanly(self) -> bool:
+        """Whether tensor parallelism can run on this module: split linears exist, and no other
+        parameter in a block sees the local heads only."""
+        return bool(self.groups) and not self.others
 
     def block_param(self, layer: int | str, path: str, leaf: str = "weight") -> str:
         return f"{self.blocks}.{layer}.{path}.{leaf}"
@@ -191,6 +202,9 @@ def traced_map(module, example_inputs: tuple, spec: ModelSpec) -> ModuleMap:
         else:
             unsplittable.append(rel)
     unsplittable.extend(current)
+    known = {p for g in groups for p in (g.source, *g.column, g.row)} | set(unsplittable)
+    others = tuple(dict.fromkeys(c[0][len(prefix):] for c in in_block
+                                 if not isinstance(c[1], nn.Linear) and c[0][len(prefix):] not in known))
     heads = {}
     for path, sub in _module_at(module, f"{container}.0").named_modules():
         names = [n for n in HEAD_COUNT_NAMES if isinstance(getattr(sub, n, None), int)
@@ -206,7 +220,7 @@ def traced_map(module, example_inputs: tuple, spec: ModelSpec) -> ModuleMap:
     return ModuleMap(blocks=container, layers=layers, embedding=embeddings[0][0], head=head[0],
                      final_norm=norm if norm and not norm.startswith(f"{container}.") else "", positions=positions,
                      tied=tied, groups=tuple(groups), biased=tuple(biased), unsplittable=tuple(unsplittable),
-                     head_attributes=heads)
+                     head_attributes=heads, others=others)
 
 
 def _width(in_block) -> int:

@@ -109,3 +109,32 @@ def test_a_malformed_source_is_one_line():
 
     with pytest.raises(ConfigError, match="module map is malformed"):
         module_map_of({"kind": "hf", "path": "/x", "map": {"blocks": "model.layers"}}, spec)
+
+
+@pytest.mark.parametrize("config_class", ["LlamaConfig", "MistralConfig", "Qwen2Config", "Qwen3Config"])
+def test_the_map_rediscovers_transformers_own_tensor_parallel_plan(tmp_path, config_class):
+    """The column/row split read off the module equals the `base_model_tp_plan` transformers ships
+    for the model (colwise -> Shard(0), rowwise -> Shard(1)); what that plan keeps replicated with
+    an all-reduce of its gradients (Qwen3's q_norm, k_norm) the map finds too, and the runtime,
+    which does not reduce them yet, refuses tp > 1 for it in one line."""
+    cls = getattr(transformers, config_class)
+    config = cls(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, vocab_size=256, max_position_embeddings=64, head_dim=16)
+    config.save_pretrained(tmp_path / "m")
+    model = f"hf:{tmp_path / 'm'}"
+    spec, _ = load_model(model)
+    mmap = module_map_of(source_of(model), spec)
+    ours = {k.removeprefix("model.").rpartition(".")[0]: v for k, v in mmap.megatron().items()
+            if k.startswith(f"{mmap.blocks}.")}  # by module (weight and bias alike, as transformers' plan names them)
+    words = {"colwise": "Shard(0)", "rowwise": "Shard(1)"}
+    theirs = {k: words[v] for k, v in cls.base_model_tp_plan.items() if v in words}
+    assert ours == theirs
+    others = {k.removeprefix("layers.*.") for k, v in cls.base_model_tp_plan.items() if v not in words}
+    assert set(mmap.others) == others
+    if others:
+        out = paraplan("plan", "--model", model, "--cluster", "cpu:4", "--global-batch", "8", "--seq-len", "32",
+                       "--json")
+        assert out.returncode == 0 and json.loads(out.stdout)["plan"]["mesh"]["tp"] == 1
+        forced = paraplan("plan", "--model", model, "--cluster", "cpu:4", "--global-batch", "8", "--seq-len", "32",
+                          "--tp", "2")
+        assert forced.returncode == 2 and "q_norm" in forced.stderr and "use --tp 1" in forced.stderr
