@@ -56,10 +56,6 @@ def layout_problems(mmap: ModuleMap, placements: dict[str, dict[str, str]], tp: 
     if not mmap.groups:
         return problems + [f"tensor parallelism splits nn.Linear projections and the module's blocks have none the "
                            f"runtime can split ({', '.join(mmap.unsplittable) or 'no nn.Linear in a block'}); use --tp 1"]
-    if mmap.others:
-        return problems + [f"under tensor parallelism the block's {', '.join(mmap.others)} would see each rank's "
-                           "local heads only and need their gradients all-reduced over tp, which the runtime does "
-                           "not do yet; use --tp 1"]
     splittable = {f"{mmap.blocks}.*.{path}.{leaf}" for g in mmap.groups for path in (*g.column, g.row)
                   for leaf in ("weight", "bias")}
     for name in tp_named:

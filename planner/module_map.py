@@ -81,12 +81,6 @@ class ModuleMap:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ConfigError(f"the plan's module map is malformed ({type(exc).__name__}: {exc}); re-plan") from None
 
-    @property
-    def splits_cleanly(self) -> bool:
-        """Whether tensor parallelism can run on this module: split linears exist, and no other
-        parameter in a block sees the local heads only."""
-        return bool(self.groups) and not self.others
-
     def block_param(self, layer: int | str, path: str, leaf: str = "weight") -> str:
         return f"{self.blocks}.{layer}.{path}.{leaf}"
 

@@ -26,8 +26,10 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel, parallelize_module
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel, ParallelStyle, RowwiseParallel, SequenceParallel, parallelize_module,
+)
 
 from costmodel.errors import ConfigError
 from planner.contract import tp_placement
@@ -190,6 +192,23 @@ def _scatter_sequence(mesh):
     return hook
 
 
+class LocalHeads(ParallelStyle):
+    """A module that acts on each rank's local heads (Qwen3's q_norm, k_norm): its parameters
+    replicated over tp, its input taken as this rank's shard of the whole (the norm works along
+    the last dimension, so any other dimension would do: dim 0 is used), its output local. Its
+    parameters' gradients then come out as partial sums over the ranks' heads, and DTensor
+    all-reduces them over tp (transformers' "replicated_with_grad_allreduce")."""
+
+    def _apply(self, module: nn.Module, mesh) -> nn.Module:
+        def take_shard(mod, args, mesh_):
+            return (DTensor.from_local(args[0], mesh_, [Shard(0)], run_check=False), *args[1:])
+
+        def give_local(mod, out, mesh_):
+            return out.to_local()
+
+        return distribute_module(module, mesh, input_fn=take_shard, output_fn=give_local)
+
+
 def apply_module_tp(model: nn.Module, mmap: ModuleMap, mesh, placements: dict, sequence_parallel: bool,
                     tp: int) -> None:
     sp = sequence_parallel
@@ -226,6 +245,8 @@ def apply_module_tp(model: nn.Module, mmap: ModuleMap, mesh, placements: dict, s
                     plan[g.source] = SequenceParallel()
         if not plan:
             continue
+        for path in mmap.others:
+            plan[path] = LocalHeads()
         parallelize_module(block, mesh, plan)
         for path in dict.fromkeys(sources):
             block.get_submodule(path).register_forward_hook(_replicate_output(mesh, sp, local=False))

@@ -45,6 +45,16 @@ def main() -> None:
         out.sum().backward()
     counts = {phase: {str(op).split(".")[-1]: n for op, n in mode.get_comm_counts().items()}
               for phase, mode in (("forward", fwd), ("backward", bwd))}
+    # parameters on each rank's local heads (Qwen3's q_norm, k_norm): their gradients must be the
+    # same on every tp rank (reduced over tp), or the replicas drift apart
+    others = list(mmap.others) if mmap is not None else []
+    agree = []
+    for path in others:
+        g = block.get_submodule(path).weight.grad
+        g = (g.full_tensor() if hasattr(g, "full_tensor") else g).contiguous()
+        gathered = [torch.zeros_like(g) for _ in range(tp)]
+        dist.all_gather(gathered, g, group=mesh["tp"].get_group())
+        agree.append(all(torch.equal(gathered[0], x) for x in gathered))
     # the head's logits stay split over the vocabulary and the loss reduces statistics, not logits
     tokens = torch.randint(0, spec.vocab, (plan.schedule["microbatch_size"], plan.seq_len))  # (B, T)
     with torch.no_grad():
@@ -54,7 +64,8 @@ def main() -> None:
     loss_counts = {str(op).split(".")[-1]: n for op, n in loss_mode.get_comm_counts().items()}
     if dist.get_rank() == 0:
         print(json.dumps({"measured": counts, "predicted": tp_collectives_per_layer(plan.strategy()),
-                          "logits": [str(p) for p in getattr(logits, "placements", ())], "loss": loss_counts}))
+                          "logits": [str(p) for p in getattr(logits, "placements", ())], "loss": loss_counts,
+                          "others": others, "others_agree": agree}))
     dist.barrier()
     # leave without tearing gloo down: its destructor raced with the peer's once in CI (SIGABRT
     # after the counts were printed); the runtime's own teardown is tested by every run test
