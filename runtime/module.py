@@ -36,6 +36,7 @@ from planner.contract import tp_placement
 from planner.model_source import build_source_module
 from planner.module_map import ModuleMap
 from planner.plan import Plan
+from planner.zoo.model import copy_full
 from runtime.activation_checkpoint import selective_context
 from runtime.data_parallel import apply_data_parallel_blocks
 
@@ -282,17 +283,6 @@ def safetensors_files(plan: Plan) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
 
 
-def _copy_full(param: torch.Tensor, full: torch.Tensor) -> None:
-    from torch.distributed.tensor import distribute_tensor
-
-    with torch.no_grad():
-        if isinstance(param, DTensor):
-            local = distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements).to_local()
-            param.to_local().copy_(local.to(param.to_local().device))
-        else:
-            param.copy_(full.to(param.dtype).to(param.device))
-
-
 def _by_name(model: nn.Module) -> dict[str, torch.Tensor]:
     """This part's parameters by the module's own names (a tied copy under each name it has)."""
     return {clean(n): p for n, p in model.named_parameters(remove_duplicate=False)}
@@ -302,6 +292,7 @@ def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
+@torch.no_grad()
 def initialise(model: nn.Module, pristine: nn.Module, plan: Plan, mmap: ModuleMap, seed: int) -> None:
     """Fill this part's parameters with the model's own initialisation (see the module docstring)."""
     mine = _by_name(model)
@@ -310,7 +301,7 @@ def initialise(model: nn.Module, pristine: nn.Module, plan: Plan, mmap: ModuleMa
         whole, _ = build_source_module(plan.source, plan.spec, device="cpu")
         full = dict(whole.named_parameters(remove_duplicate=False))
         for name, p in mine.items():
-            _copy_full(p, full[name].detach())
+            copy_full(p, full[name].detach())
         return
     tied_head = f"{mmap.head}.weight" if mmap.tied else None
     for path, sub in pristine.named_modules():
@@ -323,6 +314,7 @@ def initialise(model: nn.Module, pristine: nn.Module, plan: Plan, mmap: ModuleMa
         _init_submodule(pristine, mmap.embedding, seed, {"weight": mine[tied_head]})
 
 
+@torch.no_grad()
 def _init_submodule(pristine: nn.Module, path: str, seed: int, targets: dict[str, torch.Tensor]) -> None:
     """Hugging Face's `_init_weights` on a CPU copy of one submodule (its own parameters only),
     seeded by its path, copied into this rank's shards of `targets`."""
@@ -334,7 +326,7 @@ def _init_submodule(pristine: nn.Module, path: str, seed: int, targets: dict[str
     torch.manual_seed(seed * 1_000_003 + zlib.crc32(path.encode()))
     pristine._init_weights(local)
     for n, target in targets.items():
-        _copy_full(target, local._parameters[n].detach())
+        copy_full(target, local._parameters[n].detach())
 
 
 def load_pretrained(model: nn.Module, plan: Plan, mmap: ModuleMap) -> None:

@@ -196,7 +196,7 @@ class Transformer(nn.Module):
                     gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
                     std = scaled if name.endswith(("wo.weight", "w2.weight")) else 0.02
                     full = torch.randn(tuple(p.shape), generator=gen) * std
-                _copy_full(p, full)
+                copy_full(p, full)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, V). A pipeline stage without the embedding takes and
@@ -220,7 +220,7 @@ class Transformer(nn.Module):
         return self.output(self.norm(x))  # (B, T, V)
 
 
-def _copy_full(param: torch.Tensor, full: torch.Tensor) -> None:
+def copy_full(param: torch.Tensor, full: torch.Tensor) -> None:
     """Copy a whole tensor into a parameter, which may be a DTensor sharded over a mesh."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
