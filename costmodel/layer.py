@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 from costmodel import lora
 from costmodel.cluster import Cluster
+from costmodel.ops import attention_s, gemm_s
 from costmodel.collectives import all_gather_s, all_reduce_s, reduce_scatter_s, send_recv_s
+from costmodel.errors import ConfigError
 from costmodel.network import Group
 from costmodel.spec import Activation, ModelSpec, Norm, Position
 from costmodel.strategy import Recompute, Strategy
-
-FLASH_BACKWARD_FLOPS_RATIO = 2.5  # FlashAttention-2 backward: 5 matmuls against 2 forward
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -94,19 +94,12 @@ def _shape(spec: ModelSpec, strategy: Strategy) -> _Shape:
     )
 
 
-def _gemm(device, dtype: str, m: int, k: int, n: int, e: int) -> float:
-    return device.gemm_s(2.0 * m * k * n, e * (m * k + k * n + m * n), dtype, rows=m)
-
-
 def _attention_core(spec: ModelSpec, strategy: Strategy, cluster: Cluster, sh: _Shape) -> tuple[float, float]:
     """(forward, backward) seconds of softmax(QK^T)V for one microbatch."""
     dev, dtype, e = cluster.device, strategy.policy.compute_dtype, sh.e
     if strategy.flash_attention:
-        causal = 0.5
-        flops = 4.0 * sh.tokens * sh.s_kv * sh.q * causal
-        moved = e * (2 * sh.tokens * sh.q + 2 * sh.b * sh.s_kv * sh.kv)
-        return dev.attention_s(flops, moved, dtype), dev.attention_s(FLASH_BACKWARD_FLOPS_RATIO * flops, 2 * moved, dtype,
-                                                                     backward=True)
+        return attention_s(dev, dtype, tokens=sh.tokens, s_kv=sh.s_kv, q_width=sh.q, kv_width=sh.kv, batch=sh.b,
+                           bytes_per_value=e, causal=True)
     scores = sh.b * sh.heads * sh.s * sh.s_kv  # (b, heads, s, s_kv) values per tp rank
     bmm = dev.gemm_s(2.0 * sh.tokens * sh.s_kv * sh.q, e * (2 * sh.tokens * sh.q + scores), dtype)
     mask_bytes = 1 if spec.dropout else 0
@@ -117,17 +110,43 @@ def _attention_core(spec: ModelSpec, strategy: Strategy, cluster: Cluster, sh: _
     return fwd, bwd
 
 
-def layer_cost(spec: ModelSpec, strategy: Strategy, cluster: Cluster, tp_group: Group, cp_group: Group) -> LayerCost:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BlockPrice:
+    """The operators of one transformer block for one microbatch on one GPU, before the
+    runtime's host time, weight casts, context parallelism and recomputation are added: from
+    the layer formulas (`block_price`) or from the block's traced graph under the sharding the
+    ILP chose (`planner.graph_cost`)."""
+
+    gemm_s: float  # forward GEMMs (the backward runs twice their time)
+    attention_forward_s: float
+    attention_backward_s: float
+    elementwise_s: float  # memory-bound kernels of the forward (the backward moves twice the bytes)
+    tp_forward_s: float  # tensor-parallel collectives of the forward
+    tp_backward_s: float
+    params: int  # parameters of the block on one GPU of its tensor-parallel group
+    source: str = "formula"  # "formula" | "graph"
+
+    def __post_init__(self) -> None:
+        for name in ("gemm_s", "attention_forward_s", "attention_backward_s", "elementwise_s", "tp_forward_s",
+                     "tp_backward_s"):
+            value = getattr(self, name)
+            if not value >= 0:
+                raise ConfigError(f"a block's {name} must be >= 0 seconds, got {value!r}")
+        if self.params < 0:
+            raise ConfigError(f"a block's parameters must be >= 0, got {self.params}")
+
+
+def block_price(spec: ModelSpec, strategy: Strategy, cluster: Cluster, tp_group: Group) -> BlockPrice:
+    """Megatron's layer (column-then-row tensor parallelism, Korthikanti's sequence
+    parallelism) priced from the spec's sizes."""
     dev, dtype = cluster.device, strategy.policy.compute_dtype
     sh = _shape(spec, strategy)
     T, e, h = sh.tokens, sh.e, sh.h
-    # -- forward compute ------------------------------------------------------------
-    qkv = _gemm(dev, dtype, T, h, sh.q + 2 * sh.kv, e)
-    proj = _gemm(dev, dtype, T, sh.q, h, e)
+    qkv = gemm_s(dev, dtype, T, h, sh.q + 2 * sh.kv, e)
+    proj = gemm_s(dev, dtype, T, sh.q, h, e)
     up_width = 2 * sh.f if spec.activation is Activation.SWIGLU else sh.f
-    fc1 = _gemm(dev, dtype, T, h, up_width, e)
-    fc2 = _gemm(dev, dtype, T, sh.f, h, e)
-    gemms = qkv + proj + fc1 + fc2
+    fc1 = gemm_s(dev, dtype, T, h, up_width, e)
+    fc2 = gemm_s(dev, dtype, T, sh.f, h, e)
     attn_f, attn_b = _attention_core(spec, strategy, cluster, sh)
     rt = cluster.cost_runtime
     row_bytes = sh.rows * h * e
@@ -139,17 +158,39 @@ def layer_cost(spec: ModelSpec, strategy: Strategy, cluster: Cluster, tp_group: 
         elementwise += 2 * T * (sh.q + sh.kv) * e * rt.rope_traffic
     if rt.gqa_repeat and sh.kv < sh.q:  # K and V copied out to every query head
         elementwise += 2 * T * (sh.kv + sh.q) * e
-    elem_f = dev.memory_s(elementwise * rt.elementwise_traffic)
+    # tensor-parallel collectives of one (b, s, h) activation each (tp_collectives_per_layer)
+    act_bytes = T * h * e
+    calls = tp_collectives_per_layer(strategy) if tp_group.size > 1 else {"forward": {}, "backward": {}}
+    timed = {"all_reduce": all_reduce_s, "all_gather_into_tensor": all_gather_s, "reduce_scatter_tensor": reduce_scatter_s}
+    return BlockPrice(
+        gemm_s=qkv + proj + fc1 + fc2, attention_forward_s=attn_f, attention_backward_s=attn_b,
+        elementwise_s=dev.memory_s(elementwise * rt.elementwise_traffic),
+        tp_forward_s=sum(n * timed[op](act_bytes, tp_group) for op, n in calls["forward"].items()),
+        tp_backward_s=sum(n * timed[op](act_bytes, tp_group) for op, n in calls["backward"].items()),
+        params=_params_per_tp_rank(spec, strategy.tp),
+    )
+
+
+def layer_cost(spec: ModelSpec, strategy: Strategy, cluster: Cluster, tp_group: Group, cp_group: Group,
+               price: BlockPrice | None = None) -> LayerCost:
+    """One layer: the block's operators (`price`, the formulas' when None) with the runtime's
+    host time and weight casts, LoRA's adapters, context parallelism and recomputation."""
+    dev, dtype = cluster.device, strategy.policy.compute_dtype
+    sh = _shape(spec, strategy)
+    T, e = sh.tokens, sh.e
+    price = price or block_price(spec, strategy, cluster, tp_group)
+    gemms, attn_f, attn_b, elem_f = price.gemm_s, price.attention_forward_s, price.attention_backward_s, price.elementwise_s
     # host dispatch the device does not hide (the runtime wraps every block in FSDP2 when dp > 1)
     host_f, host_b = dev.layer_overhead_s(tensor_parallel=strategy.tp > 1, fsdp=strategy.dp > 1)
     # the runtime's own host time, and the weights cast to the compute dtype at each use and
     # their gradients cast back
+    rt = cluster.cost_runtime
     cast_f, cast_b = rt.weight_cast_bytes(sharded=strategy.dp > 1)
-    params = _params_per_tp_rank(spec, strategy.tp)
+    params = price.params
     host_f += rt.layer_overhead_us[0] * 1e-6 + dev.memory_s(cast_f * params)
     host_b += rt.layer_overhead_us[1] * 1e-6 + dev.memory_s(cast_b * params)
     if strategy.lora:  # frozen base: input gradients only; adapters: both; QLoRA dequantizes at each use
-        adapters = sum(_gemm(dev, dtype, T, a, r, e) + _gemm(dev, dtype, T, r, b, e)
+        adapters = sum(gemm_s(dev, dtype, T, a, r, e) + gemm_s(dev, dtype, T, r, b, e)
                        for a, r, b in lora.adapter_shapes(spec, strategy.lora_targets, strategy.lora_rank, strategy.tp))
         dequant = dev.memory_s(lora.dequant_bytes(spec, strategy.tp, strategy.base_precision))
         fwd_compute = gemms + adapters + dequant + attn_f + elem_f + host_f
@@ -159,12 +200,7 @@ def layer_cost(spec: ModelSpec, strategy: Strategy, cluster: Cluster, tp_group: 
         fwd_compute = gemms + attn_f + elem_f + host_f
         bwd_compute = 2 * gemms + attn_b + 2 * elem_f + host_b
         wgrad = gemms
-    # -- tensor-parallel collectives of one (b, s, h) activation each (tp_collectives_per_layer)
-    act_bytes = T * h * e
-    calls = tp_collectives_per_layer(strategy) if tp_group.size > 1 else {"forward": {}, "backward": {}}
-    timed = {"all_reduce": all_reduce_s, "all_gather_into_tensor": all_gather_s, "reduce_scatter_tensor": reduce_scatter_s}
-    tp_f = sum(n * timed[op](act_bytes, tp_group) for op, n in calls["forward"].items())
-    tp_b = sum(n * timed[op](act_bytes, tp_group) for op, n in calls["backward"].items())
+    tp_f, tp_b = price.tp_forward_s, price.tp_backward_s
     # -- context parallel: ring exchange of K and V, overlapped with the attention blocks
     cp_f = cp_b = 0.0
     if cp_group.size > 1:
@@ -245,7 +281,7 @@ def ends_cost(spec: ModelSpec, strategy: Strategy, cluster: Cluster, tp_group: G
     if tp_group.size > 1:
         reduce = reduce_scatter_s(act_bytes, tp_group) if strategy.sequence_parallel else all_reduce_s(act_bytes, tp_group)
     # head: final norm, logits GEMM (vocab split over tp), vocab-parallel cross-entropy in fp32
-    logits = _gemm(dev, dtype, T, h, vocab_local, e)
+    logits = gemm_s(dev, dtype, T, h, vocab_local, e)
     rt = cluster.cost_runtime
     norm = dev.memory_s(2 * sh.rows * h * e * rt.elementwise_traffic)
     # the loss over fp32 logits, forward and backward alike (half the runtime's bytes each)

@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 from costmodel.cluster import Cluster, with_runtime
 from costmodel.collectives import all_reduce_s, send_recv_s
 from costmodel.errors import ConfigError
-from costmodel.layer import _gemm, _params_per_tp_rank, layer_cost
+from costmodel.layer import _params_per_tp_rank, layer_cost
+from costmodel.ops import gemm_s
 from costmodel.spec import ModelSpec
 from costmodel.runtime import FUSED
 from costmodel.strategy import Strategy
@@ -190,7 +191,7 @@ def decode_step_s(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: in
     q, kv = spec.hidden // tp, kv_heads_per_gpu(spec, tp) * spec.head_dim
     f = spec.ffn_hidden // tp
     up = 2 * f if spec.activation.value == "swiglu" else f
-    gemms = sum(_gemm(dev, dtype, rows, k, n, e) for k, n in ((spec.hidden, q + 2 * kv), (q, spec.hidden),
+    gemms = sum(gemm_s(dev, dtype, rows, k, n, e) for k, n in ((spec.hidden, q + 2 * kv), (q, spec.hidden),
                                                               (spec.hidden, up), (f, spec.hidden)))
     cache = rows * context * 2 * kv * e  # K and V of every cached token, read once
     attention = dev.attention_s(4.0 * rows * context * q, cache + 2 * rows * q * e, dtype, decode=True)
@@ -198,7 +199,7 @@ def decode_step_s(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: in
     layer = gemms + attention + elementwise + dev.layer_overhead_s(tensor_parallel=tp > 1, fsdp=False)[0]
     if tp > 1:
         layer += 2 * all_reduce_s(rows * spec.hidden * e, cluster.group(tp, 1))
-    head = _gemm(dev, dtype, rows, spec.hidden, -(-spec.vocab // tp), e)
+    head = gemm_s(dev, dtype, rows, spec.hidden, -(-spec.vocab // tp), e)
     hops = (pp - 1) * send_recv_s(rows * spec.hidden * e, cluster.p2p_link(tp))
     return spec.layers * layer + head + hops
 

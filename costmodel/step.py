@@ -16,7 +16,7 @@ from costmodel.cluster import Cluster
 from costmodel.collectives import all_gather_s, all_reduce_s, reduce_scatter_s, send_recv_s
 from costmodel.flops import hardware_flops_per_step, model_flops_per_step
 from costmodel.hardware import GIB
-from costmodel.layer import LayerCost, Part, ends_cost, layer_cost
+from costmodel.layer import BlockPrice, LayerCost, Part, ends_cost, layer_cost
 from costmodel.memory import layer_activation_bytes, saved_matmul_outputs_bytes, zero_model_state_bytes
 from costmodel.network import Group
 from costmodel.schedule import Task, build, peak_in_flight
@@ -105,7 +105,9 @@ def _task(parts: list[Part], layer: Part, n: int, pre: list[float], post: list[f
     return total + Part(exposed_comm=max(0.0, exposed))
 
 
-def build_step(spec: ModelSpec, strategy: Strategy, cluster: Cluster) -> StepModel:
+def build_step(spec: ModelSpec, strategy: Strategy, cluster: Cluster, block: BlockPrice | None = None) -> StepModel:
+    """The step's tasks. `block`: the repeated block's operators priced from its traced graph
+    under the sharding chosen for it (`planner.graph_cost`); the layer formulas when None."""
     check_strategy(spec, strategy, cluster.world_size)
     s = strategy if strategy.grad_dtype else strategy.replace(grad_dtype=cluster.runtime.grad_dtype)
     rt = cluster.cost_runtime
@@ -122,7 +124,7 @@ def build_step(spec: ModelSpec, strategy: Strategy, cluster: Cluster) -> StepMod
     replicate_group = cluster.group(s.dp_replicate, s.tp * shard)
     p2p_link = cluster.p2p_link(s.tp * s.cp * s.dp)
     layers_by_policy = {
-        rc: layer_cost(spec, s.replace(recompute=rc, stage_recompute=()), cluster, tp_group, cp_group)
+        rc: layer_cost(spec, s.replace(recompute=rc, stage_recompute=()), cluster, tp_group, cp_group, block)
         for rc in {s.recompute_of(k) for k in range(s.num_stages)}
     }
     layer = layers_by_policy[s.recompute_of(0)]
