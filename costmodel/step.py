@@ -105,15 +105,22 @@ def _task(parts: list[Part], layer: Part, n: int, pre: list[float], post: list[f
     return total + Part(exposed_comm=max(0.0, exposed))
 
 
+def step_cluster(strategy: Strategy, cluster: Cluster) -> Cluster:
+    """The cluster a step of `strategy` is priced on: with data parallelism the GEMMs run at
+    the runtime's sustained rate (FSDP/DDP collectives beside the compute take SMs, clocks sag)."""
+    sustained = cluster.cost_runtime.gemm_scale(cluster.device.arch)
+    if strategy.dp > 1 and sustained != 1.0:
+        return replace(cluster, device=replace(cluster.device, compute_sustained=sustained))
+    return cluster
+
+
 def build_step(spec: ModelSpec, strategy: Strategy, cluster: Cluster, block: BlockPrice | None = None) -> StepModel:
     """The step's tasks. `block`: the repeated block's operators priced from its traced graph
     under the sharding chosen for it (`planner.graph_cost`); the layer formulas when None."""
     check_strategy(spec, strategy, cluster.world_size)
     s = strategy if strategy.grad_dtype else strategy.replace(grad_dtype=cluster.runtime.grad_dtype)
+    cluster = step_cluster(s, cluster)
     rt = cluster.cost_runtime
-    sustained = rt.gemm_scale(cluster.device.arch)
-    if s.dp > 1 and sustained != 1.0:  # FSDP/DDP collectives beside the compute: NCCL takes SMs, clocks sag
-        cluster = replace(cluster, device=replace(cluster.device, compute_sustained=sustained))
     if s.seq_len and s.seq_len != spec.seq_len:
         spec = spec.with_seq_len(s.seq_len)
     pol = s.policy

@@ -20,7 +20,8 @@ class Way(NamedTuple):
     out: str
     ins: tuple[str, ...]
     divides: bool  # is the op's work split over the axis?
-    own_comm: str = ""  # "input_grad_allreduce" | "weight_grad_allreduce" | ""
+    own_comm: str = ""  # "weight_grad_allreduce" (a replicated weight used by a batch-split op) | ""
+    partial_grads: tuple[int, ...] = ()  # inputs whose gradient comes back as partial sums (a column linear's x)
 
 
 def shard(d: int) -> str:
@@ -104,7 +105,8 @@ def ways(node: dict, in_shapes: list[tuple[int, ...]], role: str) -> list[Way]:
     R = ("R",) * n_in
     out = [Way("replicate", "R", R, False)]
     if kind == "input":  # the role is imposed by the ILP's fixed constraints
-        return out + ([Way("batch", "S0", (), True)] if len(shape) > 0 and shape[0] > 1 else [])
+        return out + ([Way("batch", "S0", (), True)] if len(shape) > 0 and shape[0] > 1 else []) + (
+            [Way("sequence", "S1", (), True)] if len(shape) >= 3 and shape[1] > 1 else [])
     if kind == "buffer":
         return out
     if kind == "param":
@@ -114,7 +116,7 @@ def ways(node: dict, in_shapes: list[tuple[int, ...]], role: str) -> list[Way]:
         extra = ("R",) * (n_in - 2)
         res = out + [Way(f"batch{d}", shard(d), (shard(d), "R") + extra, True, "weight_grad_allreduce")
                      for d in range(r - 1) if shape[d] > 1]
-        res.append(Way("column", shard(r - 1), ("R", "S0") + ("S0",) * (n_in - 2), True, "input_grad_allreduce"))
+        res.append(Way("column", shard(r - 1), ("R", "S0") + ("S0",) * (n_in - 2), True, partial_grads=(0,)))
         res.append(Way("row", "P", (shard(r - 1), "S1") + extra, True))
         return res
     if kind == "embedding":

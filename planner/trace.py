@@ -43,6 +43,9 @@ KINDS = {
     "aten.slice.Tensor": "slice",
     "aten.cat.default": "cat",
     "aten.repeat_interleave.self_int": "repeat",
+    "aten.matmul.default": "matmul",
+    "aten.bmm.default": "matmul",
+    "aten.mm.default": "matmul",
 }
 SKIP = {"aten._assert_tensor_metadata.default", "aten.arange.default", "aten.arange.start"}
 
@@ -91,6 +94,8 @@ def _flops(kind: str, target: str, shape: tuple[int, ...], in_shapes: list[tuple
     if kind == "linear" and len(in_shapes) >= 2:
         k = in_shapes[0][-1]
         return 2.0 * numel * k
+    if kind == "matmul" and len(in_shapes) >= 2:
+        return 2.0 * numel * in_shapes[0][-1]
     if kind == "sdpa" and len(in_shapes) >= 3:
         b, h, t, d = in_shapes[0]
         s = in_shapes[1][2]
@@ -205,6 +210,12 @@ def _static_args(node) -> dict:
         return {"dim": int(node.kwargs.get("dim", a[2] if len(a) > 2 else 0))}
     if t in ("aten.layer_norm.default", "aten.rms_norm.default"):
         return {"normalized_ndim": len(a[1])}
+    if t == "aten.dropout.default":
+        return {"p": float(a[1]) if len(a) > 1 else 0.5}
+    if t == "aten.scaled_dot_product_attention.default":
+        masked = len(a) > 3 and a[3] is not None or node.kwargs.get("attn_mask") is not None
+        causal = bool(node.kwargs.get("is_causal", a[5] if len(a) > 5 else False))
+        return {"causal": causal or masked, "enable_gqa": bool(node.kwargs.get("enable_gqa", False))}
     return {}
 
 

@@ -1,0 +1,117 @@
+"""planner.pricing: a plan's step priced on its own graph and placements.
+
+`graph_price(...)` traces the module the plan runs (paraplan's Transformer for zoo and spec
+models, the Hugging Face class for `hf:`, the user's module for `py:`), two blocks deep at the
+plan's microbatch and sequence, solves the block's sharding with the plan's parameter
+placements pinned (so only the activations' placements are left to choose: the cheapest way
+to run what the plan says), and prices the solved block (`planner.graph_cost`). The step
+simulator then takes that block in place of the layer formulas; embedding, head and loss
+stay on the formulas, which price Megatron's vocab-parallel ends as the runtime runs them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, replace
+
+from costmodel.cluster import Cluster
+from costmodel.errors import ConfigError
+from costmodel.layer import BlockPrice
+from costmodel.spec import ModelSpec
+from costmodel.step import step_cluster
+from costmodel.strategy import Strategy
+from planner.graph_cost import price_block
+from planner.intra_op import CostContext, IntraOpSolution, LogicalMesh, solve_block
+from planner.sharding import shard
+from planner.trace import OpGraph
+
+PROBE_LAYERS = 2
+
+
+@dataclass(frozen=True, slots=True)
+class GraphPrice:
+    block: BlockPrice
+    solution: IntraOpSolution
+    pinned: int  # block parameters whose placement the plan fixed
+
+
+def probe_graph(spec: ModelSpec, strategy: Strategy, source: dict | None = None) -> OpGraph:
+    """The module the plan runs, `PROBE_LAYERS` blocks deep (every block is the same), traced
+    on the meta device at the plan's microbatch and sequence length."""
+    import torch
+
+    from planner.trace import trace_module, trace_spec
+
+    seq = strategy.seq_len or spec.seq_len
+    probe = replace(spec, layers=min(PROBE_LAYERS, spec.layers), seq_len=seq)
+    kind = (source or {}).get("kind")
+    if kind == "hf":
+        import transformers
+
+        from planner.model_source import hf_config
+
+        config = hf_config(source["path"])
+        config.num_hidden_layers = probe.layers
+        with torch.device("meta"):
+            module = transformers.AutoModelForCausalLM.from_config(config)
+        return trace_module(module, (torch.zeros(strategy.microbatch_size, seq, dtype=torch.long, device="meta"),))
+    if kind == "py":
+        from planner.model_source import build_source_module
+
+        module, inputs = build_source_module(source, spec)
+        return trace_module(module, inputs)
+    return trace_spec(probe, batch=strategy.microbatch_size)
+
+
+def block_ops(graph: OpGraph) -> list[str]:
+    """The operators of the first copy of the block the most layers share."""
+    kinds = graph.block_kinds()
+    if not kinds:
+        raise ConfigError("the traced model has no repeated blocks to price")
+    key = max(kinds.values(), key=len)[0]
+    return [n for n in graph.blocks[key] if graph.node(n)["kind"] not in ("param", "buffer")]
+
+
+def tensor_placement(axes: dict[str, str] | None) -> str:
+    """A plan's placement of one parameter on the tensor-parallel axis, in the ILP's form."""
+    p = (axes or {}).get("tp", "Replicate()")
+    if p.startswith("Shard("):
+        return shard(int(p[len("Shard("):-1]))
+    if p == "Replicate()":
+        return "R"
+    raise ConfigError(f"placement {p!r} on tp is not one paraplan prices; use Shard(d) or Replicate()")
+
+
+def pinned_placements(graph: OpGraph, ops: list[str], placements: dict[str, dict[str, str]]) -> dict[str, tuple[str, ...]]:
+    """The block's parameters -> their tensor-axis placement under the plan's `placements`
+    (keys may name layers by glob, `layers.*.attention.wq.weight`)."""
+    pinned = {}
+    for op in ops:
+        for u in graph.graph.predecessors(op):
+            node = graph.node(u)
+            if node["kind"] != "param" or node["param"] in pinned:
+                continue
+            name = node["param"]
+            axes = placements.get(name)
+            if axes is None:
+                axes = next((v for k, v in placements.items() if "*" in k and fnmatch.fnmatchcase(name, k)), None)
+            pinned[name] = (tensor_placement(axes),)
+    return pinned
+
+
+def graph_price(spec: ModelSpec, strategy: Strategy, cluster: Cluster, placements: dict[str, dict[str, str]] | None,
+                *, graph: OpGraph | None = None, source: dict | None = None,
+                time_limit_s: float | None = 30) -> GraphPrice:
+    """The repeated block of the plan priced from its graph. `placements`: the plan's (None:
+    the ILP chooses every placement on the tensor axis)."""
+    graph = graph or probe_graph(spec, strategy, source)
+    cluster = step_cluster(strategy, cluster)  # priced as build_step prices the formulas' block
+    ops = block_ops(graph)
+    pinned = pinned_placements(graph, ops, placements) if placements is not None else {}
+    mesh = LogicalMesh.on(cluster, (strategy.tp,), ("tp",), ("tensor",))
+    pol = strategy.policy
+    ctx = CostContext(cluster=cluster, policy=pol, num_microbatches=strategy.num_microbatches,
+                      sequence_parallel=strategy.sequence_parallel if strategy.tp > 1 else False, pinned=pinned)
+    solution = solve_block(graph, ops, mesh, ctx, time_limit_s=time_limit_s)
+    block = price_block(solution, cluster, bytes_per_value=pol.activation_bytes, compute_dtype=pol.compute_dtype)
+    return GraphPrice(block=block, solution=solution, pinned=len(pinned))
