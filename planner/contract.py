@@ -200,7 +200,7 @@ def parameter_names(plan: Plan) -> list[str]:
 def plan_problems(plan: Plan, cluster) -> tuple[list[str], dict]:
     """(problems, facts): every reason the plan cannot run on `cluster` (a costmodel Cluster),
     and what was measured on the way. `paraplan check` prints it; `paraplan run` refuses on it."""
-    from costmodel import predict
+    from planner.pricing import price_step
 
     problems: list[str] = []
     facts: dict = {"processes": plan.world_size, "cluster_gpus": cluster.world_size}
@@ -214,7 +214,7 @@ def plan_problems(plan: Plan, cluster) -> tuple[list[str], dict]:
         problems += _serving_memory(plan, spec, cluster, facts)
     elif not layout:
         try:
-            result = predict(spec, strategy, cluster)
+            result = price_step(spec, strategy, cluster, plan.placements, plan.source)
         except ConfigError as exc:
             problems.append(str(exc))
         else:

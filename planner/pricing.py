@@ -115,3 +115,13 @@ def graph_price(spec: ModelSpec, strategy: Strategy, cluster: Cluster, placement
     solution = solve_block(graph, ops, mesh, ctx, time_limit_s=time_limit_s)
     block = price_block(solution, cluster, bytes_per_value=pol.activation_bytes, compute_dtype=pol.compute_dtype)
     return GraphPrice(block=block, solution=solution, pinned=len(pinned))
+
+
+def price_step(spec: ModelSpec, strategy: Strategy, cluster: Cluster, placements: dict[str, dict[str, str]],
+               source: dict | None = None, *, record_events: bool = False):
+    """The step of a plan (its strategy, placements and source) simulated with its block
+    priced from the graph: what `simulate --plan`, `check` and `report compare` predict."""
+    from costmodel import build_step, simulate
+
+    block = graph_price(spec, strategy, cluster, placements, source=source).block
+    return simulate(build_step(spec, strategy, cluster, block), record_events=record_events)

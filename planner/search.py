@@ -6,10 +6,13 @@ size and schedule; ranks by the cost model and returns the fastest plan that fit
    microbatch size, schedule and virtual stages. Sequence parallelism is on with tp > 1
    (same traffic as tensor parallelism, less memory and work).
 2. Estimate each with the analytic path (`costmodel.analytic`); drop those that do not fit.
-3. For the best few: cut layers into stages with the inter-op DP (`planner.inter_op`),
-   solve the intra-op ILP of the repeated block on the stage's tensor-parallel mesh
-   (`planner.intra_op`, one solve per distinct mesh and microbatch), and replay the step in
-   the event simulator. The fastest simulated candidate whose ILP solution is feasible wins.
+3. For the best few: cut layers into stages with the inter-op DP (`planner.inter_op`) and
+   replay the step in the event simulator; the fastest that fits wins.
+4. For the winner: trace the module it runs (two blocks, its microbatch), solve the block's
+   sharding ILP on the tensor-parallel axis in the memory the simulation leaves
+   (`planner.intra_op`), take its placements where the runtime executes them (Megatron's
+   otherwise), and price the step again on the block's graph under those placements
+   (`planner.pricing`): the plan's prediction is the price of what it says.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from planner.contract import (
 from planner.inter_op import partition_layers
 from planner.plan import megatron_placements, schedule_problems
 from planner.intra_op import CostContext, IntraOpSolution, LogicalMesh, solve_block
+from planner.pricing import block_ops, graph_price, probe_graph
 
 SIMULATE_TOP = 8
 MAX_MICROBATCH = 8
@@ -284,20 +288,23 @@ def run_search(req: SearchRequest, *, trace_graph=None, module_map=None) -> Sear
             f"{spec.name} does not fit on {cluster.name} once simulated in full; use more GPUs or a smaller batch"
         )
     _, strategy, result = best
-    # the block's ILP for the chosen plan only (the step is priced on the layer model, so the
-    # ILP ranks nothing): traced at its microbatch, with the memory its simulation leaves
-    solution, trace_s, ilp_time = None, 0.0, 0.0
-    if strategy.tp > 1:  # tp 1: the block has no tensor axis to place on
-        graph = trace_graph
-        if graph is None:
-            t0 = time.perf_counter()
-            from planner.trace import trace_spec
-
-            graph = trace_spec(_block_probe(spec, strategy), batch=strategy.microbatch_size)
-            trace_s = time.perf_counter() - t0
+    # the block's ILP for the chosen plan (tp > 1: a tensor axis to place on), traced at its
+    # microbatch with the memory its simulation leaves; then the plan's step priced again on
+    # the block's graph under the placements it will carry
+    solution, ilp_time = None, 0.0
+    t0 = time.perf_counter()
+    graph = trace_graph if trace_graph is not None else probe_graph(spec, strategy, req.source)
+    trace_s = 0.0 if trace_graph is not None else time.perf_counter() - t0
+    if strategy.tp > 1:
         t0 = time.perf_counter()
         solution = _solve_tp_axis(graph, spec, strategy, cluster, result)  # None: infeasible under its memory
         ilp_time = time.perf_counter() - t0
+    placements, source = placements_for(spec, strategy, solution, module_map)
+    t0 = time.perf_counter()
+    formula_s = result.step_time_s
+    priced = graph_price(spec, strategy, cluster, placements, graph=graph, time_limit_s=req.time_limit_s or 30)
+    result = simulate(build_step(spec, strategy, cluster, priced.block), record_events=False)
+    graph_time = time.perf_counter() - t0
     stats = {
         "time_s": round(time.perf_counter() - t_start, 3),
         "candidates": len(candidates),
@@ -307,25 +314,18 @@ def run_search(req: SearchRequest, *, trace_graph=None, module_map=None) -> Sear
         "ilp_infeasible": int(strategy.tp > 1 and solution is None),
         "ilp_time_s": round(ilp_time, 3),
         "trace_s": round(trace_s, 3),
+        "graph_pricing_time_s": round(graph_time, 3),
+        "priced": "graph",
+        "formula_step_time_s": round(formula_s, 6),
         "timed_out": timed_out,
+        "placements": source,
     }
-    placements, source = placements_for(spec, strategy, solution, module_map)
-    stats["placements"] = source
     return SearchResult(strategy=strategy, result=result, placements=placements, stats=stats, ilp=solution)
-
-
-def _block_probe(spec: ModelSpec, s: Strategy) -> ModelSpec:
-    """The model with two layers: its repeated block is the one every layer of the full model
-    shares (the tracer finds and groups blocks the same way on the full model)."""
-    from dataclasses import replace
-
-    return replace(spec, layers=min(2, spec.layers), seq_len=s.seq_len or spec.seq_len)
 
 
 def _solve_tp_axis(graph, spec: ModelSpec, s: Strategy, cluster: Cluster, result: StepResult) -> IntraOpSolution | None:
     """The block's ILP on the tensor-parallel axis, with the memory one layer may use."""
-    key = next(iter(graph.block_kinds().values()))[0]
-    ops = [n for n in graph.blocks[key] if graph.node(n)["kind"] not in ("param", "buffer")]
+    ops = block_ops(graph)
     mesh = LogicalMesh.on(cluster, (s.tp,), ("tp",), ("tensor",))
     # Activations follow the strategy's recompute and sequence-parallel policies, which the
     # simulator prices (Korthikanti); the ILP places the parameters in the memory they leave.
@@ -337,8 +337,11 @@ def _solve_tp_axis(graph, spec: ModelSpec, s: Strategy, cluster: Cluster, result
     shard = s.dp_shard * s.cp
     per_param = sum(zero_model_state_bytes(1, shard, s.zero, param_bytes=pol.param_bytes,
                                            grad_bytes=pol.grad_bytes, optimizer_bytes=pol.optimizer_bytes))
+    if not budget > 0:
+        return None
     ctx = CostContext(cluster=cluster, policy=pol, num_microbatches=s.num_microbatches,
-                      memory_budget_bytes=budget, activation_copies=0.0, state_bytes_per_param=per_param)
+                      memory_budget_bytes=budget, activation_copies=0.0, state_bytes_per_param=per_param,
+                      sequence_parallel=s.sequence_parallel)
     try:
         return solve_block(graph, ops, mesh, ctx, time_limit_s=30)
     except ConfigError:

@@ -28,14 +28,22 @@ def _block(graph):
     return [n for n in graph.blocks[("layers", 0)] if graph.node(n)["kind"] not in ("param", "buffer")]
 
 
-def _solve(graph, ops, cluster, shape, names, roles, budget=float("inf"), m=8):
+def _solve(graph, ops, cluster, shape, names, roles, budget=float("inf"), m=8, **ctx):
     c = load_cluster(cluster)
     mesh = LogicalMesh.on(c, shape, names, roles)
-    return solve_block(graph, ops, mesh, CostContext(cluster=c, policy=BF16, num_microbatches=m, memory_budget_bytes=budget))
+    return solve_block(graph, ops, mesh, CostContext(cluster=c, policy=BF16, num_microbatches=m, memory_budget_bytes=budget,
+                                                     **ctx))
 
 
 def _all_reduces_forward(sol) -> int:
     return sum(1 for kind, *_ in sol.forward_collectives() if kind == "all_reduce")
+
+
+def _forward(sol) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for kind, *_ in sol.forward_collectives():
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
 
 
 def test_mlp_with_tp8_is_column_then_row():
@@ -63,7 +71,31 @@ def test_attention_splits_heads_and_rows(spec):
     assert p["layers.0.attention.wo.weight"] == {"tp": "Shard(1)"}  # by rows
     sdpa = [op for op in sol.choice if sol.nodes[op]["kind"] == "sdpa"][0]
     assert sol.choice[sdpa].out == ("S1",)  # attention runs head-parallel
-    assert _all_reduces_forward(sol) == 2  # Megatron: two per layer forward
+    # left free, the residual stream runs split on the sequence: Korthikanti's sequence
+    # parallelism, the same bytes as Megatron's two all-reduces and a share of the norms' work
+    assert _forward(sol) == {"reduce_scatter": 2, "all_gather": 2}
+    plain = _solve(graph, _block(graph), "a100-80g:8", (8,), ("tp",), ("tensor",), sequence_parallel=False)
+    assert _forward(plain) == {"all_reduce": 2}  # Megatron without SP: two per layer forward
+    assert plain.parameter_placements() == p
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_backward_reductions_are_counted_once(sp):
+    """q, k and v read one norm output: their input gradients are summed and reduced once
+    (as Megatron's fused QKV and paraplan's runtime do), and under sequence parallelism the
+    reduce-scatter that undoes the all-gather is that reduction, not a second one."""
+    spec = llama_spec("l", layers=2, hidden=4096, heads=32, kv_heads=8, ffn_hidden=14336, vocab=32000, seq_len=2048)
+    graph = trace_spec(spec)
+    sol = _solve(graph, _block(graph), "a100-80g:8", (8,), ("tp",), ("tensor",), sequence_parallel=sp)
+    backward: dict[str, int] = {}
+    for _u, _src, _dst, t in sol.transfers():
+        if t.phase == "backward":
+            backward[t.kind] = backward.get(t.kind, 0) + 1
+    assert backward == ({"reduce_scatter": 2, "all_gather": 2} if sp else {"all_reduce": 2})
+    # under SP the norms run on sequence shards with replicated weights: their weight gradients
+    # are all-reduced over tp (Megatron's allreduce of layernorm grads), the op's own term
+    norms = [s for op, s in sol.choice.items() if sol.nodes[op]["kind"] == "norm"]
+    assert all((s.comm_s > 0) == sp for s in norms)
 
 
 def test_2d_mesh_large_batch_splits_into_data_and_tensor_axes():

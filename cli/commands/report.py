@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from costmodel import ConfigError, load_cluster, predict
+from costmodel import ConfigError, load_cluster
+from planner.pricing import price_step
 from costmodel.runtime import DEFAULT_RUNTIME
 from planner.model_source import load_model_spec
 from planner.plan import Plan
@@ -40,7 +41,8 @@ def run_compare(args: argparse.Namespace) -> int:
     rows = []
     for path in args.plans:
         plan = Plan.load(path)
-        result = predict(plan.spec, plan.strategy(), load_cluster(plan.cluster, runtime=plan.runtime)).predicted()
+        result = price_step(plan.spec, plan.strategy(), load_cluster(plan.cluster, runtime=plan.runtime), plan.placements,
+                            plan.source).predicted()
         mesh = " x ".join(f"{k} {v}" for k, v in plan.mesh.items() if v > 1) or "1 GPU"
         rows.append({"plan": path, "model": plan.model.get("name"), "cluster": plan.cluster, "mesh": mesh,
                      "zero": plan.zero, "schedule": plan.schedule["name"], **{k: result[k] for k in (

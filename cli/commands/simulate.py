@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 
 from costmodel import ConfigError, Strategy, load_cluster, predict
 from costmodel.runtime import DEFAULT_RUNTIME
@@ -14,7 +15,8 @@ from costmodel.validate import check_strategy, stage_layer_counts
 from planner.files import atomic_write_text
 from planner.model_source import load_model_spec, module_map_of, source_and_map
 from planner.contract import plan_problems
-from planner.plan import Plan, plan_from_strategy
+from planner.plan import Plan, megatron_placements, plan_from_strategy
+from planner.pricing import price_step
 
 STRATEGY_FLAGS = ("tp", "pp", "dp", "cp", "zero", "shard_group", "sequence_parallel", "recompute", "microbatch_size",
                   "schedule", "virtual_stages", "seq_len", "precision", "flash_attention", "grad_dtype", "master_dtype")
@@ -107,18 +109,27 @@ def run_simulate(args: argparse.Namespace) -> int:
     # resolved, so that what is printed and written names every choice
     strategy = strategy.replace(seq_len=strategy.seq_len or spec.seq_len, stage_layers=stage_layer_counts(spec, strategy),
                                 grad_dtype=strategy.grad_dtype or cluster.runtime.grad_dtype)
-    result = predict(spec, strategy, cluster, record_events=bool(args.trace))
+    # a plan (read, or about to be written) is priced on its block's graph under its
+    # placements; flags alone on the layer formulas (the fast analytic path)
+    source, module_map, placements = {}, None, None
+    if args.plan:
+        source, placements = plan.source, plan.placements
+        module_map = module_map_of(plan.source, spec) if plan.source and args.output else None
+    elif args.output:
+        source, module_map, note = source_and_map(args.model, spec) if args.model else ({}, None, "")
+        if note:
+            print(f"paraplan: note: {note}", file=sys.stderr)
+        placements = megatron_placements(spec, strategy, module_map)
+    if placements is not None:
+        result = price_step(spec, strategy, cluster, placements, source, record_events=bool(args.trace))
+    else:
+        result = predict(spec, strategy, cluster, record_events=bool(args.trace))
     predicted = result.predicted()
     outputs = []
     if args.output:
-        if args.plan:
-            source, module_map = plan.source, module_map_of(plan.source, spec) if plan.source else None
-        else:
-            source, module_map, note = source_and_map(args.model, spec) if args.model else ({}, None, "")
-            if note:
-                print(f"paraplan: note: {note}", file=sys.stderr)
         written = plan_from_strategy(spec, strategy, cluster_text, predicted, runtime=runtime, profile=cluster.profile,
                                      source=source, module_map=module_map)
+        written = replace(written, placements=placements)
         outputs.append((args.output, written.to_yaml()))
         # a hand-given strategy is written as asked; say now what `check` and `run` will say
         for problem in plan_problems(written, cluster)[0]:
@@ -129,6 +140,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         atomic_write_text(target, text)
     if args.json:
         print(json.dumps({"model": spec.name, "cluster": cluster_text, "runtime": cluster.runtime.name,
+                          "priced": "formula" if placements is None else "graph",
                           "profile": cluster.profile, "profile_note": cluster.profile_note, "strategy": strategy.to_dict(), "predicted": predicted,
                           **({"not_understood": list(imported.unknown)} if imported is not None else {})}, indent=2))
     else:
