@@ -36,7 +36,7 @@ from planner.sharding import dim_of
 
 COMPUTE = {"linear", "matmul", "sdpa", "embedding"}
 LAYOUT = {"view", "transpose", "permute", "slice"}
-MEMORY = {"pointwise", "norm", "cat", "repeat", "other"}
+MEMORY = {"pointwise", "norm", "cat", "repeat", "reduce", "softmax", "other"}
 
 
 def _local(shape: tuple[int, ...], placement: tuple[str, ...], mesh: tuple[int, ...]) -> list[float]:
@@ -84,9 +84,11 @@ def price_block(solution: IntraOpSolution, cluster: Cluster, *, bytes_per_value:
             k = in_local(v, 1)
             kv_width = k[1] * k[3]
             producer = inputs[v][1]
-            if nodes[producer]["kind"] == "repeat" and inputs[producer]:  # K before its copy to every query head
-                pre = nodes[inputs[producer][0]]["shape"]
-                kv_width = max(k[1] * pre[1] / nodes[producer]["shape"][1], 1.0) * k[3]
+            while nodes[producer]["kind"] in LAYOUT and inputs.get(producer):
+                producer = inputs[producer][0]
+            if nodes[producer]["kind"] == "repeat" and inputs.get(producer):  # K before its copy to every query head
+                before, after = nodes[inputs[producer][0]]["numel"], nodes[producer]["numel"]
+                kv_width = max(k[1] * before / after, 1.0) * k[3]
             f, bk = attention_s(dev, compute_dtype, tokens=b * t, s_kv=k[2], q_width=heads * d, kv_width=kv_width,
                                 batch=b, bytes_per_value=e, causal=nodes[v]["args"].get("causal", True))
             attn_f += f

@@ -267,6 +267,8 @@ def transfers(node: dict, src: tuple[str, ...], dst: tuple[str, ...], partial_gr
         if s == "P":
             if d == "R":
                 out.append(Transfer("forward", "all_reduce", a, nbytes))
+                if g and not is_param:  # the partial sums' gradient must be whole: the consumers' partials summed
+                    out.append(Transfer("backward", "all_reduce", a, nbytes))
             else:
                 out += [Transfer("forward", "reduce_scatter", a, nbytes), Transfer("backward", "all_gather", a, nbytes)]
         elif s == "R":
@@ -374,7 +376,7 @@ class IntraOpProblem:
                                 kv_width=kv_width, batch=b / div, bytes_per_value=e,
                                 causal=node["args"].get("causal", True))
             compute = f + bk
-        elif kind in ("norm", "pointwise", "embedding", "cat", "repeat", "other"):
+        elif kind in ("norm", "pointwise", "embedding", "cat", "repeat", "reduce", "softmax", "other"):
             moved = e * (numel_out + sum(math.prod(s) for s in in_shapes)) / div
             compute = 3 * memory_bound_s(dev, moved)
         comm = 0.0
@@ -503,8 +505,10 @@ class IntraOpProblem:
             if role == "data" and p != "S0":
                 return False
             if role == "tensor":
-                seq_ok = op == self.stream and len(node["shape"]) >= 3 and sp is not False
-                if not (p == "R" and not sp or p == "S1" and seq_ok):
+                if op != self.stream:  # other inputs (rotary tables, masks) arrive whole
+                    if p != "R":
+                        return False
+                elif not (p == "R" and not sp or p == "S1" and sp is not False and len(node["shape"]) >= 3):
                     return False
         return True
 

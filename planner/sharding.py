@@ -129,8 +129,10 @@ def ways(node: dict, in_shapes: list[tuple[int, ...]], role: str) -> list[Way]:
         k = node["args"].get("normalized_ndim", 1)
         return out + [Way(f"batch{d}", shard(d), (shard(d),) + ("R",) * (n_in - 1), True, "weight_grad_allreduce")
                       for d in range(len(shape) - k)]
-    if kind == "sdpa":
-        return out + [Way("batch", "S0", ("S0",) * n_in, True), Way("heads", "S1", ("S1",) * n_in, True)]
+    if kind == "sdpa":  # q, k, v split alike; a mask (4th input) broadcast over a dim of size 1 stays whole on it
+        def along(d: int) -> tuple[str, ...]:
+            return tuple(shard(d) if i < 3 or len(s) > d and s[d] > 1 else "R" for i, s in enumerate(in_shapes))
+        return out + [Way("batch", "S0", along(0), True), Way("heads", "S1", along(1), True)]
     if kind in ("view",):
         m = view_map(in_shapes[0], shape)
         return out + [Way(f"split{d}", shard(e), (shard(d),), False) for d, e in m.items()] + [Way("partial", "P", ("P",), False)]
@@ -143,6 +145,14 @@ def ways(node: dict, in_shapes: list[tuple[int, ...]], role: str) -> list[Way]:
             perm = dims
         return out + [Way(f"split{perm[j]}", shard(j), (shard(perm[j]),), False) for j in range(len(shape))] + [
             Way("partial", "P", ("P",), False)]
+    if kind == "reduce":  # over some dims (kept as size 1): split on the others
+        if len(in_shapes[0]) != len(shape):
+            return out
+        return out + [Way(f"split{d}", shard(d), (shard(d),), True) for d in range(len(shape))
+                      if shape[d] == in_shapes[0][d] > 1]
+    if kind == "softmax":  # along one dim: split on the others
+        dim = node["args"].get("dim", -1) % max(len(shape), 1)
+        return out + [Way(f"split{d}", shard(d), (shard(d),), True) for d in range(len(shape)) if d != dim and shape[d] > 1]
     if kind in ("slice", "cat", "repeat"):
         dim = node["args"].get("dim", 0) % max(len(shape), 1)
         dims = [d for d in range(len(shape)) if kind == "repeat" or d != dim]

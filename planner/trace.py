@@ -43,6 +43,13 @@ KINDS = {
     "aten.slice.Tensor": "slice",
     "aten.cat.default": "cat",
     "aten.repeat_interleave.self_int": "repeat",
+    "aten.unsqueeze.default": "view",
+    "aten.squeeze.dim": "view",
+    "aten.expand.default": "repeat",  # K/V written out to every query head (transformers' repeat_kv)
+    "aten.mean.dim": "reduce",
+    "aten.sum.dim_IntList": "reduce",
+    "aten.softmax.int": "softmax",
+    "aten._softmax.default": "softmax",
     "aten.matmul.default": "matmul",
     "aten.bmm.default": "matmul",
     "aten.mm.default": "matmul",
@@ -210,6 +217,8 @@ def _static_args(node) -> dict:
         return {"dim": int(node.kwargs.get("dim", a[2] if len(a) > 2 else 0))}
     if t in ("aten.layer_norm.default", "aten.rms_norm.default"):
         return {"normalized_ndim": len(a[1])}
+    if t in ("aten.softmax.int", "aten._softmax.default"):
+        return {"dim": int(a[1])}
     if t == "aten.dropout.default":
         return {"p": float(a[1]) if len(a) > 1 else 0.5}
     if t == "aten.scaled_dot_product_attention.default":
