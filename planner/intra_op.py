@@ -489,8 +489,12 @@ class IntraOpProblem:
 
     def _allowed(self, op: str, s: OpStrategy) -> bool:
         node = self.nodes[op]
-        if node["kind"] == "param" and node["param"] in self.ctx.pinned:
-            return s.out == self.ctx.pinned[node["param"]]
+        pinned = self.ctx.pinned
+        if node["kind"] == "param" and node["param"] in pinned:
+            return s.out == pinned[node["param"]]
+        for pos, u in enumerate(self.inputs[op]):  # a pinned weight is used as it is held, as DTensor runs it
+            if self.nodes[u]["kind"] == "param" and self.nodes[u]["param"] in pinned and s.ins[pos] != pinned[self.nodes[u]["param"]]:
+                return False
         sp = self.ctx.sequence_parallel
         if node["kind"] in STREAM_KINDS and sp is not None and self.stream is not None \
                 and node["shape"] == self.nodes[self.stream]["shape"]:

@@ -1,0 +1,122 @@
+"""The step priced from the block's traced graph under the plan's placements (planner.pricing).
+
+Under Megatron's layout the graph-priced step must agree with the layer formulas (within 3%,
+so the published fidelity of those formulas carries over); under any other layout it must
+price what the placements say."""
+
+import json
+
+import pytest
+import yaml
+
+from costmodel import build_step, load_cluster, simulate
+from costmodel.strategy import Strategy
+from planner.plan import megatron_placements
+from planner.pricing import graph_price, price_step
+from planner.zoo import ZOO
+from tests_helpers import paraplan
+
+LAYOUTS = [  # (tp, sequence parallel, microbatch)
+    (1, False, 1),
+    (4, False, 1),
+    (8, True, 2),
+]
+BIG = [n for n in ZOO if not n.startswith("tiny")]
+
+
+def _both(spec, tp, sp, mbs, cluster="a100-80g"):
+    cl = load_cluster(f"{cluster}:{tp * 2}")
+    s = Strategy(tp=tp, dp=2, sequence_parallel=sp, microbatch_size=mbs, global_batch=8 * mbs,
+                 seq_len=min(spec.seq_len, 2048))
+    priced = graph_price(spec, s, cl, megatron_placements(spec, s))
+    formula = simulate(build_step(spec, s, cl), record_events=False)
+    graph = simulate(build_step(spec, s, cl, priced.block), record_events=False)
+    return formula, graph, priced
+
+
+@pytest.mark.parametrize("name", BIG)
+def test_graph_price_of_megatron_layout_matches_the_formulas(name):
+    spec = ZOO[name]
+    for tp, sp, mbs in LAYOUTS:
+        if spec.heads % tp:
+            continue
+        formula, graph, priced = _both(spec, tp, sp, mbs)
+        assert priced.block.source == "graph" and priced.pinned >= 6
+        assert graph.step_time_s == pytest.approx(formula.step_time_s, rel=0.03), (name, tp, sp)
+        assert graph.memory_gib["parameters"] == pytest.approx(formula.memory_gib["parameters"], rel=0.01)
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_megatron_collectives_read_off_the_solved_graph(sp):
+    """Two reductions forward and two backward per layer, as Korthikanti counts them."""
+    _, _, priced = _both(ZOO["llama3-8b"], 8, sp, 1)
+    kinds: dict[tuple[str, str], int] = {}
+    for *_, t in priced.solution.transfers():
+        kinds[(t.phase, t.kind)] = kinds.get((t.phase, t.kind), 0) + 1
+    if sp:
+        expected = {("forward", "all_gather"): 2, ("forward", "reduce_scatter"): 2,
+                    ("backward", "all_gather"): 2, ("backward", "reduce_scatter"): 2}
+    else:
+        expected = {("forward", "all_reduce"): 2, ("backward", "all_reduce"): 2}
+    assert kinds == expected
+
+
+def test_hugging_face_module_priced_on_its_own_graph():
+    pytest.importorskip("transformers")
+    from planner.model_source import load_model, source_and_map
+
+    where = "hf:tests/data/llama3_8b_config.json"
+    spec, _ = load_model(where)
+    source, mmap, _ = source_and_map(where, spec)
+    assert source["kind"] == "hf"
+    cl = load_cluster("h100-sxm:8")
+    s = Strategy(tp=4, dp=2, sequence_parallel=False, global_batch=8, seq_len=4096)
+    placements = megatron_placements(spec, s, mmap)
+    priced = graph_price(spec, s, cl, placements, source=source)
+    names = set(priced.solution.parameter_placements())
+    assert "model.layers.0.self_attn.q_proj.weight" in names and priced.pinned == 9  # 7 linears, 2 norms
+    assert priced.solution.parameter_placements()["model.layers.0.mlp.down_proj.weight"] == {"tp": "Shard(1)"}
+    forward = sorted(k for k, *_ in priced.solution.forward_collectives())
+    assert forward == ["all_reduce", "all_reduce"]
+    formula = simulate(build_step(spec, s, cl), record_events=False)
+    graph = simulate(build_step(spec, s, cl, priced.block), record_events=False)
+    assert graph.step_time_s == pytest.approx(formula.step_time_s, rel=0.03)
+
+
+def test_replicating_the_mlp_by_hand_changes_the_prediction():
+    spec = ZOO["llama2-7b"]
+    cl = load_cluster("a100-80g:8")
+    s = Strategy(tp=4, dp=2, sequence_parallel=False, global_batch=16, seq_len=2048)
+    megatron = megatron_placements(spec, s)
+    edited = {k: v for k, v in megatron.items() if ".feed_forward." not in k}
+    a = price_step(spec, s, cl, megatron)
+    b = price_step(spec, s, cl, edited)
+    mlp = 3 * spec.hidden * spec.ffn_hidden
+    per_layer = (b.memory_gib["parameters"] - a.memory_gib["parameters"]) * 2**30 / spec.layers
+    # every rank now holds the whole MLP (bf16 weights over dp 2 unsharded: 2 bytes per parameter)
+    assert per_layer == pytest.approx(mlp * (1 - 1 / 4) * s.policy.param_bytes, rel=0.02)
+    # the cheapest way to run a replicated MLP on 4 ranks: each takes a quarter of the tokens
+    # (its weights whole, their gradients all-reduced once a step) and the stream is gathered
+    priced = graph_price(spec, s, cl, edited)
+    assert all(not p for k, p in priced.solution.parameter_placements().items() if "feed_forward" in k)
+    mlp_linears = [st.name for op, st in priced.solution.choice.items()
+                   if priced.solution.nodes[op]["kind"] == "linear" and "feed_forward" in priced.solution.nodes[op]["module"]]
+    assert mlp_linears and all(name.startswith("batch") for name in mlp_linears)
+    assert b.step_time_s > a.step_time_s * 1.05
+
+
+def test_simulate_plan_prices_the_edited_placements(tmp_path):
+    plan_path = tmp_path / "plan.yaml"
+    made = paraplan("simulate", "--model", "llama2-7b", "--cluster", "a100-80g:8", "--tp", "4", "--dp", "2",
+                    "--global-batch", "16", "--seq-len", "2048", "--no-sequence-parallel", "-o", str(plan_path), "--json")
+    assert made.returncode == 0, made.stderr
+    written = json.loads(made.stdout)
+    assert written["priced"] == "graph"
+    again = json.loads(paraplan("simulate", "--plan", str(plan_path), "--json").stdout)
+    assert again["predicted"] == written["predicted"]  # the plan reproduces its prediction
+    plan = yaml.safe_load(plan_path.read_text())
+    plan["placements"] = {k: v for k, v in plan["placements"].items() if ".feed_forward." not in k}
+    plan_path.write_text(yaml.safe_dump(plan))
+    edited = json.loads(paraplan("simulate", "--plan", str(plan_path), "--json").stdout)
+    assert edited["predicted"]["step_time_s"] > written["predicted"]["step_time_s"] * 1.05
+    assert edited["predicted"]["memory_gib"]["parameters"] > written["predicted"]["memory_gib"]["parameters"]
