@@ -119,6 +119,18 @@ def ways(node: dict, in_shapes: list[tuple[int, ...]], role: str) -> list[Way]:
         res.append(Way("column", shard(r - 1), ("R", "S0") + ("S0",) * (n_in - 2), True, partial_grads=(0,)))
         res.append(Way("row", "P", (shard(r - 1), "S1") + extra, True))
         return res
+    if kind == "matmul" and n_in >= 2:  # batched A @ B: split a shared batch dim, A's rows, B's columns or the contraction
+        a, b = in_shapes[0], in_shapes[1]
+        r = len(shape)
+        res = list(out)
+        if len(a) == len(b) == r >= 3:
+            res += [Way(f"batch{d}", shard(d), (shard(d), shard(d)), True) for d in range(r - 2) if shape[d] > 1]
+        if len(a) == r and shape[r - 2] > 1:
+            res.append(Way("rows", shard(r - 2), (shard(r - 2), "R"), True, partial_grads=(1,)))
+        if shape[r - 1] > 1:
+            res.append(Way("cols", shard(r - 1), ("R", shard(len(b) - 1)), True, partial_grads=(0,)))
+        res.append(Way("contract", "P", (shard(len(a) - 1), shard(len(b) - 2)), True))
+        return res
     if kind == "embedding":
         return out + [
             *(Way(f"batch{d}", shard(d), ("R", shard(d)), True, "weight_grad_allreduce") for d in range(len(shape) - 1)),
