@@ -8,19 +8,19 @@ three times the forward (Narayanan et al. 2021; Korthikanti et al. 2022 write it
 
 from __future__ import annotations
 
-from costmodel.spec import Activation, ModelSpec
+from costmodel.spec import ModelSpec
 from costmodel.strategy import Recompute
 
 
 def layer_matmul_weights(spec: ModelSpec) -> int:
     h, f = spec.hidden, spec.ffn_hidden
-    mlp = (3 if spec.activation is Activation.SWIGLU else 2) * h * f
-    return 2 * h * h + 2 * h * spec.kv_dim + mlp
+    mlp = (3 if spec.gated else 2) * h * f
+    return 2 * h * spec.q_dim + 2 * h * spec.kv_dim + mlp
 
 
 def forward_flops_per_token(spec: ModelSpec, seq: int) -> tuple[float, float, float]:
     """(matmul FLOPs of one layer, attention FLOPs of one layer, logits FLOPs) per token."""
-    return 2.0 * layer_matmul_weights(spec), 4.0 * seq * spec.hidden, 2.0 * spec.hidden * spec.vocab
+    return 2.0 * layer_matmul_weights(spec), 4.0 * seq * spec.q_dim, 2.0 * spec.hidden * spec.vocab
 
 
 def model_flops_per_step(spec: ModelSpec, tokens: int, seq: int) -> float:

@@ -19,7 +19,7 @@ from costmodel.ops import attention_s, gemm_s
 from costmodel.collectives import all_gather_s, all_reduce_s, reduce_scatter_s, send_recv_s
 from costmodel.errors import ConfigError
 from costmodel.network import Group
-from costmodel.spec import Activation, ModelSpec, Norm, Position
+from costmodel.spec import ModelSpec, Norm, Position
 from costmodel.strategy import Recompute, Strategy
 
 
@@ -89,7 +89,7 @@ def _shape(spec: ModelSpec, strategy: Strategy) -> _Shape:
     return _Shape(
         tokens=tokens,
         rows=tokens // tp if strategy.sequence_parallel else tokens,
-        b=b, s=s, s_kv=seq, h=spec.hidden, q=spec.hidden // tp, kv=kv_heads_local * spec.head_dim,
+        b=b, s=s, s_kv=seq, h=spec.hidden, q=spec.q_dim // tp, kv=kv_heads_local * spec.head_dim,
         f=spec.ffn_hidden // tp, heads=spec.heads // tp, e=strategy.policy.activation_bytes,
     )
 
@@ -144,7 +144,7 @@ def block_price(spec: ModelSpec, strategy: Strategy, cluster: Cluster, tp_group:
     T, e, h = sh.tokens, sh.e, sh.h
     qkv = gemm_s(dev, dtype, T, h, sh.q + 2 * sh.kv, e)
     proj = gemm_s(dev, dtype, T, sh.q, h, e)
-    up_width = 2 * sh.f if spec.activation is Activation.SWIGLU else sh.f
+    up_width = 2 * sh.f if spec.gated else sh.f
     fc1 = gemm_s(dev, dtype, T, h, up_width, e)
     fc2 = gemm_s(dev, dtype, T, sh.f, h, e)
     attn_f, attn_b = _attention_core(spec, strategy, cluster, sh)
@@ -153,7 +153,7 @@ def block_price(spec: ModelSpec, strategy: Strategy, cluster: Cluster, tp_group:
     norm_traffic = rt.rmsnorm_traffic if spec.norm is Norm.RMSNORM else 1.0
     elementwise = 2 * 2 * row_bytes * norm_traffic  # two norms: read + write
     elementwise += 2 * 3 * row_bytes  # two fused bias-dropout-residual adds: two reads, one write
-    elementwise += (3 if spec.activation is Activation.SWIGLU else 2) * T * sh.f * e  # activation
+    elementwise += (3 if spec.gated else 2) * T * sh.f * e  # activation
     if spec.position is Position.ROPE:
         elementwise += 2 * T * (sh.q + sh.kv) * e * rt.rope_traffic
     if rt.gqa_repeat and sh.kv < sh.q:  # K and V copied out to every query head

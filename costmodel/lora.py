@@ -17,7 +17,7 @@ and the head stay frozen in 16 bits.
 
 from __future__ import annotations
 
-from costmodel.spec import Activation, ModelSpec
+from costmodel.spec import ModelSpec
 
 TARGETS = ("q", "k", "v", "o", "up", "gate", "down")
 DEFAULT_TARGETS = ("q", "k", "v", "o")
@@ -29,10 +29,10 @@ MODULES = {"q": "attention.wq", "k": "attention.wk", "v": "attention.wv", "o": "
 
 def target_shapes(spec: ModelSpec) -> dict[str, tuple[int, int, bool]]:
     """Target -> (in, out, column-parallel) for the linears of one block."""
-    h, kv, f = spec.hidden, spec.kv_dim, spec.ffn_hidden
-    shapes = {"q": (h, h, True), "k": (h, kv, True), "v": (h, kv, True), "o": (h, h, False),
+    h, q, kv, f = spec.hidden, spec.q_dim, spec.kv_dim, spec.ffn_hidden
+    shapes = {"q": (h, q, True), "k": (h, kv, True), "v": (h, kv, True), "o": (q, h, False),
               "up": (h, f, True), "down": (f, h, False)}
-    if spec.activation is Activation.SWIGLU:
+    if spec.gated:
         shapes["gate"] = (h, f, True)
     return shapes
 

@@ -23,7 +23,7 @@ covers GQA (narrower K and V), SwiGLU (three ffn-wide tensors), no dropout, Flas
 
 from __future__ import annotations
 
-from costmodel.spec import Activation, ModelSpec
+from costmodel.spec import ModelSpec
 from costmodel.strategy import Recompute
 
 
@@ -61,8 +61,9 @@ def layer_activation_bytes(
     # the two dropout masks after the projections
     replicated = s * b * h * (4 * e + 2 * mask)
     # split over tp: Q, K, V, the attention output; the MLP's ffn-wide tensors
-    ffn_tensors = 3 if spec.activation is Activation.SWIGLU else 2
-    sharded = s * b * (e * h + 2 * e * kv + e * h + ffn_tensors * e * f)
+    ffn_tensors = 3 if spec.gated else 2
+    q = spec.q_dim
+    sharded = s * b * (e * q + 2 * e * kv + e * q + ffn_tensors * e * f)
     # the s x s tensors: softmax output, and with dropout its mask and output
     scores = 0.0
     if not flash_attention and recompute is Recompute.NONE:
@@ -80,8 +81,8 @@ def saved_matmul_outputs_bytes(spec: ModelSpec, *, seq: int, batch: int, tp: int
     s, b, h, e = seq, batch, spec.hidden, bytes_per_value
     sp_div = tp if sequence_parallel else 1
     kv = spec.kv_dim * (max(spec.kv_heads, tp) / spec.kv_heads)
-    up = (2 if spec.activation is Activation.SWIGLU else 1) * spec.ffn_hidden
-    per_token = e * (h / sp_div + (h + 2 * kv + h + up) / tp + 2 * h) + 4 * spec.heads / tp
+    up = (2 if spec.gated else 1) * spec.ffn_hidden
+    per_token = e * (h / sp_div + (spec.q_dim + 2 * kv + spec.q_dim + up) / tp + 2 * h) + 4 * spec.heads / tp
     return s * b * per_token
 
 

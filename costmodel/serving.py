@@ -188,9 +188,9 @@ def decode_step_s(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: in
     residuals, host dispatch, two tensor-parallel all-reduces; the head; the pipeline hops."""
     dev, e, dtype = cluster.device, req.bytes_per_value, req.precision
     rows = batch * req.beam
-    q, kv = spec.hidden // tp, kv_heads_per_gpu(spec, tp) * spec.head_dim
+    q, kv = spec.q_dim // tp, kv_heads_per_gpu(spec, tp) * spec.head_dim
     f = spec.ffn_hidden // tp
-    up = 2 * f if spec.activation.value == "swiglu" else f
+    up = 2 * f if spec.gated else f
     gemms = sum(gemm_s(dev, dtype, rows, k, n, e) for k, n in ((spec.hidden, q + 2 * kv), (q, spec.hidden),
                                                               (spec.hidden, up), (f, spec.hidden)))
     cache = rows * context * 2 * kv * e  # K and V of every cached token, read once

@@ -15,7 +15,8 @@ from costmodel.errors import ConfigError
 
 class Activation(StrEnum):
     GELU = "gelu"
-    SWIGLU = "swiglu"
+    SWIGLU = "swiglu"  # SiLU-gated MLP (gate, up, down): Llama
+    GEGLU = "geglu"  # GELU-gated MLP (gate, up, down): Gemma
 
 
 class Norm(StrEnum):
@@ -31,8 +32,9 @@ class Position(StrEnum):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ModelSpec:
-    """Sizes of a decoder-only transformer. `ffn_hidden` defaults to 4*hidden and
-    `kv_heads` to heads (multi-head attention)."""
+    """Sizes of a decoder-only transformer. `ffn_hidden` defaults to 4*hidden, `kv_heads` to
+    heads (multi-head attention) and `head_dim` to hidden/heads (Gemma and Qwen3 give their
+    own: the attention's width heads*head_dim need not be hidden)."""
 
     name: str = "custom"
     layers: int
@@ -48,13 +50,14 @@ class ModelSpec:
     tied_embeddings: bool = True
     bias: bool = True
     dropout: bool = True
+    head_dim: int = 0
 
     def __post_init__(self) -> None:
         for name in ("layers", "hidden", "heads", "vocab", "seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"model field '{name}' must be a positive integer, got {value!r}")
-        for name in ("ffn_hidden", "kv_heads"):
+        for name in ("ffn_hidden", "kv_heads", "head_dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"model field '{name}' must be a positive integer, got {value!r}")
@@ -62,6 +65,7 @@ class ModelSpec:
             object.__setattr__(self, "ffn_hidden", 4 * self.hidden)
         if self.kv_heads == 0:
             object.__setattr__(self, "kv_heads", self.heads)
+        explicit_head_dim = self.head_dim != 0
         for name, kind in (("activation", Activation), ("norm", Norm), ("position", Position)):
             value = getattr(self, name)
             try:
@@ -69,11 +73,13 @@ class ModelSpec:
             except ValueError:
                 allowed = "|".join(k.value for k in kind)
                 raise ConfigError(f"model field '{name}' is {value!r}; use one of {allowed}") from None
-        if self.hidden % self.heads:
+        if not explicit_head_dim and self.hidden % self.heads:
             raise ConfigError(
                 f"hidden ({self.hidden}) is not a multiple of heads ({self.heads}); "
-                "pick sizes where hidden = heads * head_dim"
+                "pick sizes where hidden = heads * head_dim, or give head_dim"
             )
+        if not explicit_head_dim:
+            object.__setattr__(self, "head_dim", self.hidden // self.heads)
         if self.heads % self.kv_heads:
             raise ConfigError(
                 f"heads ({self.heads}) is not a multiple of kv_heads ({self.kv_heads}); "
@@ -82,8 +88,14 @@ class ModelSpec:
 
     # -- derived sizes ---------------------------------------------------------------
     @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
+    def q_dim(self) -> int:
+        """Width of Q (and of the attention's output): heads * head_dim."""
+        return self.heads * self.head_dim
+
+    @property
+    def gated(self) -> bool:
+        """A gated MLP: gate and up projections, their product into down (SwiGLU, GeGLU)."""
+        return self.activation in (Activation.SWIGLU, Activation.GEGLU)
 
     @property
     def kv_dim(self) -> int:
@@ -96,15 +108,15 @@ class ModelSpec:
 
     @property
     def attention_params(self) -> int:
-        h, kv = self.hidden, self.kv_dim
-        weights = 2 * h * h + 2 * h * kv  # q, o: h x h; k, v: h x kv
-        biases = (2 * h + 2 * kv) if self.bias else 0
+        h, q, kv = self.hidden, self.q_dim, self.kv_dim
+        weights = 2 * h * q + 2 * h * kv  # q: h x q, o: q x h; k, v: h x kv
+        biases = (q + h + 2 * kv) if self.bias else 0
         return weights + biases
 
     @property
     def mlp_params(self) -> int:
         h, f = self.hidden, self.ffn_hidden
-        if self.activation is Activation.SWIGLU:
+        if self.gated:
             return 3 * h * f + ((2 * f + h) if self.bias else 0)
         return 2 * h * f + ((f + h) if self.bias else 0)
 
@@ -127,7 +139,7 @@ class ModelSpec:
     @property
     def layer_tensors(self) -> int:
         """Parameter tensors of one block (what a per-tensor optimizer loop visits)."""
-        linears = 4 + (3 if self.activation is Activation.SWIGLU else 2)
+        linears = 4 + (3 if self.gated else 2)
         per_norm = 2 if self.norm is Norm.LAYERNORM else 1
         return linears * (2 if self.bias else 1) + 2 * per_norm
 
@@ -150,6 +162,8 @@ class ModelSpec:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name == "head_dim" and value * self.heads == self.hidden:
+                continue  # the default: written only where it differs
             out[f.name] = value.value if isinstance(value, StrEnum) else value
         return out
 

@@ -42,6 +42,11 @@ def export(plan: Plan) -> list[str]:
     recompute = uniform_recompute(plan, "Megatron-LM")
     args = ["--num-layers", spec.layers, "--hidden-size", spec.hidden, "--ffn-hidden-size", spec.ffn_hidden,
             "--num-attention-heads", spec.heads]
+    if spec.activation.value == "geglu":
+        raise ConfigError("Megatron-LM's arguments have no GELU-gated MLP (only --swiglu); export this model to "
+                          "torchtitan or train it with paraplan run")
+    if spec.q_dim != spec.hidden:
+        args += ["--kv-channels", spec.head_dim]
     if spec.kv_heads != spec.heads:
         args += ["--group-query-attention", "--num-query-groups", spec.kv_heads]
     args += ["--max-position-embeddings", spec.seq_len if spec.position.value == "learned" else max(spec.seq_len,

@@ -54,11 +54,12 @@ def spec_from_graph(graph: OpGraph, *, name: str) -> ModelSpec:
         weight = g.nodes[preds[1]]["shape"]
         widths.append((weight[0], weight[1], len(preds) > 2))
     from_hidden = [w for w in widths if w[1] == hidden]
-    attn_widths = sorted(w[0] for w in from_hidden if w[0] <= heads * head_dim)
+    attn_widths = sorted(w[0] for w in from_hidden if w[0] <= heads * head_dim)  # q, k, v
     kv_heads = attn_widths[0] // head_dim if attn_widths else heads
     ffn = max(w[0] for w in from_hidden)
     ops = {nodes[n]["op"] for n in block}
-    swiglu = "aten.silu.default" in ops and sum(1 for w in from_hidden if w[0] == ffn) >= 2
+    gated = sum(1 for w in from_hidden if w[0] == ffn) >= 2  # gate and up read the same input
+    activation = ("swiglu" if "aten.silu.default" in ops else "geglu") if gated else "gelu"
     norm = _norm_kind(ops)
     rope = "aten.cat.default" in ops
     embeddings = [n for n in graph.order if g.nodes[n]["kind"] == "embedding"]
@@ -71,7 +72,7 @@ def spec_from_graph(graph: OpGraph, *, name: str) -> ModelSpec:
     tied = any(g.nodes[s]["kind"] == "linear" for s in g.successors(emb_weight))
     spec = ModelSpec(
         name=name, layers=len(copies), hidden=hidden, heads=heads, kv_heads=kv_heads, ffn_hidden=ffn, vocab=vocab,
-        seq_len=seq_len, activation="swiglu" if swiglu else "gelu", norm=norm,
+        seq_len=seq_len, activation=activation, norm=norm, head_dim=head_dim if heads * head_dim != hidden else 0,
         position="rope" if rope else ("learned" if len(embeddings) > 1 else "none"),
         tied_embeddings=tied, bias=any(w[2] for w in widths), dropout="aten.dropout.default" in ops,
     )

@@ -251,7 +251,8 @@ def _int(data: dict, *keys: str, default=None) -> int:
     raise ConfigError(f"Hugging Face config lacks '{keys[0]}'; it is needed to size the model")
 
 
-READ_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")  # the dense decoders this reader sizes exactly
+READ_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2")  # the dense decoders this reader sizes exactly
+GELU_ACTS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_python")
 EXPERT_FIELDS = ("num_local_experts", "n_routed_experts", "num_experts", "moe_num_experts")
 
 
@@ -269,12 +270,10 @@ def _understood(data: dict) -> None:
         raise ConfigError(f"model_type {model_type!r} is not one this reader sizes (it reads "
                           f"{', '.join(READ_TYPES)}); read as one of those it would be mispriced: write a spec "
                           "YAML with its sizes")
-    heads = data.get("num_attention_heads", data.get("n_head"))
-    head_dim, hidden = data.get("head_dim"), data.get("hidden_size", data.get("n_embd"))
-    if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (heads, head_dim, hidden)) \
-            and head_dim * heads != hidden:
-        raise ConfigError(f"head_dim {head_dim} x {heads} heads = {head_dim * heads} is not hidden_size {hidden}; "
-                          "paraplan's spec sizes attention as hidden / heads: write a spec YAML")
+    act = data.get("hidden_activation") or data.get("hidden_act") or "silu"
+    if model_type not in ("gpt2", "") and act not in ("silu", "swish", *GELU_ACTS):
+        raise ConfigError(f"hidden_act {act!r} is not a gated activation paraplan prices (silu, gelu); write a spec "
+                          "YAML with its sizes")
 
 
 def spec_from_hf_config(data: dict, *, name: str = "hf-model") -> ModelSpec:
@@ -293,24 +292,35 @@ def spec_from_hf_config(data: dict, *, name: str = "hf-model") -> ModelSpec:
             ffn_hidden=_int(data, "n_inner", default=0),
         )
     heads = _int(data, "num_attention_heads")
-    act = str(data.get("hidden_act", "silu"))
-    gated = act in ("silu", "swish") or model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma", "mixtral")
+    hidden = _int(data, "hidden_size")
+    act = str(data.get("hidden_activation") or data.get("hidden_act") or "silu")
+    # the Llama family and Gemma gate their MLP (gate, up, down); GELU gates Gemma's
+    gated = act in ("silu", "swish") or model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+    activation = ("geglu" if act in GELU_ACTS else "swiglu") if gated else "gelu"
+    head_dim = data.get("head_dim")
+    seq_len = min(_int(data, "max_position_embeddings", default=2048), HF_TRAIN_SEQ_LEN)
+    window = data.get("sliding_window")
+    if model_type == "gemma2" and isinstance(window, int) and 0 < window < seq_len:
+        # every other layer attends within the window; at the window's length that costs what full
+        # attention does, past it the cost model (full causal attention) would overprice those layers
+        seq_len = window
     return ModelSpec(
         name=name,
         layers=_int(data, "num_hidden_layers"),
-        hidden=_int(data, "hidden_size"),
+        hidden=hidden,
         heads=heads,
         kv_heads=_int(data, "num_key_value_heads", default=heads),
         ffn_hidden=_int(data, "intermediate_size", default=0),
         vocab=_int(data, "vocab_size"),
         # RoPE models read up to max_position_embeddings (131072 for Qwen2.5) but pre-train shorter
-        seq_len=min(_int(data, "max_position_embeddings", default=2048), HF_TRAIN_SEQ_LEN),
-        activation="swiglu" if gated else "gelu",
+        seq_len=seq_len,
+        activation=activation,
         norm="rmsnorm" if "rms_norm_eps" in data or gated else "layernorm",
         position="rope" if "rope_theta" in data or gated else "learned",
-        tied_embeddings=bool(data.get("tie_word_embeddings", not gated)),
+        tied_embeddings=bool(data.get("tie_word_embeddings", not gated or model_type.startswith("gemma"))),
         bias=bool(data.get("attention_bias", data.get("mlp_bias", False))),
         dropout=False,
+        head_dim=_int(data, "head_dim") if isinstance(head_dim, int) and head_dim * heads != hidden else 0,
     )
 
 

@@ -110,7 +110,7 @@ class ModuleMap:
 
 def zoo_map(spec: ModelSpec) -> ModuleMap:
     """paraplan's own `Transformer` (planner.zoo.model), read from its definition."""
-    mlp = ("feed_forward.w1", "feed_forward.w3") if spec.activation.value == "swiglu" else ("feed_forward.w1",)
+    mlp = ("feed_forward.w1", "feed_forward.w3") if spec.gated else ("feed_forward.w1",)
     groups = (ColumnGroup(source="attention_norm", column=("attention.wq", "attention.wk", "attention.wv"),
                           row="attention.wo"),
               ColumnGroup(source="ffn_norm", column=mlp, row="feed_forward.w2"))

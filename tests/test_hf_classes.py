@@ -33,9 +33,32 @@ CONFIGS = {
         "num_key_value_heads": 4, "intermediate_size": 18944, "vocab_size": 152064,
         "max_position_embeddings": 131072, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "hidden_act": "silu",
         "tie_word_embeddings": False},
+    # head_dim 256 (not hidden / heads), a GELU-gated MLP, tied head, four norms per layer
+    "google/gemma-2-9b": {
+        "model_type": "gemma2", "num_hidden_layers": 42, "hidden_size": 3584, "num_attention_heads": 16,
+        "num_key_value_heads": 8, "head_dim": 256, "intermediate_size": 14336, "vocab_size": 256000,
+        "max_position_embeddings": 8192, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
+        "hidden_activation": "gelu_pytorch_tanh", "sliding_window": 4096, "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0, "query_pre_attn_scalar": 256},
+    "google/gemma-2-2b": {
+        "model_type": "gemma2", "num_hidden_layers": 26, "hidden_size": 2304, "num_attention_heads": 8,
+        "num_key_value_heads": 4, "head_dim": 256, "intermediate_size": 9216, "vocab_size": 256000,
+        "max_position_embeddings": 8192, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
+        "hidden_activation": "gelu_pytorch_tanh", "sliding_window": 4096, "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0, "query_pre_attn_scalar": 256},
+    # head_dim 128 with hidden 1024 over 16 heads
+    "Qwen/Qwen3-0.6B": {
+        "model_type": "qwen3", "num_hidden_layers": 28, "hidden_size": 1024, "num_attention_heads": 16,
+        "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 3072, "vocab_size": 151936,
+        "max_position_embeddings": 40960, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "hidden_act": "silu",
+        "tie_word_embeddings": True},
 }
-# Qwen2's q, k and v carry biases that the spec (one `bias` flag for every linear) leaves out
-TOLERANCE = {name: 0.0 for name in CONFIGS} | {"Qwen/Qwen2.5-7B": 1e-4}
+# Qwen2's q, k and v carry biases that the spec (one `bias` flag for every linear) leaves out;
+# Gemma-2's two extra norms per layer (before and after the MLP) and Qwen3's q_norm / k_norm
+# (head_dim each) are left out too
+TOLERANCE = {name: 0.0 for name in CONFIGS} | {"Qwen/Qwen2.5-7B": 1e-4, "google/gemma-2-9b": 1e-4,
+                                              "google/gemma-2-2b": 1e-4, "Qwen/Qwen3-0.6B": 1e-4}
+MODEL_CARD = {"google/gemma-2-9b": 9.24e9, "google/gemma-2-2b": 2.61e9, "Qwen/Qwen3-0.6B": 0.596e9}
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -105,3 +128,11 @@ def test_a_hugging_face_module_traces_without_the_user_turning_its_cache_off():
     assert (spec.norm, spec.position, spec.activation, spec.kv_heads) == ("rmsnorm", "rope", "swiglu", 2)
     params = {d["param"] for _, d in graph.graph.nodes(data=True) if d["kind"] == "param"}
     assert "model.layers.0.self_attn.q_proj.weight" in params  # the module's own names, traced
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_CARD))
+def test_head_dim_and_gated_gelu_models_match_their_model_cards(name):
+    spec = spec_from_hf_config(CONFIGS[name], name=name)
+    assert spec.num_params == pytest.approx(MODEL_CARD[name], rel=0.005)
+    assert spec.q_dim == CONFIGS[name]["num_attention_heads"] * CONFIGS[name]["head_dim"] != spec.hidden
+    assert spec.activation.value == ("geglu" if "gemma" in name else "swiglu")

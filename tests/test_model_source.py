@@ -122,15 +122,14 @@ def test_a_module_needs_example_inputs():
       "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 32000, "num_local_experts": 8,
       "num_experts_per_tok": 2, "rope_theta": 1e6, "rms_norm_eps": 1e-5, "hidden_act": "silu"},
      "mixture-of-experts model (num_local_experts = 8, model_type mixtral)"),
-    # Gemma-2-9B: head_dim 256 and gated GELU; was read as 6.85B instead of 9.24B
-    ({"model_type": "gemma2", "num_hidden_layers": 42, "hidden_size": 3584, "num_attention_heads": 16,
-      "num_key_value_heads": 8, "head_dim": 256, "intermediate_size": 14336, "vocab_size": 256000},
-     "model_type 'gemma2' is not one this reader sizes"),
-    # Qwen3-0.6B: 16 heads of 128 on a 1024 width
-    ({"model_type": "qwen3", "num_hidden_layers": 28, "hidden_size": 1024, "num_attention_heads": 16,
-      "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 3072, "vocab_size": 151936,
-      "rope_theta": 1e6, "rms_norm_eps": 1e-6, "hidden_act": "silu"},
-     "head_dim 128 x 16 heads = 2048 is not hidden_size 1024"),
+    # Gemma (1): an architecture the reader does not size is refused by its model_type
+    ({"model_type": "gemma", "num_hidden_layers": 28, "hidden_size": 3072, "num_attention_heads": 16,
+      "num_key_value_heads": 16, "head_dim": 256, "intermediate_size": 24576, "vocab_size": 256000},
+     "model_type 'gemma' is not one this reader sizes"),
+    # an MLP activation it does not price
+    ({"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+      "intermediate_size": 128, "vocab_size": 256, "hidden_act": "relu2"},
+     "hidden_act 'relu2' is not a gated activation paraplan prices"),
 ])
 def test_configs_it_would_misread_are_refused_by_name(config, needle):
     with pytest.raises(ConfigError, match=re.escape(needle)):

@@ -113,14 +113,16 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
-        self.swiglu = spec.activation is Activation.SWIGLU
+        self.swiglu = spec.gated  # gate (w1), up (w3), down (w2)
+        self.geglu = spec.activation is Activation.GEGLU
         self.w1 = nn.Linear(spec.hidden, spec.ffn_hidden, bias=spec.bias)
         self.w2 = nn.Linear(spec.ffn_hidden, spec.hidden, bias=spec.bias)
         self.w3 = nn.Linear(spec.hidden, spec.ffn_hidden, bias=spec.bias) if self.swiglu else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
-            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+            gate = F.gelu(self.w1(x), approximate="tanh") if self.geglu else F.silu(self.w1(x))
+            return self.w2(gate * self.w3(x))
         return self.w2(F.gelu(self.w1(x), approximate="tanh"))
 
 
