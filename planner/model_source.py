@@ -99,9 +99,10 @@ def hf_config(path: str):
     return config
 
 
-def build_source_module(source: dict, spec: ModelSpec, device: str = "meta"):
+def build_source_module(source: dict, spec: ModelSpec, device: str = "meta", *, probe_layers: int | None = None):
     """(the source's module on `device` (meta: nothing allocated), example inputs for one pass
-    over it)."""
+    over it). `probe_layers`: a Hugging Face model built only that many blocks deep (every
+    block is the same; reading its layout or pricing a block needs no more)."""
     import torch
 
     tokens = (torch.zeros(1, min(spec.seq_len, 64), dtype=torch.long, device=device),)
@@ -110,6 +111,11 @@ def build_source_module(source: dict, spec: ModelSpec, device: str = "meta"):
         import transformers  # hf_config has said how to install it where it is missing
 
         config = hf_config(source["path"])
+        if probe_layers is not None and probe_layers < config.num_hidden_layers:
+            for key, value in list(vars(config).items()):  # per-layer lists (Gemma-2's layer_types)
+                if isinstance(value, list) and len(value) == config.num_hidden_layers:
+                    setattr(config, key, value[:probe_layers])
+            config.num_hidden_layers = probe_layers
         try:
             with torch.device(device):
                 module = transformers.AutoModelForCausalLM.from_config(config)
@@ -162,6 +168,11 @@ def module_map_of(source: dict, spec: ModelSpec):
         return zoo_map(spec)
     if "map" in source:
         return ModuleMap.from_dict(source["map"])
+    from dataclasses import replace
+
+    if source.get("kind") == "hf":  # two blocks read, the model's count recorded
+        module, inputs = build_source_module(source, spec, probe_layers=min(2, spec.layers))
+        return replace(traced_map(module, inputs, spec), layers=spec.layers)
     module, inputs = build_source_module(source, spec)
     return traced_map(module, inputs, spec)
 
@@ -198,13 +209,22 @@ def _transformers_count(data: dict) -> int | None:
         import transformers
     except ImportError:
         return None
-    try:
-        config = transformers.AutoConfig.for_model(**data)
-        with torch.device("meta"):
-            model = transformers.AutoModelForCausalLM.from_config(config)
+    layers = data.get("num_hidden_layers", data.get("n_layer"))
+    counts = []
+    try:  # one block and two blocks deep: every block the same, the rest is the difference
+        for depth in ((1, 2) if isinstance(layers, int) and layers > 2 else (None,)):
+            config = transformers.AutoConfig.for_model(**data)
+            if depth is not None:
+                for key, value in list(vars(config).items()):  # per-layer lists (Gemma-2's layer_types)
+                    if isinstance(value, list) and len(value) == layers:
+                        setattr(config, key, value[:depth])
+                config.num_hidden_layers = depth
+            with torch.device("meta"):
+                model = transformers.AutoModelForCausalLM.from_config(config)
+            counts.append(sum(p.numel() for p in model.parameters()))
     except Exception:  # noqa: BLE001 - transformers raises many kinds; the reader's size stands
         return None
-    return sum(p.numel() for p in model.parameters())
+    return counts[0] if len(counts) == 1 else counts[0] + (layers - 1) * (counts[1] - counts[0])
 
 
 def _load_file_spec(text: str) -> ModelSpec:

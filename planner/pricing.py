@@ -45,20 +45,12 @@ def probe_graph(spec: ModelSpec, strategy: Strategy, source: dict | None = None)
     seq = strategy.seq_len or spec.seq_len
     probe = replace(spec, layers=min(PROBE_LAYERS, spec.layers), seq_len=seq)
     kind = (source or {}).get("kind")
-    if kind == "hf":
-        import transformers
-
-        from planner.model_source import hf_config
-
-        config = hf_config(source["path"])
-        config.num_hidden_layers = probe.layers
-        with torch.device("meta"):
-            module = transformers.AutoModelForCausalLM.from_config(config)
-        return trace_module(module, (torch.zeros(strategy.microbatch_size, seq, dtype=torch.long, device="meta"),))
-    if kind == "py":
+    if kind in ("hf", "py"):
         from planner.model_source import build_source_module
 
-        module, inputs = build_source_module(source, spec)
+        module, inputs = build_source_module(source, spec, probe_layers=probe.layers)
+        if kind == "hf":  # at the plan's microbatch and sequence
+            inputs = (torch.zeros(strategy.microbatch_size, seq, dtype=torch.long, device="meta"),)
         return trace_module(module, inputs)
     return trace_spec(probe, batch=strategy.microbatch_size)
 
