@@ -156,26 +156,38 @@ def build_step(spec: ModelSpec, strategy: Strategy, cluster: Cluster, block: Blo
         return scatters[params]
 
     fwd, fwd_first, bwd, buckets, sharded_comm = [], [], [], [], []
+    ov = cluster.overlaps_comm
+    zero = s.zero if shard > 1 else 0
+    stages: dict[tuple, tuple] = {}  # stages alike (ends held, layers, recompute) are priced once
     for k, n in enumerate(counts):
         first, last = k == 0, k == k_stages - 1
-        layer = layers_by_policy[s.recompute_of(k)]
-        f_parts = ([ends.embed_forward] if first else []) + [layer.forward] * n + ([ends.head_forward] if last else [])
-        b_parts = ([ends.head_backward] if last else []) + [layer.backward] * n + ([ends.embed_backward] if first else [])
-        params = ([ends.embed_params] if first else []) + [layer.params] * n + ([ends.head_params] if last else [])
-        frozen = ([ends.embed_frozen_bytes] if first else []) + [layer.frozen_bytes] * n + (
-            [ends.head_frozen_bytes] if last else [])
-        zero = s.zero if shard > 1 else 0
-        # FSDP gathers the frozen weights too; ZeRO-1/2 gather only what the optimizer updated
-        gather = [gather_s(p, f if zero >= 3 else 0.0) for p, f in zip(params, frozen)] if zero >= 1 else []
-        scatter = [scatter_s(p) for p in params] if zero >= 2 else []
-        ov = cluster.overlaps_comm
-        fwd.append(_task(f_parts, layer.forward, n, gather if zero == 3 else [], [], ov))
-        fwd_first.append(_task(f_parts, layer.forward, n, gather if zero >= 1 else [], [], ov))
-        bwd.append(_task(b_parts, layer.backward, n, gather[::-1] if zero == 3 else [], scatter[::-1] if zero >= 2 else [], ov))
-        root = ([True] if last else []) + [False] * n + ([True] if first else [])  # FSDP2's root unit holds the ends
-        buckets.append(_grad_buckets(b_parts, params[::-1], root, s, pol.grad_bytes, shard_group, replicate_group, ov))
-        # FSDP traffic of every microbatch: gathers in forward and backward, reduce-scatters
-        sharded_comm.append(m * ((2 * sum(gather) if zero == 3 else 0.0) + (sum(scatter) if zero >= 2 else 0.0)))
+        key = (first, last, n, s.recompute_of(k))
+        if key not in stages:
+            layer = layers_by_policy[s.recompute_of(k)]
+            f_parts = ([ends.embed_forward] if first else []) + [layer.forward] * n + ([ends.head_forward] if last else [])
+            b_parts = ([ends.head_backward] if last else []) + [layer.backward] * n + ([ends.embed_backward] if first else [])
+            params = ([ends.embed_params] if first else []) + [layer.params] * n + ([ends.head_params] if last else [])
+            frozen = ([ends.embed_frozen_bytes] if first else []) + [layer.frozen_bytes] * n + (
+                [ends.head_frozen_bytes] if last else [])
+            # FSDP gathers the frozen weights too; ZeRO-1/2 gather only what the optimizer updated
+            gather = [gather_s(p, f if zero >= 3 else 0.0) for p, f in zip(params, frozen)] if zero >= 1 else []
+            scatter = [scatter_s(p) for p in params] if zero >= 2 else []
+            root = ([True] if last else []) + [False] * n + ([True] if first else [])  # FSDP2's root unit holds the ends
+            stages[key] = (
+                _task(f_parts, layer.forward, n, gather if zero == 3 else [], [], ov),
+                _task(f_parts, layer.forward, n, gather if zero >= 1 else [], [], ov),
+                _task(b_parts, layer.backward, n, gather[::-1] if zero == 3 else [], scatter[::-1] if zero >= 2 else [], ov),
+                _grad_buckets(b_parts, params[::-1], root, s, pol.grad_bytes, shard_group, replicate_group, ov),
+                # FSDP traffic of every microbatch: gathers in forward and backward, reduce-scatters
+                m * ((2 * sum(gather) if zero == 3 else 0.0) + (sum(scatter) if zero >= 2 else 0.0)),
+            )
+        f, f1, b, bk, sc = stages[key]
+        fwd.append(f)
+        fwd_first.append(f1)
+        bwd.append(b)
+        buckets.append(bk)
+        sharded_comm.append(sc)
+    layer = layers_by_policy[s.recompute_of(k_stages - 1)]  # its params and buffers: alike under every policy
 
     orders = build(s.schedule, pp, m, s.virtual_stages)
     memory = tuple(_rank_memory(spec, s, cluster, layer, ends, counts, r) for r in range(pp))
