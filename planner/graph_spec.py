@@ -17,6 +17,11 @@ from costmodel.spec import ModelSpec
 from planner.trace import OpGraph
 
 
+class NotADecoder(ConfigError):
+    """A module of repeated blocks that is not a decoder-only transformer (no attention): the
+    planner prices it from its graph (planner.graph_plan) rather than from a ModelSpec."""
+
+
 def _norm_kind(ops: set[str]) -> str:
     """LayerNorm as its op or as mean, variance and subtraction; RMSNorm as its op or written
     out (Hugging Face's LlamaRMSNorm: pow(2), mean, rsqrt, mul, with no mean subtracted)."""
@@ -38,6 +43,8 @@ def spec_from_graph(graph: OpGraph, *, name: str) -> ModelSpec:
     block = graph.blocks[copies[0]]
     nodes = {n: g.nodes[n] for n in block}
     sdpa = [n for n in block if nodes[n]["kind"] == "sdpa"]
+    if not sdpa:
+        raise NotADecoder(f"{name}: its repeated blocks run no attention; it is planned from its graph alone")
     if len(sdpa) != 1:
         raise ConfigError(f"{name}: a layer must run scaled_dot_product_attention once (found {len(sdpa)})")
     q = next(iter(sorted(g.predecessors(sdpa[0]), key=lambda p: g.edges[p, sdpa[0]]["arg"])))

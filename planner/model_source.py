@@ -20,6 +20,7 @@ from costmodel.spec import ModelSpec
 from planner.zoo import ZOO
 
 
+SYNTHETIC_TOKENS = 2048  # token ids made for a py: language model returned without example inputs
 HF_TRAIN_SEQ_LEN = 8192  # a RoPE config's default training sequence (Llama 3's and torchtitan's; --seq-len overrides)
 
 
@@ -347,6 +348,21 @@ def spec_from_hf_config(data: dict, *, name: str = "hf-model") -> ModelSpec:
 def _from_python(text: str):
     """py:MODULE:CALLABLE, called on the meta device, returning a paraplan `Transformer` or
     (module, example_inputs) for any module, which is traced and read (planner.graph_spec)."""
+    model, inputs = python_module(text)
+    spec = getattr(model, "spec", None)
+    if isinstance(spec, ModelSpec):
+        return spec, None
+    from planner.graph_spec import spec_from_graph
+    from planner.trace import trace_module
+
+    graph = trace_module(model, inputs)
+    return spec_from_graph(graph, name=text.rpartition(":")[2]), graph
+
+
+def python_module(text: str):
+    """(module on the meta device, example inputs) of py:MODULE:CALLABLE. A module returned
+    without inputs whose first op is a token embedding gets token ids: one sequence of
+    SYNTHETIC_TOKENS."""
     _, _, rest = text.partition(":")
     module_name, sep, attr = rest.partition(":")
     if not sep or not module_name or not attr:
@@ -367,14 +383,12 @@ def _from_python(text: str):
     model, inputs = (built[0], built[1]) if isinstance(built, tuple) else (built, None)
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"--model {text} returned a {type(model).__name__}, not an nn.Module")
-    spec = getattr(model, "spec", None)
-    if isinstance(spec, ModelSpec):
-        return spec, None
+    if isinstance(getattr(model, "spec", None), ModelSpec):
+        return model, None
     if inputs is None:
-        raise ConfigError(f"--model {text}: return (module, example_inputs) so the module can be traced")
-    from planner.graph_spec import spec_from_graph
-    from planner.trace import trace_module
-
-    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
-    graph = trace_module(model, inputs)
-    return spec_from_graph(graph, name=attr), graph
+        first = next((m for m in model.modules() if not list(m.children())), None)
+        if not isinstance(first, torch.nn.Embedding):
+            raise ConfigError(f"--model {text}: return (module, example_inputs) so the module can be traced (its "
+                              "first layer is not a token embedding, so paraplan cannot make token ids for it)")
+        inputs = torch.zeros(1, SYNTHETIC_TOKENS, dtype=torch.long, device="meta")
+    return model, inputs if isinstance(inputs, tuple) else (inputs,)

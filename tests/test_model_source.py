@@ -3,6 +3,7 @@
 import json
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -110,10 +111,49 @@ def test_plan_of_a_user_module_names_the_parameters_of_what_runs(tmp_path):
     assert check.returncode == 0, check.stderr
 
 
-def test_a_module_needs_example_inputs():
+def test_a_language_model_without_example_inputs_gets_token_ids():
+    sys.path.insert(0, str(Path(__file__).parent))
+    spec = load_model_spec("py:user_model:user_lm_without_inputs")
+    assert spec.seq_len == 2048 and spec == replace(load_model_spec("py:user_model:user_lm"), seq_len=2048,
+                                                    name=spec.name)
+
+
+def test_a_module_without_embedding_needs_example_inputs():
     sys.path.insert(0, str(Path(__file__).parent))
     with pytest.raises(ConfigError, match="example_inputs"):
-        load_model_spec("py:user_model:user_lm_without_inputs")
+        load_model_spec("py:user_model:mlp_stack_without_inputs")
+
+
+def test_a_module_without_attention_is_planned_from_its_graph(tmp_path):
+    """A stack of Linear-GELU-Linear blocks (was: refused, "a layer must run
+    scaled_dot_product_attention once"): planned on its graph; under tensor parallelism each
+    block is column-then-row with one all-reduce forward."""
+    import torch
+
+    from costmodel import load_cluster
+    from planner.graph_plan import plan_graph
+    from tests_helpers import paraplan
+    from user_model import mlp_stack
+
+    with torch.device("meta"):
+        module, inputs = mlp_stack()
+    plans = plan_graph(module, inputs, load_cluster("a100-80g:16"), 64, fixed={"tp": 8})
+    best = plans[0]
+    assert best.fits and best.tp == 8 and best.dp == 2
+    assert best.placements["blocks.*.fc1.weight"]["tp"] == "Shard(0)"
+    assert best.placements["blocks.*.fc2.weight"]["tp"] == "Shard(1)"
+    assert [k for k, *_ in best.solution.forward_collectives()] == ["all_reduce"]  # one per block
+    free = plan_graph(module, inputs, load_cluster("a100-80g:16"), 64)
+    assert free[0].step_time_s <= best.step_time_s and free[0].fits
+    sys.path.insert(0, str(Path(__file__).parent))
+    out = paraplan("plan", "--model", "py:user_model:mlp_stack", "--cluster", "a100-80g:16", "--global-batch", "64",
+                   "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["best"]["step_time_s"] == pytest.approx(free[0].step_time_s, rel=1e-6)
+    refused = paraplan("plan", "--model", "py:user_model:mlp_stack", "--cluster", "a100-80g:16", "--global-batch",
+                       "64", "-o", str(tmp_path / "p.yaml"))
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "drop -o" in refused.stderr and not (tmp_path / "p.yaml").exists()
 
 
 @pytest.mark.parametrize("config,needle", [

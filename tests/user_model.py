@@ -150,3 +150,43 @@ def user_lm_scaled():
     model = _ScaledLM(layers=4, h=64, nh=4, nkv=2, f=128, vocab=256)
     model.blocks = torch.nn.ModuleList(_TPBlock(64, 4, 2, 128) for _ in range(4))
     return model, (torch.zeros(1, 32, dtype=torch.long),)
+
+
+class _MLPBlock(__import__("torch").nn.Module):
+    """Linear-GELU-Linear with a residual: no attention anywhere."""
+
+    def __init__(self, h):
+        import torch
+
+        super().__init__()
+        self.fc1 = torch.nn.Linear(h, 4 * h)
+        self.fc2 = torch.nn.Linear(4 * h, h)
+
+    def forward(self, x):
+        import torch
+
+        return x + self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+
+
+class _MLPStack(__import__("torch").nn.Module):
+    def __init__(self, h, layers):
+        import torch
+
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(_MLPBlock(h) for _ in range(layers))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def mlp_stack():
+    """24 blocks of 8192 -> 32768 -> 8192 (12.9B parameters), inputs (batch 1, 2048 tokens, 8192)."""
+    import torch
+
+    return _MLPStack(8192, 24), (torch.zeros(1, 2048, 8192),)
+
+
+def mlp_stack_without_inputs():
+    return _MLPStack(64, 2)

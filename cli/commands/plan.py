@@ -11,6 +11,7 @@ from costmodel import ConfigError, load_cluster
 from costmodel.runtime import DEFAULT_RUNTIME
 from cli.commands.simulate import format_table, given_flags
 from planner.files import atomic_write_text
+from planner.graph_spec import NotADecoder
 from planner.model_source import load_model, source_and_map
 from planner.contract import RUNNABLE_RUNTIMES, plan_problems, planned_only
 from planner.plan import Plan, plan_from_strategy
@@ -47,7 +48,10 @@ def run_plan(args: argparse.Namespace) -> int:
         raise ConfigError(f"--global-batch must be a positive integer, got {args.global_batch}")
     if args.time_limit is not None and args.time_limit <= 0:
         raise ConfigError(f"--time-limit must be positive seconds, got {args.time_limit}")
-    spec, graph = load_model(args.model)
+    try:
+        spec, graph = load_model(args.model)
+    except NotADecoder:
+        return run_graph_plan(args)
     source, module_map, note = source_and_map(args.model, spec)
     if note:
         print(f"paraplan: note: {note}", file=sys.stderr)
@@ -75,6 +79,47 @@ def run_plan(args: argparse.Namespace) -> int:
         print("  search       " + "  ".join(f"{k} {v}" for k, v in stats.items()))
         if args.output:
             print(f"  plan written to {args.output}")
+    return 0
+
+
+def run_graph_plan(args: argparse.Namespace) -> int:
+    """`plan` of a module without attention layers: priced from its graph (planner.graph_plan)
+    and printed; `paraplan run` trains decoder-only language models, so no plan file."""
+    from planner.graph_plan import plan_graph
+    from planner.model_source import python_module
+
+    if args.output:
+        raise ConfigError(f"{args.model} has no attention layers: paraplan plans it from its graph and prints the "
+                          "plan, but `paraplan run` trains decoder-only language models, so no plan file is written; "
+                          "drop -o")
+    module, inputs = python_module(args.model)
+    cluster = load_cluster(args.cluster, runtime=args.runtime or DEFAULT_RUNTIME)
+    plans = plan_graph(module, inputs, cluster, args.global_batch, fixed=given_flags(args),
+                       progress=sys.stderr.isatty() and not args.json)
+    best = plans[0]
+    if not best.fits:
+        raise ConfigError(f"{args.model} does not fit on {cluster.name}: the smallest layout needs "
+                          f"{min(p.memory_gib['total'] for p in plans):.1f} GiB per GPU against "
+                          f"{cluster.device.hbm_gib:g} GiB; use more GPUs")
+    rows = [{"tp": p.tp, "dp": p.dp, "zero": p.zero, "microbatch_size": p.microbatch_size,
+             "step_time_s": round(p.step_time_s, 6), "samples_per_s": round(p.samples_per_s, 3),
+             "memory_gib": round(p.memory_gib["total"], 3), "fits": p.fits} for p in plans]
+    if args.json:
+        print(json.dumps({"model": args.model, "cluster": args.cluster, "priced": "graph",
+                          "best": {**rows[0], "time_s": best.time_s, "memory_gib": best.memory_gib,
+                                   "placements": best.placements}, "candidates": rows}, indent=2))
+        return 0
+    print(f"{args.model} on {args.cluster}: no attention layers, planned from its graph (not runnable by "
+          "`paraplan run`, which trains decoder-only language models)")
+    print(f"  mesh         dp {best.dp} x tp {best.tp}; zero {best.zero}; {best.num_microbatches} microbatches of "
+          f"{best.microbatch_size}")
+    print(f"  step time    {best.step_time_s:.4g} s   ({best.samples_per_s:.4g} samples/s)")
+    print("  time (s)     " + "  ".join(f"{k} {v:.4g}" for k, v in best.time_s.items()))
+    print("  memory (GiB) " + "  ".join(f"{k} {v:.2f}" for k, v in best.memory_gib.items()))
+    for name, axes in best.placements.items():
+        print(f"  placement    {name}: {axes or 'replicated'}")
+    print(f"  layouts      {len(plans)} priced; next best: " + "; ".join(
+        f"dp {p.dp} x tp {p.tp} zero {p.zero} mb {p.microbatch_size} {p.step_time_s:.4g} s" for p in plans[1:3]))
     return 0
 
 
