@@ -37,6 +37,25 @@ def main() -> None:
               f"({st['ilp_time_s']:.2f}) | {describe(found.strategy)} | {found.result.step_time_s:.2f} | "
               f"{100 * found.result.mfu:.1f}% |")
 
+    # a Hugging Face model as the user gives it (meta-llama/Llama-2-70b-hf's config.json sizes):
+    # read, mapped, searched, priced on its own graph and checked, as `paraplan plan` does
+    from cli.commands.plan import plan_of_search
+    from planner.model_source import load_model, source_and_map
+
+    where = "hf:" + str(Path(__file__).resolve().parent / "data" / "llama2_70b_config.json")
+    t0 = time.perf_counter()
+    spec, _ = load_model(where)
+    source, module_map, _ = source_and_map(where, spec)
+    cluster = load_cluster("a100-80g:64")
+    found = run_search(SearchRequest(spec=spec, cluster=cluster, global_batch=256, source=source),
+                       module_map=module_map)
+    plan_of_search(spec, found, "a100-80g:64", dict(found.stats), cluster, source)  # checked as `plan` writes it
+    dt = time.perf_counter() - t0
+    st = found.stats
+    print(f"| hf: Llama-2-70B on a100-80g:64, batch 256 (read, map, search, graph price, check) | {dt:.1f} | "
+          f"{st['candidates']} | {st['ilp_solves']} ({st['ilp_time_s']:.2f}) | {describe(found.strategy)} | "
+          f"{found.result.step_time_s:.2f} | {100 * found.result.mfu:.1f}% |")
+
     print("\nKorthikanti et al. 2022 Table 3 runs: planned vs published configuration (no FlashAttention), "
           "both priced as Megatron-LM (--runtime megatron-core)")
     print("| model | GPUs | batch | published config s | planned s | plan | memory GiB |")
