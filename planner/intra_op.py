@@ -75,6 +75,10 @@ COLLECTIVE_S = {"all_reduce": all_reduce_s, "all_gather": all_gather_s, "reduce_
                 "all_to_all": all_to_all_s}
 
 
+class IlpTimeout(ConfigError):
+    """The solver's time limit ended the solve before any solution was found."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LogicalMesh:
     """A stage's devices seen as an A-dimensional mesh; `roles[a]` is "data", "tensor" or "free"."""
@@ -192,7 +196,7 @@ class IntraOpSolution:
     def parameter_placements(self) -> dict[str, dict[str, str]]:
         return {self.nodes[op]["param"]: self.placement(op) for op in self.choice if self.nodes[op]["kind"] == "param"}
 
-    def _terms(self, op: str, s: OpStrategy) -> dict[str, float]:
+    def cost_terms(self, op: str, s: OpStrategy) -> dict[str, float]:
         """The objective's terms that depend on `op` running `s`, its neighbours as chosen."""
         ctx = self.ctx
         reshard_in = reshard_out = 0.0
@@ -213,7 +217,7 @@ class IntraOpSolution:
         chosen = self.choice[op]
         node = self.nodes[op]
         where = node["param"] or node["module"] or op
-        mine = self._terms(op, chosen)
+        mine = self.cost_terms(op, chosen)
 
         def fmt(terms: dict[str, float]) -> str:
             return ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in terms.items()) + f" = {sum(terms.values()) * 1e3:.3f} ms"
@@ -221,10 +225,10 @@ class IntraOpSolution:
         line = (f"{op} ({node['kind']} {node['op']} at {where}): '{chosen.name}' -> output "
                 f"{dict(zip(self.mesh.names, chosen.out))}: {fmt(mine)}; states {chosen.state_bytes / 2**20:.1f} MiB, "
                 f"kept {chosen.act_bytes / 2**20:.1f} MiB")
-        others = [(sum(self._terms(op, s).values()), s) for s in self.candidates[op] if s is not chosen]
+        others = [(sum(self.cost_terms(op, s).values()), s) for s in self.candidates[op] if s is not chosen]
         if others:
             cost, alt = min(others, key=lambda x: x[0])
-            line += f"; runner-up '{alt.name}': {fmt(self._terms(op, alt))}"
+            line += f"; runner-up '{alt.name}': {fmt(self.cost_terms(op, alt))}"
             if cost < sum(mine.values()):
                 line += (f", cheaper here but not chosen: the memory budget or the resharding of ops further away "
                          f"(states {alt.state_bytes / 2**20:.1f} MiB, kept {alt.act_bytes / 2**20:.1f} MiB)")
@@ -547,7 +551,7 @@ class IntraOpProblem:
             )
         if not found:
             limit = f"its {time_limit_s:g} s time limit" if time_limit_s else "the solver"
-            raise ConfigError(f"the sharding ILP on mesh {self.mesh.shape} timed out: {limit} ended it after "
+            raise IlpTimeout(f"the sharding ILP on mesh {self.mesh.shape} timed out: {limit} ended it after "
                               f"{solve_s:.1f} s without a solution; raise --time-limit or plan a smaller mesh")
         choice = {}
         for op in self.order:

@@ -39,7 +39,7 @@ from planner.contract import (
 )
 from planner.inter_op import partition_layers
 from planner.plan import megatron_placements, schedule_problems
-from planner.intra_op import CostContext, IntraOpSolution, LogicalMesh, solve_block
+from planner.intra_op import CostContext, IlpTimeout, IntraOpSolution, LogicalMesh, solve_block
 from planner.pricing import block_ops, graph_price, probe_graph
 
 SIMULATE_TOP = 8
@@ -295,9 +295,14 @@ def run_search(req: SearchRequest, *, trace_graph=None, module_map=None) -> Sear
     t0 = time.perf_counter()
     graph = trace_graph if trace_graph is not None else probe_graph(spec, strategy, req.source)
     trace_s = 0.0 if trace_graph is not None else time.perf_counter() - t0
+    ilp_status = "none (tp 1)"
     if strategy.tp > 1:
         t0 = time.perf_counter()
-        solution = _solve_tp_axis(graph, spec, strategy, cluster, result)  # None: infeasible under its memory
+        try:  # None: infeasible under its memory
+            solution = _solve_tp_axis(graph, spec, strategy, cluster, result, req.time_limit_s or 30)
+            ilp_status = solution.status if solution is not None else "infeasible"
+        except IlpTimeout:
+            ilp_status = "timed out"
         ilp_time = time.perf_counter() - t0
     placements, source = placements_for(spec, strategy, solution, module_map)
     t0 = time.perf_counter()
@@ -311,7 +316,8 @@ def run_search(req: SearchRequest, *, trace_graph=None, module_map=None) -> Sear
         "estimated": estimated,
         "simulated": simulated,
         "ilp_solves": int(strategy.tp > 1),
-        "ilp_infeasible": int(strategy.tp > 1 and solution is None),
+        "ilp_infeasible": int(ilp_status == "infeasible"),
+        "ilp_status": ilp_status,
         "ilp_time_s": round(ilp_time, 3),
         "trace_s": round(trace_s, 3),
         "graph_pricing_time_s": round(graph_time, 3),
@@ -323,7 +329,8 @@ def run_search(req: SearchRequest, *, trace_graph=None, module_map=None) -> Sear
     return SearchResult(strategy=strategy, result=result, placements=placements, stats=stats, ilp=solution)
 
 
-def _solve_tp_axis(graph, spec: ModelSpec, s: Strategy, cluster: Cluster, result: StepResult) -> IntraOpSolution | None:
+def _solve_tp_axis(graph, spec: ModelSpec, s: Strategy, cluster: Cluster, result: StepResult,
+                   time_limit_s: float = 30) -> IntraOpSolution | None:
     """The block's ILP on the tensor-parallel axis, with the memory one layer may use."""
     ops = block_ops(graph)
     mesh = LogicalMesh.on(cluster, (s.tp,), ("tp",), ("tensor",))
@@ -343,7 +350,9 @@ def _solve_tp_axis(graph, spec: ModelSpec, s: Strategy, cluster: Cluster, result
                       memory_budget_bytes=budget, activation_copies=0.0, state_bytes_per_param=per_param,
                       sequence_parallel=s.sequence_parallel)
     try:
-        return solve_block(graph, ops, mesh, ctx, time_limit_s=30)
+        return solve_block(graph, ops, mesh, ctx, time_limit_s=time_limit_s)
+    except IlpTimeout:
+        raise
     except ConfigError:
         return None
 

@@ -7,7 +7,7 @@ from torch import nn
 from costmodel import ConfigError, load_cluster
 from costmodel.spec import gpt_spec, llama_spec
 from costmodel.strategy import Precision, PrecisionPolicy
-from planner.intra_op import CostContext, IntraOpProblem, LogicalMesh, solve_block
+from planner.intra_op import CostContext, IlpTimeout, IntraOpProblem, LogicalMesh, solve_block
 from planner.trace import trace_module, trace_spec
 
 BF16 = PrecisionPolicy.of(Precision.BF16)
@@ -147,3 +147,24 @@ def test_formulation_names_its_constraints():
     names = {c.name for c in prob.prob.constraints()} if callable(prob.prob.constraints) else set(prob.prob.constraints)
     for family in ("one_hot_", "edge_out_", "edge_in_", "memory_step_", "fixed_", "chain_out_"):
         assert any(n.startswith(family) for n in names), family
+
+
+def test_a_time_out_is_reported_as_a_time_out():
+    graph = trace_spec(gpt_spec("g", layers=2, hidden=8192, heads=64, seq_len=2048), batch=8)
+    c = load_cluster("a100-80g:16")
+    mesh = LogicalMesh.on(c, (2, 8), ("a0", "a1"), ("free", "free"))
+    ctx = CostContext(cluster=c, policy=BF16, num_microbatches=8, memory_budget_bytes=6 * GiB)
+    with pytest.raises(IlpTimeout, match="timed out: its 0.001 s time limit ended it"):
+        solve_block(graph, _block(graph), mesh, ctx, time_limit_s=0.001)
+
+
+def test_explain_gives_the_real_cost_terms():
+    with torch.device("meta"):
+        graph = trace_module(MLP(4096), (torch.zeros(1, 2048, 4096),))
+    ops = [n for n in graph.order if graph.node(n)["kind"] not in ("param", "input")]
+    sol = _solve(graph, ops, "a100-80g:8", (8,), ("tp",), ("tensor",), sequence_parallel=False)
+    text = sol.explain("linear")  # fc1, column-parallel: its input's gradient all-reduced on the way back
+    chosen = sol.choice["linear"]
+    terms = sol.cost_terms("linear", chosen)
+    assert terms["resharding in"] > 0 and f"= {sum(terms.values()) * 1e3:.3f} ms" in text
+    assert "runner-up" in text and f"compute {chosen.compute_s * 1e3:.3f} ms" in text
