@@ -56,8 +56,11 @@ def _is_layout(node: dict, gqa_repeat: bool) -> bool:
     return node["kind"] == "repeat" and not gqa_repeat
 
 
-def price_block(solution: IntraOpSolution, cluster: Cluster, *, bytes_per_value: int, compute_dtype: str) -> BlockPrice:
-    """The block of `solution` (one microbatch, one GPU) as the step simulator's BlockPrice."""
+def price_block(solution: IntraOpSolution, cluster: Cluster, *, bytes_per_value: int, compute_dtype: str,
+                kv_scale: int = 1) -> BlockPrice:
+    """The block of `solution` (one microbatch, one GPU) as the step simulator's BlockPrice.
+    `kv_scale`: the keys each query attends to over those in the traced block (context
+    parallelism traces one rank's share of the sequence; its queries see every rank's keys)."""
     dev, rt, e = cluster.device, cluster.cost_runtime, bytes_per_value
     mesh = solution.mesh.shape
     nodes, choice, inputs = solution.nodes, solution.choice, solution.inputs
@@ -89,7 +92,7 @@ def price_block(solution: IntraOpSolution, cluster: Cluster, *, bytes_per_value:
             if nodes[producer]["kind"] == "repeat" and inputs.get(producer):  # K before its copy to every query head
                 before, after = nodes[inputs[producer][0]]["numel"], nodes[producer]["numel"]
                 kv_width = max(k[1] * before / after, 1.0) * k[3]
-            f, bk = attention_s(dev, compute_dtype, tokens=b * t, s_kv=k[2], q_width=heads * d, kv_width=kv_width,
+            f, bk = attention_s(dev, compute_dtype, tokens=b * t, s_kv=k[2] * kv_scale, q_width=heads * d, kv_width=kv_width,
                                 batch=b, bytes_per_value=e, causal=nodes[v]["args"].get("causal", True))
             attn_f += f
             attn_b += bk

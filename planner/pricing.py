@@ -37,12 +37,13 @@ class GraphPrice:
 
 def probe_graph(spec: ModelSpec, strategy: Strategy, source: dict | None = None) -> OpGraph:
     """The module the plan runs, `PROBE_LAYERS` blocks deep (every block is the same), traced
-    on the meta device at the plan's microbatch and sequence length."""
+    on the meta device at the plan's microbatch and its sequence over cp (a context-parallel
+    rank's queries; `graph_price` widens attention to the whole sequence's keys)."""
     import torch
 
     from planner.trace import trace_module, trace_spec
 
-    seq = strategy.seq_len or spec.seq_len
+    seq = (strategy.seq_len or spec.seq_len) // strategy.cp  # a context-parallel rank's share of the sequence
     probe = replace(spec, layers=min(PROBE_LAYERS, spec.layers), seq_len=seq)
     kind = (source or {}).get("kind")
     if kind in ("hf", "py"):
@@ -105,7 +106,8 @@ def graph_price(spec: ModelSpec, strategy: Strategy, cluster: Cluster, placement
     ctx = CostContext(cluster=cluster, policy=pol, num_microbatches=strategy.num_microbatches,
                       sequence_parallel=strategy.sequence_parallel if strategy.tp > 1 else False, pinned=pinned)
     solution = solve_block(graph, ops, mesh, ctx, time_limit_s=time_limit_s)
-    block = price_block(solution, cluster, bytes_per_value=pol.activation_bytes, compute_dtype=pol.compute_dtype)
+    block = price_block(solution, cluster, bytes_per_value=pol.activation_bytes, compute_dtype=pol.compute_dtype,
+                        kv_scale=strategy.cp)
     return GraphPrice(block=block, solution=solution, pinned=len(pinned))
 
 

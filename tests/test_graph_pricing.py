@@ -120,3 +120,16 @@ def test_simulate_plan_prices_the_edited_placements(tmp_path):
     edited = json.loads(paraplan("simulate", "--plan", str(plan_path), "--json").stdout)
     assert edited["predicted"]["step_time_s"] > written["predicted"]["step_time_s"] * 1.05
     assert edited["predicted"]["memory_gib"]["parameters"] > written["predicted"]["memory_gib"]["parameters"]
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_context_parallel_block_is_one_ranks_share_of_the_sequence(cp):
+    """Each context-parallel rank runs its s/cp queries against all s keys: traced at s/cp,
+    attention widened to the whole sequence's keys, as the formulas price it."""
+    spec = ZOO["llama3-8b"]
+    cl = load_cluster(f"h100-sxm:{8 * cp}")
+    s = Strategy(tp=4, cp=cp, dp=2, sequence_parallel=True, global_batch=8, seq_len=16384)
+    priced = graph_price(spec, s, cl, megatron_placements(spec, s))
+    formula = simulate(build_step(spec, s, cl), record_events=False)
+    graph = simulate(build_step(spec, s, cl, priced.block), record_events=False)
+    assert graph.step_time_s == pytest.approx(formula.step_time_s, rel=0.03)
