@@ -214,7 +214,16 @@ def plan_problems(plan: Plan, cluster) -> tuple[list[str], dict]:
         problems += _serving_memory(plan, spec, cluster, facts)
     elif not layout:
         try:
-            result = price_step(spec, strategy, cluster, plan.placements, plan.source)
+            try:
+                result = price_step(spec, strategy, cluster, plan.placements, plan.source)
+            except ConfigError:
+                if not layout_problems(module_map_of(plan.source, spec), plan.placements, strategy.tp,
+                                       strategy.sequence_parallel):
+                    raise
+                # placements the runtime has no rule for (said below) cannot be priced on the graph
+                from costmodel import predict
+
+                result = predict(spec, strategy, cluster)
         except ConfigError as exc:
             problems.append(str(exc))
         else:
