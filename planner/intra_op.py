@@ -344,8 +344,7 @@ class IntraOpProblem:
     def _strategies(self, op: str) -> list[OpStrategy]:
         node = self.nodes[op]
         in_shapes = [self.nodes[p]["shape"] if p in self.nodes else self.g.nodes[p]["shape"] for p in self.inputs[op]]
-        per_axis = [ways(node, in_shapes, role) if n > 1 else [Way("replicate", "R", ("R",) * len(in_shapes), False)]
-                    for role, n in zip(self.mesh.roles, self.mesh.shape)]
+        per_axis = [self._axis_ways(node, in_shapes, role, n) for role, n in zip(self.mesh.roles, self.mesh.shape)]
         out: list[OpStrategy] = []
         for combo in itertools.product(*per_axis):
             placement = tuple(w.out for w in combo)
@@ -360,6 +359,19 @@ class IntraOpProblem:
         if not out:
             raise ConfigError(f"no sharding of op {op} ({node['op']}) fits the mesh {self.mesh.shape}")
         return out
+
+    @staticmethod
+    def _axis_ways(node: dict, in_shapes, role: str, size: int) -> list[Way]:
+        """The ways on one axis: none but replication on an axis of one device; on a data axis
+        the activations stay split on the batch (dim 0) wherever they carry it, while
+        parameters may be replicated or sharded (DDP or FSDP, the solver's choice)."""
+        if size == 1:
+            return [Way("replicate", "R", ("R",) * len(in_shapes), False)]
+        found = ways(node, in_shapes, role)
+        if role == "data" and node["kind"] not in ("param", "buffer"):
+            batch = [w for w in found if w.out == "S0"]
+            return batch or found
+        return found
 
     def _costed(self, node, combo: tuple[Way, ...], placement, ins, in_shapes) -> OpStrategy:
         dev, pol, mesh = self.ctx.cluster.device, self.ctx.policy, self.mesh.shape

@@ -35,7 +35,8 @@ class GraphPrice:
     pinned: int  # block parameters whose placement the plan fixed
 
 
-def probe_graph(spec: ModelSpec, strategy: Strategy, source: dict | None = None) -> OpGraph:
+def probe_graph(spec: ModelSpec, strategy: Strategy, source: dict | None = None, *,
+                batch: int | None = None) -> OpGraph:
     """The module the plan runs, `PROBE_LAYERS` blocks deep (every block is the same), traced
     on the meta device at the plan's microbatch and its sequence over cp (a context-parallel
     rank's queries; `graph_price` widens attention to the whole sequence's keys)."""
@@ -46,14 +47,15 @@ def probe_graph(spec: ModelSpec, strategy: Strategy, source: dict | None = None)
     seq = (strategy.seq_len or spec.seq_len) // strategy.cp  # a context-parallel rank's share of the sequence
     probe = replace(spec, layers=min(PROBE_LAYERS, spec.layers), seq_len=seq)
     kind = (source or {}).get("kind")
+    batch = batch or strategy.microbatch_size
     if kind in ("hf", "py"):
         from planner.model_source import build_source_module
 
         module, inputs = build_source_module(source, spec, probe_layers=probe.layers)
         if kind == "hf":  # at the plan's microbatch and sequence
-            inputs = (torch.zeros(strategy.microbatch_size, seq, dtype=torch.long, device="meta"),)
+            inputs = (torch.zeros(batch, seq, dtype=torch.long, device="meta"),)
         return trace_module(module, inputs)
-    return trace_spec(probe, batch=strategy.microbatch_size)
+    return trace_spec(probe, batch=batch)
 
 
 def block_ops(graph: OpGraph) -> list[str]:

@@ -299,7 +299,7 @@ def run_search(req: SearchRequest, *, trace_graph=None, module_map=None) -> Sear
     if strategy.tp > 1:
         t0 = time.perf_counter()
         try:  # None: infeasible under its memory
-            solution = _solve_tp_axis(graph, spec, strategy, cluster, result, req.time_limit_s or 30)
+            solution = _solve_stage_mesh(graph, spec, strategy, cluster, result, req.time_limit_s or 30, req.source)
             ilp_status = solution.status if solution is not None else "infeasible"
         except IlpTimeout:
             ilp_status = "timed out"
@@ -318,6 +318,7 @@ def run_search(req: SearchRequest, *, trace_graph=None, module_map=None) -> Sear
         "ilp_solves": int(strategy.tp > 1),
         "ilp_infeasible": int(ilp_status == "infeasible"),
         "ilp_status": ilp_status,
+        "ilp_mesh": " x ".join(f"{n} {k}" for n, k in zip(solution.mesh.names, solution.mesh.shape)) if solution else "",
         "ilp_time_s": round(ilp_time, 3),
         "trace_s": round(trace_s, 3),
         "graph_pricing_time_s": round(graph_time, 3),
@@ -329,28 +330,36 @@ def run_search(req: SearchRequest, *, trace_graph=None, module_map=None) -> Sear
     return SearchResult(strategy=strategy, result=result, placements=placements, stats=stats, ilp=solution)
 
 
-def _solve_tp_axis(graph, spec: ModelSpec, s: Strategy, cluster: Cluster, result: StepResult,
-                   time_limit_s: float = 30) -> IntraOpSolution | None:
-    """The block's ILP on the tensor-parallel axis, with the memory one layer may use."""
-    ops = block_ops(graph)
-    mesh = LogicalMesh.on(cluster, (s.tp,), ("tp",), ("tensor",))
-    # Activations follow the strategy's recompute and sequence-parallel policies, which the
-    # simulator prices (Korthikanti); the ILP places the parameters in the memory they leave.
+def _solve_stage_mesh(graph, spec: ModelSpec, s: Strategy, cluster: Cluster, result: StepResult,
+                      time_limit_s: float = 30, source: dict | None = None) -> IntraOpSolution | None:
+    """The block's ILP on the stage's mesh, with the memory one layer may use. Under ZeRO-3
+    both axes are solved at once, (dp_shard, tp): the data axis splits the batch and the ILP
+    chooses which parameters FSDP shards on it, their states counted whole where replicated;
+    otherwise the tensor axis alone, the states per parameter as ZeRO leaves them."""
     layers_per_rank = max(math.ceil(spec.layers / s.pp), 1)
     worst = max(result.rank_memory_gib, key=lambda m: m["total"])
     left_gib = cluster.device.hbm_gib - worst["activations"] - worst["other"]
     budget = left_gib * GIB / layers_per_rank
-    pol = s.policy
-    shard = s.dp_shard * s.cp
-    per_param = sum(zero_model_state_bytes(1, shard, s.zero, param_bytes=pol.param_bytes,
-                                           grad_bytes=pol.grad_bytes, optimizer_bytes=pol.optimizer_bytes))
     if not budget > 0:
         return None
+    pol = s.policy
+    shard = s.dp_shard * s.cp
+    both = s.zero == 3 and shard > 1 and (source or {}).get("kind") != "py"
+    if both:  # the block at the whole data-parallel batch, split by the data axis
+        graph = probe_graph(spec, s, source, batch=s.microbatch_size * shard)
+        mesh = LogicalMesh.on(cluster, (shard, s.tp), ("dp_shard", "tp"), ("data", "tensor"))
+        per_param = pol.param_bytes + pol.grad_bytes + pol.optimizer_bytes
+    else:
+        mesh = LogicalMesh.on(cluster, (s.tp,), ("tp",), ("tensor",))
+        per_param = sum(zero_model_state_bytes(1, shard, s.zero, param_bytes=pol.param_bytes,
+                                               grad_bytes=pol.grad_bytes, optimizer_bytes=pol.optimizer_bytes))
+    # Activations follow the strategy's recompute and sequence-parallel policies, which the
+    # simulator prices (Korthikanti); the ILP places the parameters in the memory they leave.
     ctx = CostContext(cluster=cluster, policy=pol, num_microbatches=s.num_microbatches,
                       memory_budget_bytes=budget, activation_copies=0.0, state_bytes_per_param=per_param,
                       sequence_parallel=s.sequence_parallel)
     try:
-        return solve_block(graph, ops, mesh, ctx, time_limit_s=time_limit_s)
+        return solve_block(graph, block_ops(graph), mesh, ctx, time_limit_s=time_limit_s)
     except IlpTimeout:
         raise
     except ConfigError:
@@ -384,9 +393,11 @@ def _ilp_placements(s: Strategy, solution: IntraOpSolution, megatron: dict, mmap
     for name, placement in sorted(solution.parameter_placements().items()):
         parts = name.split(".")
         generic = ".".join("*" if p.isdigit() else p for p in parts)
-        axes = dict(placement)
+        axes = {k: v for k, v in placement.items() if k != "dp_shard"}
         if s.zero == 3 and s.dp_shard * s.cp > 1:
-            axes.setdefault("dp_shard", "Shard(0)")
+            # FSDP2 shards every parameter of a block on dim 0; the ILP's data-axis choice (which
+            # to shard, on which dim) prices the same bytes, and the runtime shards them all
+            axes["dp_shard"] = "Shard(0)"
         if axes:
             out[generic] = axes
     return dict(sorted(out.items()))

@@ -141,11 +141,11 @@ def test_impossible_budget_is_one_clear_error():
 def test_formulation_names_its_constraints():
     graph = trace_spec(SMALL, batch=8)
     c = load_cluster("a100-80g:8")
-    prob = IntraOpProblem(graph, _block(graph), LogicalMesh.on(c, (8,), ("dp",), ("data",)),
-                          CostContext(cluster=c, policy=BF16, memory_budget_bytes=GiB))
+    prob = IntraOpProblem(graph, _block(graph), LogicalMesh.on(c, (8,), ("tp",), ("tensor",)),
+                          CostContext(cluster=c, policy=BF16, memory_budget_bytes=GiB, sequence_parallel=True))
     prob.build()
     names = {c.name for c in prob.prob.constraints()} if callable(prob.prob.constraints) else set(prob.prob.constraints)
-    for family in ("one_hot_", "edge_out_", "edge_in_", "memory_step_", "fixed_", "chain_out_"):
+    for family in ("one_hot_", "edge_out_", "edge_in_", "transfer_", "memory_step_", "fixed_", "chain_out_"):
         assert any(n.startswith(family) for n in names), family
 
 
@@ -168,3 +168,26 @@ def test_explain_gives_the_real_cost_terms():
     terms = sol.cost_terms("linear", chosen)
     assert terms["resharding in"] > 0 and f"= {sum(terms.values()) * 1e3:.3f} ms" in text
     assert "runner-up" in text and f"compute {chosen.compute_s * 1e3:.3f} ms" in text
+
+
+def test_both_mesh_axes_in_one_solve_find_fsdp_and_megatron():
+    """gpt3-175b's block on (dp_shard 128, tp 8) in the memory one layer may hold: the data
+    axis splits the batch, the ILP shards the weights over it (FSDP) and splits them
+    Megatron's way over the tensor axis, in one solve."""
+    spec = gpt_spec("g", layers=2, hidden=12288, heads=96, seq_len=2048)
+    graph = trace_spec(spec, batch=6 * 128)
+    c = load_cluster("a100-80g:1024")
+    mesh = LogicalMesh.on(c, (128, 8), ("dp_shard", "tp"), ("data", "tensor"))
+    sol = solve_block(graph, _block(graph), mesh, CostContext(
+        cluster=c, policy=BF16, num_microbatches=2, memory_budget_bytes=0.3 * GiB, state_bytes_per_param=16,
+        activation_copies=0.0, sequence_parallel=True))
+    p = sol.parameter_placements()
+    for name, tp in (("wq", "Shard(0)"), ("wo", "Shard(1)"), ("w1", "Shard(0)"), ("w2", "Shard(1)")):
+        module = "attention" if name.startswith("w") and name[1] in "qo" else "feed_forward"
+        axes = p[f"layers.0.{module}.{name}.weight"]
+        assert axes["tp"] == tp and axes["dp_shard"].startswith("Shard(")
+    assert all(not v for k, v in p.items() if "norm" in k)  # small: replicated on both axes
+    # replicated weights would hold 16 bytes a parameter of 1.8B / 8 per layer: over the budget
+    unsharded = _solve(graph, _block(graph), "a100-80g:1024", (128, 8), ("dp_shard", "tp"), ("data", "tensor"),
+                       m=2, sequence_parallel=True)
+    assert all("dp_shard" not in v for v in unsharded.parameter_placements().values())  # no pressure: DDP
