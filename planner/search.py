@@ -224,11 +224,11 @@ def _partition(spec: ModelSpec, s: Strategy, cluster: Cluster) -> Strategy:
     return s.replace(stage_layers=part.layers) if part else s
 
 
-def run_search(req: SearchRequest, *, trace_graph=None, module_map=None) -> SearchResult:
+def run_search(req: SearchRequest, *, module_map=None) -> SearchResult:
     """The fastest plan that fits: every candidate estimated, the best simulated in full, the
-    block's ILP solved for the chosen one. `trace_graph`: the user's module traced (its ILP
-    names its parameters); `module_map`: the module `paraplan run` will build (None:
-    paraplan's own Transformer), whose names the placements take."""
+    block's ILP solved for the chosen one on the module `paraplan run` builds (traced at the
+    plan's microbatch: `req.source`), and the step priced again on its graph. `module_map`:
+    that module's map (None: paraplan's own Transformer), whose names the placements take."""
     t_start = time.perf_counter()
     spec, cluster = req.spec, req.cluster
     rejected: list[str] = []
@@ -293,8 +293,8 @@ def run_search(req: SearchRequest, *, trace_graph=None, module_map=None) -> Sear
     # the block's graph under the placements it will carry
     solution, ilp_time = None, 0.0
     t0 = time.perf_counter()
-    graph = trace_graph if trace_graph is not None else probe_graph(spec, strategy, req.source)
-    trace_s = 0.0 if trace_graph is not None else time.perf_counter() - t0
+    graph = probe_graph(spec, strategy, req.source)  # the module `run` builds, at the plan's microbatch
+    trace_s = time.perf_counter() - t0
     ilp_status = "none (tp 1)"
     if strategy.tp > 1:
         t0 = time.perf_counter()
@@ -323,7 +323,7 @@ def run_search(req: SearchRequest, *, trace_graph=None, module_map=None) -> Sear
         "trace_s": round(trace_s, 3),
         "graph_pricing_time_s": round(graph_time, 3),
         "priced": "graph",
-        "formula_step_time_s": round(formula_s, 6),
+        "formula_step_s": round(formula_s, 6),
         "timed_out": timed_out,
         "placements": source,
     }

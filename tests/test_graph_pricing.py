@@ -133,3 +133,26 @@ def test_context_parallel_block_is_one_ranks_share_of_the_sequence(cp):
     formula = simulate(build_step(spec, s, cl), record_events=False)
     graph = simulate(build_step(spec, s, cl, priced.block), record_events=False)
     assert graph.step_time_s == pytest.approx(formula.step_time_s, rel=0.03)
+
+
+def test_hf_llama_given_as_py_is_planned_and_priced_as_it_runs(tmp_path):
+    """Was: a Hugging Face LlamaForCausalLM (70B shape, GQA) given as py: was planned with
+    q/k/v split on their input width and one norm sharded, while the prediction priced
+    Megatron's layout. Now the placements are the module's own linears split column/row, its
+    norms whole, and the prediction is the price of those placements on its graph."""
+    pytest.importorskip("transformers")
+    target = tmp_path / "plan.yaml"
+    out = paraplan("plan", "--model", "py:user_model:hf_llama_70b_shape", "--cluster", "a100-80g:16",
+                   "--global-batch", "64", "--tp", "4", "--no-timing", "-o", str(target), "--json")
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)["plan"]
+    placements = plan["placements"]
+    for name in ("q_proj", "k_proj", "v_proj"):
+        assert placements[f"model.layers.*.self_attn.{name}.weight"]["tp"] == "Shard(0)"
+    assert placements["model.layers.*.self_attn.o_proj.weight"]["tp"] == "Shard(1)"
+    assert placements["model.layers.*.mlp.down_proj.weight"]["tp"] == "Shard(1)"
+    assert not any("tp" in v for k, v in placements.items() if "layernorm" in k)
+    assert plan["search"]["priced"] == "graph"
+    assert plan["predicted"]["step_time_s"] == pytest.approx(plan["search"]["formula_step_s"], rel=0.03)
+    again = json.loads(paraplan("simulate", "--plan", str(target), "--json").stdout)
+    assert again["predicted"] == plan["predicted"]

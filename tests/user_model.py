@@ -190,3 +190,15 @@ def mlp_stack():
 
 def mlp_stack_without_inputs():
     return _MLPStack(64, 2)
+
+
+def hf_llama_70b_shape():
+    """transformers' LlamaForCausalLM with Llama-2-70B's layer (hidden 8192, 64 heads, 8 KV
+    heads, ffn 28672), four layers deep, given as a py: module with its token inputs."""
+    import torch
+    import transformers
+
+    config = transformers.LlamaConfig(hidden_size=8192, intermediate_size=28672, num_attention_heads=64,
+                                      num_key_value_heads=8, num_hidden_layers=4, vocab_size=32000,
+                                      max_position_embeddings=4096)
+    return transformers.LlamaForCausalLM(config), (torch.zeros(1, 4096, dtype=torch.long),)

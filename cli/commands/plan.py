@@ -49,7 +49,7 @@ def run_plan(args: argparse.Namespace) -> int:
     if args.time_limit is not None and args.time_limit <= 0:
         raise ConfigError(f"--time-limit must be positive seconds, got {args.time_limit}")
     try:
-        spec, graph = load_model(args.model)
+        spec, _ = load_model(args.model)
     except NotADecoder:
         return run_graph_plan(args)
     source, module_map, note = source_and_map(args.model, spec)
@@ -63,7 +63,7 @@ def run_plan(args: argparse.Namespace) -> int:
         fixed.setdefault("schedule", "interleaved")
     req = SearchRequest(spec=spec, cluster=cluster, global_batch=args.global_batch, fixed=fixed,
                         time_limit_s=args.time_limit, progress=sys.stderr.isatty() and not args.json, source=source)
-    found = run_search(req, trace_graph=graph, module_map=module_map)
+    found = run_search(req, module_map=module_map)
     stats = dict(found.stats)
     if args.no_timing:
         for key in [k for k in stats if k.endswith("time_s") or k == "trace_s"]:
