@@ -307,8 +307,12 @@ def run_search(req: SearchRequest, *, module_map=None) -> SearchResult:
     placements, source = placements_for(spec, strategy, solution, module_map)
     t0 = time.perf_counter()
     formula_s = result.step_time_s
-    priced = graph_price(spec, strategy, cluster, placements, graph=graph, time_limit_s=req.time_limit_s or 30)
-    result = simulate(build_step(spec, strategy, cluster, priced.block), record_events=False)
+    try:
+        priced = graph_price(spec, strategy, cluster, placements, graph=graph, time_limit_s=req.time_limit_s or 30)
+        result = simulate(build_step(spec, strategy, cluster, priced.block), record_events=False)
+        priced_by = "graph"
+    except ConfigError as exc:  # the formulas' price stands, and the plan says why
+        priced_by = f"formula (the graph could not be priced: {exc})"
     graph_time = time.perf_counter() - t0
     stats = {
         "time_s": round(time.perf_counter() - t_start, 3),
@@ -322,7 +326,7 @@ def run_search(req: SearchRequest, *, module_map=None) -> SearchResult:
         "ilp_time_s": round(ilp_time, 3),
         "trace_s": round(trace_s, 3),
         "graph_pricing_time_s": round(graph_time, 3),
-        "priced": "graph",
+        "priced": priced_by,
         "formula_step_s": round(formula_s, 6),
         "timed_out": timed_out,
         "placements": source,
