@@ -40,7 +40,7 @@ from costmodel.step import overlap_s, step_cluster
 from costmodel.strategy import Precision, PrecisionPolicy, Strategy
 from planner.graph_cost import price_block
 from planner.intra_op import CostContext, IntraOpSolution, LogicalMesh, solve_block
-from planner.pricing import block_ops
+from planner.pricing import at_batch, block_ops
 from planner.trace import OpGraph, trace_module
 
 MAX_MICROBATCH = 8
@@ -68,12 +68,6 @@ class GraphPlan:
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def _at_batch(inputs: tuple, batch: int) -> tuple:
-    """The example inputs with dim 0 (the batch) set to `batch`, on the meta device."""
-    return tuple(torch.zeros((batch, *x.shape[1:]), dtype=x.dtype, device="meta") if isinstance(x, torch.Tensor)
-                 else x for x in inputs)
 
 
 def _outside_s(graph: OpGraph, cluster: Cluster, pol: PrecisionPolicy) -> tuple[float, int]:
@@ -112,7 +106,7 @@ def plan_graph(module: torch.nn.Module, inputs: tuple, cluster: Cluster, global_
 
     def graph_at(batch: int) -> OpGraph:
         if batch not in graphs:
-            graphs[batch] = trace_module(module, _at_batch(inputs, batch))
+            graphs[batch] = trace_module(module, tuple(at_batch(x, batch) for x in inputs))
         return graphs[batch]
 
     base = graph_at(inputs[0].shape[0])

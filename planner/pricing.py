@@ -55,19 +55,19 @@ def probe_graph(spec: ModelSpec, strategy: Strategy, source: dict | None = None,
         if kind == "hf":  # at the plan's microbatch and sequence
             inputs = (torch.zeros(batch, seq, dtype=torch.long, device="meta"),)
         else:  # the user's example inputs at the plan's microbatch (dim 0); token ids at its sequence
-            inputs = tuple(_at(x, batch, seq) for x in inputs)
+            inputs = tuple(at_batch(x, batch, seq) for x in inputs)
         return trace_module(module, inputs)
     return trace_spec(probe, batch=batch)
 
 
-def _at(x, batch: int, seq: int):
+def at_batch(x, batch: int, seq: int | None = None):
     """An example input at `batch` rows (and, for token ids (b, s), `seq` tokens), on meta."""
     import torch
 
     if not isinstance(x, torch.Tensor) or x.dim() == 0:
         return x
     shape = (batch, *x.shape[1:])
-    if x.dim() == 2 and not x.dtype.is_floating_point:
+    if seq is not None and x.dim() == 2 and not x.dtype.is_floating_point:
         shape = (batch, seq)
     return torch.zeros(shape, dtype=x.dtype, device="meta")
 
