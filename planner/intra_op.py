@@ -544,8 +544,13 @@ class IntraOpProblem:
         allowed = {op: [s for s in self.strategies[op] if self._allowed(op, s)] for op in self.order}
         if any(not v for v in allowed.values()):
             op = next(o for o, v in allowed.items() if not v)
-            raise ConfigError(f"no strategy of op {op} ({self.nodes[op]['op']}) is allowed on mesh {self.mesh.shape}; "
-                              "the pinned placement does not divide the tensor")
+            node = self.nodes[op]
+            if node["kind"] == "param" and node["param"] in self.ctx.pinned:
+                raise ConfigError(f"placement {', '.join(to_dtensor(p) for p in self.ctx.pinned[node['param']])} of {node['param']} does not fit "
+                                  f"its shape {tuple(node['shape'])} on mesh {self.mesh.shape}; shard a dimension the "
+                                  "mesh divides (Shard(0) or Shard(1) for a linear's weight) or replicate it")
+            raise ConfigError(f"no strategy of op {op} ({node['op']}) is allowed on mesh {self.mesh.shape} under the "
+                              "pinned placements; re-plan, or pin placements its inputs allow")
         if all(len(v) == 1 for v in allowed.values()):  # every op fixed: nothing to solve
             choice = {op: v[0] for op, v in allowed.items()}
             return self._solution(choice, 0.0, time.perf_counter() - t0, "fixed")

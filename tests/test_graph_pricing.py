@@ -156,3 +156,13 @@ def test_hf_llama_given_as_py_is_planned_and_priced_as_it_runs(tmp_path):
     assert plan["predicted"]["step_time_s"] == pytest.approx(plan["search"]["formula_step_s"], rel=0.03)
     again = json.loads(paraplan("simulate", "--plan", str(target), "--json").stdout)
     assert again["predicted"] == plan["predicted"]
+
+
+def test_a_placement_that_does_not_fit_is_named_in_one_line():
+    from costmodel import ConfigError
+
+    spec = ZOO["tiny-llama"]
+    s = Strategy(tp=2, dp=1, global_batch=2)
+    bad = {**megatron_placements(spec, s), "layers.*.attention.wq.weight": {"tp": "Shard(5)"}}
+    with pytest.raises(ConfigError, match=r"placement Shard\(5\) of layers\.0\.attention\.wq\.weight does not fit"):
+        price_step(spec, s, load_cluster("cpu:2"), bad)
