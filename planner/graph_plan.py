@@ -41,9 +41,9 @@ from costmodel.strategy import Precision, PrecisionPolicy, Strategy
 from planner.graph_cost import price_block
 from planner.intra_op import CostContext, IntraOpSolution, LogicalMesh, solve_block
 from planner.pricing import at_batch, block_ops
+from planner.search import MAX_MICROBATCH, divisors
 from planner.trace import OpGraph, trace_module
 
-MAX_MICROBATCH = 8
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -64,10 +64,6 @@ class GraphPlan:
     def __post_init__(self) -> None:
         if self.tp < 1 or self.dp < 1 or self.microbatch_size < 1:
             raise ConfigError("a graph plan's tp, dp and microbatch size are positive")
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def _outside_s(graph: OpGraph, cluster: Cluster, pol: PrecisionPolicy) -> tuple[float, int]:
@@ -126,7 +122,7 @@ def plan_graph(module: torch.nn.Module, inputs: tuple, cluster: Cluster, global_
             continue
         per_replica = global_batch // dp
         mbss = [fixed["microbatch_size"]] if "microbatch_size" in fixed else [
-            b for b in _divisors(per_replica) if b <= MAX_MICROBATCH]
+            b for b in divisors(per_replica) if b <= MAX_MICROBATCH]
         zeros = [fixed["zero"]] if "zero" in fixed else ([0, 3] if dp > 1 else [0])
         combos += [(tp, dp, z, b) for z, b in itertools.product(zeros, mbss) if per_replica % b == 0]
     if not combos:

@@ -11,7 +11,6 @@ stay on the formulas, which price Megatron's vocab-parallel ends as the runtime 
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, replace
 
 from costmodel.cluster import Cluster
@@ -22,6 +21,7 @@ from costmodel.step import step_cluster
 from costmodel.strategy import Strategy
 from planner.graph_cost import price_block
 from planner.intra_op import CostContext, IntraOpSolution, LogicalMesh, solve_block
+from planner.module_map import placement_of
 from planner.sharding import shard
 from planner.trace import OpGraph
 
@@ -81,9 +81,10 @@ def block_ops(graph: OpGraph) -> list[str]:
     return [n for n in graph.blocks[key] if graph.node(n)["kind"] not in ("param", "buffer")]
 
 
-def tensor_placement(axes: dict[str, str] | None) -> str:
-    """A plan's placement of one parameter on the tensor-parallel axis, in the ILP's form."""
-    p = (axes or {}).get("tp", "Replicate()")
+def tensor_placement(p: str | None) -> str:
+    """A plan's placement of one parameter on the tensor-parallel axis (None: not split), in
+    the ILP's form."""
+    p = p or "Replicate()"
     if p.startswith("Shard("):
         return shard(int(p[len("Shard("):-1]))
     if p == "Replicate()":
@@ -93,18 +94,15 @@ def tensor_placement(axes: dict[str, str] | None) -> str:
 
 def pinned_placements(graph: OpGraph, ops: list[str], placements: dict[str, dict[str, str]]) -> dict[str, tuple[str, ...]]:
     """The block's parameters -> their tensor-axis placement under the plan's `placements`
-    (keys may name layers by glob, `layers.*.attention.wq.weight`)."""
+    (keys may name layers by glob, `layers.*.attention.wq.weight`), read as the contract reads
+    them (`module_map.placement_of`)."""
     pinned = {}
     for op in ops:
         for u in graph.graph.predecessors(op):
             node = graph.node(u)
             if node["kind"] != "param" or node["param"] in pinned:
                 continue
-            name = node["param"]
-            axes = placements.get(name)
-            if axes is None:
-                axes = next((v for k, v in placements.items() if "*" in k and fnmatch.fnmatchcase(name, k)), None)
-            pinned[name] = (tensor_placement(axes),)
+            pinned[node["param"]] = (tensor_placement(placement_of(placements, node["param"])),)
     return pinned
 
 

@@ -66,7 +66,7 @@ class SearchResult:
     ilp: IntraOpSolution | None = None
 
 
-def _divisors(n: int) -> list[int]:
+def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
@@ -90,7 +90,7 @@ def enumerate_candidates(req: SearchRequest, rejected: list[str] | None = None) 
                             "use degrees that divide the GPU count")
             continue
         rest = world // (tp * cp)
-        pps = [fixed["pp"]] if "pp" in fixed else [p for p in _divisors(rest) if p <= min(spec.layers, 128)]
+        pps = [fixed["pp"]] if "pp" in fixed else [p for p in divisors(rest) if p <= min(spec.layers, 128)]
         if not pps:
             rejected.append(f"{world} GPUs: every pipeline depth that divides {rest} exceeds {spec.name}'s "
                             f"{spec.layers} layers, and dp or tp cannot take the rest; use another GPU count")
@@ -110,7 +110,7 @@ def enumerate_candidates(req: SearchRequest, rejected: list[str] | None = None) 
                 continue
             per_replica = req.global_batch // dp
             mbss = [fixed["microbatch_size"]] if "microbatch_size" in fixed else [
-                b for b in _divisors(per_replica) if b <= MAX_MICROBATCH]
+                b for b in divisors(per_replica) if b <= MAX_MICROBATCH]
             zeros = [fixed["zero"]] if "zero" in fixed else ([0, 1, 2, 3] if dp * cp > 1 else [0])
             for zero, rc, mbs in itertools.product(zeros, _recomputes(fixed), mbss):
                 groups = [fixed["shard_group"]] if "shard_group" in fixed else _shard_groups(zero, dp, tp * cp, per_node)
