@@ -12,15 +12,26 @@ from costmodel.spec import ModelSpec
 from costmodel.strategy import Recompute
 
 
-def layer_matmul_weights(spec: ModelSpec) -> int:
-    h, f = spec.hidden, spec.ffn_hidden
-    mlp = (3 if spec.gated else 2) * h * f
-    return 2 * h * spec.q_dim + 2 * h * spec.kv_dim + mlp
+def layer_matmul_weights(spec: ModelSpec) -> float:
+    """Matmul weights one token runs through in one layer, the mean over the layers: under a
+    mixture of experts the router, its experts_per_token routed experts and the shared ones."""
+    h = spec.hidden
+    ffn = 3 if spec.gated else 2
+    attention = sum(a * b for a, b in spec.attention_weight_shapes())
+    dense = ffn * h * spec.ffn_hidden
+    if not spec.moe:
+        return attention + dense
+    sparse = (h * spec.experts + ffn * h * (spec.experts_per_token * spec.expert_ffn_hidden
+                                            + spec.shared_expert_ffn_hidden))
+    moe_share = spec.moe_layers / spec.layers
+    return attention + moe_share * sparse + (1 - moe_share) * dense
 
 
 def forward_flops_per_token(spec: ModelSpec, seq: int) -> tuple[float, float, float]:
-    """(matmul FLOPs of one layer, attention FLOPs of one layer, logits FLOPs) per token."""
-    return 2.0 * layer_matmul_weights(spec), 4.0 * seq * spec.q_dim, 2.0 * spec.hidden * spec.vocab
+    """(matmul FLOPs of one layer, attention FLOPs of one layer, logits FLOPs) per token. The
+    attention's QK^T runs over query/key heads of head_dim, its AV over value heads of
+    v_head_dim (the two differ under multi-head latent attention)."""
+    return 2.0 * layer_matmul_weights(spec), 2.0 * seq * (spec.q_dim + spec.o_dim), 2.0 * spec.hidden * spec.vocab
 
 
 def model_flops_per_step(spec: ModelSpec, tokens: int, seq: int) -> float:

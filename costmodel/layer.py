@@ -18,6 +18,7 @@ from costmodel.cluster import Cluster
 from costmodel.ops import attention_s, gemm_s
 from costmodel.collectives import all_gather_s, all_reduce_s, reduce_scatter_s, send_recv_s
 from costmodel.errors import ConfigError
+from costmodel.moe import ExpertLayout, expert_layout, moe_cost
 from costmodel.network import Group
 from costmodel.spec import ModelSpec, Norm, Position
 from costmodel.strategy import Recompute, Strategy
@@ -32,10 +33,11 @@ class Part:
     tp_comm: float = 0.0
     cp_comm: float = 0.0
     exposed_comm: float = 0.0  # data-parallel / FSDP traffic the compute did not hide
+    ep_comm: float = 0.0  # expert-parallel all-to-alls (dispatch, combine), on the critical path
 
     @property
     def total(self) -> float:
-        return self.compute + self.recompute + self.tp_comm + self.cp_comm + self.exposed_comm
+        return self.compute + self.recompute + self.tp_comm + self.cp_comm + self.exposed_comm + self.ep_comm
 
     def __add__(self, other: "Part") -> "Part":
         return Part(
@@ -44,12 +46,13 @@ class Part:
             tp_comm=self.tp_comm + other.tp_comm,
             cp_comm=self.cp_comm + other.cp_comm,
             exposed_comm=self.exposed_comm + other.exposed_comm,
+            ep_comm=self.ep_comm + other.ep_comm,
         )
 
     def scaled(self, k: float) -> "Part":
         return Part(
             compute=self.compute * k, recompute=self.recompute * k, tp_comm=self.tp_comm * k,
-            cp_comm=self.cp_comm * k, exposed_comm=self.exposed_comm * k,
+            cp_comm=self.cp_comm * k, exposed_comm=self.exposed_comm * k, ep_comm=self.ep_comm * k,
         )
 
 
@@ -62,6 +65,11 @@ class LayerCost:
     wgrad_s: float  # weight-gradient GEMM time inside the backward (overlap budget)
     params: int  # trained parameters of the layer on one tp rank (all of them; LoRA: the adapters)
     frozen_bytes: float = 0.0  # bytes of frozen weights on one tp rank (LoRA's base)
+    # a mixture of experts, the mean over the layers: routed-expert parameters on one GPU (not
+    # in `params`; sharded and reduced over the expert data-parallel ranks), all-to-alls per pass
+    expert_params: float = 0.0
+    all_to_alls: float = 0.0
+    imbalance: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +81,7 @@ class _Shape:
     s_kv: int  # keys each query may attend to (whole sequence)
     h: int
     q: int  # query width per tp rank
+    o: int  # attention output width per tp rank (heads x v_head_dim)
     kv: int  # K (or V) width per tp rank
     f: int  # ffn width per tp rank
     heads: int  # attention heads per tp rank
@@ -89,7 +98,7 @@ def _shape(spec: ModelSpec, strategy: Strategy) -> _Shape:
     return _Shape(
         tokens=tokens,
         rows=tokens // tp if strategy.sequence_parallel else tokens,
-        b=b, s=s, s_kv=seq, h=spec.hidden, q=spec.q_dim // tp, kv=kv_heads_local * spec.head_dim,
+        b=b, s=s, s_kv=seq, h=spec.hidden, q=spec.q_dim // tp, o=spec.o_dim // tp, kv=kv_heads_local * spec.head_dim,
         f=spec.ffn_hidden // tp, heads=spec.heads // tp, e=strategy.policy.activation_bytes,
     )
 
@@ -98,8 +107,9 @@ def _attention_core(spec: ModelSpec, strategy: Strategy, cluster: Cluster, sh: _
     """(forward, backward) seconds of softmax(QK^T)V for one microbatch."""
     dev, dtype, e = cluster.device, strategy.policy.compute_dtype, sh.e
     if strategy.flash_attention:
-        return attention_s(dev, dtype, tokens=sh.tokens, s_kv=sh.s_kv, q_width=sh.q, kv_width=sh.kv, batch=sh.b,
-                           bytes_per_value=e, causal=True)
+        # QK^T over head_dim, AV over v_head_dim: the mean width gives both GEMMs' FLOPs
+        return attention_s(dev, dtype, tokens=sh.tokens, s_kv=sh.s_kv, q_width=(sh.q + sh.o) / 2, kv_width=sh.kv,
+                           batch=sh.b, bytes_per_value=e, causal=True)
     scores = sh.b * sh.heads * sh.s * sh.s_kv  # (b, heads, s, s_kv) values per tp rank
     bmm = dev.gemm_s(2.0 * sh.tokens * sh.s_kv * sh.q, e * (2 * sh.tokens * sh.q + scores), dtype)
     mask_bytes = 1 if spec.dropout else 0
@@ -142,18 +152,28 @@ def block_price(spec: ModelSpec, strategy: Strategy, cluster: Cluster, tp_group:
     dev, dtype = cluster.device, strategy.policy.compute_dtype
     sh = _shape(spec, strategy)
     T, e, h = sh.tokens, sh.e, sh.h
-    qkv = gemm_s(dev, dtype, T, h, sh.q + 2 * sh.kv, e)
-    proj = gemm_s(dev, dtype, T, sh.q, h, e)
+    if spec.latent_attention:
+        # Megatron's MLA: the down projections (to the latents) replicated, the up projections
+        # column-parallel, the output row-parallel
+        tp = strategy.tp
+        latents = {spec.q_lora_rank, spec.kv_lora_rank + spec.qk_rope_head_dim}
+        qkv = sum(gemm_s(dev, dtype, T, a, b if b in latents else b // tp, e)
+                  for a, b in spec.attention_weight_shapes()[:-1])
+        proj = gemm_s(dev, dtype, T, sh.o, h, e)
+    else:
+        qkv = gemm_s(dev, dtype, T, h, sh.q + 2 * sh.kv, e)
+        proj = gemm_s(dev, dtype, T, sh.q, h, e)
     up_width = 2 * sh.f if spec.gated else sh.f
-    fc1 = gemm_s(dev, dtype, T, h, up_width, e)
-    fc2 = gemm_s(dev, dtype, T, sh.f, h, e)
+    dense_share = 1.0 - spec.moe_layers / spec.layers if spec.moe else 1.0  # a MoE layer's MLP: costmodel.moe
+    fc1 = dense_share * gemm_s(dev, dtype, T, h, up_width, e)
+    fc2 = dense_share * gemm_s(dev, dtype, T, sh.f, h, e)
     attn_f, attn_b = _attention_core(spec, strategy, cluster, sh)
     rt = cluster.cost_runtime
     row_bytes = sh.rows * h * e
     norm_traffic = rt.rmsnorm_traffic if spec.norm is Norm.RMSNORM else 1.0
     elementwise = 2 * 2 * row_bytes * norm_traffic  # two norms: read + write
     elementwise += 2 * 3 * row_bytes  # two fused bias-dropout-residual adds: two reads, one write
-    elementwise += (3 if spec.gated else 2) * T * sh.f * e  # activation
+    elementwise += dense_share * (3 if spec.gated else 2) * T * sh.f * e  # activation
     if spec.position is Position.ROPE:
         elementwise += 2 * T * (sh.q + sh.kv) * e * rt.rope_traffic
     if rt.gqa_repeat and sh.kv < sh.q:  # K and V copied out to every query head
@@ -172,9 +192,11 @@ def block_price(spec: ModelSpec, strategy: Strategy, cluster: Cluster, tp_group:
 
 
 def layer_cost(spec: ModelSpec, strategy: Strategy, cluster: Cluster, tp_group: Group, cp_group: Group,
-               price: BlockPrice | None = None) -> LayerCost:
+               price: BlockPrice | None = None, experts: ExpertLayout | None = None) -> LayerCost:
     """One layer: the block's operators (`price`, the formulas' when None) with the runtime's
-    host time and weight casts, LoRA's adapters, context parallelism and recomputation."""
+    host time and weight casts, LoRA's adapters, context parallelism and recomputation; under
+    a mixture of experts the mean layer, its sparse MLPs priced by `costmodel.moe` on the
+    expert layout (`experts`, the strategy's on `cluster` when None)."""
     dev, dtype = cluster.device, strategy.policy.compute_dtype
     sh = _shape(spec, strategy)
     T, e = sh.tokens, sh.e
@@ -201,6 +223,20 @@ def layer_cost(spec: ModelSpec, strategy: Strategy, cluster: Cluster, tp_group: 
         bwd_compute = 2 * gemms + attn_b + 2 * elem_f + host_b
         wgrad = gemms
     tp_f, tp_b = price.tp_forward_s, price.tp_backward_s
+    ep_f = ep_b = 0.0
+    expert_params, calls, imbalance = 0.0, 0.0, 1.0
+    if spec.moe:
+        share = spec.moe_layers / spec.layers
+        layout = experts or expert_layout(spec, strategy, cluster)
+        sparse = moe_cost(spec, device=dev, dtype=dtype, bytes_per_value=e, batch=sh.b, seq_local=sh.s,
+                          tp=strategy.tp, layout=layout)
+        fwd_compute += share * sparse.forward_s
+        bwd_compute += share * sparse.backward_s
+        wgrad += share * sparse.wgrad_s
+        ep_f, ep_b = share * sparse.all_to_all_forward_s, share * sparse.all_to_all_backward_s
+        expert_params, calls, imbalance = share * sparse.expert_params, share * sparse.all_to_alls_per_pass, sparse.imbalance
+        fwd_compute += dev.memory_s(cast_f * expert_params)  # the experts' weights cast at use, gradients back
+        bwd_compute += dev.memory_s(cast_b * expert_params)
     # -- context parallel: ring exchange of K and V, overlapped with the attention blocks
     cp_f = cp_b = 0.0
     if cp_group.size > 1:
@@ -211,8 +247,9 @@ def layer_cost(spec: ModelSpec, strategy: Strategy, cluster: Cluster, tp_group: 
         cp_b = max(0.0, 2 * ring_f - attn_b)  # K, V forward again and dK, dV back
     # -- recomputation before the backward
     recompute = Recompute(strategy.recompute)
+    re_ep = 0.0
     if recompute is Recompute.FULL:
-        re_compute, re_tp = fwd_compute, tp_f
+        re_compute, re_tp, re_ep = fwd_compute, tp_f, ep_f
     elif recompute is Recompute.SELECTIVE and rt.selective_recompute == "save-matmuls":
         re_compute, re_tp = elem_f, 0.0  # op-level: the memory-bound ops run again, matmuls and attention do not
     elif recompute is Recompute.SELECTIVE and not strategy.flash_attention:
@@ -224,11 +261,15 @@ def layer_cost(spec: ModelSpec, strategy: Strategy, cluster: Cluster, tp_group: 
         frozen = lora.frozen_layer_bytes(spec, strategy.tp, strategy.base_precision, strategy.policy.param_bytes)
         params = lora.adapter_params_per_tp_rank(spec, strategy.lora_targets, strategy.lora_rank, strategy.tp)
     return LayerCost(
-        forward=Part(compute=fwd_compute, tp_comm=tp_f, cp_comm=cp_f),
-        backward=Part(compute=bwd_compute, recompute=re_compute, tp_comm=tp_b + re_tp, cp_comm=cp_b),
+        forward=Part(compute=fwd_compute, tp_comm=tp_f, cp_comm=cp_f, ep_comm=ep_f),
+        backward=Part(compute=bwd_compute, recompute=re_compute, tp_comm=tp_b + re_tp, cp_comm=cp_b,
+                      ep_comm=ep_b + re_ep),
         wgrad_s=wgrad,
         params=params,
         frozen_bytes=frozen,
+        expert_params=expert_params,
+        all_to_alls=calls,
+        imbalance=imbalance,
     )
 
 
@@ -246,12 +287,17 @@ def tp_collectives_per_layer(strategy: Strategy) -> dict[str, dict[str, int]]:
 
 
 def _params_per_tp_rank(spec: ModelSpec, tp: int) -> int:
-    """Layer parameters on one tp rank: matmul weights split, norms replicated (K/V replicated
-    when tp exceeds kv_heads)."""
+    """Layer parameters on one tp rank, routed experts left out (a mixture of experts: the
+    mean over the layers): matmul weights split, norms and the router replicated (K/V
+    replicated when tp exceeds kv_heads)."""
     kv_repeat = max(tp // spec.kv_heads, 1)
     norms = 2 * spec.norm_params
-    sharded = spec.layer_params - norms + 2 * spec.hidden * spec.kv_dim * (kv_repeat - 1)
-    return sharded // tp + norms
+    attention = spec.attention_params + 2 * spec.hidden * spec.kv_dim * (kv_repeat - 1)
+    if not spec.moe:
+        return (attention + spec.mlp_params) // tp + norms
+    share = spec.moe_layers / spec.layers
+    mlp = (1 - share) * spec.mlp_params / tp + share * (spec.router_params + spec.shared_expert_params / tp)
+    return int(attention / tp + mlp + norms)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -23,8 +23,36 @@ covers GQA (narrower K and V), SwiGLU (three ffn-wide tensors), no dropout, Flas
 
 from __future__ import annotations
 
+from costmodel.moe import rank_imbalance
 from costmodel.spec import ModelSpec
 from costmodel.strategy import Recompute
+
+
+def moe_mlp_activation_bytes(spec: ModelSpec, *, seq: int, batch: int, tp: int, ep: int, expert_tp: int,
+                             bytes_per_value: int = 2) -> float:
+    """Bytes the sparse MLP of one MoE layer keeps for its backward on the busiest GPU: the
+    router's fp32 logits, the dispatched token copies, the experts' up-projection and
+    activation outputs, the copies before the combine; the shared experts like a dense MLP.
+    With tp > 1 the layer runs sequence parallel (b s / tp tokens per rank; an expert split
+    over etp ranks sees its tp group's gathered copies at 1/etp of the width)."""
+    e, h = bytes_per_value, spec.hidden
+    etp = expert_tp or tp
+    t = seq * batch / tp
+    copies = t * spec.experts_per_token * etp * rank_imbalance(spec.experts, ep)
+    fe = spec.expert_ffn_hidden / etp
+    up = (2 if spec.gated else 1) * fe
+    routed = copies * e * (2 * h + up + fe)
+    shared = seq * batch * (3 if spec.gated else 2) * e * spec.shared_expert_ffn_hidden / tp
+    return t * spec.experts * 4 + routed + shared
+
+
+def _mlp_bytes(spec: ModelSpec, dense: float, *, seq: int, batch: int, tp: int, ep: int, expert_tp: int, e: int) -> float:
+    """A layer's MLP activations, the mean over the layers of a mixture of experts."""
+    if not spec.moe:
+        return dense
+    share = spec.moe_layers / spec.layers
+    sparse = moe_mlp_activation_bytes(spec, seq=seq, batch=batch, tp=tp, ep=ep, expert_tp=expert_tp, bytes_per_value=e)
+    return (1 - share) * dense + share * sparse
 
 
 def zero_model_state_bytes(
@@ -47,8 +75,11 @@ def layer_activation_bytes(
     recompute: Recompute,
     flash_attention: bool,
     bytes_per_value: int = 2,
+    ep: int = 1,
+    expert_tp: int = 0,
 ) -> float:
-    """Bytes one transformer layer keeps from its forward to its backward, per GPU."""
+    """Bytes one transformer layer keeps from its forward to its backward, per GPU (a mixture
+    of experts: the mean layer)."""
     s, b, h, a = seq, batch, spec.hidden, spec.heads
     e = bytes_per_value
     sp_div = tp if sequence_parallel else 1
@@ -62,8 +93,9 @@ def layer_activation_bytes(
     replicated = s * b * h * (4 * e + 2 * mask)
     # split over tp: Q, K, V, the attention output; the MLP's ffn-wide tensors
     ffn_tensors = 3 if spec.gated else 2
-    q = spec.q_dim
-    sharded = s * b * (e * q + 2 * e * kv + e * q + ffn_tensors * e * f)
+    q, o = spec.q_dim, spec.o_dim
+    mlp = _mlp_bytes(spec, s * b * ffn_tensors * e * f / tp, seq=s, batch=b, tp=tp, ep=ep, expert_tp=expert_tp, e=e)
+    sharded = s * b * (e * q + 2 * e * kv + e * o) + mlp * tp
     # the s x s tensors: softmax output, and with dropout its mask and output
     scores = 0.0
     if not flash_attention and recompute is Recompute.NONE:
@@ -72,7 +104,7 @@ def layer_activation_bytes(
 
 
 def saved_matmul_outputs_bytes(spec: ModelSpec, *, seq: int, batch: int, tp: int, sequence_parallel: bool,
-                               bytes_per_value: int = 2) -> float:
+                               bytes_per_value: int = 2, ep: int = 1, expert_tp: int = 0) -> float:
     """Bytes a layer keeps under op-level selective checkpointing that saves the outputs of
     the matmuls and of fused attention and recomputes everything else (torchtitan's "op"
     policy; paraplan's runtime): the block input, Q/K/V, the attention output and its
@@ -82,8 +114,9 @@ def saved_matmul_outputs_bytes(spec: ModelSpec, *, seq: int, batch: int, tp: int
     sp_div = tp if sequence_parallel else 1
     kv = spec.kv_dim * (max(spec.kv_heads, tp) / spec.kv_heads)
     up = (2 if spec.gated else 1) * spec.ffn_hidden
-    per_token = e * (h / sp_div + (spec.q_dim + 2 * kv + spec.q_dim + up) / tp + 2 * h) + 4 * spec.heads / tp
-    return s * b * per_token
+    mlp = _mlp_bytes(spec, s * b * e * up / tp, seq=s, batch=b, tp=tp, ep=ep, expert_tp=expert_tp, e=e)
+    per_token = e * (h / sp_div + (spec.q_dim + 2 * kv + spec.o_dim) / tp + 2 * h) + 4 * spec.heads / tp
+    return s * b * per_token + mlp
 
 
 def korthikanti_layer_bytes(s: int, b: int, h: int, a: int, t: int, *, sp: bool, recompute: str) -> float:

@@ -211,12 +211,13 @@ def simulate(model: StepModel, *, record_events: bool = True) -> StepResult:
     worst = max(range(pp), key=lambda r: busy[r].total + dp_exposed[r] + model.optimizer_s[r])
     b = busy[worst]
     exposed = b.exposed_comm + dp_exposed[worst]
-    working = b.compute + b.recompute + b.tp_comm + b.cp_comm + exposed + model.optimizer_s[worst]
+    working = b.compute + b.recompute + b.tp_comm + b.cp_comm + b.ep_comm + exposed + model.optimizer_s[worst]
     time_s = {
         "compute": b.compute + model.optimizer_s[worst],
         "recompute": b.recompute,
         "tp_comm": b.tp_comm,
         "cp_comm": b.cp_comm,
+        **({"ep_comm": b.ep_comm} if model.spec.moe else {}),
         "pp_comm": send_busy[worst],
         "dp_comm": model.dp_comm_s[worst],
         "exposed_comm": exposed,

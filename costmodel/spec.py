@@ -1,8 +1,23 @@
 """The shape of a decoder-only transformer, as the cost model sees it.
 
 One `ModelSpec` describes GPT-style models (learned positions, LayerNorm, GELU MLP, biases,
-dropout) and Llama-style models (RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases).
-Parameter counts here are exact for the zoo's `nn.Module` definitions (tested).
+dropout) and Llama-style models (RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases),
+with two extensions of today's sparse models:
+
+- mixture of experts (Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3): `experts` routed expert MLPs of
+  width `expert_ffn_hidden`, `experts_per_token` of them per token (top-k), a router (a linear
+  h -> experts), optional shared experts every token runs (`shared_expert_ffn_hidden`, their
+  summed width; Qwen2-MoE gates its shared expert with a sigmoid: `shared_expert_gate`), the
+  first `dense_layers` layers dense (DeepSeek's first_k_dense_replace) and, after those, every
+  `moe_every`-th layer sparse (Qwen2-MoE's decoder_sparse_step, Llama 4's interleave step);
+  `capacity_factor` 0 is dropless routing;
+- multi-head latent attention (DeepSeek-V2/V3, `kv_lora_rank` > 0): K and V come up from a
+  compressed latent of `kv_lora_rank` values plus a shared RoPE key of `qk_rope_head_dim`,
+  which is all the KV cache keeps; Q from an optional `q_lora_rank` latent; `head_dim` is the
+  query/key head width (no-RoPE plus RoPE parts), `v_head_dim` the value head width.
+
+Parameter counts here are exact for the zoo's `nn.Module` definitions and transformers'
+classes (tested).
 """
 
 from __future__ import annotations
@@ -51,13 +66,29 @@ class ModelSpec:
     bias: bool = True
     dropout: bool = True
     head_dim: int = 0
+    # mixture of experts (experts 0: dense)
+    experts: int = 0
+    experts_per_token: int = 0
+    expert_ffn_hidden: int = 0
+    shared_expert_ffn_hidden: int = 0
+    shared_expert_gate: bool = False
+    dense_layers: int = 0
+    moe_every: int = 1
+    capacity_factor: float = 0.0
+    # multi-head latent attention (kv_lora_rank 0: none)
+    kv_lora_rank: int = 0
+    q_lora_rank: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
 
     def __post_init__(self) -> None:
         for name in ("layers", "hidden", "heads", "vocab", "seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"model field '{name}' must be a positive integer, got {value!r}")
-        for name in ("ffn_hidden", "kv_heads", "head_dim"):
+        for name in ("ffn_hidden", "kv_heads", "head_dim", "experts", "experts_per_token", "expert_ffn_hidden",
+                     "shared_expert_ffn_hidden", "dense_layers", "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim",
+                     "v_head_dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"model field '{name}' must be a positive integer, got {value!r}")
@@ -85,6 +116,70 @@ class ModelSpec:
                 f"heads ({self.heads}) is not a multiple of kv_heads ({self.kv_heads}); "
                 "grouped-query attention needs whole groups"
             )
+        self._check_experts()
+        self._check_latent_attention()
+
+    def _check_experts(self) -> None:
+        if not isinstance(self.moe_every, int) or isinstance(self.moe_every, bool) or self.moe_every < 1:
+            raise ConfigError(f"model field 'moe_every' must be a positive integer, got {self.moe_every!r}")
+        if not isinstance(self.capacity_factor, (int, float)) or isinstance(self.capacity_factor, bool) or not (
+                self.capacity_factor == 0 or self.capacity_factor >= 1):
+            raise ConfigError(f"model field 'capacity_factor' must be 0 (dropless) or >= 1, got {self.capacity_factor!r}")
+        if not self.experts:
+            extras = [n for n in ("experts_per_token", "expert_ffn_hidden", "shared_expert_ffn_hidden", "dense_layers")
+                      if getattr(self, n)]
+            if extras:
+                raise ConfigError(f"model field(s) {', '.join(extras)} need experts > 0 (a mixture-of-experts model)")
+            return
+        if self.experts < 2:
+            raise ConfigError(f"experts {self.experts}: a mixture of experts needs 2 or more (0 for a dense model)")
+        if not 1 <= self.experts_per_token <= self.experts:
+            raise ConfigError(f"experts_per_token must be between 1 and experts ({self.experts}), "
+                              f"got {self.experts_per_token}; give the router's top-k")
+        if self.expert_ffn_hidden == 0:
+            object.__setattr__(self, "expert_ffn_hidden", self.ffn_hidden)
+        if self.dense_layers > self.layers:
+            raise ConfigError(f"dense_layers ({self.dense_layers}) exceeds layers ({self.layers})")
+        if self.moe_layers == 0:
+            raise ConfigError(f"no layer is sparse: dense_layers {self.dense_layers} and moe_every {self.moe_every} "
+                              f"leave none of {self.layers} layers with experts; give experts 0 for a dense model")
+
+    def _check_latent_attention(self) -> None:
+        if not self.kv_lora_rank:
+            if self.q_lora_rank or self.qk_rope_head_dim:
+                raise ConfigError("model fields q_lora_rank and qk_rope_head_dim need kv_lora_rank > 0 "
+                                  "(multi-head latent attention)")
+            if self.v_head_dim == 0:
+                object.__setattr__(self, "v_head_dim", self.head_dim)
+            elif self.v_head_dim != self.head_dim:
+                raise ConfigError(f"v_head_dim ({self.v_head_dim}) differs from head_dim ({self.head_dim}) only in "
+                                  "multi-head latent attention: give kv_lora_rank")
+            return
+        if self.kv_heads != self.heads:
+            raise ConfigError(f"multi-head latent attention has one K/V per query head: kv_heads ({self.kv_heads}) "
+                              f"must equal heads ({self.heads})")
+        if not 0 < self.qk_rope_head_dim < self.head_dim:
+            raise ConfigError(f"qk_rope_head_dim ({self.qk_rope_head_dim}) must be positive and below head_dim "
+                              f"({self.head_dim}, the no-RoPE and RoPE parts of a query head together)")
+        if self.v_head_dim == 0:
+            object.__setattr__(self, "v_head_dim", self.head_dim)
+
+    # -- mixture of experts ----------------------------------------------------------
+    @property
+    def moe(self) -> bool:
+        return self.experts > 0
+
+    def is_moe_layer(self, index: int) -> bool:
+        """Layer `index` (0-based) has experts: past the dense layers, every moe_every-th."""
+        return self.moe and index >= self.dense_layers and (index + 1) % self.moe_every == 0
+
+    @property
+    def moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.layers))
+
+    @property
+    def latent_attention(self) -> bool:
+        return self.kv_lora_rank > 0
 
     # -- derived sizes ---------------------------------------------------------------
     @property
@@ -99,31 +194,117 @@ class ModelSpec:
 
     @property
     def kv_dim(self) -> int:
-        """Width of K (and of V): kv_heads * head_dim."""
+        """Width of K: kv_heads * head_dim (V's is kv_heads * v_head_dim)."""
         return self.kv_heads * self.head_dim
+
+    @property
+    def o_dim(self) -> int:
+        """Width of the attention's output (the output projection's input): heads * v_head_dim."""
+        return self.heads * self.v_head_dim
+
+    @property
+    def kv_cache_values_per_token(self) -> int:
+        """Values one layer caches per token: K and V of every KV head; under multi-head latent
+        attention the compressed latent and the shared RoPE key only."""
+        if self.latent_attention:
+            return self.kv_lora_rank + self.qk_rope_head_dim
+        return self.kv_heads * (self.head_dim + self.v_head_dim)
 
     @property
     def norm_params(self) -> int:
         return 2 * self.hidden if self.norm is Norm.LAYERNORM else self.hidden
 
+    def attention_weight_shapes(self) -> list[tuple[int, int]]:
+        """(in, out) of every matmul weight of the attention, in the order the forward runs them."""
+        h, q = self.hidden, self.q_dim
+        if not self.latent_attention:
+            return [(h, q), (h, self.kv_dim), (h, self.kv_heads * self.v_head_dim), (self.o_dim, h)]
+        nope = self.head_dim - self.qk_rope_head_dim
+        qs = [(h, self.q_lora_rank), (self.q_lora_rank, q)] if self.q_lora_rank else [(h, q)]
+        return qs + [(h, self.kv_lora_rank + self.qk_rope_head_dim),
+                     (self.kv_lora_rank, self.heads * (nope + self.v_head_dim)), (self.o_dim, h)]
+
     @property
     def attention_params(self) -> int:
-        h, q, kv = self.hidden, self.q_dim, self.kv_dim
-        weights = 2 * h * q + 2 * h * kv  # q: h x q, o: q x h; k, v: h x kv
-        biases = (q + h + 2 * kv) if self.bias else 0
+        weights = sum(a * b for a, b in self.attention_weight_shapes())
+        if self.latent_attention:  # the latents' RMSNorms
+            return weights + self.kv_lora_rank + self.q_lora_rank
+        biases = (self.q_dim + self.hidden + self.kv_dim + self.kv_heads * self.v_head_dim) if self.bias else 0
         return weights + biases
+
+    @staticmethod
+    def _ffn_params(h: int, f: int, gated: bool, bias: bool) -> int:
+        if gated:
+            return 3 * h * f + ((2 * f + h) if bias else 0)
+        return 2 * h * f + ((f + h) if bias else 0)
 
     @property
     def mlp_params(self) -> int:
-        h, f = self.hidden, self.ffn_hidden
-        if self.gated:
-            return 3 * h * f + ((2 * f + h) if self.bias else 0)
-        return 2 * h * f + ((f + h) if self.bias else 0)
+        """The dense MLP (of a dense layer)."""
+        return self._ffn_params(self.hidden, self.ffn_hidden, self.gated, self.bias)
+
+    @property
+    def expert_params(self) -> int:
+        """One routed expert."""
+        return self._ffn_params(self.hidden, self.expert_ffn_hidden, self.gated, self.bias) if self.moe else 0
+
+    @property
+    def router_params(self) -> int:
+        return self.hidden * self.experts
+
+    @property
+    def shared_expert_params(self) -> int:
+        """The shared experts together, with Qwen2-MoE's gate on them."""
+        if not self.shared_expert_ffn_hidden:
+            return 0
+        return (self._ffn_params(self.hidden, self.shared_expert_ffn_hidden, self.gated, self.bias)
+                + (self.hidden if self.shared_expert_gate else 0))
+
+    @property
+    def moe_mlp_params(self) -> int:
+        """The sparse MLP of one MoE layer: router, every routed expert, the shared ones."""
+        return self.router_params + self.experts * self.expert_params + self.shared_expert_params
+
+    @property
+    def dense_layer_params(self) -> int:
+        """Parameters of one dense transformer block (attention, MLP, two norms)."""
+        return self.attention_params + self.mlp_params + 2 * self.norm_params
+
+    @property
+    def moe_layer_params(self) -> int:
+        return self.attention_params + self.moe_mlp_params + 2 * self.norm_params if self.moe else 0
 
     @property
     def layer_params(self) -> int:
-        """Parameters of one transformer block (attention, MLP, two norms)."""
-        return self.attention_params + self.mlp_params + 2 * self.norm_params
+        """Parameters of one transformer block: a dense model's block; for a mixture of experts
+        the mean over its layers (rounded down; `num_params` sums them exactly)."""
+        if not self.moe:
+            return self.dense_layer_params
+        return self.blocks_params // self.layers
+
+    @property
+    def blocks_params(self) -> int:
+        """Parameters of all transformer blocks."""
+        sparse = self.moe_layers
+        return sparse * self.moe_layer_params + (self.layers - sparse) * self.dense_layer_params
+
+    @property
+    def expert_fraction(self) -> float:
+        """Share of the blocks' parameters held by routed experts (what expert parallelism splits)."""
+        return self.moe_layers * self.experts * self.expert_params / self.blocks_params
+
+    def active_params(self, *, input_embedding: bool = True) -> int:
+        """Parameters one token's forward uses: the routed experts it is sent to
+        (experts_per_token of them), not all of them. `input_embedding` False leaves out the
+        token embedding (a lookup; DeepSeek's "activated parameters" count it out, Mistral's
+        count for Mixtral in)."""
+        unused = self.moe_layers * (self.experts - self.experts_per_token) * self.expert_params
+        total = self.num_params - unused
+        if not input_embedding:
+            total -= self.vocab * self.hidden
+            if self.tied_embeddings:  # the table is the head too: still used
+                total += self.vocab * self.hidden
+        return total
 
     @property
     def embedding_params(self) -> int:
@@ -139,9 +320,16 @@ class ModelSpec:
     @property
     def layer_tensors(self) -> int:
         """Parameter tensors of one block (what a per-tensor optimizer loop visits)."""
-        linears = 4 + (3 if self.gated else 2)
+        ffn = 3 if self.gated else 2
+        attention = len(self.attention_weight_shapes())
         per_norm = 2 if self.norm is Norm.LAYERNORM else 1
-        return linears * (2 if self.bias else 1) + 2 * per_norm
+        latent_norms = (1 if self.latent_attention else 0) + (1 if self.q_lora_rank else 0)
+        dense = (attention + ffn) * (2 if self.bias else 1) + 2 * per_norm + latent_norms
+        if not self.moe:
+            return dense
+        # a grouped-GEMM runtime holds each projection of all experts as one tensor
+        sparse = dense + 1 + (ffn if self.shared_expert_ffn_hidden else 0) + (1 if self.shared_expert_gate else 0)
+        return round((self.moe_layers * sparse + (self.layers - self.moe_layers) * dense) / self.layers)
 
     @property
     def ends_tensors(self) -> tuple[int, int]:
@@ -152,7 +340,7 @@ class ModelSpec:
 
     @property
     def num_params(self) -> int:
-        return self.layers * self.layer_params + self.embedding_params + self.head_params
+        return self.blocks_params + self.embedding_params + self.head_params
 
     # -- conversions -----------------------------------------------------------------
     def with_seq_len(self, seq_len: int) -> "ModelSpec":
@@ -160,10 +348,15 @@ class ModelSpec:
 
     def to_dict(self) -> dict:
         out = {}
+        defaults = {"v_head_dim": self.head_dim, "expert_ffn_hidden": self.ffn_hidden if self.moe else 0}
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name == "head_dim" and value * self.heads == self.hidden:
                 continue  # the default: written only where it differs
+            if f.name in defaults and value == defaults[f.name]:
+                continue
+            if f.name in MOE_AND_MLA_FIELDS and f.name not in defaults and value == f.default:
+                continue  # a dense model's spec reads as before
             out[f.name] = value.value if isinstance(value, StrEnum) else value
         return out
 
@@ -184,6 +377,11 @@ class ModelSpec:
         if name is not None and "name" not in kwargs:
             kwargs["name"] = name
         return cls(**kwargs)
+
+
+MOE_AND_MLA_FIELDS = ("experts", "experts_per_token", "expert_ffn_hidden", "shared_expert_ffn_hidden",
+                      "shared_expert_gate", "dense_layers", "moe_every", "capacity_factor", "kv_lora_rank",
+                      "q_lora_rank", "qk_rope_head_dim", "v_head_dim")
 
 
 def gpt_spec(name: str, *, layers: int, hidden: int, heads: int, vocab: int = 51200, seq_len: int = 2048) -> ModelSpec:

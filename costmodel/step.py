@@ -18,6 +18,7 @@ from costmodel.flops import hardware_flops_per_step, model_flops_per_step
 from costmodel.hardware import GIB
 from costmodel.layer import BlockPrice, LayerCost, Part, ends_cost, layer_cost
 from costmodel.memory import layer_activation_bytes, saved_matmul_outputs_bytes, zero_model_state_bytes
+from costmodel.moe import expert_layout, expert_shard
 from costmodel.network import Group
 from costmodel.schedule import Task, build, peak_in_flight
 from costmodel.spec import ModelSpec
@@ -33,16 +34,20 @@ class RankMemory:
     optimizer: float
     activations: float
     other: float
+    experts: float = 0.0  # of parameters + gradients + optimizer: the routed experts' share (shown, not added)
 
     @property
     def total(self) -> float:
         return self.parameters + self.gradients + self.optimizer + self.activations + self.other
 
     def gib(self) -> dict[str, float]:
-        return {
+        out = {
             "parameters": self.parameters / GIB, "gradients": self.gradients / GIB, "optimizer": self.optimizer / GIB,
             "activations": self.activations / GIB, "other": self.other / GIB, "total": self.total / GIB,
         }
+        if self.experts:
+            out["experts"] = self.experts / GIB
+        return out
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -130,8 +135,13 @@ def build_step(spec: ModelSpec, strategy: Strategy, cluster: Cluster, block: Blo
     shard_group = cluster.group(shard, s.tp)
     replicate_group = cluster.group(s.dp_replicate, s.tp * shard)
     p2p_link = cluster.p2p_link(s.tp * s.cp * s.dp)
+    # routed experts: sharded over the expert data-parallel ranks (edp), reduced over them
+    layout = expert_layout(spec, s, cluster) if spec.moe else None
+    eshard = expert_shard(s) if spec.moe else 1
+    etp = (s.expert_tp or s.tp) if spec.moe else s.tp
+    eshard_group = cluster.group(eshard, s.ep * etp) if spec.moe else shard_group
     layers_by_policy = {
-        rc: layer_cost(spec, s.replace(recompute=rc, stage_recompute=()), cluster, tp_group, cp_group, block)
+        rc: layer_cost(spec, s.replace(recompute=rc, stage_recompute=()), cluster, tp_group, cp_group, block, layout)
         for rc in {s.recompute_of(k) for k in range(s.num_stages)}
     }
     layer = layers_by_policy[s.recompute_of(0)]
@@ -144,16 +154,18 @@ def build_step(spec: ModelSpec, strategy: Strategy, cluster: Cluster, block: Blo
     # per parameter: the compute dtype, or fp32 where the runtime gathers fp32 weights
     gather_bytes = 4 if rt.fsdp_param_dtype == "fp32" else pol.param_bytes
 
-    def gather_s(params: int, frozen: float = 0.0) -> float:  # one all-gather of a layer's weights
-        key = (params, frozen)
+    def gather_s(params: int, frozen: float = 0.0, experts: float = 0.0) -> float:  # one all-gather of a layer's weights
+        key = (params, frozen, experts)
         if key not in gathers:
-            gathers[key] = all_gather_s(params * gather_bytes + frozen, shard_group)
+            gathers[key] = (all_gather_s(params * gather_bytes + frozen, shard_group)
+                            + all_gather_s(experts * gather_bytes, eshard_group))
         return gathers[key]
 
-    def scatter_s(params: int) -> float:  # one reduce-scatter of a layer's gradients
-        if params not in scatters:
-            scatters[params] = reduce_scatter_s(params * pol.grad_bytes, shard_group)
-        return scatters[params]
+    def scatter_s(params: int, experts: float = 0.0) -> float:  # one reduce-scatter of a layer's gradients
+        if (params, experts) not in scatters:
+            scatters[(params, experts)] = (reduce_scatter_s(params * pol.grad_bytes, shard_group)
+                                           + reduce_scatter_s(experts * pol.grad_bytes, eshard_group))
+        return scatters[(params, experts)]
 
     fwd, fwd_first, bwd, buckets, sharded_comm = [], [], [], [], []
     ov = cluster.overlaps_comm
@@ -169,15 +181,18 @@ def build_step(spec: ModelSpec, strategy: Strategy, cluster: Cluster, block: Blo
             params = ([ends.embed_params] if first else []) + [layer.params] * n + ([ends.head_params] if last else [])
             frozen = ([ends.embed_frozen_bytes] if first else []) + [layer.frozen_bytes] * n + (
                 [ends.head_frozen_bytes] if last else [])
+            experts = ([0.0] if first else []) + [layer.expert_params] * n + ([0.0] if last else [])
             # FSDP gathers the frozen weights too; ZeRO-1/2 gather only what the optimizer updated
-            gather = [gather_s(p, f if zero >= 3 else 0.0) for p, f in zip(params, frozen)] if zero >= 1 else []
-            scatter = [scatter_s(p) for p in params] if zero >= 2 else []
+            gather = ([gather_s(p, f if zero >= 3 else 0.0, x) for p, f, x in zip(params, frozen, experts)]
+                      if zero >= 1 else [])
+            scatter = [scatter_s(p, x) for p, x in zip(params, experts)] if zero >= 2 else []
             root = ([True] if last else []) + [False] * n + ([True] if first else [])  # FSDP2's root unit holds the ends
             stages[key] = (
                 _task(f_parts, layer.forward, n, gather if zero == 3 else [], [], ov),
                 _task(f_parts, layer.forward, n, gather if zero >= 1 else [], [], ov),
                 _task(b_parts, layer.backward, n, gather[::-1] if zero == 3 else [], scatter[::-1] if zero >= 2 else [], ov),
-                _grad_buckets(b_parts, params[::-1], root, s, pol.grad_bytes, shard_group, replicate_group, ov),
+                _grad_buckets(b_parts, params[::-1], root, s, pol.grad_bytes, shard_group, replicate_group, ov,
+                              experts[::-1], eshard_group),
                 # FSDP traffic of every microbatch: gathers in forward and backward, reduce-scatters
                 m * ((2 * sum(gather) if zero == 3 else 0.0) + (sum(scatter) if zero >= 2 else 0.0)),
             )
@@ -201,9 +216,12 @@ def build_step(spec: ModelSpec, strategy: Strategy, cluster: Cluster, block: Blo
         chunks = range(r, k_stages, pp)
         params = _rank_params(counts, layer, ends, r, pp)
         comm = sum(b.comm_s for k in chunks for b in buckets[k]) + sum(sharded_comm[k] for k in chunks)
+        experts = sum(counts[k] * layer.expert_params for k in chunks)
         comm += _gather_total(params, gather_bytes, shard, shard_group, s.zero)
+        comm += _gather_total(experts, gather_bytes, eshard, eshard_group, s.zero)
         dp_comm.append(comm)
-        optim.append(cluster.device.memory_s(params / (shard if s.zero >= 1 else 1) * rt.optimizer_bytes_per_param)
+        optim.append(cluster.device.memory_s((params / (shard if s.zero >= 1 else 1)
+                                              + experts / (eshard if s.zero >= 1 else 1)) * rt.optimizer_bytes_per_param)
                      + cluster.device.optimizer_overhead_s(_rank_tensors(spec, s, counts, r, pp), dtensor=s.dp * s.tp * s.cp > 1))
     tokens = s.global_batch * spec.seq_len
     flops_share = 2 / 3 if s.lora else 1.0  # frozen weights skip the weight-gradient GEMMs: 4 N T, not 6 N T
@@ -226,39 +244,46 @@ def _gather_total(params: float, param_bytes: int, shard: int, group: Group, zer
 
 def _grad_buckets(
     b_parts: list[Part], params: list[int], root: list[bool], s: Strategy, grad_bytes: int, shard_group: Group,
-    replicate_group: Group, overlap: bool = True,
+    replicate_group: Group, overlap: bool = True, experts: list[float] | None = None,
+    expert_group: Group | None = None,
 ) -> tuple[Bucket, ...]:
     """Gradient reduction issued during the last backward of a chunk, one per FSDP2 unit as
     the runtime wraps them: each block as its backward ends, the root unit (embedding, final
     norm, head: the parts marked `root`) after the whole backward. ZeRO-0 all-reduces over all
     data-parallel ranks, ZeRO-1 reduce-scatters over the shard group; sharded gradients (and
     ZeRO-2/3) are then all-reduced across HSDP replicas. Without overlap every reduction
-    waits for the end of the backward."""
+    waits for the end of the backward. Routed experts' gradients (`experts`, per part) reduce
+    over the ranks holding the same experts (`expert_group` within a replica)."""
     zero = s.zero if shard_group.size > 1 else 0
     if shard_group.size * replicate_group.size == 1 or (zero >= 2 and replicate_group.size == 1):
         return ()
     everyone = _merged(shard_group, replicate_group)
-    seen: dict[float, float] = {}
+    expert_everyone = _merged(expert_group, replicate_group) if expert_group is not None else everyone
+    seen: dict[tuple, float] = {}
 
-    def reduce(full: float) -> float:
-        if full not in seen:
+    def reduce(full: float, expert: float) -> float:
+        if (full, expert) not in seen:
             if zero == 0:
-                seen[full] = all_reduce_s(full, everyone)
+                comm = all_reduce_s(full, everyone) + all_reduce_s(expert, expert_everyone)
             else:
                 comm = reduce_scatter_s(full, shard_group) if zero == 1 else 0.0
-                seen[full] = comm + all_reduce_s(full / shard_group.size, replicate_group)
-        return seen[full]
+                comm += all_reduce_s(full / shard_group.size, replicate_group)
+                if expert:
+                    comm += reduce_scatter_s(expert, expert_group) if zero == 1 else 0.0
+                    comm += all_reduce_s(expert / expert_group.size, replicate_group)
+            seen[(full, expert)] = comm
+        return seen[(full, expert)]
 
     end = sum(part.total for part in b_parts)
     out, root_bytes, ready = [], 0.0, 0.0
-    for part, p, is_root in zip(b_parts, params, root):
+    for part, p, is_root, x in zip(b_parts, params, root, experts or [0.0] * len(params)):
         ready += part.total
         if is_root:
             root_bytes += p * grad_bytes
         else:
-            out.append(Bucket(ready_s=ready if overlap else end, comm_s=reduce(p * grad_bytes)))
+            out.append(Bucket(ready_s=ready if overlap else end, comm_s=reduce(p * grad_bytes, x * grad_bytes)))
     if root_bytes:
-        out.append(Bucket(ready_s=end, comm_s=reduce(root_bytes)))
+        out.append(Bucket(ready_s=end, comm_s=reduce(root_bytes, 0.0)))
     return tuple(out)
 
 
@@ -297,6 +322,14 @@ def _rank_memory(spec, s: Strategy, cluster: Cluster, layer: LayerCost, ends, co
         params, shard, s.zero if shard > 1 else 0,
         param_bytes=pol.param_bytes, grad_bytes=pol.grad_bytes, optimizer_bytes=pol.optimizer_bytes,
     )
+    expert_states = 0.0
+    if spec.moe:  # routed experts: split over ep (and etp), their states sharded over the expert shard group
+        eshard = expert_shard(s)
+        xp, xg, xo = zero_model_state_bytes(
+            sum(counts[k] * layer.expert_params for k in chunks), eshard, s.zero if eshard > 1 else 0,
+            param_bytes=pol.param_bytes, grad_bytes=pol.grad_bytes, optimizer_bytes=pol.optimizer_bytes,
+        )
+        p, g, o, expert_states = p + xp, g + xg, o + xo, xp + xg + xo
     if s.lora:  # the frozen base: weights only, sharded by FSDP (ZeRO-3)
         frozen = (sum(counts[k] for k in chunks) * layer.frozen_bytes + (ends.embed_frozen_bytes if 0 in chunks else 0)
                   + (ends.head_frozen_bytes if k_stages - 1 in chunks else 0))
@@ -306,10 +339,12 @@ def _rank_memory(spec, s: Strategy, cluster: Cluster, layer: LayerCost, ends, co
     def per_layer(k: int) -> float:
         if op_level and s.recompute_of(k) is Recompute.SELECTIVE:
             return saved_matmul_outputs_bytes(spec, seq=seq, batch=s.microbatch_size, tp=s.tp,
-                                              sequence_parallel=s.sequence_parallel, bytes_per_value=pol.activation_bytes)
+                                              sequence_parallel=s.sequence_parallel, bytes_per_value=pol.activation_bytes,
+                                              ep=s.ep, expert_tp=s.expert_tp)
         return layer_activation_bytes(
             spec, seq=seq, batch=s.microbatch_size, tp=s.tp, sequence_parallel=s.sequence_parallel,
             recompute=s.recompute_of(k), flash_attention=s.flash_attention, bytes_per_value=pol.activation_bytes,
+            ep=s.ep, expert_tp=s.expert_tp,
         )
 
     e, b, h = pol.activation_bytes, s.microbatch_size, spec.hidden
@@ -323,11 +358,13 @@ def _rank_memory(spec, s: Strategy, cluster: Cluster, layer: LayerCost, ends, co
     if any(s.recompute_of(k) is Recompute.FULL for k in chunks):  # the layer being recomputed holds its full activations
         activations += layer_activation_bytes(
             spec, seq=seq, batch=b, tp=s.tp, sequence_parallel=s.sequence_parallel, recompute=Recompute.NONE,
-            flash_attention=s.flash_attention, bytes_per_value=e,
+            flash_attention=s.flash_attention, bytes_per_value=e, ep=s.ep, expert_tp=s.expert_tp,
         )
     overhead = cluster.device.memory_overhead
     buffers = 0.0
     if s.zero == 3 and shard > 1:  # two layers gathered (current, prefetched) and one unsharded gradient
-        buffers = 2 * (layer.params * pol.param_bytes + layer.frozen_bytes) + layer.params * pol.grad_bytes
+        params_whole = layer.params + layer.expert_params
+        buffers = 2 * (params_whole * pol.param_bytes + layer.frozen_bytes) + params_whole * pol.grad_bytes
     other = overhead.fixed_gib * GIB + buffers + overhead.fragmentation * (p + g + o + activations)
-    return RankMemory(parameters=p, gradients=g, optimizer=o, activations=activations, other=other)
+    return RankMemory(parameters=p, gradients=g, optimizer=o, activations=activations, other=other,
+                      experts=expert_states)

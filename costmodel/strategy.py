@@ -73,6 +73,8 @@ class Strategy:
     pp: int = 1
     dp: int = 1
     cp: int = 1
+    ep: int = 1  # expert parallel: folded into the data-parallel ranks (costmodel.moe)
+    expert_tp: int = 0  # experts' tensor parallel degree: 0 = tp, or 1 (whole experts)
     zero: int = 0
     shard_group: int = 0
     sequence_parallel: bool = False
@@ -114,7 +116,9 @@ class Strategy:
             raise ConfigError(f"--grad-dtype {self.grad_dtype!r} is not one of fp32, bf16")
         if self.master_dtype not in ("fp32", "bf16"):
             raise ConfigError(f"--master-dtype {self.master_dtype!r} is not one of fp32, bf16")
-        for name in ("tp", "pp", "dp", "cp", "microbatch_size", "global_batch", "virtual_stages"):
+        if isinstance(self.expert_tp, bool) or not isinstance(self.expert_tp, int) or self.expert_tp < 0:
+            raise ConfigError(f"--expert-tp must be a positive integer, got {self.expert_tp!r}")
+        for name in ("tp", "pp", "dp", "cp", "ep", "microbatch_size", "global_batch", "virtual_stages"):
             _positive(name, getattr(self, name))
         if self.zero not in (0, 1, 2, 3):
             raise ConfigError(f"--zero must be 0, 1, 2 or 3, got {self.zero!r}")

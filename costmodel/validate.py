@@ -6,6 +6,7 @@ Style after torchtitan's ParallelDims: `pp(2) * dp(4) * cp(1) * tp(8) = 64 != wo
 from __future__ import annotations
 
 from costmodel.errors import ConfigError
+from costmodel.moe import expert_layout_problems
 from costmodel.spec import ModelSpec
 from costmodel.strategy import Schedule, Strategy
 
@@ -27,8 +28,13 @@ def strategy_problems(spec: ModelSpec, strategy: Strategy, world_size: int) -> l
         )
     if s.tp <= spec.kv_heads and spec.kv_heads % s.tp:
         problems.append(f"tp({s.tp}) does not divide kv_heads({spec.kv_heads}); use a divisor of {spec.kv_heads}")
-    if spec.ffn_hidden % s.tp:
+    if spec.ffn_hidden % s.tp and (not spec.moe or spec.moe_layers < spec.layers):
         problems.append(f"tp({s.tp}) does not divide ffn_hidden({spec.ffn_hidden}); use a divisor of it")
+    if spec.shared_expert_ffn_hidden % s.tp:
+        problems.append(f"tp({s.tp}) does not divide shared_expert_ffn_hidden({spec.shared_expert_ffn_hidden})")
+    problems += expert_layout_problems(spec, ep=s.ep, expert_tp=s.expert_tp, tp=s.tp, dp=s.dp, cp=s.cp,
+                                       sequence_parallel=s.sequence_parallel,
+                                       shard=(s.dp_shard if s.zero > 0 else s.dp) * s.cp)
     seq = s.seq_len or spec.seq_len
     if spec.position.value == "learned" and seq > spec.seq_len:
         problems.append(f"sequence length {seq} is longer than {spec.name}'s {spec.seq_len} learned positions; "

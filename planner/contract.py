@@ -88,6 +88,13 @@ def layout_problems(mmap: ModuleMap, placements: dict[str, dict[str, str]], tp: 
 def strategy_runtime_problems(spec: ModelSpec, s: Strategy, mode: str = "train") -> list[str]:
     """What `paraplan run` does not execute in a strategy, whatever its placements."""
     problems = schedule_problems(s.schedule.value, s.pp, s.num_microbatches)
+    if spec.moe and (s.tp > 1 or s.cp > 1 or (s.pp > 1 and s.ep > 1)):
+        problems.append(f"{spec.name} is a mixture of experts, which the runtime runs with tp 1 (expert parallelism "
+                        "folded into data parallelism, FSDP, and pp without ep) so far; the planned layout is priced "
+                        "but not run: re-plan with --tp 1 --cp 1" + (" --pp 1" if s.ep > 1 and s.pp > 1 else ""))
+    if spec.latent_attention:
+        problems.append(f"{spec.name} uses multi-head latent attention, which the cost model prices and the runtime "
+                        "does not build yet; its plans are for prediction and export")
     if s.tp > spec.kv_heads:
         problems.append(f"tp({s.tp}) is more than {spec.name}'s {spec.kv_heads} K/V heads: the runtime splits whole "
                         f"K/V heads (it does not copy them, as Megatron does); use --tp {spec.kv_heads} or less")

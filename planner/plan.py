@@ -63,6 +63,8 @@ class Plan:
     # "path": its import folder} a user's nn.Module (planner.model_source.source_of); with "map",
     # its planner.module_map.ModuleMap as read when it was planned
     source: dict = field(default_factory=dict)
+    # a mixture of experts: {"ep": expert-parallel degree, "expert_tp": 1 or tp} (costmodel.moe)
+    experts: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -119,6 +121,7 @@ class Plan:
             lora_rank=int(self.lora.get("rank", 0)), lora_targets=tuple(self.lora.get("targets", ())),
             base_precision=str(self.lora.get("base_precision", "bf16")),
             grad_dtype=self.grad_dtype, master_dtype=self.master_dtype,
+            ep=int(self.experts.get("ep", 1)), expert_tp=int(self.experts.get("expert_tp", 0)),
         )
 
     # -- YAML ----------------------------------------------------------------------------
@@ -150,6 +153,7 @@ class Plan:
             **({"source": dict(self.source)} if self.source else {}),
             **({"serving": dict(self.serving)} if self.serving else {}),
             **({"lora": dict(self.lora)} if self.lora else {}),
+            **({"experts": dict(self.experts)} if self.experts else {}),
         }
 
     def to_yaml(self) -> str:
@@ -190,7 +194,7 @@ class Plan:
                 lora=dict(data.get("lora") or {}),
                 grad_dtype=str(data.get("grad_dtype", "fp32")), master_dtype=str(data.get("master_dtype", "fp32")),
                 runtime=str(data.get("runtime", "paraplan")), profile=str(data.get("profile", "")),
-                source=dict(data.get("source") or {}),
+                source=dict(data.get("source") or {}), experts=dict(data.get("experts") or {}),
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             if isinstance(exc, ConfigError):
@@ -278,4 +282,5 @@ def plan_from_strategy(
         lora={"rank": strategy.lora_rank, "targets": list(strategy.lora_targets),
               "base_precision": strategy.base_precision} if strategy.lora else {},
         grad_dtype=strategy.grad_dtype or load_runtime(runtime).grad_dtype, master_dtype=strategy.master_dtype, runtime=runtime, profile=profile,
+        experts={"ep": strategy.ep, "expert_tp": strategy.expert_tp or strategy.tp} if spec.moe else {},
     )

@@ -28,6 +28,14 @@ from planner.trace import OpGraph
 PROBE_LAYERS = 2
 
 
+def unpriceable(spec: ModelSpec) -> str:
+    """Why the model's block cannot be priced from its graph ("" when it can)."""
+    if spec.moe:
+        return ("a mixture of experts routes tokens by their values, which torch.export cannot trace on the "
+                "meta device: its blocks are priced by the formulas (costmodel.moe)")
+    return ""
+
+
 @dataclass(frozen=True, slots=True)
 class GraphPrice:
     block: BlockPrice
@@ -131,5 +139,7 @@ def price_step(spec: ModelSpec, strategy: Strategy, cluster: Cluster, placements
     priced from the graph: what `simulate --plan`, `check` and `report compare` predict."""
     from costmodel import build_step, simulate
 
+    if unpriceable(spec):
+        return simulate(build_step(spec, strategy, cluster), record_events=record_events)
     block = graph_price(spec, strategy, cluster, placements, source=source).block
     return simulate(build_step(spec, strategy, cluster, block), record_events=record_events)

@@ -40,7 +40,7 @@ from planner.contract import (
 from planner.inter_op import partition_layers
 from planner.plan import megatron_placements, schedule_problems
 from planner.intra_op import CostContext, IlpTimeout, IntraOpSolution, LogicalMesh, solve_block
-from planner.pricing import block_ops, graph_price, probe_graph
+from planner.pricing import block_ops, graph_price, probe_graph, unpriceable
 
 SIMULATE_TOP = 8
 MAX_MICROBATCH = 8
@@ -293,10 +293,11 @@ def run_search(req: SearchRequest, *, module_map=None) -> SearchResult:
     # the block's graph under the placements it will carry
     solution, ilp_time = None, 0.0
     t0 = time.perf_counter()
-    graph = probe_graph(spec, strategy, req.source)  # the module `run` builds, at the plan's microbatch
+    why_not = unpriceable(spec)
+    graph = None if why_not else probe_graph(spec, strategy, req.source)  # the module `run` builds, at its microbatch
     trace_s = time.perf_counter() - t0
-    ilp_status = "none (tp 1)"
-    if strategy.tp > 1:
+    ilp_status = "none (tp 1)" if not why_not else "none (formula-priced)"
+    if strategy.tp > 1 and graph is not None:
         t0 = time.perf_counter()
         try:  # None: infeasible under its memory
             solution = _solve_stage_mesh(graph, spec, strategy, cluster, result, req.time_limit_s or 30, req.source)
@@ -308,11 +309,13 @@ def run_search(req: SearchRequest, *, module_map=None) -> SearchResult:
     t0 = time.perf_counter()
     formula_s = result.step_time_s
     try:
+        if why_not:
+            raise ConfigError(why_not)
         priced = graph_price(spec, strategy, cluster, placements, graph=graph, time_limit_s=req.time_limit_s or 30)
         result = simulate(build_step(spec, strategy, cluster, priced.block), record_events=False)
         priced_by = "graph"
     except ConfigError as exc:  # the formulas' price stands, and the plan says why
-        priced_by = f"formula (the graph could not be priced: {exc})"
+        priced_by = f"formula ({exc})" if why_not else f"formula (the graph could not be priced: {exc})"
     graph_time = time.perf_counter() - t0
     stats = {
         "time_s": round(time.perf_counter() - t_start, 3),

@@ -31,6 +31,7 @@ def what_binds(result: StepResult, best: StepResult | None = None) -> str:
         "tensor-parallel communication": t["tp_comm"],
         "data-parallel communication left exposed": t["exposed_comm"],
         "context-parallel communication": t["cp_comm"],
+        "expert-parallel all-to-all": t.get("ep_comm", 0.0),
         "recomputation": t["recompute"],
     }
     name, seconds = max(losses.items(), key=lambda kv: kv[1])

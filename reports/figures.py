@@ -15,10 +15,10 @@ import pandas as pd  # noqa: E402
 from costmodel.result import StepResult  # noqa: E402
 
 MEMORY_PARTS = ["parameters", "gradients", "optimizer", "activations", "other"]
-TIME_PARTS = ["compute", "recompute", "tp_comm", "cp_comm", "exposed_comm", "bubble"]
+TIME_PARTS = ["compute", "recompute", "tp_comm", "cp_comm", "ep_comm", "exposed_comm", "bubble"]
 COLORS = {"parameters": "#4C72B0", "gradients": "#55A868", "optimizer": "#C44E52", "activations": "#8172B2",
           "other": "#937860", "compute": "#4C72B0", "recompute": "#8172B2", "tp_comm": "#DD8452",
-          "cp_comm": "#DA8BC3", "exposed_comm": "#C44E52", "bubble": "#BBBBBB"}
+          "cp_comm": "#DA8BC3", "ep_comm": "#8C613C", "exposed_comm": "#C44E52", "bubble": "#BBBBBB"}
 
 
 def _short(name: str) -> str:
@@ -31,7 +31,7 @@ def _stacked_bars(rows: dict[str, dict[str, float]], order: list[str], parts: li
     fig, ax = plt.subplots(figsize=(10, 0.32 * len(order) + 1.5))
     left = [0.0] * len(order)
     for part in parts:
-        values = [rows[n][part] for n in order]
+        values = [rows[n].get(part, 0.0) for n in order]  # ep_comm: mixtures of experts only
         ax.barh([_short(n) for n in order], values, left=left, color=COLORS[part], label=part.replace("_", " "))
         left = [a + b for a, b in zip(left, values)]
     if capacity is not None:

@@ -32,6 +32,7 @@ from planner.contract import runnable_problems
 from planner.model_source import module_map_of
 from runtime.data import TokenSource, dp_slice, tokenizer_dir
 from runtime.data_parallel import apply_data_parallel
+from runtime.expert_parallel import apply_expert_parallel, expert_mesh, is_expert_param, moe_layers, shard_experts
 from runtime.lora import apply_lora
 from runtime.mesh import build_mesh
 from runtime.module import build_user_parts, logits_of
@@ -137,10 +138,14 @@ def build_parts(plan: Plan, mesh, device: torch.device, seed: int):
     last = len(plan.stages) - 1 if pp > 1 else 0
     recompute = {s.virtual_stage: s.recompute for s in plan.stages}
     modules, ids = [], []
+    ep = int(plan.experts.get("ep", 1))
+    emesh = expert_mesh(plan.mesh, plan.zero, ep, device.type) if ep > 1 else None
     for k, first, end in stages:
         m = stage_module(spec, first, end, has_embedding=k == 0, has_head=k == last) if pp > 1 else build_model(spec)
         if plan.mode == "lora":
             apply_lora(m, plan.lora["targets"], int(plan.lora["rank"]))
+        if emesh is not None:
+            apply_expert_parallel(m, emesh)
         if tp > 1:
             apply_tensor_parallel(m, mesh["tp"], plan.placements, plan.sequence_parallel)
             m.tie_weights()  # before FSDP, which then manages the one shared parameter
@@ -149,6 +154,8 @@ def build_parts(plan: Plan, mesh, device: torch.device, seed: int):
             for block in m.layers.values():
                 block.compile()
         if dp > 1:
+            if emesh is not None:
+                shard_experts(m, emesh, plan.zero, plan.precision)
             apply_data_parallel(m, mesh["dp_replicate", "dp_shard"], plan.zero, plan.precision)
         m.to_empty(device=device)
         m.tie_weights()  # to_empty gives plain tensors each their own copy (DTensors keep theirs)
@@ -175,10 +182,11 @@ def _grad_norm_clip(modules, max_norm: float, pp_group, tied_copy: bool = False,
     copy of the first stage's embedding, counted there only."""
     groups: dict[tuple, list[torch.Tensor]] = {}
     copies: list[torch.Tensor] = []
+    ep_group = next((moe.ep_group for m in modules for moe in moe_layers(m) if moe.ep_group is not None), None)
     for m in modules:
         embedding, head = tied_ends(m, mmap)
         skip = head.weight if tied_copy and head is not None and embedding is None else None
-        for p in m.parameters():
+        for name, p in m.named_parameters():
             if p is skip:
                 if p.grad is not None:
                     copies.append(p.grad)
@@ -186,12 +194,21 @@ def _grad_norm_clip(modules, max_norm: float, pp_group, tied_copy: bool = False,
             if p.grad is not None:
                 g = p.grad
                 key = (id(g.device_mesh), tuple(g.placements)) if isinstance(g, DTensor) else ("local",)
-                groups.setdefault(key, []).append(g)
+                expert = ep_group is not None and is_expert_param(name)  # each ep rank holds other experts
+                groups.setdefault((expert, *key), []).append(g)
     total = torch.zeros((), dtype=torch.float64)
-    for grads in groups.values():
+    experts = torch.zeros((), dtype=torch.float64)
+    for key, grads in groups.items():
         norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=False)
         norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
-        total += norm.double().cpu() ** 2
+        if key[0]:
+            experts += norm.double().cpu() ** 2
+        else:
+            total += norm.double().cpu() ** 2
+    if ep_group is not None:
+        experts = experts.to(_device_of(modules))
+        dist.all_reduce(experts, group=ep_group)
+        total += experts.cpu()
     if pp_group is not None:
         total = total.to(_device_of(modules))
         dist.all_reduce(total, group=pp_group)

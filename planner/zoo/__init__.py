@@ -3,12 +3,22 @@
 Sizes are the published ones: GPT-3 (Brown et al. 2020, Table 2.1, with Megatron-LM's
 head counts where the paper's do not divide the width, and its vocabulary padded to 51200),
 the Megatron models of Korthikanti et al. 2022 (Table 3), Llama 2 (Touvron et al. 2023) and
-Llama 3 / 3.1 (Dubey et al. 2024, Table 3) as in their Hugging Face config.json files.
+Llama 3 / 3.1 (Dubey et al. 2024, Table 3) as in their Hugging Face config.json files;
+mixtures of experts as in theirs: Mixtral 8x7B and 8x22B (mistralai), Qwen3-30B-A3B (Qwen),
+DeepSeek-V3 (deepseek-ai; its multi-token-prediction module, not used by the main model's
+training step, left out as the report's 671B count does).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from costmodel.spec import ModelSpec, gpt_spec, llama_spec
+
+
+def _mixtral(name: str, *, layers: int, hidden: int, heads: int, ffn_hidden: int, vocab: int, seq_len: int) -> ModelSpec:
+    return replace(llama_spec(name, layers=layers, hidden=hidden, heads=heads, kv_heads=8, ffn_hidden=ffn_hidden,
+                              vocab=vocab, seq_len=seq_len), experts=8, experts_per_token=2)
 
 _SPECS = [
     gpt_spec("gpt3-1.3b", layers=24, hidden=2048, heads=16),
@@ -25,11 +35,24 @@ _SPECS = [
     llama_spec("llama3-8b", layers=32, hidden=4096, heads=32, kv_heads=8, ffn_hidden=14336, vocab=128256, seq_len=8192),
     llama_spec("llama3-70b", layers=80, hidden=8192, heads=64, kv_heads=8, ffn_hidden=28672, vocab=128256, seq_len=8192),
     llama_spec("llama3-405b", layers=126, hidden=16384, heads=128, kv_heads=8, ffn_hidden=53248, vocab=128256, seq_len=8192),
+    # mixtures of experts
+    _mixtral("mixtral-8x7b", layers=32, hidden=4096, heads=32, ffn_hidden=14336, vocab=32000, seq_len=4096),
+    _mixtral("mixtral-8x22b", layers=56, hidden=6144, heads=48, ffn_hidden=16384, vocab=32768, seq_len=4096),
+    replace(llama_spec("qwen3-30b-a3b", layers=48, hidden=2048, heads=32, kv_heads=4, ffn_hidden=6144, vocab=151936,
+                       seq_len=4096), head_dim=128, v_head_dim=0, experts=128, experts_per_token=8, expert_ffn_hidden=768),
+    # DeepSeek-V3 (DeepSeek-AI 2024, arXiv:2412.19437): MLA, 1 shared + 256 routed experts (top-8), 3 dense layers
+    replace(llama_spec("deepseek-v3", layers=61, hidden=7168, heads=128, kv_heads=128, ffn_hidden=18432,
+                       vocab=129280, seq_len=4096), head_dim=192, v_head_dim=128, kv_lora_rank=512, q_lora_rank=1536,
+            qk_rope_head_dim=64, experts=256, experts_per_token=8, expert_ffn_hidden=2048,
+            shared_expert_ffn_hidden=2048, dense_layers=3),
     # tiny models for tests and CPU runs
     ModelSpec(name="tiny-gpt", layers=4, hidden=64, heads=4, vocab=256, seq_len=32, tied_embeddings=False),
     # GPT-2's tie of the token embedding and the output head (so do GPT-NeoX, Gemma and small Llamas)
     ModelSpec(name="tiny-gpt-tied", layers=4, hidden=64, heads=4, vocab=256, seq_len=32),
     llama_spec("tiny-llama", layers=4, hidden=64, heads=4, kv_heads=2, ffn_hidden=176, vocab=256, seq_len=32),
+    # 4 experts (top-2) and a shared one in each of 2 layers; the first layer dense
+    replace(llama_spec("tiny-moe", layers=3, hidden=64, heads=4, kv_heads=2, ffn_hidden=128, vocab=256, seq_len=32),
+            experts=4, experts_per_token=2, expert_ffn_hidden=96, shared_expert_ffn_hidden=64, dense_layers=1),
 ]
 
 ZOO: dict[str, ModelSpec] = {spec.name: spec for spec in _SPECS}

@@ -111,13 +111,14 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, width: int = 0) -> None:
         super().__init__()
         self.swiglu = spec.gated  # gate (w1), up (w3), down (w2)
         self.geglu = spec.activation is Activation.GEGLU
-        self.w1 = nn.Linear(spec.hidden, spec.ffn_hidden, bias=spec.bias)
-        self.w2 = nn.Linear(spec.ffn_hidden, spec.hidden, bias=spec.bias)
-        self.w3 = nn.Linear(spec.hidden, spec.ffn_hidden, bias=spec.bias) if self.swiglu else None
+        f = width or spec.ffn_hidden
+        self.w1 = nn.Linear(spec.hidden, f, bias=spec.bias)
+        self.w2 = nn.Linear(f, spec.hidden, bias=spec.bias)
+        self.w3 = nn.Linear(spec.hidden, f, bias=spec.bias) if self.swiglu else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
@@ -126,13 +127,111 @@ class FeedForward(nn.Module):
         return self.w2(F.gelu(self.w1(x), approximate="tanh"))
 
 
+class ScaleGrad(torch.autograd.Function):
+    """Identity forward; the gradient scaled by `factor` on its way back."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.factor, None
+
+
+class GroupedExperts(nn.Module):
+    """The routed experts' MLPs held as one tensor per projection: w1, w3 (experts, h, f_e)
+    and w2 (experts, f_e, h) (torchtitan's layout). Under expert parallelism a rank holds the
+    experts [ep_rank * n, (ep_rank + 1) * n) of them (`runtime.expert_parallel`)."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.gated = spec.gated
+        self.geglu = spec.activation is Activation.GEGLU
+        h, f, n = spec.hidden, spec.expert_ffn_hidden, spec.experts
+        self.w1 = nn.Parameter(torch.empty(n, h, f))
+        self.w2 = nn.Parameter(torch.empty(n, f, h))
+        self.w3 = nn.Parameter(torch.empty(n, h, f)) if self.gated else None
+        self.ep_rank, self.ep_size = 0, 1
+
+    def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """x (M, C): token copies sorted by local expert, counts[i] of them for expert i -> (M, C)."""
+        w1, w2, w3 = self.w1, self.w2, self.w3
+        if self.ep_size > 1:  # the copies of ep ranks' tokens: their gradients add up over the ep group already
+            w1, w2 = ScaleGrad.apply(w1, 1 / self.ep_size), ScaleGrad.apply(w2, 1 / self.ep_size)
+            w3 = ScaleGrad.apply(w3, 1 / self.ep_size) if w3 is not None else None
+        outs = []
+        for i, part in enumerate(torch.split(x, counts, dim=0)):  # (m_i, C) each
+            up = part @ w1[i]  # (m_i, f_e)
+            hidden = F.silu(up) if self.gated and not self.geglu else F.gelu(up, approximate="tanh")
+            if self.gated:
+                hidden = hidden * (part @ w3[i])  # (m_i, f_e)
+            outs.append(hidden @ w2[i])  # (m_i, C)
+        return torch.cat(outs, dim=0) if outs else x[:0]
+
+
+class MoE(nn.Module):
+    """A sparse MLP: a router (linear h -> experts), top-k of the softmax (renormalised over
+    the chosen, Mixtral's rule), every token's copies through its experts, their outputs
+    summed by the router's weights; shared experts every token runs. Dropless: every copy is
+    computed. `ep_group` (set by `runtime.expert_parallel`) sends each copy to the rank holding
+    its expert and back with two all-to-alls (and one of the counts first)."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.top_k = spec.experts_per_token
+        self.num_experts = spec.experts
+        self.router = nn.Linear(spec.hidden, spec.experts, bias=False)
+        self.experts = GroupedExperts(spec)
+        self.shared_expert = FeedForward(spec, spec.shared_expert_ffn_hidden) if spec.shared_expert_ffn_hidden else None
+        self.ep_group = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape  # (B, T, C)
+        flat = x.reshape(-1, shape[-1])  # (N, C)
+        probs = torch.softmax(self.router(flat).float(), dim=-1)  # (N, E), routed in fp32
+        weights, chosen = probs.topk(self.top_k, dim=-1)  # (N, k) each
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        slots = chosen.reshape(-1)  # (N k,) the expert of each copy
+        order = slots.argsort(stable=True)  # copies sorted by expert
+        copies = flat[order // self.top_k]  # (N k, C)
+        counts = torch.bincount(slots, minlength=self.num_experts)  # (E,)
+        if self.ep_group is None:
+            out = self.experts(copies, counts.tolist())
+        else:
+            out = self._expert_parallel(copies, counts)
+        unsorted = out[order.argsort()]  # (N k, C) back in (token, slot) order
+        y = (unsorted.view(-1, self.top_k, shape[-1]) * weights.unsqueeze(-1)).sum(dim=1)  # (N, C)
+        if self.shared_expert is not None:
+            y = y + self.shared_expert(flat)
+        return y.view(shape)
+
+    def _expert_parallel(self, copies: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+        from torch.distributed.nn.functional import all_to_all_single
+
+        ep, local = self.experts.ep_size, self.num_experts // self.experts.ep_size
+        received_counts = torch.empty_like(counts)  # (ep * local,): [source rank, my local expert]
+        dist.all_to_all_single(received_counts, counts, group=self.ep_group)
+        send = counts.view(ep, local).sum(dim=1).tolist()
+        by_source = received_counts.view(ep, local)  # (ep, local)
+        recv = by_source.sum(dim=1).tolist()
+        arrived = all_to_all_single(copies.new_empty(sum(recv), copies.shape[1]), copies, recv, send,
+                                    group=self.ep_group)  # (M, C) by source rank, then local expert
+        expert_of = torch.arange(local, device=copies.device).repeat(ep).repeat_interleave(by_source.reshape(-1))
+        regroup = expert_of.argsort(stable=True)  # (M,) copies by local expert
+        out = self.experts(arrived[regroup], by_source.sum(dim=0).tolist())[regroup.argsort()]  # (M, C)
+        return all_to_all_single(copies.new_empty(copies.shape), out, send, recv, group=self.ep_group)  # (N k, C)
+
+
 class Block(nn.Module):
-    def __init__(self, spec: ModelSpec, dropout: float) -> None:
+    def __init__(self, spec: ModelSpec, dropout: float, index: int = 0) -> None:
         super().__init__()
         self.attention_norm = _norm(spec)
         self.attention = Attention(spec, dropout)
         self.ffn_norm = _norm(spec)
-        self.feed_forward = FeedForward(spec)
+        self.feed_forward = MoE(spec) if spec.is_moe_layer(index) else FeedForward(spec)
         self.attention_dropout = nn.Dropout(dropout)  # one module per call site (module trackers need it)
         self.ffn_dropout = nn.Dropout(dropout)
 
@@ -155,7 +254,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(spec.vocab, spec.hidden)
         self.pos_embeddings = nn.Embedding(spec.seq_len, spec.hidden) if spec.position is Position.LEARNED else None
         self.embed_dropout = nn.Dropout(drop)
-        self.layers = nn.ModuleDict({str(i): Block(spec, drop) for i in range(spec.layers)})
+        self.layers = nn.ModuleDict({str(i): Block(spec, drop, i) for i in range(spec.layers)})
         self.norm = _norm(spec)
         self.output = nn.Linear(spec.hidden, spec.vocab, bias=False)
         if spec.tied_embeddings:
@@ -188,16 +287,22 @@ class Transformer(nn.Module):
         scaled = 0.02 / math.sqrt(2 * self.spec.layers)
         with torch.no_grad():
             self.init_buffers()
-            for name, p in self.named_parameters():
-                name = name.replace("_checkpoint_wrapped_module.", "")
+            for raw, p in self.named_parameters():
+                name = raw.replace("_checkpoint_wrapped_module.", "")
                 if name == "output.weight" and self.spec.tied_embeddings:  # a last pipeline stage's copy of the tie
                     name = "tok_embeddings.weight"
                 if p.dim() == 1 or name.endswith("lora_b"):  # LoRA's B starts at zero: training starts at the base
                     full = torch.ones(p.shape) if name.endswith("weight") else torch.zeros(p.shape)
                 else:
                     gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-                    std = scaled if name.endswith(("wo.weight", "w2.weight")) else 0.02
-                    full = torch.randn(tuple(p.shape), generator=gen) * std
+                    std = scaled if name.endswith(("wo.weight", "w2.weight", "experts.w2")) else 0.02
+                    owner = self.get_submodule(raw.rpartition(".")[0])
+                    if isinstance(owner, GroupedExperts) and owner.ep_size > 1:  # this rank's experts of the whole
+                        whole = (self.spec.experts, *p.shape[1:])
+                        n = whole[0] // owner.ep_size
+                        full = (torch.randn(whole, generator=gen) * std)[owner.ep_rank * n:(owner.ep_rank + 1) * n]
+                    else:
+                        full = torch.randn(tuple(p.shape), generator=gen) * std
                 copy_full(p, full)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
