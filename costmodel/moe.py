@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from statistics import NormalDist
 
 from costmodel.collectives import all_gather_s, all_to_all_s, reduce_scatter_s
@@ -45,6 +46,7 @@ from costmodel.spec import ModelSpec
 EXPERT_LOAD_CV = 0.25
 
 
+@lru_cache(maxsize=1024)
 def rank_imbalance(experts: int, ep: int, expert_cv: float = EXPERT_LOAD_CV) -> float:
     """Busiest expert-parallel rank's tokens over the mean (1: perfectly balanced)."""
     if ep <= 1:

@@ -81,8 +81,26 @@ class ServingRequest:
 
 
 def kv_bytes_per_token(spec: ModelSpec, bytes_per_value: int = 2) -> int:
-    """K and V of every layer for one token, the whole model."""
-    return 2 * spec.layers * spec.kv_heads * spec.head_dim * bytes_per_value
+    """K and V of every layer for one token, the whole model (multi-head latent attention:
+    the compressed latent and the RoPE key)."""
+    return spec.layers * spec.kv_cache_values_per_token * bytes_per_value
+
+
+def kv_values_per_token_gpu(spec: ModelSpec, tp: int) -> int:
+    """Values one layer caches per token on one tensor-parallel GPU: its KV heads; the whole
+    latent under multi-head latent attention (every rank's heads are expanded from it)."""
+    if spec.latent_attention:
+        return spec.kv_cache_values_per_token
+    return kv_heads_per_gpu(spec, tp) * (spec.head_dim + spec.v_head_dim)
+
+
+def expert_weights_per_gpu(spec: ModelSpec, tp: int, layers: int) -> float:
+    """Routed-expert parameters of `layers` layers on one GPU, the experts split over tp (as
+    vLLM's fused MoE runs them without expert parallelism): every expert is held, however few
+    a token uses."""
+    if not spec.moe:
+        return 0.0
+    return layers * spec.moe_layers / spec.layers * spec.experts * spec.expert_params / tp
 
 
 def kv_heads_per_gpu(spec: ModelSpec, tp: int) -> int:
@@ -140,7 +158,8 @@ def weights_bytes_per_gpu(spec: ModelSpec, tp: int, pp: int, bytes_per_value: in
     layers = math.ceil(spec.layers / pp)
     vocab = -(-spec.vocab // tp) * spec.hidden
     ends = vocab if pp > 1 else vocab * (1 if spec.tied_embeddings else 2)
-    return (layers * _params_per_tp_rank(spec, tp) + ends + spec.norm_params) * bytes_per_value
+    return (layers * _params_per_tp_rank(spec, tp) + expert_weights_per_gpu(spec, tp, layers) + ends
+            + spec.norm_params) * bytes_per_value
 
 
 def kv_budget(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: int, pp: int) -> KVBudget:
@@ -150,7 +169,7 @@ def kv_budget(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: int, p
     workspace = req.prompt_len * (4 * spec.hidden + 2 * spec.ffn_hidden // tp) * e + spec.vocab // tp * 4
     usable = cluster.device.hbm_bytes * GPU_MEMORY_UTILIZATION - cluster.device.memory_overhead.fixed_gib * 2**30
     kv = max(0.0, usable - weights - workspace)
-    per_token = 2 * math.ceil(spec.layers / pp) * kv_heads_per_gpu(spec, tp) * spec.head_dim * e
+    per_token = math.ceil(spec.layers / pp) * kv_values_per_token_gpu(spec, tp) * e
     capacity = int(kv // per_token)
     P, O, b = req.prompt_len, req.output_len, req.block_tokens
     if P + O > spec.seq_len:
@@ -191,9 +210,24 @@ def decode_step_s(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: in
     q, kv = spec.q_dim // tp, kv_heads_per_gpu(spec, tp) * spec.head_dim
     f = spec.ffn_hidden // tp
     up = 2 * f if spec.gated else f
-    gemms = sum(gemm_s(dev, dtype, rows, k, n, e) for k, n in ((spec.hidden, q + 2 * kv), (q, spec.hidden),
-                                                              (spec.hidden, up), (f, spec.hidden)))
-    cache = rows * context * 2 * kv * e  # K and V of every cached token, read once
+    gemms = sum(gemm_s(dev, dtype, rows, k, n, e) for k, n in ((spec.hidden, q + 2 * kv), (q, spec.hidden)))
+    dense_mlp = gemm_s(dev, dtype, rows, spec.hidden, up, e) + gemm_s(dev, dtype, rows, f, spec.hidden, e)
+    if spec.moe:  # the experts the batch's tokens reach: each read once, over its share of the rows
+        E, k = spec.experts, spec.experts_per_token
+        touched = E * (1 - (1 - k / E) ** rows)
+        fe = spec.expert_ffn_hidden // tp
+        m = rows * k / touched
+        sparse = touched * (gemm_s(dev, dtype, m, spec.hidden, 2 * fe if spec.gated else fe, e)
+                            + gemm_s(dev, dtype, m, fe, spec.hidden, e)) + gemm_s(dev, dtype, rows, spec.hidden, E, e)
+        if spec.shared_expert_ffn_hidden:
+            fs = spec.shared_expert_ffn_hidden // tp
+            sparse += (gemm_s(dev, dtype, rows, spec.hidden, 2 * fs if spec.gated else fs, e)
+                       + gemm_s(dev, dtype, rows, fs, spec.hidden, e))
+        share = spec.moe_layers / spec.layers
+        gemms += share * sparse + (1 - share) * dense_mlp
+    else:
+        gemms += dense_mlp
+    cache = rows * context * kv_values_per_token_gpu(spec, tp) * e  # every cached token's K and V (or latent), read once
     attention = dev.attention_s(4.0 * rows * context * q, cache + 2 * rows * q * e, dtype, decode=True)
     elementwise = dev.memory_s(rows * (10 * spec.hidden + 3 * f) * e)  # norms, residuals, activation, rope
     layer = gemms + attention + elementwise + dev.layer_overhead_s(tensor_parallel=tp > 1, fsdp=False)[0]

@@ -175,7 +175,10 @@ class ModelSpec:
 
     @property
     def moe_layers(self) -> int:
-        return sum(self.is_moe_layer(i) for i in range(self.layers))
+        """Layers with experts: the multiples of moe_every among layers dense_layers+1 .. layers (1-based)."""
+        if not self.moe:
+            return 0
+        return self.layers // self.moe_every - min(self.dense_layers, self.layers) // self.moe_every
 
     @property
     def latent_attention(self) -> bool:

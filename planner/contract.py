@@ -92,13 +92,19 @@ def strategy_runtime_problems(spec: ModelSpec, s: Strategy, mode: str = "train")
         problems.append(f"{spec.name} is a mixture of experts, which the runtime runs with tp 1 (expert parallelism "
                         "folded into data parallelism, FSDP, and pp without ep) so far; the planned layout is priced "
                         "but not run: re-plan with --tp 1 --cp 1" + (" --pp 1" if s.ep > 1 and s.pp > 1 else ""))
-    if spec.latent_attention:
-        problems.append(f"{spec.name} uses multi-head latent attention, which the cost model prices and the runtime "
-                        "does not build yet; its plans are for prediction and export")
     if s.tp > spec.kv_heads:
         problems.append(f"tp({s.tp}) is more than {spec.name}'s {spec.kv_heads} K/V heads: the runtime splits whole "
                         f"K/V heads (it does not copy them, as Megatron does); use --tp {spec.kv_heads} or less")
     return problems + list(planned_only(s, mode).values())
+
+
+def model_planned_only(spec: ModelSpec) -> list[str]:
+    """What the cost model prices in a model and the runtime does not build: its plans are
+    written (with a note) for prediction and export; `check` and `run` refuse them."""
+    if spec.latent_attention:
+        return [f"{spec.name} uses multi-head latent attention, which the cost model prices and the runtime does "
+                "not build yet: its plans are for prediction and export"]
+    return []
 
 
 def planned_only(s: Strategy, mode: str = "train") -> dict[str, str]:
@@ -133,6 +139,7 @@ def runnable_problems(plan: Plan, world_size: int | None = None) -> list[str]:
     if plan.mode == "inference":
         return problems + ["a serving plan is not trained; `paraplan generate` runs the built-in models with a KV cache"]
     spec = plan.spec
+    problems += model_planned_only(spec)
     problems += strategy_runtime_problems(spec, plan.strategy(), plan.mode)
     from_source = source_problems(plan)
     if from_source:

@@ -211,9 +211,14 @@ def _transformers_count(data: dict) -> int | None:
     except ImportError:
         return None
     layers = data.get("num_hidden_layers", data.get("n_layer"))
+    # built d1 and d2 = d1 + step blocks deep: past the first dense layers every `step` blocks
+    # repeat (a mixture of experts' dense-then-sparse period), the rest is their difference
+    step = data.get("decoder_sparse_step") or 1
+    first = (data.get("first_k_dense_replace") or 0) + step
     counts = []
-    try:  # one block and two blocks deep: every block the same, the rest is the difference
-        for depth in ((1, 2) if isinstance(layers, int) and layers > 2 else (None,)):
+    deep = isinstance(layers, int) and isinstance(step, int) and layers > first + step and (layers - first) % step == 0
+    try:
+        for depth in ((first, first + step) if deep else (None,)):
             config = transformers.AutoConfig.for_model(**data)
             if depth is not None:
                 for key, value in list(vars(config).items()):  # per-layer lists (Gemma-2's layer_types)
@@ -225,7 +230,7 @@ def _transformers_count(data: dict) -> int | None:
             counts.append(sum(p.numel() for p in model.parameters()))
     except Exception:  # noqa: BLE001 - transformers raises many kinds; the reader's size stands
         return None
-    return counts[0] if len(counts) == 1 else counts[0] + (layers - 1) * (counts[1] - counts[0])
+    return counts[0] if len(counts) == 1 else counts[0] + (layers - first) // step * (counts[1] - counts[0])
 
 
 def _load_file_spec(text: str) -> ModelSpec:
@@ -273,6 +278,7 @@ def _int(data: dict, *keys: str, default=None) -> int:
 
 
 READ_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2")  # the dense decoders this reader sizes exactly
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")  # and the mixtures of experts
 GELU_ACTS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_python")
 EXPERT_FIELDS = ("num_local_experts", "n_routed_experts", "num_experts", "moe_num_experts")
 
@@ -282,12 +288,19 @@ def _understood(data: dict) -> None:
     model_type = str(data.get("model_type", ""))
     for key in EXPERT_FIELDS:
         experts = data.get(key)
+        if model_type in MOE_TYPES:
+            break
         if isinstance(experts, int) and not isinstance(experts, bool) and experts > 1:
             raise ConfigError(f"the config is a mixture-of-experts model ({key} = {experts}, model_type "
-                              f"{model_type or 'not given'}); paraplan does not price experts yet, and read as dense "
-                              f"it would count one expert of {experts}: no plan for it until mixture-of-experts "
-                              "support lands")
-    if model_type and model_type not in READ_TYPES:
+                              f"{model_type or 'not given'}) of a kind this reader does not size (it reads the "
+                              f"experts of {', '.join(MOE_TYPES)}); read as dense it would count one expert of "
+                              f"{experts}: write a spec YAML with experts, experts_per_token and expert_ffn_hidden")
+    if model_type in ("qwen2_moe", "qwen3_moe") and data.get("mlp_only_layers"):
+        raise ConfigError(f"mlp_only_layers {data['mlp_only_layers']}: dense layers at chosen places are not modelled "
+                          "(paraplan's spec has dense_layers first and moe_every); write a spec YAML")
+    if model_type in MOE_TYPES and data.get("moe_layer_freq", 1) != 1:
+        raise ConfigError(f"moe_layer_freq {data['moe_layer_freq']} is not read; write a spec YAML with moe_every")
+    if model_type and model_type not in READ_TYPES + MOE_TYPES:
         raise ConfigError(f"model_type {model_type!r} is not one this reader sizes (it reads "
                           f"{', '.join(READ_TYPES)}); read as one of those it would be mispriced: write a spec "
                           "YAML with its sizes")
@@ -330,8 +343,9 @@ def spec_from_hf_config(data: dict, *, name: str = "hf-model") -> ModelSpec:
         layers=_int(data, "num_hidden_layers"),
         hidden=hidden,
         heads=heads,
-        kv_heads=_int(data, "num_key_value_heads", default=heads),
+        kv_heads=_int(data, "num_key_value_heads", default=heads) if "kv_lora_rank" not in data else heads,
         ffn_hidden=_int(data, "intermediate_size", default=0),
+        **_experts_of(data, model_type),
         vocab=_int(data, "vocab_size"),
         # RoPE models read up to max_position_embeddings (131072 for Qwen2.5) but pre-train shorter
         seq_len=seq_len,
@@ -341,8 +355,33 @@ def spec_from_hf_config(data: dict, *, name: str = "hf-model") -> ModelSpec:
         tied_embeddings=bool(data.get("tie_word_embeddings", not gated or model_type.startswith("gemma"))),
         bias=bool(data.get("attention_bias", data.get("mlp_bias", False))),
         dropout=False,
-        head_dim=_int(data, "head_dim") if isinstance(head_dim, int) and head_dim * heads != hidden else 0,
+        head_dim=(_int(data, "head_dim") if isinstance(head_dim, int) and head_dim * heads != hidden
+                  else _int(data, "qk_nope_head_dim") + _int(data, "qk_rope_head_dim") if "kv_lora_rank" in data else 0),
     )
+
+
+def _experts_of(data: dict, model_type: str) -> dict:
+    """The mixture-of-experts and latent-attention fields of a config (transformers' names)."""
+    out: dict = {}
+    if model_type == "mixtral":
+        out = dict(experts=_int(data, "num_local_experts"), experts_per_token=_int(data, "num_experts_per_tok"),
+                   expert_ffn_hidden=_int(data, "intermediate_size"))
+    elif model_type in ("qwen2_moe", "qwen3_moe"):
+        out = dict(experts=_int(data, "num_experts"), experts_per_token=_int(data, "num_experts_per_tok"),
+                   expert_ffn_hidden=_int(data, "moe_intermediate_size"),
+                   moe_every=_int(data, "decoder_sparse_step", default=1))
+        if model_type == "qwen2_moe":  # one shared expert behind a sigmoid gate
+            out.update(shared_expert_ffn_hidden=_int(data, "shared_expert_intermediate_size", default=0),
+                       shared_expert_gate=True)
+    elif model_type in ("deepseek_v2", "deepseek_v3"):
+        shared = _int(data, "n_shared_experts", default=0)
+        out = dict(experts=_int(data, "n_routed_experts"), experts_per_token=_int(data, "num_experts_per_tok"),
+                   expert_ffn_hidden=_int(data, "moe_intermediate_size"),
+                   shared_expert_ffn_hidden=shared * _int(data, "moe_intermediate_size"),
+                   dense_layers=_int(data, "first_k_dense_replace", default=0))
+        out.update(kv_lora_rank=_int(data, "kv_lora_rank"), q_lora_rank=_int(data, "q_lora_rank", default=0),
+                   qk_rope_head_dim=_int(data, "qk_rope_head_dim"), v_head_dim=_int(data, "v_head_dim"))
+    return out
 
 
 def _from_python(text: str):

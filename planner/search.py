@@ -83,7 +83,8 @@ def enumerate_candidates(req: SearchRequest, rejected: list[str] | None = None) 
                                                if t <= per_node and per_node % t == 0 and spec.heads % t == 0]
     cps = [fixed["cp"]] if "cp" in fixed else ([1, 2, 4] if seq >= 16384 else [1, 2] if seq >= 8192 else [1])
     out: list[Strategy] = []
-    runnable = cluster.runtime.name in RUNNABLE_RUNTIMES  # `paraplan run` will execute the plan
+    # `paraplan run` will execute the plan (a model it cannot build at all is planned for prediction)
+    runnable = cluster.runtime.name in RUNNABLE_RUNTIMES and not spec.latent_attention
     for tp, cp in itertools.product(tps, cps):
         if world % (tp * cp):
             rejected.append(f"tp({tp}) * cp({cp}) = {tp * cp} does not divide the {world} GPUs of {cluster.name}; "
@@ -114,11 +115,12 @@ def enumerate_candidates(req: SearchRequest, rejected: list[str] | None = None) 
             zeros = [fixed["zero"]] if "zero" in fixed else ([0, 1, 2, 3] if dp * cp > 1 else [0])
             for zero, rc, mbs in itertools.product(zeros, _recomputes(fixed), mbss):
                 groups = [fixed["shard_group"]] if "shard_group" in fixed else _shard_groups(zero, dp, tp * cp, per_node)
-                for group, (sched, v) in itertools.product(groups, _schedules(fixed, pp, per_replica // mbs, spec.layers)):
+                for group, (sched, v), (ep, etp) in itertools.product(
+                        groups, _schedules(fixed, pp, per_replica // mbs, spec.layers), _expert_degrees(spec, fixed, dp, cp, tp)):
                     for stage_rc in _stage_recomputes(fixed, rc, pp, sched):
                         try:
                             s = Strategy(
-                                tp=tp, pp=pp, dp=dp, cp=cp, zero=zero, shard_group=group,
+                                tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, expert_tp=etp, zero=zero, shard_group=group,
                                 sequence_parallel=fixed.get("sequence_parallel", tp > 1 and not fixed.get("lora_rank")
                                                             and req.source.get("kind") != "py"),
                                 recompute=rc,
@@ -143,6 +145,26 @@ def enumerate_candidates(req: SearchRequest, rejected: list[str] | None = None) 
                             rejected.append(problems[0])
                         else:
                             out.append(s)
+    return out
+
+
+# the search holds at most this many routed experts per GPU (Megatron-Core's and DeepSeek-V3's
+# runs hold 1 to 8): fewer ranks per expert group only grow the expert states per GPU
+MAX_LOCAL_EXPERTS = 8
+
+
+def _expert_degrees(spec: ModelSpec, fixed: dict, dp: int, cp: int, tp: int) -> list[tuple[int, int]]:
+    """(ep, expert tp) pairs to try: for a mixture of experts every ep dividing both the experts
+    and the ranks it may fold over, experts split over tp or whole; (1, 0) for a dense model."""
+    if not spec.moe:
+        return [(fixed.get("ep", 1), fixed.get("expert_tp", 0))]
+    etps = [fixed["expert_tp"]] if "expert_tp" in fixed else ([0, 1] if tp > 1 else [0])
+    out = []
+    for etp in etps:
+        fold = dp * cp * (tp if etp == 1 else 1)
+        eps = [fixed["ep"]] if "ep" in fixed else [e for e in divisors(spec.experts)
+                                                    if fold % e == 0 and spec.experts // e <= MAX_LOCAL_EXPERTS]
+        out += [(e, etp) for e in eps]
     return out
 
 
@@ -322,7 +344,7 @@ def run_search(req: SearchRequest, *, module_map=None) -> SearchResult:
         "candidates": len(candidates),
         "estimated": estimated,
         "simulated": simulated,
-        "ilp_solves": int(strategy.tp > 1),
+        "ilp_solves": int(strategy.tp > 1 and graph is not None),
         "ilp_infeasible": int(ilp_status == "infeasible"),
         "ilp_status": ilp_status,
         "ilp_mesh": " x ".join(f"{n} {k}" for n, k in zip(solution.mesh.names, solution.mesh.shape)) if solution else "",

@@ -15,6 +15,8 @@ COLUMNS = ["strategy", "tokens_per_s", "mfu", "step_time_s", "memory_gib", "fits
 
 def describe(s: Strategy) -> str:
     mesh = " x ".join(f"{k} {v}" for k, v in s.mesh.items() if v > 1) or "1 GPU"
+    if s.ep > 1:
+        mesh += f" (ep {s.ep}" + (", whole experts)" if s.expert_tp == 1 and s.tp > 1 else ")")
     sched = f", {s.schedule.value}" + (f" v={s.virtual_stages}" if s.virtual_stages > 1 else "") if s.pp > 1 else ""
     return f"{mesh}, zero {s.zero}{', SP' if s.sequence_parallel else ''}, recompute {s.recompute.value}{sched}, mb {s.microbatch_size}"
 

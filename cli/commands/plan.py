@@ -13,7 +13,7 @@ from cli.commands.simulate import format_table, given_flags
 from planner.files import atomic_write_text
 from planner.graph_spec import NotADecoder
 from planner.model_source import load_model, source_and_map
-from planner.contract import RUNNABLE_RUNTIMES, plan_problems, planned_only
+from planner.contract import RUNNABLE_RUNTIMES, model_planned_only, plan_problems, planned_only
 from planner.plan import Plan, plan_from_strategy
 from planner.search import SearchRequest, run_search
 
@@ -26,8 +26,9 @@ def plan_of_search(spec, found, cluster_text: str, stats: dict, cluster, source:
     plan = replace(plan, placements=found.placements)
     if plan.runtime in RUNNABLE_RUNTIMES:
         problems, _ = plan_problems(plan, cluster)
-        asked = set(planned_only(found.strategy, plan.mode).values())  # features the flags asked for: noted
-        hard = [p for p in problems if p not in asked]
+        # features the flags asked for, and models the runtime does not build: noted
+        asked = set(planned_only(found.strategy, plan.mode).values()) | set(model_planned_only(spec))
+        hard = [p for p in problems if p not in asked] if not model_planned_only(spec) else []
         if hard:
             raise ConfigError(f"the best plan found would not run: {hard[0]}")
         for p in problems:

@@ -18,14 +18,14 @@ from planner.contract import plan_problems
 from planner.plan import Plan, megatron_placements, plan_from_strategy
 from planner.pricing import price_step
 
-STRATEGY_FLAGS = ("tp", "pp", "dp", "cp", "zero", "shard_group", "sequence_parallel", "recompute", "microbatch_size",
+STRATEGY_FLAGS = ("tp", "pp", "dp", "cp", "ep", "expert_tp", "zero", "shard_group", "sequence_parallel", "recompute", "microbatch_size",
                   "schedule", "virtual_stages", "seq_len", "precision", "flash_attention", "grad_dtype", "master_dtype")
 
 
 def given_flags(args: argparse.Namespace) -> dict:
     """The strategy flags the user gave, with every degree and size checked positive."""
     given = {k: getattr(args, k) for k in STRATEGY_FLAGS if getattr(args, k, None) is not None}
-    for name in ("tp", "pp", "cp", "dp", "microbatch_size", "virtual_stages", "seq_len", "shard_group"):
+    for name in ("tp", "pp", "cp", "dp", "ep", "expert_tp", "microbatch_size", "virtual_stages", "seq_len", "shard_group"):
         if name in given and given[name] < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {given[name]}")
     given.update(lora_flags(args))
@@ -169,7 +169,12 @@ def format_table(spec: ModelSpec, cluster_text: str, s: Strategy, r, *, given: s
     low, high = r.step_time_s_range
     sure = "calibrated" if r.calibrated else "outside the calibration data: wide"
     lines = [
-        f"{spec.name} ({format_count(spec.num_params)} params) on {cluster_text}",
+        f"{spec.name} ({format_count(spec.num_params)} params" + (
+            f", {format_count(spec.active_params())} active: {spec.experts_per_token} of {spec.experts} experts"
+            if spec.moe else "") + f") on {cluster_text}",
+        *([f"  experts      ep {s.ep} (folded into data parallelism), expert tp {s.expert_tp or s.tp}; "
+           f"{spec.experts // s.ep} experts per GPU, {r.memory_gib.get('experts', 0.0):.2f} GiB of expert states per "
+           f"GPU; all-to-all {r.time_s.get('ep_comm', 0.0):.3f} s of the step"] if spec.moe else []),
         f"  priced with runtime {r.runtime}{default('runtime', '--runtime')} on hardware profile {r.profile}",
         f"  mesh {mesh}; zero {s.zero}; sequence parallel {'on' if s.sequence_parallel else 'off'}; "
         f"recompute {s.recompute.value}; {sched}, {s.num_microbatches} microbatches of {s.microbatch_size}",
