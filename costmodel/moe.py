@@ -81,11 +81,20 @@ class MoeCost:
     wgrad_s: float  # expert and shared weight-gradient GEMMs (overlap budget)
     all_to_all_forward_s: float  # dispatch + combine (+ the expert tp gather/scatter)
     all_to_all_backward_s: float
-    all_to_alls_per_pass: int  # all_to_all_single calls per forward (and per backward)
+    all_to_alls_per_pass: int  # all_to_all_single calls per forward (all_to_all_calls)
     imbalance: float
     expert_params: float  # routed-expert parameters of the layer on this GPU
     dense_params: float  # router and shared experts on this GPU (split over tp like an MLP)
     tokens_routed: float  # token copies this GPU's experts process (mean)
+
+
+def all_to_all_calls(ep: int) -> dict[str, int]:
+    """all_to_all_single calls of one MoE layer per microbatch as paraplan's runtime issues
+    them: forward the per-expert counts (a few bytes), the dispatch and the combine; backward
+    the two token exchanges again (the counts carry no gradient)."""
+    if ep <= 1:
+        return {"forward": 0, "backward": 0}
+    return {"forward": 3, "backward": 2}
 
 
 def local_tokens(batch: int, seq_local: int, tp: int) -> int:
@@ -126,7 +135,7 @@ def moe_cost(spec: ModelSpec, *, device, dtype: str, bytes_per_value: int, batch
     if etp > 1:  # the expert's tp group gathers the dispatched tokens and reduce-scatters the outputs
         etp_comm = (all_gather_s(a2a_bytes * etp, layout.etp_group)
                     + reduce_scatter_s(a2a_bytes * etp, layout.etp_group))
-    calls = 2 if ep > 1 else 0
+    calls = all_to_all_calls(ep)["forward"]
     expert_params = spec.expert_params * local_experts / etp
     dense = spec.router_params + spec.shared_expert_params // tp
     return MoeCost(

@@ -1,0 +1,196 @@
+"""Mixtures of experts and multi-head latent attention: sizes against the model cards and
+transformers' classes, the MLA cache, expert parallelism in the cost model, the built-in MoE
+trained under expert parallelism with the single-process losses, and the planner."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from costmodel import Strategy, load_cluster, predict
+from costmodel.errors import ConfigError
+from costmodel.moe import all_to_all_calls, rank_imbalance
+from costmodel.serving import kv_bytes_per_token
+from costmodel.spec import ModelSpec
+from planner.model_source import _transformers_count, spec_from_hf_config
+from planner.zoo import ZOO
+from runtime_helpers import ROOT, read_results, torchrun, write_plan
+
+# Hugging Face config.json fields of the released models (the parts that size them)
+MIXTRAL_8X7B = {"model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
+                "num_hidden_layers": 32, "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2,
+                "vocab_size": 32000, "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "rope_theta": 1e6,
+                "tie_word_embeddings": False, "hidden_act": "silu"}
+DEEPSEEK_V2_LITE = {"model_type": "deepseek_v2", "hidden_size": 2048, "intermediate_size": 10944,
+                    "moe_intermediate_size": 1408, "num_attention_heads": 16, "num_key_value_heads": 16,
+                    "num_hidden_layers": 27, "n_routed_experts": 64, "n_shared_experts": 2, "num_experts_per_tok": 6,
+                    "first_k_dense_replace": 1, "moe_layer_freq": 1, "kv_lora_rank": 512, "q_lora_rank": None,
+                    "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "vocab_size": 102400,
+                    "max_position_embeddings": 163840, "rms_norm_eps": 1e-6, "rope_theta": 10000,
+                    "tie_word_embeddings": False, "hidden_act": "silu", "topk_method": "greedy", "n_group": 1,
+                    "topk_group": 1, "norm_topk_prob": False, "attention_bias": False}
+DEEPSEEK_V3 = {**DEEPSEEK_V2_LITE, "model_type": "deepseek_v3", "hidden_size": 7168, "intermediate_size": 18432,
+               "moe_intermediate_size": 2048, "num_attention_heads": 128, "num_key_value_heads": 128,
+               "num_hidden_layers": 61, "n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 8,
+               "first_k_dense_replace": 3, "q_lora_rank": 1536, "vocab_size": 129280, "n_group": 8, "topk_group": 4,
+               "routed_scaling_factor": 2.5, "norm_topk_prob": True, "topk_method": "noaux_tc"}
+QWEN3_30B_A3B = {"model_type": "qwen3_moe", "hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768,
+                 "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "num_hidden_layers": 48,
+                 "num_experts": 128, "num_experts_per_tok": 8, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                 "vocab_size": 151936, "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
+                 "tie_word_embeddings": False, "hidden_act": "silu", "attention_bias": False}
+QWEN1_5_MOE_A2_7B = {"model_type": "qwen2_moe", "hidden_size": 2048, "intermediate_size": 5632,
+                     "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632,
+                     "num_attention_heads": 16, "num_key_value_heads": 16, "num_hidden_layers": 24, "num_experts": 60,
+                     "num_experts_per_tok": 4, "decoder_sparse_step": 1, "mlp_only_layers": [], "vocab_size": 151936,
+                     "max_position_embeddings": 8192, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
+                     "tie_word_embeddings": False, "hidden_act": "silu"}
+
+
+def within_card(count: float, card: float, digits_unit: float) -> bool:
+    """The card's figure to 0.5%, or to its last printed digit where it is printed coarser:
+    vendors round (Mistral: 46.70B is "46.7B") or cut (Qwen: 30.53B is "30.5B", 3.35B "3.3B";
+    DeepSeek-V2-Lite's 2.45B activated is "2.4B"), so a count within one unit of the last digit
+    is what the card can tell apart."""
+    return abs(count - card) < max(0.005 * card, digits_unit)
+
+
+# (spec, card total, card active, unit of the card's last digit, active counted with the input embedding).
+# Mistral's announcements count Mixtral's active parameters with the embedding (12.9B of 46.7B; 39B of 141B);
+# DeepSeek (V2 paper Table 1 for Lite, V3 report Sec. 1) and Qwen (Qwen3 report Table 2) count it out.
+CARDS = {
+    "mixtral-8x7b": (ZOO["mixtral-8x7b"], 46.7e9, 12.9e9, 0.1e9, True),
+    "mixtral-8x22b": (ZOO["mixtral-8x22b"], 141e9, 39e9, 1e9, True),
+    "qwen3-30b-a3b": (ZOO["qwen3-30b-a3b"], 30.5e9, 3.3e9, 0.1e9, True),
+    "deepseek-v3": (ZOO["deepseek-v3"], 671e9, 37e9, 1e9, False),
+    "deepseek-v2-lite": (spec_from_hf_config(DEEPSEEK_V2_LITE, name="v2-lite"), 15.7e9, 2.4e9, 0.1e9, False),
+}
+
+
+@pytest.mark.parametrize("name", list(CARDS))
+def test_total_and_active_parameters_are_the_model_cards(name):
+    spec, total, active, unit, with_embedding = CARDS[name]
+    assert within_card(spec.num_params, total, unit), spec.num_params
+    assert within_card(spec.active_params(input_embedding=with_embedding), active, unit), spec.active_params()
+    assert spec.active_params() < spec.num_params / 3  # read as dense it would be one expert's model
+
+
+@pytest.mark.parametrize("config", [MIXTRAL_8X7B, DEEPSEEK_V2_LITE, DEEPSEEK_V3, QWEN3_30B_A3B, QWEN1_5_MOE_A2_7B],
+                         ids=lambda c: c["model_type"])
+def test_the_reader_counts_what_transformers_builds(config):
+    spec = spec_from_hf_config(config)
+    real = _transformers_count(config)  # built on the meta device, extrapolated past the dense layers
+    assert real is not None and abs(spec.num_params - real) <= 1e-4 * real, (spec.num_params, real)
+
+
+def test_the_zoo_is_what_the_configs_say():
+    assert spec_from_hf_config(MIXTRAL_8X7B).num_params == ZOO["mixtral-8x7b"].num_params
+    assert spec_from_hf_config(DEEPSEEK_V3).num_params == ZOO["deepseek-v3"].num_params == 671_026_404_352
+    assert spec_from_hf_config(QWEN3_30B_A3B).num_params == ZOO["qwen3-30b-a3b"].num_params
+
+
+def test_latent_attention_caches_the_latent_only():
+    lite = spec_from_hf_config(DEEPSEEK_V2_LITE)
+    assert kv_bytes_per_token(lite, 2) == 31_104  # 27 layers x (512 + 64) x 2 B
+    assert kv_bytes_per_token(ZOO["deepseek-v3"], 2) == 70_272  # 61 x 576 x 2
+    assert kv_bytes_per_token(ZOO["mixtral-8x7b"], 2) == 2 * 32 * 8 * 128 * 2  # GQA: K and V of 8 heads
+
+
+def test_experts_the_reader_cannot_size_are_refused_by_name():
+    with pytest.raises(ConfigError, match="num_experts = 16"):
+        spec_from_hf_config({**QWEN3_30B_A3B, "model_type": "olmoe", "num_experts": 16})
+    with pytest.raises(ConfigError, match="mlp_only_layers"):
+        spec_from_hf_config({**QWEN3_30B_A3B, "mlp_only_layers": [0, 1]})
+    with pytest.raises(ConfigError, match="experts_per_token"):
+        ModelSpec(layers=2, hidden=64, heads=4, vocab=256, seq_len=32, experts=4)
+
+
+def test_expert_parallelism_splits_expert_memory_and_costs_all_to_alls():
+    spec, cluster = ZOO["mixtral-8x7b"], load_cluster("h100-sxm:64")
+    base = dict(dp=64, zero=1, microbatch_size=1, global_batch=256, recompute="full")
+    r1 = predict(spec, Strategy(ep=1, **base), cluster)
+    r8 = predict(spec, Strategy(ep=8, **base), cluster)
+    # ZeRO-1 holds weights and gradients whole: the experts' share shrinks 8x with ep 8
+    assert r1.memory_gib["experts"] > 6 * r8.memory_gib["experts"]
+    assert r1.time_s["ep_comm"] == 0 and r8.time_s["ep_comm"] > 0
+    # within a node (ep 8 of 8 GPUs) the all-to-all is cheaper than across two (ep 8 two nodes apart)
+    cross = predict(spec, Strategy(ep=8, tp=2, pp=1, dp=32, zero=1, microbatch_size=1, global_batch=256,
+                                   recompute="full", sequence_parallel=True), cluster)
+    assert cross.time_s["ep_comm"] > r8.time_s["ep_comm"]
+    with pytest.raises(ConfigError, match="ep\\(16\\) does not divide experts"):
+        predict(spec, Strategy(ep=16, **base), cluster)
+
+
+def test_router_imbalance_grows_with_ranks_and_shrinks_with_experts_per_rank():
+    assert rank_imbalance(8, 1) == 1.0
+    assert 1.0 < rank_imbalance(64, 2) < rank_imbalance(64, 8) < rank_imbalance(64, 64)
+    assert rank_imbalance(256, 8) < rank_imbalance(64, 8)  # 32 experts per rank average out
+
+
+def test_the_planner_fits_mixtral_on_64_h100_with_expert_memory_shown():
+    from planner.search import SearchRequest, run_search
+
+    cluster = load_cluster("h100-sxm:64")
+    found = run_search(SearchRequest(spec=ZOO["mixtral-8x7b"], cluster=cluster, global_batch=1024))
+    r = found.result
+    assert r.fits and r.memory_gib["total"] <= cluster.device.hbm_gib
+    assert r.memory_gib["experts"] > 0 and "ep_comm" in r.time_s
+    assert found.strategy.tp == 1  # the runtime runs mixtures of experts with tp 1: the search keeps to it
+
+
+CONFIGS = {"ep2_dp2": dict(dp=4, ep=2, microbatch_size=2), "ep2_fsdp2": dict(dp=4, ep=2, zero=3, microbatch_size=2),
+           "ep4": dict(dp=4, ep=4, microbatch_size=2)}
+
+
+def test_expert_parallel_training_matches_one_process(tmp_path):
+    """10 steps of tiny-moe (4 experts, top-2, a shared expert, one dense layer then two sparse)
+    under EP2 x DP2, EP2 x FSDP2 and EP4 against one process. Dropless routing makes every
+    layout compute the same sums; they differ only in the order fp32 adds the gradients of a
+    weight (over ranks, over tokens), about 1e-7 relative per step: 1e-5 on the losses after
+    10 steps of Adam leaves room for that and none for a misrouted token or a gradient divided
+    by the wrong count (which moves the loss by 1e-3 or more within 3 steps)."""
+    single = write_plan(tmp_path, "tiny-moe", Strategy(precision="fp32", global_batch=8, microbatch_size=8), "single")
+    plans = [write_plan(tmp_path, "tiny-moe", Strategy(precision="fp32", global_batch=8, **kw), name)
+             for name, kw in CONFIGS.items()]
+    for n, todo, out in ((1, [single], tmp_path / "one.jsonl"), (4, plans, tmp_path / "four.jsonl")):
+        run = torchrun(n, todo, out)
+        assert run.returncode == 0, run.stderr[-3000:]
+    results = {**read_results(tmp_path / "one.jsonl"), **read_results(tmp_path / "four.jsonl")}
+    base = np.array(results["tiny-moe__single"]["losses"])
+    assert len(base) == 10 and base[-1] < base[0]
+    for name in CONFIGS:
+        losses = np.array(results[f"tiny-moe__{name}"]["losses"])
+        np.testing.assert_allclose(losses, base, rtol=1e-5, atol=0, err_msg=name)
+
+
+def test_all_to_alls_per_layer_are_the_predicted(tmp_path):
+    plan = write_plan(tmp_path, "tiny-moe", Strategy(precision="fp32", dp=2, ep=2, global_batch=2,
+                                                     microbatch_size=1), "comm")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          str(ROOT / "tests" / "moe_comm_worker.py"), str(plan)],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    counts = json.loads(next(l for l in out.stdout.splitlines() if l.startswith("{")))
+    predicted = all_to_all_calls(2)
+    for phase in ("forward", "backward"):
+        a2a = sum(n for op, n in counts[phase].items() if "all_to_all" in op or "alltoall" in op)
+        assert a2a == predicted[phase], counts
+        # besides them only the data-parallel gradient reductions of the backward (the experts' FSDP unit, the block's)
+        others = {op: n for op, n in counts[phase].items() if "alltoall" not in op and "all_to_all" not in op}
+        assert others == ({} if phase == "forward" else {"allreduce_": 2}), counts
+
+
+def test_runtime_refuses_what_it_does_not_run():
+    from planner.contract import strategy_runtime_problems
+
+    spec = ZOO["tiny-moe"]
+    s = Strategy(tp=2, dp=2, ep=2, sequence_parallel=True, global_batch=4)
+    assert any("tp 1" in p for p in strategy_runtime_problems(spec, s))
+    assert not strategy_runtime_problems(spec, replace(s, tp=1, dp=4, sequence_parallel=False))
