@@ -23,13 +23,13 @@ covers GQA (narrower K and V), SwiGLU (three ffn-wide tensors), no dropout, Flas
 
 from __future__ import annotations
 
-from costmodel.moe import rank_imbalance
+from costmodel.moe import EXPERT_LOAD_CV, rank_imbalance
 from costmodel.spec import ModelSpec
 from costmodel.strategy import Recompute
 
 
 def moe_mlp_activation_bytes(spec: ModelSpec, *, seq: int, batch: int, tp: int, ep: int, expert_tp: int,
-                             bytes_per_value: int = 2) -> float:
+                             bytes_per_value: int = 2, expert_cv: float = EXPERT_LOAD_CV) -> float:
     """Bytes the sparse MLP of one MoE layer keeps for its backward on the busiest GPU: the
     router's fp32 logits, the dispatched token copies, the experts' up-projection and
     activation outputs, the copies before the combine; the shared experts like a dense MLP.
@@ -38,7 +38,7 @@ def moe_mlp_activation_bytes(spec: ModelSpec, *, seq: int, batch: int, tp: int, 
     e, h = bytes_per_value, spec.hidden
     etp = expert_tp or tp
     t = seq * batch / tp
-    copies = t * spec.experts_per_token * etp * rank_imbalance(spec.experts, ep)
+    copies = t * spec.experts_per_token * etp * rank_imbalance(spec.experts, ep, expert_cv)
     fe = spec.expert_ffn_hidden / etp
     up = (2 if spec.gated else 1) * fe
     routed = copies * e * (2 * h + up + fe)
@@ -46,12 +46,14 @@ def moe_mlp_activation_bytes(spec: ModelSpec, *, seq: int, batch: int, tp: int, 
     return t * spec.experts * 4 + routed + shared
 
 
-def _mlp_bytes(spec: ModelSpec, dense: float, *, seq: int, batch: int, tp: int, ep: int, expert_tp: int, e: int) -> float:
+def _mlp_bytes(spec: ModelSpec, dense: float, *, seq: int, batch: int, tp: int, ep: int, expert_tp: int, e: int,
+               expert_cv: float) -> float:
     """A layer's MLP activations, the mean over the layers of a mixture of experts."""
     if not spec.moe:
         return dense
     share = spec.moe_layers / spec.layers
-    sparse = moe_mlp_activation_bytes(spec, seq=seq, batch=batch, tp=tp, ep=ep, expert_tp=expert_tp, bytes_per_value=e)
+    sparse = moe_mlp_activation_bytes(spec, seq=seq, batch=batch, tp=tp, ep=ep, expert_tp=expert_tp, bytes_per_value=e,
+                                      expert_cv=expert_cv)
     return (1 - share) * dense + share * sparse
 
 
@@ -77,6 +79,7 @@ def layer_activation_bytes(
     bytes_per_value: int = 2,
     ep: int = 1,
     expert_tp: int = 0,
+    expert_cv: float = EXPERT_LOAD_CV,
 ) -> float:
     """Bytes one transformer layer keeps from its forward to its backward, per GPU (a mixture
     of experts: the mean layer)."""
@@ -94,7 +97,8 @@ def layer_activation_bytes(
     # split over tp: Q, K, V, the attention output; the MLP's ffn-wide tensors
     ffn_tensors = 3 if spec.gated else 2
     q, o = spec.q_dim, spec.o_dim
-    mlp = _mlp_bytes(spec, s * b * ffn_tensors * e * f / tp, seq=s, batch=b, tp=tp, ep=ep, expert_tp=expert_tp, e=e)
+    mlp = _mlp_bytes(spec, s * b * ffn_tensors * e * f / tp, seq=s, batch=b, tp=tp, ep=ep, expert_tp=expert_tp, e=e,
+                     expert_cv=expert_cv)
     sharded = s * b * (e * q + 2 * e * kv + e * o) + mlp * tp
     # the s x s tensors: softmax output, and with dropout its mask and output
     scores = 0.0
@@ -104,7 +108,8 @@ def layer_activation_bytes(
 
 
 def saved_matmul_outputs_bytes(spec: ModelSpec, *, seq: int, batch: int, tp: int, sequence_parallel: bool,
-                               bytes_per_value: int = 2, ep: int = 1, expert_tp: int = 0) -> float:
+                               bytes_per_value: int = 2, ep: int = 1, expert_tp: int = 0,
+                               expert_cv: float = EXPERT_LOAD_CV) -> float:
     """Bytes a layer keeps under op-level selective checkpointing that saves the outputs of
     the matmuls and of fused attention and recomputes everything else (torchtitan's "op"
     policy; paraplan's runtime): the block input, Q/K/V, the attention output and its
@@ -114,7 +119,8 @@ def saved_matmul_outputs_bytes(spec: ModelSpec, *, seq: int, batch: int, tp: int
     sp_div = tp if sequence_parallel else 1
     kv = spec.kv_dim * (max(spec.kv_heads, tp) / spec.kv_heads)
     up = (2 if spec.gated else 1) * spec.ffn_hidden
-    mlp = _mlp_bytes(spec, s * b * e * up / tp, seq=s, batch=b, tp=tp, ep=ep, expert_tp=expert_tp, e=e)
+    mlp = _mlp_bytes(spec, s * b * e * up / tp, seq=s, batch=b, tp=tp, ep=ep, expert_tp=expert_tp, e=e,
+                     expert_cv=expert_cv)
     per_token = e * (h / sp_div + (spec.q_dim + 2 * kv + spec.o_dim) / tp + 2 * h) + 4 * spec.heads / tp
     return s * b * per_token + mlp
 

@@ -41,8 +41,8 @@ from costmodel.ops import gemm_s
 from costmodel.spec import ModelSpec
 
 # Coefficient of variation of the tokens each expert gets per step under auxiliary-loss (or
-# DeepSeek-V3's bias-based) balancing: an assumption, stated; a measured router's figure
-# replaces it (`--moe-expert-cv`).
+# DeepSeek-V3's bias-based) balancing: an assumption, stated (Strategy.expert_load_cv, which
+# `--expert-load-cv` sets; 0 for force-balanced benchmarks); a measured router's figure replaces it.
 EXPERT_LOAD_CV = 0.25
 
 

@@ -340,11 +340,11 @@ def _rank_memory(spec, s: Strategy, cluster: Cluster, layer: LayerCost, ends, co
         if op_level and s.recompute_of(k) is Recompute.SELECTIVE:
             return saved_matmul_outputs_bytes(spec, seq=seq, batch=s.microbatch_size, tp=s.tp,
                                               sequence_parallel=s.sequence_parallel, bytes_per_value=pol.activation_bytes,
-                                              ep=s.ep, expert_tp=s.expert_tp)
+                                              ep=s.ep, expert_tp=s.expert_tp, expert_cv=s.expert_load_cv)
         return layer_activation_bytes(
             spec, seq=seq, batch=s.microbatch_size, tp=s.tp, sequence_parallel=s.sequence_parallel,
             recompute=s.recompute_of(k), flash_attention=s.flash_attention, bytes_per_value=pol.activation_bytes,
-            ep=s.ep, expert_tp=s.expert_tp,
+            ep=s.ep, expert_tp=s.expert_tp, expert_cv=s.expert_load_cv,
         )
 
     e, b, h = pol.activation_bytes, s.microbatch_size, spec.hidden
@@ -359,6 +359,7 @@ def _rank_memory(spec, s: Strategy, cluster: Cluster, layer: LayerCost, ends, co
         activations += layer_activation_bytes(
             spec, seq=seq, batch=b, tp=s.tp, sequence_parallel=s.sequence_parallel, recompute=Recompute.NONE,
             flash_attention=s.flash_attention, bytes_per_value=e, ep=s.ep, expert_tp=s.expert_tp,
+            expert_cv=s.expert_load_cv,
         )
     overhead = cluster.device.memory_overhead
     buffers = 0.0

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields, replace
 from enum import StrEnum
 
 from costmodel.errors import ConfigError
+from costmodel.moe import EXPERT_LOAD_CV
 
 MESH_AXES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
@@ -75,6 +76,9 @@ class Strategy:
     cp: int = 1
     ep: int = 1  # expert parallel: folded into the data-parallel ranks (costmodel.moe)
     expert_tp: int = 0  # experts' tensor parallel degree: 0 = tp, or 1 (whole experts)
+    # spread of the tokens per expert (coefficient of variation; costmodel.moe.EXPERT_LOAD_CV);
+    # 0: perfectly balanced routing (Megatron's benchmarks force-balance it)
+    expert_load_cv: float = EXPERT_LOAD_CV
     zero: int = 0
     shard_group: int = 0
     sequence_parallel: bool = False
@@ -118,6 +122,9 @@ class Strategy:
             raise ConfigError(f"--master-dtype {self.master_dtype!r} is not one of fp32, bf16")
         if isinstance(self.expert_tp, bool) or not isinstance(self.expert_tp, int) or self.expert_tp < 0:
             raise ConfigError(f"--expert-tp must be a positive integer, got {self.expert_tp!r}")
+        if isinstance(self.expert_load_cv, bool) or not isinstance(self.expert_load_cv, (int, float)) \
+                or not 0 <= self.expert_load_cv <= 4:
+            raise ConfigError(f"--expert-load-cv must be between 0 (balanced) and 4, got {self.expert_load_cv!r}")
         for name in ("tp", "pp", "dp", "cp", "ep", "microbatch_size", "global_batch", "virtual_stages"):
             _positive(name, getattr(self, name))
         if self.zero not in (0, 1, 2, 3):

@@ -122,6 +122,7 @@ class Plan:
             base_precision=str(self.lora.get("base_precision", "bf16")),
             grad_dtype=self.grad_dtype, master_dtype=self.master_dtype,
             ep=int(self.experts.get("ep", 1)), expert_tp=int(self.experts.get("expert_tp", 0)),
+            **({"expert_load_cv": float(self.experts["load_cv"])} if "load_cv" in self.experts else {}),
         )
 
     # -- YAML ----------------------------------------------------------------------------
@@ -282,5 +283,6 @@ def plan_from_strategy(
         lora={"rank": strategy.lora_rank, "targets": list(strategy.lora_targets),
               "base_precision": strategy.base_precision} if strategy.lora else {},
         grad_dtype=strategy.grad_dtype or load_runtime(runtime).grad_dtype, master_dtype=strategy.master_dtype, runtime=runtime, profile=profile,
-        experts={"ep": strategy.ep, "expert_tp": strategy.expert_tp or strategy.tp} if spec.moe else {},
+        experts={"ep": strategy.ep, "expert_tp": strategy.expert_tp or strategy.tp,
+                 "load_cv": strategy.expert_load_cv} if spec.moe else {},
     )

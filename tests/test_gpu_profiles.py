@@ -64,3 +64,17 @@ def test_blackwell_is_faster_and_roomier_than_hopper():
     assert 1.8 < h100.step_time_s / b200.step_time_s < 2.6  # 2.27x the dense bf16 peak, 2.4x the HBM bandwidth
     # an NVL72 domain holds tensor-parallel groups of up to 72 GPUs on NVLink
     assert load_cluster("gb200:144").group(36, 1).nodes == 1 and load_cluster("b200:144").group(32, 1).nodes == 4
+
+
+def test_fp8_recipes_keep_attention_in_16_bits_and_pay_the_input_casts():
+    """Transformer Engine's fp8 recipes: GEMMs at the fp8 peak on an fp8 copy (and transpose) of
+    their input written by its producer; dot-product attention stays in bf16."""
+    from costmodel.ops import FP8_CAST_BYTES_PER_INPUT, attention_s, gemm_s
+
+    dev = load_cluster("h100-sxm:8").device
+    kw = dict(tokens=8192, s_kv=4096, q_width=4096, kv_width=1024, batch=2, bytes_per_value=2)
+    assert attention_s(dev, "fp8", **kw) == attention_s(dev, "bf16", **kw)
+    m, k, n = 8192, 4096, 14336
+    pure = dev.gemm_s(2.0 * m * k * n, 2 * (m * k + k * n + m * n), "fp8", rows=m)
+    assert gemm_s(dev, "fp8", m, k, n, 2) == pytest.approx(pure + dev.memory_s(FP8_CAST_BYTES_PER_INPUT * m * k))
+    assert gemm_s(dev, "bf16", m, k, n, 2) > gemm_s(dev, "fp8", m, k, n, 2)
