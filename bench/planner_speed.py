@@ -19,7 +19,7 @@ from planner.zoo import ZOO  # noqa: E402
 
 
 def describe(s) -> str:
-    mesh = " x ".join(f"{k}{v}" for k, v in s.mesh.items() if v > 1)
+    mesh = " x ".join(f"{k}{v}" for k, v in s.mesh.items() if v > 1) + (f" (ep{s.ep})" if s.ep > 1 else "")
     sched = s.schedule.value + (f"(v={s.virtual_stages})" if s.virtual_stages > 1 else "")
     return f"{mesh}, zero {s.zero}, {s.recompute.value} recompute, {sched}, microbatch {s.microbatch_size}"
 
@@ -27,15 +27,20 @@ def describe(s) -> str:
 def main() -> None:
     print("| request | wall s | candidates | ILP solves (s) | plan | step s | MFU |")
     print("|---|---|---|---|---|---|---|")
+    # mixtures of experts: Mixtral-8x7B on 64 H100; DeepSeek-V3 on 2048 H100 at its report's final batch
+    # (15360 sequences of 4096 tokens; DeepSeek-AI, arXiv:2412.19437, Sec. 4.2)
     for name, cluster, batch in (("gpt3-175b", "a100-80g:1024", 1536), ("megatron-1t", "a100-80g:3072", 3072),
-                                 ("llama3-70b", "h100-sxm:64", 256)):
+                                 ("llama3-70b", "h100-sxm:64", 256), ("mixtral-8x7b", "h100-sxm:64", 1024),
+                                 ("deepseek-v3", "h100-sxm:2048", 15360)):
         t0 = time.perf_counter()
         found = run_search(SearchRequest(spec=ZOO[name], cluster=load_cluster(cluster), global_batch=batch))
         dt = time.perf_counter() - t0
         st = found.stats
         print(f"| {name} on {cluster}, batch {batch} | {dt:.1f} | {st['candidates']} | {st['ilp_solves']} "
               f"({st['ilp_time_s']:.2f}) | {describe(found.strategy)} | {found.result.step_time_s:.2f} | "
-              f"{100 * found.result.mfu:.1f}% |")
+              f"{100 * found.result.mfu:.1f}% |" + (
+                  f" ep {found.strategy.ep}, expert states {found.result.memory_gib['experts']:.1f} GiB/GPU, "
+                  f"fits {found.result.fits}" if ZOO[name].moe else ""))
 
     # a Hugging Face model as the user gives it (meta-llama/Llama-2-70b-hf's config.json sizes):
     # read, mapped, searched, priced on its own graph and checked, as `paraplan plan` does

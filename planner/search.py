@@ -148,6 +148,24 @@ def enumerate_candidates(req: SearchRequest, rejected: list[str] | None = None) 
     return out
 
 
+def states_floor_gib(spec: ModelSpec, s: Strategy) -> float:
+    """A floor under the fullest GPU's memory: the model states of the mean pipeline rank
+    (parameters over tp and pp, routed experts over pp, ep and expert tp, sharded as ZeRO
+    shards them), which the fullest rank holds at least, with no activations counted."""
+    pol = s.policy
+    kw = dict(param_bytes=pol.param_bytes, grad_bytes=pol.grad_bytes, optimizer_bytes=pol.optimizer_bytes)
+    experts = spec.moe_layers * spec.experts * spec.expert_params
+    shard = s.dp_shard * s.cp
+    zero = s.zero if shard > 1 else 0
+    dense = sum(zero_model_state_bytes((spec.num_params - experts) / (s.tp * s.pp), shard, zero, **kw))
+    if not experts:
+        return dense / GIB
+    etp = s.expert_tp or s.tp
+    eshard = max(1, shard * (s.tp // etp) // s.ep)
+    sparse = sum(zero_model_state_bytes(experts / (s.pp * s.ep * etp), eshard, s.zero if eshard > 1 else 0, **kw))
+    return (dense + sparse) / GIB
+
+
 # the search holds at most this many routed experts per GPU (Megatron-Core's and DeepSeek-V3's
 # runs hold 1 to 8): fewer ranks per expert group only grow the expert states per GPU
 MAX_LOCAL_EXPERTS = 8
@@ -158,7 +176,9 @@ def _expert_degrees(spec: ModelSpec, fixed: dict, dp: int, cp: int, tp: int) -> 
     and the ranks it may fold over, experts split over tp or whole; (1, 0) for a dense model."""
     if not spec.moe:
         return [(fixed.get("ep", 1), fixed.get("expert_tp", 0))]
-    etps = [fixed["expert_tp"]] if "expert_tp" in fixed else ([0, 1] if tp > 1 else [0])
+    # experts whole under tp (Megatron-Core's MoE guideline 4: EP over TP for expert layers: larger
+    # local GEMMs, less communication); --expert-tp asks for split experts
+    etps = [fixed["expert_tp"]] if "expert_tp" in fixed else ([1] if tp > 1 else [0])
     out = []
     for etp in etps:
         fold = dp * cp * (tp if etp == 1 else 1)
@@ -272,6 +292,10 @@ def run_search(req: SearchRequest, *, module_map=None) -> SearchResult:
         if scored and req.time_limit_s is not None and time.perf_counter() - t_start > req.time_limit_s * 0.5:
             timed_out = True
             break
+        floor_gib = states_floor_gib(spec, s)
+        if floor_gib > cluster.device.hbm_gib:  # its model states alone overflow every GPU: not worth pricing
+            smallest_gib = min(smallest_gib, floor_gib)
+            continue
         try:
             est = estimate(build_step(spec, s, cluster))
         except ConfigError as exc:
