@@ -38,7 +38,7 @@ def case(row: dict):
         tp=row["tp"], pp=row["pp"], dp=dp, ep=row["ep"], zero=1, sequence_parallel=row["tp"] > 1,
         microbatch_size=row["mbs"], global_batch=row["gbs"], seq_len=row["seq"], precision=row["precision"],
         schedule="interleaved" if row["vp"] > 1 else "1f1b", virtual_stages=row["vp"],
-        expert_load_cv=0.0 if row["balanced"] else EXPERT_LOAD_CV,
+        expert_load_cv=0.0 if row["balanced"] else EXPERT_LOAD_CV, ep_overlap=bool(row.get("a2a_overlap", False)),
     )
     text = f"{row['gpu']}:{row['gpus']}"
     if row["gpu"] == "gb200" and row["gpus"] > 64:

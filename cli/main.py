@@ -32,6 +32,9 @@ def add_strategy_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--expert-tp", type=int, help="experts' tensor-parallel degree: tp (default) or 1 (whole experts)")
     g.add_argument("--expert-load-cv", type=float,
                    help="spread of tokens per expert (coefficient of variation, default 0.25; 0: balanced routing)")
+    g.add_argument("--ep-overlap", action=argparse.BooleanOptionalAction, default=None,
+                   help="all-to-alls overlapped with another microbatch's compute (Megatron-Core's 1F1B A2A "
+                        "overlap, DualPipe; not run by paraplan's runtime)")
     g.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO stage; 3 = FSDP full sharding")
     g.add_argument("--shard-group", type=int, help="HSDP: shard within groups of N data-parallel ranks")
     g.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None,

@@ -234,6 +234,8 @@ def layer_cost(spec: ModelSpec, strategy: Strategy, cluster: Cluster, tp_group: 
         bwd_compute += share * sparse.backward_s
         wgrad += share * sparse.wgrad_s
         ep_f, ep_b = share * sparse.all_to_all_forward_s, share * sparse.all_to_all_backward_s
+        if strategy.ep_overlap:  # hidden behind another microbatch's pass, up to the length of the pass
+            ep_f, ep_b = max(0.0, ep_f - fwd_compute), max(0.0, ep_b - bwd_compute)
         expert_params, calls, imbalance = share * sparse.expert_params, share * sparse.all_to_alls_per_pass, sparse.imbalance
         fwd_compute += dev.memory_s(cast_f * expert_params)  # the experts' weights cast at use, gradients back
         bwd_compute += dev.memory_s(cast_b * expert_params)

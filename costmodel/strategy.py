@@ -79,6 +79,9 @@ class Strategy:
     # spread of the tokens per expert (coefficient of variation; costmodel.moe.EXPERT_LOAD_CV);
     # 0: perfectly balanced routing (Megatron's benchmarks force-balance it)
     expert_load_cv: float = EXPERT_LOAD_CV
+    # the dispatch and combine all-to-alls of one microbatch overlapped with another's compute
+    # (Megatron-Core's 1F1B A2A overlap, DeepSeek-V3's DualPipe); paraplan's runtime does not
+    ep_overlap: bool = False
     zero: int = 0
     shard_group: int = 0
     sequence_parallel: bool = False

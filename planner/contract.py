@@ -121,6 +121,9 @@ def planned_only(s: Strategy, mode: str = "train") -> dict[str, str]:
                                     "--no-sequence-parallel")
     if mode == "lora" and s.base_precision == "nf4":
         out["base_precision"] = "QLoRA's 4-bit base is planned but not run; re-plan with --base-precision bf16"
+    if s.ep_overlap:
+        out["ep_overlap"] = ("overlapping the all-to-alls with another microbatch (--ep-overlap) is priced, not run; "
+                             "re-plan with --no-ep-overlap")
     if s.precision.value == "fp8":
         out["precision"] = "fp8 training is planned but not run; re-plan with --precision bf16"
     return out

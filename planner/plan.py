@@ -123,6 +123,7 @@ class Plan:
             grad_dtype=self.grad_dtype, master_dtype=self.master_dtype,
             ep=int(self.experts.get("ep", 1)), expert_tp=int(self.experts.get("expert_tp", 0)),
             **({"expert_load_cv": float(self.experts["load_cv"])} if "load_cv" in self.experts else {}),
+            ep_overlap=bool(self.experts.get("overlap", False)),
         )
 
     # -- YAML ----------------------------------------------------------------------------
@@ -284,5 +285,5 @@ def plan_from_strategy(
               "base_precision": strategy.base_precision} if strategy.lora else {},
         grad_dtype=strategy.grad_dtype or load_runtime(runtime).grad_dtype, master_dtype=strategy.master_dtype, runtime=runtime, profile=profile,
         experts={"ep": strategy.ep, "expert_tp": strategy.expert_tp or strategy.tp,
-                 "load_cv": strategy.expert_load_cv} if spec.moe else {},
+                 "load_cv": strategy.expert_load_cv, "overlap": strategy.ep_overlap} if spec.moe else {},
     )

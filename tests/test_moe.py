@@ -194,3 +194,14 @@ def test_runtime_refuses_what_it_does_not_run():
     s = Strategy(tp=2, dp=2, ep=2, sequence_parallel=True, global_batch=4)
     assert any("tp 1" in p for p in strategy_runtime_problems(spec, s))
     assert not strategy_runtime_problems(spec, replace(s, tp=1, dp=4, sequence_parallel=False))
+
+
+def test_overlapped_all_to_alls_hide_behind_compute_and_are_planned_only():
+    from planner.contract import planned_only
+
+    spec, cluster = ZOO["mixtral-8x7b"], load_cluster("h100-sxm:64")
+    s = Strategy(dp=64, ep=8, zero=1, microbatch_size=1, global_batch=256, recompute="full")
+    plain, hidden = predict(spec, s, cluster), predict(spec, replace(s, ep_overlap=True), cluster)
+    assert plain.time_s["ep_comm"] > 0 and hidden.time_s["ep_comm"] < plain.time_s["ep_comm"]
+    assert hidden.step_time_s < plain.step_time_s
+    assert "ep_overlap" in planned_only(replace(s, ep_overlap=True)) and "ep_overlap" not in planned_only(s)

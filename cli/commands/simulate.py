@@ -18,7 +18,7 @@ from planner.contract import plan_problems
 from planner.plan import Plan, megatron_placements, plan_from_strategy
 from planner.pricing import price_step
 
-STRATEGY_FLAGS = ("tp", "pp", "dp", "cp", "ep", "expert_tp", "expert_load_cv", "zero", "shard_group", "sequence_parallel", "recompute", "microbatch_size",
+STRATEGY_FLAGS = ("tp", "pp", "dp", "cp", "ep", "expert_tp", "expert_load_cv", "ep_overlap", "zero", "shard_group", "sequence_parallel", "recompute", "microbatch_size",
                   "schedule", "virtual_stages", "seq_len", "precision", "flash_attention", "grad_dtype", "master_dtype")
 
 
