@@ -17,6 +17,7 @@ without importing the runtime); the runtime's executable layouts are written dow
 from __future__ import annotations
 
 import fnmatch
+from pathlib import Path
 
 from costmodel.errors import ConfigError
 from costmodel.spec import ModelSpec
@@ -172,6 +173,14 @@ def source_strategy_problems(source: dict, s: Strategy, mode: str = "train") -> 
     if kind and mode == "lora":
         problems.append("LoRA runs on paraplan's built-in models only so far; plan a zoo model or a spec file "
                         "for LoRA, or full fine-tuning of this one")
+    if s.ep > 1 and kind == "py":
+        problems.append("expert parallelism runs on paraplan's built-in mixture of experts and transformers' experts "
+                        "modules (Mixtral, Qwen2-MoE, Qwen3-MoE) so far; re-plan with --ep 1")
+    if s.ep > 1 and kind == "hf":
+        folder = Path(source["path"]) if Path(source["path"]).is_dir() else Path(source["path"]).parent
+        if any(folder.glob("*.safetensors")):
+            problems.append("reading pretrained experts split over ep is not supported yet; re-plan with --ep 1 (or "
+                            "train from the config's initialisation)")
     if s.sequence_parallel and s.tp > 1 and kind == "py":
         problems.append("sequence parallelism on a py: module is not run (its blocks may size themselves from "
                         "their sequence-sharded input); re-plan with --no-sequence-parallel")

@@ -39,6 +39,7 @@ from planner.plan import Plan
 from planner.zoo.model import copy_full
 from runtime.activation_checkpoint import selective_context
 from runtime.data_parallel import apply_data_parallel_blocks
+from runtime.expert_parallel import apply_hf_expert_parallel, expert_mesh, expert_slice, shard_experts
 
 WRAPPED = "_checkpoint_wrapped_module."
 
@@ -304,20 +305,23 @@ def initialise(model: nn.Module, pristine: nn.Module, plan: Plan, mmap: ModuleMa
             copy_full(p, full[name].detach())
         return
     tied_head = f"{mmap.head}.weight" if mmap.tied else None
+    split = {clean(path): expert_slice(sub) for path, sub in model.named_modules() if expert_slice(sub)}
     for path, sub in pristine.named_modules():
         direct = [n for n, _ in sub.named_parameters(recurse=False)
                   if _join(path, n) in mine and _join(path, n) != tied_head]
         if direct:
-            _init_submodule(pristine, path, seed, {n: mine[_join(path, n)] for n in direct})
+            _init_submodule(pristine, path, seed, {n: mine[_join(path, n)] for n in direct}, split.get(path))
     if tied_head and tied_head in mine and mmap.embedding_weight not in mine:
         # a last pipeline stage's copy of a tied head starts as the embedding does
         _init_submodule(pristine, mmap.embedding, seed, {"weight": mine[tied_head]})
 
 
 @torch.no_grad()
-def _init_submodule(pristine: nn.Module, path: str, seed: int, targets: dict[str, torch.Tensor]) -> None:
+def _init_submodule(pristine: nn.Module, path: str, seed: int, targets: dict[str, torch.Tensor],
+                    experts: tuple[int, int] | None = None) -> None:
     """Hugging Face's `_init_weights` on a CPU copy of one submodule (its own parameters only),
-    seeded by its path, copied into this rank's shards of `targets`."""
+    seeded by its path, copied into this rank's shards of `targets`; `experts` (rank, ep): the
+    submodule's experts split over ep, this rank keeping its experts/ep of the whole."""
     local = copy.copy(pristine.get_submodule(path))
     local._modules = {}  # this submodule's own parameters only
     local._parameters = {n: None if p is None else nn.Parameter(torch.empty(p.shape, dtype=p.dtype),
@@ -326,7 +330,12 @@ def _init_submodule(pristine: nn.Module, path: str, seed: int, targets: dict[str
     torch.manual_seed(seed * 1_000_003 + zlib.crc32(path.encode()))
     pristine._init_weights(local)
     for n, target in targets.items():
-        copy_full(target, local._parameters[n].detach())
+        full = local._parameters[n].detach()
+        if experts is not None:
+            rank, ep = experts
+            share = full.shape[0] // ep
+            full = full[rank * share:(rank + 1) * share]
+        copy_full(target, full)
 
 
 def load_pretrained(model: nn.Module, plan: Plan, mmap: ModuleMap) -> None:
@@ -356,6 +365,11 @@ def build_user_parts(plan: Plan, mesh, device: torch.device, seed: int, mmap: Mo
     last = len(plan.stages) - 1 if pp > 1 else 0
     recompute = {s.virtual_stage: s.recompute for s in plan.stages}
     pretrained = bool(safetensors_files(plan))
+    ep = int(plan.experts.get("ep", 1))
+    if pretrained and ep > 1:
+        raise ConfigError("reading pretrained experts split over ep is not supported yet (each rank would read all "
+                          "of them); re-plan with --ep 1, or train from the config's initialisation")
+    emesh = expert_mesh(plan.mesh, plan.zero, ep, device.type) if ep > 1 else None
     if pp > 1 and plan.source["kind"] == "py":
         problem = stage_driver_problem(plan, mmap, seed)
         if problem:
@@ -367,12 +381,16 @@ def build_user_parts(plan: Plan, mesh, device: torch.device, seed: int, mmap: Mo
         if pp > 1:
             model = cut_stage(model, mmap, first, end, has_embedding=k == 0, has_head=k == last, seq_len=plan.seq_len,
                               kind=plan.source["kind"])
+        if emesh is not None:
+            apply_hf_expert_parallel(model, emesh)
         if tp > 1:
             apply_module_tp(model, mmap, mesh["tp"], plan.placements, plan.sequence_parallel, tp)
         tie(model, mmap)
         apply_module_recompute(model, mmap, {key: recompute.get(k, "none") for key, _ in
                                              blocks_of(model, mmap).named_children()})
         if dp > 1:
+            if emesh is not None:
+                shard_experts(model, emesh, plan.zero, plan.precision)
             apply_data_parallel_blocks(model, list(blocks_of(model, mmap).children()),
                                        mesh["dp_replicate", "dp_shard"], plan.zero, plan.precision)
         model.to_empty(device=device)

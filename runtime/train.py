@@ -32,7 +32,7 @@ from planner.contract import runnable_problems
 from planner.model_source import module_map_of
 from runtime.data import TokenSource, dp_slice, tokenizer_dir
 from runtime.data_parallel import apply_data_parallel
-from runtime.expert_parallel import apply_expert_parallel, expert_mesh, is_expert_param, moe_layers, shard_experts
+from runtime.expert_parallel import apply_expert_parallel, ep_group_of, expert_mesh, is_expert_param, shard_experts
 from runtime.lora import apply_lora
 from runtime.mesh import build_mesh
 from runtime.module import build_user_parts, logits_of
@@ -175,14 +175,15 @@ def build_plan_parts(plan: Plan, mesh, device: torch.device, seed: int):
     return (*build_user_parts(plan, mesh, device, seed, mmap, stages), mmap)
 
 
-def _grad_norm_clip(modules, max_norm: float, pp_group, tied_copy: bool = False, mmap=None) -> float:
+def _grad_norm_clip(modules, max_norm: float, pp_group, tied_copy: bool = False, mmap=None,
+                    expert_group=None) -> float:
     """Clip by the global L2 norm. Gradients are grouped by (mesh, placements), one norm and
     one reduction per group (clip_grad_norm_ cannot stack norms of DTensors on different
     meshes); pipeline ranks then add their squares. `tied_copy`: the last stage's head is a
     copy of the first stage's embedding, counted there only."""
     groups: dict[tuple, list[torch.Tensor]] = {}
     copies: list[torch.Tensor] = []
-    ep_group = next((moe.ep_group for m in modules for moe in moe_layers(m) if moe.ep_group is not None), None)
+    ep_group = expert_group
     for m in modules:
         embedding, head = tied_ends(m, mmap)
         skip = head.weight if tied_copy and head is not None and embedding is None else None
@@ -266,6 +267,7 @@ def train(plan: Plan, cfg: RunConfig) -> dict:
     dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
     dp_rank = dp_mesh.get_local_rank()
     modules, stage_ids, mmap = build_plan_parts(plan, mesh, device, cfg.seed)
+    expert_group = ep_group_of(modules)
     optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
                   for m in modules]
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, _lr_lambda(cfg)) for o in optimizers]
@@ -318,7 +320,8 @@ def train(plan: Plan, cfg: RunConfig) -> dict:
             dist.all_reduce(loss, op=dist.ReduceOp.AVG, group=dp_mesh.get_group())
         if tied_group is not None:
             sync_tied_grads(modules, tied_group, mmap)
-        _grad_norm_clip(modules, cfg.grad_clip, pp_group, tied_copy=pp > 1 and spec.tied_embeddings, mmap=mmap)
+        _grad_norm_clip(modules, cfg.grad_clip, pp_group, tied_copy=pp > 1 and spec.tied_embeddings, mmap=mmap,
+                        expert_group=expert_group)
         for o, s in zip(optimizers, schedulers):
             o.step()
             o.zero_grad(set_to_none=True)

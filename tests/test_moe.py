@@ -20,7 +20,7 @@ from costmodel.serving import kv_bytes_per_token
 from costmodel.spec import ModelSpec
 from planner.model_source import _transformers_count, spec_from_hf_config
 from planner.zoo import ZOO
-from runtime_helpers import ROOT, read_results, torchrun, write_plan
+from runtime_helpers import ROOT, read_results, torchrun, write_plan, write_source_plan
 
 # Hugging Face config.json fields of the released models (the parts that size them)
 MIXTRAL_8X7B = {"model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
@@ -205,3 +205,59 @@ def test_overlapped_all_to_alls_hide_behind_compute_and_are_planned_only():
     assert plain.time_s["ep_comm"] > 0 and hidden.time_s["ep_comm"] < plain.time_s["ep_comm"]
     assert hidden.step_time_s < plain.step_time_s
     assert "ep_overlap" in planned_only(replace(s, ep_overlap=True)) and "ep_overlap" not in planned_only(s)
+
+
+TINY_HF_MOE = {  # transformers' own mixture-of-experts classes, a few kilobytes of them
+    "mixtral": {"model_type": "mixtral", "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4,
+                "num_hidden_layers": 2, "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2,
+                "vocab_size": 256, "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+                "tie_word_embeddings": False, "hidden_act": "silu", "router_jitter_noise": 0.0},
+    "qwen2_moe": {"model_type": "qwen2_moe", "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 48,
+                  "shared_expert_intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+                  "num_hidden_layers": 2, "num_experts": 4, "num_experts_per_tok": 2, "decoder_sparse_step": 1,
+                  "mlp_only_layers": [], "vocab_size": 256, "max_position_embeddings": 64, "rms_norm_eps": 1e-6,
+                  "rope_theta": 10000.0, "tie_word_embeddings": False, "hidden_act": "silu"},
+}
+
+
+HF_CONFIGS = {k: CONFIGS[k] for k in ("ep2_fsdp2", "ep4")}  # EP x DDP is the built-in model's test's
+
+
+def test_hugging_face_experts_train_under_expert_parallelism(tmp_path):
+    """transformers' Mixtral and Qwen2-MoE (a gated shared expert beside the routed ones) as the
+    user has them, their experts split over ep (folded into DP and FSDP), against the same
+    modules in one process; tolerance as for the built-in model."""
+    singles, plans = [], []
+    for name, config in TINY_HF_MOE.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(config))
+        model = f"hf:{folder}"
+        singles.append(write_source_plan(tmp_path, model, Strategy(precision="fp32", global_batch=8,
+                                                                  microbatch_size=8, seq_len=32), f"{name}-single"))
+        for layout, kw in HF_CONFIGS.items():
+            plans.append(write_source_plan(tmp_path, model, Strategy(precision="fp32", global_batch=8, seq_len=32,
+                                                                     **kw), f"{name}-{layout}"))
+    for n, todo, out in ((1, singles, tmp_path / "one.jsonl"), (4, plans, tmp_path / "four.jsonl")):
+        run = torchrun(n, todo, out)
+        assert run.returncode == 0, run.stderr[-3000:]
+    results = {**read_results(tmp_path / "one.jsonl"), **read_results(tmp_path / "four.jsonl")}
+    for name in TINY_HF_MOE:
+        base = np.array(results[f"{name}-single"]["losses"])
+        assert len(base) == 10
+        for layout in HF_CONFIGS:
+            np.testing.assert_allclose(np.array(results[f"{name}-{layout}"]["losses"]), base, rtol=1e-5, atol=0,
+                                       err_msg=f"{name} {layout}")
+
+
+def test_expert_parallelism_is_refused_where_it_does_not_run(tmp_path):
+    from planner.contract import source_strategy_problems
+
+    s = Strategy(dp=4, ep=2, global_batch=8)
+    assert any("--ep 1" in p for p in source_strategy_problems({"kind": "py", "target": "m:f", "path": "."}, s))
+    folder = tmp_path / "pretrained"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(TINY_HF_MOE["mixtral"]))
+    assert not source_strategy_problems({"kind": "hf", "path": str(folder)}, s)
+    (folder / "model.safetensors").write_bytes(b"")
+    assert any("pretrained experts" in p for p in source_strategy_problems({"kind": "hf", "path": str(folder)}, s))

@@ -208,21 +208,30 @@ class MoE(nn.Module):
         return y.view(shape)
 
     def _expert_parallel(self, copies: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-        from torch.distributed.nn.functional import all_to_all_single
+        return exchange_with_experts(copies, counts, self.experts.ep_size, self.ep_group, self.experts)
 
-        ep, local = self.experts.ep_size, self.num_experts // self.experts.ep_size
-        received_counts = torch.empty_like(counts)  # (ep * local,): [source rank, my local expert]
-        dist.all_to_all_single(received_counts, counts, group=self.ep_group)
-        send = counts.view(ep, local).sum(dim=1).tolist()
-        by_source = received_counts.view(ep, local)  # (ep, local)
-        recv = by_source.sum(dim=1).tolist()
-        arrived = all_to_all_single(copies.new_empty(sum(recv), copies.shape[1]), copies, recv, send,
-                                    group=self.ep_group)  # (M, C) by source rank, then local expert
-        expert_of = torch.arange(local, device=copies.device).repeat(ep).repeat_interleave(by_source.reshape(-1))
-        regroup = expert_of.argsort(stable=True)  # (M,) copies by local expert
-        out = self.experts(arrived[regroup], by_source.sum(dim=0).tolist())[regroup.argsort()]  # (M, C)
-        return all_to_all_single(copies.new_empty(copies.shape), out, send, recv, group=self.ep_group)  # (N k, C)
+
+def exchange_with_experts(copies: torch.Tensor, counts: torch.Tensor, ep: int, group, experts) -> torch.Tensor:
+    """Expert parallelism's round trip: token copies (N k, C) sorted by expert, `counts` (E,)
+    of them per expert, sent to the ranks holding their experts (the counts first, then the
+    copies, one all_to_all_single each), run by this rank's `experts(x, counts)` on the copies
+    it received grouped by its local expert, and sent back (the third): (N k, C) in the same
+    order. The copies' exchanges carry gradients (torch.distributed.nn)."""
+    import torch.distributed as dist
+    from torch.distributed.nn.functional import all_to_all_single
+
+    local = counts.numel() // ep
+    received_counts = torch.empty_like(counts)  # (ep * local,): [source rank, my local expert]
+    dist.all_to_all_single(received_counts, counts, group=group)
+    send = counts.view(ep, local).sum(dim=1).tolist()
+    by_source = received_counts.view(ep, local)  # (ep, local)
+    recv = by_source.sum(dim=1).tolist()
+    arrived = all_to_all_single(copies.new_empty(sum(recv), copies.shape[1]), copies, recv, send,
+                                group=group)  # (M, C) by source rank, then local expert
+    expert_of = torch.arange(local, device=copies.device).repeat(ep).repeat_interleave(by_source.reshape(-1))
+    regroup = expert_of.argsort(stable=True)  # (M,) copies by local expert
+    out = experts(arrived[regroup], by_source.sum(dim=0).tolist())[regroup.argsort()]  # (M, C)
+    return all_to_all_single(copies.new_empty(copies.shape), out, send, recv, group=group)  # (N k, C)
 
 
 class Block(nn.Module):
