@@ -89,10 +89,13 @@ def layout_problems(mmap: ModuleMap, placements: dict[str, dict[str, str]], tp: 
 def strategy_runtime_problems(spec: ModelSpec, s: Strategy, mode: str = "train") -> list[str]:
     """What `paraplan run` does not execute in a strategy, whatever its placements."""
     problems = schedule_problems(s.schedule.value, s.pp, s.num_microbatches)
-    if spec.moe and (s.tp > 1 or s.cp > 1 or (s.pp > 1 and s.ep > 1)):
-        problems.append(f"{spec.name} is a mixture of experts, which the runtime runs with tp 1 (expert parallelism "
-                        "folded into data parallelism, FSDP, and pp without ep) so far; the planned layout is priced "
-                        "but not run: re-plan with --tp 1 --cp 1" + (" --pp 1" if s.ep > 1 and s.pp > 1 else ""))
+    if spec.moe and s.cp > 1:
+        problems.append(f"{spec.name} is a mixture of experts, which the runtime does not run under context "
+                        "parallelism; re-plan with --cp 1")
+    if spec.moe and s.tp > 1 and ((s.expert_tp or s.tp) != 1 or s.ep % s.tp):
+        problems.append(f"{spec.name} is a mixture of experts: under tp({s.tp}) the runtime keeps experts whole and "
+                        f"folds ep over the tp ranks (ep a multiple of tp, --expert-tp 1); re-plan with --expert-tp 1 "
+                        f"--ep {s.tp * max(1, s.ep // s.tp)} or --tp 1")
     if s.tp > spec.kv_heads:
         problems.append(f"tp({s.tp}) is more than {spec.name}'s {spec.kv_heads} K/V heads: the runtime splits whole "
                         f"K/V heads (it does not copy them, as Megatron does); use --tp {spec.kv_heads} or less")
@@ -152,7 +155,8 @@ def runnable_problems(plan: Plan, world_size: int | None = None) -> list[str]:
     return problems
 
 
-PIPELINED_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # decoders whose stages runtime.module drives
+PIPELINED_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+MOE_HF_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")  # decoders whose stages runtime.module drives
 
 
 def source_problems(plan: Plan) -> list[str]:
@@ -176,6 +180,9 @@ def source_strategy_problems(source: dict, s: Strategy, mode: str = "train") -> 
     if s.ep > 1 and kind == "py":
         problems.append("expert parallelism runs on paraplan's built-in mixture of experts and transformers' experts "
                         "modules (Mixtral, Qwen2-MoE, Qwen3-MoE) so far; re-plan with --ep 1")
+    if kind == "hf" and s.tp > 1 and _hf_fields(source["path"], "model_type")[0] in MOE_HF_TYPES:
+        problems.append("tensor parallelism on a Hugging Face mixture of experts is not run yet (its router and "
+                        "experts take the whole sequence); re-plan with --tp 1")
     if s.ep > 1 and kind == "hf":
         folder = Path(source["path"]) if Path(source["path"]).is_dir() else Path(source["path"]).parent
         if any(folder.glob("*.safetensors")):

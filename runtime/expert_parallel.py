@@ -28,23 +28,32 @@ from costmodel.errors import ConfigError
 from planner.zoo.model import GroupedExperts, MoE, ScaleGrad, exchange_with_experts
 from runtime.data_parallel import DTYPES
 
-EXPERT_MESH_AXES = ("edp_replicate", "edp_shard", "ep")
+EXPERT_MESH_AXES = ("epp", "edp_replicate", "edp_shard", "ep")
 
 
 def expert_mesh(mesh_sizes: dict[str, int], zero: int, ep: int, device_type: str) -> DeviceMesh:
-    """The (edp_replicate, edp_shard, ep) mesh over the data-parallel ranks (pp = tp = cp = 1)."""
+    """The (pp, edp_replicate, edp_shard, ep) mesh: within a pipeline stage, its data-parallel
+    (x tensor-parallel: whole experts fold over tp too) ranks cut into ep adjacent ranks (cp 1)."""
+    tp = mesh_sizes["tp"]
     if zero > 0:
-        shape = (mesh_sizes["dp_replicate"], mesh_sizes["dp_shard"] // ep, ep)
+        shape = (mesh_sizes["pp"], mesh_sizes["dp_replicate"], mesh_sizes["dp_shard"] * tp // ep, ep)
     else:
-        shape = (mesh_sizes["dp_replicate"] * mesh_sizes["dp_shard"] // ep, 1, ep)
+        shape = (mesh_sizes["pp"], mesh_sizes["dp_replicate"] * mesh_sizes["dp_shard"] * tp // ep, 1, ep)
     return init_device_mesh(device_type, shape, mesh_dim_names=EXPERT_MESH_AXES)
+
+
+def grad_scale(emesh: DeviceMesh, tp: int) -> float:
+    """What the experts' gradients are scaled by: they add the copies of every ep rank's tokens
+    and FSDP divides by the edp ranks holding the same experts, where the dense ones are divided
+    by all dp ranks: edp / dp = tp / ep."""
+    return tp / emesh["ep"].size()
 
 
 def moe_layers(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
 
 
-def apply_expert_parallel(model: nn.Module, emesh: DeviceMesh) -> None:
+def apply_expert_parallel(model: nn.Module, emesh: DeviceMesh, tp: int = 1) -> None:
     """Keep this rank's experts (on the meta device, before allocation) and route over `ep`."""
     ep = emesh["ep"].size()
     rank = emesh["ep"].get_local_rank()
@@ -56,7 +65,7 @@ def apply_expert_parallel(model: nn.Module, emesh: DeviceMesh) -> None:
             weight = getattr(experts, name)
             if weight is not None:
                 setattr(experts, name, nn.Parameter(torch.empty(local, *weight.shape[1:], device=weight.device)))
-        experts.ep_rank, experts.ep_size = rank, ep
+        experts.ep_rank, experts.ep_size, experts.grad_scale = rank, ep, grad_scale(emesh, tp)
         moe.ep_group = group
 
 
@@ -67,7 +76,7 @@ def hf_experts(model: nn.Module) -> list[tuple[str, nn.Module]]:
             and isinstance(getattr(m, "down_proj", None), nn.Parameter)]
 
 
-def apply_hf_expert_parallel(model: nn.Module, emesh: DeviceMesh) -> None:
+def apply_hf_expert_parallel(model: nn.Module, emesh: DeviceMesh, tp: int = 1) -> None:
     """This rank's experts/ep of each Hugging Face experts module (meta device, before
     allocation), its forward replaced by expert parallelism's round trip."""
     ep = emesh["ep"].size()
@@ -89,6 +98,7 @@ def apply_hf_expert_parallel(model: nn.Module, emesh: DeviceMesh) -> None:
             weight = getattr(experts, name)
             setattr(experts, name, nn.Parameter(torch.empty(total // ep, *weight.shape[1:], device=weight.device)))
         experts.ep_rank, experts.ep_size, experts.ep_total, experts.ep_group = rank, ep, total, group
+        experts.grad_scale = grad_scale(emesh, tp)
         experts.forward = types.MethodType(_hf_expert_parallel_forward(group), experts)
 
 
@@ -99,8 +109,8 @@ def _hf_expert_parallel_forward(group):
         order = slots.argsort(stable=True)
         copies = hidden_states[order // k]  # (N k, C) sorted by expert
         counts = torch.bincount(slots, minlength=self.ep_total)  # (E,)
-        scale = 1 / self.ep_size  # the copies of every ep rank's tokens add up in these weights' gradients
-        gate_up, down = ScaleGrad.apply(self.gate_up_proj, scale), ScaleGrad.apply(self.down_proj, scale)
+        gate_up = ScaleGrad.apply(self.gate_up_proj, self.grad_scale)  # see grad_scale
+        down = ScaleGrad.apply(self.down_proj, self.grad_scale)
 
         def run(x: torch.Tensor, local_counts: list[int]) -> torch.Tensor:
             outs = []

@@ -39,6 +39,7 @@ from planner.plan import Plan
 from planner.zoo.model import copy_full
 from runtime.activation_checkpoint import selective_context
 from runtime.data_parallel import apply_data_parallel_blocks
+from runtime.tensor_parallel import LocalShard
 from runtime.expert_parallel import apply_hf_expert_parallel, expert_mesh, expert_slice, shard_experts
 
 WRAPPED = "_checkpoint_wrapped_module."
@@ -194,23 +195,6 @@ def _scatter_sequence(mesh):
     return hook
 
 
-class LocalHeads(ParallelStyle):
-    """A module that acts on each rank's local heads (Qwen3's q_norm, k_norm): its parameters
-    replicated over tp, its input taken as this rank's shard of the whole (the norm works along
-    the last dimension, so any other dimension would do: dim 0 is used), its output local. Its
-    parameters' gradients then come out as partial sums over the ranks' heads, and DTensor
-    all-reduces them over tp (transformers' "replicated_with_grad_allreduce")."""
-
-    def _apply(self, module: nn.Module, mesh) -> nn.Module:
-        def take_shard(mod, args, mesh_):
-            return (DTensor.from_local(args[0], mesh_, [Shard(0)], run_check=False), *args[1:])
-
-        def give_local(mod, out, mesh_):
-            return out.to_local()
-
-        return distribute_module(module, mesh, input_fn=take_shard, output_fn=give_local)
-
-
 def apply_module_tp(model: nn.Module, mmap: ModuleMap, mesh, placements: dict, sequence_parallel: bool,
                     tp: int) -> None:
     sp = sequence_parallel
@@ -248,7 +232,7 @@ def apply_module_tp(model: nn.Module, mmap: ModuleMap, mesh, placements: dict, s
         if not plan:
             continue
         for path in mmap.others:
-            plan[path] = LocalHeads()
+            plan[path] = LocalShard()
         parallelize_module(block, mesh, plan)
         for path in dict.fromkeys(sources):
             block.get_submodule(path).register_forward_hook(_replicate_output(mesh, sp, local=False))
@@ -382,7 +366,7 @@ def build_user_parts(plan: Plan, mesh, device: torch.device, seed: int, mmap: Mo
             model = cut_stage(model, mmap, first, end, has_embedding=k == 0, has_head=k == last, seq_len=plan.seq_len,
                               kind=plan.source["kind"])
         if emesh is not None:
-            apply_hf_expert_parallel(model, emesh)
+            apply_hf_expert_parallel(model, emesh, tp)
         if tp > 1:
             apply_module_tp(model, mmap, mesh["tp"], plan.placements, plan.sequence_parallel, tp)
         tie(model, mmap)

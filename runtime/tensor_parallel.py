@@ -9,13 +9,31 @@ from __future__ import annotations
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import (
-    ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel, parallelize_module,
+    ColwiseParallel, ParallelStyle, PrepareModuleInput, RowwiseParallel, SequenceParallel, parallelize_module,
 )
 
 from planner.contract import tp_placement
+from planner.zoo.model import MoE
 from runtime.lora import LoRAColwiseParallel, LoRALinear, LoRARowwiseParallel
+
+
+class LocalShard(ParallelStyle):
+    """A module that acts on this rank's own rows (Qwen3's q_norm, k_norm on the local heads; a
+    router or shared expert on the local tokens of a sequence-parallel mixture of experts): its
+    parameters replicated over tp, its input taken as this rank's shard (dim 0) of the whole,
+    its output local. Its parameters' gradients come out as partial sums over the ranks' rows,
+    and DTensor all-reduces them over tp (transformers' "replicated_with_grad_allreduce")."""
+
+    def _apply(self, module: nn.Module, mesh) -> nn.Module:
+        def take_shard(mod, args, mesh_):
+            return (DTensor.from_local(args[0], mesh_, [Shard(0)], run_check=False), *args[1:])
+
+        def give_local(mod, out, mesh_):
+            return out.to_local()
+
+        return distribute_module(module, mesh, input_fn=take_shard, output_fn=give_local)
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, placements: dict[str, dict[str, str]],
@@ -60,6 +78,14 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, placements: dic
                                                    desired_input_layouts=(Replicate(), None, None))
         if any(k.startswith("feed_forward.") for k in plan):
             plan["feed_forward"] = PrepareModuleInput(input_layouts=(arrive,), desired_input_layouts=(Replicate(),))
+        if isinstance(block.feed_forward, MoE):
+            # sequence parallel: each rank routes its own tokens; the router and shared expert are
+            # replicated (their gradients reduced over tp), the experts split over ep (runtime.expert_parallel)
+            plan["feed_forward"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Shard(1),),
+                                                      use_local_output=True)
+            plan["feed_forward.router"] = LocalShard()
+            if block.feed_forward.shared_expert is not None:
+                plan["feed_forward.shared_expert"] = LocalShard()
         if sp:
             plan["attention_norm"] = SequenceParallel()
             plan["ffn_norm"] = SequenceParallel()

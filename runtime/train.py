@@ -145,7 +145,7 @@ def build_parts(plan: Plan, mesh, device: torch.device, seed: int):
         if plan.mode == "lora":
             apply_lora(m, plan.lora["targets"], int(plan.lora["rank"]))
         if emesh is not None:
-            apply_expert_parallel(m, emesh)
+            apply_expert_parallel(m, emesh, tp)
         if tp > 1:
             apply_tensor_parallel(m, mesh["tp"], plan.placements, plan.sequence_parallel)
             m.tie_weights()  # before FSDP, which then manages the one shared parameter

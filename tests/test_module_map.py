@@ -116,7 +116,7 @@ def test_the_map_rediscovers_transformers_own_tensor_parallel_plan(tmp_path, con
     """The column/row split read off the module equals the `base_model_tp_plan` transformers ships
     for the model (colwise -> Shard(0), rowwise -> Shard(1)); what that plan keeps replicated with
     an all-reduce of its gradients (Qwen3's q_norm, k_norm) the map finds too (runtime.module runs
-    them as LocalHeads; tests/test_runtime_comm.py checks their gradients agree over tp)."""
+    them as LocalShard; tests/test_runtime_comm.py checks their gradients agree over tp)."""
     cls = getattr(transformers, config_class)
     config = cls(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=128, vocab_size=256, max_position_embeddings=64, head_dim=16)

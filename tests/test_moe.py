@@ -141,16 +141,22 @@ def test_the_planner_fits_mixtral_on_64_h100_with_expert_memory_shown():
     r = found.result
     assert r.fits and r.memory_gib["total"] <= cluster.device.hbm_gib
     assert r.memory_gib["experts"] > 0 and "ep_comm" in r.time_s
-    assert found.strategy.tp == 1  # the runtime runs mixtures of experts with tp 1: the search keeps to it
+    from planner.contract import strategy_runtime_problems
+
+    assert not strategy_runtime_problems(ZOO["mixtral-8x7b"], found.strategy)  # a layout `run` executes
 
 
 CONFIGS = {"ep2_dp2": dict(dp=4, ep=2, microbatch_size=2), "ep2_fsdp2": dict(dp=4, ep=2, zero=3, microbatch_size=2),
-           "ep4": dict(dp=4, ep=4, microbatch_size=2)}
+           "ep4": dict(dp=4, ep=4, microbatch_size=2),
+           # tensor parallelism on the attention, sequence parallel, whole experts folded over the tp ranks
+           "tp2_ep2": dict(tp=2, dp=2, ep=2, expert_tp=1, sequence_parallel=True, microbatch_size=4),
+           "pp2_ep2": dict(pp=2, dp=2, ep=2, microbatch_size=2, schedule="1f1b")}
 
 
 def test_expert_parallel_training_matches_one_process(tmp_path):
     """10 steps of tiny-moe (4 experts, top-2, a shared expert, one dense layer then two sparse)
-    under EP2 x DP2, EP2 x FSDP2 and EP4 against one process. Dropless routing makes every
+    under EP2 x DP2, EP2 x FSDP2, EP4, TP2 x EP2 (attention split, experts whole) and PP2 x EP2
+    against one process. Dropless routing makes every
     layout compute the same sums; they differ only in the order fp32 adds the gradients of a
     weight (over ranks, over tokens), about 1e-7 relative per step: 1e-5 on the losses after
     10 steps of Adam leaves room for that and none for a misrouted token or a gradient divided
@@ -191,9 +197,10 @@ def test_runtime_refuses_what_it_does_not_run():
     from planner.contract import strategy_runtime_problems
 
     spec = ZOO["tiny-moe"]
-    s = Strategy(tp=2, dp=2, ep=2, sequence_parallel=True, global_batch=4)
-    assert any("tp 1" in p for p in strategy_runtime_problems(spec, s))
-    assert not strategy_runtime_problems(spec, replace(s, tp=1, dp=4, sequence_parallel=False))
+    s = Strategy(tp=2, dp=2, ep=2, sequence_parallel=True, global_batch=4)  # experts split over tp: not run
+    assert any("--expert-tp 1" in p for p in strategy_runtime_problems(spec, s))
+    assert not strategy_runtime_problems(spec, replace(s, expert_tp=1))
+    assert any("cp 1" in p for p in strategy_runtime_problems(spec, replace(s, cp=2, dp=1, expert_tp=1)))
 
 
 def test_overlapped_all_to_alls_hide_behind_compute_and_are_planned_only():

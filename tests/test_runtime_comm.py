@@ -41,7 +41,7 @@ def test_collectives_per_layer_match_the_plan(tmp_path, model, sp):
     if counts["others"]:
         # Qwen3's q_norm, k_norm see each rank's heads: their gradients come out as partial sums that
         # DTensor reduces over tp where they are read (clip, optimizer), the same on every rank; as plain
-        # tensors (before runtime.module.LocalHeads) each rank kept its own and the replicas drifted
+        # tensors (before runtime.tensor_parallel.LocalShard) each rank kept its own and the replicas drifted
         assert counts["others"] == ["self_attn.q_norm", "self_attn.k_norm"] and counts["others_agree"] == [True, True]
     assert counts["measured"] == counts["predicted"]
     # the vocab-parallel head's logits are never gathered (Shard over the vocabulary), and the loss

@@ -42,7 +42,7 @@ MODELS = {  # name -> (config class, extra fields, with pretrained weights, layo
     "llama": ("LlamaConfig", dict(tie_word_embeddings=False), False, tuple(LAYOUTS)),
     "llama_tied": ("LlamaConfig", dict(tie_word_embeddings=True), True, ("dp", "fsdp", "tp_sp", "pp_1f1b", "3d")),
     "qwen2_tied": ("Qwen2Config", dict(tie_word_embeddings=True), False, ("hsdp", "tp", "tp_sp", "pp_interleaved")),
-    # q_norm / k_norm on each rank's local heads (runtime.module.LocalHeads)
+    # q_norm / k_norm on each rank's local heads (runtime.tensor_parallel.LocalShard)
     "qwen3": ("Qwen3Config", dict(tie_word_embeddings=False, head_dim=16), False, ("tp_sp",)),
 }
 

@@ -154,13 +154,14 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(n, f, h))
         self.w3 = nn.Parameter(torch.empty(n, h, f)) if self.gated else None
         self.ep_rank, self.ep_size = 0, 1
+        self.grad_scale = 1.0  # runtime.expert_parallel.grad_scale under expert parallelism
 
     def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x (M, C): token copies sorted by local expert, counts[i] of them for expert i -> (M, C)."""
         w1, w2, w3 = self.w1, self.w2, self.w3
-        if self.ep_size > 1:  # the copies of ep ranks' tokens: their gradients add up over the ep group already
-            w1, w2 = ScaleGrad.apply(w1, 1 / self.ep_size), ScaleGrad.apply(w2, 1 / self.ep_size)
-            w3 = ScaleGrad.apply(w3, 1 / self.ep_size) if w3 is not None else None
+        if self.grad_scale != 1.0:  # the copies of ep ranks' tokens: their gradients add up over the ep group already
+            w1, w2 = ScaleGrad.apply(w1, self.grad_scale), ScaleGrad.apply(w2, self.grad_scale)
+            w3 = ScaleGrad.apply(w3, self.grad_scale) if w3 is not None else None
         outs = []
         for i, part in enumerate(torch.split(x, counts, dim=0)):  # (m_i, C) each
             up = part @ w1[i]  # (m_i, f_e)
