@@ -117,7 +117,11 @@ def _markdown(spec, cluster, batch, table, results, strategies, fitting, planner
         best = fitting[0]
         r = results[best]
         lines.append(f"**Best: {best}** ({describe(strategies[best])}): {r.tokens_per_s:,.0f} tokens/s, "
-                     f"MFU {100 * r.mfu:.1f}%, {r.step_time_s:.3f} s per step, {r.memory_gib['total']:.1f} GiB per GPU.")
+                     f"MFU {100 * r.mfu:.1f}%, {r.step_time_s:.3f} s per step, {r.memory_gib['total']:.1f} GiB per GPU."
+                     + (f" A mixture of experts ({spec.experts_per_token} of {spec.experts} routed, "
+                        f"{format_count(spec.active_params())} of {format_count(spec.num_params)} parameters active "
+                        f"per token): expert states {r.memory_gib.get('experts', 0.0):.1f} GiB per GPU, all-to-alls "
+                        f"{r.time_s.get('ep_comm', 0.0):.3f} s of the step." if spec.moe else ""))
     else:
         lines.append("**No strategy fits in memory.**")
     if planner_note:

@@ -33,6 +33,14 @@ def canonical(spec: ModelSpec, cluster: Cluster, global_batch: int, skipped: dic
         f"3D TP{tp} PP{pp} interleaved": dict(tp=tp, pp=pp, dp=n // (tp * pp), sequence_parallel=True,
                                              schedule="interleaved", virtual_stages=2),
     }
+    if spec.moe:  # expert parallelism inside a node (Megatron-Core's guideline 2), folded into data parallelism
+        ep = max(e for e in range(1, min(node, spec.experts) + 1) if spec.experts % e == 0 and n % e == 0)
+        if ep > 1:
+            shapes[f"EP{ep} + ZeRO-1"] = dict(dp=n, zero=1, ep=ep)
+            shapes[f"EP{ep} + FSDP"] = dict(dp=n, zero=3, ep=ep)
+            if (n // (tp * pp)) * tp % ep == 0:
+                shapes[f"3D TP{tp} PP{pp} EP{ep} ZeRO-1"] = dict(tp=tp, pp=pp, dp=n // (tp * pp), sequence_parallel=True,
+                                                              zero=1, ep=ep, expert_tp=1)
     shapes = {k: v for k, v in shapes.items()
               if not ((v.get("pp", 1) == 1 and ("PP" in k)) or (v.get("tp", 1) == 1 and "TP" in k))}
     out: dict[str, Strategy] = {}
