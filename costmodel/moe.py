@@ -84,8 +84,6 @@ class MoeCost:
     all_to_alls_per_pass: int  # all_to_all_single calls per forward (all_to_all_calls)
     imbalance: float
     expert_params: float  # routed-expert parameters of the layer on this GPU
-    dense_params: float  # router and shared experts on this GPU (split over tp like an MLP)
-    tokens_routed: float  # token copies this GPU's experts process (mean)
 
 
 def all_to_all_calls(ep: int) -> dict[str, int]:
@@ -137,11 +135,10 @@ def moe_cost(spec: ModelSpec, *, device, dtype: str, bytes_per_value: int, batch
                     + reduce_scatter_s(a2a_bytes * etp, layout.etp_group))
     calls = all_to_all_calls(ep)["forward"]
     expert_params = spec.expert_params * local_experts / etp
-    dense = spec.router_params + spec.shared_expert_params // tp
     return MoeCost(
         forward_s=fwd, backward_s=bwd, wgrad_s=experts_fwd + shared_fwd,
         all_to_all_forward_s=a2a + etp_comm, all_to_all_backward_s=a2a + etp_comm, all_to_alls_per_pass=calls,
-        imbalance=imbalance, expert_params=expert_params, dense_params=dense, tokens_routed=t * k * etp,
+        imbalance=imbalance, expert_params=expert_params,
     )
 
 
