@@ -21,7 +21,7 @@ LAYOUTS = [  # (tp, sequence parallel, microbatch)
     (4, False, 1),
     (8, True, 2),
 ]
-BIG = [n for n in ZOO if not n.startswith("tiny")]
+BIG = [n for n in ZOO if not n.startswith("tiny") and not ZOO[n].moe]  # MoE: formula-priced (planner.pricing.unpriceable)
 
 
 def _both(spec, tp, sp, mbs, cluster="a100-80g"):
@@ -166,3 +166,15 @@ def test_a_placement_that_does_not_fit_is_named_in_one_line():
     bad = {**megatron_placements(spec, s), "layers.*.attention.wq.weight": {"tp": "Shard(5)"}}
     with pytest.raises(ConfigError, match=r"placement Shard\(5\) of layers\.0\.attention\.wq\.weight does not fit"):
         price_step(spec, s, load_cluster("cpu:2"), bad)
+
+
+def test_a_mixture_of_experts_is_priced_by_the_formulas_and_says_so():
+    """Routing is data-dependent: torch.export cannot trace it on the meta device, so the plan's
+    step comes from costmodel.moe and the plan says why."""
+    from costmodel import Strategy, load_cluster, predict
+    from planner.pricing import price_step, unpriceable
+
+    spec, cluster = ZOO["tiny-moe"], load_cluster("cpu:4")
+    s = Strategy(dp=4, ep=2, global_batch=8, microbatch_size=2, precision="fp32")
+    assert "torch.export" in unpriceable(spec) and not unpriceable(ZOO["tiny-llama"])
+    assert price_step(spec, s, cluster, {}).step_time_s == predict(spec, s, cluster).step_time_s
