@@ -72,9 +72,7 @@ def test_spec_counts_the_parameters_of_the_real_class(name):
     assert abs(spec.num_params - real) <= TOLERANCE[name] * real, (spec.num_params, real)
 
 
-def test_mixtral_is_refused_because_a_dense_reading_would_miss_seven_experts_in_eight():
-    from costmodel.errors import ConfigError
-
+def test_mixtral_is_read_with_its_experts_not_as_a_dense_mistral():
     data = {"model_type": "mixtral", "num_hidden_layers": 32, "hidden_size": 4096, "num_attention_heads": 32,
             "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 32000, "num_local_experts": 8,
             "num_experts_per_tok": 2, "rope_theta": 1e6, "rms_norm_eps": 1e-5, "hidden_act": "silu",
@@ -84,9 +82,9 @@ def test_mixtral_is_refused_because_a_dense_reading_would_miss_seven_experts_in_
         real = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(config).parameters())
     assert abs(real - 46.70e9) / 46.70e9 < 0.005  # the model card's 46.7B
     dense = spec_from_hf_config({**data, "model_type": "mistral", "num_local_experts": 1}).num_params
-    assert abs(dense - 7.24e9) / 7.24e9 < 0.005  # what the old reader planned
-    with pytest.raises(ConfigError, match="num_local_experts = 8"):
-        spec_from_hf_config(data)
+    assert abs(dense - 7.24e9) / 7.24e9 < 0.005  # what the reader once planned
+    spec = spec_from_hf_config(data)
+    assert spec.num_params == real and (spec.experts, spec.experts_per_token) == (8, 2)
 
 
 def test_hf_input_reads_a_model_directory_and_checks_it_against_transformers(tmp_path, monkeypatch):
