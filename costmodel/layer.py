@@ -108,8 +108,16 @@ def _attention_core(spec: ModelSpec, strategy: Strategy, cluster: Cluster, sh: _
     dev, dtype, e = cluster.device, strategy.policy.compute_dtype, sh.e
     if strategy.flash_attention:
         # QK^T over head_dim, AV over v_head_dim: the mean width gives both GEMMs' FLOPs
-        return attention_s(dev, dtype, tokens=sh.tokens, s_kv=sh.s_kv, q_width=(sh.q + sh.o) / 2, kv_width=sh.kv,
+        full = attention_s(dev, dtype, tokens=sh.tokens, s_kv=sh.s_kv, q_width=(sh.q + sh.o) / 2, kv_width=sh.kv,
                            batch=sh.b, bytes_per_value=e, causal=True)
+        windowed = spec.windowed_layers / spec.layers if spec.attention_window < sh.s_kv else 0.0
+        if not windowed:
+            return full
+        # a sliding window: the kernel skips the blocks outside it, as a causal one skips the upper triangle
+        keys = 2 * spec.windowed_keys(sh.s_kv)  # the causal kernel's s_kv that does as much work
+        near = attention_s(dev, dtype, tokens=sh.tokens, s_kv=keys, q_width=(sh.q + sh.o) / 2, kv_width=sh.kv,
+                           batch=sh.b, bytes_per_value=e, causal=True)
+        return tuple((1 - windowed) * f + windowed * w for f, w in zip(full, near))
     scores = sh.b * sh.heads * sh.s * sh.s_kv  # (b, heads, s, s_kv) values per tp rank
     bmm = dev.gemm_s(2.0 * sh.tokens * sh.s_kv * sh.q, e * (2 * sh.tokens * sh.q + scores), dtype)
     mask_bytes = 1 if spec.dropout else 0

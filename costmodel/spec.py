@@ -75,6 +75,10 @@ class ModelSpec:
     dense_layers: int = 0
     moe_every: int = 1
     capacity_factor: float = 0.0
+    # sliding-window attention: a query sees the last attention_window tokens (0: all before it), in
+    # windowed_layers of the layers (0 with a window: all; Gemma-2 alternates, Qwen2 windows the top ones)
+    attention_window: int = 0
+    windowed_layers: int = 0
     # multi-head latent attention (kv_lora_rank 0: none)
     kv_lora_rank: int = 0
     q_lora_rank: int = 0
@@ -88,7 +92,7 @@ class ModelSpec:
                 raise ConfigError(f"model field '{name}' must be a positive integer, got {value!r}")
         for name in ("ffn_hidden", "kv_heads", "head_dim", "experts", "experts_per_token", "expert_ffn_hidden",
                      "shared_expert_ffn_hidden", "dense_layers", "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim",
-                     "v_head_dim"):
+                     "v_head_dim", "attention_window", "windowed_layers"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"model field '{name}' must be a positive integer, got {value!r}")
@@ -118,6 +122,12 @@ class ModelSpec:
             )
         self._check_experts()
         self._check_latent_attention()
+        if self.windowed_layers and not self.attention_window:
+            raise ConfigError("model field windowed_layers needs attention_window > 0 (sliding-window attention)")
+        if self.windowed_layers > self.layers:
+            raise ConfigError(f"windowed_layers ({self.windowed_layers}) exceeds layers ({self.layers})")
+        if self.attention_window and not self.windowed_layers:
+            object.__setattr__(self, "windowed_layers", self.layers)
 
     def _check_experts(self) -> None:
         if not isinstance(self.moe_every, int) or isinstance(self.moe_every, bool) or self.moe_every < 1:
@@ -183,6 +193,14 @@ class ModelSpec:
     @property
     def latent_attention(self) -> bool:
         return self.kv_lora_rank > 0
+
+    def windowed_keys(self, seq: int) -> float:
+        """Keys a query attends to on average in a windowed layer of a causal sequence of `seq`
+        tokens (seq / 2 without a window): w - w^2 / (2 seq) once seq passes the window w."""
+        w = self.attention_window
+        if not w or seq <= w:
+            return seq / 2
+        return w - w * w / (2 * seq)
 
     # -- derived sizes ---------------------------------------------------------------
     @property
@@ -351,7 +369,8 @@ class ModelSpec:
 
     def to_dict(self) -> dict:
         out = {}
-        defaults = {"v_head_dim": self.head_dim, "expert_ffn_hidden": self.ffn_hidden if self.moe else 0}
+        defaults = {"v_head_dim": self.head_dim, "expert_ffn_hidden": self.ffn_hidden if self.moe else 0,
+                    "windowed_layers": self.layers if self.attention_window else 0}
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name == "head_dim" and value * self.heads == self.hidden:
@@ -384,7 +403,7 @@ class ModelSpec:
 
 MOE_AND_MLA_FIELDS = ("experts", "experts_per_token", "expert_ffn_hidden", "shared_expert_ffn_hidden",
                       "shared_expert_gate", "dense_layers", "moe_every", "capacity_factor", "kv_lora_rank",
-                      "q_lora_rank", "qk_rope_head_dim", "v_head_dim")
+                      "q_lora_rank", "qk_rope_head_dim", "v_head_dim", "attention_window", "windowed_layers")
 
 
 def gpt_spec(name: str, *, layers: int, hidden: int, heads: int, vocab: int = 51200, seq_len: int = 2048) -> ModelSpec:

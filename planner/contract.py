@@ -147,6 +147,10 @@ def runnable_problems(plan: Plan, world_size: int | None = None) -> list[str]:
         return problems + ["a serving plan is not trained; `paraplan generate` runs the built-in models with a KV cache"]
     spec = plan.spec
     problems += model_planned_only(spec)
+    if not plan.source and spec.attention_window and spec.attention_window < plan.seq_len:
+        problems.append(f"paraplan's built-in model attends to the whole sequence, not a sliding window of "
+                        f"{spec.attention_window} tokens; train {spec.name} from its Hugging Face config (hf:DIR) "
+                        f"or with --seq-len {spec.attention_window}")
     problems += strategy_runtime_problems(spec, plan.strategy(), plan.mode)
     from_source = source_problems(plan)
     if from_source:

@@ -335,8 +335,7 @@ def spec_from_hf_config(data: dict, *, name: str = "hf-model") -> ModelSpec:
     seq_len = min(_int(data, "max_position_embeddings", default=2048), HF_TRAIN_SEQ_LEN)
     window = data.get("sliding_window")
     if model_type == "gemma2" and isinstance(window, int) and 0 < window < seq_len:
-        # every other layer attends within the window; at the window's length that costs what full
-        # attention does, past it the cost model (full causal attention) would overprice those layers
+        # every other layer attends within the window: Gemma-2 trains at the window's length
         seq_len = window
     return ModelSpec(
         name=name,
@@ -346,6 +345,7 @@ def spec_from_hf_config(data: dict, *, name: str = "hf-model") -> ModelSpec:
         kv_heads=_int(data, "num_key_value_heads", default=heads) if "kv_lora_rank" not in data else heads,
         ffn_hidden=_int(data, "intermediate_size", default=0),
         **_experts_of(data, model_type),
+        **_window_of(data, model_type),
         vocab=_int(data, "vocab_size"),
         # RoPE models read up to max_position_embeddings (131072 for Qwen2.5) but pre-train shorter
         seq_len=seq_len,
@@ -358,6 +358,30 @@ def spec_from_hf_config(data: dict, *, name: str = "hf-model") -> ModelSpec:
         head_dim=(_int(data, "head_dim") if isinstance(head_dim, int) and head_dim * heads != hidden
                   else _int(data, "qk_nope_head_dim") + _int(data, "qk_rope_head_dim") if "kv_lora_rank" in data else 0),
     )
+
+
+def _window_of(data: dict, model_type: str) -> dict:
+    """Sliding-window attention as transformers' classes apply it: Mistral and Mixtral in every
+    layer; Qwen2/3 (and their MoE) only with use_sliding_window, from layer max_window_layers up;
+    Gemma-2 in every other layer; `layer_types` where the config lists them."""
+    window = data.get("sliding_window")
+    layers = _int(data, "num_hidden_layers")
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+        return {}
+    types = data.get("layer_types")
+    if isinstance(types, list) and len(types) == layers:
+        windowed = sum(t == "sliding_attention" for t in types)
+    elif model_type in ("mistral", "mixtral"):
+        windowed = layers
+    elif model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
+        if not data.get("use_sliding_window", False):
+            return {}
+        windowed = layers - min(layers, int(data.get("max_window_layers", layers) or 0))
+    elif model_type == "gemma2":
+        windowed = (layers + 1) // 2  # layers 0, 2, 4, ...
+    else:
+        return {}
+    return {"attention_window": window, "windowed_layers": windowed} if windowed else {}
 
 
 def _experts_of(data: dict, model_type: str) -> dict:

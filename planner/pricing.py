@@ -28,11 +28,14 @@ from planner.trace import OpGraph
 PROBE_LAYERS = 2
 
 
-def unpriceable(spec: ModelSpec) -> str:
+def unpriceable(spec: ModelSpec, seq: int = 0) -> str:
     """Why the model's block cannot be priced from its graph ("" when it can)."""
     if spec.moe:
         return ("a mixture of experts routes tokens by their values, which torch.export cannot trace on the "
                 "meta device: its blocks are priced by the formulas (costmodel.moe)")
+    if spec.attention_window and spec.attention_window < (seq or spec.seq_len):
+        return (f"sliding-window attention ({spec.attention_window} tokens) is priced by the formulas, which skip "
+                "the blocks outside the window (the traced graph's mask is not read)")
     return ""
 
 
@@ -139,7 +142,7 @@ def price_step(spec: ModelSpec, strategy: Strategy, cluster: Cluster, placements
     priced from the graph: what `simulate --plan`, `check` and `report compare` predict."""
     from costmodel import build_step, simulate
 
-    if unpriceable(spec):
+    if unpriceable(spec, strategy.seq_len):
         return simulate(build_step(spec, strategy, cluster), record_events=record_events)
     block = graph_price(spec, strategy, cluster, placements, source=source).block
     return simulate(build_step(spec, strategy, cluster, block), record_events=record_events)

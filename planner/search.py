@@ -339,7 +339,7 @@ def run_search(req: SearchRequest, *, module_map=None) -> SearchResult:
     # the block's graph under the placements it will carry
     solution, ilp_time = None, 0.0
     t0 = time.perf_counter()
-    why_not = unpriceable(spec)
+    why_not = unpriceable(spec, strategy.seq_len)
     graph = None if why_not else probe_graph(spec, strategy, req.source)  # the module `run` builds, at its microbatch
     trace_s = time.perf_counter() - t0
     ilp_status = "none (tp 1)" if not why_not else "none (formula-priced)"

@@ -268,3 +268,45 @@ def test_expert_parallelism_is_refused_where_it_does_not_run(tmp_path):
     assert not source_strategy_problems({"kind": "hf", "path": str(folder)}, s)
     (folder / "model.safetensors").write_bytes(b"")
     assert any("pretrained experts" in p for p in source_strategy_problems({"kind": "hf", "path": str(folder)}, s))
+
+
+MISTRAL_7B_V01 = {"model_type": "mistral", "num_hidden_layers": 32, "hidden_size": 4096, "num_attention_heads": 32,
+                  "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 32000,
+                  "max_position_embeddings": 32768, "sliding_window": 4096, "rope_theta": 1e4, "rms_norm_eps": 1e-5,
+                  "hidden_act": "silu"}
+
+
+def test_sliding_windows_are_read_and_priced_not_taken_as_full_attention():
+    from planner.pricing import unpriceable
+
+    mistral = spec_from_hf_config(MISTRAL_7B_V01)
+    assert (mistral.attention_window, mistral.windowed_layers) == (4096, 32)
+    qwen = spec_from_hf_config({**QWEN3_30B_A3B, "sliding_window": 4096, "use_sliding_window": False})
+    assert qwen.attention_window == 0  # transformers applies Qwen's window only with use_sliding_window
+    windowed_top = spec_from_hf_config({**QWEN3_30B_A3B, "sliding_window": 4096, "use_sliding_window": True,
+                                        "max_window_layers": 28})
+    assert windowed_top.windowed_layers == 48 - 28
+    dense = replace(mistral, attention_window=0, windowed_layers=0)
+    cluster = load_cluster("h100-sxm:8")
+
+    def step(spec, seq):
+        return predict(spec, Strategy(dp=8, zero=3, seq_len=seq, global_batch=8, recompute="full"), cluster).step_time_s
+
+    assert step(mistral, 4096) == step(dense, 4096)  # within the window: the same work
+    assert step(mistral, 32768) < 0.8 * step(dense, 32768)  # past it: the blocks outside are skipped
+    assert step(mistral, 32768) > 7 * step(mistral, 4096)  # still more than 8x the tokens' GEMMs
+    # each query sees w - w^2 / (2 s) keys on average
+    assert mistral.windowed_keys(32768) == pytest.approx(4096 - 4096 ** 2 / (2 * 32768))
+    assert "sliding-window" in unpriceable(mistral, 8192) and not unpriceable(mistral, 4096)
+
+
+def test_the_built_in_model_refuses_a_window_it_does_not_apply(tmp_path):
+    from planner.contract import runnable_problems
+    from planner.plan import plan_from_strategy
+
+    spec = replace(ZOO["tiny-llama"], attention_window=16)
+    s = Strategy(dp=1, global_batch=1, precision="fp32")
+    plan = plan_from_strategy(spec, s, "cpu:1", predict(spec, s, load_cluster("cpu:1")).predicted())
+    assert any("sliding window of 16" in p for p in runnable_problems(plan))
+    short = plan_from_strategy(spec, replace(s, seq_len=16), "cpu:1", {})
+    assert not any("sliding window" in p for p in runnable_problems(short))
