@@ -3,16 +3,16 @@ Hugging Face experts modules (transformers 5's Mixtral, Qwen2-MoE, Qwen3-MoE lay
 `gate_up_proj` (experts, 2 f, h) and `down_proj` (experts, h, f) called as
 `experts(hidden_states, top_k_index, top_k_weights)`).
 
-The plan's `ep` ranks are adjacent data-parallel ranks (costmodel.moe): rank r of the
-stage's data-parallel ranks is (replica, i, j) of an expert mesh (dp_replicate,
-dp_shard / ep, ep) (ZeRO-0: (dp / ep, 1, ep)), j its expert-parallel index. Each MoE layer's
-grouped experts keep only this rank's experts/ep of them, and its forward sends every token
-copy to the rank holding its expert with `all_to_all_single` (the counts first, then the
-copies, and the outputs back: three per forward, two in the backward). The experts are
-sharded by FSDP2 over the ranks holding the same experts (the expert mesh's first two
-axes), before the blocks are: their gradients add the token copies of every ep rank already,
-so the experts scale them by 1/ep and FSDP's mean over the rest makes the mean over all dp
-ranks, as the dense ones get.
+The plan's `ep` ranks are adjacent ranks of a pipeline stage (costmodel.moe): its
+data-parallel x tensor-parallel ranks (tp innermost; under tp the experts stay whole and each
+sequence-parallel rank routes its own tokens) cut into an expert mesh (pp, dp_replicate,
+dp_shard * tp / ep, ep) (ZeRO-0: (pp, dp * tp / ep, 1, ep)). Each MoE layer's experts keep only
+this rank's experts/ep of them, and its forward sends every token copy to the rank holding its
+expert with `all_to_all_single` (the counts first, then the copies, and the outputs back: three
+per forward, two in the backward). The experts are sharded by FSDP2 over the ranks holding the
+same experts (the expert mesh's middle axes), before the blocks are: their gradients add the
+token copies of every ep rank already, so the experts scale them by tp/ep (`grad_scale`) and
+FSDP's mean over the rest makes the mean over all dp ranks, as the dense ones get.
 """
 
 from __future__ import annotations
