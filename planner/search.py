@@ -152,6 +152,8 @@ def states_floor_gib(spec: ModelSpec, s: Strategy) -> float:
     """A floor under the fullest GPU's memory: the model states of the mean pipeline rank
     (parameters over tp and pp, routed experts over pp, ep and expert tp, sharded as ZeRO
     shards them), which the fullest rank holds at least, with no activations counted."""
+    if s.lora:  # a frozen base holds weights only (costmodel.lora): no floor from training states
+        return 0.0
     pol = s.policy
     kw = dict(param_bytes=pol.param_bytes, grad_bytes=pol.grad_bytes, optimizer_bytes=pol.optimizer_bytes)
     experts = spec.moe_layers * spec.experts * spec.expert_params
