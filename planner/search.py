@@ -286,7 +286,7 @@ def run_search(req: SearchRequest, *, module_map=None) -> SearchResult:
         )
     scored: list[tuple[float, int, Strategy]] = []
     smallest_gib = math.inf
-    estimated = 0
+    estimated = floored = 0
     timed_out = False
     bar = tqdm(candidates, desc="estimating", unit="cand", disable=not req.progress, leave=False)
     for i, s in enumerate(bar):
@@ -297,6 +297,7 @@ def run_search(req: SearchRequest, *, module_map=None) -> SearchResult:
         floor_gib = states_floor_gib(spec, s)
         if floor_gib > cluster.device.hbm_gib:  # its model states alone overflow every GPU: not worth pricing
             smallest_gib = min(smallest_gib, floor_gib)
+            floored += 1
             continue
         try:
             est = estimate(build_step(spec, s, cluster))
@@ -308,7 +309,7 @@ def run_search(req: SearchRequest, *, module_map=None) -> SearchResult:
         if est.fits:
             scored.append((est.step_time_s, i, s))
     bar.close()
-    if not scored and estimated == 0 and rejected:  # nothing could be priced: say why, not "inf GiB"
+    if not scored and estimated == 0 and not floored and rejected:  # nothing could be priced: say why, not "inf GiB"
         raise ConfigError(max(set(rejected), key=lambda r: (rejected.count(r), r)))
     if not scored:
         raise ConfigError(
