@@ -140,6 +140,10 @@ def build_step(spec: ModelSpec, strategy: Strategy, cluster: Cluster, block: Blo
     eshard = expert_shard(s) if spec.moe else 1
     etp = (s.expert_tp or s.tp) if spec.moe else s.tp
     eshard_group = cluster.group(eshard, s.ep * etp) if spec.moe else shard_group
+    # the replicas of an expert shard: the dense replicas under ZeRO (each holds every expert shard
+    # once), every rank holding the same experts without it (dp cp (tp / etp) / ep of them)
+    edp = s.dp * s.cp * (s.tp // etp) // s.ep if spec.moe else 1
+    ereplicate_group = (cluster.group(edp // eshard, s.ep * etp * eshard) if spec.moe else replicate_group)
     layers_by_policy = {
         rc: layer_cost(spec, s.replace(recompute=rc, stage_recompute=()), cluster, tp_group, cp_group, block, layout)
         for rc in {s.recompute_of(k) for k in range(s.num_stages)}
@@ -192,7 +196,7 @@ def build_step(spec: ModelSpec, strategy: Strategy, cluster: Cluster, block: Blo
                 _task(f_parts, layer.forward, n, gather if zero >= 1 else [], [], ov),
                 _task(b_parts, layer.backward, n, gather[::-1] if zero == 3 else [], scatter[::-1] if zero >= 2 else [], ov),
                 _grad_buckets(b_parts, params[::-1], root, s, pol.grad_bytes, shard_group, replicate_group, ov,
-                              experts[::-1], eshard_group),
+                              experts[::-1], eshard_group, ereplicate_group),
                 # FSDP traffic of every microbatch: gathers in forward and backward, reduce-scatters
                 m * ((2 * sum(gather) if zero == 3 else 0.0) + (sum(scatter) if zero >= 2 else 0.0)),
             )
@@ -245,7 +249,7 @@ def _gather_total(params: float, param_bytes: int, shard: int, group: Group, zer
 def _grad_buckets(
     b_parts: list[Part], params: list[int], root: list[bool], s: Strategy, grad_bytes: int, shard_group: Group,
     replicate_group: Group, overlap: bool = True, experts: list[float] | None = None,
-    expert_group: Group | None = None,
+    expert_group: Group | None = None, expert_replicate_group: Group | None = None,
 ) -> tuple[Bucket, ...]:
     """Gradient reduction issued during the last backward of a chunk, one per FSDP2 unit as
     the runtime wraps them: each block as its backward ends, the root unit (embedding, final
@@ -253,12 +257,14 @@ def _grad_buckets(
     data-parallel ranks, ZeRO-1 reduce-scatters over the shard group; sharded gradients (and
     ZeRO-2/3) are then all-reduced across HSDP replicas. Without overlap every reduction
     waits for the end of the backward. Routed experts' gradients (`experts`, per part) reduce
-    over the ranks holding the same experts (`expert_group` within a replica)."""
+    over the ranks holding the same experts (`expert_group` shards them, `expert_replicate_group`
+    holds their replicas)."""
     zero = s.zero if shard_group.size > 1 else 0
     if shard_group.size * replicate_group.size == 1 or (zero >= 2 and replicate_group.size == 1):
         return ()
     everyone = _merged(shard_group, replicate_group)
-    expert_everyone = _merged(expert_group, replicate_group) if expert_group is not None else everyone
+    expert_replicas = expert_replicate_group or replicate_group
+    expert_everyone = _merged(expert_group, expert_replicas) if expert_group is not None else everyone
     seen: dict[tuple, float] = {}
 
     def reduce(full: float, expert: float) -> float:
@@ -270,7 +276,7 @@ def _grad_buckets(
                 comm += all_reduce_s(full / shard_group.size, replicate_group)
                 if expert:
                     comm += reduce_scatter_s(expert, expert_group) if zero == 1 else 0.0
-                    comm += all_reduce_s(expert / expert_group.size, replicate_group)
+                    comm += all_reduce_s(expert / expert_group.size, expert_replicas)
             seen[(full, expert)] = comm
         return seen[(full, expert)]
 
