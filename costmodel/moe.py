@@ -166,8 +166,10 @@ def expert_layout_problems(spec: ModelSpec, *, ep: int, expert_tp: int, tp: int,
     `shard`: the data-parallel ranks that shard model states (dp_shard; dp under ZeRO-0)."""
     problems = []
     if not spec.moe:
-        if ep > 1 or expert_tp not in (0, tp):
-            problems.append(f"--ep {ep} / --expert-tp {expert_tp}: {spec.name} has no experts; use --ep 1")
+        if ep > 1:
+            problems.append(f"--ep {ep}: {spec.name} has no experts to split; use --ep 1")
+        elif expert_tp not in (0, tp):
+            problems.append(f"--expert-tp {expert_tp}: {spec.name} has no experts; leave --expert-tp out")
         return problems
     etp = expert_tp or tp
     if etp not in (1, tp):
