@@ -31,7 +31,7 @@ SWITCHES = {"--sequence-parallel", "--use-distributed-optimizer", "--overlap-gra
 
 def export(plan: Plan) -> list[str]:
     """The plan as Megatron-LM arguments (model shape, parallelism, batch, precision)."""
-    training_plan(plan, "Megatron-LM")
+    training_plan(plan, "Megatron-LM", experts=True)
     spec, mesh, sched = plan.spec, plan.mesh, plan.schedule
     if plan.zero == 3 and mesh["pp"] > 1:
         raise ConfigError("Megatron-LM's FSDP (--use-torch-fsdp2) does not run with pipeline parallelism; "
@@ -62,6 +62,23 @@ def export(plan: Plan) -> list[str]:
         args.append("--disable-bias-linear")
     args += ["--tensor-model-parallel-size", mesh["tp"], "--pipeline-model-parallel-size", mesh["pp"],
              "--context-parallel-size", mesh["cp"]]
+    if spec.moe:  # Megatron-Core's MoE arguments; its alltoall dispatcher and grouped GEMM, dropless
+        if spec.moe_every != 1:
+            raise ConfigError(f"{spec.name} has experts every {spec.moe_every} layers; the export writes dense-first "
+                              "layouts only (--moe-layer-freq as a list is not written yet)")
+        args += ["--num-experts", spec.experts, "--moe-router-topk", spec.experts_per_token,
+                 "--moe-ffn-hidden-size", spec.expert_ffn_hidden,
+                 "--expert-model-parallel-size", plan.experts.get("ep", 1),
+                 "--expert-tensor-parallel-size", plan.experts.get("expert_tp", mesh["tp"]),
+                 "--moe-token-dispatcher-type", "alltoall", "--moe-grouped-gemm"]
+        if spec.dense_layers:
+            args += ["--moe-layer-freq", f"([0]*{spec.dense_layers}+[1]*{spec.layers - spec.dense_layers})"]
+        if spec.shared_expert_ffn_hidden:
+            args += ["--moe-shared-expert-intermediate-size", spec.shared_expert_ffn_hidden]
+        if spec.capacity_factor:
+            args += ["--moe-expert-capacity-factor", spec.capacity_factor]
+        if plan.experts.get("overlap"):
+            args.append("--overlap-moe-expert-parallel-comm")
     if plan.sequence_parallel and mesh["tp"] > 1:
         args.append("--sequence-parallel")
     if mesh["pp"] > 1:

@@ -310,3 +310,22 @@ def test_the_built_in_model_refuses_a_window_it_does_not_apply(tmp_path):
     assert any("sliding window of 16" in p for p in runnable_problems(plan))
     short = plan_from_strategy(spec, replace(s, seq_len=16), "cpu:1", {})
     assert not any("sliding window" in p for p in runnable_problems(short))
+
+
+def test_a_mixture_of_experts_exports_to_megatron_and_nowhere_it_would_turn_dense(tmp_path):
+    from engines import megatron, torchtitan
+    from planner.plan import plan_from_strategy
+
+    spec = ZOO["deepseek-v3"]
+    s = Strategy(pp=16, dp=128, ep=64, zero=1, global_batch=15360, microbatch_size=1, ep_overlap=True)
+    plan = plan_from_strategy(spec, s, "h800:2048", {})
+    with pytest.raises(ConfigError, match="latent attention"):
+        megatron.export(plan)  # MLA is not written yet: refused, not exported as plain attention
+    spec = ZOO["mixtral-8x7b"]
+    s = Strategy(dp=64, ep=8, zero=1, global_batch=1024, microbatch_size=1)
+    args = megatron.export(plan_from_strategy(spec, s, "h100-sxm:64", {}))
+    assert args[args.index("--num-experts") + 1] == "8" and args[args.index("--moe-router-topk") + 1] == "2"
+    assert args[args.index("--expert-model-parallel-size") + 1] == "8"
+    assert args[args.index("--moe-ffn-hidden-size") + 1] == "14336" and "--moe-grouped-gemm" in args
+    with pytest.raises(ConfigError, match="mixture of experts"):
+        torchtitan.export(plan_from_strategy(spec, s, "h100-sxm:64", {}))
