@@ -23,8 +23,7 @@ def layer_matmul_weights(spec: ModelSpec) -> float:
         return attention + dense
     sparse = (h * spec.experts + ffn * h * (spec.experts_per_token * spec.expert_ffn_hidden
                                             + spec.shared_expert_ffn_hidden))
-    moe_share = spec.moe_layers / spec.layers
-    return attention + moe_share * sparse + (1 - moe_share) * dense
+    return attention + spec.moe_share * sparse + (1 - spec.moe_share) * dense
 
 
 def forward_flops_per_token(spec: ModelSpec, seq: int) -> tuple[float, float, float]:

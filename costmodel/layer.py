@@ -66,10 +66,8 @@ class LayerCost:
     params: int  # trained parameters of the layer on one tp rank (all of them; LoRA: the adapters)
     frozen_bytes: float = 0.0  # bytes of frozen weights on one tp rank (LoRA's base)
     # a mixture of experts, the mean over the layers: routed-expert parameters on one GPU (not
-    # in `params`; sharded and reduced over the expert data-parallel ranks), all-to-alls per pass
+    # in `params`; sharded and reduced over the expert data-parallel ranks)
     expert_params: float = 0.0
-    all_to_alls: float = 0.0
-    imbalance: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,7 +170,7 @@ def block_price(spec: ModelSpec, strategy: Strategy, cluster: Cluster, tp_group:
         qkv = gemm_s(dev, dtype, T, h, sh.q + 2 * sh.kv, e)
         proj = gemm_s(dev, dtype, T, sh.q, h, e)
     up_width = 2 * sh.f if spec.gated else sh.f
-    dense_share = 1.0 - spec.moe_layers / spec.layers if spec.moe else 1.0  # a MoE layer's MLP: costmodel.moe
+    dense_share = 1.0 - spec.moe_share  # a MoE layer's MLP: costmodel.moe
     fc1 = dense_share * gemm_s(dev, dtype, T, h, up_width, e)
     fc2 = dense_share * gemm_s(dev, dtype, T, sh.f, h, e)
     attn_f, attn_b = _attention_core(spec, strategy, cluster, sh)
@@ -232,9 +230,9 @@ def layer_cost(spec: ModelSpec, strategy: Strategy, cluster: Cluster, tp_group: 
         wgrad = gemms
     tp_f, tp_b = price.tp_forward_s, price.tp_backward_s
     ep_f = ep_b = 0.0
-    expert_params, calls, imbalance = 0.0, 0.0, 1.0
+    expert_params = 0.0
     if spec.moe:
-        share = spec.moe_layers / spec.layers
+        share = spec.moe_share
         layout = experts or expert_layout(spec, strategy, cluster)
         sparse = moe_cost(spec, device=dev, dtype=dtype, bytes_per_value=e, batch=sh.b, seq_local=sh.s,
                           tp=strategy.tp, layout=layout, expert_cv=strategy.expert_load_cv)
@@ -244,7 +242,7 @@ def layer_cost(spec: ModelSpec, strategy: Strategy, cluster: Cluster, tp_group: 
         ep_f, ep_b = share * sparse.all_to_all_forward_s, share * sparse.all_to_all_backward_s
         if strategy.ep_overlap:  # hidden behind another microbatch's pass, up to the length of the pass
             ep_f, ep_b = max(0.0, ep_f - fwd_compute), max(0.0, ep_b - bwd_compute)
-        expert_params, calls, imbalance = share * sparse.expert_params, share * sparse.all_to_alls_per_pass, sparse.imbalance
+        expert_params = share * sparse.expert_params
         fwd_compute += dev.memory_s(cast_f * expert_params)  # the experts' weights cast at use, gradients back
         bwd_compute += dev.memory_s(cast_b * expert_params)
     # -- context parallel: ring exchange of K and V, overlapped with the attention blocks
@@ -278,8 +276,6 @@ def layer_cost(spec: ModelSpec, strategy: Strategy, cluster: Cluster, tp_group: 
         params=params,
         frozen_bytes=frozen,
         expert_params=expert_params,
-        all_to_alls=calls,
-        imbalance=imbalance,
     )
 
 
@@ -305,7 +301,7 @@ def _params_per_tp_rank(spec: ModelSpec, tp: int) -> int:
     attention = spec.attention_params + 2 * spec.hidden * spec.kv_dim * (kv_repeat - 1)
     if not spec.moe:
         return (attention + spec.mlp_params) // tp + norms
-    share = spec.moe_layers / spec.layers
+    share = spec.moe_share
     mlp = (1 - share) * spec.mlp_params / tp + share * (spec.router_params + spec.shared_expert_params / tp)
     return int(attention / tp + mlp + norms)
 

@@ -51,7 +51,7 @@ def _mlp_bytes(spec: ModelSpec, dense: float, *, seq: int, batch: int, tp: int, 
     """A layer's MLP activations, the mean over the layers of a mixture of experts."""
     if not spec.moe:
         return dense
-    share = spec.moe_layers / spec.layers
+    share = spec.moe_share
     sparse = moe_mlp_activation_bytes(spec, seq=seq, batch=batch, tp=tp, ep=ep, expert_tp=expert_tp, bytes_per_value=e,
                                       expert_cv=expert_cv)
     return (1 - share) * dense + share * sparse

@@ -81,8 +81,6 @@ class MoeCost:
     wgrad_s: float  # expert and shared weight-gradient GEMMs (overlap budget)
     all_to_all_forward_s: float  # dispatch + combine (+ the expert tp gather/scatter)
     all_to_all_backward_s: float
-    all_to_alls_per_pass: int  # all_to_all_single calls per forward (all_to_all_calls)
-    imbalance: float
     expert_params: float  # routed-expert parameters of the layer on this GPU
 
 
@@ -133,12 +131,11 @@ def moe_cost(spec: ModelSpec, *, device, dtype: str, bytes_per_value: int, batch
     if etp > 1:  # the expert's tp group gathers the dispatched tokens and reduce-scatters the outputs
         etp_comm = (all_gather_s(a2a_bytes * etp, layout.etp_group)
                     + reduce_scatter_s(a2a_bytes * etp, layout.etp_group))
-    calls = all_to_all_calls(ep)["forward"]
     expert_params = spec.expert_params * local_experts / etp
     return MoeCost(
         forward_s=fwd, backward_s=bwd, wgrad_s=experts_fwd + shared_fwd,
-        all_to_all_forward_s=a2a + etp_comm, all_to_all_backward_s=a2a + etp_comm, all_to_alls_per_pass=calls,
-        imbalance=imbalance, expert_params=expert_params,
+        all_to_all_forward_s=a2a + etp_comm, all_to_all_backward_s=a2a + etp_comm,
+        expert_params=expert_params,
     )
 
 

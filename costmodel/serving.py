@@ -100,7 +100,7 @@ def expert_weights_per_gpu(spec: ModelSpec, tp: int, layers: int) -> float:
     a token uses."""
     if not spec.moe:
         return 0.0
-    return layers * spec.moe_layers / spec.layers * spec.experts * spec.expert_params / tp
+    return layers * spec.moe_share * spec.experts * spec.expert_params / tp
 
 
 def kv_heads_per_gpu(spec: ModelSpec, tp: int) -> int:
@@ -223,7 +223,7 @@ def decode_step_s(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: in
             fs = spec.shared_expert_ffn_hidden // tp
             sparse += (gemm_s(dev, dtype, rows, spec.hidden, 2 * fs if spec.gated else fs, e)
                        + gemm_s(dev, dtype, rows, fs, spec.hidden, e))
-        share = spec.moe_layers / spec.layers
+        share = spec.moe_share
         gemms += share * sparse + (1 - share) * dense_mlp
     else:
         gemms += dense_mlp

@@ -184,6 +184,11 @@ class ModelSpec:
         return self.moe and index >= self.dense_layers and (index + 1) % self.moe_every == 0
 
     @property
+    def moe_share(self) -> float:
+        """The share of the layers that have experts (0 for a dense model)."""
+        return self.moe_layers / self.layers
+
+    @property
     def moe_layers(self) -> int:
         """Layers with experts: the multiples of moe_every among layers dense_layers+1 .. layers (1-based)."""
         if not self.moe:

@@ -138,12 +138,11 @@ def build_step(spec: ModelSpec, strategy: Strategy, cluster: Cluster, block: Blo
     # routed experts: sharded over the expert data-parallel ranks (edp), reduced over them
     layout = expert_layout(spec, s, cluster) if spec.moe else None
     eshard = expert_shard(s) if spec.moe else 1
-    etp = (s.expert_tp or s.tp) if spec.moe else s.tp
-    eshard_group = cluster.group(eshard, s.ep * etp) if spec.moe else shard_group
+    eshard_group = cluster.group(eshard, s.ep * layout.etp) if spec.moe else shard_group
     # the replicas of an expert shard: the dense replicas under ZeRO (each holds every expert shard
-    # once), every rank holding the same experts without it (dp cp (tp / etp) / ep of them)
-    edp = s.dp * s.cp * (s.tp // etp) // s.ep if spec.moe else 1
-    ereplicate_group = (cluster.group(edp // eshard, s.ep * etp * eshard) if spec.moe else replicate_group)
+    # once), every rank holding the same experts (layout.edp of them) without it
+    ereplicate_group = (cluster.group(layout.edp // eshard, s.ep * layout.etp * eshard) if spec.moe
+                        else replicate_group)
     layers_by_policy = {
         rc: layer_cost(spec, s.replace(recompute=rc, stage_recompute=()), cluster, tp_group, cp_group, block, layout)
         for rc in {s.recompute_of(k) for k in range(s.num_stages)}

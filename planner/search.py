@@ -30,6 +30,7 @@ from costmodel.analytic import estimate
 from costmodel.cluster import Cluster
 from costmodel.hardware import GIB
 from costmodel.memory import zero_model_state_bytes
+from costmodel.moe import expert_shard
 from costmodel.result import StepResult
 from costmodel.spec import ModelSpec, format_count
 from costmodel.strategy import Schedule
@@ -162,9 +163,9 @@ def states_floor_gib(spec: ModelSpec, s: Strategy) -> float:
     dense = sum(zero_model_state_bytes((spec.num_params - experts) / (s.tp * s.pp), shard, zero, **kw))
     if not experts:
         return dense / GIB
-    etp = s.expert_tp or s.tp
-    eshard = max(1, shard * (s.tp // etp) // s.ep)
-    sparse = sum(zero_model_state_bytes(experts / (s.pp * s.ep * etp), eshard, s.zero if eshard > 1 else 0, **kw))
+    eshard = expert_shard(s)
+    sparse = sum(zero_model_state_bytes(experts / (s.pp * s.ep * (s.expert_tp or s.tp)), eshard,
+                                        s.zero if eshard > 1 else 0, **kw))
     return (dense + sparse) / GIB
 
 

@@ -36,7 +36,7 @@ from planner.contract import tp_placement
 from planner.model_source import build_source_module
 from planner.module_map import ModuleMap
 from planner.plan import Plan
-from planner.zoo.model import copy_full
+from planner.zoo.model import copy_full, this_ranks_experts
 from runtime.activation_checkpoint import selective_context
 from runtime.data_parallel import apply_data_parallel_blocks
 from runtime.tensor_parallel import LocalShard
@@ -315,11 +315,7 @@ def _init_submodule(pristine: nn.Module, path: str, seed: int, targets: dict[str
     pristine._init_weights(local)
     for n, target in targets.items():
         full = local._parameters[n].detach()
-        if experts is not None:
-            rank, ep = experts
-            share = full.shape[0] // ep
-            full = full[rank * share:(rank + 1) * share]
-        copy_full(target, full)
+        copy_full(target, this_ranks_experts(full, *experts) if experts is not None else full)
 
 
 def load_pretrained(model: nn.Module, plan: Plan, mmap: ModuleMap) -> None:

@@ -308,9 +308,8 @@ class Transformer(nn.Module):
                     std = scaled if name.endswith(("wo.weight", "w2.weight", "experts.w2")) else 0.02
                     owner = self.get_submodule(raw.rpartition(".")[0])
                     if isinstance(owner, GroupedExperts) and owner.ep_size > 1:  # this rank's experts of the whole
-                        whole = (self.spec.experts, *p.shape[1:])
-                        n = whole[0] // owner.ep_size
-                        full = (torch.randn(whole, generator=gen) * std)[owner.ep_rank * n:(owner.ep_rank + 1) * n]
+                        whole = torch.randn((self.spec.experts, *p.shape[1:]), generator=gen) * std
+                        full = this_ranks_experts(whole, owner.ep_rank, owner.ep_size)
                     else:
                         full = torch.randn(tuple(p.shape), generator=gen) * std
                 copy_full(p, full)
@@ -335,6 +334,12 @@ class Transformer(nn.Module):
         if self.output is None:
             return x
         return self.output(self.norm(x))  # (B, T, V)
+
+
+def this_ranks_experts(whole: torch.Tensor, rank: int, ep: int) -> torch.Tensor:
+    """Expert-parallel rank `rank`'s experts of a tensor holding all of them along dim 0."""
+    share = whole.shape[0] // ep
+    return whole[rank * share:(rank + 1) * share]
 
 
 def copy_full(param: torch.Tensor, full: torch.Tensor) -> None:
