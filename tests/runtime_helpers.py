@@ -70,6 +70,17 @@ def torchrun(nproc: int, plans: list[Path], out: Path, *extra: str, timeout: int
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
 
 
+def launch(nproc: int, plans: list[Path], out: Path, *extra: str, preload: tuple[str, ...] = (),
+           timeout: int = 900) -> subprocess.CompletedProcess:
+    """As `torchrun`, on ranks forked after one import of torch (tests/fork_launch.py): for the
+    tests that train many plans; the ones about torchrun itself (restarts, `paraplan run`) use it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    loads = [a for module in preload for a in ("--preload", module)]
+    cmd = [sys.executable, str(ROOT / "tests" / "fork_launch.py"), str(nproc), *loads, *map(str, plans),
+           "--out", str(out), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+
+
 def read_results(out: Path) -> dict[str, dict]:
     results = {}
     for line in out.read_text().splitlines():

@@ -4,7 +4,7 @@ Small models (GPT and Llama shapes, tied and untied, learned and rotary position
 clusters of 1 to 8 processes and random fixed flags: `paraplan plan` either refuses in one
 line with exit status 2, or writes a plan that `paraplan check` accepts, that `paraplan
 run`'s pre-launch refusal (the same function) lets through, and that trains 2 steps on real
-gloo process groups (one torchrun per world size, the worker running its plans in turn).
+gloo process groups (one launch per world size, the worker running its plans in turn).
 The number of cases is printed (run pytest with -s to see it).
 """
 
@@ -20,7 +20,7 @@ import yaml
 from cli.main import main
 from planner.plan import Plan
 from runtime.launch import refuse_unrunnable
-from runtime_helpers import read_results, torchrun
+from runtime_helpers import launch, read_results
 
 SEED = 12
 CASES = 30
@@ -94,7 +94,7 @@ def test_every_plan_written_is_checked_and_runs(tmp_path, capsys):
         outcomes["planned"] += 1
     for world, plans in sorted(by_world.items()):
         out = tmp_path / f"world{world}.jsonl"
-        proc = torchrun(world, plans, out, "--steps", "2")
+        proc = launch(world, plans, out, "--steps", "2")
         assert proc.returncode == 0, proc.stderr[-3000:]
         results = read_results(out)
         assert len(results) == len(plans)

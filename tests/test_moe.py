@@ -20,7 +20,7 @@ from costmodel.serving import kv_bytes_per_token
 from costmodel.spec import ModelSpec
 from planner.model_source import _transformers_count, spec_from_hf_config
 from planner.zoo import ZOO
-from runtime_helpers import ROOT, read_results, torchrun, write_plan, write_source_plan
+from runtime_helpers import ROOT, launch, read_results, write_plan, write_source_plan
 
 # Hugging Face config.json fields of the released models (the parts that size them)
 MIXTRAL_8X7B = {"model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
@@ -165,7 +165,7 @@ def test_expert_parallel_training_matches_one_process(tmp_path):
     plans = [write_plan(tmp_path, "tiny-moe", Strategy(precision="fp32", global_batch=8, **kw), name)
              for name, kw in CONFIGS.items()]
     for n, todo, out in ((1, [single], tmp_path / "one.jsonl"), (4, plans, tmp_path / "four.jsonl")):
-        run = torchrun(n, todo, out)
+        run = launch(n, todo, out)
         assert run.returncode == 0, run.stderr[-3000:]
     results = {**read_results(tmp_path / "one.jsonl"), **read_results(tmp_path / "four.jsonl")}
     base = np.array(results["tiny-moe__single"]["losses"])
@@ -246,7 +246,7 @@ def test_hugging_face_experts_train_under_expert_parallelism(tmp_path):
             plans.append(write_source_plan(tmp_path, model, Strategy(precision="fp32", global_batch=8, seq_len=32,
                                                                      **kw), f"{name}-{layout}"))
     for n, todo, out in ((1, singles, tmp_path / "one.jsonl"), (4, plans, tmp_path / "four.jsonl")):
-        run = torchrun(n, todo, out)
+        run = launch(n, todo, out)
         assert run.returncode == 0, run.stderr[-3000:]
     results = {**read_results(tmp_path / "one.jsonl"), **read_results(tmp_path / "four.jsonl")}
     for name in TINY_HF_MOE:

@@ -19,9 +19,10 @@ transformers = pytest.importorskip("transformers")
 
 from costmodel import Strategy  # noqa: E402
 from runtime.data import TokenSource  # noqa: E402
-from runtime_helpers import BATCH, ROOT, read_results, torchrun, write_source_plan  # noqa: E402
+from runtime_helpers import BATCH, ROOT, launch, read_results, write_source_plan  # noqa: E402
 
 TOLERANCE = 1e-5
+HF_MODULES = ("transformers.models.llama.modeling_llama", "transformers.models.qwen2.modeling_qwen2", "transformers.models.qwen3.modeling_qwen3")
 STEPS = 10
 SEQ = 32
 SIZES = dict(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -83,7 +84,7 @@ def hf_runs(tmp_path_factory):
     results = {}
     for world, plans in sorted(by_world.items()):
         out = d / f"world{world}.jsonl"
-        proc = torchrun(world, plans, out, "--steps", str(STEPS), "--data", str(data))
+        proc = launch(world, plans, out, "--steps", str(STEPS), "--data", str(data), preload=HF_MODULES)
         assert proc.returncode == 0, proc.stderr[-3000:]
         results.update(read_results(out))
     return results, dirs, data
@@ -153,7 +154,7 @@ def test_pretrained_round_trip(tmp_path):
     (tmp_path / "data.txt").write_text(TEXT)
     plan = write_source_plan(tmp_path, f"hf:{folder}", strategy(tp=2, dp=2, microbatch_size=4), "rt")
     ckpt, out = tmp_path / "ckpt", tmp_path / "exported"
-    proc = torchrun(4, [plan], tmp_path / "rt.jsonl", "--steps", "3", "--checkpoint-dir", str(ckpt),
+    proc = launch(4, [plan], tmp_path / "rt.jsonl", "--steps", "3", "--checkpoint-dir", str(ckpt),
                     "--checkpoint-every", "3", "--data", str(tmp_path / "data.txt"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     tokens = tmp_path / "x.pt"
@@ -201,7 +202,7 @@ def test_a_py_module_whose_forward_is_not_the_chain_is_not_pipelined(tmp_path):
     """Pipeline stages of a py: module are driven as embedding -> blocks -> norm -> head; a module
     whose forward does more (here: scales its embedding) is refused in one line before training."""
     plan = write_source_plan(tmp_path, "py:user_model:user_lm_scaled", strategy(**LAYOUTS["pp_1f1b"]), "scaled")
-    proc = torchrun(4, [plan], tmp_path / "scaled.jsonl", "--steps", "1")
+    proc = launch(4, [plan], tmp_path / "scaled.jsonl", "--steps", "1")
     assert proc.returncode != 0
     line = next(l for l in proc.stderr.splitlines() if l.startswith("paraplan: error:"))
     assert "its pipeline stages cannot be cut; re-plan with --pp 1" in line

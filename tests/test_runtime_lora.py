@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from costmodel import Strategy, load_cluster, predict
 from planner.plan import Plan, plan_from_strategy
 from planner.zoo import ZOO
-from runtime_helpers import read_results, torchrun
+from runtime_helpers import launch, read_results
 
 TOLERANCE = 1e-5
 LAYOUTS = {
@@ -80,7 +80,7 @@ def runs(tmp_path_factory):
             by_world.setdefault(s.world_size, []).append(_lora_plan(d, m, name, **fields))
     for world, plans in sorted(by_world.items()):
         out = d / f"world{world}.jsonl"
-        proc = torchrun(world, plans, out, "--steps", "8")
+        proc = launch(world, plans, out, "--steps", "8")
         assert proc.returncode == 0, proc.stderr[-3000:]
         results.update(read_results(out))
     return results

@@ -11,7 +11,7 @@ moves the loss by >1e-3 within two steps).
 
 import pytest
 
-from runtime_helpers import CONFIGS, MODELS, read_results, strategy, torchrun, write_plan
+from runtime_helpers import CONFIGS, MODELS, launch, read_results, strategy, write_plan
 
 TOLERANCE = 1e-5
 STEPS = 6
@@ -37,7 +37,7 @@ def runs(tmp_path_factory):
     results = {}
     for world, plans in [(1, ref_plans), *sorted(by_world.items())]:
         out = d / f"world{world}.jsonl"
-        proc = torchrun(world, plans, out, "--steps", str(STEPS))
+        proc = launch(world, plans, out, "--steps", str(STEPS))
         assert proc.returncode == 0, proc.stderr[-3000:]
         results.update(read_results(out))
     return results
