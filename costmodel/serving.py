@@ -199,14 +199,13 @@ def prefill_s(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: int, p
     return spec.layers * per_layer + logits + hops
 
 
-def decode_step_s(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: int, pp: int, batch: int,
-                  context: float) -> float:
-    """One token for every sequence of the batch with `context` tokens cached (per beam): per
-    layer the weight GEMMs of `rows` tokens (skinny: at the device's efficiency for their size,
-    bounded below by reading the weights), attention reading the cache, the norms and
-    residuals, host dispatch, two tensor-parallel all-reduces; the head; the pipeline hops."""
-    dev, e, dtype = cluster.device, req.bytes_per_value, req.precision
-    rows = batch * req.beam
+def token_layer_s(spec: ModelSpec, cluster: Cluster, dtype: str, tp: int, rows: float) -> float:
+    """One layer's work that scales with the `rows` tokens of an iteration (every sequence's
+    new tokens: decodes and prefill chunks alike), attention aside: the weight GEMMs (skinny at
+    few rows: at the device's efficiency for their size, bounded below by reading the weights;
+    a mixture of experts reads the experts the rows reach), norms, residuals and activation,
+    host dispatch, and two tensor-parallel all-reduces of (rows, hidden)."""
+    dev, e = cluster.device, BYTES[dtype]
     q, kv = spec.q_dim // tp, kv_heads_per_gpu(spec, tp) * spec.head_dim
     f = spec.ffn_hidden // tp
     up = 2 * f if spec.gated else f
@@ -227,15 +226,37 @@ def decode_step_s(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: in
         gemms += share * sparse + (1 - share) * dense_mlp
     else:
         gemms += dense_mlp
-    cache = rows * context * kv_values_per_token_gpu(spec, tp) * e  # every cached token's K and V (or latent), read once
-    attention = dev.attention_s(4.0 * rows * context * q, cache + 2 * rows * q * e, dtype, decode=True)
     elementwise = dev.memory_s(rows * (10 * spec.hidden + 3 * f) * e)  # norms, residuals, activation, rope
-    layer = gemms + attention + elementwise + dev.layer_overhead_s(tensor_parallel=tp > 1, fsdp=False)[0]
+    layer = gemms + elementwise + dev.layer_overhead_s(tensor_parallel=tp > 1, fsdp=False)[0]
     if tp > 1:
         layer += 2 * all_reduce_s(rows * spec.hidden * e, cluster.group(tp, 1))
-    head = gemm_s(dev, dtype, rows, spec.hidden, -(-spec.vocab // tp), e)
+    return layer
+
+
+def decode_attention_s(spec: ModelSpec, cluster: Cluster, dtype: str, tp: int, rows: float, context: float) -> float:
+    """One layer's attention of `rows` single-token queries, each over `context` cached tokens
+    (its K and V, or latent, read once): memory-bound."""
+    dev, e = cluster.device, BYTES[dtype]
+    q = spec.q_dim // tp
+    cache = rows * context * kv_values_per_token_gpu(spec, tp) * e
+    return dev.attention_s(4.0 * rows * context * q, cache + 2 * rows * q * e, dtype, decode=True)
+
+
+def head_s(spec: ModelSpec, cluster: Cluster, dtype: str, tp: int, rows: float) -> float:
+    """The logits of `rows` tokens (vocab-parallel over tp)."""
+    return gemm_s(cluster.device, dtype, rows, spec.hidden, -(-spec.vocab // tp), BYTES[dtype])
+
+
+def decode_step_s(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: int, pp: int, batch: int,
+                  context: float) -> float:
+    """One token for every sequence of the batch with `context` tokens cached (per beam): per
+    layer the token work (token_layer_s) and attention reading the cache; the head; the
+    pipeline hops (stages run one after the other for a token)."""
+    dtype, e = req.precision, req.bytes_per_value
+    rows = batch * req.beam
+    layer = token_layer_s(spec, cluster, dtype, tp, rows) + decode_attention_s(spec, cluster, dtype, tp, rows, context)
     hops = (pp - 1) * send_recv_s(rows * spec.hidden * e, cluster.p2p_link(tp))
-    return spec.layers * layer + head + hops
+    return spec.layers * layer + head_s(spec, cluster, dtype, tp, rows) + hops
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,0 +1,655 @@
+"""Serving under traffic: a discrete-event simulation of replicas running an iteration-level
+scheduler as vLLM does, priced by the serving cost model (costmodel.serving).
+
+Per replica (tp x pp GPUs), each iteration (Orca's iteration-level scheduling, vLLM's V1
+scheduler):
+
+    1. the running sequences in admission order: a decode takes 1 token, a prefill in
+       progress the rest of its prompt up to the token budget (chunked prefill; without it a
+       prompt runs whole, in an iteration of prefills only, as vLLM V0 did);
+       a sequence whose next tokens need a KV block when none is free first evicts cached
+       prefixes nobody uses (LRU), then preempts the most recently admitted sequence: by
+       recompute (its blocks freed; it waits at the head of the queue and recomputes its
+       prompt and what it generated) or by swap (its blocks copied to host memory and back)
+    2. then the waiting requests first come, first served while the budget
+       (max_num_batched_tokens), max_num_seqs and free blocks allow; a request whose prefix
+       (prefix_id) is cached starts with those blocks computed (prefix caching: hit tokens
+       are not recomputed; blocks offloaded to host come back over PCIe)
+    3. the iteration's time (IterationCost): the token work of every scheduled token
+       (GEMMs, norms, all-reduces: costmodel.serving.token_layer_s), the attention of the
+       decodes (reading their caches) and of the prefill chunks (causal, over what each has
+       computed), the logits of the sequences that emit a token, the pipeline hops
+    4. a sequence whose prompt is computed emits a token per iteration; it finishes at its
+       output length and gives its full blocks to the prefix cache under its prefix_id
+
+Replicas share the arrivals (each to the replica with the fewest requests in it). With
+disaggregation (DistServe, Splitwise) prefill replicas run prompts only and send each
+request's KV cache to the decode replica with the fewest requests over the inter-node link;
+its first token comes from the prefill replica.
+
+Metrics (per request): TTFT = first token - arrival; TPOT = (finish - first token) /
+(output - 1); end-to-end = finish - arrival. Goodput (DistServe): requests per second that
+meet every latency objective. Throughput: output tokens per second from the first arrival to
+the last finish.
+
+Simplifications, stated: pipeline stages run one after the other within an iteration (vLLM
+overlaps pp batches, so pp > 1 is priced pessimistically); KV transfers between replicas do
+not contend for links; the host link's bandwidth is the PCIe datasheet's (HOST_LINK_GB_PER_S).
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import math
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from costmodel.cluster import Cluster, with_runtime
+from costmodel.collectives import send_recv_s
+from costmodel.errors import ConfigError
+from costmodel.runtime import FUSED
+from costmodel.serving import (BYTES, ServingRequest, decode_attention_s, head_s, kv_budget, kv_bytes_per_token,
+                               kv_values_per_token_gpu, token_layer_s)
+from costmodel.spec import ModelSpec
+from costmodel.workload import Request
+
+# host <-> GPU copies (swap, offloaded prefixes): PCIe x16 datasheet figures per direction, GB/s
+# (Gen4 on A100, Gen5 on H100/H200/B200; GB200's NVLink-C2C 450 GB/s per direction); not measured
+HOST_LINK_GB_PER_S = {"ampere": 32.0, "hopper": 64.0, "blackwell": 64.0, "grace-blackwell": 450.0}
+DEFAULT_HOST_LINK_GB_PER_S = 32.0
+PREEMPTION_MODES = ("recompute", "swap")
+CACHE_EVICTION = ("drop", "host")  # an evicted cached prefix: forgotten, or kept in host memory
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SchedulerConfig:
+    """vLLM's engine arguments that shape an iteration (their defaults as of vLLM V1)."""
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    chunked_prefill: bool = True
+    prefix_caching: bool = True
+    block_tokens: int = 16
+    preemption: str = "recompute"
+    evicted_prefix: str = "drop"  # "host": evicted cached prefixes go to host memory (LMCache-style offload)
+    num_gpu_blocks_override: int | None = None  # vLLM's flag: KV blocks per replica instead of what memory allows
+
+    def __post_init__(self) -> None:
+        if self.num_gpu_blocks_override is not None and (isinstance(self.num_gpu_blocks_override, bool) or not isinstance(
+                self.num_gpu_blocks_override, int) or self.num_gpu_blocks_override < 1):
+            raise ConfigError(f"--num-gpu-blocks-override must be a positive integer, got {self.num_gpu_blocks_override!r}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.preemption not in PREEMPTION_MODES:
+            raise ConfigError(f"--preemption {self.preemption!r}; use one of {', '.join(PREEMPTION_MODES)}")
+        if self.evicted_prefix not in CACHE_EVICTION:
+            raise ConfigError(f"--evicted-prefix {self.evicted_prefix!r}; use one of {', '.join(CACHE_EVICTION)}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SLO:
+    """Latency objectives on percentiles of TTFT, TPOT and end-to-end latency, in seconds."""
+
+    targets: tuple[tuple[str, float, float], ...] = ()  # (metric, percentile, seconds)
+
+    @classmethod
+    def parse(cls, text: str | None) -> SLO:
+        """'ttft_p99=0.5,tpot_p99=0.05' (seconds; a 'ms' suffix for milliseconds)."""
+        if not text:
+            return cls()
+        out = []
+        for part in text.split(","):
+            key, _, value = part.strip().partition("=")
+            metric, _, pct = key.partition("_p")
+            if metric not in ("ttft", "tpot", "e2e") or not pct.isdigit() or not 0 < int(pct) <= 100 or not value:
+                raise ConfigError(f"--slo {part.strip()!r}: write METRIC_pNN=SECONDS with METRIC ttft, tpot or e2e, "
+                                  "e.g. ttft_p99=0.5,tpot_p99=50ms")
+            try:
+                seconds = float(value[:-2]) / 1e3 if value.endswith("ms") else float(value.rstrip("s"))
+            except ValueError:
+                raise ConfigError(f"--slo {part.strip()!r}: {value!r} is not a time (seconds, or ms)") from None
+            if not seconds > 0:
+                raise ConfigError(f"--slo {part.strip()!r}: the target must be positive")
+            out.append((metric, float(pct), seconds))
+        return cls(targets=tuple(out))
+
+    def met_by(self, ttft: float, tpot: float, e2e: float) -> bool:
+        """Whether one request meets every target (each percentile's target applies to every
+        request, as DistServe counts goodput: the share that meets it must reach the percentile)."""
+        values = {"ttft": ttft, "tpot": tpot, "e2e": e2e}
+        return all(values[m] <= s for m, _, s in self.targets)
+
+
+class IterationCost:
+    """Seconds of one iteration on a tp x pp replica from its composition. The token work is
+    tabulated at powers of two of the token count and interpolated linearly between them
+    (GEMM time is piecewise linear in rows between the efficiency curve's points)."""
+
+    def __init__(self, spec: ModelSpec, cluster: Cluster, tp: int, pp: int, precision: str, max_tokens: int):
+        cluster = with_runtime(cluster, FUSED)  # serving engines run fused kernels, whatever priced training
+        self.spec, self.cluster, self.tp, self.pp, self.dtype = spec, cluster, tp, pp, precision
+        self.e = BYTES[precision]
+        grid = [1]
+        while grid[-1] < max_tokens:
+            grid.append(grid[-1] * 2)
+        self._grid = grid
+        link = cluster.p2p_link(tp)
+        self._token = [spec.layers * token_layer_s(spec, cluster, precision, tp, n)
+                       + (pp - 1) * send_recv_s(n * spec.hidden * self.e, link) for n in grid]
+        self._head = [head_s(spec, cluster, precision, tp, n) for n in grid]
+        self._q = spec.q_dim // tp
+        self._kv_token_layer = kv_values_per_token_gpu(spec, tp) * self.e  # bytes per cached token, one layer
+
+    def _interp(self, table: list[float], n: float) -> float:
+        if n <= 0:
+            return 0.0
+        grid = self._grid
+        if n >= grid[-1]:
+            return table[-1] * n / grid[-1]
+        i = bisect.bisect_left(grid, n)
+        if grid[i] == n or i == 0:
+            return table[i] * (n / grid[i] if i == 0 else 1.0)
+        lo, hi = grid[i - 1], grid[i]
+        return table[i - 1] + (table[i] - table[i - 1]) * (n - lo) / (hi - lo)
+
+    def seconds(self, tokens: int, logits: int, decode_rows: int, decode_context: float,
+                prefill_pairs: float, prefill_kv_tokens: float) -> float:
+        """`tokens` scheduled in all; `logits` sequences emitting a token; `decode_rows`
+        single-token queries over `decode_context` cached tokens in all; prefill chunks whose
+        causal query-key pairs sum to `prefill_pairs` over `prefill_kv_tokens` keys in all."""
+        t = self._interp(self._token, tokens) + self._interp(self._head, logits)
+        layers, dev = self.spec.layers, self.cluster.device
+        if decode_rows:
+            t += layers * decode_attention_s(self.spec, self.cluster, self.dtype, self.tp, decode_rows,
+                                             decode_context / decode_rows)
+        if prefill_pairs:
+            flops = 4.0 * prefill_pairs * self._q
+            moved = 2 * (tokens - decode_rows) * self._q * self.e + prefill_kv_tokens * self._kv_token_layer
+            t += layers * dev.attention_s(flops, moved, self.dtype)
+        return t
+
+
+@dataclass(slots=True, eq=False)
+class _Seq:
+    req: Request
+    index: int  # position in the simulation's list
+    prompt: int  # the request's prompt tokens
+    computed: int = 0  # tokens whose KV is in the cache (or elsewhere, see kv_at)
+    generated: int = 0
+    own_blocks: int = 0
+    prefix_hit_blocks: int = 0  # shared blocks referenced from the prefix cache
+    kv_at: str = ""  # "host": swapped out (copied back on admission); "remote": sent by a prefill replica
+    first_token_s: float = math.nan
+    finish_s: float = math.nan
+    admitted: int = 0  # admission counter (0: never admitted)
+
+    @property
+    def total(self) -> int:
+        """Tokens the sequence has: the prompt and what it generated."""
+        return self.prompt + self.generated
+
+
+@dataclass(slots=True)
+class _CacheEntry:
+    blocks: int = 0  # on the GPU
+    host_blocks: int = 0  # offloaded
+    refs: int = 0
+
+
+class _Replica:
+    def __init__(self, index: int, role: str, cost: IterationCost, blocks: int, cfg: SchedulerConfig,
+                 host_gb_per_s: float, block_bytes: float):
+        self.index, self.role, self.cost, self.cfg = index, role, cost, cfg
+        self.total_blocks = blocks
+        self.free = blocks
+        self.waiting: deque[_Seq] = deque()
+        self.running: list[_Seq] = []  # in admission order: the last is preempted first
+        self.cache: OrderedDict[str, _CacheEntry] = OrderedDict()  # LRU: least recently used first
+        self.busy = False
+        self.host_s_per_block = block_bytes / (host_gb_per_s * 1e9)
+        self.admissions = 0
+        self.preemptions = 0
+        self.hit_tokens = 0
+        self.prompt_tokens = 0
+        self.computed_prompt_tokens = 0  # prompt (and recomputed) tokens run through the model
+        self.iterations = 0
+        self.usage: list[tuple[float, float, int]] = []  # (time, KV share in use, running sequences)
+
+    @property
+    def load(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # -- blocks ---------------------------------------------------------------------------
+    def _evict(self, need: int) -> float:
+        """Free cached prefixes nobody uses, least recently used first, until `need` blocks are
+        free; seconds of copying them to host memory (evicted_prefix 'host')."""
+        seconds = 0.0
+        for key in list(self.cache):
+            if self.free >= need:
+                break
+            entry = self.cache[key]
+            if entry.refs or not entry.blocks:
+                continue
+            self.free += entry.blocks
+            if self.cfg.evicted_prefix == "host":
+                entry.host_blocks = max(entry.host_blocks, entry.blocks)
+                seconds += entry.blocks * self.host_s_per_block
+            entry.blocks = 0
+            if not entry.host_blocks:
+                del self.cache[key]
+        return seconds
+
+    def _blocks_for(self, seq: _Seq, tokens: int) -> int:
+        """Blocks of its own `seq` needs to hold `tokens` tokens."""
+        return max(0, -(-tokens // self.cfg.block_tokens) - seq.prefix_hit_blocks)
+
+    def _release(self, seq: _Seq) -> None:
+        self.free += seq.own_blocks
+        seq.own_blocks = 0
+        if seq.prefix_hit_blocks:
+            self.cache[seq.req.prefix_id].refs -= 1
+        seq.prefix_hit_blocks = 0
+
+    def _preempt(self, victim: _Seq) -> float:
+        """Take `victim` off the GPU; seconds of copying its blocks out (swap)."""
+        self.running.remove(victim)
+        self.preemptions += 1
+        seconds = 0.0
+        if self.cfg.preemption == "swap":
+            seconds = victim.own_blocks * self.host_s_per_block
+            victim.kv_at = "host"  # a shared prefix it used stays cached; it comes back as its own blocks
+        else:
+            victim.computed = 0
+        self._release(victim)
+        self.waiting.appendleft(victim)
+        return seconds
+
+    def _prefix_hit(self, seq: _Seq) -> tuple[int, float]:
+        """(cached blocks of the request's prefix it can use, seconds of bringing offloaded
+        ones back over the host link)."""
+        req = seq.req
+        if not (self.cfg.prefix_caching and req.prefix_id) or seq.computed:
+            return 0, 0.0
+        entry = self.cache.get(req.prefix_id)
+        usable = min(req.prefix_tokens, req.prompt_tokens - 1) // self.cfg.block_tokens  # the last prompt token runs
+        if entry is None or not usable:
+            return 0, 0.0
+        seconds = 0.0
+        back = min(entry.host_blocks, usable) - entry.blocks
+        if back > 0:  # offloaded: back over the host link
+            seconds += self._evict(back)
+            if self.free >= back:
+                self.free -= back
+                entry.blocks += back
+                seconds += back * self.host_s_per_block
+        return min(entry.blocks, usable), seconds
+
+    def _donate(self, seq: _Seq) -> None:
+        """A finished sequence's full blocks go to the prefix cache under its prefix_id (the
+        next turn of a conversation, or another request with the same system prompt, finds
+        them); the rest are freed."""
+        req = seq.req
+        if self.cfg.prefix_caching and req.prefix_id:
+            entry = self.cache.setdefault(req.prefix_id, _CacheEntry())
+            self.cache.move_to_end(req.prefix_id)
+            full = seq.computed // self.cfg.block_tokens
+            # positions [max(entry, hit), full) come from the sequence's own blocks
+            keep = max(0, min(full, seq.prefix_hit_blocks + seq.own_blocks) - max(entry.blocks, seq.prefix_hit_blocks))
+            entry.blocks += keep
+            seq.own_blocks -= keep
+        self._release(seq)
+
+    # -- one iteration ----------------------------------------------------------------------
+    def _admit(self, budget: int, whole: bool, first: bool) -> tuple[_Seq, int, float] | None:
+        """Admit the head of the queue for up to `budget` tokens (all of what it has to compute
+        when `whole`, however long if it is the iteration's `first`): (sequence, tokens, seconds
+        of host copies), or None when it does not fit."""
+        seq = self.waiting[0]
+        hit, copies = self._prefix_hit(seq)
+        computed = hit * self.cfg.block_tokens if hit else seq.computed
+        need = seq.total - computed
+        take = min(need, budget)
+        if whole and take < need:
+            if not first:
+                return None
+            take = need  # a prompt longer than the budget runs alone
+        want = -(-(computed + take) // self.cfg.block_tokens) - hit
+        if want > self.free:
+            copies += self._evict(want)
+        if want > self.free:
+            return None
+        self.waiting.popleft()
+        if hit:
+            self.cache[seq.req.prefix_id].refs += 1
+            self.cache.move_to_end(seq.req.prefix_id)
+            seq.prefix_hit_blocks = hit
+            seq.computed = computed
+        if seq.kv_at == "host":
+            copies += self._blocks_for(seq, seq.computed) * self.host_s_per_block
+        seq.kv_at = ""
+        self.free -= want
+        seq.own_blocks = want
+        if not seq.admitted:  # the prefix-cache hit rate counts first admissions
+            self.prompt_tokens += seq.req.prompt_tokens
+            self.hit_tokens += hit * self.cfg.block_tokens
+        self.admissions += 1
+        seq.admitted = self.admissions
+        self.running.append(seq)
+        return seq, take, copies
+
+    def schedule(self) -> tuple[list[tuple[_Seq, int]], float]:
+        """The iteration's (sequence, tokens) and its seconds of host copies."""
+        cfg, budget = self.cfg, self.cfg.max_num_batched_tokens
+        chosen: list[tuple[_Seq, int]] = []
+        copies = 0.0
+        if not cfg.chunked_prefill and self.role != "decode":
+            # vLLM V0: an iteration of whole prompts whenever one waits and fits, else decodes
+            while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+                got = self._admit(budget, whole=True, first=not chosen)
+                if got is None:
+                    break
+                chosen.append(got[:2])
+                copies += got[2]
+                budget -= got[1]
+            if chosen:
+                return chosen, copies
+        preempted = False
+        running, chunked, B = self.running, cfg.chunked_prefill, cfg.block_tokens
+        i = 0
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            computed = seq.computed
+            need = seq.prompt + seq.generated - computed
+            take = need if need < budget else budget
+            if take < need and not chunked:
+                i += 1
+                continue
+            want = -(-(computed + take) // B) - seq.prefix_hit_blocks - seq.own_blocks
+            if want > self.free:
+                copies += self._evict(want)
+                lost = False
+                while want > self.free and not lost:
+                    victim = running[-1]  # the latest admitted: not scheduled yet, or this one
+                    copies += self._preempt(victim)
+                    preempted = True
+                    lost = victim is seq
+                if lost:
+                    break
+            if want > 0:
+                self.free -= want
+                seq.own_blocks += want
+            chosen.append((seq, take))
+            budget -= take
+            i += 1
+        if cfg.chunked_prefill and not preempted:
+            while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+                got = self._admit(budget, whole=False, first=not chosen)
+                if got is None:
+                    break
+                chosen.append(got[:2])
+                copies += got[2]
+                budget -= got[1]
+        elif not cfg.chunked_prefill and self.role == "decode" and not preempted:
+            while self.waiting and len(self.running) < cfg.max_num_seqs:  # arrived KV: admitted to decode
+                got = self._admit(budget=1, whole=True, first=True)
+                if got is None:
+                    break
+                chosen.append(got[:2])
+                copies += got[2]
+        return chosen, copies
+
+    def iteration_s(self, chosen: list[tuple[_Seq, int]]) -> tuple[float, bool, float]:
+        """(seconds of the iteration, whether it only decodes, the cached tokens its decodes read)."""
+        tokens = logits = decode_rows = 0
+        decode_ctx = pairs = kv_tokens = 0.0
+        for seq, take in chosen:
+            tokens += take
+            computed = seq.computed
+            if computed + take == seq.prompt + seq.generated:
+                logits += 1
+            if take == 1 and seq.generated:
+                decode_rows += 1
+                decode_ctx += computed + 1
+            else:
+                pairs += take * (computed + (take + 1) / 2)
+                kv_tokens += computed + take
+        self.computed_prompt_tokens += tokens - decode_rows
+        seconds = self.cost.seconds(tokens, logits, decode_rows, decode_ctx, pairs, kv_tokens)
+        return seconds, decode_rows == len(chosen), decode_ctx
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrafficResult:
+    ttft_s: np.ndarray  # per finished request, in request order
+    tpot_s: np.ndarray
+    e2e_s: np.ndarray
+    output_tokens: int
+    duration_s: float  # first arrival to last finish
+    finished: int
+    requests: int
+    preemptions: int
+    prefix_hit_rate: float
+    prefill_tokens: int  # prompt tokens computed (recomputation included, cache hits not)
+    prefill_tokens_by_replica: tuple[int, ...]  # the same per replica (prefill replicas first)
+    iterations: int
+    kv_usage: list[tuple[float, float, int]] = field(default_factory=list)  # replica 0 (or the first decode one)
+    slo: SLO = SLO()
+    goodput_rps: float = 0.0
+    slo_attainment: float = 0.0
+
+    @property
+    def throughput_tokens_per_s(self) -> float:
+        return self.output_tokens / self.duration_s if self.duration_s > 0 else 0.0
+
+    def metrics(self) -> dict:
+        """The `predicted` keys of serving under traffic."""
+        out = {}
+        for name, values in (("ttft", self.ttft_s), ("tpot", self.tpot_s), ("e2e", self.e2e_s)):
+            for p in (50, 90, 99):
+                out[f"{name}_p{p}_s"] = float(np.percentile(values, p)) if len(values) else math.nan
+        out.update(throughput_tokens_per_s=self.throughput_tokens_per_s, goodput_rps=self.goodput_rps,
+                   slo_attainment=self.slo_attainment, preemptions=self.preemptions,
+                   prefix_hit_rate=self.prefix_hit_rate, prefill_tokens=self.prefill_tokens, requests=self.requests, finished=self.finished,
+                   duration_s=self.duration_s, iterations=self.iterations)
+        return out
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServingLayout:
+    """Replicas of tp x pp GPUs; with `prefill_replicas` > 0 that many of them run prompts only
+    and the rest decode (disaggregated)."""
+
+    tp: int = 1
+    pp: int = 1
+    replicas: int = 1
+    prefill_replicas: int = 0
+    precision: str = "bf16"
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "replicas"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"--{name} must be a positive integer, got {value!r}")
+        if self.prefill_replicas < 0 or (self.prefill_replicas and self.prefill_replicas >= self.replicas):
+            raise ConfigError(f"--prefill-replicas ({self.prefill_replicas}) must leave at least one of the "
+                              f"{self.replicas} replicas to decode")
+        if self.precision not in BYTES:
+            raise ConfigError(f"serving precision {self.precision!r}; use one of {', '.join(BYTES)}")
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.pp * self.replicas
+
+
+def replica_blocks(spec: ModelSpec, cluster: Cluster, layout: ServingLayout, cfg: SchedulerConfig) -> tuple[int, float]:
+    """(KV blocks a replica holds, bytes of one block on one GPU) after weights and workspace."""
+    chunk = max(1, min(cfg.max_num_batched_tokens, spec.seq_len - 1))
+    req = ServingRequest(prompt_len=chunk, output_len=1, precision=layout.precision, block_tokens=cfg.block_tokens)
+    budget = kv_budget(spec, cluster, req, layout.tp, layout.pp)
+    blocks = budget.capacity_tokens // cfg.block_tokens
+    if cfg.num_gpu_blocks_override is not None:
+        blocks = cfg.num_gpu_blocks_override
+    return blocks, budget.kv_bytes_per_token_gpu * cfg.block_tokens
+
+
+def host_link_gb_per_s(cluster: Cluster) -> float:
+    return HOST_LINK_GB_PER_S.get(cluster.device.arch, DEFAULT_HOST_LINK_GB_PER_S)
+
+
+def simulate_traffic(spec: ModelSpec, cluster: Cluster, requests: list[Request], layout: ServingLayout,
+                     cfg: SchedulerConfig = SchedulerConfig(), slo: SLO = SLO(), *,
+                     horizon_s: float | None = None) -> TrafficResult:
+    """Serve `requests` on `layout`: the event loop over arrivals, iteration ends and KV
+    transfers; `horizon_s` stops it (an overloaded system's queue never drains)."""
+    if layout.gpus > cluster.world_size:
+        raise ConfigError(f"the layout needs {layout.gpus} GPUs (tp {layout.tp} x pp {layout.pp} x "
+                          f"{layout.replicas} replicas); the cluster has {cluster.world_size}")
+    if not requests:
+        raise ConfigError("the workload has no requests")
+    blocks, block_bytes = replica_blocks(spec, cluster, layout, cfg)
+    longest = max(r.prompt_tokens + r.output_tokens for r in requests)
+    if blocks * cfg.block_tokens < longest:
+        raise ConfigError(f"a replica of tp {layout.tp} x pp {layout.pp} holds {blocks * cfg.block_tokens} tokens of KV "
+                          f"cache, fewer than the longest request's {longest}; use more GPUs per replica")
+    cost = IterationCost(spec, cluster, layout.tp, layout.pp, layout.precision, cfg.max_num_batched_tokens)
+    host = host_link_gb_per_s(cluster)
+    roles = ["prefill"] * layout.prefill_replicas + ["decode" if layout.prefill_replicas else "mixed"] * (
+        layout.replicas - layout.prefill_replicas)
+    replicas = [_Replica(i, role, cost, blocks, cfg, host, block_bytes) for i, role in enumerate(roles)]
+    entry = [r for r in replicas if r.role != "decode"]
+    decoders = [r for r in replicas if r.role == "decode"]
+    kv_token_bytes = kv_bytes_per_token(spec, BYTES[layout.precision])
+    transfer_link = cluster.inter if cluster.nodes > 1 else cluster.intra
+
+    seqs = [_Seq(req=r, index=i, prompt=r.prompt_tokens) for i, r in enumerate(sorted(requests, key=lambda r: r.arrival_s))]
+    events: list[tuple[float, int, int]] = []  # (time, counter, index): index >= 0 a replica's iteration ends,
+    counter = 0                                  # index < 0 the KV of sequence -1 - index reaches the decoders
+    transfers: list[float] = []  # times of the KV transfers under way
+    in_flight: dict[int, tuple[list[tuple[_Seq, int]], int]] = {}  # replica -> (its iteration, repeats)
+    finished: list[_Seq] = []
+    limit = math.inf if horizon_s is None else horizon_s
+    arrived = 0  # seqs[:arrived] have arrived
+
+    def start(rep: _Replica, now: float) -> None:
+        nonlocal counter
+        if rep.busy or not (rep.waiting or rep.running):
+            return
+        chosen, copies = rep.schedule()
+        if not chosen:
+            return
+        rep.busy = True
+        took, decodes_only, context = rep.iteration_s(chosen)
+        took += copies
+        repeats = 1
+        if decodes_only and not copies and rep.role != "prefill":
+            # decodes only: the next iterations are the same batch one token further, until a
+            # sequence finishes, the blocks run short or something arrives; priced in one go
+            n = len(chosen)
+            most = min(seq.req.output_tokens - seq.generated for seq, _ in chosen)
+            most = min(most, 1 + rep.cfg.block_tokens * (rep.free // n))
+            until = min(seqs[arrived].req.arrival_s if arrived < len(seqs) else math.inf,
+                        transfers[0] if transfers else math.inf)
+            if 1 < most <= 8:
+                while repeats < most and now + took < until:
+                    context += n
+                    took += rep.cost.seconds(n, n, n, context, 0.0, 0.0)
+                    repeats += 1
+            elif most > 1 and now + took < until:
+                first = context
+                # step j (2..most) reads first + n (j - 1) cached tokens; its time is linear in
+                # that between the exact ends (the decode attention is memory-bound)
+                lo = rep.cost.seconds(n, n, n, first + n, 0.0, 0.0)
+                hi = rep.cost.seconds(n, n, n, first + n * (most - 1), 0.0, 0.0)
+                steps = np.linspace(lo, hi, most - 1) if most > 2 else np.array([lo])
+                ends = took + np.cumsum(steps)  # the end of steps 2..most
+                # a step starts while nothing has arrived: those ending before `until`, and one more
+                repeats = 1 + min(most - 1, int(np.searchsorted(ends, until - now, side="left")) + 1)
+                took = float(ends[repeats - 2])
+        rep.iterations += repeats
+        in_flight[rep.index] = (chosen, repeats)
+        heapq.heappush(events, (now + took, counter, rep.index))
+        counter += 1
+        rep.usage.append((now, 1 - rep.free / rep.total_blocks, len(rep.running)))
+
+    while events or arrived < len(seqs):
+        if arrived < len(seqs) and (not events or seqs[arrived].req.arrival_s <= events[0][0]):
+            seq = seqs[arrived]
+            now = seq.req.arrival_s
+            arrived += 1
+            if now > limit:
+                break
+            rep = min(entry, key=lambda r: r.load)
+            rep.waiting.append(seq)
+            start(rep, now)
+            continue
+        now, _, index = heapq.heappop(events)
+        if now > limit:
+            break
+        if index < 0:
+            heapq.heappop(transfers)
+            seq = seqs[-1 - index]
+            rep = min(decoders, key=lambda r: r.load)
+            seq.kv_at = "remote"  # its blocks are allocated on admission; the copy was the transfer
+            rep.waiting.append(seq)
+            start(rep, now)
+            continue
+        rep = replicas[index]
+        rep.busy = False
+        chosen, repeats = in_flight.pop(index)
+        for seq, take in chosen:
+            if repeats > 1:  # the blocks of the repeated decodes
+                more = rep._blocks_for(seq, seq.computed + repeats) - seq.own_blocks
+                rep.free -= more
+                seq.own_blocks += more
+            seq.computed += take + repeats - 1
+            if seq.computed < seq.total + repeats - 1:
+                continue  # a prefill chunk
+            seq.generated += repeats
+            if seq.generated == 1:
+                seq.first_token_s = now
+            if seq.generated >= seq.req.output_tokens:
+                seq.finish_s = now
+                rep.running.remove(seq)
+                rep._donate(seq)
+                finished.append(seq)
+            elif rep.role == "prefill":  # the KV cache goes to a decode replica
+                rep.running.remove(seq)
+                rep._donate(seq)
+                # each of the tp x pp GPUs sends its share of the prompt's KV at once
+                at = now + send_recv_s(seq.computed * kv_token_bytes / (layout.tp * layout.pp), transfer_link)
+                heapq.heappush(events, (at, counter, -1 - seq.index))
+                heapq.heappush(transfers, at)
+                counter += 1
+        start(rep, now)
+    return _result(seqs, requests, finished, replicas, slo)
+
+
+def _result(seqs: list[_Seq], requests: list[Request], finished: list[_Seq], replicas: list[_Replica],
+            slo: SLO) -> TrafficResult:
+    done = sorted(finished, key=lambda s: s.req.id)
+    ttft = np.array([s.first_token_s - s.req.arrival_s for s in done])
+    tpot = np.array([(s.finish_s - s.first_token_s) / (s.req.output_tokens - 1) if s.req.output_tokens > 1 else 0.0
+                     for s in done])
+    e2e = np.array([s.finish_s - s.req.arrival_s for s in done])
+    first = min(r.arrival_s for r in requests)
+    end = max((s.finish_s for s in done), default=first)
+    duration = end - first
+    met = sum(slo.met_by(a, b, c) for a, b, c in zip(ttft, tpot, e2e)) if slo.targets else len(done)
+    # goodput: requests meeting the objectives per second of arrivals (all at once: of the run)
+    window = max(r.arrival_s for r in requests) - first
+    window = window if window > 0 else duration
+    prompt_tokens = sum(r.prompt_tokens for r in replicas)
+    shown = next((r for r in replicas if r.role != "prefill"), replicas[0])
+    return TrafficResult(
+        ttft_s=ttft, tpot_s=tpot, e2e_s=e2e, output_tokens=sum(s.req.output_tokens for s in done), duration_s=duration,
+        finished=len(done), requests=len(requests), preemptions=sum(r.preemptions for r in replicas),
+        prefix_hit_rate=sum(r.hit_tokens for r in replicas) / prompt_tokens if prompt_tokens else 0.0,
+        prefill_tokens=sum(r.computed_prompt_tokens for r in replicas),
+        prefill_tokens_by_replica=tuple(r.computed_prompt_tokens for r in replicas),
+        iterations=sum(r.iterations for r in replicas), kv_usage=shown.usage, slo=slo,
+        goodput_rps=met / window if window > 0 else 0.0, slo_attainment=met / len(requests))

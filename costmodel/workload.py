@@ -1,0 +1,190 @@
+"""Serving traffic: requests that arrive at random with prompts and outputs of varied length.
+
+A workload is a list of requests (arrival time, prompt tokens, output tokens, and optionally
+a shared prefix: the id of a prompt head other requests also start with and its length),
+read from a trace file or generated from a scenario at a rate:
+
+    arrivals   Poisson (exponential gaps at `rate` per second) or bursty: gamma-distributed
+               gaps of the same mean and a coefficient of variation `burst_cv` > 1 (BurstGPT,
+               Wang et al. 2024, fits gamma gaps to Azure's conversation traces; the CV is ours)
+    lengths    log-normal with a stated median and log-spread, clipped to [1, the context]
+
+Scenarios (lengths in tokens; where a figure is not from the cited source it says so):
+
+    chat          prompts median 100, outputs median 205, log-spread 1.0: chosen so the means
+                  (165 and 338) match ShareGPT as the vLLM paper reports it (mean prompt
+                  161, output 338; Kwon et al., SOSP 2023, Fig. 11); the spread is ours
+    long-context  long-document QA: prompts median 8,000 (log-spread 0.5), outputs median 64
+                  (0.7): an assumption in the range of LongBench's documents (Bai et al. 2023)
+    agent         a 2,000-token system prompt shared by every request (prefix id 'system'),
+                  then a user turn of median 200 (0.8) tokens; outputs median 150 (0.8);
+                  our assumption, the shape of tool-calling agents
+
+Trace files: CSV with a header, or JSON lines, with the columns `arrival_s`, `prompt_tokens`,
+`output_tokens` and optionally `prefix_id`, `prefix_tokens` (Splitwise's and Azure's public
+traces carry the first three, under other names; rename the columns).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from costmodel.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Request:
+    id: int
+    arrival_s: float
+    prompt_tokens: int
+    output_tokens: int
+    prefix_id: str = ""  # requests with the same id start with the same prefix_tokens tokens
+    prefix_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.arrival_s) or self.arrival_s < 0:
+            raise ConfigError(f"request {self.id}: arrival_s must be a time >= 0 seconds, got {self.arrival_s}")
+        for name in ("prompt_tokens", "output_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"request {self.id}: {name} must be a positive integer, got {value!r}")
+        if not 0 <= self.prefix_tokens <= self.prompt_tokens:
+            raise ConfigError(f"request {self.id}: prefix_tokens must be within the prompt (0..{self.prompt_tokens}), "
+                              f"got {self.prefix_tokens}")
+        if self.prefix_tokens and not self.prefix_id:
+            raise ConfigError(f"request {self.id}: prefix_tokens needs a prefix_id naming the shared prefix")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LengthDist:
+    """Log-normal token counts: median exp(mu), log-spread sigma."""
+
+    median: float
+    sigma: float
+
+    def __post_init__(self) -> None:
+        if not self.median >= 1 or not self.sigma >= 0:
+            raise ConfigError(f"a length distribution needs median >= 1 and sigma >= 0, got {self.median}, {self.sigma}")
+
+    def sample(self, rng: np.random.Generator, n: int, limit: int) -> np.ndarray:
+        values = np.exp(rng.normal(math.log(self.median), self.sigma, n)) if self.sigma else np.full(n, self.median)
+        return np.clip(np.rint(values), 1, limit).astype(int)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Scenario:
+    name: str
+    prompt: LengthDist
+    output: LengthDist
+    shared_prefix_tokens: int = 0  # a system prompt every request starts with
+
+
+SCENARIOS = {
+    "chat": Scenario(name="chat", prompt=LengthDist(median=100, sigma=1.0), output=LengthDist(median=205, sigma=1.0)),
+    "long-context": Scenario(name="long-context", prompt=LengthDist(median=8000, sigma=0.5),
+                             output=LengthDist(median=64, sigma=0.7)),
+    "agent": Scenario(name="agent", prompt=LengthDist(median=200, sigma=0.8), output=LengthDist(median=150, sigma=0.8),
+                      shared_prefix_tokens=2000),
+}
+
+
+def arrivals(rng: np.random.Generator, n: int, rate: float, burst_cv: float = 1.0) -> np.ndarray:
+    """`n` arrival times (s) at `rate` per second: Poisson (burst_cv 1) or gamma gaps of
+    coefficient of variation burst_cv (shape 1 / cv^2, same mean). rate inf: all at 0."""
+    if math.isinf(rate):
+        return np.zeros(n)
+    if not rate > 0:
+        raise ConfigError(f"--rate must be requests per second > 0 (or inf: all at once), got {rate}")
+    if not burst_cv > 0:
+        raise ConfigError(f"--burst-cv must be > 0 (1: Poisson), got {burst_cv}")
+    shape = 1.0 / burst_cv**2
+    gaps = rng.gamma(shape, 1.0 / (rate * shape), n)  # mean 1 / rate
+    return np.cumsum(gaps) - gaps[0]
+
+
+def generate(scenario: str | Scenario, *, rate: float, requests: int, context: int, seed: int = 0,
+             burst_cv: float = 1.0) -> list[Request]:
+    """A workload of `requests` requests of a scenario at `rate` per second; every request's
+    prompt + output fits the model's `context`."""
+    sc = SCENARIOS.get(scenario) if isinstance(scenario, str) else scenario
+    if sc is None:
+        raise ConfigError(f"unknown workload {scenario!r}; use one of {', '.join(SCENARIOS)} or a trace file (.csv/.jsonl)")
+    if requests < 1:
+        raise ConfigError(f"--requests must be a positive integer, got {requests}")
+    if sc.shared_prefix_tokens + 2 > context:
+        raise ConfigError(f"workload {sc.name}'s {sc.shared_prefix_tokens}-token shared prompt does not fit the "
+                          f"model's context of {context}")
+    rng = np.random.default_rng(seed)
+    times = arrivals(rng, requests, rate, burst_cv)
+    room = context - sc.shared_prefix_tokens
+    prompts = sc.prompt.sample(rng, requests, max(1, room - 1))
+    outputs = sc.output.sample(rng, requests, context)
+    outputs = np.minimum(outputs, room - prompts)  # prompt + output within the context
+    return [Request(id=i, arrival_s=float(t), prompt_tokens=int(p) + sc.shared_prefix_tokens, output_tokens=int(o),
+                    prefix_id="system" if sc.shared_prefix_tokens else "", prefix_tokens=sc.shared_prefix_tokens)
+            for i, (t, p, o) in enumerate(zip(times, prompts, outputs))]
+
+
+FIELDS = ("arrival_s", "prompt_tokens", "output_tokens")
+
+
+def _row(i: int, row: dict, where: str) -> Request:
+    missing = [f for f in FIELDS if row.get(f) in (None, "")]
+    if missing:
+        raise ConfigError(f"{where}: request {i} has no {', '.join(missing)}; a trace needs the columns "
+                          f"{', '.join(FIELDS)} (and optionally prefix_id, prefix_tokens)")
+    try:
+        return Request(id=i, arrival_s=float(row["arrival_s"]), prompt_tokens=int(row["prompt_tokens"]),
+                       output_tokens=int(row["output_tokens"]), prefix_id=str(row.get("prefix_id") or ""),
+                       prefix_tokens=int(row.get("prefix_tokens") or 0))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: request {i}: {exc}") from None
+
+
+def load_trace(path: str | Path) -> list[Request]:
+    """Requests from a CSV (header row) or JSON-lines trace, sorted by arrival."""
+    p = Path(path)
+    where = str(path)
+    if not p.is_file():
+        raise ConfigError(f"no trace file {where}; give a .csv or .jsonl with {', '.join(FIELDS)}, or a scenario "
+                          f"({', '.join(SCENARIOS)})")
+    text = p.read_text()
+    if p.suffix == ".csv":
+        rows = list(csv.DictReader(text.splitlines()))
+    elif p.suffix in (".jsonl", ".json"):
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ConfigError(f"{where}:{n}: not JSON ({exc.msg}); a trace has one JSON object per line") from None
+        if any(not isinstance(r, dict) for r in rows):
+            raise ConfigError(f"{where}: every line must be a JSON object with {', '.join(FIELDS)}")
+    else:
+        raise ConfigError(f"trace {where}: use a .csv or .jsonl file")
+    if not rows:
+        raise ConfigError(f"trace {where} has no requests")
+    reqs = sorted((_row(i, r, where) for i, r in enumerate(rows)), key=lambda r: r.arrival_s)
+    return reqs
+
+
+def workload(name: str, *, rate: float | None, requests: int, context: int, seed: int = 0,
+             burst_cv: float = 1.0) -> list[Request]:
+    """A scenario at a rate, or a trace file (its own arrival times; rate None)."""
+    if name in SCENARIOS:
+        if rate is None:
+            raise ConfigError(f"workload {name} needs --rate (requests per second; inf: all at once)")
+        return generate(name, rate=rate, requests=requests, context=context, seed=seed, burst_cv=burst_cv)
+    reqs = load_trace(name)
+    too_long = [r.id for r in reqs if r.prompt_tokens + r.output_tokens > context]
+    if too_long:
+        raise ConfigError(f"trace {name}: {len(too_long)} request(s) (first: {too_long[0]}) exceed the model's context "
+                          f"of {context} tokens; cut them or serve a longer-context model")
+    return reqs

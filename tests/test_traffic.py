@@ -1,0 +1,163 @@
+"""Serving under traffic (costmodel.workload, costmodel.traffic): the workloads are what they
+say, and the scheduler behaves as continuous batching must: one prefill at a low rate,
+unbounded queues past capacity, chunked prefill and disaggregation shielding decodes from
+long prompts, prefix caching skipping exactly the hit tokens, preemption when blocks run out."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from costmodel import ConfigError, load_cluster
+from costmodel.serving import ServingRequest, decode_step_s, prefill_s
+from costmodel.traffic import SLO, IterationCost, SchedulerConfig, ServingLayout, simulate_traffic
+from costmodel.workload import SCENARIOS, Request, arrivals, generate, load_trace, workload
+from planner.zoo import ZOO
+
+SPEC = ZOO["llama3-8b"]
+CLUSTER = load_cluster("h100-sxm:8")
+
+
+def _long_prompts(n: int, rate: float, seed: int = 0) -> list[Request]:
+    """Prompts of 2,000-7,000 tokens, outputs of 100-400: prefills long enough to stall decodes."""
+    rng = np.random.default_rng(seed)
+    t, out = 0.0, []
+    for i in range(n):
+        t += rng.exponential(1 / rate)
+        out.append(Request(id=i, arrival_s=t, prompt_tokens=int(rng.integers(2000, 7000)),
+                           output_tokens=int(rng.integers(100, 400))))
+    return out
+
+
+def test_chat_lengths_have_sharegpts_means_and_arrivals_their_rate():
+    reqs = generate("chat", rate=10, requests=20000, context=SPEC.seq_len, seed=0)
+    prompts = np.array([r.prompt_tokens for r in reqs])
+    outputs = np.array([r.output_tokens for r in reqs])
+    assert prompts.mean() == pytest.approx(161, rel=0.06)  # ShareGPT, vLLM paper Fig. 11
+    assert outputs.mean() == pytest.approx(338, rel=0.06)
+    gaps = np.diff([r.arrival_s for r in reqs])
+    assert gaps.mean() == pytest.approx(0.1, rel=0.03)
+    assert gaps.std() / gaps.mean() == pytest.approx(1.0, rel=0.05)  # Poisson
+    bursty = np.diff(arrivals(np.random.default_rng(1), 20000, 10.0, burst_cv=3.0))
+    assert bursty.mean() == pytest.approx(0.1, rel=0.1) and bursty.std() / bursty.mean() == pytest.approx(3.0, rel=0.15)
+    agent = generate("agent", rate=1, requests=50, context=SPEC.seq_len)
+    assert all(r.prefix_id == "system" and r.prefix_tokens == 2000 < r.prompt_tokens for r in agent)
+    assert all(r.prompt_tokens + r.output_tokens <= SPEC.seq_len for r in agent)
+    assert set(SCENARIOS) == {"chat", "long-context", "agent"}
+
+
+def test_traces_are_read_and_bad_ones_refused_in_one_line(tmp_path):
+    csv = tmp_path / "t.csv"
+    csv.write_text("arrival_s,prompt_tokens,output_tokens,prefix_id,prefix_tokens\n0.5,100,20,,\n0.1,300,5,sys,64\n")
+    reqs = load_trace(csv)
+    assert [(r.arrival_s, r.prompt_tokens, r.prefix_id, r.prefix_tokens) for r in reqs] == [
+        (0.1, 300, "sys", 64), (0.5, 100, "", 0)]
+    jl = tmp_path / "t.jsonl"
+    jl.write_text("\n".join(json.dumps({"arrival_s": i, "prompt_tokens": 10, "output_tokens": 3}) for i in range(4)))
+    assert len(workload(str(jl), rate=None, requests=1, context=2048)) == 4
+    for text, needle in (("arrival_s,prompt_tokens\n1,2\n", "output_tokens"),
+                         ("arrival_s,prompt_tokens,output_tokens\n1,0,2\n", "prompt_tokens must be a positive"),
+                         ("arrival_s,prompt_tokens,output_tokens\n-1,5,2\n", "arrival_s"),
+                         ("arrival_s,prompt_tokens,output_tokens\n1,5000,2\n", "context")):
+        bad = tmp_path / "bad.csv"
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=needle) as err:
+            workload(str(bad), rate=None, requests=1, context=4096)
+        assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="unknown workload|no trace file"):
+        workload("nonsense", rate=1, requests=1, context=4096)
+    with pytest.raises(ConfigError, match="--rate"):
+        workload("chat", rate=None, requests=1, context=4096)
+
+
+def test_at_a_low_rate_ttft_is_one_prefill_and_tpot_one_decode_step():
+    P, O = 1024, 128
+    reqs = [Request(id=i, arrival_s=100.0 * i, prompt_tokens=P, output_tokens=O) for i in range(4)]
+    r = simulate_traffic(SPEC, CLUSTER, reqs, ServingLayout(tp=1))
+    one = IterationCost(SPEC, CLUSTER, 1, 1, "bf16", 8192).seconds(P, 1, 0, 0.0, P * (P + 1) / 2, P)
+    assert np.allclose(r.ttft_s, one, rtol=1e-12)
+    req = ServingRequest(prompt_len=P, output_len=O)
+    assert one == pytest.approx(prefill_s(SPEC, CLUSTER, req, 1, 1), rel=0.03)  # the steady-state model's prefill
+    assert np.allclose(r.tpot_s, decode_step_s(SPEC, CLUSTER, req, 1, 1, 1, P + O / 2), rtol=0.01)
+    assert r.preemptions == 0 and r.finished == 4
+
+
+def test_past_capacity_the_queue_and_ttft_grow_without_bound():
+    def ttft_p90(rate, n):
+        reqs = generate("chat", rate=rate, requests=n, context=SPEC.seq_len, seed=1)
+        return simulate_traffic(SPEC, CLUSTER, reqs, ServingLayout(tp=1)).metrics()["ttft_p90_s"]
+
+    below = ttft_p90(10, 500), ttft_p90(10, 1000)
+    above = ttft_p90(150, 500), ttft_p90(150, 1000)
+    assert below[1] < 1.3 * below[0] < 0.1  # a steady state: TTFT does not depend on how long it runs
+    assert above[1] > 1.8 * above[0] > 0.5  # the queue grows with every request: TTFT with it
+
+
+def test_chunked_prefill_lowers_p99_tpot_under_long_prompts():
+    reqs = _long_prompts(300, rate=4)
+    whole = simulate_traffic(SPEC, CLUSTER, reqs, ServingLayout(tp=1), SchedulerConfig(chunked_prefill=False)).metrics()
+    chunked = simulate_traffic(SPEC, CLUSTER, reqs, ServingLayout(tp=1),
+                               SchedulerConfig(chunked_prefill=True, max_num_batched_tokens=512)).metrics()
+    assert chunked["tpot_p99_s"] < 0.75 * whole["tpot_p99_s"]
+    assert chunked["ttft_p50_s"] > whole["ttft_p50_s"]  # the price: a prompt spread over several iterations
+
+
+def test_prefix_caching_cuts_prefill_work_by_the_hit_rate():
+    reqs = generate("agent", rate=5, requests=500, context=SPEC.seq_len, seed=2)
+    total = sum(r.prompt_tokens for r in reqs)
+    off = simulate_traffic(SPEC, CLUSTER, reqs, ServingLayout(tp=1), SchedulerConfig(prefix_caching=False))
+    on = simulate_traffic(SPEC, CLUSTER, reqs, ServingLayout(tp=1), SchedulerConfig(prefix_caching=True))
+    assert off.prefix_hit_rate == 0 and off.prefill_tokens == total
+    assert on.prefix_hit_rate > 0.8  # 2,000 shared tokens of ~2,250 (the first request computes them)
+    assert on.prefill_tokens == round(total * (1 - on.prefix_hit_rate))
+    assert on.metrics()["ttft_p50_s"] < 0.5 * off.metrics()["ttft_p50_s"]
+
+
+def test_disaggregation_removes_prefill_interference_from_tpot():
+    reqs = _long_prompts(300, rate=4, seed=3)
+    cfg = SchedulerConfig(chunked_prefill=False)
+    mixed = simulate_traffic(SPEC, CLUSTER, reqs, ServingLayout(tp=1, replicas=2), cfg)
+    split = simulate_traffic(SPEC, CLUSTER, reqs, ServingLayout(tp=1, replicas=2, prefill_replicas=1), cfg)
+    assert split.finished == mixed.finished == 300
+    assert split.metrics()["tpot_p99_s"] < mixed.metrics()["tpot_p99_s"]
+    # the decoding replica ran no prompt token: all prefill work was on the prefill replica
+    assert split.prefill_tokens_by_replica == (sum(r.prompt_tokens for r in reqs), 0)
+    assert min(mixed.prefill_tokens_by_replica) > 0
+
+
+def test_preemption_when_blocks_run_out_recomputes_or_swaps_and_every_request_finishes():
+    reqs = generate("chat", rate=50, requests=300, context=SPEC.seq_len, seed=4)
+    prompts = sum(r.prompt_tokens for r in reqs)
+    recompute = simulate_traffic(SPEC, CLUSTER, reqs, ServingLayout(tp=1),
+                                 SchedulerConfig(num_gpu_blocks_override=600))
+    swap = simulate_traffic(SPEC, CLUSTER, reqs, ServingLayout(tp=1),
+                            SchedulerConfig(num_gpu_blocks_override=600, preemption="swap"))
+    roomy = simulate_traffic(SPEC, CLUSTER, reqs, ServingLayout(tp=1))
+    assert roomy.preemptions == 0 and roomy.prefill_tokens == prompts
+    assert recompute.preemptions > 0 and recompute.finished == 300
+    assert recompute.prefill_tokens > prompts  # preempted sequences computed their tokens again
+    assert swap.preemptions > 0 and swap.finished == 300 and swap.prefill_tokens == prompts
+    assert min(recompute.metrics()["e2e_p90_s"], swap.metrics()["e2e_p90_s"]) > roomy.metrics()["e2e_p90_s"]
+
+
+def test_slo_goodput_and_bad_input():
+    slo = SLO.parse("ttft_p99=0.5,tpot_p90=20ms")
+    assert slo.targets == (("ttft", 99.0, 0.5), ("tpot", 90.0, 0.02))
+    reqs = generate("chat", rate=20, requests=400, context=SPEC.seq_len, seed=5)
+    r = simulate_traffic(SPEC, CLUSTER, reqs, ServingLayout(tp=1), slo=slo)
+    m = r.metrics()
+    met = np.sum((r.ttft_s <= 0.5) & (r.tpot_s <= 0.02))
+    assert m["slo_attainment"] == met / 400
+    assert m["goodput_rps"] == pytest.approx(met / (reqs[-1].arrival_s - reqs[0].arrival_s))
+    strict = simulate_traffic(SPEC, CLUSTER, reqs, ServingLayout(tp=1), slo=SLO.parse("tpot_p99=1ms"))
+    assert strict.goodput_rps == 0
+    for text in ("ttft=1", "ttft_p99=", "foo_p90=1", "tpot_p99=-1", "e2e_p99=abc"):
+        with pytest.raises(ConfigError, match="--slo"):
+            SLO.parse(text)
+    with pytest.raises(ConfigError, match="holds"):
+        simulate_traffic(ZOO["llama2-70b"], CLUSTER, reqs[:3], ServingLayout(tp=1))
+    with pytest.raises(ConfigError, match="prefill-replicas"):
+        ServingLayout(replicas=2, prefill_replicas=2)
+    again = simulate_traffic(SPEC, CLUSTER, reqs, ServingLayout(tp=1), slo=slo)
+    assert again.metrics() == m and not math.isnan(m["ttft_p99_s"])
