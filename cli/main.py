@@ -74,6 +74,25 @@ def add_mode_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--draft-model", help="speculative decoding: the draft model")
     g.add_argument("--draft-len", type=int, help="speculative decoding: tokens drafted per step (gamma, default 4)")
     g.add_argument("--acceptance", type=float, help="speculative decoding: acceptance rate alpha (default 0.8)")
+    g = p.add_argument_group("serving under traffic (--mode inference --workload)")
+    g.add_argument("--workload", help="chat, long-context, agent, or a trace FILE (.csv/.jsonl: arrival_s, "
+                                      "prompt_tokens, output_tokens[, prefix_id, prefix_tokens])")
+    g.add_argument("--rate", type=float, help="requests per second of a scenario (inf: all at once)")
+    g.add_argument("--requests", type=int, help="requests simulated (default 2000)")
+    g.add_argument("--burst-cv", type=float, help="arrival gaps' coefficient of variation (default 1: Poisson)")
+    g.add_argument("--workload-seed", type=int, help="seed of the generated workload (default 0)")
+    g.add_argument("--slo", help="latency objectives, e.g. ttft_p99=0.5,tpot_p99=50ms (seconds or ms)")
+    g.add_argument("--replicas", type=int, help="model replicas (default: every GPU used)")
+    g.add_argument("--prefill-replicas", type=int, help="of the replicas, how many only prefill (disaggregated)")
+    g.add_argument("--max-num-seqs", type=int, help="sequences in an iteration (vLLM's flag; default 256)")
+    g.add_argument("--max-num-batched-tokens", type=int, help="tokens in an iteration (vLLM's flag; default 8192)")
+    g.add_argument("--chunked-prefill", action=argparse.BooleanOptionalAction, default=None,
+                   help="split prompts over iterations beside the decodes (default on, as vLLM V1)")
+    g.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                   help="reuse cached prefixes (default on)")
+    g.add_argument("--preemption", choices=("recompute", "swap"), help="when KV blocks run out (default recompute)")
+    g.add_argument("--evicted-prefix", choices=("drop", "host"),
+                   help="a cached prefix evicted from the GPU: forgotten (default) or kept in host memory")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -218,7 +218,9 @@ class _Replica:
         self.prompt_tokens = 0
         self.computed_prompt_tokens = 0  # prompt (and recomputed) tokens run through the model
         self.iterations = 0
-        self.usage: list[tuple[float, float, int]] = []  # (time, KV share in use, running sequences)
+        # per iteration (or run of repeated decodes): start s, seconds, KV share in use, running
+        # sequences, sequences scheduled, iterations
+        self.usage: list[tuple[float, float, float, int, int, int]] = []
 
     @property
     def load(self) -> int:
@@ -437,7 +439,9 @@ class TrafficResult:
     prefill_tokens: int  # prompt tokens computed (recomputation included, cache hits not)
     prefill_tokens_by_replica: tuple[int, ...]  # the same per replica (prefill replicas first)
     iterations: int
-    kv_usage: list[tuple[float, float, int]] = field(default_factory=list)  # replica 0 (or the first decode one)
+    # per replica, its iterations: (start s, seconds, KV share in use, running, scheduled, repeats)
+    timeline: tuple[list[tuple[float, float, float, int, int, int]], ...] = ()
+    roles: tuple[str, ...] = ()
     slo: SLO = SLO()
     goodput_rps: float = 0.0
     slo_attainment: float = 0.0
@@ -554,6 +558,8 @@ def simulate_traffic(spec: ModelSpec, cluster: Cluster, requests: list[Request],
             most = min(most, 1 + rep.cfg.block_tokens * (rep.free // n))
             until = min(seqs[arrived].req.arrival_s if arrived < len(seqs) else math.inf,
                         transfers[0] if transfers else math.inf)
+            if decoders and events:  # a prefill under way may send a sequence here when it ends
+                until = min(until, events[0][0])
             if 1 < most <= 8:
                 while repeats < most and now + took < until:
                     context += n
@@ -574,7 +580,7 @@ def simulate_traffic(spec: ModelSpec, cluster: Cluster, requests: list[Request],
         in_flight[rep.index] = (chosen, repeats)
         heapq.heappush(events, (now + took, counter, rep.index))
         counter += 1
-        rep.usage.append((now, 1 - rep.free / rep.total_blocks, len(rep.running)))
+        rep.usage.append((now, took, 1 - rep.free / rep.total_blocks, len(rep.running), len(chosen), repeats))
 
     while events or arrived < len(seqs):
         if arrived < len(seqs) and (not events or seqs[arrived].req.arrival_s <= events[0][0]):
@@ -644,12 +650,12 @@ def _result(seqs: list[_Seq], requests: list[Request], finished: list[_Seq], rep
     window = max(r.arrival_s for r in requests) - first
     window = window if window > 0 else duration
     prompt_tokens = sum(r.prompt_tokens for r in replicas)
-    shown = next((r for r in replicas if r.role != "prefill"), replicas[0])
     return TrafficResult(
         ttft_s=ttft, tpot_s=tpot, e2e_s=e2e, output_tokens=sum(s.req.output_tokens for s in done), duration_s=duration,
         finished=len(done), requests=len(requests), preemptions=sum(r.preemptions for r in replicas),
         prefix_hit_rate=sum(r.hit_tokens for r in replicas) / prompt_tokens if prompt_tokens else 0.0,
         prefill_tokens=sum(r.computed_prompt_tokens for r in replicas),
         prefill_tokens_by_replica=tuple(r.computed_prompt_tokens for r in replicas),
-        iterations=sum(r.iterations for r in replicas), kv_usage=shown.usage, slo=slo,
+        iterations=sum(r.iterations for r in replicas), timeline=tuple(r.usage for r in replicas),
+        roles=tuple(r.role for r in replicas), slo=slo,
         goodput_rps=met / window if window > 0 else 0.0, slo_attainment=met / len(requests))

@@ -67,6 +67,10 @@ def format_serving(spec, cluster_text: str, req: ServingRequest, found: ServingP
 
 
 def run_serving(args: argparse.Namespace) -> int:
+    if getattr(args, "workload", None) or getattr(args, "rate", None) is not None or getattr(args, "slo", None):
+        from cli.commands.traffic import run_traffic_plan
+
+        return run_traffic_plan(args)
     if not args.model or not args.cluster:
         raise ConfigError("plan --mode inference needs --model and --cluster")
     spec = load_model_spec(args.model)

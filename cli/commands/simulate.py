@@ -71,7 +71,15 @@ def strategy_from_args(args: argparse.Namespace, spec: ModelSpec, world_size: in
 
 def run_simulate(args: argparse.Namespace) -> int:
     if getattr(args, "mode", "train") == "inference":
-        raise ConfigError("simulate predicts a training step; for serving use `paraplan plan --mode inference`")
+        if getattr(args, "workload", None):
+            from cli.commands.traffic import run_traffic_simulate
+
+            return run_traffic_simulate(args)
+        raise ConfigError("simulate --mode inference predicts serving under traffic: add --workload (chat, long-context, "
+                          "agent or a trace file) and --rate; for the steady state use `paraplan plan --mode inference`")
+    traffic = [k for k in ("workload", "rate", "slo", "replicas", "prefill_replicas") if getattr(args, k, None) is not None]
+    if traffic:
+        raise ConfigError(f"--{traffic[0].replace('_', '-')} is for serving: add --mode inference")
     imported = None
     if getattr(args, "from_engine", None):
         from cli.commands.engines import read_engine_config

@@ -1,0 +1,220 @@
+"""`paraplan simulate --mode inference --workload W --rate R`: one serving layout under traffic
+(costmodel.traffic), and `paraplan plan --mode inference --workload W --rate R --slo ...`: the
+layout and scheduler settings with the most goodput per GPU (planner.serving_search)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import numpy as np
+
+from costmodel import ConfigError, load_cluster
+from costmodel.cluster import Cluster
+from costmodel.serving import ServingRequest, evaluate, kv_budget
+from costmodel.spec import ModelSpec, format_count
+from costmodel.trace import serving_trace
+from costmodel.traffic import SLO, SchedulerConfig, ServingLayout, TrafficResult, simulate_traffic
+from costmodel.workload import Request, workload
+from planner.files import atomic_write_text
+from planner.model_source import load_model_spec
+
+DEFAULT_REQUESTS = 2000
+TRAINING_ONLY = ("dp", "cp", "ep", "expert_tp", "zero", "shard_group", "recompute", "microbatch_size", "schedule",
+                 "virtual_stages", "grad_dtype", "master_dtype", "global_batch", "batch", "prompt_len", "output_len")
+
+
+def refuse_other_flags(args: argparse.Namespace) -> None:
+    given = [k for k in TRAINING_ONLY if getattr(args, k, None) is not None]
+    if given:
+        raise ConfigError(f"--{given[0].replace('_', '-')} does not apply to serving under traffic (--workload); "
+                          "give the layout with --tp, --pp, --replicas, --prefill-replicas")
+
+
+def scheduler_config(args: argparse.Namespace) -> SchedulerConfig:
+    given = {k: getattr(args, k) for k in ("max_num_seqs", "max_num_batched_tokens", "chunked_prefill", "prefix_caching",
+                                           "preemption", "evicted_prefix") if getattr(args, k, None) is not None}
+    if getattr(args, "block_size", None) is not None:
+        given["block_tokens"] = args.block_size
+    return SchedulerConfig(**given)
+
+
+def load_requests(args: argparse.Namespace, spec: ModelSpec) -> list[Request]:
+    if not args.workload:
+        raise ConfigError("serving under traffic needs --workload (chat, long-context, agent or a trace file)")
+    requests = DEFAULT_REQUESTS if args.requests is None else args.requests
+    return workload(args.workload, rate=args.rate, requests=requests, context=spec.seq_len,
+                    seed=args.workload_seed or 0, burst_cv=1.0 if args.burst_cv is None else args.burst_cv)
+
+
+def layout_from_args(args: argparse.Namespace, cluster: Cluster) -> ServingLayout:
+    tp, pp = args.tp or 1, args.pp or 1
+    if args.replicas is None and cluster.world_size % (tp * pp):
+        raise ConfigError(f"tp({tp}) x pp({pp}) does not divide the {cluster.world_size} GPUs; give --replicas")
+    replicas = args.replicas if args.replicas is not None else cluster.world_size // (tp * pp)
+    return ServingLayout(tp=tp, pp=pp, replicas=replicas, prefill_replicas=args.prefill_replicas or 0,
+                         precision=args.precision or "bf16")
+
+
+def steady_state(spec: ModelSpec, cluster: Cluster, layout: ServingLayout, cfg: SchedulerConfig,
+                 reqs: list[Request]) -> dict:
+    """The steady-state model's keys (costmodel.serving) at the workload's mean lengths and the
+    batch the scheduler allows."""
+    from cli.commands.serve import predicted
+
+    prompt = max(1, round(float(np.mean([r.prompt_tokens for r in reqs]))))
+    output = max(1, min(round(float(np.mean([r.output_tokens for r in reqs]))), spec.seq_len - prompt))
+    req = ServingRequest(prompt_len=prompt, output_len=output, block_tokens=cfg.block_tokens, precision=layout.precision)
+    budget = kv_budget(spec, cluster, req, layout.tp, layout.pp)
+    batch = max(1, min(cfg.max_num_seqs, budget.max_batch_paged))
+    return predicted(spec, req, evaluate(spec, cluster, req, layout.tp, layout.pp, batch, budget))
+
+
+def _ms(seconds: float) -> str:
+    return "-" if math.isnan(seconds) else f"{seconds * 1e3:9.1f}"
+
+
+def format_traffic(spec: ModelSpec, cluster_text: str, layout: ServingLayout, cfg: SchedulerConfig,
+                   name: str, rate: float | None, r: TrafficResult) -> str:
+    m = r.metrics()
+    split = f", {layout.prefill_replicas} of them prefill only" if layout.prefill_replicas else ""
+    lines = [
+        f"{spec.name} ({format_count(spec.num_params)} params) serving {name}"
+        f"{f' at {rate:g} requests/s' if rate is not None else ''} on {cluster_text}: {r.requests} requests",
+        f"  layout tp {layout.tp} x pp {layout.pp}, {layout.replicas} replica(s){split}; max {cfg.max_num_seqs} "
+        f"sequences and {cfg.max_num_batched_tokens} tokens an iteration, chunked prefill "
+        f"{'on' if cfg.chunked_prefill else 'off'}, prefix caching {'on' if cfg.prefix_caching else 'off'}",
+        "             p50 ms    p90 ms    p99 ms",
+    ]
+    for key in ("ttft", "tpot", "e2e"):
+        lines.append(f"  {key.upper():6s} {_ms(m[f'{key}_p50_s'])} {_ms(m[f'{key}_p90_s'])} {_ms(m[f'{key}_p99_s'])}")
+    lines.append(f"  throughput {m['throughput_tokens_per_s']:.0f} output tokens/s; {r.finished} of {r.requests} "
+                 f"finished in {r.duration_s:.1f} s; preemptions {r.preemptions}; prefix-cache hits "
+                 f"{100 * r.prefix_hit_rate:.1f}% of prompt tokens")
+    if r.slo.targets:
+        targets = ", ".join(f"{k}_p{p:g} <= {s * 1e3:g} ms" for k, p, s in r.slo.targets)
+        lines.append(f"  objectives {targets}: {100 * r.slo_attainment:.1f}% of requests meet them; goodput "
+                     f"{r.goodput_rps:.2f} requests/s ({r.goodput_rps / layout.gpus:.3f} per GPU)")
+    if r.finished < r.requests:
+        lines.append(f"  {r.requests - r.finished} requests did not finish: the rate is past what the layout serves")
+    return "\n".join(lines)
+
+
+def run_traffic_simulate(args: argparse.Namespace) -> int:
+    refuse_other_flags(args)
+    if args.plan or getattr(args, "from_engine", None):
+        raise ConfigError("simulate --mode inference --workload takes --model and --cluster (not --plan or --from)")
+    if not args.model or not args.cluster:
+        raise ConfigError("simulate --mode inference needs --model and --cluster")
+    spec = load_model_spec(args.model)
+    cluster = load_cluster(args.cluster)
+    cfg = scheduler_config(args)
+    layout = layout_from_args(args, cluster)
+    slo = SLO.parse(args.slo)
+    reqs = load_requests(args, spec)
+    result = simulate_traffic(spec, cluster, reqs, layout, cfg, slo)
+    predicted = {**steady_state(spec, cluster, layout, cfg, reqs), **result.metrics()}
+    outputs = []
+    if args.trace:
+        outputs.append((args.trace, json.dumps(serving_trace(result.timeline, result.roles, predicted=predicted,
+                                                             title=f"{spec.name} on {args.cluster}"))))
+    for path, text in outputs:
+        atomic_write_text(path, text)
+    if args.json:
+        print(json.dumps({"model": spec.name, "cluster": args.cluster, "workload": args.workload, "rate": args.rate,
+                          "layout": {"tp": layout.tp, "pp": layout.pp, "replicas": layout.replicas,
+                                     "prefill_replicas": layout.prefill_replicas, "precision": layout.precision},
+                          "scheduler": {"max_num_seqs": cfg.max_num_seqs,
+                                        "max_num_batched_tokens": cfg.max_num_batched_tokens,
+                                        "chunked_prefill": cfg.chunked_prefill, "prefix_caching": cfg.prefix_caching,
+                                        "block_tokens": cfg.block_tokens, "preemption": cfg.preemption},
+                          "predicted": predicted}, indent=2))
+    else:
+        print(format_traffic(spec, args.cluster, layout, cfg, args.workload, args.rate, result))
+        if args.trace:
+            print(f"  trace written to {args.trace} (open in ui.perfetto.dev)")
+    return 0
+
+
+def format_traffic_plan(spec: ModelSpec, cluster_text: str, name: str, found) -> str:
+    best, d = found.best, found.deployment
+    split = f" ({d.prefill_replicas} prefill-only)" if d.prefill_replicas else ""
+    lines = [
+        f"{spec.name} serving {name} at {found.rate:g} requests/s on {cluster_text}, objectives "
+        + ", ".join(f"{k}_p{p:g} <= {s * 1e3:g} ms" for k, p, s in found.at_rate.slo.targets),
+        f"  best unit: {best.name()}: {best.max_rate_rps:.2f} requests/s within the objectives = "
+        f"{best.goodput_per_gpu:.3f} per GPU",
+        f"  for {found.rate:g} requests/s: {found.units} unit(s) = {d.replicas} replica(s){split} of tp {d.tp} x pp {d.pp},"
+        f" {d.gpus} GPUs" + ("" if found.fits_cluster else f" (more than the {found.cluster_gpus} given)"),
+    ]
+    m = found.at_rate.metrics()
+    lines.append(f"  simulated at the rate: TTFT p99 {m['ttft_p99_s'] * 1e3:.1f} ms, TPOT p99 {m['tpot_p99_s'] * 1e3:.2f} ms,"
+                 f" {100 * m['slo_attainment']:.1f}% meet the objectives, goodput {m['goodput_rps']:.2f} requests/s")
+    lines += ["", "  unit                                              max rate/s   per GPU"]
+    for r in sorted(found.results, key=lambda r: -r.goodput_per_gpu):
+        lines.append(f"  {r.name():48s} {r.max_rate_rps:10.2f} {r.goodput_per_gpu:9.3f}")
+    for shape, why in found.refused.items():
+        lines.append(f"  {shape}: {why}")
+    return "\n".join(lines)
+
+
+def run_traffic_plan(args: argparse.Namespace) -> int:
+    from planner.plan import plan_from_strategy
+    from planner.serving_search import TrafficWorkload, plan_traffic
+    from costmodel import Strategy
+
+    refuse_other_flags(args)
+    given = [k for k in ("tp", "pp", "replicas", "prefill_replicas", "max_num_seqs", "max_num_batched_tokens")
+             if getattr(args, k, None) is not None]
+    if given:
+        raise ConfigError(f"plan searches --{given[0].replace('_', '-')}; to price one layout use `paraplan simulate "
+                          "--mode inference --workload ...`")
+    if not args.model or not args.cluster:
+        raise ConfigError("plan --mode inference needs --model and --cluster")
+    if not args.workload:
+        raise ConfigError("plan --mode inference --rate needs --workload (chat, long-context, agent or a trace file)")
+    spec = load_model_spec(args.model)
+    cluster = load_cluster(args.cluster)
+    slo = SLO.parse(args.slo)
+    wl = TrafficWorkload.of(args.workload, requests=args.requests or 400, seed=args.workload_seed or 0,
+                            burst_cv=1.0 if args.burst_cv is None else args.burst_cv)
+    rate = args.rate if args.rate is not None else wl.native_rate()
+    if rate is None:
+        raise ConfigError(f"workload {args.workload} needs --rate (requests per second)")
+    precision = args.precision or "bf16"
+    found = plan_traffic(spec, cluster, wl, rate, slo, precision=precision, progress=not args.json)
+    d, best = found.deployment, found.best
+    reqs = wl.at(rate, spec.seq_len)
+    predicted = {**steady_state(spec, cluster, replace_replicas(best.unit, 1), best.scheduler, reqs),
+                 **found.at_rate.metrics(), "goodput_rps_per_gpu": best.goodput_per_gpu,
+                 "unit_max_rate_rps": best.max_rate_rps}
+    s = Strategy(tp=d.tp, pp=d.pp, dp=d.replicas, microbatch_size=1, global_batch=d.replicas, precision=precision,
+                 seq_len=spec.seq_len, sequence_parallel=False)
+    mean_prompt = max(1, round(float(np.mean([r.prompt_tokens for r in reqs]))))
+    mean_output = max(1, min(round(float(np.mean([r.output_tokens for r in reqs]))), spec.seq_len - mean_prompt))
+    plan = plan_from_strategy(spec, s, f"{cluster.profile or cluster.device.name}:{max(d.gpus, cluster.world_size)}"
+                              if not found.fits_cluster else args.cluster, predicted)
+    plan = plan.__class__(**{**{f: getattr(plan, f) for f in plan.__slots__}, "mode": "inference", "serving": {
+        "prompt_len": mean_prompt, "output_len": mean_output, "beam": 1, "block_tokens": best.scheduler.block_tokens,
+        "replicas": d.replicas, "prefill_replicas": d.prefill_replicas, "workload": args.workload, "rate": rate,
+        "slo": args.slo, "max_num_seqs": best.scheduler.max_num_seqs,
+        "max_num_batched_tokens": best.scheduler.max_num_batched_tokens,
+        "chunked_prefill": best.scheduler.chunked_prefill, "prefix_caching": best.scheduler.prefix_caching}})
+    if args.output:
+        atomic_write_text(args.output, plan.to_yaml())
+    if args.json:
+        print(json.dumps({"plan": plan.to_dict(), "units": [
+            {"unit": r.name(), "tp": r.unit.tp, "pp": r.unit.pp, "replicas": r.unit.replicas,
+             "prefill_replicas": r.unit.prefill_replicas, "max_num_batched_tokens": r.scheduler.max_num_batched_tokens,
+             "max_rate_rps": r.max_rate_rps, "goodput_rps_per_gpu": r.goodput_per_gpu} for r in found.results]},
+            indent=2))
+    else:
+        print(format_traffic_plan(spec, args.cluster, args.workload, found))
+        if args.output:
+            print(f"  plan written to {args.output}")
+    return 0
+
+
+def replace_replicas(layout: ServingLayout, replicas: int) -> ServingLayout:
+    return ServingLayout(tp=layout.tp, pp=layout.pp, replicas=replicas, precision=layout.precision)

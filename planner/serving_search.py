@@ -1,0 +1,274 @@
+"""The serving layout for traffic: replica shape, prefill/decode split and scheduler settings
+with the most goodput per GPU under latency objectives (DistServe's placement search, on
+costmodel.traffic's simulator).
+
+Formulation. A *unit* is what is replicated: one replica of tp x pp GPUs, or a disaggregated
+group of 1 prefill replica and k decode replicas of that shape. For every unit u (tp within a
+node dividing the heads, pp, k in {0 (mixed), 1, 2, 3}) and scheduler setting c (token budget
+max_num_batched_tokens in {2048, 8192}; chunked prefill on; max_num_seqs 256):
+
+    rate*(u, c) = the largest arrival rate at which one unit meets every objective
+                  (each named percentile of TTFT / TPOT / end-to-end latency within its target,
+                  over the requests after a warm-up share WARMUP of the probe, every request
+                  finished, and no queue growing: the last quarter's median end-to-end latency
+                  within GROWTH of the second quarter's), found by bisection (BISECT_STEPS) on [0, bound(u, c)], each probe a
+                  simulation of PROBE_S seconds of arrivals (PROBE_REQUESTS bounds the count)
+    bound(u, c) = BOUND_MARGIN x what the unit's iterations can do at all: its prefill
+                  replicas' tokens per second at the full token budget over the mean prompt,
+                  and its decode replicas' largest batch within the TPOT target (and the KV
+                  cache) over the mean output (mixed replicas: the two times added per request)
+    goodput per GPU = rate* / GPUs(u)
+    maximise goodput per GPU, units taken in order of bound per GPU and skipped once their bound
+    is below the best goodput found (branch and bound: the skipped cannot win); at a requested rate R the deployment is ceil(R / rate*) units,
+    the fewest GPUs that meet the objectives at R with that unit.
+
+Units are independent under a load balancer that splits arrivals evenly (a Poisson stream split
+n ways is n Poisson streams of rate R / n), so one unit's simulation gives the deployment's.
+The optimum is exact over the grid up to the bisection's resolution (rate* within
+2^-BISECT_STEPS of the bound) and the simulation's sampling.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+from tqdm import tqdm
+
+from costmodel.cluster import Cluster
+from costmodel.errors import ConfigError
+from costmodel.serving import layout_problems
+from costmodel.spec import ModelSpec
+from costmodel.traffic import (SLO, IterationCost, SchedulerConfig, ServingLayout, TrafficResult, replica_blocks,
+                               simulate_traffic)
+from costmodel.workload import Request, generate, load_trace
+
+BISECT_STEPS = 6
+REQUESTS_PER_PROBE = 400  # a trace's requests, or a scenario's when the rate is given whole
+PROBE_S = 20.0  # seconds of arrivals a probe simulates: long against a request's life, so a queue shows
+PROBE_REQUESTS = (200, 1500)  # the fewest and most requests a probe simulates
+GROWTH = 1.25  # a probe whose last quarter's median end-to-end latency exceeds its second quarter's by this is overloaded
+WARMUP = 0.2  # the share of a probe's first requests left out of its percentiles (the empty start)
+BOUND_MARGIN = 1.25
+TOKEN_BUDGETS = (2048, 8192)
+DECODE_PER_PREFILL = (0, 1, 2, 3)  # 0: mixed replicas
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrafficWorkload:
+    """A scenario (generated at any rate) or a trace (its arrivals rescaled to the rate)."""
+
+    name: str
+    requests: int = REQUESTS_PER_PROBE
+    seed: int = 0
+    burst_cv: float = 1.0
+    trace: tuple[Request, ...] = ()
+
+    @classmethod
+    def of(cls, name: str, *, requests: int, seed: int = 0, burst_cv: float = 1.0) -> TrafficWorkload:
+        from costmodel.workload import SCENARIOS
+
+        if name in SCENARIOS:
+            return cls(name=name, requests=requests, seed=seed, burst_cv=burst_cv)
+        return cls(name=name, trace=tuple(load_trace(name)))
+
+    def native_rate(self) -> float | None:
+        """A trace's own rate (requests per second), None for a scenario."""
+        if not self.trace:
+            return None
+        span = self.trace[-1].arrival_s - self.trace[0].arrival_s
+        return (len(self.trace) - 1) / span if span > 0 else math.inf
+
+    def probe(self, rate: float, context: int) -> list[Request]:
+        """PROBE_S seconds of arrivals at `rate` (a trace: itself, rescaled)."""
+        if self.trace:
+            return self.at(rate, context)
+        n = int(min(max(rate * PROBE_S, PROBE_REQUESTS[0]), PROBE_REQUESTS[1]))
+        return generate(self.name, rate=rate, requests=n, context=context, seed=self.seed, burst_cv=self.burst_cv)
+
+    def at(self, rate: float, context: int) -> list[Request]:
+        if not self.trace:
+            return generate(self.name, rate=rate, requests=self.requests, context=context, seed=self.seed,
+                            burst_cv=self.burst_cv)
+        native = self.native_rate()
+        scale = native / rate if math.isfinite(native) else 0.0
+        t0 = self.trace[0].arrival_s
+        return [replace(r, arrival_s=(r.arrival_s - t0) * scale) for r in self.trace]
+
+
+def meets(result: TrafficResult, slo: SLO, warmup: float = 0.0) -> bool:
+    """Every objective's percentile within its target over the requests after the first
+    `warmup` share (in arrival order), every request finished."""
+    if result.finished < result.requests:
+        return False
+    n = result.finished
+    if n >= 40:  # a queue that grows: the last quarter waits longer than the second (end-to-end, median)
+        second, last = result.e2e_s[n // 4: n // 2], result.e2e_s[3 * n // 4:]
+        if float(np.median(last)) > GROWTH * float(np.median(second)):
+            return False
+    skip = int(warmup * n)
+    values = {"ttft": result.ttft_s[skip:], "tpot": result.tpot_s[skip:], "e2e": result.e2e_s[skip:]}
+    return all(float(np.percentile(values[m], p)) <= s for m, p, s in slo.targets)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UnitResult:
+    unit: ServingLayout  # replicas = the unit's replicas (1, or 1 + k decode)
+    scheduler: SchedulerConfig
+    max_rate_rps: float  # the most one unit serves within the objectives
+    probes: int
+
+    @property
+    def gpus(self) -> int:
+        return self.unit.gpus
+
+    @property
+    def goodput_per_gpu(self) -> float:
+        return self.max_rate_rps / self.gpus
+
+    def units_for(self, rate: float) -> int:
+        return math.ceil(rate / self.max_rate_rps - 1e-9) if self.max_rate_rps > 0 else 0
+
+    def name(self) -> str:
+        u = self.unit
+        shape = f"tp{u.tp} x pp{u.pp}"
+        split = f"1 prefill + {u.replicas - 1} decode of {shape}" if u.prefill_replicas else shape
+        return f"{split}, budget {self.scheduler.max_num_batched_tokens}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrafficPlan:
+    best: UnitResult
+    rate: float
+    units: int  # of best, for the rate
+    deployment: ServingLayout
+    at_rate: TrafficResult  # the deployment simulated at the rate
+    results: list[UnitResult] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)
+    cluster_gpus: int = 0
+    skipped: int = 0  # candidates whose bound could not beat the best found
+
+    @property
+    def fits_cluster(self) -> bool:
+        """Whether the deployment for the rate fits the GPUs given."""
+        return self.deployment.gpus <= self.cluster_gpus
+
+
+def unit_bound(spec: ModelSpec, cluster: Cluster, unit: ServingLayout, cfg: SchedulerConfig, prompt: float,
+               output: float, slo: SLO) -> float:
+    """An upper bound on the requests per second one unit serves (see the formulation)."""
+    cost = IterationCost(spec, cluster, unit.tp, unit.pp, unit.precision, cfg.max_num_batched_tokens)
+    chunk = cfg.max_num_batched_tokens
+    prefill_tokens_s = chunk / cost.seconds(chunk, 1, 0, 0.0, chunk * (chunk + 1) / 2, chunk)
+    blocks, _ = replica_blocks(spec, cluster, unit, cfg)
+    most = max(1, min(cfg.max_num_seqs, int(blocks * cfg.block_tokens // (prompt + output))))
+    tpot = min((s for m, _, s in slo.targets if m == "tpot"), default=math.inf)
+    context = prompt + output / 2
+
+    def step(b: int) -> float:
+        return cost.seconds(b, b, b, b * context, 0.0, 0.0)
+
+    batch = most
+    if step(1) > tpot:
+        return 0.0
+    while batch > 1 and step(batch) > tpot:
+        batch = max(1, batch * 3 // 4)
+    decode_s_per_request = output * step(batch) / batch
+    prefill_s_per_request = prompt / prefill_tokens_s
+    if unit.prefill_replicas:
+        decoders = unit.replicas - unit.prefill_replicas
+        rate = min(unit.prefill_replicas / prefill_s_per_request, decoders / decode_s_per_request)
+    else:
+        rate = unit.replicas / (prefill_s_per_request + decode_s_per_request)
+    return BOUND_MARGIN * rate
+
+
+def unit_max_rate(spec: ModelSpec, cluster: Cluster, unit: ServingLayout, cfg: SchedulerConfig, wl: TrafficWorkload,
+                  slo: SLO, bound: float) -> tuple[float, int]:
+    """(the largest rate one unit serves within the objectives, probes run): bisection on [0, bound]."""
+    probes = 0
+
+    def ok(rate: float) -> bool:
+        nonlocal probes
+        probes += 1
+        reqs = wl.probe(rate, spec.seq_len)
+        return meets(simulate_traffic(spec, cluster, reqs, unit, cfg, slo), slo, WARMUP)
+
+    lo, hi = 0.0, bound
+    for _ in range(BISECT_STEPS):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo, probes
+
+
+def units(spec: ModelSpec, cluster: Cluster, precision: str) -> tuple[list[ServingLayout], dict[str, str]]:
+    """Every unit shape the cluster can hold, and why the others cannot be."""
+    out, refused = [], {}
+    n = cluster.world_size
+    for tp in [d for d in (1, 2, 4, 8, 16) if d <= min(n, cluster.gpus_per_node)]:
+        for pp in (1, 2, 4):
+            why = layout_problems(spec, tp, pp)
+            if tp * pp > n or why:
+                if why:
+                    refused[f"tp{tp} x pp{pp}"] = "; ".join(why)
+                continue
+            blocks, _ = replica_blocks(spec, cluster, ServingLayout(tp=tp, pp=pp, precision=precision), SchedulerConfig())
+            if blocks * SchedulerConfig().block_tokens < spec.seq_len:
+                refused[f"tp{tp} x pp{pp}"] = "the weights leave less KV cache than one full-context sequence"
+                continue
+            for k in DECODE_PER_PREFILL:
+                if (1 + k) * tp * pp <= n:
+                    out.append(ServingLayout(tp=tp, pp=pp, replicas=1 + k, prefill_replicas=1 if k else 0,
+                                             precision=precision))
+    # the smallest shape that fits first: a pp > 1 of a shape that already fits at pp 1 adds GPUs
+    # for nothing but KV room, kept only where pp 1 does not fit
+    fitting = {(u.tp, u.pp) for u in out}
+    out = [u for u in out if u.pp == 1 or (u.tp, u.pp // 2) not in fitting]
+    return out, refused
+
+
+def plan_traffic(spec: ModelSpec, cluster: Cluster, wl: TrafficWorkload, rate: float, slo: SLO, *,
+                 precision: str = "bf16", progress: bool = False) -> TrafficPlan:
+    if not slo.targets:
+        raise ConfigError("plan --mode inference --workload needs --slo (e.g. ttft_p99=0.5,tpot_p99=50ms): goodput "
+                          "counts the requests that meet it")
+    if not (rate > 0):
+        raise ConfigError(f"--rate must be requests per second > 0, got {rate}")
+    shapes, refused = units(spec, cluster, precision)
+    if not shapes:
+        reasons = "; ".join(f"{k}: {v}" for k, v in list(refused.items())[:3])
+        raise ConfigError(f"no replica of {spec.name} fits {cluster.name} ({reasons}); add GPUs or serve in fp8")
+    sample = wl.probe(1.0, spec.seq_len)
+    prompt = float(np.mean([r.prompt_tokens for r in sample]))
+    output = float(np.mean([r.output_tokens for r in sample]))
+    candidates = []
+    for u in shapes:
+        for b in TOKEN_BUDGETS:
+            cfg = SchedulerConfig(max_num_batched_tokens=b)
+            candidates.append((unit_bound(spec, cluster, u, cfg, prompt, output, slo) / u.gpus, u, cfg))
+    candidates.sort(key=lambda c: -c[0])
+    results, skipped = [], 0
+    best_per_gpu = 0.0
+    for bound_per_gpu, unit, cfg in tqdm(candidates, desc="simulating", unit="layout", disable=not progress, leave=False):
+        if bound_per_gpu <= best_per_gpu:
+            skipped += 1
+            continue
+        top, probes = unit_max_rate(spec, cluster, unit, cfg, wl, slo, bound_per_gpu * unit.gpus)
+        results.append(UnitResult(unit=unit, scheduler=cfg, max_rate_rps=top, probes=probes))
+        best_per_gpu = max(best_per_gpu, top / unit.gpus)
+    served = [r for r in results if r.max_rate_rps > 0]
+    if not served:
+        raise ConfigError(f"no layout of {spec.name} on {cluster.device.name} meets the objectives even at a trickle "
+                          "of requests; relax --slo or use faster GPUs")
+    best = max(served, key=lambda r: (r.goodput_per_gpu, -r.gpus))
+    need = best.units_for(rate)
+    deployment = replace(best.unit, replicas=best.unit.replicas * need, prefill_replicas=best.unit.prefill_replicas * need)
+    # the deployment as one simulation: every unit's share of the rate, with the load balancer
+    scaled = TrafficWorkload(name=wl.name, requests=wl.requests * need, seed=wl.seed, burst_cv=wl.burst_cv,
+                             trace=wl.trace)
+    # as many nodes of the cluster's kind as the deployment needs (it may need more than given)
+    whole = replace(cluster, nodes=max(cluster.nodes, -(-deployment.gpus // cluster.gpus_per_node)))
+    at_rate = simulate_traffic(spec, whole, scaled.at(rate, spec.seq_len), deployment, best.scheduler, slo)
+    return TrafficPlan(best=best, rate=rate, units=need, deployment=deployment, at_rate=at_rate, results=results,
+                       refused=refused, cluster_gpus=cluster.world_size, skipped=skipped)
