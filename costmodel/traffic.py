@@ -179,6 +179,7 @@ class _Seq:
     req: Request
     index: int  # position in the simulation's list
     prompt: int  # the request's prompt tokens
+    output: int  # and its output tokens
     computed: int = 0  # tokens whose KV is in the cache (or elsewhere, see kv_at)
     generated: int = 0
     own_blocks: int = 0
@@ -187,6 +188,7 @@ class _Seq:
     first_token_s: float = math.nan
     finish_s: float = math.nan
     admitted: int = 0  # admission counter (0: never admitted)
+    left: bool = False  # finished, or handed to a decode replica, this iteration
 
     @property
     def total(self) -> int:
@@ -430,6 +432,7 @@ class TrafficResult:
     ttft_s: np.ndarray  # per finished request, in request order
     tpot_s: np.ndarray
     e2e_s: np.ndarray
+    outputs: np.ndarray  # output tokens of each finished request
     output_tokens: int
     duration_s: float  # first arrival to last finish
     finished: int
@@ -530,7 +533,7 @@ def simulate_traffic(spec: ModelSpec, cluster: Cluster, requests: list[Request],
     kv_token_bytes = kv_bytes_per_token(spec, BYTES[layout.precision])
     transfer_link = cluster.inter if cluster.nodes > 1 else cluster.intra
 
-    seqs = [_Seq(req=r, index=i, prompt=r.prompt_tokens) for i, r in enumerate(sorted(requests, key=lambda r: r.arrival_s))]
+    seqs = [_Seq(req=r, index=i, prompt=r.prompt_tokens, output=r.output_tokens) for i, r in enumerate(sorted(requests, key=lambda r: r.arrival_s))]
     events: list[tuple[float, int, int]] = []  # (time, counter, index): index >= 0 a replica's iteration ends,
     counter = 0                                  # index < 0 the KV of sequence -1 - index reaches the decoders
     transfers: list[float] = []  # times of the KV transfers under way
@@ -554,7 +557,7 @@ def simulate_traffic(spec: ModelSpec, cluster: Cluster, requests: list[Request],
             # decodes only: the next iterations are the same batch one token further, until a
             # sequence finishes, the blocks run short or something arrives; priced in one go
             n = len(chosen)
-            most = min(seq.req.output_tokens - seq.generated for seq, _ in chosen)
+            most = min(seq.output - seq.generated for seq, _ in chosen)
             most = min(most, 1 + rep.cfg.block_tokens * (rep.free // n))
             until = min(seqs[arrived].req.arrival_s if arrived < len(seqs) else math.inf,
                         transfers[0] if transfers else math.inf)
@@ -607,30 +610,37 @@ def simulate_traffic(spec: ModelSpec, cluster: Cluster, requests: list[Request],
         rep = replicas[index]
         rep.busy = False
         chosen, repeats = in_flight.pop(index)
+        B, left = rep.cfg.block_tokens, False
         for seq, take in chosen:
+            computed = seq.computed + take + repeats - 1
+            seq.computed = computed
             if repeats > 1:  # the blocks of the repeated decodes
-                more = rep._blocks_for(seq, seq.computed + repeats) - seq.own_blocks
-                rep.free -= more
-                seq.own_blocks += more
-            seq.computed += take + repeats - 1
-            if seq.computed < seq.total + repeats - 1:
+                more = -(-computed // B) - seq.prefix_hit_blocks - seq.own_blocks
+                if more > 0:
+                    rep.free -= more
+                    seq.own_blocks += more
+            if computed < seq.prompt + seq.generated + repeats - 1:
                 continue  # a prefill chunk
             seq.generated += repeats
             if seq.generated == 1:
                 seq.first_token_s = now
-            if seq.generated >= seq.req.output_tokens:
+            if seq.generated >= seq.output:
                 seq.finish_s = now
-                rep.running.remove(seq)
+                seq.left = left = True
                 rep._donate(seq)
                 finished.append(seq)
             elif rep.role == "prefill":  # the KV cache goes to a decode replica
-                rep.running.remove(seq)
+                seq.left = left = True
                 rep._donate(seq)
                 # each of the tp x pp GPUs sends its share of the prompt's KV at once
-                at = now + send_recv_s(seq.computed * kv_token_bytes / (layout.tp * layout.pp), transfer_link)
+                at = now + send_recv_s(computed * kv_token_bytes / (layout.tp * layout.pp), transfer_link)
                 heapq.heappush(events, (at, counter, -1 - seq.index))
                 heapq.heappush(transfers, at)
                 counter += 1
+        if left:
+            rep.running = [seq for seq in rep.running if not seq.left]
+            for seq, _ in chosen:
+                seq.left = False
         start(rep, now)
     return _result(seqs, requests, finished, replicas, slo)
 
@@ -651,7 +661,7 @@ def _result(seqs: list[_Seq], requests: list[Request], finished: list[_Seq], rep
     window = window if window > 0 else duration
     prompt_tokens = sum(r.prompt_tokens for r in replicas)
     return TrafficResult(
-        ttft_s=ttft, tpot_s=tpot, e2e_s=e2e, output_tokens=sum(s.req.output_tokens for s in done), duration_s=duration,
+        ttft_s=ttft, tpot_s=tpot, e2e_s=e2e, outputs=np.array([s.req.output_tokens for s in done]), output_tokens=sum(s.req.output_tokens for s in done), duration_s=duration,
         finished=len(done), requests=len(requests), preemptions=sum(r.preemptions for r in replicas),
         prefix_hit_rate=sum(r.hit_tokens for r in replicas) / prompt_tokens if prompt_tokens else 0.0,
         prefill_tokens=sum(r.computed_prompt_tokens for r in replicas),

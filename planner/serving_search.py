@@ -10,8 +10,8 @@ max_num_batched_tokens in {2048, 8192}; chunked prefill on; max_num_seqs 256):
     rate*(u, c) = the largest arrival rate at which one unit meets every objective
                   (each named percentile of TTFT / TPOT / end-to-end latency within its target,
                   over the requests after a warm-up share WARMUP of the probe, every request
-                  finished, and no queue growing: the last quarter's median end-to-end latency
-                  within GROWTH of the second quarter's), found by bisection (BISECT_STEPS) on [0, bound(u, c)], each probe a
+                  finished, and no queue growing: the last quarter's median normalized latency,
+                  end-to-end seconds per output token, within GROWTH of the second quarter's), found by bisection (BISECT_STEPS) on [0, bound(u, c)], each probe a
                   simulation of PROBE_S seconds of arrivals (PROBE_REQUESTS bounds the count)
     bound(u, c) = BOUND_MARGIN x what the unit's iterations can do at all: its prefill
                   replicas' tokens per second at the full token budget over the mean prompt,
@@ -46,9 +46,9 @@ from costmodel.workload import Request, generate, load_trace
 
 BISECT_STEPS = 6
 REQUESTS_PER_PROBE = 400  # a trace's requests, or a scenario's when the rate is given whole
-PROBE_S = 20.0  # seconds of arrivals a probe simulates: long against a request's life, so a queue shows
-PROBE_REQUESTS = (200, 1500)  # the fewest and most requests a probe simulates
-GROWTH = 1.25  # a probe whose last quarter's median end-to-end latency exceeds its second quarter's by this is overloaded
+PROBE_S = 15.0  # seconds of arrivals a probe simulates: long against a request's life, so a queue shows
+PROBE_REQUESTS = (200, 1000)  # the fewest and most requests a probe simulates
+GROWTH = 1.25  # a probe whose last quarter's median normalized latency exceeds its second quarter's by this is overloaded
 WARMUP = 0.2  # the share of a probe's first requests left out of its percentiles (the empty start)
 BOUND_MARGIN = 1.25
 TOKEN_BUDGETS = (2048, 8192)
@@ -103,9 +103,9 @@ def meets(result: TrafficResult, slo: SLO, warmup: float = 0.0) -> bool:
     if result.finished < result.requests:
         return False
     n = result.finished
-    if n >= 40:  # a queue that grows: the last quarter waits longer than the second (end-to-end, median)
-        second, last = result.e2e_s[n // 4: n // 2], result.e2e_s[3 * n // 4:]
-        if float(np.median(last)) > GROWTH * float(np.median(second)):
+    if n >= 40:  # a queue that grows: the last quarter waits longer than the second (median normalized latency)
+        per_token = result.e2e_s / result.outputs  # end-to-end seconds per output token (Kwon et al. 2023)
+        if float(np.median(per_token[3 * n // 4:])) > GROWTH * float(np.median(per_token[n // 4: n // 2])):
             return False
     skip = int(warmup * n)
     values = {"ttft": result.ttft_s[skip:], "tpot": result.tpot_s[skip:], "e2e": result.e2e_s[skip:]}
@@ -265,10 +265,9 @@ def plan_traffic(spec: ModelSpec, cluster: Cluster, wl: TrafficWorkload, rate: f
     need = best.units_for(rate)
     deployment = replace(best.unit, replicas=best.unit.replicas * need, prefill_replicas=best.unit.prefill_replicas * need)
     # the deployment as one simulation: every unit's share of the rate, with the load balancer
-    scaled = TrafficWorkload(name=wl.name, requests=wl.requests * need, seed=wl.seed, burst_cv=wl.burst_cv,
-                             trace=wl.trace)
+    scaled = TrafficWorkload(name=wl.name, requests=wl.requests, seed=wl.seed, burst_cv=wl.burst_cv, trace=wl.trace)
     # as many nodes of the cluster's kind as the deployment needs (it may need more than given)
     whole = replace(cluster, nodes=max(cluster.nodes, -(-deployment.gpus // cluster.gpus_per_node)))
-    at_rate = simulate_traffic(spec, whole, scaled.at(rate, spec.seq_len), deployment, best.scheduler, slo)
+    at_rate = simulate_traffic(spec, whole, scaled.probe(rate, spec.seq_len), deployment, best.scheduler, slo)
     return TrafficPlan(best=best, rate=rate, units=need, deployment=deployment, at_rate=at_rate, results=results,
                        refused=refused, cluster_gpus=cluster.world_size, skipped=skipped)

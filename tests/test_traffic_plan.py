@@ -1,0 +1,106 @@
+"""The goodput planner (planner.serving_search) and the serving-under-traffic commands."""
+
+import json
+
+import pytest
+
+from costmodel import load_cluster
+from costmodel.traffic import SLO, SchedulerConfig, ServingLayout, simulate_traffic
+from planner.serving_search import TrafficWorkload, meets, plan_traffic, unit_bound, unit_max_rate
+from planner.zoo import ZOO
+from tests_helpers import paraplan as _paraplan
+
+SPEC = ZOO["llama3-8b"]
+SLO_CHAT = SLO.parse("ttft_p99=0.5,tpot_p99=30ms")
+
+
+def paraplan(*args):
+    out = _paraplan(*args)
+    return out.returncode, out.stdout, out.stderr
+
+
+def _main(capsys, *argv):
+    """The command line in this process (the refusals: no interpreter start each)."""
+    from cli.main import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_the_bound_bounds_and_the_found_rate_is_served():
+    cluster = load_cluster("h100-sxm:1")
+    unit, cfg = ServingLayout(tp=1), SchedulerConfig()
+    wl = TrafficWorkload.of("chat", requests=400)
+    sample = wl.probe(1.0, SPEC.seq_len)
+    prompt = sum(r.prompt_tokens for r in sample) / len(sample)
+    output = sum(r.output_tokens for r in sample) / len(sample)
+    bound = unit_bound(SPEC, cluster, unit, cfg, prompt, output, SLO_CHAT)
+    top, probes = unit_max_rate(SPEC, cluster, unit, cfg, wl, SLO_CHAT, bound)
+    assert probes == 6 and 0 < top < bound
+    served = simulate_traffic(SPEC, cluster, wl.probe(top, SPEC.seq_len), unit, cfg, SLO_CHAT)
+    over = simulate_traffic(SPEC, cluster, wl.probe(bound, SPEC.seq_len), unit, cfg, SLO_CHAT)
+    assert meets(served, SLO_CHAT, 0.2) and not meets(over, SLO_CHAT, 0.2)
+    # a tighter TPOT target serves less
+    tight = SLO.parse("ttft_p99=0.5,tpot_p99=8ms")
+    assert unit_max_rate(SPEC, cluster, unit, cfg, wl, tight,
+                         unit_bound(SPEC, cluster, unit, cfg, prompt, output, tight))[0] < top
+
+
+def test_the_plan_meets_its_objectives_at_the_rate_with_the_fewest_gpus_of_its_unit():
+    cluster = load_cluster("h100-sxm:2")
+    wl = TrafficWorkload.of("chat", requests=400)
+    found = plan_traffic(SPEC, cluster, wl, 30.0, SLO_CHAT)
+    best = found.best
+    assert best.goodput_per_gpu == max(r.goodput_per_gpu for r in found.results)
+    assert found.units == -(-30.0 // best.max_rate_rps)
+    assert found.deployment.gpus == found.units * best.gpus
+    assert meets(found.at_rate, SLO_CHAT, 0.2)
+    # tp1, tp2, and 1 prefill + 1 decode of tp1, at two token budgets: each priced or bounded out
+    assert found.skipped + len(found.results) == 6
+
+
+def test_commands(tmp_path, capsys):
+    code, out, err = paraplan("simulate", "--mode", "inference", "--model", "llama3-8b", "--cluster", "h100-sxm:2",
+                              "--workload", "chat", "--rate", "10", "--requests", "300", "--slo", "ttft_p99=1",
+                              "--json", "--trace", str(tmp_path / "t.json"))
+    assert code == 0, err
+    p = json.loads(out)["predicted"]
+    for key in ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "tpot_p50_s", "tpot_p90_s", "tpot_p99_s", "e2e_p50_s",
+                "e2e_p90_s", "e2e_p99_s", "throughput_tokens_per_s", "goodput_rps", "preemptions", "prefix_hit_rate",
+                "ttft_s", "tpot_s", "kv_cache_bytes_per_token", "max_batch"):
+        assert key in p, key
+    assert p["ttft_p50_s"] <= p["ttft_p90_s"] <= p["ttft_p99_s"]
+    trace = json.loads((tmp_path / "t.json").read_text())
+    assert {e["ph"] for e in trace["traceEvents"]} >= {"M", "X", "C"}
+    trace_file = tmp_path / "w.csv"
+    trace_file.write_text("arrival_s,prompt_tokens,output_tokens\n0,100,10\n0.5,2000,50\n1.0,300,20\n")
+    code, out, err = _main(capsys, "simulate", "--mode", "inference", "--model", "llama3-8b", "--cluster", "h100-sxm:1",
+                           "--workload", str(trace_file), "--json")
+    assert code == 0, err
+    assert json.loads(out)["predicted"]["requests"] == 3
+    for argv, needle in (
+            (["--workload", "chat"], "--rate"),
+            (["--workload", "chat", "--rate", "1", "--zero", "3"], "--zero"),
+            (["--workload", "chat", "--rate", "-2"], "--rate"),
+            (["--workload", "chat", "--rate", "1", "--slo", "ttft=1"], "--slo"),
+            (["--workload", str(tmp_path / "missing.csv")], "no trace file"),
+            (["--workload", "chat", "--rate", "1", "--tp", "3"], "tp(3)")):
+        code, out, err = _main(capsys, "simulate", "--mode", "inference", "--model", "llama3-8b", "--cluster",
+                               "h100-sxm:8", *argv)
+        assert code == 2 and needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = _main(capsys, "simulate", "--model", "llama3-8b", "--cluster", "h100-sxm:8", "--workload", "chat")
+    assert code == 2 and "--mode inference" in err
+    plan = tmp_path / "serve.yaml"
+    code, out, err = paraplan("plan", "--mode", "inference", "--model", "llama3-8b", "--cluster", "h100-sxm:1",
+                              "--workload", "chat", "--rate", "20", "--slo", "ttft_p99=0.5,tpot_p99=30ms", "-o", str(plan),
+                              "--json")
+    assert code == 0, err
+    got = json.loads(out)
+    serving = got["plan"]["serving"]
+    assert serving["workload"] == "chat" and serving["rate"] == 20 and serving["replicas"] >= 1
+    assert got["plan"]["predicted"]["goodput_rps_per_gpu"] == max(u["goodput_rps_per_gpu"] for u in got["units"])
+    assert plan.exists()
+    code, _, err = _main(capsys, "plan", "--mode", "inference", "--model", "llama3-8b", "--cluster", "h100-sxm:2",
+                         "--workload", "chat", "--rate", "20")
+    assert code == 2 and "--slo" in err
