@@ -1,0 +1,166 @@
+"""The serving-under-traffic report: for a model on a cluster and each workload, the goodput
+planner's unit (planner.serving_search) against the best static layout (the steady-state
+planner's pick, costmodel.serving.plan_serving, at the workload's mean lengths and the same
+latency targets), each unit's goodput per GPU, their latency against the arrival rate, and a
+timeline of the planner's unit (KV cache in use and sequences running). Markdown, a CSV and
+pictures.
+
+    python -m reports.traffic --model llama3-8b --cluster h100-sxm:8 -o DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from costmodel import load_cluster  # noqa: E402
+from costmodel.serving import ServingRequest, plan_serving  # noqa: E402
+from costmodel.traffic import SLO, SchedulerConfig, ServingLayout, simulate_traffic  # noqa: E402
+from planner.model_source import load_model_spec  # noqa: E402
+from planner.serving_search import (TrafficWorkload, meets, plan_traffic, unit_bound,  # noqa: E402
+                                    unit_max_rate)
+
+# per workload: latency objectives (our choice: interactive chat and agents within a second to
+# the first token and 50 ms a token; a long document may take 5 s to read) and a rate to deploy for
+WORKLOADS = {
+    "chat": ("ttft_p99=1,tpot_p99=50ms", 20.0),
+    "long-context": ("ttft_p99=5,tpot_p99=50ms", 2.0),
+    "agent": ("ttft_p99=1,tpot_p99=50ms", 20.0),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    workload: str
+    who: str  # "planner" or "static"
+    unit: str
+    gpus: int
+    max_rate_rps: float
+    goodput_per_gpu: float
+
+
+def static_unit(spec, cluster, wl: TrafficWorkload, slo: SLO) -> tuple[ServingLayout, SchedulerConfig]:
+    """The steady-state planner's layout and batch for the workload's mean lengths and targets."""
+    sample = wl.probe(1.0, spec.seq_len)
+    prompt = max(1, round(float(np.mean([r.prompt_tokens for r in sample]))))
+    output = max(1, min(round(float(np.mean([r.output_tokens for r in sample]))), spec.seq_len - prompt))
+    targets = {m: s for m, _, s in slo.targets}
+    req = ServingRequest(prompt_len=prompt, output_len=output,
+                         max_ttft_ms=targets["ttft"] * 1e3 if "ttft" in targets else None,
+                         max_tpot_ms=targets["tpot"] * 1e3 if "tpot" in targets else None)
+    best = plan_serving(spec, cluster, req).best
+    return ServingLayout(tp=best.tp, pp=best.pp), SchedulerConfig(max_num_seqs=best.batch)
+
+
+def rate_curve(spec, cluster, unit, cfg, wl, slo, top: float, points: int = 6) -> list[dict]:
+    rows = []
+    for share in np.linspace(0.25, 1.5, points):
+        rate = max(top, 0.05) * share
+        r = simulate_traffic(spec, cluster, wl.probe(rate, spec.seq_len), unit, cfg, slo)
+        m = r.metrics()
+        rows.append({"rate_rps": rate, "ttft_p99_s": m["ttft_p99_s"], "tpot_p99_s": m["tpot_p99_s"],
+                     "meets": meets(r, slo, 0.2)})
+    return rows
+
+
+def build_traffic_report(model: str, cluster_text: str, out_dir: Path, workloads=WORKLOADS) -> pd.DataFrame:
+    spec, cluster = load_model_spec(model), load_cluster(cluster_text)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, curves, timelines = [], {}, {}
+    for name, (slo_text, rate) in workloads.items():
+        slo, wl = SLO.parse(slo_text), TrafficWorkload.of(name, requests=400)
+        found = plan_traffic(spec, cluster, wl, rate, slo)
+        best = found.best
+        rows.append(Row(name, "planner", best.name(), best.gpus, best.max_rate_rps, best.goodput_per_gpu))
+        unit, cfg = static_unit(spec, cluster, wl, slo)
+        sample = wl.probe(1.0, spec.seq_len)
+        prompt = float(np.mean([r.prompt_tokens for r in sample]))
+        output = float(np.mean([r.output_tokens for r in sample]))
+        top, _ = unit_max_rate(spec, cluster, unit, cfg, wl, slo, unit_bound(spec, cluster, unit, cfg, prompt, output, slo))
+        rows.append(Row(name, "static", f"tp{unit.tp} x pp{unit.pp}, batch {cfg.max_num_seqs}", unit.gpus, top,
+                        top / unit.gpus))
+        curves[name] = {"planner": rate_curve(spec, cluster, best.unit, best.scheduler, wl, slo, best.max_rate_rps),
+                        "static": rate_curve(spec, cluster, unit, cfg, wl, slo, top), "slo": slo}
+        timelines[name] = simulate_traffic(spec, cluster, wl.probe(best.max_rate_rps, spec.seq_len), best.unit,
+                                           best.scheduler, slo)
+    table = pd.DataFrame([asdict(r) for r in rows])
+    table.to_csv(out_dir / "traffic.csv", index=False)
+    _curves_figure(curves, out_dir / "latency_vs_rate.png", f"{spec.name} on {cluster_text}")
+    _timeline_figure(timelines, out_dir / "timeline.png", f"{spec.name} on {cluster_text}: the planner's unit at its rate")
+    lines = [f"# {spec.name} serving under traffic on {cluster_text}", "",
+             "The goodput planner's unit (`paraplan plan --mode inference --workload W --rate R --slo ...`) against "
+             "the best static layout (the steady-state planner's layout and batch at the workload's mean lengths and "
+             "the same targets), each served by the traffic simulator at the largest rate that meets the objectives. "
+             "Generated by `python -m reports.traffic`; predictions, not measurements.", "",
+             "| workload | objectives | who | unit | GPUs | max rate (req/s) | goodput per GPU |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.workload} | {workloads[r.workload][0]} | {r.who} | {r.unit} | {r.gpus} | "
+                     f"{r.max_rate_rps:.2f} | {r.goodput_per_gpu:.3f} |")
+    lines += ["", "![latency against rate](latency_vs_rate.png)", "", "![timeline](timeline.png)", ""]
+    (out_dir / "README.md").write_text("\n".join(lines))
+    return table
+
+
+def _curves_figure(curves: dict, path: Path, title: str) -> None:
+    fig, axes = plt.subplots(2, len(curves), figsize=(5 * len(curves), 7), squeeze=False)
+    for col, (name, c) in enumerate(curves.items()):
+        targets = {m: s for m, _, s in c["slo"].targets}
+        for row, key in enumerate(("ttft_p99_s", "tpot_p99_s")):
+            ax = axes[row][col]
+            for who, style in (("planner", "o-"), ("static", "s--")):
+                pts = c[who]
+                ax.plot([p["rate_rps"] for p in pts], [p[key] * 1e3 for p in pts], style, label=who)
+            metric = key.split("_")[0]
+            if metric in targets:
+                ax.axhline(targets[metric] * 1e3, color="black", linewidth=1, linestyle=":")
+            ax.set_yscale("log")
+            ax.set_xlabel("arrival rate per unit (requests/s)")
+            ax.set_ylabel(f"{metric.upper()} p99 (ms)")
+            ax.set_title(name)
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _timeline_figure(results: dict, path: Path, title: str) -> None:
+    fig, axes = plt.subplots(len(results), 1, figsize=(10, 2.6 * len(results)), squeeze=False)
+    for ax, (name, r) in zip(axes[:, 0], results.items()):
+        for i, (iterations, role) in enumerate(zip(r.timeline, r.roles)):
+            if not iterations:
+                continue
+            t = [it[0] for it in iterations]
+            ax.plot(t, [100 * it[2] for it in iterations], linewidth=0.8, label=f"replica {i} ({role}) KV %")
+            ax.plot(t, [it[3] for it in iterations], linewidth=0.8, linestyle="--", label=f"replica {i} running")
+        ax.set_title(name)
+        ax.set_xlabel("time (s)")
+        ax.legend(fontsize=7, ncol=2, loc="upper left")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m reports.traffic")
+    p.add_argument("--model", required=True)
+    p.add_argument("--cluster", required=True)
+    p.add_argument("-o", "--output", required=True)
+    args = p.parse_args(argv)
+    print(build_traffic_report(args.model, args.cluster, Path(args.output)).to_string(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
