@@ -188,7 +188,10 @@ class _Seq:
     first_token_s: float = math.nan
     finish_s: float = math.nan
     admitted: int = 0  # admission counter (0: never admitted)
-    left: bool = False  # finished, or handed to a decode replica, this iteration
+    # decoding, kept in the replica's aggregate: computed = c0 + tick, generated = g0 + tick
+    lazy: bool = False
+    c0: int = 0
+    g0: int = 0
 
     @property
     def total(self) -> int:
@@ -204,13 +207,24 @@ class _CacheEntry:
 
 
 class _Replica:
+    """One replica's scheduler state. Sequences that decode are kept in aggregate (their count,
+    the sum of their cached tokens, how many sit at each offset within a block, a heap of the
+    iterations they finish at): an iteration of n decodes costs O(block size), not O(n). The
+    others (prompts in progress; every sequence when blocks run short) are handled one by one."""
+
     def __init__(self, index: int, role: str, cost: IterationCost, blocks: int, cfg: SchedulerConfig,
                  host_gb_per_s: float, block_bytes: float):
         self.index, self.role, self.cost, self.cfg = index, role, cost, cfg
         self.total_blocks = blocks
         self.free = blocks
         self.waiting: deque[_Seq] = deque()
-        self.running: list[_Seq] = []  # in admission order: the last is preempted first
+        self.running: dict[_Seq, None] = {}  # in admission order: the last is preempted first
+        self.active: list[_Seq] = []  # the running sequences handled one by one
+        self.tick = 0  # decode iterations the aggregate has run
+        self.n_lazy = 0
+        self.sum_c0 = 0
+        self.residues = [0] * cfg.block_tokens  # aggregate sequences by c0 mod block_tokens
+        self.finishes: list[tuple[int, int, _Seq]] = []  # (tick it finishes at, index, sequence)
         self.cache: OrderedDict[str, _CacheEntry] = OrderedDict()  # LRU: least recently used first
         self.busy = False
         self.host_s_per_block = block_bytes / (host_gb_per_s * 1e9)
@@ -227,6 +241,48 @@ class _Replica:
     @property
     def load(self) -> int:
         return len(self.waiting) + len(self.running)
+
+    # -- the decode aggregate ---------------------------------------------------------------
+    def _to_lazy(self, seq: _Seq) -> None:
+        c0 = seq.computed - self.tick
+        seq.c0, seq.g0, seq.lazy = c0, seq.generated - self.tick, True
+        self.n_lazy += 1
+        self.sum_c0 += c0
+        self.residues[c0 % self.cfg.block_tokens] += 1
+        heapq.heappush(self.finishes, (self.tick + seq.output - seq.generated, seq.index, seq))
+
+    def _materialize(self, seq: _Seq) -> None:
+        seq.computed, seq.generated, seq.lazy = seq.c0 + self.tick, seq.g0 + self.tick, False
+        seq.own_blocks = -(-seq.computed // self.cfg.block_tokens) - seq.prefix_hit_blocks
+        self.n_lazy -= 1
+        self.sum_c0 -= seq.c0
+        self.residues[seq.c0 % self.cfg.block_tokens] -= 1
+
+    def _materialize_all(self) -> None:
+        for seq in self.running:
+            if seq.lazy:
+                self._materialize(seq)
+        self.active = list(self.running)
+
+    def _next_finish(self) -> int | None:
+        """The tick the first aggregate sequence finishes at (stale heap entries dropped)."""
+        while self.finishes:
+            tick, _, seq = self.finishes[0]
+            if seq.lazy and seq.g0 + tick == seq.output:
+                return tick
+            heapq.heappop(self.finishes)
+        return None
+
+    def _boundaries(self, steps: int) -> int:
+        """New blocks the aggregate needs over its next `steps` iterations: a sequence with c
+        cached tokens needs one when c is a multiple of the block."""
+        B, total = self.cfg.block_tokens, 0
+        for r, count in enumerate(self.residues):
+            if count:
+                t0 = (-self.tick - r) % B  # the first step (0-based) at which c0 + tick + t = 0 mod B
+                if t0 < steps:
+                    total += count * ((steps - 1 - t0) // B + 1)
+        return total
 
     # -- blocks ---------------------------------------------------------------------------
     def _evict(self, need: int) -> float:
@@ -261,7 +317,11 @@ class _Replica:
 
     def _preempt(self, victim: _Seq) -> float:
         """Take `victim` off the GPU; seconds of copying its blocks out (swap)."""
-        self.running.remove(victim)
+        if victim.lazy:
+            self._materialize(victim)
+        del self.running[victim]
+        if victim in self.active:
+            self.active.remove(victim)
         self.preemptions += 1
         seconds = 0.0
         if self.cfg.preemption == "swap":
@@ -343,11 +403,15 @@ class _Replica:
             self.hit_tokens += hit * self.cfg.block_tokens
         self.admissions += 1
         seq.admitted = self.admissions
-        self.running.append(seq)
+        self.running[seq] = None
+        self.active.append(seq)
         return seq, take, copies
 
-    def schedule(self) -> tuple[list[tuple[_Seq, int]], float]:
-        """The iteration's (sequence, tokens) and its seconds of host copies."""
+    def schedule(self) -> tuple[list[tuple[_Seq, int]], bool, float]:
+        """The iteration: (the sequences handled one by one and their tokens, whether the
+        aggregate decodes run, seconds of host copies). Decodes first, then prompts in progress
+        in admission order, then waiting requests (the stall-free order of Sarathi-Serve and of
+        vLLM's chunked prefill)."""
         cfg, budget = self.cfg, self.cfg.max_num_batched_tokens
         chosen: list[tuple[_Seq, int]] = []
         copies = 0.0
@@ -361,24 +425,39 @@ class _Replica:
                 copies += got[2]
                 budget -= got[1]
             if chosen:
-                return chosen, copies
+                return chosen, False, copies
+        lazy = False
+        if self.n_lazy:
+            want = self._boundaries(1)
+            if want > self.free:
+                copies += self._evict(want)
+            if want <= self.free and self.n_lazy <= budget:
+                self.free -= want
+                budget -= self.n_lazy
+                lazy = True
+            else:  # blocks short (or a budget below the decodes): one by one, preempting as vLLM does
+                self._materialize_all()
         preempted = False
-        running, chunked, B = self.running, cfg.chunked_prefill, cfg.block_tokens
-        i = 0
-        while i < len(running) and budget > 0:
-            seq = running[i]
+        chunked, B = cfg.chunked_prefill, cfg.block_tokens
+        for seq in list(self.active):
+            if budget <= 0:
+                break
+            if seq not in self.running:  # preempted for an earlier one
+                continue
             computed = seq.computed
             need = seq.prompt + seq.generated - computed
             take = need if need < budget else budget
             if take < need and not chunked:
-                i += 1
                 continue
             want = -(-(computed + take) // B) - seq.prefix_hit_blocks - seq.own_blocks
             if want > self.free:
                 copies += self._evict(want)
+            if want > self.free:
+                if lazy:  # the decodes hold the blocks this iteration; the prompt waits for a finish
+                    break
                 lost = False
                 while want > self.free and not lost:
-                    victim = running[-1]  # the latest admitted: not scheduled yet, or this one
+                    victim = next(reversed(self.running))  # the latest admitted: not scheduled yet, or this one
                     copies += self._preempt(victim)
                     preempted = True
                     lost = victim is seq
@@ -389,10 +468,9 @@ class _Replica:
                 seq.own_blocks += want
             chosen.append((seq, take))
             budget -= take
-            i += 1
         if cfg.chunked_prefill and not preempted:
             while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
-                got = self._admit(budget, whole=False, first=not chosen)
+                got = self._admit(budget, whole=False, first=not chosen and not lazy)
                 if got is None:
                     break
                 chosen.append(got[:2])
@@ -405,10 +483,10 @@ class _Replica:
                     break
                 chosen.append(got[:2])
                 copies += got[2]
-        return chosen, copies
+        return chosen, lazy, copies
 
-    def iteration_s(self, chosen: list[tuple[_Seq, int]]) -> tuple[float, bool, float]:
-        """(seconds of the iteration, whether it only decodes, the cached tokens its decodes read)."""
+    def iteration_s(self, chosen: list[tuple[_Seq, int]], lazy: bool) -> tuple[float, int, float]:
+        """(seconds of the iteration, its decode rows, the cached tokens they read)."""
         tokens = logits = decode_rows = 0
         decode_ctx = pairs = kv_tokens = 0.0
         for seq, take in chosen:
@@ -423,8 +501,57 @@ class _Replica:
                 pairs += take * (computed + (take + 1) / 2)
                 kv_tokens += computed + take
         self.computed_prompt_tokens += tokens - decode_rows
+        if lazy:
+            n = self.n_lazy
+            tokens += n
+            logits += n
+            decode_rows += n
+            decode_ctx += self.sum_c0 + n * (self.tick + 1)
         seconds = self.cost.seconds(tokens, logits, decode_rows, decode_ctx, pairs, kv_tokens)
-        return seconds, decode_rows == len(chosen), decode_ctx
+        return seconds, decode_rows, decode_ctx
+
+    def end(self, now: float, chosen: list[tuple[_Seq, int]], lazy: bool, repeats: int,
+            finished: list[_Seq], handed: list[_Seq]) -> None:
+        """Apply an iteration (of `repeats` aggregate decode iterations) ending at `now`: tokens
+        computed and generated, first tokens, finishes (into `finished`), sequences a prefill
+        replica hands on (into `handed`)."""
+        if lazy:
+            if repeats > 1:  # the blocks of the repeated decodes (the first's were taken at schedule)
+                self.free -= self._boundaries(repeats) - self._boundaries(1)
+            self.tick += repeats
+        gone = False
+        for seq, take in chosen:
+            seq.computed += take
+            if seq.computed < seq.prompt + seq.generated:
+                continue  # a prefill chunk
+            seq.generated += 1
+            if seq.generated == 1:
+                seq.first_token_s = now
+            if seq.generated >= seq.output:
+                seq.finish_s = now
+                del self.running[seq]
+                self._donate(seq)
+                finished.append(seq)
+                gone = True
+            elif self.role == "prefill":  # the KV cache goes to a decode replica
+                del self.running[seq]
+                self._donate(seq)
+                handed.append(seq)
+                gone = True
+            else:
+                self._to_lazy(seq)
+                gone = True
+        if gone:
+            self.active = [seq for seq in self.active if seq in self.running and not seq.lazy]
+        tick = self._next_finish()
+        while tick is not None and tick <= self.tick:
+            _, _, seq = heapq.heappop(self.finishes)
+            self._materialize(seq)
+            seq.finish_s = now
+            del self.running[seq]
+            self._donate(seq)
+            finished.append(seq)
+            tick = self._next_finish()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -537,7 +664,7 @@ def simulate_traffic(spec: ModelSpec, cluster: Cluster, requests: list[Request],
     events: list[tuple[float, int, int]] = []  # (time, counter, index): index >= 0 a replica's iteration ends,
     counter = 0                                  # index < 0 the KV of sequence -1 - index reaches the decoders
     transfers: list[float] = []  # times of the KV transfers under way
-    in_flight: dict[int, tuple[list[tuple[_Seq, int]], int]] = {}  # replica -> (its iteration, repeats)
+    in_flight: dict[int, tuple[list[tuple[_Seq, int]], bool, int]] = {}  # replica -> (one by one, aggregate, repeats)
     finished: list[_Seq] = []
     limit = math.inf if horizon_s is None else horizon_s
     arrived = 0  # seqs[:arrived] have arrived
@@ -546,19 +673,20 @@ def simulate_traffic(spec: ModelSpec, cluster: Cluster, requests: list[Request],
         nonlocal counter
         if rep.busy or not (rep.waiting or rep.running):
             return
-        chosen, copies = rep.schedule()
-        if not chosen:
+        chosen, lazy, copies = rep.schedule()
+        if not chosen and not lazy:
             return
         rep.busy = True
-        took, decodes_only, context = rep.iteration_s(chosen)
+        took, _, context = rep.iteration_s(chosen, lazy)
         took += copies
         repeats = 1
-        if decodes_only and not copies and rep.role != "prefill":
+        if lazy and not chosen and not copies and rep.role != "prefill":
             # decodes only: the next iterations are the same batch one token further, until a
             # sequence finishes, the blocks run short or something arrives; priced in one go
-            n = len(chosen)
-            most = min(seq.output - seq.generated for seq, _ in chosen)
-            most = min(most, 1 + rep.cfg.block_tokens * (rep.free // n))
+            n = rep.n_lazy
+            most = rep._next_finish() - rep.tick
+            while most > 1 and rep._boundaries(most) - rep._boundaries(1) > rep.free:
+                most //= 2
             until = min(seqs[arrived].req.arrival_s if arrived < len(seqs) else math.inf,
                         transfers[0] if transfers else math.inf)
             if decoders and events:  # a prefill under way may send a sequence here when it ends
@@ -580,10 +708,11 @@ def simulate_traffic(spec: ModelSpec, cluster: Cluster, requests: list[Request],
                 repeats = 1 + min(most - 1, int(np.searchsorted(ends, until - now, side="left")) + 1)
                 took = float(ends[repeats - 2])
         rep.iterations += repeats
-        in_flight[rep.index] = (chosen, repeats)
+        in_flight[rep.index] = (chosen, lazy, repeats)
         heapq.heappush(events, (now + took, counter, rep.index))
         counter += 1
-        rep.usage.append((now, took, 1 - rep.free / rep.total_blocks, len(rep.running), len(chosen), repeats))
+        rep.usage.append((now, took, 1 - rep.free / rep.total_blocks, len(rep.running),
+                          len(chosen) + (rep.n_lazy if lazy else 0), repeats))
 
     while events or arrived < len(seqs):
         if arrived < len(seqs) and (not events or seqs[arrived].req.arrival_s <= events[0][0]):
@@ -609,38 +738,15 @@ def simulate_traffic(spec: ModelSpec, cluster: Cluster, requests: list[Request],
             continue
         rep = replicas[index]
         rep.busy = False
-        chosen, repeats = in_flight.pop(index)
-        B, left = rep.cfg.block_tokens, False
-        for seq, take in chosen:
-            computed = seq.computed + take + repeats - 1
-            seq.computed = computed
-            if repeats > 1:  # the blocks of the repeated decodes
-                more = -(-computed // B) - seq.prefix_hit_blocks - seq.own_blocks
-                if more > 0:
-                    rep.free -= more
-                    seq.own_blocks += more
-            if computed < seq.prompt + seq.generated + repeats - 1:
-                continue  # a prefill chunk
-            seq.generated += repeats
-            if seq.generated == 1:
-                seq.first_token_s = now
-            if seq.generated >= seq.output:
-                seq.finish_s = now
-                seq.left = left = True
-                rep._donate(seq)
-                finished.append(seq)
-            elif rep.role == "prefill":  # the KV cache goes to a decode replica
-                seq.left = left = True
-                rep._donate(seq)
-                # each of the tp x pp GPUs sends its share of the prompt's KV at once
-                at = now + send_recv_s(computed * kv_token_bytes / (layout.tp * layout.pp), transfer_link)
-                heapq.heappush(events, (at, counter, -1 - seq.index))
-                heapq.heappush(transfers, at)
-                counter += 1
-        if left:
-            rep.running = [seq for seq in rep.running if not seq.left]
-            for seq, _ in chosen:
-                seq.left = False
+        chosen, lazy, repeats = in_flight.pop(index)
+        handed: list[_Seq] = []
+        rep.end(now, chosen, lazy, repeats, finished, handed)
+        for seq in handed:
+            # each of the tp x pp GPUs sends its share of the prompt's KV at once
+            at = now + send_recv_s(seq.computed * kv_token_bytes / (layout.tp * layout.pp), transfer_link)
+            heapq.heappush(events, (at, counter, -1 - seq.index))
+            heapq.heappush(transfers, at)
+            counter += 1
         start(rep, now)
     return _result(seqs, requests, finished, replicas, slo)
 

@@ -5,7 +5,7 @@ costmodel.traffic's simulator).
 Formulation. A *unit* is what is replicated: one replica of tp x pp GPUs, or a disaggregated
 group of 1 prefill replica and k decode replicas of that shape. For every unit u (tp within a
 node dividing the heads, pp, k in {0 (mixed), 1, 2, 3}) and scheduler setting c (token budget
-max_num_batched_tokens in {2048, 8192}; chunked prefill on; max_num_seqs 256):
+max_num_batched_tokens in TOKEN_BUDGETS, max_num_seqs in MAX_SEQS; chunked prefill on):
 
     rate*(u, c) = the largest arrival rate at which one unit meets every objective
                   (each named percentile of TTFT / TPOT / end-to-end latency within its target,
@@ -52,6 +52,7 @@ GROWTH = 1.25  # a probe whose last quarter's median normalized latency exceeds 
 WARMUP = 0.2  # the share of a probe's first requests left out of its percentiles (the empty start)
 BOUND_MARGIN = 1.25
 TOKEN_BUDGETS = (2048, 8192)
+MAX_SEQS = (256, 1024)  # vLLM's default, and room for a long tail of decodes where the cache holds them
 DECODE_PER_PREFILL = (0, 1, 2, 3)  # 0: mixed replicas
 
 
@@ -134,7 +135,7 @@ class UnitResult:
         u = self.unit
         shape = f"tp{u.tp} x pp{u.pp}"
         split = f"1 prefill + {u.replicas - 1} decode of {shape}" if u.prefill_replicas else shape
-        return f"{split}, budget {self.scheduler.max_num_batched_tokens}"
+        return f"{split}, {self.scheduler.max_num_seqs} seqs, budget {self.scheduler.max_num_batched_tokens}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -245,8 +246,9 @@ def plan_traffic(spec: ModelSpec, cluster: Cluster, wl: TrafficWorkload, rate: f
     candidates = []
     for u in shapes:
         for b in TOKEN_BUDGETS:
-            cfg = SchedulerConfig(max_num_batched_tokens=b)
-            candidates.append((unit_bound(spec, cluster, u, cfg, prompt, output, slo) / u.gpus, u, cfg))
+            for seqs in MAX_SEQS:
+                cfg = SchedulerConfig(max_num_batched_tokens=b, max_num_seqs=seqs)
+                candidates.append((unit_bound(spec, cluster, u, cfg, prompt, output, slo) / u.gpus, u, cfg))
     candidates.sort(key=lambda c: -c[0])
     results, skipped = [], 0
     best_per_gpu = 0.0

@@ -56,8 +56,8 @@ def test_the_plan_meets_its_objectives_at_the_rate_with_the_fewest_gpus_of_its_u
     assert found.units == -(-30.0 // best.max_rate_rps)
     assert found.deployment.gpus == found.units * best.gpus
     assert meets(found.at_rate, SLO_CHAT, 0.2)
-    # tp1, tp2, and 1 prefill + 1 decode of tp1, at two token budgets: each priced or bounded out
-    assert found.skipped + len(found.results) == 6
+    # tp1, tp2, and 1 prefill + 1 decode of tp1, at two token budgets and two sequence limits: each priced or bounded out
+    assert found.skipped + len(found.results) == 12
 
 
 def test_commands(tmp_path, capsys):
