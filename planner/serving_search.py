@@ -18,6 +18,8 @@ max_num_batched_tokens in TOKEN_BUDGETS, max_num_seqs in MAX_SEQS; chunked prefi
                   and its decode replicas' largest batch within the TPOT target (and the KV
                   cache) over the mean output (mixed replicas: the two times added per request)
     goodput per GPU = rate* / GPUs(u)
+    the steady-state planner's replica and batch (costmodel.serving.plan_serving at the mean
+    lengths and the targets) join the grid, so the search contains the static choice;
     maximise goodput per GPU, units taken in order of bound per GPU and skipped once their bound
     is below the best goodput found (branch and bound: the skipped cannot win); at a requested rate R the deployment is ceil(R / rate*) units,
     the fewest GPUs that meet the objectives at R with that unit.
@@ -38,7 +40,7 @@ from tqdm import tqdm
 
 from costmodel.cluster import Cluster
 from costmodel.errors import ConfigError
-from costmodel.serving import layout_problems
+from costmodel.serving import ServingRequest, layout_problems, plan_serving
 from costmodel.spec import ModelSpec
 from costmodel.traffic import (SLO, IterationCost, SchedulerConfig, ServingLayout, TrafficResult, replica_blocks,
                                simulate_traffic)
@@ -229,6 +231,23 @@ def units(spec: ModelSpec, cluster: Cluster, precision: str) -> tuple[list[Servi
     return out, refused
 
 
+def static_unit(spec: ModelSpec, cluster: Cluster, prompt: float, output: float, slo: SLO,
+                precision: str = "bf16") -> tuple[ServingLayout, int] | None:
+    """The steady-state planner's replica and batch (costmodel.serving.plan_serving) at the mean
+    lengths and the TTFT/TPOT targets, or None where it finds none."""
+    p = max(1, round(prompt))
+    o = max(1, min(round(output), spec.seq_len - p))
+    targets = {m: sec for m, _, sec in slo.targets}
+    req = ServingRequest(prompt_len=p, output_len=o, precision=precision,
+                         max_ttft_ms=targets["ttft"] * 1e3 if "ttft" in targets else None,
+                         max_tpot_ms=targets["tpot"] * 1e3 if "tpot" in targets else None)
+    try:
+        best = plan_serving(spec, cluster, req).best
+    except ConfigError:
+        return None
+    return ServingLayout(tp=best.tp, pp=best.pp, precision=precision), best.batch
+
+
 def plan_traffic(spec: ModelSpec, cluster: Cluster, wl: TrafficWorkload, rate: float, slo: SLO, *,
                  precision: str = "bf16", progress: bool = False) -> TrafficPlan:
     if not slo.targets:
@@ -249,6 +268,13 @@ def plan_traffic(spec: ModelSpec, cluster: Cluster, wl: TrafficWorkload, rate: f
             for seqs in MAX_SEQS:
                 cfg = SchedulerConfig(max_num_batched_tokens=b, max_num_seqs=seqs)
                 candidates.append((unit_bound(spec, cluster, u, cfg, prompt, output, slo) / u.gpus, u, cfg))
+    static = static_unit(spec, cluster, prompt, output, slo, precision)
+    if static is not None:  # the steady-state planner's layout and batch, so the search contains it
+        for b in TOKEN_BUDGETS:
+            cfg = SchedulerConfig(max_num_batched_tokens=b, max_num_seqs=static[1])
+            if static[1] not in MAX_SEQS:
+                candidates.append((unit_bound(spec, cluster, static[0], cfg, prompt, output, slo) / static[0].gpus,
+                                   static[0], cfg))
     candidates.sort(key=lambda c: -c[0])
     results, skipped = [], 0
     best_per_gpu = 0.0

@@ -23,11 +23,10 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from costmodel import load_cluster  # noqa: E402
-from costmodel.serving import ServingRequest, plan_serving  # noqa: E402
-from costmodel.traffic import SLO, SchedulerConfig, ServingLayout, simulate_traffic  # noqa: E402
+from costmodel.traffic import SLO, SchedulerConfig, simulate_traffic  # noqa: E402
 from planner.model_source import load_model_spec  # noqa: E402
-from planner.serving_search import (TrafficWorkload, meets, plan_traffic, unit_bound,  # noqa: E402
-                                    unit_max_rate)
+from planner.serving_search import (TrafficWorkload, meets, plan_traffic, static_unit,  # noqa: E402
+                                    unit_bound, unit_max_rate)
 
 # per workload: latency objectives (our choice: interactive chat and agents within a second to
 # the first token and 50 ms a token; a long document may take 5 s to read) and a rate to deploy for
@@ -46,19 +45,6 @@ class Row:
     gpus: int
     max_rate_rps: float
     goodput_per_gpu: float
-
-
-def static_unit(spec, cluster, wl: TrafficWorkload, slo: SLO) -> tuple[ServingLayout, SchedulerConfig]:
-    """The steady-state planner's layout and batch for the workload's mean lengths and targets."""
-    sample = wl.probe(1.0, spec.seq_len)
-    prompt = max(1, round(float(np.mean([r.prompt_tokens for r in sample]))))
-    output = max(1, min(round(float(np.mean([r.output_tokens for r in sample]))), spec.seq_len - prompt))
-    targets = {m: s for m, _, s in slo.targets}
-    req = ServingRequest(prompt_len=prompt, output_len=output,
-                         max_ttft_ms=targets["ttft"] * 1e3 if "ttft" in targets else None,
-                         max_tpot_ms=targets["tpot"] * 1e3 if "tpot" in targets else None)
-    best = plan_serving(spec, cluster, req).best
-    return ServingLayout(tp=best.tp, pp=best.pp), SchedulerConfig(max_num_seqs=best.batch)
 
 
 def rate_curve(spec, cluster, unit, cfg, wl, slo, top: float, points: int = 6) -> list[dict]:
@@ -81,10 +67,11 @@ def build_traffic_report(model: str, cluster_text: str, out_dir: Path, workloads
         found = plan_traffic(spec, cluster, wl, rate, slo)
         best = found.best
         rows.append(Row(name, "planner", best.name(), best.gpus, best.max_rate_rps, best.goodput_per_gpu))
-        unit, cfg = static_unit(spec, cluster, wl, slo)
         sample = wl.probe(1.0, spec.seq_len)
         prompt = float(np.mean([r.prompt_tokens for r in sample]))
         output = float(np.mean([r.output_tokens for r in sample]))
+        static, batch = static_unit(spec, cluster, prompt, output, slo)
+        unit, cfg = static, SchedulerConfig(max_num_seqs=batch)
         top, _ = unit_max_rate(spec, cluster, unit, cfg, wl, slo, unit_bound(spec, cluster, unit, cfg, prompt, output, slo))
         rows.append(Row(name, "static", f"tp{unit.tp} x pp{unit.pp}, batch {cfg.max_num_seqs}", unit.gpus, top,
                         top / unit.gpus))
