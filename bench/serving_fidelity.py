@@ -1,6 +1,6 @@
 """Serving: the traffic simulator against published engine runs.
 
-    python bench/serving_fidelity.py
+    python bench/serving_fidelity.py [--skip-cpu] [--profile PROFILE]
 
 Rows: tests/data/serving_runs.yaml (TensorRT-LLM's published A100 FP16 runs: offline throughput
 of a static batch at fixed prompt and output lengths, and the first-token latency of one
@@ -10,6 +10,12 @@ engine's context phase runs the batch's prompts together), on the a100-80g profi
 is output tokens per second per GPU. First-token rows are one request's TTFT. Nothing is fitted
 to these rows: the profile is the one the training side uses. Prints each row, then the median
 and 90th percentile of |error| per kind.
+
+Then, measured here: `runtime.serve` (continuous batching, paged KV cache, prefix caching) serves
+three small workloads on this CPU (one thread, fp32, a 4-layer Llama of 512 wide) and the
+simulator predicts the same requests on a CPU profile (--profile; measure this machine's first
+with `paraplan profile --quick -o host.yaml`: a VM's speed drifts from day to day): p50/p90 TTFT
+and TPOT, predicted / measured. Run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ sys.path.insert(0, str(ROOT))
 from costmodel.cluster import load_cluster  # noqa: E402
 from costmodel.spec import Activation, ModelSpec  # noqa: E402
 from costmodel.traffic import SchedulerConfig, ServingLayout, simulate_traffic  # noqa: E402
-from costmodel.workload import Request  # noqa: E402
+from costmodel.spec import llama_spec  # noqa: E402
+from costmodel.workload import LengthDist, Request, Scenario, generate  # noqa: E402
 from planner.zoo import ZOO  # noqa: E402
 
 DATA = ROOT / "tests" / "data" / "serving_runs.yaml"
@@ -68,6 +75,45 @@ def summary(errors: list[float], optimistic_sign: int = 1) -> str:
     return f"median |error| {statistics.median(a):.1f}%, p90 {p90:.1f}%, {optimistic} of {len(a)} optimistic"
 
 
+CPU_MODEL = llama_spec("bench-llama", layers=4, hidden=512, heads=8, kv_heads=2, ffn_hidden=1408, vocab=2048,
+                       seq_len=1024)
+CPU_WORKLOADS = (  # scaled to a CPU: (scenario, requests per second), 30 requests each
+    (Scenario(name="chat", prompt=LengthDist(median=64, sigma=0.5), output=LengthDist(median=24, sigma=0.5)), 6.0),
+    (Scenario(name="long-context", prompt=LengthDist(median=512, sigma=0.2), output=LengthDist(median=8, sigma=0.3)),
+     2.0),
+    (Scenario(name="agent", prompt=LengthDist(median=32, sigma=0.5), output=LengthDist(median=16, sigma=0.5),
+              shared_prefix_tokens=256), 6.0),
+)
+
+
+def cpu_runs(profile: str = "cpu-2core") -> None:
+    import numpy as np
+    import torch
+
+    from runtime.generate import load_model
+    from runtime.serve import serve
+
+    torch.set_num_threads(1)
+    model, cluster = load_model(CPU_MODEL), load_cluster(f"{profile}:1")
+    print(f"continuous batching on this CPU ({CPU_MODEL.name}, fp32, one thread) against the simulator on {profile}, "
+          "ms predicted / measured")
+    errors = []
+    for scenario, rate in CPU_WORKLOADS:
+        reqs = generate(scenario, rate=rate, requests=30, context=CPU_MODEL.seq_len, seed=0)
+        got = serve(model, reqs, SchedulerConfig(), blocks=2048)
+        pred = simulate_traffic(CPU_MODEL, cluster, reqs, ServingLayout(precision="fp32"),
+                                SchedulerConfig(num_gpu_blocks_override=2048))
+        cells = []
+        for key in ("ttft", "tpot"):
+            for p in (50, 90):
+                m = float(np.percentile(getattr(got, f"{key}_s"), p)) * 1e3
+                q = float(np.percentile(getattr(pred, f"{key}_s"), p)) * 1e3
+                errors.append(100 * (q / m - 1))
+                cells.append(f"{key.upper()} p{p} {q:7.1f} / {m:7.1f} ({errors[-1]:+.0f}%)")
+        print(f"  {scenario.name:12s} at {rate:g}/s: " + "; ".join(cells))
+    print(f"  {summary(errors, optimistic_sign=-1)}")
+
+
 def main() -> int:
     data = yaml.safe_load(DATA.read_text())
     print("offline throughput, output tokens/s per GPU (predicted / published)")
@@ -88,6 +134,9 @@ def main() -> int:
         print(f"  {row['model']:11s} {row['gpu']} tp{row['tp']} prompt {row['input']:5d} {pred:7.1f} / {row['ttft_ms']:4d}"
               f"  {err:+6.1f}%  ({row['source']})")
     print(f"  {summary(ttft_errors, optimistic_sign=-1)}")
+    if "--skip-cpu" not in sys.argv:
+        profile = sys.argv[sys.argv.index("--profile") + 1] if "--profile" in sys.argv else "cpu-2core"
+        cpu_runs(profile)
     return 0
 
 

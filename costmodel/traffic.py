@@ -19,8 +19,9 @@ scheduler):
        (GEMMs, norms, all-reduces: costmodel.serving.token_layer_s), the attention of the
        decodes (reading their caches) and of the prefill chunks (causal, over what each has
        computed), the logits of the sequences that emit a token, the pipeline hops
-    4. a sequence whose prompt is computed emits a token per iteration; it finishes at its
-       output length and gives its full blocks to the prefix cache under its prefix_id
+    4. a sequence whose prompt is computed emits a token per iteration (its blocks within its
+       shared prefix join the prefix cache then); it finishes at its output length and gives
+       its full blocks to the prefix cache under its prefix_id
 
 Replicas share the arrivals (each to the replica with the fewest requests in it). With
 disaggregation (DistServe, Splitwise) prefill replicas run prompts only and send each
@@ -368,6 +369,27 @@ class _Replica:
             seq.own_blocks -= keep
         self._release(seq)
 
+    def _share_prefix(self, seq: _Seq) -> None:
+        """A prompt just computed: its full blocks within the shared prefix join the prefix
+        cache at once (vLLM caches a block as soon as it is full), the sequence now referencing
+        them there."""
+        req = seq.req
+        if not (self.cfg.prefix_caching and req.prefix_id):
+            return
+        entry = self.cache.setdefault(req.prefix_id, _CacheEntry())
+        hit = seq.prefix_hit_blocks
+        if entry.blocks != hit:  # another sequence cached them first (or more): this one keeps its own
+            return
+        keep = min(seq.computed, req.prefix_tokens) // self.cfg.block_tokens - hit
+        if keep <= 0:
+            return
+        entry.blocks += keep
+        if not hit:
+            entry.refs += 1
+        seq.prefix_hit_blocks += keep
+        seq.own_blocks -= keep
+        self.cache.move_to_end(req.prefix_id)
+
     # -- one iteration ----------------------------------------------------------------------
     def _admit(self, budget: int, whole: bool, first: bool) -> tuple[_Seq, int, float] | None:
         """Admit the head of the queue for up to `budget` tokens (all of what it has to compute
@@ -527,6 +549,7 @@ class _Replica:
             seq.generated += 1
             if seq.generated == 1:
                 seq.first_token_s = now
+                self._share_prefix(seq)
             if seq.generated >= seq.output:
                 seq.finish_s = now
                 del self.running[seq]

@@ -11,7 +11,56 @@ from planner.model_source import load_model_spec, source_of
 from planner.zoo import ZOO
 
 
+def run_continuous(args: argparse.Namespace) -> int:
+    """`generate --workload`: serve a workload's requests on this machine with continuous
+    batching (runtime.serve), and the traffic simulator's prediction of the same on --cluster."""
+    import numpy as np
+    import torch
+
+    from costmodel.traffic import SchedulerConfig, ServingLayout, simulate_traffic
+    from costmodel.workload import workload
+    from runtime.generate import load_model
+    from runtime.serve import serve
+
+    if args.model not in ZOO:
+        raise ConfigError(f"generate --workload runs the built-in models ({', '.join(ZOO)}); got '{args.model}'")
+    spec = load_model_spec(args.model)
+    if args.requests < 1 or args.kv_blocks < 1:
+        raise ConfigError("--requests and --kv-blocks must be positive integers")
+    reqs = workload(args.workload, rate=args.rate, requests=args.requests, context=spec.seq_len, seed=args.seed)
+    cfg = SchedulerConfig(**{k: getattr(args, k) for k in ("max_num_seqs", "max_num_batched_tokens")
+                             if getattr(args, k) is not None})
+    torch.set_num_threads(args.threads)
+    out = serve(load_model(spec, checkpoint=args.checkpoint, seed=args.seed), reqs, cfg, blocks=args.kv_blocks,
+                seed=args.seed)
+    cluster = load_cluster(args.cluster)
+    predicted = simulate_traffic(spec, cluster, reqs, ServingLayout(precision="fp32"),
+                                 SchedulerConfig(max_num_seqs=cfg.max_num_seqs,
+                                                 max_num_batched_tokens=cfg.max_num_batched_tokens,
+                                                 num_gpu_blocks_override=args.kv_blocks))
+    result = {"requests": len(reqs), "iterations": out.iterations, "prefix_hit_tokens": out.prefix_hit_tokens,
+              "measured": {}, "predicted": {}}
+    for name, got in (("measured", (out.ttft_s, out.tpot_s, out.e2e_s)),
+                      ("predicted", (predicted.ttft_s, predicted.tpot_s, predicted.e2e_s))):
+        for key, values in zip(("ttft", "tpot", "e2e"), got):
+            for p in (50, 90, 99):
+                result[name][f"{key}_p{p}_s"] = float(np.percentile(values, p))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{len(reqs)} requests of {args.workload} on {spec.name}, continuous batching: {out.iterations} "
+              f"iterations, {out.prefix_hit_tokens} prompt tokens from the prefix cache")
+        print("              measured p50/p90 ms      predicted p50/p90 ms   (" + args.cluster + ")")
+        for key in ("ttft", "tpot", "e2e"):
+            m, p = result["measured"], result["predicted"]
+            print(f"  {key.upper():5s} {m[f'{key}_p50_s'] * 1e3:10.1f} {m[f'{key}_p90_s'] * 1e3:10.1f}   "
+                  f"{p[f'{key}_p50_s'] * 1e3:12.1f} {p[f'{key}_p90_s'] * 1e3:10.1f}")
+    return 0
+
+
 def run_generate(args: argparse.Namespace) -> int:
+    if getattr(args, "workload", None):
+        return run_continuous(args)
     import torch
 
     from runtime.generate import Sampling, decode, encode, generate, generate_hf, load_model

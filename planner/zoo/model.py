@@ -69,6 +69,68 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
+class PagedKVCache:
+    """Keys and values in a pool of fixed-size blocks, as vLLM pages them (Kwon et al. 2023): per
+    layer K and V of (blocks, kv_heads, block_tokens, head_dim); a sequence owns a table of
+    block ids, so sequences of any length share one pool and a prefix's blocks can be shared.
+
+    An iteration packs the new tokens of several sequences into one row (1, N) — continuous
+    batching — after `begin([(table, cached, new), ...])` names, per sequence in packing order,
+    its block table, the tokens it has cached and the tokens it brings now."""
+
+    packed = True
+
+    def __init__(self, spec: ModelSpec, blocks: int, block_tokens: int = 16, *, dtype=torch.float32,
+                 device=None) -> None:
+        shape = (blocks, spec.kv_heads, block_tokens, spec.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.layers)]
+        self.block_tokens = block_tokens
+        self.entries: list[tuple[list[int], int, int]] = []
+        self.positions = torch.zeros(0, dtype=torch.long)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    def _slots(self, table: list[int], start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block, offset) of positions start..end-1 of a sequence with block table `table`."""
+        pos = torch.arange(start, end)
+        return torch.tensor(table, dtype=torch.long)[pos // self.block_tokens], pos % self.block_tokens
+
+    def begin(self, entries: list[tuple[list[int], int, int]]) -> None:
+        for table, cached, new in entries:
+            if -(-(cached + new) // self.block_tokens) > len(table):
+                raise ValueError(f"a block table of {len(table)} blocks cannot hold {cached + new} tokens")
+        self.entries = entries
+        self.positions = torch.cat([torch.arange(c, c + n) for _, c, n in entries])  # (N,)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store the packed tokens' k, v (1, nkv, N, hs) in their blocks; each sequence's queries
+        q (1, nh, N, hs) attend to its cached tokens and its new ones up to themselves."""
+        out, at = [], 0
+        for table, cached, new in self.entries:
+            blocks, offsets = self._slots(table, cached, cached + new)
+            self.keys[layer][blocks, :, offsets] = k[0, :, at:at + new].transpose(0, 1)  # (new, nkv, hs)
+            self.values[layer][blocks, :, offsets] = v[0, :, at:at + new].transpose(0, 1)
+            blocks, offsets = self._slots(table, 0, cached + new)
+            keys = self.keys[layer][blocks, :, offsets].transpose(0, 1)[None]  # (1, nkv, S, hs)
+            values = self.values[layer][blocks, :, offsets].transpose(0, 1)[None]  # (1, nkv, S, hs)
+            mask = torch.arange(cached + new)[None, :] <= (cached + torch.arange(new))[:, None]  # (new, S)
+            out.append(F.scaled_dot_product_attention(q[:, :, at:at + new], keys, values, attn_mask=mask,
+                                                      enable_gqa=keys.shape[1] != q.shape[1]))
+            at += new
+        return torch.cat(out, dim=2)  # (1, nh, N, hs)
+
+
+def rope_at(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """apply_rope with a position per token: x (B, nh, T, hs), positions (T,)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]  # (B, nh, T, hs/2) each
+    cos, sin = cos[positions].to(x.dtype), sin[positions].to(x.dtype)  # (T, hs/2)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
 class Attention(nn.Module):
     def __init__(self, spec: ModelSpec, dropout: float) -> None:
         super().__init__()
@@ -83,11 +145,16 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         bsz, seq, _ = x.shape  # (B, T, C)
-        start = cache.length if cache is not None else 0
+        start = cache.length if cache is not None and not getattr(cache, "packed", False) else 0
         # the head counts come from the weights, so tensor parallelism (fewer local heads) just works
         q = self.wq(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = self.wk(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.wv(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        if getattr(cache, "packed", False):  # continuous batching: several sequences packed in one row
+            if self.rope:
+                q, k = rope_at(q, cos, sin, cache.positions), rope_at(k, cos, sin, cache.positions)
+            y = cache.attend(layer, q, k, v).transpose(1, 2).reshape(bsz, seq, -1)  # (1, N, nh * hs)
+            return self.wo(y)
         if self.rope:
             q, k = apply_rope(q, cos, sin, start), apply_rope(k, cos, sin, start)
         mask, causal = None, True
@@ -314,25 +381,31 @@ class Transformer(nn.Module):
                         full = torch.randn(tuple(p.shape), generator=gen) * std
                 copy_full(p, full)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: KVCache | PagedKVCache | None = None,
+                logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, V). A pipeline stage without the embedding takes and
         one without the head returns hidden states (B, T, C). With a cache, the tokens follow
-        the cached ones (generation) and are added to it."""
-        start = cache.length if cache is not None else 0
+        the cached ones (generation) and are added to it. `logits_at` (K,): the head runs on
+        those positions only (B, K, V), as serving engines run it on each sequence's last token."""
+        packed = getattr(cache, "packed", False)
+        start = cache.length if cache is not None and not packed else 0
         if self.tok_embeddings is not None:
             seq = tokens.shape[1]
             x = self.tok_embeddings(tokens)  # (B, T, C)
             if self.pos_embeddings is not None:
-                x = x + self.pos_embeddings(torch.arange(start, start + seq, device=tokens.device))  # (B, T, C)
+                positions = cache.positions if packed else torch.arange(start, start + seq, device=tokens.device)
+                x = x + self.pos_embeddings(positions)  # (B, T, C)
             x = self.embed_dropout(x)
         else:
             x = tokens
         for i, block in enumerate(self.layers.values()):
             x = block(x, self.rope_cos, self.rope_sin) if cache is None else block(x, self.rope_cos, self.rope_sin, cache, i)
-        if cache is not None:
+        if cache is not None and not packed:
             cache.length += x.shape[1]
         if self.output is None:
             return x
+        if logits_at is not None:
+            x = x[:, logits_at]  # (B, K, C)
         return self.output(self.norm(x))  # (B, T, V)
 
 
