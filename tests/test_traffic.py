@@ -161,3 +161,32 @@ def test_slo_goodput_and_bad_input():
         ServingLayout(replicas=2, prefill_replicas=2)
     again = simulate_traffic(SPEC, CLUSTER, reqs, ServingLayout(tp=1), slo=slo)
     assert again.metrics() == m and not math.isnan(m["ttft_p99_s"])
+
+
+def test_a_conversations_kv_between_turns_kept_offloaded_or_dropped():
+    """60 conversations of 3 turns 30 s apart, each turn's prompt the conversation so far (its
+    prefix, prefix_id = the conversation) plus 200 new tokens. With room, the earlier turns stay
+    cached; with a small GPU cache they are evicted between turns: dropped (recomputed) or
+    offloaded to host memory and copied back (evicted_prefix 'host')."""
+    reqs, rid = [], 0
+    for c in range(60):
+        context, t = 0, 0.5 * c
+        for _ in range(3):
+            reqs.append(Request(id=rid, arrival_s=t, prompt_tokens=context + 200, output_tokens=150,
+                                prefix_id=f"conversation {c}", prefix_tokens=context))
+            rid, context, t = rid + 1, context + 350, t + 30.0
+    prompts = sum(r.prompt_tokens for r in reqs)
+    cluster = load_cluster("h100-sxm:1")
+
+    def run(**kw):
+        return simulate_traffic(SPEC, cluster, reqs, ServingLayout(), SchedulerConfig(**kw))
+
+    kept, dropped = run(), run(num_gpu_blocks_override=400)
+    offloaded = run(num_gpu_blocks_override=400, evicted_prefix="host")
+    assert run(prefix_caching=False).prefill_tokens == prompts
+    assert kept.prefix_hit_rate > 0.6 and kept.prefill_tokens == round(prompts * (1 - kept.prefix_hit_rate))
+    assert dropped.prefix_hit_rate == 0 and dropped.prefill_tokens == prompts  # 6,400 tokens of cache: gone by the next turn
+    assert offloaded.prefix_hit_rate > 0.55 and offloaded.prefill_tokens < 0.5 * prompts
+    # copying back over PCIe costs less than recomputing, more than keeping
+    ttft = {k: r.metrics()["ttft_p50_s"] for k, r in (("kept", kept), ("dropped", dropped), ("offloaded", offloaded))}
+    assert ttft["kept"] < ttft["offloaded"] < ttft["dropped"]
