@@ -114,26 +114,25 @@ def cpu_runs(profile: str = "cpu-2core") -> None:
     print(f"  {summary(errors, optimistic_sign=-1)}")
 
 
+def compare(title: str, rows: list[dict], predict, published: str, label, optimistic_sign: int) -> None:
+    """Print each row's predicted / published value and error, then the summary."""
+    print(title)
+    errors = []
+    for row in rows:
+        pred = predict(row)
+        errors.append(100 * (pred / row[published] - 1))
+        print(f"  {row['model']:11s} {row['gpu']} tp{row['tp']} {label(row)} {pred:8.1f} / {row[published]:6d}  "
+              f"{errors[-1]:+6.1f}%  ({row['source']})")
+    print(f"  {summary(errors, optimistic_sign)}")
+
+
 def main() -> int:
     data = yaml.safe_load(DATA.read_text())
-    print("offline throughput, output tokens/s per GPU (predicted / published)")
-    errors = []
-    for row in data["throughput"]:
-        pred = offline_throughput(row)
-        err = 100 * (pred / row["tokens_per_s_gpu"] - 1)
-        errors.append(err)
-        print(f"  {row['model']:11s} {row['gpu']} tp{row['tp']} batch {row['batch']:5d} {row['input']:5d}/{row['output']:<5d}"
-              f" {pred:8.0f} / {row['tokens_per_s_gpu']:6d}  {err:+6.1f}%  ({row['source']})")
-    print(f"  {summary(errors)}")
-    print("first-token latency of one request, ms (predicted / published)")
-    ttft_errors = []
-    for row in data["first_token"]:
-        pred = first_token_ms(row)
-        err = 100 * (pred / row["ttft_ms"] - 1)
-        ttft_errors.append(err)
-        print(f"  {row['model']:11s} {row['gpu']} tp{row['tp']} prompt {row['input']:5d} {pred:7.1f} / {row['ttft_ms']:4d}"
-              f"  {err:+6.1f}%  ({row['source']})")
-    print(f"  {summary(ttft_errors, optimistic_sign=-1)}")
+    compare("offline throughput, output tokens/s per GPU (predicted / published)", data["throughput"],
+            offline_throughput, "tokens_per_s_gpu",
+            lambda r: f"batch {r['batch']:5d} {r['input']:5d}/{r['output']:<5d}", optimistic_sign=1)
+    compare("first-token latency of one request, ms (predicted / published)", data["first_token"], first_token_ms,
+            "ttft_ms", lambda r: f"prompt {r['input']:5d}", optimistic_sign=-1)
     if "--skip-cpu" not in sys.argv:
         profile = sys.argv[sys.argv.index("--profile") + 1] if "--profile" in sys.argv else "cpu-2core"
         cpu_runs(profile)
