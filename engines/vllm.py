@@ -16,8 +16,11 @@ from planner.plan import Plan
 GPU_MEMORY_UTILIZATION = 0.9  # what costmodel.serving's KV capacity assumes
 
 
-def export(plan: Plan, *, model_path: str | None = None) -> list[str]:
-    """The `vllm serve` command for a serving plan."""
+def commands(plan: Plan, *, model_path: str | None = None) -> list[list[str]]:
+    """The `vllm serve` command of each kind of instance the serving plan runs: one, or a
+    prefill and a decode instance for a disaggregated plan (vLLM's disaggregated prefill over a
+    KV connector, experimental there; a proxy sends each request to a prefill instance, then to
+    a decode one)."""
     if plan.mode != "inference":
         raise ConfigError("vLLM serves; this is a training plan: export it --to torchtitan, megatron or deepspeed "
                           "(or plan with --mode inference)")
@@ -26,20 +29,43 @@ def export(plan: Plan, *, model_path: str | None = None) -> list[str]:
         prompt, output = int(sv["prompt_len"]), int(sv["output_len"])
     except (KeyError, TypeError, ValueError):
         raise ConfigError("the serving plan lacks prompt_len and output_len; re-plan with --mode inference") from None
+    traffic = "workload" in sv  # planned for a workload: requests of any length up to the context
+    max_len = plan.spec.seq_len if traffic else prompt + output
     cmd = ["vllm", "serve", model_path or str(plan.model.get("name", "MODEL")),
            "--tensor-parallel-size", plan.mesh["tp"], "--pipeline-parallel-size", plan.mesh["pp"],
-           "--max-num-seqs", plan.schedule["microbatch_size"], "--max-model-len", prompt + output,
+           "--max-num-seqs", sv.get("max_num_seqs", plan.schedule["microbatch_size"]), "--max-model-len", max_len,
            "--block-size", int(sv.get("block_tokens", 16)), "--gpu-memory-utilization", GPU_MEMORY_UTILIZATION,
            "--dtype", "bfloat16" if plan.precision == "bf16" else "float16" if plan.precision == "fp16" else "auto"]
-    replicas = int(sv.get("replicas", 1))
-    if replicas > 1:
-        cmd += ["--data-parallel-size", replicas]
+    if traffic:
+        cmd += ["--max-num-batched-tokens", sv["max_num_batched_tokens"],
+                "--enable-chunked-prefill" if sv.get("chunked_prefill", True) else "--no-enable-chunked-prefill",
+                "--enable-prefix-caching" if sv.get("prefix_caching", True) else "--no-enable-prefix-caching"]
     if sv.get("draft_model"):
         cmd += ["--speculative-config", json.dumps({"model": sv["draft_model"],
                                                     "num_speculative_tokens": int(sv.get("draft_len", 4))},
                                                    separators=(",", ":"))]
-    return [str(c) for c in cmd]
+    replicas, prefill = int(sv.get("replicas", 1)), int(sv.get("prefill_replicas", 0))
+    if not prefill:
+        return [[str(c) for c in cmd + (["--data-parallel-size", replicas] if replicas > 1 else [])]]
+    kv = ["--kv-transfer-config", json.dumps({"kv_connector": "NixlConnector", "kv_role": "kv_both"},
+                                             separators=(",", ":"))]
+    out = []
+    for count in (prefill, replicas - prefill):
+        out.append([str(c) for c in cmd + kv + (["--data-parallel-size", count] if count > 1 else [])])
+    return out
+
+
+def export(plan: Plan, *, model_path: str | None = None) -> list[str]:
+    """The `vllm serve` command for a serving plan (a disaggregated plan's prefill instance)."""
+    return commands(plan, model_path=model_path)[0]
 
 
 def export_text(plan: Plan) -> str:
-    return " ".join(shlex.quote(c) for c in export(plan)) + "\n"
+    runs = commands(plan)
+    if len(runs) == 1:
+        return " ".join(shlex.quote(c) for c in runs[0]) + "\n"
+    sv = plan.serving
+    return (f"# prefill instances ({sv['prefill_replicas']} replica(s)); a proxy sends each request here first\n"
+            + " ".join(shlex.quote(c) for c in runs[0]) + "\n"
+            + f"# decode instances ({int(sv['replicas']) - int(sv['prefill_replicas'])} replica(s))\n"
+            + " ".join(shlex.quote(c) for c in runs[1]) + "\n")

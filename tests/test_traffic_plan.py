@@ -101,6 +101,15 @@ def test_commands(tmp_path, capsys):
     assert serving["workload"] == "chat" and serving["rate"] == 20 and serving["replicas"] >= 1
     assert got["plan"]["predicted"]["goodput_rps_per_gpu"] == max(u["goodput_rps_per_gpu"] for u in got["units"])
     assert plan.exists()
+    # exported to vLLM with the searched scheduler settings and the model's whole context
+    from engines import vllm
+    from planner.plan import Plan
+
+    cmd = vllm.export(Plan.load(plan))
+    assert cmd[cmd.index("--max-num-seqs") + 1] == str(serving["max_num_seqs"])
+    assert cmd[cmd.index("--max-num-batched-tokens") + 1] == str(serving["max_num_batched_tokens"])
+    assert cmd[cmd.index("--max-model-len") + 1] == str(SPEC.seq_len)
+    assert "--enable-chunked-prefill" in cmd and "--enable-prefix-caching" in cmd
     code, _, err = _main(capsys, "plan", "--mode", "inference", "--model", "llama3-8b", "--cluster", "h100-sxm:2",
                          "--workload", "chat", "--rate", "20")
     assert code == 2 and "--slo" in err
