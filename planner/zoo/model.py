@@ -99,28 +99,55 @@ class PagedKVCache:
         return torch.tensor(table, dtype=torch.long)[pos // self.block_tokens], pos % self.block_tokens
 
     def begin(self, entries: list[tuple[list[int], int, int]]) -> None:
+        """Index the iteration once for every layer: where each packed token is written, and
+        what each sequence reads (single-token decodes together, padded to the longest)."""
         for table, cached, new in entries:
             if -(-(cached + new) // self.block_tokens) > len(table):
                 raise ValueError(f"a block table of {len(table)} blocks cannot hold {cached + new} tokens")
         self.entries = entries
         self.positions = torch.cat([torch.arange(c, c + n) for _, c, n in entries])  # (N,)
+        writes = [self._slots(table, c, c + n) for table, c, n in entries]
+        self.write_at = (torch.cat([w[0] for w in writes]), torch.cat([w[1] for w in writes]))  # (N,), (N,)
+        self.decodes = [i for i, (_, _, n) in enumerate(entries) if n == 1]
+        self.prompts = [(i, self._slots(table, 0, c + n)) for i, (table, c, n) in enumerate(entries) if n > 1]
+        self.starts = [0, *torch.cumsum(torch.tensor([n for _, _, n in entries]), 0).tolist()]
+        if self.decodes:
+            longest = max(entries[i][1] + 1 for i in self.decodes)
+            blocks = torch.zeros(len(self.decodes), longest, dtype=torch.long)
+            offsets = torch.zeros(len(self.decodes), longest, dtype=torch.long)
+            for row, i in enumerate(self.decodes):
+                table, c, _ = entries[i]
+                blocks[row, :c + 1], offsets[row, :c + 1] = self._slots(table, 0, c + 1)
+            lengths = torch.tensor([entries[i][1] + 1 for i in self.decodes])
+            self.decode_read = (blocks, offsets)  # (n, S) each, padded
+            self.decode_mask = (torch.arange(longest)[None, :] < lengths[:, None])[:, None, None, :]  # (n, 1, 1, S)
+            self.decode_rows = torch.tensor([self.starts[i] for i in self.decodes])  # their packed positions
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store the packed tokens' k, v (1, nkv, N, hs) in their blocks; each sequence's queries
-        q (1, nh, N, hs) attend to its cached tokens and its new ones up to themselves."""
-        out, at = [], 0
-        for table, cached, new in self.entries:
-            blocks, offsets = self._slots(table, cached, cached + new)
-            self.keys[layer][blocks, :, offsets] = k[0, :, at:at + new].transpose(0, 1)  # (new, nkv, hs)
-            self.values[layer][blocks, :, offsets] = v[0, :, at:at + new].transpose(0, 1)
-            blocks, offsets = self._slots(table, 0, cached + new)
-            keys = self.keys[layer][blocks, :, offsets].transpose(0, 1)[None]  # (1, nkv, S, hs)
-            values = self.values[layer][blocks, :, offsets].transpose(0, 1)[None]  # (1, nkv, S, hs)
+        q (1, nh, N, hs) attend to its cached tokens and its new ones up to themselves: the
+        single-token decodes in one call over their padded caches, prompts one by one."""
+        keys, values = self.keys[layer], self.values[layer]
+        keys[self.write_at[0], :, self.write_at[1]] = k[0].transpose(0, 1)  # (N, nkv, hs)
+        values[self.write_at[0], :, self.write_at[1]] = v[0].transpose(0, 1)
+        out = torch.empty_like(q)  # (1, nh, N, hs)
+        gqa = keys.shape[1] != q.shape[1]
+        if self.decodes:
+            blocks, offsets = self.decode_read
+            kd = keys[blocks, :, offsets].permute(0, 2, 1, 3)  # (n, nkv, S, hs)
+            vd = values[blocks, :, offsets].permute(0, 2, 1, 3)  # (n, nkv, S, hs)
+            qd = q[0, :, self.decode_rows].transpose(0, 1)[:, :, None]  # (n, nh, 1, hs)
+            yd = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self.decode_mask, enable_gqa=gqa)  # (n, nh, 1, hs)
+            out[0, :, self.decode_rows] = yd[:, :, 0].transpose(0, 1)
+        for i, (blocks, offsets) in self.prompts:
+            _, cached, new = self.entries[i]
+            at = self.starts[i]
+            kp = keys[blocks, :, offsets].transpose(0, 1)[None]  # (1, nkv, S, hs)
+            vp = values[blocks, :, offsets].transpose(0, 1)[None]  # (1, nkv, S, hs)
             mask = torch.arange(cached + new)[None, :] <= (cached + torch.arange(new))[:, None]  # (new, S)
-            out.append(F.scaled_dot_product_attention(q[:, :, at:at + new], keys, values, attn_mask=mask,
-                                                      enable_gqa=keys.shape[1] != q.shape[1]))
-            at += new
-        return torch.cat(out, dim=2)  # (1, nh, N, hs)
+            out[:, :, at:at + new] = F.scaled_dot_product_attention(q[:, :, at:at + new], kp, vp, attn_mask=mask,
+                                                                    enable_gqa=gqa)
+        return out
 
 
 def rope_at(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
