@@ -269,7 +269,8 @@ def plan_traffic(spec: ModelSpec, cluster: Cluster, wl: TrafficWorkload, rate: f
                 cfg = SchedulerConfig(max_num_batched_tokens=b, max_num_seqs=seqs)
                 candidates.append((unit_bound(spec, cluster, u, cfg, prompt, output, slo) / u.gpus, u, cfg))
     static = static_unit(spec, cluster, prompt, output, slo, precision)
-    if static is not None:  # the steady-state planner's layout and batch, so the search contains it
+    fits = {(u.tp, u.pp) for u in shapes}
+    if static is not None and (static[0].tp, static[0].pp) in fits:  # the steady-state planner's pick, searched too
         for b in TOKEN_BUDGETS:
             cfg = SchedulerConfig(max_num_batched_tokens=b, max_num_seqs=static[1])
             if static[1] not in MAX_SEQS:
