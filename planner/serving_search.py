@@ -68,6 +68,12 @@ class TrafficWorkload:
     burst_cv: float = 1.0
     trace: tuple[Request, ...] = ()
 
+    def __post_init__(self) -> None:
+        if isinstance(self.requests, bool) or not isinstance(self.requests, int) or self.requests < 1:
+            raise ConfigError(f"--requests must be a positive integer, got {self.requests!r}")
+        if not self.burst_cv > 0:
+            raise ConfigError(f"--burst-cv must be > 0 (1: Poisson), got {self.burst_cv}")
+
     @classmethod
     def of(cls, name: str, *, requests: int, seed: int = 0, burst_cv: float = 1.0) -> TrafficWorkload:
         from costmodel.workload import SCENARIOS
