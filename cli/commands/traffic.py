@@ -177,7 +177,8 @@ def run_traffic_plan(args: argparse.Namespace) -> int:
     spec = load_model_spec(args.model)
     cluster = load_cluster(args.cluster)
     slo = SLO.parse(args.slo)
-    wl = TrafficWorkload.of(args.workload, requests=args.requests or 400, seed=args.workload_seed or 0,
+    wl = TrafficWorkload.of(args.workload, requests=400 if args.requests is None else args.requests,
+                            seed=args.workload_seed or 0,
                             burst_cv=1.0 if args.burst_cv is None else args.burst_cv)
     rate = args.rate if args.rate is not None else wl.native_rate()
     if rate is None:
