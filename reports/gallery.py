@@ -45,6 +45,14 @@ def main() -> int:
               f"{d['throughput_tokens_per_s']:.0f} tokens/s", flush=True)
     index.append("- [serving llama2-70b on 4 and 8 H100 (throughput against latency, KV capacity, batch limits)]"
                  "(serving_llama2-70b_h100/report.md)")
+    from reports.traffic import build_traffic_report
+
+    for model in ("llama3-8b", "llama2-70b"):  # serving under traffic: the goodput planner against the static layout
+        name = f"traffic_{model}_h100-sxm-8"
+        table = build_traffic_report(model, "h100-sxm:8", root / name)
+        print(f"serving {model} under traffic: {len(table)} rows", flush=True)
+        index.append(f"- [serving {model} on 8 H100 under chat, long-context and agent traffic (goodput planner "
+                     f"against the static layout, latency against rate, timelines)]({name}/README.md)")
     (root / "README.md").write_text("\n".join(index) + "\n")
     return 0
 
