@@ -259,8 +259,10 @@ def plan_traffic(spec: ModelSpec, cluster: Cluster, wl: TrafficWorkload, rate: f
     if not slo.targets:
         raise ConfigError("plan --mode inference --workload needs --slo (e.g. ttft_p99=0.5,tpot_p99=50ms): goodput "
                           "counts the requests that meet it")
-    if not (rate > 0):
-        raise ConfigError(f"--rate must be requests per second > 0, got {rate}")
+    if not (rate > 0) or math.isinf(rate):
+        raise ConfigError(f"plan --mode inference needs a finite --rate in requests per second > 0 (goodput is planned "
+                          f"for a rate; a trace of simultaneous arrivals has none), got {rate}; for offline throughput "
+                          "use `paraplan simulate --mode inference --rate inf`")
     shapes, refused = units(spec, cluster, precision)
     if not shapes:
         reasons = "; ".join(f"{k}: {v}" for k, v in list(refused.items())[:3])

@@ -80,7 +80,7 @@ def test_commands(tmp_path, capsys):
     trace = json.loads((tmp_path / "t.json").read_text())
     assert {e["ph"] for e in trace["traceEvents"]} >= {"M", "X", "C"}
     trace_file = tmp_path / "w.csv"
-    trace_file.write_text("arrival_s,prompt_tokens,output_tokens\n0,100,10\n0.5,2000,50\n1.0,300,20\n")
+    trace_file.write_text("arrival_s,prompt_tokens,output_tokens\n0,100,10\n1,2000,50\n2,300,20\n")
     code, out, err = _main(capsys, "simulate", "--mode", "inference", "--model", "llama3-8b", "--cluster", "h100-sxm:1",
                            "--workload", str(trace_file), "--json")
     assert code == 0, err
@@ -119,3 +119,11 @@ def test_commands(tmp_path, capsys):
     code, _, err = _main(capsys, "plan", "--mode", "inference", "--model", "llama3-8b", "--cluster", "h100-sxm:2",
                          "--workload", "chat", "--rate", "20")
     assert code == 2 and "--slo" in err
+    code, _, err = _main(capsys, "plan", "--mode", "inference", "--model", "llama3-8b", "--cluster", "h100-sxm:2",
+                         "--workload", "chat", "--rate", "inf", "--slo", "ttft_p99=1")
+    assert code == 2 and "finite --rate" in err and len(err.strip().splitlines()) == 1
+    # a trace at another rate: its arrivals rescaled (three requests 1 s apart, at 100/s: 10 ms apart)
+    code, out, err = _main(capsys, "simulate", "--mode", "inference", "--model", "llama3-8b", "--cluster", "h100-sxm:1",
+                           "--workload", str(trace_file), "--rate", "100", "--json")
+    assert code == 0, err
+    assert json.loads(out)["predicted"]["duration_s"] < 0.5
