@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from costmodel.cluster import load_cluster  # noqa: E402
 from costmodel.spec import Activation, ModelSpec  # noqa: E402
-from costmodel.traffic import SchedulerConfig, ServingLayout, simulate_traffic  # noqa: E402
+from costmodel.traffic import SchedulerConfig, ServingLayout, latency_percentiles, simulate_traffic  # noqa: E402
 from costmodel.spec import llama_spec  # noqa: E402
 from costmodel.workload import LengthDist, Request, Scenario, generate  # noqa: E402
 from planner.zoo import ZOO  # noqa: E402
@@ -87,7 +87,6 @@ CPU_WORKLOADS = (  # scaled to a CPU: (scenario, requests per second), 30 reques
 
 
 def cpu_runs(profile: str = "cpu-2core") -> None:
-    import numpy as np
     import torch
 
     from runtime.generate import load_model
@@ -103,11 +102,11 @@ def cpu_runs(profile: str = "cpu-2core") -> None:
         got = serve(model, reqs, SchedulerConfig(), blocks=2048)
         pred = simulate_traffic(CPU_MODEL, cluster, reqs, ServingLayout(precision="fp32"),
                                 SchedulerConfig(num_gpu_blocks_override=2048))
+        measured = latency_percentiles(got.ttft_s, got.tpot_s, got.e2e_s)
         cells = []
         for key in ("ttft", "tpot"):
             for p in (50, 90):
-                m = float(np.percentile(getattr(got, f"{key}_s"), p)) * 1e3
-                q = float(np.percentile(getattr(pred, f"{key}_s"), p)) * 1e3
+                m, q = measured[f"{key}_p{p}_s"] * 1e3, pred.metrics()[f"{key}_p{p}_s"] * 1e3
                 errors.append(100 * (q / m - 1))
                 cells.append(f"{key.upper()} p{p} {q:7.1f} / {m:7.1f} ({errors[-1]:+.0f}%)")
         print(f"  {scenario.name:12s} at {rate:g}/s: " + "; ".join(cells))

@@ -4,9 +4,9 @@ scheduler as vLLM does, priced by the serving cost model (costmodel.serving).
 Per replica (tp x pp GPUs), each iteration (Orca's iteration-level scheduling, vLLM's V1
 scheduler):
 
-    1. the running sequences in admission order: a decode takes 1 token, a prefill in
-       progress the rest of its prompt up to the token budget (chunked prefill; without it a
-       prompt runs whole, in an iteration of prefills only, as vLLM V0 did);
+    1. the running sequences, decodes first (one token each), then prompts in progress in
+       admission order, each the rest of its prompt up to the token budget (chunked prefill;
+       without it a prompt runs whole, in an iteration of prefills only, as vLLM V0 did);
        a sequence whose next tokens need a KV block when none is free first evicts cached
        prefixes nobody uses (LRU), then preempts the most recently admitted sequence: by
        recompute (its blocks freed; it waits at the head of the queue and recomputes its
@@ -439,13 +439,7 @@ class _Replica:
         copies = 0.0
         if not cfg.chunked_prefill and self.role != "decode":
             # vLLM V0: an iteration of whole prompts whenever one waits and fits, else decodes
-            while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
-                got = self._admit(budget, whole=True, first=not chosen)
-                if got is None:
-                    break
-                chosen.append(got[:2])
-                copies += got[2]
-                budget -= got[1]
+            copies, budget = self._admit_queue(chosen, budget, whole=True, may_lead=True)
             if chosen:
                 return chosen, False, copies
         lazy = False
@@ -490,25 +484,29 @@ class _Replica:
                 seq.own_blocks += want
             chosen.append((seq, take))
             budget -= take
-        if cfg.chunked_prefill and not preempted:
-            while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
-                got = self._admit(budget, whole=False, first=not chosen and not lazy)
-                if got is None:
-                    break
-                chosen.append(got[:2])
-                copies += got[2]
-                budget -= got[1]
-        elif not cfg.chunked_prefill and self.role == "decode" and not preempted:
-            while self.waiting and len(self.running) < cfg.max_num_seqs:  # arrived KV: admitted to decode
-                got = self._admit(budget=1, whole=True, first=True)
-                if got is None:
-                    break
-                chosen.append(got[:2])
-                copies += got[2]
+        if not preempted and (cfg.chunked_prefill or self.role == "decode"):  # (a decode replica's arrivals need one token)
+            more, budget = self._admit_queue(chosen, budget, whole=not cfg.chunked_prefill, may_lead=not lazy)
+            copies += more
         return chosen, lazy, copies
 
-    def iteration_s(self, chosen: list[tuple[_Seq, int]], lazy: bool) -> tuple[float, int, float]:
-        """(seconds of the iteration, its decode rows, the cached tokens they read)."""
+    def _admit_queue(self, chosen: list[tuple[_Seq, int]], budget: int, *, whole: bool,
+                     may_lead: bool) -> tuple[float, int]:
+        """Admit waiting requests first come, first served into `chosen` while the budget,
+        max_num_seqs and the blocks allow (a prompt longer than the budget runs alone when it would
+        lead the iteration and `may_lead`): (seconds of host copies, the budget left)."""
+        copies = 0.0
+        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
+            got = self._admit(budget, whole=whole, first=may_lead and not chosen)
+            if got is None:
+                break
+            seq, take, more = got
+            chosen.append((seq, take))
+            copies += more
+            budget -= take
+        return copies, budget
+
+    def iteration_s(self, chosen: list[tuple[_Seq, int]], lazy: bool) -> tuple[float, float]:
+        """(seconds of the iteration, the cached tokens its decodes read)."""
         tokens = logits = decode_rows = 0
         decode_ctx = pairs = kv_tokens = 0.0
         for seq, take in chosen:
@@ -529,8 +527,7 @@ class _Replica:
             logits += n
             decode_rows += n
             decode_ctx += self.sum_c0 + n * (self.tick + 1)
-        seconds = self.cost.seconds(tokens, logits, decode_rows, decode_ctx, pairs, kv_tokens)
-        return seconds, decode_rows, decode_ctx
+        return self.cost.seconds(tokens, logits, decode_rows, decode_ctx, pairs, kv_tokens), decode_ctx
 
     def end(self, now: float, chosen: list[tuple[_Seq, int]], lazy: bool, repeats: int,
             finished: list[_Seq], handed: list[_Seq]) -> None:
@@ -541,11 +538,12 @@ class _Replica:
             if repeats > 1:  # the blocks of the repeated decodes (the first's were taken at schedule)
                 self.free -= self._boundaries(repeats) - self._boundaries(1)
             self.tick += repeats
-        gone = False
+        emitted = False  # a sequence that emits leaves the one-by-one list: finished, handed on or decoding
         for seq, take in chosen:
             seq.computed += take
             if seq.computed < seq.prompt + seq.generated:
                 continue  # a prefill chunk
+            emitted = True
             seq.generated += 1
             if seq.generated == 1:
                 seq.first_token_s = now
@@ -555,16 +553,13 @@ class _Replica:
                 del self.running[seq]
                 self._donate(seq)
                 finished.append(seq)
-                gone = True
             elif self.role == "prefill":  # the KV cache goes to a decode replica
                 del self.running[seq]
                 self._donate(seq)
                 handed.append(seq)
-                gone = True
             else:
                 self._to_lazy(seq)
-                gone = True
-        if gone:
+        if emitted:
             self.active = [seq for seq in self.active if seq in self.running and not seq.lazy]
         tick = self._next_finish()
         while tick is not None and tick <= self.tick:
@@ -583,14 +578,13 @@ class TrafficResult:
     tpot_s: np.ndarray
     e2e_s: np.ndarray
     outputs: np.ndarray  # output tokens of each finished request
-    output_tokens: int
     duration_s: float  # first arrival to last finish
     finished: int
     requests: int
     preemptions: int
     prefix_hit_rate: float
-    prefill_tokens: int  # prompt tokens computed (recomputation included, cache hits not)
-    prefill_tokens_by_replica: tuple[int, ...]  # the same per replica (prefill replicas first)
+    prefill_tokens_by_replica: tuple[int, ...]  # prompt tokens computed (recomputation included, cache hits
+    #                                              not), per replica (prefill replicas first)
     iterations: int
     # per replica, its iterations: (start s, seconds, KV share in use, running, scheduled, repeats)
     timeline: tuple[list[tuple[float, float, float, int, int, int]], ...] = ()
@@ -600,19 +594,25 @@ class TrafficResult:
     slo_attainment: float = 0.0
 
     @property
+    def output_tokens(self) -> int:
+        return int(self.outputs.sum())
+
+    @property
+    def prefill_tokens(self) -> int:
+        """Prompt tokens computed on every replica."""
+        return sum(self.prefill_tokens_by_replica)
+
+    @property
     def throughput_tokens_per_s(self) -> float:
         return self.output_tokens / self.duration_s if self.duration_s > 0 else 0.0
 
     def metrics(self) -> dict:
         """The `predicted` keys of serving under traffic."""
-        out = {}
-        for name, values in (("ttft", self.ttft_s), ("tpot", self.tpot_s), ("e2e", self.e2e_s)):
-            for p in (50, 90, 99):
-                out[f"{name}_p{p}_s"] = float(np.percentile(values, p)) if len(values) else math.nan
+        out = latency_percentiles(self.ttft_s, self.tpot_s, self.e2e_s)
         out.update(throughput_tokens_per_s=self.throughput_tokens_per_s, goodput_rps=self.goodput_rps,
                    slo_attainment=self.slo_attainment, preemptions=self.preemptions,
-                   prefix_hit_rate=self.prefix_hit_rate, prefill_tokens=self.prefill_tokens, requests=self.requests, finished=self.finished,
-                   duration_s=self.duration_s, iterations=self.iterations)
+                   prefix_hit_rate=self.prefix_hit_rate, prefill_tokens=self.prefill_tokens, requests=self.requests,
+                   finished=self.finished, duration_s=self.duration_s, iterations=self.iterations)
         return out
 
 
@@ -683,7 +683,8 @@ def simulate_traffic(spec: ModelSpec, cluster: Cluster, requests: list[Request],
     kv_token_bytes = kv_bytes_per_token(spec, BYTES[layout.precision])
     transfer_link = cluster.inter if cluster.nodes > 1 else cluster.intra
 
-    seqs = [_Seq(req=r, index=i, prompt=r.prompt_tokens, output=r.output_tokens) for i, r in enumerate(sorted(requests, key=lambda r: r.arrival_s))]
+    seqs = [_Seq(req=r, index=i, prompt=r.prompt_tokens, output=r.output_tokens)
+            for i, r in enumerate(sorted(requests, key=lambda r: r.arrival_s))]
     events: list[tuple[float, int, int]] = []  # (time, counter, index): index >= 0 a replica's iteration ends,
     counter = 0                                  # index < 0 the KV of sequence -1 - index reaches the decoders
     transfers: list[float] = []  # times of the KV transfers under way
@@ -700,7 +701,7 @@ def simulate_traffic(spec: ModelSpec, cluster: Cluster, requests: list[Request],
         if not chosen and not lazy:
             return
         rep.busy = True
-        took, _, context = rep.iteration_s(chosen, lazy)
+        took, context = rep.iteration_s(chosen, lazy)
         took += copies
         repeats = 1
         if lazy and not chosen and not copies and rep.role != "prefill":
@@ -771,16 +772,33 @@ def simulate_traffic(spec: ModelSpec, cluster: Cluster, requests: list[Request],
             heapq.heappush(transfers, at)
             counter += 1
         start(rep, now)
-    return _result(seqs, requests, finished, replicas, slo)
+    return _result(requests, finished, replicas, slo)
 
 
-def _result(seqs: list[_Seq], requests: list[Request], finished: list[_Seq], replicas: list[_Replica],
-            slo: SLO) -> TrafficResult:
+def request_latencies(arrivals, first_tokens, finishes, outputs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(TTFT, TPOT, end-to-end) seconds per request from its arrival, first-token and finish
+    times and its output tokens: TPOT = (finish - first token) / (output - 1), 0 for one token.
+    The one definition the simulator and a measured run (runtime.serve) share."""
+    arrivals, first, finish = (np.asarray(a, dtype=float) for a in (arrivals, first_tokens, finishes))
+    outputs = np.asarray(outputs)
+    tpot = np.divide(finish - first, outputs - 1, out=np.zeros_like(finish), where=outputs > 1)
+    return first - arrivals, tpot, finish - arrivals
+
+
+def latency_percentiles(ttft_s, tpot_s, e2e_s) -> dict[str, float]:
+    """p50, p90 and p99 of each, keyed ttft_p50_s ... e2e_p99_s (nan where there are none)."""
+    out = {}
+    for name, values in (("ttft", ttft_s), ("tpot", tpot_s), ("e2e", e2e_s)):
+        for p in (50, 90, 99):
+            out[f"{name}_p{p}_s"] = float(np.percentile(values, p)) if len(values) else math.nan
+    return out
+
+
+def _result(requests: list[Request], finished: list[_Seq], replicas: list[_Replica], slo: SLO) -> TrafficResult:
     done = sorted(finished, key=lambda s: s.req.id)
-    ttft = np.array([s.first_token_s - s.req.arrival_s for s in done])
-    tpot = np.array([(s.finish_s - s.first_token_s) / (s.req.output_tokens - 1) if s.req.output_tokens > 1 else 0.0
-                     for s in done])
-    e2e = np.array([s.finish_s - s.req.arrival_s for s in done])
+    outputs = np.array([s.output for s in done], dtype=int)
+    ttft, tpot, e2e = request_latencies([s.req.arrival_s for s in done], [s.first_token_s for s in done],
+                                        [s.finish_s for s in done], outputs)
     first = min(r.arrival_s for r in requests)
     end = max((s.finish_s for s in done), default=first)
     duration = end - first
@@ -790,10 +808,9 @@ def _result(seqs: list[_Seq], requests: list[Request], finished: list[_Seq], rep
     window = window if window > 0 else duration
     prompt_tokens = sum(r.prompt_tokens for r in replicas)
     return TrafficResult(
-        ttft_s=ttft, tpot_s=tpot, e2e_s=e2e, outputs=np.array([s.req.output_tokens for s in done]), output_tokens=sum(s.req.output_tokens for s in done), duration_s=duration,
+        ttft_s=ttft, tpot_s=tpot, e2e_s=e2e, outputs=outputs, duration_s=duration,
         finished=len(done), requests=len(requests), preemptions=sum(r.preemptions for r in replicas),
         prefix_hit_rate=sum(r.hit_tokens for r in replicas) / prompt_tokens if prompt_tokens else 0.0,
-        prefill_tokens=sum(r.computed_prompt_tokens for r in replicas),
         prefill_tokens_by_replica=tuple(r.computed_prompt_tokens for r in replicas),
         iterations=sum(r.iterations for r in replicas), timeline=tuple(r.usage for r in replicas),
         roles=tuple(r.role for r in replicas), slo=slo,

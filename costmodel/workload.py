@@ -131,6 +131,18 @@ def generate(scenario: str | Scenario, *, rate: float, requests: int, context: i
             for i, (t, p, o) in enumerate(zip(times, prompts, outputs))]
 
 
+def mean_lengths(requests: list[Request]) -> tuple[float, float]:
+    """The mean prompt and output tokens of a workload."""
+    return (float(np.mean([r.prompt_tokens for r in requests])), float(np.mean([r.output_tokens for r in requests])))
+
+
+def typical_request(prompt: float, output: float, context: int) -> tuple[int, int]:
+    """Mean lengths as one request of whole tokens, at least one each, within the context
+    (what the steady-state serving model prices)."""
+    p = max(1, round(prompt))
+    return p, max(1, min(round(output), context - p))
+
+
 FIELDS = ("arrival_s", "prompt_tokens", "output_tokens")
 
 

@@ -44,7 +44,7 @@ from costmodel.serving import ServingRequest, layout_problems, plan_serving
 from costmodel.spec import ModelSpec
 from costmodel.traffic import (SLO, IterationCost, SchedulerConfig, ServingLayout, TrafficResult, replica_blocks,
                                simulate_traffic)
-from costmodel.workload import Request, generate, load_trace
+from costmodel.workload import SCENARIOS, Request, generate, load_trace, mean_lengths, typical_request
 
 BISECT_STEPS = 6
 REQUESTS_PER_PROBE = 400  # a trace's requests, or a scenario's when the rate is given whole
@@ -76,8 +76,6 @@ class TrafficWorkload:
 
     @classmethod
     def of(cls, name: str, *, requests: int, seed: int = 0, burst_cv: float = 1.0) -> TrafficWorkload:
-        from costmodel.workload import SCENARIOS
-
         if name in SCENARIOS:
             return cls(name=name, requests=requests, seed=seed, burst_cv=burst_cv)
         return cls(name=name, trace=tuple(load_trace(name)))
@@ -241,8 +239,7 @@ def static_unit(spec: ModelSpec, cluster: Cluster, prompt: float, output: float,
                 precision: str = "bf16") -> tuple[ServingLayout, int] | None:
     """The steady-state planner's replica and batch (costmodel.serving.plan_serving) at the mean
     lengths and the TTFT/TPOT targets, or None where it finds none."""
-    p = max(1, round(prompt))
-    o = max(1, min(round(output), spec.seq_len - p))
+    p, o = typical_request(prompt, output, spec.seq_len)
     targets = {m: sec for m, _, sec in slo.targets}
     req = ServingRequest(prompt_len=p, output_len=o, precision=precision,
                          max_ttft_ms=targets["ttft"] * 1e3 if "ttft" in targets else None,
@@ -267,9 +264,7 @@ def plan_traffic(spec: ModelSpec, cluster: Cluster, wl: TrafficWorkload, rate: f
     if not shapes:
         reasons = "; ".join(f"{k}: {v}" for k, v in list(refused.items())[:3])
         raise ConfigError(f"no replica of {spec.name} fits {cluster.name} ({reasons}); add GPUs or serve in fp8")
-    sample = wl.probe(1.0, spec.seq_len)
-    prompt = float(np.mean([r.prompt_tokens for r in sample]))
-    output = float(np.mean([r.output_tokens for r in sample]))
+    prompt, output = mean_lengths(wl.probe(1.0, spec.seq_len))
     candidates = []
     for u in shapes:
         for b in TOKEN_BUDGETS:
@@ -278,12 +273,11 @@ def plan_traffic(spec: ModelSpec, cluster: Cluster, wl: TrafficWorkload, rate: f
                 candidates.append((unit_bound(spec, cluster, u, cfg, prompt, output, slo) / u.gpus, u, cfg))
     static = static_unit(spec, cluster, prompt, output, slo, precision)
     fits = {(u.tp, u.pp) for u in shapes}
-    if static is not None and (static[0].tp, static[0].pp) in fits:  # the steady-state planner's pick, searched too
-        for b in TOKEN_BUDGETS:
+    if static is not None and (static[0].tp, static[0].pp) in fits and static[1] not in MAX_SEQS:
+        for b in TOKEN_BUDGETS:  # the steady-state planner's pick, searched too
             cfg = SchedulerConfig(max_num_batched_tokens=b, max_num_seqs=static[1])
-            if static[1] not in MAX_SEQS:
-                candidates.append((unit_bound(spec, cluster, static[0], cfg, prompt, output, slo) / static[0].gpus,
-                                   static[0], cfg))
+            candidates.append((unit_bound(spec, cluster, static[0], cfg, prompt, output, slo) / static[0].gpus,
+                               static[0], cfg))
     candidates.sort(key=lambda c: -c[0])
     results, skipped = [], 0
     best_per_gpu = 0.0
@@ -301,10 +295,9 @@ def plan_traffic(spec: ModelSpec, cluster: Cluster, wl: TrafficWorkload, rate: f
     best = max(served, key=lambda r: (r.goodput_per_gpu, -r.gpus))
     need = best.units_for(rate)
     deployment = replace(best.unit, replicas=best.unit.replicas * need, prefill_replicas=best.unit.prefill_replicas * need)
-    # the deployment as one simulation: every unit's share of the rate, with the load balancer
-    scaled = TrafficWorkload(name=wl.name, requests=wl.requests, seed=wl.seed, burst_cv=wl.burst_cv, trace=wl.trace)
-    # as many nodes of the cluster's kind as the deployment needs (it may need more than given)
+    # the deployment as one simulation (every unit's share of the rate, with the load balancer), on as
+    # many nodes of the cluster's kind as it needs (it may need more than given)
     whole = replace(cluster, nodes=max(cluster.nodes, -(-deployment.gpus // cluster.gpus_per_node)))
-    at_rate = simulate_traffic(spec, whole, scaled.probe(rate, spec.seq_len), deployment, best.scheduler, slo)
+    at_rate = simulate_traffic(spec, whole, wl.probe(rate, spec.seq_len), deployment, best.scheduler, slo)
     return TrafficPlan(best=best, rate=rate, units=need, deployment=deployment, at_rate=at_rate, results=results,
                        refused=refused, cluster_gpus=cluster.world_size, skipped=skipped)

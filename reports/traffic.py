@@ -24,6 +24,7 @@ import pandas as pd  # noqa: E402
 
 from costmodel import load_cluster  # noqa: E402
 from costmodel.traffic import SLO, SchedulerConfig, simulate_traffic  # noqa: E402
+from costmodel.workload import mean_lengths  # noqa: E402
 from planner.model_source import load_model_spec  # noqa: E402
 from planner.serving_search import (TrafficWorkload, meets, plan_traffic, static_unit,  # noqa: E402
                                     unit_bound, unit_max_rate)
@@ -67,9 +68,7 @@ def build_traffic_report(model: str, cluster_text: str, out_dir: Path, workloads
         found = plan_traffic(spec, cluster, wl, rate, slo)
         best = found.best
         rows.append(Row(name, "planner", best.name(), best.gpus, best.max_rate_rps, best.goodput_per_gpu))
-        sample = wl.probe(1.0, spec.seq_len)
-        prompt = float(np.mean([r.prompt_tokens for r in sample]))
-        output = float(np.mean([r.output_tokens for r in sample]))
+        prompt, output = mean_lengths(wl.probe(1.0, spec.seq_len))
         static, batch = static_unit(spec, cluster, prompt, output, slo)
         unit, cfg = static, SchedulerConfig(max_num_seqs=batch)
         top, _ = unit_max_rate(spec, cluster, unit, cfg, wl, slo, unit_bound(spec, cluster, unit, cfg, prompt, output, slo))

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from costmodel.errors import ConfigError
-from costmodel.traffic import SchedulerConfig
+from costmodel.traffic import SchedulerConfig, request_latencies
 from costmodel.workload import Request
 from planner.zoo.model import PagedKVCache, Transformer
 
@@ -30,8 +30,7 @@ from planner.zoo.model import PagedKVCache, Transformer
 class _Live:
     req: Request
     tokens: list[int]  # the prompt, then what was generated
-    table: list[int] = field(default_factory=list)  # block ids
-    shared: int = 0  # leading blocks of the table borrowed from the prefix cache
+    table: list[int] = field(default_factory=list)  # block ids (the leading ones may be a cached prefix's)
     computed: int = 0
     generated: int = 0
     first_token_s: float = float("nan")
@@ -115,9 +114,9 @@ def serve(model: Transformer, requests: list[Request], cfg: SchedulerConfig = Sc
             take = min(need, budget) if cfg.chunked_prefill else need
             if not cfg.chunked_prefill and take > budget and chosen:
                 break
-            live.table, live.shared, live.computed = list(cached[:hit]), hit, hit * B
+            live.table, live.computed = list(cached[:hit]), hit * B
             if not grow(live, live.computed + take):
-                live.table, live.shared, live.computed = [], 0, 0
+                live.table, live.computed = [], 0
                 break
             hits += hit * B
             waiting.popleft()
@@ -151,9 +150,7 @@ def serve(model: Transformer, requests: list[Request], cfg: SchedulerConfig = Sc
                 done[live.req.id] = live
         running = [live for live in running if live.req.id not in done]
     order = sorted(done.values(), key=lambda live: live.req.id)
-    ttft = np.array([live.first_token_s - live.req.arrival_s for live in order])
-    tpot = np.array([(live.finish_s - live.first_token_s) / (live.req.output_tokens - 1)
-                     if live.req.output_tokens > 1 else 0.0 for live in order])
-    e2e = np.array([live.finish_s - live.req.arrival_s for live in order])
+    ttft, tpot, e2e = request_latencies([live.req.arrival_s for live in order], [live.first_token_s for live in order],
+                                        [live.finish_s for live in order], [live.req.output_tokens for live in order])
     return Served(ttft_s=ttft, tpot_s=tpot, e2e_s=e2e, iterations=iterations, prefix_hit_tokens=hits,
                   texts=[live.tokens[live.req.prompt_tokens:] for live in order])

@@ -2,10 +2,9 @@
 
 import json
 
-import pytest
-
 from costmodel import load_cluster
 from costmodel.traffic import SLO, SchedulerConfig, ServingLayout, simulate_traffic
+from costmodel.workload import mean_lengths
 from planner.serving_search import TrafficWorkload, meets, plan_traffic, unit_bound, unit_max_rate
 from planner.zoo import ZOO
 from tests_helpers import paraplan as _paraplan
@@ -32,9 +31,7 @@ def test_the_bound_bounds_and_the_found_rate_is_served():
     cluster = load_cluster("h100-sxm:1")
     unit, cfg = ServingLayout(tp=1), SchedulerConfig()
     wl = TrafficWorkload.of("chat", requests=400)
-    sample = wl.probe(1.0, SPEC.seq_len)
-    prompt = sum(r.prompt_tokens for r in sample) / len(sample)
-    output = sum(r.output_tokens for r in sample) / len(sample)
+    prompt, output = mean_lengths(wl.probe(1.0, SPEC.seq_len))
     bound = unit_bound(SPEC, cluster, unit, cfg, prompt, output, SLO_CHAT)
     top, probes = unit_max_rate(SPEC, cluster, unit, cfg, wl, SLO_CHAT, bound)
     assert probes == 6 and 0 < top < bound
@@ -60,9 +57,7 @@ def test_the_plan_meets_its_objectives_at_the_rate_with_the_fewest_gpus_of_its_u
     # planner's replica and batch at both budgets: each priced or bounded out
     from planner.serving_search import MAX_SEQS, static_unit
 
-    sample = wl.probe(1.0, SPEC.seq_len)
-    static = static_unit(SPEC, cluster, sum(r.prompt_tokens for r in sample) / len(sample),
-                         sum(r.output_tokens for r in sample) / len(sample), SLO_CHAT)
+    static = static_unit(SPEC, cluster, *mean_lengths(wl.probe(1.0, SPEC.seq_len)), SLO_CHAT)
     assert found.skipped + len(found.results) == 12 + (2 if static[1] not in MAX_SEQS else 0)
 
 

@@ -14,10 +14,9 @@ from planner.zoo import ZOO
 def run_continuous(args: argparse.Namespace) -> int:
     """`generate --workload`: serve a workload's requests on this machine with continuous
     batching (runtime.serve), and the traffic simulator's prediction of the same on --cluster."""
-    import numpy as np
     import torch
 
-    from costmodel.traffic import SchedulerConfig, ServingLayout, simulate_traffic
+    from costmodel.traffic import SchedulerConfig, ServingLayout, latency_percentiles, simulate_traffic
     from costmodel.workload import workload
     from runtime.generate import load_model
     from runtime.serve import serve
@@ -39,12 +38,8 @@ def run_continuous(args: argparse.Namespace) -> int:
                                                  max_num_batched_tokens=cfg.max_num_batched_tokens,
                                                  num_gpu_blocks_override=args.kv_blocks))
     result = {"requests": len(reqs), "iterations": out.iterations, "prefix_hit_tokens": out.prefix_hit_tokens,
-              "measured": {}, "predicted": {}}
-    for name, got in (("measured", (out.ttft_s, out.tpot_s, out.e2e_s)),
-                      ("predicted", (predicted.ttft_s, predicted.tpot_s, predicted.e2e_s))):
-        for key, values in zip(("ttft", "tpot", "e2e"), got):
-            for p in (50, 90, 99):
-                result[name][f"{key}_p{p}_s"] = float(np.percentile(values, p))
+              "measured": latency_percentiles(out.ttft_s, out.tpot_s, out.e2e_s),
+              "predicted": latency_percentiles(predicted.ttft_s, predicted.tpot_s, predicted.e2e_s)}
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from dataclasses import replace
 
-import numpy as np
 
 from costmodel import ConfigError, load_cluster
 from costmodel.cluster import Cluster
@@ -16,7 +16,7 @@ from costmodel.serving import ServingRequest, evaluate, kv_budget
 from costmodel.spec import ModelSpec, format_count
 from costmodel.trace import serving_trace
 from costmodel.traffic import SLO, SchedulerConfig, ServingLayout, TrafficResult, simulate_traffic
-from costmodel.workload import SCENARIOS, Request, workload
+from costmodel.workload import SCENARIOS, Request, mean_lengths, typical_request, workload
 from planner.files import atomic_write_text
 from planner.model_source import load_model_spec
 
@@ -70,8 +70,7 @@ def steady_state(spec: ModelSpec, cluster: Cluster, layout: ServingLayout, cfg: 
     batch the scheduler allows."""
     from cli.commands.serve import predicted
 
-    prompt = max(1, round(float(np.mean([r.prompt_tokens for r in reqs]))))
-    output = max(1, min(round(float(np.mean([r.output_tokens for r in reqs]))), spec.seq_len - prompt))
+    prompt, output = typical_request(*mean_lengths(reqs), spec.seq_len)
     req = ServingRequest(prompt_len=prompt, output_len=output, block_tokens=cfg.block_tokens, precision=layout.precision)
     budget = kv_budget(spec, cluster, req, layout.tp, layout.pp)
     batch = max(1, min(cfg.max_num_seqs, budget.max_batch_paged))
@@ -194,13 +193,13 @@ def run_traffic_plan(args: argparse.Namespace) -> int:
     found = plan_traffic(spec, cluster, wl, rate, slo, precision=precision, progress=not args.json)
     d, best = found.deployment, found.best
     reqs = wl.at(rate, spec.seq_len)
-    predicted = {**steady_state(spec, cluster, replace_replicas(best.unit, 1), best.scheduler, reqs),
+    one = replace(best.unit, replicas=1, prefill_replicas=0)
+    predicted = {**steady_state(spec, cluster, one, best.scheduler, reqs),
                  **found.at_rate.metrics(), "goodput_rps_per_gpu": best.goodput_per_gpu,
                  "unit_max_rate_rps": best.max_rate_rps}
     s = Strategy(tp=d.tp, pp=d.pp, dp=d.replicas, microbatch_size=1, global_batch=d.replicas, precision=precision,
                  seq_len=spec.seq_len, sequence_parallel=False)
-    mean_prompt = max(1, round(float(np.mean([r.prompt_tokens for r in reqs]))))
-    mean_output = max(1, min(round(float(np.mean([r.output_tokens for r in reqs]))), spec.seq_len - mean_prompt))
+    mean_prompt, mean_output = typical_request(*mean_lengths(reqs), spec.seq_len)
     plan = plan_from_strategy(spec, s, f"{cluster.profile or cluster.device.name}:{max(d.gpus, cluster.world_size)}"
                               if not found.fits_cluster else args.cluster, predicted)
     plan = plan.__class__(**{**{f: getattr(plan, f) for f in plan.__slots__}, "mode": "inference", "serving": {
@@ -223,6 +222,3 @@ def run_traffic_plan(args: argparse.Namespace) -> int:
             print(f"  plan written to {args.output}")
     return 0
 
-
-def replace_replicas(layout: ServingLayout, replicas: int) -> ServingLayout:
-    return ServingLayout(tp=layout.tp, pp=layout.pp, replicas=replicas, precision=layout.precision)

@@ -32,13 +32,18 @@ def rope_tables(head_dim: int, seq_len: int, theta: float = 10000.0, device=None
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int = 0) -> torch.Tensor:
-    """Rotate pairs (x[..., :hs/2], x[..., hs/2:]) of x: (B, nh, T, hs), at positions start.."""
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., :hs/2], x[..., hs/2:]) of x: (B, nh, T, hs) by the angles' cos, sin (T, hs/2)."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]  # (B, nh, T, hs/2) each
-    end = start + x.shape[-2]
-    cos, sin = cos[start:end].to(x.dtype), sin[start:end].to(x.dtype)  # (T, hs/2)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """RoPE on x: (B, nh, T, hs) at positions start..start+T-1."""
+    end = start + x.shape[-2]
+    return _rotate(x, cos[start:end], sin[start:end])
 
 
 class KVCache:
@@ -151,11 +156,8 @@ class PagedKVCache:
 
 
 def rope_at(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """apply_rope with a position per token: x (B, nh, T, hs), positions (T,)."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]  # (B, nh, T, hs/2) each
-    cos, sin = cos[positions].to(x.dtype), sin[positions].to(x.dtype)  # (T, hs/2)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    """RoPE with a position per token: x (B, nh, T, hs), positions (T,)."""
+    return _rotate(x, cos[positions], sin[positions])
 
 
 class Attention(nn.Module):
@@ -172,7 +174,6 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         bsz, seq, _ = x.shape  # (B, T, C)
-        start = cache.length if cache is not None and not getattr(cache, "packed", False) else 0
         # the head counts come from the weights, so tensor parallelism (fewer local heads) just works
         q = self.wq(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = self.wk(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
@@ -182,6 +183,7 @@ class Attention(nn.Module):
                 q, k = rope_at(q, cos, sin, cache.positions), rope_at(k, cos, sin, cache.positions)
             y = cache.attend(layer, q, k, v).transpose(1, 2).reshape(bsz, seq, -1)  # (1, N, nh * hs)
             return self.wo(y)
+        start = cache.length if cache is not None else 0
         if self.rope:
             q, k = apply_rope(q, cos, sin, start), apply_rope(k, cos, sin, start)
         mask, causal = None, True
