@@ -63,8 +63,13 @@ def write_source_plan(directory: Path, model: str, s: Strategy, name: str) -> Pa
     return path
 
 
+def worker_env() -> dict[str, str]:
+    """The environment of a test's worker processes: one thread each, the repository and tests importable."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+
+
 def torchrun(nproc: int, plans: list[Path], out: Path, *extra: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    env = worker_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "runtime.worker", *map(str, plans), "--out", str(out), *extra]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
@@ -74,7 +79,7 @@ def launch(nproc: int, plans: list[Path], out: Path, *extra: str, preload: tuple
            timeout: int = 900) -> subprocess.CompletedProcess:
     """As `torchrun`, on ranks forked after one import of torch (tests/fork_launch.py): for the
     tests that train many plans; the ones about torchrun itself (restarts, `paraplan run`) use it."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    env = worker_env()
     loads = [a for module in preload for a in ("--preload", module)]
     cmd = [sys.executable, str(ROOT / "tests" / "fork_launch.py"), str(nproc), *loads, *map(str, plans),
            "--out", str(out), *extra]

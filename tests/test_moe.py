@@ -5,7 +5,6 @@ trained under expert parallelism with the single-process losses, and the planner
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -20,7 +19,7 @@ from costmodel.serving import kv_bytes_per_token
 from costmodel.spec import ModelSpec
 from planner.model_source import _transformers_count, spec_from_hf_config
 from planner.zoo import ZOO
-from runtime_helpers import ROOT, launch, read_results, write_plan, write_source_plan
+from runtime_helpers import ROOT, launch, read_results, worker_env, write_plan, write_source_plan
 
 # Hugging Face config.json fields of the released models (the parts that size them)
 MIXTRAL_8X7B = {"model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
@@ -178,7 +177,7 @@ def test_expert_parallel_training_matches_one_process(tmp_path):
 def test_all_to_alls_per_layer_are_the_predicted(tmp_path):
     plan = write_plan(tmp_path, "tiny-moe", Strategy(precision="fp32", dp=2, ep=2, global_batch=2,
                                                      microbatch_size=1), "comm")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    env = worker_env()
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                           str(ROOT / "tests" / "moe_comm_worker.py"), str(plan)],
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)

@@ -2,14 +2,13 @@
 cost model prices for the plan, per layer, forward and backward."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
 from costmodel import Strategy
-from runtime_helpers import ROOT, write_plan, write_source_plan
+from runtime_helpers import ROOT, worker_env, write_plan, write_source_plan
 
 
 def _hf_model(tmp_path, name: str) -> str:
@@ -30,7 +29,7 @@ def test_collectives_per_layer_match_the_plan(tmp_path, model, sp):
         plan = write_source_plan(tmp_path, _hf_model(tmp_path, model), s, "comm")
     else:
         plan = write_plan(tmp_path, model, s, "comm")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    env = worker_env()
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                           str(ROOT / "tests" / "comm_count_worker.py"), str(plan)],
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)

@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 
 from costmodel import Strategy  # noqa: E402
 from runtime.data import TokenSource  # noqa: E402
-from runtime_helpers import BATCH, ROOT, launch, read_results, write_source_plan  # noqa: E402
+from runtime_helpers import BATCH, ROOT, launch, read_results, worker_env, write_source_plan  # noqa: E402
 
 TOLERANCE = 1e-5
 HF_MODULES = ("transformers.models.llama.modeling_llama", "transformers.models.qwen2.modeling_qwen2", "transformers.models.qwen3.modeling_qwen3")
@@ -161,11 +161,10 @@ def test_pretrained_round_trip(tmp_path):
     x, _ = TokenSource(SIZES["vocab_size"], SEQ, None, 7).batch(0, 4)
     torch.save(x, tokens)
     assert main(["export-weights", str(ckpt), "-o", str(out)]) == 0
-    import os
     import subprocess
     import sys
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    env = worker_env()
     got = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
                           str(ROOT / "tests" / "logits_worker.py"), str(plan), str(ckpt / "step_3"), str(tokens),
                           str(tmp_path / "logits.pt")], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
