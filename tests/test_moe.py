@@ -328,3 +328,71 @@ def test_a_mixture_of_experts_exports_to_megatron_and_nowhere_it_would_turn_dens
     assert args[args.index("--moe-ffn-hidden-size") + 1] == "14336" and "--moe-grouped-gemm" in args
     with pytest.raises(ConfigError, match="mixture of experts"):
         torchtitan.export(plan_from_strategy(spec, s, "h100-sxm:64", {}))
+
+
+def _graph_nodes(tensor) -> set[str]:
+    seen, names, stack = set(), set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(fn for fn, _ in node.next_functions)
+    return names
+
+
+def test_the_experts_loop_takes_each_experts_weights_once():
+    """Indexing w[i] per expert makes autograd write a whole (experts, h, f) zero gradient per
+    expert (experts^2 x the weights' bytes: 90 ms of a DeepSeek-V3 layer's 94 ms on an H200 at 64
+    tokens, bench/data/moe_layer_h200.json); the loop takes one view per expert (unbind), and its
+    gradients are the per-expert products'."""
+    import torch
+    from planner.zoo.model import GroupedExperts
+
+    spec = ZOO["tiny-moe"]
+    torch.manual_seed(0)
+    experts = GroupedExperts(spec)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    counts = [3, 0, 5, 2][: spec.experts] + [1] * max(0, spec.experts - 4)
+    x = torch.randn(sum(counts), spec.hidden, requires_grad=True)
+    out = experts(x, counts)
+    assert "UnbindBackward0" in _graph_nodes(out) and "SelectBackward0" not in _graph_nodes(out)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    start = 0
+    for i, n in enumerate(counts):  # each expert's own SwiGLU on its rows
+        part = x.detach()[start:start + n]
+        ref = (torch.nn.functional.silu(part @ experts.w1[i]) * (part @ experts.w3[i])) @ experts.w2[i]
+        assert torch.allclose(out[start:start + n], ref, atol=1e-5)
+        start += n
+    assert experts.w1.grad.shape == experts.w1.shape and experts.w1.grad[1].abs().max() == 0  # expert 1 got no rows
+
+
+def test_the_grouped_gemm_path_is_the_loop(monkeypatch):
+    """On a GPU in bf16 the experts run as torch._grouped_mm (one kernel per projection); its
+    outputs and gradients are the loop's (bf16 on this CPU, whose torch has the kernel's fallback)."""
+    import torch
+    import planner.zoo.model as zoo_model
+
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no _grouped_mm")
+    spec = ZOO["tiny-moe"]
+    torch.manual_seed(1)
+    experts = zoo_model.GroupedExperts(spec).to(torch.bfloat16)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    counts = [5, 0, 7, 4][: spec.experts] + [2] * max(0, spec.experts - 4)
+    x = torch.randn(sum(counts), spec.hidden, dtype=torch.bfloat16)
+    grad = torch.randn(sum(counts), spec.hidden, dtype=torch.bfloat16)
+    results = []
+    for grouped in (False, True):
+        monkeypatch.setattr(zoo_model, "grouped_mm_applies", lambda *a, g=grouped: g)
+        xi = x.clone().requires_grad_(True)
+        experts.zero_grad(set_to_none=True)
+        out = experts(xi, counts)
+        out.backward(grad)
+        results.append((out.float(), xi.grad.float(), experts.w1.grad.float(), experts.w2.grad.float()))
+    for loop, grouped in zip(*results):
+        assert torch.allclose(loop, grouped, atol=2e-2, rtol=2e-2), (loop - grouped).abs().max()

@@ -15,8 +15,7 @@ Per case and token count it records:
   gemm_gpu_s      the part of gpu_s in GEMM kernels
   kernels         GPU kernels launched per iteration
   max_over_mean   the busiest local expert's copies over the mean (the router is random)
-and once: the host's time per eager launch of a tiny op (`launch_us`), and where
-`torch._grouped_mm` exists, its forward time for the same expert GEMMs against the loop's.
+and, unless --no-gemms, the forward time of the same expert GEMMs four ways (`grouped`).
 wall_s - gpu_s is the time the GPU waits for the host: the module's per-expert loop and its
 `.tolist()` synchronization of the counts (as Megatron-Core's all-to-all dispatcher has one).
 """
@@ -35,6 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+import planner.zoo.model as zoo_model  # noqa: E402
 from planner.zoo import ZOO  # noqa: E402
 from planner.zoo.model import MoE  # noqa: E402
 
@@ -90,7 +90,11 @@ def gpu_kernels(layer, x, grad, device: str) -> tuple[float, float, int]:
     return total * 1e-6, gemm * 1e-6, count
 
 
-def measure_case(name: str, model: str, ep: int, tokens, device: str, iters: int) -> list[dict]:
+def measure_case(name: str, model: str, ep: int, tokens, device: str, iters: int, path: str) -> list[dict]:
+    """`path`: the experts as the module runs them on this device ("auto"), or forced to a loop of
+    one GEMM per expert ("loop")."""
+    if path == "loop":
+        zoo_model.grouped_mm_applies = lambda *args: False
     spec = case_spec(model, ep)
     torch.manual_seed(0)
     layer = MoE(spec).to(device=device, dtype=torch.bfloat16)
@@ -112,7 +116,7 @@ def measure_case(name: str, model: str, ep: int, tokens, device: str, iters: int
         sync(device)
         wall = (time.perf_counter() - t0) / iters
         gpu, gemm, kernels = gpu_kernels(layer, x, grad, device)
-        row = dict(case=name, model=model, ep=ep, tokens=t, hidden=spec.hidden, local_experts=spec.experts,
+        row = dict(case=name, path=path, model=model, ep=ep, tokens=t, hidden=spec.hidden, local_experts=spec.experts,
                    top_k=spec.experts_per_token, expert_ffn_hidden=spec.expert_ffn_hidden,
                    shared_ffn_hidden=spec.shared_expert_ffn_hidden, wall_s=wall, gpu_s=gpu, gemm_gpu_s=gemm,
                    kernels=kernels, max_over_mean=float(counts.max() / counts.mean()))
@@ -123,20 +127,45 @@ def measure_case(name: str, model: str, ep: int, tokens, device: str, iters: int
     del layer
     if device == "cuda":
         torch.cuda.empty_cache()
+    zoo_model.grouped_mm_applies = GROUPED_MM_APPLIES
     return rows
 
 
-def launch_us(device: str, n: int = 2000) -> float:
-    """Host microseconds per eager launch of a tiny op (the GPU held busy so nothing waits)."""
-    x = torch.zeros(16, device=device)
-    if device == "cuda":
-        torch.cuda._sleep(int(2e9))  # about a second of GPU time: the launches below only queue
-    t0 = time.perf_counter()
-    for _ in range(n):
-        x.add_(1.0)
-    elapsed = time.perf_counter() - t0
-    sync(device)
-    return elapsed / n * 1e6
+GROUPED_MM_APPLIES = zoo_model.grouped_mm_applies
+
+
+def paths_agree(device: str) -> dict:
+    """The grouped-GEMM path against the loop on this device: forward and gradients of one
+    Qwen3-30B-A3B-shaped layer with uneven (unaligned) expert counts, bf16; max |difference|
+    over max |value|."""
+    spec = case_spec("qwen3-30b-a3b", 8)
+    torch.manual_seed(0)
+    experts = zoo_model.GroupedExperts(spec).to(device=device, dtype=torch.bfloat16)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    counts = [(37 * i) % 301 for i in range(spec.experts)]  # 0 .. 300 rows, some 0, none aligned
+    x = torch.randn(sum(counts), spec.hidden, device=device, dtype=torch.bfloat16)
+    grad = torch.randn_like(x)
+    outs = {}
+    for path, applies in (("loop", lambda *args: False), ("auto", GROUPED_MM_APPLIES)):
+        zoo_model.grouped_mm_applies = applies
+        xi = x.clone().requires_grad_(True)
+        experts.zero_grad(set_to_none=True)
+        try:
+            out = experts(xi, counts)
+            out.backward(grad)
+            outs[path] = [t.detach().float() for t in (out, xi.grad, experts.w1.grad, experts.w2.grad)]
+        except Exception as exc:  # noqa: BLE001 - recorded: the lease's one chance to see it
+            outs[path] = f"failed: {type(exc).__name__}: {exc}"[:300]
+    zoo_model.grouped_mm_applies = GROUPED_MM_APPLIES
+    result = {"grouped_applies": bool(GROUPED_MM_APPLIES(x, experts.w1, experts.w2))}
+    if all(isinstance(v, list) for v in outs.values()):
+        result["relative_diff"] = [float((a - b).abs().max() / b.abs().max().clamp_min(1e-9))
+                                   for a, b in zip(outs["auto"], outs["loop"])]
+    else:
+        result["error"] = str(outs)
+    print("paths_agree", json.dumps(result), flush=True)
+    return result
 
 
 def timed(fn, device: str, iters: int):
@@ -199,17 +228,22 @@ def main() -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="two small token counts, one case (a CPU smoke run)")
     ap.add_argument("--iters", type=int, default=8)
+    ap.add_argument("--paths", default="auto,loop", help="experts' paths to measure: auto (grouped GEMM on a GPU in "
+                    "bf16), loop (one GEMM per expert)")
+    ap.add_argument("--no-gemms", action="store_true", help="leave out the four-way expert GEMM timing")
     args = ap.parse_args()
     cases = CASES[:1] if args.quick else CASES
     tokens = (16, 64) if args.quick else TOKENS
     result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "dtype": "bf16",
-              "launch_us": launch_us(args.device), "cases": [], "grouped": []}
-    print(f"launch_us {result['launch_us']:.2f}", flush=True)
-    for name, model, ep in cases:
-        result["cases"] += measure_case(name, model, ep, tokens, args.device, args.iters)
-        Path(args.output).write_text(json.dumps(result, indent=1))
-    result["grouped"] = grouped_vs_loop(args.device, 20)
+              "cases": [], "grouped": []}
+    result["paths_agree"] = paths_agree(args.device)
+    for path in args.paths.split(","):
+        for name, model, ep in cases:
+            result["cases"] += measure_case(name, model, ep, tokens, args.device, args.iters, path)
+            Path(args.output).write_text(json.dumps(result, indent=1))
+    if not args.no_gemms:
+        result["grouped"] = grouped_vs_loop(args.device, 20)
     Path(args.output).write_text(json.dumps(result, indent=1))
     return 0
 

@@ -9,6 +9,6 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
   python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"; } > "$OUT/device.txt" 2>&1
 cat "$OUT/device.txt"
 t0=$SECONDS
-timeout 360 python3 bench/device/moe_layer.py -o "$OUT/moe_layer.json" > "$OUT/moe_layer.log" 2>&1
+timeout 360 python3 bench/device/moe_layer.py -o "$OUT/moe_layer.json" ${MOE_ARGS:-} > "$OUT/moe_layer.log" 2>&1
 echo "moe_layer rc $? in $((SECONDS - t0)) s"; tail -25 "$OUT/moe_layer.log"
 ls -la "$OUT"

@@ -258,14 +258,34 @@ class GroupedExperts(nn.Module):
         if self.grad_scale != 1.0:  # the copies of ep ranks' tokens: their gradients add up over the ep group already
             w1, w2 = ScaleGrad.apply(w1, self.grad_scale), ScaleGrad.apply(w2, self.grad_scale)
             w3 = ScaleGrad.apply(w3, self.grad_scale) if w3 is not None else None
+        if grouped_mm_applies(x, w1, w2):
+            offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)  # (experts,) end of each group
+            up = torch._grouped_mm(x, w1, offs=offs)  # (M, f_e)
+            hidden = self._activate(up, torch._grouped_mm(x, w3, offs=offs) if self.gated else None)
+            return torch._grouped_mm(hidden, w2, offs=offs)  # (M, C)
+        # one view per expert taken once: indexing w[i] per expert would make autograd write a whole
+        # (experts, ...) zero gradient for each expert (experts^2 x the weights' bytes); unbind's backward
+        # stacks the experts' gradients once
+        w1s, w2s = w1.unbind(0), w2.unbind(0)
+        w3s = w3.unbind(0) if self.gated else None
         outs = []
         for i, part in enumerate(torch.split(x, counts, dim=0)):  # (m_i, C) each
-            up = part @ w1[i]  # (m_i, f_e)
-            hidden = F.silu(up) if self.gated and not self.geglu else F.gelu(up, approximate="tanh")
-            if self.gated:
-                hidden = hidden * (part @ w3[i])  # (m_i, f_e)
-            outs.append(hidden @ w2[i])  # (m_i, C)
+            hidden = self._activate(part @ w1s[i], part @ w3s[i] if self.gated else None)  # (m_i, f_e)
+            outs.append(hidden @ w2s[i])  # (m_i, C)
         return torch.cat(outs, dim=0) if outs else x[:0]
+
+    def _activate(self, up: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        hidden = F.silu(up) if self.gated and not self.geglu else F.gelu(up, approximate="tanh")
+        return hidden * gate if gate is not None else hidden
+
+
+def grouped_mm_applies(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether the experts run as one grouped GEMM per projection (torch._grouped_mm, as torchtitan
+    does): a CUDA GPU, bf16, rows whose bytes are 16-byte aligned. Elsewhere (CPU, fp32) a loop of
+    one GEMM per expert."""
+    return (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+            and all(w.dtype == torch.bfloat16 for w in weights)
+            and all(d % 8 == 0 for w in weights for d in w.shape[1:]))
 
 
 class MoE(nn.Module):
