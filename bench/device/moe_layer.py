@@ -218,7 +218,6 @@ def grouped_vs_loop(device: str, iters: int) -> list[dict]:
                     else "failed: no torch._grouped_mm"
             print(json.dumps(row), flush=True)
             out.append(row)
-            del a, w, a8, w8t
     return out
 
 
