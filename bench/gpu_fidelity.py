@@ -36,6 +36,10 @@ GPT = dict(name="gpt-1.3b", layers=24, hidden=2048, heads=16, vocab=50368, seq_l
 LLAMA = dict(name="llama-1b", layers=16, hidden=2048, heads=32, kv_heads=8, ffn_hidden=8192, vocab=128256,
              seq_len=2048, activation="swiglu", norm="rmsnorm", position="rope", tied_embeddings=True, bias=False,
              dropout=False)  # Llama-3.2-1B's shape
+QWEN3_MOE = dict(name="qwen3-moe-3.2b", layers=8, hidden=2048, heads=32, kv_heads=4, head_dim=128, ffn_hidden=6144,
+                 experts=64, experts_per_token=8, expert_ffn_hidden=768, vocab=151936, seq_len=2048,
+                 activation="swiglu", norm="rmsnorm", position="rope", tied_embeddings=False, bias=False,
+                 dropout=False)  # Qwen3-30B-A3B's layer (128 experts there), 8 layers
 PLANS = {
     "gpt-1.3b mb8 x2, no recompute": (GPT, dict(microbatch_size=8, global_batch=16, recompute="none")),
     "gpt-1.3b mb8 x2, full recompute": (GPT, dict(microbatch_size=8, global_batch=16, recompute="full")),
@@ -52,6 +56,8 @@ PLANS = {
     "gpt-1.3b mb8 x2, no recompute, compiled": (GPT, dict(microbatch_size=8, global_batch=16, recompute="none")),
     "llama-1b mb4 x2, no recompute, compiled": (LLAMA, dict(microbatch_size=4, global_batch=8, recompute="none")),
     "llama-1b mb4 x2, full recompute, compiled": (LLAMA, dict(microbatch_size=4, global_batch=8, recompute="full")),
+    "qwen3-moe-3.2b mb4 x2, no recompute": (QWEN3_MOE, dict(microbatch_size=4, global_batch=8, recompute="none")),
+    "qwen3-moe-3.2b mb4 x2, full recompute": (QWEN3_MOE, dict(microbatch_size=4, global_batch=8, recompute="full")),
 }
 
 

@@ -9,6 +9,12 @@ virtual stages, ep folded into data parallelism, the distributed optimizer as Ze
 `megatron-core` runtime profile; force-balanced benchmarks with a balanced router (load spread
 0), DeepSeek's own run with the default spread. Prints per run the predicted and published
 tokens/s per GPU and the error, then the median and 90th percentile of |error|.
+
+Then one MoE layer on one GPU, measured: paraplan's own MoE module (grouped GEMMs) on an H200
+for the busiest rank of those layouts (bench/data/moe_layer_h200.json, written by
+bench/device/moe_layer.py) against `costmodel.moe.moe_cost` on the measured H200 profile with
+the paraplan runtime's terms (its memory-bound traffic and the host floor): forward + backward
+wall time per token count, and the median and 90th percentile of |error|.
 """
 
 from __future__ import annotations
@@ -25,10 +31,12 @@ sys.path.insert(0, str(ROOT))
 
 from costmodel import Strategy, predict  # noqa: E402
 from costmodel.cluster import load_cluster  # noqa: E402
-from costmodel.moe import EXPERT_LOAD_CV  # noqa: E402
+from costmodel.moe import EXPERT_LOAD_CV, ExpertLayout, moe_cost  # noqa: E402
+from costmodel.runtime import load_runtime  # noqa: E402
 from planner.zoo import ZOO  # noqa: E402
 
 DATA = ROOT / "tests" / "data" / "moe_runs.yaml"
+MEASURED = ROOT / "bench" / "data" / "moe_layer_h200.json"
 
 
 def case(row: dict):
@@ -50,6 +58,34 @@ def case(row: dict):
     return spec, strategy, cluster
 
 
+def percentiles(errs: list[float]) -> tuple[float, float]:
+    """(median, 90th percentile) of |error|."""
+    abs_errs = sorted(abs(e) for e in errs)
+    return statistics.median(abs_errs), abs_errs[min(len(abs_errs) - 1, int(round(0.9 * (len(abs_errs) - 1))))]
+
+
+def layer_rows(measured: dict, runtime: str = "paraplan") -> list[tuple[dict, float]]:
+    """(measured row, predicted forward + backward seconds) of each grouped-GEMM case of one GPU."""
+    import dataclasses
+    import json  # noqa: F401 - the caller reads the file
+    cluster = load_cluster("h200-measured:1")
+    rt = load_runtime(runtime)
+    one = cluster.group(1, 1)
+    layout = ExpertLayout(ep=1, etp=1, edp=1, ep_group=one, etp_group=one)
+    out = []
+    for row in measured["cases"]:
+        if row["path"] != "auto":
+            continue
+        spec = ZOO[row["model"]]
+        spec = dataclasses.replace(spec, experts=row["local_experts"], experts_per_token=row["top_k"], layers=1,
+                                   dense_layers=0)
+        cost = moe_cost(spec, device=cluster.device, dtype="bf16", bytes_per_value=2, batch=1,
+                        seq_local=row["tokens"], tp=1, layout=layout, expert_cv=0.0,
+                        elementwise_traffic=rt.elementwise_traffic, host_us=rt.moe_host_us)
+        out.append((row, cost.forward_s + cost.backward_s))
+    return out
+
+
 def main() -> int:
     rows = yaml.safe_load(DATA.read_text())["rows"]
     errs = []
@@ -65,10 +101,23 @@ def main() -> int:
         share = r.time_s.get("ep_comm", 0.0) / r.step_time_s
         print(f"{name:58s} {per_gpu:10.0f} {row['tokens_per_s_gpu']:10d} {100 * err:+6.1f}%  {str(r.fits):5s} "
               f"{100 * share:5.1f}%")
-    abs_errs = sorted(abs(e) for e in errs)
-    p90 = abs_errs[min(len(abs_errs) - 1, int(round(0.9 * (len(abs_errs) - 1))))]
-    print(f"\n{len(errs)} runs: median |error| {100 * statistics.median(abs_errs):.1f}%, 90th percentile "
+    median, p90 = percentiles(errs)
+    print(f"\n{len(errs)} runs: median |error| {100 * median:.1f}%, 90th percentile "
           f"{100 * p90:.1f}%, optimistic {sum(e > 0 for e in errs)} of {len(errs)}")
+    import json
+    measured = json.loads(MEASURED.read_text())
+    print(f"\nOne MoE layer on one {measured['device']} (paraplan's module, torch {measured['torch']}, bf16, "
+          "forward + backward), measured against predicted:")
+    print(f"{'case':22s} {'tokens':>7s} {'measured ms':>12s} {'predicted ms':>13s} {'error':>7s}")
+    errs = []
+    for row, predicted_s in layer_rows(measured):
+        err = predicted_s / row["wall_s"] - 1
+        errs.append(err)
+        print(f"{row['case']:22s} {row['tokens']:7d} {1e3 * row['wall_s']:12.2f} {1e3 * predicted_s:13.2f} "
+              f"{100 * err:+6.1f}%")
+    median, p90 = percentiles(errs)
+    print(f"{len(errs)} layer runs: median |error| {100 * median:.1f}%, 90th percentile {100 * p90:.1f}%, "
+          f"optimistic {sum(e < 0 for e in errs)} of {len(errs)} (faster than measured)")
     return 0
 
 

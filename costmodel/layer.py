@@ -235,7 +235,8 @@ def layer_cost(spec: ModelSpec, strategy: Strategy, cluster: Cluster, tp_group: 
         share = spec.moe_share
         layout = experts or expert_layout(spec, strategy, cluster)
         sparse = moe_cost(spec, device=dev, dtype=dtype, bytes_per_value=e, batch=sh.b, seq_local=sh.s,
-                          tp=strategy.tp, layout=layout, expert_cv=strategy.expert_load_cv)
+                          tp=strategy.tp, layout=layout, expert_cv=strategy.expert_load_cv,
+                          elementwise_traffic=rt.elementwise_traffic, host_us=rt.moe_host_us)
         fwd_compute += share * sparse.forward_s
         bwd_compute += share * sparse.backward_s
         wgrad += share * sparse.wgrad_s

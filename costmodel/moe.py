@@ -25,6 +25,15 @@ the spread of per-expert loads: with a coefficient of variation cv per expert an
 independent experts per rank, a rank's load varies by cv / sqrt(experts/ep) and the busiest
 of ep ranks sits the expected maximum of ep standard normals above the mean (Blom's
 approximation, Phi^-1((n - 0.375) / (n + 0.25))).
+
+The GPU runs the sparse MLP no faster than the host launches its kernels: the router, the
+permutation, the experts' GEMMs (one per expert in a runtime that loops over its experts, as
+Transformer Engine's GroupedLinear and paraplan's CPU path do; one per projection with a
+grouped GEMM), the activation, the combine, each way. A dropless dispatcher waits on the
+per-expert token counts (a device-to-host copy that sizes the all-to-all and the GEMMs), so
+the host cannot run ahead into the next layer: each pass of the sparse MLP takes
+max(GPU time, host time), the host time `host_us` = [fixed, per local expert] x [forward,
+backward] microseconds of the runtime (`TrainingRuntime.moe_host_us`, measured).
 """
 
 from __future__ import annotations
@@ -76,8 +85,9 @@ class ExpertLayout:
 class MoeCost:
     """The sparse MLP of one MoE layer for one microbatch on one GPU."""
 
-    forward_s: float  # router, permutation, the busiest rank's expert GEMMs, shared experts
+    forward_s: float  # router, permutation, the busiest rank's expert GEMMs, shared experts (>= the host's time)
     backward_s: float
+    host_bound_s: float  # of forward_s + backward_s, the time the GPU waits for the host's launches
     wgrad_s: float  # expert and shared weight-gradient GEMMs (overlap budget)
     all_to_all_forward_s: float  # dispatch + combine (+ the expert tp gather/scatter)
     all_to_all_backward_s: float
@@ -99,7 +109,10 @@ def local_tokens(batch: int, seq_local: int, tp: int) -> int:
 
 
 def moe_cost(spec: ModelSpec, *, device, dtype: str, bytes_per_value: int, batch: int, seq_local: int, tp: int,
-             layout: ExpertLayout, expert_cv: float = EXPERT_LOAD_CV) -> MoeCost:
+             layout: ExpertLayout, expert_cv: float = EXPERT_LOAD_CV, elementwise_traffic: float = 1.0,
+             host_us: tuple[tuple[float, float], tuple[float, float]] = ((0.0, 0.0), (0.0, 0.0))) -> MoeCost:
+    """`elementwise_traffic`: the runtime's memory-bound bytes over one fused kernel per op;
+    `host_us`: its host time of the sparse MLP ([fixed, per local expert] x [forward, backward])."""
     if not spec.moe:
         raise ConfigError(f"{spec.name} has no experts")
     e, h, k, E = bytes_per_value, spec.hidden, spec.experts_per_token, spec.experts
@@ -115,15 +128,19 @@ def moe_cost(spec: ModelSpec, *, device, dtype: str, bytes_per_value: int, batch
     copies = t * k * etp * imbalance  # token copies through the busiest rank's experts
     # permute before the experts and unpermute after (read + write each), the activation, the weighted sum
     moved = 2 * 2 * copies * h * e + (3 if spec.gated else 2) * copies * fe * e + 2 * t * k * h * e
-    elementwise = device.memory_s(moved)
+    elementwise = device.memory_s(moved * elementwise_traffic)
     shared_fwd = 0.0
     if spec.shared_expert_ffn_hidden:
         fs = spec.shared_expert_ffn_hidden // tp
         T = t * tp  # the shared experts run on the gathered tokens like a dense MLP
         shared_fwd = (gemm_s(device, dtype, T, h, 2 * fs if spec.gated else fs, e) + gemm_s(device, dtype, T, fs, h, e)
                       + device.memory_s((3 if spec.gated else 2) * T * fs * e))
-    fwd = experts_fwd + router + elementwise + shared_fwd
-    bwd = 2 * (experts_fwd + shared_fwd) + router * 2 + 2 * elementwise
+    gpu_fwd = experts_fwd + router + elementwise + shared_fwd
+    gpu_bwd = 2 * (experts_fwd + shared_fwd) + router * 2 + 2 * elementwise
+    (fixed_f, fixed_b), (per_f, per_b) = host_us
+    host_f, host_b = (fixed_f + per_f * local_experts) * 1e-6, (fixed_b + per_b * local_experts) * 1e-6
+    host_bound = max(0.0, host_f - gpu_fwd) + max(0.0, host_b - gpu_bwd)
+    fwd, bwd = max(gpu_fwd, host_f), max(gpu_bwd, host_b)
     # dispatch and combine: t k h values per rank each way; the busiest rank receives imbalance x
     a2a_bytes = t * k * h * e * imbalance
     a2a = 2 * all_to_all_s(a2a_bytes, layout.ep_group)
@@ -133,7 +150,7 @@ def moe_cost(spec: ModelSpec, *, device, dtype: str, bytes_per_value: int, batch
                     + reduce_scatter_s(a2a_bytes * etp, layout.etp_group))
     expert_params = spec.expert_params * local_experts / etp
     return MoeCost(
-        forward_s=fwd, backward_s=bwd, wgrad_s=experts_fwd + shared_fwd,
+        forward_s=fwd, backward_s=bwd, host_bound_s=host_bound, wgrad_s=experts_fwd + shared_fwd,
         all_to_all_forward_s=a2a + etp_comm, all_to_all_backward_s=a2a + etp_comm,
         expert_params=expert_params,
     )

@@ -24,6 +24,11 @@ says how much of it a training framework gets, term by term, each figure sourced
   foreach AdamW: 32; a per-tensor loop of unfused ops: more).
 - `layer_overhead_us`: host time per layer and microbatch the GPU does not hide (eager
   dispatch, FSDP hooks), forward and backward.
+- `moe_host_us`: host time of one MoE layer's sparse MLP per microbatch, [fixed, per local
+  expert] x [forward, backward] microseconds: a floor under the layer's GPU time (the GPU
+  runs no faster than the host launches its kernels, and the dispatcher's synchronization on
+  the per-expert token counts keeps the host from running ahead into the next layer); a
+  runtime that runs one GEMM per expert pays per local expert.
 - `grad_dtype`: the gradients' dtype when the plan does not say (`--grad-dtype`).
 - `band`: the calibration residuals (measured / predicted - 1) of this runtime per GPU
   architecture: the prediction's range where the plan is inside what was calibrated.
@@ -71,6 +76,8 @@ class TrainingRuntime:
     fsdp_param_dtype: str = ""  # dtype FSDP gathers the parameters in ("": the compute dtype; fp32: FSDP1 with fp32 params)
     optimizer_bytes_per_param: float = 32.0  # fused AdamW: fp32 master, grad, two moments read; master, moments, 16-bit copy written
     layer_overhead_us: tuple[float, float] = (0.0, 0.0)
+    # [fixed, per local expert] x [forward, backward] host microseconds of a MoE layer's sparse MLP
+    moe_host_us: tuple[tuple[float, float], tuple[float, float]] = ((0.0, 0.0), (0.0, 0.0))
     grad_dtype: str = "fp32"
     band: dict[str, tuple[float, float]] = field(default_factory=dict)
     calibrated_axes: tuple[str, ...] = ()  # the parallelisms the calibration runs used (dp, tp, pp, cp)
@@ -97,6 +104,9 @@ class TrainingRuntime:
             raise ConfigError(f"{where}: rmsnorm_traffic and rope_traffic must be in [0.5, 20]")
         if len(self.layer_overhead_us) != 2 or any(v < 0 for v in self.layer_overhead_us):
             raise ConfigError(f"{where}: layer_overhead_us must be [forward, backward] microseconds >= 0")
+        if len(self.moe_host_us) != 2 or any(len(pair) != 2 or any(v < 0 for v in pair) for pair in self.moe_host_us):
+            raise ConfigError(f"{where}: moe_host_us must be [[forward, backward] fixed, [forward, backward] per local "
+                              "expert] microseconds >= 0")
         if self.selective_recompute not in ("attention", "save-matmuls"):
             raise ConfigError(f"{where}: selective_recompute must be attention or save-matmuls")
         if self.fsdp_param_dtype not in ("",) + GRAD_DTYPES:
@@ -157,9 +167,9 @@ def load_runtime(name_or_path: str = DEFAULT_RUNTIME, runtimes_dir: Path = RUNTI
     try:
         if "layer_overhead_us" in data:
             data["layer_overhead_us"] = tuple(float(v) for v in data["layer_overhead_us"])
-        if "weight_cast_bytes_per_param" in data:
-            data["weight_cast_bytes_per_param"] = tuple(tuple(float(x) for x in pair)
-                                                        for pair in data["weight_cast_bytes_per_param"])
+        for key in ("weight_cast_bytes_per_param", "moe_host_us"):
+            if key in data:
+                data[key] = tuple(tuple(float(x) for x in pair) for pair in data[key])
         if "calibrated_axes" in data:
             data["calibrated_axes"] = tuple(str(a) for a in data["calibrated_axes"])
         if "band" in data:

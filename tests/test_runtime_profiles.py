@@ -29,7 +29,7 @@ def test_every_shipped_runtime_loads_and_cites_its_figures():
         sourced = set(data.get("sources", {}))
         # every figure that departs from the fused default says where it comes from
         for key in ("elementwise_traffic", "cross_entropy_bytes_per_logit", "optimizer_bytes_per_param",
-                    "weight_cast_bytes_per_param", "gemm_sustained", "attention_peak_fraction"):
+                    "weight_cast_bytes_per_param", "gemm_sustained", "attention_peak_fraction", "moe_host_us"):
             if data.get(key) not in (None, {}, 1.0, 0, 32, [[0, 0], [0, 0]]):
                 assert key in sourced, (name, key)
         assert rt.grad_dtype in ("fp32", "bf16")
@@ -41,6 +41,9 @@ def test_unknown_and_broken_runtimes_are_refused(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: bad\nelementwise_traffic: 0.01\n")
     with pytest.raises(ConfigError, match="elementwise_traffic"):
+        load_runtime(str(bad))
+    bad.write_text("name: bad\nmoe_host_us: [[100, 200]]\n")
+    with pytest.raises(ConfigError, match="moe_host_us must be"):
         load_runtime(str(bad))
     bad.write_text("name: bad\nfused_everything: true\n")
     with pytest.raises(ConfigError, match="unknown field"):

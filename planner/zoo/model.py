@@ -259,6 +259,9 @@ class GroupedExperts(nn.Module):
             w1, w2 = ScaleGrad.apply(w1, self.grad_scale), ScaleGrad.apply(w2, self.grad_scale)
             w3 = ScaleGrad.apply(w3, self.grad_scale) if w3 is not None else None
         if grouped_mm_applies(x, w1, w2):
+            # bf16 operands (autocast does not cover the grouped GEMM: cast as it casts a matmul's)
+            x, w1, w2 = x.to(torch.bfloat16), w1.to(torch.bfloat16), w2.to(torch.bfloat16)
+            w3 = w3.to(torch.bfloat16) if w3 is not None else None
             offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)  # (experts,) end of each group
             up = torch._grouped_mm(x, w1, offs=offs)  # (M, f_e)
             hidden = self._activate(up, torch._grouped_mm(x, w3, offs=offs) if self.gated else None)
@@ -281,11 +284,13 @@ class GroupedExperts(nn.Module):
 
 def grouped_mm_applies(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Whether the experts run as one grouped GEMM per projection (torch._grouped_mm, as torchtitan
-    does): a CUDA GPU, bf16, rows whose bytes are 16-byte aligned. Elsewhere (CPU, fp32) a loop of
-    one GEMM per expert."""
-    return (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
-            and all(w.dtype == torch.bfloat16 for w in weights)
-            and all(d % 8 == 0 for w in weights for d in w.shape[1:]))
+    does): a CUDA GPU computing in bf16 (bf16 tensors, or bf16 autocast), rows whose bytes are
+    16-byte aligned. Elsewhere (CPU, fp32) a loop of one GEMM per expert."""
+    if not (x.is_cuda and hasattr(torch, "_grouped_mm")):
+        return False
+    autocast = torch.is_autocast_enabled("cuda")
+    dtypes = {torch.get_autocast_dtype("cuda")} if autocast else {x.dtype, *(w.dtype for w in weights)}
+    return dtypes == {torch.bfloat16} and all(d % 8 == 0 for w in weights for d in w.shape[1:])
 
 
 class MoE(nn.Module):
