@@ -93,12 +93,19 @@ def test_single_gpu_h200_runs_of_paraplans_runtime():
     """bench/data/gpu_fidelity_h200.json: `paraplan run` on an H200 (bf16, 1-1.3B models, eager
     and under torch.compile), predicted with the profile measured on that GPU and the plan's
     runtime: within 12%; the fused Megatron-class runtime underestimates the eager runs by
-    more than 10%, and the compiled runs are predicted faster than the eager ones, as measured."""
+    more than 10%, and the compiled runs are predicted faster than the eager ones, as measured.
+    A mixture of experts (Qwen3-30B-A3B's layer, 64 experts, 8 layers; measured a day later):
+    step time within 25% (predicted 20-22% slow) and peak memory within 20%."""
     data = json.loads(gpu_fidelity.MEASURED.read_text())
-    assert "H200" in data["device"] and len(data["runs"]) == 12
+    assert "H200" in data["device"] and len(data["runs"]) == 14
     errors, fused = [], []
     for name, run in data["runs"].items():
         spec, s = gpu_fidelity.spec_and_strategy(name)
+        if spec.moe:
+            r = predict(spec, s, load_cluster("h200-measured:1", runtime=gpu_fidelity.runtime_of(name)))
+            assert abs(r.step_time_s / run["step_time_s"] - 1) <= 0.25, (name, r.step_time_s)
+            assert abs(r.memory_gib["total"] / run["peak_memory_gib"] - 1) <= 0.20, (name, r.memory_gib)
+            continue
         t = predict(spec, s, load_cluster("h200-measured:1", runtime=gpu_fidelity.runtime_of(name))).step_time_s
         if name.endswith("compiled"):
             eager = name.removesuffix(", compiled")
