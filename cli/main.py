@@ -74,6 +74,9 @@ def add_mode_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--draft-model", help="speculative decoding: the draft model")
     g.add_argument("--draft-len", type=int, help="speculative decoding: tokens drafted per step (gamma, default 4)")
     g.add_argument("--acceptance", type=float, help="speculative decoding: acceptance rate alpha (default 0.8)")
+    g.add_argument("--expert-parallel", action="store_true", default=None,
+                   help="a mixture of experts' experts held whole, experts/tp per GPU (vLLM's "
+                        "--enable-expert-parallel); plan searches it")
     g = p.add_argument_group("serving under traffic (--mode inference --workload)")
     g.add_argument("--workload", help="chat, long-context, agent, or a trace FILE (.csv/.jsonl: arrival_s, "
                                       "prompt_tokens, output_tokens[, prefix_id, prefix_tokens])")

@@ -22,6 +22,13 @@ Per replica of tp x pp GPUs (Megatron's split of each layer, layers cut into pp 
     O decode steps plus their `batch` prefills:
     throughput = replicas * batch * O / (O * TPOT + batch * prefill)
 
+Expert parallelism (vLLM's --enable-expert-parallel): a mixture of experts' routed experts are
+held whole, experts/tp of them on each GPU of the replica, instead of each expert split over
+tp; attention stays tensor-parallel, so every GPU has every token, runs the copies routed to
+its own experts (the busiest GPU's share: `costmodel.moe.rank_imbalance`) and the outputs are
+summed by the all-reduce that closes the layer either way. The same weight bytes per GPU; the
+experts' GEMMs run at full width, on the experts the batch reaches on that GPU.
+
 Speculative decoding (Leviathan et al. 2023): a draft model proposes gamma tokens, the target
 checks them in one step; with acceptance rate alpha and draft/target step cost ratio c the
 expected speedup is (1 - alpha^(gamma+1)) / ((1 - alpha) * (gamma * c + 1)).
@@ -36,6 +43,7 @@ from costmodel.cluster import Cluster, with_runtime
 from costmodel.collectives import all_reduce_s, send_recv_s
 from costmodel.errors import ConfigError
 from costmodel.layer import _params_per_tp_rank, layer_cost
+from costmodel.moe import EXPERT_LOAD_CV, rank_imbalance
 from costmodel.ops import gemm_s
 from costmodel.spec import ModelSpec
 from costmodel.runtime import FUSED
@@ -108,9 +116,19 @@ def kv_heads_per_gpu(spec: ModelSpec, tp: int) -> int:
     return max(spec.kv_heads // tp, 1)
 
 
-def layout_problems(spec: ModelSpec, tp: int, pp: int) -> list[str]:
-    """Why tp x pp cannot serve the model (the query heads split; KV heads split or replicate)."""
+def layout_problems(spec: ModelSpec, tp: int, pp: int, expert_parallel: bool = False) -> list[str]:
+    """Why tp x pp cannot serve the model (the query heads split; KV heads split or replicate;
+    the experts split over tp, whole under expert parallelism)."""
     problems = []
+    if expert_parallel and not spec.moe:
+        problems.append(f"--expert-parallel: {spec.name} has no experts; leave it out")
+    elif expert_parallel and tp < 2:
+        problems.append("--expert-parallel spreads the experts over the tensor-parallel GPUs; give --tp 2 or more")
+    elif expert_parallel and spec.experts % tp:
+        problems.append(f"tp({tp}) does not divide experts({spec.experts}) for expert parallelism")
+    elif spec.moe and not expert_parallel and spec.expert_ffn_hidden % tp:
+        problems.append(f"tp({tp}) does not divide expert_ffn_hidden({spec.expert_ffn_hidden}); try "
+                        "--expert-parallel")
     if spec.heads % tp:
         problems.append(f"tp({tp}) does not divide heads({spec.heads})")
     if tp > spec.kv_heads and tp % spec.kv_heads:
@@ -185,10 +203,13 @@ def kv_budget(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: int, p
     )
 
 
-def prefill_s(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: int, pp: int, batch: int = 1) -> float:
-    """`batch` prompts through every stage, and the logits of their last tokens."""
+def prefill_s(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: int, pp: int, batch: int = 1,
+              expert_parallel: bool = False) -> float:
+    """`batch` prompts through every stage, and the logits of their last tokens (under expert
+    parallelism the experts whole over tp: the training model's ep = tp with whole experts)."""
+    ep = {"ep": tp, "expert_tp": 1} if expert_parallel else {}
     s = Strategy(tp=tp, precision=req.precision, microbatch_size=batch, global_batch=batch,
-                 seq_len=req.prompt_len, sequence_parallel=False)
+                 seq_len=req.prompt_len, sequence_parallel=False, **ep)
     # serving engines (vLLM, TensorRT-LLM) run fused kernels over bf16 weights, whatever runtime priced training
     cluster = with_runtime(cluster, FUSED)
     tp_group, cp_group = cluster.group(tp, 1), cluster.group(1, tp)
@@ -199,7 +220,8 @@ def prefill_s(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: int, p
     return spec.layers * per_layer + logits + hops
 
 
-def token_layer_s(spec: ModelSpec, cluster: Cluster, dtype: str, tp: int, rows: float) -> float:
+def token_layer_s(spec: ModelSpec, cluster: Cluster, dtype: str, tp: int, rows: float,
+                  expert_parallel: bool = False) -> float:
     """One layer's work that scales with the `rows` tokens of an iteration (every sequence's
     new tokens: decodes and prefill chunks alike), attention aside: the weight GEMMs (skinny at
     few rows: at the device's efficiency for their size, bounded below by reading the weights;
@@ -213,9 +235,16 @@ def token_layer_s(spec: ModelSpec, cluster: Cluster, dtype: str, tp: int, rows: 
     dense_mlp = gemm_s(dev, dtype, rows, spec.hidden, up, e) + gemm_s(dev, dtype, rows, f, spec.hidden, e)
     if spec.moe:  # the experts the batch's tokens reach: each read once, over its share of the rows
         E, k = spec.experts, spec.experts_per_token
-        touched = E * (1 - (1 - k / E) ** rows)
-        fe = spec.expert_ffn_hidden // tp
-        m = rows * k / touched
+        if expert_parallel:  # the busiest GPU's copies over its experts/tp whole experts
+            local = E / tp
+            copies = rows * k / tp * rank_imbalance(E, tp, EXPERT_LOAD_CV)
+            touched = local * (1 - (1 - 1 / local) ** copies)
+            fe = spec.expert_ffn_hidden
+            m = copies / touched
+        else:
+            touched = E * (1 - (1 - k / E) ** rows)
+            fe = spec.expert_ffn_hidden // tp
+            m = rows * k / touched
         sparse = touched * (gemm_s(dev, dtype, m, spec.hidden, 2 * fe if spec.gated else fe, e)
                             + gemm_s(dev, dtype, m, fe, spec.hidden, e)) + gemm_s(dev, dtype, rows, spec.hidden, E, e)
         if spec.shared_expert_ffn_hidden:
@@ -248,13 +277,14 @@ def head_s(spec: ModelSpec, cluster: Cluster, dtype: str, tp: int, rows: float) 
 
 
 def decode_step_s(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: int, pp: int, batch: int,
-                  context: float) -> float:
+                  context: float, expert_parallel: bool = False) -> float:
     """One token for every sequence of the batch with `context` tokens cached (per beam): per
     layer the token work (token_layer_s) and attention reading the cache; the head; the
     pipeline hops (stages run one after the other for a token)."""
     dtype, e = req.precision, req.bytes_per_value
     rows = batch * req.beam
-    layer = token_layer_s(spec, cluster, dtype, tp, rows) + decode_attention_s(spec, cluster, dtype, tp, rows, context)
+    layer = (token_layer_s(spec, cluster, dtype, tp, rows, expert_parallel)
+             + decode_attention_s(spec, cluster, dtype, tp, rows, context))
     hops = (pp - 1) * send_recv_s(rows * spec.hidden * e, cluster.p2p_link(tp))
     return spec.layers * layer + head_s(spec, cluster, dtype, tp, rows) + hops
 
@@ -270,15 +300,21 @@ class ServingPoint:
     throughput_tokens_per_s: float  # the whole cluster
     budget: KVBudget
     speculative_speedup: float = 1.0
+    expert_parallel: bool = False  # the experts whole, experts/tp per GPU (vLLM --enable-expert-parallel)
 
     @property
     def gpus(self) -> int:
         return self.tp * self.pp * self.replicas
 
+    @property
+    def label(self) -> str:
+        return f"tp{self.tp} x pp{self.pp}" + (" EP" if self.expert_parallel else "")
+
     def to_dict(self) -> dict:
         b = self.budget
         return {
             "tp": self.tp, "pp": self.pp, "replicas": self.replicas, "batch": self.batch,
+            "expert_parallel": self.expert_parallel,
             "ttft_ms": round(self.ttft_s * 1e3, 3), "tpot_ms": round(self.tpot_s * 1e3, 3),
             "throughput_tokens_per_s": round(self.throughput_tokens_per_s, 1),
             "speculative_speedup": round(self.speculative_speedup, 3),
@@ -291,10 +327,10 @@ class ServingPoint:
 
 
 def evaluate(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: int, pp: int, batch: int,
-             budget: KVBudget | None = None) -> ServingPoint:
+             budget: KVBudget | None = None, expert_parallel: bool = False) -> ServingPoint:
     budget = budget or kv_budget(spec, cluster, req, tp, pp)
-    prefill = prefill_s(spec, cluster, req, tp, pp)
-    tpot = decode_step_s(spec, cluster, req, tp, pp, batch, req.prompt_len + req.output_len / 2)
+    prefill = prefill_s(spec, cluster, req, tp, pp, expert_parallel=expert_parallel)
+    tpot = decode_step_s(spec, cluster, req, tp, pp, batch, req.prompt_len + req.output_len / 2, expert_parallel)
     ttft = prefill + tpot
     speedup = 1.0
     if req.draft is not None:
@@ -305,14 +341,15 @@ def evaluate(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: int, pp
     total = req.output_len * tpot + batch * prefill
     return ServingPoint(tp=tp, pp=pp, replicas=replicas, batch=batch, ttft_s=ttft, tpot_s=tpot,
                         throughput_tokens_per_s=replicas * batch * req.output_len / total, budget=budget,
-                        speculative_speedup=speedup)
+                        speculative_speedup=speedup, expert_parallel=expert_parallel)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ServingPlan:
     best: ServingPoint
-    curves: dict[tuple[int, int], list[ServingPoint]] = field(default_factory=dict)  # (tp, pp) -> by batch
-    refused: dict[tuple[int, int], str] = field(default_factory=dict)
+    # (tp, pp, expert_parallel) -> the points by batch
+    curves: dict[tuple[int, int, bool], list[ServingPoint]] = field(default_factory=dict)
+    refused: dict[tuple[int, int, bool], str] = field(default_factory=dict)
 
 
 def _batches(limit: int) -> list[int]:
@@ -324,41 +361,48 @@ def _batches(limit: int) -> list[int]:
 
 
 def plan_serving(spec: ModelSpec, cluster: Cluster, req: ServingRequest) -> ServingPlan:
-    """Search tp (within a node) x pp x replicas and the batch: the most tokens per second
-    whose TTFT and TPOT meet the targets, with the KV cache in paged blocks.
+    """Search tp (within a node) x pp x replicas, expert parallelism for a mixture of experts,
+    and the batch: the most tokens per second whose TTFT and TPOT meet the targets, with the KV
+    cache in paged blocks.
 
     Formulation: enumerate every layout tp * pp dividing the GPU count with tp <= GPUs per
-    node and the heads splitting (layout_problems); for each, batches 1, 2, 4, ... up to the
-    paged KV capacity (or the requested batch); keep the points meeting max_ttft/max_tpot;
-    maximise cluster throughput. Exhaustive, so the optimum over the grid is exact."""
+    node and the heads splitting (layout_problems), for a mixture of experts with tp > 1 each
+    with its experts split over tp and held whole (expert parallelism); for each, batches 1, 2,
+    4, ... up to the paged KV capacity (or the requested batch); keep the points meeting
+    max_ttft/max_tpot; maximise cluster throughput. Exhaustive, so the optimum over the grid is
+    exact."""
     n = cluster.world_size
     curves, refused, best = {}, {}, None
-    for tp in [d for d in range(1, min(n, cluster.gpus_per_node) + 1) if n % d == 0]:
-        for pp in [d for d in range(1, n // tp + 1) if (n // tp) % d == 0]:
-            why = layout_problems(spec, tp, pp)
-            if why:
-                refused[(tp, pp)] = "; ".join(why)
-                continue
-            budget = kv_budget(spec, cluster, req, tp, pp)
-            if budget.max_batch_paged < 1:
-                refused[(tp, pp)] = (f"weights need {budget.weights_gib:.1f} GiB per GPU, leaving no room for one "
+    layouts = [(tp, pp, ep) for tp in [d for d in range(1, min(n, cluster.gpus_per_node) + 1) if n % d == 0]
+               for pp in [d for d in range(1, n // tp + 1) if (n // tp) % d == 0]
+               for ep in ((False, True) if spec.moe and tp > 1 else (False,))]
+    for tp, pp, ep in layouts:
+        why = layout_problems(spec, tp, pp, ep)
+        if why:
+            refused[(tp, pp, ep)] = "; ".join(why)
+            continue
+        budget = kv_budget(spec, cluster, req, tp, pp)
+        if budget.max_batch_paged < 1:
+            refused[(tp, pp, ep)] = (f"weights need {budget.weights_gib:.1f} GiB per GPU, leaving no room for one "
                                      f"sequence's KV cache on {cluster.device.hbm_gib:g} GiB")
+            continue
+        if req.batch is not None and req.batch > budget.max_batch_paged:
+            refused[(tp, pp, ep)] = (f"batch {req.batch} exceeds the KV capacity of {budget.max_batch_paged} "
+                                     "sequences")
+            continue
+        batches = [req.batch] if req.batch is not None else _batches(budget.max_batch_paged)
+        points = [evaluate(spec, cluster, req, tp, pp, b, budget, ep) for b in batches]
+        curves[(tp, pp, ep)] = points
+        for p in points:
+            if req.max_ttft_ms is not None and p.ttft_s * 1e3 > req.max_ttft_ms:
                 continue
-            if req.batch is not None and req.batch > budget.max_batch_paged:
-                refused[(tp, pp)] = f"batch {req.batch} exceeds the KV capacity of {budget.max_batch_paged} sequences"
+            if req.max_tpot_ms is not None and p.tpot_s * 1e3 > req.max_tpot_ms:
                 continue
-            batches = [req.batch] if req.batch is not None else _batches(budget.max_batch_paged)
-            points = [evaluate(spec, cluster, req, tp, pp, b, budget) for b in batches]
-            curves[(tp, pp)] = points
-            for p in points:
-                if req.max_ttft_ms is not None and p.ttft_s * 1e3 > req.max_ttft_ms:
-                    continue
-                if req.max_tpot_ms is not None and p.tpot_s * 1e3 > req.max_tpot_ms:
-                    continue
-                if best is None or p.throughput_tokens_per_s > best.throughput_tokens_per_s:
-                    best = p
+            if best is None or p.throughput_tokens_per_s > best.throughput_tokens_per_s:
+                best = p
     if best is None:
-        reasons = "; ".join(f"tp{tp} x pp{pp}: {why}" for (tp, pp), why in list(refused.items())[:3])
+        reasons = "; ".join(f"tp{tp} x pp{pp}{' EP' if ep else ''}: {why}"
+                            for (tp, pp, ep), why in list(refused.items())[:3])
         targets = " within the latency targets" if req.max_ttft_ms or req.max_tpot_ms else ""
         raise ConfigError(f"no layout serves {spec.name} on {cluster.name}{targets}"
                           f"{' (' + reasons + ')' if reasons else ''}; add GPUs, shorten the sequences or relax the targets")

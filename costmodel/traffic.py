@@ -53,7 +53,7 @@ from costmodel.collectives import send_recv_s
 from costmodel.errors import ConfigError
 from costmodel.runtime import FUSED
 from costmodel.serving import (BYTES, ServingRequest, decode_attention_s, head_s, kv_budget, kv_bytes_per_token,
-                               kv_values_per_token_gpu, token_layer_s)
+                               kv_values_per_token_gpu, layout_problems, token_layer_s)
 from costmodel.spec import ModelSpec
 from costmodel.workload import Request
 
@@ -131,7 +131,8 @@ class IterationCost:
     tabulated at powers of two of the token count and interpolated linearly between them
     (GEMM time is piecewise linear in rows between the efficiency curve's points)."""
 
-    def __init__(self, spec: ModelSpec, cluster: Cluster, tp: int, pp: int, precision: str, max_tokens: int):
+    def __init__(self, spec: ModelSpec, cluster: Cluster, tp: int, pp: int, precision: str, max_tokens: int,
+                 expert_parallel: bool = False):
         cluster = with_runtime(cluster, FUSED)  # serving engines run fused kernels, whatever priced training
         self.spec, self.cluster, self.tp, self.pp, self.dtype = spec, cluster, tp, pp, precision
         self.e = BYTES[precision]
@@ -140,7 +141,7 @@ class IterationCost:
             grid.append(grid[-1] * 2)
         self._grid = grid
         link = cluster.p2p_link(tp)
-        self._token = [spec.layers * token_layer_s(spec, cluster, precision, tp, n)
+        self._token = [spec.layers * token_layer_s(spec, cluster, precision, tp, n, expert_parallel)
                        + (pp - 1) * send_recv_s(n * spec.hidden * self.e, link) for n in grid]
         self._head = [head_s(spec, cluster, precision, tp, n) for n in grid]
         self._q = spec.q_dim // tp
@@ -619,13 +620,15 @@ class TrafficResult:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ServingLayout:
     """Replicas of tp x pp GPUs; with `prefill_replicas` > 0 that many of them run prompts only
-    and the rest decode (disaggregated)."""
+    and the rest decode (disaggregated); `expert_parallel`: a mixture of experts' experts held
+    whole over the tp GPUs (costmodel.serving)."""
 
     tp: int = 1
     pp: int = 1
     replicas: int = 1
     prefill_replicas: int = 0
     precision: str = "bf16"
+    expert_parallel: bool = False
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "replicas"):
@@ -637,6 +640,8 @@ class ServingLayout:
                               f"{self.replicas} replicas to decode")
         if self.precision not in BYTES:
             raise ConfigError(f"serving precision {self.precision!r}; use one of {', '.join(BYTES)}")
+        if not isinstance(self.expert_parallel, bool):
+            raise ConfigError(f"expert_parallel must be true or false, got {self.expert_parallel!r}")
 
     @property
     def gpus(self) -> int:
@@ -673,7 +678,11 @@ def simulate_traffic(spec: ModelSpec, cluster: Cluster, requests: list[Request],
     if blocks * cfg.block_tokens < longest:
         raise ConfigError(f"a replica of tp {layout.tp} x pp {layout.pp} holds {blocks * cfg.block_tokens} tokens of KV "
                           f"cache, fewer than the longest request's {longest}; use more GPUs per replica")
-    cost = IterationCost(spec, cluster, layout.tp, layout.pp, layout.precision, cfg.max_num_batched_tokens)
+    why = layout_problems(spec, layout.tp, layout.pp, layout.expert_parallel)
+    if why:
+        raise ConfigError(f"{spec.name} cannot be served as tp {layout.tp} x pp {layout.pp}: {'; '.join(why)}")
+    cost = IterationCost(spec, cluster, layout.tp, layout.pp, layout.precision, cfg.max_num_batched_tokens,
+                         layout.expert_parallel)
     host = host_link_gb_per_s(cluster)
     roles = ["prefill"] * layout.prefill_replicas + ["decode" if layout.prefill_replicas else "mixed"] * (
         layout.replicas - layout.prefill_replicas)

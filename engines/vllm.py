@@ -40,18 +40,26 @@ def commands(plan: Plan, *, model_path: str | None = None) -> list[list[str]]:
         cmd += ["--max-num-batched-tokens", sv["max_num_batched_tokens"],
                 "--enable-chunked-prefill" if sv.get("chunked_prefill", True) else "--no-enable-chunked-prefill",
                 "--enable-prefix-caching" if sv.get("prefix_caching", True) else "--no-enable-prefix-caching"]
+    if sv.get("expert_parallel"):  # the experts whole over the tp GPUs (costmodel.serving)
+        cmd += ["--enable-expert-parallel"]
     if sv.get("draft_model"):
         cmd += ["--speculative-config", json.dumps({"model": sv["draft_model"],
                                                     "num_speculative_tokens": int(sv.get("draft_len", 4))},
                                                    separators=(",", ":"))]
     replicas, prefill = int(sv.get("replicas", 1)), int(sv.get("prefill_replicas", 0))
+
+    def data_parallel(count: int) -> list:
+        # under expert parallelism vLLM spreads the experts over data-parallel x tp GPUs: the plan's
+        # replicas (experts whole within each) are then separate instances, one per replica
+        return ["--data-parallel-size", count] if count > 1 and not sv.get("expert_parallel") else []
+
     if not prefill:
-        return [[str(c) for c in cmd + (["--data-parallel-size", replicas] if replicas > 1 else [])]]
+        return [[str(c) for c in cmd + data_parallel(replicas)]]
     kv = ["--kv-transfer-config", json.dumps({"kv_connector": "NixlConnector", "kv_role": "kv_both"},
                                              separators=(",", ":"))]
     out = []
     for count in (prefill, replicas - prefill):
-        out.append([str(c) for c in cmd + kv + (["--data-parallel-size", count] if count > 1 else [])])
+        out.append([str(c) for c in cmd + kv + data_parallel(count)])
     return out
 
 
@@ -62,9 +70,12 @@ def export(plan: Plan, *, model_path: str | None = None) -> list[str]:
 
 def export_text(plan: Plan) -> str:
     runs = commands(plan)
-    if len(runs) == 1:
-        return " ".join(shlex.quote(c) for c in runs[0]) + "\n"
     sv = plan.serving
+    if len(runs) == 1:
+        replicas = int(sv.get("replicas", 1))
+        each = (f"# {replicas} instances of this command, one per replica (with --data-parallel-size vLLM would "
+                "spread the experts over every replica's GPUs)\n" if sv.get("expert_parallel") and replicas > 1 else "")
+        return each + " ".join(shlex.quote(c) for c in runs[0]) + "\n"
     return (f"# prefill instances ({sv['prefill_replicas']} replica(s)); a proxy sends each request here first\n"
             + " ".join(shlex.quote(c) for c in runs[0]) + "\n"
             + f"# decode instances ({int(sv['replicas']) - int(sv['prefill_replicas'])} replica(s))\n"

@@ -139,7 +139,7 @@ class UnitResult:
 
     def name(self) -> str:
         u = self.unit
-        shape = f"tp{u.tp} x pp{u.pp}"
+        shape = f"tp{u.tp} x pp{u.pp}" + (" EP" if u.expert_parallel else "")
         split = f"1 prefill + {u.replicas - 1} decode of {shape}" if u.prefill_replicas else shape
         return f"{split}, {self.scheduler.max_num_seqs} seqs, budget {self.scheduler.max_num_batched_tokens}"
 
@@ -165,7 +165,8 @@ class TrafficPlan:
 def unit_bound(spec: ModelSpec, cluster: Cluster, unit: ServingLayout, cfg: SchedulerConfig, prompt: float,
                output: float, slo: SLO) -> float:
     """An upper bound on the requests per second one unit serves (see the formulation)."""
-    cost = IterationCost(spec, cluster, unit.tp, unit.pp, unit.precision, cfg.max_num_batched_tokens)
+    cost = IterationCost(spec, cluster, unit.tp, unit.pp, unit.precision, cfg.max_num_batched_tokens,
+                         unit.expert_parallel)
     chunk = cfg.max_num_batched_tokens
     prefill_tokens_s = chunk / cost.seconds(chunk, 1, 0, 0.0, chunk * (chunk + 1) / 2, chunk)
     blocks, _ = replica_blocks(spec, cluster, unit, cfg)
@@ -213,21 +214,23 @@ def units(spec: ModelSpec, cluster: Cluster, precision: str) -> tuple[list[Servi
     """Every unit shape the cluster can hold, and why the others cannot be."""
     out, refused = [], {}
     n = cluster.world_size
-    for tp in [d for d in (1, 2, 4, 8, 16) if d <= min(n, cluster.gpus_per_node)]:
-        for pp in (1, 2, 4):
-            why = layout_problems(spec, tp, pp)
-            if tp * pp > n or why:
-                if why:
-                    refused[f"tp{tp} x pp{pp}"] = "; ".join(why)
-                continue
-            blocks, _ = replica_blocks(spec, cluster, ServingLayout(tp=tp, pp=pp, precision=precision), SchedulerConfig())
-            if blocks * SchedulerConfig().block_tokens < spec.seq_len:
-                refused[f"tp{tp} x pp{pp}"] = "the weights leave less KV cache than one full-context sequence"
-                continue
-            for k in DECODE_PER_PREFILL:
-                if (1 + k) * tp * pp <= n:
-                    out.append(ServingLayout(tp=tp, pp=pp, replicas=1 + k, prefill_replicas=1 if k else 0,
-                                             precision=precision))
+    shapes = [(tp, pp, ep) for tp in [d for d in (1, 2, 4, 8, 16) if d <= min(n, cluster.gpus_per_node)]
+              for pp in (1, 2, 4) for ep in ((False, True) if spec.moe and tp > 1 else (False,))]
+    for tp, pp, ep in shapes:
+        name = f"tp{tp} x pp{pp}" + (" EP" if ep else "")
+        why = layout_problems(spec, tp, pp, ep)
+        if tp * pp > n or why:
+            if why:
+                refused[name] = "; ".join(why)
+            continue
+        blocks, _ = replica_blocks(spec, cluster, ServingLayout(tp=tp, pp=pp, precision=precision), SchedulerConfig())
+        if blocks * SchedulerConfig().block_tokens < spec.seq_len:
+            refused[name] = "the weights leave less KV cache than one full-context sequence"
+            continue
+        for k in DECODE_PER_PREFILL:
+            if (1 + k) * tp * pp <= n:
+                out.append(ServingLayout(tp=tp, pp=pp, replicas=1 + k, prefill_replicas=1 if k else 0,
+                                         precision=precision, expert_parallel=ep))
     # the smallest shape that fits first: a pp > 1 of a shape that already fits at pp 1 adds GPUs
     # for nothing but KV room, kept only where pp 1 does not fit
     fitting = {(u.tp, u.pp) for u in out}
@@ -248,7 +251,7 @@ def static_unit(spec: ModelSpec, cluster: Cluster, prompt: float, output: float,
         best = plan_serving(spec, cluster, req).best
     except ConfigError:
         return None
-    return ServingLayout(tp=best.tp, pp=best.pp, precision=precision), best.batch
+    return ServingLayout(tp=best.tp, pp=best.pp, precision=precision, expert_parallel=best.expert_parallel), best.batch
 
 
 def plan_traffic(spec: ModelSpec, cluster: Cluster, wl: TrafficWorkload, rate: float, slo: SLO, *,

@@ -28,9 +28,9 @@ def serving_table(spec: ModelSpec, clusters: list[str], req: ServingRequest) -> 
     for text in clusters:
         found = plan_serving(spec, load_cluster(text), req)
         best[text] = found.best
-        for (tp, pp), points in sorted(found.curves.items()):
+        for _, points in sorted(found.curves.items()):
             for p in points:
-                rows.append({"cluster": text, "layout": f"tp{tp} x pp{pp}", **p.to_dict()})
+                rows.append({"cluster": text, "layout": p.label, **p.to_dict()})
     return pd.DataFrame(rows), best
 
 

@@ -145,3 +145,61 @@ def test_check_weighs_a_serving_plan_by_its_kv_cache(tmp_path):
     report = json.loads(r.stdout)
     assert r.returncode == 2 and report["max_batch"] < 5000
     assert any("batch 5000 needs more KV cache" in p for p in report["problems"])
+
+
+def test_expert_parallel_serving_holds_experts_whole_at_the_same_weight():
+    """vLLM's --enable-expert-parallel: DeepSeek-V3's 256 experts whole, 32 on each of 8 H200s,
+    against each expert split 8 ways. The same weight bytes per GPU; a prefill runs the experts'
+    GEMMs at full width (2048 columns, not 256) and is faster; a decode step reads the same
+    touched experts and is within a few percent; what cannot split is refused by name."""
+    spec, h200 = ZOO["deepseek-v3"], load_cluster("h200:8")
+    req = ServingRequest(prompt_len=2048, output_len=256, precision="fp8")
+    assert weights_bytes_per_gpu(spec, 8, 1, 1) > 70 * 2**30  # 671B of fp8 over 8
+    split, whole = (prefill_s(spec, h200, req, 8, 1, expert_parallel=ep) for ep in (False, True))
+    assert whole < 0.9 * split
+    d_split, d_whole = (decode_step_s(spec, h200, req, 8, 1, 64, 2176, expert_parallel=ep) for ep in (False, True))
+    assert d_whole == pytest.approx(d_split, rel=0.05)
+    assert "llama3-8b has no experts" in layout_problems(ZOO["llama3-8b"], 2, 1, expert_parallel=True)[0]
+    assert "does not divide experts(8)" in layout_problems(ZOO["mixtral-8x7b"], 16, 1, expert_parallel=True)[-1]
+    assert "give --tp 2 or more" in layout_problems(spec, 1, 1, expert_parallel=True)[0]
+
+
+def test_the_serving_search_tries_expert_parallelism_for_a_mixture_of_experts(tmp_path):
+    found = plan_serving(ZOO["mixtral-8x7b"], H100, REQ)
+    assert {ep for (_, _, ep) in found.curves} == {False, True}
+    assert not any(ep for (tp, _, ep) in found.curves if tp == 1)  # one GPU holds every expert anyway
+    dense = plan_serving(ZOO["llama3-8b"], H100, REQ)
+    assert not any(ep for (_, _, ep) in dense.curves)
+    # an expert-parallel plan exports as one vLLM instance per replica: with --data-parallel-size vLLM would
+    # spread the experts over every replica's GPUs
+    out = paraplan("plan", "--mode", "inference", "--model", "qwen3-30b-a3b", "--cluster", "h100-sxm:8",
+                   "--prompt-len", "1024", "--output-len", "256", "-o", str(tmp_path / "p.yaml"))
+    assert out.returncode == 0, out.stderr
+    plan = yaml.safe_load((tmp_path / "p.yaml").read_text())
+    text = paraplan("export", str(tmp_path / "p.yaml"), "--to", "vllm").stdout
+    if plan["serving"].get("expert_parallel"):
+        command = text.strip().splitlines()[-1]
+        assert "--enable-expert-parallel" in command and "--data-parallel-size" not in command
+        assert f"{plan['serving']['replicas']} instances of this command" in text or plan["serving"]["replicas"] == 1
+    else:
+        assert "--enable-expert-parallel" not in text
+    for args, says in ((("plan", "--mode", "inference", "--model", "mixtral-8x7b", "--cluster", "h100-sxm:8",
+                         "--prompt-len", "64", "--output-len", "64", "--expert-parallel"), "plan searches --expert-parallel"),
+                       (("simulate", "--model", "llama3-8b", "--cluster", "h100-sxm:2", "--expert-parallel"),
+                        "--expert-parallel is for serving")):
+        bad = paraplan(*args)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and says in bad.stderr, bad.stderr
+
+
+def test_serving_under_traffic_prices_expert_parallel_replicas():
+    from costmodel.traffic import ServingLayout, simulate_traffic
+    from costmodel.workload import workload
+
+    spec, cluster = ZOO["qwen3-30b-a3b"], load_cluster("h100-sxm:2")
+    reqs = workload("long-context", rate=2.0, requests=60, context=spec.seq_len, seed=0)
+    split, whole = (simulate_traffic(spec, cluster, reqs, ServingLayout(tp=2, expert_parallel=ep)).metrics()
+                    for ep in (False, True))
+    # long prompts: prefill-bound, where whole experts run full-width GEMMs
+    assert whole["ttft_p50_s"] < split["ttft_p50_s"]
+    with pytest.raises(ConfigError, match="llama3-8b has no experts"):
+        simulate_traffic(ZOO["llama3-8b"], cluster, reqs, ServingLayout(tp=2, expert_parallel=True))

@@ -47,7 +47,8 @@ def format_serving(spec, cluster_text: str, req: ServingRequest, found: ServingP
     lines = [
         f"{spec.name} ({format_count(spec.num_params)} params) serving on {cluster_text}: prompt {req.prompt_len}, "
         f"output {req.output_len} tokens{f', beam {req.beam}' if req.beam > 1 else ''}",
-        f"  layout tp {p.tp} x pp {p.pp}, {p.replicas} replica(s); batch {p.batch} sequences per replica",
+        f"  layout tp {p.tp} x pp {p.pp}{' (experts whole over tp: expert parallel)' if p.expert_parallel else ''}, "
+        f"{p.replicas} replica(s); batch {p.batch} sequences per replica",
         f"  TTFT {p.ttft_s * 1e3:9.1f} ms   TPOT {p.tpot_s * 1e3:7.2f} ms   throughput {p.throughput_tokens_per_s:9.0f} "
         f"tokens/s" + (f"   (speculative x{p.speculative_speedup:.2f})" if req.draft is not None else ""),
         f"  KV cache {kv_bytes_per_token(spec, req.bytes_per_value) / 1024:.0f} KiB per token; per GPU: weights "
@@ -58,11 +59,11 @@ def format_serving(spec, cluster_text: str, req: ServingRequest, found: ServingP
         "",
         "  layout      batch   TPOT ms   tokens/s   (the throughput-latency curve of each layout)",
     ]
-    for (tp, pp), points in sorted(found.curves.items()):
+    for _, points in sorted(found.curves.items()):
         for q in points:
-            lines.append(f"  tp{tp} x pp{pp} {q.batch:8d} {q.tpot_s * 1e3:9.2f} {q.throughput_tokens_per_s:10.0f}")
-    for (tp, pp), why in sorted(found.refused.items()):
-        lines.append(f"  tp{tp} x pp{pp}: {why}")
+            lines.append(f"  {q.label:11s} {q.batch:6d} {q.tpot_s * 1e3:9.2f} {q.throughput_tokens_per_s:10.0f}")
+    for (tp, pp, ep), why in sorted(found.refused.items()):
+        lines.append(f"  tp{tp} x pp{pp}{' EP' if ep else ''}: {why}")
     return "\n".join(lines)
 
 
@@ -73,6 +74,8 @@ def run_serving(args: argparse.Namespace) -> int:
         return run_traffic_plan(args)
     if not args.model or not args.cluster:
         raise ConfigError("plan --mode inference needs --model and --cluster")
+    if getattr(args, "expert_parallel", None):
+        raise ConfigError("plan searches --expert-parallel (with and without, for a mixture of experts); leave it out")
     spec = load_model_spec(args.model)
     cluster = load_cluster(args.cluster)
     req = serving_request(args)
@@ -85,13 +88,14 @@ def run_serving(args: argparse.Namespace) -> int:
     plan = plan.__class__(**{**{f: getattr(plan, f) for f in plan.__slots__}, "mode": "inference",
                              "serving": {"prompt_len": req.prompt_len, "output_len": req.output_len, "beam": req.beam,
                                          "block_tokens": req.block_tokens, "replicas": best.replicas,
+                                         **({"expert_parallel": True} if best.expert_parallel else {}),
                                          **({"draft_model": args.draft_model, "draft_len": req.draft_len,
                                              "acceptance": req.acceptance} if req.draft is not None else {})}})
     if args.output:
         atomic_write_text(args.output, plan.to_yaml())
     if args.json:
-        print(json.dumps({"plan": plan.to_dict(), "curves": {f"tp{tp}_pp{pp}": [q.to_dict() for q in pts]
-                                                             for (tp, pp), pts in found.curves.items()}}, indent=2))
+        print(json.dumps({"plan": plan.to_dict(), "curves": {f"tp{tp}_pp{pp}{'_ep' if ep else ''}": [
+            q.to_dict() for q in pts] for (tp, pp, ep), pts in found.curves.items()}}, indent=2))
     else:
         print(format_serving(spec, args.cluster, req, found))
         if args.output:

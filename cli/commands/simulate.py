@@ -77,7 +77,8 @@ def run_simulate(args: argparse.Namespace) -> int:
             return run_traffic_simulate(args)
         raise ConfigError("simulate --mode inference predicts serving under traffic: add --workload (chat, long-context, "
                           "agent or a trace file) and --rate; for the steady state use `paraplan plan --mode inference`")
-    traffic = [k for k in ("workload", "rate", "slo", "replicas", "prefill_replicas") if getattr(args, k, None) is not None]
+    traffic = [k for k in ("workload", "rate", "slo", "replicas", "prefill_replicas", "expert_parallel")
+               if getattr(args, k, None) is not None]
     if traffic:
         raise ConfigError(f"--{traffic[0].replace('_', '-')} is for serving: add --mode inference")
     imported = None

@@ -61,7 +61,7 @@ def layout_from_args(args: argparse.Namespace, cluster: Cluster) -> ServingLayou
         raise ConfigError(f"tp({tp}) x pp({pp}) does not divide the {cluster.world_size} GPUs; give --replicas")
     replicas = args.replicas if args.replicas is not None else cluster.world_size // (tp * pp)
     return ServingLayout(tp=tp, pp=pp, replicas=replicas, prefill_replicas=args.prefill_replicas or 0,
-                         precision=args.precision or "bf16")
+                         precision=args.precision or "bf16", expert_parallel=bool(getattr(args, "expert_parallel", False)))
 
 
 def steady_state(spec: ModelSpec, cluster: Cluster, layout: ServingLayout, cfg: SchedulerConfig,
@@ -74,7 +74,8 @@ def steady_state(spec: ModelSpec, cluster: Cluster, layout: ServingLayout, cfg: 
     req = ServingRequest(prompt_len=prompt, output_len=output, block_tokens=cfg.block_tokens, precision=layout.precision)
     budget = kv_budget(spec, cluster, req, layout.tp, layout.pp)
     batch = max(1, min(cfg.max_num_seqs, budget.max_batch_paged))
-    return predicted(spec, req, evaluate(spec, cluster, req, layout.tp, layout.pp, batch, budget))
+    return predicted(spec, req, evaluate(spec, cluster, req, layout.tp, layout.pp, batch, budget,
+                                         layout.expert_parallel))
 
 
 def _ms(seconds: float) -> str:
@@ -88,7 +89,8 @@ def format_traffic(spec: ModelSpec, cluster_text: str, layout: ServingLayout, cf
     lines = [
         f"{spec.name} ({format_count(spec.num_params)} params) serving {name}"
         f"{f' at {rate:g} requests/s' if rate is not None else ''} on {cluster_text}: {r.requests} requests",
-        f"  layout tp {layout.tp} x pp {layout.pp}, {layout.replicas} replica(s){split}; max {cfg.max_num_seqs} "
+        f"  layout tp {layout.tp} x pp {layout.pp}{' (experts whole: EP)' if layout.expert_parallel else ''}, "
+        f"{layout.replicas} replica(s){split}; max {cfg.max_num_seqs} "
         f"sequences and {cfg.max_num_batched_tokens} tokens an iteration, chunked prefill "
         f"{'on' if cfg.chunked_prefill else 'off'}, prefix caching {'on' if cfg.prefix_caching else 'off'}",
         "             p50 ms    p90 ms    p99 ms",
@@ -130,7 +132,8 @@ def run_traffic_simulate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"model": spec.name, "cluster": args.cluster, "workload": args.workload, "rate": args.rate,
                           "layout": {"tp": layout.tp, "pp": layout.pp, "replicas": layout.replicas,
-                                     "prefill_replicas": layout.prefill_replicas, "precision": layout.precision},
+                                     "prefill_replicas": layout.prefill_replicas, "precision": layout.precision,
+                                     "expert_parallel": layout.expert_parallel},
                           "scheduler": {"max_num_seqs": cfg.max_num_seqs,
                                         "max_num_batched_tokens": cfg.max_num_batched_tokens,
                                         "chunked_prefill": cfg.chunked_prefill, "prefix_caching": cfg.prefix_caching,
@@ -151,7 +154,8 @@ def format_traffic_plan(spec: ModelSpec, cluster_text: str, name: str, found) ->
         + ", ".join(f"{k}_p{p:g} <= {s * 1e3:g} ms" for k, p, s in found.at_rate.slo.targets),
         f"  best unit: {best.name()}: {best.max_rate_rps:.2f} requests/s within the objectives = "
         f"{best.goodput_per_gpu:.3f} per GPU",
-        f"  for {found.rate:g} requests/s: {found.units} unit(s) = {d.replicas} replica(s){split} of tp {d.tp} x pp {d.pp},"
+        f"  for {found.rate:g} requests/s: {found.units} unit(s) = {d.replicas} replica(s){split} of tp {d.tp} x pp {d.pp}"
+        f"{' EP' if d.expert_parallel else ''},"
         f" {d.gpus} GPUs" + ("" if found.fits_cluster else f" (more than the {found.cluster_gpus} given)"),
     ]
     m = found.at_rate.metrics()
@@ -171,8 +175,8 @@ def run_traffic_plan(args: argparse.Namespace) -> int:
     from costmodel import Strategy
 
     refuse_other_flags(args)
-    given = [k for k in ("tp", "pp", "replicas", "prefill_replicas", "max_num_seqs", "max_num_batched_tokens")
-             if getattr(args, k, None) is not None]
+    given = [k for k in ("tp", "pp", "replicas", "prefill_replicas", "max_num_seqs", "max_num_batched_tokens",
+                         "expert_parallel") if getattr(args, k, None) is not None]
     if given:
         raise ConfigError(f"plan searches --{given[0].replace('_', '-')}; to price one layout use `paraplan simulate "
                           "--mode inference --workload ...`")
@@ -207,12 +211,14 @@ def run_traffic_plan(args: argparse.Namespace) -> int:
         "replicas": d.replicas, "prefill_replicas": d.prefill_replicas, "workload": args.workload, "rate": rate,
         "slo": args.slo, "max_num_seqs": best.scheduler.max_num_seqs,
         "max_num_batched_tokens": best.scheduler.max_num_batched_tokens,
-        "chunked_prefill": best.scheduler.chunked_prefill, "prefix_caching": best.scheduler.prefix_caching}})
+        "chunked_prefill": best.scheduler.chunked_prefill, "prefix_caching": best.scheduler.prefix_caching,
+        **({"expert_parallel": True} if d.expert_parallel else {})}})
     if args.output:
         atomic_write_text(args.output, plan.to_yaml())
     if args.json:
         print(json.dumps({"plan": plan.to_dict(), "units": [
             {"unit": r.name(), "tp": r.unit.tp, "pp": r.unit.pp, "replicas": r.unit.replicas,
+             "expert_parallel": r.unit.expert_parallel,
              "prefill_replicas": r.unit.prefill_replicas, "max_num_batched_tokens": r.scheduler.max_num_batched_tokens,
              "max_rate_rps": r.max_rate_rps, "goodput_rps_per_gpu": r.goodput_per_gpu} for r in found.results]},
             indent=2))
