@@ -46,10 +46,11 @@ def stage_layers(plan: Plan) -> list[int]:
     return [s.layers[1] - s.layers[0] for s in sorted(plan.stages, key=lambda s: s.virtual_stage)]
 
 
-def training_plan(plan: Plan, engine: str, *, experts: bool = False) -> None:
+def training_plan(plan: Plan, engine: str, *, experts: bool = False, latent: bool = False) -> None:
     """Refuse a serving plan where a training config is asked for, and a mixture of experts,
-    latent attention or a sliding window where the exporter (`experts`: it writes experts)
-    does not write them: read as dense it would train another model."""
+    latent attention or a sliding window where the exporter (`experts`: it writes experts;
+    `latent`: it writes latent attention) does not write them: read as dense it would train
+    another model."""
     if plan.mode == "inference":
         raise ConfigError(f"{engine} trains; this is a serving plan: export it --to vllm")
     if plan.mode == "lora":
@@ -58,7 +59,7 @@ def training_plan(plan: Plan, engine: str, *, experts: bool = False) -> None:
     if spec.moe and not experts:
         raise ConfigError(f"exporting a mixture of experts to {engine} is not written yet (its config would train a "
                           "dense model); export it --to megatron")
-    if spec.latent_attention or spec.attention_window:
+    if (spec.latent_attention and not latent) or spec.attention_window:
         raise ConfigError(f"{spec.name}'s {'latent attention' if spec.latent_attention else 'sliding window'} is not "
                           f"written to {engine}'s config yet; its export would train another model")
 

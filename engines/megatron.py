@@ -9,6 +9,7 @@ even middle is `--decoder-first/last-pipeline-num-layers`.
 
 from __future__ import annotations
 
+import re
 import shlex
 
 from costmodel.errors import ConfigError
@@ -23,15 +24,21 @@ VALUED = {"--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--n
           "--decoder-first-pipeline-num-layers", "--decoder-last-pipeline-num-layers", "--num-layers", "--hidden-size",
           "--ffn-hidden-size", "--num-attention-heads", "--num-query-groups", "--max-position-embeddings",
           "--position-embedding-type", "--normalization", "--vocab-size", "--attention-backend",
-          "--num-virtual-stages-per-pipeline-rank"}
+          "--num-virtual-stages-per-pipeline-rank", "--kv-channels",
+          # mixture of experts (Megatron-Core's MoE arguments) and multi-head latent attention
+          "--num-experts", "--moe-router-topk", "--moe-ffn-hidden-size", "--expert-tensor-parallel-size",
+          "--moe-shared-expert-intermediate-size", "--moe-layer-freq", "--moe-expert-capacity-factor",
+          "--moe-token-dispatcher-type", "--q-lora-rank", "--kv-lora-rank", "--qk-head-dim", "--qk-pos-emb-head-dim",
+          "--v-head-dim"}
 SWITCHES = {"--sequence-parallel", "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
             "--bf16", "--fp16", "--group-query-attention", "--swiglu", "--untie-embeddings-and-output-weights",
-            "--disable-bias-linear", "--use-flash-attn", "--use-torch-fsdp2"}
+            "--disable-bias-linear", "--use-flash-attn", "--use-torch-fsdp2", "--moe-grouped-gemm",
+            "--overlap-moe-expert-parallel-comm", "--moe-router-force-load-balancing", "--multi-latent-attention"}
 
 
 def export(plan: Plan) -> list[str]:
     """The plan as Megatron-LM arguments (model shape, parallelism, batch, precision)."""
-    training_plan(plan, "Megatron-LM", experts=True)
+    training_plan(plan, "Megatron-LM", experts=True, latent=True)
     spec, mesh, sched = plan.spec, plan.mesh, plan.schedule
     if plan.zero == 3 and mesh["pp"] > 1:
         raise ConfigError("Megatron-LM's FSDP (--use-torch-fsdp2) does not run with pipeline parallelism; "
@@ -45,7 +52,11 @@ def export(plan: Plan) -> list[str]:
     if spec.activation.value == "geglu":
         raise ConfigError("Megatron-LM's arguments have no GELU-gated MLP (only --swiglu); export this model to "
                           "torchtitan or train it with paraplan run")
-    if spec.q_dim != spec.hidden:
+    if spec.latent_attention:  # Megatron-Core's MLA: q_head_dim = qk_head_dim + qk_pos_emb_head_dim
+        args += ["--multi-latent-attention", "--kv-lora-rank", spec.kv_lora_rank,
+                 "--qk-head-dim", spec.head_dim - spec.qk_rope_head_dim, "--qk-pos-emb-head-dim", spec.qk_rope_head_dim,
+                 "--v-head-dim", spec.v_head_dim] + (["--q-lora-rank", spec.q_lora_rank] if spec.q_lora_rank else [])
+    elif spec.q_dim != spec.hidden:
         args += ["--kv-channels", spec.head_dim]
     if spec.kv_heads != spec.heads:
         args += ["--group-query-attention", "--num-query-groups", spec.kv_heads]
@@ -63,15 +74,15 @@ def export(plan: Plan) -> list[str]:
     args += ["--tensor-model-parallel-size", mesh["tp"], "--pipeline-model-parallel-size", mesh["pp"],
              "--context-parallel-size", mesh["cp"]]
     if spec.moe:  # Megatron-Core's MoE arguments; its alltoall dispatcher and grouped GEMM, dropless
-        if spec.moe_every != 1:
-            raise ConfigError(f"{spec.name} has experts every {spec.moe_every} layers; the export writes dense-first "
-                              "layouts only (--moe-layer-freq as a list is not written yet)")
         args += ["--num-experts", spec.experts, "--moe-router-topk", spec.experts_per_token,
                  "--moe-ffn-hidden-size", spec.expert_ffn_hidden,
                  "--expert-model-parallel-size", plan.experts.get("ep", 1),
                  "--expert-tensor-parallel-size", plan.experts.get("expert_tp", mesh["tp"]),
                  "--moe-token-dispatcher-type", "alltoall", "--moe-grouped-gemm"]
-        if spec.dense_layers:
+        if spec.moe_every != 1:  # the pattern as a list, one 0/1 per layer
+            args += ["--moe-layer-freq", "[" + ",".join("1" if spec.is_moe_layer(i) else "0"
+                                                        for i in range(spec.layers)) + "]"]
+        elif spec.dense_layers:
             args += ["--moe-layer-freq", f"([0]*{spec.dense_layers}+[1]*{spec.layers - spec.dense_layers})"]
         if spec.shared_expert_ffn_hidden:
             args += ["--moe-shared-expert-intermediate-size", spec.shared_expert_ffn_hidden]
@@ -135,6 +146,60 @@ def export_text(plan: Plan) -> str:
     return " \\\n".join(lines) + "\n"
 
 
+def _attention_fields(values: dict, switches: set, num) -> dict:
+    """Head width and multi-head latent attention of the arguments, as ModelSpec fields."""
+    if "--multi-latent-attention" not in switches:
+        return {"head_dim": num("--kv-channels")} if "--kv-channels" in values else {}
+    rope = num("--qk-pos-emb-head-dim", 64)
+    return {"kv_lora_rank": num("--kv-lora-rank", 512), "q_lora_rank": num("--q-lora-rank", 0) if "--q-lora-rank"
+            in values else 0, "head_dim": num("--qk-head-dim", 128) + rope, "qk_rope_head_dim": rope,
+            "v_head_dim": num("--v-head-dim", 128)}
+
+
+def _expert_fields(values: dict, num, layers: int) -> dict:
+    """Megatron-Core's MoE arguments as ModelSpec fields ({} for a dense model)."""
+    if "--num-experts" not in values:
+        return {}
+    fields = {"experts": num("--num-experts"), "experts_per_token": num("--moe-router-topk", 2),
+              "expert_ffn_hidden": num("--moe-ffn-hidden-size", num("--ffn-hidden-size", 0)),
+              "shared_expert_ffn_hidden": num("--moe-shared-expert-intermediate-size", 0) if
+              "--moe-shared-expert-intermediate-size" in values else 0}
+    if "--moe-expert-capacity-factor" in values:
+        try:
+            fields["capacity_factor"] = float(values["--moe-expert-capacity-factor"])
+        except ValueError:
+            raise ConfigError(f"--moe-expert-capacity-factor must be a number, got "
+                              f"{values['--moe-expert-capacity-factor']!r}") from None
+    fields.update(_layer_pattern(values.get("--moe-layer-freq", "1"), layers))
+    return fields
+
+
+def _layer_pattern(text: str, layers: int) -> dict:
+    """--moe-layer-freq as dense_layers / moe_every: 1 (every layer), a list of 0/1 per layer or
+    Megatron's ([0]*k+[1]*n); the patterns the spec holds (dense first, or every k-th layer)."""
+    text = text.strip().replace(" ", "")
+    if text == "1":
+        return {}
+    match = re.fullmatch(r"\(?\[0\]\*(\d+)\+\[1\]\*(\d+)\)?", text)
+    if match:
+        flags = [0] * int(match.group(1)) + [1] * int(match.group(2))
+    elif re.fullmatch(r"\[[01](,[01])*\]", text):
+        flags = [int(c) for c in text[1:-1].split(",")]
+    else:
+        raise ConfigError(f"--moe-layer-freq {text}: paraplan reads 1, a list of 0/1 per layer or ([0]*k+[1]*n); "
+                          "give the list")
+    if len(flags) != layers:
+        raise ConfigError(f"--moe-layer-freq gives {len(flags)} layers, --num-layers {layers}")
+    dense = flags.index(1) if 1 in flags else layers
+    if flags == [0] * dense + [1] * (layers - dense):
+        return {"dense_layers": dense}
+    every = next((k for k in range(2, layers + 1) if flags == [int((i + 1) % k == 0) for i in range(layers)]), None)
+    if every is None:
+        raise ConfigError("--moe-layer-freq: experts on dense-first layers or every k-th layer are what paraplan "
+                          "prices; this pattern is neither")
+    return {"moe_every": every}
+
+
 def import_(argv: list[str], *, world_size: int) -> Imported:
     """Megatron-LM arguments on `world_size` GPUs -> the strategy (and the model) they run."""
     values: dict[str, str] = {}
@@ -170,6 +235,8 @@ def import_(argv: list[str], *, world_size: int) -> Imported:
         return positive_int(values[name], name, "Megatron-LM")
 
     spec = None
+    if "--num-experts" not in values and any(f in values for f in ("--moe-router-topk", "--moe-ffn-hidden-size")):
+        raise ConfigError("the Megatron-LM arguments give MoE settings without --num-experts; add it (or drop them)")
     if "--num-layers" in values:
         heads = num("--num-attention-heads")
         position = values.get("--position-embedding-type", "learned_absolute")
@@ -182,12 +249,16 @@ def import_(argv: list[str], *, world_size: int) -> Imported:
             norm="rmsnorm" if values.get("--normalization", "LayerNorm") == "RMSNorm" else "layernorm",
             position={"rope": "rope", "none": "none"}.get(position, "learned"),
             tied_embeddings="--untie-embeddings-and-output-weights" not in switches,
-            bias="--disable-bias-linear" not in switches, dropout=True)
+            bias="--disable-bias-linear" not in switches, dropout=True,
+            **_attention_fields(values, switches, num), **_expert_fields(values, num, num("--num-layers")))
+    elif "--num-experts" in values or "--multi-latent-attention" in switches:
+        raise ConfigError("the Megatron-LM arguments describe experts or latent attention but not the model's size; "
+                          "add --num-layers, --hidden-size and --num-attention-heads")
     tp, pp, cp = num("--tensor-model-parallel-size", 1), num("--pipeline-model-parallel-size", 1), \
         num("--context-parallel-size", 1)
-    if num("--expert-model-parallel-size", 1) > 1:
-        raise ConfigError("--expert-model-parallel-size > 1 needs a mixture-of-experts model, which paraplan does "
-                          "not price yet")
+    ep = num("--expert-model-parallel-size", 1)
+    if ep > 1 and "--num-experts" not in values:
+        raise ConfigError("--expert-model-parallel-size > 1 needs --num-experts (a mixture-of-experts model)")
     if world_size % (tp * pp * cp):
         raise ConfigError(f"tp {tp} x pp {pp} x cp {cp} does not divide the {world_size} GPUs of the cluster")
     dp = world_size // (tp * pp * cp)
@@ -206,6 +277,15 @@ def import_(argv: list[str], *, world_size: int) -> Imported:
                         precision="bf16" if "--bf16" in switches else "fp16" if "--fp16" in switches else "fp32",
                         flash_attention=values.get("--attention-backend", "flash" if "--use-flash-attn" in switches
                                                    else "auto") in ("flash", "auto"))
+    if "--num-experts" in values:
+        fields.update(ep=ep, ep_overlap="--overlap-moe-expert-parallel-comm" in switches)
+        if "--expert-tensor-parallel-size" in values and num("--expert-tensor-parallel-size") != tp:
+            fields["expert_tp"] = num("--expert-tensor-parallel-size")
+        if "--moe-router-force-load-balancing" in switches:
+            fields["expert_load_cv"] = 0.0
+        dispatcher = values.get("--moe-token-dispatcher-type", "allgather")
+        if dispatcher != "alltoall":
+            unknown.append(f"--moe-token-dispatcher-type {dispatcher} (priced as the alltoall dispatcher)")
     if pp > 1:
         layers = spec.layers if spec else None
         if "--num-layers-per-virtual-pipeline-stage" in values:

@@ -316,10 +316,11 @@ def test_a_mixture_of_experts_exports_to_megatron_and_nowhere_it_would_turn_dens
     from planner.plan import plan_from_strategy
 
     spec = ZOO["deepseek-v3"]
-    s = Strategy(pp=16, dp=128, ep=64, zero=1, global_batch=15360, microbatch_size=1, ep_overlap=True)
-    plan = plan_from_strategy(spec, s, "h800:2048", {})
-    with pytest.raises(ConfigError, match="latent attention"):
-        megatron.export(plan)  # MLA is not written yet: refused, not exported as plain attention
+    s = Strategy(dp=2048, ep=64, zero=1, global_batch=15360, microbatch_size=1, ep_overlap=True)
+    args = megatron.export(plan_from_strategy(spec, s, "h800:2048", {}))
+    assert "--multi-latent-attention" in args and args[args.index("--kv-lora-rank") + 1] == "512"
+    assert args[args.index("--qk-head-dim") + 1] == "128" and args[args.index("--qk-pos-emb-head-dim") + 1] == "64"
+    assert args[args.index("--moe-layer-freq") + 1] == "([0]*3+[1]*58)" and "--overlap-moe-expert-parallel-comm" in args
     spec = ZOO["mixtral-8x7b"]
     s = Strategy(dp=64, ep=8, zero=1, global_batch=1024, microbatch_size=1)
     args = megatron.export(plan_from_strategy(spec, s, "h100-sxm:64", {}))
@@ -328,6 +329,46 @@ def test_a_mixture_of_experts_exports_to_megatron_and_nowhere_it_would_turn_dens
     assert args[args.index("--moe-ffn-hidden-size") + 1] == "14336" and "--moe-grouped-gemm" in args
     with pytest.raises(ConfigError, match="mixture of experts"):
         torchtitan.export(plan_from_strategy(spec, s, "h100-sxm:64", {}))
+
+
+@pytest.mark.parametrize("name,cluster,ep,moe_every", [
+    ("deepseek-v3", "h800:2048", 64, 1), ("mixtral-8x7b", "h100-sxm:64", 8, 1), ("qwen3-30b-a3b", "h100-sxm:8", 8, 1),
+    ("qwen3-30b-a3b", "h100-sxm:8", 8, 2),  # experts every second layer (Llama 4's interleaving): a 0/1 list
+])
+def test_megatron_arguments_of_a_mixture_of_experts_read_back_as_the_same_model(name, cluster, ep, moe_every):
+    """Megatron-Core's MoE and latent-attention arguments, as paraplan writes them, read back as
+    the same model (parameter counts, experts, dense layers, MLA ranks) and expert layout."""
+    from engines import megatron
+    from planner.plan import plan_from_strategy
+
+    spec = replace(ZOO[name], moe_every=moe_every)
+    world = int(cluster.split(":")[1])
+    s = Strategy(dp=world, ep=ep, zero=1, global_batch=world, microbatch_size=1, ep_overlap=name == "deepseek-v3")
+    back = megatron.import_(megatron.export(plan_from_strategy(spec, s, cluster, {})), world_size=world)
+    assert back.unknown == ()
+    b = back.spec
+    assert b.num_params == spec.num_params and b.active_params() == spec.active_params()
+    assert (b.experts, b.experts_per_token, b.expert_ffn_hidden, b.shared_expert_ffn_hidden) == (
+        spec.experts, spec.experts_per_token, spec.expert_ffn_hidden, spec.shared_expert_ffn_hidden)
+    assert (b.dense_layers, b.moe_every, b.kv_lora_rank, b.q_lora_rank, b.head_dim) == (
+        spec.dense_layers, spec.moe_every, spec.kv_lora_rank, spec.q_lora_rank, spec.head_dim)
+    assert back.strategy.ep == ep and back.strategy.ep_overlap == (name == "deepseek-v3")
+
+
+@pytest.mark.parametrize("extra,needle", [
+    ("--num-experts 8 --moe-layer-freq 2", "give the list"),
+    ("--num-experts 8 --moe-layer-freq [1,0,1]", "gives 3 layers, --num-layers 4"),
+    ("--num-experts 8 --moe-layer-freq [1,1,0,1]", "neither"),
+    ("--moe-router-topk 2", "without --num-experts"),
+])
+def test_megatron_moe_arguments_paraplan_cannot_read_are_refused_in_one_line(extra, needle, capsys):
+    from cli.main import main
+
+    args = ("--num-layers 4 --hidden-size 256 --num-attention-heads 4 --seq-length 128 --max-position-embeddings 128 "
+            "--micro-batch-size 1 --global-batch-size 8 " + extra)
+    code = main(["simulate", "--from", "megatron", args, "--cluster", "h100-sxm:8"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and needle in err, err
 
 
 def _graph_nodes(tensor) -> set[str]:
