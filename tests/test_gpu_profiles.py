@@ -1,11 +1,13 @@
-"""GPU profiles taken from datasheets (H800, B200, GB200 NVL72): every figure sourced and
+"""GPU profiles taken from datasheets (H800, B200, GB200 NVL72, B300, GB300 NVL72): every figure sourced and
 tagged, flagged as not measured, and behaving as the hardware differs from the H100's.
 
 Datasheet figures (dense; NVIDIA quotes sparse Tensor Core rates, twice these):
 - H800 SXM5: H100 SXM5 compute and memory, NVLink 400 GB/s bidirectional.
 - HGX/DGX B200: 2.25 PFLOP/s bf16, 4.5 fp8, 180 GB HBM3e at 8 TB/s, NVLink 5 1.8 TB/s.
 - GB200 NVL72: 180 PF bf16 / 360 PF fp8 dense for 72 GPUs, 13.4 TB at 576 TB/s, 72 GPUs on
-  one NVLink 5 domain (130 TB/s)."""
+  one NVLink 5 domain (130 TB/s).
+- HGX/DGX B300 (Blackwell Ultra): B200's bf16/fp8 rates, 288 GB HBM3e at 8 TB/s, 800 Gb/s ConnectX-8.
+- GB300 NVL72: GB200 NVL72's fp8 (360 PF for 72), 288 GB HBM3e per GPU, 800 Gb/s ConnectX-8."""
 
 import re
 from pathlib import Path
@@ -24,6 +26,8 @@ EXPECTED = {  # name: (bf16 TFLOP/s, fp8, HBM GB, HBM TB/s, NVLink GB/s per dire
     "h800": (989.4, 1978.9, 79.6, 3.35, 200, 8),
     "b200": (2250.0, 4500.0, 180 * 79.6 / 80, 8.0, 900, 8),
     "gb200": (2500.0, 5000.0, 186 * 79.6 / 80, 8.0, 900, 72),
+    "b300": (2250.0, 4500.0, 288 * 79.6 / 80, 8.0, 900, 8),
+    "gb300": (2500.0, 5000.0, 288 * 79.6 / 80, 8.0, 900, 72),
 }
 
 
@@ -41,7 +45,7 @@ def test_datasheet_profile_figures_and_sources(name):
     assert dev.peak_flops("fp8") == pytest.approx(fp8 * 1e12)
     assert dev.hbm_gib == pytest.approx(hbm_gib, rel=0.01)
     assert dev.hbm_gb_per_s == pytest.approx(tb_s * 1000)
-    assert data["links"]["intra_node"]["bandwidth_gb_per_s"] == nvlink
+    assert cluster.group(2, 1).intra.bandwidth_gb_per_s == nvlink
     assert cluster.gpus_per_node == domain
 
 
