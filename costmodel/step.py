@@ -208,7 +208,8 @@ def build_step(spec: ModelSpec, strategy: Strategy, cluster: Cluster, block: Blo
     layer = layers_by_policy[s.recompute_of(k_stages - 1)]  # its params and buffers: alike under every policy
 
     orders = build(s.schedule, pp, m, s.virtual_stages)
-    memory = tuple(_rank_memory(spec, s, cluster, layer, ends, counts, r) for r in range(pp))
+    per_layer_bytes: dict[Recompute, float] = {}  # a layer's activations under each policy, worked out once
+    memory = tuple(_rank_memory(spec, s, cluster, layer, ends, counts, r, per_layer_bytes) for r in range(pp))
     per_policy: dict[Recompute, int] = {}
     for k, n in enumerate(counts):
         per_policy[s.recompute_of(k)] = per_policy.get(s.recompute_of(k), 0) + n
@@ -316,7 +317,11 @@ def _rank_tensors(spec: ModelSpec, s: Strategy, counts, rank: int, pp: int) -> i
             + (head if len(counts) - 1 in chunks else 0))
 
 
-def _rank_memory(spec, s: Strategy, cluster: Cluster, layer: LayerCost, ends, counts, rank) -> RankMemory:
+def _rank_memory(spec, s: Strategy, cluster: Cluster, layer: LayerCost, ends, counts, rank,
+                 per_layer_bytes: dict | None = None) -> RankMemory:
+    """Pipeline rank `rank`'s memory; `per_layer_bytes` memoizes a layer's activations by its
+    recomputation policy across the ranks of one step."""
+    per_layer_bytes = {} if per_layer_bytes is None else per_layer_bytes
     pol = s.policy
     k_stages = s.num_stages
     shard = s.dp_shard * s.cp
@@ -342,13 +347,19 @@ def _rank_memory(spec, s: Strategy, cluster: Cluster, layer: LayerCost, ends, co
     op_level = cluster.cost_runtime.selective_recompute == "save-matmuls"
 
     def per_layer(k: int) -> float:
-        if op_level and s.recompute_of(k) is Recompute.SELECTIVE:
+        policy = s.recompute_of(k)
+        if policy not in per_layer_bytes:
+            per_layer_bytes[policy] = layer_bytes(policy)
+        return per_layer_bytes[policy]
+
+    def layer_bytes(policy: Recompute) -> float:
+        if op_level and policy is Recompute.SELECTIVE:
             return saved_matmul_outputs_bytes(spec, seq=seq, batch=s.microbatch_size, tp=s.tp,
                                               sequence_parallel=s.sequence_parallel, bytes_per_value=pol.activation_bytes,
                                               ep=s.ep, expert_tp=s.expert_tp, expert_cv=s.expert_load_cv)
         return layer_activation_bytes(
             spec, seq=seq, batch=s.microbatch_size, tp=s.tp, sequence_parallel=s.sequence_parallel,
-            recompute=s.recompute_of(k), flash_attention=s.flash_attention, bytes_per_value=pol.activation_bytes,
+            recompute=policy, flash_attention=s.flash_attention, bytes_per_value=pol.activation_bytes,
             ep=s.ep, expert_tp=s.expert_tp, expert_cv=s.expert_load_cv,
         )
 
@@ -361,11 +372,13 @@ def _rank_memory(spec, s: Strategy, cluster: Cluster, layer: LayerCost, ends, co
         weights[c] = counts[k] * per_layer(k) + (embed_act if k == 0 else 0.0) + (head_act if k == k_stages - 1 else 0.0)
     activations = peak_in_flight(s.schedule, s.pp, s.num_microbatches, s.virtual_stages, rank, weights)
     if any(s.recompute_of(k) is Recompute.FULL for k in chunks):  # the layer being recomputed holds its full activations
-        activations += layer_activation_bytes(
-            spec, seq=seq, batch=b, tp=s.tp, sequence_parallel=s.sequence_parallel, recompute=Recompute.NONE,
-            flash_attention=s.flash_attention, bytes_per_value=e, ep=s.ep, expert_tp=s.expert_tp,
-            expert_cv=s.expert_load_cv,
-        )
+        if "recomputing" not in per_layer_bytes:
+            per_layer_bytes["recomputing"] = layer_activation_bytes(
+                spec, seq=seq, batch=b, tp=s.tp, sequence_parallel=s.sequence_parallel, recompute=Recompute.NONE,
+                flash_attention=s.flash_attention, bytes_per_value=e, ep=s.ep, expert_tp=s.expert_tp,
+                expert_cv=s.expert_load_cv,
+            )
+        activations += per_layer_bytes["recomputing"]
     overhead = cluster.device.memory_overhead
     buffers = 0.0
     if s.zero == 3 and shard > 1:  # two layers gathered (current, prefetched) and one unsharded gradient

@@ -64,7 +64,7 @@ def test_hf_config_and_spec_files(tmp_path):
     "args, needle",
     [
         (["--model", "gpt5", "--cluster", "a100-80g:8"], "unknown model 'gpt5'"),
-        (["--model", "gpt3-13b", "--cluster", "b300:8"], "unknown device 'b300'"),
+        (["--model", "gpt3-13b", "--cluster", "v100:8"], "unknown device 'v100'"),
         (["--model", "tests/data/broken.yaml", "--cluster", "a100-80g:8"], "not valid YAML"),
         (["--model", "gpt3-13b", "--cluster", "tests/data/broken.yaml"], "not valid YAML"),
         (["--model", "gpt3-175b", "--cluster", "a100-80g:64", "--tp", "7", "--dp", "1", "--pp", "1"], "world size"),
