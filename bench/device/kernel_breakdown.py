@@ -3,7 +3,8 @@
     python bench/device/kernel_breakdown.py -o breakdown.json      (on a GPU; CPU works for a smoke test)
 
 One step (forward, backward, AdamW as `paraplan run` does it on one process: bf16 autocast,
-fp32 weights, foreach off) of the 1.3B GPT and the 1B Llama of bench/gpu_fidelity.py under
+fp32 weights, foreach off) of the 1.3B GPT and the 1B Llama of bench/gpu_fidelity.py (`--moe`: its
+Qwen3-30B-A3B-layered MoE instead) under
 torch.profiler; device kernel time summed per family (GEMM, attention, memory-bound
 elementwise/norm/softmax, optimizer, other) and the kernel count. It tells the training-runtime
 profile how much an eager runtime spends outside GEMMs and attention.
@@ -24,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from costmodel.spec import ModelSpec  # noqa: E402
-from gpu_fidelity import GPT, LLAMA  # noqa: E402
+from gpu_fidelity import GPT, LLAMA, QWEN3_MOE  # noqa: E402
 from planner.zoo.model import build_model  # noqa: E402
 
 FAMILIES = (("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
@@ -80,12 +81,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-o", "--output", required=True)
     ap.add_argument("--small", action="store_true", help="2 layers, short sequences (a smoke test)")
+    ap.add_argument("--moe", action="store_true", help="the mixture of experts of bench/gpu_fidelity.py instead")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    runs = [(GPT, 8), (LLAMA, 4)]
+    runs = [(QWEN3_MOE, 4)] if args.moe else [(GPT, 8), (LLAMA, 4)]
     if args.small:
         runs = [({**m, "layers": 2, "seq_len": 128, "hidden": 256, "heads": 4, "vocab": 512,
-                  **({"kv_heads": 2, "ffn_hidden": 1024} if "kv_heads" in m else {})}, 2) for m, _ in runs]
+                  **({"kv_heads": 2, "ffn_hidden": 1024} if "kv_heads" in m else {}),
+                  **({"experts": 8, "experts_per_token": 2, "expert_ffn_hidden": 64, "head_dim": 64} if "experts" in m
+                     else {})}, 2) for m, _ in runs]
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
               "runs": [breakdown(m, b, device) for m, b in runs]}
     Path(args.output).write_text(json.dumps(result, indent=1))
