@@ -19,6 +19,7 @@ wall time per token count, and the median and 90th percentile of |error|.
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 import tempfile
@@ -66,8 +67,8 @@ def percentiles(errs: list[float]) -> tuple[float, float]:
 
 def layer_rows(measured: dict, runtime: str = "paraplan") -> list[tuple[dict, float]]:
     """(measured row, predicted forward + backward seconds) of each grouped-GEMM case of one GPU."""
-    import dataclasses
-    import json  # noqa: F401 - the caller reads the file
+    from bench.device.moe_layer import case_spec  # the layer the measurement ran
+
     cluster = load_cluster("h200-measured:1")
     rt = load_runtime(runtime)
     one = cluster.group(1, 1)
@@ -76,9 +77,7 @@ def layer_rows(measured: dict, runtime: str = "paraplan") -> list[tuple[dict, fl
     for row in measured["cases"]:
         if row["path"] != "auto":
             continue
-        spec = ZOO[row["model"]]
-        spec = dataclasses.replace(spec, experts=row["local_experts"], experts_per_token=row["top_k"], layers=1,
-                                   dense_layers=0)
+        spec = case_spec(row["model"], row["ep"])
         cost = moe_cost(spec, device=cluster.device, dtype="bf16", bytes_per_value=2, batch=1,
                         seq_local=row["tokens"], tp=1, layout=layout, expert_cv=0.0,
                         elementwise_traffic=rt.elementwise_traffic, host_us=rt.moe_host_us)
@@ -104,7 +103,6 @@ def main() -> int:
     median, p90 = percentiles(errs)
     print(f"\n{len(errs)} runs: median |error| {100 * median:.1f}%, 90th percentile "
           f"{100 * p90:.1f}%, optimistic {sum(e > 0 for e in errs)} of {len(errs)}")
-    import json
     measured = json.loads(MEASURED.read_text())
     print(f"\nOne MoE layer on one {measured['device']} (paraplan's module, torch {measured['torch']}, bf16, "
           "forward + backward), measured against predicted:")

@@ -116,6 +116,11 @@ def kv_heads_per_gpu(spec: ModelSpec, tp: int) -> int:
     return max(spec.kv_heads // tp, 1)
 
 
+def layout_label(tp: int, pp: int, expert_parallel: bool = False) -> str:
+    """A serving layout as the commands and reports name it: tp2 x pp1, tp2 x pp1 EP."""
+    return f"tp{tp} x pp{pp}" + (" EP" if expert_parallel else "")
+
+
 def layout_problems(spec: ModelSpec, tp: int, pp: int, expert_parallel: bool = False) -> list[str]:
     """Why tp x pp cannot serve the model (the query heads split; KV heads split or replicate;
     the experts split over tp, whole under expert parallelism)."""
@@ -308,7 +313,7 @@ class ServingPoint:
 
     @property
     def label(self) -> str:
-        return f"tp{self.tp} x pp{self.pp}" + (" EP" if self.expert_parallel else "")
+        return layout_label(self.tp, self.pp, self.expert_parallel)
 
     def to_dict(self) -> dict:
         b = self.budget
@@ -401,8 +406,7 @@ def plan_serving(spec: ModelSpec, cluster: Cluster, req: ServingRequest) -> Serv
             if best is None or p.throughput_tokens_per_s > best.throughput_tokens_per_s:
                 best = p
     if best is None:
-        reasons = "; ".join(f"tp{tp} x pp{pp}{' EP' if ep else ''}: {why}"
-                            for (tp, pp, ep), why in list(refused.items())[:3])
+        reasons = "; ".join(f"{layout_label(*layout)}: {why}" for layout, why in list(refused.items())[:3])
         targets = " within the latency targets" if req.max_ttft_ms or req.max_tpot_ms else ""
         raise ConfigError(f"no layout serves {spec.name} on {cluster.name}{targets}"
                           f"{' (' + reasons + ')' if reasons else ''}; add GPUs, shorten the sequences or relax the targets")

@@ -346,8 +346,7 @@ def _rank_memory(spec, s: Strategy, cluster: Cluster, layer: LayerCost, ends, co
         p += frozen / (shard if s.zero == 3 and shard > 1 else 1)
     op_level = cluster.cost_runtime.selective_recompute == "save-matmuls"
 
-    def per_layer(k: int) -> float:
-        policy = s.recompute_of(k)
+    def per_layer(policy: Recompute) -> float:
         if policy not in per_layer_bytes:
             per_layer_bytes[policy] = layer_bytes(policy)
         return per_layer_bytes[policy]
@@ -369,16 +368,10 @@ def _rank_memory(spec, s: Strategy, cluster: Cluster, layer: LayerCost, ends, co
     head_act = seq * b * (h * e / sp_div + -(-spec.vocab // s.tp) * cluster.cost_runtime.loss_activation_bytes_per_logit)  # final norm input, the loss's logits
     weights = [0.0] * s.virtual_stages
     for c, k in enumerate(chunks):
-        weights[c] = counts[k] * per_layer(k) + (embed_act if k == 0 else 0.0) + (head_act if k == k_stages - 1 else 0.0)
+        weights[c] = counts[k] * per_layer(s.recompute_of(k)) + (embed_act if k == 0 else 0.0) + (head_act if k == k_stages - 1 else 0.0)
     activations = peak_in_flight(s.schedule, s.pp, s.num_microbatches, s.virtual_stages, rank, weights)
     if any(s.recompute_of(k) is Recompute.FULL for k in chunks):  # the layer being recomputed holds its full activations
-        if "recomputing" not in per_layer_bytes:
-            per_layer_bytes["recomputing"] = layer_activation_bytes(
-                spec, seq=seq, batch=b, tp=s.tp, sequence_parallel=s.sequence_parallel, recompute=Recompute.NONE,
-                flash_attention=s.flash_attention, bytes_per_value=e, ep=s.ep, expert_tp=s.expert_tp,
-                expert_cv=s.expert_load_cv,
-            )
-        activations += per_layer_bytes["recomputing"]
+        activations += per_layer(Recompute.NONE)
     overhead = cluster.device.memory_overhead
     buffers = 0.0
     if s.zero == 3 and shard > 1:  # two layers gathered (current, prefetched) and one unsharded gradient

@@ -53,7 +53,7 @@ from costmodel.collectives import send_recv_s
 from costmodel.errors import ConfigError
 from costmodel.runtime import FUSED
 from costmodel.serving import (BYTES, ServingRequest, decode_attention_s, head_s, kv_budget, kv_bytes_per_token,
-                               kv_values_per_token_gpu, layout_problems, token_layer_s)
+                               kv_values_per_token_gpu, layout_label, layout_problems, token_layer_s)
 from costmodel.spec import ModelSpec
 from costmodel.workload import Request
 
@@ -646,6 +646,11 @@ class ServingLayout:
     @property
     def gpus(self) -> int:
         return self.tp * self.pp * self.replicas
+
+    @property
+    def label(self) -> str:
+        """One replica's shape (costmodel.serving.layout_label)."""
+        return layout_label(self.tp, self.pp, self.expert_parallel)
 
 
 def replica_blocks(spec: ModelSpec, cluster: Cluster, layout: ServingLayout, cfg: SchedulerConfig) -> tuple[int, float]:

@@ -151,8 +151,7 @@ def _attention_fields(values: dict, switches: set, num) -> dict:
     if "--multi-latent-attention" not in switches:
         return {"head_dim": num("--kv-channels")} if "--kv-channels" in values else {}
     rope = num("--qk-pos-emb-head-dim", 64)
-    return {"kv_lora_rank": num("--kv-lora-rank", 512), "q_lora_rank": num("--q-lora-rank", 0) if "--q-lora-rank"
-            in values else 0, "head_dim": num("--qk-head-dim", 128) + rope, "qk_rope_head_dim": rope,
+    return {"kv_lora_rank": num("--kv-lora-rank", 512), "q_lora_rank": num("--q-lora-rank", 0), "head_dim": num("--qk-head-dim", 128) + rope, "qk_rope_head_dim": rope,
             "v_head_dim": num("--v-head-dim", 128)}
 
 
@@ -162,8 +161,7 @@ def _expert_fields(values: dict, num, layers: int) -> dict:
         return {}
     fields = {"experts": num("--num-experts"), "experts_per_token": num("--moe-router-topk", 2),
               "expert_ffn_hidden": num("--moe-ffn-hidden-size", num("--ffn-hidden-size", 0)),
-              "shared_expert_ffn_hidden": num("--moe-shared-expert-intermediate-size", 0) if
-              "--moe-shared-expert-intermediate-size" in values else 0}
+              "shared_expert_ffn_hidden": num("--moe-shared-expert-intermediate-size", 0)}
     if "--moe-expert-capacity-factor" in values:
         try:
             fields["capacity_factor"] = float(values["--moe-expert-capacity-factor"])

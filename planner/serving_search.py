@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from costmodel.cluster import Cluster
 from costmodel.errors import ConfigError
-from costmodel.serving import ServingRequest, layout_problems, plan_serving
+from costmodel.serving import ServingRequest, layout_label, layout_problems, plan_serving
 from costmodel.spec import ModelSpec
 from costmodel.traffic import (SLO, IterationCost, SchedulerConfig, ServingLayout, TrafficResult, replica_blocks,
                                simulate_traffic)
@@ -139,7 +139,7 @@ class UnitResult:
 
     def name(self) -> str:
         u = self.unit
-        shape = f"tp{u.tp} x pp{u.pp}" + (" EP" if u.expert_parallel else "")
+        shape = u.label
         split = f"1 prefill + {u.replicas - 1} decode of {shape}" if u.prefill_replicas else shape
         return f"{split}, {self.scheduler.max_num_seqs} seqs, budget {self.scheduler.max_num_batched_tokens}"
 
@@ -217,7 +217,7 @@ def units(spec: ModelSpec, cluster: Cluster, precision: str) -> tuple[list[Servi
     shapes = [(tp, pp, ep) for tp in [d for d in (1, 2, 4, 8, 16) if d <= min(n, cluster.gpus_per_node)]
               for pp in (1, 2, 4) for ep in ((False, True) if spec.moe and tp > 1 else (False,))]
     for tp, pp, ep in shapes:
-        name = f"tp{tp} x pp{pp}" + (" EP" if ep else "")
+        name = layout_label(tp, pp, ep)
         why = layout_problems(spec, tp, pp, ep)
         if tp * pp > n or why:
             if why:

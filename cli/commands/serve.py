@@ -7,7 +7,8 @@ import argparse
 import json
 
 from costmodel import ConfigError, Strategy, load_cluster
-from costmodel.serving import ServingPlan, ServingPoint, ServingRequest, kv_bytes_per_token, plan_serving
+from costmodel.serving import (ServingPlan, ServingPoint, ServingRequest, kv_bytes_per_token, layout_label,
+                               plan_serving)
 from costmodel.spec import format_count
 from planner.files import atomic_write_text
 from planner.model_source import load_model_spec
@@ -62,8 +63,8 @@ def format_serving(spec, cluster_text: str, req: ServingRequest, found: ServingP
     for _, points in sorted(found.curves.items()):
         for q in points:
             lines.append(f"  {q.label:11s} {q.batch:6d} {q.tpot_s * 1e3:9.2f} {q.throughput_tokens_per_s:10.0f}")
-    for (tp, pp, ep), why in sorted(found.refused.items()):
-        lines.append(f"  tp{tp} x pp{pp}{' EP' if ep else ''}: {why}")
+    for layout, why in sorted(found.refused.items()):
+        lines.append(f"  {layout_label(*layout)}: {why}")
     return "\n".join(lines)
 
 
