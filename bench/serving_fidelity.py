@@ -29,7 +29,13 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import dataclasses  # noqa: E402
+import math  # noqa: E402
+
+import numpy as np  # noqa: E402
+
 from costmodel.cluster import load_cluster  # noqa: E402
+from costmodel.serving_engine import ServingEngine, load_engine  # noqa: E402
 from costmodel.spec import Activation, ModelSpec  # noqa: E402
 from costmodel.traffic import SchedulerConfig, ServingLayout, latency_percentiles, simulate_traffic  # noqa: E402
 from costmodel.spec import llama_spec  # noqa: E402
@@ -53,7 +59,8 @@ def offline_throughput(row: dict) -> float:
     reqs = [Request(id=i, arrival_s=0.0, prompt_tokens=row["input"], output_tokens=row["output"])
             for i in range(row["batch"])]
     cfg = SchedulerConfig(max_num_seqs=row["batch"], chunked_prefill=False,
-                          max_num_batched_tokens=row["batch"] * row["input"], prefix_caching=False)
+                          max_num_batched_tokens=row["batch"] * row["input"], prefix_caching=False,
+                          engine="tensorrt-llm")
     r = simulate_traffic(spec, cluster, reqs, ServingLayout(tp=row["tp"], precision="fp16"), cfg)
     return r.throughput_tokens_per_s / row["tp"]
 
@@ -62,7 +69,8 @@ def first_token_ms(row: dict) -> float:
     spec = spec_of(row["model"])
     cluster = load_cluster(f"{row['gpu']}:{row['tp']}")
     r = simulate_traffic(spec, cluster, [Request(id=0, arrival_s=0.0, prompt_tokens=row["input"], output_tokens=1)],
-                         ServingLayout(tp=row["tp"], precision="fp16"), SchedulerConfig(prefix_caching=False))
+                         ServingLayout(tp=row["tp"], precision="fp16"),
+                         SchedulerConfig(prefix_caching=False, engine="tensorrt-llm"))
     return float(r.ttft_s[0]) * 1e3
 
 
@@ -125,6 +133,111 @@ def compare(title: str, rows: list[dict], predict, published: str, label, optimi
     print(f"  {summary(errors, optimistic_sign)}")
 
 
+# --- vLLM under a burst: GPUStack's vLLM 0.11 runs (tests/data/serving_runs.yaml, vllm_offline) ---
+FIT_MODEL = "qwen3-14b"  # the rows the vLLM profile's factors are fitted to; the Qwen3-32B rows are held out
+HOST_BOUND_INPUT = 128  # 128-token prompts, 4 tokens out: the API server's per-request work bounds these
+
+
+def qwen3_spec(name: str, fields: dict) -> ModelSpec:
+    spec = llama_spec(name, **{k: v for k, v in fields.items() if k != "head_dim"})
+    return dataclasses.replace(spec, head_dim=fields["head_dim"], v_head_dim=fields["head_dim"])
+
+
+def sharegpt_lengths(requests: int, mean_prompt: float, mean_output: float, seed: int = 0) -> tuple[np.ndarray, ...]:
+    """Prompt and output lengths with the published means: log-normal of spread 1.0 (the chat
+    scenario's), kept as vLLM's ShareGPT sampler keeps them (each >= 4, prompt <= 1024, prompt +
+    output <= 2048), the medians scaled until the kept lengths' means are the published ones."""
+    def draw(med_p: float, med_o: float) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        p = np.maximum(4, np.round(np.exp(rng.normal(math.log(med_p), 1.0, 4 * requests))))
+        o = np.maximum(4, np.round(np.exp(rng.normal(math.log(med_o), 1.0, 4 * requests))))
+        keep = (p <= 1024) & (p + o <= 2048)
+        return p[keep][:requests].astype(int), o[keep][:requests].astype(int)
+    mp, mo = mean_prompt, mean_output
+    for _ in range(30):
+        p, o = draw(mp, mo)
+        mp, mo = mp * mean_prompt / p.mean(), mo * mean_output / o.mean()
+    return draw(mp, mo)
+
+
+def vllm_requests(row: dict) -> list[Request]:
+    n = row["requests"]
+    if row["dataset"] == "sharegpt":
+        prompts, outputs = sharegpt_lengths(n, row["input_tokens"] / n, row["output_tokens"] / n)
+    else:
+        prompts, outputs = np.full(n, row["input"]), np.full(n, row["output"])
+    return [Request(id=i, arrival_s=0.0, prompt_tokens=int(p), output_tokens=int(o))
+            for i, (p, o) in enumerate(zip(prompts, outputs))]
+
+
+def vllm_run(row: dict, models: dict, engine: ServingEngine) -> dict:
+    """The burst as vLLM ran it, with its defaults for the GPU: (duration s, median TTFT and TPOT ms)."""
+    spec = qwen3_spec(row["model"], models[row["model"]])
+    a100 = row["gpu"].startswith("a100")
+    cfg = SchedulerConfig(max_num_batched_tokens=2048 if a100 else 8192, max_num_seqs=256 if a100 else 1024)
+    r = simulate_traffic(spec, load_cluster(f"{row['gpu']}:1"), vllm_requests(row), ServingLayout(precision="bf16"),
+                         cfg, engine=engine)
+    m = r.metrics()
+    return {"duration_s": r.duration_s, "ttft_median_ms": m["ttft_p50_s"] * 1e3, "tpot_median_ms": m["tpot_p50_s"] * 1e3}
+
+
+def fit_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["model"] == FIT_MODEL and r.get("input") != HOST_BOUND_INPUT]
+
+
+def fit_vllm(rows: list[dict], models: dict, base: ServingEngine) -> ServingEngine:
+    """The compute and memory shares per architecture that fit the fit rows' durations and
+    median TPOTs.
+
+    Formulation: per architecture a, (c_a, m_a) = argmin over [0.2, 1]^2 of the sum over the fit
+    rows r on a of log(D_pred(c, m) / D_r)^2 + log(TPOT_pred(c, m) / TPOT_r)^2; searched on a
+    5 x 5 grid around (0.6, 0.6) of step 0.2, refined twice around the best (steps 0.05, 0.0125)."""
+    compute, memory = {}, {}
+    for arch, gpu in (("hopper", "h100-sxm"), ("ampere", "a100-80g")):
+        mine = [r for r in fit_rows(rows) if r["gpu"] == gpu]
+
+        def loss(c: float, m: float) -> float:
+            eng = dataclasses.replace(base, compute_sustained={arch: c}, memory_sustained={arch: m})
+            total = 0.0
+            for row in mine:
+                got = vllm_run(row, models, eng)
+                total += math.log(got["duration_s"] / row["duration_s"]) ** 2
+                total += math.log(got["tpot_median_ms"] / row["tpot_median_ms"]) ** 2
+            return total
+
+        best, step = (0.6, 0.6), 0.2
+        for _ in range(3):
+            grid = {(round(min(1.0, max(0.2, best[0] + i * step)), 4), round(min(1.0, max(0.2, best[1] + j * step)), 4))
+                    for i in (-2, -1, 0, 1, 2) for j in (-2, -1, 0, 1, 2)}
+            best = min(sorted(grid), key=lambda cm: loss(*cm))
+            step /= 4
+        compute[arch], memory[arch] = best
+        print(f"  {arch}: compute_sustained {best[0]:.3f}, memory_sustained {best[1]:.3f} "
+              f"(fitted to {len(mine)} {FIT_MODEL} rows, loss {loss(*best):.4f})")
+    return dataclasses.replace(base, compute_sustained=compute, memory_sustained=memory)
+
+
+def vllm_fidelity(data: dict, engine: ServingEngine) -> None:
+    rows, models = data["vllm_offline"], data["models"]
+    fitted = fit_rows(rows)
+    print(f"vLLM 0.11 under a burst (GPUStack), engine profile {engine.name}: duration s, median TPOT ms, "
+          "predicted / published; * = a row the profile was fitted to")
+    errors: dict[str, list[float]] = {"held-out": [], "fitted": [], "host-bound": []}
+    for row in rows:
+        got = vllm_run(row, models, engine)
+        tput = 100 * (row["duration_s"] / got["duration_s"] - 1)  # throughput error: more is optimistic
+        tpot = 100 * (got["tpot_median_ms"] / row["tpot_median_ms"] - 1)
+        kind = ("host-bound" if row.get("input") == HOST_BOUND_INPUT else "fitted" if row in fitted else "held-out")
+        errors[kind].append(tput)
+        shape = "sharegpt" if row["dataset"] == "sharegpt" else f"{row['input']}/{row['output']}"
+        print(f"  {'*' if kind == 'fitted' else ' '} {row['model']} {row['gpu']:9s} {shape:9s} x{row['requests']:<5d} "
+              f"{got['duration_s']:8.1f} / {row['duration_s']:8.1f} s (throughput {tput:+6.1f}%)   TPOT "
+              f"{got['tpot_median_ms']:7.1f} / {row['tpot_median_ms']:7.1f} ms ({tpot:+6.1f}%)")
+    for kind, errs in errors.items():
+        if errs:
+            print(f"  offline throughput, {kind} rows: {summary(errs, optimistic_sign=1)}")
+
+
 def main() -> int:
     data = yaml.safe_load(DATA.read_text())
     compare("offline throughput, output tokens/s per GPU (predicted / published)", data["throughput"],
@@ -132,6 +245,11 @@ def main() -> int:
             lambda r: f"batch {r['batch']:5d} {r['input']:5d}/{r['output']:<5d}", optimistic_sign=1)
     compare("first-token latency of one request, ms (predicted / published)", data["first_token"], first_token_ms,
             "ttft_ms", lambda r: f"prompt {r['input']:5d}", optimistic_sign=-1)
+    if "--fit" in sys.argv:
+        print("fitting the vLLM profile's shares to the Qwen3-14B rows")
+        vllm_fidelity(data, fit_vllm(data["vllm_offline"], data["models"], load_engine("vllm")))
+    else:
+        vllm_fidelity(data, load_engine("vllm"))
     if "--skip-cpu" not in sys.argv:
         profile = sys.argv[sys.argv.index("--profile") + 1] if "--profile" in sys.argv else "cpu-2core"
         cpu_runs(profile)

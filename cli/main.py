@@ -96,6 +96,9 @@ def add_mode_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preemption", choices=("recompute", "swap"), help="when KV blocks run out (default recompute)")
     g.add_argument("--evicted-prefix", choices=("drop", "host"),
                    help="a cached prefix evicted from the GPU: forgotten (default) or kept in host memory")
+    g.add_argument("--engine", help="inference: the serving engine whose share of the GPU prices prefill and decode: "
+                                    "vllm (default; fitted to published vLLM 0.11 runs) or tensorrt-llm "
+                                    "(profiles/serving)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -96,6 +96,7 @@ class Device:
     # kernel reaches
     compute_sustained: float = 1.0
     attention_cap: float = 1.0
+    serving_engine: str = ""  # set by costmodel.serving_engine.engine_cluster: the engine these rates are as run by
     # MFU's denominator: the datasheet's dense peak (a measured profile's peak_tflops is what
     # its GEMMs reached); and the best MFU published for this GPU type (0: none known)
     mfu_peak_tflops: dict[str, float] = field(default_factory=dict)

@@ -47,6 +47,7 @@ from costmodel.moe import EXPERT_LOAD_CV, rank_imbalance
 from costmodel.ops import gemm_s
 from costmodel.spec import ModelSpec
 from costmodel.runtime import FUSED
+from costmodel.serving_engine import DEFAULT_ENGINE, engine_cluster, engine_names
 from costmodel.strategy import Strategy
 
 GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default share of the GPU it may use
@@ -66,6 +67,7 @@ class ServingRequest:
     draft: ModelSpec | None = None
     draft_len: int = 4
     acceptance: float = 0.8
+    engine: str = DEFAULT_ENGINE  # the serving engine profile (costmodel.serving_engine)
 
     def __post_init__(self) -> None:
         for name in ("prompt_len", "output_len", "beam", "block_tokens", "draft_len"):
@@ -82,6 +84,8 @@ class ServingRequest:
             raise ConfigError(f"serving precision {self.precision!r}; use one of {', '.join(BYTES)}")
         if not 0 <= self.acceptance < 1:
             raise ConfigError(f"--acceptance must be in [0, 1), got {self.acceptance}")
+        if self.engine not in engine_names():
+            raise ConfigError(f"--engine {self.engine!r}; use one of {', '.join(engine_names())}")
 
     @property
     def bytes_per_value(self) -> int:
@@ -186,6 +190,7 @@ def weights_bytes_per_gpu(spec: ModelSpec, tp: int, pp: int, bytes_per_value: in
 
 
 def kv_budget(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: int, pp: int) -> KVBudget:
+    cluster = engine_cluster(cluster, req.engine)
     e = req.bytes_per_value
     weights = weights_bytes_per_gpu(spec, tp, pp, e)
     # prefill workspace: one sequence's prompt through a layer (residual, q/k/v, MLP) and its logits
@@ -212,6 +217,7 @@ def prefill_s(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: int, p
               expert_parallel: bool = False) -> float:
     """`batch` prompts through every stage, and the logits of their last tokens (under expert
     parallelism the experts whole over tp: the training model's ep = tp with whole experts)."""
+    cluster = engine_cluster(cluster, req.engine)
     ep = {"ep": tp, "expert_tp": 1} if expert_parallel else {}
     s = Strategy(tp=tp, precision=req.precision, microbatch_size=batch, global_batch=batch,
                  seq_len=req.prompt_len, sequence_parallel=False, **ep)
@@ -286,6 +292,7 @@ def decode_step_s(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: in
     """One token for every sequence of the batch with `context` tokens cached (per beam): per
     layer the token work (token_layer_s) and attention reading the cache; the head; the
     pipeline hops (stages run one after the other for a token)."""
+    cluster = engine_cluster(cluster, req.engine)
     dtype, e = req.precision, req.bytes_per_value
     rows = batch * req.beam
     layer = (token_layer_s(spec, cluster, dtype, tp, rows, expert_parallel)
@@ -333,6 +340,7 @@ class ServingPoint:
 
 def evaluate(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: int, pp: int, batch: int,
              budget: KVBudget | None = None, expert_parallel: bool = False) -> ServingPoint:
+    cluster = engine_cluster(cluster, req.engine)
     budget = budget or kv_budget(spec, cluster, req, tp, pp)
     prefill = prefill_s(spec, cluster, req, tp, pp, expert_parallel=expert_parallel)
     tpot = decode_step_s(spec, cluster, req, tp, pp, batch, req.prompt_len + req.output_len / 2, expert_parallel)
@@ -376,6 +384,7 @@ def plan_serving(spec: ModelSpec, cluster: Cluster, req: ServingRequest) -> Serv
     4, ... up to the paged KV capacity (or the requested batch); keep the points meeting
     max_ttft/max_tpot; maximise cluster throughput. Exhaustive, so the optimum over the grid is
     exact."""
+    cluster = engine_cluster(cluster, req.engine)
     n = cluster.world_size
     curves, refused, best = {}, {}, None
     layouts = [(tp, pp, ep) for tp in [d for d in range(1, min(n, cluster.gpus_per_node) + 1) if n % d == 0]

@@ -52,6 +52,7 @@ from costmodel.cluster import Cluster, with_runtime
 from costmodel.collectives import send_recv_s
 from costmodel.errors import ConfigError
 from costmodel.runtime import FUSED
+from costmodel.serving_engine import DEFAULT_ENGINE, ServingEngine, engine_cluster, engine_names
 from costmodel.serving import (BYTES, ServingRequest, decode_attention_s, head_s, kv_budget, kv_bytes_per_token,
                                kv_values_per_token_gpu, layout_label, layout_problems, token_layer_s)
 from costmodel.spec import ModelSpec
@@ -77,6 +78,7 @@ class SchedulerConfig:
     preemption: str = "recompute"
     evicted_prefix: str = "drop"  # "host": evicted cached prefixes go to host memory (LMCache-style offload)
     num_gpu_blocks_override: int | None = None  # vLLM's flag: KV blocks per replica instead of what memory allows
+    engine: str = DEFAULT_ENGINE  # the serving engine profile (profiles/serving): what share of the GPU it reaches
 
     def __post_init__(self) -> None:
         if self.num_gpu_blocks_override is not None and (isinstance(self.num_gpu_blocks_override, bool) or not isinstance(
@@ -88,6 +90,8 @@ class SchedulerConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
         if self.preemption not in PREEMPTION_MODES:
             raise ConfigError(f"--preemption {self.preemption!r}; use one of {', '.join(PREEMPTION_MODES)}")
+        if self.engine not in engine_names():
+            raise ConfigError(f"--engine {self.engine!r}; use one of {', '.join(engine_names())}")
         if self.evicted_prefix not in CACHE_EVICTION:
             raise ConfigError(f"--evicted-prefix {self.evicted_prefix!r}; use one of {', '.join(CACHE_EVICTION)}")
 
@@ -132,8 +136,10 @@ class IterationCost:
     (GEMM time is piecewise linear in rows between the efficiency curve's points)."""
 
     def __init__(self, spec: ModelSpec, cluster: Cluster, tp: int, pp: int, precision: str, max_tokens: int,
-                 expert_parallel: bool = False):
-        cluster = with_runtime(cluster, FUSED)  # serving engines run fused kernels, whatever priced training
+                 expert_parallel: bool = False, engine: ServingEngine | str = DEFAULT_ENGINE):
+        # the GPU as the serving engine runs it (a cluster already priced for one stays as it is),
+        # with fused kernels whatever runtime priced training
+        cluster = with_runtime(engine_cluster(cluster, engine), FUSED)
         self.spec, self.cluster, self.tp, self.pp, self.dtype = spec, cluster, tp, pp, precision
         self.e = BYTES[precision]
         grid = [1]
@@ -656,7 +662,8 @@ class ServingLayout:
 def replica_blocks(spec: ModelSpec, cluster: Cluster, layout: ServingLayout, cfg: SchedulerConfig) -> tuple[int, float]:
     """(KV blocks a replica holds, bytes of one block on one GPU) after weights and workspace."""
     chunk = max(1, min(cfg.max_num_batched_tokens, spec.seq_len - 1))
-    req = ServingRequest(prompt_len=chunk, output_len=1, precision=layout.precision, block_tokens=cfg.block_tokens)
+    req = ServingRequest(prompt_len=chunk, output_len=1, precision=layout.precision, block_tokens=cfg.block_tokens,
+                         engine=cfg.engine)
     budget = kv_budget(spec, cluster, req, layout.tp, layout.pp)
     blocks = budget.capacity_tokens // cfg.block_tokens
     if cfg.num_gpu_blocks_override is not None:
@@ -670,14 +677,16 @@ def host_link_gb_per_s(cluster: Cluster) -> float:
 
 def simulate_traffic(spec: ModelSpec, cluster: Cluster, requests: list[Request], layout: ServingLayout,
                      cfg: SchedulerConfig = SchedulerConfig(), slo: SLO = SLO(), *,
-                     horizon_s: float | None = None) -> TrafficResult:
+                     horizon_s: float | None = None, engine: ServingEngine | None = None) -> TrafficResult:
     """Serve `requests` on `layout`: the event loop over arrivals, iteration ends and KV
-    transfers; `horizon_s` stops it (an overloaded system's queue never drains)."""
+    transfers; `horizon_s` stops it (an overloaded system's queue never drains); `engine`: a
+    serving engine profile to use instead of the one `cfg.engine` names (fitting one)."""
     if layout.gpus > cluster.world_size:
         raise ConfigError(f"the layout needs {layout.gpus} GPUs (tp {layout.tp} x pp {layout.pp} x "
                           f"{layout.replicas} replicas); the cluster has {cluster.world_size}")
     if not requests:
         raise ConfigError("the workload has no requests")
+    cluster = engine_cluster(cluster, engine or cfg.engine)
     blocks, block_bytes = replica_blocks(spec, cluster, layout, cfg)
     longest = max(r.prompt_tokens + r.output_tokens for r in requests)
     if blocks * cfg.block_tokens < longest:
@@ -687,7 +696,7 @@ def simulate_traffic(spec: ModelSpec, cluster: Cluster, requests: list[Request],
     if why:
         raise ConfigError(f"{spec.name} cannot be served as tp {layout.tp} x pp {layout.pp}: {'; '.join(why)}")
     cost = IterationCost(spec, cluster, layout.tp, layout.pp, layout.precision, cfg.max_num_batched_tokens,
-                         layout.expert_parallel)
+                         layout.expert_parallel, cfg.engine)
     host = host_link_gb_per_s(cluster)
     roles = ["prefill"] * layout.prefill_replicas + ["decode" if layout.prefill_replicas else "mixed"] * (
         layout.replicas - layout.prefill_replicas)

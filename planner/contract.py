@@ -21,6 +21,7 @@ from pathlib import Path
 
 from costmodel.errors import ConfigError
 from costmodel.spec import ModelSpec
+from costmodel.serving_engine import DEFAULT_ENGINE
 from costmodel.strategy import Strategy
 from costmodel.validate import strategy_problems
 from planner.module_map import ModuleMap, placement_of
@@ -288,7 +289,7 @@ def _serving_memory(plan: Plan, spec: ModelSpec, cluster, facts: dict) -> list[s
     try:
         req = ServingRequest(prompt_len=int(sv["prompt_len"]), output_len=int(sv["output_len"]),
                              beam=int(sv.get("beam", 1)), block_tokens=int(sv.get("block_tokens", 16)),
-                             precision=plan.precision)
+                             precision=plan.precision, engine=str(sv.get("engine", DEFAULT_ENGINE)))
     except (KeyError, TypeError, ValueError):
         return ["the serving plan lacks prompt_len and output_len under `serving`; re-plan with --mode inference"]
     budget = kv_budget(spec, cluster, req, plan.mesh["tp"], plan.mesh["pp"])

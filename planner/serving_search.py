@@ -41,6 +41,7 @@ from tqdm import tqdm
 from costmodel.cluster import Cluster
 from costmodel.errors import ConfigError
 from costmodel.serving import ServingRequest, layout_label, layout_problems, plan_serving
+from costmodel.serving_engine import DEFAULT_ENGINE, engine_cluster
 from costmodel.spec import ModelSpec
 from costmodel.traffic import (SLO, IterationCost, SchedulerConfig, ServingLayout, TrafficResult, replica_blocks,
                                simulate_traffic)
@@ -165,8 +166,9 @@ class TrafficPlan:
 def unit_bound(spec: ModelSpec, cluster: Cluster, unit: ServingLayout, cfg: SchedulerConfig, prompt: float,
                output: float, slo: SLO) -> float:
     """An upper bound on the requests per second one unit serves (see the formulation)."""
+    cluster = engine_cluster(cluster, cfg.engine)
     cost = IterationCost(spec, cluster, unit.tp, unit.pp, unit.precision, cfg.max_num_batched_tokens,
-                         unit.expert_parallel)
+                         unit.expert_parallel, cfg.engine)
     chunk = cfg.max_num_batched_tokens
     prefill_tokens_s = chunk / cost.seconds(chunk, 1, 0, 0.0, chunk * (chunk + 1) / 2, chunk)
     blocks, _ = replica_blocks(spec, cluster, unit, cfg)
@@ -194,8 +196,11 @@ def unit_bound(spec: ModelSpec, cluster: Cluster, unit: ServingLayout, cfg: Sche
 
 def unit_max_rate(spec: ModelSpec, cluster: Cluster, unit: ServingLayout, cfg: SchedulerConfig, wl: TrafficWorkload,
                   slo: SLO, bound: float) -> tuple[float, int]:
-    """(the largest rate one unit serves within the objectives, probes run): bisection on [0, bound]."""
+    """(the largest rate one unit serves within the objectives, probes run): bisection on [0, bound]
+    (a bound of 0, objectives no rate meets, is returned without a probe)."""
     probes = 0
+    if not bound > 0:
+        return 0.0, 0
 
     def ok(rate: float) -> bool:
         nonlocal probes
@@ -255,7 +260,7 @@ def static_unit(spec: ModelSpec, cluster: Cluster, prompt: float, output: float,
 
 
 def plan_traffic(spec: ModelSpec, cluster: Cluster, wl: TrafficWorkload, rate: float, slo: SLO, *,
-                 precision: str = "bf16", progress: bool = False) -> TrafficPlan:
+                 precision: str = "bf16", progress: bool = False, engine: str = DEFAULT_ENGINE) -> TrafficPlan:
     if not slo.targets:
         raise ConfigError("plan --mode inference --workload needs --slo (e.g. ttft_p99=0.5,tpot_p99=50ms): goodput "
                           "counts the requests that meet it")
@@ -272,13 +277,13 @@ def plan_traffic(spec: ModelSpec, cluster: Cluster, wl: TrafficWorkload, rate: f
     for u in shapes:
         for b in TOKEN_BUDGETS:
             for seqs in MAX_SEQS:
-                cfg = SchedulerConfig(max_num_batched_tokens=b, max_num_seqs=seqs)
+                cfg = SchedulerConfig(max_num_batched_tokens=b, max_num_seqs=seqs, engine=engine)
                 candidates.append((unit_bound(spec, cluster, u, cfg, prompt, output, slo) / u.gpus, u, cfg))
     static = static_unit(spec, cluster, prompt, output, slo, precision)
     fits = {(u.tp, u.pp) for u in shapes}
     if static is not None and (static[0].tp, static[0].pp) in fits and static[1] not in MAX_SEQS:
         for b in TOKEN_BUDGETS:  # the steady-state planner's pick, searched too
-            cfg = SchedulerConfig(max_num_batched_tokens=b, max_num_seqs=static[1])
+            cfg = SchedulerConfig(max_num_batched_tokens=b, max_num_seqs=static[1], engine=engine)
             candidates.append((unit_bound(spec, cluster, static[0], cfg, prompt, output, slo) / static[0].gpus,
                                static[0], cfg))
     candidates.sort(key=lambda c: -c[0])

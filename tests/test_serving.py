@@ -12,6 +12,7 @@ from costmodel.serving import (
     ServingRequest, decode_step_s, kv_budget, kv_bytes_per_token, kv_heads_per_gpu, layout_problems, plan_serving,
     prefill_s, speculative_speedup, weights_bytes_per_gpu,
 )
+from costmodel.serving_engine import engine_cluster
 from golden_data import KV_BYTES_PER_TOKEN_KIB
 from planner.zoo import ZOO
 from tests_helpers import paraplan
@@ -77,13 +78,13 @@ def test_weights_fill_the_gpu_without_room_for_a_cache():
 
 
 def test_decode_is_memory_bound_and_prefill_compute_bound():
-    spec, dev = ZOO["llama2-70b"], H100.device
+    spec, dev = ZOO["llama2-70b"], engine_cluster(H100, REQ.engine).device  # the GPU as the engine runs it
     weights = weights_bytes_per_gpu(spec, 4, 1, 2)
     step = decode_step_s(spec, H100, REQ, 4, 1, batch=1, context=1024)
     read = dev.memory_s(weights)
     assert read < step < 1.6 * read  # reading the weights dominates one token at batch 1 (plus TP all-reduces)
     prefill = prefill_s(spec, H100, REQ, 4, 1)
-    at_peak = 2 * spec.num_params * 1024 / 4 / dev.peak_flops("bf16")
+    at_peak = 2 * spec.num_params * 1024 / 4 / (dev.peak_flops("bf16") * dev.compute_sustained)
     assert at_peak < prefill < 3 * at_peak  # the arithmetic at the GEMM efficiency, plus the TP all-reduces
     # 1024 tokens do 1024 FLOPs per weight byte, over H100's ridge (~295): compute-bound, several times the read
     assert prefill > 2.5 * read

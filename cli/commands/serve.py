@@ -10,6 +10,7 @@ from costmodel import ConfigError, Strategy, load_cluster
 from costmodel.serving import (ServingPlan, ServingPoint, ServingRequest, kv_bytes_per_token, layout_label,
                                plan_serving)
 from costmodel.spec import format_count
+from costmodel.serving_engine import DEFAULT_ENGINE
 from planner.files import atomic_write_text
 from planner.model_source import load_model_spec
 from planner.plan import plan_from_strategy
@@ -27,6 +28,7 @@ def serving_request(args: argparse.Namespace) -> ServingRequest:
         max_tpot_ms=args.max_tpot_ms, beam=args.beam or 1, block_tokens=args.block_size or 16,
         precision=args.precision or "bf16", draft=draft, draft_len=args.draft_len or 4,
         acceptance=0.8 if args.acceptance is None else args.acceptance,
+        engine=getattr(args, "engine", None) or DEFAULT_ENGINE,
     )
 
 
@@ -89,6 +91,7 @@ def run_serving(args: argparse.Namespace) -> int:
     plan = plan.__class__(**{**{f: getattr(plan, f) for f in plan.__slots__}, "mode": "inference",
                              "serving": {"prompt_len": req.prompt_len, "output_len": req.output_len, "beam": req.beam,
                                          "block_tokens": req.block_tokens, "replicas": best.replicas,
+                                         "engine": req.engine,
                                          **({"expert_parallel": True} if best.expert_parallel else {}),
                                          **({"draft_model": args.draft_model, "draft_len": req.draft_len,
                                              "acceptance": req.acceptance} if req.draft is not None else {})}})

@@ -13,6 +13,7 @@ from dataclasses import replace
 from costmodel import ConfigError, load_cluster
 from costmodel.cluster import Cluster
 from costmodel.serving import ServingRequest, evaluate, kv_budget
+from costmodel.serving_engine import DEFAULT_ENGINE
 from costmodel.spec import ModelSpec, format_count
 from costmodel.trace import serving_trace
 from costmodel.traffic import SLO, SchedulerConfig, ServingLayout, TrafficResult, simulate_traffic
@@ -34,7 +35,7 @@ def refuse_other_flags(args: argparse.Namespace) -> None:
 
 def scheduler_config(args: argparse.Namespace) -> SchedulerConfig:
     given = {k: getattr(args, k) for k in ("max_num_seqs", "max_num_batched_tokens", "chunked_prefill", "prefix_caching",
-                                           "preemption", "evicted_prefix") if getattr(args, k, None) is not None}
+                                           "preemption", "evicted_prefix", "engine") if getattr(args, k, None) is not None}
     if getattr(args, "block_size", None) is not None:
         given["block_tokens"] = args.block_size
     return SchedulerConfig(**given)
@@ -71,7 +72,8 @@ def steady_state(spec: ModelSpec, cluster: Cluster, layout: ServingLayout, cfg: 
     from cli.commands.serve import predicted
 
     prompt, output = typical_request(*mean_lengths(reqs), spec.seq_len)
-    req = ServingRequest(prompt_len=prompt, output_len=output, block_tokens=cfg.block_tokens, precision=layout.precision)
+    req = ServingRequest(prompt_len=prompt, output_len=output, block_tokens=cfg.block_tokens, precision=layout.precision,
+                         engine=cfg.engine)
     budget = kv_budget(spec, cluster, req, layout.tp, layout.pp)
     batch = max(1, min(cfg.max_num_seqs, budget.max_batch_paged))
     return predicted(spec, req, evaluate(spec, cluster, req, layout.tp, layout.pp, batch, budget,
@@ -92,7 +94,8 @@ def format_traffic(spec: ModelSpec, cluster_text: str, layout: ServingLayout, cf
         f"  layout tp {layout.tp} x pp {layout.pp}{' (experts whole: EP)' if layout.expert_parallel else ''}, "
         f"{layout.replicas} replica(s){split}; max {cfg.max_num_seqs} "
         f"sequences and {cfg.max_num_batched_tokens} tokens an iteration, chunked prefill "
-        f"{'on' if cfg.chunked_prefill else 'off'}, prefix caching {'on' if cfg.prefix_caching else 'off'}",
+        f"{'on' if cfg.chunked_prefill else 'off'}, prefix caching {'on' if cfg.prefix_caching else 'off'}; "
+        f"engine {cfg.engine}",
         "             p50 ms    p90 ms    p99 ms",
     ]
     for key in ("ttft", "tpot", "e2e"):
@@ -137,7 +140,8 @@ def run_traffic_simulate(args: argparse.Namespace) -> int:
                           "scheduler": {"max_num_seqs": cfg.max_num_seqs,
                                         "max_num_batched_tokens": cfg.max_num_batched_tokens,
                                         "chunked_prefill": cfg.chunked_prefill, "prefix_caching": cfg.prefix_caching,
-                                        "block_tokens": cfg.block_tokens, "preemption": cfg.preemption},
+                                        "block_tokens": cfg.block_tokens, "preemption": cfg.preemption,
+                                        "engine": cfg.engine},
                           "predicted": predicted}, indent=2))
     else:
         print(format_traffic(spec, args.cluster, layout, cfg, args.workload, args.rate, result))
@@ -194,7 +198,8 @@ def run_traffic_plan(args: argparse.Namespace) -> int:
     if rate is None:
         raise ConfigError(f"workload {args.workload} needs --rate (requests per second)")
     precision = args.precision or "bf16"
-    found = plan_traffic(spec, cluster, wl, rate, slo, precision=precision, progress=not args.json)
+    found = plan_traffic(spec, cluster, wl, rate, slo, precision=precision, progress=not args.json,
+                         engine=args.engine or DEFAULT_ENGINE)
     d, best = found.deployment, found.best
     reqs = wl.at(rate, spec.seq_len)
     one = replace(best.unit, replicas=1, prefill_replicas=0)
@@ -212,7 +217,7 @@ def run_traffic_plan(args: argparse.Namespace) -> int:
         "slo": args.slo, "max_num_seqs": best.scheduler.max_num_seqs,
         "max_num_batched_tokens": best.scheduler.max_num_batched_tokens,
         "chunked_prefill": best.scheduler.chunked_prefill, "prefix_caching": best.scheduler.prefix_caching,
-        **({"expert_parallel": True} if d.expert_parallel else {})}})
+        "engine": best.scheduler.engine, **({"expert_parallel": True} if d.expert_parallel else {})}})
     if args.output:
         atomic_write_text(args.output, plan.to_yaml())
     if args.json:

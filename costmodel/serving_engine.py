@@ -1,0 +1,102 @@
+"""A serving engine as data: how much of the GPU an inference engine gets.
+
+The device profile says what the GPU can do (GEMM and attention rates, memory bandwidth); a
+serving engine profile (`profiles/serving/NAME.yaml`) says how much of it an engine's
+iterations reach, per GPU architecture, each figure sourced:
+
+- `compute_sustained`: the share of the device's compute rates (its GEMM and attention
+  curves) an iteration's compute-bound work runs at: prefill chunks and large batches.
+- `memory_sustained`: the share of the device's memory rate (hbm_efficiency) its
+  memory-bound work runs at: decode steps reading the weights and the KV cache.
+- `non_kv_gib`: GPU memory the engine keeps outside weights and KV cache inside its memory
+  budget (CUDA context, non-torch allocations, the profiling run's peak activations):
+  vLLM sizes its KV cache as gpu_memory_utilization x the GPU's memory minus weights minus
+  this.
+
+The iteration's time is the device's roofline on the derived device (`engine_device`);
+which figures come from where (measured, fitted to published runs, assumed) is in the
+profile's `sources`. An architecture the profile does not name gets 1.0 (the device's
+rates as profiled).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import yaml
+
+from costmodel.errors import ConfigError
+
+ENGINES_DIR = Path(__file__).resolve().parent.parent / "profiles" / "serving"
+DEFAULT_ENGINE = "vllm"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServingEngine:
+    name: str
+    description: str = ""
+    compute_sustained: dict[str, float] = field(default_factory=dict)
+    memory_sustained: dict[str, float] = field(default_factory=dict)
+    non_kv_gib: float = 1.0
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        where = f"serving engine profile {self.name}"
+        for key in ("compute_sustained", "memory_sustained"):
+            table = getattr(self, key)
+            if not isinstance(table, dict) or any(
+                    isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1 for v in table.values()):
+                raise ConfigError(f"{where}: {key} must map architectures to fractions in (0, 1]")
+        if isinstance(self.non_kv_gib, bool) or not isinstance(self.non_kv_gib, (int, float)) \
+                or not 0 <= self.non_kv_gib < 64:
+            raise ConfigError(f"{where}: non_kv_gib must be GiB in [0, 64), got {self.non_kv_gib!r}")
+
+    def compute_of(self, arch: str) -> float:
+        return float(self.compute_sustained.get(arch, 1.0))
+
+    def memory_of(self, arch: str) -> float:
+        return float(self.memory_sustained.get(arch, 1.0))
+
+
+def engine_names() -> list[str]:
+    return sorted(p.stem for p in ENGINES_DIR.glob("*.yaml"))
+
+
+def load_engine(name: str) -> ServingEngine:
+    """A serving engine profile by name (profiles/serving/NAME.yaml)."""
+    path = ENGINES_DIR / f"{name}.yaml"
+    if not isinstance(name, str) or "/" in name or not path.exists():
+        raise ConfigError(f"unknown serving engine {name!r}; use one of {', '.join(engine_names())}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"serving engine profile {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"serving engine profile {path} must be a mapping")
+    known = set(ServingEngine.__dataclass_fields__)
+    extra = sorted(set(data) - known)
+    if extra:
+        raise ConfigError(f"serving engine profile {path}: unknown keys {', '.join(extra)}")
+    return ServingEngine(**data)
+
+
+def engine_device(device, engine: ServingEngine):
+    """The device as `engine` runs it: its compute rates scaled by the engine's sustained share,
+    its memory rate likewise."""
+    return replace(device, compute_sustained=device.compute_sustained * engine.compute_of(device.arch),
+                   hbm_efficiency=device.hbm_efficiency * engine.memory_of(device.arch))
+
+
+def engine_cluster(cluster, engine: ServingEngine | str):
+    """The cluster whose devices run as `engine` (a profile or its name) runs them
+    (`engine_device`), with the engine's memory outside weights and KV cache. A cluster already
+    priced for an engine is returned as it is, so that the serving model's functions may each
+    take a raw cluster or one their caller derived."""
+    if cluster.device.serving_engine:
+        return cluster
+    engine = load_engine(engine) if isinstance(engine, str) else engine
+    device = engine_device(cluster.device, engine)
+    device = replace(device, memory_overhead=replace(device.memory_overhead, fixed_gib=engine.non_kv_gib),
+                     serving_engine=engine.name)
+    return replace(cluster, device=device)
