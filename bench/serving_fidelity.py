@@ -171,12 +171,13 @@ def vllm_requests(row: dict) -> list[Request]:
 
 
 def vllm_run(row: dict, models: dict, engine: ServingEngine) -> dict:
-    """The burst as vLLM ran it, with its defaults for the GPU: (duration s, median TTFT and TPOT ms)."""
+    """The run as vLLM ran it, with its defaults for the GPU (and the client's concurrency limit,
+    where it had one): (duration s, median TTFT and TPOT ms)."""
     spec = qwen3_spec(row["model"], models[row["model"]])
     a100 = row["gpu"].startswith("a100")
     cfg = SchedulerConfig(max_num_batched_tokens=2048 if a100 else 8192, max_num_seqs=256 if a100 else 1024)
     r = simulate_traffic(spec, load_cluster(f"{row['gpu']}:1"), vllm_requests(row), ServingLayout(precision="bf16"),
-                         cfg, engine=engine)
+                         cfg, engine=engine, concurrency=row.get("concurrency"))
     m = r.metrics()
     return {"duration_s": r.duration_s, "ttft_median_ms": m["ttft_p50_s"] * 1e3, "tpot_median_ms": m["tpot_p50_s"] * 1e3}
 
@@ -238,6 +239,17 @@ def vllm_fidelity(data: dict, engine: ServingEngine) -> None:
             print(f"  offline throughput, {kind} rows: {summary(errs, optimistic_sign=1)}")
 
 
+def concurrency_fidelity(data: dict) -> None:
+    """Latency under a closed loop: four users, each sending its next request when the last ends."""
+    print("latency at a concurrency limit (GPUStack, Qwen3-8B, H100, ShareGPT x100, 4 in flight): predicted / "
+          "published, held out")
+    for row in data["vllm_concurrency"]:
+        got = vllm_run(row, data["models"], load_engine(row["engine"]))
+        cells = [f"{key} {got[key]:8.2f} / {row[key]:8.2f} ({100 * (got[key] / row[key] - 1):+5.1f}%)"
+                 for key in ("duration_s", "ttft_median_ms", "tpot_median_ms")]
+        print(f"  {row['engine']:12s} " + "   ".join(cells))
+
+
 def main() -> int:
     data = yaml.safe_load(DATA.read_text())
     compare("offline throughput, output tokens/s per GPU (predicted / published)", data["throughput"],
@@ -250,6 +262,7 @@ def main() -> int:
         vllm_fidelity(data, fit_vllm(data["vllm_offline"], data["models"], load_engine("vllm")))
     else:
         vllm_fidelity(data, load_engine("vllm"))
+    concurrency_fidelity(data)
     if "--skip-cpu" not in sys.argv:
         profile = sys.argv[sys.argv.index("--profile") + 1] if "--profile" in sys.argv else "cpu-2core"
         cpu_runs(profile)

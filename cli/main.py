@@ -82,6 +82,9 @@ def add_mode_flags(p: argparse.ArgumentParser) -> None:
                                       "prompt_tokens, output_tokens[, prefix_id, prefix_tokens])")
     g.add_argument("--rate", type=float, help="requests per second of a scenario (inf: all at once)")
     g.add_argument("--requests", type=int, help="requests simulated (default 2000)")
+    g.add_argument("--concurrency", type=int, help="simulate: at most this many requests in flight, the next sent when "
+                                                    "one finishes (a benchmark client's --max-concurrency; with "
+                                                    "--rate inf a closed loop of that many users)")
     g.add_argument("--burst-cv", type=float, help="arrival gaps' coefficient of variation (default 1: Poisson)")
     g.add_argument("--workload-seed", type=int, help="seed of the generated workload (default 0)")
     g.add_argument("--slo", help="latency objectives, e.g. ttft_p99=0.5,tpot_p99=50ms (seconds or ms)")

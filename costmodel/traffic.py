@@ -195,6 +195,7 @@ class _Seq:
     kv_at: str = ""  # "host": swapped out (copied back on admission); "remote": sent by a prefill replica
     first_token_s: float = math.nan
     finish_s: float = math.nan
+    arrival_s: float = math.nan  # when the client sent it: its trace time, or under a concurrency limit when let go
     admitted: int = 0  # admission counter (0: never admitted)
     # decoding, kept in the replica's aggregate: computed = c0 + tick, generated = g0 + tick
     lazy: bool = False
@@ -677,15 +678,22 @@ def host_link_gb_per_s(cluster: Cluster) -> float:
 
 def simulate_traffic(spec: ModelSpec, cluster: Cluster, requests: list[Request], layout: ServingLayout,
                      cfg: SchedulerConfig = SchedulerConfig(), slo: SLO = SLO(), *,
-                     horizon_s: float | None = None, engine: ServingEngine | None = None) -> TrafficResult:
+                     horizon_s: float | None = None, engine: ServingEngine | None = None,
+                     concurrency: int | None = None) -> TrafficResult:
     """Serve `requests` on `layout`: the event loop over arrivals, iteration ends and KV
     transfers; `horizon_s` stops it (an overloaded system's queue never drains); `engine`: a
-    serving engine profile to use instead of the one `cfg.engine` names (fitting one)."""
+    serving engine profile to use instead of the one `cfg.engine` names (fitting one);
+    `concurrency`: at most that many requests in flight, as a benchmark client with a
+    concurrency limit sends them (`vllm bench serve --max-concurrency`): a request is sent at
+    its time or, when the limit is reached, as soon as one in flight finishes (closed loop)."""
     if layout.gpus > cluster.world_size:
         raise ConfigError(f"the layout needs {layout.gpus} GPUs (tp {layout.tp} x pp {layout.pp} x "
                           f"{layout.replicas} replicas); the cluster has {cluster.world_size}")
     if not requests:
         raise ConfigError("the workload has no requests")
+    if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(concurrency, int)
+                                    or concurrency < 1):
+        raise ConfigError(f"--concurrency must be a positive integer, got {concurrency!r}")
     cluster = engine_cluster(cluster, engine or cfg.engine)
     blocks, block_bytes = replica_blocks(spec, cluster, layout, cfg)
     longest = max(r.prompt_tokens + r.output_tokens for r in requests)
@@ -706,8 +714,13 @@ def simulate_traffic(spec: ModelSpec, cluster: Cluster, requests: list[Request],
     kv_token_bytes = kv_bytes_per_token(spec, BYTES[layout.precision])
     transfer_link = cluster.inter if cluster.nodes > 1 else cluster.intra
 
-    seqs = [_Seq(req=r, index=i, prompt=r.prompt_tokens, output=r.output_tokens)
+    seqs = [_Seq(req=r, index=i, prompt=r.prompt_tokens, output=r.output_tokens, arrival_s=r.arrival_s)
             for i, r in enumerate(sorted(requests, key=lambda r: r.arrival_s))]
+    limited = concurrency is not None and concurrency < len(seqs)
+    if limited:
+        for seq in seqs[concurrency:]:
+            seq.arrival_s = math.inf  # held by the client until one in flight finishes
+    released = min(concurrency or len(seqs), len(seqs))  # seqs[:released] have been let go
     events: list[tuple[float, int, int]] = []  # (time, counter, index): index >= 0 a replica's iteration ends,
     counter = 0                                  # index < 0 the KV of sequence -1 - index reaches the decoders
     transfers: list[float] = []  # times of the KV transfers under way
@@ -734,9 +747,10 @@ def simulate_traffic(spec: ModelSpec, cluster: Cluster, requests: list[Request],
             most = rep._next_finish() - rep.tick
             while most > 1 and rep._boundaries(most) - rep._boundaries(1) > rep.free:
                 most //= 2
-            until = min(seqs[arrived].req.arrival_s if arrived < len(seqs) else math.inf,
+            until = min(seqs[arrived].arrival_s if arrived < len(seqs) else math.inf,
                         transfers[0] if transfers else math.inf)
-            if decoders and events:  # a prefill under way may send a sequence here when it ends
+            if (decoders or limited) and events:  # a prefill under way may send a sequence here when it
+                # ends; under a concurrency limit any finish may let a request go
                 until = min(until, events[0][0])
             if 1 < most <= 8:
                 while repeats < most and now + took < until:
@@ -762,9 +776,11 @@ def simulate_traffic(spec: ModelSpec, cluster: Cluster, requests: list[Request],
                           len(chosen) + (rep.n_lazy if lazy else 0), repeats))
 
     while events or arrived < len(seqs):
-        if arrived < len(seqs) and (not events or seqs[arrived].req.arrival_s <= events[0][0]):
+        if arrived < len(seqs) and (not events or seqs[arrived].arrival_s <= events[0][0]):
             seq = seqs[arrived]
-            now = seq.req.arrival_s
+            now = seq.arrival_s
+            if math.isinf(now):  # nothing in flight to let it go: cannot happen while requests are served
+                break
             arrived += 1
             if now > limit:
                 break
@@ -787,7 +803,13 @@ def simulate_traffic(spec: ModelSpec, cluster: Cluster, requests: list[Request],
         rep.busy = False
         chosen, lazy, repeats = in_flight.pop(index)
         handed: list[_Seq] = []
+        done_before = len(finished)
         rep.end(now, chosen, lazy, repeats, finished, handed)
+        if limited:  # each finish lets the client send the next request
+            for _ in range(len(finished) - done_before):
+                if released < len(seqs):
+                    seqs[released].arrival_s = max(seqs[released].req.arrival_s, now)
+                    released += 1
         for seq in handed:
             # each of the tp x pp GPUs sends its share of the prompt's KV at once
             at = now + send_recv_s(seq.computed * kv_token_bytes / (layout.tp * layout.pp), transfer_link)
@@ -795,7 +817,7 @@ def simulate_traffic(spec: ModelSpec, cluster: Cluster, requests: list[Request],
             heapq.heappush(transfers, at)
             counter += 1
         start(rep, now)
-    return _result(requests, finished, replicas, slo)
+    return _result(seqs, finished, replicas, slo)
 
 
 def request_latencies(arrivals, first_tokens, finishes, outputs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -817,24 +839,25 @@ def latency_percentiles(ttft_s, tpot_s, e2e_s) -> dict[str, float]:
     return out
 
 
-def _result(requests: list[Request], finished: list[_Seq], replicas: list[_Replica], slo: SLO) -> TrafficResult:
+def _result(seqs: list[_Seq], finished: list[_Seq], replicas: list[_Replica], slo: SLO) -> TrafficResult:
     done = sorted(finished, key=lambda s: s.req.id)
     outputs = np.array([s.output for s in done], dtype=int)
-    ttft, tpot, e2e = request_latencies([s.req.arrival_s for s in done], [s.first_token_s for s in done],
+    ttft, tpot, e2e = request_latencies([s.arrival_s for s in done], [s.first_token_s for s in done],
                                         [s.finish_s for s in done], outputs)
-    first = min(r.arrival_s for r in requests)
+    sent = [s.arrival_s for s in seqs if not math.isinf(s.arrival_s)]
+    first = min(sent)
     end = max((s.finish_s for s in done), default=first)
     duration = end - first
     met = sum(slo.met_by(a, b, c) for a, b, c in zip(ttft, tpot, e2e)) if slo.targets else len(done)
     # goodput: requests meeting the objectives per second of arrivals (all at once: of the run)
-    window = max(r.arrival_s for r in requests) - first
+    window = max(sent) - first
     window = window if window > 0 else duration
     prompt_tokens = sum(r.prompt_tokens for r in replicas)
     return TrafficResult(
         ttft_s=ttft, tpot_s=tpot, e2e_s=e2e, outputs=outputs, duration_s=duration,
-        finished=len(done), requests=len(requests), preemptions=sum(r.preemptions for r in replicas),
+        finished=len(done), requests=len(seqs), preemptions=sum(r.preemptions for r in replicas),
         prefix_hit_rate=sum(r.hit_tokens for r in replicas) / prompt_tokens if prompt_tokens else 0.0,
         prefill_tokens_by_replica=tuple(r.computed_prompt_tokens for r in replicas),
         iterations=sum(r.iterations for r in replicas), timeline=tuple(r.usage for r in replicas),
         roles=tuple(r.role for r in replicas), slo=slo,
-        goodput_rps=met / window if window > 0 else 0.0, slo_attainment=met / len(requests))
+        goodput_rps=met / window if window > 0 else 0.0, slo_attainment=met / len(seqs))

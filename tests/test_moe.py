@@ -152,23 +152,26 @@ CONFIGS = {"ep2_dp2": dict(dp=4, ep=2, microbatch_size=2), "ep2_fsdp2": dict(dp=
            "pp2_ep2": dict(pp=2, dp=2, ep=2, microbatch_size=2, schedule="1f1b")}
 
 
+EP_STEPS = 5  # a misrouted token or a wrong gradient count shows within 3
+
+
 def test_expert_parallel_training_matches_one_process(tmp_path):
-    """10 steps of tiny-moe (4 experts, top-2, a shared expert, one dense layer then two sparse)
+    """5 steps of tiny-moe (4 experts, top-2, a shared expert, one dense layer then two sparse)
     under EP2 x DP2, EP2 x FSDP2, EP4, TP2 x EP2 (attention split, experts whole) and PP2 x EP2
     against one process. Dropless routing makes every
     layout compute the same sums; they differ only in the order fp32 adds the gradients of a
     weight (over ranks, over tokens), about 1e-7 relative per step: 1e-5 on the losses after
-    10 steps of Adam leaves room for that and none for a misrouted token or a gradient divided
+    5 steps of Adam leaves room for that and none for a misrouted token or a gradient divided
     by the wrong count (which moves the loss by 1e-3 or more within 3 steps)."""
     single = write_plan(tmp_path, "tiny-moe", Strategy(precision="fp32", global_batch=8, microbatch_size=8), "single")
     plans = [write_plan(tmp_path, "tiny-moe", Strategy(precision="fp32", global_batch=8, **kw), name)
              for name, kw in CONFIGS.items()]
     for n, todo, out in ((1, [single], tmp_path / "one.jsonl"), (4, plans, tmp_path / "four.jsonl")):
-        run = launch(n, todo, out)
+        run = launch(n, todo, out, "--steps", str(EP_STEPS))
         assert run.returncode == 0, run.stderr[-3000:]
     results = {**read_results(tmp_path / "one.jsonl"), **read_results(tmp_path / "four.jsonl")}
     base = np.array(results["tiny-moe__single"]["losses"])
-    assert len(base) == 10 and base[-1] < base[0]
+    assert len(base) == EP_STEPS and base[-1] < base[0]
     for name in CONFIGS:
         losses = np.array(results[f"tiny-moe__{name}"]["losses"])
         np.testing.assert_allclose(losses, base, rtol=1e-5, atol=0, err_msg=name)
@@ -245,12 +248,12 @@ def test_hugging_face_experts_train_under_expert_parallelism(tmp_path):
             plans.append(write_source_plan(tmp_path, model, Strategy(precision="fp32", global_batch=8, seq_len=32,
                                                                      **kw), f"{name}-{layout}"))
     for n, todo, out in ((1, singles, tmp_path / "one.jsonl"), (4, plans, tmp_path / "four.jsonl")):
-        run = launch(n, todo, out)
+        run = launch(n, todo, out, "--steps", str(EP_STEPS))
         assert run.returncode == 0, run.stderr[-3000:]
     results = {**read_results(tmp_path / "one.jsonl"), **read_results(tmp_path / "four.jsonl")}
     for name in TINY_HF_MOE:
         base = np.array(results[f"{name}-single"]["losses"])
-        assert len(base) == 10
+        assert len(base) == EP_STEPS
         for layout in HF_CONFIGS:
             np.testing.assert_allclose(np.array(results[f"{name}-{layout}"]["losses"]), base, rtol=1e-5, atol=0,
                                        err_msg=f"{name} {layout}")

@@ -44,7 +44,7 @@ def _workers(plan: Path) -> list[int]:
 
 
 def test_sigkill_of_one_rank_is_restarted_by_torchrun_from_the_last_checkpoint(tmp_path):
-    steps = 16
+    steps = 10
     plan = write_plan(tmp_path, "tiny-gpt", Strategy(precision="fp32", dp=2, global_batch=8, microbatch_size=4), "dp2")
     straight = tmp_path / "straight.jsonl"
     assert torchrun(2, [plan], tmp_path / "o1.jsonl", "--steps", str(steps), "--metrics", str(straight)).returncode == 0
@@ -54,7 +54,7 @@ def test_sigkill_of_one_rank_is_restarted_by_torchrun_from_the_last_checkpoint(t
                              str(metrics), "--checkpoint-dir", str(ckpt), "--checkpoint-every", "3", "--max-restarts", "1"],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 7):
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
         time.sleep(0.05)
     victims = _workers(plan)
     assert len(victims) == 2, victims
@@ -69,7 +69,7 @@ def test_sigkill_of_one_rank_is_restarted_by_torchrun_from_the_last_checkpoint(t
 
 
 def test_a_damaged_latest_checkpoint_is_skipped_with_a_warning(tmp_path):
-    steps = 8
+    steps = 6
     plan = write_plan(tmp_path, "tiny-gpt", Strategy(precision="fp32", dp=2, global_batch=8, microbatch_size=4), "dp2")
     straight, metrics, ckpt = tmp_path / "straight.jsonl", tmp_path / "m.jsonl", tmp_path / "ckpt"
     assert torchrun(2, [plan], tmp_path / "o1.jsonl", "--steps", str(steps), "--metrics", str(straight)).returncode == 0
@@ -91,7 +91,7 @@ def test_a_damaged_latest_checkpoint_is_skipped_with_a_warning(tmp_path):
 def test_replan_for_fewer_processes_resumes_from_the_old_checkpoint(tmp_path):
     """4 steps on dp2 x tp2 (4 processes), re-plan for 2, resume: the next losses equal those of
     a run that never changed (fp32; the layouts add their reductions in different orders)."""
-    steps = 8
+    steps = 6
     old = write_plan(tmp_path, "tiny-llama", Strategy(precision="fp32", dp=2, tp=2, zero=3, global_batch=8,
                                                       microbatch_size=2), "dp2tp2")
     straight, metrics, ckpt = tmp_path / "straight.jsonl", tmp_path / "m.jsonl", tmp_path / "ckpt"

@@ -15,6 +15,7 @@ from planner.zoo import ZOO
 from runtime_helpers import launch, read_results
 
 TOLERANCE = 1e-5
+STEPS = 5
 LAYOUTS = {
     "dp": dict(dp=2, microbatch_size=4),
     "fsdp": dict(dp=4, zero=3, microbatch_size=2),
@@ -22,6 +23,9 @@ LAYOUTS = {
     "tp_dp": dict(tp=2, dp=2, microbatch_size=4),
     "tp_fsdp": dict(tp=2, dp=2, zero=3, microbatch_size=4),
 }
+# the layouts each model trains under: every layout once, tensor parallelism on both
+MODEL_LAYOUTS = {"tiny-gpt": ("dp", "tp_dp"), "tiny-llama": ("fsdp", "tp", "tp_fsdp")}
+CASES = [(m, layout) for m, layouts in MODEL_LAYOUTS.items() for layout in layouts]
 
 
 def _lora_plan(directory, model: str, name: str, **fields) -> Plan:
@@ -74,23 +78,25 @@ def runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("lora")
     results = {}
     by_world: dict[int, list] = {1: [_lora_plan(d, m, "reference", microbatch_size=8) for m in ("tiny-gpt", "tiny-llama")]}
-    for name, fields in LAYOUTS.items():
-        for m in ("tiny-gpt", "tiny-llama"):
-            s = Strategy(**fields)
-            by_world.setdefault(s.world_size, []).append(_lora_plan(d, m, name, **fields))
+    for m, name in CASES:
+        fields = LAYOUTS[name]
+        by_world.setdefault(Strategy(**fields).world_size, []).append(_lora_plan(d, m, name, **fields))
     for world, plans in sorted(by_world.items()):
         out = d / f"world{world}.jsonl"
-        proc = launch(world, plans, out, "--steps", "8")
+        proc = launch(world, plans, out, "--steps", str(STEPS))
         assert proc.returncode == 0, proc.stderr[-3000:]
         results.update(read_results(out))
     return results
 
 
-@pytest.mark.parametrize("model", ["tiny-gpt", "tiny-llama"])
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_every_layout_is_run():
+    assert {layout for _, layout in CASES} == set(LAYOUTS)
+
+
+@pytest.mark.parametrize(("model", "layout"), CASES)
 def test_lora_losses_match_single_process(runs, model, layout):
     ours, ref = runs[f"{model}__{layout}"]["losses"], runs[f"{model}__reference"]["losses"]
-    assert len(ours) == len(ref) == 8
+    assert len(ours) == len(ref) == STEPS
     for step, (a, b) in enumerate(zip(ours, ref), 1):
         assert abs(a - b) <= TOLERANCE * abs(b), f"step {step}: {a} vs {b}"
     assert ours[-1] < ours[0]  # the adapters learn

@@ -190,3 +190,22 @@ def test_a_conversations_kv_between_turns_kept_offloaded_or_dropped():
     # copying back over PCIe costs less than recomputing, more than keeping
     ttft = {k: r.metrics()["ttft_p50_s"] for k, r in (("kept", kept), ("dropped", dropped), ("offloaded", offloaded))}
     assert ttft["kept"] < ttft["offloaded"] < ttft["dropped"]
+
+
+def test_a_concurrency_limit_is_a_closed_loop():
+    """`vllm bench serve --max-concurrency`: with one request in flight each starts when the last
+    ends (TTFT one prefill every time, the run the sum of the requests alone); a limit as large as
+    the workload is the open loop; bad limits are refused."""
+    reqs = [Request(id=i, arrival_s=0.0, prompt_tokens=512, output_tokens=64) for i in range(12)]
+    alone = simulate_traffic(SPEC, CLUSTER, reqs[:1], ServingLayout(tp=1))
+    one = simulate_traffic(SPEC, CLUSTER, reqs, ServingLayout(tp=1), concurrency=1)
+    assert np.allclose(one.ttft_s, alone.ttft_s[0], rtol=1e-9)
+    assert one.duration_s == pytest.approx(12 * alone.duration_s, rel=1e-9)
+    four = simulate_traffic(SPEC, CLUSTER, reqs, ServingLayout(tp=1), concurrency=4)
+    burst = simulate_traffic(SPEC, CLUSTER, reqs, ServingLayout(tp=1))
+    assert burst.duration_s < four.duration_s < one.duration_s  # batching four at a time, then all at once
+    assert float(np.median(four.ttft_s)) < float(np.median(burst.ttft_s))  # no queue behind the client's limit
+    same = simulate_traffic(SPEC, CLUSTER, reqs, ServingLayout(tp=1), concurrency=12)
+    assert np.array_equal(same.ttft_s, burst.ttft_s) and same.duration_s == burst.duration_s
+    with pytest.raises(ConfigError, match="--concurrency must be a positive integer"):
+        simulate_traffic(SPEC, CLUSTER, reqs, ServingLayout(tp=1), concurrency=0)

@@ -85,12 +85,13 @@ def _ms(seconds: float) -> str:
 
 
 def format_traffic(spec: ModelSpec, cluster_text: str, layout: ServingLayout, cfg: SchedulerConfig,
-                   name: str, rate: float | None, r: TrafficResult) -> str:
+                   name: str, rate: float | None, r: TrafficResult, concurrency: int | None = None) -> str:
     m = r.metrics()
     split = f", {layout.prefill_replicas} of them prefill only" if layout.prefill_replicas else ""
     lines = [
         f"{spec.name} ({format_count(spec.num_params)} params) serving {name}"
-        f"{f' at {rate:g} requests/s' if rate is not None else ''} on {cluster_text}: {r.requests} requests",
+        f"{f' at {rate:g} requests/s' if rate is not None else ''}"
+        f"{f', at most {concurrency} in flight' if concurrency else ''} on {cluster_text}: {r.requests} requests",
         f"  layout tp {layout.tp} x pp {layout.pp}{' (experts whole: EP)' if layout.expert_parallel else ''}, "
         f"{layout.replicas} replica(s){split}; max {cfg.max_num_seqs} "
         f"sequences and {cfg.max_num_batched_tokens} tokens an iteration, chunked prefill "
@@ -124,7 +125,7 @@ def run_traffic_simulate(args: argparse.Namespace) -> int:
     layout = layout_from_args(args, cluster)
     slo = SLO.parse(args.slo)
     reqs = load_requests(args, spec)
-    result = simulate_traffic(spec, cluster, reqs, layout, cfg, slo)
+    result = simulate_traffic(spec, cluster, reqs, layout, cfg, slo, concurrency=args.concurrency)
     predicted = {**steady_state(spec, cluster, layout, cfg, reqs), **result.metrics()}
     outputs = []
     if args.trace:
@@ -134,6 +135,7 @@ def run_traffic_simulate(args: argparse.Namespace) -> int:
         atomic_write_text(path, text)
     if args.json:
         print(json.dumps({"model": spec.name, "cluster": args.cluster, "workload": args.workload, "rate": args.rate,
+                          "concurrency": args.concurrency,
                           "layout": {"tp": layout.tp, "pp": layout.pp, "replicas": layout.replicas,
                                      "prefill_replicas": layout.prefill_replicas, "precision": layout.precision,
                                      "expert_parallel": layout.expert_parallel},
@@ -144,7 +146,7 @@ def run_traffic_simulate(args: argparse.Namespace) -> int:
                                         "engine": cfg.engine},
                           "predicted": predicted}, indent=2))
     else:
-        print(format_traffic(spec, args.cluster, layout, cfg, args.workload, args.rate, result))
+        print(format_traffic(spec, args.cluster, layout, cfg, args.workload, args.rate, result, args.concurrency))
         if args.trace:
             print(f"  trace written to {args.trace} (open in ui.perfetto.dev)")
     return 0
@@ -180,7 +182,7 @@ def run_traffic_plan(args: argparse.Namespace) -> int:
 
     refuse_other_flags(args)
     given = [k for k in ("tp", "pp", "replicas", "prefill_replicas", "max_num_seqs", "max_num_batched_tokens",
-                         "expert_parallel") if getattr(args, k, None) is not None]
+                         "expert_parallel", "concurrency") if getattr(args, k, None) is not None]
     if given:
         raise ConfigError(f"plan searches --{given[0].replace('_', '-')}; to price one layout use `paraplan simulate "
                           "--mode inference --workload ...`")
