@@ -23,7 +23,7 @@ from runtime.launch import refuse_unrunnable
 from runtime_helpers import launch, read_results
 
 SEED = 12
-CASES = 20
+CASES = 14
 
 SHAPES = {
     "gpt": dict(layers=4, hidden=64, heads=4, vocab=256, seq_len=32, dropout=False),
