@@ -215,7 +215,8 @@ def unit_max_rate(spec: ModelSpec, cluster: Cluster, unit: ServingLayout, cfg: S
     return lo, probes
 
 
-def units(spec: ModelSpec, cluster: Cluster, precision: str) -> tuple[list[ServingLayout], dict[str, str]]:
+def units(spec: ModelSpec, cluster: Cluster, precision: str,
+          engine: str = DEFAULT_ENGINE) -> tuple[list[ServingLayout], dict[str, str]]:
     """Every unit shape the cluster can hold, and why the others cannot be."""
     out, refused = [], {}
     n = cluster.world_size
@@ -228,8 +229,9 @@ def units(spec: ModelSpec, cluster: Cluster, precision: str) -> tuple[list[Servi
             if why:
                 refused[name] = "; ".join(why)
             continue
-        blocks, _ = replica_blocks(spec, cluster, ServingLayout(tp=tp, pp=pp, precision=precision), SchedulerConfig())
-        if blocks * SchedulerConfig().block_tokens < spec.seq_len:
+        cfg = SchedulerConfig(engine=engine)
+        blocks, _ = replica_blocks(spec, cluster, ServingLayout(tp=tp, pp=pp, precision=precision), cfg)
+        if blocks * cfg.block_tokens < spec.seq_len:
             refused[name] = "the weights leave less KV cache than one full-context sequence"
             continue
         for k in DECODE_PER_PREFILL:
@@ -244,12 +246,12 @@ def units(spec: ModelSpec, cluster: Cluster, precision: str) -> tuple[list[Servi
 
 
 def static_unit(spec: ModelSpec, cluster: Cluster, prompt: float, output: float, slo: SLO,
-                precision: str = "bf16") -> tuple[ServingLayout, int] | None:
+                precision: str = "bf16", engine: str = DEFAULT_ENGINE) -> tuple[ServingLayout, int] | None:
     """The steady-state planner's replica and batch (costmodel.serving.plan_serving) at the mean
     lengths and the TTFT/TPOT targets, or None where it finds none."""
     p, o = typical_request(prompt, output, spec.seq_len)
     targets = {m: sec for m, _, sec in slo.targets}
-    req = ServingRequest(prompt_len=p, output_len=o, precision=precision,
+    req = ServingRequest(prompt_len=p, output_len=o, precision=precision, engine=engine,
                          max_ttft_ms=targets["ttft"] * 1e3 if "ttft" in targets else None,
                          max_tpot_ms=targets["tpot"] * 1e3 if "tpot" in targets else None)
     try:
@@ -268,7 +270,7 @@ def plan_traffic(spec: ModelSpec, cluster: Cluster, wl: TrafficWorkload, rate: f
         raise ConfigError(f"plan --mode inference needs a finite --rate in requests per second > 0 (goodput is planned "
                           f"for a rate; a trace of simultaneous arrivals has none), got {rate}; for offline throughput "
                           "use `paraplan simulate --mode inference --rate inf`")
-    shapes, refused = units(spec, cluster, precision)
+    shapes, refused = units(spec, cluster, precision, engine)
     if not shapes:
         reasons = "; ".join(f"{k}: {v}" for k, v in list(refused.items())[:3])
         raise ConfigError(f"no replica of {spec.name} fits {cluster.name} ({reasons}); add GPUs or serve in fp8")
@@ -279,7 +281,7 @@ def plan_traffic(spec: ModelSpec, cluster: Cluster, wl: TrafficWorkload, rate: f
             for seqs in MAX_SEQS:
                 cfg = SchedulerConfig(max_num_batched_tokens=b, max_num_seqs=seqs, engine=engine)
                 candidates.append((unit_bound(spec, cluster, u, cfg, prompt, output, slo) / u.gpus, u, cfg))
-    static = static_unit(spec, cluster, prompt, output, slo, precision)
+    static = static_unit(spec, cluster, prompt, output, slo, precision, engine)
     fits = {(u.tp, u.pp) for u in shapes}
     if static is not None and (static[0].tp, static[0].pp) in fits and static[1] not in MAX_SEQS:
         for b in TOKEN_BUDGETS:  # the steady-state planner's pick, searched too

@@ -93,3 +93,19 @@ def test_cli_names_the_engine_and_refuses_an_unknown_one(tmp_path):
                    "--workload", "chat", "--rate", "5", "--engine", "sglang")
     assert bad.returncode == 2 and "--engine 'sglang'; use one of" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
+
+
+def test_a_plan_records_its_engine_and_the_engine_prices_it(tmp_path):
+    """The steady-state planner under each engine: the plan says which priced it, and TensorRT-LLM
+    (the profiles' rates) serves more than vLLM 0.11 on an H100."""
+    from cli.main import main
+
+    got = {}
+    for engine in ("vllm", "tensorrt-llm"):
+        target = tmp_path / f"{engine}.yaml"
+        assert main(["plan", "--mode", "inference", "--model", "llama3-8b", "--cluster", "h100-sxm:1", "--prompt-len",
+                     "512", "--output-len", "128", "--engine", engine, "-o", str(target)]) == 0
+        plan = yaml.safe_load(target.read_text())
+        assert plan["serving"]["engine"] == engine
+        got[engine] = plan["predicted"]["throughput_tokens_per_s"]
+    assert got["tensorrt-llm"] > 1.3 * got["vllm"]
