@@ -47,7 +47,7 @@ from costmodel.moe import EXPERT_LOAD_CV, rank_imbalance
 from costmodel.ops import gemm_s
 from costmodel.spec import ModelSpec
 from costmodel.runtime import FUSED
-from costmodel.serving_engine import DEFAULT_ENGINE, engine_cluster, engine_names
+from costmodel.serving_engine import DEFAULT_ENGINE, check_engine_name, engine_cluster
 from costmodel.strategy import Strategy
 
 GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default share of the GPU it may use
@@ -84,8 +84,7 @@ class ServingRequest:
             raise ConfigError(f"serving precision {self.precision!r}; use one of {', '.join(BYTES)}")
         if not 0 <= self.acceptance < 1:
             raise ConfigError(f"--acceptance must be in [0, 1), got {self.acceptance}")
-        if self.engine not in engine_names():
-            raise ConfigError(f"--engine {self.engine!r}; use one of {', '.join(engine_names())}")
+        check_engine_name(self.engine)
 
     @property
     def bytes_per_value(self) -> int:

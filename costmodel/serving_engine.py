@@ -22,6 +22,7 @@ rates as profiled).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from pathlib import Path
 
 import yaml
@@ -59,12 +60,22 @@ class ServingEngine:
         return float(self.memory_sustained.get(arch, 1.0))
 
 
-def engine_names() -> list[str]:
-    return sorted(p.stem for p in ENGINES_DIR.glob("*.yaml"))
+@lru_cache(maxsize=1)
+def engine_names() -> tuple[str, ...]:
+    """The engine profiles shipped in profiles/serving (read once: they do not change in a run)."""
+    return tuple(sorted(p.stem for p in ENGINES_DIR.glob("*.yaml")))
 
 
+def check_engine_name(name: str) -> None:
+    """One line naming the engines there are, where `name` is none of them (--engine)."""
+    if name not in engine_names():
+        raise ConfigError(f"--engine {name!r}; use one of {', '.join(engine_names())}")
+
+
+@lru_cache(maxsize=16)
 def load_engine(name: str) -> ServingEngine:
-    """A serving engine profile by name (profiles/serving/NAME.yaml)."""
+    """A serving engine profile by name (profiles/serving/NAME.yaml), parsed once per run: every
+    simulation of a planner's search names one."""
     path = ENGINES_DIR / f"{name}.yaml"
     if not isinstance(name, str) or "/" in name or not path.exists():
         raise ConfigError(f"unknown serving engine {name!r}; use one of {', '.join(engine_names())}")

@@ -52,7 +52,7 @@ from costmodel.cluster import Cluster, with_runtime
 from costmodel.collectives import send_recv_s
 from costmodel.errors import ConfigError
 from costmodel.runtime import FUSED
-from costmodel.serving_engine import DEFAULT_ENGINE, ServingEngine, engine_cluster, engine_names
+from costmodel.serving_engine import DEFAULT_ENGINE, ServingEngine, check_engine_name, engine_cluster
 from costmodel.serving import (BYTES, ServingRequest, decode_attention_s, head_s, kv_budget, kv_bytes_per_token,
                                kv_values_per_token_gpu, layout_label, layout_problems, token_layer_s)
 from costmodel.spec import ModelSpec
@@ -90,8 +90,7 @@ class SchedulerConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
         if self.preemption not in PREEMPTION_MODES:
             raise ConfigError(f"--preemption {self.preemption!r}; use one of {', '.join(PREEMPTION_MODES)}")
-        if self.engine not in engine_names():
-            raise ConfigError(f"--engine {self.engine!r}; use one of {', '.join(engine_names())}")
+        check_engine_name(self.engine)
         if self.evicted_prefix not in CACHE_EVICTION:
             raise ConfigError(f"--evicted-prefix {self.evicted_prefix!r}; use one of {', '.join(CACHE_EVICTION)}")
 
@@ -704,7 +703,7 @@ def simulate_traffic(spec: ModelSpec, cluster: Cluster, requests: list[Request],
     if why:
         raise ConfigError(f"{spec.name} cannot be served as tp {layout.tp} x pp {layout.pp}: {'; '.join(why)}")
     cost = IterationCost(spec, cluster, layout.tp, layout.pp, layout.precision, cfg.max_num_batched_tokens,
-                         layout.expert_parallel, cfg.engine)
+                         layout.expert_parallel)  # the cluster is the engine's already
     host = host_link_gb_per_s(cluster)
     roles = ["prefill"] * layout.prefill_replicas + ["decode" if layout.prefill_replicas else "mixed"] * (
         layout.replicas - layout.prefill_replicas)

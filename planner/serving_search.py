@@ -168,7 +168,7 @@ def unit_bound(spec: ModelSpec, cluster: Cluster, unit: ServingLayout, cfg: Sche
     """An upper bound on the requests per second one unit serves (see the formulation)."""
     cluster = engine_cluster(cluster, cfg.engine)
     cost = IterationCost(spec, cluster, unit.tp, unit.pp, unit.precision, cfg.max_num_batched_tokens,
-                         unit.expert_parallel, cfg.engine)
+                         unit.expert_parallel)  # the cluster is the engine's already
     chunk = cfg.max_num_batched_tokens
     prefill_tokens_s = chunk / cost.seconds(chunk, 1, 0, 0.0, chunk * (chunk + 1) / 2, chunk)
     blocks, _ = replica_blocks(spec, cluster, unit, cfg)
