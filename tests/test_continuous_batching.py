@@ -21,8 +21,10 @@ def test_packed_paged_iterations_generate_what_each_request_would_alone(name):
     torch.set_num_threads(1)
     spec = ZOO[name]
     model = load_model(spec)
-    # odd requests share an 8-token prefix (two 4-token blocks); a 10-token budget chunks prompts
-    reqs = [Request(id=i, arrival_s=0.01 * i, prompt_tokens=9 + 2 * i, output_tokens=4 + i,
+    # odd requests share an 8-token prefix (two 4-token blocks); a 10-token budget chunks prompts;
+    # three arrive together (their iterations are shared however fast this machine runs them), the
+    # rest over time
+    reqs = [Request(id=i, arrival_s=0.0 if i < 3 else 0.01 * i, prompt_tokens=9 + 2 * i, output_tokens=4 + i,
                     prefix_id="sys" if i % 2 else "", prefix_tokens=8 if i % 2 else 0) for i in range(6)]
     out = serve(model, reqs, SchedulerConfig(max_num_batched_tokens=10, block_tokens=4), blocks=200)
     for r, got in zip(reqs, out.texts):
