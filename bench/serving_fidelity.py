@@ -133,8 +133,12 @@ def compare(title: str, rows: list[dict], predict, published: str, label, optimi
     print(f"  {summary(errors, optimistic_sign)}")
 
 
-# --- vLLM under a burst: GPUStack's vLLM 0.11 runs (tests/data/serving_runs.yaml, vllm_offline) ---
-FIT_MODEL = "qwen3-14b"  # the rows the vLLM profile's factors are fitted to; the Qwen3-32B rows are held out
+# --- vLLM under a burst: GPUStack's vLLM 0.11 runs and Lambda's and the SGLang team's vLLM 0.6 runs ---
+# (tests/data/serving_runs.yaml, vllm_offline and vllm_0_6). The vLLM profile's shares are fitted to two labs'
+# rows: GPUStack's Qwen3-14B runs and Lambda's; GPUStack's Qwen3-32B runs and the SGLang team's runs (another
+# lab, its own H100s and A100) are held out.
+FIT_MODEL = "qwen3-14b"
+FIT_SOURCES = ("lambda-vllm-0.6",)  # whole sources the shares are fitted to, besides GPUStack's FIT_MODEL rows
 HOST_BOUND_INPUT = 128  # 128-token prompts, 4 tokens out: the API server's per-request work bounds these
 
 
@@ -160,50 +164,83 @@ def sharegpt_lengths(requests: int, mean_prompt: float, mean_output: float, seed
     return draw(mp, mo)
 
 
-def vllm_requests(row: dict) -> list[Request]:
+def vllm_requests(row: dict, arrivals_s: np.ndarray | None = None) -> list[Request]:
     n = row["requests"]
     if row["dataset"] == "sharegpt":
         prompts, outputs = sharegpt_lengths(n, row["input_tokens"] / n, row["output_tokens"] / n)
     else:
         prompts, outputs = np.full(n, row["input"]), np.full(n, row["output"])
-    return [Request(id=i, arrival_s=0.0, prompt_tokens=int(p), output_tokens=int(o))
-            for i, (p, o) in enumerate(zip(prompts, outputs))]
+    arrivals_s = np.zeros(n) if arrivals_s is None else arrivals_s
+    return [Request(id=i, arrival_s=float(a), prompt_tokens=int(p), output_tokens=int(o))
+            for i, (a, p, o) in enumerate(zip(arrivals_s, prompts, outputs))]
 
 
-def vllm_run(row: dict, models: dict, engine: ServingEngine) -> dict:
-    """The run as vLLM ran it, with its defaults for the GPU (and the client's concurrency limit,
-    where it had one): (duration s, median TTFT and TPOT ms)."""
-    spec = qwen3_spec(row["model"], models[row["model"]])
+def published_duration_s(row: dict) -> float:
+    """The run's length: as published, or its output tokens over its published output throughput."""
+    return row["duration_s"] if "duration_s" in row else row["output_tokens"] / row["output_tokens_per_s"]
+
+
+def row_spec(row: dict, models: dict) -> ModelSpec:
+    return qwen3_spec(row["model"], models[row["model"]]) if row["model"] in models else ZOO[row["model"]]
+
+
+def row_scheduler(row: dict, engine: str) -> SchedulerConfig:
+    """The engine arguments the run had: vLLM 0.11's defaults for its GPU (chunked prefill and prefix
+    caching on; 8192 tokens and 1024 sequences on a GPU of >= 70 GiB that is not an A100, 2048 and 256
+    otherwise), or the row's own (vLLM 0.6: whole prompts, no prefix caching)."""
+    if "max_num_seqs" in row:
+        return SchedulerConfig(max_num_seqs=row["max_num_seqs"], max_num_batched_tokens=row["max_num_batched_tokens"],
+                               chunked_prefill=False, prefix_caching=False, engine=engine)
     a100 = row["gpu"].startswith("a100")
-    cfg = SchedulerConfig(max_num_batched_tokens=2048 if a100 else 8192, max_num_seqs=256 if a100 else 1024)
-    r = simulate_traffic(spec, load_cluster(f"{row['gpu']}:1"), vllm_requests(row), ServingLayout(precision="bf16"),
-                         cfg, engine=engine, concurrency=row.get("concurrency"))
+    return SchedulerConfig(max_num_batched_tokens=2048 if a100 else 8192, max_num_seqs=256 if a100 else 1024,
+                           engine=engine)
+
+
+def vllm_run(row: dict, models: dict, engine: ServingEngine, arrivals_s: np.ndarray | None = None) -> dict:
+    """The run as vLLM ran it, with its engine arguments (and the client's concurrency limit, where it
+    had one): (duration s, median TTFT, TPOT and end-to-end latency ms)."""
+    tp = row.get("tp", 1)
+    r = simulate_traffic(row_spec(row, models), load_cluster(f"{row['gpu']}:{tp}"), vllm_requests(row, arrivals_s),
+                         ServingLayout(precision="bf16", tp=tp), row_scheduler(row, engine.name), engine=engine,
+                         concurrency=row.get("concurrency"))
     m = r.metrics()
-    return {"duration_s": r.duration_s, "ttft_median_ms": m["ttft_p50_s"] * 1e3, "tpot_median_ms": m["tpot_p50_s"] * 1e3}
+    return {"duration_s": r.duration_s, "ttft_median_ms": m["ttft_p50_s"] * 1e3, "tpot_median_ms": m["tpot_p50_s"] * 1e3,
+            "e2e_median_ms": m["e2e_p50_s"] * 1e3}
 
 
-def fit_rows(rows: list[dict]) -> list[dict]:
-    return [r for r in rows if r["model"] == FIT_MODEL and r.get("input") != HOST_BOUND_INPUT]
+def vllm_rows(data: dict) -> list[dict]:
+    return data["vllm_offline"] + data["vllm_0_6"]
+
+
+def row_kind(row: dict) -> str:
+    if row.get("input") == HOST_BOUND_INPUT:
+        return "host-bound"
+    fitted = row["source"] in FIT_SOURCES or (row["source"].startswith("gpustack") and row["model"] == FIT_MODEL)
+    return "fitted" if fitted else "held-out"
 
 
 def fit_vllm(rows: list[dict], models: dict, base: ServingEngine) -> ServingEngine:
     """The compute and memory shares per architecture that fit the fit rows' durations and
-    median TPOTs.
+    median TPOTs, each lab weighing as much as the other.
 
     Formulation: per architecture a, (c_a, m_a) = argmin over [0.2, 1]^2 of the sum over the fit
-    rows r on a of log(D_pred(c, m) / D_r)^2 + log(TPOT_pred(c, m) / TPOT_r)^2; searched on a
+    sources s with rows on a of (1 / n_s,a) x the sum over those rows r of log(D_pred(c, m) / D_r)^2
+    + log(TPOT_pred(c, m) / TPOT_r)^2 (the TPOT term where the row publishes one); searched on a
     5 x 5 grid around (0.6, 0.6) of step 0.2, refined twice around the best (steps 0.05, 0.0125)."""
     compute, memory = {}, {}
     for arch, gpu in (("hopper", "h100-sxm"), ("ampere", "a100-80g")):
-        mine = [r for r in fit_rows(rows) if r["gpu"] == gpu]
+        mine = [r for r in rows if r["gpu"] == gpu and row_kind(r) == "fitted"]
+        per_source = {r["source"]: sum(x["source"] == r["source"] for x in mine) for r in mine}
 
         def loss(c: float, m: float) -> float:
             eng = dataclasses.replace(base, compute_sustained={arch: c}, memory_sustained={arch: m})
             total = 0.0
             for row in mine:
                 got = vllm_run(row, models, eng)
-                total += math.log(got["duration_s"] / row["duration_s"]) ** 2
-                total += math.log(got["tpot_median_ms"] / row["tpot_median_ms"]) ** 2
+                term = math.log(got["duration_s"] / published_duration_s(row)) ** 2
+                if "tpot_median_ms" in row:
+                    term += math.log(got["tpot_median_ms"] / row["tpot_median_ms"]) ** 2
+                total += term / per_source[row["source"]]
             return total
 
         best, step = (0.6, 0.6), 0.2
@@ -213,30 +250,73 @@ def fit_vllm(rows: list[dict], models: dict, base: ServingEngine) -> ServingEngi
             best = min(sorted(grid), key=lambda cm: loss(*cm))
             step /= 4
         compute[arch], memory[arch] = best
-        print(f"  {arch}: compute_sustained {best[0]:.3f}, memory_sustained {best[1]:.3f} "
-              f"(fitted to {len(mine)} {FIT_MODEL} rows, loss {loss(*best):.4f})")
+        print(f"  {arch}: compute_sustained {best[0]:.3f}, memory_sustained {best[1]:.3f} (fitted to {len(mine)} rows "
+              f"of {', '.join(sorted(per_source))}; loss {loss(*best):.4f})")
     return dataclasses.replace(base, compute_sustained=compute, memory_sustained=memory)
 
 
 def vllm_fidelity(data: dict, engine: ServingEngine) -> None:
-    rows, models = data["vllm_offline"], data["models"]
-    fitted = fit_rows(rows)
-    print(f"vLLM 0.11 under a burst (GPUStack), engine profile {engine.name}: duration s, median TPOT ms, "
+    models = data["models"]
+    print(f"vLLM under a burst (rate inf), engine profile {engine.name}: duration s, median TPOT ms, "
           "predicted / published; * = a row the profile was fitted to")
     errors: dict[str, list[float]] = {"held-out": [], "fitted": [], "host-bound": []}
-    for row in rows:
+    by_source: dict[str, list[float]] = {}
+    for row in vllm_rows(data):
         got = vllm_run(row, models, engine)
-        tput = 100 * (row["duration_s"] / got["duration_s"] - 1)  # throughput error: more is optimistic
-        tpot = 100 * (got["tpot_median_ms"] / row["tpot_median_ms"] - 1)
-        kind = ("host-bound" if row.get("input") == HOST_BOUND_INPUT else "fitted" if row in fitted else "held-out")
+        duration = published_duration_s(row)
+        tput = 100 * (duration / got["duration_s"] - 1)  # throughput error: more is optimistic
+        kind = row_kind(row)
         errors[kind].append(tput)
+        if kind == "held-out":
+            by_source.setdefault(row["source"], []).append(tput)
         shape = "sharegpt" if row["dataset"] == "sharegpt" else f"{row['input']}/{row['output']}"
-        print(f"  {'*' if kind == 'fitted' else ' '} {row['model']} {row['gpu']:9s} {shape:9s} x{row['requests']:<5d} "
-              f"{got['duration_s']:8.1f} / {row['duration_s']:8.1f} s (throughput {tput:+6.1f}%)   TPOT "
-              f"{got['tpot_median_ms']:7.1f} / {row['tpot_median_ms']:7.1f} ms ({tpot:+6.1f}%)")
+        tpot = (f"{got['tpot_median_ms']:7.1f} / {row['tpot_median_ms']:7.1f} ms "
+                f"({100 * (got['tpot_median_ms'] / row['tpot_median_ms'] - 1):+6.1f}%)") if "tpot_median_ms" in row else ""
+        print(f"  {'*' if kind == 'fitted' else ' '} {row['source']:18s} {row['model']:10s} {row['gpu']:9s} "
+              f"tp{row.get('tp', 1)} {shape:9s} x{row['requests']:<5d} {got['duration_s']:8.1f} / {duration:8.1f} s "
+              f"(throughput {tput:+6.1f}%)   TPOT {tpot}")
     for kind, errs in errors.items():
         if errs:
             print(f"  offline throughput, {kind} rows: {summary(errs, optimistic_sign=1)}")
+    for source, errs in by_source.items():
+        print(f"    held out, {source}: {summary(errs, optimistic_sign=1)}")
+
+
+SHAREGPT_MEANS = (221.5, 194.3)  # prompt and output tokens a request (vllm_0_6's note in the data file)
+
+
+def rate_run(row: dict, models: dict, engine: ServingEngine) -> dict:
+    """A rate_latency row as it ran: Poisson arrivals at its rate (seed 0), ShareGPT lengths of the
+    means above, vLLM 0.6's scheduler (whole prompts, 256 sequences, 4096 tokens) or SGLang's
+    (chunked prefill)."""
+    n = row["requests"]
+    run = dict(row, dataset="sharegpt", input_tokens=round(SHAREGPT_MEANS[0] * n),
+               output_tokens=round(SHAREGPT_MEANS[1] * n))
+    if row["engine"].startswith("vllm"):
+        run.update(max_num_seqs=256, max_num_batched_tokens=4096)
+    times = np.cumsum(np.random.default_rng(0).exponential(1.0 / row["rate"], n))
+    return vllm_run(run, models, engine, arrivals_s=times)
+
+
+def rate_fidelity(data: dict, engine: ServingEngine) -> None:
+    """Latency at a Poisson rate (the SGLang team's runs, held out): medians predicted / published.
+    Both engines are priced with the vLLM profile (SGLang 0.3's offline throughput is within 4% of
+    vLLM 0.6's in the same runs) and each run's scheduler: vLLM 0.6 whole prompts, SGLang chunked."""
+    print(f"latency at a Poisson rate (ShareGPT, medians in ms; engine profile {engine.name}): predicted / published, "
+          "held out")
+    errors: dict[str, list[float]] = {"tpot": [], "e2e": [], "ttft": []}
+    for row in data["rate_latency"]:
+        got = rate_run(row, data["models"], engine)
+        cells = []
+        for key in ("ttft", "tpot", "e2e"):
+            err = 100 * (got[f"{key}_median_ms"] / row[f"{key}_median_ms"] - 1)
+            if key != "ttft" or row["engine"].startswith("sglang"):
+                errors[key].append(err)
+            cells.append(f"{key.upper()} {got[f'{key}_median_ms']:7.1f} / {row[f'{key}_median_ms']:7.1f} ({err:+5.1f}%)")
+        print(f"  {row['engine']:12s} {row['model']:10s} {row['gpu']:9s} tp{row['tp']} {row['rate']:g}/s   "
+              + "   ".join(cells))
+    for key, errs in errors.items():
+        print(f"  median {key.upper()}{' (SGLang rows)' if key == 'ttft' else ''}: {summary(errs, optimistic_sign=-1)}")
 
 
 def concurrency_fidelity(data: dict) -> None:
@@ -258,10 +338,12 @@ def main() -> int:
     compare("first-token latency of one request, ms (predicted / published)", data["first_token"], first_token_ms,
             "ttft_ms", lambda r: f"prompt {r['input']:5d}", optimistic_sign=-1)
     if "--fit" in sys.argv:
-        print("fitting the vLLM profile's shares to the Qwen3-14B rows")
-        vllm_fidelity(data, fit_vllm(data["vllm_offline"], data["models"], load_engine("vllm")))
+        print("fitting the vLLM profile's shares to GPUStack's Qwen3-14B rows and Lambda's rows")
+        engine = fit_vllm(vllm_rows(data), data["models"], load_engine("vllm"))
     else:
-        vllm_fidelity(data, load_engine("vllm"))
+        engine = load_engine("vllm")
+    vllm_fidelity(data, engine)
+    rate_fidelity(data, engine)
     concurrency_fidelity(data)
     if "--skip-cpu" not in sys.argv:
         profile = sys.argv[sys.argv.index("--profile") + 1] if "--profile" in sys.argv else "cpu-2core"

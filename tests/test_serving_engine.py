@@ -2,6 +2,7 @@
 iterations reach, and the published vLLM runs it was fitted to and checked against."""
 
 import math
+import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -69,20 +70,47 @@ def test_the_engines_memory_outside_the_cache_sizes_the_kv_cache():
 
 
 def test_published_vllm_runs_held_out_of_the_fit_are_predicted():
-    """GPUStack's vLLM 0.11 runs (tests/data/serving_runs.yaml): the profile's shares were fitted to
-    the Qwen3-14B rows; the Qwen3-32B rows (other weights, a KV cache a fifth as large) are held
-    out. Measured: fitted rows within 10%, held-out median |error| 16.9%, worst 27.8% (A100 32K)."""
+    """Published vLLM runs at request rate inf (tests/data/serving_runs.yaml): the profile's shares
+    were fitted to two labs' rows (GPUStack's vLLM 0.11 Qwen3-14B runs, Lambda's vLLM 0.6 Llama 3.1
+    runs); GPUStack's Qwen3-32B rows (other weights, a KV cache a fifth as large) and a third lab's
+    runs (the SGLang team's vLLM 0.6: Llama 3.1 8B on an A100, 70B on 4 H100s) are held out.
+    Measured: fitted rows median 6.5%, worst 23% (the two labs' H100s disagree by ~25%); held out
+    median 19.9%, worst 27.8% (GPUStack's A100 32K); the third lab's two runs -5.0% and -17.4%."""
     engine, models = load_engine("vllm"), DATA["models"]
     errors = {"fitted": [], "held-out": []}
-    for row in DATA["vllm_offline"]:
-        if row.get("input") == serving_fidelity.HOST_BOUND_INPUT:
+    third_lab = []
+    for row in serving_fidelity.vllm_rows(DATA):
+        kind = serving_fidelity.row_kind(row)
+        if kind == "host-bound":
             continue  # the API server's per-request work bounds these (not modelled)
         got = serving_fidelity.vllm_run(row, models, engine)
-        kind = "fitted" if row["model"] == serving_fidelity.FIT_MODEL else "held-out"
-        errors[kind].append(abs(math.log(row["duration_s"] / got["duration_s"])))
-    assert max(errors["fitted"]) < math.log(1.11)
-    held = sorted(errors["held-out"])
-    assert len(held) == 8 and held[len(held) // 2] < math.log(1.25) and held[-1] < math.log(1.40)
+        err = abs(math.log(serving_fidelity.published_duration_s(row) / got["duration_s"]))
+        errors[kind].append(err)
+        if row["source"] == "sglang-vllm-0.6":
+            third_lab.append(err)
+    fitted, held = sorted(errors["fitted"]), sorted(errors["held-out"])
+    assert len(fitted) == 10 and fitted[len(fitted) // 2] < math.log(1.10) and fitted[-1] < math.log(1.30)
+    assert len(held) == 10 and held[len(held) // 2] < math.log(1.25) and held[-1] < math.log(1.40)
+    assert len(third_lab) == 2 and max(third_lab) < math.log(1.25)
+
+
+def test_published_latencies_at_a_poisson_rate_are_predicted():
+    """The SGLang team's online runs (held out): ShareGPT requests at 4 and 8 a second to SGLang 0.3
+    and vLLM 0.6 serving Llama 3.1 8B on an A100 and 70B on 4 H100s. Median TPOT and end-to-end
+    latency, predicted against published: measured within 20% each, medians of |error| 8-10%;
+    median TTFT of the SGLang rows within 17%, 10-17% low (vLLM 0.6's multi-step TTFT is not
+    modelled)."""
+    engine = load_engine("vllm")
+    errs = {"tpot": [], "e2e": [], "ttft": []}
+    for row in DATA["rate_latency"]:
+        got = serving_fidelity.rate_run(row, DATA["models"], engine)
+        for key in errs:
+            if key != "ttft" or row["engine"].startswith("sglang"):
+                errs[key].append(abs(math.log(got[f"{key}_median_ms"] / row[f"{key}_median_ms"])))
+    assert len(errs["tpot"]) == 8 and len(errs["ttft"]) == 4
+    for key, median_bound in (("tpot", 1.12), ("e2e", 1.12), ("ttft", 1.20)):
+        assert max(errs[key]) < math.log(1.25), key
+        assert statistics.median(errs[key]) < math.log(median_bound), key
 
 
 def test_cli_names_the_engine_and_refuses_an_unknown_one(tmp_path):
