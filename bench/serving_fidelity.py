@@ -1,6 +1,6 @@
 """Serving: the traffic simulator against published engine runs.
 
-    python bench/serving_fidelity.py [--skip-cpu] [--profile PROFILE]
+    python bench/serving_fidelity.py [--fit] [--skip-cpu] [--profile PROFILE]
 
 Rows: tests/data/serving_runs.yaml (TensorRT-LLM's published A100 FP16 runs: offline throughput
 of a static batch at fixed prompt and output lengths, and the first-token latency of one
@@ -10,6 +10,12 @@ engine's context phase runs the batch's prompts together), on the a100-80g profi
 is output tokens per second per GPU. First-token rows are one request's TTFT. Nothing is fitted
 to these rows: the profile is the one the training side uses. Prints each row, then the median
 and 90th percentile of |error| per kind.
+
+Then vLLM (engine profile `vllm`): three labs' runs at request rate inf (GPUStack's vLLM 0.11,
+Lambda's and the SGLang team's vLLM 0.6), each simulated with its engine arguments; the profile's
+shares are fitted (`--fit`) to GPUStack's Qwen3-14B rows and Lambda's, the rest held out. Then
+latency at a Poisson rate (the SGLang team's online runs) and at a concurrency limit (GPUStack's
+four-in-flight runs), held out.
 
 Then, measured here: `runtime.serve` (continuous batching, paged KV cache, prefix caching) serves
 three small workloads on this CPU (one thread, fp32, a 4-layer Llama of 512 wide) and the

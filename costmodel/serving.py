@@ -15,12 +15,16 @@ Per replica of tp x pp GPUs (Megatron's split of each layer, layers cut into pp 
     decode step          memory-bound: every weight and the KV cache read once per token
                          (roofline of the bytes and of 2 * params * batch FLOPs), plus two
                          tensor-parallel all-reduces of (batch, hidden) per layer and the
-                         pipeline hops; stages run one after the other for a token
+                         pipeline hops; a token goes through the stages one after the other
     continuous batching (Orca, vLLM): a request is admitted between decode steps, so
     TTFT = prefill of its prompt + one decode step of the running batch; TPOT = the decode
     step at the mean context P + O/2; a replica serves `batch` sequences of O tokens in
     O decode steps plus their `batch` prefills:
-    throughput = replicas * batch * O / (O * TPOT + batch * prefill)
+    throughput = replicas * batch * O / (O * TPOT + batch * prefill / m)
+    pipeline parallel (vLLM's virtual engines): the batch runs as m = min(batch, pp) micro-
+                         batches in flight, each stage on another's: TPOT is the step of one
+                         micro-batch of ceil(batch / pp) (a traversal of the stages), and m
+                         prompts are prefilled at once
 
 Expert parallelism (vLLM's --enable-expert-parallel): a mixture of experts' routed experts are
 held whole, experts/tp of them on each GPU of the replica, instead of each expert split over
@@ -290,7 +294,7 @@ def decode_step_s(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: in
                   context: float, expert_parallel: bool = False) -> float:
     """One token for every sequence of the batch with `context` tokens cached (per beam): per
     layer the token work (token_layer_s) and attention reading the cache; the head; the
-    pipeline hops (stages run one after the other for a token)."""
+    pipeline hops (a token goes through the stages one after the other)."""
     cluster = engine_cluster(cluster, req.engine)
     dtype, e = req.precision, req.bytes_per_value
     rows = batch * req.beam
@@ -342,15 +346,18 @@ def evaluate(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: int, pp
     cluster = engine_cluster(cluster, req.engine)
     budget = budget or kv_budget(spec, cluster, req, tp, pp)
     prefill = prefill_s(spec, cluster, req, tp, pp, expert_parallel=expert_parallel)
-    tpot = decode_step_s(spec, cluster, req, tp, pp, batch, req.prompt_len + req.output_len / 2, expert_parallel)
+    # pp > 1: the batch runs as pp micro-batches in flight (vLLM's virtual engines), each token of
+    # one a traversal of the stages while the others' fill the stages; so do the prompts
+    micro, in_flight = -(-batch // pp), min(batch, pp)
+    tpot = decode_step_s(spec, cluster, req, tp, pp, micro, req.prompt_len + req.output_len / 2, expert_parallel)
     ttft = prefill + tpot
     speedup = 1.0
     if req.draft is not None:
-        draft = decode_step_s(req.draft, cluster, req, tp, 1, batch, req.prompt_len + req.output_len / 2)
+        draft = decode_step_s(req.draft, cluster, req, tp, 1, micro, req.prompt_len + req.output_len / 2)
         speedup = speculative_speedup(req.acceptance, req.draft_len, draft / tpot)
         tpot /= speedup
     replicas = cluster.world_size // (tp * pp)
-    total = req.output_len * tpot + batch * prefill
+    total = req.output_len * tpot + batch * prefill / in_flight
     return ServingPoint(tp=tp, pp=pp, replicas=replicas, batch=batch, ttft_s=ttft, tpot_s=tpot,
                         throughput_tokens_per_s=replicas * batch * req.output_len / total, budget=budget,
                         speculative_speedup=speedup, expert_parallel=expert_parallel)

@@ -23,7 +23,14 @@ scheduler):
        shared prefix join the prefix cache then); it finishes at its output length and gives
        its full blocks to the prefix cache under its prefix_id
 
-Replicas share the arrivals (each to the replica with the fewest requests in it). With
+A replica of pp > 1 stages runs pp virtual engines (vLLM V0's, one scheduler each over 1/pp of
+the KV blocks; V1 keeps pp batches in flight the same way): each iteration of one is the whole
+traversal of the stages (the pipeline hops included), and with every engine busy each stage
+works on another engine's batch, so a replica's throughput is pp batches per traversal while a
+token's latency is one traversal.
+
+Replicas (and virtual engines) share the arrivals (each to the one with the fewest requests in
+it). With
 disaggregation (DistServe, Splitwise) prefill replicas run prompts only and send each
 request's KV cache to the decode replica with the fewest requests over the inter-node link;
 its first token comes from the prefill replica.
@@ -33,9 +40,10 @@ Metrics (per request): TTFT = first token - arrival; TPOT = (finish - first toke
 meet every latency objective. Throughput: output tokens per second from the first arrival to
 the last finish.
 
-Simplifications, stated: pipeline stages run one after the other within an iteration (vLLM
-overlaps pp batches, so pp > 1 is priced pessimistically); KV transfers between replicas do
-not contend for links; the host link's bandwidth is the PCIe datasheet's (HOST_LINK_GB_PER_S).
+Simplifications, stated: a replica's virtual engines do not contend for its stages (balanced
+stages and batches: the bubbles of unequal batches are not priced); KV transfers between
+replicas do not contend for links; the host link's bandwidth is the PCIe datasheet's
+(HOST_LINK_GB_PER_S).
 """
 
 from __future__ import annotations
@@ -591,9 +599,11 @@ class TrafficResult:
     preemptions: int
     prefix_hit_rate: float
     prefill_tokens_by_replica: tuple[int, ...]  # prompt tokens computed (recomputation included, cache hits
-    #                                              not), per replica (prefill replicas first)
+    #                                              not), per replica (prefill replicas first; per virtual
+    #                                              engine where pp > 1, a replica's side by side)
     iterations: int
-    # per replica, its iterations: (start s, seconds, KV share in use, running, scheduled, repeats)
+    # per replica (virtual engine), its iterations: (start s, seconds, KV share in use, running, scheduled,
+    # repeats)
     timeline: tuple[list[tuple[float, float, float, int, int, int]], ...] = ()
     roles: tuple[str, ...] = ()
     slo: SLO = SLO()
@@ -695,10 +705,12 @@ def simulate_traffic(spec: ModelSpec, cluster: Cluster, requests: list[Request],
         raise ConfigError(f"--concurrency must be a positive integer, got {concurrency!r}")
     cluster = engine_cluster(cluster, engine or cfg.engine)
     blocks, block_bytes = replica_blocks(spec, cluster, layout, cfg)
+    blocks //= layout.pp  # each virtual engine schedules over its share of the replica's blocks
     longest = max(r.prompt_tokens + r.output_tokens for r in requests)
     if blocks * cfg.block_tokens < longest:
-        raise ConfigError(f"a replica of tp {layout.tp} x pp {layout.pp} holds {blocks * cfg.block_tokens} tokens of KV "
-                          f"cache, fewer than the longest request's {longest}; use more GPUs per replica")
+        share = f" (each of its {layout.pp} virtual engines)" if layout.pp > 1 else ""
+        raise ConfigError(f"a replica of tp {layout.tp} x pp {layout.pp}{share} holds {blocks * cfg.block_tokens} tokens "
+                          f"of KV cache, fewer than the longest request's {longest}; use more GPUs per replica")
     why = layout_problems(spec, layout.tp, layout.pp, layout.expert_parallel)
     if why:
         raise ConfigError(f"{spec.name} cannot be served as tp {layout.tp} x pp {layout.pp}: {'; '.join(why)}")
@@ -707,6 +719,7 @@ def simulate_traffic(spec: ModelSpec, cluster: Cluster, requests: list[Request],
     host = host_link_gb_per_s(cluster)
     roles = ["prefill"] * layout.prefill_replicas + ["decode" if layout.prefill_replicas else "mixed"] * (
         layout.replicas - layout.prefill_replicas)
+    roles = [role for role in roles for _ in range(layout.pp)]  # a replica's virtual engines, side by side
     replicas = [_Replica(i, role, cost, blocks, cfg, host, block_bytes) for i, role in enumerate(roles)]
     entry = [r for r in replicas if r.role != "decode"]
     decoders = [r for r in replicas if r.role == "decode"]

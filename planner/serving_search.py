@@ -16,7 +16,9 @@ max_num_batched_tokens in TOKEN_BUDGETS, max_num_seqs in MAX_SEQS; chunked prefi
     bound(u, c) = BOUND_MARGIN x what the unit's iterations can do at all: its prefill
                   replicas' tokens per second at the full token budget over the mean prompt,
                   and its decode replicas' largest batch within the TPOT target (and the KV
-                  cache) over the mean output (mixed replicas: the two times added per request)
+                  cache) over the mean output (mixed replicas: the two times added per request);
+                  a replica of pp stages runs pp virtual engines, each over 1/pp of its KV cache,
+                  a traversal each at once (pp times the prompt and decode rates of one)
     goodput per GPU = rate* / GPUs(u)
     the steady-state planner's replica and batch (costmodel.serving.plan_serving at the mean
     lengths and the targets) join the grid, so the search contains the static choice;
@@ -170,9 +172,10 @@ def unit_bound(spec: ModelSpec, cluster: Cluster, unit: ServingLayout, cfg: Sche
     cost = IterationCost(spec, cluster, unit.tp, unit.pp, unit.precision, cfg.max_num_batched_tokens,
                          unit.expert_parallel)  # the cluster is the engine's already
     chunk = cfg.max_num_batched_tokens
-    prefill_tokens_s = chunk / cost.seconds(chunk, 1, 0, 0.0, chunk * (chunk + 1) / 2, chunk)
+    # a replica's pp virtual engines each run a traversal at once (costmodel.traffic)
+    prefill_tokens_s = unit.pp * chunk / cost.seconds(chunk, 1, 0, 0.0, chunk * (chunk + 1) / 2, chunk)
     blocks, _ = replica_blocks(spec, cluster, unit, cfg)
-    most = max(1, min(cfg.max_num_seqs, int(blocks * cfg.block_tokens // (prompt + output))))
+    most = max(1, min(cfg.max_num_seqs, int(blocks // unit.pp * cfg.block_tokens // (prompt + output))))
     tpot = min((s for m, _, s in slo.targets if m == "tpot"), default=math.inf)
     context = prompt + output / 2
 
@@ -184,7 +187,7 @@ def unit_bound(spec: ModelSpec, cluster: Cluster, unit: ServingLayout, cfg: Sche
         return 0.0
     while batch > 1 and step(batch) > tpot:
         batch = max(1, batch * 3 // 4)
-    decode_s_per_request = output * step(batch) / batch
+    decode_s_per_request = output * step(batch) / (batch * unit.pp)
     prefill_s_per_request = prompt / prefill_tokens_s
     if unit.prefill_replicas:
         decoders = unit.replicas - unit.prefill_replicas

@@ -209,3 +209,36 @@ def test_a_concurrency_limit_is_a_closed_loop():
     assert np.array_equal(same.ttft_s, burst.ttft_s) and same.duration_s == burst.duration_s
     with pytest.raises(ConfigError, match="--concurrency must be a positive integer"):
         simulate_traffic(SPEC, CLUSTER, reqs, ServingLayout(tp=1), concurrency=0)
+
+
+def test_pipeline_stages_overlap_as_virtual_engines():
+    """A replica of pp stages runs pp virtual engines (vLLM's), each over 1/pp of its KV blocks: a
+    compute-bound burst of long prompts goes through tp4 x pp2 as fast as through two tp4 replicas
+    on the same 8 GPUs (each stage works on another engine's batch), where stages run one after the
+    other it would take twice as long; one request alone still waits for the whole traversal."""
+    spec, cluster = ZOO["llama3-70b"], load_cluster("h100-sxm:8")
+    burst = [Request(id=i, arrival_s=0.0, prompt_tokens=4000, output_tokens=50) for i in range(200)]
+    two = simulate_traffic(spec, cluster, burst, ServingLayout(tp=4, replicas=2), SchedulerConfig())
+    piped = simulate_traffic(spec, cluster, burst, ServingLayout(tp=4, pp=2), SchedulerConfig())
+    one = simulate_traffic(spec, cluster, burst, ServingLayout(tp=4), SchedulerConfig())
+    assert piped.duration_s == pytest.approx(two.duration_s, rel=0.05)
+    assert one.duration_s > 1.8 * piped.duration_s
+    assert len(piped.timeline) == 2 and min(piped.prefill_tokens_by_replica) > 0  # both engines worked
+    alone = [Request(id=0, arrival_s=0.0, prompt_tokens=4000, output_tokens=50)]
+    ttft = {pp: simulate_traffic(spec, cluster, alone, ServingLayout(tp=4, pp=pp), SchedulerConfig()).ttft_s[0]
+            for pp in (1, 2)}
+    # the traversal: the same layers at the same tp, plus the hop between the stages
+    assert ttft[1] < ttft[2] < 1.02 * ttft[1]
+
+
+def test_the_steady_state_pipelines_its_micro_batches():
+    """The steady-state model prices pp > 1 as pp micro-batches in flight: a compute-bound batch
+    (long prompts) serves about as many tokens per second per GPU at tp1 x pp2 as at tp1 x pp1,
+    and a token's latency is one traversal of a micro-batch."""
+    req = ServingRequest(prompt_len=4096, output_len=16)
+    from costmodel.serving import evaluate
+    flat = evaluate(SPEC, load_cluster("h100-sxm:1"), req, 1, 1, 8)
+    piped = evaluate(SPEC, load_cluster("h100-sxm:2"), req, 1, 2, 8)
+    assert piped.throughput_tokens_per_s == pytest.approx(2 * flat.throughput_tokens_per_s, rel=0.1)
+    assert piped.tpot_s == pytest.approx(decode_step_s(SPEC, load_cluster("h100-sxm:2"), req, 1, 2, 4, 4096 + 8),
+                                         rel=1e-9)
