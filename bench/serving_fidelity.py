@@ -41,6 +41,7 @@ import math  # noqa: E402
 import numpy as np  # noqa: E402
 
 from costmodel.cluster import load_cluster  # noqa: E402
+from costmodel.serving import ServingRequest, evaluate  # noqa: E402
 from costmodel.serving_engine import ServingEngine, load_engine  # noqa: E402
 from costmodel.spec import Activation, ModelSpec  # noqa: E402
 from costmodel.traffic import SchedulerConfig, ServingLayout, latency_percentiles, simulate_traffic  # noqa: E402
@@ -69,6 +70,15 @@ def offline_throughput(row: dict) -> float:
                           engine="tensorrt-llm")
     r = simulate_traffic(spec, cluster, reqs, ServingLayout(tp=row["tp"], precision="fp16"), cfg)
     return r.throughput_tokens_per_s / row["tp"]
+
+
+def steady_state_throughput(row: dict) -> float:
+    """The steady-state model's (costmodel.serving.evaluate: what `paraplan plan --mode inference`
+    ranks layouts by) output tokens per second per GPU at the row's batch, lengths and tp."""
+    req = ServingRequest(prompt_len=row["input"], output_len=row["output"], batch=row["batch"], precision="fp16",
+                         engine="tensorrt-llm")
+    point = evaluate(spec_of(row["model"]), load_cluster(f"{row['gpu']}:{row['tp']}"), req, row["tp"], 1, row["batch"])
+    return point.throughput_tokens_per_s / row["tp"]
 
 
 def first_token_ms(row: dict) -> float:
@@ -341,6 +351,8 @@ def main() -> int:
     compare("offline throughput, output tokens/s per GPU (predicted / published)", data["throughput"],
             offline_throughput, "tokens_per_s_gpu",
             lambda r: f"batch {r['batch']:5d} {r['input']:5d}/{r['output']:<5d}", optimistic_sign=1)
+    compare("the same, by the steady-state model (planner's ranking)", data["throughput"], steady_state_throughput,
+            "tokens_per_s_gpu", lambda r: f"batch {r['batch']:5d} {r['input']:5d}/{r['output']:<5d}", optimistic_sign=1)
     compare("first-token latency of one request, ms (predicted / published)", data["first_token"], first_token_ms,
             "ttft_ms", lambda r: f"prompt {r['input']:5d}", optimistic_sign=-1)
     if "--fit" in sys.argv:

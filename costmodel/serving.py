@@ -54,6 +54,9 @@ from costmodel.runtime import FUSED
 from costmodel.serving_engine import DEFAULT_ENGINE, check_engine_name, engine_cluster
 from costmodel.strategy import Strategy
 
+# the tokens an engine prefills in one iteration by default: vLLM's max_num_batched_tokens on a
+# large GPU, TensorRT-LLM's max_num_tokens
+PREFILL_TOKENS = 8192
 GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default share of the GPU it may use
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 
@@ -346,9 +349,13 @@ def evaluate(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: int, pp
     cluster = engine_cluster(cluster, req.engine)
     budget = budget or kv_budget(spec, cluster, req, tp, pp)
     prefill = prefill_s(spec, cluster, req, tp, pp, expert_parallel=expert_parallel)
+    # the engine prefills prompts together up to its token budget (PREFILL_TOKENS)
+    group = max(1, min(batch, PREFILL_TOKENS // req.prompt_len))
+    prefills = batch / group  # (on average: the groups of a steady stream of requests)
+    prefill_group = prefill if group == 1 else prefill_s(spec, cluster, req, tp, pp, group, expert_parallel)
     # pp > 1: the batch runs as pp micro-batches in flight (vLLM's virtual engines), each token of
     # one a traversal of the stages while the others' fill the stages; so do the prompts
-    micro, in_flight = -(-batch // pp), min(batch, pp)
+    micro, in_flight = -(-batch // pp), min(prefills, pp)
     tpot = decode_step_s(spec, cluster, req, tp, pp, micro, req.prompt_len + req.output_len / 2, expert_parallel)
     ttft = prefill + tpot
     speedup = 1.0
@@ -357,7 +364,7 @@ def evaluate(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: int, pp
         speedup = speculative_speedup(req.acceptance, req.draft_len, draft / tpot)
         tpot /= speedup
     replicas = cluster.world_size // (tp * pp)
-    total = req.output_len * tpot + batch * prefill / in_flight
+    total = req.output_len * tpot + prefills * prefill_group / in_flight
     return ServingPoint(tp=tp, pp=pp, replicas=replicas, batch=batch, ttft_s=ttft, tpot_s=tpot,
                         throughput_tokens_per_s=replicas * batch * req.output_len / total, budget=budget,
                         speculative_speedup=speedup, expert_parallel=expert_parallel)
