@@ -17,9 +17,11 @@ import re
 from dataclasses import dataclass
 
 import networkx as nx
-import torch
 
 from costmodel.errors import ConfigError
+
+# torch is imported where a module is traced: the commands that only price a graph or a spec
+# (simulate, plan of a built-in model) start without it (about 1 s of every command)
 
 _BLOCK = re.compile(r"^(.*?)\.(\d+)$")
 
@@ -90,6 +92,8 @@ class OpGraph:
 
 
 def _val_shape(node) -> tuple[tuple[int, ...], torch.dtype] | None:
+    import torch
+
     val = node.meta.get("val")
     if isinstance(val, torch.Tensor):
         return tuple(int(s) for s in val.shape), val.dtype
@@ -142,6 +146,8 @@ def trace_module(module: torch.nn.Module, example_inputs: tuple) -> OpGraph:
     `use_cache` (Hugging Face's) is traced with it off: its KV cache object is not a tensor
     torch.export can return, and training keeps no cache."""
     import inspect
+
+    import torch
 
     try:
         takes_cache = "use_cache" in inspect.signature(module.forward).parameters
@@ -230,6 +236,8 @@ def _static_args(node) -> dict:
 
 def trace_spec(spec, *, batch: int = 1) -> OpGraph:
     """Trace the zoo's Transformer for a spec (meta device, `batch` sequences)."""
+    import torch
+
     from planner.zoo.model import build_model
 
     model = build_model(spec, device="meta")
