@@ -41,9 +41,9 @@ meet every latency objective. Throughput: output tokens per second from the firs
 the last finish.
 
 Simplifications, stated: a replica's virtual engines do not contend for its stages (balanced
-stages and batches: the bubbles of unequal batches are not priced); KV transfers between
-replicas do not contend for links; the host link's bandwidth is the PCIe datasheet's
-(HOST_LINK_GB_PER_S).
+stages and batches: the bubbles of unequal batches are not priced); a prefill replica's KV
+transfers queue on its GPUs' links, one after another, but a decode replica receives any number
+at once; the host link's bandwidth is the PCIe datasheet's (HOST_LINK_GB_PER_S).
 """
 
 from __future__ import annotations
@@ -736,6 +736,7 @@ def simulate_traffic(spec: ModelSpec, cluster: Cluster, requests: list[Request],
     events: list[tuple[float, int, int]] = []  # (time, counter, index): index >= 0 a replica's iteration ends,
     counter = 0                                  # index < 0 the KV of sequence -1 - index reaches the decoders
     transfers: list[float] = []  # times of the KV transfers under way
+    sending: dict[int, float] = {}  # prefill replica -> when its links finish the transfers queued on them
     in_flight: dict[int, tuple[list[tuple[_Seq, int]], bool, int]] = {}  # replica -> (one by one, aggregate, repeats)
     finished: list[_Seq] = []
     limit = math.inf if horizon_s is None else horizon_s
@@ -798,7 +799,14 @@ def simulate_traffic(spec: ModelSpec, cluster: Cluster, requests: list[Request],
                 break
             rep = min(entry, key=lambda r: r.load)
             rep.waiting.append(seq)
-            start(rep, now)
+            woken = {rep.index: rep}
+            while arrived < len(seqs) and seqs[arrived].arrival_s <= now:  # arriving together: scheduled together
+                rep = min(entry, key=lambda r: r.load)
+                rep.waiting.append(seqs[arrived])
+                woken[rep.index] = rep
+                arrived += 1
+            for rep in woken.values():
+                start(rep, now)
             continue
         now, _, index = heapq.heappop(events)
         if now > limit:
@@ -823,8 +831,11 @@ def simulate_traffic(spec: ModelSpec, cluster: Cluster, requests: list[Request],
                     seqs[released].arrival_s = max(seqs[released].req.arrival_s, now)
                     released += 1
         for seq in handed:
-            # each of the tp x pp GPUs sends its share of the prompt's KV at once
-            at = now + send_recv_s(seq.computed * kv_token_bytes / (layout.tp * layout.pp), transfer_link)
+            # each of the tp x pp GPUs sends its share of the prompt's KV at once, over its own
+            # link; a prefill replica's transfers queue on those links, one after another
+            at = max(now, sending.get(index, now)) + send_recv_s(
+                seq.computed * kv_token_bytes / (layout.tp * layout.pp), transfer_link)
+            sending[index] = at
             heapq.heappush(events, (at, counter, -1 - seq.index))
             heapq.heappush(transfers, at)
             counter += 1

@@ -242,3 +242,19 @@ def test_the_steady_state_pipelines_its_micro_batches():
     assert piped.throughput_tokens_per_s == pytest.approx(2 * flat.throughput_tokens_per_s, rel=0.1)
     assert piped.tpot_s == pytest.approx(decode_step_s(SPEC, load_cluster("h100-sxm:2"), req, 1, 2, 4, 4096 + 8),
                                          rel=1e-9)
+
+
+def test_a_prefill_replicas_kv_transfers_queue_on_its_links():
+    """Disaggregated: the prompts one prefill iteration finishes send their KV one after another
+    over the prefill replica's links, so on a slow link the k-th waits for k transfers. Sixteen
+    512-token prompts prefilled together: the last starts decoding ~15 transfers after the first."""
+    from dataclasses import replace
+
+    slow = replace(CLUSTER, intra=replace(CLUSTER.intra, bandwidth_gb_per_s=0.5, efficiency=1.0, latency_us=0.0))
+    reqs = [Request(id=i, arrival_s=0.0, prompt_tokens=512, output_tokens=2) for i in range(16)]
+    cfg = SchedulerConfig(max_num_batched_tokens=8192)
+    r = simulate_traffic(SPEC, slow, reqs, ServingLayout(tp=1, replicas=2, prefill_replicas=1), cfg)
+    one_s = 512 * 128 * 1024 / 0.5e9  # llama3-8b: 128 KiB of KV a token, over 0.5 GB/s
+    decode_wait = np.sort(r.e2e_s - r.ttft_s)  # the KV's journey and one decode step, per request
+    assert r.finished == 16 and np.allclose(r.ttft_s, r.ttft_s[0])  # one prefill iteration for all
+    assert decode_wait[-1] - decode_wait[0] == pytest.approx(15 * one_s, rel=0.05)
