@@ -3,11 +3,14 @@ serves them with iteration-level scheduling and a paged KV cache (planner.zoo.mo
 PagedKVCache), the policy costmodel.traffic simulates — decodes first, then prompts in progress
 in admission order, then waiting requests first come first served, within max_num_seqs, the
 token budget (chunked prefill) and the free blocks; a request whose prefix_id was served before
-starts with that prefix's full blocks (prefix caching). Greedy tokens. Measured per request:
-the first token's time and the finish, as wall-clock seconds from its arrival.
+starts with that prefix's full blocks (prefix caching). A decode that needs a block when none
+is free preempts the most recently admitted running sequence that is not yet scheduled by
+recompute, as vLLM does: its blocks are freed (a cached prefix's kept), it waits at the head of
+the queue and later recomputes its prompt and what it had generated. Greedy tokens. Measured per
+request: the first token's time and the finish, as wall-clock seconds from its arrival.
 
-Not done here (the simulator prices them): preemption (a request waits until blocks are free
-instead), swap, disaggregation, tensor parallelism.
+Not done here (the simulator prices them): preemption by swap, disaggregation, tensor
+parallelism.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class Served:
     iterations: int
     prefix_hit_tokens: int
     texts: list[list[int]]  # the generated tokens of each request
+    preemptions: int = 0
 
 
 def prompt_tokens(req: Request, vocab: int, seed: int = 0) -> list[int]:
@@ -75,7 +79,7 @@ def serve(model: Transformer, requests: list[Request], cfg: SchedulerConfig = Sc
     waiting: deque[_Live] = deque()
     running: list[_Live] = []
     done: dict[int, _Live] = {}
-    hits = iterations = 0
+    hits = iterations = preemptions = 0
     t0 = clock()
 
     def grow(live: _Live, tokens: int) -> bool:
@@ -83,6 +87,25 @@ def serve(model: Transformer, requests: list[Request], cfg: SchedulerConfig = Sc
         if need > len(free):
             return False
         live.table += [free.pop() for _ in range(need)]
+        return True
+
+    def release(live: _Live) -> None:
+        kept = set(prefixes.get(live.req.prefix_id, [])) if live.req.prefix_id else set()
+        free.extend(b for b in live.table if b not in kept)
+
+    def grow_or_preempt(live: _Live, tokens: int) -> bool:
+        """Blocks for `live`, preempting (by recompute) the running sequences admitted after it,
+        the most recent first, until they are free or none is left."""
+        nonlocal preemptions
+        while not grow(live, tokens):
+            victim = running[-1]
+            if victim is live:
+                return False
+            running.pop()
+            release(victim)
+            victim.table, victim.computed = [], 0
+            waiting.appendleft(victim)
+            preemptions += 1
         return True
 
     while pending or waiting or running:
@@ -94,8 +117,9 @@ def serve(model: Transformer, requests: list[Request], cfg: SchedulerConfig = Sc
             sleep(max(0.0, pending[0].arrival_s - now))
             continue
         budget, chosen = cfg.max_num_batched_tokens, []
-        for live in running:  # decodes first, then prompts in progress
-            if live.computed == len(live.tokens) - 1 and budget > 0 and grow(live, live.computed + 1):
+        for live in list(running):  # decodes first (in admission order), then prompts in progress
+            if live in running and live.computed == len(live.tokens) - 1 and budget > 0 \
+                    and grow_or_preempt(live, live.computed + 1):
                 chosen.append((live, 1))
                 budget -= 1
         for live in running:
@@ -110,7 +134,7 @@ def serve(model: Transformer, requests: list[Request], cfg: SchedulerConfig = Sc
             req = live.req
             cached = prefixes.get(req.prefix_id, []) if cfg.prefix_caching and req.prefix_id else []
             hit = min(len(cached), min(req.prefix_tokens, req.prompt_tokens - 1) // B)
-            need = req.prompt_tokens - hit * B
+            need = len(live.tokens) - hit * B  # the prompt (and, preempted, what it had generated)
             take = min(need, budget) if cfg.chunked_prefill else need
             if not cfg.chunked_prefill and take > budget and chosen:
                 break
@@ -145,12 +169,11 @@ def serve(model: Transformer, requests: list[Request], cfg: SchedulerConfig = Sc
                     prefixes[req.prefix_id] = live.table[:req.prefix_tokens // B]  # kept: not freed below
             if live.generated >= live.req.output_tokens:
                 live.finish_s = now
-                kept = set(prefixes.get(live.req.prefix_id, [])) if live.req.prefix_id else set()
-                free.extend(b for b in live.table if b not in kept)
+                release(live)
                 done[live.req.id] = live
         running = [live for live in running if live.req.id not in done]
     order = sorted(done.values(), key=lambda live: live.req.id)
     ttft, tpot, e2e = request_latencies([live.req.arrival_s for live in order], [live.first_token_s for live in order],
                                         [live.finish_s for live in order], [live.req.output_tokens for live in order])
     return Served(ttft_s=ttft, tpot_s=tpot, e2e_s=e2e, iterations=iterations, prefix_hit_tokens=hits,
-                  texts=[live.tokens[live.req.prompt_tokens:] for live in order])
+                  texts=[live.tokens[live.req.prompt_tokens:] for live in order], preemptions=preemptions)

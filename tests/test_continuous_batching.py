@@ -4,6 +4,7 @@ prefix's blocks shared), generate exactly the greedy tokens each would alone wit
 contiguous cache; `paraplan generate --workload` runs it and prints the simulator's prediction."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -46,3 +47,26 @@ def test_generate_workload_prints_measured_and_predicted(tmp_path):
         assert got[side]["ttft_p50_s"] > 0 and got[side]["e2e_p90_s"] >= got[side]["ttft_p50_s"]
     bad = paraplan("generate", "--model", "tiny-llama", "--workload", "agent", "--rate", "1")
     assert bad.returncode == 2 and "context" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_when_blocks_run_out_the_latest_sequence_is_preempted_and_recomputed():
+    """Twelve 4-token blocks for six requests that need up to five each: decodes preempt the most
+    recently admitted sequences (by recompute), which later recompute their prompt and tokens;
+    every request still generates exactly what it would alone. The simulator, given the same
+    blocks, preempts too."""
+    torch.set_num_threads(1)
+    spec = ZOO["tiny-llama"]
+    model = load_model(spec)
+    reqs = [Request(id=i, arrival_s=0.0, prompt_tokens=9 + i, output_tokens=6 + i) for i in range(6)]
+    cfg = SchedulerConfig(max_num_batched_tokens=32, block_tokens=4, prefix_caching=False)
+    out = serve(model, reqs, cfg, blocks=12)
+    assert out.preemptions > 0
+    for r, got in zip(reqs, out.texts):
+        alone = generate(model, torch.tensor([prompt_tokens(r, spec.vocab)]), r.output_tokens, Sampling(greedy=True))
+        assert got == alone.tokens[0, r.prompt_tokens:].tolist(), r
+    from costmodel import load_cluster
+    from costmodel.traffic import ServingLayout, simulate_traffic
+
+    sim = simulate_traffic(spec, load_cluster("cpu-2core:1"), reqs, ServingLayout(precision="fp32"),
+                           replace(cfg, num_gpu_blocks_override=12))
+    assert sim.preemptions > 0 and sim.finished == 6
