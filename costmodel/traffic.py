@@ -24,10 +24,11 @@ scheduler):
        its full blocks to the prefix cache under its prefix_id
 
 A replica of pp > 1 stages runs pp virtual engines (vLLM V0's, one scheduler each over 1/pp of
-the KV blocks; V1 keeps pp batches in flight the same way): each iteration of one is the whole
-traversal of the stages (the pipeline hops included), and with every engine busy each stage
-works on another engine's batch, so a replica's throughput is pp batches per traversal while a
-token's latency is one traversal.
+the KV blocks; V1 keeps pp batches in flight the same way): each iteration of one is a traversal
+of the stages (the pipeline hops included), each stage taking 1/pp of it as soon as the stage is
+free of the other engines' batches (in the order the iterations start). With every engine busy
+and their batches alike the stages are full: a replica's throughput is pp batches per traversal
+while a token's latency is one traversal; unequal batches leave bubbles.
 
 Replicas (and virtual engines) share the arrivals (each to the one with the fewest requests in
 it). With
@@ -40,8 +41,8 @@ Metrics (per request): TTFT = first token - arrival; TPOT = (finish - first toke
 meet every latency objective. Throughput: output tokens per second from the first arrival to
 the last finish.
 
-Simplifications, stated: a replica's virtual engines do not contend for its stages (balanced
-stages and batches: the bubbles of unequal batches are not priced); a prefill replica's KV
+Simplifications, stated: a replica's stages are equal (each 1/pp of the traversal; the first
+stage's embedding and the last's head are not told apart); a prefill replica's KV
 transfers queue on its GPUs' links, one after another, but a decode replica receives any number
 at once; the host link's bandwidth is the PCIe datasheet's (HOST_LINK_GB_PER_S).
 """
@@ -737,6 +738,7 @@ def simulate_traffic(spec: ModelSpec, cluster: Cluster, requests: list[Request],
     counter = 0                                  # index < 0 the KV of sequence -1 - index reaches the decoders
     transfers: list[float] = []  # times of the KV transfers under way
     sending: dict[int, float] = {}  # prefill replica -> when its links finish the transfers queued on them
+    stage_free: dict[int, list[float]] = {}  # replica of pp > 1 stages -> when each stage is next free
     in_flight: dict[int, tuple[list[tuple[_Seq, int]], bool, int]] = {}  # replica -> (one by one, aggregate, repeats)
     finished: list[_Seq] = []
     limit = math.inf if horizon_s is None else horizon_s
@@ -783,9 +785,23 @@ def simulate_traffic(spec: ModelSpec, cluster: Cluster, requests: list[Request],
                 took = float(ends[repeats - 2])
         rep.iterations += repeats
         in_flight[rep.index] = (chosen, lazy, repeats)
-        heapq.heappush(events, (now + took, counter, rep.index))
+        end = now + took
+        if layout.pp > 1:
+            # the replica's virtual engines share its stages: each stage runs its share of a
+            # traversal when it is free, in the order the iterations start. A run of repeated
+            # decodes waits at the stages on its first traversal; its later ones follow (each
+            # stage then busy for their shares, the gaps left to the other engines)
+            free_at = stage_free.setdefault(rep.index // layout.pp, [0.0] * layout.pp)
+            traversal = took / repeats
+            share = traversal / layout.pp
+            end = now
+            for s in range(layout.pp):
+                end = max(end, free_at[s]) + share
+                free_at[s] = end + (repeats - 1) * share
+            end += took - traversal
+        heapq.heappush(events, (end, counter, rep.index))
         counter += 1
-        rep.usage.append((now, took, 1 - rep.free / rep.total_blocks, len(rep.running),
+        rep.usage.append((now, end - now, 1 - rep.free / rep.total_blocks, len(rep.running),
                           len(chosen) + (rep.n_lazy if lazy else 0), repeats))
 
     while events or arrived < len(seqs):

@@ -241,10 +241,8 @@ def units(spec: ModelSpec, cluster: Cluster, precision: str,
             if (1 + k) * tp * pp <= n:
                 out.append(ServingLayout(tp=tp, pp=pp, replicas=1 + k, prefill_replicas=1 if k else 0,
                                          precision=precision, expert_parallel=ep))
-    # the smallest shape that fits first: a pp > 1 of a shape that already fits at pp 1 adds GPUs
-    # for nothing but KV room, kept only where pp 1 does not fit
-    fitting = {(u.tp, u.pp) for u in out}
-    out = [u for u in out if u.pp == 1 or (u.tp, u.pp // 2) not in fitting]
+    # pp > 1 where pp 1 fits too: its virtual engines serve about as much as pp replicas would
+    # (costmodel.traffic) and its GPUs hold 1/pp of the weights each, more room for the KV cache
     return out, refused
 
 

@@ -56,12 +56,12 @@ def test_the_plan_meets_its_objectives_at_the_rate_with_the_fewest_gpus_of_its_u
     assert found.units == -(-30.0 // best.max_rate_rps)
     assert found.deployment.gpus == found.units * best.gpus
     assert meets(found.at_rate, SLO_CHAT, 0.2)
-    # tp1, tp2, and 1 prefill + 1 decode of tp1, at two token budgets and two sequence limits, and the steady-state
-    # planner's replica and batch at both budgets: each priced or bounded out
+    # tp1, tp2, tp1 x pp2, and 1 prefill + 1 decode of tp1, at two token budgets and two sequence limits, and the
+    # steady-state planner's replica and batch at both budgets: each priced or bounded out
     from planner.serving_search import MAX_SEQS, static_unit
 
     static = static_unit(SPEC, cluster, *mean_lengths(wl.probe(1.0, SPEC.seq_len)), SLO_CHAT)
-    assert found.skipped + len(found.results) == 12 + (2 if static[1] not in MAX_SEQS else 0)
+    assert found.skipped + len(found.results) == 16 + (2 if static[1] not in MAX_SEQS else 0)
 
 
 def test_commands(tmp_path, capsys):
