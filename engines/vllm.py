@@ -24,12 +24,12 @@ def commands(plan: Plan, *, model_path: str | None = None) -> list[list[str]]:
     if plan.mode != "inference":
         raise ConfigError("vLLM serves; this is a training plan: export it --to torchtitan, megatron or deepspeed "
                           "(or plan with --mode inference)")
+    from planner.serving_plan import serving_setup
+
+    setup = serving_setup(plan, "the serving plan")  # refuses a missing or wrong field in one line
     sv = plan.serving
-    try:
-        prompt, output = int(sv["prompt_len"]), int(sv["output_len"])
-    except (KeyError, TypeError, ValueError):
-        raise ConfigError("the serving plan lacks prompt_len and output_len; re-plan with --mode inference") from None
-    traffic = "workload" in sv  # planned for a workload: requests of any length up to the context
+    prompt, output = setup.request.prompt_len, setup.request.output_len
+    traffic = setup.traffic  # planned for a workload: requests of any length up to the context
     max_len = plan.spec.seq_len if traffic else prompt + output
     cmd = ["vllm", "serve", model_path or str(plan.model.get("name", "MODEL")),
            "--tensor-parallel-size", plan.mesh["tp"], "--pipeline-parallel-size", plan.mesh["pp"],

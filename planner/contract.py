@@ -272,6 +272,9 @@ def plan_problems(plan: Plan, cluster) -> tuple[list[str], dict]:
                     problems.append(
                         f"pipeline rank {rank} needs {mem['total']:.1f} GiB per GPU against {cluster.device.hbm_gib:g} "
                         f"GiB on {cluster.device.name}; add recomputation, ZeRO sharding or GPUs")
+    if plan.mode == "inference":  # served (export --to vllm, generate), not run: what serving needs is above
+        facts["serve_with"] = "paraplan export PLAN --to vllm"
+        return [" ".join(p.split()) for p in dict.fromkeys(problems)], facts
     problems += runnable_problems(plan)
     names = parameter_names(plan)
     for pattern in plan.placements:
@@ -282,16 +285,15 @@ def plan_problems(plan: Plan, cluster) -> tuple[list[str], dict]:
 
 
 def _serving_memory(plan: Plan, spec: ModelSpec, cluster, facts: dict) -> list[str]:
-    """A serving plan's weights and KV cache against the GPU (costmodel.serving)."""
-    from costmodel.serving import ServingRequest, kv_budget
+    """A serving plan's section read back (planner.serving_plan) and its weights and KV cache
+    against the GPU (costmodel.serving)."""
+    from costmodel.serving import kv_budget
+    from planner.serving_plan import serving_setup
 
-    sv = plan.serving
     try:
-        req = ServingRequest(prompt_len=int(sv["prompt_len"]), output_len=int(sv["output_len"]),
-                             beam=int(sv.get("beam", 1)), block_tokens=int(sv.get("block_tokens", 16)),
-                             precision=plan.precision, engine=str(sv.get("engine", DEFAULT_ENGINE)))
-    except (KeyError, TypeError, ValueError):
-        return ["the serving plan lacks prompt_len and output_len under `serving`; re-plan with --mode inference"]
+        req = serving_setup(plan, "the serving plan").request
+    except ConfigError as exc:
+        return [str(exc)]
     budget = kv_budget(spec, cluster, req, plan.mesh["tp"], plan.mesh["pp"])
     batch = plan.schedule["microbatch_size"]
     facts.update(weights_gib_per_gpu=round(budget.weights_gib, 2), max_batch=budget.max_batch_paged)

@@ -76,7 +76,11 @@ def _from_slurm(env) -> None:
 
 
 def refuse_unrunnable(plan: Plan) -> None:
-    """Raise what `paraplan check` would print for the plan on its own cluster, if anything."""
+    """Raise what `paraplan check` would print for the plan on its own cluster, if anything (and
+    that a serving plan is served, not trained)."""
+    if plan.mode == "inference":
+        raise ConfigError("a serving plan is served, not trained: `paraplan export PLAN --to vllm` gives its vllm serve "
+                          "command; `paraplan generate --workload W` serves a built-in model on this machine")
     problems, _ = plan_problems(plan, load_cluster(plan.cluster, runtime=plan.runtime))
     if problems:
         more = f" (and {len(problems) - 1} more: see `paraplan check`)" if len(problems) > 1 else ""

@@ -125,3 +125,56 @@ def test_commands(tmp_path, capsys):
                            "--workload", str(trace_file), "--rate", "100", "--json")
     assert code == 0, err
     assert json.loads(out)["predicted"]["duration_s"] < 1.0  # 1 s apart as written: over 2 s
+
+
+def test_a_serving_plan_is_checked_repriced_and_not_trained(tmp_path, capsys):
+    """A plan the traffic planner writes: `check` accepts it (its weights and KV cache on the GPUs),
+    `simulate --plan` reprices it as planned (the deployment at its rate on the same requests: every
+    predicted key equal but the search's own), `run` refuses it in one line (it is served, not
+    trained); the steady-state planner's plan likewise, its predicted reproduced whole."""
+    traffic = tmp_path / "traffic.yaml"
+    code, _, err = _main(capsys, "plan", "--mode", "inference", "--model", "llama3-8b", "--cluster", "h100-sxm:2",
+                         "--workload", "chat", "--rate", "30", "--slo", "ttft_p99=1,tpot_p99=50ms", "-o", str(traffic))
+    assert code == 0, err
+    steady = tmp_path / "steady.yaml"
+    code, _, err = _main(capsys, "plan", "--mode", "inference", "--model", "llama3-8b", "--cluster", "h100-sxm:1",
+                         "--prompt-len", "512", "--output-len", "128", "-o", str(steady))
+    assert code == 0, err
+    import yaml
+
+    for path, search_only in ((traffic, {"goodput_rps_per_gpu", "unit_max_rate_rps"}), (steady, set())):
+        code, out, err = _main(capsys, "check", str(path))
+        assert code == 0 and "OK" in out and "serving plan" in out, err
+        code, out, err = _main(capsys, "simulate", "--plan", str(path), "--json")
+        assert code == 0, err
+        planned = yaml.safe_load(path.read_text())["predicted"]
+        again = json.loads(out)["predicted"]
+        assert set(planned) - set(again) == search_only
+        assert {k: v for k, v in planned.items() if k not in search_only} == {k: again[k] for k in planned
+                                                                                 if k not in search_only}
+        code, _, err = _main(capsys, "run", str(path))
+        assert code == 2 and "served, not trained" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_damaged_serving_section_is_refused_in_one_line_by_every_command(tmp_path, capsys):
+    """planner.serving_plan reads the section for check, simulate --plan and export --to vllm: a
+    missing or wrong field is named, exit 2, nothing written."""
+    import yaml
+
+    good = tmp_path / "good.yaml"
+    code, _, err = _main(capsys, "plan", "--mode", "inference", "--model", "llama3-8b", "--cluster", "h100-sxm:1",
+                         "--workload", "chat", "--rate", "10", "--slo", "ttft_p99=1,tpot_p99=50ms", "-o", str(good))
+    assert code == 0, err
+    base = yaml.safe_load(good.read_text())
+    for key, value, needle in (("rate", "abc", "rate must be a number"), ("max_num_seqs", -1, "--max-num-seqs"),
+                               ("engine", "sglang", "--engine 'sglang'"), ("replicas", 3, "= 3 GPUs"),
+                               ("chunked_prefill", "yes", "chunked_prefill must be true or false"),
+                               ("prompt_len", None, "prompt_len is missing")):
+        damaged = dict(base, serving={**base["serving"], key: value})
+        path = tmp_path / f"{key}.yaml"
+        path.write_text(yaml.safe_dump(damaged))
+        for argv in (["simulate", "--plan", str(path)], ["export", str(path), "--to", "vllm"]):
+            code, out, err = _main(capsys, *argv)
+            assert code == 2 and needle in err and len(err.strip().splitlines()) == 1 and not out, (argv, err)
+        code, _, err = _main(capsys, "check", str(path))
+        assert code == 2 and needle in err, err

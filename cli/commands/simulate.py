@@ -104,6 +104,10 @@ def run_simulate(args: argparse.Namespace) -> int:
         if conflicting:
             raise ConfigError(f"--plan fixes the model, cluster and strategy; drop --{conflicting[0].replace('_', '-')}")
         plan = Plan.load(args.plan)
+        if plan.mode == "inference":  # served, not trained: priced as it was planned
+            from cli.commands.traffic import simulate_serving_plan
+
+            return simulate_serving_plan(plan, args)
         spec, cluster_text, strategy = plan.spec, plan.cluster, plan.strategy()
         runtime = args.runtime or plan.runtime  # --runtime re-prices the plan under another runtime
     else:

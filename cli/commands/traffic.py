@@ -152,6 +152,40 @@ def run_traffic_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def simulate_serving_plan(plan, args: argparse.Namespace) -> int:
+    """`paraplan simulate --plan SERVING_PLAN`: the plan priced again as it was planned: a traffic
+    plan's deployment simulated at its rate on the same requests (its workload, seed and probe),
+    a steady-state plan's layout at its batch (costmodel.serving.evaluate)."""
+    from planner.serving_plan import serving_setup
+
+    setup, spec = serving_setup(plan, str(args.plan)), plan.spec
+    cluster = load_cluster(plan.cluster)
+    layout, req = setup.layout, setup.request
+    if setup.traffic:
+        cfg, rate = setup.scheduler, setup.rate
+        result = simulate_traffic(spec, cluster, setup.workload.probe(rate, spec.seq_len), layout, cfg, setup.slo)
+        one = replace(layout, replicas=1, prefill_replicas=0)
+        predicted = {**steady_state(spec, cluster, one, cfg, setup.workload.at(rate, spec.seq_len)), **result.metrics()}
+        text = format_traffic(spec, plan.cluster, layout, cfg, setup.workload.name, rate, result)
+    else:
+        from cli.commands.serve import predicted as steady_keys
+
+        point = evaluate(spec, cluster, req, layout.tp, layout.pp, plan.schedule["microbatch_size"],
+                         expert_parallel=layout.expert_parallel)
+        predicted = steady_keys(spec, req, point)
+        text = (f"{spec.name} ({format_count(spec.num_params)} params) serving on {plan.cluster}: prompt "
+                f"{req.prompt_len}, output {req.output_len} tokens; layout tp {point.tp} x pp {point.pp}, "
+                f"{point.replicas} replica(s), batch {point.batch} (engine {req.engine})\n"
+                f"  TTFT {point.ttft_s * 1e3:9.1f} ms   TPOT {point.tpot_s * 1e3:7.2f} ms   throughput "
+                f"{point.throughput_tokens_per_s:9.0f} tokens/s")
+    if args.json:
+        print(json.dumps({"model": spec.name, "cluster": plan.cluster, "mode": "inference", "predicted": predicted},
+                         indent=2))
+    else:
+        print(text)
+    return 0
+
+
 def format_traffic_plan(spec: ModelSpec, cluster_text: str, name: str, found) -> str:
     best, d = found.best, found.deployment
     split = f" ({d.prefill_replicas} prefill-only)" if d.prefill_replicas else ""
@@ -219,7 +253,8 @@ def run_traffic_plan(args: argparse.Namespace) -> int:
         "slo": args.slo, "max_num_seqs": best.scheduler.max_num_seqs,
         "max_num_batched_tokens": best.scheduler.max_num_batched_tokens,
         "chunked_prefill": best.scheduler.chunked_prefill, "prefix_caching": best.scheduler.prefix_caching,
-        "engine": best.scheduler.engine, **({"expert_parallel": True} if d.expert_parallel else {})}})
+        "engine": best.scheduler.engine, "requests": wl.requests, "workload_seed": wl.seed, "burst_cv": wl.burst_cv,
+        **({"expert_parallel": True} if d.expert_parallel else {})}})
     if args.output:
         atomic_write_text(args.output, plan.to_yaml())
     if args.json:
