@@ -58,6 +58,9 @@ def load_requests(args: argparse.Namespace, spec: ModelSpec) -> list[Request]:
 
 def layout_from_args(args: argparse.Namespace, cluster: Cluster) -> ServingLayout:
     tp, pp = args.tp or 1, args.pp or 1
+    if tp * pp > cluster.world_size:
+        raise ConfigError(f"a replica of tp({tp}) x pp({pp}) needs {tp * pp} GPUs; the cluster has {cluster.world_size}: "
+                          "give a larger cluster or smaller --tp/--pp")
     if args.replicas is None and cluster.world_size % (tp * pp):
         raise ConfigError(f"tp({tp}) x pp({pp}) does not divide the {cluster.world_size} GPUs; give --replicas")
     replicas = args.replicas if args.replicas is not None else cluster.world_size // (tp * pp)
