@@ -21,7 +21,6 @@ from pathlib import Path
 
 from costmodel.errors import ConfigError
 from costmodel.spec import ModelSpec
-from costmodel.serving_engine import DEFAULT_ENGINE
 from costmodel.strategy import Strategy
 from costmodel.validate import strategy_problems
 from planner.module_map import ModuleMap, placement_of

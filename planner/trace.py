@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import networkx as nx
 
@@ -22,6 +23,8 @@ from costmodel.errors import ConfigError
 
 # torch is imported where a module is traced: the commands that only price a graph or a spec
 # (simulate, plan of a built-in model) start without it (about 1 s of every command)
+if TYPE_CHECKING:
+    import torch
 
 _BLOCK = re.compile(r"^(.*?)\.(\d+)$")
 
