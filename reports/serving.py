@@ -74,8 +74,8 @@ def capacity_figure(table: pd.DataFrame, path: Path, title: str) -> None:
 
 
 def build_serving_report(spec: ModelSpec, clusters: list[str], req: ServingRequest, out_dir: Path) -> dict:
-    out_dir.mkdir(parents=True, exist_ok=True)
     table, best = serving_table(spec, clusters, req)
+    out_dir.mkdir(parents=True, exist_ok=True)  # once everything is priced: a refusal leaves nothing behind
     table.to_csv(out_dir / "serving.csv", index=False)
     targets = ", ".join(t for t in (f"TTFT <= {req.max_ttft_ms:g} ms" if req.max_ttft_ms else "",
                                     f"TPOT <= {req.max_tpot_ms:g} ms" if req.max_tpot_ms else "") if t) or "none"

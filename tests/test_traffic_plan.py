@@ -132,7 +132,8 @@ def test_a_serving_plan_is_checked_repriced_and_not_trained(tmp_path, capsys):
     """A plan the traffic planner writes: `check` accepts it (its weights and KV cache on the GPUs),
     `simulate --plan` reprices it as planned (the deployment at its rate on the same requests: every
     predicted key equal but the search's own), `run` refuses it in one line (it is served, not
-    trained); the steady-state planner's plan likewise, its predicted reproduced whole."""
+    trained); the steady-state planner's plan likewise, its predicted reproduced whole. `compare`
+    sets them side by side, and refuses to set one beside a training plan."""
     traffic = tmp_path / "traffic.yaml"
     code, _, err = _main(capsys, "plan", "--mode", "inference", "--model", "llama3-8b", "--cluster", "h100-sxm:2",
                          "--workload", "chat", "--rate", "30", "--slo", "ttft_p99=1,tpot_p99=50ms", "-o", str(traffic))
@@ -155,6 +156,18 @@ def test_a_serving_plan_is_checked_repriced_and_not_trained(tmp_path, capsys):
                                                                                  if k not in search_only}
         code, _, err = _main(capsys, "run", str(path))
         assert code == 2 and "served, not trained" in err and len(err.strip().splitlines()) == 1, err
+    # side by side, each priced again: the traffic plan's p99 TPOT at its rate, the steady state's TPOT
+    code, out, err = _main(capsys, "compare", str(traffic), str(steady), "--json")
+    assert code == 0, err
+    rows = json.loads(out)
+    assert [r["gpus"] for r in rows] == [2, 1]
+    assert rows[0]["tpot_ms"] == 1e3 * yaml.safe_load(traffic.read_text())["predicted"]["tpot_p99_s"]
+    assert rows[1]["tpot_ms"] == 1e3 * yaml.safe_load(steady.read_text())["predicted"]["tpot_s"]
+    training = tmp_path / "train.yaml"
+    assert _main(capsys, "simulate", "--model", "llama3-8b", "--cluster", "h100-sxm:8", "--dp", "8", "-o",
+                 str(training))[0] == 0
+    code, _, err = _main(capsys, "compare", str(steady), str(training))
+    assert code == 2 and "serving plans with serving plans" in err
 
 
 def test_a_damaged_serving_section_is_refused_in_one_line_by_every_command(tmp_path, capsys):
@@ -179,3 +192,36 @@ def test_a_damaged_serving_section_is_refused_in_one_line_by_every_command(tmp_p
             assert code == 2 and needle in err and len(err.strip().splitlines()) == 1 and not out, (argv, err)
         code, _, err = _main(capsys, "check", str(path))
         assert code == 2 and needle in err, err
+
+
+def test_report_of_serving_under_traffic_and_in_the_steady_state(tmp_path, capsys):
+    """`paraplan report --mode inference`: with --workload the goodput planner's unit against the
+    steady-state planner's, with a latency-against-rate curve and a timeline; with prompt and
+    output lengths the throughput-latency curves of every layout. Refusals in one line, nothing
+    written."""
+    out = tmp_path / "traffic"
+    code, text, err = _main(capsys, "report", "--mode", "inference", "--model", "llama3-8b", "--cluster", "h100-sxm:1",
+                            "--workload", "chat", "--rate", "10", "--slo", "ttft_p99=1,tpot_p99=50ms", "-o", str(out),
+                            "--json")
+    assert code == 0, err
+    rows = json.loads(text)["rows"]
+    assert {r["who"] for r in rows} == {"planner", "static"}
+    planner = next(r for r in rows if r["who"] == "planner")
+    assert planner["goodput_per_gpu"] >= max(r["goodput_per_gpu"] for r in rows) > 0
+    assert {p.name for p in out.iterdir()} == {"README.md", "traffic.csv", "latency_vs_rate.png", "timeline.png"}
+    steady = tmp_path / "steady"
+    code, _, err = _main(capsys, "report", "--mode", "inference", "--model", "llama3-8b", "--cluster", "h100-sxm:2",
+                         "--prompt-len", "1024", "--output-len", "256", "-o", str(steady))
+    assert code == 0, err
+    assert {"report.md", "serving.csv", "throughput_vs_latency.png", "kv_capacity.png"} <= {p.name for p in
+                                                                                           steady.iterdir()}
+    for argv, needle in ((["--mode", "inference"], "--prompt-len and --output-len"),
+                         (["--mode", "inference", "--workload", str(tmp_path / "none.csv")], "no trace file"),
+                         (["--workload", "chat"], "add --mode inference"),
+                         ([], "needs --global-batch"),
+                         (["--mode", "inference", "--prompt-len", "100", "--output-len", "10", "--global-batch", "8"],
+                          "--global-batch is for training")):
+        target = tmp_path / "refused"
+        code, _, err = _main(capsys, "report", "--model", "llama3-8b", "--cluster", "h100-sxm:1", "-o", str(target),
+                             *argv)
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1 and not target.exists(), (argv, err)

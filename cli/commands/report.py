@@ -14,6 +14,60 @@ from planner.model_source import load_model_spec
 from planner.plan import Plan
 
 
+SERVING_FLAGS = ("prompt_len", "output_len", "max_ttft_ms", "max_tpot_ms", "workload", "rate", "slo", "engine")
+
+
+def run_serving_report(args: argparse.Namespace, out: Path) -> int:
+    """`paraplan report --mode inference`: under traffic (--workload: reports.traffic) or in the
+    steady state (--prompt-len/--output-len: reports.serving)."""
+    if args.global_batch is not None:
+        raise ConfigError("--global-batch is for training reports; serving reports take --prompt-len/--output-len "
+                          "or --workload")
+    spec = load_model_spec(args.model)
+    if args.workload:
+        from costmodel.traffic import SLO
+        from planner.serving_search import TrafficWorkload
+        from reports.traffic import WORKLOADS, build_traffic_report
+
+        wl = TrafficWorkload.of(args.workload, requests=400)  # a trace file is read (and refused) here
+        slo_text, rate = WORKLOADS.get(args.workload, (None, wl.native_rate()))
+        slo_text, rate = args.slo or slo_text, args.rate if args.rate is not None else rate
+        if not slo_text or rate is None:
+            raise ConfigError(f"a report of workload {args.workload} needs --slo and --rate (requests per second)")
+        SLO.parse(slo_text)
+        load_cluster(args.cluster)
+        table = build_traffic_report(args.model, args.cluster, out, {args.workload: (slo_text, rate)},
+                                     engine=args.engine)
+        rows = table.to_dict("records")
+        if args.json:
+            print(json.dumps({"report": str(out / "README.md"), "rows": rows}, indent=2))
+        else:
+            for r in rows:
+                print(f"  {r['who']:8s} {r['unit']:48s} {r['max_rate_rps']:8.2f} requests/s, "
+                      f"{r['goodput_per_gpu']:.3f} per GPU")
+            print(f"report in {out}/README.md (latency against rate, a timeline)")
+        return 0
+    from cli.commands.serve import serving_request
+    from reports.serving import build_serving_report
+
+    if args.prompt_len is None or args.output_len is None:
+        raise ConfigError("report --mode inference needs --prompt-len and --output-len (the steady state), or "
+                          "--workload (under traffic)")
+
+    for name in ("draft_model", "beam", "block_size", "batch", "precision", "acceptance", "draft_len"):
+        setattr(args, name, getattr(args, name, None))
+    req = serving_request(args)
+    best = build_serving_report(spec, [args.cluster], req, out)
+    if args.json:
+        print(json.dumps({"report": str(out / "report.md"), "best": best}, indent=2))
+    else:
+        for cluster, d in best.items():
+            print(f"  {cluster}: tp{d['tp']} x pp{d['pp']}, batch {d['batch']}, "
+                  f"{d['throughput_tokens_per_s']:.0f} tokens/s")
+        print(f"report in {out}/report.md (throughput against latency per layout, KV capacity)")
+    return 0
+
+
 def run_report(args: argparse.Namespace) -> int:
     from reports.build import build_report
 
@@ -21,11 +75,19 @@ def run_report(args: argparse.Namespace) -> int:
     bad = [f for f in formats if f not in ("md", "html")]
     if bad or not formats:
         raise ConfigError(f"--format {args.format!r}: use md, html or md,html")
-    if args.global_batch < 1:
-        raise ConfigError(f"--global-batch must be a positive integer, got {args.global_batch}")
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"-o {out} is a file; give a folder for the report")
+    if getattr(args, "mode", "train") == "inference":
+        return run_serving_report(args, out)
+    given = [k for k in SERVING_FLAGS if getattr(args, k, None) is not None]
+    if given:
+        raise ConfigError(f"--{given[0].replace('_', '-')} is for serving reports: add --mode inference")
+    if args.global_batch is None:
+        raise ConfigError("a training report needs --global-batch (sequences per step); for serving add "
+                          "--mode inference")
+    if args.global_batch < 1:
+        raise ConfigError(f"--global-batch must be a positive integer, got {args.global_batch}")
     spec = load_model_spec(args.model)
     cluster = load_cluster(args.cluster, runtime=args.runtime or DEFAULT_RUNTIME)
     summary = build_report(spec, cluster, args.global_batch, out, formats, progress=sys.stderr.isatty() and not args.json)
@@ -37,10 +99,50 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_compare(args: argparse.Namespace) -> int:
+def compare_serving(plans: list[tuple[str, Plan]], as_json: bool) -> int:
+    """Serving plans side by side, each priced again as planned (cli.commands.traffic): under
+    traffic the p99 latencies at the plan's rate, in the steady state its TTFT and TPOT."""
+    from cli.commands.traffic import price_serving_plan
+
     rows = []
-    for path in args.plans:
-        plan = Plan.load(path)
+    for path, plan in plans:
+        p, _ = price_serving_plan(plan, path)
+        traffic = "ttft_p99_s" in p
+        rows.append({"plan": path, "model": plan.model.get("name"), "cluster": plan.cluster,
+                     "layout": f"tp {plan.mesh['tp']} x pp {plan.mesh['pp']}",
+                     "replicas": plan.serving.get("replicas", 1), "gpus": plan.world_size,
+                     "engine": plan.serving.get("engine"),
+                     "workload": f"{plan.serving['workload']} at {plan.serving['rate']:g}/s" if traffic else "steady state",
+                     "throughput_tokens_per_s": p["throughput_tokens_per_s"],
+                     "ttft_ms": 1e3 * (p["ttft_p99_s"] if traffic else p["ttft_s"]),
+                     "tpot_ms": 1e3 * (p["tpot_p99_s"] if traffic else p["tpot_s"]),
+                     "goodput_rps": p.get("goodput_rps", float("nan"))})
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print("(ttft_ms and tpot_ms: p99 at the plan's rate under traffic, the steady state's otherwise)")
+    _print_columns(rows, list(rows[0]))
+    return 0
+
+
+def _print_columns(rows: list[dict], keys: list[str]) -> None:
+    """One plan a column, one key a line."""
+    width = max(len(k) for k in keys)
+    for k in keys:
+        cells = [f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for r in rows]
+        print(f"{k:<{width}}  " + "  ".join(f"{c:>24}" for c in cells))
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    plans = [(path, Plan.load(path)) for path in args.plans]
+    serving = [path for path, plan in plans if plan.mode == "inference"]
+    if serving and len(serving) < len(plans):
+        raise ConfigError(f"{serving[0]} is a serving plan and the others are not; compare serving plans with serving "
+                          "plans, training plans with training plans")
+    if serving:
+        return compare_serving(plans, args.json)
+    rows = []
+    for path, plan in plans:
         result = price_step(plan.spec, plan.strategy(), load_cluster(plan.cluster, runtime=plan.runtime), plan.placements,
                             plan.source).predicted()
         mesh = " x ".join(f"{k} {v}" for k, v in plan.mesh.items() if v > 1) or "1 GPU"
@@ -51,10 +153,6 @@ def run_compare(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    keys = ["plan", "model", "cluster", "mesh", "zero", "schedule", "step_time_s", "tokens_per_s", "mfu",
-            "bubble_fraction", "memory_gib", "fits"]
-    width = max(len(k) for k in keys)
-    for k in keys:
-        cells = [f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for r in rows]
-        print(f"{k:<{width}}  " + "  ".join(f"{c:>24}" for c in cells))
+    _print_columns(rows, ["plan", "model", "cluster", "mesh", "zero", "schedule", "step_time_s", "tokens_per_s", "mfu",
+                          "bubble_fraction", "memory_gib", "fits"])
     return 0

@@ -155,13 +155,13 @@ def run_traffic_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def simulate_serving_plan(plan, args: argparse.Namespace) -> int:
-    """`paraplan simulate --plan SERVING_PLAN`: the plan priced again as it was planned: a traffic
-    plan's deployment simulated at its rate on the same requests (its workload, seed and probe),
-    a steady-state plan's layout at its batch (costmodel.serving.evaluate)."""
+def price_serving_plan(plan, where: str) -> tuple[dict, str]:
+    """(predicted, text): the serving plan priced again as it was planned: a traffic plan's
+    deployment simulated at its rate on the same requests (its workload, seed and probe), a
+    steady-state plan's layout at its batch (costmodel.serving.evaluate)."""
     from planner.serving_plan import serving_setup
 
-    setup, spec = serving_setup(plan, str(args.plan)), plan.spec
+    setup, spec = serving_setup(plan, where), plan.spec
     cluster = load_cluster(plan.cluster)
     layout, req = setup.layout, setup.request
     if setup.traffic:
@@ -181,6 +181,13 @@ def simulate_serving_plan(plan, args: argparse.Namespace) -> int:
                 f"{point.replicas} replica(s), batch {point.batch} (engine {req.engine})\n"
                 f"  TTFT {point.ttft_s * 1e3:9.1f} ms   TPOT {point.tpot_s * 1e3:7.2f} ms   throughput "
                 f"{point.throughput_tokens_per_s:9.0f} tokens/s")
+    return predicted, text
+
+
+def simulate_serving_plan(plan, args: argparse.Namespace) -> int:
+    """`paraplan simulate --plan SERVING_PLAN` (price_serving_plan)."""
+    predicted, text = price_serving_plan(plan, str(args.plan))
+    spec = plan.spec
     if args.json:
         print(json.dumps({"model": spec.name, "cluster": plan.cluster, "mode": "inference", "predicted": predicted},
                          indent=2))
