@@ -1,6 +1,6 @@
 """Serving: the traffic simulator against published engine runs.
 
-    python bench/serving_fidelity.py [--fit] [--skip-cpu] [--profile PROFILE]
+    python bench/serving_fidelity.py [--fit] [--skip-cpu] [--measure | --profile PROFILE]
 
 Rows: tests/data/serving_runs.yaml (TensorRT-LLM's published A100 FP16 runs: offline throughput
 of a static batch at fixed prompt and output lengths, and the first-token latency of one
@@ -19,9 +19,10 @@ four-in-flight runs), held out.
 
 Then, measured here: `runtime.serve` (continuous batching, paged KV cache, prefix caching) serves
 three small workloads on this CPU (one thread, fp32, a 4-layer Llama of 512 wide) and the
-simulator predicts the same requests on a CPU profile (--profile; measure this machine's first
-with `paraplan profile --quick -o host.yaml`: a VM's speed drifts from day to day): p50/p90 TTFT
-and TPOT, predicted / measured. Run it on an otherwise idle machine.
+simulator predicts the same requests on a CPU profile (--measure: this machine measured first
+with `paraplan profile --quick`; --profile PROFILE: one measured before; neither: the shipped
+cpu-2core, which a VM's day-to-day drift leaves far off): p50/p90 TTFT and TPOT, predicted /
+measured. Run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -363,9 +364,25 @@ def main() -> int:
     vllm_fidelity(data, engine)
     rate_fidelity(data, engine)
     concurrency_fidelity(data)
-    if "--skip-cpu" not in sys.argv:
-        profile = sys.argv[sys.argv.index("--profile") + 1] if "--profile" in sys.argv else "cpu-2core"
-        cpu_runs(profile)
+    if "--skip-cpu" in sys.argv:
+        return 0
+    if "--profile" in sys.argv:
+        cpu_runs(sys.argv[sys.argv.index("--profile") + 1])
+    elif "--measure" in sys.argv:  # this machine measured now: the simulator against the same day's host
+        import tempfile
+
+        from runtime.profiler import profile as measure
+
+        with tempfile.TemporaryDirectory() as tmp:
+            host = Path(tmp) / "host.yaml"
+            print("measuring this machine (paraplan profile --quick) for the CPU runs", flush=True)
+            measure(host, quick=True)
+            cpu_runs(str(host))
+    else:
+        print("note: the CPU runs below are priced on the shipped cpu-2core profile, not this machine measured "
+              "today (a VM's speed drifts): their errors say how far this machine is from that profile; add "
+              "--measure (or --profile host.yaml) for the simulator's own error")
+        cpu_runs("cpu-2core")
     return 0
 
 
