@@ -386,10 +386,11 @@ def _batches(limit: int) -> list[int]:
     return out + [limit]
 
 
-def plan_serving(spec: ModelSpec, cluster: Cluster, req: ServingRequest) -> ServingPlan:
+def plan_serving(spec: ModelSpec, cluster: Cluster, req: ServingRequest, *, tp: int | None = None,
+                 pp: int | None = None) -> ServingPlan:
     """Search tp (within a node) x pp x replicas, expert parallelism for a mixture of experts,
     and the batch: the most tokens per second whose TTFT and TPOT meet the targets, with the KV
-    cache in paged blocks.
+    cache in paged blocks. A given `tp` or `pp` is fixed.
 
     Formulation: enumerate every layout tp * pp dividing the GPU count with tp <= GPUs per
     node and the heads splitting (layout_problems), for a mixture of experts with tp > 1 each
@@ -399,10 +400,18 @@ def plan_serving(spec: ModelSpec, cluster: Cluster, req: ServingRequest) -> Serv
     exact."""
     cluster = engine_cluster(cluster, req.engine)
     n = cluster.world_size
+    want_tp, want_pp = tp, pp  # (the loop below names each layout's tp and pp)
+    for name, value in (("tp", want_tp), ("pp", want_pp)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"--{name} must be a positive integer, got {value!r}")
+    if n % ((want_tp or 1) * (want_pp or 1)) or (want_tp or 1) > cluster.gpus_per_node:
+        raise ConfigError(f"tp({want_tp or 1}) x pp({want_pp or 1}) must divide the {n} GPUs of {cluster.name}, tp "
+                          f"within a node of {cluster.gpus_per_node}; choose degrees that do")
     curves, refused, best = {}, {}, None
-    layouts = [(tp, pp, ep) for tp in [d for d in range(1, min(n, cluster.gpus_per_node) + 1) if n % d == 0]
-               for pp in [d for d in range(1, n // tp + 1) if (n // tp) % d == 0]
-               for ep in ((False, True) if spec.moe and tp > 1 else (False,))]
+    layouts = [(t, p, ep) for t in [d for d in range(1, min(n, cluster.gpus_per_node) + 1) if n % d == 0]
+               for p in [d for d in range(1, n // t + 1) if (n // t) % d == 0]
+               for ep in ((False, True) if spec.moe and t > 1 else (False,))
+               if (want_tp is None or t == want_tp) and (want_pp is None or p == want_pp)]
     for tp, pp, ep in layouts:
         why = layout_problems(spec, tp, pp, ep)
         if why:

@@ -134,6 +134,39 @@ def test_command_line_writes_a_serving_plan(tmp_path):
     assert never.returncode == 2 and "latency targets" in never.stderr and "Traceback" not in never.stderr
 
 
+def test_given_degrees_are_fixed_and_other_flags_refused(capsys):
+    """`plan --mode inference --tp 4` searches only tp 4 layouts (given flags are fixed, as in
+    training); `simulate --mode inference` with the request's lengths prices one layout in the
+    steady state (tp and pp 1 unless given); a training flag, or a flag of serving under traffic
+    without --workload, is refused in one line."""
+    from cli.main import main
+    from costmodel.serving import evaluate
+
+    def run(*argv):
+        code = main(list(argv))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    base = ("--mode", "inference", "--model", "llama3-70b", "--cluster", "h100-sxm:8", "--prompt-len", "1024",
+            "--output-len", "256")
+    code, out, err = run("plan", *base, "--tp", "4", "--json")
+    assert code == 0, err
+    got = json.loads(out)
+    assert got["plan"]["mesh"]["tp"] == 4 and set(got["curves"]) == {"tp4_pp1", "tp4_pp2"}
+    code, out, err = run("simulate", *base, "--tp", "4", "--batch", "64", "--json")
+    assert code == 0, err
+    plan = json.loads(out)["plan"]
+    assert (plan["mesh"]["tp"], plan["mesh"]["pp"], plan["mesh"]["dp_replicate"]) == (4, 1, 2)
+    want = evaluate(ZOO["llama3-70b"], H100, REQ, 4, 1, 64)
+    assert plan["predicted"]["tpot_s"] == want.tpot_s and plan["predicted"]["batch"] == 64
+    for extra, needle in ((("--zero", "3"), "--zero is for training"),
+                          (("--max-num-seqs", "8"), "--max-num-seqs is for serving under traffic"),
+                          (("--tp", "3"), "must divide the 8 GPUs")):
+        for command in ("plan", "simulate"):
+            code, out, err = run(command, *base, *extra)
+            assert code == 2 and needle in err and len(err.strip().splitlines()) == 1 and not out, (command, err)
+
+
 def test_check_weighs_a_serving_plan_by_its_kv_cache(tmp_path):
     out = tmp_path / "serve.yaml"
     assert paraplan("plan", "--mode", "inference", "--model", "llama2-70b", "--cluster", "h100-sxm:8", "--prompt-len",

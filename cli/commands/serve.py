@@ -17,6 +17,24 @@ from planner.plan import plan_from_strategy
 
 SERVING_FLAGS = ("prompt_len", "output_len", "batch", "max_ttft_ms", "max_tpot_ms", "beam", "block_size",
                  "draft_model", "draft_len", "acceptance")
+# flags of training that a serving plan has no use for, and of serving under traffic (--workload)
+TRAINING_FLAGS = ("dp", "cp", "ep", "expert_tp", "expert_load_cv", "ep_overlap", "zero", "shard_group",
+                  "sequence_parallel", "recompute", "microbatch_size", "schedule", "virtual_stages", "seq_len",
+                  "flash_attention", "grad_dtype", "master_dtype", "global_batch", "runtime", "lora_rank",
+                  "lora_targets", "base_precision")
+TRAFFIC_FLAGS = ("replicas", "prefill_replicas", "max_num_seqs", "max_num_batched_tokens", "chunked_prefill",
+                 "prefix_caching", "preemption", "evicted_prefix", "requests", "concurrency", "burst_cv",
+                 "workload_seed")
+
+
+def refuse_other_flags(args: argparse.Namespace) -> None:
+    """One line for a flag the steady-state serving model does not take."""
+    for names, why in ((TRAINING_FLAGS, "is for training; serving takes --tp, --pp, --batch and the request's "
+                                        "lengths (--engine for the serving engine)"),
+                       (TRAFFIC_FLAGS, "is for serving under traffic: add --workload (and --rate)")):
+        given = [k for k in names if getattr(args, k, None) is not None]
+        if given:
+            raise ConfigError(f"--{given[0].replace('_', '-')} {why}")
 
 
 def serving_request(args: argparse.Namespace) -> ServingRequest:
@@ -79,10 +97,11 @@ def run_serving(args: argparse.Namespace) -> int:
         raise ConfigError("plan --mode inference needs --model and --cluster")
     if getattr(args, "expert_parallel", None):
         raise ConfigError("plan searches --expert-parallel (with and without, for a mixture of experts); leave it out")
+    refuse_other_flags(args)
     spec = load_model_spec(args.model)
     cluster = load_cluster(args.cluster)
     req = serving_request(args)
-    found = plan_serving(spec, cluster, req)
+    found = plan_serving(spec, cluster, req, tp=args.tp, pp=args.pp)  # given degrees are fixed
     best = found.best
     s = Strategy(tp=best.tp, pp=best.pp, dp=best.replicas, microbatch_size=best.batch,
                  global_batch=best.batch * best.replicas, precision=req.precision, seq_len=spec.seq_len,
@@ -105,3 +124,11 @@ def run_serving(args: argparse.Namespace) -> int:
         if args.output:
             print(f"  plan written to {args.output}")
     return 0
+
+
+def run_serving_simulate(args: argparse.Namespace) -> int:
+    """`paraplan simulate --mode inference --prompt-len P --output-len O [--tp T --pp P --batch B]`:
+    one layout in the steady state (tp and pp 1 unless given; the batch the largest the KV cache
+    holds within the targets, or --batch)."""
+    args.tp, args.pp = args.tp or 1, args.pp or 1
+    return run_serving(args)

@@ -75,8 +75,12 @@ def run_simulate(args: argparse.Namespace) -> int:
             from cli.commands.traffic import run_traffic_simulate
 
             return run_traffic_simulate(args)
-        raise ConfigError("simulate --mode inference predicts serving under traffic: add --workload (chat, long-context, "
-                          "agent or a trace file) and --rate; for the steady state use `paraplan plan --mode inference`")
+        if getattr(args, "prompt_len", None) is not None or getattr(args, "output_len", None) is not None:
+            from cli.commands.serve import run_serving_simulate
+
+            return run_serving_simulate(args)
+        raise ConfigError("simulate --mode inference predicts serving under traffic (add --workload: chat, long-context, "
+                          "agent or a trace file, and --rate) or in the steady state (add --prompt-len and --output-len)")
     traffic = [k for k in ("workload", "rate", "slo", "replicas", "prefill_replicas", "expert_parallel")
                if getattr(args, k, None) is not None]
     if traffic:
