@@ -263,7 +263,10 @@ def static_unit(spec: ModelSpec, cluster: Cluster, prompt: float, output: float,
 
 
 def plan_traffic(spec: ModelSpec, cluster: Cluster, wl: TrafficWorkload, rate: float, slo: SLO, *,
-                 precision: str = "bf16", progress: bool = False, engine: str = DEFAULT_ENGINE) -> TrafficPlan:
+                 precision: str = "bf16", progress: bool = False, engine: str = DEFAULT_ENGINE,
+                 tp: int | None = None, pp: int | None = None) -> TrafficPlan:
+    """The unit and scheduler settings with the most goodput per GPU (the module's formulation);
+    a given `tp` or `pp` is fixed."""
     if not slo.targets:
         raise ConfigError("plan --mode inference --workload needs --slo (e.g. ttft_p99=0.5,tpot_p99=50ms): goodput "
                           "counts the requests that meet it")
@@ -272,6 +275,16 @@ def plan_traffic(spec: ModelSpec, cluster: Cluster, wl: TrafficWorkload, rate: f
                           f"for a rate; a trace of simultaneous arrivals has none), got {rate}; for offline throughput "
                           "use `paraplan simulate --mode inference --rate inf`")
     shapes, refused = units(spec, cluster, precision, engine)
+    for name, value in (("tp", tp), ("pp", pp)):
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"--{name} must be a positive integer, got {value!r}")
+            kept = [u for u in shapes if getattr(u, name) == value]
+            if not kept:
+                raise ConfigError(f"no replica of {spec.name} with {name} {value} fits {cluster.name} (the shapes "
+                                  f"that do: {', '.join(sorted({u.label for u in shapes})) or 'none'}); give another "
+                                  f"--{name} or leave it to the search")
+            shapes = kept
     if not shapes:
         reasons = "; ".join(f"{k}: {v}" for k, v in list(refused.items())[:3])
         raise ConfigError(f"no replica of {spec.name} fits {cluster.name} ({reasons}); add GPUs or serve in fp8")

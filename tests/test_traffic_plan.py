@@ -225,3 +225,19 @@ def test_report_of_serving_under_traffic_and_in_the_steady_state(tmp_path, capsy
         code, _, err = _main(capsys, "report", "--model", "llama3-8b", "--cluster", "h100-sxm:1", "-o", str(target),
                              *argv)
         assert code == 2 and needle in err and len(err.strip().splitlines()) == 1 and not target.exists(), (argv, err)
+
+
+def test_given_degrees_fix_the_traffic_planners_unit(capsys):
+    """`plan --mode inference --workload W --tp 2`: every unit searched has tp 2 (given flags are
+    fixed, the rest searched); a degree no unit can have is refused in one line naming those
+    that fit."""
+    code, out, err = _main(capsys, "plan", "--mode", "inference", "--model", "llama3-8b", "--cluster", "h100-sxm:4",
+                           "--workload", "chat", "--rate", "30", "--slo", "ttft_p99=1,tpot_p99=50ms", "--tp", "2",
+                           "--json")
+    assert code == 0, err
+    got = json.loads(out)
+    assert got["plan"]["mesh"]["tp"] == 2 and {u["tp"] for u in got["units"]} == {2}
+    code, out, err = _main(capsys, "plan", "--mode", "inference", "--model", "llama3-8b", "--cluster", "h100-sxm:4",
+                           "--workload", "chat", "--rate", "30", "--slo", "ttft_p99=1,tpot_p99=50ms", "--tp", "8")
+    assert code == 2 and "with tp 8 fits" in err and "tp4 x pp1" in err and len(err.strip().splitlines()) == 1
+

@@ -225,7 +225,7 @@ def run_traffic_plan(args: argparse.Namespace) -> int:
     from costmodel import Strategy
 
     refuse_other_flags(args)
-    given = [k for k in ("tp", "pp", "replicas", "prefill_replicas", "max_num_seqs", "max_num_batched_tokens",
+    given = [k for k in ("replicas", "prefill_replicas", "max_num_seqs", "max_num_batched_tokens",
                          "expert_parallel", "concurrency") if getattr(args, k, None) is not None]
     if given:
         raise ConfigError(f"plan searches --{given[0].replace('_', '-')}; to price one layout use `paraplan simulate "
@@ -245,7 +245,7 @@ def run_traffic_plan(args: argparse.Namespace) -> int:
         raise ConfigError(f"workload {args.workload} needs --rate (requests per second)")
     precision = args.precision or "bf16"
     found = plan_traffic(spec, cluster, wl, rate, slo, precision=precision, progress=not args.json,
-                         engine=args.engine or DEFAULT_ENGINE)
+                         engine=args.engine or DEFAULT_ENGINE, tp=args.tp, pp=args.pp)  # given degrees are fixed
     d, best = found.deployment, found.best
     reqs = wl.at(rate, spec.seq_len)
     one = replace(best.unit, replicas=1, prefill_replicas=0)
