@@ -131,6 +131,20 @@ def generate(scenario: str | Scenario, *, rate: float, requests: int, context: i
             for i, (t, p, o) in enumerate(zip(times, prompts, outputs))]
 
 
+def context_note(name: str, requests: list[Request], context: int) -> str | None:
+    """A line saying that a scenario's requests were cut to the model's context (a server
+    stops a sequence there), where that halved their mean prompt or output; None otherwise."""
+    sc = SCENARIOS.get(name)
+    if sc is None or not requests:
+        return None
+    prompt, output = mean_lengths(requests)
+    if prompt >= 0.5 * sc.prompt.median and output >= 0.5 * sc.output.median:
+        return None
+    return (f"workload {name}'s requests are cut to the model's context of {context} tokens: mean prompt "
+            f"{prompt:.0f}, output {output:.0f} tokens (the scenario's medians {sc.prompt.median:g} and "
+            f"{sc.output.median:g}); a longer-context model or a trace file gives longer ones")
+
+
 def mean_lengths(requests: list[Request]) -> tuple[float, float]:
     """The mean prompt and output tokens of a workload."""
     return (float(np.mean([r.prompt_tokens for r in requests])), float(np.mean([r.output_tokens for r in requests])))

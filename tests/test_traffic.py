@@ -275,3 +275,16 @@ def test_a_long_prefill_in_one_virtual_engine_holds_up_the_others_decodes():
     prefill = shared.ttft_s[1]  # the prompt's traversal (and its first token's step)
     delay = shared.e2e_s[0] - alone.e2e_s[0]
     assert 0.5 * prefill < delay < 1.1 * prefill
+
+
+def test_a_scenario_cut_to_a_short_context_is_said():
+    """A scenario's requests are cut to the model's context (a server stops a sequence there); where
+    that halves their mean length the commands say so in a note: chat on a 32-token model keeps
+    prompts of ~30 and outputs of a few tokens, on llama3-8b nothing is cut."""
+    from costmodel.workload import context_note
+
+    short = generate("chat", rate=5, requests=50, context=32, seed=0)
+    assert all(r.prompt_tokens + r.output_tokens <= 32 for r in short)
+    note = context_note("chat", short, 32)
+    assert note is not None and "cut to the model's context of 32 tokens" in note
+    assert context_note("chat", generate("chat", rate=5, requests=200, context=SPEC.seq_len, seed=0), SPEC.seq_len) is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from costmodel import ConfigError, load_cluster
 from costmodel.serving import ServingRequest, decode_step_s, kv_bytes_per_token
@@ -17,7 +18,7 @@ def run_continuous(args: argparse.Namespace) -> int:
     import torch
 
     from costmodel.traffic import SchedulerConfig, ServingLayout, latency_percentiles, simulate_traffic
-    from costmodel.workload import workload
+    from costmodel.workload import context_note, workload
     from runtime.generate import load_model
     from runtime.serve import serve
 
@@ -27,6 +28,9 @@ def run_continuous(args: argparse.Namespace) -> int:
     if args.requests < 1 or args.kv_blocks < 1:
         raise ConfigError("--requests and --kv-blocks must be positive integers")
     reqs = workload(args.workload, rate=args.rate, requests=args.requests, context=spec.seq_len, seed=args.seed)
+    note = context_note(args.workload, reqs, spec.seq_len)
+    if note:
+        print(f"paraplan: note: {note}", file=sys.stderr)
     cfg = SchedulerConfig(**{k: getattr(args, k) for k in ("max_num_seqs", "max_num_batched_tokens")
                              if getattr(args, k) is not None})
     torch.set_num_threads(args.threads)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from dataclasses import replace
 
 
@@ -17,7 +18,7 @@ from costmodel.serving_engine import DEFAULT_ENGINE
 from costmodel.spec import ModelSpec, format_count
 from costmodel.trace import serving_trace
 from costmodel.traffic import SLO, SchedulerConfig, ServingLayout, TrafficResult, simulate_traffic
-from costmodel.workload import SCENARIOS, Request, mean_lengths, typical_request, workload
+from costmodel.workload import SCENARIOS, Request, context_note, mean_lengths, typical_request, workload
 from planner.files import atomic_write_text
 from planner.model_source import load_model_spec
 
@@ -53,6 +54,9 @@ def load_requests(args: argparse.Namespace, spec: ModelSpec) -> list[Request]:
         from planner.serving_search import TrafficWorkload
 
         reqs = TrafficWorkload(name=args.workload, trace=tuple(reqs)).at(args.rate, spec.seq_len)
+    note = context_note(args.workload, reqs, spec.seq_len)
+    if note:
+        print(f"paraplan: note: {note}", file=sys.stderr)
     return reqs
 
 
