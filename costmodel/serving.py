@@ -80,7 +80,8 @@ class ServingRequest:
         for name in ("prompt_len", "output_len", "beam", "block_tokens", "draft_len"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+                flag = "block-size" if name == "block_tokens" else name.replace("_", "-")  # the CLI's name
+                raise ConfigError(f"--{flag} must be a positive integer, got {value!r}")
         if self.batch is not None and (isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1):
             raise ConfigError(f"--batch must be a positive integer, got {self.batch!r}")
         for name in ("max_ttft_ms", "max_tpot_ms"):

@@ -96,7 +96,8 @@ class SchedulerConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+                flag = "block-size" if name == "block_tokens" else name.replace("_", "-")  # the CLI's name
+                raise ConfigError(f"--{flag} must be a positive integer, got {value!r}")
         if self.preemption not in PREEMPTION_MODES:
             raise ConfigError(f"--preemption {self.preemption!r}; use one of {', '.join(PREEMPTION_MODES)}")
         check_engine_name(self.engine)

@@ -117,6 +117,8 @@ def generate(scenario: str | Scenario, *, rate: float, requests: int, context: i
         raise ConfigError(f"unknown workload {scenario!r}; use one of {', '.join(SCENARIOS)} or a trace file (.csv/.jsonl)")
     if requests < 1:
         raise ConfigError(f"--requests must be a positive integer, got {requests}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"--workload-seed must be an integer >= 0, got {seed!r}")
     if sc.shared_prefix_tokens + 2 > context:
         raise ConfigError(f"workload {sc.name}'s {sc.shared_prefix_tokens}-token shared prompt does not fit the "
                           f"model's context of {context}")

@@ -305,7 +305,8 @@ def plan_traffic(spec: ModelSpec, cluster: Cluster, wl: TrafficWorkload, rate: f
     candidates.sort(key=lambda c: -c[0])
     results, skipped = [], 0
     best_per_gpu = 0.0
-    for bound_per_gpu, unit, cfg in tqdm(candidates, desc="simulating", unit="layout", disable=not progress, leave=False):
+    shown = None if progress else True  # None: on a terminal only
+    for bound_per_gpu, unit, cfg in tqdm(candidates, desc="simulating", unit="layout", disable=shown, leave=False):
         if bound_per_gpu <= best_per_gpu:
             skipped += 1
             continue

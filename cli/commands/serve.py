@@ -43,7 +43,8 @@ def serving_request(args: argparse.Namespace) -> ServingRequest:
     draft = load_model_spec(args.draft_model) if args.draft_model else None
     return ServingRequest(
         prompt_len=args.prompt_len, output_len=args.output_len, batch=args.batch, max_ttft_ms=args.max_ttft_ms,
-        max_tpot_ms=args.max_tpot_ms, beam=args.beam or 1, block_tokens=args.block_size or 16,
+        max_tpot_ms=args.max_tpot_ms, beam=1 if args.beam is None else args.beam,
+        block_tokens=16 if args.block_size is None else args.block_size,
         precision=args.precision or "bf16", draft=draft, draft_len=args.draft_len or 4,
         acceptance=0.8 if args.acceptance is None else args.acceptance,
         engine=getattr(args, "engine", None) or DEFAULT_ENGINE,
