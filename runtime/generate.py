@@ -63,7 +63,24 @@ class Generation:
     cache_bytes: int
 
 
+def available_memory_bytes() -> int | None:
+    """What this machine can still give a process (Linux's MemAvailable), or None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def load_model(spec: ModelSpec, *, checkpoint: str | None = None, seed: int = 0) -> Transformer:
+    need = 4 * spec.num_params  # fp32 weights on this machine's CPU
+    free = available_memory_bytes()
+    if free is not None and need > 0.8 * free:
+        raise ConfigError(f"{spec.name} needs {need / 2**30:.1f} GiB of fp32 weights to run here, and this machine has "
+                          f"{free / 2**30:.1f} GiB free; generate with a small built-in model (tiny-llama, tiny-gpt) "
+                          "or price the large one with `paraplan simulate --mode inference`")
     model = build_model(spec, device="cpu")
     model.init_weights(seed)
     if checkpoint:

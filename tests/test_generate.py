@@ -82,3 +82,16 @@ def test_command_line_and_checkpoints(tmp_path):
     assert r.returncode == 0, r.stderr
     missing = paraplan("generate", "--model", "tiny-gpt", "--checkpoint", str(tmp_path / "none"))
     assert missing.returncode == 2 and "no complete checkpoint" in missing.stderr
+
+
+def test_a_model_too_large_for_this_machine_is_refused_before_it_is_built(monkeypatch):
+    """generate builds the model in fp32 on this CPU: one that would not fit the memory left is
+    refused in one line (llama3-8b's 30 GiB was killed by the kernel, without a word)."""
+    from costmodel import ConfigError
+    from planner.zoo import ZOO
+    from runtime import generate as gen
+
+    monkeypatch.setattr(gen, "available_memory_bytes", lambda: 16 * 2**30)
+    with pytest.raises(ConfigError, match=r"llama3-8b needs 29\.9 GiB of fp32 weights .* 16\.0 GiB free"):
+        gen.load_model(ZOO["llama3-8b"])
+    assert gen.load_model(ZOO["tiny-llama"]).spec.name == "tiny-llama"
