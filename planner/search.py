@@ -88,7 +88,8 @@ def enumerate_candidates(req: SearchRequest, rejected: list[str] | None = None) 
     runnable = cluster.runtime.name in RUNNABLE_RUNTIMES and not spec.latent_attention
     for tp, cp in itertools.product(tps, cps):
         if world % (tp * cp):
-            rejected.append(f"tp({tp}) * cp({cp}) = {tp * cp} does not divide the {world} GPUs of {cluster.name}; "
+            degrees = f"tp({tp}) * cp({cp}) = {tp * cp}" if cp > 1 else f"tp({tp})"
+            rejected.append(f"{degrees} does not divide the {world} GPUs of {cluster.name}; "
                             "use degrees that divide the GPU count")
             continue
         rest = world // (tp * cp)
@@ -279,8 +280,8 @@ def run_search(req: SearchRequest, *, module_map=None) -> SearchResult:
     rejected: list[str] = []
     candidates = enumerate_candidates(req, rejected)
     if not candidates:
-        if rejected:  # the most frequent reason, in the words of the rule that gave it
-            raise ConfigError(max(set(rejected), key=lambda r: (rejected.count(r), r)))
+        if rejected:  # the most frequent reason, in the words of the rule that gave it (the first of a tie)
+            raise ConfigError(max(set(rejected), key=lambda r: (rejected.count(r), -rejected.index(r))))
         raise ConfigError(
             f"no strategy of the given flags fits {cluster.world_size} GPUs for global batch {req.global_batch}; "
             "loosen a flag or change the batch"
@@ -311,7 +312,7 @@ def run_search(req: SearchRequest, *, module_map=None) -> SearchResult:
             scored.append((est.step_time_s, i, s))
     bar.close()
     if not scored and estimated == 0 and not floored and rejected:  # nothing could be priced: say why, not "inf GiB"
-        raise ConfigError(max(set(rejected), key=lambda r: (rejected.count(r), r)))
+        raise ConfigError(max(set(rejected), key=lambda r: (rejected.count(r), -rejected.index(r))))
     if not scored:
         raise ConfigError(
             f"{spec.name} ({format_count(spec.num_params)} parameters) does not fit on {cluster.name}: the smallest plan "

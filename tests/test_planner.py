@@ -134,3 +134,13 @@ def test_time_limit_keeps_the_best_so_far():
                                      global_batch=1536, time_limit_s=0.2))
     assert found.stats["timed_out"] and found.stats["estimated"] < found.stats["candidates"]
     assert found.result.fits
+
+
+def test_a_given_degree_the_cluster_cannot_hold_is_named(capsys):
+    """--tp 16 on 8 GPUs: the refusal names the degree given, not a context-parallel degree the
+    search tried beside it (it said 'tp(16) * cp(2) = 32', cp being no flag of the user's)."""
+    from cli.main import main
+
+    assert main(["plan", "--model", "llama3-8b", "--cluster", "a100-80g:8", "--global-batch", "64", "--tp", "16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "paraplan: error: tp(16) does not divide the 8 GPUs of a100-80g:8; use degrees that divide the GPU count"
