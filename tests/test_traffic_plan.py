@@ -222,7 +222,11 @@ def test_report_of_serving_under_traffic_and_in_the_steady_state(tmp_path, capsy
                          (["--workload", "chat"], "add --mode inference"),
                          ([], "needs --global-batch"),
                          (["--mode", "inference", "--prompt-len", "100", "--output-len", "10", "--global-batch", "8"],
-                          "--global-batch is for training")):
+                          "--global-batch is for training"),
+                         (["--mode", "inference", "--prompt-len", "100", "--output-len", "10", "--runtime",
+                           "megatron-core"], "a serving report takes --engine"),
+                         (["--mode", "inference", "--prompt-len", "100", "--output-len", "10", "--format", "html"],
+                          "serving reports are markdown")):
         target = tmp_path / "refused"
         code, _, err = _main(capsys, "report", "--model", "llama3-8b", "--cluster", "h100-sxm:1", "-o", str(target),
                              *argv)

@@ -23,6 +23,10 @@ def run_serving_report(args: argparse.Namespace, out: Path) -> int:
     if args.global_batch is not None:
         raise ConfigError("--global-batch is for training reports; serving reports take --prompt-len/--output-len "
                           "or --workload")
+    if args.runtime is not None:
+        raise ConfigError("--runtime prices training; a serving report takes --engine (vllm or tensorrt-llm)")
+    if args.format != "md":
+        raise ConfigError(f"--format {args.format!r}: serving reports are markdown (md)")
     spec = load_model_spec(args.model)
     if args.workload:
         from costmodel.traffic import SLO
@@ -53,7 +57,6 @@ def run_serving_report(args: argparse.Namespace, out: Path) -> int:
     if args.prompt_len is None or args.output_len is None:
         raise ConfigError("report --mode inference needs --prompt-len and --output-len (the steady state), or "
                           "--workload (under traffic)")
-
     for name in ("draft_model", "beam", "block_size", "batch", "precision", "acceptance", "draft_len"):
         setattr(args, name, getattr(args, name, None))
     req = serving_request(args)
