@@ -43,7 +43,7 @@ import numpy as np  # noqa: E402
 
 from costmodel.cluster import load_cluster  # noqa: E402
 from costmodel.serving import ServingRequest, evaluate  # noqa: E402
-from costmodel.serving_engine import ServingEngine, load_engine  # noqa: E402
+from costmodel.serving_engine import ServingEngine, load_engine, vllm_scheduler_defaults  # noqa: E402
 from costmodel.spec import Activation, ModelSpec  # noqa: E402
 from costmodel.traffic import SchedulerConfig, ServingLayout, latency_percentiles, simulate_traffic  # noqa: E402
 from costmodel.spec import llama_spec  # noqa: E402
@@ -208,9 +208,8 @@ def row_scheduler(row: dict, engine: str) -> SchedulerConfig:
     if "max_num_seqs" in row:
         return SchedulerConfig(max_num_seqs=row["max_num_seqs"], max_num_batched_tokens=row["max_num_batched_tokens"],
                                chunked_prefill=False, prefix_caching=False, engine=engine)
-    a100 = row["gpu"].startswith("a100")
-    return SchedulerConfig(max_num_batched_tokens=2048 if a100 else 8192, max_num_seqs=256 if a100 else 1024,
-                           engine=engine)
+    seqs, tokens = vllm_scheduler_defaults(load_cluster(f"{row['gpu']}:1").device)
+    return SchedulerConfig(max_num_batched_tokens=tokens, max_num_seqs=seqs, engine=engine)
 
 
 def vllm_run(row: dict, models: dict, engine: ServingEngine, arrivals_s: np.ndarray | None = None) -> dict:

@@ -90,8 +90,10 @@ def add_mode_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--slo", help="latency objectives, e.g. ttft_p99=0.5,tpot_p99=50ms (seconds or ms)")
     g.add_argument("--replicas", type=int, help="model replicas (default: every GPU used)")
     g.add_argument("--prefill-replicas", type=int, help="of the replicas, how many only prefill (disaggregated)")
-    g.add_argument("--max-num-seqs", type=int, help="sequences in an iteration (vLLM's flag; default 256)")
-    g.add_argument("--max-num-batched-tokens", type=int, help="tokens in an iteration (vLLM's flag; default 8192)")
+    g.add_argument("--max-num-seqs", type=int, help="sequences in an iteration (vLLM's flag; default vLLM's for the "
+                                                    "GPU: 1024 on one of >= 70 GiB but an A100, 256 otherwise)")
+    g.add_argument("--max-num-batched-tokens", type=int, help="tokens in an iteration (vLLM's flag; default vLLM's for "
+                                                              "the GPU: 8192, or 2048 where max-num-seqs is 256)")
     g.add_argument("--chunked-prefill", action=argparse.BooleanOptionalAction, default=None,
                    help="split prompts over iterations beside the decodes (default on, as vLLM V1)")
     g.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=None,

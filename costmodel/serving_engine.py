@@ -92,6 +92,14 @@ def load_engine(name: str) -> ServingEngine:
     return ServingEngine(**data)
 
 
+def vllm_scheduler_defaults(device) -> tuple[int, int]:
+    """(max_num_seqs, max_num_batched_tokens) that vLLM V1's OpenAI server takes by default on
+    `device` (vllm/engine/arg_utils.py): 1024 and 8192 on a GPU of >= 70 GiB that is not an A100
+    (H100, H200, B200), 256 and 2048 otherwise."""
+    large = device.hbm_gib >= 70 and "a100" not in device.name.lower() and device.arch != "cpu"
+    return (1024, 8192) if large else (256, 2048)
+
+
 def engine_device(device, engine: ServingEngine):
     """The device as `engine` runs it: its compute rates scaled by the engine's sustained share,
     its memory rate likewise."""

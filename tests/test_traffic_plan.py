@@ -247,3 +247,17 @@ def test_given_degrees_fix_the_traffic_planners_unit(capsys):
                            "--workload", "chat", "--rate", "30", "--slo", "ttft_p99=1,tpot_p99=50ms", "--tp", "8")
     assert code == 2 and "with tp 8 fits" in err and "tp4 x pp1" in err and len(err.strip().splitlines()) == 1
 
+
+
+def test_simulate_takes_vllms_defaults_for_the_gpu(capsys):
+    """Engine arguments not given are vLLM's for the GPU (its arg_utils): 1024 sequences and 8192
+    tokens an iteration on an H100, 256 and 2048 on an A100; given ones are kept."""
+    for cluster, want in (("h100-sxm:1", (1024, 8192)), ("a100-80g:1", (256, 2048))):
+        code, out, err = _main(capsys, "simulate", "--mode", "inference", "--model", "llama3-8b", "--cluster", cluster,
+                               "--workload", "chat", "--rate", "2", "--requests", "50", "--json")
+        assert code == 0, err
+        sched = json.loads(out)["scheduler"]
+        assert (sched["max_num_seqs"], sched["max_num_batched_tokens"]) == want
+    code, out, err = _main(capsys, "simulate", "--mode", "inference", "--model", "llama3-8b", "--cluster", "a100-80g:1",
+                           "--workload", "chat", "--rate", "2", "--requests", "50", "--max-num-seqs", "64", "--json")
+    assert code == 0 and json.loads(out)["scheduler"]["max_num_seqs"] == 64

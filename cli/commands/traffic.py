@@ -14,7 +14,7 @@ from dataclasses import replace
 from costmodel import ConfigError, load_cluster
 from costmodel.cluster import Cluster
 from costmodel.serving import ServingRequest, evaluate, kv_budget
-from costmodel.serving_engine import DEFAULT_ENGINE
+from costmodel.serving_engine import DEFAULT_ENGINE, vllm_scheduler_defaults
 from costmodel.spec import ModelSpec, format_count
 from costmodel.trace import serving_trace
 from costmodel.traffic import SLO, SchedulerConfig, ServingLayout, TrafficResult, simulate_traffic
@@ -34,11 +34,17 @@ def refuse_other_flags(args: argparse.Namespace) -> None:
                           "give the layout with --tp, --pp, --replicas, --prefill-replicas")
 
 
-def scheduler_config(args: argparse.Namespace) -> SchedulerConfig:
+def scheduler_config(args: argparse.Namespace, cluster: Cluster) -> SchedulerConfig:
+    """The engine arguments given, the engine's defaults on this GPU for the rest (vLLM's sequence
+    and token limits depend on the GPU: costmodel.serving_engine.vllm_scheduler_defaults)."""
     given = {k: getattr(args, k) for k in ("max_num_seqs", "max_num_batched_tokens", "chunked_prefill", "prefix_caching",
                                            "preemption", "evicted_prefix", "engine") if getattr(args, k, None) is not None}
     if getattr(args, "block_size", None) is not None:
         given["block_tokens"] = args.block_size
+    if given.get("engine", DEFAULT_ENGINE) == "vllm":
+        seqs, tokens = vllm_scheduler_defaults(cluster.device)
+        given.setdefault("max_num_seqs", seqs)
+        given.setdefault("max_num_batched_tokens", tokens)
     return SchedulerConfig(**given)
 
 
@@ -128,7 +134,7 @@ def run_traffic_simulate(args: argparse.Namespace) -> int:
         raise ConfigError("simulate --mode inference needs --model and --cluster")
     spec = load_model_spec(args.model)
     cluster = load_cluster(args.cluster)
-    cfg = scheduler_config(args)
+    cfg = scheduler_config(args, cluster)
     layout = layout_from_args(args, cluster)
     slo = SLO.parse(args.slo)
     reqs = load_requests(args, spec)
