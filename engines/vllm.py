@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from dataclasses import dataclass
 
 from costmodel.errors import ConfigError
 from planner.plan import Plan
@@ -80,3 +81,115 @@ def export_text(plan: Plan) -> str:
             + " ".join(shlex.quote(c) for c in runs[0]) + "\n"
             + f"# decode instances ({int(sv['replicas']) - int(sv['prefill_replicas'])} replica(s))\n"
             + " ".join(shlex.quote(c) for c in runs[1]) + "\n")
+
+
+# --- a `vllm serve` command read back: the layout and engine arguments it serves with -----------
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServeCommand:
+    """What one `vllm serve` instance runs, as the traffic simulator prices it; None where the
+    command leaves it to vLLM's default. `unknown`: settings read but not priced, listed."""
+
+    model: str
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1  # --data-parallel-size: replicas of the instance
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    block_size: int | None = None
+    chunked_prefill: bool | None = None
+    prefix_caching: bool | None = None
+    expert_parallel: bool = False
+    precision: str | None = None  # from --dtype
+    unknown: tuple[str, ...] = ()
+
+
+_INT_FLAGS = {"--tensor-parallel-size": "tp", "-tp": "tp", "--pipeline-parallel-size": "pp", "-pp": "pp",
+              "--data-parallel-size": "dp", "-dp": "dp", "--max-num-seqs": "max_num_seqs",
+              "--max-num-batched-tokens": "max_num_batched_tokens", "--block-size": "block_size"}
+_BOOL_FLAGS = {"--enable-chunked-prefill": ("chunked_prefill", True), "--no-enable-chunked-prefill": ("chunked_prefill", False),
+               "--enable-prefix-caching": ("prefix_caching", True), "--no-enable-prefix-caching": ("prefix_caching", False),
+               "--enable-expert-parallel": ("expert_parallel", True)}
+# settings of the server that do not change what an iteration costs
+_NO_COST = {"--host", "--port", "--served-model-name", "--api-key", "--disable-log-requests", "--disable-log-stats",
+            "--trust-remote-code", "--uvicorn-log-level", "--tokenizer", "--download-dir", "--seed", "--revision",
+            "--max-model-len", "--enforce-eager", "--swap-space", "--chat-template"}
+_TAKES_VALUE = {"--host", "--port", "--served-model-name", "--api-key", "--uvicorn-log-level", "--tokenizer",
+                "--download-dir", "--seed", "--revision", "--max-model-len", "--swap-space", "--chat-template"}
+_DTYPES = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "half": "fp16", "fp16": "fp16", "auto": None}
+
+
+def import_serve(text: str) -> ServeCommand:
+    """A `vllm serve MODEL ...` command (or `python -m vllm.entrypoints.openai.api_server --model
+    MODEL ...`) read back; flags as `--flag value` or `--flag=value`."""
+    try:
+        tokens = shlex.split(text.replace("\\\n", " "), comments=True)
+    except ValueError as exc:
+        raise ConfigError(f"the vllm command does not parse as a shell line ({exc})") from None
+    if "serve" in tokens and tokens.index("serve") + 1 < len(tokens) and \
+            not tokens[tokens.index("serve") + 1].startswith("-"):
+        at = tokens.index("serve")
+        model, rest = tokens[at + 1], tokens[at + 2:]
+    else:  # `python -m vllm.entrypoints.openai.api_server --model M ...`: from the first --flag
+        model = ""
+        rest = tokens[next((i for i, t in enumerate(tokens) if t.startswith("--")), len(tokens)):]
+    known = set(_INT_FLAGS) | set(_BOOL_FLAGS) | _NO_COST | {"--model", "--dtype", "--gpu-memory-utilization"}
+    fields: dict = {}
+    unknown: list[str] = []
+    i = 0
+    while i < len(rest):
+        token = rest[i]
+        flag, eq, inline = token.partition("=")
+        i += 1
+        if flag.startswith("--"):  # vLLM's parser takes snake_case names and unique prefixes, as argparse does
+            flag = "--" + flag[2:].replace("_", "-")
+            if flag not in known:
+                matches = [k for k in known if k.startswith(flag)]
+                flag = matches[0] if len(matches) == 1 else flag
+
+        def value() -> str:
+            nonlocal i
+            if eq:
+                return inline
+            if i >= len(rest):
+                raise ConfigError(f"the vllm command's {flag} has no value")
+            i += 1
+            return rest[i - 1]
+
+        if flag == "--model":
+            model = value()
+        elif flag in _INT_FLAGS:
+            raw = value()
+            try:
+                fields[_INT_FLAGS[flag]] = int(raw)
+            except ValueError:
+                raise ConfigError(f"the vllm command's {flag} {raw!r} is not an integer") from None
+        elif flag in _BOOL_FLAGS:
+            name, on = _BOOL_FLAGS[flag]
+            fields[name] = on
+        elif flag == "--dtype":
+            raw = value()
+            if raw not in _DTYPES:
+                unknown.append(f"--dtype {raw}")
+            else:
+                fields["precision"] = _DTYPES[raw]
+        elif flag == "--gpu-memory-utilization":
+            raw = value()
+            if raw != str(GPU_MEMORY_UTILIZATION):
+                unknown.append(f"--gpu-memory-utilization {raw} (priced at {GPU_MEMORY_UTILIZATION})")
+        elif flag in _NO_COST:
+            if flag in _TAKES_VALUE:
+                value()
+        elif flag.startswith("-"):
+            takes = i < len(rest) and not rest[i].startswith("-") and not eq
+            unknown.append(f"{flag} {rest[i]}" if takes else token)
+            if takes:
+                i += 1
+        else:
+            unknown.append(token)
+    if not model:
+        raise ConfigError("the vllm command names no model: write `vllm serve MODEL ...`")
+    for name in ("tp", "pp", "dp", "max_num_seqs", "max_num_batched_tokens", "block_size"):
+        if name in fields and fields[name] < 1:
+            raise ConfigError(f"the vllm command's {name.replace('_', '-')} must be a positive integer, "
+                              f"got {fields[name]}")
+    return ServeCommand(model=model, unknown=tuple(unknown), **fields)

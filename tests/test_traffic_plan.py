@@ -261,3 +261,43 @@ def test_simulate_takes_vllms_defaults_for_the_gpu(capsys):
     code, out, err = _main(capsys, "simulate", "--mode", "inference", "--model", "llama3-8b", "--cluster", "a100-80g:1",
                            "--workload", "chat", "--rate", "2", "--requests", "50", "--max-num-seqs", "64", "--json")
     assert code == 0 and json.loads(out)["scheduler"]["max_num_seqs"] == 64
+
+
+def test_a_vllm_serve_command_is_priced_as_it_runs(tmp_path, capsys):
+    """`simulate --mode inference --from vllm COMMAND`: the layout and engine arguments of a `vllm
+    serve` line (a file or the line itself). The command paraplan exports for a traffic plan reads
+    back to the same layout and scheduler, priced the same as those flags given by hand; settings
+    it does not price are named; a command that fits no GPU count or names no model is refused."""
+    plan = tmp_path / "serve.yaml"
+    code, _, err = _main(capsys, "plan", "--mode", "inference", "--model", "llama3-8b", "--cluster", "h100-sxm:2",
+                         "--workload", "chat", "--rate", "30", "--slo", "ttft_p99=1,tpot_p99=50ms", "-o", str(plan))
+    assert code == 0, err
+    command = tmp_path / "serve.sh"
+    assert _main(capsys, "export", str(plan), "--to", "vllm", "-o", str(command))[0] == 0
+    run = ("simulate", "--mode", "inference", "--cluster", "h100-sxm:2", "--workload", "chat", "--rate", "30",
+           "--requests", "300", "--json")
+    code, out, err = _main(capsys, *run, "--from", "vllm", str(command))
+    assert code == 0, err
+    got = json.loads(out)
+    import yaml
+
+    sv = yaml.safe_load(plan.read_text())["serving"]
+    mesh = yaml.safe_load(plan.read_text())["mesh"]
+    assert (got["layout"]["tp"], got["layout"]["pp"]) == (mesh["tp"], mesh["pp"])
+    assert (got["scheduler"]["max_num_seqs"], got["scheduler"]["max_num_batched_tokens"]) == (
+        sv["max_num_seqs"], sv["max_num_batched_tokens"])
+    code, out, err = _main(capsys, *run, "--model", "llama3-8b", "--tp", str(mesh["tp"]), "--pp", str(mesh["pp"]),
+                           "--replicas", "1", "--max-num-seqs", str(sv["max_num_seqs"]),
+                           "--max-num-batched-tokens", str(sv["max_num_batched_tokens"]))
+    assert code == 0, err
+    assert json.loads(out)["predicted"] == got["predicted"]
+    line = "python -m vllm.entrypoints.openai.api_server --model org/Llama-3-8B --num-scheduler-steps 10 --tensor 2"
+    code, out, err = _main(capsys, *run, "--from", "vllm", line, "--model", "llama3-8b")
+    assert code == 0 and json.loads(out)["layout"]["tp"] == 2  # --tensor: argparse's unique prefix, as vLLM takes it
+    assert "not understood, not priced: --num-scheduler-steps 10" in err
+    for argv, needle in ((["--from", "vllm", line], "give --model for its shape"),
+                         (["--from", "vllm", "vllm serve llama3-8b -tp 4"], "the cluster has 2"),
+                         (["--from", "vllm", "vllm serve llama3-8b", "--tp", "2"], "drop --tp"),
+                         (["--from", "megatron", "x"], "serving reads a vllm serve command")):
+        code, _, err = _main(capsys, *run, *argv)
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, (argv, err)

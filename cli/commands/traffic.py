@@ -9,6 +9,7 @@ import json
 import math
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 
 from costmodel import ConfigError, load_cluster
@@ -126,16 +127,60 @@ def format_traffic(spec: ModelSpec, cluster_text: str, layout: ServingLayout, cf
     return "\n".join(lines)
 
 
+def from_vllm_command(args: argparse.Namespace, cluster: Cluster) -> tuple[ModelSpec, ServingLayout, SchedulerConfig]:
+    """`--from vllm FILE_OR_ARGS`: the model, layout and engine arguments of a `vllm serve`
+    command (engines.vllm.import_serve); what the command leaves out, vLLM's defaults for the GPU."""
+    from engines.vllm import import_serve
+
+    engine, source = args.from_engine
+    if engine != "vllm":
+        raise ConfigError(f"--from {engine}: serving reads a vllm serve command (--from vllm FILE_OR_ARGS)")
+    given = [k for k in ("tp", "pp", "replicas", "prefill_replicas", "max_num_seqs", "max_num_batched_tokens",
+                         "chunked_prefill", "prefix_caching", "block_size", "expert_parallel")
+             if getattr(args, k, None) is not None]
+    if given:
+        raise ConfigError(f"--from vllm takes the layout and engine arguments from the command; drop "
+                          f"--{given[0].replace('_', '-')}")
+    path = Path(source)
+    try:
+        text = path.read_text() if "\n" not in source and path.is_file() else source
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {source} ({type(exc).__name__}); give the vllm serve command or a file") from None
+    cmd = import_serve(text)
+    try:
+        spec = load_model_spec(args.model or cmd.model)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (the vllm command serves {cmd.model!r}; give --model for its shape)") from None
+    layout = ServingLayout(tp=cmd.tp, pp=cmd.pp, replicas=cmd.dp, precision=cmd.precision or args.precision or "bf16",
+                           expert_parallel=cmd.expert_parallel)
+    cfg = scheduler_config(args, cluster)
+    taken = {k: getattr(cmd, k) for k in ("max_num_seqs", "max_num_batched_tokens", "chunked_prefill", "prefix_caching")
+             if getattr(cmd, k) is not None}
+    if cmd.block_size is not None:
+        taken["block_tokens"] = cmd.block_size
+    if cmd.unknown:
+        print(f"paraplan: note: from vllm: {len(cmd.unknown)} setting(s) not understood, not priced: "
+              + "; ".join(cmd.unknown), file=sys.stderr)
+    return spec, layout, replace(cfg, **taken)
+
+
 def run_traffic_simulate(args: argparse.Namespace) -> int:
     refuse_other_flags(args)
-    if args.plan or getattr(args, "from_engine", None):
-        raise ConfigError("simulate --mode inference --workload takes --model and --cluster (not --plan or --from)")
-    if not args.model or not args.cluster:
-        raise ConfigError("simulate --mode inference needs --model and --cluster")
-    spec = load_model_spec(args.model)
-    cluster = load_cluster(args.cluster)
-    cfg = scheduler_config(args, cluster)
-    layout = layout_from_args(args, cluster)
+    if args.plan:
+        raise ConfigError("simulate --mode inference --workload takes --model and --cluster, or --from vllm COMMAND "
+                          "(not --plan: `simulate --plan PLAN` reprices a serving plan as planned)")
+    if getattr(args, "from_engine", None):
+        if not args.cluster:
+            raise ConfigError("simulate --from vllm COMMAND needs --cluster")
+        cluster = load_cluster(args.cluster)
+        spec, layout, cfg = from_vllm_command(args, cluster)
+    else:
+        if not args.model or not args.cluster:
+            raise ConfigError("simulate --mode inference needs --model and --cluster")
+        spec = load_model_spec(args.model)
+        cluster = load_cluster(args.cluster)
+        cfg = scheduler_config(args, cluster)
+        layout = layout_from_args(args, cluster)
     slo = SLO.parse(args.slo)
     reqs = load_requests(args, spec)
     result = simulate_traffic(spec, cluster, reqs, layout, cfg, slo, concurrency=args.concurrency)
