@@ -143,7 +143,11 @@ def from_vllm_command(args: argparse.Namespace, cluster: Cluster) -> tuple[Model
                           f"--{given[0].replace('_', '-')}")
     path = Path(source)
     try:
-        text = path.read_text() if "\n" not in source and path.is_file() else source
+        is_file = "\n" not in source and path.is_file()
+    except OSError:  # a command line longer than a file name may be
+        is_file = False
+    try:
+        text = path.read_text() if is_file else source
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read {source} ({type(exc).__name__}); give the vllm serve command or a file") from None
     cmd = import_serve(text)
