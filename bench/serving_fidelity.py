@@ -127,7 +127,7 @@ def cpu_runs(profile: str = "cpu-2core") -> None:
         got = serve(model, reqs, SchedulerConfig(), blocks=2048)
         pred = simulate_traffic(CPU_MODEL, cluster, reqs, ServingLayout(precision="fp32"),
                                 SchedulerConfig(num_gpu_blocks_override=2048))
-        measured = latency_percentiles(got.ttft_s, got.tpot_s, got.e2e_s)
+        measured = latency_percentiles(got.ttft_s, got.tpot_s, got.e2e_s, [len(t) for t in got.texts])
         cells = []
         for key in ("ttft", "tpot"):
             for p in (50, 90):

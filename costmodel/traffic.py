@@ -627,7 +627,7 @@ class TrafficResult:
 
     def metrics(self) -> dict:
         """The `predicted` keys of serving under traffic."""
-        out = latency_percentiles(self.ttft_s, self.tpot_s, self.e2e_s)
+        out = latency_percentiles(self.ttft_s, self.tpot_s, self.e2e_s, self.outputs)
         out.update(throughput_tokens_per_s=self.throughput_tokens_per_s, goodput_rps=self.goodput_rps,
                    slo_attainment=self.slo_attainment, preemptions=self.preemptions,
                    prefix_hit_rate=self.prefix_hit_rate, prefill_tokens=self.prefill_tokens, requests=self.requests,
@@ -870,9 +870,13 @@ def request_latencies(arrivals, first_tokens, finishes, outputs) -> tuple[np.nda
     return first - arrivals, tpot, finish - arrivals
 
 
-def latency_percentiles(ttft_s, tpot_s, e2e_s) -> dict[str, float]:
-    """p50, p90 and p99 of each, keyed ttft_p50_s ... e2e_p99_s (nan where there are none)."""
+def latency_percentiles(ttft_s, tpot_s, e2e_s, outputs=None) -> dict[str, float]:
+    """p50, p90 and p99 of each, keyed ttft_p50_s ... e2e_p99_s (nan where there are none); TPOT
+    over the requests of two or more output tokens where `outputs` is given (one token has no time
+    per output token: vLLM's benchmark leaves those out the same way)."""
     out = {}
+    if outputs is not None:
+        tpot_s = np.asarray(tpot_s)[np.asarray(outputs) > 1]
     for name, values in (("ttft", ttft_s), ("tpot", tpot_s), ("e2e", e2e_s)):
         for p in (50, 90, 99):
             out[f"{name}_p{p}_s"] = float(np.percentile(values, p)) if len(values) else math.nan

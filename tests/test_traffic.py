@@ -288,3 +288,18 @@ def test_a_scenario_cut_to_a_short_context_is_said():
     note = context_note("chat", short, 32)
     assert note is not None and "cut to the model's context of 32 tokens" in note
     assert context_note("chat", generate("chat", rate=5, requests=200, context=SPEC.seq_len, seed=0), SPEC.seq_len) is None
+
+
+def test_tpot_percentiles_leave_out_single_token_requests():
+    """A request of one output token has no time per output token: TPOT's percentiles (and the
+    planner's objectives) are over the requests of two or more, as vLLM's benchmark counts them.
+    Half the requests of one token used to put TPOT p50 at 0."""
+    reqs = [Request(id=i, arrival_s=0.1 * i, prompt_tokens=200, output_tokens=1 if i % 2 else 50) for i in range(40)]
+    r = simulate_traffic(SPEC, load_cluster("h100-sxm:1"), reqs, ServingLayout(), SchedulerConfig())
+    m = r.metrics()
+    several = r.tpot_s[r.outputs > 1]
+    assert m["tpot_p50_s"] == pytest.approx(float(np.percentile(several, 50))) and m["tpot_p50_s"] > 0.001
+    from planner.serving_search import meets
+
+    assert meets(r, SLO.parse(f"tpot_p50={m['tpot_p50_s'] * 1.01}"))
+    assert not meets(r, SLO.parse(f"tpot_p50={m['tpot_p50_s'] * 0.99}"))

@@ -42,8 +42,8 @@ def run_continuous(args: argparse.Namespace) -> int:
                                                  max_num_batched_tokens=cfg.max_num_batched_tokens,
                                                  num_gpu_blocks_override=args.kv_blocks))
     result = {"requests": len(reqs), "iterations": out.iterations, "prefix_hit_tokens": out.prefix_hit_tokens,
-              "measured": latency_percentiles(out.ttft_s, out.tpot_s, out.e2e_s),
-              "predicted": latency_percentiles(predicted.ttft_s, predicted.tpot_s, predicted.e2e_s)}
+              "measured": latency_percentiles(out.ttft_s, out.tpot_s, out.e2e_s, [len(t) for t in out.texts]),
+              "predicted": latency_percentiles(predicted.ttft_s, predicted.tpot_s, predicted.e2e_s, predicted.outputs)}
     if args.json:
         print(json.dumps(result, indent=2))
     else:
