@@ -36,7 +36,8 @@ def test_sigkill_then_resume_gives_the_uninterrupted_losses(tmp_path):
     plan = write_plan(tmp_path, "tiny-llama", Strategy(precision="fp32", tp=2, global_batch=8, microbatch_size=4,
                                                         sequence_parallel=True), "resume")
     straight = tmp_path / "straight.jsonl"
-    assert _run(plan, "--steps", str(STEPS), "--metrics", str(straight)).wait(timeout=600) == 0
+    first = _run(plan, "--steps", str(STEPS), "--metrics", str(straight))
+    assert first.wait(timeout=600) == 0, first.stderr.read()[-3000:]  # the workers' messages, where it failed
     metrics, ckpt = tmp_path / "killed.jsonl", tmp_path / "ckpt"
     proc = _run(plan, "--steps", str(STEPS), "--metrics", str(metrics), "--checkpoint-dir", str(ckpt),
                 "--checkpoint-every", "3", start_new_session=True)
