@@ -49,6 +49,13 @@ def _number(sv: dict, key: str, default=None) -> float:
     return float(value)
 
 
+def _text(sv: dict, key: str, default: str | None = None) -> str | None:
+    value = sv.get(key, default)
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"{key} must be text, got {value!r}")
+    return value
+
+
 def _flag(sv: dict, key: str, default: bool) -> bool:
     value = sv.get(key, default)
     if not isinstance(value, bool):
@@ -65,12 +72,12 @@ def serving_setup(plan: Plan, where: str = "the plan") -> ServingSetup:
     try:
         if not isinstance(sv, dict):
             raise ConfigError("it is not a mapping")
-        engine = str(sv.get("engine", DEFAULT_ENGINE))
+        engine = _text(sv, "engine", DEFAULT_ENGINE)
         draft = None
-        if sv.get("draft_model"):
+        if _text(sv, "draft_model"):
             from planner.model_source import load_model_spec
 
-            draft = load_model_spec(str(sv["draft_model"]))
+            draft = load_model_spec(sv["draft_model"])
         request = ServingRequest(prompt_len=_int(sv, "prompt_len"), output_len=_int(sv, "output_len"),
                                  beam=_int(sv, "beam", 1), block_tokens=_int(sv, "block_tokens", 16),
                                  precision=plan.precision, engine=engine, draft=draft,
@@ -90,12 +97,14 @@ def serving_setup(plan: Plan, where: str = "the plan") -> ServingSetup:
                                     chunked_prefill=_flag(sv, "chunked_prefill", True),
                                     prefix_caching=_flag(sv, "prefix_caching", True),
                                     block_tokens=request.block_tokens, engine=engine)
-        workload = TrafficWorkload.of(str(sv["workload"]), requests=_int(sv, "requests", REQUESTS_PER_PROBE),
+        if _text(sv, "workload") is None:
+            raise ConfigError("workload is missing")
+        workload = TrafficWorkload.of(sv["workload"], requests=_int(sv, "requests", REQUESTS_PER_PROBE),
                                       seed=_int(sv, "workload_seed", 0), burst_cv=_number(sv, "burst_cv", 1.0))
         rate = _number(sv, "rate")
         if not rate > 0 or rate == float("inf"):
             raise ConfigError(f"rate must be requests per second > 0, got {rate}")
-        slo = SLO.parse(sv.get("slo"))
+        slo = SLO.parse(_text(sv, "slo"))
     except ConfigError as exc:
         raise ConfigError(f"{where}: its `serving` section: {exc}; re-plan with `paraplan plan --mode inference`") \
             from None

@@ -179,3 +179,40 @@ def test_an_older_plan_is_refused_with_the_reason(tmp_path, capsys):
     assert main(["check", path]) == 2
     err = capsys.readouterr().err
     assert "schema_version 0 is not supported" in err and "re-run paraplan plan" in err
+
+
+SERVING_FIELDS = ["prompt_len", "output_len", "beam", "block_tokens", "replicas", "prefill_replicas", "workload", "rate",
+                  "slo", "max_num_seqs", "max_num_batched_tokens", "chunked_prefill", "prefix_caching", "engine",
+                  "requests", "workload_seed", "burst_cv", "expert_parallel", "draft_model"]
+_SERVING_PLAN: dict = {}
+
+
+def _valid_serving_plan(capsys) -> dict:
+    """A plan the traffic planner writes (tiny-llama on 2 CPU processes), made once."""
+    if not _SERVING_PLAN:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "serve.yaml"
+            assert main(["plan", "--mode", "inference", "--model", "tiny-llama", "--cluster", "cpu:2", "--workload", "chat",
+                         "--rate", "5", "--slo", "ttft_p99=1", "-o", str(path), "--json"]) == 0
+            capsys.readouterr()
+            _SERVING_PLAN.update(yaml.safe_load(path.read_text()))
+    return json.loads(json.dumps(_SERVING_PLAN))
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(st.tuples(st.sampled_from(SERVING_FIELDS), st.one_of(st.just("<drop>"), values)), max_size=3),
+       command=st.sampled_from(["check", "simulate", "export"]))
+def test_serving_plan_files(edits, command, capsys):
+    """A serving plan's section, damaged: check, simulate --plan and export --to vllm answer with
+    exit 0 or one line (planner.serving_plan reads it for all three)."""
+    data = _valid_serving_plan(capsys)
+    for field, value in edits:
+        if value == "<drop>":
+            data["serving"].pop(field, None)
+        else:
+            data["serving"][field] = value
+    with tempfile.TemporaryDirectory() as tmp:
+        path = _write(Path(tmp), "serve.yaml", data)
+        argv = {"check": ["check", path], "simulate": ["simulate", "--plan", path],
+                "export": ["export", path, "--to", "vllm"]}[command]
+        _call(argv, capsys)

@@ -185,7 +185,8 @@ def test_a_damaged_serving_section_is_refused_in_one_line_by_every_command(tmp_p
     for key, value, needle in (("rate", "abc", "rate must be a number"), ("max_num_seqs", -1, "--max-num-seqs"),
                                ("engine", "sglang", "--engine 'sglang'"), ("replicas", 3, "= 3 GPUs"),
                                ("chunked_prefill", "yes", "chunked_prefill must be true or false"),
-                               ("prompt_len", None, "prompt_len is missing")):
+                               ("prompt_len", None, "prompt_len is missing"), ("slo", {"a": 1}, "slo must be text"),
+                               ("workload", None, "workload is missing")):
         damaged = dict(base, serving={**base["serving"], key: value})
         path = tmp_path / f"{key}.yaml"
         path.write_text(yaml.safe_dump(damaged))
