@@ -61,6 +61,18 @@ GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default share of the GPU it may use
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 
 
+
+def cli_flag(field: str) -> str:
+    """The command line's name of a serving field (block_tokens is --block-size)."""
+    return "block-size" if field == "block_tokens" else field.replace("_", "-")
+
+
+def check_degrees(**degrees: int | None) -> None:
+    """One line for a given parallel degree (--tp, --pp) that is not a positive integer."""
+    for name, value in degrees.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"--{name} must be a positive integer, got {value!r}")
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ServingRequest:
     prompt_len: int
@@ -80,8 +92,7 @@ class ServingRequest:
         for name in ("prompt_len", "output_len", "beam", "block_tokens", "draft_len"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                flag = "block-size" if name == "block_tokens" else name.replace("_", "-")  # the CLI's name
-                raise ConfigError(f"--{flag} must be a positive integer, got {value!r}")
+                raise ConfigError(f"--{cli_flag(name)} must be a positive integer, got {value!r}")
         if self.batch is not None and (isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1):
             raise ConfigError(f"--batch must be a positive integer, got {self.batch!r}")
         for name in ("max_ttft_ms", "max_tpot_ms"):
@@ -402,9 +413,7 @@ def plan_serving(spec: ModelSpec, cluster: Cluster, req: ServingRequest, *, tp: 
     cluster = engine_cluster(cluster, req.engine)
     n = cluster.world_size
     want_tp, want_pp = tp, pp  # (the loop below names each layout's tp and pp)
-    for name, value in (("tp", want_tp), ("pp", want_pp)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ConfigError(f"--{name} must be a positive integer, got {value!r}")
+    check_degrees(tp=want_tp, pp=want_pp)
     if n % ((want_tp or 1) * (want_pp or 1)) or (want_tp or 1) > cluster.gpus_per_node:
         raise ConfigError(f"tp({want_tp or 1}) x pp({want_pp or 1}) must divide the {n} GPUs of {cluster.name}, tp "
                           f"within a node of {cluster.gpus_per_node}; choose degrees that do")

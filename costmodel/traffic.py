@@ -62,8 +62,9 @@ from costmodel.collectives import send_recv_s
 from costmodel.errors import ConfigError
 from costmodel.runtime import FUSED
 from costmodel.serving_engine import DEFAULT_ENGINE, ServingEngine, check_engine_name, engine_cluster
-from costmodel.serving import (BYTES, ServingRequest, decode_attention_s, head_s, kv_budget, kv_bytes_per_token,
-                               kv_values_per_token_gpu, layout_label, layout_problems, token_layer_s)
+from costmodel.serving import (BYTES, ServingRequest, cli_flag, decode_attention_s, head_s, kv_budget,
+                               kv_bytes_per_token, kv_values_per_token_gpu, layout_label, layout_problems,
+                               token_layer_s)
 from costmodel.spec import ModelSpec
 from costmodel.workload import Request
 
@@ -96,8 +97,7 @@ class SchedulerConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                flag = "block-size" if name == "block_tokens" else name.replace("_", "-")  # the CLI's name
-                raise ConfigError(f"--{flag} must be a positive integer, got {value!r}")
+                raise ConfigError(f"--{cli_flag(name)} must be a positive integer, got {value!r}")
         if self.preemption not in PREEMPTION_MODES:
             raise ConfigError(f"--preemption {self.preemption!r}; use one of {', '.join(PREEMPTION_MODES)}")
         check_engine_name(self.engine)

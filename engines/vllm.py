@@ -109,12 +109,12 @@ _INT_FLAGS = {"--tensor-parallel-size": "tp", "-tp": "tp", "--pipeline-parallel-
 _BOOL_FLAGS = {"--enable-chunked-prefill": ("chunked_prefill", True), "--no-enable-chunked-prefill": ("chunked_prefill", False),
                "--enable-prefix-caching": ("prefix_caching", True), "--no-enable-prefix-caching": ("prefix_caching", False),
                "--enable-expert-parallel": ("expert_parallel", True)}
-# settings of the server that do not change what an iteration costs
-_NO_COST = {"--host", "--port", "--served-model-name", "--api-key", "--disable-log-requests", "--disable-log-stats",
-            "--trust-remote-code", "--uvicorn-log-level", "--tokenizer", "--download-dir", "--seed", "--revision",
-            "--max-model-len", "--enforce-eager", "--swap-space", "--chat-template"}
-_TAKES_VALUE = {"--host", "--port", "--served-model-name", "--api-key", "--uvicorn-log-level", "--tokenizer",
-                "--download-dir", "--seed", "--revision", "--max-model-len", "--swap-space", "--chat-template"}
+# settings of the server that do not change what an iteration costs: whether each takes a value
+_NO_COST = {"--host": True, "--port": True, "--served-model-name": True, "--api-key": True,
+            "--disable-log-requests": False, "--disable-log-stats": False, "--trust-remote-code": False,
+            "--uvicorn-log-level": True, "--tokenizer": True, "--download-dir": True, "--seed": True,
+            "--revision": True, "--max-model-len": True, "--enforce-eager": False, "--swap-space": True,
+            "--chat-template": True}
 _DTYPES = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "half": "fp16", "fp16": "fp16", "auto": None}
 
 
@@ -132,7 +132,7 @@ def import_serve(text: str) -> ServeCommand:
     else:  # `python -m vllm.entrypoints.openai.api_server --model M ...`: from the first --flag
         model = ""
         rest = tokens[next((i for i, t in enumerate(tokens) if t.startswith("--")), len(tokens)):]
-    known = set(_INT_FLAGS) | set(_BOOL_FLAGS) | _NO_COST | {"--model", "--dtype", "--gpu-memory-utilization"}
+    known = set(_INT_FLAGS) | set(_BOOL_FLAGS) | set(_NO_COST) | {"--model", "--dtype", "--gpu-memory-utilization"}
     fields: dict = {}
     unknown: list[str] = []
     i = 0
@@ -177,7 +177,7 @@ def import_serve(text: str) -> ServeCommand:
             if raw != str(GPU_MEMORY_UTILIZATION):
                 unknown.append(f"--gpu-memory-utilization {raw} (priced at {GPU_MEMORY_UTILIZATION})")
         elif flag in _NO_COST:
-            if flag in _TAKES_VALUE:
+            if _NO_COST[flag]:
                 value()
         elif flag.startswith("-"):
             takes = i < len(rest) and not rest[i].startswith("-") and not eq

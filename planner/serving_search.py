@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from costmodel.cluster import Cluster
 from costmodel.errors import ConfigError
-from costmodel.serving import ServingRequest, layout_label, layout_problems, plan_serving
+from costmodel.serving import ServingRequest, check_degrees, layout_label, layout_problems, plan_serving
 from costmodel.serving_engine import DEFAULT_ENGINE, engine_cluster
 from costmodel.spec import ModelSpec
 from costmodel.traffic import (SLO, IterationCost, SchedulerConfig, ServingLayout, TrafficResult, replica_blocks,
@@ -226,6 +226,7 @@ def units(spec: ModelSpec, cluster: Cluster, precision: str,
     n = cluster.world_size
     shapes = [(tp, pp, ep) for tp in [d for d in (1, 2, 4, 8, 16) if d <= min(n, cluster.gpus_per_node)]
               for pp in (1, 2, 4) for ep in ((False, True) if spec.moe and tp > 1 else (False,))]
+    cfg = SchedulerConfig(engine=engine)
     for tp, pp, ep in shapes:
         name = layout_label(tp, pp, ep)
         why = layout_problems(spec, tp, pp, ep)
@@ -233,7 +234,6 @@ def units(spec: ModelSpec, cluster: Cluster, precision: str,
             if why:
                 refused[name] = "; ".join(why)
             continue
-        cfg = SchedulerConfig(engine=engine)
         blocks, _ = replica_blocks(spec, cluster, ServingLayout(tp=tp, pp=pp, precision=precision), cfg)
         if blocks * cfg.block_tokens < spec.seq_len:
             refused[name] = "the weights leave less KV cache than one full-context sequence"
@@ -276,10 +276,9 @@ def plan_traffic(spec: ModelSpec, cluster: Cluster, wl: TrafficWorkload, rate: f
                           f"for a rate; a trace of simultaneous arrivals has none), got {rate}; for offline throughput "
                           "use `paraplan simulate --mode inference --rate inf`")
     shapes, refused = units(spec, cluster, precision, engine)
+    check_degrees(tp=tp, pp=pp)
     for name, value in (("tp", tp), ("pp", pp)):
         if value is not None:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"--{name} must be a positive integer, got {value!r}")
             kept = [u for u in shapes if getattr(u, name) == value]
             if not kept:
                 raise ConfigError(f"no replica of {spec.name} with {name} {value} fits {cluster.name} (the shapes "

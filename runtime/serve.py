@@ -117,11 +117,13 @@ def serve(model: Transformer, requests: list[Request], cfg: SchedulerConfig = Sc
             sleep(max(0.0, pending[0].arrival_s - now))
             continue
         budget, chosen = cfg.max_num_batched_tokens, []
-        for live in list(running):  # decodes first (in admission order), then prompts in progress
-            if live in running and live.computed == len(live.tokens) - 1 and budget > 0 \
-                    and grow_or_preempt(live, live.computed + 1):
+        i = 0  # decodes first, in admission order (a preemption takes from the list's end), then prompts in progress
+        while i < len(running):
+            live = running[i]
+            if live.computed == len(live.tokens) - 1 and budget > 0 and grow_or_preempt(live, live.computed + 1):
                 chosen.append((live, 1))
                 budget -= 1
+            i += 1
         for live in running:
             need = len(live.tokens) - live.computed
             if need > 1 and budget > 0:

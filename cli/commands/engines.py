@@ -32,22 +32,28 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def read_engine_config(engine: str, source: str, cluster: Cluster, seq_len: int | None,
-                       spec: ModelSpec | None = None) -> Imported:
-    """An engine's config from a file (or, for Megatron, the arguments themselves) on `cluster`."""
-    if engine not in IMPORTABLE:
-        raise ConfigError(f"--from {engine}: paraplan reads {', '.join(IMPORTABLE)} configs")
+def config_text(source: str, engine: str, *, line_allowed: bool, hint: str = "give a text config file") -> str:
+    """The text of an engine's config: the file `source` names or, for an engine whose config is
+    a command line (Megatron's arguments, a `vllm serve` line), `source` itself."""
     path = Path(source)
     try:
         is_file = "\n" not in source and path.is_file()
     except OSError:  # a line of arguments longer than a file name may be
         is_file = False
-    if engine != "megatron" and not is_file:
+    if not line_allowed and not is_file:
         raise ConfigError(f"--from {engine} {source}: no such file; give the {engine} config file")
     try:
-        text = path.read_text() if is_file else source
+        return path.read_text() if is_file else source
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read {source} ({type(exc).__name__}); give a text config file") from None
+        raise ConfigError(f"cannot read {source} ({type(exc).__name__}); {hint}") from None
+
+
+def read_engine_config(engine: str, source: str, cluster: Cluster, seq_len: int | None,
+                       spec: ModelSpec | None = None) -> Imported:
+    """An engine's config from a file (or, for Megatron, the arguments themselves) on `cluster`."""
+    if engine not in IMPORTABLE:
+        raise ConfigError(f"--from {engine}: paraplan reads {', '.join(IMPORTABLE)} configs")
+    text = config_text(source, engine, line_allowed=engine == "megatron")
     if engine == "torchtitan":
         return torchtitan.import_(text, world_size=cluster.world_size, spec=spec)
     if engine == "deepspeed":
@@ -63,7 +69,11 @@ def read_engine_config(engine: str, source: str, cluster: Cluster, seq_len: int 
 
 
 def unknown_line(imported: Imported) -> str:
-    if not imported.unknown:
-        return f"  from {imported.engine}: every setting understood"
-    return (f"  from {imported.engine}: {len(imported.unknown)} setting(s) not understood, not priced: "
-            + "; ".join(imported.unknown))
+    return not_understood(imported.engine, imported.unknown)
+
+
+def not_understood(engine: str, unknown: tuple[str, ...]) -> str:
+    """The settings of an engine's config that paraplan read but does not price, in one line."""
+    if not unknown:
+        return f"  from {engine}: every setting understood"
+    return f"  from {engine}: {len(unknown)} setting(s) not understood, not priced: " + "; ".join(unknown)

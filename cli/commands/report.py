@@ -51,15 +51,15 @@ def run_serving_report(args: argparse.Namespace, out: Path) -> int:
                       f"{r['goodput_per_gpu']:.3f} per GPU")
             print(f"report in {out}/README.md (latency against rate, a timeline)")
         return 0
-    from cli.commands.serve import serving_request
+    from costmodel.serving import ServingRequest
+    from costmodel.serving_engine import DEFAULT_ENGINE
     from reports.serving import build_serving_report
 
     if args.prompt_len is None or args.output_len is None:
         raise ConfigError("report --mode inference needs --prompt-len and --output-len (the steady state), or "
                           "--workload (under traffic)")
-    for name in ("draft_model", "beam", "block_size", "batch", "precision", "acceptance", "draft_len"):
-        setattr(args, name, getattr(args, name, None))
-    req = serving_request(args)
+    req = ServingRequest(prompt_len=args.prompt_len, output_len=args.output_len, max_ttft_ms=args.max_ttft_ms,
+                         max_tpot_ms=args.max_tpot_ms, engine=args.engine or DEFAULT_ENGINE)
     best = build_serving_report(spec, [args.cluster], req, out)
     if args.json:
         print(json.dumps({"report": str(out / "report.md"), "best": best}, indent=2))

@@ -9,7 +9,6 @@ import json
 import math
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 
 from costmodel import ConfigError, load_cluster
@@ -130,6 +129,7 @@ def format_traffic(spec: ModelSpec, cluster_text: str, layout: ServingLayout, cf
 def from_vllm_command(args: argparse.Namespace, cluster: Cluster) -> tuple[ModelSpec, ServingLayout, SchedulerConfig]:
     """`--from vllm FILE_OR_ARGS`: the model, layout and engine arguments of a `vllm serve`
     command (engines.vllm.import_serve); what the command leaves out, vLLM's defaults for the GPU."""
+    from cli.commands.engines import config_text, not_understood
     from engines.vllm import import_serve
 
     engine, source = args.from_engine
@@ -141,16 +141,7 @@ def from_vllm_command(args: argparse.Namespace, cluster: Cluster) -> tuple[Model
     if given:
         raise ConfigError(f"--from vllm takes the layout and engine arguments from the command; drop "
                           f"--{given[0].replace('_', '-')}")
-    path = Path(source)
-    try:
-        is_file = "\n" not in source and path.is_file()
-    except OSError:  # a command line longer than a file name may be
-        is_file = False
-    try:
-        text = path.read_text() if is_file else source
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read {source} ({type(exc).__name__}); give the vllm serve command or a file") from None
-    cmd = import_serve(text)
+    cmd = import_serve(config_text(source, engine, line_allowed=True, hint="give the vllm serve command or a file"))
     try:
         spec = load_model_spec(args.model or cmd.model)
     except ConfigError as exc:
@@ -163,8 +154,7 @@ def from_vllm_command(args: argparse.Namespace, cluster: Cluster) -> tuple[Model
     if cmd.block_size is not None:
         taken["block_tokens"] = cmd.block_size
     if cmd.unknown:
-        print(f"paraplan: note: from vllm: {len(cmd.unknown)} setting(s) not understood, not priced: "
-              + "; ".join(cmd.unknown), file=sys.stderr)
+        print(f"paraplan: note: {not_understood(engine, cmd.unknown).strip()}", file=sys.stderr)
     return spec, layout, replace(cfg, **taken)
 
 
