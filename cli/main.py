@@ -99,6 +99,9 @@ def add_mode_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                    help="reuse cached prefixes (default on)")
     g.add_argument("--preemption", choices=("recompute", "swap"), help="when KV blocks run out (default recompute)")
+    g.add_argument("--num-scheduler-steps", type=int,
+                   help="vLLM 0.6-0.10's multi-step scheduling: decode steps run at a time, requests admitted "
+                        "between runs (default 1)")
     g.add_argument("--evicted-prefix", choices=("drop", "host"),
                    help="a cached prefix evicted from the GPU: forgotten (default) or kept in host memory")
     g.add_argument("--engine", help="inference: the serving engine whose share of the GPU prices prefill and decode: "

@@ -97,6 +97,9 @@ class Device:
     compute_sustained: float = 1.0
     attention_cap: float = 1.0
     serving_engine: str = ""  # set by costmodel.serving_engine.engine_cluster: the engine these rates are as run by
+    # set with serving_engine: the engine's own all-reduce inside a node (vLLM's custom one-shot
+    # and two-shot kernels over NVLink), per tensor-parallel degree: (degree, floor s, bytes/s)
+    custom_all_reduce: tuple[tuple[int, float, float], ...] = ()
     # MFU's denominator: the datasheet's dense peak (a measured profile's peak_tflops is what
     # its GEMMs reached); and the best MFU published for this GPU type (0: none known)
     mfu_peak_tflops: dict[str, float] = field(default_factory=dict)

@@ -287,8 +287,21 @@ def token_layer_s(spec: ModelSpec, cluster: Cluster, dtype: str, tp: int, rows: 
     elementwise = dev.memory_s(rows * (10 * spec.hidden + 3 * f) * e)  # norms, residuals, activation, rope
     layer = gemms + elementwise + dev.layer_overhead_s(tensor_parallel=tp > 1, fsdp=False)[0]
     if tp > 1:
-        layer += 2 * all_reduce_s(rows * spec.hidden * e, cluster.group(tp, 1))
+        layer += 2 * tensor_all_reduce_s(rows * spec.hidden * e, cluster, tp)
     return layer
+
+
+def tensor_all_reduce_s(nbytes: float, cluster: Cluster, tp: int) -> float:
+    """One all-reduce of `nbytes` over a replica's tp GPUs: NCCL's, or the serving engine's
+    own kernel inside a node where it is faster (costmodel.serving_engine: custom_all_reduce)."""
+    group = cluster.group(tp, 1)
+    nccl = all_reduce_s(nbytes, group)
+    if group.nodes > 1 or nbytes <= 0:
+        return nccl
+    for degree, floor_s, bytes_per_s in cluster.device.custom_all_reduce:
+        if degree >= tp:
+            return min(nccl, floor_s + nbytes / bytes_per_s)
+    return nccl
 
 
 def decode_attention_s(spec: ModelSpec, cluster: Cluster, dtype: str, tp: int, rows: float, context: float) -> float:

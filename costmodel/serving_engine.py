@@ -8,6 +8,12 @@ iterations reach, per GPU architecture, each figure sourced:
   curves) an iteration's compute-bound work runs at: prefill chunks and large batches.
 - `memory_sustained`: the share of the device's memory rate (hbm_efficiency) its
   memory-bound work runs at: decode steps reading the weights and the KV cache.
+- `custom_all_reduce`: per architecture and tensor-parallel degree, the engine's own
+  all-reduce inside a node as `[floor_us, gb_per_s]` (seconds = floor + bytes / rate): vLLM's
+  and SGLang's one-shot and two-shot kernels over NVLink, far below NCCL's latency for the
+  small messages of decoding. A tensor-parallel all-reduce takes the faster of it and NCCL's
+  (the engines fall back to NCCL past a size); a degree it does not list takes the next
+  larger one listed, beyond the largest NCCL's alone.
 - `non_kv_gib`: GPU memory the engine keeps outside weights and KV cache inside its memory
   budget (CUDA context, non-torch allocations, the profiling run's peak activations):
   vLLM sizes its KV cache as gpu_memory_utilization x the GPU's memory minus weights minus
@@ -40,6 +46,7 @@ class ServingEngine:
     compute_sustained: dict[str, float] = field(default_factory=dict)
     memory_sustained: dict[str, float] = field(default_factory=dict)
     non_kv_gib: float = 1.0
+    custom_all_reduce: dict[str, dict[int, list[float]]] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -52,12 +59,32 @@ class ServingEngine:
         if isinstance(self.non_kv_gib, bool) or not isinstance(self.non_kv_gib, (int, float)) \
                 or not 0 <= self.non_kv_gib < 64:
             raise ConfigError(f"{where}: non_kv_gib must be GiB in [0, 64), got {self.non_kv_gib!r}")
+        if not isinstance(self.custom_all_reduce, dict) or any(
+                not isinstance(table, dict) or any(
+                    isinstance(tp, bool) or not isinstance(tp, int) or tp < 2 or not _floor_rate(v)
+                    for tp, v in table.items())
+                for table in self.custom_all_reduce.values()):
+            raise ConfigError(f"{where}: custom_all_reduce must map architectures to tensor-parallel degrees "
+                              "(>= 2) and [floor_us >= 0, gb_per_s > 0]")
 
     def compute_of(self, arch: str) -> float:
         return float(self.compute_sustained.get(arch, 1.0))
 
     def memory_of(self, arch: str) -> float:
         return float(self.memory_sustained.get(arch, 1.0))
+
+    def custom_all_reduce_of(self, arch: str) -> tuple[tuple[int, float, float], ...]:
+        """(degree, floor seconds, bytes per second) of the engine's own all-reduce on `arch`,
+        by degree."""
+        table = self.custom_all_reduce.get(arch, {})
+        return tuple((tp, floor_us * 1e-6, gb_per_s * 1e9) for tp, (floor_us, gb_per_s) in sorted(table.items()))
+
+
+def _floor_rate(value) -> bool:
+    """Whether `value` is [floor_us >= 0, gb_per_s > 0]."""
+    return (isinstance(value, (list, tuple)) and len(value) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            and value[0] >= 0 and value[1] > 0)
 
 
 @lru_cache(maxsize=1)
@@ -117,5 +144,5 @@ def engine_cluster(cluster, engine: ServingEngine | str):
     engine = load_engine(engine) if isinstance(engine, str) else engine
     device = engine_device(cluster.device, engine)
     device = replace(device, memory_overhead=replace(device.memory_overhead, fixed_gib=engine.non_kv_gib),
-                     serving_engine=engine.name)
+                     serving_engine=engine.name, custom_all_reduce=engine.custom_all_reduce_of(device.arch))
     return replace(cluster, device=device)

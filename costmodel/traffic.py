@@ -8,9 +8,12 @@ scheduler):
        admission order, each the rest of its prompt up to the token budget (chunked prefill;
        without it a prompt runs whole, in an iteration of prefills only, as vLLM V0 did);
        a sequence whose next tokens need a KV block when none is free first evicts cached
-       prefixes nobody uses (LRU), then preempts the most recently admitted sequence: by
-       recompute (its blocks freed; it waits at the head of the queue and recomputes its
-       prompt and what it generated) or by swap (its blocks copied to host memory and back)
+       blocks nobody uses (least recently freed first, a prefix's last blocks before its
+       first), then preempts the most recently admitted sequence: by recompute (its blocks
+       freed; it waits at the head of the queue and recomputes its prompt and what it
+       generated; with prefix caching its full blocks stay cached until evicted, as vLLM V1
+       keeps a freed block's hash, so it recomputes only what was evicted meanwhile) or by
+       swap (its blocks copied to host memory and back)
     2. then the waiting requests first come, first served while the budget
        (max_num_batched_tokens), max_num_seqs and free blocks allow; a request whose prefix
        (prefix_id) is cached starts with those blocks computed (prefix caching: hit tokens
@@ -73,6 +76,7 @@ from costmodel.workload import Request
 HOST_LINK_GB_PER_S = {"ampere": 32.0, "hopper": 64.0, "blackwell": 64.0, "grace-blackwell": 450.0}
 DEFAULT_HOST_LINK_GB_PER_S = 32.0
 PREEMPTION_MODES = ("recompute", "swap")
+OWN = "own"  # the prefix cache's key for a preempted sequence's own blocks: (OWN, its index)
 CACHE_EVICTION = ("drop", "host")  # an evicted cached prefix: forgotten, or kept in host memory
 
 
@@ -88,13 +92,16 @@ class SchedulerConfig:
     preemption: str = "recompute"
     evicted_prefix: str = "drop"  # "host": evicted cached prefixes go to host memory (LMCache-style offload)
     num_gpu_blocks_override: int | None = None  # vLLM's flag: KV blocks per replica instead of what memory allows
+    # vLLM V0's multi-step scheduling (--num-scheduler-steps, 0.6-0.10): the decodes run this
+    # many steps at a time and waiting requests are admitted only between such runs
+    num_scheduler_steps: int = 1
     engine: str = DEFAULT_ENGINE  # the serving engine profile (profiles/serving): what share of the GPU it reaches
 
     def __post_init__(self) -> None:
         if self.num_gpu_blocks_override is not None and (isinstance(self.num_gpu_blocks_override, bool) or not isinstance(
                 self.num_gpu_blocks_override, int) or self.num_gpu_blocks_override < 1):
             raise ConfigError(f"--num-gpu-blocks-override must be a positive integer, got {self.num_gpu_blocks_override!r}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_tokens"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_tokens", "num_scheduler_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"--{cli_flag(name)} must be a positive integer, got {value!r}")
@@ -202,6 +209,7 @@ class _Seq:
     own_blocks: int = 0
     prefix_hit_blocks: int = 0  # shared blocks referenced from the prefix cache
     kv_at: str = ""  # "host": swapped out (copied back on admission); "remote": sent by a prefill replica
+    preempted_hit_blocks: int = 0  # shared prefix blocks it referenced when preempted (its own cached ones follow them)
     first_token_s: float = math.nan
     finish_s: float = math.nan
     arrival_s: float = math.nan  # when the client sent it: its trace time, or under a concurrency limit when let go
@@ -219,7 +227,7 @@ class _Seq:
 
 @dataclass(slots=True)
 class _CacheEntry:
-    blocks: int = 0  # on the GPU
+    blocks: int = 0  # on the GPU: the first `blocks` blocks of the prefix (evicted from the end)
     host_blocks: int = 0  # offloaded
     refs: int = 0
 
@@ -243,10 +251,13 @@ class _Replica:
         self.sum_c0 = 0
         self.residues = [0] * cfg.block_tokens  # aggregate sequences by c0 mod block_tokens
         self.finishes: list[tuple[int, int, _Seq]] = []  # (tick it finishes at, index, sequence)
-        self.cache: OrderedDict[str, _CacheEntry] = OrderedDict()  # LRU: least recently used first
+        # LRU, least recently used first: shared prefixes by prefix_id, and by (OWN, index) the
+        # blocks a sequence preempted by recompute computed beyond its shared prefix
+        self.cache: OrderedDict[str | tuple[str, int], _CacheEntry] = OrderedDict()
         self.busy = False
         self.host_s_per_block = block_bytes / (host_gb_per_s * 1e9)
         self.admissions = 0
+        self.steps_left = 0  # decode steps left in a multi-step run (num_scheduler_steps): no admissions
         self.preemptions = 0
         self.hit_tokens = 0
         self.prompt_tokens = 0
@@ -304,8 +315,9 @@ class _Replica:
 
     # -- blocks ---------------------------------------------------------------------------
     def _evict(self, need: int) -> float:
-        """Free cached prefixes nobody uses, least recently used first, until `need` blocks are
-        free; seconds of copying them to host memory (evicted_prefix 'host')."""
+        """Free cached blocks nobody uses, least recently used prefix first and its last blocks
+        first (vLLM frees a sequence's blocks last to first), until `need` blocks are free;
+        seconds of copying shared prefixes' blocks to host memory (evicted_prefix 'host')."""
         seconds = 0.0
         for key in list(self.cache):
             if self.free >= need:
@@ -313,12 +325,13 @@ class _Replica:
             entry = self.cache[key]
             if entry.refs or not entry.blocks:
                 continue
-            self.free += entry.blocks
-            if self.cfg.evicted_prefix == "host":
-                entry.host_blocks = max(entry.host_blocks, entry.blocks)
-                seconds += entry.blocks * self.host_s_per_block
-            entry.blocks = 0
-            if not entry.host_blocks:
+            take = min(entry.blocks, need - self.free)
+            self.free += take
+            if self.cfg.evicted_prefix == "host" and not isinstance(key, tuple):
+                entry.host_blocks = max(entry.host_blocks, entry.blocks)  # host holds [blocks - take, blocks) too
+                seconds += take * self.host_s_per_block
+            entry.blocks -= take
+            if not entry.blocks and not entry.host_blocks:
                 del self.cache[key]
         return seconds
 
@@ -346,6 +359,13 @@ class _Replica:
             seconds = victim.own_blocks * self.host_s_per_block
             victim.kv_at = "host"  # a shared prefix it used stays cached; it comes back as its own blocks
         else:
+            if self.cfg.prefix_caching:  # its full blocks keep their hashes until evicted
+                full = victim.computed // self.cfg.block_tokens - victim.prefix_hit_blocks
+                keep = max(0, min(full, victim.own_blocks))
+                if keep:
+                    self.cache[(OWN, victim.index)] = _CacheEntry(blocks=keep)
+                    victim.own_blocks -= keep
+                victim.preempted_hit_blocks = victim.prefix_hit_blocks
             victim.computed = 0
         self._release(victim)
         self.waiting.appendleft(victim)
@@ -408,22 +428,39 @@ class _Replica:
         self.cache.move_to_end(req.prefix_id)
 
     # -- one iteration ----------------------------------------------------------------------
+    def _own_hit(self, seq: _Seq, hit: int) -> int:
+        """Blocks `seq` computed beyond its shared prefix before a preemption by recompute that
+        are still cached and follow the `hit` shared blocks it finds now (the last prompt token
+        runs again)."""
+        entry = self.cache.get((OWN, seq.index))
+        if entry is None or seq.computed or hit < seq.preempted_hit_blocks:
+            return 0
+        after = entry.blocks - min(entry.blocks, hit - seq.preempted_hit_blocks)  # its positions past `hit`
+        return max(0, min(after, (seq.total - 1) // self.cfg.block_tokens - hit))
+
     def _admit(self, budget: int, whole: bool, first: bool) -> tuple[_Seq, int, float] | None:
         """Admit the head of the queue for up to `budget` tokens (all of what it has to compute
         when `whole`, however long if it is the iteration's `first`): (sequence, tokens, seconds
         of host copies), or None when it does not fit."""
         seq = self.waiting[0]
         hit, copies = self._prefix_hit(seq)
-        computed = hit * self.cfg.block_tokens if hit else seq.computed
+        own = self._own_hit(seq, hit)
+        computed = (hit + own) * self.cfg.block_tokens if hit or own else seq.computed
         need = seq.total - computed
         take = min(need, budget)
         if whole and take < need:
             if not first:
                 return None
             take = need  # a prompt longer than the budget runs alone
-        want = -(-(computed + take) // self.cfg.block_tokens) - hit
+        want = -(-(computed + take) // self.cfg.block_tokens) - hit - own
         if want > self.free:
+            pinned = [e for e in (self.cache.get(seq.req.prefix_id) if hit else None,
+                                  self.cache.get((OWN, seq.index))) if e is not None]
+            for entry in pinned:  # the blocks it would use are not evicted to make room for it
+                entry.refs += 1
             copies += self._evict(want)
+            for entry in pinned:
+                entry.refs -= 1
         if want > self.free:
             return None
         self.waiting.popleft()
@@ -431,12 +468,16 @@ class _Replica:
             self.cache[seq.req.prefix_id].refs += 1
             self.cache.move_to_end(seq.req.prefix_id)
             seq.prefix_hit_blocks = hit
+        if hit or own:
             seq.computed = computed
+        mine = self.cache.pop((OWN, seq.index), None)
+        if mine is not None:  # its cached blocks are its own again; those it cannot use are freed
+            self.free += mine.blocks - own
         if seq.kv_at == "host":
             copies += self._blocks_for(seq, seq.computed) * self.host_s_per_block
         seq.kv_at = ""
         self.free -= want
-        seq.own_blocks = want
+        seq.own_blocks = want + own
         if not seq.admitted:  # the prefix-cache hit rate counts first admissions
             self.prompt_tokens += seq.req.prompt_tokens
             self.hit_tokens += hit * self.cfg.block_tokens
@@ -454,7 +495,8 @@ class _Replica:
         cfg, budget = self.cfg, self.cfg.max_num_batched_tokens
         chosen: list[tuple[_Seq, int]] = []
         copies = 0.0
-        if not cfg.chunked_prefill and self.role != "decode":
+        hold = self.steps_left > 0 and bool(self.running)  # within a multi-step run: decodes only
+        if not cfg.chunked_prefill and self.role != "decode" and not hold:
             # vLLM V0: an iteration of whole prompts whenever one waits and fits, else decodes
             copies, budget = self._admit_queue(chosen, budget, whole=True, may_lead=True)
             if chosen:
@@ -501,7 +543,7 @@ class _Replica:
                 seq.own_blocks += want
             chosen.append((seq, take))
             budget -= take
-        if not preempted and (cfg.chunked_prefill or self.role == "decode"):  # (a decode replica's arrivals need one token)
+        if not preempted and not hold and (cfg.chunked_prefill or self.role == "decode"):  # (a decode replica's arrivals need one token)
             more, budget = self._admit_queue(chosen, budget, whole=not cfg.chunked_prefill, may_lead=not lazy)
             copies += more
         return chosen, lazy, copies
@@ -756,6 +798,10 @@ def simulate_traffic(spec: ModelSpec, cluster: Cluster, requests: list[Request],
         took, context = rep.iteration_s(chosen, lazy)
         took += copies
         repeats = 1
+        steps = cfg.num_scheduler_steps
+        decodes_only = all(take == 1 and seq.generated for seq, take in chosen)
+        if steps > 1 and decodes_only and not rep.steps_left:
+            rep.steps_left = steps  # a multi-step run starts
         if lazy and not chosen and not copies and rep.role != "prefill":
             # decodes only: the next iterations are the same batch one token further, until a
             # sequence finishes, the blocks run short or something arrives; priced in one go
@@ -763,8 +809,10 @@ def simulate_traffic(spec: ModelSpec, cluster: Cluster, requests: list[Request],
             most = rep._next_finish() - rep.tick
             while most > 1 and rep._boundaries(most) - rep._boundaries(1) > rep.free:
                 most //= 2
-            until = min(seqs[arrived].arrival_s if arrived < len(seqs) else math.inf,
-                        transfers[0] if transfers else math.inf)
+            until = min(seqs[arrived].arrival_s if arrived < len(seqs) and rep.steps_left <= 1 else math.inf,
+                        transfers[0] if transfers else math.inf)  # an arrival waits out a multi-step run
+            if rep.steps_left > 1:
+                most = min(most, rep.steps_left)
             if (decoders or limited) and events:  # a prefill under way may send a sequence here when it
                 # ends; under a concurrency limit any finish may let a request go
                 until = min(until, events[0][0])
@@ -785,6 +833,7 @@ def simulate_traffic(spec: ModelSpec, cluster: Cluster, requests: list[Request],
                 repeats = 1 + min(most - 1, int(np.searchsorted(ends, until - now, side="left")) + 1)
                 took = float(ends[repeats - 2])
         rep.iterations += repeats
+        rep.steps_left = max(0, rep.steps_left - repeats) if decodes_only else 0
         in_flight[rep.index] = (chosen, lazy, repeats)
         end = now + took
         if layout.pp > 1:

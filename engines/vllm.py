@@ -99,13 +99,15 @@ class ServeCommand:
     chunked_prefill: bool | None = None
     prefix_caching: bool | None = None
     expert_parallel: bool = False
+    num_scheduler_steps: int | None = None  # vLLM 0.6-0.10's multi-step scheduling
     precision: str | None = None  # from --dtype
     unknown: tuple[str, ...] = ()
 
 
 _INT_FLAGS = {"--tensor-parallel-size": "tp", "-tp": "tp", "--pipeline-parallel-size": "pp", "-pp": "pp",
               "--data-parallel-size": "dp", "-dp": "dp", "--max-num-seqs": "max_num_seqs",
-              "--max-num-batched-tokens": "max_num_batched_tokens", "--block-size": "block_size"}
+              "--max-num-batched-tokens": "max_num_batched_tokens", "--block-size": "block_size",
+              "--num-scheduler-steps": "num_scheduler_steps"}
 _BOOL_FLAGS = {"--enable-chunked-prefill": ("chunked_prefill", True), "--no-enable-chunked-prefill": ("chunked_prefill", False),
                "--enable-prefix-caching": ("prefix_caching", True), "--no-enable-prefix-caching": ("prefix_caching", False),
                "--enable-expert-parallel": ("expert_parallel", True)}
@@ -188,7 +190,7 @@ def import_serve(text: str) -> ServeCommand:
             unknown.append(token)
     if not model:
         raise ConfigError("the vllm command names no model: write `vllm serve MODEL ...`")
-    for name in ("tp", "pp", "dp", "max_num_seqs", "max_num_batched_tokens", "block_size"):
+    for name in ("tp", "pp", "dp", "max_num_seqs", "max_num_batched_tokens", "block_size", "num_scheduler_steps"):
         if name in fields and fields[name] < 1:
             raise ConfigError(f"the vllm command's {name.replace('_', '-')} must be a positive integer, "
                               f"got {fields[name]}")

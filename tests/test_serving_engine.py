@@ -97,20 +97,21 @@ def test_published_vllm_runs_held_out_of_the_fit_are_predicted():
 def test_published_latencies_at_a_poisson_rate_are_predicted():
     """The SGLang team's online runs (held out): ShareGPT requests at 4 and 8 a second to SGLang 0.3
     and vLLM 0.6 serving Llama 3.1 8B on an A100 and 70B on 4 H100s. Median TPOT and end-to-end
-    latency, predicted against published: measured within 20% each, medians of |error| 8-10%;
-    median TTFT of the SGLang rows within 17%, 10-17% low (vLLM 0.6's multi-step TTFT is not
-    modelled)."""
+    latency, predicted against published: within 20% each, medians of |error| under 12%; median
+    TTFT within 25% each and every one low (the HTTP front end and tokenization are not modelled),
+    vLLM 0.6's included now that its multi-step scheduling is (a request waits out the 10-step
+    decode run under way: 75% low without it)."""
     engine = load_engine("vllm")
     errs = {"tpot": [], "e2e": [], "ttft": []}
     for row in DATA["rate_latency"]:
         got = serving_fidelity.rate_run(row, DATA["models"], engine)
+        assert got["ttft_median_ms"] < row["ttft_median_ms"]
         for key in errs:
-            if key != "ttft" or row["engine"].startswith("sglang"):
-                errs[key].append(abs(math.log(got[f"{key}_median_ms"] / row[f"{key}_median_ms"])))
-    assert len(errs["tpot"]) == 8 and len(errs["ttft"]) == 4
-    for key, median_bound in (("tpot", 1.12), ("e2e", 1.12), ("ttft", 1.20)):
-        assert max(errs[key]) < math.log(1.25), key
-        assert statistics.median(errs[key]) < math.log(median_bound), key
+            errs[key].append(abs(got[f"{key}_median_ms"] / row[f"{key}_median_ms"] - 1))
+    assert len(errs["tpot"]) == 8 and len(errs["ttft"]) == 8
+    for key, most, median_bound in (("tpot", 0.20, 0.12), ("e2e", 0.20, 0.12), ("ttft", 0.25, 0.20)):
+        assert max(errs[key]) < most, key
+        assert statistics.median(errs[key]) < median_bound, key
 
 
 def test_tensorrt_llms_published_offline_throughput_is_reproduced():
@@ -152,3 +153,29 @@ def test_a_plan_records_its_engine_and_the_engine_prices_it(tmp_path):
         assert plan["serving"]["engine"] == engine
         got[engine] = plan["predicted"]["throughput_tokens_per_s"]
     assert got["tensorrt-llm"] > 1.3 * got["vllm"]
+
+
+def test_an_engines_own_all_reduce_prices_decodings_small_messages():
+    """vLLM's custom all-reduce inside a node (the SGLang team's H100 measurements: ~9.5 us at
+    4 KB and ~40 us at 1 MB on four GPUs) instead of NCCL's ring/tree latency; NCCL where it is
+    faster (large prefill messages) and across nodes; an engine without one (tensorrt-llm's
+    profile) keeps NCCL's."""
+    from costmodel.collectives import all_reduce_s
+    from costmodel.serving import tensor_all_reduce_s
+    node = load_cluster("h100-sxm:8")
+    vllm, trt = engine_cluster(node, "vllm"), engine_cluster(node, "tensorrt-llm")
+    nccl_small = all_reduce_s(4096, node.group(4, 1))
+    assert tensor_all_reduce_s(4096, vllm, 4) == pytest.approx(9.55e-6 + 4096 / 32.7e9, rel=1e-6)
+    assert tensor_all_reduce_s(4096, vllm, 4) < nccl_small / 2
+    assert tensor_all_reduce_s(2**20, vllm, 4) == pytest.approx(40.2e-6, rel=0.1)  # published 0.0402 ms
+    assert tensor_all_reduce_s(4096, trt, 4) == pytest.approx(nccl_small)
+    big = 64 * 2**20  # a prefill chunk's activations: NCCL's bandwidth wins
+    assert tensor_all_reduce_s(big, vllm, 4) == pytest.approx(all_reduce_s(big, node.group(4, 1)))
+    six = engine_cluster(load_cluster("h100-sxm:6"), "vllm")  # a degree not listed: the next one's figures
+    assert tensor_all_reduce_s(4096, six, 6) == pytest.approx(tensor_all_reduce_s(4096, vllm, 8))
+    two_nodes = engine_cluster(load_cluster("h100-sxm:16"), "vllm")
+    assert tensor_all_reduce_s(4096, two_nodes, 16) == pytest.approx(all_reduce_s(4096, two_nodes.group(16, 1)))
+    with pytest.raises(ConfigError, match="custom_all_reduce must map"):
+        ServingEngine(name="x", custom_all_reduce={"hopper": {1: [5.0, 30.0]}})
+    with pytest.raises(ConfigError, match="custom_all_reduce must map"):
+        ServingEngine(name="x", custom_all_reduce={"hopper": {4: [5.0, 0]}})

@@ -303,3 +303,55 @@ def test_tpot_percentiles_leave_out_single_token_requests():
 
     assert meets(r, SLO.parse(f"tpot_p50={m['tpot_p50_s'] * 1.01}"))
     assert not meets(r, SLO.parse(f"tpot_p50={m['tpot_p50_s'] * 0.99}"))
+
+
+def test_a_sequence_preempted_by_recompute_keeps_its_cached_blocks_with_prefix_caching():
+    """vLLM V1 frees a preempted sequence's blocks with their hashes: until another sequence
+    takes them, its recompute finds them cached. A 3,000-token prompt chunked in beside a
+    decoding request outgrows 200 blocks and is preempted; with prefix caching it recomputes
+    only the blocks the decode took meanwhile, without it everything it had computed."""
+    reqs = [Request(id=0, arrival_s=0.0, prompt_tokens=1000, output_tokens=400),
+            Request(id=1, arrival_s=0.01, prompt_tokens=3000, output_tokens=10)]
+
+    def run(caching: bool):
+        return simulate_traffic(SPEC, CLUSTER, reqs, ServingLayout(tp=1),
+                                SchedulerConfig(num_gpu_blocks_override=200, max_num_batched_tokens=512,
+                                                prefix_caching=caching))
+
+    cached, dropped = run(True), run(False)
+    assert cached.preemptions >= 1 and dropped.preemptions >= 1
+    assert cached.finished == dropped.finished == 2
+    redone_cached = cached.prefill_tokens - 4000
+    redone_dropped = dropped.prefill_tokens - 4000
+    # the decode grows by at most 400 tokens: 25 blocks it may take from the preempted prompt's
+    assert 0 <= redone_cached <= 25 * 16 + 16
+    assert redone_dropped >= 1500  # the preempted prompt had some 2,000 tokens computed
+    assert cached.duration_s < dropped.duration_s
+
+
+def test_multi_step_scheduling_makes_an_arrival_wait_out_the_decode_run():
+    """vLLM 0.6's --num-scheduler-steps k: decodes run k steps at a time and a request arriving
+    meanwhile is admitted only when the run ends. A request arriving while another decodes alone
+    gets its first token up to k decode steps later than with single-step scheduling, the
+    decoding request's tokens come no slower, and without arrivals nothing changes."""
+    steps = 10
+    step_s = decode_step_s(SPEC, CLUSTER, ServingRequest(prompt_len=1000, output_len=1000), 1, 1, batch=1,
+                           context=1100)
+
+    def run(reqs, k):
+        return simulate_traffic(SPEC, CLUSTER, reqs, ServingLayout(tp=1),
+                                SchedulerConfig(chunked_prefill=False, num_scheduler_steps=k))
+
+    waits = []
+    for j in range(steps):  # arrivals over one run's length: each phase of the run
+        late = [Request(id=0, arrival_s=0.0, prompt_tokens=1000, output_tokens=1000),
+                Request(id=1, arrival_s=0.5 + (j + 0.5) * step_s, prompt_tokens=500, output_tokens=50)]
+        one, multi = run(late, 1), run(late, steps)
+        waits.append((multi.ttft_s[1] - one.ttft_s[1]) / step_s)
+        assert multi.tpot_s[0] <= one.tpot_s[0] * 1.001
+    # the wait is what is left of the run: 0 to k - 1 steps, (k - 1) / 2 on average
+    assert min(waits) >= -0.01 and max(waits) <= steps and 3 < sum(waits) / steps < 6
+    alone = late[:1]
+    assert run(alone, steps).e2e_s[0] == pytest.approx(run(alone, 1).e2e_s[0], rel=1e-9)
+    with pytest.raises(ConfigError, match="--num-scheduler-steps must be a positive integer"):
+        SchedulerConfig(num_scheduler_steps=0)

@@ -24,7 +24,7 @@ TRAINING_FLAGS = ("dp", "cp", "ep", "expert_tp", "expert_load_cv", "ep_overlap",
                   "lora_targets", "base_precision")
 TRAFFIC_FLAGS = ("replicas", "prefill_replicas", "max_num_seqs", "max_num_batched_tokens", "chunked_prefill",
                  "prefix_caching", "preemption", "evicted_prefix", "requests", "concurrency", "burst_cv",
-                 "workload_seed")
+                 "workload_seed", "num_scheduler_steps")
 
 
 def refuse_other_flags(args: argparse.Namespace) -> None:

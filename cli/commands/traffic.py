@@ -38,7 +38,8 @@ def scheduler_config(args: argparse.Namespace, cluster: Cluster) -> SchedulerCon
     """The engine arguments given, the engine's defaults on this GPU for the rest (vLLM's sequence
     and token limits depend on the GPU: costmodel.serving_engine.vllm_scheduler_defaults)."""
     given = {k: getattr(args, k) for k in ("max_num_seqs", "max_num_batched_tokens", "chunked_prefill", "prefix_caching",
-                                           "preemption", "evicted_prefix", "engine") if getattr(args, k, None) is not None}
+                                           "preemption", "evicted_prefix", "engine", "num_scheduler_steps")
+             if getattr(args, k, None) is not None}
     if getattr(args, "block_size", None) is not None:
         given["block_tokens"] = args.block_size
     if given.get("engine", DEFAULT_ENGINE) == "vllm":
@@ -108,7 +109,8 @@ def format_traffic(spec: ModelSpec, cluster_text: str, layout: ServingLayout, cf
         f"  layout tp {layout.tp} x pp {layout.pp}{' (experts whole: EP)' if layout.expert_parallel else ''}, "
         f"{layout.replicas} replica(s){split}; max {cfg.max_num_seqs} "
         f"sequences and {cfg.max_num_batched_tokens} tokens an iteration, chunked prefill "
-        f"{'on' if cfg.chunked_prefill else 'off'}, prefix caching {'on' if cfg.prefix_caching else 'off'}; "
+        f"{'on' if cfg.chunked_prefill else 'off'}, prefix caching {'on' if cfg.prefix_caching else 'off'}"
+        f"{f', decodes in runs of {cfg.num_scheduler_steps} steps' if cfg.num_scheduler_steps > 1 else ''}; "
         f"engine {cfg.engine}",
         "             p50 ms    p90 ms    p99 ms",
     ]
@@ -136,7 +138,7 @@ def from_vllm_command(args: argparse.Namespace, cluster: Cluster) -> tuple[Model
     if engine != "vllm":
         raise ConfigError(f"--from {engine}: serving reads a vllm serve command (--from vllm FILE_OR_ARGS)")
     given = [k for k in ("tp", "pp", "replicas", "prefill_replicas", "max_num_seqs", "max_num_batched_tokens",
-                         "chunked_prefill", "prefix_caching", "block_size", "expert_parallel")
+                         "chunked_prefill", "prefix_caching", "block_size", "expert_parallel", "num_scheduler_steps")
              if getattr(args, k, None) is not None]
     if given:
         raise ConfigError(f"--from vllm takes the layout and engine arguments from the command; drop "
@@ -149,8 +151,8 @@ def from_vllm_command(args: argparse.Namespace, cluster: Cluster) -> tuple[Model
     layout = ServingLayout(tp=cmd.tp, pp=cmd.pp, replicas=cmd.dp, precision=cmd.precision or args.precision or "bf16",
                            expert_parallel=cmd.expert_parallel)
     cfg = scheduler_config(args, cluster)
-    taken = {k: getattr(cmd, k) for k in ("max_num_seqs", "max_num_batched_tokens", "chunked_prefill", "prefix_caching")
-             if getattr(cmd, k) is not None}
+    taken = {k: getattr(cmd, k) for k in ("max_num_seqs", "max_num_batched_tokens", "chunked_prefill", "prefix_caching",
+                                          "num_scheduler_steps") if getattr(cmd, k) is not None}
     if cmd.block_size is not None:
         taken["block_tokens"] = cmd.block_size
     if cmd.unknown:
@@ -195,7 +197,7 @@ def run_traffic_simulate(args: argparse.Namespace) -> int:
                                         "max_num_batched_tokens": cfg.max_num_batched_tokens,
                                         "chunked_prefill": cfg.chunked_prefill, "prefix_caching": cfg.prefix_caching,
                                         "block_tokens": cfg.block_tokens, "preemption": cfg.preemption,
-                                        "engine": cfg.engine},
+                                        "num_scheduler_steps": cfg.num_scheduler_steps, "engine": cfg.engine},
                           "predicted": predicted}, indent=2))
     else:
         print(format_traffic(spec, args.cluster, layout, cfg, args.workload, args.rate, result, args.concurrency))
