@@ -159,9 +159,13 @@ FIT_SOURCES = ("lambda-vllm-0.6",)  # whole sources the shares are fitted to, be
 HOST_BOUND_INPUT = 128  # 128-token prompts, 4 tokens out: the API server's per-request work bounds these
 
 
+QWEN3_EXTRA = ("head_dim", "experts", "experts_per_token", "expert_ffn_hidden")  # beyond llama_spec's fields
+
+
 def qwen3_spec(name: str, fields: dict) -> ModelSpec:
-    spec = llama_spec(name, **{k: v for k, v in fields.items() if k != "head_dim"})
-    return dataclasses.replace(spec, head_dim=fields["head_dim"], v_head_dim=fields["head_dim"])
+    spec = llama_spec(name, **{k: v for k, v in fields.items() if k not in QWEN3_EXTRA})
+    extra = {k: fields[k] for k in QWEN3_EXTRA[1:] if k in fields}
+    return dataclasses.replace(spec, head_dim=fields["head_dim"], v_head_dim=fields["head_dim"], **extra)
 
 
 def sharegpt_lengths(requests: int, mean_prompt: float, mean_output: float, seed: int = 0) -> tuple[np.ndarray, ...]:
@@ -227,7 +231,7 @@ def vllm_run(row: dict, models: dict, engine: ServingEngine, arrivals_s: np.ndar
 
 
 def vllm_rows(data: dict) -> list[dict]:
-    return data["vllm_offline"] + data["vllm_0_6"]
+    return data["vllm_offline"] + data["vllm_moe"] + data["vllm_0_6"]
 
 
 def row_kind(row: dict) -> str:
@@ -286,11 +290,12 @@ def vllm_fidelity(data: dict, engine: ServingEngine) -> None:
         kind = row_kind(row)
         errors[kind].append(tput)
         if kind == "held-out":
-            by_source.setdefault(row["source"], []).append(tput)
+            moe = "experts" in models.get(row["model"], {})
+            by_source.setdefault(f"{row['source']}{' (mixture of experts)' if moe else ''}", []).append(tput)
         shape = "sharegpt" if row["dataset"] == "sharegpt" else f"{row['input']}/{row['output']}"
         tpot = (f"{got['tpot_median_ms']:7.1f} / {row['tpot_median_ms']:7.1f} ms "
                 f"({100 * (got['tpot_median_ms'] / row['tpot_median_ms'] - 1):+6.1f}%)") if "tpot_median_ms" in row else ""
-        print(f"  {'*' if kind == 'fitted' else ' '} {row['source']:18s} {row['model']:10s} {row['gpu']:9s} "
+        print(f"  {'*' if kind == 'fitted' else ' '} {row['source']:18s} {row['model']:15s} {row['gpu']:9s} "
               f"tp{row.get('tp', 1)} {shape:9s} x{row['requests']:<5d} {got['duration_s']:8.1f} / {duration:8.1f} s "
               f"(throughput {tput:+6.1f}%)   TPOT {tpot}")
     for kind, errs in errors.items():
