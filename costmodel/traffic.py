@@ -258,6 +258,7 @@ class _Replica:
         self.host_s_per_block = block_bytes / (host_gb_per_s * 1e9)
         self.admissions = 0
         self.steps_left = 0  # decode steps left in a multi-step run (num_scheduler_steps): no admissions
+        self.running_preempted = False  # the last schedule() preempted and scheduled nothing
         self.preemptions = 0
         self.hit_tokens = 0
         self.prompt_tokens = 0
@@ -314,18 +315,20 @@ class _Replica:
         return total
 
     # -- blocks ---------------------------------------------------------------------------
-    def _evict(self, need: int) -> float:
+    def _evict(self, need: int, keep: dict | None = None) -> float:
         """Free cached blocks nobody uses, least recently used prefix first and its last blocks
-        first (vLLM frees a sequence's blocks last to first), until `need` blocks are free;
-        seconds of copying shared prefixes' blocks to host memory (evicted_prefix 'host')."""
+        first (vLLM frees a sequence's blocks last to first), until `need` blocks are free, each
+        entry keeping at least `keep[key]` blocks (those a sequence being admitted is about to
+        use); seconds of copying shared prefixes' blocks to host memory (evicted_prefix 'host')."""
         seconds = 0.0
         for key in list(self.cache):
             if self.free >= need:
                 break
             entry = self.cache[key]
-            if entry.refs or not entry.blocks:
+            spare = entry.blocks - (keep.get(key, 0) if keep else 0)
+            if entry.refs or spare <= 0:
                 continue
-            take = min(entry.blocks, need - self.free)
+            take = min(spare, need - self.free)
             self.free += take
             if self.cfg.evicted_prefix == "host" and not isinstance(key, tuple):
                 entry.host_blocks = max(entry.host_blocks, entry.blocks)  # host holds [blocks - take, blocks) too
@@ -384,7 +387,7 @@ class _Replica:
         seconds = 0.0
         back = min(entry.host_blocks, usable) - entry.blocks
         if back > 0:  # offloaded: back over the host link
-            seconds += self._evict(back)
+            seconds += self._evict(back, keep={req.prefix_id: entry.blocks})
             if self.free >= back:
                 self.free -= back
                 entry.blocks += back
@@ -431,12 +434,23 @@ class _Replica:
     def _own_hit(self, seq: _Seq, hit: int) -> int:
         """Blocks `seq` computed beyond its shared prefix before a preemption by recompute that
         are still cached and follow the `hit` shared blocks it finds now (the last prompt token
-        runs again)."""
-        entry = self.cache.get((OWN, seq.index))
-        if entry is None or seq.computed or hit < seq.preempted_hit_blocks:
+        runs again). Its cached blocks that cannot serve (those the shared hit covers now, those
+        past what it may reuse) are freed, so that the entry starts where the hit ends."""
+        key = (OWN, seq.index)
+        entry = self.cache.get(key)
+        if entry is None or seq.computed:
+            return 0
+        if hit < seq.preempted_hit_blocks:  # the shared blocks it followed were evicted: useless
+            self.free += entry.blocks
+            del self.cache[key]
             return 0
         after = entry.blocks - min(entry.blocks, hit - seq.preempted_hit_blocks)  # its positions past `hit`
-        return max(0, min(after, (seq.total - 1) // self.cfg.block_tokens - hit))
+        own = max(0, min(after, (seq.total - 1) // self.cfg.block_tokens - hit))
+        self.free += entry.blocks - own
+        entry.blocks, seq.preempted_hit_blocks = own, hit
+        if not own:
+            del self.cache[key]
+        return own
 
     def _admit(self, budget: int, whole: bool, first: bool) -> tuple[_Seq, int, float] | None:
         """Admit the head of the queue for up to `budget` tokens (all of what it has to compute
@@ -453,14 +467,8 @@ class _Replica:
                 return None
             take = need  # a prompt longer than the budget runs alone
         want = -(-(computed + take) // self.cfg.block_tokens) - hit - own
-        if want > self.free:
-            pinned = [e for e in (self.cache.get(seq.req.prefix_id) if hit else None,
-                                  self.cache.get((OWN, seq.index))) if e is not None]
-            for entry in pinned:  # the blocks it would use are not evicted to make room for it
-                entry.refs += 1
-            copies += self._evict(want)
-            for entry in pinned:
-                entry.refs -= 1
+        if want > self.free:  # the cached blocks it would use are not evicted to make room for it
+            copies += self._evict(want, keep={seq.req.prefix_id: hit, (OWN, seq.index): own})
         if want > self.free:
             return None
         self.waiting.popleft()
@@ -470,9 +478,8 @@ class _Replica:
             seq.prefix_hit_blocks = hit
         if hit or own:
             seq.computed = computed
-        mine = self.cache.pop((OWN, seq.index), None)
-        if mine is not None:  # its cached blocks are its own again; those it cannot use are freed
-            self.free += mine.blocks - own
+        if own:  # its cached blocks are its own again
+            del self.cache[(OWN, seq.index)]
         if seq.kv_at == "host":
             copies += self._blocks_for(seq, seq.computed) * self.host_s_per_block
         seq.kv_at = ""
@@ -513,6 +520,7 @@ class _Replica:
             else:  # blocks short (or a budget below the decodes): one by one, preempting as vLLM does
                 self._materialize_all()
         preempted = False
+        self.running_preempted = False
         chunked, B = cfg.chunked_prefill, cfg.block_tokens
         for seq in list(self.active):
             if budget <= 0:
@@ -543,6 +551,7 @@ class _Replica:
                 seq.own_blocks += want
             chosen.append((seq, take))
             budget -= take
+        self.running_preempted = preempted and not chosen and not lazy
         if not preempted and not hold and (cfg.chunked_prefill or self.role == "decode"):  # (a decode replica's arrivals need one token)
             more, budget = self._admit_queue(chosen, budget, whole=not cfg.chunked_prefill, may_lead=not lazy)
             copies += more
@@ -792,6 +801,11 @@ def simulate_traffic(spec: ModelSpec, cluster: Cluster, requests: list[Request],
         if rep.busy or not (rep.waiting or rep.running):
             return
         chosen, lazy, copies = rep.schedule()
+        while not chosen and not lazy and rep.running_preempted:
+            # every sequence it ran was preempted: the blocks are free now, and vLLM's next step
+            # (at once) admits from the queue
+            chosen, lazy, more = rep.schedule()
+            copies += more
         if not chosen and not lazy:
             return
         rep.busy = True

@@ -355,3 +355,29 @@ def test_multi_step_scheduling_makes_an_arrival_wait_out_the_decode_run():
     assert run(alone, steps).e2e_s[0] == pytest.approx(run(alone, 1).e2e_s[0], rel=1e-9)
     with pytest.raises(ConfigError, match="--num-scheduler-steps must be a positive integer"):
         SchedulerConfig(num_scheduler_steps=0)
+
+
+def test_every_request_finishes_under_any_scheduler_and_tight_memory():
+    """A simulation under memory pressure must drain: 80 random deployments (one replica, pp 2,
+    disaggregated; few KV blocks, down to the longest request's; chunked or whole prompts; prefix
+    caching; recompute or swap; dropped or offloaded prefixes; multi-step runs; a concurrency
+    limit) of chat, agent and long-context requests. An iteration that preempted every sequence
+    it ran used to leave its replica idle with a queue (and a prefix evicted while a request was
+    admitted onto it raised a KeyError)."""
+    import random
+
+    rng = random.Random(7)
+    for trial in range(80):
+        name = rng.choice(("chat", "agent", "long-context"))
+        reqs = generate(name, rate=rng.choice((5, 40, 200)), requests=rng.choice((40, 120)), context=4096, seed=trial)
+        longest = max(r.prompt_tokens + r.output_tokens for r in reqs)
+        layout = rng.choice((ServingLayout(tp=1), ServingLayout(tp=1, pp=2),
+                             ServingLayout(tp=1, replicas=2, prefill_replicas=1)))
+        cfg = SchedulerConfig(num_gpu_blocks_override=-(-longest // 16) * layout.pp + rng.choice((0, 5, 50, 300)),
+                              max_num_batched_tokens=rng.choice((256, 2048, 8192)), max_num_seqs=rng.choice((4, 64, 1024)),
+                              chunked_prefill=rng.random() < 0.6, prefix_caching=rng.random() < 0.7,
+                              preemption=rng.choice(("recompute", "swap")), evicted_prefix=rng.choice(("drop", "host")),
+                              num_scheduler_steps=rng.choice((1, 1, 4, 10)))
+        r = simulate_traffic(SPEC, CLUSTER, reqs, layout, cfg, concurrency=rng.choice((None, None, 8)))
+        assert r.finished == len(reqs), (trial, name, layout, cfg)
+        assert np.all(np.isfinite(r.e2e_s)) and np.all(r.ttft_s > 0)
