@@ -78,7 +78,8 @@ def add_mode_flags(p: argparse.ArgumentParser) -> None:
                    help="a mixture of experts' experts held whole, experts/tp per GPU (vLLM's "
                         "--enable-expert-parallel); plan searches it")
     g = p.add_argument_group("serving under traffic (--mode inference --workload)")
-    g.add_argument("--workload", help="chat, long-context, agent, or a trace FILE (.csv/.jsonl: arrival_s, "
+    g.add_argument("--workload", help="chat, long-context, agent, random:PROMPT/OUTPUT (fixed lengths, vLLM's "
+                                      "benchmark random dataset), or a trace FILE (.csv/.jsonl: arrival_s, "
                                       "prompt_tokens, output_tokens[, prefix_id, prefix_tokens])")
     g.add_argument("--rate", type=float, help="requests per second of a scenario (inf: all at once)")
     g.add_argument("--requests", type=int, help="requests simulated (default 2000)")
@@ -145,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output-len", type=int, help="generated tokens per request")
     g.add_argument("--max-ttft-ms", type=float, help="time-to-first-token target")
     g.add_argument("--max-tpot-ms", type=float, help="time-per-output-token target")
-    g.add_argument("--workload", help="chat, long-context, agent, or a trace FILE: the goodput planner's unit "
+    g.add_argument("--workload", help="chat, long-context, agent, random:PROMPT/OUTPUT, or a trace FILE: the goodput planner's unit "
                                       "against the steady-state planner's, latency against rate, a timeline")
     g.add_argument("--rate", type=float, help="requests per second to deploy for (default: the scenario's)")
     g.add_argument("--slo", help="latency objectives, e.g. ttft_p99=1,tpot_p99=50ms (default: the scenario's)")
@@ -180,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--cluster", default="cpu-2core:1", help="the profile the decode step is predicted on")
     gen.add_argument("--json", action="store_true")
     g = gen.add_argument_group("continuous batching (several requests arriving over time)")
-    g.add_argument("--workload", help="chat, long-context, agent or a trace file: serve its requests with "
+    g.add_argument("--workload", help="chat, long-context, agent, random:PROMPT/OUTPUT or a trace file: serve its requests with "
                                       "iteration-level scheduling and a paged KV cache")
     g.add_argument("--rate", type=float, help="requests per second of a scenario")
     g.add_argument("--requests", type=int, default=20, help="requests of a scenario (default 20)")

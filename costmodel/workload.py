@@ -20,6 +20,10 @@ Scenarios (lengths in tokens; where a figure is not from the cited source it say
                   then a user turn of median 200 (0.8) tokens; outputs median 150 (0.8);
                   our assumption, the shape of tool-calling agents
 
+    random:P/O    every request P prompt tokens and O output tokens (vLLM's benchmark dataset
+                  `random` with --random-input-len P --random-output-len O and no spread): the
+                  fixed-length runs engines publish, e.g. `random:1024/128` at rate inf
+
 Trace files: CSV with a header, or JSON lines, with the columns `arrival_s`, `prompt_tokens`,
 `output_tokens` and optionally `prefix_id`, `prefix_tokens` (Splitwise's and Azure's public
 traces carry the first three, under other names; rename the columns).
@@ -94,6 +98,28 @@ SCENARIOS = {
 }
 
 
+RANDOM = "random"  # random:PROMPT/OUTPUT: fixed lengths, as vLLM's benchmark random dataset
+
+
+def scenario_of(name: str) -> Scenario | None:
+    """The scenario a workload name names (a built-in one, or random:P/O), None for a trace
+    file."""
+    if name in SCENARIOS:
+        return SCENARIOS[name]
+    if not isinstance(name, str) or not name.startswith(RANDOM + ":"):
+        return None
+    prompt, slash, output = name[len(RANDOM) + 1:].partition("/")
+    if not (slash and prompt.isdigit() and output.isdigit() and int(prompt) >= 1 and int(output) >= 1):
+        raise ConfigError(f"workload {name!r}: write random:PROMPT/OUTPUT in tokens, e.g. random:1024/128")
+    return Scenario(name=name, prompt=LengthDist(median=int(prompt), sigma=0.0),
+                    output=LengthDist(median=int(output), sigma=0.0))
+
+
+def workload_names() -> str:
+    """The scenarios a user may name, for messages."""
+    return f"{', '.join(SCENARIOS)}, {RANDOM}:PROMPT/OUTPUT"
+
+
 def arrivals(rng: np.random.Generator, n: int, rate: float, burst_cv: float = 1.0) -> np.ndarray:
     """`n` arrival times (s) at `rate` per second: Poisson (burst_cv 1) or gamma gaps of
     coefficient of variation burst_cv (shape 1 / cv^2, same mean). rate inf: all at 0."""
@@ -112,9 +138,9 @@ def generate(scenario: str | Scenario, *, rate: float, requests: int, context: i
              burst_cv: float = 1.0) -> list[Request]:
     """A workload of `requests` requests of a scenario at `rate` per second; every request's
     prompt + output fits the model's `context`."""
-    sc = SCENARIOS.get(scenario) if isinstance(scenario, str) else scenario
+    sc = scenario_of(scenario) if isinstance(scenario, str) else scenario
     if sc is None:
-        raise ConfigError(f"unknown workload {scenario!r}; use one of {', '.join(SCENARIOS)} or a trace file (.csv/.jsonl)")
+        raise ConfigError(f"unknown workload {scenario!r}; use one of {workload_names()} or a trace file (.csv/.jsonl)")
     if requests < 1:
         raise ConfigError(f"--requests must be a positive integer, got {requests}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -122,6 +148,10 @@ def generate(scenario: str | Scenario, *, rate: float, requests: int, context: i
     if sc.shared_prefix_tokens + 2 > context:
         raise ConfigError(f"workload {sc.name}'s {sc.shared_prefix_tokens}-token shared prompt does not fit the "
                           f"model's context of {context}")
+    fixed = not sc.prompt.sigma and not sc.output.sigma
+    if fixed and sc.prompt.median + sc.output.median + sc.shared_prefix_tokens > context:
+        raise ConfigError(f"workload {sc.name}: {sc.prompt.median:g} + {sc.output.median:g} tokens exceed the model's "
+                          f"context of {context} (a server refuses such a request); give shorter lengths")
     rng = np.random.default_rng(seed)
     times = arrivals(rng, requests, rate, burst_cv)
     room = context - sc.shared_prefix_tokens
@@ -136,7 +166,7 @@ def generate(scenario: str | Scenario, *, rate: float, requests: int, context: i
 def context_note(name: str, requests: list[Request], context: int) -> str | None:
     """A line saying that a scenario's requests were cut to the model's context (a server
     stops a sequence there), where that halved their mean prompt or output; None otherwise."""
-    sc = SCENARIOS.get(name)
+    sc = scenario_of(name)
     if sc is None or not requests:
         return None
     prompt, output = mean_lengths(requests)
@@ -181,7 +211,7 @@ def load_trace(path: str | Path) -> list[Request]:
     where = str(path)
     if not p.is_file():
         raise ConfigError(f"no trace file {where}; give a .csv or .jsonl with {', '.join(FIELDS)}, or a scenario "
-                          f"({', '.join(SCENARIOS)})")
+                          f"({workload_names()})")
     text = p.read_text()
     if p.suffix == ".csv":
         rows = list(csv.DictReader(text.splitlines()))
@@ -206,7 +236,7 @@ def load_trace(path: str | Path) -> list[Request]:
 def workload(name: str, *, rate: float | None, requests: int, context: int, seed: int = 0,
              burst_cv: float = 1.0) -> list[Request]:
     """A scenario at a rate, or a trace file (its own arrival times; rate None)."""
-    if name in SCENARIOS:
+    if scenario_of(name) is not None:
         if rate is None:
             raise ConfigError(f"workload {name} needs --rate (requests per second; inf: all at once)")
         return generate(name, rate=rate, requests=requests, context=context, seed=seed, burst_cv=burst_cv)

@@ -241,7 +241,12 @@ def plan_problems(plan: Plan, cluster) -> tuple[list[str], dict]:
 
     problems: list[str] = []
     facts: dict = {"processes": plan.world_size, "cluster_gpus": cluster.world_size}
-    if plan.world_size != cluster.world_size:
+    if plan.mode == "inference" and plan.world_size <= cluster.world_size:
+        pass  # a deployment sized for its rate may leave GPUs of the cluster free
+    elif plan.mode == "inference":
+        problems.append(f"the serving plan deploys {plan.world_size} GPUs but {cluster.name} has {cluster.world_size}; "
+                        f"plan again for this cluster (`paraplan plan --mode inference ... --cluster {cluster.name}`)")
+    elif plan.world_size != cluster.world_size:
         problems.append(f"the plan's mesh has {plan.world_size} processes but {cluster.name} has "
                         f"{cluster.world_size} GPUs; re-plan with `paraplan replan --gpus {cluster.world_size}`")
     spec, strategy = plan.spec, plan.strategy()

@@ -47,7 +47,7 @@ from costmodel.serving_engine import DEFAULT_ENGINE, engine_cluster
 from costmodel.spec import ModelSpec
 from costmodel.traffic import (SLO, IterationCost, SchedulerConfig, ServingLayout, TrafficResult, replica_blocks,
                                simulate_traffic)
-from costmodel.workload import SCENARIOS, Request, generate, load_trace, mean_lengths, typical_request
+from costmodel.workload import Request, generate, load_trace, mean_lengths, scenario_of, typical_request
 
 BISECT_STEPS = 6
 REQUESTS_PER_PROBE = 400  # a trace's requests, or a scenario's when the rate is given whole
@@ -79,7 +79,7 @@ class TrafficWorkload:
 
     @classmethod
     def of(cls, name: str, *, requests: int, seed: int = 0, burst_cv: float = 1.0) -> TrafficWorkload:
-        if name in SCENARIOS:
+        if scenario_of(name) is not None:
             return cls(name=name, requests=requests, seed=seed, burst_cv=burst_cv)
         return cls(name=name, trace=tuple(load_trace(name)))
 

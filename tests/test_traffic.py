@@ -381,3 +381,17 @@ def test_every_request_finishes_under_any_scheduler_and_tight_memory():
         r = simulate_traffic(SPEC, CLUSTER, reqs, layout, cfg, concurrency=rng.choice((None, None, 8)))
         assert r.finished == len(reqs), (trial, name, layout, cfg)
         assert np.all(np.isfinite(r.e2e_s)) and np.all(r.ttft_s > 0)
+
+
+def test_a_random_workload_has_fixed_lengths_as_vllms_benchmark_dataset():
+    """`random:P/O`: every request P prompt and O output tokens (vLLM's `--dataset-name random`
+    without spread), at a rate or all at once; a malformed name or lengths past the model's
+    context are refused in one line."""
+    reqs = workload("random:1024/128", rate=math.inf, requests=50, context=SPEC.seq_len)
+    assert len(reqs) == 50 and {(r.prompt_tokens, r.output_tokens, r.arrival_s) for r in reqs} == {(1024, 128, 0.0)}
+    timed = workload("random:1024/128", rate=10, requests=400, context=SPEC.seq_len, seed=2)
+    assert 400 / timed[-1].arrival_s == pytest.approx(10, rel=0.15)
+    for bad, needle in (("random:1024", "write random:PROMPT/OUTPUT"), ("random:0/5", "write random:PROMPT/OUTPUT"),
+                        ("random:8000/1000", "exceed the model's context of 8192")):
+        with pytest.raises(ConfigError, match=needle):
+            workload(bad, rate=1.0, requests=5, context=SPEC.seq_len)

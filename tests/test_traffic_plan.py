@@ -304,3 +304,29 @@ def test_a_vllm_serve_command_is_priced_as_it_runs(tmp_path, capsys):
                          (["--from", "megatron", "x"], "serving reads a vllm serve command")):
         code, _, err = _main(capsys, *run, *argv)
         assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, (argv, err)
+
+
+def test_a_deployment_sized_for_its_rate_leaves_gpus_free_and_check_accepts_it(tmp_path, capsys):
+    """The goodput planner deploys the fewest units that carry the rate: 20 requests/s of
+    fixed-length requests (vLLM's benchmark random dataset, `random:1024/128`) need fewer than
+    the cluster's 8 GPUs, and `check` accepts the plan on the cluster (it was refused: the mesh of
+    the deployment was held to the whole cluster); a cluster smaller than the deployment is
+    refused in one line."""
+    path = tmp_path / "serve.yaml"
+    code, _, err = _main(capsys, "plan", "--mode", "inference", "--model", "llama3-8b", "--cluster", "h100-sxm:8",
+                         "--workload", "random:1024/128", "--rate", "20", "--slo", "ttft_p99=2,tpot_p99=60ms",
+                         "-o", str(path))
+    assert code == 0, err
+    import yaml
+
+    plan = yaml.safe_load(path.read_text())
+    gpus = plan["mesh"]["tp"] * plan["mesh"]["pp"] * plan["serving"]["replicas"]
+    assert plan["serving"]["workload"] == "random:1024/128" and plan["serving"]["prompt_len"] == 1024
+    assert gpus < 8
+    code, out, err = _main(capsys, "check", str(path))
+    assert code == 0 and f"a serving plan of {gpus} GPU" in out, err
+    code, out, err = _main(capsys, "simulate", "--plan", str(path), "--json")
+    assert code == 0 and json.loads(out)["predicted"]["requests"] == plan["predicted"]["requests"], err
+    if gpus > 1:
+        code, _, err = _main(capsys, "check", str(path), "--cluster", "h100-sxm:1")
+        assert code == 2 and f"deploys {gpus} GPUs but h100-sxm:1 has 1" in err and len(err.strip().splitlines()) == 2

@@ -18,7 +18,7 @@ from costmodel.serving_engine import DEFAULT_ENGINE, vllm_scheduler_defaults
 from costmodel.spec import ModelSpec, format_count
 from costmodel.trace import serving_trace
 from costmodel.traffic import SLO, SchedulerConfig, ServingLayout, TrafficResult, simulate_traffic
-from costmodel.workload import SCENARIOS, Request, context_note, mean_lengths, typical_request, workload
+from costmodel.workload import Request, context_note, mean_lengths, scenario_of, typical_request, workload
 from planner.files import atomic_write_text
 from planner.model_source import load_model_spec
 
@@ -51,13 +51,14 @@ def scheduler_config(args: argparse.Namespace, cluster: Cluster) -> SchedulerCon
 
 def load_requests(args: argparse.Namespace, spec: ModelSpec) -> list[Request]:
     if not args.workload:
-        raise ConfigError("serving under traffic needs --workload (chat, long-context, agent or a trace file)")
+        raise ConfigError("serving under traffic needs --workload (chat, long-context, agent, random:PROMPT/OUTPUT "
+                          "or a trace file)")
     requests = DEFAULT_REQUESTS if args.requests is None else args.requests
     reqs = workload(args.workload, rate=args.rate, requests=requests, context=spec.seq_len,
                     seed=args.workload_seed or 0, burst_cv=1.0 if args.burst_cv is None else args.burst_cv)
     if args.rate is not None and not (args.rate > 0):
         raise ConfigError(f"--rate must be requests per second > 0 (or inf: all at once), got {args.rate}")
-    if args.rate is not None and args.workload not in SCENARIOS:  # a trace at another rate: its arrivals rescaled
+    if args.rate is not None and scenario_of(args.workload) is None:  # a trace at another rate: its arrivals rescaled
         from planner.serving_search import TrafficWorkload
 
         reqs = TrafficWorkload(name=args.workload, trace=tuple(reqs)).at(args.rate, spec.seq_len)
