@@ -7,7 +7,9 @@ read from a trace file or generated from a scenario at a rate:
     arrivals   Poisson (exponential gaps at `rate` per second) or bursty: gamma-distributed
                gaps of the same mean and a coefficient of variation `burst_cv` > 1 (BurstGPT,
                Wang et al. 2024, fits gamma gaps to Azure's conversation traces; the CV is ours)
-    lengths    log-normal with a stated median and log-spread, clipped to [1, the context]
+    lengths    log-normal with a stated median and log-spread, clipped to [1, the context]; where
+               prompt + output exceed the model's context the prompt is cut (a client truncates
+               its document to leave room for the answer), the output kept
 
 Scenarios (lengths in tokens; where a figure is not from the cited source it says so):
 
@@ -156,8 +158,10 @@ def generate(scenario: str | Scenario, *, rate: float, requests: int, context: i
     times = arrivals(rng, requests, rate, burst_cv)
     room = context - sc.shared_prefix_tokens
     prompts = sc.prompt.sample(rng, requests, max(1, room - 1))
-    outputs = sc.output.sample(rng, requests, context)
-    outputs = np.minimum(outputs, room - prompts)  # prompt + output within the context
+    outputs = np.minimum(sc.output.sample(rng, requests, context), max(1, room - 1))
+    # prompt + output within the context: the prompt is cut (a client truncates the document to
+    # leave room for the answer, max_model_len - max_tokens), the output kept
+    prompts = np.maximum(1, np.minimum(prompts, room - outputs))
     return [Request(id=i, arrival_s=float(t), prompt_tokens=int(p) + sc.shared_prefix_tokens, output_tokens=int(o),
                     prefix_id="system" if sc.shared_prefix_tokens else "", prefix_tokens=sc.shared_prefix_tokens)
             for i, (t, p, o) in enumerate(zip(times, prompts, outputs))]

@@ -278,9 +278,11 @@ def test_a_long_prefill_in_one_virtual_engine_holds_up_the_others_decodes():
 
 
 def test_a_scenario_cut_to_a_short_context_is_said():
-    """A scenario's requests are cut to the model's context (a server stops a sequence there); where
-    that halves their mean length the commands say so in a note: chat on a 32-token model keeps
-    prompts of ~30 and outputs of a few tokens, on llama3-8b nothing is cut."""
+    """A scenario's requests are cut to the model's context, the prompt cut and the output kept (a
+    client truncates its document to leave room for the answer); where that halves their mean
+    length the commands say so in a note: chat on a 32-token model, long documents on llama2-70b's
+    4,096 tokens (their answers whole: the median 64 tokens, not one); on llama3-8b chat nothing is
+    cut."""
     from costmodel.workload import context_note
 
     short = generate("chat", rate=5, requests=50, context=32, seed=0)
@@ -288,6 +290,10 @@ def test_a_scenario_cut_to_a_short_context_is_said():
     note = context_note("chat", short, 32)
     assert note is not None and "cut to the model's context of 32 tokens" in note
     assert context_note("chat", generate("chat", rate=5, requests=200, context=SPEC.seq_len, seed=0), SPEC.seq_len) is None
+    docs = generate("long-context", rate=1, requests=400, context=4096, seed=0)
+    assert all(r.prompt_tokens + r.output_tokens <= 4096 for r in docs)
+    assert np.median([r.output_tokens for r in docs]) == pytest.approx(64, rel=0.15)
+    assert min(r.prompt_tokens for r in docs) > 1000 and "mean prompt" in context_note("long-context", docs, 4096)
 
 
 def test_tpot_percentiles_leave_out_single_token_requests():
