@@ -12,6 +12,7 @@ from planner.pricing import price_step
 from costmodel.runtime import DEFAULT_RUNTIME
 from planner.model_source import load_model_spec
 from planner.plan import Plan
+from cli.commands.flags import first_given
 
 
 SERVING_FLAGS = ("prompt_len", "output_len", "max_ttft_ms", "max_tpot_ms", "workload", "rate", "slo", "engine")
@@ -83,9 +84,9 @@ def run_report(args: argparse.Namespace) -> int:
         raise ConfigError(f"-o {out} is a file; give a folder for the report")
     if getattr(args, "mode", "train") == "inference":
         return run_serving_report(args, out)
-    given = [k for k in SERVING_FLAGS if getattr(args, k, None) is not None]
-    if given:
-        raise ConfigError(f"--{given[0].replace('_', '-')} is for serving reports: add --mode inference")
+    flag = first_given(args, SERVING_FLAGS)
+    if flag:
+        raise ConfigError(f"{flag} is for serving reports: add --mode inference")
     if args.global_batch is None:
         raise ConfigError("a training report needs --global-batch (sequences per step); for serving add "
                           "--mode inference")

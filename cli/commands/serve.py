@@ -14,6 +14,7 @@ from costmodel.serving_engine import DEFAULT_ENGINE
 from planner.files import atomic_write_text
 from planner.model_source import load_model_spec
 from planner.plan import plan_from_strategy
+from cli.commands.flags import first_given
 
 SERVING_FLAGS = ("prompt_len", "output_len", "batch", "max_ttft_ms", "max_tpot_ms", "beam", "block_size",
                  "draft_model", "draft_len", "acceptance")
@@ -32,9 +33,9 @@ def refuse_other_flags(args: argparse.Namespace) -> None:
     for names, why in ((TRAINING_FLAGS, "is for training; serving takes --tp, --pp, --batch and the request's "
                                         "lengths (--engine for the serving engine)"),
                        (TRAFFIC_FLAGS, "is for serving under traffic: add --workload (and --rate)")):
-        given = [k for k in names if getattr(args, k, None) is not None]
-        if given:
-            raise ConfigError(f"--{given[0].replace('_', '-')} {why}")
+        flag = first_given(args, names)
+        if flag:
+            raise ConfigError(f"{flag} {why}")
 
 
 def serving_request(args: argparse.Namespace) -> ServingRequest:

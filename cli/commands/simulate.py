@@ -17,6 +17,7 @@ from planner.model_source import load_model_spec, module_map_of, source_and_map
 from planner.contract import plan_problems
 from planner.plan import Plan, megatron_placements, plan_from_strategy
 from planner.pricing import price_step
+from cli.commands.flags import first_given
 
 STRATEGY_FLAGS = ("tp", "pp", "dp", "cp", "ep", "expert_tp", "expert_load_cv", "ep_overlap", "zero", "shard_group", "sequence_parallel", "recompute", "microbatch_size",
                   "schedule", "virtual_stages", "seq_len", "precision", "flash_attention", "grad_dtype", "master_dtype")
@@ -91,9 +92,9 @@ def run_simulate(args: argparse.Namespace) -> int:
 
         if args.plan or not args.cluster:
             raise ConfigError("simulate --from ENGINE FILE needs --cluster (and no --plan)")
-        given = [k for k in STRATEGY_FLAGS if getattr(args, k, None) is not None and k != "seq_len"]
-        if given or args.global_batch is not None:
-            raise ConfigError(f"--from takes the strategy from the engine's config; drop --{(given or ['global_batch'])[0].replace('_', '-')}")
+        flag = first_given(args, [k for k in STRATEGY_FLAGS if k != "seq_len"] + ["global_batch"])
+        if flag:
+            raise ConfigError(f"--from takes the strategy from the engine's config; drop {flag}")
         runtime = args.runtime or DEFAULT_RUNTIME
         cluster_text = args.cluster
         given_spec = load_model_spec(args.model) if args.model else None

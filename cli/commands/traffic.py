@@ -21,6 +21,7 @@ from costmodel.traffic import SLO, SchedulerConfig, ServingLayout, TrafficResult
 from costmodel.workload import Request, context_note, mean_lengths, scenario_of, typical_request, workload
 from planner.files import atomic_write_text
 from planner.model_source import load_model_spec
+from cli.commands.flags import first_given
 
 DEFAULT_REQUESTS = 2000
 TRAINING_ONLY = ("dp", "cp", "ep", "expert_tp", "zero", "shard_group", "recompute", "microbatch_size", "schedule",
@@ -28,9 +29,9 @@ TRAINING_ONLY = ("dp", "cp", "ep", "expert_tp", "zero", "shard_group", "recomput
 
 
 def refuse_other_flags(args: argparse.Namespace) -> None:
-    given = [k for k in TRAINING_ONLY if getattr(args, k, None) is not None]
-    if given:
-        raise ConfigError(f"--{given[0].replace('_', '-')} does not apply to serving under traffic (--workload); "
+    flag = first_given(args, TRAINING_ONLY)
+    if flag:
+        raise ConfigError(f"{flag} does not apply to serving under traffic (--workload); "
                           "give the layout with --tp, --pp, --replicas, --prefill-replicas")
 
 
@@ -138,12 +139,10 @@ def from_vllm_command(args: argparse.Namespace, cluster: Cluster) -> tuple[Model
     engine, source = args.from_engine
     if engine != "vllm":
         raise ConfigError(f"--from {engine}: serving reads a vllm serve command (--from vllm FILE_OR_ARGS)")
-    given = [k for k in ("tp", "pp", "replicas", "prefill_replicas", "max_num_seqs", "max_num_batched_tokens",
-                         "chunked_prefill", "prefix_caching", "block_size", "expert_parallel", "num_scheduler_steps")
-             if getattr(args, k, None) is not None]
-    if given:
-        raise ConfigError(f"--from vllm takes the layout and engine arguments from the command; drop "
-                          f"--{given[0].replace('_', '-')}")
+    flag = first_given(args, ("tp", "pp", "replicas", "prefill_replicas", "max_num_seqs", "max_num_batched_tokens",
+                              "chunked_prefill", "prefix_caching", "block_size", "expert_parallel", "num_scheduler_steps"))
+    if flag:
+        raise ConfigError(f"--from vllm takes the layout and engine arguments from the command; drop {flag}")
     cmd = import_serve(config_text(source, engine, line_allowed=True, hint="give the vllm serve command or a file"))
     try:
         spec = load_model_spec(args.model or cmd.model)
@@ -277,10 +276,10 @@ def run_traffic_plan(args: argparse.Namespace) -> int:
     from costmodel import Strategy
 
     refuse_other_flags(args)
-    given = [k for k in ("replicas", "prefill_replicas", "max_num_seqs", "max_num_batched_tokens",
-                         "expert_parallel", "concurrency") if getattr(args, k, None) is not None]
-    if given:
-        raise ConfigError(f"plan searches --{given[0].replace('_', '-')}; to price one layout use `paraplan simulate "
+    flag = first_given(args, ("replicas", "prefill_replicas", "max_num_seqs", "max_num_batched_tokens",
+                              "expert_parallel", "concurrency"))
+    if flag:
+        raise ConfigError(f"plan searches {flag}; to price one layout use `paraplan simulate "
                           "--mode inference --workload ...`")
     if not args.model or not args.cluster:
         raise ConfigError("plan --mode inference needs --model and --cluster")
