@@ -56,8 +56,15 @@ GPT_J = ModelSpec(name="gpt-j-6b", layers=28, hidden=4096, heads=16, ffn_hidden=
                   activation=Activation.GELU, tied_embeddings=False)
 
 
+# Mistral 7B v0.1 as its config (mistralai/Mistral-7B-v0.1): Llama's shape with 8 KV heads and a 4,096-token
+# sliding window (no row here reaches past it)
+MISTRAL_7B = dataclasses.replace(
+    llama_spec("mistral-7b", layers=32, hidden=4096, heads=32, kv_heads=8, ffn_hidden=14336, vocab=32000, seq_len=8192),
+    attention_window=4096)
+
+
 def spec_of(name: str) -> ModelSpec:
-    return GPT_J if name == GPT_J.name else ZOO[name]
+    return {GPT_J.name: GPT_J, MISTRAL_7B.name: MISTRAL_7B}.get(name) or ZOO[name]
 
 
 def offline_throughput(row: dict) -> float:
@@ -145,7 +152,7 @@ def compare(title: str, rows: list[dict], predict, published: str, label, optimi
     for row in rows:
         pred = predict(row)
         errors.append(100 * (pred / row[published] - 1))
-        print(f"  {row['model']:11s} {row['gpu']} tp{row['tp']} {label(row)} {pred:8.1f} / {row[published]:6d}  "
+        print(f"  {row['model']:12s} {row['gpu']} tp{row['tp']} {label(row)} {pred:8.1f} / {row[published]:6g}  "
               f"{errors[-1]:+6.1f}%  ({row['source']})")
     print(f"  {summary(errors, optimistic_sign)}")
     return errors
@@ -357,12 +364,18 @@ def concurrency_fidelity(data: dict) -> None:
 
 def main() -> int:
     data = yaml.safe_load(DATA.read_text())
+    batch = lambda r: f"batch {r['batch']:5d} {r['input']:5d}/{r['output']:<5d}"  # noqa: E731
     trt = compare("offline throughput, output tokens/s per GPU (predicted / published)", data["throughput"],
-                  offline_throughput, "tokens_per_s_gpu",
-                  lambda r: f"batch {r['batch']:5d} {r['input']:5d}/{r['output']:<5d}", optimistic_sign=1)
+                  offline_throughput, "tokens_per_s_gpu", batch, optimistic_sign=1)
     compare("the same, by the steady-state model (planner's ranking)", data["throughput"], steady_state_throughput,
-            "tokens_per_s_gpu", lambda r: f"batch {r['batch']:5d} {r['input']:5d}/{r['output']:<5d}", optimistic_sign=1)
+            "tokens_per_s_gpu", batch, optimistic_sign=1)
     compare("first-token latency of one request, ms (predicted / published)", data["first_token"], first_token_ms,
+            "ttft_ms", lambda r: f"prompt {r['input']:5d}", optimistic_sign=-1)
+    trt += compare("TensorRT-LLM v0.9.0's A100 FP16 tables, held out: offline throughput, output tokens/s per GPU",
+                   data["throughput_0_9"], offline_throughput, "tokens_per_s_gpu", batch, optimistic_sign=1)
+    compare("the same, by the steady-state model", data["throughput_0_9"], steady_state_throughput, "tokens_per_s_gpu",
+            batch, optimistic_sign=1)
+    compare("TensorRT-LLM v0.9.0, first-token latency of one request, ms", data["first_token_0_9"], first_token_ms,
             "ttft_ms", lambda r: f"prompt {r['input']:5d}", optimistic_sign=-1)
     if "--fit" in sys.argv:
         print("fitting the vLLM profile's shares to GPUStack's Qwen3-14B rows and Lambda's rows")

@@ -130,6 +130,21 @@ def test_tensorrt_llms_published_offline_throughput_is_reproduced():
         assert len(errs) == 10 and statistics.median(errs) < math.log(1.06) and max(errs) < math.log(1.11), predict
 
 
+def test_tensorrt_llm_v0_9s_tables_held_out_are_predicted():
+    """TensorRT-LLM v0.9.0's A100 FP16 tables (20 static batches of GPT-J 6B, Mistral 7B, Mixtral
+    8x7B, Llama-2 7B and 70B; nothing fitted to them): simulator median |error| 7.6%, steady state
+    6.7%; every row within 17% but four: Mistral's two long decodes +34% and +50% (its 8 KV heads:
+    v0.9 ran its GQA decode kernel only where it helped, and which rows is not said), Mixtral's
+    128/128 at batch 512 +28%, and its 2048/2048 at batch 32 -44% (published faster than reading
+    its experts once a step at the A100's full HBM rate)."""
+    rows = DATA["throughput_0_9"]
+    far = {("mistral-7b", 128, 2048), ("mistral-7b", 2048, 2048), ("mixtral-8x7b", 128, 128), ("mixtral-8x7b", 2048, 2048)}
+    for predict in (serving_fidelity.offline_throughput, serving_fidelity.steady_state_throughput):
+        errs = {(r["model"], r["input"], r["output"]): abs(math.log(predict(r) / r["tokens_per_s_gpu"])) for r in rows}
+        assert len(errs) == 20 and statistics.median(errs.values()) < math.log(1.10), predict
+        assert max(e for k, e in errs.items() if k not in far) < math.log(1.17), predict
+
+
 def test_cli_names_the_engine_and_refuses_an_unknown_one(tmp_path):
     out = paraplan("simulate", "--model", "llama3-8b", "--cluster", "h100-sxm:1", "--mode", "inference",
                    "--workload", "chat", "--rate", "5", "--requests", "200", "--engine", "tensorrt-llm")
