@@ -70,6 +70,8 @@ def add_mode_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-ttft-ms", type=float, help="time-to-first-token target")
     g.add_argument("--max-tpot-ms", type=float, help="time-per-output-token target")
     g.add_argument("--beam", type=int, help="beam width (multiplies the KV cache of the output)")
+    g.add_argument("--max-model-len", type=int, help="the longest sequence served, prompt and output (vLLM's flag; "
+                                                     "default the model's positions, its config's max_position_embeddings)")
     g.add_argument("--block-size", type=int, help="paged KV block, tokens (default 16)")
     g.add_argument("--draft-model", help="speculative decoding: the draft model")
     g.add_argument("--draft-len", type=int, help="speculative decoding: tokens drafted per step (gamma, default 4)")

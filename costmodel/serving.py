@@ -218,9 +218,9 @@ def kv_budget(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: int, p
     per_token = math.ceil(spec.layers / pp) * kv_values_per_token_gpu(spec, tp) * e
     capacity = int(kv // per_token)
     P, O, b = req.prompt_len, req.output_len, req.block_tokens
-    if P + O > spec.seq_len:
-        raise ConfigError(f"prompt {P} + output {O} tokens exceed the model's context of {spec.seq_len}")
-    contiguous = req.beam * spec.seq_len  # the whole context reserved per beam
+    if P + O > spec.context_len:
+        raise ConfigError(f"prompt {P} + output {O} tokens exceed the model's context of {spec.context_len}")
+    contiguous = req.beam * spec.context_len  # the whole context reserved per beam
     paged = b * (math.ceil(P / b) + req.beam * math.ceil(O / b))  # the prompt's blocks shared by the beams
     used = P + req.beam * O
     return KVBudget(

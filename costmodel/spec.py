@@ -84,6 +84,9 @@ class ModelSpec:
     q_lora_rank: int = 0
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
+    # the longest sequence the model reads (Hugging Face's max_position_embeddings, vLLM's default
+    # max_model_len): what serving may fill; 0: seq_len (which is what training runs at)
+    max_positions: int = 0
 
     def __post_init__(self) -> None:
         for name in ("layers", "hidden", "heads", "vocab", "seq_len"):
@@ -92,7 +95,7 @@ class ModelSpec:
                 raise ConfigError(f"model field '{name}' must be a positive integer, got {value!r}")
         for name in ("ffn_hidden", "kv_heads", "head_dim", "experts", "experts_per_token", "expert_ffn_hidden",
                      "shared_expert_ffn_hidden", "dense_layers", "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim",
-                     "v_head_dim", "attention_window", "windowed_layers"):
+                     "v_head_dim", "attention_window", "windowed_layers", "max_positions"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"model field '{name}' must be a positive integer, got {value!r}")
@@ -372,6 +375,11 @@ class ModelSpec:
     def with_seq_len(self, seq_len: int) -> "ModelSpec":
         return replace(self, seq_len=seq_len)
 
+    @property
+    def context_len(self) -> int:
+        """Tokens a served sequence may hold, prompt and output: max_positions, else seq_len."""
+        return self.max_positions or self.seq_len
+
     def to_dict(self) -> dict:
         out = {}
         defaults = {"v_head_dim": self.head_dim, "expert_ffn_hidden": self.ffn_hidden if self.moe else 0,
@@ -384,6 +392,8 @@ class ModelSpec:
                 continue
             if f.name in MOE_AND_MLA_FIELDS and f.name not in defaults and value == f.default:
                 continue  # a dense model's spec reads as before
+            if f.name == "max_positions" and not value:
+                continue
             out[f.name] = value.value if isinstance(value, StrEnum) else value
         return out
 

@@ -724,7 +724,7 @@ class ServingLayout:
 
 def replica_blocks(spec: ModelSpec, cluster: Cluster, layout: ServingLayout, cfg: SchedulerConfig) -> tuple[int, float]:
     """(KV blocks a replica holds, bytes of one block on one GPU) after weights and workspace."""
-    chunk = max(1, min(cfg.max_num_batched_tokens, spec.seq_len - 1))
+    chunk = max(1, min(cfg.max_num_batched_tokens, spec.context_len - 1))
     req = ServingRequest(prompt_len=chunk, output_len=1, precision=layout.precision, block_tokens=cfg.block_tokens,
                          engine=cfg.engine)
     budget = kv_budget(spec, cluster, req, layout.tp, layout.pp)

@@ -31,7 +31,7 @@ def commands(plan: Plan, *, model_path: str | None = None) -> list[list[str]]:
     sv = plan.serving
     prompt, output = setup.request.prompt_len, setup.request.output_len
     traffic = setup.traffic  # planned for a workload: requests of any length up to the context
-    max_len = plan.spec.seq_len if traffic else prompt + output
+    max_len = plan.spec.context_len if traffic else prompt + output
     cmd = ["vllm", "serve", model_path or str(plan.model.get("name", "MODEL")),
            "--tensor-parallel-size", plan.mesh["tp"], "--pipeline-parallel-size", plan.mesh["pp"],
            "--max-num-seqs", sv.get("max_num_seqs", plan.schedule["microbatch_size"]), "--max-model-len", max_len,
@@ -100,6 +100,7 @@ class ServeCommand:
     prefix_caching: bool | None = None
     expert_parallel: bool = False
     num_scheduler_steps: int | None = None  # vLLM 0.6-0.10's multi-step scheduling
+    max_model_len: int | None = None  # the longest sequence it serves
     precision: str | None = None  # from --dtype
     unknown: tuple[str, ...] = ()
 
@@ -107,7 +108,7 @@ class ServeCommand:
 _INT_FLAGS = {"--tensor-parallel-size": "tp", "-tp": "tp", "--pipeline-parallel-size": "pp", "-pp": "pp",
               "--data-parallel-size": "dp", "-dp": "dp", "--max-num-seqs": "max_num_seqs",
               "--max-num-batched-tokens": "max_num_batched_tokens", "--block-size": "block_size",
-              "--num-scheduler-steps": "num_scheduler_steps"}
+              "--num-scheduler-steps": "num_scheduler_steps", "--max-model-len": "max_model_len"}
 _BOOL_FLAGS = {"--enable-chunked-prefill": ("chunked_prefill", True), "--no-enable-chunked-prefill": ("chunked_prefill", False),
                "--enable-prefix-caching": ("prefix_caching", True), "--no-enable-prefix-caching": ("prefix_caching", False),
                "--enable-expert-parallel": ("expert_parallel", True)}
@@ -115,7 +116,7 @@ _BOOL_FLAGS = {"--enable-chunked-prefill": ("chunked_prefill", True), "--no-enab
 _NO_COST = {"--host": True, "--port": True, "--served-model-name": True, "--api-key": True,
             "--disable-log-requests": False, "--disable-log-stats": False, "--trust-remote-code": False,
             "--uvicorn-log-level": True, "--tokenizer": True, "--download-dir": True, "--seed": True,
-            "--revision": True, "--max-model-len": True, "--enforce-eager": False, "--swap-space": True,
+            "--revision": True, "--enforce-eager": False, "--swap-space": True,
             "--chat-template": True}
 _DTYPES = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "half": "fp16", "fp16": "fp16", "auto": None}
 
@@ -190,7 +191,8 @@ def import_serve(text: str) -> ServeCommand:
             unknown.append(token)
     if not model:
         raise ConfigError("the vllm command names no model: write `vllm serve MODEL ...`")
-    for name in ("tp", "pp", "dp", "max_num_seqs", "max_num_batched_tokens", "block_size", "num_scheduler_steps"):
+    for name in ("tp", "pp", "dp", "max_num_seqs", "max_num_batched_tokens", "block_size", "num_scheduler_steps",
+                 "max_model_len"):
         if name in fields and fields[name] < 1:
             raise ConfigError(f"the vllm command's {name.replace('_', '-')} must be a positive integer, "
                               f"got {fields[name]}")

@@ -256,8 +256,9 @@ def _from_file(path: Path) -> ModelSpec:
         raise ConfigError(f"cannot read {path}: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of model fields")
-    if is_hf_config(data):
-        return spec_from_hf_config(data, name=path.stem)
+    if is_hf_config(data):  # named for its model directory where the file is the usual config.json
+        return spec_from_hf_config(data, name=path.parent.name if path.name == "config.json" and path.parent.name
+                                   else path.stem)
     return ModelSpec.from_dict(data, name=path.stem)
 
 
@@ -332,7 +333,8 @@ def spec_from_hf_config(data: dict, *, name: str = "hf-model") -> ModelSpec:
     gated = act in ("silu", "swish") or model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
     activation = ("geglu" if act in GELU_ACTS else "swiglu") if gated else "gelu"
     head_dim = data.get("head_dim")
-    seq_len = min(_int(data, "max_position_embeddings", default=2048), HF_TRAIN_SEQ_LEN)
+    positions = _int(data, "max_position_embeddings", default=2048)
+    seq_len = min(positions, HF_TRAIN_SEQ_LEN)
     window = data.get("sliding_window")
     if model_type == "gemma2" and isinstance(window, int) and 0 < window < seq_len:
         # every other layer attends within the window: Gemma-2 trains at the window's length
@@ -347,8 +349,10 @@ def spec_from_hf_config(data: dict, *, name: str = "hf-model") -> ModelSpec:
         **_experts_of(data, model_type),
         **_window_of(data, model_type),
         vocab=_int(data, "vocab_size"),
-        # RoPE models read up to max_position_embeddings (131072 for Qwen2.5) but pre-train shorter
+        # RoPE models read up to max_position_embeddings (131072 for Qwen2.5) but pre-train shorter:
+        # training runs at seq_len, serving fills up to max_positions
         seq_len=seq_len,
+        max_positions=positions if positions > seq_len else 0,
         activation=activation,
         norm="rmsnorm" if "rms_norm_eps" in data or gated else "layernorm",
         position="rope" if "rope_theta" in data or gated else "learned",

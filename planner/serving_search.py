@@ -209,7 +209,7 @@ def unit_max_rate(spec: ModelSpec, cluster: Cluster, unit: ServingLayout, cfg: S
     def ok(rate: float) -> bool:
         nonlocal probes
         probes += 1
-        reqs = wl.probe(rate, spec.seq_len)
+        reqs = wl.probe(rate, spec.context_len)
         return meets(simulate_traffic(spec, cluster, reqs, unit, cfg, slo), slo, WARMUP)
 
     lo, hi = 0.0, bound
@@ -235,7 +235,7 @@ def units(spec: ModelSpec, cluster: Cluster, precision: str,
                 refused[name] = "; ".join(why)
             continue
         blocks, _ = replica_blocks(spec, cluster, ServingLayout(tp=tp, pp=pp, precision=precision), cfg)
-        if blocks * cfg.block_tokens < spec.seq_len:
+        if blocks * cfg.block_tokens < spec.context_len:
             refused[name] = "the weights leave less KV cache than one full-context sequence"
             continue
         for k in DECODE_PER_PREFILL:
@@ -251,7 +251,7 @@ def static_unit(spec: ModelSpec, cluster: Cluster, prompt: float, output: float,
                 precision: str = "bf16", engine: str = DEFAULT_ENGINE) -> tuple[ServingLayout, int] | None:
     """The steady-state planner's replica and batch (costmodel.serving.plan_serving) at the mean
     lengths and the TTFT/TPOT targets, or None where it finds none."""
-    p, o = typical_request(prompt, output, spec.seq_len)
+    p, o = typical_request(prompt, output, spec.context_len)
     targets = {m: sec for m, _, sec in slo.targets}
     req = ServingRequest(prompt_len=p, output_len=o, precision=precision, engine=engine,
                          max_ttft_ms=targets["ttft"] * 1e3 if "ttft" in targets else None,
@@ -288,7 +288,7 @@ def plan_traffic(spec: ModelSpec, cluster: Cluster, wl: TrafficWorkload, rate: f
     if not shapes:
         reasons = "; ".join(f"{k}: {v}" for k, v in list(refused.items())[:3])
         raise ConfigError(f"no replica of {spec.name} fits {cluster.name} ({reasons}); add GPUs or serve in fp8")
-    prompt, output = mean_lengths(wl.probe(1.0, spec.seq_len))
+    prompt, output = mean_lengths(wl.probe(1.0, spec.context_len))
     candidates = []
     for u in shapes:
         for b in TOKEN_BUDGETS:
@@ -323,6 +323,6 @@ def plan_traffic(spec: ModelSpec, cluster: Cluster, wl: TrafficWorkload, rate: f
     # the deployment as one simulation (every unit's share of the rate, with the load balancer), on as
     # many nodes of the cluster's kind as it needs (it may need more than given)
     whole = replace(cluster, nodes=max(cluster.nodes, -(-deployment.gpus // cluster.gpus_per_node)))
-    at_rate = simulate_traffic(spec, whole, wl.probe(rate, spec.seq_len), deployment, best.scheduler, slo)
+    at_rate = simulate_traffic(spec, whole, wl.probe(rate, spec.context_len), deployment, best.scheduler, slo)
     return TrafficPlan(best=best, rate=rate, units=need, deployment=deployment, at_rate=at_rate, results=results,
                        refused=refused, cluster_gpus=cluster.world_size, skipped=skipped)

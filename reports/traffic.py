@@ -53,7 +53,7 @@ def rate_curve(spec, cluster, unit, cfg, wl, slo, top: float, points: int = 6) -
     rows = []
     for share in np.linspace(0.25, 1.5, points):
         rate = max(top, 0.05) * share
-        r = simulate_traffic(spec, cluster, wl.probe(rate, spec.seq_len), unit, cfg, slo)
+        r = simulate_traffic(spec, cluster, wl.probe(rate, spec.context_len), unit, cfg, slo)
         m = r.metrics()
         rows.append({"rate_rps": rate, "ttft_p99_s": m["ttft_p99_s"], "tpot_p99_s": m["tpot_p99_s"],
                      "meets": meets(r, slo, 0.2)})
@@ -70,7 +70,7 @@ def build_traffic_report(model: str, cluster_text: str, out_dir: Path, workloads
         found = plan_traffic(spec, cluster, wl, rate, slo, engine=engine)
         best = found.best
         rows.append(Row(name, "planner", best.name(), best.gpus, best.max_rate_rps, best.goodput_per_gpu))
-        prompt, output = mean_lengths(wl.probe(1.0, spec.seq_len))
+        prompt, output = mean_lengths(wl.probe(1.0, spec.context_len))
         curves[name] = {"planner": rate_curve(spec, cluster, best.unit, best.scheduler, wl, slo, best.max_rate_rps),
                         "slo": slo}
         static = static_unit(spec, cluster, prompt, output, slo, engine=engine)
@@ -81,7 +81,7 @@ def build_traffic_report(model: str, cluster_text: str, out_dir: Path, workloads
             rows.append(Row(name, "static", f"tp{unit.tp} x pp{unit.pp}, batch {cfg.max_num_seqs}", unit.gpus, top,
                             top / unit.gpus))
             curves[name]["static"] = rate_curve(spec, cluster, unit, cfg, wl, slo, top)
-        timelines[name] = simulate_traffic(spec, cluster, wl.probe(best.max_rate_rps, spec.seq_len), best.unit,
+        timelines[name] = simulate_traffic(spec, cluster, wl.probe(best.max_rate_rps, spec.context_len), best.unit,
                                            best.scheduler, slo)
     table = pd.DataFrame([asdict(r) for r in rows])
     out_dir.mkdir(parents=True, exist_ok=True)  # once everything is priced: a refusal leaves nothing behind

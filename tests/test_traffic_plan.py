@@ -330,3 +330,48 @@ def test_a_deployment_sized_for_its_rate_leaves_gpus_free_and_check_accepts_it(t
     if gpus > 1:
         code, _, err = _main(capsys, "check", str(path), "--cluster", "h100-sxm:1")
         assert code == 2 and f"deploys {gpus} GPUs but h100-sxm:1 has 1" in err and len(err.strip().splitlines()) == 2
+
+
+QWEN3_8B_CONFIG = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 4096,
+                   "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32,
+                   "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936, "max_position_embeddings": 40960,
+                   "rms_norm_eps": 1e-6, "rope_theta": 1000000, "tie_word_embeddings": False, "hidden_act": "silu"}
+
+
+def test_a_hugging_face_model_serves_its_whole_context_or_max_model_len(tmp_path, capsys):
+    """A config's max_position_embeddings is what serving may fill (vLLM's default max_model_len),
+    while training plans at the shorter length it pre-trains at: Qwen3-8B's 40,960 positions take a
+    32,000-token prompt (refused before: its context was the 8,192-token training length);
+    --max-model-len cuts it as vLLM's flag does (a --from vllm command's too), the cut shows in the
+    exported command, and past the model's positions, or given to a training command, it is refused
+    in one line."""
+    from planner.model_source import load_model_spec
+
+    cfg = tmp_path / "qwen3-8b" / "config.json"
+    cfg.parent.mkdir()
+    cfg.write_text(json.dumps(QWEN3_8B_CONFIG))
+    spec = load_model_spec(str(cfg))
+    assert (spec.seq_len, spec.context_len) == (8192, 40960)
+    run = ("simulate", "--mode", "inference", "--model", str(cfg), "--cluster", "h100-sxm:1", "--requests", "4",
+           "--rate", "inf", "--json")
+    code, out, err = _main(capsys, *run, "--workload", "random:32000/100")
+    assert code == 0, err
+    assert json.loads(out)["predicted"]["ttft_p50_s"] > 1.0  # a 32K prefill of an 8B model on one H100
+    code, _, err = _main(capsys, *run, "--workload", "random:32000/100", "--max-model-len", "16384")
+    assert code == 2 and "exceed the model's context of 16384" in err
+    code, _, err = _main(capsys, *run, "--workload", "chat", "--max-model-len", "50000")
+    assert code == 2 and "--max-model-len 50000 exceeds" in err and "40960 positions" in err
+    code, out, err = _main(capsys, "simulate", "--mode", "inference", "--from", "vllm",
+                           "vllm serve Qwen/Qwen3-8B --max-model-len 4096", "--model", str(cfg), "--cluster",
+                           "h100-sxm:1", "--workload", "random:4000/200", "--rate", "inf", "--requests", "4")
+    assert code == 2 and "exceed the model's context of 4096" in err
+    plan = tmp_path / "serve.yaml"
+    code, _, err = _main(capsys, "plan", "--mode", "inference", "--model", str(cfg), "--cluster", "h100-sxm:1",
+                         "--workload", "chat", "--rate", "2", "--slo", "ttft_p99=2,tpot_p99=100ms",
+                         "--max-model-len", "16384", "-o", str(plan))
+    assert code == 0, err
+    code, out, err = _main(capsys, "export", str(plan), "--to", "vllm")
+    assert code == 0 and "--max-model-len 16384" in out, err
+    code, _, err = _main(capsys, "plan", "--model", str(cfg), "--cluster", "h100-sxm:8", "--global-batch", "8",
+                         "--max-model-len", "4096")
+    assert code == 2 and "--max-model-len is for serving: add --mode inference" in err

@@ -27,8 +27,8 @@ def run_continuous(args: argparse.Namespace) -> int:
     spec = load_model_spec(args.model)
     if args.requests < 1 or args.kv_blocks < 1:
         raise ConfigError("--requests and --kv-blocks must be positive integers")
-    reqs = workload(args.workload, rate=args.rate, requests=args.requests, context=spec.seq_len, seed=args.seed)
-    note = context_note(args.workload, reqs, spec.seq_len)
+    reqs = workload(args.workload, rate=args.rate, requests=args.requests, context=spec.context_len, seed=args.seed)
+    note = context_note(args.workload, reqs, spec.context_len)
     if note:
         print(f"paraplan: note: {note}", file=sys.stderr)
     cfg = SchedulerConfig(**{k: getattr(args, k) for k in ("max_num_seqs", "max_num_batched_tokens")

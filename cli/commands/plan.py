@@ -16,6 +16,7 @@ from planner.model_source import load_model, source_and_map
 from planner.contract import RUNNABLE_RUNTIMES, model_planned_only, plan_problems, planned_only
 from planner.plan import Plan, plan_from_strategy
 from planner.search import SearchRequest, run_search
+from cli.commands.serve import refuse_serving_flags
 
 
 def plan_of_search(spec, found, cluster_text: str, stats: dict, cluster, source: dict | None = None) -> Plan:
@@ -41,6 +42,7 @@ def run_plan(args: argparse.Namespace) -> int:
         from cli.commands.serve import run_serving
 
         return run_serving(args)
+    refuse_serving_flags(args)
     if getattr(args, "from_engine", None):
         return run_plan_from(args)
     if not args.model or not args.cluster or args.global_batch is None:

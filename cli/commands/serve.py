@@ -15,6 +15,7 @@ from planner.files import atomic_write_text
 from planner.model_source import load_model_spec
 from planner.plan import plan_from_strategy
 from cli.commands.flags import first_given
+from cli.commands.served import load_served_spec
 
 SERVING_FLAGS = ("prompt_len", "output_len", "batch", "max_ttft_ms", "max_tpot_ms", "beam", "block_size",
                  "draft_model", "draft_len", "acceptance")
@@ -26,6 +27,16 @@ TRAINING_FLAGS = ("dp", "cp", "ep", "expert_tp", "expert_load_cv", "ep_overlap",
 TRAFFIC_FLAGS = ("replicas", "prefill_replicas", "max_num_seqs", "max_num_batched_tokens", "chunked_prefill",
                  "prefix_caching", "preemption", "evicted_prefix", "requests", "concurrency", "burst_cv",
                  "workload_seed", "num_scheduler_steps")
+# every flag of the serving groups (cli.main): a training or fine-tuning command refuses them
+INFERENCE_FLAGS = SERVING_FLAGS + TRAFFIC_FLAGS + ("expert_parallel", "max_model_len", "workload", "rate", "slo",
+                                                  "engine")
+
+
+def refuse_serving_flags(args: argparse.Namespace) -> None:
+    """One line for a serving flag given to a training (or fine-tuning) command."""
+    flag = first_given(args, INFERENCE_FLAGS)
+    if flag:
+        raise ConfigError(f"{flag} is for serving: add --mode inference")
 
 
 def refuse_other_flags(args: argparse.Namespace) -> None:
@@ -100,7 +111,7 @@ def run_serving(args: argparse.Namespace) -> int:
     if getattr(args, "expert_parallel", None):
         raise ConfigError("plan searches --expert-parallel (with and without, for a mixture of experts); leave it out")
     refuse_other_flags(args)
-    spec = load_model_spec(args.model)
+    spec = load_served_spec(args)
     cluster = load_cluster(args.cluster)
     req = serving_request(args)
     found = plan_serving(spec, cluster, req, tp=args.tp, pp=args.pp)  # given degrees are fixed

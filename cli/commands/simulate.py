@@ -18,6 +18,7 @@ from planner.contract import plan_problems
 from planner.plan import Plan, megatron_placements, plan_from_strategy
 from planner.pricing import price_step
 from cli.commands.flags import first_given
+from cli.commands.serve import refuse_serving_flags
 
 STRATEGY_FLAGS = ("tp", "pp", "dp", "cp", "ep", "expert_tp", "expert_load_cv", "ep_overlap", "zero", "shard_group", "sequence_parallel", "recompute", "microbatch_size",
                   "schedule", "virtual_stages", "seq_len", "precision", "flash_attention", "grad_dtype", "master_dtype")
@@ -82,10 +83,7 @@ def run_simulate(args: argparse.Namespace) -> int:
             return run_serving_simulate(args)
         raise ConfigError("simulate --mode inference predicts serving under traffic (add --workload: chat, long-context, "
                           "agent or a trace file, and --rate) or in the steady state (add --prompt-len and --output-len)")
-    traffic = [k for k in ("workload", "rate", "slo", "replicas", "prefill_replicas", "expert_parallel")
-               if getattr(args, k, None) is not None]
-    if traffic:
-        raise ConfigError(f"--{traffic[0].replace('_', '-')} is for serving: add --mode inference")
+    refuse_serving_flags(args)
     imported = None
     if getattr(args, "from_engine", None):
         from cli.commands.engines import read_engine_config

@@ -22,6 +22,7 @@ from costmodel.workload import Request, context_note, mean_lengths, scenario_of,
 from planner.files import atomic_write_text
 from planner.model_source import load_model_spec
 from cli.commands.flags import first_given
+from cli.commands.served import load_served_spec, with_max_model_len
 
 DEFAULT_REQUESTS = 2000
 TRAINING_ONLY = ("dp", "cp", "ep", "expert_tp", "zero", "shard_group", "recompute", "microbatch_size", "schedule",
@@ -55,15 +56,15 @@ def load_requests(args: argparse.Namespace, spec: ModelSpec) -> list[Request]:
         raise ConfigError("serving under traffic needs --workload (chat, long-context, agent, random:PROMPT/OUTPUT "
                           "or a trace file)")
     requests = DEFAULT_REQUESTS if args.requests is None else args.requests
-    reqs = workload(args.workload, rate=args.rate, requests=requests, context=spec.seq_len,
+    reqs = workload(args.workload, rate=args.rate, requests=requests, context=spec.context_len,
                     seed=args.workload_seed or 0, burst_cv=1.0 if args.burst_cv is None else args.burst_cv)
     if args.rate is not None and not (args.rate > 0):
         raise ConfigError(f"--rate must be requests per second > 0 (or inf: all at once), got {args.rate}")
     if args.rate is not None and scenario_of(args.workload) is None:  # a trace at another rate: its arrivals rescaled
         from planner.serving_search import TrafficWorkload
 
-        reqs = TrafficWorkload(name=args.workload, trace=tuple(reqs)).at(args.rate, spec.seq_len)
-    note = context_note(args.workload, reqs, spec.seq_len)
+        reqs = TrafficWorkload(name=args.workload, trace=tuple(reqs)).at(args.rate, spec.context_len)
+    note = context_note(args.workload, reqs, spec.context_len)
     if note:
         print(f"paraplan: note: {note}", file=sys.stderr)
     return reqs
@@ -87,7 +88,7 @@ def steady_state(spec: ModelSpec, cluster: Cluster, layout: ServingLayout, cfg: 
     batch the scheduler allows."""
     from cli.commands.serve import predicted
 
-    prompt, output = typical_request(*mean_lengths(reqs), spec.seq_len)
+    prompt, output = typical_request(*mean_lengths(reqs), spec.context_len)
     req = ServingRequest(prompt_len=prompt, output_len=output, block_tokens=cfg.block_tokens, precision=layout.precision,
                          engine=cfg.engine)
     budget = kv_budget(spec, cluster, req, layout.tp, layout.pp)
@@ -140,7 +141,8 @@ def from_vllm_command(args: argparse.Namespace, cluster: Cluster) -> tuple[Model
     if engine != "vllm":
         raise ConfigError(f"--from {engine}: serving reads a vllm serve command (--from vllm FILE_OR_ARGS)")
     flag = first_given(args, ("tp", "pp", "replicas", "prefill_replicas", "max_num_seqs", "max_num_batched_tokens",
-                              "chunked_prefill", "prefix_caching", "block_size", "expert_parallel", "num_scheduler_steps"))
+                              "chunked_prefill", "prefix_caching", "block_size", "expert_parallel", "num_scheduler_steps",
+                              "max_model_len"))
     if flag:
         raise ConfigError(f"--from vllm takes the layout and engine arguments from the command; drop {flag}")
     cmd = import_serve(config_text(source, engine, line_allowed=True, hint="give the vllm serve command or a file"))
@@ -148,6 +150,7 @@ def from_vllm_command(args: argparse.Namespace, cluster: Cluster) -> tuple[Model
         spec = load_model_spec(args.model or cmd.model)
     except ConfigError as exc:
         raise ConfigError(f"{exc} (the vllm command serves {cmd.model!r}; give --model for its shape)") from None
+    spec = with_max_model_len(spec, cmd.max_model_len)
     layout = ServingLayout(tp=cmd.tp, pp=cmd.pp, replicas=cmd.dp, precision=cmd.precision or args.precision or "bf16",
                            expert_parallel=cmd.expert_parallel)
     cfg = scheduler_config(args, cluster)
@@ -173,7 +176,7 @@ def run_traffic_simulate(args: argparse.Namespace) -> int:
     else:
         if not args.model or not args.cluster:
             raise ConfigError("simulate --mode inference needs --model and --cluster")
-        spec = load_model_spec(args.model)
+        spec = load_served_spec(args)
         cluster = load_cluster(args.cluster)
         cfg = scheduler_config(args, cluster)
         layout = layout_from_args(args, cluster)
@@ -217,9 +220,9 @@ def price_serving_plan(plan, where: str) -> tuple[dict, str]:
     layout, req = setup.layout, setup.request
     if setup.traffic:
         cfg, rate = setup.scheduler, setup.rate
-        result = simulate_traffic(spec, cluster, setup.workload.probe(rate, spec.seq_len), layout, cfg, setup.slo)
+        result = simulate_traffic(spec, cluster, setup.workload.probe(rate, spec.context_len), layout, cfg, setup.slo)
         one = replace(layout, replicas=1, prefill_replicas=0)
-        predicted = {**steady_state(spec, cluster, one, cfg, setup.workload.at(rate, spec.seq_len)), **result.metrics()}
+        predicted = {**steady_state(spec, cluster, one, cfg, setup.workload.at(rate, spec.context_len)), **result.metrics()}
         text = format_traffic(spec, plan.cluster, layout, cfg, setup.workload.name, rate, result)
     else:
         from cli.commands.serve import predicted as steady_keys
@@ -285,7 +288,7 @@ def run_traffic_plan(args: argparse.Namespace) -> int:
         raise ConfigError("plan --mode inference needs --model and --cluster")
     if not args.workload:
         raise ConfigError("plan --mode inference --rate needs --workload (chat, long-context, agent or a trace file)")
-    spec = load_model_spec(args.model)
+    spec = load_served_spec(args)
     cluster = load_cluster(args.cluster)
     slo = SLO.parse(args.slo)
     wl = TrafficWorkload.of(args.workload, requests=400 if args.requests is None else args.requests,
@@ -298,14 +301,14 @@ def run_traffic_plan(args: argparse.Namespace) -> int:
     found = plan_traffic(spec, cluster, wl, rate, slo, precision=precision, progress=not args.json,
                          engine=args.engine or DEFAULT_ENGINE, tp=args.tp, pp=args.pp)  # given degrees are fixed
     d, best = found.deployment, found.best
-    reqs = wl.at(rate, spec.seq_len)
+    reqs = wl.at(rate, spec.context_len)
     one = replace(best.unit, replicas=1, prefill_replicas=0)
     predicted = {**steady_state(spec, cluster, one, best.scheduler, reqs),
                  **found.at_rate.metrics(), "goodput_rps_per_gpu": best.goodput_per_gpu,
                  "unit_max_rate_rps": best.max_rate_rps}
     s = Strategy(tp=d.tp, pp=d.pp, dp=d.replicas, microbatch_size=1, global_batch=d.replicas, precision=precision,
                  seq_len=spec.seq_len, sequence_parallel=False)
-    mean_prompt, mean_output = typical_request(*mean_lengths(reqs), spec.seq_len)
+    mean_prompt, mean_output = typical_request(*mean_lengths(reqs), spec.context_len)
     plan = plan_from_strategy(spec, s, f"{cluster.profile or cluster.device.name}:{max(d.gpus, cluster.world_size)}"
                               if not found.fits_cluster else args.cluster, predicted)
     plan = plan.__class__(**{**{f: getattr(plan, f) for f in plan.__slots__}, "mode": "inference", "serving": {

@@ -1,0 +1,28 @@
+"""The model a serving command serves: its spec, its context cut to --max-model-len."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+
+from costmodel import ConfigError
+from costmodel.spec import ModelSpec
+from planner.model_source import load_model_spec
+
+
+def with_max_model_len(spec: ModelSpec, max_model_len: int | None) -> ModelSpec:
+    """`spec` serving sequences of at most `max_model_len` tokens, prompt and output (vLLM's
+    --max-model-len; None: the model's own positions)."""
+    if max_model_len is None:
+        return spec
+    if isinstance(max_model_len, bool) or not isinstance(max_model_len, int) or max_model_len < 2:
+        raise ConfigError(f"--max-model-len must be an integer of at least 2 tokens, got {max_model_len!r}")
+    if max_model_len > spec.context_len:
+        raise ConfigError(f"--max-model-len {max_model_len} exceeds {spec.name}'s {spec.context_len} positions; "
+                          f"give at most {spec.context_len}")
+    return replace(spec, max_positions=max_model_len)
+
+
+def load_served_spec(args: argparse.Namespace, model: str | None = None) -> ModelSpec:
+    """The spec of `model` (default --model) with --max-model-len applied."""
+    return with_max_model_len(load_model_spec(model or args.model), getattr(args, "max_model_len", None))
