@@ -235,8 +235,10 @@ def units(spec: ModelSpec, cluster: Cluster, precision: str,
                 refused[name] = "; ".join(why)
             continue
         blocks, _ = replica_blocks(spec, cluster, ServingLayout(tp=tp, pp=pp, precision=precision), cfg)
-        if blocks * cfg.block_tokens < spec.context_len:
-            refused[name] = "the weights leave less KV cache than one full-context sequence"
+        room = blocks * cfg.block_tokens
+        if room < spec.context_len:
+            refused[name] = ("its weights fill the memory a GPU may use" if not room else
+                             f"room for {room} tokens of KV cache, less than one {spec.context_len}-token sequence")
             continue
         for k in DECODE_PER_PREFILL:
             if (1 + k) * tp * pp <= n:
@@ -286,8 +288,9 @@ def plan_traffic(spec: ModelSpec, cluster: Cluster, wl: TrafficWorkload, rate: f
                                   f"--{name} or leave it to the search")
             shapes = kept
     if not shapes:
-        reasons = "; ".join(f"{k}: {v}" for k, v in list(refused.items())[:3])
-        raise ConfigError(f"no replica of {spec.name} fits {cluster.name} ({reasons}); add GPUs or serve in fp8")
+        reasons = "; ".join(f"{k}: {v}" for k, v in list(refused.items())[::-1][:3])  # the largest shapes first
+        shorter = " or a shorter context (--max-model-len)" if any("tokens of KV" in v for v in refused.values()) else ""
+        raise ConfigError(f"no replica of {spec.name} fits {cluster.name} ({reasons}); add GPUs, serve in fp8{shorter}")
     prompt, output = mean_lengths(wl.probe(1.0, spec.context_len))
     candidates = []
     for u in shapes:

@@ -375,3 +375,12 @@ def test_a_hugging_face_model_serves_its_whole_context_or_max_model_len(tmp_path
     code, _, err = _main(capsys, "plan", "--model", str(cfg), "--cluster", "h100-sxm:8", "--global-batch", "8",
                          "--max-model-len", "4096")
     assert code == 2 and "--max-model-len is for serving: add --mode inference" in err
+    # a context longer than the KV cache holds: vLLM would not start; the planner says how to cut it
+    long = tmp_path / "qwen3-8b-1m" / "config.json"
+    long.parent.mkdir()
+    long.write_text(json.dumps({**QWEN3_8B_CONFIG, "max_position_embeddings": 1_000_000}))
+    traffic = ("plan", "--mode", "inference", "--model", str(long), "--cluster", "h100-sxm:1", "--workload", "chat",
+               "--rate", "2", "--slo", "ttft_p99=2,tpot_p99=100ms")
+    code, _, err = _main(capsys, *traffic)
+    assert code == 2 and "less than one 1000000-token sequence" in err and "(--max-model-len)" in err
+    assert _main(capsys, *traffic, "--max-model-len", "32768")[0] == 0
