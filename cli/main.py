@@ -148,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output-len", type=int, help="generated tokens per request")
     g.add_argument("--max-ttft-ms", type=float, help="time-to-first-token target")
     g.add_argument("--max-tpot-ms", type=float, help="time-per-output-token target")
+    g.add_argument("--max-model-len", type=int, help="the longest sequence served (vLLM's flag; default the model's "
+                                                     "positions)")
     g.add_argument("--workload", help="chat, long-context, agent, random:PROMPT/OUTPUT, or a trace FILE: the goodput planner's unit "
                                       "against the steady-state planner's, latency against rate, a timeline")
     g.add_argument("--rate", type=float, help="requests per second to deploy for (default: the scenario's)")

@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from costmodel import load_cluster  # noqa: E402
+from costmodel.spec import ModelSpec  # noqa: E402
 from costmodel.serving_engine import DEFAULT_ENGINE  # noqa: E402
 from costmodel.traffic import SLO, SchedulerConfig, simulate_traffic  # noqa: E402
 from costmodel.workload import mean_lengths  # noqa: E402
@@ -60,9 +61,11 @@ def rate_curve(spec, cluster, unit, cfg, wl, slo, top: float, points: int = 6) -
     return rows
 
 
-def build_traffic_report(model: str, cluster_text: str, out_dir: Path, workloads=WORKLOADS,
+def build_traffic_report(model: str | ModelSpec, cluster_text: str, out_dir: Path, workloads=WORKLOADS,
                          engine: str | None = None) -> pd.DataFrame:
-    spec, cluster = load_model_spec(model), load_cluster(cluster_text)
+    """`model`: a name or file (load_model_spec), or the spec itself (a served context cut)."""
+    spec = model if isinstance(model, ModelSpec) else load_model_spec(model)
+    cluster = load_cluster(cluster_text)
     engine = engine or DEFAULT_ENGINE
     rows, curves, timelines = [], {}, {}
     for name, (slo_text, rate) in workloads.items():

@@ -13,9 +13,11 @@ from costmodel.runtime import DEFAULT_RUNTIME
 from planner.model_source import load_model_spec
 from planner.plan import Plan
 from cli.commands.flags import first_given
+from cli.commands.served import load_served_spec
 
 
-SERVING_FLAGS = ("prompt_len", "output_len", "max_ttft_ms", "max_tpot_ms", "workload", "rate", "slo", "engine")
+SERVING_FLAGS = ("prompt_len", "output_len", "max_ttft_ms", "max_tpot_ms", "workload", "rate", "slo", "engine",
+                 "max_model_len")
 
 
 def run_serving_report(args: argparse.Namespace, out: Path) -> int:
@@ -28,7 +30,7 @@ def run_serving_report(args: argparse.Namespace, out: Path) -> int:
         raise ConfigError("--runtime prices training; a serving report takes --engine (vllm or tensorrt-llm)")
     if args.format != "md":
         raise ConfigError(f"--format {args.format!r}: serving reports are markdown (md)")
-    spec = load_model_spec(args.model)
+    spec = load_served_spec(args)
     if args.workload:
         from costmodel.traffic import SLO
         from planner.serving_search import TrafficWorkload
@@ -41,7 +43,7 @@ def run_serving_report(args: argparse.Namespace, out: Path) -> int:
             raise ConfigError(f"a report of workload {args.workload} needs --slo and --rate (requests per second)")
         SLO.parse(slo_text)
         load_cluster(args.cluster)
-        table = build_traffic_report(args.model, args.cluster, out, {args.workload: (slo_text, rate)},
+        table = build_traffic_report(spec, args.cluster, out, {args.workload: (slo_text, rate)},
                                      engine=args.engine)
         rows = table.to_dict("records")
         if args.json:
