@@ -18,7 +18,8 @@ scheduler):
        (max_num_batched_tokens), max_num_seqs and free blocks allow; a request whose prefix
        (prefix_id) is cached starts with those blocks computed (prefix caching: hit tokens
        are not recomputed; blocks offloaded to host come back over PCIe); an iteration that
-       preempted is followed at once by one that admits (vLLM's next step), and under
+       preempts admits nothing (vLLM V1), one that preempted all it ran is scheduled again
+       at once (vLLM's next step), and under
        multi-step scheduling (num_scheduler_steps k, vLLM 0.6) decodes run k steps at a
        time with no admission between them
     3. the iteration's time (IterationCost): the token work of every scheduled token
