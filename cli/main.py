@@ -55,6 +55,16 @@ def add_strategy_flags(p: argparse.ArgumentParser) -> None:
                    help="fused attention without s x s tensors (default: on)")
 
 
+def add_request_flags(g) -> None:
+    """The served request's shape and targets (plan, simulate and report --mode inference)."""
+    g.add_argument("--prompt-len", type=int, help="prompt tokens per request")
+    g.add_argument("--output-len", type=int, help="generated tokens per request")
+    g.add_argument("--max-ttft-ms", type=float, help="time-to-first-token target")
+    g.add_argument("--max-tpot-ms", type=float, help="time-per-output-token target")
+    g.add_argument("--max-model-len", type=int, help="the longest sequence served, prompt and output (vLLM's flag; "
+                                                     "default the model's positions, its config's max_position_embeddings)")
+
+
 def add_mode_flags(p: argparse.ArgumentParser) -> None:
     """Pre-training (default), LoRA/QLoRA fine-tuning, or serving."""
     p.add_argument("--mode", choices=("train", "lora", "inference"), default="train",
@@ -64,14 +74,9 @@ def add_mode_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora-targets", help="comma list of q,k,v,o,up,gate,down (default q,k,v,o)")
     g.add_argument("--base-precision", choices=("bf16", "nf4"), help="frozen base weights: bf16, or nf4 (QLoRA)")
     g = p.add_argument_group("serving (--mode inference)")
-    g.add_argument("--prompt-len", type=int, help="prompt tokens per request")
-    g.add_argument("--output-len", type=int, help="generated tokens per request")
+    add_request_flags(g)
     g.add_argument("--batch", type=int, help="sequences per replica (default: the best the KV cache allows)")
-    g.add_argument("--max-ttft-ms", type=float, help="time-to-first-token target")
-    g.add_argument("--max-tpot-ms", type=float, help="time-per-output-token target")
     g.add_argument("--beam", type=int, help="beam width (multiplies the KV cache of the output)")
-    g.add_argument("--max-model-len", type=int, help="the longest sequence served, prompt and output (vLLM's flag; "
-                                                     "default the model's positions, its config's max_position_embeddings)")
     g.add_argument("--block-size", type=int, help="paged KV block, tokens (default 16)")
     g.add_argument("--draft-model", help="speculative decoding: the draft model")
     g.add_argument("--draft-len", type=int, help="speculative decoding: tokens drafted per step (gamma, default 4)")
@@ -144,12 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="training strategies (default) or serving layouts")
     g = rep.add_argument_group("serving (--mode inference): the steady state at --prompt-len/--output-len, or "
                                "under traffic with --workload")
-    g.add_argument("--prompt-len", type=int, help="prompt tokens per request")
-    g.add_argument("--output-len", type=int, help="generated tokens per request")
-    g.add_argument("--max-ttft-ms", type=float, help="time-to-first-token target")
-    g.add_argument("--max-tpot-ms", type=float, help="time-per-output-token target")
-    g.add_argument("--max-model-len", type=int, help="the longest sequence served (vLLM's flag; default the model's "
-                                                     "positions)")
+    add_request_flags(g)
     g.add_argument("--workload", help="chat, long-context, agent, random:PROMPT/OUTPUT, or a trace FILE: the goodput planner's unit "
                                       "against the steady-state planner's, latency against rate, a timeline")
     g.add_argument("--rate", type=float, help="requests per second to deploy for (default: the scenario's)")

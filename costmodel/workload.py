@@ -168,8 +168,8 @@ def generate(scenario: str | Scenario, *, rate: float, requests: int, context: i
 
 
 def context_note(name: str, requests: list[Request], context: int) -> str | None:
-    """A line saying that a scenario's requests were cut to the model's context (a server
-    stops a sequence there), where that halved their mean prompt or output; None otherwise."""
+    """A line saying that a scenario's requests were cut to the model's context (their prompts
+    cut, as `generate` does), where that halved their mean prompt or output; None otherwise."""
     sc = scenario_of(name)
     if sc is None or not requests:
         return None

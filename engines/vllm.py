@@ -191,8 +191,7 @@ def import_serve(text: str) -> ServeCommand:
             unknown.append(token)
     if not model:
         raise ConfigError("the vllm command names no model: write `vllm serve MODEL ...`")
-    for name in ("tp", "pp", "dp", "max_num_seqs", "max_num_batched_tokens", "block_size", "num_scheduler_steps",
-                 "max_model_len"):
+    for name in dict.fromkeys(_INT_FLAGS.values()):
         if name in fields and fields[name] < 1:
             raise ConfigError(f"the vllm command's {name.replace('_', '-')} must be a positive integer, "
                               f"got {fields[name]}")

@@ -13,11 +13,8 @@ from costmodel.runtime import DEFAULT_RUNTIME
 from planner.model_source import load_model_spec
 from planner.plan import Plan
 from cli.commands.flags import first_given
+from cli.commands.serve import INFERENCE_FLAGS
 from cli.commands.served import load_served_spec
-
-
-SERVING_FLAGS = ("prompt_len", "output_len", "max_ttft_ms", "max_tpot_ms", "workload", "rate", "slo", "engine",
-                 "max_model_len")
 
 
 def run_serving_report(args: argparse.Namespace, out: Path) -> int:
@@ -86,7 +83,7 @@ def run_report(args: argparse.Namespace) -> int:
         raise ConfigError(f"-o {out} is a file; give a folder for the report")
     if getattr(args, "mode", "train") == "inference":
         return run_serving_report(args, out)
-    flag = first_given(args, SERVING_FLAGS)
+    flag = first_given(args, INFERENCE_FLAGS)  # (those of them report takes)
     if flag:
         raise ConfigError(f"{flag} is for serving reports: add --mode inference")
     if args.global_batch is None:
