@@ -31,6 +31,7 @@ def main() -> None:
               for phase, mode in (("forward", fwd), ("backward", bwd))}
     if dist.get_rank() == 0:
         print(json.dumps(counts))
+    dist.barrier()  # no rank tears gloo down while another still talks (C++ terminate otherwise)
     dist.destroy_process_group()
 
 
