@@ -60,7 +60,7 @@ import bisect
 import heapq
 import math
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -738,6 +738,32 @@ def replica_blocks(spec: ModelSpec, cluster: Cluster, layout: ServingLayout, cfg
     return blocks, budget.kv_bytes_per_token_gpu * cfg.block_tokens
 
 
+def _too_small_why(spec: ModelSpec, cluster: Cluster, layout: ServingLayout, cfg: SchedulerConfig) -> str:
+    """Why a replica holds no KV cache at all: its weights (and the prefill workspace) fill
+    the memory a GPU may use."""
+    req = ServingRequest(prompt_len=max(1, min(cfg.max_num_batched_tokens, spec.context_len - 1)), output_len=1,
+                         precision=layout.precision, block_tokens=cfg.block_tokens, engine=cfg.engine)
+    budget = kv_budget(spec, cluster, req, layout.tp, layout.pp)
+    if budget.kv_gib > 0:
+        return ""
+    return f" (its weights take {budget.weights_gib:.1f} GiB of each GPU's {cluster.device.hbm_gib:g} GiB)"
+
+
+def _roomier_layout(spec: ModelSpec, cluster: Cluster, layout: ServingLayout, cfg: SchedulerConfig,
+                    longest: int) -> str:
+    """The way out of a replica too small for a request: the smallest tp within a node (the
+    same pp) whose KV cache holds it, else more pipeline stages."""
+    tp = layout.tp * 2
+    while tp <= cluster.gpus_per_node:
+        bigger = replace(layout, tp=tp, replicas=1, prefill_replicas=0)
+        if not layout_problems(spec, tp, layout.pp, layout.expert_parallel):
+            blocks = replica_blocks(spec, cluster, bigger, cfg)[0] // layout.pp
+            if blocks * cfg.block_tokens >= longest:
+                return f"give --tp {tp} (it holds {blocks * cfg.block_tokens} tokens) or more GPUs per replica"
+        tp *= 2
+    return "give more GPUs per replica (--pp across nodes) or shorter requests"
+
+
 def host_link_gb_per_s(cluster: Cluster) -> float:
     return HOST_LINK_GB_PER_S.get(cluster.device.arch, DEFAULT_HOST_LINK_GB_PER_S)
 
@@ -767,7 +793,8 @@ def simulate_traffic(spec: ModelSpec, cluster: Cluster, requests: list[Request],
     if blocks * cfg.block_tokens < longest:
         share = f" (each of its {layout.pp} virtual engines)" if layout.pp > 1 else ""
         raise ConfigError(f"a replica of tp {layout.tp} x pp {layout.pp}{share} holds {blocks * cfg.block_tokens} tokens "
-                          f"of KV cache, fewer than the longest request's {longest}; use more GPUs per replica")
+                          f"of KV cache, fewer than the longest request's {longest}"
+                          f"{_too_small_why(spec, cluster, layout, cfg)}; {_roomier_layout(spec, cluster, layout, cfg, longest)}")
     why = layout_problems(spec, layout.tp, layout.pp, layout.expert_parallel)
     if why:
         raise ConfigError(f"{spec.name} cannot be served as tp {layout.tp} x pp {layout.pp}: {'; '.join(why)}")

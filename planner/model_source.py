@@ -278,7 +278,7 @@ def _int(data: dict, *keys: str, default=None) -> int:
     raise ConfigError(f"Hugging Face config lacks '{keys[0]}'; it is needed to size the model")
 
 
-READ_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2")  # the dense decoders this reader sizes exactly
+READ_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3")  # the dense decoders this reader sizes exactly
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")  # and the mixtures of experts
 GELU_ACTS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_python")
 EXPERT_FIELDS = ("num_local_experts", "n_routed_experts", "num_experts", "moe_num_experts")
@@ -303,7 +303,7 @@ def _understood(data: dict) -> None:
         raise ConfigError(f"moe_layer_freq {data['moe_layer_freq']} is not read; write a spec YAML with moe_every")
     if model_type and model_type not in READ_TYPES + MOE_TYPES:
         raise ConfigError(f"model_type {model_type!r} is not one this reader sizes (it reads "
-                          f"{', '.join(READ_TYPES)}); read as one of those it would be mispriced: write a spec "
+                          f"{', '.join(READ_TYPES + MOE_TYPES)}); read as one of those it would be mispriced: write a spec "
                           "YAML with its sizes")
     act = data.get("hidden_activation") or data.get("hidden_act") or "silu"
     if model_type not in ("gpt2", "") and act not in ("silu", "swish", *GELU_ACTS):
@@ -365,8 +365,8 @@ def spec_from_hf_config(data: dict, *, name: str = "hf-model") -> ModelSpec:
 
 
 def _window_of(data: dict, model_type: str) -> dict:
-    """Sliding-window attention as transformers' classes apply it: Mistral and Mixtral in every
-    layer; Qwen2/3 (and their MoE) only with use_sliding_window, from layer max_window_layers up;
+    """Sliding-window attention as transformers' classes apply it: Mistral, Mixtral and Phi-3 in
+    every layer; Qwen2/3 (and their MoE) only with use_sliding_window, from layer max_window_layers up;
     Gemma-2 in every other layer; `layer_types` where the config lists them."""
     window = data.get("sliding_window")
     layers = _int(data, "num_hidden_layers")
@@ -375,7 +375,7 @@ def _window_of(data: dict, model_type: str) -> dict:
     types = data.get("layer_types")
     if isinstance(types, list) and len(types) == layers:
         windowed = sum(t == "sliding_attention" for t in types)
-    elif model_type in ("mistral", "mixtral"):
+    elif model_type in ("mistral", "mixtral", "phi3"):
         windowed = layers
     elif model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
         if not data.get("use_sliding_window", False):

@@ -191,7 +191,10 @@ def traced_map(module, example_inputs: tuple, spec: ModelSpec) -> ModuleMap:
             source = src
             current.append(rel)
         elif current and sub.out_features == width:
-            groups.append(ColumnGroup(source=source, column=tuple(current), row=rel))
+            if _fused(module, prefix, current, spec):
+                unsplittable.extend([*current, rel])
+            else:
+                groups.append(ColumnGroup(source=source, column=tuple(current), row=rel))
             current = []
         else:
             unsplittable.append(rel)
@@ -215,6 +218,17 @@ def traced_map(module, example_inputs: tuple, spec: ModelSpec) -> ModuleMap:
                      final_norm=norm if norm and not norm.startswith(f"{container}.") else "", positions=positions,
                      tied=tied, groups=tuple(groups), biased=tuple(biased), unsplittable=tuple(unsplittable),
                      head_attributes=heads, others=others)
+
+
+def _fused(module, prefix: str, column: list[str], spec: ModelSpec) -> bool:
+    """Whether a group's one column linear computes several projections at once (Phi-3's
+    qkv_proj, q_dim + 2 kv_dim rows; gate_up_proj, 2 ffn_hidden rows): split by contiguous rows
+    over tp, a rank would get all of some parts and none of others, so it is not split."""
+    if len(column) != 1:
+        return False
+    rows = _module_at(module, prefix + column[0]).out_features
+    kv_dim = spec.kv_heads * spec.head_dim
+    return rows == spec.q_dim + 2 * kv_dim or (spec.gated and rows == 2 * spec.ffn_hidden)
 
 
 def _width(in_block) -> int:

@@ -52,6 +52,17 @@ CONFIGS = {
         "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 3072, "vocab_size": 151936,
         "max_position_embeddings": 40960, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "hidden_act": "silu",
         "tie_word_embeddings": True},
+    # fused qkv_proj and gate_up_proj (the same sizes as Llama's split ones); a sliding window in every layer
+    "microsoft/Phi-3-mini-4k-instruct": {
+        "model_type": "phi3", "num_hidden_layers": 32, "hidden_size": 3072, "num_attention_heads": 32,
+        "num_key_value_heads": 32, "intermediate_size": 8192, "vocab_size": 32064,
+        "max_position_embeddings": 4096, "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "hidden_act": "silu",
+        "sliding_window": 2047, "tie_word_embeddings": False, "pad_token_id": 32000, "eos_token_id": 32000},
+    "microsoft/phi-4": {
+        "model_type": "phi3", "num_hidden_layers": 40, "hidden_size": 5120, "num_attention_heads": 40,
+        "num_key_value_heads": 10, "intermediate_size": 17920, "vocab_size": 100352,
+        "max_position_embeddings": 16384, "rope_theta": 250000.0, "rms_norm_eps": 1e-5, "hidden_act": "silu",
+        "sliding_window": None, "tie_word_embeddings": False, "pad_token_id": 100349, "eos_token_id": 100265},
 }
 # Qwen2's q, k and v carry biases that the spec (one `bias` flag for every linear) leaves out;
 # Gemma-2's two extra norms per layer (before and after the MLP) and Qwen3's q_norm / k_norm

@@ -131,3 +131,29 @@ def test_the_map_rediscovers_transformers_own_tensor_parallel_plan(tmp_path, con
     assert ours == theirs
     others = {k.removeprefix("layers.*.") for k, v in cls.base_model_tp_plan.items() if v not in words}
     assert set(mmap.others) == others
+
+
+def test_fused_projections_are_left_whole(tmp_path):
+    """Phi-3 computes q, k and v in one qkv_proj and gate and up in one gate_up_proj: split by
+    contiguous rows over tp, a rank would hold all of q and none of v (transformers' own plan
+    gathers their outputs: colwise_gather_output). The map leaves them whole, the planner plans
+    without tp, a forced --tp is one line; pipelining runs (tests/test_runtime_hf.py)."""
+    config = transformers.Phi3Config(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                     num_key_value_heads=2, intermediate_size=128, vocab_size=256,
+                                     max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    config.save_pretrained(tmp_path / "phi3")
+    model = f"hf:{tmp_path / 'phi3'}"
+    spec, _ = load_model(model)
+    mmap = module_map_of(source_of(model), spec)
+    assert mmap.groups == ()
+    assert mmap.unsplittable == ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+    out = paraplan("plan", "--model", model, "--cluster", "cpu:4", "--global-batch", "8", "--seq-len", "32", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["plan"]["mesh"]["tp"] == 1
+    forced = paraplan("plan", "--model", model, "--cluster", "cpu:4", "--global-batch", "8", "--seq-len", "32",
+                      "--tp", "2")
+    assert forced.returncode == 2 and len(forced.stderr.strip().splitlines()) == 1
+    assert "self_attn.qkv_proj" in forced.stderr and "use --tp 1" in forced.stderr
+    # a Llama's separate q, k, v and gate, up (the same widths) stay split
+    llama = _llama_dir(tmp_path)
+    assert len(module_map_of(source_of(llama), load_model(llama)[0]).groups) == 2

@@ -1,6 +1,6 @@
 """`paraplan run` trains the user's own module: tiny Hugging Face LlamaForCausalLM and
 Qwen2ForCausalLM (GQA; tied and untied, as the small Qwen2 models are tied; Qwen2's q/k/v
-biases) and a py: module of its own
+biases), Qwen3 and Phi-3 (fused projections, pipelined) and a py: module of its own
 naming, under every kind of split, with the losses of the same module on one process.
 
 Tolerance: 1e-5 relative, fp32, as tests/test_runtime_parity.py argues: the layouts only
@@ -22,7 +22,8 @@ from runtime.data import TokenSource  # noqa: E402
 from runtime_helpers import BATCH, ROOT, launch, read_results, worker_env, write_source_plan  # noqa: E402
 
 TOLERANCE = 1e-5
-HF_MODULES = ("transformers.models.llama.modeling_llama", "transformers.models.qwen2.modeling_qwen2", "transformers.models.qwen3.modeling_qwen3")
+HF_MODULES = ("transformers.models.llama.modeling_llama", "transformers.models.qwen2.modeling_qwen2",
+              "transformers.models.qwen3.modeling_qwen3", "transformers.models.phi3.modeling_phi3")
 STEPS = 4
 SEQ = 32
 SIZES = dict(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -46,6 +47,9 @@ MODELS = {  # name -> (config class, extra fields, with pretrained weights, layo
     "qwen2_tied": ("Qwen2Config", dict(tie_word_embeddings=True), False, ("tp_sp", "pp_interleaved")),
     # q_norm / k_norm on each rank's local heads (runtime.tensor_parallel.LocalShard)
     "qwen3": ("Qwen3Config", dict(tie_word_embeddings=False, head_dim=16), False, ("tp_sp",)),
+    # fused qkv_proj / gate_up_proj: pipelined (never split over tp: tests/test_module_map.py)
+    "phi3": ("Phi3Config", dict(tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=1), False,
+             ("pp_1f1b",)),
 }
 
 

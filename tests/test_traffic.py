@@ -5,6 +5,8 @@ long prompts, prefix caching skipping exactly the hit tokens, preemption when bl
 
 import json
 import math
+import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -155,8 +157,14 @@ def test_slo_goodput_and_bad_input():
     for text in ("ttft=1", "ttft_p99=", "foo_p90=1", "tpot_p99=-1", "e2e_p99=abc"):
         with pytest.raises(ConfigError, match="--slo"):
             SLO.parse(text)
-    with pytest.raises(ConfigError, match="holds"):
+    # a replica too small says why and the smallest tp that holds the request (70B: 128 GiB of bf16 weights)
+    with pytest.raises(ConfigError, match=r"holds 0 tokens .*\(its weights take 128\.\d GiB .*give --tp 2 \(it holds"):
         simulate_traffic(ZOO["llama2-70b"], CLUSTER, reqs[:3], ServingLayout(tp=1))
+    long_8b = replace(SPEC, max_positions=4_000_000)  # a 40 GB A100 holds 158,544 tokens of its KV, tp 4 1,012,544
+    for prompt, way in ((1_000_000, "give --tp 4 (it holds 1012544 tokens)"), (3_000_000, "--pp across nodes")):
+        with pytest.raises(ConfigError, match=rf"holds 158544 tokens of KV cache, fewer .* {prompt + 1000}; .*{re.escape(way)}"):
+            simulate_traffic(long_8b, load_cluster("a100-40g:8"), [Request(id=0, arrival_s=0.0, prompt_tokens=prompt,
+                                                                           output_tokens=1000)], ServingLayout(tp=1))
     with pytest.raises(ConfigError, match="prefill-replicas"):
         ServingLayout(replicas=2, prefill_replicas=2)
     again = simulate_traffic(SPEC, CLUSTER, reqs, ServingLayout(tp=1), slo=slo)
