@@ -35,7 +35,10 @@ the KV blocks; V1 keeps pp batches in flight the same way): each iteration of on
 of the stages (the pipeline hops included), each stage taking 1/pp of it as soon as the stage is
 free of the other engines' batches (in the order the iterations start). With every engine busy
 and their batches alike the stages are full: a replica's throughput is pp batches per traversal
-while a token's latency is one traversal; unequal batches leave bubbles.
+while a token's latency is one traversal; unequal batches leave bubbles. A run of repeated
+decode steps waits for the stages on its first traversal only (its later ones take 1/pp of each
+stage, the rest left to the other engines), and ends where a sibling engine with requests
+queued ends its iteration, so that their prompts share the stages with its next steps.
 
 Replicas (and virtual engines) share the arrivals (each to the one with the fewest requests in
 it). With
@@ -822,6 +825,7 @@ def simulate_traffic(spec: ModelSpec, cluster: Cluster, requests: list[Request],
     transfers: list[float] = []  # times of the KV transfers under way
     sending: dict[int, float] = {}  # prefill replica -> when its links finish the transfers queued on them
     stage_free: dict[int, list[float]] = {}  # replica of pp > 1 stages -> when each stage is next free
+    ending: dict[int, float] = {}  # replica (virtual engine) -> when its iteration under way ends
     in_flight: dict[int, tuple[list[tuple[_Seq, int]], bool, int]] = {}  # replica -> (one by one, aggregate, repeats)
     finished: list[_Seq] = []
     limit = math.inf if horizon_s is None else horizon_s
@@ -861,6 +865,11 @@ def simulate_traffic(spec: ModelSpec, cluster: Cluster, requests: list[Request],
             if (decoders or limited) and events:  # a prefill under way may send a sequence here when it
                 # ends; under a concurrency limit any finish may let a request go
                 until = min(until, events[0][0])
+            if layout.pp > 1:  # a sibling engine with requests queued starts them when its iteration
+                # ends, and its prompts then share the stages with this run's later steps
+                base = rep.index - rep.index % layout.pp
+                until = min([until] + [ending[sib.index] for sib in replicas[base:base + layout.pp]
+                                       if sib is not rep and sib.busy and sib.waiting])
             if 1 < most <= 8:
                 while repeats < most and now + took < until:
                     context += n
@@ -884,16 +893,19 @@ def simulate_traffic(spec: ModelSpec, cluster: Cluster, requests: list[Request],
         if layout.pp > 1:
             # the replica's virtual engines share its stages: each stage runs its share of a
             # traversal when it is free, in the order the iterations start. A run of repeated
-            # decodes waits at the stages on its first traversal; its later ones follow (each
-            # stage then busy for their shares, the gaps left to the other engines)
+            # decodes waits at the stages on its first traversal; its later ones follow, each
+            # stage busy for 1/pp of every traversal, the rest of it left to the other engines
+            # (which is all they need when their batches are alike). Booked whole, an engine
+            # prefilling a prompt that came in meanwhile waited out the entire run (seconds)
             free_at = stage_free.setdefault(rep.index // layout.pp, [0.0] * layout.pp)
             traversal = took / repeats
             share = traversal / layout.pp
             end = now
             for s in range(layout.pp):
                 end = max(end, free_at[s]) + share
-                free_at[s] = end + (repeats - 1) * share
+                free_at[s] = end
             end += took - traversal
+        ending[rep.index] = end
         heapq.heappush(events, (end, counter, rep.index))
         counter += 1
         rep.usage.append((now, end - now, 1 - rep.free / rep.total_blocks, len(rep.running),

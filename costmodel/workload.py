@@ -201,12 +201,23 @@ def _row(i: int, row: dict, where: str) -> Request:
     if missing:
         raise ConfigError(f"{where}: request {i} has no {', '.join(missing)}; a trace needs the columns "
                           f"{', '.join(FIELDS)} (and optionally prefix_id, prefix_tokens)")
+    def number(field: str, kind, default=None):
+        value = row.get(field) if default is None else (row.get(field) or default)
+        try:
+            got = float(value) if not isinstance(value, bool) else math.nan
+        except (TypeError, ValueError):
+            got = math.nan
+        if not math.isfinite(got) or (kind is int and not got.is_integer()):
+            what = "an integer" if kind is int else "a number"
+            raise ConfigError(f"{where}: request {i}: {field} must be {what}, got {value!r}")
+        return kind(got)
+
+    fields = dict(arrival_s=number("arrival_s", float), prompt_tokens=number("prompt_tokens", int),
+                  output_tokens=number("output_tokens", int), prefix_tokens=number("prefix_tokens", int, 0))
     try:
-        return Request(id=i, arrival_s=float(row["arrival_s"]), prompt_tokens=int(row["prompt_tokens"]),
-                       output_tokens=int(row["output_tokens"]), prefix_id=str(row.get("prefix_id") or ""),
-                       prefix_tokens=int(row.get("prefix_tokens") or 0))
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: request {i}: {exc}") from None
+        return Request(id=i, prefix_id=str(row.get("prefix_id") or ""), **fields)
+    except ConfigError as exc:  # the request's own check names it already
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def load_trace(path: str | Path) -> list[Request]:
