@@ -32,7 +32,8 @@ def commands(plan: Plan, *, model_path: str | None = None) -> list[list[str]]:
     prompt, output = setup.request.prompt_len, setup.request.output_len
     traffic = setup.traffic  # planned for a workload: requests of any length up to the context
     max_len = plan.spec.context_len if traffic else prompt + output
-    cmd = ["vllm", "serve", model_path or str(plan.model.get("name", "MODEL")),
+    model = model_path or sv.get("model_path") or str(plan.model.get("name", "MODEL"))  # the directory it was read from
+    cmd = ["vllm", "serve", model,
            "--tensor-parallel-size", plan.mesh["tp"], "--pipeline-parallel-size", plan.mesh["pp"],
            "--max-num-seqs", sv.get("max_num_seqs", plan.schedule["microbatch_size"]), "--max-model-len", max_len,
            "--block-size", int(sv.get("block_tokens", 16)), "--gpu-memory-utilization", GPU_MEMORY_UTILIZATION,

@@ -250,7 +250,11 @@ def plan_problems(plan: Plan, cluster) -> tuple[list[str], dict]:
         problems.append(f"the plan's mesh has {plan.world_size} processes but {cluster.name} has "
                         f"{cluster.world_size} GPUs; re-plan with `paraplan replan --gpus {cluster.world_size}`")
     spec, strategy = plan.spec, plan.strategy()
-    layout = strategy_problems(spec, strategy, plan.world_size)
+    # a serving plan's replica is checked as it is served (its heads, KV heads and experts over
+    # tp, its layers over pp), not as training would split it (a mixture of experts trained
+    # under tp runs sequence parallel; a served one has no sequence to split)
+    layout = (_serving_layout(plan, spec) if plan.mode == "inference"
+              else strategy_problems(spec, strategy, plan.world_size))
     problems += layout
     if not layout and plan.mode == "inference":
         problems += _serving_memory(plan, spec, cluster, facts)
@@ -286,6 +290,18 @@ def plan_problems(plan: Plan, cluster) -> tuple[list[str], dict]:
             problems.append(f"placement '{pattern}' matches no parameter of {spec.name} "
                             f"(names look like {names[min(2, len(names) - 1)]})")
     return [" ".join(p.split()) for p in dict.fromkeys(problems)], facts
+
+
+def _serving_layout(plan: Plan, spec: ModelSpec) -> list[str]:
+    """Why a serving plan's replica cannot serve the model (costmodel.serving.layout_problems)."""
+    from costmodel.serving import layout_problems as serving_layout_problems
+    from planner.serving_plan import serving_setup
+
+    try:
+        layout = serving_setup(plan, "the serving plan").layout
+    except ConfigError as exc:
+        return [str(exc)]
+    return serving_layout_problems(spec, layout.tp, layout.pp, layout.expert_parallel)
 
 
 def _serving_memory(plan: Plan, spec: ModelSpec, cluster, facts: dict) -> list[str]:

@@ -73,6 +73,7 @@ def serving_setup(plan: Plan, where: str = "the plan") -> ServingSetup:
         if not isinstance(sv, dict):
             raise ConfigError("it is not a mapping")
         engine = _text(sv, "engine", DEFAULT_ENGINE)
+        _text(sv, "model_path")  # the Hugging Face directory `vllm serve` loads, where one was read
         draft = None
         if _text(sv, "draft_model"):
             from planner.model_source import load_model_spec

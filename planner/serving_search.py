@@ -1,5 +1,5 @@
 """The serving layout for traffic: replica shape, prefill/decode split and scheduler settings
-with the most goodput per GPU under latency objectives (DistServe's placement search, on
+that serve a rate within latency objectives on the fewest GPUs (DistServe's placement search, on
 costmodel.traffic's simulator).
 
 Formulation. A *unit* is what is replicated: one replica of tp x pp GPUs, or a disaggregated
@@ -22,9 +22,12 @@ max_num_batched_tokens in TOKEN_BUDGETS, max_num_seqs in MAX_SEQS; chunked prefi
     goodput per GPU = rate* / GPUs(u)
     the steady-state planner's replica and batch (costmodel.serving.plan_serving at the mean
     lengths and the targets) join the grid, so the search contains the static choice;
-    maximise goodput per GPU, units taken in order of bound per GPU and skipped once their bound
-    is below the best goodput found (branch and bound: the skipped cannot win); at a requested rate R the deployment is ceil(R / rate*) units,
-    the fewest GPUs that meet the objectives at R with that unit.
+    at the requested rate R, minimise (GPUs deployed = ceil(R / rate*) x GPUs(u), -goodput per
+    GPU): the fewest GPUs that meet the objectives at R, the most headroom among those (at a
+    rate many units serve this is the most goodput per GPU; at a low one, the smallest unit
+    that serves it: 2 GPUs for 3 requests/s where a unit of 8 serves 78 at 1.5% more per GPU).
+    Units are taken in order of bound per GPU and skipped where even their bound's key is no
+    better than the best found (branch and bound: the skipped cannot win).
 
 Units are independent under a load balancer that splits arrivals evenly (a Poisson stream split
 n ways is n Poisson streams of rate R / n), so one unit's simulation gives the deployment's.
@@ -265,11 +268,18 @@ def static_unit(spec: ModelSpec, cluster: Cluster, prompt: float, output: float,
     return ServingLayout(tp=best.tp, pp=best.pp, precision=precision, expert_parallel=best.expert_parallel), best.batch
 
 
+def deployment_key(rate: float, unit_rate: float, gpus: int) -> tuple[float, float]:
+    """What the search minimises for a unit of `gpus` GPUs serving `unit_rate` requests/s within
+    the objectives: the GPUs of the ceil(rate / unit_rate) units that serve `rate`, then the
+    goodput per GPU (negated: more headroom on as many GPUs)."""
+    return math.ceil(rate / unit_rate - 1e-9) * gpus, -unit_rate / gpus
+
+
 def plan_traffic(spec: ModelSpec, cluster: Cluster, wl: TrafficWorkload, rate: float, slo: SLO, *,
                  precision: str = "bf16", progress: bool = False, engine: str = DEFAULT_ENGINE,
                  tp: int | None = None, pp: int | None = None) -> TrafficPlan:
-    """The unit and scheduler settings with the most goodput per GPU (the module's formulation);
-    a given `tp` or `pp` is fixed."""
+    """The unit and scheduler settings that serve `rate` on the fewest GPUs, the most goodput
+    per GPU among those (the module's formulation); a given `tp` or `pp` is fixed."""
     if not slo.targets:
         raise ConfigError("plan --mode inference --workload needs --slo (e.g. ttft_p99=0.5,tpot_p99=50ms): goodput "
                           "counts the requests that meet it")
@@ -307,20 +317,21 @@ def plan_traffic(spec: ModelSpec, cluster: Cluster, wl: TrafficWorkload, rate: f
                                static[0], cfg))
     candidates.sort(key=lambda c: -c[0])
     results, skipped = [], 0
-    best_per_gpu = 0.0
+    incumbent = (math.inf, 0.0)  # the best key found: (GPUs deployed at the rate, -goodput per GPU)
     shown = None if progress else True  # None: on a terminal only
     for bound_per_gpu, unit, cfg in tqdm(candidates, desc="simulating", unit="layout", disable=shown, leave=False):
-        if bound_per_gpu <= best_per_gpu:
-            skipped += 1
+        if bound_per_gpu <= 0 or deployment_key(rate, bound_per_gpu * unit.gpus, unit.gpus) >= incumbent:
+            skipped += 1  # even at its bound it deploys more GPUs, or as many with less headroom
             continue
         top, probes = unit_max_rate(spec, cluster, unit, cfg, wl, slo, bound_per_gpu * unit.gpus)
         results.append(UnitResult(unit=unit, scheduler=cfg, max_rate_rps=top, probes=probes))
-        best_per_gpu = max(best_per_gpu, top / unit.gpus)
+        if top > 0:
+            incumbent = min(incumbent, deployment_key(rate, top, unit.gpus))
     served = [r for r in results if r.max_rate_rps > 0]
     if not served:
         raise ConfigError(f"no layout of {spec.name} on {cluster.device.name} meets the objectives even at a trickle "
                           "of requests; relax --slo or use faster GPUs")
-    best = max(served, key=lambda r: (r.goodput_per_gpu, -r.gpus))
+    best = min(served, key=lambda r: (*deployment_key(rate, r.max_rate_rps, r.gpus), r.gpus))
     need = best.units_for(rate)
     deployment = replace(best.unit, replicas=best.unit.replicas * need, prefill_replicas=best.unit.prefill_replicas * need)
     # the deployment as one simulation (every unit's share of the rate, with the load balancer), on as

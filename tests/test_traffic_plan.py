@@ -5,7 +5,8 @@ import json
 from costmodel import load_cluster
 from costmodel.traffic import SLO, SchedulerConfig, ServingLayout, simulate_traffic
 from costmodel.workload import mean_lengths
-from planner.serving_search import TrafficWorkload, meets, plan_traffic, unit_bound, unit_max_rate
+from planner.serving_search import (TrafficWorkload, deployment_key, meets, plan_traffic, unit_bound,
+                                    unit_max_rate)
 from planner.zoo import ZOO
 from tests_helpers import paraplan as _paraplan
 
@@ -52,7 +53,16 @@ def test_the_plan_meets_its_objectives_at_the_rate_with_the_fewest_gpus_of_its_u
     wl = TrafficWorkload.of("chat", requests=400)
     found = plan_traffic(SPEC, cluster, wl, 30.0, SLO_CHAT)
     best = found.best
-    assert best.goodput_per_gpu == max(r.goodput_per_gpu for r in found.results)
+    # the fewest GPUs that serve 30/s: one H100 (tp1 x pp2 serves more per GPU, but needs two)
+    served = [r for r in found.results if r.max_rate_rps > 0]
+    assert deployment_key(30.0, best.max_rate_rps, best.gpus) == min(
+        deployment_key(30.0, r.max_rate_rps, r.gpus) for r in served)
+    assert found.deployment.gpus == 1 and best.goodput_per_gpu < max(r.goodput_per_gpu for r in served)
+    # at a rate no one GPU serves, the most goodput per GPU decides among as many GPUs
+    many = plan_traffic(SPEC, cluster, wl, 60.0, SLO_CHAT)
+    assert many.deployment.gpus == 2
+    assert many.best.goodput_per_gpu == max(r.goodput_per_gpu for r in many.results
+                                            if deployment_key(60.0, r.max_rate_rps, r.gpus)[0] == 2)
     assert found.units == -(-30.0 // best.max_rate_rps)
     assert found.deployment.gpus == found.units * best.gpus
     assert meets(found.at_rate, SLO_CHAT, 0.2)
@@ -162,7 +172,7 @@ def test_a_serving_plan_is_checked_repriced_and_not_trained(tmp_path, capsys):
     code, out, err = _main(capsys, "compare", str(traffic), str(steady), "--json")
     assert code == 0, err
     rows = json.loads(out)
-    assert [r["gpus"] for r in rows] == [2, 1]
+    assert [r["gpus"] for r in rows] == [1, 1]
     assert rows[0]["tpot_ms"] == 1e3 * yaml.safe_load(traffic.read_text())["predicted"]["tpot_p99_s"]
     assert rows[1]["tpot_ms"] == 1e3 * yaml.safe_load(steady.read_text())["predicted"]["tpot_s"]
     training = tmp_path / "train.yaml"
@@ -186,7 +196,8 @@ def test_a_damaged_serving_section_is_refused_in_one_line_by_every_command(tmp_p
                                ("engine", "sglang", "--engine 'sglang'"), ("replicas", 3, "= 3 GPUs"),
                                ("chunked_prefill", "yes", "chunked_prefill must be true or false"),
                                ("prompt_len", None, "prompt_len is missing"), ("slo", {"a": 1}, "slo must be text"),
-                               ("workload", None, "workload is missing")):
+                               ("workload", None, "workload is missing"),
+                               ("model_path", ["/m"], "model_path must be text")):
         damaged = dict(base, serving={**base["serving"], key: value})
         path = tmp_path / f"{key}.yaml"
         path.write_text(yaml.safe_dump(damaged))
@@ -384,3 +395,36 @@ def test_a_hugging_face_model_serves_its_whole_context_or_max_model_len(tmp_path
     code, _, err = _main(capsys, *traffic)
     assert code == 2 and "less than one 1000000-token sequence" in err and "(--max-model-len)" in err
     assert _main(capsys, *traffic, "--max-model-len", "32768")[0] == 0
+
+
+def test_a_served_mixture_of_experts_from_its_directory_is_checked_and_exported_as_served(tmp_path, capsys):
+    """A Hugging Face mixture of experts planned for traffic with its experts whole over tp: `check`
+    judges the replica as served (was: refused with the training rule that a mixture of experts
+    under tp runs sequence parallel), and `export --to vllm` serves the directory it was read from
+    (was: the directory's name, which `vllm serve` cannot load)."""
+    import yaml
+
+    folder = tmp_path / "Qwen3-30B-A3B"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({  # the model card's config.json, its sizing fields
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 2048,
+        "intermediate_size": 6144, "moe_intermediate_size": 768, "num_attention_heads": 32, "num_key_value_heads": 4,
+        "head_dim": 128, "num_hidden_layers": 48, "num_experts": 128, "num_experts_per_tok": 8,
+        "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True, "vocab_size": 151936,
+        "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "hidden_act": "silu",
+        "tie_word_embeddings": False}))
+    plan = tmp_path / "moe.yaml"
+    code, _, err = _main(capsys, "plan", "--mode", "inference", "--model", f"hf:{folder}", "--cluster", "h100-sxm:8",
+                         "--workload", "agent", "--rate", "15", "--slo", "ttft_p99=2,tpot_p99=50ms", "--tp", "2",
+                         "-o", str(plan))
+    assert code == 0, err
+    data = yaml.safe_load(plan.read_text())
+    assert data["mesh"]["tp"] == 2 and data["serving"]["model_path"] == str(folder.resolve())
+    for ep in (True, False):  # the experts whole over the two GPUs, or each split over them
+        data["serving"]["expert_parallel"] = ep
+        plan.write_text(yaml.safe_dump(data))
+        code, out, err = _main(capsys, "check", str(plan))
+        assert code == 0 and "OK" in out, err
+        code, out, err = _main(capsys, "export", str(plan), "--to", "vllm")
+        assert code == 0 and out.startswith(f"vllm serve {folder.resolve()} --tensor-parallel-size 2 "), err
+        assert ("--enable-expert-parallel" in out) == ep

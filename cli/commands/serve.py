@@ -15,7 +15,7 @@ from planner.files import atomic_write_text
 from planner.model_source import load_model_spec
 from planner.plan import plan_from_strategy
 from cli.commands.flags import first_given
-from cli.commands.served import load_served_spec
+from cli.commands.served import load_served_spec, served_model_path
 
 SERVING_FLAGS = ("prompt_len", "output_len", "batch", "max_ttft_ms", "max_tpot_ms", "beam", "block_size",
                  "draft_model", "draft_len", "acceptance")
@@ -123,7 +123,7 @@ def run_serving(args: argparse.Namespace) -> int:
     plan = plan.__class__(**{**{f: getattr(plan, f) for f in plan.__slots__}, "mode": "inference",
                              "serving": {"prompt_len": req.prompt_len, "output_len": req.output_len, "beam": req.beam,
                                          "block_tokens": req.block_tokens, "replicas": best.replicas,
-                                         "engine": req.engine,
+                                         "engine": req.engine, **served_model_path(args.model),
                                          **({"expert_parallel": True} if best.expert_parallel else {}),
                                          **({"draft_model": args.draft_model, "draft_len": req.draft_len,
                                              "acceptance": req.acceptance} if req.draft is not None else {})}})

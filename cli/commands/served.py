@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
+from pathlib import Path
 
 from costmodel import ConfigError
 from costmodel.spec import ModelSpec
@@ -26,3 +27,16 @@ def with_max_model_len(spec: ModelSpec, max_model_len: int | None) -> ModelSpec:
 def load_served_spec(args: argparse.Namespace, model: str | None = None) -> ModelSpec:
     """The spec of `model` (default --model) with --max-model-len applied."""
     return with_max_model_len(load_model_spec(model or args.model), getattr(args, "max_model_len", None))
+
+
+def served_model_path(model: str) -> dict:
+    """{"model_path": the Hugging Face model directory} that `vllm serve` loads, where --model
+    named one (hf:DIR, hf:DIR/config.json, DIR/config.json); {} for a built-in name or a spec
+    file (the export then names the model by its spec's name)."""
+    text = model[3:] if model.startswith("hf:") else model
+    path = Path(text)
+    if path.is_file() and path.name == "config.json":
+        path = path.parent
+    elif not (model.startswith("hf:") and path.is_dir()):
+        return {}
+    return {"model_path": str(path.resolve())}

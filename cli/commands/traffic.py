@@ -22,7 +22,7 @@ from costmodel.workload import Request, context_note, mean_lengths, scenario_of,
 from planner.files import atomic_write_text
 from planner.model_source import load_model_spec
 from cli.commands.flags import first_given
-from cli.commands.served import load_served_spec, with_max_model_len
+from cli.commands.served import load_served_spec, served_model_path, with_max_model_len
 
 DEFAULT_REQUESTS = 2000
 TRAINING_ONLY = ("dp", "cp", "ep", "expert_tp", "zero", "shard_group", "recompute", "microbatch_size", "schedule",
@@ -318,7 +318,7 @@ def run_traffic_plan(args: argparse.Namespace) -> int:
         "max_num_batched_tokens": best.scheduler.max_num_batched_tokens,
         "chunked_prefill": best.scheduler.chunked_prefill, "prefix_caching": best.scheduler.prefix_caching,
         "engine": best.scheduler.engine, "requests": wl.requests, "workload_seed": wl.seed, "burst_cv": wl.burst_cv,
-        **({"expert_parallel": True} if d.expert_parallel else {})}})
+        **served_model_path(args.model), **({"expert_parallel": True} if d.expert_parallel else {})}})
     if args.output:
         atomic_write_text(args.output, plan.to_yaml())
     if args.json:
