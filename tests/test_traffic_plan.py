@@ -420,7 +420,7 @@ def test_a_served_mixture_of_experts_from_its_directory_is_checked_and_exported_
     assert code == 0, err
     data = yaml.safe_load(plan.read_text())
     assert data["mesh"]["tp"] == 2 and data["serving"]["model_path"] == str(folder.resolve())
-    for ep in (True, False):  # the experts whole over the two GPUs, or each split over them
+    for ep in (False, True):  # each expert split over the two GPUs, or the experts whole over them
         data["serving"]["expert_parallel"] = ep
         plan.write_text(yaml.safe_dump(data))
         code, out, err = _main(capsys, "check", str(plan))
@@ -428,3 +428,10 @@ def test_a_served_mixture_of_experts_from_its_directory_is_checked_and_exported_
         code, out, err = _main(capsys, "export", str(plan), "--to", "vllm")
         assert code == 0 and out.startswith(f"vllm serve {folder.resolve()} --tensor-parallel-size 2 "), err
         assert ("--enable-expert-parallel" in out) == ep
+    # the command read back prices the directory it serves (was: "unknown model" for a path)
+    (tmp_path / "serve.sh").write_text(out)
+    code, out, err = _main(capsys, "simulate", "--mode", "inference", "--from", "vllm", str(tmp_path / "serve.sh"),
+                           "--cluster", "h100-sxm:8", "--workload", "chat", "--rate", "5", "--requests", "50", "--json")
+    assert code == 0, err
+    got = json.loads(out)
+    assert got["model"] == "Qwen3-30B-A3B" and got["layout"]["tp"] == 2 and got["layout"]["expert_parallel"]

@@ -9,6 +9,7 @@ import json
 import math
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 
 from costmodel import ConfigError, load_cluster
@@ -146,8 +147,11 @@ def from_vllm_command(args: argparse.Namespace, cluster: Cluster) -> tuple[Model
     if flag:
         raise ConfigError(f"--from vllm takes the layout and engine arguments from the command; drop {flag}")
     cmd = import_serve(config_text(source, engine, line_allowed=True, hint="give the vllm serve command or a file"))
+    served = cmd.model
+    if not args.model and (Path(served) / "config.json").is_file():  # a model directory, as vllm serve loads one
+        served = f"hf:{served}"
     try:
-        spec = load_model_spec(args.model or cmd.model)
+        spec = load_model_spec(args.model or served)
     except ConfigError as exc:
         raise ConfigError(f"{exc} (the vllm command serves {cmd.model!r}; give --model for its shape)") from None
     spec = with_max_model_len(spec, cmd.max_model_len)
