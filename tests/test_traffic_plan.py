@@ -395,6 +395,13 @@ def test_a_hugging_face_model_serves_its_whole_context_or_max_model_len(tmp_path
     code, _, err = _main(capsys, *traffic)
     assert code == 2 and "less than one 1000000-token sequence" in err and "(--max-model-len)" in err
     assert _main(capsys, *traffic, "--max-model-len", "32768")[0] == 0
+    # simulated, the layout is priced for the workload, and the note says vLLM needs the cut to start
+    code, out, err = _main(capsys, "simulate", "--mode", "inference", "--model", str(long), "--cluster", "h100-sxm:1",
+                           "--workload", "chat", "--rate", "2", "--requests", "20")
+    assert code == 0 and "note: vLLM would not start tp 1 x pp 1" in err and "--max-model-len" in err
+    code, out, err = _main(capsys, "simulate", "--mode", "inference", "--model", str(long), "--cluster", "h100-sxm:1",
+                           "--workload", "chat", "--rate", "2", "--requests", "20", "--max-model-len", "32768")
+    assert code == 0 and "would not start" not in err
 
 
 def test_a_served_mixture_of_experts_from_its_directory_is_checked_and_exported_as_served(tmp_path, capsys):
