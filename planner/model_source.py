@@ -100,6 +100,18 @@ def hf_config(path: str):
     return config
 
 
+def with_supported_attention(build, config):
+    """`build(config)` with SDPA attention, or eager attention where transformers' class has no
+    SDPA path (Gemma-2: its soft-capped attention logits) and refuses the SDPA config."""
+    try:
+        return build(config)
+    except ValueError as exc:
+        if "scaled_dot_product_attention" not in str(exc):
+            raise
+    config._attn_implementation = "eager"
+    return build(config)
+
+
 def build_source_module(source: dict, spec: ModelSpec, device: str = "meta", *, probe_layers: int | None = None):
     """(the source's module on `device` (meta: nothing allocated), example inputs for one pass
     over it). `probe_layers`: a Hugging Face model built only that many blocks deep (every
@@ -119,7 +131,7 @@ def build_source_module(source: dict, spec: ModelSpec, device: str = "meta", *, 
             config.num_hidden_layers = probe_layers
         try:
             with torch.device(device):
-                module = transformers.AutoModelForCausalLM.from_config(config)
+                module = with_supported_attention(transformers.AutoModelForCausalLM.from_config, config)
         except Exception as exc:  # noqa: BLE001 - transformers raises many kinds for a model it cannot build
             raise ConfigError(f"transformers cannot build a causal LM from {source['path']} ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None

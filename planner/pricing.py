@@ -46,6 +46,18 @@ class GraphPrice:
     pinned: int  # block parameters whose placement the plan fixed
 
 
+def probe_spec(spec: ModelSpec, layers: int, seq_len: int) -> ModelSpec:
+    """`spec` `layers` blocks deep at `seq_len`, its kinds of block kept in proportion: the
+    sliding-window layers (Gemma-2's every other one: 1 of 2) and the dense layers before a
+    mixture of experts' sparse ones (at least one sparse block left to price)."""
+    windowed = min(layers, round(spec.windowed_layers * layers / spec.layers)) if spec.windowed_layers else 0
+    if spec.windowed_layers and not windowed:
+        windowed = 1
+    dense = min(spec.dense_layers, layers - 1) if spec.moe else spec.dense_layers
+    return replace(spec, layers=layers, seq_len=seq_len, windowed_layers=windowed, dense_layers=max(dense, 0),
+                   attention_window=spec.attention_window if windowed else 0)
+
+
 def probe_graph(spec: ModelSpec, strategy: Strategy, source: dict | None = None, *,
                 batch: int | None = None) -> OpGraph:
     """The module the plan runs, `PROBE_LAYERS` blocks deep (every block is the same), traced
@@ -56,7 +68,7 @@ def probe_graph(spec: ModelSpec, strategy: Strategy, source: dict | None = None,
     from planner.trace import trace_module, trace_spec
 
     seq = (strategy.seq_len or spec.seq_len) // strategy.cp  # a context-parallel rank's share of the sequence
-    probe = replace(spec, layers=min(PROBE_LAYERS, spec.layers), seq_len=seq)
+    probe = probe_spec(spec, min(PROBE_LAYERS, spec.layers), seq)
     kind = (source or {}).get("kind")
     batch = batch or strategy.microbatch_size
     if kind in ("hf", "py"):

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from costmodel.errors import ConfigError
-from planner.model_source import hf_config
+from planner.model_source import hf_config, with_supported_attention
 from planner.plan import Plan
 
 PLAN_FILE = "plan.yaml"  # `paraplan run --checkpoint-dir DIR` keeps the plan it trained here
@@ -60,10 +60,11 @@ def load_hf_model(path: str | Path, *, checkpoint: Path | None = None, seed: int
     config = hf_config(str(path))
     folder = model_dir(path)
     if any(folder.glob("*.safetensors")):
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), config=config, dtype=dtype)
+        model = with_supported_attention(
+            lambda c: transformers.AutoModelForCausalLM.from_pretrained(str(folder), config=c, dtype=dtype), config)
     else:
         torch.manual_seed(seed)
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = with_supported_attention(lambda c: transformers.AutoModelForCausalLM.from_config(c, dtype=dtype), config)
     if checkpoint is not None:
         load_model_state(model, checkpoint)
     return model.eval()

@@ -387,12 +387,25 @@ def build_user_parts(plan: Plan, mesh, device: torch.device, seed: int, mmap: Mo
 
 
 def _restore_buffers(model: nn.Module, plan: Plan) -> None:
-    """Buffers (rotary tables) after `to_empty`: Hugging Face's init recomputes its rotary
-    embedding's; a py: module's come from its CPU build."""
+    """Buffers after `to_empty`: Hugging Face's init recomputes them (a rotary embedding's
+    tables; Gemma-2's embedding scale, sqrt(hidden)), run on a copy of each submodule whose
+    parameters are throwaway CPU tensors, so that the weights already filled stay; a py:
+    module's come from its CPU build."""
     if plan.source.get("kind") == "hf":
-        for path, sub in model.named_modules():
-            if "RotaryEmbedding" in type(sub).__name__ and hasattr(sub, "original_inv_freq"):
-                model._init_weights(sub)
+        with torch.no_grad():
+            for path, sub in model.named_modules():
+                mine = {n: b for n, b in sub._buffers.items() if b is not None and n in sub._non_persistent_buffers_set}
+                if not mine:  # (persistent buffers come with the weights)
+                    continue
+                local = copy.copy(sub)
+                local._modules, local._buffers = {}, dict(mine)
+                local._parameters = {n: None if p is None else nn.Parameter(torch.empty(p.shape, dtype=p.dtype),
+                                                                              requires_grad=False)
+                                     for n, p in sub._parameters.items()}
+                model._init_weights(local)
+                for n, b in mine.items():  # set in place, or rebound on the copy
+                    if local._buffers[n] is not b:
+                        b.copy_(local._buffers[n].to(b.device))
         return
     buffers = list(model.named_buffers())
     if buffers:

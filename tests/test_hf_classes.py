@@ -145,3 +145,24 @@ def test_head_dim_and_gated_gelu_models_match_their_model_cards(name):
     assert spec.num_params == pytest.approx(MODEL_CARD[name], rel=0.005)
     assert spec.q_dim == CONFIGS[name]["num_attention_heads"] * CONFIGS[name]["head_dim"] != spec.hidden
     assert spec.activation.value == ("geglu" if "gemma" in name else "swiglu")
+
+
+def test_a_gemma2_config_is_planned_and_checked(tmp_path):
+    """Gemma-2-9B from its config.json: its module built (eager attention: transformers has no SDPA
+    path for its soft-capped logits) and priced two blocks deep, one of them windowed (was: the
+    two-block probe kept all 21 windowed layers and was refused, "windowed_layers (21) exceeds
+    layers (2)"); the plan written passes check."""
+    import json
+
+    from tests_helpers import paraplan
+
+    folder = tmp_path / "gemma-2-9b"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(CONFIGS["google/gemma-2-9b"]))
+    out = paraplan("plan", "--model", f"hf:{folder}", "--cluster", "h100-sxm:64", "--global-batch", "256",
+                   "-o", str(tmp_path / "p.yaml"))
+    assert out.returncode == 0, out.stderr
+    assert "note:" not in out.stderr  # the Hugging Face module itself, not paraplan's rebuild
+    assert "a sliding window of 4096 tokens in 21 of 42 layers" in out.stdout
+    check = paraplan("check", str(tmp_path / "p.yaml"))
+    assert check.returncode == 0 and "OK" in check.stdout, check.stderr

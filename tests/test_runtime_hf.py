@@ -1,6 +1,7 @@
 """`paraplan run` trains the user's own module: tiny Hugging Face LlamaForCausalLM and
 Qwen2ForCausalLM (GQA; tied and untied, as the small Qwen2 models are tied; Qwen2's q/k/v
-biases), Qwen3 and Phi-3 (fused projections, pipelined) and a py: module of its own
+biases), Qwen3, Phi-3 (fused projections, pipelined) and Gemma-2 (eager attention in a
+sliding window) and a py: module of its own
 naming, under every kind of split, with the losses of the same module on one process.
 
 Tolerance: 1e-5 relative, fp32, as tests/test_runtime_parity.py argues: the layouts only
@@ -23,7 +24,8 @@ from runtime_helpers import BATCH, ROOT, launch, read_results, worker_env, write
 
 TOLERANCE = 1e-5
 HF_MODULES = ("transformers.models.llama.modeling_llama", "transformers.models.qwen2.modeling_qwen2",
-              "transformers.models.qwen3.modeling_qwen3", "transformers.models.phi3.modeling_phi3")
+              "transformers.models.qwen3.modeling_qwen3", "transformers.models.phi3.modeling_phi3",
+              "transformers.models.gemma2.modeling_gemma2")
 STEPS = 4
 SEQ = 32
 SIZES = dict(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -50,6 +52,10 @@ MODELS = {  # name -> (config class, extra fields, with pretrained weights, layo
     # fused qkv_proj / gate_up_proj: pipelined (never split over tp: tests/test_module_map.py)
     "phi3": ("Phi3Config", dict(tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=1), False,
              ("pp_1f1b",)),
+    # no SDPA path in transformers (soft-capped logits): eager attention, a 16-token window on every other
+    # layer, and its embedding scale a buffer that the weights do not carry
+    "gemma2": ("Gemma2Config", dict(head_dim=16, sliding_window=16, pad_token_id=0, eos_token_id=1, bos_token_id=1),
+               True, ("tp",)),
 }
 
 
@@ -120,6 +126,11 @@ def test_step_one_is_the_transformers_modules_loss(hf_runs):
         plain = float(F.cross_entropy(model(x).logits.flatten(0, 1), y.flatten()))
     for layout in ("tp_sp", "3d", "pp_1f1b"):
         assert abs(results[f"llama_tied__{layout}"]["losses"][0] - plain) <= TOLERANCE * plain
+    gemma = transformers.AutoModelForCausalLM.from_pretrained(str(dirs["gemma2"])).eval()
+    with torch.no_grad():
+        plain_gemma = float(F.cross_entropy(gemma(x).logits.flatten(0, 1), y.flatten()))
+    for name in ("gemma2__reference", "gemma2__tp"):  # was: no SDPA, so paraplan's rebuild, which has no window
+        assert abs(results[name]["losses"][0] - plain_gemma) <= TOLERANCE * plain_gemma
     # and a module initialised by paraplan is another model: the losses differ from step 1
     assert abs(results["llama__reference"]["losses"][0] - plain) > 1e-3
 
