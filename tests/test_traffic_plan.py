@@ -442,3 +442,19 @@ def test_a_served_mixture_of_experts_from_its_directory_is_checked_and_exported_
     assert code == 0, err
     got = json.loads(out)
     assert got["model"] == "Qwen3-30B-A3B" and got["layout"]["tp"] == 2 and got["layout"]["expert_parallel"]
+
+
+def test_flags_serving_under_traffic_does_not_take_are_refused(capsys):
+    """Under traffic the requests come from the workload and the objectives from --slo: the steady
+    state's request, batch, beam, draft model and latency caps, and training's flags, are one line
+    each (they were silently ignored: --beam 2 or --draft-model priced nothing)."""
+    base = ("--mode", "inference", "--model", "llama3-8b", "--cluster", "h100-sxm:1", "--workload", "chat",
+            "--rate", "2")
+    for flag, value, needle in (("--beam", "2", "is for the steady-state serving model"),
+                                ("--draft-model", "llama3-8b", "is for the steady-state serving model"),
+                                ("--max-tpot-ms", "50", "latency objectives from --slo"),
+                                ("--seq-len", "4096", "does not apply to serving under traffic"),
+                                ("--runtime", "paraplan", "does not apply to serving under traffic")):
+        for command in (("simulate", "--requests", "20"), ("plan", "--slo", "ttft_p99=1")):
+            code, out, err = _main(capsys, command[0], *base, *command[1:], flag, value)
+            assert code == 2 and needle in err and len(err.strip().splitlines()) == 1 and not out, (command, flag, err)

@@ -23,18 +23,26 @@ from costmodel.workload import Request, context_note, mean_lengths, scenario_of,
 from planner.files import atomic_write_text
 from planner.model_source import load_model_spec
 from cli.commands.flags import first_given
+from cli.commands.serve import TRAINING_FLAGS
 from cli.commands.served import load_served_spec, served_model_path, with_max_model_len
 
 DEFAULT_REQUESTS = 2000
-TRAINING_ONLY = ("dp", "cp", "ep", "expert_tp", "zero", "shard_group", "recompute", "microbatch_size", "schedule",
-                 "virtual_stages", "grad_dtype", "master_dtype", "global_batch", "batch", "prompt_len", "output_len")
+# the steady-state serving model's request, batch, objectives and speculative decoding
+STEADY_STATE_ONLY = ("batch", "prompt_len", "output_len", "beam", "max_ttft_ms", "max_tpot_ms", "draft_model",
+                     "draft_len", "acceptance")
 
 
 def refuse_other_flags(args: argparse.Namespace) -> None:
-    flag = first_given(args, TRAINING_ONLY)
+    """One line for a flag that serving under traffic does not take (was: training flags and the
+    steady state's beam, draft model and latency caps silently ignored)."""
+    flag = first_given(args, TRAINING_FLAGS)
     if flag:
         raise ConfigError(f"{flag} does not apply to serving under traffic (--workload); "
                           "give the layout with --tp, --pp, --replicas, --prefill-replicas")
+    flag = first_given(args, STEADY_STATE_ONLY)
+    if flag:
+        raise ConfigError(f"{flag} is for the steady-state serving model (leave out --workload); under traffic the "
+                          "requests come from the workload and the latency objectives from --slo")
 
 
 def scheduler_config(args: argparse.Namespace, cluster: Cluster) -> SchedulerConfig:
