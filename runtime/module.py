@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
-    ColwiseParallel, ParallelStyle, RowwiseParallel, SequenceParallel, parallelize_module,
+    ColwiseParallel, RowwiseParallel, SequenceParallel, parallelize_module,
 )
 
 from costmodel.errors import ConfigError
