@@ -63,6 +63,11 @@ def add_request_flags(g) -> None:
     g.add_argument("--max-tpot-ms", type=float, help="time-per-output-token target")
     g.add_argument("--max-model-len", type=int, help="the longest sequence served, prompt and output (vLLM's flag; "
                                                      "default the model's positions, its config's max_position_embeddings)")
+    g.add_argument("--kv-cache-dtype", help="the KV cache's values: auto (the weights' precision, default), bf16, fp16 "
+                                            "or fp8 (vLLM's flag: half the bytes of a bf16 cache)")
+    g.add_argument("--gpu-memory-utilization", type=float,
+                   help="the share of each GPU's memory the engine may use for weights, activations and the KV cache "
+                        "(vLLM's flag, default 0.9)")
 
 
 def add_mode_flags(p: argparse.ArgumentParser) -> None:

@@ -59,6 +59,23 @@ from costmodel.strategy import Strategy
 PREFILL_TOKENS = 8192
 GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default share of the GPU it may use
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+# the KV cache's values (vLLM's --kv-cache-dtype): "auto" as the weights' precision
+KV_CACHE_DTYPES = ("auto", "bf16", "fp16", "fp8")
+
+
+def check_kv_cache(kv_cache_dtype: str, gpu_memory_utilization: float) -> None:
+    """One line for a KV cache dtype or a GPU memory share the engine would not take."""
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ConfigError(f"--kv-cache-dtype {kv_cache_dtype!r}; use one of {', '.join(KV_CACHE_DTYPES)}")
+    if isinstance(gpu_memory_utilization, bool) or not isinstance(gpu_memory_utilization, (int, float)) or not (
+            0 < gpu_memory_utilization <= 1):
+        raise ConfigError(f"--gpu-memory-utilization must be a share of the GPU's memory in (0, 1], got "
+                          f"{gpu_memory_utilization!r}")
+
+
+def kv_value_bytes(precision: str, kv_cache_dtype: str = "auto") -> int:
+    """Bytes of one cached K/V value: the weights' precision, or the KV cache's own dtype."""
+    return BYTES[precision if kv_cache_dtype == "auto" else kv_cache_dtype]
 
 
 
@@ -87,6 +104,8 @@ class ServingRequest:
     draft_len: int = 4
     acceptance: float = 0.8
     engine: str = DEFAULT_ENGINE  # the serving engine profile (costmodel.serving_engine)
+    kv_cache_dtype: str = "auto"  # vLLM's --kv-cache-dtype: fp8 halves a bf16 cache (capacity and reads)
+    gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION  # vLLM's share of the GPU for weights, activations, KV
 
     def __post_init__(self) -> None:
         for name in ("prompt_len", "output_len", "beam", "block_tokens", "draft_len"):
@@ -104,10 +123,15 @@ class ServingRequest:
         if not 0 <= self.acceptance < 1:
             raise ConfigError(f"--acceptance must be in [0, 1), got {self.acceptance}")
         check_engine_name(self.engine)
+        check_kv_cache(self.kv_cache_dtype, self.gpu_memory_utilization)
 
     @property
     def bytes_per_value(self) -> int:
         return BYTES[self.precision]
+
+    @property
+    def kv_bytes_per_value(self) -> int:
+        return kv_value_bytes(self.precision, self.kv_cache_dtype)
 
 
 def kv_bytes_per_token(spec: ModelSpec, bytes_per_value: int = 2) -> int:
@@ -213,9 +237,9 @@ def kv_budget(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: int, p
     weights = weights_bytes_per_gpu(spec, tp, pp, e)
     # prefill workspace: one sequence's prompt through a layer (residual, q/k/v, MLP) and its logits
     workspace = req.prompt_len * (4 * spec.hidden + 2 * spec.ffn_hidden // tp) * e + spec.vocab // tp * 4
-    usable = cluster.device.hbm_bytes * GPU_MEMORY_UTILIZATION - cluster.device.memory_overhead.fixed_gib * 2**30
+    usable = cluster.device.hbm_bytes * req.gpu_memory_utilization - cluster.device.memory_overhead.fixed_gib * 2**30
     kv = max(0.0, usable - weights - workspace)
-    per_token = math.ceil(spec.layers / pp) * kv_values_per_token_gpu(spec, tp) * e
+    per_token = math.ceil(spec.layers / pp) * kv_values_per_token_gpu(spec, tp) * req.kv_bytes_per_value
     capacity = int(kv // per_token)
     P, O, b = req.prompt_len, req.output_len, req.block_tokens
     if P + O > spec.context_len:
@@ -304,12 +328,14 @@ def tensor_all_reduce_s(nbytes: float, cluster: Cluster, tp: int) -> float:
     return nccl
 
 
-def decode_attention_s(spec: ModelSpec, cluster: Cluster, dtype: str, tp: int, rows: float, context: float) -> float:
+def decode_attention_s(spec: ModelSpec, cluster: Cluster, dtype: str, tp: int, rows: float, context: float,
+                       kv_bytes: int | None = None) -> float:
     """One layer's attention of `rows` single-token queries, each over `context` cached tokens
-    (its K and V, or latent, read once): memory-bound."""
+    (its K and V, or latent, read once, `kv_bytes` a value: the weights' precision by default):
+    memory-bound."""
     dev, e = cluster.device, BYTES[dtype]
     q = spec.q_dim // tp
-    cache = rows * context * kv_values_per_token_gpu(spec, tp) * e
+    cache = rows * context * kv_values_per_token_gpu(spec, tp) * (kv_bytes or e)
     return dev.attention_s(4.0 * rows * context * q, cache + 2 * rows * q * e, dtype, decode=True)
 
 
@@ -327,7 +353,7 @@ def decode_step_s(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: in
     dtype, e = req.precision, req.bytes_per_value
     rows = batch * req.beam
     layer = (token_layer_s(spec, cluster, dtype, tp, rows, expert_parallel)
-             + decode_attention_s(spec, cluster, dtype, tp, rows, context))
+             + decode_attention_s(spec, cluster, dtype, tp, rows, context, req.kv_bytes_per_value))
     hops = (pp - 1) * send_recv_s(rows * spec.hidden * e, cluster.p2p_link(tp))
     return spec.layers * layer + head_s(spec, cluster, dtype, tp, rows) + hops
 

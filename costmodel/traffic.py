@@ -72,9 +72,9 @@ from costmodel.collectives import send_recv_s
 from costmodel.errors import ConfigError
 from costmodel.runtime import FUSED
 from costmodel.serving_engine import DEFAULT_ENGINE, ServingEngine, check_engine_name, engine_cluster
-from costmodel.serving import (BYTES, ServingRequest, cli_flag, decode_attention_s, head_s, kv_budget,
-                               kv_bytes_per_token, kv_values_per_token_gpu, layout_label, layout_problems,
-                               token_layer_s)
+from costmodel.serving import (BYTES, GPU_MEMORY_UTILIZATION, ServingRequest, check_kv_cache, cli_flag,
+                               decode_attention_s, head_s, kv_budget, kv_bytes_per_token, kv_value_bytes,
+                               kv_values_per_token_gpu, layout_label, layout_problems, token_layer_s)
 from costmodel.spec import ModelSpec
 from costmodel.workload import Request
 
@@ -103,6 +103,8 @@ class SchedulerConfig:
     # many steps at a time and waiting requests are admitted only between such runs
     num_scheduler_steps: int = 1
     engine: str = DEFAULT_ENGINE  # the serving engine profile (profiles/serving): what share of the GPU it reaches
+    kv_cache_dtype: str = "auto"  # --kv-cache-dtype: "auto" the layout's precision, or fp8 (half a bf16 cache)
+    gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION  # the share of each GPU the engine may use
 
     def __post_init__(self) -> None:
         if self.num_gpu_blocks_override is not None and (isinstance(self.num_gpu_blocks_override, bool) or not isinstance(
@@ -115,6 +117,7 @@ class SchedulerConfig:
         if self.preemption not in PREEMPTION_MODES:
             raise ConfigError(f"--preemption {self.preemption!r}; use one of {', '.join(PREEMPTION_MODES)}")
         check_engine_name(self.engine)
+        check_kv_cache(self.kv_cache_dtype, self.gpu_memory_utilization)
         if self.evicted_prefix not in CACHE_EVICTION:
             raise ConfigError(f"--evicted-prefix {self.evicted_prefix!r}; use one of {', '.join(CACHE_EVICTION)}")
 
@@ -159,7 +162,8 @@ class IterationCost:
     (GEMM time is piecewise linear in rows between the efficiency curve's points)."""
 
     def __init__(self, spec: ModelSpec, cluster: Cluster, tp: int, pp: int, precision: str, max_tokens: int,
-                 expert_parallel: bool = False, engine: ServingEngine | str = DEFAULT_ENGINE):
+                 expert_parallel: bool = False, engine: ServingEngine | str = DEFAULT_ENGINE,
+                 kv_cache_dtype: str = "auto"):
         # the GPU as the serving engine runs it (a cluster already priced for one stays as it is),
         # with fused kernels whatever runtime priced training
         cluster = with_runtime(engine_cluster(cluster, engine), FUSED)
@@ -174,7 +178,8 @@ class IterationCost:
                        + (pp - 1) * send_recv_s(n * spec.hidden * self.e, link) for n in grid]
         self._head = [head_s(spec, cluster, precision, tp, n) for n in grid]
         self._q = spec.q_dim // tp
-        self._kv_token_layer = kv_values_per_token_gpu(spec, tp) * self.e  # bytes per cached token, one layer
+        self._kv_bytes = kv_value_bytes(precision, kv_cache_dtype)
+        self._kv_token_layer = kv_values_per_token_gpu(spec, tp) * self._kv_bytes  # bytes per cached token, one layer
 
     def _interp(self, table: list[float], n: float) -> float:
         if n <= 0:
@@ -197,7 +202,7 @@ class IterationCost:
         layers, dev = self.spec.layers, self.cluster.device
         if decode_rows:
             t += layers * decode_attention_s(self.spec, self.cluster, self.dtype, self.tp, decode_rows,
-                                             decode_context / decode_rows)
+                                             decode_context / decode_rows, self._kv_bytes)
         if prefill_pairs:
             flops = 4.0 * prefill_pairs * self._q
             moved = 2 * (tokens - decode_rows) * self._q * self.e + prefill_kv_tokens * self._kv_token_layer
@@ -733,7 +738,8 @@ def replica_blocks(spec: ModelSpec, cluster: Cluster, layout: ServingLayout, cfg
     """(KV blocks a replica holds, bytes of one block on one GPU) after weights and workspace."""
     chunk = max(1, min(cfg.max_num_batched_tokens, spec.context_len - 1))
     req = ServingRequest(prompt_len=chunk, output_len=1, precision=layout.precision, block_tokens=cfg.block_tokens,
-                         engine=cfg.engine)
+                         engine=cfg.engine, kv_cache_dtype=cfg.kv_cache_dtype,
+                         gpu_memory_utilization=cfg.gpu_memory_utilization)
     budget = kv_budget(spec, cluster, req, layout.tp, layout.pp)
     blocks = budget.capacity_tokens // cfg.block_tokens
     if cfg.num_gpu_blocks_override is not None:
@@ -745,7 +751,8 @@ def _too_small_why(spec: ModelSpec, cluster: Cluster, layout: ServingLayout, cfg
     """Why a replica holds no KV cache at all: its weights (and the prefill workspace) fill
     the memory a GPU may use."""
     req = ServingRequest(prompt_len=max(1, min(cfg.max_num_batched_tokens, spec.context_len - 1)), output_len=1,
-                         precision=layout.precision, block_tokens=cfg.block_tokens, engine=cfg.engine)
+                         precision=layout.precision, block_tokens=cfg.block_tokens, engine=cfg.engine,
+                         kv_cache_dtype=cfg.kv_cache_dtype, gpu_memory_utilization=cfg.gpu_memory_utilization)
     budget = kv_budget(spec, cluster, req, layout.tp, layout.pp)
     if budget.kv_gib > 0:
         return ""
@@ -802,7 +809,7 @@ def simulate_traffic(spec: ModelSpec, cluster: Cluster, requests: list[Request],
     if why:
         raise ConfigError(f"{spec.name} cannot be served as tp {layout.tp} x pp {layout.pp}: {'; '.join(why)}")
     cost = IterationCost(spec, cluster, layout.tp, layout.pp, layout.precision, cfg.max_num_batched_tokens,
-                         layout.expert_parallel)  # the cluster is the engine's already
+                         layout.expert_parallel, kv_cache_dtype=cfg.kv_cache_dtype)  # the cluster is the engine's already
     host = host_link_gb_per_s(cluster)
     roles = ["prefill"] * layout.prefill_replicas + ["decode" if layout.prefill_replicas else "mixed"] * (
         layout.replicas - layout.prefill_replicas)
@@ -810,7 +817,7 @@ def simulate_traffic(spec: ModelSpec, cluster: Cluster, requests: list[Request],
     replicas = [_Replica(i, role, cost, blocks, cfg, host, block_bytes) for i, role in enumerate(roles)]
     entry = [r for r in replicas if r.role != "decode"]
     decoders = [r for r in replicas if r.role == "decode"]
-    kv_token_bytes = kv_bytes_per_token(spec, BYTES[layout.precision])
+    kv_token_bytes = kv_bytes_per_token(spec, kv_value_bytes(layout.precision, cfg.kv_cache_dtype))
     transfer_link = cluster.inter if cluster.nodes > 1 else cluster.intra
 
     seqs = [_Seq(req=r, index=i, prompt=r.prompt_tokens, output=r.output_tokens, arrival_s=r.arrival_s)

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from costmodel.errors import ConfigError
 from planner.plan import Plan
 
-GPU_MEMORY_UTILIZATION = 0.9  # what costmodel.serving's KV capacity assumes
 
 
 def commands(plan: Plan, *, model_path: str | None = None) -> list[list[str]]:
@@ -36,12 +35,15 @@ def commands(plan: Plan, *, model_path: str | None = None) -> list[list[str]]:
     cmd = ["vllm", "serve", model,
            "--tensor-parallel-size", plan.mesh["tp"], "--pipeline-parallel-size", plan.mesh["pp"],
            "--max-num-seqs", sv.get("max_num_seqs", plan.schedule["microbatch_size"]), "--max-model-len", max_len,
-           "--block-size", int(sv.get("block_tokens", 16)), "--gpu-memory-utilization", GPU_MEMORY_UTILIZATION,
+           "--block-size", int(sv.get("block_tokens", 16)),
+           "--gpu-memory-utilization", setup.request.gpu_memory_utilization,
            "--dtype", "bfloat16" if plan.precision == "bf16" else "float16" if plan.precision == "fp16" else "auto"]
     if traffic:
         cmd += ["--max-num-batched-tokens", sv["max_num_batched_tokens"],
                 "--enable-chunked-prefill" if sv.get("chunked_prefill", True) else "--no-enable-chunked-prefill",
                 "--enable-prefix-caching" if sv.get("prefix_caching", True) else "--no-enable-prefix-caching"]
+    if setup.request.kv_cache_dtype != "auto":
+        cmd += ["--kv-cache-dtype", {"fp8": "fp8", "bf16": "bfloat16", "fp16": "float16"}[setup.request.kv_cache_dtype]]
     if sv.get("expert_parallel"):  # the experts whole over the tp GPUs (costmodel.serving)
         cmd += ["--enable-expert-parallel"]
     if sv.get("draft_model"):
@@ -103,6 +105,8 @@ class ServeCommand:
     num_scheduler_steps: int | None = None  # vLLM 0.6-0.10's multi-step scheduling
     max_model_len: int | None = None  # the longest sequence it serves
     precision: str | None = None  # from --dtype
+    kv_cache_dtype: str | None = None  # from --kv-cache-dtype (its fp8 formats alike: one byte a value)
+    gpu_memory_utilization: float | None = None
     unknown: tuple[str, ...] = ()
 
 
@@ -120,6 +124,7 @@ _NO_COST = {"--host": True, "--port": True, "--served-model-name": True, "--api-
             "--revision": True, "--enforce-eager": False, "--swap-space": True,
             "--chat-template": True}
 _DTYPES = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "half": "fp16", "fp16": "fp16", "auto": None}
+_KV_DTYPES = {"auto": "auto", "fp8": "fp8", "fp8_e4m3": "fp8", "fp8_e5m2": "fp8", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def import_serve(text: str) -> ServeCommand:
@@ -178,8 +183,18 @@ def import_serve(text: str) -> ServeCommand:
                 fields["precision"] = _DTYPES[raw]
         elif flag == "--gpu-memory-utilization":
             raw = value()
-            if raw != str(GPU_MEMORY_UTILIZATION):
-                unknown.append(f"--gpu-memory-utilization {raw} (priced at {GPU_MEMORY_UTILIZATION})")
+            try:
+                fields["gpu_memory_utilization"] = float(raw)
+            except ValueError:
+                raise ConfigError(f"the vllm command's --gpu-memory-utilization {raw!r} is not a number") from None
+            if not 0 < fields["gpu_memory_utilization"] <= 1:
+                raise ConfigError(f"the vllm command's --gpu-memory-utilization {raw} is not a share in (0, 1]")
+        elif flag == "--kv-cache-dtype":
+            raw = value()
+            if raw not in _KV_DTYPES:
+                unknown.append(f"--kv-cache-dtype {raw}")
+            else:
+                fields["kv_cache_dtype"] = _KV_DTYPES[raw]
         elif flag in _NO_COST:
             if _NO_COST[flag]:
                 value()

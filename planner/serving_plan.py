@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from costmodel.errors import ConfigError
-from costmodel.serving import ServingRequest
+from costmodel.serving import GPU_MEMORY_UTILIZATION, ServingRequest
 from costmodel.serving_engine import DEFAULT_ENGINE
 from costmodel.traffic import SLO, SchedulerConfig, ServingLayout
 from planner.plan import Plan
@@ -79,10 +79,13 @@ def serving_setup(plan: Plan, where: str = "the plan") -> ServingSetup:
             from planner.model_source import load_model_spec
 
             draft = load_model_spec(sv["draft_model"])
+        memory = dict(kv_cache_dtype=_text(sv, "kv_cache_dtype", "auto"),
+                      gpu_memory_utilization=_number(sv, "gpu_memory_utilization", GPU_MEMORY_UTILIZATION))
         request = ServingRequest(prompt_len=_int(sv, "prompt_len"), output_len=_int(sv, "output_len"),
                                  beam=_int(sv, "beam", 1), block_tokens=_int(sv, "block_tokens", 16),
                                  precision=plan.precision, engine=engine, draft=draft,
-                                 draft_len=_int(sv, "draft_len", 4), acceptance=_number(sv, "acceptance", 0.8))
+                                 draft_len=_int(sv, "draft_len", 4), acceptance=_number(sv, "acceptance", 0.8),
+                                 **memory)
         expert_parallel = _flag(sv, "expert_parallel", False)
         replicas = _int(sv, "replicas", 1)
         layout = ServingLayout(tp=mesh["tp"], pp=mesh["pp"], replicas=replicas,
@@ -97,7 +100,7 @@ def serving_setup(plan: Plan, where: str = "the plan") -> ServingSetup:
                                     max_num_batched_tokens=_int(sv, "max_num_batched_tokens"),
                                     chunked_prefill=_flag(sv, "chunked_prefill", True),
                                     prefix_caching=_flag(sv, "prefix_caching", True),
-                                    block_tokens=request.block_tokens, engine=engine)
+                                    block_tokens=request.block_tokens, engine=engine, **memory)
         if _text(sv, "workload") is None:
             raise ConfigError("workload is missing")
         workload = TrafficWorkload.of(sv["workload"], requests=_int(sv, "requests", REQUESTS_PER_PROBE),

@@ -45,7 +45,8 @@ from tqdm import tqdm
 
 from costmodel.cluster import Cluster
 from costmodel.errors import ConfigError
-from costmodel.serving import ServingRequest, check_degrees, layout_label, layout_problems, plan_serving
+from costmodel.serving import (GPU_MEMORY_UTILIZATION, ServingRequest, check_degrees, layout_label, layout_problems,
+                               plan_serving)
 from costmodel.serving_engine import DEFAULT_ENGINE, engine_cluster
 from costmodel.spec import ModelSpec
 from costmodel.traffic import (SLO, IterationCost, SchedulerConfig, ServingLayout, TrafficResult, replica_blocks,
@@ -174,7 +175,7 @@ def unit_bound(spec: ModelSpec, cluster: Cluster, unit: ServingLayout, cfg: Sche
     """An upper bound on the requests per second one unit serves (see the formulation)."""
     cluster = engine_cluster(cluster, cfg.engine)
     cost = IterationCost(spec, cluster, unit.tp, unit.pp, unit.precision, cfg.max_num_batched_tokens,
-                         unit.expert_parallel)  # the cluster is the engine's already
+                         unit.expert_parallel, kv_cache_dtype=cfg.kv_cache_dtype)  # the cluster is the engine's already
     chunk = cfg.max_num_batched_tokens
     # a replica's pp virtual engines each run a traversal at once (costmodel.traffic)
     prefill_tokens_s = unit.pp * chunk / cost.seconds(chunk, 1, 0, 0.0, chunk * (chunk + 1) / 2, chunk)
@@ -222,14 +223,15 @@ def unit_max_rate(spec: ModelSpec, cluster: Cluster, unit: ServingLayout, cfg: S
     return lo, probes
 
 
-def units(spec: ModelSpec, cluster: Cluster, precision: str,
-          engine: str = DEFAULT_ENGINE) -> tuple[list[ServingLayout], dict[str, str]]:
-    """Every unit shape the cluster can hold, and why the others cannot be."""
+def units(spec: ModelSpec, cluster: Cluster, precision: str, engine: str = DEFAULT_ENGINE,
+          **memory) -> tuple[list[ServingLayout], dict[str, str]]:
+    """Every unit shape the cluster can hold, and why the others cannot be (`memory`: the KV
+    cache's dtype and the GPU's share, SchedulerConfig's kv_cache_dtype and gpu_memory_utilization)."""
     out, refused = [], {}
     n = cluster.world_size
     shapes = [(tp, pp, ep) for tp in [d for d in (1, 2, 4, 8, 16) if d <= min(n, cluster.gpus_per_node)]
               for pp in (1, 2, 4) for ep in ((False, True) if spec.moe and tp > 1 else (False,))]
-    cfg = SchedulerConfig(engine=engine)
+    cfg = SchedulerConfig(engine=engine, **memory)
     for tp, pp, ep in shapes:
         name = layout_label(tp, pp, ep)
         why = layout_problems(spec, tp, pp, ep)
@@ -253,12 +255,12 @@ def units(spec: ModelSpec, cluster: Cluster, precision: str,
 
 
 def static_unit(spec: ModelSpec, cluster: Cluster, prompt: float, output: float, slo: SLO,
-                precision: str = "bf16", engine: str = DEFAULT_ENGINE) -> tuple[ServingLayout, int] | None:
+                precision: str = "bf16", engine: str = DEFAULT_ENGINE, **memory) -> tuple[ServingLayout, int] | None:
     """The steady-state planner's replica and batch (costmodel.serving.plan_serving) at the mean
     lengths and the TTFT/TPOT targets, or None where it finds none."""
     p, o = typical_request(prompt, output, spec.context_len)
     targets = {m: sec for m, _, sec in slo.targets}
-    req = ServingRequest(prompt_len=p, output_len=o, precision=precision, engine=engine,
+    req = ServingRequest(prompt_len=p, output_len=o, precision=precision, engine=engine, **memory,
                          max_ttft_ms=targets["ttft"] * 1e3 if "ttft" in targets else None,
                          max_tpot_ms=targets["tpot"] * 1e3 if "tpot" in targets else None)
     try:
@@ -277,7 +279,8 @@ def deployment_key(rate: float, unit_rate: float, gpus: int) -> tuple[float, flo
 
 def plan_traffic(spec: ModelSpec, cluster: Cluster, wl: TrafficWorkload, rate: float, slo: SLO, *,
                  precision: str = "bf16", progress: bool = False, engine: str = DEFAULT_ENGINE,
-                 tp: int | None = None, pp: int | None = None) -> TrafficPlan:
+                 tp: int | None = None, pp: int | None = None, kv_cache_dtype: str = "auto",
+                 gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION) -> TrafficPlan:
     """The unit and scheduler settings that serve `rate` on the fewest GPUs, the most goodput
     per GPU among those (the module's formulation); a given `tp` or `pp` is fixed."""
     if not slo.targets:
@@ -287,7 +290,8 @@ def plan_traffic(spec: ModelSpec, cluster: Cluster, wl: TrafficWorkload, rate: f
         raise ConfigError(f"plan --mode inference needs a finite --rate in requests per second > 0 (goodput is planned "
                           f"for a rate; a trace of simultaneous arrivals has none), got {rate}; for offline throughput "
                           "use `paraplan simulate --mode inference --rate inf`")
-    shapes, refused = units(spec, cluster, precision, engine)
+    memory = dict(kv_cache_dtype=kv_cache_dtype, gpu_memory_utilization=gpu_memory_utilization)
+    shapes, refused = units(spec, cluster, precision, engine, **memory)
     check_degrees(tp=tp, pp=pp)
     for name, value in (("tp", tp), ("pp", pp)):
         if value is not None:
@@ -306,13 +310,13 @@ def plan_traffic(spec: ModelSpec, cluster: Cluster, wl: TrafficWorkload, rate: f
     for u in shapes:
         for b in TOKEN_BUDGETS:
             for seqs in MAX_SEQS:
-                cfg = SchedulerConfig(max_num_batched_tokens=b, max_num_seqs=seqs, engine=engine)
+                cfg = SchedulerConfig(max_num_batched_tokens=b, max_num_seqs=seqs, engine=engine, **memory)
                 candidates.append((unit_bound(spec, cluster, u, cfg, prompt, output, slo) / u.gpus, u, cfg))
-    static = static_unit(spec, cluster, prompt, output, slo, precision, engine)
+    static = static_unit(spec, cluster, prompt, output, slo, precision, engine, **memory)
     fits = {(u.tp, u.pp) for u in shapes}
     if static is not None and (static[0].tp, static[0].pp) in fits and static[1] not in MAX_SEQS:
         for b in TOKEN_BUDGETS:  # the steady-state planner's pick, searched too
-            cfg = SchedulerConfig(max_num_batched_tokens=b, max_num_seqs=static[1], engine=engine)
+            cfg = SchedulerConfig(max_num_batched_tokens=b, max_num_seqs=static[1], engine=engine, **memory)
             candidates.append((unit_bound(spec, cluster, static[0], cfg, prompt, output, slo) / static[0].gpus,
                                static[0], cfg))
     candidates.sort(key=lambda c: -c[0])

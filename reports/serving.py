@@ -86,7 +86,7 @@ def build_serving_report(spec: ModelSpec, clusters: list[str], req: ServingReque
         f"# Serving {spec.name} on {' and '.join(clusters)}", "",
         f"Prompt {req.prompt_len} tokens, output {req.output_len}, {req.precision} weights and KV cache, "
         f"{req.block_tokens}-token KV blocks; latency targets: {targets}. KV cache "
-        f"{kv_bytes_per_token(spec, req.bytes_per_value) / 1024:.0f} KiB per token "
+        f"{kv_bytes_per_token(spec, req.kv_bytes_per_value) / 1024:.0f} KiB per token "
         f"({spec.kv_heads} KV heads of {spec.head_dim} for {spec.heads} query heads).", "",
         "## Best layout per cluster", "",
         "| cluster | layout | replicas | batch | TTFT ms | TPOT ms | tokens/s | KV tokens per replica | "

@@ -238,3 +238,57 @@ def test_serving_under_traffic_prices_expert_parallel_replicas():
     assert whole["ttft_p50_s"] < split["ttft_p50_s"]
     with pytest.raises(ConfigError, match="llama3-8b has no experts"):
         simulate_traffic(ZOO["llama3-8b"], cluster, reqs, ServingLayout(tp=2, expert_parallel=True))
+
+
+def test_an_fp8_kv_cache_and_the_gpu_share_size_the_cache_as_vllm_does():
+    """vLLM's --kv-cache-dtype fp8 stores a value in one byte (twice the tokens of a bf16 cache, and
+    a decode reads half the bytes) and --gpu-memory-utilization is the share of the GPU its weights,
+    activations and cache take: the capacity is that share less the weights and workspace, over
+    the bytes a token takes."""
+    spec, cluster = ZOO["llama3-8b"], load_cluster("h100-sxm:1")
+    req = ServingRequest(prompt_len=4000, output_len=500)
+    bf16, fp8 = (kv_budget(spec, cluster, replace(req, kv_cache_dtype=d), 1, 1) for d in ("auto", "fp8"))
+    assert fp8.kv_gib == bf16.kv_gib and fp8.kv_bytes_per_token_gpu * 2 == bf16.kv_bytes_per_token_gpu
+    assert fp8.capacity_tokens == pytest.approx(2 * bf16.capacity_tokens, abs=1)
+    half = kv_budget(spec, cluster, replace(req, gpu_memory_utilization=0.5), 1, 1)
+    assert (bf16.kv_gib - half.kv_gib) * 2**30 == pytest.approx(0.4 * cluster.device.hbm_bytes)
+    # a decode step over a long context reads the cache at its own width: fp8 saves half its bytes
+    full, light = (decode_step_s(spec, cluster, replace(req, kv_cache_dtype=d), 1, 1, 64, 32_000)
+                   for d in ("auto", "fp8"))
+    cache_s = 64 * 32_000 * spec.layers * 2 * spec.kv_heads * spec.head_dim / (
+        cluster.device.hbm_gb_per_s * 1e9 * cluster.device.hbm_efficiency)  # one byte a value, at the engine's rate
+    assert 0.5 * cache_s < full - light < 1.5 * cache_s
+    for bad, needle in ((dict(kv_cache_dtype="fp4"), "--kv-cache-dtype 'fp4'"),
+                        (dict(gpu_memory_utilization=1.2), "--gpu-memory-utilization must be a share")):
+        with pytest.raises(ConfigError, match=needle):
+            replace(req, **bad)
+
+
+def test_a_serving_plan_keeps_its_kv_cache_dtype_and_gpu_share_through_export_and_back(tmp_path):
+    """Planned for traffic with --kv-cache-dtype fp8 --gpu-memory-utilization 0.85: the plan records
+    both, check and simulate --plan price them, `export --to vllm` writes them and the command read
+    back (--from vllm) prices the same engine arguments; a training command refuses them."""
+    plan = tmp_path / "fp8.yaml"
+    out = paraplan("plan", "--mode", "inference", "--model", "llama3-8b", "--cluster", "h100-sxm:1", "--workload",
+                   "chat", "--rate", "5", "--slo", "ttft_p99=1,tpot_p99=50ms", "--kv-cache-dtype", "fp8",
+                   "--gpu-memory-utilization", "0.85", "-o", str(plan))
+    assert out.returncode == 0, out.stderr
+    sv = yaml.safe_load(plan.read_text())["serving"]
+    assert (sv["kv_cache_dtype"], sv["gpu_memory_utilization"]) == ("fp8", 0.85)
+    assert paraplan("check", str(plan)).returncode == 0
+    again = paraplan("simulate", "--plan", str(plan), "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["predicted"]["kv_capacity_tokens"] == yaml.safe_load(
+        plan.read_text())["predicted"]["kv_capacity_tokens"]
+    exported = paraplan("export", str(plan), "--to", "vllm")
+    assert exported.returncode == 0 and "--gpu-memory-utilization 0.85" in exported.stdout
+    assert "--kv-cache-dtype fp8" in exported.stdout
+    back = paraplan("simulate", "--mode", "inference", "--from", "vllm", exported.stdout.strip(), "--model",
+                    "llama3-8b", "--cluster", "h100-sxm:1", "--workload", "chat", "--rate", "5", "--requests", "50",
+                    "--json")
+    assert back.returncode == 0, back.stderr
+    scheduler = json.loads(back.stdout)["scheduler"]
+    assert (scheduler["kv_cache_dtype"], scheduler["gpu_memory_utilization"]) == ("fp8", 0.85)
+    refused = paraplan("plan", "--model", "llama3-8b", "--cluster", "h100-sxm:8", "--global-batch", "8",
+                       "--kv-cache-dtype", "fp8")
+    assert refused.returncode == 2 and "kv-cache-dtype is for serving" in refused.stderr

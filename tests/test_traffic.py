@@ -434,3 +434,16 @@ def test_a_random_workload_has_fixed_lengths_as_vllms_benchmark_dataset():
                         ("random:8000/1000", "exceed the model's context of 8192")):
         with pytest.raises(ConfigError, match=needle):
             workload(bad, rate=1.0, requests=5, context=SPEC.seq_len)
+
+
+def test_an_fp8_kv_cache_serves_a_memory_bound_burst_with_fewer_preemptions():
+    """300 requests of 4,000 prompt and 500 output tokens at once on one H100: a bf16 cache runs out
+    and preempts, an fp8 one holds twice the tokens (more sequences a step, fewer preemptions,
+    more throughput); a smaller share of the GPU (--gpu-memory-utilization 0.5) holds fewer."""
+    burst = [Request(id=i, arrival_s=0.0, prompt_tokens=4000, output_tokens=500) for i in range(300)]
+    runs = {name: simulate_traffic(SPEC, load_cluster("h100-sxm:1"), burst, ServingLayout(tp=1), SchedulerConfig(**kw))
+            for name, kw in (("bf16", {}), ("fp8", {"kv_cache_dtype": "fp8"}),
+                             ("half", {"gpu_memory_utilization": 0.5}))}
+    assert runs["fp8"].preemptions < runs["bf16"].preemptions < runs["half"].preemptions
+    assert runs["fp8"].throughput_tokens_per_s > 1.2 * runs["bf16"].throughput_tokens_per_s
+    assert runs["half"].throughput_tokens_per_s < runs["bf16"].throughput_tokens_per_s

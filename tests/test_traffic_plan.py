@@ -304,11 +304,13 @@ def test_a_vllm_serve_command_is_priced_as_it_runs(tmp_path, capsys):
     assert code == 0, err
     assert json.loads(out)["predicted"] == got["predicted"]
     line = ("python -m vllm.entrypoints.openai.api_server --model org/Llama-3-8B --num-scheduler-steps 10 --tensor 2 "
-            "--kv-cache-dtype fp8")
+            "--kv-cache-dtype fp8_e4m3 --gpu-memory-utilization 0.8 --quantization awq")
     code, out, err = _main(capsys, *run, "--from", "vllm", line, "--model", "llama3-8b")
     assert code == 0 and json.loads(out)["layout"]["tp"] == 2  # --tensor: argparse's unique prefix, as vLLM takes it
-    assert json.loads(out)["scheduler"]["num_scheduler_steps"] == 10  # vLLM 0.6's multi-step scheduling, priced
-    assert "not understood, not priced: --kv-cache-dtype fp8" in err
+    scheduler = json.loads(out)["scheduler"]
+    assert scheduler["num_scheduler_steps"] == 10  # vLLM 0.6's multi-step scheduling, priced
+    assert (scheduler["kv_cache_dtype"], scheduler["gpu_memory_utilization"]) == ("fp8", 0.8)  # priced too
+    assert "not understood, not priced: --quantization awq" in err
     for argv, needle in ((["--from", "vllm", line], "give --model for its shape"),
                          (["--from", "vllm", "vllm serve llama3-8b -tp 4"], "the cluster has 2"),
                          (["--from", "vllm", "vllm serve llama3-8b", "--tp", "2"], "drop --tp"),

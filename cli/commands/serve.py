@@ -7,8 +7,8 @@ import argparse
 import json
 
 from costmodel import ConfigError, Strategy, load_cluster
-from costmodel.serving import (ServingPlan, ServingPoint, ServingRequest, kv_bytes_per_token, layout_label,
-                               plan_serving)
+from costmodel.serving import (GPU_MEMORY_UTILIZATION, ServingPlan, ServingPoint, ServingRequest, kv_bytes_per_token,
+                               layout_label, plan_serving)
 from costmodel.spec import format_count
 from costmodel.serving_engine import DEFAULT_ENGINE
 from planner.files import atomic_write_text
@@ -18,7 +18,7 @@ from cli.commands.flags import first_given
 from cli.commands.served import load_served_spec, served_model_path
 
 SERVING_FLAGS = ("prompt_len", "output_len", "batch", "max_ttft_ms", "max_tpot_ms", "beam", "block_size",
-                 "draft_model", "draft_len", "acceptance")
+                 "draft_model", "draft_len", "acceptance", "kv_cache_dtype", "gpu_memory_utilization")
 # flags of training that a serving plan has no use for, and of serving under traffic (--workload)
 TRAINING_FLAGS = ("dp", "cp", "ep", "expert_tp", "expert_load_cv", "ep_overlap", "zero", "shard_group",
                   "sequence_parallel", "recompute", "microbatch_size", "schedule", "virtual_stages", "seq_len",
@@ -59,15 +59,31 @@ def serving_request(args: argparse.Namespace) -> ServingRequest:
         block_tokens=16 if args.block_size is None else args.block_size,
         precision=args.precision or "bf16", draft=draft, draft_len=args.draft_len or 4,
         acceptance=0.8 if args.acceptance is None else args.acceptance,
-        engine=getattr(args, "engine", None) or DEFAULT_ENGINE,
+        engine=getattr(args, "engine", None) or DEFAULT_ENGINE, **memory_args(args),
     )
+
+
+def memory_args(args: argparse.Namespace) -> dict:
+    """--kv-cache-dtype and --gpu-memory-utilization where given (the engine's defaults otherwise)."""
+    return {k: getattr(args, k) for k in ("kv_cache_dtype", "gpu_memory_utilization") if getattr(args, k, None) is not None}
+
+
+def memory_section(req_or_cfg) -> dict:
+    """What a serving plan records of the KV cache's dtype and the GPU's share: the fields that
+    differ from the engine's defaults."""
+    out = {}
+    if req_or_cfg.kv_cache_dtype != "auto":
+        out["kv_cache_dtype"] = req_or_cfg.kv_cache_dtype
+    if req_or_cfg.gpu_memory_utilization != GPU_MEMORY_UTILIZATION:
+        out["gpu_memory_utilization"] = req_or_cfg.gpu_memory_utilization
+    return out
 
 
 def predicted(spec, req: ServingRequest, p: ServingPoint) -> dict:
     """The plan's `predicted` for serving (docs/ARCHITECTURE.md): ttft_s, tpot_s, kv_cache_bytes_per_token,
     max_batch, and what else the point knows."""
     return {
-        "ttft_s": p.ttft_s, "tpot_s": p.tpot_s, "kv_cache_bytes_per_token": kv_bytes_per_token(spec, req.bytes_per_value),
+        "ttft_s": p.ttft_s, "tpot_s": p.tpot_s, "kv_cache_bytes_per_token": kv_bytes_per_token(spec, req.kv_bytes_per_value),
         "max_batch": p.budget.max_batch_paged, "max_batch_contiguous": p.budget.max_batch_contiguous,
         "batch": p.batch, "throughput_tokens_per_s": p.throughput_tokens_per_s,
         "kv_capacity_tokens": p.budget.capacity_tokens, "weights_gib_per_gpu": p.budget.weights_gib,
@@ -85,7 +101,7 @@ def format_serving(spec, cluster_text: str, req: ServingRequest, found: ServingP
         f"{p.replicas} replica(s); batch {p.batch} sequences per replica",
         f"  TTFT {p.ttft_s * 1e3:9.1f} ms   TPOT {p.tpot_s * 1e3:7.2f} ms   throughput {p.throughput_tokens_per_s:9.0f} "
         f"tokens/s" + (f"   (speculative x{p.speculative_speedup:.2f})" if req.draft is not None else ""),
-        f"  KV cache {kv_bytes_per_token(spec, req.bytes_per_value) / 1024:.0f} KiB per token; per GPU: weights "
+        f"  KV cache {kv_bytes_per_token(spec, req.kv_bytes_per_value) / 1024:.0f} KiB per token; per GPU: weights "
         f"{b.weights_gib:.1f} GiB, cache {b.kv_gib:.1f} GiB = {b.capacity_tokens} tokens per replica",
         f"  batch limit: paged ({req.block_tokens}-token blocks) {b.max_batch_paged} sequences, fragmentation "
         f"{100 * b.fragmentation_paged:.1f}%; contiguous {b.max_batch_contiguous}, fragmentation "
@@ -123,7 +139,7 @@ def run_serving(args: argparse.Namespace) -> int:
     plan = plan.__class__(**{**{f: getattr(plan, f) for f in plan.__slots__}, "mode": "inference",
                              "serving": {"prompt_len": req.prompt_len, "output_len": req.output_len, "beam": req.beam,
                                          "block_tokens": req.block_tokens, "replicas": best.replicas,
-                                         "engine": req.engine, **served_model_path(args.model),
+                                         "engine": req.engine, **served_model_path(args.model), **memory_section(req),
                                          **({"expert_parallel": True} if best.expert_parallel else {}),
                                          **({"draft_model": args.draft_model, "draft_len": req.draft_len,
                                              "acceptance": req.acceptance} if req.draft is not None else {})}})

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from costmodel import ConfigError, load_cluster
 from costmodel.cluster import Cluster
-from costmodel.serving import ServingRequest, evaluate, kv_budget
+from costmodel.serving import GPU_MEMORY_UTILIZATION, ServingRequest, evaluate, kv_budget
 from costmodel.serving_engine import DEFAULT_ENGINE, vllm_scheduler_defaults
 from costmodel.spec import ModelSpec, format_count
 from costmodel.trace import serving_trace
@@ -23,7 +23,7 @@ from costmodel.workload import Request, context_note, mean_lengths, scenario_of,
 from planner.files import atomic_write_text
 from planner.model_source import load_model_spec
 from cli.commands.flags import first_given
-from cli.commands.serve import TRAINING_FLAGS
+from cli.commands.serve import TRAINING_FLAGS, memory_args, memory_section
 from cli.commands.served import load_served_spec, served_model_path, with_max_model_len
 
 DEFAULT_REQUESTS = 2000
@@ -49,7 +49,8 @@ def scheduler_config(args: argparse.Namespace, cluster: Cluster) -> SchedulerCon
     """The engine arguments given, the engine's defaults on this GPU for the rest (vLLM's sequence
     and token limits depend on the GPU: costmodel.serving_engine.vllm_scheduler_defaults)."""
     given = {k: getattr(args, k) for k in ("max_num_seqs", "max_num_batched_tokens", "chunked_prefill", "prefix_caching",
-                                           "preemption", "evicted_prefix", "engine", "num_scheduler_steps")
+                                           "preemption", "evicted_prefix", "engine", "num_scheduler_steps",
+                                           "kv_cache_dtype", "gpu_memory_utilization")
              if getattr(args, k, None) is not None}
     if getattr(args, "block_size", None) is not None:
         given["block_tokens"] = args.block_size
@@ -99,7 +100,8 @@ def steady_state(spec: ModelSpec, cluster: Cluster, layout: ServingLayout, cfg: 
 
     prompt, output = typical_request(*mean_lengths(reqs), spec.context_len)
     req = ServingRequest(prompt_len=prompt, output_len=output, block_tokens=cfg.block_tokens, precision=layout.precision,
-                         engine=cfg.engine)
+                         engine=cfg.engine, kv_cache_dtype=cfg.kv_cache_dtype,
+                         gpu_memory_utilization=cfg.gpu_memory_utilization)
     budget = kv_budget(spec, cluster, req, layout.tp, layout.pp)
     batch = max(1, min(cfg.max_num_seqs, budget.max_batch_paged))
     return predicted(spec, req, evaluate(spec, cluster, req, layout.tp, layout.pp, batch, budget,
@@ -114,6 +116,8 @@ def format_traffic(spec: ModelSpec, cluster_text: str, layout: ServingLayout, cf
                    name: str, rate: float | None, r: TrafficResult, concurrency: int | None = None) -> str:
     m = r.metrics()
     split = f", {layout.prefill_replicas} of them prefill only" if layout.prefill_replicas else ""
+    memory = (f", {cfg.kv_cache_dtype} KV cache" if cfg.kv_cache_dtype != "auto" else "") + (
+        f", {cfg.gpu_memory_utilization:g} of each GPU" if cfg.gpu_memory_utilization != GPU_MEMORY_UTILIZATION else "")
     lines = [
         f"{spec.name} ({format_count(spec.num_params)} params) serving {name}"
         f"{f' at {rate:g} requests/s' if rate is not None else ''}"
@@ -122,8 +126,8 @@ def format_traffic(spec: ModelSpec, cluster_text: str, layout: ServingLayout, cf
         f"{layout.replicas} replica(s){split}; max {cfg.max_num_seqs} "
         f"sequences and {cfg.max_num_batched_tokens} tokens an iteration, chunked prefill "
         f"{'on' if cfg.chunked_prefill else 'off'}, prefix caching {'on' if cfg.prefix_caching else 'off'}"
-        f"{f', decodes in runs of {cfg.num_scheduler_steps} steps' if cfg.num_scheduler_steps > 1 else ''}; "
-        f"engine {cfg.engine}",
+        f"{f', decodes in runs of {cfg.num_scheduler_steps} steps' if cfg.num_scheduler_steps > 1 else ''}"
+        f"{memory}; engine {cfg.engine}",
         "             p50 ms    p90 ms    p99 ms",
     ]
     for key in ("ttft", "tpot", "e2e"):
@@ -151,7 +155,7 @@ def from_vllm_command(args: argparse.Namespace, cluster: Cluster) -> tuple[Model
         raise ConfigError(f"--from {engine}: serving reads a vllm serve command (--from vllm FILE_OR_ARGS)")
     flag = first_given(args, ("tp", "pp", "replicas", "prefill_replicas", "max_num_seqs", "max_num_batched_tokens",
                               "chunked_prefill", "prefix_caching", "block_size", "expert_parallel", "num_scheduler_steps",
-                              "max_model_len"))
+                              "max_model_len", "kv_cache_dtype", "gpu_memory_utilization"))
     if flag:
         raise ConfigError(f"--from vllm takes the layout and engine arguments from the command; drop {flag}")
     cmd = import_serve(config_text(source, engine, line_allowed=True, hint="give the vllm serve command or a file"))
@@ -167,7 +171,8 @@ def from_vllm_command(args: argparse.Namespace, cluster: Cluster) -> tuple[Model
                            expert_parallel=cmd.expert_parallel)
     cfg = scheduler_config(args, cluster)
     taken = {k: getattr(cmd, k) for k in ("max_num_seqs", "max_num_batched_tokens", "chunked_prefill", "prefix_caching",
-                                          "num_scheduler_steps") if getattr(cmd, k) is not None}
+                                          "num_scheduler_steps", "kv_cache_dtype", "gpu_memory_utilization")
+             if getattr(cmd, k) is not None}
     if cmd.block_size is not None:
         taken["block_tokens"] = cmd.block_size
     if cmd.unknown:
@@ -217,7 +222,9 @@ def run_traffic_simulate(args: argparse.Namespace) -> int:
                                         "max_num_batched_tokens": cfg.max_num_batched_tokens,
                                         "chunked_prefill": cfg.chunked_prefill, "prefix_caching": cfg.prefix_caching,
                                         "block_tokens": cfg.block_tokens, "preemption": cfg.preemption,
-                                        "num_scheduler_steps": cfg.num_scheduler_steps, "engine": cfg.engine},
+                                        "num_scheduler_steps": cfg.num_scheduler_steps, "engine": cfg.engine,
+                                        "kv_cache_dtype": cfg.kv_cache_dtype,
+                                        "gpu_memory_utilization": cfg.gpu_memory_utilization},
                           "predicted": predicted}, indent=2))
     else:
         print(format_traffic(spec, args.cluster, layout, cfg, args.workload, args.rate, result, args.concurrency))
@@ -316,7 +323,8 @@ def run_traffic_plan(args: argparse.Namespace) -> int:
         raise ConfigError(f"workload {args.workload} needs --rate (requests per second)")
     precision = args.precision or "bf16"
     found = plan_traffic(spec, cluster, wl, rate, slo, precision=precision, progress=not args.json,
-                         engine=args.engine or DEFAULT_ENGINE, tp=args.tp, pp=args.pp)  # given degrees are fixed
+                         engine=args.engine or DEFAULT_ENGINE, tp=args.tp, pp=args.pp,  # given degrees are fixed
+                         **memory_args(args))
     d, best = found.deployment, found.best
     reqs = wl.at(rate, spec.context_len)
     one = replace(best.unit, replicas=1, prefill_replicas=0)
@@ -335,7 +343,8 @@ def run_traffic_plan(args: argparse.Namespace) -> int:
         "max_num_batched_tokens": best.scheduler.max_num_batched_tokens,
         "chunked_prefill": best.scheduler.chunked_prefill, "prefix_caching": best.scheduler.prefix_caching,
         "engine": best.scheduler.engine, "requests": wl.requests, "workload_seed": wl.seed, "burst_cv": wl.burst_cv,
-        **served_model_path(args.model), **({"expert_parallel": True} if d.expert_parallel else {})}})
+        **served_model_path(args.model), **memory_section(best.scheduler),
+        **({"expert_parallel": True} if d.expert_parallel else {})}})
     if args.output:
         atomic_write_text(args.output, plan.to_yaml())
     if args.json:
