@@ -72,7 +72,7 @@ from costmodel.collectives import send_recv_s
 from costmodel.errors import ConfigError
 from costmodel.runtime import FUSED
 from costmodel.serving_engine import DEFAULT_ENGINE, ServingEngine, check_engine_name, engine_cluster
-from costmodel.serving import (BYTES, GPU_MEMORY_UTILIZATION, ServingRequest, check_kv_cache, cli_flag,
+from costmodel.serving import (BYTES, GPU_MEMORY_UTILIZATION, KVBudget, ServingRequest, check_kv_cache, cli_flag,
                                decode_attention_s, head_s, kv_budget, kv_bytes_per_token, kv_value_bytes,
                                kv_values_per_token_gpu, layout_label, layout_problems, token_layer_s)
 from costmodel.spec import ModelSpec
@@ -734,13 +734,19 @@ class ServingLayout:
         return layout_label(self.tp, self.pp, self.expert_parallel)
 
 
-def replica_blocks(spec: ModelSpec, cluster: Cluster, layout: ServingLayout, cfg: SchedulerConfig) -> tuple[int, float]:
-    """(KV blocks a replica holds, bytes of one block on one GPU) after weights and workspace."""
+def replica_budget(spec: ModelSpec, cluster: Cluster, layout: ServingLayout, cfg: SchedulerConfig) -> KVBudget:
+    """A replica's GPU memory (costmodel.serving.kv_budget) with the engine's arguments: its
+    workspace one full token budget of prompt, its KV cache of the configured dtype and share."""
     chunk = max(1, min(cfg.max_num_batched_tokens, spec.context_len - 1))
     req = ServingRequest(prompt_len=chunk, output_len=1, precision=layout.precision, block_tokens=cfg.block_tokens,
                          engine=cfg.engine, kv_cache_dtype=cfg.kv_cache_dtype,
                          gpu_memory_utilization=cfg.gpu_memory_utilization)
-    budget = kv_budget(spec, cluster, req, layout.tp, layout.pp)
+    return kv_budget(spec, cluster, req, layout.tp, layout.pp)
+
+
+def replica_blocks(spec: ModelSpec, cluster: Cluster, layout: ServingLayout, cfg: SchedulerConfig) -> tuple[int, float]:
+    """(KV blocks a replica holds, bytes of one block on one GPU) after weights and workspace."""
+    budget = replica_budget(spec, cluster, layout, cfg)
     blocks = budget.capacity_tokens // cfg.block_tokens
     if cfg.num_gpu_blocks_override is not None:
         blocks = cfg.num_gpu_blocks_override
@@ -750,10 +756,7 @@ def replica_blocks(spec: ModelSpec, cluster: Cluster, layout: ServingLayout, cfg
 def _too_small_why(spec: ModelSpec, cluster: Cluster, layout: ServingLayout, cfg: SchedulerConfig) -> str:
     """Why a replica holds no KV cache at all: its weights (and the prefill workspace) fill
     the memory a GPU may use."""
-    req = ServingRequest(prompt_len=max(1, min(cfg.max_num_batched_tokens, spec.context_len - 1)), output_len=1,
-                         precision=layout.precision, block_tokens=cfg.block_tokens, engine=cfg.engine,
-                         kv_cache_dtype=cfg.kv_cache_dtype, gpu_memory_utilization=cfg.gpu_memory_utilization)
-    budget = kv_budget(spec, cluster, req, layout.tp, layout.pp)
+    budget = replica_budget(spec, cluster, layout, cfg)
     if budget.kv_gib > 0:
         return ""
     return f" (its weights take {budget.weights_gib:.1f} GiB of each GPU's {cluster.device.hbm_gib:g} GiB)"
