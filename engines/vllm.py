@@ -125,6 +125,7 @@ _NO_COST = {"--host": True, "--port": True, "--served-model-name": True, "--api-
             "--chat-template": True}
 _DTYPES = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "half": "fp16", "fp16": "fp16", "auto": None}
 _KV_DTYPES = {"auto": "auto", "fp8": "fp8", "fp8_e4m3": "fp8", "fp8_e5m2": "fp8", "bfloat16": "bf16", "float16": "fp16"}
+_CHOICE_FLAGS = {"--dtype": ("precision", _DTYPES), "--kv-cache-dtype": ("kv_cache_dtype", _KV_DTYPES)}
 
 
 def import_serve(text: str) -> ServeCommand:
@@ -141,7 +142,8 @@ def import_serve(text: str) -> ServeCommand:
     else:  # `python -m vllm.entrypoints.openai.api_server --model M ...`: from the first --flag
         model = ""
         rest = tokens[next((i for i, t in enumerate(tokens) if t.startswith("--")), len(tokens)):]
-    known = set(_INT_FLAGS) | set(_BOOL_FLAGS) | set(_NO_COST) | {"--model", "--dtype", "--gpu-memory-utilization"}
+    known = (set(_INT_FLAGS) | set(_BOOL_FLAGS) | set(_NO_COST) | set(_CHOICE_FLAGS)
+             | {"--model", "--gpu-memory-utilization"})
     fields: dict = {}
     unknown: list[str] = []
     i = 0
@@ -175,12 +177,13 @@ def import_serve(text: str) -> ServeCommand:
         elif flag in _BOOL_FLAGS:
             name, on = _BOOL_FLAGS[flag]
             fields[name] = on
-        elif flag == "--dtype":
+        elif flag in _CHOICE_FLAGS:
+            name, choices = _CHOICE_FLAGS[flag]
             raw = value()
-            if raw not in _DTYPES:
-                unknown.append(f"--dtype {raw}")
+            if raw not in choices:
+                unknown.append(f"{flag} {raw}")
             else:
-                fields["precision"] = _DTYPES[raw]
+                fields[name] = choices[raw]
         elif flag == "--gpu-memory-utilization":
             raw = value()
             try:
@@ -189,12 +192,6 @@ def import_serve(text: str) -> ServeCommand:
                 raise ConfigError(f"the vllm command's --gpu-memory-utilization {raw!r} is not a number") from None
             if not 0 < fields["gpu_memory_utilization"] <= 1:
                 raise ConfigError(f"the vllm command's --gpu-memory-utilization {raw} is not a share in (0, 1]")
-        elif flag == "--kv-cache-dtype":
-            raw = value()
-            if raw not in _KV_DTYPES:
-                unknown.append(f"--kv-cache-dtype {raw}")
-            else:
-                fields["kv_cache_dtype"] = _KV_DTYPES[raw]
         elif flag in _NO_COST:
             if _NO_COST[flag]:
                 value()
