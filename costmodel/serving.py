@@ -59,7 +59,7 @@ from costmodel.strategy import Strategy
 PREFILL_TOKENS = 8192
 GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default share of the GPU it may use
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
-# the KV cache's values (vLLM's --kv-cache-dtype): "auto" as the weights' precision
+# the KV cache's values (vLLM's --kv-cache-dtype): "auto" as the model's activations
 KV_CACHE_DTYPES = ("auto", "bf16", "fp16", "fp8")
 
 
@@ -74,8 +74,12 @@ def check_kv_cache(kv_cache_dtype: str, gpu_memory_utilization: float) -> None:
 
 
 def kv_value_bytes(precision: str, kv_cache_dtype: str = "auto") -> int:
-    """Bytes of one cached K/V value: the weights' precision, or the KV cache's own dtype."""
-    return BYTES[precision if kv_cache_dtype == "auto" else kv_cache_dtype]
+    """Bytes of one cached K/V value: the KV cache's own dtype, or with "auto" the model's
+    activations (bf16 under fp8 weights: vLLM's --quantization fp8 and TensorRT-LLM's fp8
+    engines keep a 16-bit cache unless it is asked for in fp8, --kv-cache-dtype / --fp8_kv_cache)."""
+    if kv_cache_dtype == "auto":
+        return BYTES["bf16"] if precision == "fp8" else BYTES[precision]
+    return BYTES[kv_cache_dtype]
 
 
 
@@ -331,11 +335,11 @@ def tensor_all_reduce_s(nbytes: float, cluster: Cluster, tp: int) -> float:
 def decode_attention_s(spec: ModelSpec, cluster: Cluster, dtype: str, tp: int, rows: float, context: float,
                        kv_bytes: int | None = None) -> float:
     """One layer's attention of `rows` single-token queries, each over `context` cached tokens
-    (its K and V, or latent, read once, `kv_bytes` a value: the weights' precision by default):
+    (its K and V, or latent, read once, `kv_bytes` a value: the activations' width by default):
     memory-bound."""
     dev, e = cluster.device, BYTES[dtype]
     q = spec.q_dim // tp
-    cache = rows * context * kv_values_per_token_gpu(spec, tp) * (kv_bytes or e)
+    cache = rows * context * kv_values_per_token_gpu(spec, tp) * (kv_bytes or kv_value_bytes(dtype))
     return dev.attention_s(4.0 * rows * context * q, cache + 2 * rows * q * e, dtype, decode=True)
 
 

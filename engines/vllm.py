@@ -38,6 +38,8 @@ def commands(plan: Plan, *, model_path: str | None = None) -> list[list[str]]:
            "--block-size", int(sv.get("block_tokens", 16)),
            "--gpu-memory-utilization", setup.request.gpu_memory_utilization,
            "--dtype", "bfloat16" if plan.precision == "bf16" else "float16" if plan.precision == "fp16" else "auto"]
+    if plan.precision == "fp8":  # vLLM quantizes the 16-bit checkpoint's weights to fp8 as it loads them
+        cmd += ["--quantization", "fp8"]
     if traffic:
         cmd += ["--max-num-batched-tokens", sv["max_num_batched_tokens"],
                 "--enable-chunked-prefill" if sv.get("chunked_prefill", True) else "--no-enable-chunked-prefill",
@@ -125,7 +127,8 @@ _NO_COST = {"--host": True, "--port": True, "--served-model-name": True, "--api-
             "--chat-template": True}
 _DTYPES = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "half": "fp16", "fp16": "fp16", "auto": None}
 _KV_DTYPES = {"auto": "auto", "fp8": "fp8", "fp8_e4m3": "fp8", "fp8_e5m2": "fp8", "bfloat16": "bf16", "float16": "fp16"}
-_CHOICE_FLAGS = {"--dtype": ("precision", _DTYPES), "--kv-cache-dtype": ("kv_cache_dtype", _KV_DTYPES)}
+_CHOICE_FLAGS = {"--dtype": ("precision", _DTYPES), "--kv-cache-dtype": ("kv_cache_dtype", _KV_DTYPES),
+                 "--quantization": ("quantization", {"fp8": "fp8"})}  # W8A8 fp8 weights; other schemes not priced
 
 
 def import_serve(text: str) -> ServeCommand:
@@ -204,6 +207,9 @@ def import_serve(text: str) -> ServeCommand:
             unknown.append(token)
     if not model:
         raise ConfigError("the vllm command names no model: write `vllm serve MODEL ...`")
+    if fields.pop("quantization", None) == "fp8":  # fp8 weights and GEMMs, the activations (and cache) 16-bit
+        fields["precision"] = "fp8"
+
     for name in dict.fromkeys(_INT_FLAGS.values()):
         if name in fields and fields[name] < 1:
             raise ConfigError(f"the vllm command's {name.replace('_', '-')} must be a positive integer, "

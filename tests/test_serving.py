@@ -258,6 +258,16 @@ def test_an_fp8_kv_cache_and_the_gpu_share_size_the_cache_as_vllm_does():
     cache_s = 64 * 32_000 * spec.layers * 2 * spec.kv_heads * spec.head_dim / (
         cluster.device.hbm_gb_per_s * 1e9 * cluster.device.hbm_efficiency)  # one byte a value, at the engine's rate
     assert 0.5 * cache_s < full - light < 1.5 * cache_s
+    # fp8 weights (vLLM's --quantization fp8) keep a 16-bit cache unless it is asked for in fp8
+    w8 = kv_budget(spec, cluster, replace(req, precision="fp8"), 1, 1)
+    assert w8.kv_bytes_per_token_gpu == bf16.kv_bytes_per_token_gpu and w8.weights_gib < 0.51 * bf16.weights_gib
+    assert kv_budget(spec, cluster, replace(req, precision="fp8", kv_cache_dtype="fp8"), 1, 1).kv_bytes_per_token_gpu \
+        == fp8.kv_bytes_per_token_gpu
+    from engines.vllm import import_serve
+
+    cmd = import_serve("vllm serve m --dtype bfloat16 --quantization fp8 --kv-cache-dtype fp8_e5m2")
+    assert (cmd.precision, cmd.kv_cache_dtype, cmd.unknown) == ("fp8", "fp8", ())
+    assert import_serve("vllm serve m --quantization gptq").unknown == ("--quantization gptq",)
     for bad, needle in ((dict(kv_cache_dtype="fp4"), "--kv-cache-dtype 'fp4'"),
                         (dict(gpu_memory_utilization=1.2), "--gpu-memory-utilization must be a share")):
         with pytest.raises(ConfigError, match=needle):
@@ -292,3 +302,8 @@ def test_a_serving_plan_keeps_its_kv_cache_dtype_and_gpu_share_through_export_an
     refused = paraplan("plan", "--model", "llama3-8b", "--cluster", "h100-sxm:8", "--global-batch", "8",
                        "--kv-cache-dtype", "fp8")
     assert refused.returncode == 2 and "kv-cache-dtype is for serving" in refused.stderr
+    w8 = tmp_path / "w8.yaml"  # fp8 weights: vLLM quantizes the checkpoint as it loads it
+    assert paraplan("plan", "--mode", "inference", "--model", "llama3-8b", "--cluster", "h100-sxm:1", "--prompt-len",
+                    "512", "--output-len", "128", "--precision", "fp8", "-o", str(w8)).returncode == 0
+    exported = paraplan("export", str(w8), "--to", "vllm")
+    assert exported.returncode == 0 and "--dtype auto --quantization fp8" in exported.stdout, exported.stderr
