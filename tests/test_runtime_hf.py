@@ -53,9 +53,9 @@ MODELS = {  # name -> (config class, extra fields, with pretrained weights, layo
     "phi3": ("Phi3Config", dict(tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=1), False,
              ("pp_1f1b",)),
     # no SDPA path in transformers (soft-capped logits): eager attention, a 16-token window on every other
-    # layer, and its embedding scale a buffer that the weights do not carry
+    # layer, four norms a layer (sequence parallel), and its embedding scale a buffer the weights do not carry
     "gemma2": ("Gemma2Config", dict(head_dim=16, sliding_window=16, pad_token_id=0, eos_token_id=1, bos_token_id=1),
-               True, ("tp",)),
+               True, ("tp_sp",)),
 }
 
 
@@ -129,7 +129,7 @@ def test_step_one_is_the_transformers_modules_loss(hf_runs):
     gemma = transformers.AutoModelForCausalLM.from_pretrained(str(dirs["gemma2"])).eval()
     with torch.no_grad():
         plain_gemma = float(F.cross_entropy(gemma(x).logits.flatten(0, 1), y.flatten()))
-    for name in ("gemma2__reference", "gemma2__tp"):  # was: no SDPA, so paraplan's rebuild, which has no window
+    for name in ("gemma2__reference", "gemma2__tp_sp"):  # was: no SDPA, so paraplan's rebuild, which has no window
         assert abs(results[name]["losses"][0] - plain_gemma) <= TOLERANCE * plain_gemma
     # and a module initialised by paraplan is another model: the losses differ from step 1
     assert abs(results["llama__reference"]["losses"][0] - plain) > 1e-3
