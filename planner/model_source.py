@@ -290,7 +290,7 @@ def _int(data: dict, *keys: str, default=None) -> int:
     raise ConfigError(f"Hugging Face config lacks '{keys[0]}'; it is needed to size the model")
 
 
-READ_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3")  # the dense decoders this reader sizes exactly
+READ_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")  # the dense decoders this reader sizes exactly
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")  # and the mixtures of experts
 GELU_ACTS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_python")
 EXPERT_FIELDS = ("num_local_experts", "n_routed_experts", "num_experts", "moe_num_experts")
@@ -342,7 +342,8 @@ def spec_from_hf_config(data: dict, *, name: str = "hf-model") -> ModelSpec:
     hidden = _int(data, "hidden_size")
     act = str(data.get("hidden_activation") or data.get("hidden_act") or "silu")
     # the Llama family and Gemma gate their MLP (gate, up, down); GELU gates Gemma's
-    gated = act in ("silu", "swish") or model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+    gated = act in ("silu", "swish") or model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
+                                                       "gemma3_text")
     activation = ("geglu" if act in GELU_ACTS else "swiglu") if gated else "gelu"
     head_dim = data.get("head_dim")
     positions = _int(data, "max_position_embeddings", default=2048)
@@ -379,7 +380,8 @@ def spec_from_hf_config(data: dict, *, name: str = "hf-model") -> ModelSpec:
 def _window_of(data: dict, model_type: str) -> dict:
     """Sliding-window attention as transformers' classes apply it: Mistral, Mixtral and Phi-3 in
     every layer; Qwen2/3 (and their MoE) only with use_sliding_window, from layer max_window_layers up;
-    Gemma-2 in every other layer; `layer_types` where the config lists them."""
+    Gemma-2 in every other layer, Gemma-3 in five of every six; `layer_types` where the config
+    lists them."""
     window = data.get("sliding_window")
     layers = _int(data, "num_hidden_layers")
     if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
@@ -395,6 +397,9 @@ def _window_of(data: dict, model_type: str) -> dict:
         windowed = layers - min(layers, int(data.get("max_window_layers", layers) or 0))
     elif model_type == "gemma2":
         windowed = (layers + 1) // 2  # layers 0, 2, 4, ...
+    elif model_type == "gemma3_text":  # every `sliding_window_pattern`-th layer global (5 local : 1 global)
+        pattern = data.get("sliding_window_pattern") or 6
+        windowed = layers - layers // pattern if isinstance(pattern, int) and pattern > 0 else 0
     else:
         return {}
     return {"attention_window": window, "windowed_layers": windowed} if windowed else {}

@@ -52,6 +52,14 @@ CONFIGS = {
         "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 3072, "vocab_size": 151936,
         "max_position_embeddings": 40960, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "hidden_act": "silu",
         "tie_word_embeddings": True},
+    # five local (512-token window) layers to one global, q_norm / k_norm, one KV head, tied
+    "google/gemma-3-1b-it": {
+        "model_type": "gemma3_text", "num_hidden_layers": 26, "hidden_size": 1152, "num_attention_heads": 4,
+        "num_key_value_heads": 1, "head_dim": 256, "intermediate_size": 6912, "vocab_size": 262144,
+        "max_position_embeddings": 32768, "rope_theta": 1000000, "rope_local_base_freq": 10000,
+        "rms_norm_eps": 1e-6, "hidden_activation": "gelu_pytorch_tanh", "sliding_window": 512,
+        "sliding_window_pattern": 6, "query_pre_attn_scalar": 256, "attn_logit_softcapping": None,
+        "final_logit_softcapping": None, "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": [1, 106]},
     # fused qkv_proj and gate_up_proj (the same sizes as Llama's split ones); a sliding window in every layer
     "microsoft/Phi-3-mini-4k-instruct": {
         "model_type": "phi3", "num_hidden_layers": 32, "hidden_size": 3072, "num_attention_heads": 32,
@@ -65,11 +73,13 @@ CONFIGS = {
         "sliding_window": None, "tie_word_embeddings": False, "pad_token_id": 100349, "eos_token_id": 100265},
 }
 # Qwen2's q, k and v carry biases that the spec (one `bias` flag for every linear) leaves out;
-# Gemma-2's two extra norms per layer (before and after the MLP) and Qwen3's q_norm / k_norm
-# (head_dim each) are left out too
+# Gemma-2's two extra norms per layer (before and after the MLP) and Qwen3's and Gemma-3's q_norm /
+# k_norm (head_dim each) are left out too
 TOLERANCE = {name: 0.0 for name in CONFIGS} | {"Qwen/Qwen2.5-7B": 1e-4, "google/gemma-2-9b": 1e-4,
-                                              "google/gemma-2-2b": 1e-4, "Qwen/Qwen3-0.6B": 1e-4}
-MODEL_CARD = {"google/gemma-2-9b": 9.24e9, "google/gemma-2-2b": 2.61e9, "Qwen/Qwen3-0.6B": 0.596e9}
+                                              "google/gemma-2-2b": 1e-4, "Qwen/Qwen3-0.6B": 1e-4,
+                                              "google/gemma-3-1b-it": 1e-4}
+MODEL_CARD = {"google/gemma-2-9b": 9.24e9, "google/gemma-2-2b": 2.61e9, "Qwen/Qwen3-0.6B": 0.596e9,
+              "google/gemma-3-1b-it": 1.0e9}
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -166,3 +176,12 @@ def test_a_gemma2_config_is_planned_and_checked(tmp_path):
     assert "a sliding window of 4096 tokens in 21 of 42 layers" in out.stdout
     check = paraplan("check", str(tmp_path / "p.yaml"))
     assert check.returncode == 0 and "OK" in check.stdout, check.stderr
+
+
+def test_gemma3s_windows_are_five_of_every_six_layers():
+    """Gemma-3's text config: a 512-token window in five of every six layers (layer_types as
+    transformers builds them from sliding_window_pattern), global attention in the sixth."""
+    data = CONFIGS["google/gemma-3-1b-it"]
+    spec = spec_from_hf_config(data)
+    types = transformers.AutoConfig.for_model(**data).layer_types
+    assert (spec.attention_window, spec.windowed_layers) == (512, types.count("sliding_attention")) == (512, 22)

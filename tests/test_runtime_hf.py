@@ -1,7 +1,7 @@
 """`paraplan run` trains the user's own module: tiny Hugging Face LlamaForCausalLM and
 Qwen2ForCausalLM (GQA; tied and untied, as the small Qwen2 models are tied; Qwen2's q/k/v
-biases), Qwen3, Phi-3 (fused projections, pipelined) and Gemma-2 (eager attention in a
-sliding window) and a py: module of its own
+biases), Qwen3, Phi-3 (fused projections, pipelined), Gemma-2 (eager attention in a sliding
+window) and Gemma-3 (local and global layers) and a py: module of its own
 naming, under every kind of split, with the losses of the same module on one process.
 
 Tolerance: 1e-5 relative, fp32, as tests/test_runtime_parity.py argues: the layouts only
@@ -25,7 +25,7 @@ from runtime_helpers import BATCH, ROOT, launch, read_results, worker_env, write
 TOLERANCE = 1e-5
 HF_MODULES = ("transformers.models.llama.modeling_llama", "transformers.models.qwen2.modeling_qwen2",
               "transformers.models.qwen3.modeling_qwen3", "transformers.models.phi3.modeling_phi3",
-              "transformers.models.gemma2.modeling_gemma2")
+              "transformers.models.gemma2.modeling_gemma2", "transformers.models.gemma3.modeling_gemma3")
 STEPS = 4
 SEQ = 32
 SIZES = dict(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -56,6 +56,9 @@ MODELS = {  # name -> (config class, extra fields, with pretrained weights, layo
     # layer, four norms a layer (sequence parallel), and its embedding scale a buffer the weights do not carry
     "gemma2": ("Gemma2Config", dict(head_dim=16, sliding_window=16, pad_token_id=0, eos_token_id=1, bos_token_id=1),
                True, ("tp_sp",)),
+    # one global layer to every local one here (sliding_window_pattern 2), q_norm / k_norm on the local heads
+    "gemma3": ("Gemma3TextConfig", dict(head_dim=16, sliding_window=16, sliding_window_pattern=2, pad_token_id=0,
+                                        eos_token_id=1, bos_token_id=1), False, ("tp_sp",)),
 }
 
 
