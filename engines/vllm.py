@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from costmodel.errors import ConfigError
 from planner.plan import Plan
+from planner.zoo import HUB_IDS
 
 
 
@@ -31,7 +32,8 @@ def commands(plan: Plan, *, model_path: str | None = None) -> list[list[str]]:
     prompt, output = setup.request.prompt_len, setup.request.output_len
     traffic = setup.traffic  # planned for a workload: requests of any length up to the context
     max_len = plan.spec.context_len if traffic else prompt + output
-    model = model_path or sv.get("model_path") or str(plan.model.get("name", "MODEL"))  # the directory it was read from
+    name = str(plan.model.get("name", "MODEL"))  # a built-in model by its Hub checkpoint, another by its directory
+    model = model_path or sv.get("model_path") or HUB_IDS.get(name, name)
     cmd = ["vllm", "serve", model,
            "--tensor-parallel-size", plan.mesh["tp"], "--pipeline-parallel-size", plan.mesh["pp"],
            "--max-num-seqs", sv.get("max_num_seqs", plan.schedule["microbatch_size"]), "--max-model-len", max_len,
@@ -49,7 +51,7 @@ def commands(plan: Plan, *, model_path: str | None = None) -> list[list[str]]:
     if sv.get("expert_parallel"):  # the experts whole over the tp GPUs (costmodel.serving)
         cmd += ["--enable-expert-parallel"]
     if sv.get("draft_model"):
-        cmd += ["--speculative-config", json.dumps({"model": sv["draft_model"],
+        cmd += ["--speculative-config", json.dumps({"model": HUB_IDS.get(sv["draft_model"], sv["draft_model"]),
                                                     "num_speculative_tokens": int(sv.get("draft_len", 4))},
                                                    separators=(",", ":"))]
     replicas, prefill = int(sv.get("replicas", 1)), int(sv.get("prefill_replicas", 0))

@@ -166,13 +166,14 @@ def test_vllm_serve_command(tmp_path, capsys):
     target = _serving_plan(tmp_path, capsys, "--draft-model", "llama2-7b", "--draft-len", "5")
     plan = Plan.load(target)
     cmd = vllm.export(plan)
-    assert cmd[:3] == ["vllm", "serve", "llama2-70b"]
+    assert cmd[:3] == ["vllm", "serve", "meta-llama/Llama-2-70b-hf"]  # the built-in model's Hub checkpoint
     flags = [c for c in cmd if c.startswith("--")]
     assert set(flags) <= set(KEYS["vllm"]["flags"]), set(flags) - set(KEYS["vllm"]["flags"])
     assert cmd[cmd.index("--tensor-parallel-size") + 1] == str(plan.mesh["tp"])
     assert cmd[cmd.index("--max-model-len") + 1] == "640"
     assert cmd[cmd.index("--max-num-seqs") + 1] == str(plan.schedule["microbatch_size"])
-    assert json.loads(cmd[cmd.index("--speculative-config") + 1]) == {"model": "llama2-7b", "num_speculative_tokens": 5}
+    assert json.loads(cmd[cmd.index("--speculative-config") + 1]) == {"model": "meta-llama/Llama-2-7b-hf",
+                                                                      "num_speculative_tokens": 5}
     assert main(["export", str(target), "--to", "vllm"]) == 0
     assert shlex.split(capsys.readouterr().out) == cmd
 

@@ -311,6 +311,10 @@ def test_a_vllm_serve_command_is_priced_as_it_runs(tmp_path, capsys):
     assert scheduler["num_scheduler_steps"] == 10  # vLLM 0.6's multi-step scheduling, priced
     assert (scheduler["kv_cache_dtype"], scheduler["gpu_memory_utilization"]) == ("fp8", 0.8)  # priced too
     assert "not understood, not priced: --quantization awq" in err
+    # a built-in model's Hub checkpoint (base or chat-tuned) needs no --model; the export names it so
+    for hub_id, name in (("Qwen/Qwen3-30B-A3B", "qwen3-30b-a3b"), ("meta-llama/Meta-Llama-3-8B-Instruct", "llama3-8b")):
+        code, out, err = _main(capsys, *run, "--from", "vllm", f"vllm serve {hub_id} -tp 2")
+        assert code == 0 and json.loads(out)["model"] == name, err
     for argv, needle in ((["--from", "vllm", line], "give --model for its shape"),
                          (["--from", "vllm", "vllm serve llama3-8b -tp 4"], "the cluster has 2"),
                          (["--from", "vllm", "vllm serve llama3-8b", "--tp", "2"], "drop --tp"),

@@ -22,6 +22,7 @@ from costmodel.traffic import SLO, SchedulerConfig, ServingLayout, TrafficResult
 from costmodel.workload import Request, context_note, mean_lengths, scenario_of, typical_request, workload
 from planner.files import atomic_write_text
 from planner.model_source import load_model_spec
+from planner.zoo import zoo_name_of_hub_id
 from cli.commands.flags import first_given
 from cli.commands.serve import TRAINING_FLAGS, memory_args, memory_section
 from cli.commands.served import load_served_spec, served_model_path, with_max_model_len
@@ -162,6 +163,8 @@ def from_vllm_command(args: argparse.Namespace, cluster: Cluster) -> tuple[Model
     served = cmd.model
     if not args.model and (Path(served) / "config.json").is_file():  # a model directory, as vllm serve loads one
         served = f"hf:{served}"
+    elif not args.model and zoo_name_of_hub_id(served):  # a built-in model's Hub checkpoint
+        served = zoo_name_of_hub_id(served)
     try:
         spec = load_model_spec(args.model or served)
     except ConfigError as exc:

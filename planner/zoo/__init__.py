@@ -60,6 +60,27 @@ _SPECS = [
 
 ZOO: dict[str, ModelSpec] = {spec.name: spec for spec in _SPECS}
 
+# the Hugging Face Hub checkpoints of the built-in models that were published as one (what `vllm
+# serve` loads), and their chat-tuned twins of the same architecture
+HUB_IDS: dict[str, str] = {
+    "llama2-7b": "meta-llama/Llama-2-7b-hf", "llama2-13b": "meta-llama/Llama-2-13b-hf",
+    "llama2-70b": "meta-llama/Llama-2-70b-hf", "llama3-8b": "meta-llama/Meta-Llama-3-8B",
+    "llama3-70b": "meta-llama/Meta-Llama-3-70B", "llama3-405b": "meta-llama/Llama-3.1-405B",
+    "mixtral-8x7b": "mistralai/Mixtral-8x7B-v0.1", "mixtral-8x22b": "mistralai/Mixtral-8x22B-v0.1",
+    "qwen3-30b-a3b": "Qwen/Qwen3-30B-A3B", "qwen3-235b-a22b": "Qwen/Qwen3-235B-A22B",
+    "deepseek-v3": "deepseek-ai/DeepSeek-V3",
+}
+_TUNED = {"meta-llama/Llama-2-7b-chat-hf": "llama2-7b", "meta-llama/Llama-2-13b-chat-hf": "llama2-13b",
+          "meta-llama/Llama-2-70b-chat-hf": "llama2-70b", "meta-llama/Meta-Llama-3-8B-Instruct": "llama3-8b",
+          "meta-llama/Meta-Llama-3-70B-Instruct": "llama3-70b", "meta-llama/Llama-3.1-405B-Instruct": "llama3-405b",
+          "mistralai/Mixtral-8x7B-Instruct-v0.1": "mixtral-8x7b", "mistralai/Mixtral-8x22B-Instruct-v0.1": "mixtral-8x22b"}
+
+
+def zoo_name_of_hub_id(hub_id: str) -> str | None:
+    """The built-in model a Hub id names (its base or chat-tuned checkpoint; case aside), or None."""
+    known = {v.lower(): k for k, v in HUB_IDS.items()} | {k.lower(): v for k, v in _TUNED.items()}
+    return known.get(hub_id.lower())
+
 
 def zoo_names() -> list[str]:
     return list(ZOO)
