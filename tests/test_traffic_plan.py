@@ -464,3 +464,9 @@ def test_flags_serving_under_traffic_does_not_take_are_refused(capsys):
         for command in (("simulate", "--requests", "20"), ("plan", "--slo", "ttft_p99=1")):
             code, out, err = _main(capsys, command[0], *base, *command[1:], flag, value)
             assert code == 2 and needle in err and len(err.strip().splitlines()) == 1 and not out, (command, flag, err)
+    # a degree given as 0 is refused, under traffic and in the steady state (simulate took it for 1)
+    for argv in (base + ("--requests", "20"), ("--mode", "inference", "--model", "llama3-8b", "--cluster",
+                                                 "h100-sxm:1", "--prompt-len", "100", "--output-len", "10")):
+        for flag in ("--tp", "--pp"):
+            code, out, err = _main(capsys, "simulate", *argv, flag, "0")
+            assert code == 2 and f"{flag} must be a positive integer, got 0" in err and not out, (argv, err)

@@ -7,8 +7,8 @@ import argparse
 import json
 
 from costmodel import ConfigError, Strategy, load_cluster
-from costmodel.serving import (GPU_MEMORY_UTILIZATION, ServingPlan, ServingPoint, ServingRequest, kv_bytes_per_token,
-                               layout_label, plan_serving)
+from costmodel.serving import (GPU_MEMORY_UTILIZATION, ServingPlan, ServingPoint, ServingRequest, check_degrees,
+                               kv_bytes_per_token, layout_label, plan_serving)
 from costmodel.spec import format_count
 from costmodel.serving_engine import DEFAULT_ENGINE
 from planner.files import atomic_write_text
@@ -159,5 +159,6 @@ def run_serving_simulate(args: argparse.Namespace) -> int:
     """`paraplan simulate --mode inference --prompt-len P --output-len O [--tp T --pp P --batch B]`:
     one layout in the steady state (tp and pp 1 unless given; the batch the largest the KV cache
     holds within the targets, or --batch)."""
+    check_degrees(tp=args.tp, pp=args.pp)  # a given 0 is refused, not taken for 1
     args.tp, args.pp = args.tp or 1, args.pp or 1
     return run_serving(args)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from costmodel import ConfigError, load_cluster
 from costmodel.cluster import Cluster
-from costmodel.serving import GPU_MEMORY_UTILIZATION, ServingRequest, evaluate, kv_budget
+from costmodel.serving import GPU_MEMORY_UTILIZATION, ServingRequest, check_degrees, evaluate, kv_budget
 from costmodel.serving_engine import DEFAULT_ENGINE, vllm_scheduler_defaults
 from costmodel.spec import ModelSpec, format_count
 from costmodel.trace import serving_trace
@@ -82,6 +82,7 @@ def load_requests(args: argparse.Namespace, spec: ModelSpec) -> list[Request]:
 
 
 def layout_from_args(args: argparse.Namespace, cluster: Cluster) -> ServingLayout:
+    check_degrees(tp=args.tp, pp=args.pp)  # a given 0 is refused, not taken for 1
     tp, pp = args.tp or 1, args.pp or 1
     if tp * pp > cluster.world_size:
         raise ConfigError(f"a replica of tp({tp}) x pp({pp}) needs {tp * pp} GPUs; the cluster has {cluster.world_size}: "
