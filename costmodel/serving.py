@@ -334,13 +334,34 @@ def tensor_all_reduce_s(nbytes: float, cluster: Cluster, tp: int) -> float:
 
 def decode_attention_s(spec: ModelSpec, cluster: Cluster, dtype: str, tp: int, rows: float, context: float,
                        kv_bytes: int | None = None) -> float:
-    """One layer's attention of `rows` single-token queries, each over `context` cached tokens
+    """A layer's attention of `rows` single-token queries, each over `context` cached tokens
     (its K and V, or latent, read once, `kv_bytes` a value: the activations' width by default):
-    memory-bound."""
+    memory-bound. The mean over the layers: a sliding-window layer reads the last
+    attention_window tokens only (the kernel skips the rest, whatever the cache holds)."""
     dev, e = cluster.device, BYTES[dtype]
     q = spec.q_dim // tp
-    cache = rows * context * kv_values_per_token_gpu(spec, tp) * (kv_bytes or kv_value_bytes(dtype))
-    return dev.attention_s(4.0 * rows * context * q, cache + 2 * rows * q * e, dtype, decode=True)
+    width = kv_values_per_token_gpu(spec, tp) * (kv_bytes or kv_value_bytes(dtype))
+
+    def one(keys: float) -> float:
+        return dev.attention_s(4.0 * rows * keys * q, rows * keys * width + 2 * rows * q * e, dtype, decode=True)
+
+    windowed = spec.windowed_layers / spec.layers if spec.attention_window and context > spec.attention_window else 0.0
+    full = one(context)
+    return full if not windowed else (1 - windowed) * full + windowed * one(spec.attention_window)
+
+
+def window_prefill(spec: ModelSpec, computed: float, take: float) -> tuple[float, float]:
+    """(query-key pairs, keys read) of a prefill chunk of `take` tokens after `computed` cached
+    ones in a sliding-window layer: each query sees at most attention_window keys (its own
+    included); a full-attention layer's are (take (computed + (take + 1) / 2), computed + take)."""
+    w = spec.attention_window
+    full = (take * (computed + (take + 1) / 2), computed + take)
+    if not w or computed + take <= w:
+        return full
+    first, last = computed + 1, computed + take  # the chunk's positions (1-based)
+    below = max(0.0, min(last, w) - first + 1)  # positions that still see every key before them
+    pairs = below * (first + first + below - 1) / 2 + (take - below) * w
+    return pairs, min(computed, w) + take
 
 
 def head_s(spec: ModelSpec, cluster: Cluster, dtype: str, tp: int, rows: float) -> float:

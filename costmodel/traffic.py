@@ -52,7 +52,10 @@ meet every latency objective. Throughput: output tokens per second from the firs
 the last finish.
 
 Simplifications, stated: a replica's stages are equal (each 1/pp of the traversal; the first
-stage's embedding and the last's head are not told apart); a prefill replica's KV
+stage's embedding and the last's head are not told apart); a sliding-window layer's attention
+reads and pairs within its window (costmodel.serving.window_prefill, decode_attention_s) but its
+cache holds the whole sequence, as vLLM V0 keeps it (V1's hybrid allocator frees a window
+layer's blocks past the window, which would hold more sequences: not modelled); a prefill replica's KV
 transfers queue on its GPUs' links, one after another, but a decode replica receives any number
 at once; the host link's bandwidth is the PCIe datasheet's (HOST_LINK_GB_PER_S).
 """
@@ -74,7 +77,8 @@ from costmodel.runtime import FUSED
 from costmodel.serving_engine import DEFAULT_ENGINE, ServingEngine, check_engine_name, engine_cluster
 from costmodel.serving import (BYTES, GPU_MEMORY_UTILIZATION, KVBudget, ServingRequest, check_kv_cache, cli_flag,
                                decode_attention_s, head_s, kv_budget, kv_bytes_per_token, kv_value_bytes,
-                               kv_values_per_token_gpu, layout_label, layout_problems, token_layer_s)
+                               kv_values_per_token_gpu, layout_label, layout_problems, token_layer_s,
+                               window_prefill)
 from costmodel.spec import ModelSpec
 from costmodel.workload import Request
 
@@ -194,19 +198,28 @@ class IterationCost:
         return table[i - 1] + (table[i] - table[i - 1]) * (n - lo) / (hi - lo)
 
     def seconds(self, tokens: int, logits: int, decode_rows: int, decode_context: float,
-                prefill_pairs: float, prefill_kv_tokens: float) -> float:
+                prefill_pairs: float, prefill_kv_tokens: float, window_pairs: float | None = None,
+                window_kv_tokens: float | None = None) -> float:
         """`tokens` scheduled in all; `logits` sequences emitting a token; `decode_rows`
         single-token queries over `decode_context` cached tokens in all; prefill chunks whose
-        causal query-key pairs sum to `prefill_pairs` over `prefill_kv_tokens` keys in all."""
+        causal query-key pairs sum to `prefill_pairs` over `prefill_kv_tokens` keys in all, and
+        in a sliding-window layer to `window_pairs` over `window_kv_tokens` (costmodel.serving.
+        window_prefill; the full figures where not given)."""
         t = self._interp(self._token, tokens) + self._interp(self._head, logits)
         layers, dev = self.spec.layers, self.cluster.device
         if decode_rows:
             t += layers * decode_attention_s(self.spec, self.cluster, self.dtype, self.tp, decode_rows,
                                              decode_context / decode_rows, self._kv_bytes)
         if prefill_pairs:
-            flops = 4.0 * prefill_pairs * self._q
-            moved = 2 * (tokens - decode_rows) * self._q * self.e + prefill_kv_tokens * self._kv_token_layer
-            t += layers * dev.attention_s(flops, moved, self.dtype)
+            def attention(pairs: float, kv_tokens: float) -> float:
+                moved = 2 * (tokens - decode_rows) * self._q * self.e + kv_tokens * self._kv_token_layer
+                return dev.attention_s(4.0 * pairs * self._q, moved, self.dtype)
+
+            windowed = self.spec.windowed_layers
+            t += (layers - windowed) * attention(prefill_pairs, prefill_kv_tokens)
+            if windowed:
+                t += windowed * attention(prefill_pairs if window_pairs is None else window_pairs,
+                                          prefill_kv_tokens if window_kv_tokens is None else window_kv_tokens)
         return t
 
 
@@ -588,7 +601,8 @@ class _Replica:
     def iteration_s(self, chosen: list[tuple[_Seq, int]], lazy: bool) -> tuple[float, float]:
         """(seconds of the iteration, the cached tokens its decodes read)."""
         tokens = logits = decode_rows = 0
-        decode_ctx = pairs = kv_tokens = 0.0
+        decode_ctx = pairs = kv_tokens = window_pairs = window_kv = 0.0
+        spec = self.cost.spec
         for seq, take in chosen:
             tokens += take
             computed = seq.computed
@@ -600,6 +614,9 @@ class _Replica:
             else:
                 pairs += take * (computed + (take + 1) / 2)
                 kv_tokens += computed + take
+                if spec.windowed_layers:
+                    wp, wk = window_prefill(spec, computed, take)
+                    window_pairs, window_kv = window_pairs + wp, window_kv + wk
         self.computed_prompt_tokens += tokens - decode_rows
         if lazy:
             n = self.n_lazy
@@ -607,7 +624,8 @@ class _Replica:
             logits += n
             decode_rows += n
             decode_ctx += self.sum_c0 + n * (self.tick + 1)
-        return self.cost.seconds(tokens, logits, decode_rows, decode_ctx, pairs, kv_tokens), decode_ctx
+        windows = (window_pairs, window_kv) if spec.windowed_layers else (None, None)
+        return self.cost.seconds(tokens, logits, decode_rows, decode_ctx, pairs, kv_tokens, *windows), decode_ctx
 
     def end(self, now: float, chosen: list[tuple[_Seq, int]], lazy: bool, repeats: int,
             finished: list[_Seq], handed: list[_Seq]) -> None:

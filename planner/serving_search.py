@@ -46,7 +46,7 @@ from tqdm import tqdm
 from costmodel.cluster import Cluster
 from costmodel.errors import ConfigError
 from costmodel.serving import (GPU_MEMORY_UTILIZATION, ServingRequest, check_degrees, layout_label, layout_problems,
-                               plan_serving)
+                               plan_serving, window_prefill)
 from costmodel.serving_engine import DEFAULT_ENGINE, engine_cluster
 from costmodel.spec import ModelSpec
 from costmodel.traffic import (SLO, IterationCost, SchedulerConfig, ServingLayout, TrafficResult, replica_blocks,
@@ -178,7 +178,8 @@ def unit_bound(spec: ModelSpec, cluster: Cluster, unit: ServingLayout, cfg: Sche
                          unit.expert_parallel, kv_cache_dtype=cfg.kv_cache_dtype)  # the cluster is the engine's already
     chunk = cfg.max_num_batched_tokens
     # a replica's pp virtual engines each run a traversal at once (costmodel.traffic)
-    prefill_tokens_s = unit.pp * chunk / cost.seconds(chunk, 1, 0, 0.0, chunk * (chunk + 1) / 2, chunk)
+    prefill_tokens_s = unit.pp * chunk / cost.seconds(chunk, 1, 0, 0.0, chunk * (chunk + 1) / 2, chunk,
+                                                      *window_prefill(spec, 0, chunk))
     blocks, _ = replica_blocks(spec, cluster, unit, cfg)
     most = max(1, min(cfg.max_num_seqs, int(blocks // unit.pp * cfg.block_tokens // (prompt + output))))
     tpot = min((s for m, _, s in slo.targets if m == "tpot"), default=math.inf)

@@ -447,3 +447,32 @@ def test_an_fp8_kv_cache_serves_a_memory_bound_burst_with_fewer_preemptions():
     assert runs["fp8"].preemptions < runs["bf16"].preemptions < runs["half"].preemptions
     assert runs["fp8"].throughput_tokens_per_s > 1.2 * runs["bf16"].throughput_tokens_per_s
     assert runs["half"].throughput_tokens_per_s < runs["bf16"].throughput_tokens_per_s
+
+
+def test_sliding_window_layers_read_and_attend_within_their_window():
+    """A sliding-window layer's kernel reads only the last attention_window keys of a decode and
+    pairs each prompt query with at most that many: a 4,096-token window in every other layer
+    (Gemma-2's pattern) changes nothing up to the window, and past it a decode at 16,000 tokens of
+    context reads (1/2 + 1/2 x 4,096 / 16,000) of the cache; a 16,000-token prompt's windowed
+    attention pairs are W (s - W) + W (W + 1) / 2, not s (s + 1) / 2."""
+    from costmodel.serving import decode_attention_s, window_prefill
+
+    full = replace(SPEC, max_positions=32_768)
+    windowed = replace(full, attention_window=4096, windowed_layers=SPEC.layers // 2)
+    assert decode_attention_s(windowed, CLUSTER, "bf16", 1, 64, 4000) == decode_attention_s(full, CLUSTER, "bf16", 1, 64,
+                                                                                            4000)
+    long = decode_attention_s(windowed, CLUSTER, "bf16", 1, 64, 16_000) / decode_attention_s(full, CLUSTER, "bf16", 1,
+                                                                                             64, 16_000)
+    assert long == pytest.approx(0.5 + 0.5 * 4096 / 16_000, rel=0.02)
+    pairs, keys = window_prefill(windowed, 0, 16_000)
+    assert pairs == 4096 * (16_000 - 4096) + 4096 * 4097 / 2 and keys == 16_000
+    assert window_prefill(windowed, 2000, 1000) == (1000 * (2000 + 1001 / 2), 3000)  # within the window: all of it
+    assert window_prefill(windowed, 10_000, 100) == (100 * 4096, 4096 + 100)
+    # served: a burst of long prompts prefills and decodes faster with the window, the same without one past it
+    book = [Request(id=i, arrival_s=0.0, prompt_tokens=16_000, output_tokens=200) for i in range(8)]
+    runs = {name: simulate_traffic(spec, CLUSTER, book, ServingLayout(tp=1), SchedulerConfig())
+            for name, spec in (("full", full), ("windowed", windowed),
+                               ("wide", replace(full, attention_window=32_768, windowed_layers=SPEC.layers // 2)))}
+    assert runs["windowed"].duration_s < 0.95 * runs["full"].duration_s
+    assert float(np.median(runs["windowed"].tpot_s)) < float(np.median(runs["full"].tpot_s))
+    assert runs["wide"].duration_s == pytest.approx(runs["full"].duration_s, rel=1e-9)
