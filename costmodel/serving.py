@@ -51,7 +51,7 @@ from costmodel.moe import EXPERT_LOAD_CV, rank_imbalance
 from costmodel.ops import gemm_s
 from costmodel.spec import ModelSpec
 from costmodel.runtime import FUSED
-from costmodel.serving_engine import DEFAULT_ENGINE, check_engine_name, engine_cluster
+from costmodel.serving_engine import DEFAULT_ENGINE, check_engine_name, engine_cluster, load_engine
 from costmodel.strategy import Strategy
 
 # the tokens an engine prefills in one iteration by default: vLLM's max_num_batched_tokens on a
@@ -241,8 +241,11 @@ def kv_budget(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: int, p
     weights = weights_bytes_per_gpu(spec, tp, pp, e)
     # prefill workspace: one sequence's prompt through a layer (residual, q/k/v, MLP) and its logits
     workspace = req.prompt_len * (4 * spec.hidden + 2 * spec.ffn_hidden // tp) * e + spec.vocab // tp * 4
-    usable = cluster.device.hbm_bytes * req.gpu_memory_utilization - cluster.device.memory_overhead.fixed_gib * 2**30
-    kv = max(0.0, usable - weights - workspace)
+    fixed = cluster.device.memory_overhead.fixed_gib * 2**30
+    if load_engine(req.engine).kv_share_of == "free":  # a share of what weights, activations and runtime leave
+        kv = max(0.0, req.gpu_memory_utilization * (cluster.device.hbm_bytes - fixed - weights - workspace))
+    else:  # a share of the GPU for all of it
+        kv = max(0.0, cluster.device.hbm_bytes * req.gpu_memory_utilization - fixed - weights - workspace)
     per_token = math.ceil(spec.layers / pp) * kv_values_per_token_gpu(spec, tp) * req.kv_bytes_per_value
     capacity = int(kv // per_token)
     P, O, b = req.prompt_len, req.output_len, req.block_tokens

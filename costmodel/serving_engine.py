@@ -47,6 +47,10 @@ class ServingEngine:
     memory_sustained: dict[str, float] = field(default_factory=dict)
     non_kv_gib: float = 1.0
     custom_all_reduce: dict[str, dict[int, list[float]]] = field(default_factory=dict)
+    # what the memory share (--gpu-memory-utilization) is a share of: "total", the GPU's memory for
+    # weights, activations and cache together (vLLM), or "free", what those and the runtime leave
+    # for the KV cache (TensorRT-LLM's free_gpu_memory_fraction)
+    kv_share_of: str = "total"
     sources: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -59,6 +63,8 @@ class ServingEngine:
         if isinstance(self.non_kv_gib, bool) or not isinstance(self.non_kv_gib, (int, float)) \
                 or not 0 <= self.non_kv_gib < 64:
             raise ConfigError(f"{where}: non_kv_gib must be GiB in [0, 64), got {self.non_kv_gib!r}")
+        if self.kv_share_of not in ("total", "free"):
+            raise ConfigError(f"{where}: kv_share_of must be total or free, got {self.kv_share_of!r}")
         if not isinstance(self.custom_all_reduce, dict) or any(
                 not isinstance(table, dict) or any(
                     isinstance(tp, bool) or not isinstance(tp, int) or tp < 2 or not _floor_rate(v)

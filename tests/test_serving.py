@@ -307,3 +307,18 @@ def test_a_serving_plan_keeps_its_kv_cache_dtype_and_gpu_share_through_export_an
                     "512", "--output-len", "128", "--precision", "fp8", "-o", str(w8)).returncode == 0
     exported = paraplan("export", str(w8), "--to", "vllm")
     assert exported.returncode == 0 and "--dtype auto --quantization fp8" in exported.stdout, exported.stderr
+
+
+def test_tensorrt_llm_gives_its_kv_cache_a_share_of_the_free_memory():
+    """vLLM's --gpu-memory-utilization is a share of the whole GPU (weights, activations and cache
+    within it); TensorRT-LLM's free_gpu_memory_fraction is a share of what is free once the
+    weights and activations are in place: Llama-2 70B over two H100s keeps 6.3 GiB of cache under
+    vLLM and about twice that under TensorRT-LLM, each as its own formula gives."""
+    spec, cluster = ZOO["llama2-70b"], load_cluster("h100-sxm:8")
+    req = ServingRequest(prompt_len=1000, output_len=100)
+    vllm, trt = (kv_budget(spec, cluster, replace(req, engine=e), 2, 1) for e in ("vllm", "tensorrt-llm"))
+    hbm = cluster.device.hbm_bytes / 2**30
+    assert vllm.weights_gib == trt.weights_gib
+    assert vllm.kv_gib == pytest.approx(0.9 * hbm - 1.0 - vllm.weights_gib - vllm.workspace_gib)
+    assert trt.kv_gib == pytest.approx(0.9 * (hbm - 1.0 - trt.weights_gib - trt.workspace_gib))
+    assert 1.9 < trt.kv_gib / vllm.kv_gib < 2.2
