@@ -125,7 +125,7 @@ _BOOL_FLAGS = {"--enable-chunked-prefill": ("chunked_prefill", True), "--no-enab
 _NO_COST = {"--host": True, "--port": True, "--served-model-name": True, "--api-key": True,
             "--disable-log-requests": False, "--disable-log-stats": False, "--trust-remote-code": False,
             "--uvicorn-log-level": True, "--tokenizer": True, "--download-dir": True, "--seed": True,
-            "--revision": True, "--enforce-eager": False, "--swap-space": True,
+            "--revision": True, "--swap-space": True,
             "--chat-template": True}
 _DTYPES = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "half": "fp16", "fp16": "fp16", "auto": None}
 _KV_DTYPES = {"auto": "auto", "fp8": "fp8", "fp8_e4m3": "fp8", "fp8_e5m2": "fp8", "bfloat16": "bf16", "float16": "fp16"}

@@ -304,13 +304,13 @@ def test_a_vllm_serve_command_is_priced_as_it_runs(tmp_path, capsys):
     assert code == 0, err
     assert json.loads(out)["predicted"] == got["predicted"]
     line = ("python -m vllm.entrypoints.openai.api_server --model org/Llama-3-8B --num-scheduler-steps 10 --tensor 2 "
-            "--kv-cache-dtype fp8_e4m3 --gpu-memory-utilization 0.8 --quantization awq")
+            "--kv-cache-dtype fp8_e4m3 --gpu-memory-utilization 0.8 --quantization awq --enforce-eager")
     code, out, err = _main(capsys, *run, "--from", "vllm", line, "--model", "llama3-8b")
     assert code == 0 and json.loads(out)["layout"]["tp"] == 2  # --tensor: argparse's unique prefix, as vLLM takes it
     scheduler = json.loads(out)["scheduler"]
     assert scheduler["num_scheduler_steps"] == 10  # vLLM 0.6's multi-step scheduling, priced
     assert (scheduler["kv_cache_dtype"], scheduler["gpu_memory_utilization"]) == ("fp8", 0.8)  # priced too
-    assert "not understood, not priced: --quantization awq" in err
+    assert "not understood, not priced: --quantization awq; --enforce-eager" in err  # no CUDA graphs: not priced
     # a built-in model's Hub checkpoint (base or chat-tuned) needs no --model; the export names it so
     for hub_id, name in (("Qwen/Qwen3-30B-A3B", "qwen3-30b-a3b"), ("meta-llama/Meta-Llama-3-8B-Instruct", "llama3-8b")):
         code, out, err = _main(capsys, *run, "--from", "vllm", f"vllm serve {hub_id} -tp 2")
