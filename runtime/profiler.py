@@ -28,6 +28,7 @@ import yaml
 from tqdm import tqdm
 
 from costmodel.cluster import oversubscription
+from runtime.teardown import leave
 
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
 
@@ -162,6 +163,7 @@ def _collective_worker(rank: int, world: int, sizes: list[int], reps: int, backe
         Path(out_path).write_text(yaml.safe_dump(rows))
     dist.barrier()
     dist.destroy_process_group()
+    leave(0)  # past gloo's teardown (runtime.teardown)
 
 
 def _in_situ_worker(rank: int, world: int, iters: int, port: int, out_path: str) -> None:
@@ -185,6 +187,7 @@ def _in_situ_worker(rank: int, world: int, iters: int, port: int, out_path: str)
         cost = (times[1] + times[3] - times[0] - times[2]) / 2
         Path(out_path).write_text(yaml.safe_dump([world, max(cost, 0.0)]))
     dist.destroy_process_group()
+    leave(0)
 
 
 def measure_in_situ(worlds: list[int], iters: int, bar) -> list[tuple[int, float]]:
@@ -330,6 +333,7 @@ def _overhead_worker(rank: int, reps: int, port: int, out_path: str) -> None:
     result = {k: [round(v, 1) for v in pair] for k, pair in result.items()}
     Path(out_path).write_text(yaml.safe_dump(result))
     dist.destroy_process_group()
+    leave(0)
 
 
 def measure_layer_overhead(reps: int) -> dict:

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from costmodel.errors import ConfigError
 from planner.plan import Plan
+from runtime.teardown import leave
 from runtime.train import RunConfig, train
 
 
@@ -84,16 +85,6 @@ def main(argv: list[str] | None = None) -> int:
         dist.barrier()  # no rank tears gloo down while another still talks (C++ terminate otherwise)
         dist.destroy_process_group()
     return 0
-
-
-def leave(code: int) -> None:
-    """Exit without the interpreter's teardown once the run is over (every file written and
-    closed, the process group destroyed): now and then a C++ thread left running aborted a rank
-    in the static destructors ("terminate called without an active exception", SIGABRT), and
-    torchrun failed a finished run."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from planner.plan import Plan
 from runtime.mesh import build_mesh
 from runtime.module import logits_of
 from runtime.train import build_plan_parts
-from runtime.worker import leave
+from runtime.teardown import leave
 
 
 def main(plan_path: str, checkpoint: str, tokens_path: str, out_path: str) -> None:
@@ -37,4 +37,4 @@ def main(plan_path: str, checkpoint: str, tokens_path: str, out_path: str) -> No
 
 if __name__ == "__main__":
     main(*sys.argv[1:5])
-    leave(0)  # past gloo's teardown (runtime.worker.leave)
+    leave(0)  # past gloo's teardown (runtime.teardown)

@@ -12,7 +12,7 @@ from torch.distributed.tensor.debug import CommDebugMode
 from planner.plan import Plan
 from runtime.mesh import build_mesh
 from runtime.train import build_plan_parts
-from runtime.worker import leave
+from runtime.teardown import leave
 
 
 def main() -> None:
@@ -38,4 +38,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    leave(0)  # past gloo's teardown (runtime.worker.leave)
+    leave(0)  # past gloo's teardown (runtime.teardown)
