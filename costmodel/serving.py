@@ -242,7 +242,8 @@ def kv_budget(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: int, p
     # prefill workspace: one sequence's prompt through a layer (residual, q/k/v, MLP) and its logits
     workspace = req.prompt_len * (4 * spec.hidden + 2 * spec.ffn_hidden // tp) * e + spec.vocab // tp * 4
     fixed = cluster.device.memory_overhead.fixed_gib * 2**30
-    if load_engine(req.engine).kv_share_of == "free":  # a share of what weights, activations and runtime leave
+    # the engine the cluster is priced for (engine_cluster keeps one already priced)
+    if load_engine(cluster.device.serving_engine).kv_share_of == "free":  # of what weights, activations, runtime leave
         kv = max(0.0, req.gpu_memory_utilization * (cluster.device.hbm_bytes - fixed - weights - workspace))
     else:  # a share of the GPU for all of it
         kv = max(0.0, cluster.device.hbm_bytes * req.gpu_memory_utilization - fixed - weights - workspace)

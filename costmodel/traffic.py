@@ -614,7 +614,7 @@ class _Replica:
             else:
                 pairs += take * (computed + (take + 1) / 2)
                 kv_tokens += computed + take
-                if spec.windowed_layers:
+                if spec.windowed_layers:  # (IterationCost reads the window's figures only where there is one)
                     wp, wk = window_prefill(spec, computed, take)
                     window_pairs, window_kv = window_pairs + wp, window_kv + wk
         self.computed_prompt_tokens += tokens - decode_rows
@@ -624,8 +624,8 @@ class _Replica:
             logits += n
             decode_rows += n
             decode_ctx += self.sum_c0 + n * (self.tick + 1)
-        windows = (window_pairs, window_kv) if spec.windowed_layers else (None, None)
-        return self.cost.seconds(tokens, logits, decode_rows, decode_ctx, pairs, kv_tokens, *windows), decode_ctx
+        return (self.cost.seconds(tokens, logits, decode_rows, decode_ctx, pairs, kv_tokens, window_pairs, window_kv),
+                decode_ctx)
 
     def end(self, now: float, chosen: list[tuple[_Seq, int]], lazy: bool, repeats: int,
             finished: list[_Seq], handed: list[_Seq]) -> None:

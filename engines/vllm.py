@@ -15,6 +15,7 @@ from costmodel.errors import ConfigError
 from planner.plan import Plan
 from planner.zoo import HUB_IDS
 
+_VLLM_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16"}  # what the export writes for a 16-bit dtype
 
 
 def commands(plan: Plan, *, model_path: str | None = None) -> list[list[str]]:
@@ -39,7 +40,7 @@ def commands(plan: Plan, *, model_path: str | None = None) -> list[list[str]]:
            "--max-num-seqs", sv.get("max_num_seqs", plan.schedule["microbatch_size"]), "--max-model-len", max_len,
            "--block-size", int(sv.get("block_tokens", 16)),
            "--gpu-memory-utilization", setup.request.gpu_memory_utilization,
-           "--dtype", "bfloat16" if plan.precision == "bf16" else "float16" if plan.precision == "fp16" else "auto"]
+           "--dtype", _VLLM_DTYPE_NAMES.get(plan.precision, "auto")]
     if plan.precision == "fp8":  # vLLM quantizes the 16-bit checkpoint's weights to fp8 as it loads them
         cmd += ["--quantization", "fp8"]
     if traffic:
@@ -47,7 +48,7 @@ def commands(plan: Plan, *, model_path: str | None = None) -> list[list[str]]:
                 "--enable-chunked-prefill" if sv.get("chunked_prefill", True) else "--no-enable-chunked-prefill",
                 "--enable-prefix-caching" if sv.get("prefix_caching", True) else "--no-enable-prefix-caching"]
     if setup.request.kv_cache_dtype != "auto":
-        cmd += ["--kv-cache-dtype", {"fp8": "fp8", "bf16": "bfloat16", "fp16": "float16"}[setup.request.kv_cache_dtype]]
+        cmd += ["--kv-cache-dtype", {"fp8": "fp8", **_VLLM_DTYPE_NAMES}[setup.request.kv_cache_dtype]]
     if sv.get("expert_parallel"):  # the experts whole over the tp GPUs (costmodel.serving)
         cmd += ["--enable-expert-parallel"]
     if sv.get("draft_model"):

@@ -143,7 +143,7 @@ class UnitResult:
         return self.max_rate_rps / self.gpus
 
     def units_for(self, rate: float) -> int:
-        return math.ceil(rate / self.max_rate_rps - 1e-9) if self.max_rate_rps > 0 else 0
+        return units_needed(rate, self.max_rate_rps)
 
     def name(self) -> str:
         u = self.unit
@@ -225,10 +225,12 @@ def unit_max_rate(spec: ModelSpec, cluster: Cluster, unit: ServingLayout, cfg: S
 
 
 def units(spec: ModelSpec, cluster: Cluster, precision: str, engine: str = DEFAULT_ENGINE,
-          **memory) -> tuple[list[ServingLayout], dict[str, str]]:
-    """Every unit shape the cluster can hold, and why the others cannot be (`memory`: the KV
-    cache's dtype and the GPU's share, SchedulerConfig's kv_cache_dtype and gpu_memory_utilization)."""
-    out, refused = [], {}
+          **memory) -> tuple[list[ServingLayout], dict[str, str], bool]:
+    """Every unit shape the cluster can hold, why the others cannot be, and whether one of those
+    holds its weights but not one whole-context sequence (a shorter --max-model-len would let it
+    serve); `memory`: the KV cache's dtype and the GPU's share, SchedulerConfig's kv_cache_dtype
+    and gpu_memory_utilization."""
+    out, refused, short_context = [], {}, False
     n = cluster.world_size
     shapes = [(tp, pp, ep) for tp in [d for d in (1, 2, 4, 8, 16) if d <= min(n, cluster.gpus_per_node)]
               for pp in (1, 2, 4) for ep in ((False, True) if spec.moe and tp > 1 else (False,))]
@@ -245,6 +247,7 @@ def units(spec: ModelSpec, cluster: Cluster, precision: str, engine: str = DEFAU
         if room < spec.context_len:
             refused[name] = ("its weights fill the memory a GPU may use" if not room else
                              f"room for {room} tokens of KV cache, less than one {spec.context_len}-token sequence")
+            short_context = short_context or room > 0
             continue
         for k in DECODE_PER_PREFILL:
             if (1 + k) * tp * pp <= n:
@@ -252,7 +255,7 @@ def units(spec: ModelSpec, cluster: Cluster, precision: str, engine: str = DEFAU
                                          precision=precision, expert_parallel=ep))
     # pp > 1 where pp 1 fits too: its virtual engines serve about as much as pp replicas would
     # (costmodel.traffic) and its GPUs hold 1/pp of the weights each, more room for the KV cache
-    return out, refused
+    return out, refused, short_context
 
 
 def static_unit(spec: ModelSpec, cluster: Cluster, prompt: float, output: float, slo: SLO,
@@ -271,11 +274,17 @@ def static_unit(spec: ModelSpec, cluster: Cluster, prompt: float, output: float,
     return ServingLayout(tp=best.tp, pp=best.pp, precision=precision, expert_parallel=best.expert_parallel), best.batch
 
 
+def units_needed(rate: float, unit_rate: float) -> int:
+    """ceil(rate / unit_rate): the units of `unit_rate` requests/s each that serve `rate` (0 for
+    a unit that serves nothing)."""
+    return math.ceil(rate / unit_rate - 1e-9) if unit_rate > 0 else 0
+
+
 def deployment_key(rate: float, unit_rate: float, gpus: int) -> tuple[float, float]:
     """What the search minimises for a unit of `gpus` GPUs serving `unit_rate` requests/s within
-    the objectives: the GPUs of the ceil(rate / unit_rate) units that serve `rate`, then the
-    goodput per GPU (negated: more headroom on as many GPUs)."""
-    return math.ceil(rate / unit_rate - 1e-9) * gpus, -unit_rate / gpus
+    the objectives: the GPUs of the units that serve `rate` (units_needed), then the goodput per
+    GPU (negated: more headroom on as many GPUs)."""
+    return units_needed(rate, unit_rate) * gpus, -unit_rate / gpus
 
 
 def plan_traffic(spec: ModelSpec, cluster: Cluster, wl: TrafficWorkload, rate: float, slo: SLO, *,
@@ -292,7 +301,7 @@ def plan_traffic(spec: ModelSpec, cluster: Cluster, wl: TrafficWorkload, rate: f
                           f"for a rate; a trace of simultaneous arrivals has none), got {rate}; for offline throughput "
                           "use `paraplan simulate --mode inference --rate inf`")
     memory = dict(kv_cache_dtype=kv_cache_dtype, gpu_memory_utilization=gpu_memory_utilization)
-    shapes, refused = units(spec, cluster, precision, engine, **memory)
+    shapes, refused, short_context = units(spec, cluster, precision, engine, **memory)
     check_degrees(tp=tp, pp=pp)
     for name, value in (("tp", tp), ("pp", pp)):
         if value is not None:
@@ -304,7 +313,7 @@ def plan_traffic(spec: ModelSpec, cluster: Cluster, wl: TrafficWorkload, rate: f
             shapes = kept
     if not shapes:
         reasons = "; ".join(f"{k}: {v}" for k, v in list(refused.items())[::-1][:3])  # the largest shapes first
-        shorter = " or a shorter context (--max-model-len)" if any("tokens of KV" in v for v in refused.values()) else ""
+        shorter = " or a shorter context (--max-model-len)" if short_context else ""
         raise ConfigError(f"no replica of {spec.name} fits {cluster.name} ({reasons}); add GPUs, serve in fp8{shorter}")
     prompt, output = mean_lengths(wl.probe(1.0, spec.context_len))
     candidates = []

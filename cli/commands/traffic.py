@@ -164,8 +164,8 @@ def from_vllm_command(args: argparse.Namespace, cluster: Cluster) -> tuple[Model
     served = cmd.model
     if not args.model and (Path(served) / "config.json").is_file():  # a model directory, as vllm serve loads one
         served = f"hf:{served}"
-    elif not args.model and zoo_name_of_hub_id(served):  # a built-in model's Hub checkpoint
-        served = zoo_name_of_hub_id(served)
+    elif not args.model:  # a built-in model's Hub checkpoint, else the name as given
+        served = zoo_name_of_hub_id(served) or served
     try:
         spec = load_model_spec(args.model or served)
     except ConfigError as exc:
