@@ -43,6 +43,12 @@ def test_chat_lengths_have_sharegpts_means_and_arrivals_their_rate():
     assert gaps.std() / gaps.mean() == pytest.approx(1.0, rel=0.05)  # Poisson
     bursty = np.diff(arrivals(np.random.default_rng(1), 20000, 10.0, burst_cv=3.0))
     assert bursty.mean() == pytest.approx(0.1, rel=0.1) and bursty.std() / bursty.mean() == pytest.approx(3.0, rel=0.15)
+    # a short sample comes at the rate asked for (unscaled, seed 0's 300 Poisson arrivals at 20/s came at 17.7/s),
+    # its gaps as random as before
+    for seed, cv in ((0, 1.0), (1, 1.0), (2, 3.0)):
+        times = arrivals(np.random.default_rng(seed), 300, 20.0, burst_cv=cv)
+        assert times[0] == 0 and times[-1] == pytest.approx(299 / 20.0)
+        assert np.diff(times).std() / np.diff(times).mean() == pytest.approx(cv, rel=0.3)
     agent = generate("agent", rate=1, requests=50, context=SPEC.seq_len)
     assert all(r.prefix_id == "system" and r.prefix_tokens == 2000 < r.prompt_tokens for r in agent)
     assert all(r.prompt_tokens + r.output_tokens <= SPEC.seq_len for r in agent)
@@ -160,6 +166,7 @@ def test_slo_goodput_and_bad_input():
     met = np.sum((r.ttft_s <= 0.5) & (r.tpot_s <= 0.02))
     assert m["slo_attainment"] == met / 400
     assert m["goodput_rps"] == pytest.approx(met / (reqs[-1].arrival_s - reqs[0].arrival_s))
+    assert m["goodput_rps"] == pytest.approx(20 * met / 399)  # the rate asked for x the share that met them
     strict = simulate_traffic(SPEC, CLUSTER, reqs, ServingLayout(tp=1), slo=SLO.parse("tpot_p99=1ms"))
     assert strict.goodput_rps == 0
     for text in ("ttft=1", "ttft_p99=", "foo_p90=1", "tpot_p99=-1", "e2e_p99=abc"):
