@@ -14,6 +14,7 @@ iterations reach, per GPU architecture, each figure sourced:
   small messages of decoding. A tensor-parallel all-reduce takes the faster of it and NCCL's
   (the engines fall back to NCCL past a size); a degree it does not list takes the next
   larger one listed, beyond the largest NCCL's alone.
+- `block_sizes`: the KV block sizes (tokens a block) the engine takes; empty: any.
 - `non_kv_gib`: GPU memory the engine keeps outside weights and KV cache inside its memory
   budget (CUDA context, non-torch allocations, the profiling run's peak activations):
   vLLM sizes its KV cache as gpu_memory_utilization x the GPU's memory minus weights minus
@@ -51,6 +52,7 @@ class ServingEngine:
     # weights, activations and cache together (vLLM), or "free", what those and the runtime leave
     # for the KV cache (TensorRT-LLM's free_gpu_memory_fraction)
     kv_share_of: str = "total"
+    block_sizes: tuple[int, ...] = ()
     sources: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -63,6 +65,10 @@ class ServingEngine:
         if isinstance(self.non_kv_gib, bool) or not isinstance(self.non_kv_gib, (int, float)) \
                 or not 0 <= self.non_kv_gib < 64:
             raise ConfigError(f"{where}: non_kv_gib must be GiB in [0, 64), got {self.non_kv_gib!r}")
+        if not isinstance(self.block_sizes, (list, tuple)) or any(
+                isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.block_sizes):
+            raise ConfigError(f"{where}: block_sizes must be a list of positive token counts")
+        object.__setattr__(self, "block_sizes", tuple(self.block_sizes))
         if self.kv_share_of not in ("total", "free"):
             raise ConfigError(f"{where}: kv_share_of must be total or free, got {self.kv_share_of!r}")
         if not isinstance(self.custom_all_reduce, dict) or any(
@@ -123,6 +129,15 @@ def load_engine(name: str) -> ServingEngine:
     if extra:
         raise ConfigError(f"serving engine profile {path}: unknown keys {', '.join(extra)}")
     return ServingEngine(**data)
+
+
+def check_block_size(block_tokens: int, engine: str) -> None:
+    """One line for a KV block size the engine would refuse (vLLM's --block-size choices); a size
+    that is no positive integer is the request's own check to make."""
+    sizes = load_engine(engine).block_sizes
+    positive = isinstance(block_tokens, int) and not isinstance(block_tokens, bool) and block_tokens >= 1
+    if positive and sizes and block_tokens not in sizes:
+        raise ConfigError(f"--block-size {block_tokens}: {engine} takes {', '.join(map(str, sizes))} tokens a block")
 
 
 def vllm_scheduler_defaults(device) -> tuple[int, int]:

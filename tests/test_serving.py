@@ -162,7 +162,8 @@ def test_given_degrees_are_fixed_and_other_flags_refused(capsys):
     for extra, needle in ((("--zero", "3"), "--zero is for training"),
                           (("--max-num-seqs", "8"), "--max-num-seqs is for serving under traffic"),
                           (("--tp", "3"), "must divide the 8 GPUs"), (("--beam", "0"), "--beam must be"),
-                          (("--block-size", "0"), "--block-size must be")):
+                          (("--block-size", "0"), "--block-size must be"),
+                          (("--block-size", "12"), "--block-size 12: vllm takes 1, 8, 16, 32, 64, 128, 256")):
         for command in ("plan", "simulate"):
             code, out, err = run(command, *base, *extra)
             assert code == 2 and needle in err and len(err.strip().splitlines()) == 1 and not out, (command, err)

@@ -102,7 +102,10 @@ def test_commands(tmp_path, capsys):
             (["--workload", "chat", "--rate", "1", "--tp", "3"], "tp(3)"),
             (["--workload", "chat", "--rate", "1", "--tp", "8", "--pp", "2"], "needs 16 GPUs; the cluster has 8"),
             (["--workload", "chat", "--rate", "1", "--workload-seed", "-1"], "--workload-seed must be"),
-            (["--workload", "chat", "--rate", "1", "--block-size", "0"], "--block-size must be")):
+            (["--workload", "chat", "--rate", "1", "--block-size", "0"], "--block-size must be"),
+            (["--workload", "chat", "--rate", "1", "--block-size", "24"], "--block-size 24: vllm takes 1, 8, 16"),
+            (["--workload", "chat", "--rate", "1", "--block-size", "256", "--engine", "tensorrt-llm"],
+             "tensorrt-llm takes 8, 16, 32, 64, 128")):
         code, out, err = _main(capsys, "simulate", "--mode", "inference", "--model", "llama3-8b", "--cluster",
                                "h100-sxm:8", *argv)
         assert code == 2 and needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err

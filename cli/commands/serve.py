@@ -10,7 +10,7 @@ from costmodel import ConfigError, Strategy, load_cluster
 from costmodel.serving import (GPU_MEMORY_UTILIZATION, ServingPlan, ServingPoint, ServingRequest, check_degrees,
                                kv_bytes_per_token, layout_label, plan_serving)
 from costmodel.spec import format_count
-from costmodel.serving_engine import DEFAULT_ENGINE
+from costmodel.serving_engine import DEFAULT_ENGINE, check_block_size, check_engine_name
 from planner.files import atomic_write_text
 from planner.model_source import load_model_spec
 from planner.plan import plan_from_strategy
@@ -53,13 +53,17 @@ def serving_request(args: argparse.Namespace) -> ServingRequest:
     if args.prompt_len is None or args.output_len is None:
         raise ConfigError("--mode inference needs --prompt-len and --output-len")
     draft = load_model_spec(args.draft_model) if args.draft_model else None
+    engine = getattr(args, "engine", None) or DEFAULT_ENGINE
+    if args.block_size is not None:
+        check_engine_name(engine)
+        check_block_size(args.block_size, engine)
     return ServingRequest(
         prompt_len=args.prompt_len, output_len=args.output_len, batch=args.batch, max_ttft_ms=args.max_ttft_ms,
         max_tpot_ms=args.max_tpot_ms, beam=1 if args.beam is None else args.beam,
         block_tokens=16 if args.block_size is None else args.block_size,
         precision=args.precision or "bf16", draft=draft, draft_len=args.draft_len or 4,
         acceptance=0.8 if args.acceptance is None else args.acceptance,
-        engine=getattr(args, "engine", None) or DEFAULT_ENGINE, **memory_args(args),
+        engine=engine, **memory_args(args),
     )
 
 

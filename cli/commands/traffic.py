@@ -15,7 +15,7 @@ from pathlib import Path
 from costmodel import ConfigError, load_cluster
 from costmodel.cluster import Cluster
 from costmodel.serving import GPU_MEMORY_UTILIZATION, ServingRequest, check_degrees, evaluate, kv_budget
-from costmodel.serving_engine import DEFAULT_ENGINE, vllm_scheduler_defaults
+from costmodel.serving_engine import DEFAULT_ENGINE, check_block_size, check_engine_name, vllm_scheduler_defaults
 from costmodel.spec import ModelSpec, format_count
 from costmodel.trace import serving_trace
 from costmodel.traffic import SLO, SchedulerConfig, ServingLayout, TrafficResult, replica_blocks, simulate_traffic
@@ -55,6 +55,9 @@ def scheduler_config(args: argparse.Namespace, cluster: Cluster) -> SchedulerCon
              if getattr(args, k, None) is not None}
     if getattr(args, "block_size", None) is not None:
         given["block_tokens"] = args.block_size
+    if "block_tokens" in given:  # an engine takes the block sizes its kernels have
+        check_engine_name(given.get("engine", DEFAULT_ENGINE))
+        check_block_size(given["block_tokens"], given.get("engine", DEFAULT_ENGINE))
     if given.get("engine", DEFAULT_ENGINE) == "vllm":
         seqs, tokens = vllm_scheduler_defaults(cluster.device)
         given.setdefault("max_num_seqs", seqs)
@@ -178,6 +181,7 @@ def from_vllm_command(args: argparse.Namespace, cluster: Cluster) -> tuple[Model
                                           "num_scheduler_steps", "kv_cache_dtype", "gpu_memory_utilization")
              if getattr(cmd, k) is not None}
     if cmd.block_size is not None:
+        check_block_size(cmd.block_size, "vllm")
         taken["block_tokens"] = cmd.block_size
     if cmd.unknown:
         print(f"paraplan: note: {not_understood(engine, cmd.unknown).strip()}", file=sys.stderr)
