@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from costmodel.cluster import Cluster, with_runtime
 from costmodel.collectives import all_reduce_s, send_recv_s
 from costmodel.errors import ConfigError
+from costmodel.kv_groups import KVGroups
 from costmodel.layer import _params_per_tp_rank, layer_cost
 from costmodel.moe import EXPERT_LOAD_CV, rank_imbalance
 from costmodel.ops import gemm_s
@@ -255,11 +256,19 @@ def kv_budget(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: int, p
     contiguous = req.beam * spec.context_len  # the whole context reserved per beam
     paged = b * (math.ceil(P / b) + req.beam * math.ceil(O / b))  # the prompt's blocks shared by the beams
     used = P + req.beam * O
+    groups = KVGroups.of(spec, pp)
+    if groups.hybrid:  # sliding-window layers keep their window's blocks only (costmodel.kv_groups)
+        blocks = int(kv // (per_token * b * groups.group_layers / math.ceil(spec.layers / pp)))
+        window = groups.held(P + O, P + O - 1, b) - groups.full_groups * math.ceil((P + O) / b)
+        per_sequence = groups.full_groups * paged // b + req.beam * window
+        max_batch_paged = blocks // max(1, per_sequence)
+    else:
+        max_batch_paged = capacity // paged
     return KVBudget(
         weights_gib=weights / 2**30, workspace_gib=workspace / 2**30, kv_gib=kv / 2**30,
         kv_bytes_per_token_gpu=per_token, capacity_tokens=capacity, reserved_tokens_contiguous=contiguous,
         reserved_tokens_paged=paged, used_tokens=used, max_batch_contiguous=capacity // contiguous,
-        max_batch_paged=capacity // paged,
+        max_batch_paged=max_batch_paged,
     )
 
 

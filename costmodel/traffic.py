@@ -53,9 +53,12 @@ the last finish.
 
 Simplifications, stated: a replica's stages are equal (each 1/pp of the traversal; the first
 stage's embedding and the last's head are not told apart); a sliding-window layer's attention
-reads and pairs within its window (costmodel.serving.window_prefill, decode_attention_s) but its
-cache holds the whole sequence, as vLLM V0 keeps it (V1's hybrid allocator frees a window
-layer's blocks past the window, which would hold more sequences: not modelled); a prefill replica's KV
+reads and pairs within its window (costmodel.serving.window_prefill, decode_attention_s) and its
+KV blocks are freed past the window as vLLM V1's hybrid allocator frees them (costmodel.kv_groups:
+the pool counts group-blocks), but a prefix cache entry holds its full-attention layers' blocks
+only (a hit takes the window's blocks before it as cached; every layer windowed: an entry costs
+nothing) and a hit or a preempted sequence's own cached blocks do not recompute the window's; a
+prefill replica's KV
 transfers queue on its GPUs' links, one after another, but a decode replica receives any number
 at once; the host link's bandwidth is the PCIe datasheet's (HOST_LINK_GB_PER_S).
 """
@@ -73,6 +76,7 @@ import numpy as np
 from costmodel.cluster import Cluster, with_runtime
 from costmodel.collectives import send_recv_s
 from costmodel.errors import ConfigError
+from costmodel.kv_groups import KVGroups
 from costmodel.runtime import FUSED
 from costmodel.serving_engine import DEFAULT_ENGINE, ServingEngine, check_engine_name, engine_cluster
 from costmodel.serving import (BYTES, GPU_MEMORY_UTILIZATION, KVBudget, ServingRequest, check_kv_cache, cli_flag,
@@ -235,6 +239,9 @@ class _Seq:
     prefix_hit_blocks: int = 0  # shared blocks referenced from the prefix cache
     kv_at: str = ""  # "host": swapped out (copied back on admission); "remote": sent by a prefill replica
     preempted_hit_blocks: int = 0  # shared prefix blocks it referenced when preempted (its own cached ones follow them)
+    units: int = 0  # group-blocks of the pool it holds (costmodel.kv_groups; own_blocks where no layer is windowed)
+    alloc_from: int = 0  # its computed tokens when its slots were last allocated (a window frees from there)
+    window_past: bool = False  # in the decode aggregate: frees a window block every block it decodes
     first_token_s: float = math.nan
     finish_s: float = math.nan
     arrival_s: float = math.nan  # when the client sent it: its trace time, or under a concurrency limit when let go
@@ -264,8 +271,13 @@ class _Replica:
     others (prompts in progress; every sequence when blocks run short) are handled one by one."""
 
     def __init__(self, index: int, role: str, cost: IterationCost, blocks: int, cfg: SchedulerConfig,
-                 host_gb_per_s: float, block_bytes: float):
+                 host_gb_per_s: float, block_bytes: float, groups: KVGroups | None = None):
         self.index, self.role, self.cost, self.cfg = index, role, cost, cfg
+        # the pool in group-blocks (costmodel.kv_groups): a sequence's position-blocks hold every
+        # group's, a sliding-window group's only within the window; a prefix cache entry holds
+        # its full-attention groups' blocks (full_units a position-block)
+        self.groups = groups or KVGroups(group_layers=1, full_groups=1, window_groups=0, window=0)
+        self.full_units = self.groups.full_groups
         self.total_blocks = blocks
         self.free = blocks
         self.waiting: deque[_Seq] = deque()
@@ -276,6 +288,10 @@ class _Replica:
         self.sum_c0 = 0
         self.residues = [0] * cfg.block_tokens  # aggregate sequences by c0 mod block_tokens
         self.finishes: list[tuple[int, int, _Seq]] = []  # (tick it finishes at, index, sequence)
+        # sliding-window groups: aggregate sequences past their window's first own block, by c0 mod
+        # block_tokens, and a heap of the ticks the others get there at
+        self.past_residues = [0] * cfg.block_tokens
+        self.window_heap: list[tuple[int, int, _Seq, int]] = []  # (tick, index, sequence, its c0)
         # LRU, least recently used first: shared prefixes by prefix_id, and by (OWN, index) the
         # blocks a sequence preempted by recompute computed beyond its shared prefix
         self.cache: OrderedDict[str | tuple[str, int], _CacheEntry] = OrderedDict()
@@ -305,13 +321,30 @@ class _Replica:
         self.sum_c0 += c0
         self.residues[c0 % self.cfg.block_tokens] += 1
         heapq.heappush(self.finishes, (self.tick + seq.output - seq.generated, seq.index, seq))
+        if self.groups.hybrid:  # as a decode holds them (its window freed up to its last token)
+            self._recharge(seq, seq.computed, seq.computed - 1)
+            # it frees a window block of its own when it schedules the token at c = W - 1 (mod B),
+            # c >= W - 1 + (hit + 1) B (the blocks before are shared or not yet out of the window)
+            B = self.cfg.block_tokens
+            at = self.groups.window - 1 + (seq.prefix_hit_blocks + 1) * B - c0
+            if at <= self.tick:
+                seq.window_past = True
+                self.past_residues[c0 % B] += 1
+            else:
+                heapq.heappush(self.window_heap, (at, seq.index, seq, c0))
 
     def _materialize(self, seq: _Seq) -> None:
         seq.computed, seq.generated, seq.lazy = seq.c0 + self.tick, seq.g0 + self.tick, False
         seq.own_blocks = -(-seq.computed // self.cfg.block_tokens) - seq.prefix_hit_blocks
+        # what the aggregate charged it: the slots of its last token, its window freed up to it
+        seq.units = self.groups.held(seq.computed, seq.computed - 1, self.cfg.block_tokens, seq.prefix_hit_blocks)
+        seq.alloc_from = seq.computed - 1
         self.n_lazy -= 1
         self.sum_c0 -= seq.c0
         self.residues[seq.c0 % self.cfg.block_tokens] -= 1
+        if seq.window_past:
+            seq.window_past = False
+            self.past_residues[seq.c0 % self.cfg.block_tokens] -= 1
 
     def _materialize_all(self) -> None:
         for seq in self.running:
@@ -329,46 +362,72 @@ class _Replica:
         return None
 
     def _boundaries(self, steps: int) -> int:
-        """New blocks the aggregate needs over its next `steps` iterations: a sequence with c
-        cached tokens needs one when c is a multiple of the block."""
-        B, total = self.cfg.block_tokens, 0
-        for r, count in enumerate(self.residues):
-            if count:
-                t0 = (-self.tick - r) % B  # the first step (0-based) at which c0 + tick + t = 0 mod B
-                if t0 < steps:
-                    total += count * ((steps - 1 - t0) // B + 1)
+        """New group-blocks the aggregate needs over its next `steps` iterations: a sequence with
+        c cached tokens needs a block of every group when c is a multiple of the block, and past
+        its window frees one of every sliding-window group when c = window - 1 (mod block)."""
+        groups = self.groups
+        total = (groups.full_groups + groups.window_groups) * _events(self.residues, self.tick, 0, steps,
+                                                                       self.cfg.block_tokens)
+        if groups.hybrid:
+            total -= groups.window_groups * self._window_frees(steps)
         return total
+
+    def _window_frees(self, steps: int) -> int:
+        """Window blocks of their own the aggregate's sequences free over the next `steps`
+        iterations (those that get past their window meanwhile counted one by one)."""
+        B = self.cfg.block_tokens
+        target = (self.groups.window - 1) % B
+        heap = self.window_heap
+        while heap and heap[0][0] <= self.tick:  # got past the window: into the residues
+            _, _, seq, c0 = heapq.heappop(heap)
+            if seq.lazy and seq.c0 == c0 and not seq.window_past:
+                seq.window_past = True
+                self.past_residues[c0 % B] += 1
+        frees = _events(self.past_residues, self.tick, target, steps, B)
+        if steps > 1:
+            for at, _, seq, c0 in heap:  # (a scan: only where a run of repeated decodes is priced)
+                if at < self.tick + steps and seq.lazy and seq.c0 == c0 and not seq.window_past:
+                    first = at - self.tick  # its first step past the window
+                    t0 = (target - c0 - self.tick - first) % B + first
+                    if t0 < steps:
+                        frees += (steps - 1 - t0) // B + 1
+        return frees
 
     # -- blocks ---------------------------------------------------------------------------
     def _evict(self, need: int, keep: dict | None = None) -> float:
         """Free cached blocks nobody uses, least recently used prefix first and its last blocks
-        first (vLLM frees a sequence's blocks last to first), until `need` blocks are free, each
-        entry keeping at least `keep[key]` blocks (those a sequence being admitted is about to
-        use); seconds of copying shared prefixes' blocks to host memory (evicted_prefix 'host')."""
+        first (vLLM frees a sequence's blocks last to first), until `need` group-blocks are free,
+        each entry keeping at least `keep[key]` blocks (those a sequence being admitted is about
+        to use); seconds of copying shared prefixes' blocks to host memory (evicted_prefix 'host')."""
         seconds = 0.0
+        per = self.full_units  # group-blocks a cached position-block holds
         for key in list(self.cache):
-            if self.free >= need:
+            if self.free >= need or not per:
                 break
             entry = self.cache[key]
             spare = entry.blocks - (keep.get(key, 0) if keep else 0)
             if entry.refs or spare <= 0:
                 continue
-            take = min(spare, need - self.free)
-            self.free += take
+            take = min(spare, -(-(need - self.free) // per))
+            self.free += per * take
             if self.cfg.evicted_prefix == "host" and not isinstance(key, tuple):
                 entry.host_blocks = max(entry.host_blocks, entry.blocks)  # host holds [blocks - take, blocks) too
-                seconds += take * self.host_s_per_block
+                seconds += per * take * self.host_s_per_block
             entry.blocks -= take
             if not entry.blocks and not entry.host_blocks:
                 del self.cache[key]
         return seconds
 
-    def _blocks_for(self, seq: _Seq, tokens: int) -> int:
-        """Blocks of its own `seq` needs to hold `tokens` tokens."""
-        return max(0, -(-tokens // self.cfg.block_tokens) - seq.prefix_hit_blocks)
+    def _recharge(self, seq: _Seq, total: int, computed: int) -> None:
+        """`seq` holds the slots of `total` tokens, its window freed up to `computed` (its hit
+        and own blocks as they are now): the pool gives or takes the difference."""
+        units = self.groups.held(total, computed, self.cfg.block_tokens, seq.prefix_hit_blocks)
+        self.free += seq.units - units
+        seq.units, seq.alloc_from = units, computed
 
     def _release(self, seq: _Seq) -> None:
-        self.free += seq.own_blocks
+        self.free += seq.units
+        seq.units = 0
         seq.own_blocks = 0
         if seq.prefix_hit_blocks:
             self.cache[seq.req.prefix_id].refs -= 1
@@ -384,7 +443,7 @@ class _Replica:
         self.preemptions += 1
         seconds = 0.0
         if self.cfg.preemption == "swap":
-            seconds = victim.own_blocks * self.host_s_per_block
+            seconds = victim.units * self.host_s_per_block
             victim.kv_at = "host"  # a shared prefix it used stays cached; it comes back as its own blocks
         else:
             if self.cfg.prefix_caching:  # its full blocks keep their hashes until evicted
@@ -392,6 +451,7 @@ class _Replica:
                 keep = max(0, min(full, victim.own_blocks))
                 if keep:
                     self.cache[(OWN, victim.index)] = _CacheEntry(blocks=keep)
+                    self.free -= self.full_units * keep  # the cache holds them now (released below)
                     victim.own_blocks -= keep
                 victim.preempted_hit_blocks = victim.prefix_hit_blocks
             victim.computed = 0
@@ -411,12 +471,13 @@ class _Replica:
             return 0, 0.0
         seconds = 0.0
         back = min(entry.host_blocks, usable) - entry.blocks
+        units = self.full_units * back
         if back > 0:  # offloaded: back over the host link
-            seconds += self._evict(back, keep={req.prefix_id: entry.blocks})
-            if self.free >= back:
-                self.free -= back
+            seconds += self._evict(units, keep={req.prefix_id: entry.blocks})
+            if self.free >= units:
+                self.free -= units
                 entry.blocks += back
-                seconds += back * self.host_s_per_block
+                seconds += units * self.host_s_per_block
         return min(entry.blocks, usable), seconds
 
     def _donate(self, seq: _Seq) -> None:
@@ -431,6 +492,7 @@ class _Replica:
             # positions [max(entry, hit), full) come from the sequence's own blocks
             keep = max(0, min(full, seq.prefix_hit_blocks + seq.own_blocks) - max(entry.blocks, seq.prefix_hit_blocks))
             entry.blocks += keep
+            self.free -= self.full_units * keep  # the cache holds them now (released below)
             seq.own_blocks -= keep
         self._release(seq)
 
@@ -449,10 +511,12 @@ class _Replica:
         if keep <= 0:
             return
         entry.blocks += keep
+        self.free -= self.full_units * keep  # the cache holds them now
         if not hit:
             entry.refs += 1
         seq.prefix_hit_blocks += keep
         seq.own_blocks -= keep
+        self._recharge(seq, seq.computed, seq.alloc_from)  # its own blocks start past them
         self.cache.move_to_end(req.prefix_id)
 
     # -- one iteration ----------------------------------------------------------------------
@@ -466,12 +530,12 @@ class _Replica:
         if entry is None or seq.computed:
             return 0
         if hit < seq.preempted_hit_blocks:  # the shared blocks it followed were evicted: useless
-            self.free += entry.blocks
+            self.free += self.full_units * entry.blocks
             del self.cache[key]
             return 0
         after = entry.blocks - min(entry.blocks, hit - seq.preempted_hit_blocks)  # its positions past `hit`
         own = max(0, min(after, (seq.total - 1) // self.cfg.block_tokens - hit))
-        self.free += entry.blocks - own
+        self.free += self.full_units * (entry.blocks - own)
         entry.blocks, seq.preempted_hit_blocks = own, hit
         if not own:
             del self.cache[key]
@@ -492,9 +556,12 @@ class _Replica:
                 return None
             take = need  # a prompt longer than the budget runs alone
         want = -(-(computed + take) // self.cfg.block_tokens) - hit - own
-        if want > self.free:  # the cached blocks it would use are not evicted to make room for it
-            copies += self._evict(want, keep={seq.req.prefix_id: hit, (OWN, seq.index): own})
-        if want > self.free:
+        # group-blocks the pool gives: all it will hold but its own cached blocks, the cache's now
+        held = self.groups.held(computed + take, computed, self.cfg.block_tokens, hit)
+        units = held - self.full_units * own
+        if units > self.free:  # the cached blocks it would use are not evicted to make room for it
+            copies += self._evict(units, keep={seq.req.prefix_id: hit, (OWN, seq.index): own})
+        if units > self.free:
             return None
         self.waiting.popleft()
         if hit:
@@ -506,10 +573,11 @@ class _Replica:
         if own:  # its cached blocks are its own again
             del self.cache[(OWN, seq.index)]
         if seq.kv_at == "host":
-            copies += self._blocks_for(seq, seq.computed) * self.host_s_per_block
+            copies += self.groups.held(seq.computed, seq.computed - 1, self.cfg.block_tokens, hit) * self.host_s_per_block
         seq.kv_at = ""
-        self.free -= want
+        self.free -= units
         seq.own_blocks = want + own
+        seq.units, seq.alloc_from = held, computed
         if not seq.admitted:  # the prefix-cache hit rate counts first admissions
             self.prompt_tokens += seq.req.prompt_tokens
             self.hit_tokens += hit * self.cfg.block_tokens
@@ -558,13 +626,14 @@ class _Replica:
             if take < need and not chunked:
                 continue
             want = -(-(computed + take) // B) - seq.prefix_hit_blocks - seq.own_blocks
-            if want > self.free:
-                copies += self._evict(want)
-            if want > self.free:
+            units = self.groups.held(computed + take, computed, B, seq.prefix_hit_blocks) - seq.units
+            if units > self.free:
+                copies += self._evict(units)
+            if units > self.free:
                 if lazy:  # the decodes hold the blocks this iteration; the prompt waits for a finish
                     break
                 lost = False
-                while want > self.free and not lost:
+                while units > self.free and not lost:
                     victim = next(reversed(self.running))  # the latest admitted: not scheduled yet, or this one
                     copies += self._preempt(victim)
                     preempted = True
@@ -572,8 +641,10 @@ class _Replica:
                 if lost:
                     break
             if want > 0:
-                self.free -= want
                 seq.own_blocks += want
+            self.free -= units
+            seq.units += units
+            seq.alloc_from = computed
             chosen.append((seq, take))
             budget -= take
         self.running_preempted = preempted and not chosen and not lazy
@@ -762,13 +833,59 @@ def replica_budget(spec: ModelSpec, cluster: Cluster, layout: ServingLayout, cfg
     return kv_budget(spec, cluster, req, layout.tp, layout.pp)
 
 
+def _events(residues: list[int], tick: int, target: int, steps: int, block: int) -> int:
+    """How many times, over steps tick .. tick + steps - 1, a sequence of the aggregate is at
+    c0 + step = target (mod block), `residues[r]` of them having c0 = r (mod block)."""
+    total = 0
+    for r, count in enumerate(residues):
+        if count:
+            t0 = (target - tick - r) % block  # the first step (0-based) at which c0 + tick + t = target mod B
+            if t0 < steps:
+                total += count * ((steps - 1 - t0) // block + 1)
+    return total
+
+
 def replica_blocks(spec: ModelSpec, cluster: Cluster, layout: ServingLayout, cfg: SchedulerConfig) -> tuple[int, float]:
-    """(KV blocks a replica holds, bytes of one block on one GPU) after weights and workspace."""
+    """(KV blocks a replica holds, bytes of one block on one GPU) after weights and workspace: a
+    block is block_tokens tokens of one KV cache group's layers (costmodel.kv_groups; every
+    layer of a stage where none is windowed)."""
     budget = replica_budget(spec, cluster, layout, cfg)
-    blocks = budget.capacity_tokens // cfg.block_tokens
+    groups = KVGroups.of(spec, layout.pp)
+    stage_layers = math.ceil(spec.layers / layout.pp)
+    block_bytes = budget.kv_bytes_per_token_gpu * cfg.block_tokens * groups.group_layers / stage_layers
+    if groups.hybrid:
+        blocks = int(budget.kv_gib * 2**30 // block_bytes)
+    else:
+        blocks = budget.capacity_tokens // cfg.block_tokens
     if cfg.num_gpu_blocks_override is not None:
         blocks = cfg.num_gpu_blocks_override
-    return blocks, budget.kv_bytes_per_token_gpu * cfg.block_tokens
+    return blocks, block_bytes
+
+
+def prefill_chunk(cfg: SchedulerConfig) -> int:
+    """The most prompt tokens a sequence schedules at once (a whole prompt without chunking)."""
+    return cfg.max_num_batched_tokens if cfg.chunked_prefill else 10**12
+
+
+def replica_room(spec: ModelSpec, cluster: Cluster, layout: ServingLayout, cfg: SchedulerConfig,
+                 per_engine: bool = True) -> float:
+    """The longest sequence a replica holds alone, in tokens: in one virtual engine's share of
+    the blocks, or (`per_engine` False) in all of them, as the engine checks at its start that
+    one max_model_len sequence fits; a sliding-window layer keeps its window and the chunk past
+    it; inf: any length, every layer windowed."""
+    blocks = replica_blocks(spec, cluster, layout, cfg)[0] // (layout.pp if per_engine else 1)
+    return KVGroups.of(spec, layout.pp).longest(blocks, cfg.block_tokens, prefill_chunk(cfg))
+
+
+def replica_sequences(spec: ModelSpec, cluster: Cluster, layout: ServingLayout, cfg: SchedulerConfig,
+                      tokens: int) -> int:
+    """How many sequences of `tokens` tokens one virtual engine of a replica holds at once,
+    decoding."""
+    blocks = replica_blocks(spec, cluster, layout, cfg)[0] // layout.pp
+    groups = KVGroups.of(spec, layout.pp)
+    if not groups.hybrid:
+        return int(blocks * cfg.block_tokens // tokens)
+    return blocks // max(1, groups.held(tokens, tokens - 1, cfg.block_tokens))
 
 
 def _too_small_why(spec: ModelSpec, cluster: Cluster, layout: ServingLayout, cfg: SchedulerConfig) -> str:
@@ -788,9 +905,9 @@ def _roomier_layout(spec: ModelSpec, cluster: Cluster, layout: ServingLayout, cf
     while tp <= cluster.gpus_per_node:
         bigger = replace(layout, tp=tp, replicas=1, prefill_replicas=0)
         if not layout_problems(spec, tp, layout.pp, layout.expert_parallel):
-            blocks = replica_blocks(spec, cluster, bigger, cfg)[0] // layout.pp
-            if blocks * cfg.block_tokens >= longest:
-                return f"give --tp {tp} (it holds {blocks * cfg.block_tokens} tokens) or more GPUs per replica"
+            room = replica_room(spec, cluster, bigger, cfg)
+            if room >= longest:
+                return f"give --tp {tp} (it holds {room} tokens) or more GPUs per replica"
         tp *= 2
     return "give more GPUs per replica (--pp across nodes) or shorter requests"
 
@@ -820,10 +937,12 @@ def simulate_traffic(spec: ModelSpec, cluster: Cluster, requests: list[Request],
     cluster = engine_cluster(cluster, engine or cfg.engine)
     blocks, block_bytes = replica_blocks(spec, cluster, layout, cfg)
     blocks //= layout.pp  # each virtual engine schedules over its share of the replica's blocks
+    groups = KVGroups.of(spec, layout.pp)
     longest = max(r.prompt_tokens + r.output_tokens for r in requests)
-    if blocks * cfg.block_tokens < longest:
+    room = groups.longest(blocks, cfg.block_tokens, prefill_chunk(cfg))
+    if room < longest:
         share = f" (each of its {layout.pp} virtual engines)" if layout.pp > 1 else ""
-        raise ConfigError(f"a replica of tp {layout.tp} x pp {layout.pp}{share} holds {blocks * cfg.block_tokens} tokens "
+        raise ConfigError(f"a replica of tp {layout.tp} x pp {layout.pp}{share} holds {room} tokens "
                           f"of KV cache, fewer than the longest request's {longest}"
                           f"{_too_small_why(spec, cluster, layout, cfg)}; {_roomier_layout(spec, cluster, layout, cfg, longest)}")
     why = layout_problems(spec, layout.tp, layout.pp, layout.expert_parallel)
@@ -835,7 +954,7 @@ def simulate_traffic(spec: ModelSpec, cluster: Cluster, requests: list[Request],
     roles = ["prefill"] * layout.prefill_replicas + ["decode" if layout.prefill_replicas else "mixed"] * (
         layout.replicas - layout.prefill_replicas)
     roles = [role for role in roles for _ in range(layout.pp)]  # a replica's virtual engines, side by side
-    replicas = [_Replica(i, role, cost, blocks, cfg, host, block_bytes) for i, role in enumerate(roles)]
+    replicas = [_Replica(i, role, cost, blocks, cfg, host, block_bytes, groups) for i, role in enumerate(roles)]
     entry = [r for r in replicas if r.role != "decode"]
     decoders = [r for r in replicas if r.role == "decode"]
     kv_token_bytes = kv_bytes_per_token(spec, kv_value_bytes(layout.precision, cfg.kv_cache_dtype))

@@ -49,8 +49,8 @@ from costmodel.serving import (GPU_MEMORY_UTILIZATION, ServingRequest, check_deg
                                plan_serving, window_prefill)
 from costmodel.serving_engine import DEFAULT_ENGINE, engine_cluster
 from costmodel.spec import ModelSpec
-from costmodel.traffic import (SLO, IterationCost, SchedulerConfig, ServingLayout, TrafficResult, replica_blocks,
-                               simulate_traffic)
+from costmodel.traffic import (SLO, IterationCost, SchedulerConfig, ServingLayout, TrafficResult, replica_room,
+                               replica_sequences, simulate_traffic)
 from costmodel.workload import Request, generate, load_trace, mean_lengths, scenario_of, typical_request
 
 BISECT_STEPS = 6
@@ -180,8 +180,7 @@ def unit_bound(spec: ModelSpec, cluster: Cluster, unit: ServingLayout, cfg: Sche
     # a replica's pp virtual engines each run a traversal at once (costmodel.traffic)
     prefill_tokens_s = unit.pp * chunk / cost.seconds(chunk, 1, 0, 0.0, chunk * (chunk + 1) / 2, chunk,
                                                       *window_prefill(spec, 0, chunk))
-    blocks, _ = replica_blocks(spec, cluster, unit, cfg)
-    most = max(1, min(cfg.max_num_seqs, int(blocks // unit.pp * cfg.block_tokens // (prompt + output))))
+    most = max(1, min(cfg.max_num_seqs, replica_sequences(spec, cluster, unit, cfg, round(prompt + output))))
     tpot = min((s for m, _, s in slo.targets if m == "tpot"), default=math.inf)
     context = prompt + output / 2
 
@@ -242,8 +241,7 @@ def units(spec: ModelSpec, cluster: Cluster, precision: str, engine: str = DEFAU
             if why:
                 refused[name] = "; ".join(why)
             continue
-        blocks, _ = replica_blocks(spec, cluster, ServingLayout(tp=tp, pp=pp, precision=precision), cfg)
-        room = blocks * cfg.block_tokens
+        room = replica_room(spec, cluster, ServingLayout(tp=tp, pp=pp, precision=precision), cfg, per_engine=False)
         if room < spec.context_len:
             refused[name] = ("its weights fill the memory a GPU may use" if not room else
                              f"room for {room} tokens of KV cache, less than one {spec.context_len}-token sequence")

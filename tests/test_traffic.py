@@ -13,6 +13,7 @@ import pytest
 
 from costmodel import ConfigError, load_cluster
 from costmodel.serving import ServingRequest, decode_step_s, prefill_s
+from costmodel.spec import llama_spec
 from costmodel.traffic import SLO, IterationCost, SchedulerConfig, ServingLayout, simulate_traffic
 from costmodel.workload import SCENARIOS, Request, arrivals, generate, load_trace, workload
 from planner.zoo import ZOO
@@ -483,3 +484,67 @@ def test_sliding_window_layers_read_and_attend_within_their_window():
     assert runs["windowed"].duration_s < 0.95 * runs["full"].duration_s
     assert float(np.median(runs["windowed"].tpot_s)) < float(np.median(runs["full"].tpot_s))
     assert runs["wide"].duration_s == pytest.approx(runs["full"].duration_s, rel=1e-9)
+
+
+def test_kv_cache_groups_are_vllms_and_a_window_holds_its_blocks_only():
+    """vLLM V1's hybrid allocator: layers of one kind in groups of the smaller kind's count (the
+    larger where they are within 25%), a sliding-window group keeping the blocks of its window
+    (and of a prefill chunk past it) only."""
+    from costmodel.kv_groups import KVGroups
+
+    gemma3 = replace(SPEC, layers=62, attention_window=1024, windowed_layers=52)  # Gemma-3-27B: 52 local, 10 global
+    g = KVGroups.of(gemma3)
+    assert (g.group_layers, g.full_groups, g.window_groups, g.window) == (10, 1, 6, 1024)  # 52 local padded to 60
+    gpt_oss = replace(SPEC, layers=24, attention_window=128, windowed_layers=12)  # alternating, gpt-oss-20b
+    assert (KVGroups.of(gpt_oss).group_layers, KVGroups.of(gpt_oss).full_groups) == (12, 1)
+    assert KVGroups.of(replace(SPEC, layers=25, attention_window=128, windowed_layers=12)).group_layers == 13
+    mistral = replace(SPEC, attention_window=4096)  # every layer windowed: one group
+    assert (KVGroups.of(mistral).full_groups, KVGroups.of(mistral).window_groups) == (0, 1)
+    assert (KVGroups.of(SPEC).group_layers, KVGroups.of(SPEC).window_groups) == (32, 0)
+    assert KVGroups.of(gemma3, pp=2).group_layers == 5  # a stage of 31 layers, 26 of them local
+    # a 32,000-token decode: every block of the global group, 64 of each local one (its last 1,024 tokens)
+    assert g.held(32_000, 31_999, 16) == 2000 + 6 * 64
+    assert g.held(32_000, 32_000 - 8192, 16) == 2000 + 6 * (2000 - (32_000 - 8192 - 1023) // 16)  # a chunk past it
+    assert g.held(500, 499, 16) == 7 * 32  # within the window: all of it
+    assert g.held(32_000, 31_999, 16, hit=100) == 1900 + 6 * 64  # a shared prefix's blocks are the cache's
+    full = KVGroups.of(SPEC)
+    assert full.held(32_000, 31_999, 16) == 2000 and full.longest(4000, 16, 8192) == 64_000
+    assert g.peak(32_000, 16, 8192) == 2000 + 6 * 576  # its last 8,192-token chunk beside the window before it
+    assert g.longest(2000 + 6 * 576, 16, 8192) == pytest.approx(32_000, abs=16)
+    with pytest.raises(ConfigError):
+        KVGroups(group_layers=0, full_groups=1, window_groups=0, window=0)
+
+
+def test_a_hybrid_models_window_layers_free_their_blocks_and_hold_more_sequences():
+    """Gemma-3-27B's shape on one H100: 16.7 GiB of KV cache is 35,000 tokens of every layer, two
+    16,000-token requests at a time if the local layers kept every token; freeing their blocks
+    past the 1,024-token window it holds all eight of a burst at once (vLLM V1). The pool's
+    accounting leaks nothing: long requests sharing a prefix, preempted and swapped, served three
+    times an hour apart, run the second and third time alike (the first finds the cache cold)."""
+    gemma3 = replace(llama_spec("gemma3-27b-like", layers=62, hidden=5376, heads=32, kv_heads=16, ffn_hidden=21504,
+                                vocab=262_208, seq_len=131_072), head_dim=128, v_head_dim=128, attention_window=1024,
+                     windowed_layers=52)
+    cluster = load_cluster("h100-sxm:1")
+    burst = [Request(id=i, arrival_s=0.0, prompt_tokens=16_000, output_tokens=100) for i in range(8)]
+    r = simulate_traffic(gemma3, cluster, burst, ServingLayout(tp=1), SchedulerConfig(prefix_caching=False))
+    assert r.finished == 8 and max(u[3] for u in r.timeline[0]) == 8
+    dense = replace(gemma3, attention_window=0, windowed_layers=0)  # every layer global
+    d = simulate_traffic(dense, cluster, burst, ServingLayout(tp=1), SchedulerConfig(prefix_caching=False))
+    assert max(u[3] for u in d.timeline[0]) <= 3 and d.duration_s > 1.4 * r.duration_s
+    # the steady state's batch limit likewise; within the window the local layers' padding to
+    # groups of ten (52 as 60) costs a tenth
+    from costmodel.serving import kv_budget
+    for prompt, hybrid, every in ((16_000, 9, 2), (500, 46, 51)):
+        req = ServingRequest(prompt_len=prompt, output_len=200)
+        assert (kv_budget(gemma3, cluster, req, 1, 1).max_batch_paged,
+                kv_budget(dense, cluster, req, 1, 1).max_batch_paged) == (hybrid, every)
+    rng = np.random.default_rng(0)
+    reqs = [Request(id=i, arrival_s=0.05 * i, prompt_tokens=int(rng.integers(4000, 30_000)),
+                    output_tokens=int(rng.integers(50, 2000)), prefix_id="sys" if i % 2 else "",
+                    prefix_tokens=3000 if i % 2 else 0) for i in range(100)]
+    thrice = reqs + [replace(q, id=q.id + 100 * k, arrival_s=q.arrival_s + 10**5 * k) for k in (1, 2) for q in reqs]
+    for preemption in ("recompute", "swap"):
+        t = simulate_traffic(gemma3, cluster, thrice, ServingLayout(tp=1), SchedulerConfig(preemption=preemption))
+        assert t.finished == 300 and t.preemptions >= 3 and t.prefix_hit_rate > 0
+        assert all(0 <= u[2] <= 1 for u in t.timeline[0])
+        np.testing.assert_allclose(t.e2e_s[100:200], t.e2e_s[200:], rtol=1e-9)

@@ -18,7 +18,7 @@ from costmodel.serving import GPU_MEMORY_UTILIZATION, ServingRequest, check_degr
 from costmodel.serving_engine import DEFAULT_ENGINE, check_block_size, check_engine_name, vllm_scheduler_defaults
 from costmodel.spec import ModelSpec, format_count
 from costmodel.trace import serving_trace
-from costmodel.traffic import SLO, SchedulerConfig, ServingLayout, TrafficResult, replica_blocks, simulate_traffic
+from costmodel.traffic import SLO, SchedulerConfig, ServingLayout, TrafficResult, replica_room, simulate_traffic
 from costmodel.workload import Request, context_note, mean_lengths, scenario_of, typical_request, workload
 from planner.files import atomic_write_text
 from planner.model_source import load_model_spec
@@ -208,7 +208,7 @@ def run_traffic_simulate(args: argparse.Namespace) -> int:
     slo = SLO.parse(args.slo)
     reqs = load_requests(args, spec)
     result = simulate_traffic(spec, cluster, reqs, layout, cfg, slo, concurrency=args.concurrency)
-    room = replica_blocks(spec, cluster, layout, cfg)[0] * cfg.block_tokens
+    room = replica_room(spec, cluster, layout, cfg, per_engine=False)
     if room < spec.context_len:  # vLLM checks the whole context at start-up, whatever the requests
         print(f"paraplan: note: vLLM would not start tp {layout.tp} x pp {layout.pp} with {spec.name}'s "
               f"{spec.context_len}-token context (its KV cache holds {room} tokens); serve it with --max-model-len "
