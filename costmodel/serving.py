@@ -34,8 +34,11 @@ summed by the all-reduce that closes the layer either way. The same weight bytes
 experts' GEMMs run at full width, on the experts the batch reaches on that GPU.
 
 Speculative decoding (Leviathan et al. 2023): a draft model proposes gamma tokens, the target
-checks them in one step; with acceptance rate alpha and draft/target step cost ratio c the
-expected speedup is (1 - alpha^(gamma+1)) / ((1 - alpha) * (gamma * c + 1)).
+checks them in one step; with acceptance rate alpha and draft/check step cost ratio c the
+expected speedup over a check is (1 - alpha^(gamma+1)) / ((1 - alpha) * (gamma * c + 1)), times
+a decode step's time over the check's: the check runs gamma + 1 rows a sequence, as cheap as a
+decode step while reading the weights bounds it (small batches) and up to gamma + 1 times dearer
+once the rows make it compute-bound, where speculation stops paying.
 """
 
 from __future__ import annotations
@@ -396,6 +399,22 @@ def decode_step_s(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: in
     return spec.layers * layer + head_s(spec, cluster, dtype, tp, rows) + hops
 
 
+def verify_step_s(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: int, pp: int, batch: int,
+                  context: float, expert_parallel: bool = False) -> float:
+    """The target model's check of draft_len proposed tokens for every sequence of the batch
+    (speculative decoding): draft_len + 1 query rows a sequence through the weights and the head
+    (the token work grows with them: compute-bound at a large batch), its cache read once by its
+    queries together (FlashAttention's decode over a short query run)."""
+    cluster = engine_cluster(cluster, req.engine)
+    dtype, e = req.precision, req.bytes_per_value
+    seqs = batch * req.beam
+    rows = seqs * (req.draft_len + 1)
+    layer = (token_layer_s(spec, cluster, dtype, tp, rows, expert_parallel)
+             + decode_attention_s(spec, cluster, dtype, tp, seqs, context, req.kv_bytes_per_value))
+    hops = (pp - 1) * send_recv_s(rows * spec.hidden * e, cluster.p2p_link(tp))
+    return spec.layers * layer + head_s(spec, cluster, dtype, tp, rows) + hops
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ServingPoint:
     tp: int
@@ -449,8 +468,13 @@ def evaluate(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: int, pp
     ttft = prefill + tpot
     speedup = 1.0
     if req.draft is not None:
-        draft = decode_step_s(req.draft, cluster, req, tp, 1, micro, req.prompt_len + req.output_len / 2)
-        speedup = speculative_speedup(req.acceptance, req.draft_len, draft / tpot)
+        # a round: draft_len draft steps and the target's check of them (draft_len + 1 rows a
+        # sequence: a decode step's cost while the weights' read bounds it, more once the rows
+        # make it compute-bound), expected (1 - a^(g+1)) / (1 - a) tokens (Leviathan et al.)
+        context = req.prompt_len + req.output_len / 2
+        draft = decode_step_s(req.draft, cluster, req, tp, 1, micro, context)
+        verify = verify_step_s(spec, cluster, req, tp, pp, micro, context, expert_parallel)
+        speedup = speculative_speedup(req.acceptance, req.draft_len, draft / verify) * tpot / verify
         tpot /= speedup
     replicas = cluster.world_size // (tp * pp)
     total = req.output_len * tpot + prefills * prefill_group / in_flight
