@@ -109,6 +109,7 @@ class ServingRequest:
     block_tokens: int = 16
     precision: str = "bf16"  # weights and KV cache
     draft: ModelSpec | None = None
+    ngram: bool = False  # speculative decoding's drafts looked up in the prompt (vLLM's n-gram proposer): no draft model
     draft_len: int = 4
     acceptance: float = 0.8
     engine: str = DEFAULT_ENGINE  # the serving engine profile (costmodel.serving_engine)
@@ -130,8 +131,15 @@ class ServingRequest:
             raise ConfigError(f"serving precision {self.precision!r}; use one of {', '.join(BYTES)}")
         if not 0 <= self.acceptance < 1:
             raise ConfigError(f"--acceptance must be in [0, 1), got {self.acceptance}")
+        if self.ngram and self.draft is not None:
+            raise ConfigError("speculative decoding takes a draft model or n-gram proposals, not both")
         check_engine_name(self.engine)
         check_kv_cache(self.kv_cache_dtype, self.gpu_memory_utilization)
+
+    @property
+    def speculative(self) -> bool:
+        """Whether decodes speculate (a draft model, or n-gram proposals)."""
+        return self.draft is not None or self.ngram
 
     @property
     def bytes_per_value(self) -> int:
@@ -467,12 +475,12 @@ def evaluate(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: int, pp
     tpot = decode_step_s(spec, cluster, req, tp, pp, micro, req.prompt_len + req.output_len / 2, expert_parallel)
     ttft = prefill + tpot
     speedup = 1.0
-    if req.draft is not None:
-        # a round: draft_len draft steps and the target's check of them (draft_len + 1 rows a
+    if req.speculative:
+        # a round: draft_len draft steps (none for n-gram proposals) and the target's check of them (draft_len + 1 rows a
         # sequence: a decode step's cost while the weights' read bounds it, more once the rows
         # make it compute-bound), expected (1 - a^(g+1)) / (1 - a) tokens (Leviathan et al.)
         context = req.prompt_len + req.output_len / 2
-        draft = decode_step_s(req.draft, cluster, req, tp, 1, micro, context)
+        draft = 0.0 if req.ngram else decode_step_s(req.draft, cluster, req, tp, 1, micro, context)
         verify = verify_step_s(spec, cluster, req, tp, pp, micro, context, expert_parallel)
         speedup = speculative_speedup(req.acceptance, req.draft_len, draft / verify) * tpot / verify
         tpot /= speedup

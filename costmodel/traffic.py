@@ -81,7 +81,7 @@ from costmodel.runtime import FUSED
 from costmodel.serving_engine import DEFAULT_ENGINE, ServingEngine, check_engine_name, engine_cluster
 from costmodel.serving import (BYTES, GPU_MEMORY_UTILIZATION, KVBudget, ServingRequest, check_kv_cache, cli_flag,
                                decode_attention_s, head_s, kv_budget, kv_bytes_per_token, kv_value_bytes,
-                               kv_values_per_token_gpu, layout_label, layout_problems, token_layer_s,
+                               kv_values_per_token_gpu, layout_label, layout_problems, token_layer_s, weights_bytes_per_gpu,
                                window_prefill)
 from costmodel.spec import ModelSpec
 from costmodel.workload import Request
@@ -113,6 +113,12 @@ class SchedulerConfig:
     engine: str = DEFAULT_ENGINE  # the serving engine profile (profiles/serving): what share of the GPU it reaches
     kv_cache_dtype: str = "auto"  # --kv-cache-dtype: "auto" the layout's precision, or fp8 (half a bf16 cache)
     gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION  # the share of each GPU the engine may use
+    # speculative decoding (vLLM's --speculative-config): a decode proposes this many tokens (0: off),
+    # each accepted with `acceptance`, proposed by `draft` (a model run on the replica's GPUs) or by
+    # n-gram lookup in the prompt (draft None: no GPU work)
+    speculative_tokens: int = 0
+    acceptance: float = 0.8
+    draft: ModelSpec | None = None
 
     def __post_init__(self) -> None:
         if self.num_gpu_blocks_override is not None and (isinstance(self.num_gpu_blocks_override, bool) or not isinstance(
@@ -128,6 +134,28 @@ class SchedulerConfig:
         check_kv_cache(self.kv_cache_dtype, self.gpu_memory_utilization)
         if self.evicted_prefix not in CACHE_EVICTION:
             raise ConfigError(f"--evicted-prefix {self.evicted_prefix!r}; use one of {', '.join(CACHE_EVICTION)}")
+        k = self.speculative_tokens
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ConfigError(f"--draft-len must be a positive integer, got {k!r}")
+        if isinstance(self.acceptance, bool) or not isinstance(self.acceptance, (int, float)) or not (
+                0 <= self.acceptance < 1):
+            raise ConfigError(f"--acceptance must be in [0, 1), got {self.acceptance!r}")
+        if self.draft is not None and not k:
+            raise ConfigError("a draft model needs speculative tokens (--draft-len)")
+        if k and self.num_scheduler_steps > 1:
+            raise ConfigError("--num-scheduler-steps > 1 does not run with speculative decoding (vLLM refuses both)")
+
+    @property
+    def tokens_per_check(self) -> float:
+        """Tokens a decode emits a step on average: the accepted drafts and the target's own
+        (Leviathan et al. 2023: (1 - a^(k+1)) / (1 - a)); 1 without speculation."""
+        return expected_tokens(self.acceptance, self.speculative_tokens)
+
+
+def expected_tokens(acceptance: float, proposed: int) -> float:
+    """Tokens a speculative step emits on average with `proposed` drafts each accepted with
+    `acceptance` until the first rejection: (1 - a^(k+1)) / (1 - a)."""
+    return (1 - acceptance ** (proposed + 1)) / (1 - acceptance)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -242,11 +270,13 @@ class _Seq:
     units: int = 0  # group-blocks of the pool it holds (costmodel.kv_groups; own_blocks where no layer is windowed)
     alloc_from: int = 0  # its computed tokens when its slots were last allocated (a window frees from there)
     window_past: bool = False  # in the decode aggregate: frees a window block every block it decodes
+    accepted: float = 0.0  # speculative decoding: expected tokens emitted so far one by one (their fractions carried)
     first_token_s: float = math.nan
     finish_s: float = math.nan
     arrival_s: float = math.nan  # when the client sent it: its trace time, or under a concurrency limit when let go
     admitted: int = 0  # admission counter (0: never admitted)
-    # decoding, kept in the replica's aggregate: computed = c0 + tick, generated = g0 + tick
+    # decoding, kept in the replica's aggregate: computed = c0 + P(tick), generated = g0 + P(tick) (P: the
+    # tokens a decode emits in `tick` steps, tick itself without speculation)
     lazy: bool = False
     c0: int = 0
     g0: int = 0
@@ -268,10 +298,15 @@ class _Replica:
     """One replica's scheduler state. Sequences that decode are kept in aggregate (their count,
     the sum of their cached tokens, how many sit at each offset within a block, a heap of the
     iterations they finish at): an iteration of n decodes costs O(block size), not O(n). The
-    others (prompts in progress; every sequence when blocks run short) are handled one by one."""
+    others (prompts in progress; every sequence when blocks run short) are handled one by one.
+
+    Under speculative decoding a decode step schedules 1 + k tokens (slots for them: vLLM's
+    lookahead) and emits P(t + 1) - P(t) of them, P(t) = floor(t E) with E the expected tokens a
+    check emits, the same for every aggregate sequence; without it P(t) = t."""
 
     def __init__(self, index: int, role: str, cost: IterationCost, blocks: int, cfg: SchedulerConfig,
-                 host_gb_per_s: float, block_bytes: float, groups: KVGroups | None = None):
+                 host_gb_per_s: float, block_bytes: float, groups: KVGroups | None = None,
+                 draft_cost: IterationCost | None = None):
         self.index, self.role, self.cost, self.cfg = index, role, cost, cfg
         # the pool in group-blocks (costmodel.kv_groups): a sequence's position-blocks hold every
         # group's, a sliding-window group's only within the window; a prefix cache entry holds
@@ -280,6 +315,10 @@ class _Replica:
         self.full_units = self.groups.full_groups
         self.total_blocks = blocks
         self.free = blocks
+        # speculative decoding: k proposed tokens a decode, E emitted on average, the draft's cost
+        self.spec = cfg.speculative_tokens
+        self.per_check = cfg.tokens_per_check
+        self.draft_cost = draft_cost
         self.waiting: deque[_Seq] = deque()
         self.running: dict[_Seq, None] = {}  # in admission order: the last is preempted first
         self.active: list[_Seq] = []  # the running sequences handled one by one
@@ -287,9 +326,9 @@ class _Replica:
         self.n_lazy = 0
         self.sum_c0 = 0
         self.residues = [0] * cfg.block_tokens  # aggregate sequences by c0 mod block_tokens
-        self.finishes: list[tuple[int, int, _Seq]] = []  # (tick it finishes at, index, sequence)
-        # sliding-window groups: aggregate sequences past their window's first own block, by c0 mod
-        # block_tokens, and a heap of the ticks the others get there at
+        self.finishes: list[tuple[int, int, _Seq, int]] = []  # (tick it finishes at, index, sequence, its g0)
+        # sliding-window groups: aggregate sequences whose window has left their shared prefix, by
+        # c0 mod block_tokens, and a heap of the ticks the others get there at
         self.past_residues = [0] * cfg.block_tokens
         self.window_heap: list[tuple[int, int, _Seq, int]] = []  # (tick, index, sequence, its c0)
         # LRU, least recently used first: shared prefixes by prefix_id, and by (OWN, index) the
@@ -314,19 +353,41 @@ class _Replica:
         return len(self.waiting) + len(self.running)
 
     # -- the decode aggregate ---------------------------------------------------------------
+    def progress(self, tick: int) -> int:
+        """P(tick): the tokens an aggregate decode emits in `tick` steps."""
+        return tick if not self.spec else math.floor(tick * self.per_check)
+
+    def _ticks_for(self, tokens: int) -> int:
+        """The fewest steps t with P(t) >= tokens."""
+        if not self.spec:
+            return tokens
+        t = math.ceil(tokens / self.per_check) - 1
+        while self.progress(t) < tokens:
+            t += 1
+        return t
+
+    def _held_at(self, seq: _Seq, c0: int, tick: int) -> int:
+        """Group-blocks an aggregate sequence holds once step `tick` is scheduled: the slots of
+        its 1 + k tokens, its window freed up to what it had computed."""
+        c = c0 + self.progress(tick)
+        return self.groups.held(c + 1 + self.spec, c, self.cfg.block_tokens, seq.prefix_hit_blocks)
+
     def _to_lazy(self, seq: _Seq) -> None:
-        c0 = seq.computed - self.tick
-        seq.c0, seq.g0, seq.lazy = c0, seq.generated - self.tick, True
+        done = self.progress(self.tick)
+        c0 = seq.computed - done
+        seq.c0, seq.g0, seq.lazy = c0, seq.generated - done, True
         self.n_lazy += 1
         self.sum_c0 += c0
-        self.residues[c0 % self.cfg.block_tokens] += 1
-        heapq.heappush(self.finishes, (self.tick + seq.output - seq.generated, seq.index, seq))
-        if self.groups.hybrid:  # as a decode holds them (its window freed up to its last token)
-            self._recharge(seq, seq.computed, seq.computed - 1)
-            # it frees a window block of its own when it schedules the token at c = W - 1 (mod B),
-            # c >= W - 1 + (hit + 1) B (the blocks before are shared or not yet out of the window)
-            B = self.cfg.block_tokens
-            at = self.groups.window - 1 + (seq.prefix_hit_blocks + 1) * B - c0
+        B = self.cfg.block_tokens
+        self.residues[c0 % B] += 1
+        heapq.heappush(self.finishes, (self._ticks_for(seq.output - seq.g0), seq.index, seq, seq.g0))
+        # it holds what the aggregate's steps before this one would have it hold (the charges of
+        # the steps to come are the differences)
+        units = self._held_at(seq, c0, self.tick - 1)
+        self.free += seq.units - units
+        seq.units, seq.alloc_from = units, c0 + self.progress(self.tick - 1)
+        if self.groups.hybrid:  # its window frees blocks of its own once computed >= W - 1 + hit B
+            at = self._ticks_for(self.groups.window - 1 + seq.prefix_hit_blocks * B - c0) + 1
             if at <= self.tick:
                 seq.window_past = True
                 self.past_residues[c0 % B] += 1
@@ -334,17 +395,19 @@ class _Replica:
                 heapq.heappush(self.window_heap, (at, seq.index, seq, c0))
 
     def _materialize(self, seq: _Seq) -> None:
-        seq.computed, seq.generated, seq.lazy = seq.c0 + self.tick, seq.g0 + self.tick, False
-        seq.own_blocks = -(-seq.computed // self.cfg.block_tokens) - seq.prefix_hit_blocks
-        # what the aggregate charged it: the slots of its last token, its window freed up to it
-        seq.units = self.groups.held(seq.computed, seq.computed - 1, self.cfg.block_tokens, seq.prefix_hit_blocks)
-        seq.alloc_from = seq.computed - 1
+        B = self.cfg.block_tokens
+        seq.generated = min(seq.output, seq.g0 + self.progress(self.tick))
+        seq.computed, seq.lazy = seq.prompt + seq.generated - 1, False
+        # what the aggregate charged it: the slots of its last step, its window freed up to it
+        seq.alloc_from = seq.c0 + self.progress(self.tick - 1)
+        seq.own_blocks = -(-(seq.alloc_from + 1 + self.spec) // B) - seq.prefix_hit_blocks
+        seq.units = self._held_at(seq, seq.c0, self.tick - 1)
         self.n_lazy -= 1
         self.sum_c0 -= seq.c0
-        self.residues[seq.c0 % self.cfg.block_tokens] -= 1
+        self.residues[seq.c0 % B] -= 1
         if seq.window_past:
             seq.window_past = False
-            self.past_residues[seq.c0 % self.cfg.block_tokens] -= 1
+            self.past_residues[seq.c0 % B] -= 1
 
     def _materialize_all(self) -> None:
         for seq in self.running:
@@ -355,42 +418,49 @@ class _Replica:
     def _next_finish(self) -> int | None:
         """The tick the first aggregate sequence finishes at (stale heap entries dropped)."""
         while self.finishes:
-            tick, _, seq = self.finishes[0]
-            if seq.lazy and seq.g0 + tick == seq.output:
+            tick, _, seq, g0 = self.finishes[0]
+            if seq.lazy and seq.g0 == g0:
                 return tick
             heapq.heappop(self.finishes)
         return None
 
     def _boundaries(self, steps: int) -> int:
-        """New group-blocks the aggregate needs over its next `steps` iterations: a sequence with
-        c cached tokens needs a block of every group when c is a multiple of the block, and past
-        its window frees one of every sliding-window group when c = window - 1 (mod block)."""
+        """Group-blocks the aggregate takes over its next `steps` iterations: a sequence of c
+        cached tokens holds the blocks of c + 1 + k slots in every group, a sliding-window group's
+        from the block of token c - W + 1 on (telescoped over the steps, by c0 mod block)."""
+        B, lookahead = self.cfg.block_tokens, self.spec
+        before, after = self.progress(self.tick - 1), self.progress(self.tick + steps - 1)
+        grown = sum(count * ((r + after + lookahead) // B - (r + before + lookahead) // B)
+                    for r, count in enumerate(self.residues) if count)
         groups = self.groups
-        total = (groups.full_groups + groups.window_groups) * _events(self.residues, self.tick, 0, steps,
-                                                                       self.cfg.block_tokens)
+        total = (groups.full_groups + groups.window_groups) * grown
         if groups.hybrid:
-            total -= groups.window_groups * self._window_frees(steps)
+            total -= groups.window_groups * self._window_frees(steps, before, after)
         return total
 
-    def _window_frees(self, steps: int) -> int:
+    def _window_frees(self, steps: int, before: int, after: int) -> int:
         """Window blocks of their own the aggregate's sequences free over the next `steps`
-        iterations (those that get past their window meanwhile counted one by one)."""
-        B = self.cfg.block_tokens
-        target = (self.groups.window - 1) % B
+        iterations (P moving from `before` to `after`): those past their shared prefix by
+        c0 mod block, those getting there meanwhile one by one."""
+        B, W = self.cfg.block_tokens, self.groups.window
         heap = self.window_heap
-        while heap and heap[0][0] <= self.tick:  # got past the window: into the residues
+        while heap and heap[0][0] <= self.tick:  # past: into the residues
             _, _, seq, c0 = heapq.heappop(heap)
             if seq.lazy and seq.c0 == c0 and not seq.window_past:
                 seq.window_past = True
                 self.past_residues[c0 % B] += 1
-        frees = _events(self.past_residues, self.tick, target, steps, B)
-        if steps > 1:
-            for at, _, seq, c0 in heap:  # (a scan: only where a run of repeated decodes is priced)
-                if at < self.tick + steps and seq.lazy and seq.c0 == c0 and not seq.window_past:
-                    first = at - self.tick  # its first step past the window
-                    t0 = (target - c0 - self.tick - first) % B + first
-                    if t0 < steps:
-                        frees += (steps - 1 - t0) // B + 1
+        frees = sum(count * ((r + after - W + 1) // B - (r + before - W + 1) // B)
+                    for r, count in enumerate(self.past_residues) if count)
+        crossing = []
+        while heap and heap[0][0] <= self.tick + steps:
+            entry = heapq.heappop(heap)
+            _, _, seq, c0 = entry
+            if seq.lazy and seq.c0 == c0 and not seq.window_past:
+                crossing.append(entry)
+                hit = seq.prefix_hit_blocks
+                frees += (max(hit, max(0, c0 + after - W + 1) // B) - max(hit, max(0, c0 + before - W + 1) // B))
+        for entry in crossing:
+            heapq.heappush(heap, entry)
         return frees
 
     # -- blocks ---------------------------------------------------------------------------
@@ -606,9 +676,9 @@ class _Replica:
             want = self._boundaries(1)
             if want > self.free:
                 copies += self._evict(want)
-            if want <= self.free and self.n_lazy <= budget:
+            if want <= self.free and self.n_lazy * (1 + self.spec) <= budget:
                 self.free -= want
-                budget -= self.n_lazy
+                budget -= self.n_lazy * (1 + self.spec)
                 lazy = True
             else:  # blocks short (or a budget below the decodes): one by one, preempting as vLLM does
                 self._materialize_all()
@@ -622,6 +692,8 @@ class _Replica:
                 continue
             computed = seq.computed
             need = seq.prompt + seq.generated - computed
+            if need == 1 and seq.generated and self.spec:  # a decode proposes k more (fewer if the budget is short)
+                need = min(1 + self.spec, budget)
             take = need if need < budget else budget
             if take < need and not chunked:
                 continue
@@ -671,32 +743,57 @@ class _Replica:
 
     def iteration_s(self, chosen: list[tuple[_Seq, int]], lazy: bool) -> tuple[float, float]:
         """(seconds of the iteration, the cached tokens its decodes read)."""
-        tokens = logits = decode_rows = 0
+        tokens = logits = decode_rows = checks = 0
         decode_ctx = pairs = kv_tokens = window_pairs = window_kv = 0.0
         spec = self.cost.spec
         for seq, take in chosen:
             tokens += take
             computed = seq.computed
-            if computed + take == seq.prompt + seq.generated:
-                logits += 1
-            if take == 1 and seq.generated:
+            if seq.generated and computed + 1 == seq.prompt + seq.generated:  # a decode (and its drafts' check)
+                logits += take
                 decode_rows += 1
                 decode_ctx += computed + 1
+                checks += take > 1
             else:
+                if computed + take == seq.prompt + seq.generated:
+                    logits += 1
                 pairs += take * (computed + (take + 1) / 2)
                 kv_tokens += computed + take
                 if spec.windowed_layers:  # (IterationCost reads the window's figures only where there is one)
                     wp, wk = window_prefill(spec, computed, take)
                     window_pairs, window_kv = window_pairs + wp, window_kv + wk
-        self.computed_prompt_tokens += tokens - decode_rows
+        prompt_tokens = tokens - sum(take for seq, take in chosen
+                                     if seq.generated and seq.computed + 1 == seq.prompt + seq.generated)
+        self.computed_prompt_tokens += prompt_tokens
         if lazy:
             n = self.n_lazy
-            tokens += n
-            logits += n
+            tokens += n * (1 + self.spec)
+            logits += n * (1 + self.spec)
             decode_rows += n
-            decode_ctx += self.sum_c0 + n * (self.tick + 1)
-        return (self.cost.seconds(tokens, logits, decode_rows, decode_ctx, pairs, kv_tokens, window_pairs, window_kv),
-                decode_ctx)
+            checks += n if self.spec else 0
+            decode_ctx += self.sum_c0 + n * (self.progress(self.tick) + 1)
+        seconds = self.cost.seconds(tokens, logits, decode_rows, decode_ctx, pairs, kv_tokens, window_pairs, window_kv)
+        return seconds + self._draft_s(checks, decode_ctx, prompt_tokens, pairs, kv_tokens), decode_ctx
+
+    def _draft_s(self, checks: int, context: float, prompt_tokens: int, pairs: float, kv_tokens: float) -> float:
+        """The draft model's share of an iteration: k decode steps for the `checks` speculating
+        sequences (their caches of `context` tokens in all), and the prompt tokens' prefill
+        (the draft keeps its own cache of every sequence); none for n-gram proposals."""
+        if self.draft_cost is None:
+            return 0.0
+        seconds = self.spec * self.draft_cost.seconds(checks, checks, checks, context, 0.0, 0.0) if checks else 0.0
+        if prompt_tokens:
+            seconds += self.draft_cost.seconds(prompt_tokens, 0, 0, 0.0, pairs, kv_tokens)
+        return seconds
+
+    def decode_run_s(self, n: int, context: float) -> float:
+        """One step of the aggregate's n decodes over `context` cached tokens in all (with their
+        drafts' proposals and check)."""
+        k = self.spec
+        seconds = self.cost.seconds(n * (1 + k), n * (1 + k), n, context, 0.0, 0.0)
+        if k and self.draft_cost is not None:
+            seconds += k * self.draft_cost.seconds(n, n, n, context, 0.0, 0.0)
+        return seconds
 
     def end(self, now: float, chosen: list[tuple[_Seq, int]], lazy: bool, repeats: int,
             finished: list[_Seq], handed: list[_Seq]) -> None:
@@ -709,11 +806,21 @@ class _Replica:
             self.tick += repeats
         emitted = False  # a sequence that emits leaves the one-by-one list: finished, handed on or decoding
         for seq, take in chosen:
-            seq.computed += take
-            if seq.computed < seq.prompt + seq.generated:
-                continue  # a prefill chunk
-            emitted = True
-            seq.generated += 1
+            if take > 1 and seq.generated and seq.computed + 1 == seq.prompt + seq.generated:
+                # a check of take - 1 drafts: the accepted ones and the target's own token, as
+                # many as expected on average (the fractions carried from step to step)
+                before = seq.accepted
+                seq.accepted += expected_tokens(self.cfg.acceptance, take - 1)
+                got = min(seq.output - seq.generated, math.floor(seq.accepted) - math.floor(before))
+                seq.computed += got
+                seq.generated += got
+                emitted = True
+            else:
+                seq.computed += take
+                if seq.computed < seq.prompt + seq.generated:
+                    continue  # a prefill chunk
+                emitted = True
+                seq.generated += 1
             if seq.generated == 1:
                 seq.first_token_s = now
                 self._share_prefix(seq)
@@ -732,7 +839,7 @@ class _Replica:
             self.active = [seq for seq in self.active if seq in self.running and not seq.lazy]
         tick = self._next_finish()
         while tick is not None and tick <= self.tick:
-            _, _, seq = heapq.heappop(self.finishes)
+            _, _, seq, _ = heapq.heappop(self.finishes)
             self._materialize(seq)
             seq.finish_s = now
             del self.running[seq]
@@ -833,18 +940,6 @@ def replica_budget(spec: ModelSpec, cluster: Cluster, layout: ServingLayout, cfg
     return kv_budget(spec, cluster, req, layout.tp, layout.pp)
 
 
-def _events(residues: list[int], tick: int, target: int, steps: int, block: int) -> int:
-    """How many times, over steps tick .. tick + steps - 1, a sequence of the aggregate is at
-    c0 + step = target (mod block), `residues[r]` of them having c0 = r (mod block)."""
-    total = 0
-    for r, count in enumerate(residues):
-        if count:
-            t0 = (target - tick - r) % block  # the first step (0-based) at which c0 + tick + t = target mod B
-            if t0 < steps:
-                total += count * ((steps - 1 - t0) // block + 1)
-    return total
-
-
 def replica_blocks(spec: ModelSpec, cluster: Cluster, layout: ServingLayout, cfg: SchedulerConfig) -> tuple[int, float]:
     """(KV blocks a replica holds, bytes of one block on one GPU) after weights and workspace: a
     block is block_tokens tokens of one KV cache group's layers (costmodel.kv_groups; every
@@ -853,7 +948,14 @@ def replica_blocks(spec: ModelSpec, cluster: Cluster, layout: ServingLayout, cfg
     groups = KVGroups.of(spec, layout.pp)
     stage_layers = math.ceil(spec.layers / layout.pp)
     block_bytes = budget.kv_bytes_per_token_gpu * cfg.block_tokens * groups.group_layers / stage_layers
-    if groups.hybrid:
+    if cfg.draft is not None:  # the draft model's weights and its cache of every token beside the target's
+        draft = cfg.draft
+        kv = max(0.0, budget.kv_gib * 2**30 - weights_bytes_per_gpu(draft, layout.tp, 1, BYTES[layout.precision]))
+        draft_token = draft.layers * kv_values_per_token_gpu(draft, layout.tp) * kv_value_bytes(layout.precision,
+                                                                                                  cfg.kv_cache_dtype)
+        share = budget.kv_bytes_per_token_gpu / (budget.kv_bytes_per_token_gpu + draft_token)
+        blocks = int(kv * share // block_bytes)
+    elif groups.hybrid:
         blocks = int(budget.kv_gib * 2**30 // block_bytes)
     else:
         blocks = budget.capacity_tokens // cfg.block_tokens
@@ -950,11 +1052,16 @@ def simulate_traffic(spec: ModelSpec, cluster: Cluster, requests: list[Request],
         raise ConfigError(f"{spec.name} cannot be served as tp {layout.tp} x pp {layout.pp}: {'; '.join(why)}")
     cost = IterationCost(spec, cluster, layout.tp, layout.pp, layout.precision, cfg.max_num_batched_tokens,
                          layout.expert_parallel, kv_cache_dtype=cfg.kv_cache_dtype)  # the cluster is the engine's already
+    if cfg.speculative_tokens and layout.pp > 1:
+        raise ConfigError("speculative decoding runs with --pp 1 (vLLM's proposers do not pipeline); give --tp instead")
+    draft_cost = None if cfg.draft is None else IterationCost(
+        cfg.draft, cluster, layout.tp, 1, layout.precision, cfg.max_num_batched_tokens, kv_cache_dtype=cfg.kv_cache_dtype)
     host = host_link_gb_per_s(cluster)
     roles = ["prefill"] * layout.prefill_replicas + ["decode" if layout.prefill_replicas else "mixed"] * (
         layout.replicas - layout.prefill_replicas)
     roles = [role for role in roles for _ in range(layout.pp)]  # a replica's virtual engines, side by side
-    replicas = [_Replica(i, role, cost, blocks, cfg, host, block_bytes, groups) for i, role in enumerate(roles)]
+    replicas = [_Replica(i, role, cost, blocks, cfg, host, block_bytes, groups, draft_cost)
+                for i, role in enumerate(roles)]
     entry = [r for r in replicas if r.role != "decode"]
     decoders = [r for r in replicas if r.role == "decode"]
     kv_token_bytes = kv_bytes_per_token(spec, kv_value_bytes(layout.precision, cfg.kv_cache_dtype))
@@ -1017,17 +1124,18 @@ def simulate_traffic(spec: ModelSpec, cluster: Cluster, requests: list[Request],
                 base = rep.index - rep.index % layout.pp
                 until = min([until] + [ending[sib.index] for sib in replicas[base:base + layout.pp]
                                        if sib is not rep and sib.busy and sib.waiting])
+            done = rep.progress(rep.tick)
             if 1 < most <= 8:
                 while repeats < most and now + took < until:
-                    context += n
-                    took += rep.cost.seconds(n, n, n, context, 0.0, 0.0)
+                    context += n * (rep.progress(rep.tick + repeats) - rep.progress(rep.tick + repeats - 1))
+                    took += rep.decode_run_s(n, context)
                     repeats += 1
             elif most > 1 and now + took < until:
                 first = context
-                # step j (2..most) reads first + n (j - 1) cached tokens; its time is linear in
-                # that between the exact ends (the decode attention is memory-bound)
-                lo = rep.cost.seconds(n, n, n, first + n, 0.0, 0.0)
-                hi = rep.cost.seconds(n, n, n, first + n * (most - 1), 0.0, 0.0)
+                # step j (2..most) reads first + n (P(tick + j - 1) - P(tick)) cached tokens; its time
+                # is linear in that between the exact ends (the decode attention is memory-bound)
+                lo = rep.decode_run_s(n, first + n * (rep.progress(rep.tick + 1) - done))
+                hi = rep.decode_run_s(n, first + n * (rep.progress(rep.tick + most - 1) - done))
                 steps = np.linspace(lo, hi, most - 1) if most > 2 else np.array([lo])
                 ends = took + np.cumsum(steps)  # the end of steps 2..most
                 # a step starts while nothing has arrived: those ending before `until`, and one more

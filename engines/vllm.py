@@ -13,9 +13,11 @@ from dataclasses import dataclass
 
 from costmodel.errors import ConfigError
 from planner.plan import Plan
+from planner.model_source import NGRAM
 from planner.zoo import HUB_IDS
 
 _VLLM_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16"}  # what the export writes for a 16-bit dtype
+NGRAM_LOOKUP = 4  # the longest prompt n-gram vLLM's n-gram proposer matches (its prompt_lookup_max)
 
 
 def commands(plan: Plan, *, model_path: str | None = None) -> list[list[str]]:
@@ -51,10 +53,12 @@ def commands(plan: Plan, *, model_path: str | None = None) -> list[list[str]]:
         cmd += ["--kv-cache-dtype", {"fp8": "fp8", **_VLLM_DTYPE_NAMES}[setup.request.kv_cache_dtype]]
     if sv.get("expert_parallel"):  # the experts whole over the tp GPUs (costmodel.serving)
         cmd += ["--enable-expert-parallel"]
-    if sv.get("draft_model"):
-        cmd += ["--speculative-config", json.dumps({"model": HUB_IDS.get(sv["draft_model"], sv["draft_model"]),
-                                                    "num_speculative_tokens": int(sv.get("draft_len", 4))},
-                                                   separators=(",", ":"))]
+    if sv.get("draft_model"):  # a draft model by its Hub checkpoint, or n-gram proposals from the prompt
+        k = int(sv.get("draft_len", 4))
+        proposer = ({"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": NGRAM_LOOKUP}
+                    if sv["draft_model"] == NGRAM else
+                    {"model": HUB_IDS.get(sv["draft_model"], sv["draft_model"]), "num_speculative_tokens": k})
+        cmd += ["--speculative-config", json.dumps(proposer, separators=(",", ":"))]
     replicas, prefill = int(sv.get("replicas", 1)), int(sv.get("prefill_replicas", 0))
 
     def data_parallel(count: int) -> list:
@@ -112,6 +116,8 @@ class ServeCommand:
     precision: str | None = None  # from --dtype
     kv_cache_dtype: str | None = None  # from --kv-cache-dtype (its fp8 formats alike: one byte a value)
     gpu_memory_utilization: float | None = None
+    draft_model: str | None = None  # --speculative-config's draft model (its Hub id), or "ngram"
+    speculative_tokens: int | None = None  # and its num_speculative_tokens
     unknown: tuple[str, ...] = ()
 
 
@@ -134,6 +140,26 @@ _CHOICE_FLAGS = {"--dtype": ("precision", _DTYPES), "--kv-cache-dtype": ("kv_cac
                  "--quantization": ("quantization", {"fp8": "fp8"})}  # W8A8 fp8 weights; other schemes not priced
 
 
+def _speculative(raw: str) -> tuple[str, int] | None:
+    """(draft model or "ngram", proposed tokens) of a --speculative-config JSON; None for a
+    proposer not priced (EAGLE, Medusa, MTP: heads on the target's hidden states)."""
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"the vllm command's --speculative-config is not JSON ({exc.msg})") from None
+    if not isinstance(config, dict):
+        raise ConfigError("the vllm command's --speculative-config must be a JSON object")
+    k = config.get("num_speculative_tokens")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"the vllm command's --speculative-config needs num_speculative_tokens >= 1, got {k!r}")
+    method = config.get("method")
+    if method in ("ngram", "[ngram]") or config.get("model") in ("ngram", "[ngram]"):
+        return NGRAM, k
+    if method in (None, "draft_model") and isinstance(config.get("model"), str):
+        return config["model"], k
+    return None
+
+
 def import_serve(text: str) -> ServeCommand:
     """A `vllm serve MODEL ...` command (or `python -m vllm.entrypoints.openai.api_server --model
     MODEL ...`) read back; flags as `--flag value` or `--flag=value`."""
@@ -149,7 +175,7 @@ def import_serve(text: str) -> ServeCommand:
         model = ""
         rest = tokens[next((i for i, t in enumerate(tokens) if t.startswith("--")), len(tokens)):]
     known = (set(_INT_FLAGS) | set(_BOOL_FLAGS) | set(_NO_COST) | set(_CHOICE_FLAGS)
-             | {"--model", "--gpu-memory-utilization"})
+             | {"--model", "--gpu-memory-utilization", "--speculative-config"})
     fields: dict = {}
     unknown: list[str] = []
     i = 0
@@ -198,6 +224,13 @@ def import_serve(text: str) -> ServeCommand:
                 raise ConfigError(f"the vllm command's --gpu-memory-utilization {raw!r} is not a number") from None
             if not 0 < fields["gpu_memory_utilization"] <= 1:
                 raise ConfigError(f"the vllm command's --gpu-memory-utilization {raw} is not a share in (0, 1]")
+        elif flag == "--speculative-config":
+            raw = value()
+            got = _speculative(raw)
+            if got is None:
+                unknown.append(f"{flag} {raw}")
+            else:
+                fields["draft_model"], fields["speculative_tokens"] = got
         elif flag in _NO_COST:
             if _NO_COST[flag]:
                 value()

@@ -28,6 +28,19 @@ def load_model_spec(text: str) -> ModelSpec:
     return load_model(text)[0]
 
 
+NGRAM = "ngram"  # --draft-model ngram: drafts looked up in the prompt (vLLM's n-gram proposer), no model
+
+
+def load_draft(text: str) -> ModelSpec | None:
+    """A speculative-decoding draft model by name, or None for n-gram proposals (`ngram`)."""
+    if text == NGRAM:
+        return None
+    try:
+        return load_model_spec(text)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}; or --draft-model {NGRAM} for drafts looked up in the prompt") from None
+
+
 def load_model(text: str):
     """(spec, traced graph or None): a py: module comes with the graph it was read from, so
     the planner's placements name the module's own parameters."""

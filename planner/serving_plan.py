@@ -74,16 +74,16 @@ def serving_setup(plan: Plan, where: str = "the plan") -> ServingSetup:
             raise ConfigError("it is not a mapping")
         engine = _text(sv, "engine", DEFAULT_ENGINE)
         _text(sv, "model_path")  # the Hugging Face directory `vllm serve` loads, where one was read
-        draft = None
+        draft, ngram = None, False
         if _text(sv, "draft_model"):
-            from planner.model_source import load_model_spec
+            from planner.model_source import NGRAM, load_draft
 
-            draft = load_model_spec(sv["draft_model"])
+            draft, ngram = load_draft(sv["draft_model"]), sv["draft_model"] == NGRAM
         memory = dict(kv_cache_dtype=_text(sv, "kv_cache_dtype", "auto"),
                       gpu_memory_utilization=_number(sv, "gpu_memory_utilization", GPU_MEMORY_UTILIZATION))
         request = ServingRequest(prompt_len=_int(sv, "prompt_len"), output_len=_int(sv, "output_len"),
                                  beam=_int(sv, "beam", 1), block_tokens=_int(sv, "block_tokens", 16),
-                                 precision=plan.precision, engine=engine, draft=draft,
+                                 precision=plan.precision, engine=engine, draft=draft, ngram=ngram,
                                  draft_len=_int(sv, "draft_len", 4), acceptance=_number(sv, "acceptance", 0.8),
                                  **memory)
         expert_parallel = _flag(sv, "expert_parallel", False)
@@ -100,7 +100,9 @@ def serving_setup(plan: Plan, where: str = "the plan") -> ServingSetup:
                                     max_num_batched_tokens=_int(sv, "max_num_batched_tokens"),
                                     chunked_prefill=_flag(sv, "chunked_prefill", True),
                                     prefix_caching=_flag(sv, "prefix_caching", True),
-                                    block_tokens=request.block_tokens, engine=engine, **memory)
+                                    block_tokens=request.block_tokens, engine=engine, **memory,
+                                    **({"speculative_tokens": request.draft_len, "acceptance": request.acceptance,
+                                        "draft": draft} if request.speculative else {}))
         if _text(sv, "workload") is None:
             raise ConfigError("workload is missing")
         workload = TrafficWorkload.of(sv["workload"], requests=_int(sv, "requests", REQUESTS_PER_PROBE),

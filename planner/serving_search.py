@@ -27,7 +27,10 @@ max_num_batched_tokens in TOKEN_BUDGETS, max_num_seqs in MAX_SEQS; chunked prefi
     rate many units serve this is the most goodput per GPU; at a low one, the smallest unit
     that serves it: 2 GPUs for 3 requests/s where a unit of 8 serves 78 at 1.5% more per GPU).
     Units are taken in order of bound per GPU and skipped where even their bound's key is no
-    better than the best found (branch and bound: the skipped cannot win).
+    better than the best found (branch and bound: the skipped cannot win). With speculative
+    decoding given (a draft model or n-gram proposals), every candidate speculates as given, at
+    pp 1 only (vLLM's proposers do not pipeline), its decode bound a check's tokens over a
+    decode step's time (a check costs at least that: the bound stays a bound).
 
 Units are independent under a load balancer that splits arrivals evenly (a Poisson stream split
 n ways is n Poisson streams of rate R / n), so one unit's simulation gives the deployment's.
@@ -184,8 +187,8 @@ def unit_bound(spec: ModelSpec, cluster: Cluster, unit: ServingLayout, cfg: Sche
     tpot = min((s for m, _, s in slo.targets if m == "tpot"), default=math.inf)
     context = prompt + output / 2
 
-    def step(b: int) -> float:
-        return cost.seconds(b, b, b, b * context, 0.0, 0.0)
+    def step(b: int) -> float:  # per token of each sequence; a speculative check costs at least a decode step
+        return cost.seconds(b, b, b, b * context, 0.0, 0.0) / cfg.tokens_per_check
 
     batch = most
     if step(1) > tpot:
@@ -224,16 +227,16 @@ def unit_max_rate(spec: ModelSpec, cluster: Cluster, unit: ServingLayout, cfg: S
 
 
 def units(spec: ModelSpec, cluster: Cluster, precision: str, engine: str = DEFAULT_ENGINE,
-          **memory) -> tuple[list[ServingLayout], dict[str, str], bool]:
+          **engine_args) -> tuple[list[ServingLayout], dict[str, str], bool]:
     """Every unit shape the cluster can hold, why the others cannot be, and whether one of those
     holds its weights but not one whole-context sequence (a shorter --max-model-len would let it
-    serve); `memory`: the KV cache's dtype and the GPU's share, SchedulerConfig's kv_cache_dtype
-    and gpu_memory_utilization."""
+    serve); `engine_args`: SchedulerConfig's KV cache dtype, GPU share and speculative decoding
+    (a draft model's weights and cache take room)."""
     out, refused, short_context = [], {}, False
     n = cluster.world_size
     shapes = [(tp, pp, ep) for tp in [d for d in (1, 2, 4, 8, 16) if d <= min(n, cluster.gpus_per_node)]
               for pp in (1, 2, 4) for ep in ((False, True) if spec.moe and tp > 1 else (False,))]
-    cfg = SchedulerConfig(engine=engine, **memory)
+    cfg = SchedulerConfig(engine=engine, **engine_args)
     for tp, pp, ep in shapes:
         name = layout_label(tp, pp, ep)
         why = layout_problems(spec, tp, pp, ep)
@@ -257,12 +260,13 @@ def units(spec: ModelSpec, cluster: Cluster, precision: str, engine: str = DEFAU
 
 
 def static_unit(spec: ModelSpec, cluster: Cluster, prompt: float, output: float, slo: SLO,
-                precision: str = "bf16", engine: str = DEFAULT_ENGINE, **memory) -> tuple[ServingLayout, int] | None:
+                precision: str = "bf16", engine: str = DEFAULT_ENGINE, **request) -> tuple[ServingLayout, int] | None:
     """The steady-state planner's replica and batch (costmodel.serving.plan_serving) at the mean
-    lengths and the TTFT/TPOT targets, or None where it finds none."""
+    lengths and the TTFT/TPOT targets, or None where it finds none; `request`: ServingRequest's
+    KV cache and speculative-decoding settings."""
     p, o = typical_request(prompt, output, spec.context_len)
     targets = {m: sec for m, _, sec in slo.targets}
-    req = ServingRequest(prompt_len=p, output_len=o, precision=precision, engine=engine, **memory,
+    req = ServingRequest(prompt_len=p, output_len=o, precision=precision, engine=engine, **request,
                          max_ttft_ms=targets["ttft"] * 1e3 if "ttft" in targets else None,
                          max_tpot_ms=targets["tpot"] * 1e3 if "tpot" in targets else None)
     try:
@@ -288,9 +292,11 @@ def deployment_key(rate: float, unit_rate: float, gpus: int) -> tuple[float, flo
 def plan_traffic(spec: ModelSpec, cluster: Cluster, wl: TrafficWorkload, rate: float, slo: SLO, *,
                  precision: str = "bf16", progress: bool = False, engine: str = DEFAULT_ENGINE,
                  tp: int | None = None, pp: int | None = None, kv_cache_dtype: str = "auto",
-                 gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION) -> TrafficPlan:
+                 gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION, speculative_tokens: int = 0,
+                 acceptance: float = 0.8, draft: ModelSpec | None = None) -> TrafficPlan:
     """The unit and scheduler settings that serve `rate` on the fewest GPUs, the most goodput
-    per GPU among those (the module's formulation); a given `tp` or `pp` is fixed."""
+    per GPU among those (the module's formulation); a given `tp` or `pp` is fixed; speculative
+    decoding with `speculative_tokens` drafts (of `draft`, or n-gram proposals) where given."""
     if not slo.targets:
         raise ConfigError("plan --mode inference --workload needs --slo (e.g. ttft_p99=0.5,tpot_p99=50ms): goodput "
                           "counts the requests that meet it")
@@ -299,8 +305,14 @@ def plan_traffic(spec: ModelSpec, cluster: Cluster, wl: TrafficWorkload, rate: f
                           f"for a rate; a trace of simultaneous arrivals has none), got {rate}; for offline throughput "
                           "use `paraplan simulate --mode inference --rate inf`")
     memory = dict(kv_cache_dtype=kv_cache_dtype, gpu_memory_utilization=gpu_memory_utilization)
-    shapes, refused, short_context = units(spec, cluster, precision, engine, **memory)
+    speculation = dict(speculative_tokens=speculative_tokens, acceptance=acceptance, draft=draft)
+    SchedulerConfig(**speculation)  # one line for a bad setting, before the search
+    shapes, refused, short_context = units(spec, cluster, precision, engine, **memory, **speculation)
     check_degrees(tp=tp, pp=pp)
+    if speculative_tokens:
+        if pp not in (None, 1):
+            raise ConfigError("speculative decoding runs with --pp 1 (vLLM's proposers do not pipeline)")
+        shapes = [u for u in shapes if u.pp == 1]
     for name, value in (("tp", tp), ("pp", pp)):
         if value is not None:
             kept = [u for u in shapes if getattr(u, name) == value]
@@ -318,13 +330,19 @@ def plan_traffic(spec: ModelSpec, cluster: Cluster, wl: TrafficWorkload, rate: f
     for u in shapes:
         for b in TOKEN_BUDGETS:
             for seqs in MAX_SEQS:
-                cfg = SchedulerConfig(max_num_batched_tokens=b, max_num_seqs=seqs, engine=engine, **memory)
+                cfg = SchedulerConfig(max_num_batched_tokens=b, max_num_seqs=seqs, engine=engine, **memory,
+                                      **speculation)
                 candidates.append((unit_bound(spec, cluster, u, cfg, prompt, output, slo) / u.gpus, u, cfg))
-    static = static_unit(spec, cluster, prompt, output, slo, precision, engine, **memory)
+    static = static_unit(spec, cluster, prompt, output, slo, precision, engine, **memory,
+                         **(dict(draft=draft, ngram=draft is None, draft_len=speculative_tokens, acceptance=acceptance)
+                            if speculative_tokens else {}))
+    if static is not None and speculative_tokens and static[0].pp > 1:
+        static = None
     fits = {(u.tp, u.pp) for u in shapes}
     if static is not None and (static[0].tp, static[0].pp) in fits and static[1] not in MAX_SEQS:
         for b in TOKEN_BUDGETS:  # the steady-state planner's pick, searched too
-            cfg = SchedulerConfig(max_num_batched_tokens=b, max_num_seqs=static[1], engine=engine, **memory)
+            cfg = SchedulerConfig(max_num_batched_tokens=b, max_num_seqs=static[1], engine=engine, **memory,
+                                  **speculation)
             candidates.append((unit_bound(spec, cluster, static[0], cfg, prompt, output, slo) / static[0].gpus,
                                static[0], cfg))
     candidates.sort(key=lambda c: -c[0])

@@ -455,12 +455,13 @@ def test_a_served_mixture_of_experts_from_its_directory_is_checked_and_exported_
 
 def test_flags_serving_under_traffic_does_not_take_are_refused(capsys):
     """Under traffic the requests come from the workload and the objectives from --slo: the steady
-    state's request, batch, beam, draft model and latency caps, and training's flags, are one line
-    each (they were silently ignored: --beam 2 or --draft-model priced nothing)."""
+    state's request, batch, beam and latency caps, and training's flags, are one line each (they
+    were silently ignored: --beam 2 priced nothing); speculative decoding's settings go with a
+    draft (--draft-model MODEL or ngram)."""
     base = ("--mode", "inference", "--model", "llama3-8b", "--cluster", "h100-sxm:1", "--workload", "chat",
             "--rate", "2")
     for flag, value, needle in (("--beam", "2", "is for the steady-state serving model"),
-                                ("--draft-model", "llama3-8b", "is for the steady-state serving model"),
+                                ("--acceptance", "0.6", "--acceptance goes with --draft-model"),
                                 ("--max-tpot-ms", "50", "latency objectives from --slo"),
                                 ("--seq-len", "4096", "does not apply to serving under traffic"),
                                 ("--runtime", "paraplan", "does not apply to serving under traffic")):

@@ -12,7 +12,7 @@ from costmodel.serving import (GPU_MEMORY_UTILIZATION, ServingPlan, ServingPoint
 from costmodel.spec import format_count
 from costmodel.serving_engine import DEFAULT_ENGINE, check_block_size, check_engine_name
 from planner.files import atomic_write_text
-from planner.model_source import load_model_spec
+from planner.model_source import NGRAM, load_draft
 from planner.plan import plan_from_strategy
 from cli.commands.flags import first_given
 from cli.commands.served import load_served_spec, served_model_path
@@ -52,7 +52,7 @@ def refuse_other_flags(args: argparse.Namespace) -> None:
 def serving_request(args: argparse.Namespace) -> ServingRequest:
     if args.prompt_len is None or args.output_len is None:
         raise ConfigError("--mode inference needs --prompt-len and --output-len")
-    draft = load_model_spec(args.draft_model) if args.draft_model else None
+    draft = load_draft(args.draft_model) if args.draft_model else None
     engine = getattr(args, "engine", None) or DEFAULT_ENGINE
     if args.block_size is not None:
         check_engine_name(engine)
@@ -61,7 +61,7 @@ def serving_request(args: argparse.Namespace) -> ServingRequest:
         prompt_len=args.prompt_len, output_len=args.output_len, batch=args.batch, max_ttft_ms=args.max_ttft_ms,
         max_tpot_ms=args.max_tpot_ms, beam=1 if args.beam is None else args.beam,
         block_tokens=16 if args.block_size is None else args.block_size,
-        precision=args.precision or "bf16", draft=draft, draft_len=args.draft_len or 4,
+        precision=args.precision or "bf16", draft=draft, ngram=args.draft_model == NGRAM, draft_len=args.draft_len or 4,
         acceptance=0.8 if args.acceptance is None else args.acceptance,
         engine=engine, **memory_args(args),
     )
@@ -104,7 +104,7 @@ def format_serving(spec, cluster_text: str, req: ServingRequest, found: ServingP
         f"  layout tp {p.tp} x pp {p.pp}{' (experts whole over tp: expert parallel)' if p.expert_parallel else ''}, "
         f"{p.replicas} replica(s); batch {p.batch} sequences per replica",
         f"  TTFT {p.ttft_s * 1e3:9.1f} ms   TPOT {p.tpot_s * 1e3:7.2f} ms   throughput {p.throughput_tokens_per_s:9.0f} "
-        f"tokens/s" + (f"   (speculative x{p.speculative_speedup:.2f})" if req.draft is not None else ""),
+        f"tokens/s" + (f"   (speculative x{p.speculative_speedup:.2f})" if req.speculative else ""),
         f"  KV cache {kv_bytes_per_token(spec, req.kv_bytes_per_value) / 1024:.0f} KiB per token; per GPU: weights "
         f"{b.weights_gib:.1f} GiB, cache {b.kv_gib:.1f} GiB = {b.capacity_tokens} tokens per replica",
         f"  batch limit: paged ({req.block_tokens}-token blocks) {b.max_batch_paged} sequences, fragmentation "
@@ -146,7 +146,7 @@ def run_serving(args: argparse.Namespace) -> int:
                                          "engine": req.engine, **served_model_path(args.model), **memory_section(req),
                                          **({"expert_parallel": True} if best.expert_parallel else {}),
                                          **({"draft_model": args.draft_model, "draft_len": req.draft_len,
-                                             "acceptance": req.acceptance} if req.draft is not None else {})}})
+                                             "acceptance": req.acceptance} if req.speculative else {})}})
     if args.output:
         atomic_write_text(args.output, plan.to_yaml())
     if args.json:

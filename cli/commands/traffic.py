@@ -21,16 +21,15 @@ from costmodel.trace import serving_trace
 from costmodel.traffic import SLO, SchedulerConfig, ServingLayout, TrafficResult, replica_room, simulate_traffic
 from costmodel.workload import Request, context_note, mean_lengths, scenario_of, typical_request, workload
 from planner.files import atomic_write_text
-from planner.model_source import load_model_spec
+from planner.model_source import load_draft, load_model_spec
 from planner.zoo import zoo_name_of_hub_id
 from cli.commands.flags import first_given
 from cli.commands.serve import TRAINING_FLAGS, memory_args, memory_section
 from cli.commands.served import load_served_spec, served_model_path, with_max_model_len
 
 DEFAULT_REQUESTS = 2000
-# the steady-state serving model's request, batch, objectives and speculative decoding
-STEADY_STATE_ONLY = ("batch", "prompt_len", "output_len", "beam", "max_ttft_ms", "max_tpot_ms", "draft_model",
-                     "draft_len", "acceptance")
+# the steady-state serving model's request, batch and objectives
+STEADY_STATE_ONLY = ("batch", "prompt_len", "output_len", "beam", "max_ttft_ms", "max_tpot_ms")
 
 
 def refuse_other_flags(args: argparse.Namespace) -> None:
@@ -62,7 +61,26 @@ def scheduler_config(args: argparse.Namespace, cluster: Cluster) -> SchedulerCon
         seqs, tokens = vllm_scheduler_defaults(cluster.device)
         given.setdefault("max_num_seqs", seqs)
         given.setdefault("max_num_batched_tokens", tokens)
-    return SchedulerConfig(**given)
+    return SchedulerConfig(**given, **speculation_args(args))
+
+
+def speculation_args(args: argparse.Namespace) -> dict:
+    """SchedulerConfig's speculative decoding from --draft-model (a model, or `ngram` for
+    prompt-lookup proposals), --draft-len (default 4) and --acceptance (default 0.8)."""
+    if not getattr(args, "draft_model", None):
+        flag = first_given(args, ("draft_len", "acceptance"))
+        if flag:
+            raise ConfigError(f"{flag} goes with --draft-model (a draft model, or ngram)")
+        return {}
+    return {"speculative_tokens": 4 if args.draft_len is None else args.draft_len,
+            "acceptance": 0.8 if args.acceptance is None else args.acceptance, "draft": load_draft(args.draft_model)}
+
+
+def speculation_section(cfg: SchedulerConfig, args: argparse.Namespace) -> dict:
+    """A plan's record of the speculative decoding it was planned with (as the steady state's)."""
+    if not cfg.speculative_tokens:
+        return {}
+    return {"draft_model": args.draft_model, "draft_len": cfg.speculative_tokens, "acceptance": cfg.acceptance}
 
 
 def load_requests(args: argparse.Namespace, spec: ModelSpec) -> list[Request]:
@@ -132,7 +150,10 @@ def format_traffic(spec: ModelSpec, cluster_text: str, layout: ServingLayout, cf
         f"sequences and {cfg.max_num_batched_tokens} tokens an iteration, chunked prefill "
         f"{'on' if cfg.chunked_prefill else 'off'}, prefix caching {'on' if cfg.prefix_caching else 'off'}"
         f"{f', decodes in runs of {cfg.num_scheduler_steps} steps' if cfg.num_scheduler_steps > 1 else ''}"
-        f"{memory}; engine {cfg.engine}",
+        f"{memory}; engine {cfg.engine}" + (
+            f"; speculative: {cfg.speculative_tokens} drafts a decode "
+            f"({cfg.draft.name if cfg.draft else 'n-gram lookup'}), each accepted at {cfg.acceptance:g}: "
+            f"{cfg.tokens_per_check:.2f} tokens a check" if cfg.speculative_tokens else ""),
         "             p50 ms    p90 ms    p99 ms",
     ]
     for key in ("ttft", "tpot", "e2e"):
@@ -160,7 +181,7 @@ def from_vllm_command(args: argparse.Namespace, cluster: Cluster) -> tuple[Model
         raise ConfigError(f"--from {engine}: serving reads a vllm serve command (--from vllm FILE_OR_ARGS)")
     flag = first_given(args, ("tp", "pp", "replicas", "prefill_replicas", "max_num_seqs", "max_num_batched_tokens",
                               "chunked_prefill", "prefix_caching", "block_size", "expert_parallel", "num_scheduler_steps",
-                              "max_model_len", "kv_cache_dtype", "gpu_memory_utilization"))
+                              "max_model_len", "kv_cache_dtype", "gpu_memory_utilization", "draft_model", "draft_len"))
     if flag:
         raise ConfigError(f"--from vllm takes the layout and engine arguments from the command; drop {flag}")
     cmd = import_serve(config_text(source, engine, line_allowed=True, hint="give the vllm serve command or a file"))
@@ -176,13 +197,23 @@ def from_vllm_command(args: argparse.Namespace, cluster: Cluster) -> tuple[Model
     spec = with_max_model_len(spec, cmd.max_model_len)
     layout = ServingLayout(tp=cmd.tp, pp=cmd.pp, replicas=cmd.dp, precision=cmd.precision or args.precision or "bf16",
                            expert_parallel=cmd.expert_parallel)
-    cfg = scheduler_config(args, cluster)
+    cfg = scheduler_config(argparse.Namespace(**{**vars(args), "acceptance": None}), cluster)  # (--acceptance: below)
     taken = {k: getattr(cmd, k) for k in ("max_num_seqs", "max_num_batched_tokens", "chunked_prefill", "prefix_caching",
                                           "num_scheduler_steps", "kv_cache_dtype", "gpu_memory_utilization")
              if getattr(cmd, k) is not None}
     if cmd.block_size is not None:
         check_block_size(cmd.block_size, "vllm")
         taken["block_tokens"] = cmd.block_size
+    if cmd.draft_model:  # its draft by Hub id (a built-in model's) or directory, or n-gram proposals
+        draft = cmd.draft_model
+        draft = f"hf:{draft}" if (Path(draft) / "config.json").is_file() else zoo_name_of_hub_id(draft) or draft
+        try:
+            taken["draft"] = load_draft(draft)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (the vllm command's speculative draft {cmd.draft_model!r})") from None
+        taken["speculative_tokens"] = cmd.speculative_tokens
+        if args.acceptance is not None:
+            taken["acceptance"] = args.acceptance
     if cmd.unknown:
         print(f"paraplan: note: {not_understood(engine, cmd.unknown).strip()}", file=sys.stderr)
     return spec, layout, replace(cfg, **taken)
@@ -332,7 +363,7 @@ def run_traffic_plan(args: argparse.Namespace) -> int:
     precision = args.precision or "bf16"
     found = plan_traffic(spec, cluster, wl, rate, slo, precision=precision, progress=not args.json,
                          engine=args.engine or DEFAULT_ENGINE, tp=args.tp, pp=args.pp,  # given degrees are fixed
-                         **memory_args(args))
+                         **memory_args(args), **speculation_args(args))
     d, best = found.deployment, found.best
     reqs = wl.at(rate, spec.context_len)
     one = replace(best.unit, replicas=1, prefill_replicas=0)
@@ -351,7 +382,7 @@ def run_traffic_plan(args: argparse.Namespace) -> int:
         "max_num_batched_tokens": best.scheduler.max_num_batched_tokens,
         "chunked_prefill": best.scheduler.chunked_prefill, "prefix_caching": best.scheduler.prefix_caching,
         "engine": best.scheduler.engine, "requests": wl.requests, "workload_seed": wl.seed, "burst_cv": wl.burst_cv,
-        **served_model_path(args.model), **memory_section(best.scheduler),
+        **served_model_path(args.model), **memory_section(best.scheduler), **speculation_section(best.scheduler, args),
         **({"expert_parallel": True} if d.expert_parallel else {})}})
     if args.output:
         atomic_write_text(args.output, plan.to_yaml())
