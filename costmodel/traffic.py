@@ -867,6 +867,9 @@ class TrafficResult:
     # repeats)
     timeline: tuple[list[tuple[float, float, float, int, int, int]], ...] = ()
     roles: tuple[str, ...] = ()
+    # per replica (virtual engine), its KV pool when the run ends: (blocks, free, held by the prefix
+    # cache); what is neither is held by the sequences still running (none once all finished)
+    pool_end: tuple[tuple[int, int, int], ...] = ()
     slo: SLO = SLO()
     goodput_rps: float = 0.0
     slo_attainment: float = 0.0
@@ -1265,4 +1268,6 @@ def _result(seqs: list[_Seq], finished: list[_Seq], replicas: list[_Replica], sl
         prefill_tokens_by_replica=tuple(r.computed_prompt_tokens for r in replicas),
         iterations=sum(r.iterations for r in replicas), timeline=tuple(r.usage for r in replicas),
         roles=tuple(r.role for r in replicas), slo=slo,
+        pool_end=tuple((r.total_blocks, r.free, r.full_units * sum(e.blocks for e in r.cache.values()))
+                       for r in replicas),
         goodput_rps=met / window if window > 0 else 0.0, slo_attainment=met / len(seqs))
