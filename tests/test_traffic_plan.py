@@ -2,6 +2,8 @@
 
 import json
 
+import yaml
+
 from costmodel import load_cluster
 from costmodel.traffic import SLO, SchedulerConfig, ServingLayout, simulate_traffic
 from costmodel.workload import mean_lengths
@@ -474,3 +476,43 @@ def test_flags_serving_under_traffic_does_not_take_are_refused(capsys):
         for flag in ("--tp", "--pp"):
             code, out, err = _main(capsys, "simulate", *argv, flag, "0")
             assert code == 2 and f"{flag} must be a positive integer, got 0" in err and not out, (argv, err)
+
+
+def test_a_speculative_serving_plan_goes_through_check_export_and_back(tmp_path):
+    """Planned for traffic with a draft model: the planner keeps to pp 1 (vLLM's proposers do not
+    pipeline), the plan records the draft, check passes, simulate --plan prices it, the vLLM
+    command carries it in --speculative-config and reads back to the same speculation; n-gram
+    proposals export as vLLM's ngram method; EAGLE is read as not priced."""
+    plan = tmp_path / "spec.yaml"
+    code, stdout, err = paraplan("plan", "--mode", "inference", "--model", "llama3-70b", "--cluster", "h100-sxm:8", "--workload",
+                   "chat", "--rate", "4", "--slo", "ttft_p99=1,tpot_p99=30ms", "--draft-model", "llama3-8b",
+                   "--draft-len", "3", "-o", str(plan), "--json")
+    assert code == 0, err
+    got = json.loads(stdout)
+    assert {u["pp"] for u in got["units"]} == {1}
+    sv = yaml.safe_load(plan.read_text())["serving"]
+    assert (sv["draft_model"], sv["draft_len"], sv["acceptance"]) == ("llama3-8b", 3, 0.8)
+    assert paraplan("check", str(plan))[0] == 0
+    code, _, err = paraplan("simulate", "--plan", str(plan), "--json")
+    assert code == 0, err
+    code, exported, _ = paraplan("export", str(plan), "--to", "vllm")
+    assert code == 0
+    assert """--speculative-config '{"model":"meta-llama/Meta-Llama-3-8B","num_speculative_tokens":3}'""" in exported
+    code, back, err = paraplan("simulate", "--mode", "inference", "--from", "vllm", exported.strip(), "--cluster",
+                               "h100-sxm:8", "--workload", "chat", "--rate", "4", "--requests", "50", "--json")
+    assert code == 0, err
+    scheduler = json.loads(back)["scheduler"]
+    assert (scheduler["speculative_tokens"], scheduler["draft_model"], scheduler["acceptance"]) == (3, "llama3-8b", 0.8)
+    from engines.vllm import import_serve
+
+    ngram = tmp_path / "ngram.yaml"
+    assert paraplan("plan", "--mode", "inference", "--model", "llama3-8b", "--cluster", "h100-sxm:1", "--prompt-len",
+                    "512", "--output-len", "128", "--draft-model", "ngram", "-o", str(ngram))[0] == 0
+    line = paraplan("export", str(ngram), "--to", "vllm")[1]
+    assert '"method":"ngram","num_speculative_tokens":4,"prompt_lookup_max":4' in line
+    assert import_serve(line).draft_model == "ngram" and import_serve(line).speculative_tokens == 4
+    eagle = import_serve("""vllm serve m --speculative-config '{"method":"eagle","model":"e","num_speculative_tokens":2}'""")
+    assert eagle.draft_model is None and eagle.unknown and "eagle" in eagle.unknown[0]
+    code, _, err = paraplan("plan", "--mode", "inference", "--model", "llama3-8b", "--cluster", "h100-sxm:8", "--workload",
+                   "chat", "--rate", "4", "--slo", "ttft_p99=1", "--draft-model", "ngram", "--pp", "2")
+    assert code == 2 and "--pp 1" in err and "Traceback" not in err

@@ -263,7 +263,10 @@ def run_traffic_simulate(args: argparse.Namespace) -> int:
                                         "block_tokens": cfg.block_tokens, "preemption": cfg.preemption,
                                         "num_scheduler_steps": cfg.num_scheduler_steps, "engine": cfg.engine,
                                         "kv_cache_dtype": cfg.kv_cache_dtype,
-                                        "gpu_memory_utilization": cfg.gpu_memory_utilization},
+                                        "gpu_memory_utilization": cfg.gpu_memory_utilization,
+                                        **({"speculative_tokens": cfg.speculative_tokens, "acceptance": cfg.acceptance,
+                                            "draft_model": cfg.draft.name if cfg.draft else "ngram"}
+                                           if cfg.speculative_tokens else {})},
                           "predicted": predicted}, indent=2))
     else:
         print(format_traffic(spec, args.cluster, layout, cfg, args.workload, args.rate, result, args.concurrency))
