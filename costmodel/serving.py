@@ -476,9 +476,10 @@ def evaluate(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: int, pp
     ttft = prefill + tpot
     speedup = 1.0
     if req.speculative:
-        # a round: draft_len draft steps (none for n-gram proposals) and the target's check of them (draft_len + 1 rows a
-        # sequence: a decode step's cost while the weights' read bounds it, more once the rows
-        # make it compute-bound), expected (1 - a^(g+1)) / (1 - a) tokens (Leviathan et al.)
+        # a round: draft_len draft steps (none for n-gram proposals) and the target's check of
+        # them (draft_len + 1 rows a sequence: a decode step's cost while the weights' read bounds
+        # it, more once the rows make it compute-bound), expected (1 - a^(g+1)) / (1 - a) tokens
+        # (Leviathan et al.)
         context = req.prompt_len + req.output_len / 2
         draft = 0.0 if req.ngram else decode_step_s(req.draft, cluster, req, tp, 1, micro, context)
         verify = verify_step_s(spec, cluster, req, tp, pp, micro, context, expert_parallel)

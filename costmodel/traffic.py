@@ -983,14 +983,15 @@ def replica_room(spec: ModelSpec, cluster: Cluster, layout: ServingLayout, cfg: 
 
 
 def replica_sequences(spec: ModelSpec, cluster: Cluster, layout: ServingLayout, cfg: SchedulerConfig,
-                      tokens: int) -> int:
-    """How many sequences of `tokens` tokens one virtual engine of a replica holds at once,
-    decoding."""
+                      tokens: float) -> int:
+    """How many sequences of `tokens` tokens (a mean) one virtual engine of a replica holds at
+    once, decoding."""
     blocks = replica_blocks(spec, cluster, layout, cfg)[0] // layout.pp
     groups = KVGroups.of(spec, layout.pp)
     if not groups.hybrid:
         return int(blocks * cfg.block_tokens // tokens)
-    return blocks // max(1, groups.held(tokens, tokens - 1, cfg.block_tokens))
+    whole = math.ceil(tokens)
+    return blocks // max(1, groups.held(whole, whole - 1, cfg.block_tokens))
 
 
 def _too_small_why(spec: ModelSpec, cluster: Cluster, layout: ServingLayout, cfg: SchedulerConfig) -> str:
@@ -1012,7 +1013,8 @@ def _roomier_layout(spec: ModelSpec, cluster: Cluster, layout: ServingLayout, cf
         if not layout_problems(spec, tp, layout.pp, layout.expert_parallel):
             room = replica_room(spec, cluster, bigger, cfg)
             if room >= longest:
-                return f"give --tp {tp} (it holds {room} tokens) or more GPUs per replica"
+                held = "sequences of any length" if math.isinf(room) else f"{room} tokens"
+                return f"give --tp {tp} (it holds {held}) or more GPUs per replica"
         tp *= 2
     return "give more GPUs per replica (--pp across nodes) or shorter requests"
 

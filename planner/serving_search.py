@@ -183,7 +183,7 @@ def unit_bound(spec: ModelSpec, cluster: Cluster, unit: ServingLayout, cfg: Sche
     # a replica's pp virtual engines each run a traversal at once (costmodel.traffic)
     prefill_tokens_s = unit.pp * chunk / cost.seconds(chunk, 1, 0, 0.0, chunk * (chunk + 1) / 2, chunk,
                                                       *window_prefill(spec, 0, chunk))
-    most = max(1, min(cfg.max_num_seqs, replica_sequences(spec, cluster, unit, cfg, round(prompt + output))))
+    most = max(1, min(cfg.max_num_seqs, replica_sequences(spec, cluster, unit, cfg, prompt + output)))
     tpot = min((s for m, _, s in slo.targets if m == "tpot"), default=math.inf)
     context = prompt + output / 2
 
