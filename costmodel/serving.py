@@ -251,6 +251,8 @@ def kv_budget(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: int, p
     cluster = engine_cluster(cluster, req.engine)
     e = req.bytes_per_value
     weights = weights_bytes_per_gpu(spec, tp, pp, e)
+    if req.draft is not None:  # speculative decoding's draft model on the same GPUs, split over tp
+        weights += weights_bytes_per_gpu(req.draft, tp, 1, e)
     # prefill workspace: one sequence's prompt through a layer (residual, q/k/v, MLP) and its logits
     workspace = req.prompt_len * (4 * spec.hidden + 2 * spec.ffn_hidden // tp) * e + spec.vocab // tp * 4
     fixed = cluster.device.memory_overhead.fixed_gib * 2**30
@@ -260,6 +262,8 @@ def kv_budget(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: int, p
     else:  # a share of the GPU for all of it
         kv = max(0.0, cluster.device.hbm_bytes * req.gpu_memory_utilization - fixed - weights - workspace)
     per_token = math.ceil(spec.layers / pp) * kv_values_per_token_gpu(spec, tp) * req.kv_bytes_per_value
+    if req.draft is not None:  # and its cache of every token beside the target's
+        per_token += req.draft.layers * kv_values_per_token_gpu(req.draft, tp) * req.kv_bytes_per_value
     capacity = int(kv // per_token)
     P, O, b = req.prompt_len, req.output_len, req.block_tokens
     if P + O > spec.context_len:

@@ -107,6 +107,11 @@ def test_speculative_decoding_formula():
     gains = [evaluate(spec, H100, replace(req, batch=b), 8, 1, b).speculative_speedup for b in (1, 32, 128, 256)]
     assert gains[0] > 2.0 > gains[1] > 1.2 and gains[2] < 1.0 and gains[3] < 0.8
     assert verify_step_s(spec, H100, req, 8, 1, 1, 600) < 1.1 * decode_step_s(spec, H100, req, 8, 1, 1, 600)
+    # the draft's weights and cache share the GPUs: 13.5 GB over 8 GPUs, 32 of its layers' KV a token
+    alone, both = kv_budget(spec, H100, replace(req, draft=None), 8, 1), kv_budget(spec, H100, req, 8, 1)
+    draft_gib = weights_bytes_per_gpu(ZOO["llama2-7b"], 8, 1, 2) / 2**30
+    assert both.weights_gib == pytest.approx(alone.weights_gib + draft_gib)
+    assert both.capacity_tokens < 0.4 * alone.capacity_tokens  # its 32 MHA layers cache more a token than 80 GQA
 
 
 def test_the_search_meets_the_latency_target_and_prefers_throughput():
