@@ -512,6 +512,15 @@ def _batches(limit: int) -> list[int]:
     return out + [limit]
 
 
+SPECULATION_PP = "speculative decoding runs with pp 1 (vLLM's proposers do not pipeline); give --tp instead"
+
+
+def speculation_problems(pp: int, speculative: bool) -> list[str]:
+    """Why a replica of `pp` stages cannot speculate (vLLM's draft, n-gram and EAGLE proposers
+    run on an unpipelined replica)."""
+    return [SPECULATION_PP] if speculative and pp > 1 else []
+
+
 def plan_serving(spec: ModelSpec, cluster: Cluster, req: ServingRequest, *, tp: int | None = None,
                  pp: int | None = None) -> ServingPlan:
     """Search tp (within a node) x pp x replicas, expert parallelism for a mixture of experts,
@@ -528,6 +537,8 @@ def plan_serving(spec: ModelSpec, cluster: Cluster, req: ServingRequest, *, tp: 
     n = cluster.world_size
     want_tp, want_pp = tp, pp  # (the loop below names each layout's tp and pp)
     check_degrees(tp=want_tp, pp=want_pp)
+    if want_pp is not None and speculation_problems(want_pp, req.speculative):
+        raise ConfigError(SPECULATION_PP)
     if n % ((want_tp or 1) * (want_pp or 1)) or (want_tp or 1) > cluster.gpus_per_node:
         raise ConfigError(f"tp({want_tp or 1}) x pp({want_pp or 1}) must divide the {n} GPUs of {cluster.name}, tp "
                           f"within a node of {cluster.gpus_per_node}; choose degrees that do")
@@ -537,7 +548,7 @@ def plan_serving(spec: ModelSpec, cluster: Cluster, req: ServingRequest, *, tp: 
                for ep in ((False, True) if spec.moe and t > 1 else (False,))
                if (want_tp is None or t == want_tp) and (want_pp is None or p == want_pp)]
     for tp, pp, ep in layouts:
-        why = layout_problems(spec, tp, pp, ep)
+        why = layout_problems(spec, tp, pp, ep) + speculation_problems(pp, req.speculative)
         if why:
             refused[(tp, pp, ep)] = "; ".join(why)
             continue

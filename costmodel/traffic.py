@@ -79,7 +79,8 @@ from costmodel.errors import ConfigError
 from costmodel.kv_groups import KVGroups
 from costmodel.runtime import FUSED
 from costmodel.serving_engine import DEFAULT_ENGINE, ServingEngine, check_engine_name, engine_cluster
-from costmodel.serving import (BYTES, GPU_MEMORY_UTILIZATION, KVBudget, ServingRequest, check_kv_cache, cli_flag,
+from costmodel.serving import (BYTES, GPU_MEMORY_UTILIZATION, SPECULATION_PP, KVBudget, ServingRequest, check_kv_cache,
+                               cli_flag, speculation_problems,
                                decode_attention_s, head_s, kv_budget, kv_bytes_per_token, kv_value_bytes,
                                kv_values_per_token_gpu, layout_label, layout_problems, token_layer_s, weights_bytes_per_gpu,
                                window_prefill)
@@ -1057,8 +1058,8 @@ def simulate_traffic(spec: ModelSpec, cluster: Cluster, requests: list[Request],
         raise ConfigError(f"{spec.name} cannot be served as tp {layout.tp} x pp {layout.pp}: {'; '.join(why)}")
     cost = IterationCost(spec, cluster, layout.tp, layout.pp, layout.precision, cfg.max_num_batched_tokens,
                          layout.expert_parallel, kv_cache_dtype=cfg.kv_cache_dtype)  # the cluster is the engine's already
-    if cfg.speculative_tokens and layout.pp > 1:
-        raise ConfigError("speculative decoding runs with --pp 1 (vLLM's proposers do not pipeline); give --tp instead")
+    if speculation_problems(layout.pp, cfg.speculative_tokens > 0):
+        raise ConfigError(SPECULATION_PP)
     draft_cost = None if cfg.draft is None else IterationCost(
         cfg.draft, cluster, layout.tp, 1, layout.precision, cfg.max_num_batched_tokens, kv_cache_dtype=cfg.kv_cache_dtype)
     host = host_link_gb_per_s(cluster)

@@ -294,14 +294,16 @@ def plan_problems(plan: Plan, cluster) -> tuple[list[str], dict]:
 
 def _serving_layout(plan: Plan, spec: ModelSpec) -> list[str]:
     """Why a serving plan's replica cannot serve the model (costmodel.serving.layout_problems)."""
-    from costmodel.serving import layout_problems as serving_layout_problems
+    from costmodel.serving import layout_problems as serving_layout_problems, speculation_problems
     from planner.serving_plan import serving_setup
 
     try:
-        layout = serving_setup(plan, "the serving plan").layout
+        setup = serving_setup(plan, "the serving plan")
     except ConfigError as exc:
         return [str(exc)]
-    return serving_layout_problems(spec, layout.tp, layout.pp, layout.expert_parallel)
+    layout = setup.layout
+    return (serving_layout_problems(spec, layout.tp, layout.pp, layout.expert_parallel)
+            + speculation_problems(layout.pp, setup.request.speculative))
 
 
 def _serving_memory(plan: Plan, spec: ModelSpec, cluster, facts: dict) -> list[str]:

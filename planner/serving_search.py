@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from costmodel.cluster import Cluster
 from costmodel.errors import ConfigError
-from costmodel.serving import (GPU_MEMORY_UTILIZATION, ServingRequest, check_degrees, layout_label, layout_problems,
+from costmodel.serving import (GPU_MEMORY_UTILIZATION, SPECULATION_PP, ServingRequest, check_degrees, layout_label, layout_problems,
                                plan_serving, window_prefill)
 from costmodel.serving_engine import DEFAULT_ENGINE, engine_cluster
 from costmodel.spec import ModelSpec
@@ -311,7 +311,7 @@ def plan_traffic(spec: ModelSpec, cluster: Cluster, wl: TrafficWorkload, rate: f
     check_degrees(tp=tp, pp=pp)
     if speculative_tokens:
         if pp not in (None, 1):
-            raise ConfigError("speculative decoding runs with --pp 1 (vLLM's proposers do not pipeline)")
+            raise ConfigError(SPECULATION_PP)
         shapes = [u for u in shapes if u.pp == 1]
     for name, value in (("tp", tp), ("pp", pp)):
         if value is not None:

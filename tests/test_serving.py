@@ -112,6 +112,10 @@ def test_speculative_decoding_formula():
     draft_gib = weights_bytes_per_gpu(ZOO["llama2-7b"], 8, 1, 2) / 2**30
     assert both.weights_gib == pytest.approx(alone.weights_gib + draft_gib)
     assert both.capacity_tokens < 0.4 * alone.capacity_tokens  # its 32 MHA layers cache more a token than 80 GQA
+    # vLLM's proposers do not pipeline: the search keeps to pp 1, a given pp 2 is one line
+    assert all(pp == 1 for _, pp, _ in plan_serving(spec, H100, req).curves)
+    with pytest.raises(ConfigError, match="pp 1"):
+        plan_serving(spec, H100, req, pp=2)
 
 
 def test_the_search_meets_the_latency_target_and_prefers_throughput():

@@ -593,5 +593,5 @@ def test_speculative_decoding_under_traffic_pays_alone_and_not_in_a_crowd():
                         (dict(speculative_tokens=0), "speculative tokens")):
         with pytest.raises(ConfigError, match=needle):
             replace(drafted, **bad)
-    with pytest.raises(ConfigError, match="--pp 1"):
+    with pytest.raises(ConfigError, match="runs with pp 1"):
         simulate_traffic(spec, CLUSTER, one, ServingLayout(tp=4, pp=2), ngram)

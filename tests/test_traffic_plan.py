@@ -493,6 +493,12 @@ def test_a_speculative_serving_plan_goes_through_check_export_and_back(tmp_path)
     sv = yaml.safe_load(plan.read_text())["serving"]
     assert (sv["draft_model"], sv["draft_len"], sv["acceptance"]) == ("llama3-8b", 3, 0.8)
     assert paraplan("check", str(plan))[0] == 0
+    edited = yaml.safe_load(plan.read_text())  # pipelined by hand: vLLM would not speculate on it
+    edited["mesh"].update(tp=2, pp=2)
+    piped = tmp_path / "piped.yaml"
+    piped.write_text(yaml.safe_dump(edited))
+    code, out, err = paraplan("check", str(piped))
+    assert code != 0 and "pp 1" in out + err and "Traceback" not in err
     code, _, err = paraplan("simulate", "--plan", str(plan), "--json")
     assert code == 0, err
     code, exported, _ = paraplan("export", str(plan), "--to", "vllm")
@@ -515,4 +521,4 @@ def test_a_speculative_serving_plan_goes_through_check_export_and_back(tmp_path)
     assert eagle.draft_model is None and eagle.unknown and "eagle" in eagle.unknown[0]
     code, _, err = paraplan("plan", "--mode", "inference", "--model", "llama3-8b", "--cluster", "h100-sxm:8", "--workload",
                    "chat", "--rate", "4", "--slo", "ttft_p99=1", "--draft-model", "ngram", "--pp", "2")
-    assert code == 2 and "--pp 1" in err and "Traceback" not in err
+    assert code == 2 and "runs with pp 1" in err and "Traceback" not in err
