@@ -57,7 +57,7 @@ def commands(plan: Plan, *, model_path: str | None = None) -> list[list[str]]:
         k = int(sv.get("draft_len", 4))
         proposer = ({"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": NGRAM_LOOKUP}
                     if sv["draft_model"] == NGRAM else
-                    {"model": HUB_IDS.get(sv["draft_model"], sv["draft_model"]), "num_speculative_tokens": k})
+                    {"model": _model_name(sv["draft_model"]), "num_speculative_tokens": k})
         cmd += ["--speculative-config", json.dumps(proposer, separators=(",", ":"))]
     replicas, prefill = int(sv.get("replicas", 1)), int(sv.get("prefill_replicas", 0))
 
@@ -74,6 +74,12 @@ def commands(plan: Plan, *, model_path: str | None = None) -> list[list[str]]:
     for count in (prefill, replicas - prefill):
         out.append([str(c) for c in cmd + kv + data_parallel(count)])
     return out
+
+
+def _model_name(name: str) -> str:
+    """What `vllm serve` loads for a model paraplan names: a Hugging Face directory (hf:DIR) as
+    its path, a built-in model as its Hub checkpoint, another name as it is."""
+    return name[3:] if name.startswith("hf:") else HUB_IDS.get(name, name)
 
 
 def export(plan: Plan, *, model_path: str | None = None) -> list[str]:
