@@ -4,6 +4,7 @@ one, and the settings paraplan does not understand)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from costmodel.errors import ConfigError
@@ -29,6 +30,18 @@ class Imported:
 
 
 ENGINES = ("torchtitan", "megatron", "deepspeed", "vllm")
+
+
+def json_object(text: str, what: str) -> dict:
+    """`text` as a JSON object; one line naming `what` it is where it is not JSON or not an
+    object."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{what} is not valid JSON (line {exc.lineno}: {exc.msg}); fix its syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} must be a JSON object")
+    return data
 
 
 def uniform_recompute(plan: Plan, engine: str) -> str:

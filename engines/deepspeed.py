@@ -12,7 +12,7 @@ import json
 
 from costmodel.errors import ConfigError
 from costmodel.strategy import Strategy
-from engines.common import Imported, positive_int, training_plan, uniform_recompute
+from engines.common import Imported, json_object, positive_int, training_plan, uniform_recompute
 from planner.plan import Plan
 
 UNDERSTOOD = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -56,12 +56,7 @@ def export_text(plan: Plan) -> str:
 
 def import_(text: str, *, world_size: int, seq_len: int) -> Imported:
     """A DeepSpeed config (JSON text) on `world_size` GPUs, all data-parallel -> the strategy."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"the DeepSpeed config is not valid JSON (line {exc.lineno}); fix its syntax") from None
-    if not isinstance(data, dict):
-        raise ConfigError("a DeepSpeed config is a JSON object")
+    data = json_object(text, "the DeepSpeed config")
     unknown = [k for k in data if k not in UNDERSTOOD]
     zero_cfg = data.get("zero_optimization", {})
     unknown += [f"zero_optimization.{k}" for k in zero_cfg if k not in ("stage", "overlap_comm", "contiguous_gradients",

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from costmodel.errors import ConfigError
 from planner.plan import Plan
+from engines.common import json_object
 from planner.model_source import NGRAM
 from planner.zoo import HUB_IDS
 
@@ -149,12 +150,7 @@ _CHOICE_FLAGS = {"--dtype": ("precision", _DTYPES), "--kv-cache-dtype": ("kv_cac
 def _speculative(raw: str) -> tuple[str, int] | None:
     """(draft model or "ngram", proposed tokens) of a --speculative-config JSON; None for a
     proposer not priced (EAGLE, Medusa, MTP: heads on the target's hidden states)."""
-    try:
-        config = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"the vllm command's --speculative-config is not JSON ({exc.msg})") from None
-    if not isinstance(config, dict):
-        raise ConfigError("the vllm command's --speculative-config must be a JSON object")
+    config = json_object(raw, "the vllm command's --speculative-config")
     k = config.get("num_speculative_tokens")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ConfigError(f"the vllm command's --speculative-config needs num_speculative_tokens >= 1, got {k!r}")
