@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from costmodel.errors import ConfigError
 from planner.plan import Plan
 from engines.common import json_object
-from planner.model_source import NGRAM
+from planner.model_source import EAGLE_METHODS, NGRAM
 from planner.zoo import HUB_IDS
 
 _VLLM_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16"}  # what the export writes for a 16-bit dtype
@@ -56,9 +56,13 @@ def commands(plan: Plan, *, model_path: str | None = None) -> list[list[str]]:
         cmd += ["--enable-expert-parallel"]
     if sv.get("draft_model"):  # a draft model by its Hub checkpoint, or n-gram proposals from the prompt
         k = int(sv.get("draft_len", 4))
-        proposer = ({"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": NGRAM_LOOKUP}
-                    if sv["draft_model"] == NGRAM else
-                    {"model": _model_name(sv["draft_model"]), "num_speculative_tokens": k})
+        method, sep, head = sv["draft_model"].partition(":")
+        if sv["draft_model"] == NGRAM:
+            proposer = {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": NGRAM_LOOKUP}
+        elif sep and method in EAGLE_METHODS:  # an EAGLE head's checkpoint
+            proposer = {"method": method, "model": head, "num_speculative_tokens": k}
+        else:
+            proposer = {"model": _model_name(sv["draft_model"]), "num_speculative_tokens": k}
         cmd += ["--speculative-config", json.dumps(proposer, separators=(",", ":"))]
     replicas, prefill = int(sv.get("replicas", 1)), int(sv.get("prefill_replicas", 0))
 
@@ -148,8 +152,8 @@ _CHOICE_FLAGS = {"--dtype": ("precision", _DTYPES), "--kv-cache-dtype": ("kv_cac
 
 
 def _speculative(raw: str) -> tuple[str, int] | None:
-    """(draft model or "ngram", proposed tokens) of a --speculative-config JSON; None for a
-    proposer not priced (EAGLE, Medusa, MTP: heads on the target's hidden states)."""
+    """(draft model, "ngram" or "eagle:HEAD" / "eagle3:HEAD", proposed tokens) of a
+    --speculative-config JSON; None for a proposer not priced (Medusa, MTP)."""
     config = json_object(raw, "the vllm command's --speculative-config")
     k = config.get("num_speculative_tokens")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -159,6 +163,8 @@ def _speculative(raw: str) -> tuple[str, int] | None:
         return NGRAM, k
     if method in (None, "draft_model") and isinstance(config.get("model"), str):
         return config["model"], k
+    if method in EAGLE_METHODS and isinstance(config.get("model"), str):
+        return f"{method}:{config['model']}", k
     return None
 
 

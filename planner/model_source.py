@@ -29,16 +29,35 @@ def load_model_spec(text: str) -> ModelSpec:
 
 
 NGRAM = "ngram"  # --draft-model ngram: drafts looked up in the prompt (vLLM's n-gram proposer), no model
+# --draft-model eagle:CHECKPOINT / eagle3:CHECKPOINT: an EAGLE head on the target's hidden states
+# (vLLM's eagle and eagle3 methods), the checkpoint's Hub id or directory; EAGLE-3's heads predict a
+# draft vocabulary of 32,000 tokens (the published heads' draft_vocab_size)
+EAGLE_METHODS = {"eagle": None, "eagle3": 32_000}
 
 
-def load_draft(text: str) -> ModelSpec | None:
-    """A speculative-decoding draft model by name, or None for n-gram proposals (`ngram`)."""
+def load_draft(text: str, target: ModelSpec | None = None) -> ModelSpec | None:
+    """A speculative-decoding draft model by name, None for n-gram proposals (`ngram`), or an
+    EAGLE head (`eagle:CHECKPOINT`, `eagle3:CHECKPOINT`) priced as one decoder layer of the
+    target's shape and a head over its vocabulary (EAGLE-3's draft vocabulary), named as given."""
     if text == NGRAM:
         return None
+    method, sep, checkpoint = text.partition(":")
+    if sep and method in EAGLE_METHODS:
+        if not checkpoint:
+            raise ConfigError(f"--draft-model {method}:CHECKPOINT names the EAGLE head's checkpoint (a Hub id or "
+                              "directory), e.g. eagle3:yuhuili/EAGLE3-LLaMA3.1-Instruct-8B")
+        if target is None:
+            raise ConfigError(f"--draft-model {text}: an EAGLE head needs its target model (--model)")
+        vocab = EAGLE_METHODS[method] or target.vocab
+        return replace(target, name=text, layers=1, vocab=min(vocab, target.vocab), tied_embeddings=True,
+                       windowed_layers=0, attention_window=0, ffn_hidden=target.ffn_hidden or 4 * target.hidden,
+                       experts=0, experts_per_token=0, expert_ffn_hidden=0, shared_expert_ffn_hidden=0,
+                       shared_expert_gate=False, dense_layers=0)  # a dense layer, whatever the target's
     try:
         return load_model_spec(text)
     except ConfigError as exc:
-        raise ConfigError(f"{exc}; or --draft-model {NGRAM} for drafts looked up in the prompt") from None
+        raise ConfigError(f"{exc}; or --draft-model {NGRAM} for drafts looked up in the prompt, or "
+                          "eagle:CHECKPOINT / eagle3:CHECKPOINT for an EAGLE head") from None
 
 
 def load_model(text: str):

@@ -78,7 +78,7 @@ def serving_setup(plan: Plan, where: str = "the plan") -> ServingSetup:
         if _text(sv, "draft_model"):
             from planner.model_source import NGRAM, load_draft
 
-            draft, ngram = load_draft(sv["draft_model"]), sv["draft_model"] == NGRAM
+            draft, ngram = load_draft(sv["draft_model"], plan.spec), sv["draft_model"] == NGRAM
         memory = dict(kv_cache_dtype=_text(sv, "kv_cache_dtype", "auto"),
                       gpu_memory_utilization=_number(sv, "gpu_memory_utilization", GPU_MEMORY_UTILIZATION))
         request = ServingRequest(prompt_len=_int(sv, "prompt_len"), output_len=_int(sv, "output_len"),

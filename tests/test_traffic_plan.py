@@ -2,11 +2,12 @@
 
 import json
 
+import pytest
 import yaml
 
-from costmodel import load_cluster
+from costmodel import ConfigError, load_cluster
 from costmodel.traffic import SLO, SchedulerConfig, ServingLayout, simulate_traffic
-from costmodel.workload import mean_lengths
+from costmodel.workload import Request, mean_lengths
 from planner.serving_search import (TrafficWorkload, deployment_key, meets, plan_traffic, unit_bound,
                                     unit_max_rate)
 from planner.zoo import ZOO
@@ -517,8 +518,32 @@ def test_a_speculative_serving_plan_goes_through_check_export_and_back(tmp_path)
     line = paraplan("export", str(ngram), "--to", "vllm")[1]
     assert '"method":"ngram","num_speculative_tokens":4,"prompt_lookup_max":4' in line
     assert import_serve(line).draft_model == "ngram" and import_serve(line).speculative_tokens == 4
-    eagle = import_serve("""vllm serve m --speculative-config '{"method":"eagle","model":"e","num_speculative_tokens":2}'""")
-    assert eagle.draft_model is None and eagle.unknown and "eagle" in eagle.unknown[0]
+    medusa = import_serve("""vllm serve m --speculative-config '{"method":"medusa","model":"e","num_speculative_tokens":2}'""")
+    assert medusa.draft_model is None and medusa.unknown and "medusa" in medusa.unknown[0]
+    # an EAGLE-3 head: one decoder layer of the target's shape and a 32,000-token draft vocabulary; planned,
+    # exported as vLLM's eagle3 method and read back; it cuts a lone request's TPOT as a draft model does
+    head = "eagle3:yuhuili/EAGLE3-LLaMA3.1-Instruct-8B"
+    from planner.model_source import load_draft
+
+    eagle = load_draft(head, ZOO["llama3-8b"])
+    assert (eagle.layers, eagle.vocab, eagle.hidden, eagle.name) == (1, 32_000, 4096, head)
+    with pytest.raises(ConfigError, match="CHECKPOINT"):
+        load_draft("eagle:", ZOO["llama3-8b"])
+    heads = tmp_path / "eagle.yaml"
+    assert paraplan("plan", "--mode", "inference", "--model", "llama3-8b", "--cluster", "h100-sxm:1", "--workload",
+                    "chat", "--rate", "5", "--slo", "ttft_p99=1,tpot_p99=20ms", "--draft-model", head, "--draft-len",
+                    "3", "-o", str(heads))[0] == 0
+    line = paraplan("export", str(heads), "--to", "vllm")[1]
+    assert '"method":"eagle3","model":"yuhuili/EAGLE3-LLaMA3.1-Instruct-8B","num_speculative_tokens":3' in line
+    assert import_serve(line).draft_model == head
+    code, back, err = paraplan("simulate", "--mode", "inference", "--from", "vllm", line.strip(), "--cluster",
+                               "h100-sxm:1", "--workload", "chat", "--rate", "1", "--requests", "20", "--json")
+    assert code == 0 and json.loads(back)["scheduler"]["draft_model"] == head, err
+    alone = [Request(id=0, arrival_s=0.0, prompt_tokens=300, output_tokens=201)]
+    plain, drafted = (simulate_traffic(SPEC, load_cluster("h100-sxm:1"), alone, ServingLayout(),
+                                       SchedulerConfig(**kw)).tpot_s[0]
+                      for kw in ({}, dict(speculative_tokens=3, acceptance=0.7, draft=eagle)))
+    assert drafted < plain / 2
     code, _, err = paraplan("plan", "--mode", "inference", "--model", "llama3-8b", "--cluster", "h100-sxm:8", "--workload",
                    "chat", "--rate", "4", "--slo", "ttft_p99=1", "--draft-model", "ngram", "--pp", "2")
     assert code == 2 and "runs with pp 1" in err and "Traceback" not in err

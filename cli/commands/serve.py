@@ -9,7 +9,7 @@ import json
 from costmodel import ConfigError, Strategy, load_cluster
 from costmodel.serving import (GPU_MEMORY_UTILIZATION, ServingPlan, ServingPoint, ServingRequest, check_degrees,
                                kv_bytes_per_token, layout_label, plan_serving)
-from costmodel.spec import format_count
+from costmodel.spec import ModelSpec, format_count
 from costmodel.serving_engine import DEFAULT_ENGINE, check_block_size, check_engine_name
 from planner.files import atomic_write_text
 from planner.model_source import NGRAM, load_draft
@@ -49,10 +49,10 @@ def refuse_other_flags(args: argparse.Namespace) -> None:
             raise ConfigError(f"{flag} {why}")
 
 
-def serving_request(args: argparse.Namespace) -> ServingRequest:
+def serving_request(args: argparse.Namespace, spec: ModelSpec) -> ServingRequest:
     if args.prompt_len is None or args.output_len is None:
         raise ConfigError("--mode inference needs --prompt-len and --output-len")
-    draft = load_draft(args.draft_model) if args.draft_model else None
+    draft = load_draft(args.draft_model, spec) if args.draft_model else None  # (an EAGLE head: the target's shape)
     engine = getattr(args, "engine", None) or DEFAULT_ENGINE
     if args.block_size is not None:
         check_engine_name(engine)
@@ -133,7 +133,7 @@ def run_serving(args: argparse.Namespace) -> int:
     refuse_other_flags(args)
     spec = load_served_spec(args)
     cluster = load_cluster(args.cluster)
-    req = serving_request(args)
+    req = serving_request(args, spec)
     found = plan_serving(spec, cluster, req, tp=args.tp, pp=args.pp)  # given degrees are fixed
     best = found.best
     s = Strategy(tp=best.tp, pp=best.pp, dp=best.replicas, microbatch_size=best.batch,

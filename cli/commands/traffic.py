@@ -45,7 +45,7 @@ def refuse_other_flags(args: argparse.Namespace) -> None:
                           "requests come from the workload and the latency objectives from --slo")
 
 
-def scheduler_config(args: argparse.Namespace, cluster: Cluster) -> SchedulerConfig:
+def scheduler_config(args: argparse.Namespace, cluster: Cluster, spec: ModelSpec) -> SchedulerConfig:
     """The engine arguments given, the engine's defaults on this GPU for the rest (vLLM's sequence
     and token limits depend on the GPU: costmodel.serving_engine.vllm_scheduler_defaults)."""
     given = {k: getattr(args, k) for k in ("max_num_seqs", "max_num_batched_tokens", "chunked_prefill", "prefix_caching",
@@ -61,19 +61,21 @@ def scheduler_config(args: argparse.Namespace, cluster: Cluster) -> SchedulerCon
         seqs, tokens = vllm_scheduler_defaults(cluster.device)
         given.setdefault("max_num_seqs", seqs)
         given.setdefault("max_num_batched_tokens", tokens)
-    return SchedulerConfig(**given, **speculation_args(args))
+    return SchedulerConfig(**given, **speculation_args(args, spec))
 
 
-def speculation_args(args: argparse.Namespace) -> dict:
-    """SchedulerConfig's speculative decoding from --draft-model (a model, or `ngram` for
-    prompt-lookup proposals), --draft-len (default 4) and --acceptance (default 0.8)."""
+def speculation_args(args: argparse.Namespace, spec: ModelSpec) -> dict:
+    """SchedulerConfig's speculative decoding from --draft-model (a model, `ngram` for
+    prompt-lookup proposals, or an EAGLE head on `spec`), --draft-len (default 4) and
+    --acceptance (default 0.8)."""
     if not getattr(args, "draft_model", None):
         flag = first_given(args, ("draft_len", "acceptance"))
         if flag:
             raise ConfigError(f"{flag} goes with --draft-model (a draft model, or ngram)")
         return {}
     return {"speculative_tokens": 4 if args.draft_len is None else args.draft_len,
-            "acceptance": 0.8 if args.acceptance is None else args.acceptance, "draft": load_draft(args.draft_model)}
+            "acceptance": 0.8 if args.acceptance is None else args.acceptance,
+            "draft": load_draft(args.draft_model, spec)}
 
 
 def speculation_section(cfg: SchedulerConfig, args: argparse.Namespace) -> dict:
@@ -197,18 +199,19 @@ def from_vllm_command(args: argparse.Namespace, cluster: Cluster) -> tuple[Model
     spec = with_max_model_len(spec, cmd.max_model_len)
     layout = ServingLayout(tp=cmd.tp, pp=cmd.pp, replicas=cmd.dp, precision=cmd.precision or args.precision or "bf16",
                            expert_parallel=cmd.expert_parallel)
-    cfg = scheduler_config(argparse.Namespace(**{**vars(args), "acceptance": None}), cluster)  # (--acceptance: below)
+    cfg = scheduler_config(argparse.Namespace(**{**vars(args), "acceptance": None}), cluster, spec)  # (--acceptance: below)
     taken = {k: getattr(cmd, k) for k in ("max_num_seqs", "max_num_batched_tokens", "chunked_prefill", "prefix_caching",
                                           "num_scheduler_steps", "kv_cache_dtype", "gpu_memory_utilization")
              if getattr(cmd, k) is not None}
     if cmd.block_size is not None:
         check_block_size(cmd.block_size, "vllm")
         taken["block_tokens"] = cmd.block_size
-    if cmd.draft_model:  # its draft by Hub id (a built-in model's) or directory, or n-gram proposals
+    if cmd.draft_model:  # its draft by Hub id (a built-in model's) or directory, n-gram proposals or an EAGLE head
         draft = cmd.draft_model
-        draft = f"hf:{draft}" if (Path(draft) / "config.json").is_file() else zoo_name_of_hub_id(draft) or draft
+        if ":" not in draft:
+            draft = f"hf:{draft}" if (Path(draft) / "config.json").is_file() else zoo_name_of_hub_id(draft) or draft
         try:
-            taken["draft"] = load_draft(draft)
+            taken["draft"] = load_draft(draft, spec)
         except ConfigError as exc:
             raise ConfigError(f"{exc} (the vllm command's speculative draft {cmd.draft_model!r})") from None
         taken["speculative_tokens"] = cmd.speculative_tokens
@@ -234,7 +237,7 @@ def run_traffic_simulate(args: argparse.Namespace) -> int:
             raise ConfigError("simulate --mode inference needs --model and --cluster")
         spec = load_served_spec(args)
         cluster = load_cluster(args.cluster)
-        cfg = scheduler_config(args, cluster)
+        cfg = scheduler_config(args, cluster, spec)
         layout = layout_from_args(args, cluster)
     slo = SLO.parse(args.slo)
     reqs = load_requests(args, spec)
@@ -366,7 +369,7 @@ def run_traffic_plan(args: argparse.Namespace) -> int:
     precision = args.precision or "bf16"
     found = plan_traffic(spec, cluster, wl, rate, slo, precision=precision, progress=not args.json,
                          engine=args.engine or DEFAULT_ENGINE, tp=args.tp, pp=args.pp,  # given degrees are fixed
-                         **memory_args(args), **speculation_args(args))
+                         **memory_args(args), **speculation_args(args, spec))
     d, best = found.deployment, found.best
     reqs = wl.at(rate, spec.context_len)
     one = replace(best.unit, replicas=1, prefill_replicas=0)
