@@ -96,10 +96,11 @@ def run(cfg: LaunchConfig) -> int:
               f"paraplan's runtime, so compare the measured step with `paraplan simulate --plan {cfg.plan_path} "
               "--runtime paraplan`", file=sys.stderr)
     _from_slurm(os.environ)
-    if "RANK" in os.environ:  # already inside torchrun / SLURM
+    if "RANK" in os.environ:  # already inside torchrun / SLURM: this process is a rank, and leaves as one
+        from runtime.teardown import leave
         from runtime.worker import main as worker_main
 
-        return worker_main(cfg.worker_args(None))
+        leave(worker_main(cfg.worker_args(None)))
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "summary.jsonl")
         per_node = world // cfg.nnodes

@@ -73,6 +73,22 @@ def test_planned_run_end_to_end(tmp_path):
     assert summary["step_time_s"] > 0 and summary["predicted_step_time_s"] > 0
 
 
+def test_paraplan_run_under_the_users_own_torchrun(tmp_path):
+    """`torchrun --nproc-per-node 2 -m cli run PLAN`: each process is a rank (RANK set), trains,
+    and leaves as a rank does (past the interpreter's teardown), exit status 0."""
+    plan = tmp_path / "plan.yaml"
+    out = paraplan("plan", "--model", "tiny-llama", "--cluster", "cpu:2", "--global-batch", "4", "--precision", "fp32",
+                   "-o", str(plan))
+    assert out.returncode == 0, out.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+                          "cli", "run", str(plan), "--steps", "2"], capture_output=True, text=True, cwd=ROOT, env=env,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(summary["losses"]) == 2 and summary["world_size"] == 2
+
+
 @pytest.mark.parametrize("changes, needle", [
     ({"mesh": {"pp": 1, "dp_replicate": 1, "dp_shard": 1, "cp": 2, "tp": 2}}, "context parallelism"),
     ({"placements": {"layers.*.attention.wq.weight": {"tp": "Shard(2)"}}}, "no sharding rule"),
