@@ -227,6 +227,10 @@ class KVBudget:
     used_tokens: int  # per sequence at its end
     max_batch_contiguous: int
     max_batch_paged: int
+    # the paged pool: blocks of block_tokens tokens of one KV cache group's layers (costmodel.kv_groups;
+    # every layer of a stage where none is windowed), and the bytes of one on one GPU
+    pool_blocks: int = 0
+    pool_block_bytes: float = 0.0
 
     @property
     def fragmentation_contiguous(self) -> float:
@@ -272,8 +276,9 @@ def kv_budget(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: int, p
     paged = b * (math.ceil(P / b) + req.beam * math.ceil(O / b))  # the prompt's blocks shared by the beams
     used = P + req.beam * O
     groups = KVGroups.of(spec, pp)
+    block_bytes = per_token * b * groups.group_layers / math.ceil(spec.layers / pp)  # (a draft's share with it)
+    blocks = int(kv // block_bytes) if groups.hybrid else capacity // b
     if groups.hybrid:  # sliding-window layers keep their window's blocks only (costmodel.kv_groups)
-        blocks = int(kv // (per_token * b * groups.group_layers / math.ceil(spec.layers / pp)))
         window = groups.held(P + O, P + O - 1, b) - groups.full_groups * math.ceil((P + O) / b)
         per_sequence = groups.full_groups * paged // b + req.beam * window
         max_batch_paged = blocks // max(1, per_sequence)
@@ -283,7 +288,7 @@ def kv_budget(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: int, p
         weights_gib=weights / 2**30, workspace_gib=workspace / 2**30, kv_gib=kv / 2**30,
         kv_bytes_per_token_gpu=per_token, capacity_tokens=capacity, reserved_tokens_contiguous=contiguous,
         reserved_tokens_paged=paged, used_tokens=used, max_batch_contiguous=capacity // contiguous,
-        max_batch_paged=max_batch_paged,
+        max_batch_paged=max_batch_paged, pool_blocks=blocks, pool_block_bytes=block_bytes,
     )
 
 

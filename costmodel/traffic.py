@@ -80,10 +80,9 @@ from costmodel.kv_groups import KVGroups
 from costmodel.runtime import FUSED
 from costmodel.serving_engine import DEFAULT_ENGINE, ServingEngine, check_engine_name, engine_cluster
 from costmodel.serving import (BYTES, GPU_MEMORY_UTILIZATION, SPECULATION_PP, KVBudget, ServingRequest, check_kv_cache,
-                               cli_flag, speculation_problems,
-                               decode_attention_s, head_s, kv_budget, kv_bytes_per_token, kv_value_bytes,
-                               kv_values_per_token_gpu, layout_label, layout_problems, token_layer_s, weights_bytes_per_gpu,
-                               window_prefill)
+                               cli_flag, decode_attention_s, head_s, kv_budget, kv_bytes_per_token, kv_value_bytes,
+                               kv_values_per_token_gpu, layout_label, layout_problems, speculation_problems,
+                               token_layer_s, window_prefill)
 from costmodel.spec import ModelSpec
 from costmodel.workload import Request
 
@@ -936,11 +935,12 @@ class ServingLayout:
 
 def replica_budget(spec: ModelSpec, cluster: Cluster, layout: ServingLayout, cfg: SchedulerConfig) -> KVBudget:
     """A replica's GPU memory (costmodel.serving.kv_budget) with the engine's arguments: its
-    workspace one full token budget of prompt, its KV cache of the configured dtype and share."""
+    workspace one full token budget of prompt, its KV cache of the configured dtype and share,
+    a speculative draft model's weights and cache beside the target's."""
     chunk = max(1, min(cfg.max_num_batched_tokens, spec.context_len - 1))
     req = ServingRequest(prompt_len=chunk, output_len=1, precision=layout.precision, block_tokens=cfg.block_tokens,
                          engine=cfg.engine, kv_cache_dtype=cfg.kv_cache_dtype,
-                         gpu_memory_utilization=cfg.gpu_memory_utilization)
+                         gpu_memory_utilization=cfg.gpu_memory_utilization, draft=cfg.draft)
     return kv_budget(spec, cluster, req, layout.tp, layout.pp)
 
 
@@ -948,24 +948,9 @@ def replica_blocks(spec: ModelSpec, cluster: Cluster, layout: ServingLayout, cfg
     """(KV blocks a replica holds, bytes of one block on one GPU) after weights and workspace: a
     block is block_tokens tokens of one KV cache group's layers (costmodel.kv_groups; every
     layer of a stage where none is windowed)."""
-    budget = replica_budget(spec, cluster, layout, cfg)
-    groups = KVGroups.of(spec, layout.pp)
-    stage_layers = math.ceil(spec.layers / layout.pp)
-    block_bytes = budget.kv_bytes_per_token_gpu * cfg.block_tokens * groups.group_layers / stage_layers
-    if cfg.draft is not None:  # the draft model's weights and its cache of every token beside the target's
-        draft = cfg.draft
-        kv = max(0.0, budget.kv_gib * 2**30 - weights_bytes_per_gpu(draft, layout.tp, 1, BYTES[layout.precision]))
-        draft_token = draft.layers * kv_values_per_token_gpu(draft, layout.tp) * kv_value_bytes(layout.precision,
-                                                                                                  cfg.kv_cache_dtype)
-        share = budget.kv_bytes_per_token_gpu / (budget.kv_bytes_per_token_gpu + draft_token)
-        blocks = int(kv * share // block_bytes)
-    elif groups.hybrid:
-        blocks = int(budget.kv_gib * 2**30 // block_bytes)
-    else:
-        blocks = budget.capacity_tokens // cfg.block_tokens
-    if cfg.num_gpu_blocks_override is not None:
-        blocks = cfg.num_gpu_blocks_override
-    return blocks, block_bytes
+    budget = replica_budget(spec, cluster, layout, cfg)  # (a draft model's weights and cache with the target's)
+    blocks = budget.pool_blocks if cfg.num_gpu_blocks_override is None else cfg.num_gpu_blocks_override
+    return blocks, budget.pool_block_bytes
 
 
 def prefill_chunk(cfg: SchedulerConfig) -> int:
