@@ -465,6 +465,7 @@ def test_flags_serving_under_traffic_does_not_take_are_refused(capsys):
             "--rate", "2")
     for flag, value, needle in (("--beam", "2", "is for the steady-state serving model"),
                                 ("--acceptance", "0.6", "--acceptance goes with --draft-model"),
+                                ("--draft-len", "3", "--draft-len goes with --draft-model"),
                                 ("--max-tpot-ms", "50", "latency objectives from --slo"),
                                 ("--seq-len", "4096", "does not apply to serving under traffic"),
                                 ("--runtime", "paraplan", "does not apply to serving under traffic")):
@@ -544,6 +545,9 @@ def test_a_speculative_serving_plan_goes_through_check_export_and_back(tmp_path)
                                        SchedulerConfig(**kw)).tpot_s[0]
                       for kw in ({}, dict(speculative_tokens=3, acceptance=0.7, draft=eagle)))
     assert drafted < plain / 2
+    code, _, err = paraplan("simulate", "--mode", "inference", "--model", "llama3-8b", "--cluster", "h100-sxm:1",
+                            "--workload", "chat", "--rate", "4", "--draft-model", "ngram", "--draft-len", "0")
+    assert code == 2 and "--draft-len must be a positive integer, got 0" in err  # (0 would be no speculation)
     code, _, err = paraplan("plan", "--mode", "inference", "--model", "llama3-8b", "--cluster", "h100-sxm:8", "--workload",
                    "chat", "--rate", "4", "--slo", "ttft_p99=1", "--draft-model", "ngram", "--pp", "2")
     assert code == 2 and "runs with pp 1" in err and "Traceback" not in err

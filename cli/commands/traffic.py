@@ -73,6 +73,8 @@ def speculation_args(args: argparse.Namespace, spec: ModelSpec) -> dict:
         if flag:
             raise ConfigError(f"{flag} goes with --draft-model (a draft model, or ngram)")
         return {}
+    if args.draft_len is not None and (isinstance(args.draft_len, bool) or args.draft_len < 1):
+        raise ConfigError(f"--draft-len must be a positive integer, got {args.draft_len}")
     return {"speculative_tokens": 4 if args.draft_len is None else args.draft_len,
             "acceptance": 0.8 if args.acceptance is None else args.acceptance,
             "draft": load_draft(args.draft_model, spec)}
