@@ -520,7 +520,8 @@ def test_a_hybrid_models_window_layers_free_their_blocks_and_hold_more_sequences
     16,000-token requests at a time if the local layers kept every token; freeing their blocks
     past the 1,024-token window it holds all eight of a burst at once (vLLM V1). The pool's
     accounting leaks nothing: long requests sharing a prefix, preempted and swapped, served three
-    times an hour apart, run the second and third time alike (the first finds the cache cold)."""
+    times a day apart, run the second and third time alike (the first finds the cache cold), and
+    once all finished only the prefix cache holds blocks."""
     gemma3 = replace(llama_spec("gemma3-27b-like", layers=62, hidden=5376, heads=32, kv_heads=16, ffn_hidden=21504,
                                 vocab=262_208, seq_len=131_072), head_dim=128, v_head_dim=128, attention_window=1024,
                      windowed_layers=52)
@@ -558,7 +559,8 @@ def test_speculative_decoding_under_traffic_pays_alone_and_not_in_a_crowd():
     much less the check's extra rows, and a 7B draft model's TPOT is the steady state's (the same
     check and draft steps); with 1,000 chat requests at once every check runs 5 rows a sequence,
     compute-bound, and the median TPOT is worse than without. Every request gets exactly its
-    tokens, the pool's accounting the same on a second pass with preemptions."""
+    tokens, and under preemption (recompute and swap) the pool is free but for the prefix cache
+    once all finished."""
     from costmodel.serving import evaluate
     from costmodel.traffic import expected_tokens
 
