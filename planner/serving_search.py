@@ -28,9 +28,11 @@ max_num_batched_tokens in TOKEN_BUDGETS, max_num_seqs in MAX_SEQS; chunked prefi
     that serves it: 2 GPUs for 3 requests/s where a unit of 8 serves 78 at 1.5% more per GPU).
     Units are taken in order of bound per GPU and skipped where even their bound's key is no
     better than the best found (branch and bound: the skipped cannot win). With speculative
-    decoding given (a draft model or n-gram proposals), every candidate speculates as given, at
-    pp 1 only (vLLM's proposers do not pipeline), its decode bound a check's tokens over a
-    decode step's time (a check costs at least that: the bound stays a bound).
+    decoding given (a draft model or n-gram proposals), the grid holds every candidate with it
+    (pp 1 only: vLLM's proposers do not pipeline; the draft's weights and cache in the room) and
+    without it, so the plan speculates where that serves the rate on fewer GPUs; a speculating
+    candidate's decode bound is a check's tokens over a decode step's time (a check costs at
+    least that: the bound stays a bound).
 
 Units are independent under a load balancer that splits arrivals evenly (a Poisson stream split
 n ways is n Poisson streams of rate R / n), so one unit's simulation gives the deployment's.
@@ -152,7 +154,9 @@ class UnitResult:
         u = self.unit
         shape = u.label
         split = f"1 prefill + {u.replicas - 1} decode of {shape}" if u.prefill_replicas else shape
-        return f"{split}, {self.scheduler.max_num_seqs} seqs, budget {self.scheduler.max_num_batched_tokens}"
+        k = self.scheduler.speculative_tokens
+        return (f"{split}, {self.scheduler.max_num_seqs} seqs, budget {self.scheduler.max_num_batched_tokens}"
+                + (f", speculating {k}" if k else ""))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -307,32 +311,36 @@ def plan_traffic(spec: ModelSpec, cluster: Cluster, wl: TrafficWorkload, rate: f
     memory = dict(kv_cache_dtype=kv_cache_dtype, gpu_memory_utilization=gpu_memory_utilization)
     speculation = dict(speculative_tokens=speculative_tokens, acceptance=acceptance, draft=draft)
     SchedulerConfig(**speculation)  # one line for a bad setting, before the search
-    shapes, refused, short_context = units(spec, cluster, precision, engine, **memory, **speculation)
     check_degrees(tp=tp, pp=pp)
+    if speculative_tokens and pp not in (None, 1):
+        raise ConfigError(SPECULATION_PP)
+    shapes, refused, short_context = units(spec, cluster, precision, engine, **memory)
+    # the grid's unit shapes with each engine setting: without speculation, and with it where given
+    grids = [({}, shapes)]
     if speculative_tokens:
-        if pp not in (None, 1):
-            raise ConfigError(SPECULATION_PP)
-        shapes = [u for u in shapes if u.pp == 1]
+        with_draft = units(spec, cluster, precision, engine, **memory, **speculation)[0]
+        grids.append((speculation, [u for u in with_draft if u.pp == 1]))
     for name, value in (("tp", tp), ("pp", pp)):
         if value is not None:
-            kept = [u for u in shapes if getattr(u, name) == value]
-            if not kept:
+            kept = [(args, [u for u in grid if getattr(u, name) == value]) for args, grid in grids]
+            if not any(grid for _, grid in kept):
                 raise ConfigError(f"no replica of {spec.name} with {name} {value} fits {cluster.name} (the shapes "
                                   f"that do: {', '.join(sorted({u.label for u in shapes})) or 'none'}); give another "
                                   f"--{name} or leave it to the search")
-            shapes = kept
-    if not shapes:
+            grids = kept
+    if not any(grid for _, grid in grids):
         reasons = "; ".join(f"{k}: {v}" for k, v in list(refused.items())[::-1][:3])  # the largest shapes first
         shorter = " or a shorter context (--max-model-len)" if short_context else ""
         raise ConfigError(f"no replica of {spec.name} fits {cluster.name} ({reasons}); add GPUs, serve in fp8{shorter}")
+    shapes = sorted({u for _, grid in grids for u in grid}, key=lambda u: (u.gpus, u.tp, u.pp, u.replicas))
     prompt, output = mean_lengths(wl.probe(1.0, spec.context_len))
     candidates = []
-    for u in shapes:
-        for b in TOKEN_BUDGETS:
-            for seqs in MAX_SEQS:
-                cfg = SchedulerConfig(max_num_batched_tokens=b, max_num_seqs=seqs, engine=engine, **memory,
-                                      **speculation)
-                candidates.append((unit_bound(spec, cluster, u, cfg, prompt, output, slo) / u.gpus, u, cfg))
+    for args, grid in grids:
+        for u in grid:
+            for b in TOKEN_BUDGETS:
+                for seqs in MAX_SEQS:
+                    cfg = SchedulerConfig(max_num_batched_tokens=b, max_num_seqs=seqs, engine=engine, **memory, **args)
+                    candidates.append((unit_bound(spec, cluster, u, cfg, prompt, output, slo) / u.gpus, u, cfg))
     static = static_unit(spec, cluster, prompt, output, slo, precision, engine, **memory,
                          **(dict(draft=draft, ngram=draft is None, draft_len=speculative_tokens, acceptance=acceptance)
                             if speculative_tokens else {}))

@@ -491,7 +491,7 @@ def test_a_speculative_serving_plan_goes_through_check_export_and_back(tmp_path)
                    "--draft-len", "3", "-o", str(plan), "--json")
     assert code == 0, err
     got = json.loads(stdout)
-    assert {u["pp"] for u in got["units"]} == {1}
+    assert {u["pp"] for u in got["units"] if u["speculative_tokens"]} == {1}
     sv = yaml.safe_load(plan.read_text())["serving"]
     assert (sv["draft_model"], sv["draft_len"], sv["acceptance"]) == ("llama3-8b", 3, 0.8)
     assert paraplan("check", str(plan))[0] == 0
@@ -532,7 +532,7 @@ def test_a_speculative_serving_plan_goes_through_check_export_and_back(tmp_path)
         load_draft("eagle:", ZOO["llama3-8b"])
     heads = tmp_path / "eagle.yaml"
     assert paraplan("plan", "--mode", "inference", "--model", "llama3-8b", "--cluster", "h100-sxm:1", "--workload",
-                    "chat", "--rate", "5", "--slo", "ttft_p99=1,tpot_p99=20ms", "--draft-model", head, "--draft-len",
+                    "chat", "--rate", "5", "--slo", "ttft_p99=1,tpot_p99=8ms", "--draft-model", head, "--draft-len",
                     "3", "-o", str(heads))[0] == 0
     line = paraplan("export", str(heads), "--to", "vllm")[1]
     assert '"method":"eagle3","model":"yuhuili/EAGLE3-LLaMA3.1-Instruct-8B","num_speculative_tokens":3' in line
@@ -551,3 +551,19 @@ def test_a_speculative_serving_plan_goes_through_check_export_and_back(tmp_path)
     code, _, err = paraplan("plan", "--mode", "inference", "--model", "llama3-8b", "--cluster", "h100-sxm:8", "--workload",
                    "chat", "--rate", "4", "--slo", "ttft_p99=1", "--draft-model", "ngram", "--pp", "2")
     assert code == 2 and "runs with pp 1" in err and "Traceback" not in err
+
+
+def test_the_planner_speculates_where_it_pays():
+    """Given a proposer, the search holds every unit with and without it: n-gram drafts that are
+    hardly ever accepted (0.05) never pay for their check, and the plan does not speculate; at 0.9
+    they carry a 10 ms TPOT target to three times the rate, and the plan speculates."""
+    wl = TrafficWorkload.of("chat", requests=200)
+    slo = SLO.parse("ttft_p99=1,tpot_p99=10ms")
+    cluster = load_cluster("h100-sxm:1")
+    plain = plan_traffic(SPEC, cluster, wl, 10.0, slo)
+    rare = plan_traffic(SPEC, cluster, wl, 10.0, slo, speculative_tokens=4, acceptance=0.05)
+    assert rare.best.scheduler.speculative_tokens == 0 and rare.best.max_rate_rps == plain.best.max_rate_rps
+    assert any(r.scheduler.speculative_tokens for r in rare.results)  # it tried
+    often = plan_traffic(SPEC, cluster, wl, 10.0, slo, speculative_tokens=4, acceptance=0.9)
+    assert often.best.scheduler.speculative_tokens == 4 and often.best.max_rate_rps > 2.5 * plain.best.max_rate_rps
+    assert "speculating 4" in often.best.name()

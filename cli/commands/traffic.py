@@ -399,6 +399,7 @@ def run_traffic_plan(args: argparse.Namespace) -> int:
             {"unit": r.name(), "tp": r.unit.tp, "pp": r.unit.pp, "replicas": r.unit.replicas,
              "expert_parallel": r.unit.expert_parallel,
              "prefill_replicas": r.unit.prefill_replicas, "max_num_batched_tokens": r.scheduler.max_num_batched_tokens,
+             "speculative_tokens": r.scheduler.speculative_tokens,
              "max_rate_rps": r.max_rate_rps, "goodput_rps_per_gpu": r.goodput_per_gpu} for r in found.results]},
             indent=2))
     else:
