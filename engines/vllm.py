@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from costmodel.errors import ConfigError
 from planner.plan import Plan
 from engines.common import json_object
-from planner.model_source import EAGLE_METHODS, NGRAM
+from planner.model_source import EAGLE_METHODS, NGRAM, checkpoint_weights
 from planner.zoo import HUB_IDS
 
 _VLLM_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16"}  # what the export writes for a 16-bit dtype
@@ -44,8 +44,10 @@ def commands(plan: Plan, *, model_path: str | None = None) -> list[list[str]]:
            "--block-size", int(sv.get("block_tokens", 16)),
            "--gpu-memory-utilization", setup.request.gpu_memory_utilization,
            "--dtype", _VLLM_DTYPE_NAMES.get(plan.precision, "auto")]
-    if plan.precision == "fp8":  # vLLM quantizes the 16-bit checkpoint's weights to fp8 as it loads them
-        cmd += ["--quantization", "fp8"]
+    path = sv.get("model_path")
+    if plan.precision == "fp8" and not (path and checkpoint_weights(f"hf:{path}") == "fp8"):
+        cmd += ["--quantization", "fp8"]  # vLLM quantizes a 16-bit checkpoint's weights to fp8 as it loads them
+        # (an fp8 checkpoint says so in its config, and vLLM refuses a flag that names another method)
     if traffic:
         cmd += ["--max-num-batched-tokens", sv["max_num_batched_tokens"],
                 "--enable-chunked-prefill" if sv.get("chunked_prefill", True) else "--no-enable-chunked-prefill",

@@ -72,6 +72,45 @@ def load_model(text: str):
     return _load_file_spec(text), None
 
 
+# quantization_config methods of 8-bit float weights, which vLLM loads as such (its fp8 linear kernels)
+FP8_METHODS = ("fp8", "fbgemm_fp8")
+
+
+def checkpoint_weights(text: str) -> str | None:
+    """The precision a Hugging Face checkpoint keeps its weights in, where its config says it
+    is quantized (`quantization_config`, which vLLM reads to load it): "fp8" for 8-bit float
+    weights (quant_method fp8 or fbgemm_fp8, or compressed-tensors with 8-bit float weights);
+    None for an unquantized checkpoint or a model that is not a Hugging Face config; a
+    ConfigError for a quantization paraplan does not price (4-bit AWQ, GPTQ, MXFP4 and
+    bitsandbytes weights, integer ones), naming it and the way to price 16-bit weights."""
+    source = source_of(text) if not text.startswith("py:") else {}
+    if source.get("kind") != "hf":
+        return None
+    path = Path(source["path"])
+    config = path / "config.json" if path.is_dir() else path
+    try:
+        quant = json.loads(config.read_text()).get("quantization_config")
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
+    if not isinstance(quant, dict):
+        return None
+    method = str(quant.get("quant_method", "")).lower()
+    if method in FP8_METHODS:
+        return "fp8"
+    if method == "compressed-tensors":
+        groups = quant.get("config_groups") or {}
+        weights = [g.get("weights") or {} for g in groups.values() if isinstance(g, dict)]
+        if weights and all(w.get("num_bits") == 8 and w.get("type") == "float" for w in weights):
+            return "fp8"
+    bits = quant.get("bits") or quant.get("w_bit") or next(
+        (w.get("num_bits") for g in (quant.get("config_groups") or {}).values() if isinstance(g, dict)
+         for w in [g.get("weights") or {}] if w.get("num_bits")), None)
+    kind = f"{bits}-bit {method}" if bits else method or "quantized"
+    raise ConfigError(f"{text}: the checkpoint's weights are {kind} (its quantization_config), which paraplan does "
+                      "not price (16-bit and fp8 weights); serve a 16-bit or fp8 checkpoint, or give --precision bf16 "
+                      "to price it as 16-bit weights")
+
+
 def source_of(text: str) -> dict:
     """Where the module that `paraplan run` trains comes from, as a plan records it: {} for
     paraplan's own `Transformer` (a zoo name or a spec file), {"kind": "hf", "path": ...} for a

@@ -337,3 +337,48 @@ def test_tensorrt_llm_gives_its_kv_cache_a_share_of_the_free_memory():
     assert vllm.kv_gib == pytest.approx(0.9 * hbm - 1.0 - vllm.weights_gib - vllm.workspace_gib)
     assert trt.kv_gib == pytest.approx(0.9 * (hbm - 1.0 - trt.weights_gib - trt.workspace_gib))
     assert 1.9 < trt.kv_gib / vllm.kv_gib < 2.2
+
+
+def test_a_quantized_checkpoint_is_served_in_the_precision_its_config_says(tmp_path):
+    """vLLM reads a checkpoint's quantization_config and loads fp8 weights as fp8 unasked
+    (DeepSeek-V3's and Qwen3-*-FP8's quant_method fp8, RedHat's compressed-tensors FP8): serving
+    commands price them so, with a note, and the export leaves out --quantization (vLLM refuses a
+    flag that names another method than the config's); 4-bit weights (AWQ here) are refused in one
+    line unless --precision says how to price them."""
+    from pathlib import Path
+
+    from planner.model_source import checkpoint_weights
+
+    base = json.loads((Path(__file__).parent / "data" / "llama3_8b_config.json").read_text())
+    quantized = {
+        "fp8": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]},
+        "ct": {"quant_method": "compressed-tensors", "config_groups": {"group_0": {
+            "weights": {"num_bits": 8, "type": "float", "strategy": "channel"}, "targets": ["Linear"]}}},
+        "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True},
+    }
+    dirs = {}
+    for name, quant in {**quantized, "plain": None}.items():
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({**base, **({"quantization_config": quant} if quant else {})}))
+        dirs[name] = f"hf:{d}"
+    assert [checkpoint_weights(dirs[k]) for k in ("fp8", "ct", "plain")] == ["fp8", "fp8", None]
+    assert checkpoint_weights("llama3-8b") is None
+    with pytest.raises(ConfigError, match=r"4-bit awq .* --precision bf16"):
+        checkpoint_weights(dirs["awq"])
+    args = ("--mode", "inference", "--cluster", "h100-sxm:1", "--prompt-len", "512", "--output-len", "128", "--json")
+    runs = {k: paraplan("simulate", "--model", dirs[k], *args) for k in ("fp8", "plain")}
+    assert all(r.returncode == 0 for r in runs.values()), runs["fp8"].stderr
+    assert "keeps its weights in fp8" in runs["fp8"].stderr
+    weights = {k: json.loads(r.stdout)["plan"]["predicted"]["weights_gib_per_gpu"] for k, r in runs.items()}
+    assert weights["fp8"] == pytest.approx(weights["plain"] / 2, rel=0.01)
+    refused = paraplan("simulate", "--model", dirs["awq"], *args)
+    assert refused.returncode == 2 and "4-bit awq" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    assert paraplan("simulate", "--model", dirs["awq"], *args, "--precision", "bf16").returncode == 0
+    plan = tmp_path / "fp8.yaml"
+    assert paraplan("plan", "--model", dirs["fp8"], *args[:-1], "-o", str(plan)).returncode == 0
+    line = paraplan("export", str(plan), "--to", "vllm").stdout
+    assert "--dtype auto" in line and "--quantization" not in line
+    back = paraplan("simulate", "--mode", "inference", "--from", "vllm", line.strip(), "--cluster", "h100-sxm:1",
+                    "--workload", "chat", "--rate", "2", "--requests", "20")
+    assert back.returncode == 0 and "keeps its weights in fp8" in back.stderr, back.stderr

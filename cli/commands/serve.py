@@ -15,7 +15,7 @@ from planner.files import atomic_write_text
 from planner.model_source import NGRAM, load_draft
 from planner.plan import plan_from_strategy
 from cli.commands.flags import first_given
-from cli.commands.served import load_served_spec, served_model_path
+from cli.commands.served import load_served_spec, served_model_path, served_precision
 
 SERVING_FLAGS = ("prompt_len", "output_len", "batch", "max_ttft_ms", "max_tpot_ms", "beam", "block_size",
                  "draft_model", "draft_len", "acceptance", "kv_cache_dtype", "gpu_memory_utilization")
@@ -132,6 +132,7 @@ def run_serving(args: argparse.Namespace) -> int:
         raise ConfigError("plan searches --expert-parallel (with and without, for a mixture of experts); leave it out")
     refuse_other_flags(args)
     spec = load_served_spec(args)
+    args.precision = served_precision(args)
     cluster = load_cluster(args.cluster)
     req = serving_request(args, spec)
     found = plan_serving(spec, cluster, req, tp=args.tp, pp=args.pp)  # given degrees are fixed

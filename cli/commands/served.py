@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 from costmodel import ConfigError
 from costmodel.spec import ModelSpec
-from planner.model_source import load_model_spec
+from planner.model_source import checkpoint_weights, load_model_spec
 
 
 def with_max_model_len(spec: ModelSpec, max_model_len: int | None) -> ModelSpec:
@@ -27,6 +28,19 @@ def with_max_model_len(spec: ModelSpec, max_model_len: int | None) -> ModelSpec:
 def load_served_spec(args: argparse.Namespace, model: str | None = None) -> ModelSpec:
     """The spec of `model` (default --model) with --max-model-len applied."""
     return with_max_model_len(load_model_spec(model or args.model), getattr(args, "max_model_len", None))
+
+
+def served_precision(args: argparse.Namespace, model: str | None = None) -> str:
+    """--precision, else what the checkpoint's quantization_config says its weights are (vLLM
+    loads an fp8 checkpoint in fp8 without being told; a note says so), else bf16."""
+    if getattr(args, "precision", None):
+        return args.precision
+    found = checkpoint_weights(model or args.model) if (model or args.model) else None
+    if found:
+        print(f"paraplan: note: {model or args.model} keeps its weights in {found} (its quantization_config), "
+              f"as vLLM loads it: priced as --precision {found}", file=sys.stderr)
+        return found
+    return "bf16"
 
 
 def served_model_path(model: str) -> dict:

@@ -25,7 +25,7 @@ from planner.model_source import load_draft, load_model_spec
 from planner.zoo import zoo_name_of_hub_id
 from cli.commands.flags import first_given
 from cli.commands.serve import TRAINING_FLAGS, memory_args, memory_section
-from cli.commands.served import load_served_spec, served_model_path, with_max_model_len
+from cli.commands.served import load_served_spec, served_model_path, served_precision, with_max_model_len
 
 DEFAULT_REQUESTS = 2000
 # the steady-state serving model's request, batch and objectives
@@ -199,7 +199,8 @@ def from_vllm_command(args: argparse.Namespace, cluster: Cluster) -> tuple[Model
     except ConfigError as exc:
         raise ConfigError(f"{exc} (the vllm command serves {cmd.model!r}; give --model for its shape)") from None
     spec = with_max_model_len(spec, cmd.max_model_len)
-    layout = ServingLayout(tp=cmd.tp, pp=cmd.pp, replicas=cmd.dp, precision=cmd.precision or args.precision or "bf16",
+    precision = cmd.precision or served_precision(args, args.model or served)  # (an fp8 checkpoint: as vLLM loads it)
+    layout = ServingLayout(tp=cmd.tp, pp=cmd.pp, replicas=cmd.dp, precision=precision,
                            expert_parallel=cmd.expert_parallel)
     cfg = scheduler_config(argparse.Namespace(**{**vars(args), "acceptance": None}), cluster, spec)  # (--acceptance: below)
     taken = {k: getattr(cmd, k) for k in ("max_num_seqs", "max_num_batched_tokens", "chunked_prefill", "prefix_caching",
@@ -238,6 +239,7 @@ def run_traffic_simulate(args: argparse.Namespace) -> int:
         if not args.model or not args.cluster:
             raise ConfigError("simulate --mode inference needs --model and --cluster")
         spec = load_served_spec(args)
+        args.precision = served_precision(args)
         cluster = load_cluster(args.cluster)
         cfg = scheduler_config(args, cluster, spec)
         layout = layout_from_args(args, cluster)
@@ -368,7 +370,7 @@ def run_traffic_plan(args: argparse.Namespace) -> int:
     rate = args.rate if args.rate is not None else wl.native_rate()
     if rate is None:
         raise ConfigError(f"workload {args.workload} needs --rate (requests per second)")
-    precision = args.precision or "bf16"
+    precision = args.precision = served_precision(args)
     found = plan_traffic(spec, cluster, wl, rate, slo, precision=precision, progress=not args.json,
                          engine=args.engine or DEFAULT_ENGINE, tp=args.tp, pp=args.pp,  # given degrees are fixed
                          **memory_args(args), **speculation_args(args, spec))
