@@ -138,7 +138,8 @@ class Device:
             return self.peak_tflops[dtype] * 1e12
         except KeyError:
             have = ", ".join(sorted(self.peak_tflops))
-            raise ConfigError(f"device {self.name} has no {dtype} peak; it lists {have}") from None
+            raise ConfigError(f"device {self.name} has no {dtype} peak; it lists {have}: give --precision as one of "
+                              "those (or a device profile that lists it)") from None
 
     @property
     def hbm_bytes(self) -> float:

@@ -150,9 +150,14 @@ def vllm_scheduler_defaults(device) -> tuple[int, int]:
 
 def engine_device(device, engine: ServingEngine):
     """The device as `engine` runs it: its compute rates scaled by the engine's sustained share,
-    its memory rate likewise."""
+    its memory rate likewise. On a GPU without fp8 tensor cores (A100) fp8 weights are served
+    weight-only, as vLLM's FP8 Marlin kernels do: one byte a weight read, the GEMMs at the 16-bit
+    rate (its fp8 peak is its bf16 one)."""
+    peaks = device.peak_tflops
+    if "fp8" not in peaks and "bf16" in peaks:
+        peaks = {**peaks, "fp8": peaks["bf16"]}
     return replace(device, compute_sustained=device.compute_sustained * engine.compute_of(device.arch),
-                   hbm_efficiency=device.hbm_efficiency * engine.memory_of(device.arch))
+                   hbm_efficiency=device.hbm_efficiency * engine.memory_of(device.arch), peak_tflops=peaks)
 
 
 def engine_cluster(cluster, engine: ServingEngine | str):

@@ -382,3 +382,20 @@ def test_a_quantized_checkpoint_is_served_in_the_precision_its_config_says(tmp_p
     back = paraplan("simulate", "--mode", "inference", "--from", "vllm", line.strip(), "--cluster", "h100-sxm:1",
                     "--workload", "chat", "--rate", "2", "--requests", "20")
     assert back.returncode == 0 and "keeps its weights in fp8" in back.stderr, back.stderr
+
+
+def test_fp8_weights_on_a_gpu_without_fp8_tensor_cores_are_weight_only():
+    """An A100 has no fp8 tensor cores: vLLM serves fp8 weights there weight-only (its FP8 Marlin
+    kernels), one byte a weight read and the GEMMs at the 16-bit rate: a decode step of Llama 3 8B
+    reads about half the bytes and the prefill computes as in bf16. Training in fp8 there is one
+    line naming the GPU's dtypes (it read as "does not fit" behind the candidates too large to price)."""
+    a100 = load_cluster("a100-80g:1")
+    spec = ZOO["llama3-8b"]
+    bf16, fp8 = (ServingRequest(prompt_len=2048, output_len=128, precision=p) for p in ("bf16", "fp8"))
+    step = {r.precision: decode_step_s(spec, a100, r, 1, 1, 8, 2100) for r in (bf16, fp8)}
+    assert 0.5 < step["fp8"] / step["bf16"] < 0.6
+    assert prefill_s(spec, a100, fp8, 1, 1) == pytest.approx(prefill_s(spec, a100, bf16, 1, 1), rel=0.05)
+    out = paraplan("plan", "--model", "llama3-8b", "--cluster", "a100-80g:8", "--global-batch", "64", "--precision",
+                   "fp8")
+    assert out.returncode == 2 and "has no fp8 peak" in out.stderr and "--precision" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
