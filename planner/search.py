@@ -277,10 +277,11 @@ def run_search(req: SearchRequest, *, module_map=None) -> SearchResult:
     that module's map (None: paraplan's own Transformer), whose names the placements take."""
     t_start = time.perf_counter()
     spec, cluster = req.spec, req.cluster
-    for key in ("precision", "base_precision"):  # a GPU without the dtype's tensor cores: said first, not as
-        dtype = req.fixed.get(key)                 # "does not fit" behind the candidates too large to price
-        if dtype and dtype not in cluster.device.peak_tflops:
-            cluster.device.peak_flops(dtype)  # raises: the device's dtypes, named
+    # a compute dtype the GPU has no tensor cores for is said first, not as "does not fit" behind the
+    # candidates too large to price (a QLoRA base's nf4 is storage, computed in bf16: not checked)
+    dtype = req.fixed.get("precision")
+    if dtype and dtype not in cluster.device.peak_tflops:
+        cluster.device.peak_flops(dtype)  # raises, naming the GPU's dtypes
     rejected: list[str] = []
     candidates = enumerate_candidates(req, rejected)
     if not candidates:
