@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rate", type=float, help="requests per second to deploy for (default: the scenario's)")
     g.add_argument("--slo", help="latency objectives, e.g. ttft_p99=1,tpot_p99=50ms (default: the scenario's)")
     g.add_argument("--engine", help="serving engine profile: vllm (default) or tensorrt-llm")
+    g.add_argument("--precision", choices=("bf16", "fp16", "fp8"),
+                   help="the weights' (default bf16, or what a checkpoint's quantization_config says)")
     cmp_ = sub.add_parser("compare", help="plans side by side")
     cmp_.add_argument("plans", nargs="+", metavar="PLAN")
     cmp_.add_argument("--json", action="store_true")

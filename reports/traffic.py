@@ -62,22 +62,24 @@ def rate_curve(spec, cluster, unit, cfg, wl, slo, top: float, points: int = 6) -
 
 
 def build_traffic_report(model: str | ModelSpec, cluster_text: str, out_dir: Path, workloads=WORKLOADS,
-                         engine: str | None = None, memory: dict | None = None) -> pd.DataFrame:
+                         engine: str | None = None, memory: dict | None = None,
+                         precision: str = "bf16") -> pd.DataFrame:
     """`model`: a name or file (load_model_spec), or the spec itself (a served context cut);
-    `memory`: the KV cache's dtype and the GPU's share (SchedulerConfig's fields) where given."""
+    `memory`: the KV cache's dtype and the GPU's share (SchedulerConfig's fields) where given;
+    `precision`: the weights' (an fp8 checkpoint's fp8)."""
     spec = model if isinstance(model, ModelSpec) else load_model_spec(model)
     cluster = load_cluster(cluster_text)
     engine, memory = engine or DEFAULT_ENGINE, memory or {}
     rows, curves, timelines = [], {}, {}
     for name, (slo_text, rate) in workloads.items():
         slo, wl = SLO.parse(slo_text), TrafficWorkload.of(name, requests=400)
-        found = plan_traffic(spec, cluster, wl, rate, slo, engine=engine, **memory)
+        found = plan_traffic(spec, cluster, wl, rate, slo, engine=engine, precision=precision, **memory)
         best = found.best
         rows.append(Row(name, "planner", best.name(), best.gpus, best.max_rate_rps, best.goodput_per_gpu))
         prompt, output = mean_lengths(wl.probe(1.0, spec.context_len))
         curves[name] = {"planner": rate_curve(spec, cluster, best.unit, best.scheduler, wl, slo, best.max_rate_rps),
                         "slo": slo}
-        static = static_unit(spec, cluster, prompt, output, slo, engine=engine, **memory)
+        static = static_unit(spec, cluster, prompt, output, slo, precision, engine=engine, **memory)
         if static is not None:  # the steady-state planner may find no layout within the targets
             unit, cfg = static[0], SchedulerConfig(max_num_seqs=static[1], engine=engine, **memory)
             top, _ = unit_max_rate(spec, cluster, unit, cfg, wl, slo,

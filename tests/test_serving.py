@@ -382,6 +382,12 @@ def test_a_quantized_checkpoint_is_served_in_the_precision_its_config_says(tmp_p
     back = paraplan("simulate", "--mode", "inference", "--from", "vllm", line.strip(), "--cluster", "h100-sxm:1",
                     "--workload", "chat", "--rate", "2", "--requests", "20")
     assert back.returncode == 0 and "keeps its weights in fp8" in back.stderr, back.stderr
+    report = ("report", "--mode", "inference", "--cluster", "h100-sxm:1", "--prompt-len", "512", "--output-len", "128")
+    done = paraplan(*report, "--model", dirs["fp8"], "-o", str(tmp_path / "r8"))
+    assert done.returncode == 0 and "keeps its weights in fp8" in done.stderr, done.stderr
+    assert paraplan(*report, "--model", dirs["awq"], "-o", str(tmp_path / "r4")).returncode == 2
+    assert not (tmp_path / "r4").exists()  # nothing half-written
+    assert paraplan(*report, "--model", dirs["awq"], "--precision", "bf16", "-o", str(tmp_path / "r4")).returncode == 0
 
 
 def test_fp8_weights_on_a_gpu_without_fp8_tensor_cores_are_weight_only():

@@ -14,7 +14,7 @@ from planner.model_source import load_model_spec
 from planner.plan import Plan
 from cli.commands.flags import first_given
 from cli.commands.serve import INFERENCE_FLAGS, memory_args
-from cli.commands.served import load_served_spec
+from cli.commands.served import load_served_spec, served_precision
 
 
 def run_serving_report(args: argparse.Namespace, out: Path) -> int:
@@ -41,7 +41,7 @@ def run_serving_report(args: argparse.Namespace, out: Path) -> int:
         SLO.parse(slo_text)
         load_cluster(args.cluster)
         table = build_traffic_report(spec, args.cluster, out, {args.workload: (slo_text, rate)},
-                                     engine=args.engine, memory=memory_args(args))
+                                     engine=args.engine, memory=memory_args(args), precision=served_precision(args))
         rows = table.to_dict("records")
         if args.json:
             print(json.dumps({"report": str(out / "README.md"), "rows": rows}, indent=2))
@@ -59,7 +59,8 @@ def run_serving_report(args: argparse.Namespace, out: Path) -> int:
         raise ConfigError("report --mode inference needs --prompt-len and --output-len (the steady state), or "
                           "--workload (under traffic)")
     req = ServingRequest(prompt_len=args.prompt_len, output_len=args.output_len, max_ttft_ms=args.max_ttft_ms,
-                         max_tpot_ms=args.max_tpot_ms, engine=args.engine or DEFAULT_ENGINE, **memory_args(args))
+                         max_tpot_ms=args.max_tpot_ms, engine=args.engine or DEFAULT_ENGINE, **memory_args(args),
+                         precision=served_precision(args))
     best = build_serving_report(spec, [args.cluster], req, out)
     if args.json:
         print(json.dumps({"report": str(out / "report.md"), "best": best}, indent=2))
@@ -83,7 +84,7 @@ def run_report(args: argparse.Namespace) -> int:
         raise ConfigError(f"-o {out} is a file; give a folder for the report")
     if getattr(args, "mode", "train") == "inference":
         return run_serving_report(args, out)
-    flag = first_given(args, INFERENCE_FLAGS)  # (those of them report takes)
+    flag = first_given(args, INFERENCE_FLAGS + ("precision",))  # (those of them report takes)
     if flag:
         raise ConfigError(f"{flag} is for serving reports: add --mode inference")
     if args.global_batch is None:
