@@ -43,9 +43,7 @@ class KVGroups:
     def of(cls, spec, pp: int = 1) -> KVGroups:
         """The groups of one pipeline stage of `spec` (its layers' kinds in proportion)."""
         stage = math.ceil(spec.layers / pp)
-        windowed = min(stage, round(spec.windowed_layers * stage / spec.layers)) if spec.windowed_layers else 0
-        if spec.windowed_layers and not windowed:
-            windowed = 1  # a stage of a model with a windowed layer keeps one
+        windowed = spec.windowed_among(stage)
         full = stage - windowed
         if not windowed:
             return cls(group_layers=stage, full_groups=1, window_groups=0, window=0)

@@ -407,13 +407,7 @@ def decode_step_s(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: in
     """One token for every sequence of the batch with `context` tokens cached (per beam): per
     layer the token work (token_layer_s) and attention reading the cache; the head; the
     pipeline hops (a token goes through the stages one after the other)."""
-    cluster = engine_cluster(cluster, req.engine)
-    dtype, e = req.precision, req.bytes_per_value
-    rows = batch * req.beam
-    layer = (token_layer_s(spec, cluster, dtype, tp, rows, expert_parallel)
-             + decode_attention_s(spec, cluster, dtype, tp, rows, context, req.kv_bytes_per_value))
-    hops = (pp - 1) * send_recv_s(rows * spec.hidden * e, cluster.p2p_link(tp))
-    return spec.layers * layer + head_s(spec, cluster, dtype, tp, rows) + hops
+    return _queries_step_s(spec, cluster, req, tp, pp, batch, context, expert_parallel, queries=1)
 
 
 def verify_step_s(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: int, pp: int, batch: int,
@@ -422,10 +416,18 @@ def verify_step_s(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: in
     (speculative decoding): draft_len + 1 query rows a sequence through the weights and the head
     (the token work grows with them: compute-bound at a large batch), its cache read once by its
     queries together (FlashAttention's decode over a short query run)."""
+    return _queries_step_s(spec, cluster, req, tp, pp, batch, context, expert_parallel, queries=req.draft_len + 1)
+
+
+def _queries_step_s(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: int, pp: int, batch: int,
+                    context: float, expert_parallel: bool, queries: int) -> float:
+    """A step of `queries` query rows for every sequence (per beam) of the batch over `context`
+    cached tokens: the rows through each layer's token work and the head, each sequence's cache
+    read once, the rows' activations across the stages."""
     cluster = engine_cluster(cluster, req.engine)
     dtype, e = req.precision, req.bytes_per_value
     seqs = batch * req.beam
-    rows = seqs * (req.draft_len + 1)
+    rows = seqs * queries
     layer = (token_layer_s(spec, cluster, dtype, tp, rows, expert_parallel)
              + decode_attention_s(spec, cluster, dtype, tp, seqs, context, req.kv_bytes_per_value))
     hops = (pp - 1) * send_recv_s(rows * spec.hidden * e, cluster.p2p_link(tp))

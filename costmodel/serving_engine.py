@@ -132,8 +132,10 @@ def load_engine(name: str) -> ServingEngine:
 
 
 def check_block_size(block_tokens: int, engine: str) -> None:
-    """One line for a KV block size the engine would refuse (vLLM's --block-size choices); a size
-    that is no positive integer is the request's own check to make."""
+    """One line for a KV block size the engine would refuse (vLLM's --block-size choices), or for
+    an engine there is no profile of; a size that is no positive integer is the request's own
+    check to make."""
+    check_engine_name(engine)
     sizes = load_engine(engine).block_sizes
     positive = isinstance(block_tokens, int) and not isinstance(block_tokens, bool) and block_tokens >= 1
     if positive and sizes and block_tokens not in sizes:

@@ -177,6 +177,13 @@ class ModelSpec:
         if self.v_head_dim == 0:
             object.__setattr__(self, "v_head_dim", self.head_dim)
 
+    def windowed_among(self, layers: int) -> int:
+        """The sliding-window layers among `layers` of this model's, in proportion (at least one
+        where it has any): a probe's few blocks, a pipeline stage's."""
+        if not self.windowed_layers:
+            return 0
+        return max(1, min(layers, round(self.windowed_layers * layers / self.layers)))
+
     # -- mixture of experts ----------------------------------------------------------
     @property
     def moe(self) -> bool:

@@ -286,6 +286,11 @@ class _Seq:
         """Tokens the sequence has: the prompt and what it generated."""
         return self.prompt + self.generated
 
+    @property
+    def decoding(self) -> bool:
+        """Whether its next step is a decode: it generated, and only its last token is not cached."""
+        return self.generated > 0 and self.computed + 1 == self.prompt + self.generated
+
 
 @dataclass(slots=True)
 class _CacheEntry:
@@ -692,7 +697,7 @@ class _Replica:
                 continue
             computed = seq.computed
             need = seq.prompt + seq.generated - computed
-            if need == 1 and seq.generated and self.spec:  # a decode proposes k more (fewer if the budget is short)
+            if self.spec and seq.decoding:  # a decode proposes k more (fewer if the budget is short)
                 need = min(1 + self.spec, budget)
             take = need if need < budget else budget
             if take < need and not chunked:
@@ -743,15 +748,16 @@ class _Replica:
 
     def iteration_s(self, chosen: list[tuple[_Seq, int]], lazy: bool) -> tuple[float, float]:
         """(seconds of the iteration, the cached tokens its decodes read)."""
-        tokens = logits = decode_rows = checks = 0
+        tokens = logits = decode_rows = decode_tokens = checks = 0
         decode_ctx = pairs = kv_tokens = window_pairs = window_kv = 0.0
         spec = self.cost.spec
         for seq, take in chosen:
             tokens += take
             computed = seq.computed
-            if seq.generated and computed + 1 == seq.prompt + seq.generated:  # a decode (and its drafts' check)
+            if seq.decoding:  # a decode (and its drafts' check)
                 logits += take
                 decode_rows += 1
+                decode_tokens += take
                 decode_ctx += computed + 1
                 checks += take > 1
             else:
@@ -762,8 +768,7 @@ class _Replica:
                 if spec.windowed_layers:  # (IterationCost reads the window's figures only where there is one)
                     wp, wk = window_prefill(spec, computed, take)
                     window_pairs, window_kv = window_pairs + wp, window_kv + wk
-        prompt_tokens = tokens - sum(take for seq, take in chosen
-                                     if seq.generated and seq.computed + 1 == seq.prompt + seq.generated)
+        prompt_tokens = tokens - decode_tokens
         self.computed_prompt_tokens += prompt_tokens
         if lazy:
             n = self.n_lazy
@@ -789,11 +794,9 @@ class _Replica:
     def decode_run_s(self, n: int, context: float) -> float:
         """One step of the aggregate's n decodes over `context` cached tokens in all (with their
         drafts' proposals and check)."""
-        k = self.spec
-        seconds = self.cost.seconds(n * (1 + k), n * (1 + k), n, context, 0.0, 0.0)
-        if k and self.draft_cost is not None:
-            seconds += k * self.draft_cost.seconds(n, n, n, context, 0.0, 0.0)
-        return seconds
+        rows = n * (1 + self.spec)
+        return self.cost.seconds(rows, rows, n, context, 0.0, 0.0) + self._draft_s(n if self.spec else 0, context, 0,
+                                                                                      0.0, 0.0)
 
     def end(self, now: float, chosen: list[tuple[_Seq, int]], lazy: bool, repeats: int,
             finished: list[_Seq], handed: list[_Seq]) -> None:
@@ -806,7 +809,7 @@ class _Replica:
             self.tick += repeats
         emitted = False  # a sequence that emits leaves the one-by-one list: finished, handed on or decoding
         for seq, take in chosen:
-            if take > 1 and seq.generated and seq.computed + 1 == seq.prompt + seq.generated:
+            if take > 1 and seq.decoding:
                 # a check of take - 1 drafts: the accepted ones and the target's own token, as
                 # many as expected on average (the fractions carried from step to step)
                 before = seq.accepted

@@ -37,7 +37,7 @@ def commands(plan: Plan, *, model_path: str | None = None) -> list[list[str]]:
     traffic = setup.traffic  # planned for a workload: requests of any length up to the context
     max_len = plan.spec.context_len if traffic else prompt + output
     name = str(plan.model.get("name", "MODEL"))  # a built-in model by its Hub checkpoint, another by its directory
-    model = model_path or sv.get("model_path") or HUB_IDS.get(name, name)
+    model = model_path or sv.get("model_path") or _model_name(name)
     cmd = ["vllm", "serve", model,
            "--tensor-parallel-size", plan.mesh["tp"], "--pipeline-parallel-size", plan.mesh["pp"],
            "--max-num-seqs", sv.get("max_num_seqs", plan.schedule["microbatch_size"]), "--max-model-len", max_len,

@@ -50,7 +50,7 @@ def probe_spec(spec: ModelSpec, layers: int, seq_len: int) -> ModelSpec:
     """`spec` `layers` blocks deep at `seq_len`, its kinds of block kept in proportion: the
     sliding-window layers (Gemma-2's every other one: 1 of 2) and the dense layers before a
     mixture of experts' sparse ones (at least one sparse block left to price)."""
-    windowed = max(1, min(layers, round(spec.windowed_layers * layers / spec.layers))) if spec.windowed_layers else 0
+    windowed = spec.windowed_among(layers)
     dense = min(spec.dense_layers, layers - 1) if spec.moe else spec.dense_layers
     return replace(spec, layers=layers, seq_len=seq_len, windowed_layers=windowed, dense_layers=max(dense, 0),
                    attention_window=spec.attention_window if windowed else 0)

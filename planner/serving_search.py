@@ -344,8 +344,6 @@ def plan_traffic(spec: ModelSpec, cluster: Cluster, wl: TrafficWorkload, rate: f
     static = static_unit(spec, cluster, prompt, output, slo, precision, engine, **memory,
                          **(dict(draft=draft, ngram=draft is None, draft_len=speculative_tokens, acceptance=acceptance)
                             if speculative_tokens else {}))
-    if static is not None and speculative_tokens and static[0].pp > 1:
-        static = None
     fits = {(u.tp, u.pp) for u in shapes}
     if static is not None and (static[0].tp, static[0].pp) in fits and static[1] not in MAX_SEQS:
         for b in TOKEN_BUDGETS:  # the steady-state planner's pick, searched too

@@ -10,7 +10,7 @@ from costmodel import ConfigError, Strategy, load_cluster
 from costmodel.serving import (GPU_MEMORY_UTILIZATION, ServingPlan, ServingPoint, ServingRequest, check_degrees,
                                kv_bytes_per_token, layout_label, plan_serving)
 from costmodel.spec import ModelSpec, format_count
-from costmodel.serving_engine import DEFAULT_ENGINE, check_block_size, check_engine_name
+from costmodel.serving_engine import DEFAULT_ENGINE, check_block_size
 from planner.files import atomic_write_text
 from planner.model_source import NGRAM, load_draft
 from planner.plan import plan_from_strategy
@@ -55,7 +55,6 @@ def serving_request(args: argparse.Namespace, spec: ModelSpec) -> ServingRequest
     draft = load_draft(args.draft_model, spec) if args.draft_model else None  # (an EAGLE head: the target's shape)
     engine = getattr(args, "engine", None) or DEFAULT_ENGINE
     if args.block_size is not None:
-        check_engine_name(engine)
         check_block_size(args.block_size, engine)
     return ServingRequest(
         prompt_len=args.prompt_len, output_len=args.output_len, batch=args.batch, max_ttft_ms=args.max_ttft_ms,

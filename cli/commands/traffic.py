@@ -15,7 +15,7 @@ from pathlib import Path
 from costmodel import ConfigError, load_cluster
 from costmodel.cluster import Cluster
 from costmodel.serving import GPU_MEMORY_UTILIZATION, ServingRequest, check_degrees, evaluate, kv_budget
-from costmodel.serving_engine import DEFAULT_ENGINE, check_block_size, check_engine_name, vllm_scheduler_defaults
+from costmodel.serving_engine import DEFAULT_ENGINE, check_block_size, vllm_scheduler_defaults
 from costmodel.spec import ModelSpec, format_count
 from costmodel.trace import serving_trace
 from costmodel.traffic import SLO, SchedulerConfig, ServingLayout, TrafficResult, replica_room, simulate_traffic
@@ -45,9 +45,11 @@ def refuse_other_flags(args: argparse.Namespace) -> None:
                           "requests come from the workload and the latency objectives from --slo")
 
 
-def scheduler_config(args: argparse.Namespace, cluster: Cluster, spec: ModelSpec) -> SchedulerConfig:
+def scheduler_config(args: argparse.Namespace, cluster: Cluster, spec: ModelSpec,
+                     speculation: bool = True) -> SchedulerConfig:
     """The engine arguments given, the engine's defaults on this GPU for the rest (vLLM's sequence
-    and token limits depend on the GPU: costmodel.serving_engine.vllm_scheduler_defaults)."""
+    and token limits depend on the GPU: costmodel.serving_engine.vllm_scheduler_defaults); the
+    speculative decoding the flags give where `speculation` (a vllm command gives its own)."""
     given = {k: getattr(args, k) for k in ("max_num_seqs", "max_num_batched_tokens", "chunked_prefill", "prefix_caching",
                                            "preemption", "evicted_prefix", "engine", "num_scheduler_steps",
                                            "kv_cache_dtype", "gpu_memory_utilization")
@@ -55,13 +57,12 @@ def scheduler_config(args: argparse.Namespace, cluster: Cluster, spec: ModelSpec
     if getattr(args, "block_size", None) is not None:
         given["block_tokens"] = args.block_size
     if "block_tokens" in given:  # an engine takes the block sizes its kernels have
-        check_engine_name(given.get("engine", DEFAULT_ENGINE))
         check_block_size(given["block_tokens"], given.get("engine", DEFAULT_ENGINE))
     if given.get("engine", DEFAULT_ENGINE) == "vllm":
         seqs, tokens = vllm_scheduler_defaults(cluster.device)
         given.setdefault("max_num_seqs", seqs)
         given.setdefault("max_num_batched_tokens", tokens)
-    return SchedulerConfig(**given, **speculation_args(args, spec))
+    return SchedulerConfig(**given, **(speculation_args(args, spec) if speculation else {}))
 
 
 def speculation_args(args: argparse.Namespace, spec: ModelSpec) -> dict:
@@ -189,11 +190,7 @@ def from_vllm_command(args: argparse.Namespace, cluster: Cluster) -> tuple[Model
     if flag:
         raise ConfigError(f"--from vllm takes the layout and engine arguments from the command; drop {flag}")
     cmd = import_serve(config_text(source, engine, line_allowed=True, hint="give the vllm serve command or a file"))
-    served = cmd.model
-    if not args.model and (Path(served) / "config.json").is_file():  # a model directory, as vllm serve loads one
-        served = f"hf:{served}"
-    elif not args.model:  # a built-in model's Hub checkpoint, else the name as given
-        served = zoo_name_of_hub_id(served) or served
+    served = cmd.model if args.model else _model_text(cmd.model)
     try:
         spec = load_model_spec(args.model or served)
     except ConfigError as exc:
@@ -202,17 +199,15 @@ def from_vllm_command(args: argparse.Namespace, cluster: Cluster) -> tuple[Model
     precision = cmd.precision or served_precision(args, args.model or served)  # (an fp8 checkpoint: as vLLM loads it)
     layout = ServingLayout(tp=cmd.tp, pp=cmd.pp, replicas=cmd.dp, precision=precision,
                            expert_parallel=cmd.expert_parallel)
-    cfg = scheduler_config(argparse.Namespace(**{**vars(args), "acceptance": None}), cluster, spec)  # (--acceptance: below)
+    cfg = scheduler_config(args, cluster, spec, speculation=False)  # the command's own, below (--acceptance with it)
     taken = {k: getattr(cmd, k) for k in ("max_num_seqs", "max_num_batched_tokens", "chunked_prefill", "prefix_caching",
                                           "num_scheduler_steps", "kv_cache_dtype", "gpu_memory_utilization")
              if getattr(cmd, k) is not None}
     if cmd.block_size is not None:
         check_block_size(cmd.block_size, "vllm")
         taken["block_tokens"] = cmd.block_size
-    if cmd.draft_model:  # its draft by Hub id (a built-in model's) or directory, n-gram proposals or an EAGLE head
-        draft = cmd.draft_model
-        if ":" not in draft:
-            draft = f"hf:{draft}" if (Path(draft) / "config.json").is_file() else zoo_name_of_hub_id(draft) or draft
+    if cmd.draft_model:  # its draft by Hub id or directory, n-gram proposals or an EAGLE head ("eagle:HEAD")
+        draft = cmd.draft_model if ":" in cmd.draft_model else _model_text(cmd.draft_model)
         try:
             taken["draft"] = load_draft(draft, spec)
         except ConfigError as exc:
@@ -223,6 +218,15 @@ def from_vllm_command(args: argparse.Namespace, cluster: Cluster) -> tuple[Model
     if cmd.unknown:
         print(f"paraplan: note: {not_understood(engine, cmd.unknown).strip()}", file=sys.stderr)
     return spec, layout, replace(cfg, **taken)
+
+
+def _model_text(served: str) -> str:
+    """paraplan's name for a model a vllm command serves: a directory as hf:DIR, a built-in
+    model's Hub checkpoint as its built-in name, another name as it is (engines.vllm writes the
+    other way)."""
+    if (Path(served) / "config.json").is_file():
+        return f"hf:{served}"
+    return zoo_name_of_hub_id(served) or served
 
 
 def run_traffic_simulate(args: argparse.Namespace) -> int:
