@@ -85,7 +85,11 @@ def add_mode_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, help="paged KV block, tokens (default 16)")
     g.add_argument("--draft-model", help="speculative decoding: the draft model")
     g.add_argument("--draft-len", type=int, help="speculative decoding: tokens drafted per step (gamma, default 4)")
-    g.add_argument("--acceptance", type=float, help="speculative decoding: acceptance rate alpha (default 0.8)")
+    g.add_argument("--acceptance", type=float, help="speculative decoding: the chance each drafted token is accepted "
+                                                    "(default 0.6, published EAGLE heads on chat prompts)")
+    g.add_argument("--acceptance-length", type=float,
+                   help="speculative decoding: tokens a check emits on average, drafts accepted plus the target's own "
+                        "(vLLM's 'Mean acceptance length' at this --draft-len); instead of --acceptance")
     g.add_argument("--expert-parallel", action="store_true", default=None,
                    help="a mixture of experts' experts held whole, experts/tp per GPU (vLLM's "
                         "--enable-expert-parallel); plan searches it")

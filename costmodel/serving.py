@@ -86,7 +86,6 @@ def kv_value_bytes(precision: str, kv_cache_dtype: str = "auto") -> int:
     return BYTES[kv_cache_dtype]
 
 
-
 def cli_flag(field: str) -> str:
     """The command line's name of a serving field (block_tokens is --block-size)."""
     return "block-size" if field == "block_tokens" else field.replace("_", "-")
@@ -97,6 +96,16 @@ def check_degrees(**degrees: int | None) -> None:
     for name, value in degrees.items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ConfigError(f"--{name} must be a positive integer, got {value!r}")
+
+
+# The acceptance a draft's token gets where none is given: mean acceptance lengths vLLM measured on
+# chat prompts (MT-bench) with trained proposers, as (1 - a^(k+1)) / (1 - a) = L solved for a: an EAGLE
+# head on Llama 3 8B, 1.89 tokens a check at k 2 and 2.08 at k 4 (a 0.57, 0.54; vLLM pull request
+# 16035); an EAGLE-3 head on MiniCPM3, 2.47 at k 5 (a 0.62; pull request 24243). Prompt-lookup (n-gram)
+# drafts on chat accept less; on edits of the prompt more (4.59 at k 5 where a match was found, pull
+# request 24344). A run's own figure (vLLM's "Mean acceptance length") is better: --acceptance-length.
+DEFAULT_ACCEPTANCE = 0.6
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ServingRequest:
@@ -111,7 +120,7 @@ class ServingRequest:
     draft: ModelSpec | None = None
     ngram: bool = False  # speculative decoding's drafts looked up in the prompt (vLLM's n-gram proposer): no draft model
     draft_len: int = 4
-    acceptance: float = 0.8
+    acceptance: float = DEFAULT_ACCEPTANCE
     engine: str = DEFAULT_ENGINE  # the serving engine profile (costmodel.serving_engine)
     kv_cache_dtype: str = "auto"  # vLLM's --kv-cache-dtype: fp8 halves a bf16 cache (capacity and reads)
     gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION  # vLLM's share of the GPU for weights, activations, KV
@@ -206,6 +215,29 @@ def layout_problems(spec: ModelSpec, tp: int, pp: int, expert_parallel: bool = F
     if spec.layers < pp:
         problems.append(f"layers({spec.layers}) < pp({pp})")
     return problems
+
+
+def acceptance_of_length(length: float, proposed: int) -> float:
+    """The acceptance a of each drafted token that gives `length` tokens a check on average with
+    `proposed` drafts (vLLM's spec-decode metric "Mean acceptance length": accepted drafts a check
+    plus the target's own token).
+
+    Formulation: solve L(a) = (1 - a^(k+1)) / (1 - a) = 1 + a + ... + a^k = `length` for a in [0, 1);
+    L rises strictly from 1 at a = 0 towards k + 1, so the root is unique for 1 <= length < k + 1:
+    bisection to 1e-12."""
+    if isinstance(proposed, bool) or not isinstance(proposed, int) or proposed < 1:
+        raise ConfigError(f"--draft-len must be a positive integer, got {proposed!r}")
+    if isinstance(length, bool) or not isinstance(length, (int, float)) or not 1 <= length < proposed + 1:
+        raise ConfigError(f"--acceptance-length must be tokens a check in [1, {proposed + 1}) with {proposed} drafts "
+                          f"(--draft-len), got {length!r}")
+    low, high = 0.0, 1.0
+    while high - low > 1e-12:
+        mid = (low + high) / 2
+        if sum(mid ** i for i in range(proposed + 1)) < length:
+            low = mid
+        else:
+            high = mid
+    return low
 
 
 def speculative_speedup(alpha: float, gamma: int, cost_ratio: float) -> float:

@@ -79,8 +79,8 @@ from costmodel.errors import ConfigError
 from costmodel.kv_groups import KVGroups
 from costmodel.runtime import FUSED
 from costmodel.serving_engine import DEFAULT_ENGINE, ServingEngine, check_engine_name, engine_cluster
-from costmodel.serving import (BYTES, GPU_MEMORY_UTILIZATION, SPECULATION_PP, KVBudget, ServingRequest, check_kv_cache,
-                               cli_flag, decode_attention_s, head_s, kv_budget, kv_bytes_per_token, kv_value_bytes,
+from costmodel.serving import (BYTES, DEFAULT_ACCEPTANCE, GPU_MEMORY_UTILIZATION, SPECULATION_PP, KVBudget,
+                               ServingRequest, check_kv_cache, cli_flag, decode_attention_s, head_s, kv_budget, kv_bytes_per_token, kv_value_bytes,
                                kv_values_per_token_gpu, layout_label, layout_problems, speculation_problems,
                                token_layer_s, window_prefill)
 from costmodel.spec import ModelSpec
@@ -117,7 +117,7 @@ class SchedulerConfig:
     # each accepted with `acceptance`, proposed by `draft` (a model run on the replica's GPUs) or by
     # n-gram lookup in the prompt (draft None: no GPU work)
     speculative_tokens: int = 0
-    acceptance: float = 0.8
+    acceptance: float = DEFAULT_ACCEPTANCE
     draft: ModelSpec | None = None
 
     def __post_init__(self) -> None:

@@ -50,8 +50,8 @@ from tqdm import tqdm
 
 from costmodel.cluster import Cluster
 from costmodel.errors import ConfigError
-from costmodel.serving import (GPU_MEMORY_UTILIZATION, SPECULATION_PP, ServingRequest, check_degrees, layout_label, layout_problems,
-                               plan_serving, window_prefill)
+from costmodel.serving import (DEFAULT_ACCEPTANCE, GPU_MEMORY_UTILIZATION, SPECULATION_PP, ServingRequest, check_degrees,
+                               layout_label, layout_problems, plan_serving, window_prefill)
 from costmodel.serving_engine import DEFAULT_ENGINE, engine_cluster
 from costmodel.spec import ModelSpec
 from costmodel.traffic import (SLO, IterationCost, SchedulerConfig, ServingLayout, TrafficResult, replica_room,
@@ -297,7 +297,7 @@ def plan_traffic(spec: ModelSpec, cluster: Cluster, wl: TrafficWorkload, rate: f
                  precision: str = "bf16", progress: bool = False, engine: str = DEFAULT_ENGINE,
                  tp: int | None = None, pp: int | None = None, kv_cache_dtype: str = "auto",
                  gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION, speculative_tokens: int = 0,
-                 acceptance: float = 0.8, draft: ModelSpec | None = None) -> TrafficPlan:
+                 acceptance: float = DEFAULT_ACCEPTANCE, draft: ModelSpec | None = None) -> TrafficPlan:
     """The unit and scheduler settings that serve `rate` on the fewest GPUs, the most goodput
     per GPU among those (the module's formulation); a given `tp` or `pp` is fixed; speculative
     decoding with `speculative_tokens` drafts (of `draft`, or n-gram proposals) where given."""

@@ -553,6 +553,27 @@ def test_a_hybrid_models_window_layers_free_their_blocks_and_hold_more_sequences
         assert free + cached == blocks and cached > 0  # all finished: only the prefix cache holds blocks
 
 
+def test_an_acceptance_length_is_the_acceptance_it_means():
+    """vLLM reports speculation as a mean acceptance length L (tokens a check: the drafts accepted
+    plus the target's own); paraplan's acceptance a of each draft gives L = (1 - a^(k+1)) / (1 - a)
+    with k drafts, and --acceptance-length is solved for it: the published lengths behind the
+    default (an EAGLE head on Llama 3 8B, 2.08 at k 4; EAGLE-3 on MiniCPM3, 2.47 at k 5) come out
+    at 0.54 and 0.62, each gives back its length, and a length a check cannot emit is one line."""
+    from costmodel.serving import DEFAULT_ACCEPTANCE, acceptance_of_length
+    from costmodel.traffic import expected_tokens
+
+    assert acceptance_of_length(2.08, 4) == pytest.approx(0.5416, abs=1e-4)
+    assert acceptance_of_length(2.47, 5) == pytest.approx(0.6176, abs=1e-4)
+    for length, k in ((1.0, 1), (1.5, 1), (2.2, 3), (4.59, 5), (7.9, 8)):
+        assert expected_tokens(acceptance_of_length(length, k), k) == pytest.approx(length, abs=1e-9)
+    assert SchedulerConfig().acceptance == DEFAULT_ACCEPTANCE == 0.6
+    for length, k in ((0.9, 3), (4.0, 3), (True, 3)):
+        with pytest.raises(ConfigError, match="--acceptance-length must be tokens a check in \\[1, 4\\)"):
+            acceptance_of_length(length, k)
+    with pytest.raises(ConfigError, match="--draft-len"):
+        acceptance_of_length(2.0, 0)
+
+
 def test_speculative_decoding_under_traffic_pays_alone_and_not_in_a_crowd():
     """A decode that speculates k = 4 tokens accepted at 0.8 emits (1 - 0.8^5) / 0.2 = 3.36 tokens
     a check: alone, n-gram proposals (no draft model) cut Llama-2 70B's TPOT on 8 H100s by that
@@ -566,7 +587,8 @@ def test_speculative_decoding_under_traffic_pays_alone_and_not_in_a_crowd():
 
     spec, draft = ZOO["llama2-70b"], ZOO["llama2-7b"]
     plain = SchedulerConfig(max_num_seqs=1024)
-    ngram, drafted = replace(plain, speculative_tokens=4), replace(plain, speculative_tokens=4, draft=draft)
+    ngram, drafted = (replace(plain, speculative_tokens=4, acceptance=0.8),
+                      replace(plain, speculative_tokens=4, acceptance=0.8, draft=draft))
     assert ngram.tokens_per_check == expected_tokens(0.8, 4) == pytest.approx(3.3616)
     one = [Request(id=0, arrival_s=0.0, prompt_tokens=512, output_tokens=129)]
     runs = {name: simulate_traffic(spec, CLUSTER, one, ServingLayout(tp=8), cfg)

@@ -465,6 +465,7 @@ def test_flags_serving_under_traffic_does_not_take_are_refused(capsys):
             "--rate", "2")
     for flag, value, needle in (("--beam", "2", "is for the steady-state serving model"),
                                 ("--acceptance", "0.6", "--acceptance goes with --draft-model"),
+                                ("--acceptance-length", "2", "--acceptance-length goes with --draft-model"),
                                 ("--draft-len", "3", "--draft-len goes with --draft-model"),
                                 ("--max-tpot-ms", "50", "latency objectives from --slo"),
                                 ("--seq-len", "4096", "does not apply to serving under traffic"),
@@ -482,18 +483,21 @@ def test_flags_serving_under_traffic_does_not_take_are_refused(capsys):
 
 def test_a_speculative_serving_plan_goes_through_check_export_and_back(tmp_path):
     """Planned for traffic with a draft model: the planner keeps to pp 1 (vLLM's proposers do not
-    pipeline), the plan records the draft, check passes, simulate --plan prices it, the vLLM
-    command carries it in --speculative-config and reads back to the same speculation; n-gram
+    pipeline), the plan records the draft and the acceptance its --acceptance-length (vLLM's mean
+    acceptance length) means, check passes, simulate --plan prices it, the vLLM command carries it
+    in --speculative-config and reads back to the same speculation (the acceptance, which the
+    command does not say, defaulted and marked so, or given as the plan had it); n-gram
     proposals export as vLLM's ngram method; EAGLE is read as not priced."""
     plan = tmp_path / "spec.yaml"
     code, stdout, err = paraplan("plan", "--mode", "inference", "--model", "llama3-70b", "--cluster", "h100-sxm:8", "--workload",
                    "chat", "--rate", "4", "--slo", "ttft_p99=1,tpot_p99=30ms", "--draft-model", "llama3-8b",
-                   "--draft-len", "3", "-o", str(plan), "--json")
+                   "--draft-len", "3", "--acceptance-length", "2.2", "-o", str(plan), "--json")
     assert code == 0, err
     got = json.loads(stdout)
     assert {u["pp"] for u in got["units"] if u["speculative_tokens"]} == {1}
     sv = yaml.safe_load(plan.read_text())["serving"]
-    assert (sv["draft_model"], sv["draft_len"], sv["acceptance"]) == ("llama3-8b", 3, 0.8)
+    assert (sv["draft_model"], sv["draft_len"]) == ("llama3-8b", 3)
+    assert 1 + sv["acceptance"] + sv["acceptance"] ** 2 + sv["acceptance"] ** 3 == pytest.approx(2.2)  # a 0.61
     assert paraplan("check", str(plan))[0] == 0
     edited = yaml.safe_load(plan.read_text())  # pipelined by hand: vLLM would not speculate on it
     edited["mesh"].update(tp=2, pp=2)
@@ -510,7 +514,14 @@ def test_a_speculative_serving_plan_goes_through_check_export_and_back(tmp_path)
                                "h100-sxm:8", "--workload", "chat", "--rate", "4", "--requests", "50", "--json")
     assert code == 0, err
     scheduler = json.loads(back)["scheduler"]
-    assert (scheduler["speculative_tokens"], scheduler["draft_model"], scheduler["acceptance"]) == (3, "llama3-8b", 0.8)
+    assert (scheduler["speculative_tokens"], scheduler["draft_model"], scheduler["acceptance"]) == (3, "llama3-8b", 0.6)
+    code, back, err = paraplan("simulate", "--mode", "inference", "--from", "vllm", exported.strip(), "--cluster",
+                               "h100-sxm:8", "--workload", "chat", "--rate", "4", "--requests", "50",
+                               "--acceptance-length", "2.2")
+    assert code == 0 and f"each accepted at {sv['acceptance']:.2g}: 2.20 tokens a check" in back, err
+    code, back, err = paraplan("simulate", "--mode", "inference", "--from", "vllm", exported.strip(), "--cluster",
+                               "h100-sxm:8", "--workload", "chat", "--rate", "4", "--requests", "50")
+    assert code == 0 and "each accepted at 0.6 (default; --acceptance or --acceptance-length)" in back, err
     from engines.vllm import import_serve
 
     ngram = tmp_path / "ngram.yaml"
@@ -548,6 +559,10 @@ def test_a_speculative_serving_plan_goes_through_check_export_and_back(tmp_path)
     code, _, err = paraplan("simulate", "--mode", "inference", "--model", "llama3-8b", "--cluster", "h100-sxm:1",
                             "--workload", "chat", "--rate", "4", "--draft-model", "ngram", "--draft-len", "0")
     assert code == 2 and "--draft-len must be a positive integer, got 0" in err  # (0 would be no speculation)
+    code, _, err = paraplan("simulate", "--mode", "inference", "--model", "llama3-8b", "--cluster", "h100-sxm:1",
+                            "--workload", "chat", "--rate", "4", "--draft-model", "ngram", "--acceptance", "0.5",
+                            "--acceptance-length", "2")
+    assert code == 2 and "not both" in err and len(err.strip().splitlines()) == 1
     code, _, err = paraplan("plan", "--mode", "inference", "--model", "llama3-8b", "--cluster", "h100-sxm:8", "--workload",
                    "chat", "--rate", "4", "--slo", "ttft_p99=1", "--draft-model", "ngram", "--pp", "2")
     assert code == 2 and "runs with pp 1" in err and "Traceback" not in err

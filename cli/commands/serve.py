@@ -7,8 +7,8 @@ import argparse
 import json
 
 from costmodel import ConfigError, Strategy, load_cluster
-from costmodel.serving import (GPU_MEMORY_UTILIZATION, ServingPlan, ServingPoint, ServingRequest, check_degrees,
-                               kv_bytes_per_token, layout_label, plan_serving)
+from costmodel.serving import (DEFAULT_ACCEPTANCE, GPU_MEMORY_UTILIZATION, ServingPlan, ServingPoint, ServingRequest, check_degrees,
+                               acceptance_of_length, kv_bytes_per_token, layout_label, plan_serving)
 from costmodel.spec import ModelSpec, format_count
 from costmodel.serving_engine import DEFAULT_ENGINE, check_block_size
 from planner.files import atomic_write_text
@@ -18,7 +18,7 @@ from cli.commands.flags import first_given
 from cli.commands.served import load_served_spec, served_model_path, served_precision
 
 SERVING_FLAGS = ("prompt_len", "output_len", "batch", "max_ttft_ms", "max_tpot_ms", "beam", "block_size",
-                 "draft_model", "draft_len", "acceptance", "kv_cache_dtype", "gpu_memory_utilization")
+                 "draft_model", "draft_len", "acceptance", "acceptance_length", "kv_cache_dtype", "gpu_memory_utilization")
 # flags of training that a serving plan has no use for, and of serving under traffic (--workload)
 TRAINING_FLAGS = ("dp", "cp", "ep", "expert_tp", "expert_load_cv", "ep_overlap", "zero", "shard_group",
                   "sequence_parallel", "recompute", "microbatch_size", "schedule", "virtual_stages", "seq_len",
@@ -49,10 +49,38 @@ def refuse_other_flags(args: argparse.Namespace) -> None:
             raise ConfigError(f"{flag} {why}")
 
 
+def draft_settings(args: argparse.Namespace) -> tuple[int, float]:
+    """(drafts a check, acceptance of each) of speculative decoding: --draft-len (default 4) and
+    --acceptance, or --acceptance-length (vLLM's "Mean acceptance length" at that --draft-len)
+    solved for the acceptance, or DEFAULT_ACCEPTANCE; one line for either without --draft-model."""
+    length = getattr(args, "acceptance_length", None)
+    if not getattr(args, "draft_model", None):
+        flag = first_given(args, ("draft_len", "acceptance", "acceptance_length"))
+        if flag:
+            raise ConfigError(f"{flag} goes with --draft-model (a draft model, ngram or eagle:HEAD)")
+        return 0, DEFAULT_ACCEPTANCE
+    k = 4 if args.draft_len is None else args.draft_len
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"--draft-len must be a positive integer, got {k}")
+    if length is not None and args.acceptance is not None:
+        raise ConfigError("give --acceptance (of each drafted token) or --acceptance-length (tokens a check), not both")
+    if length is not None:
+        return k, acceptance_of_length(length, k)
+    return k, DEFAULT_ACCEPTANCE if args.acceptance is None else args.acceptance
+
+
+def acceptance_text(acceptance: float, args: argparse.Namespace | None) -> str:
+    """The drafts' acceptance as the output says it: defaulted (no --acceptance or
+    --acceptance-length given) it says so; `args` None: as a plan recorded it."""
+    given = args is None or args.acceptance is not None or getattr(args, "acceptance_length", None) is not None
+    return f"{acceptance:.2g}" + ("" if given else " (default; --acceptance or --acceptance-length)")
+
+
 def serving_request(args: argparse.Namespace, spec: ModelSpec) -> ServingRequest:
     if args.prompt_len is None or args.output_len is None:
         raise ConfigError("--mode inference needs --prompt-len and --output-len")
     draft = load_draft(args.draft_model, spec) if args.draft_model else None  # (an EAGLE head: the target's shape)
+    draft_len, acceptance = draft_settings(args)
     engine = getattr(args, "engine", None) or DEFAULT_ENGINE
     if args.block_size is not None:
         check_block_size(args.block_size, engine)
@@ -60,8 +88,8 @@ def serving_request(args: argparse.Namespace, spec: ModelSpec) -> ServingRequest
         prompt_len=args.prompt_len, output_len=args.output_len, batch=args.batch, max_ttft_ms=args.max_ttft_ms,
         max_tpot_ms=args.max_tpot_ms, beam=1 if args.beam is None else args.beam,
         block_tokens=16 if args.block_size is None else args.block_size,
-        precision=args.precision or "bf16", draft=draft, ngram=args.draft_model == NGRAM, draft_len=args.draft_len or 4,
-        acceptance=0.8 if args.acceptance is None else args.acceptance,
+        precision=args.precision or "bf16", draft=draft, ngram=args.draft_model == NGRAM,
+        draft_len=draft_len or 4, acceptance=acceptance,
         engine=engine, **memory_args(args),
     )
 
@@ -95,7 +123,8 @@ def predicted(spec, req: ServingRequest, p: ServingPoint) -> dict:
     }
 
 
-def format_serving(spec, cluster_text: str, req: ServingRequest, found: ServingPlan) -> str:
+def format_serving(spec, cluster_text: str, req: ServingRequest, found: ServingPlan,
+                   args: argparse.Namespace | None = None) -> str:
     p, b = found.best, found.best.budget
     lines = [
         f"{spec.name} ({format_count(spec.num_params)} params) serving on {cluster_text}: prompt {req.prompt_len}, "
@@ -103,7 +132,9 @@ def format_serving(spec, cluster_text: str, req: ServingRequest, found: ServingP
         f"  layout tp {p.tp} x pp {p.pp}{' (experts whole over tp: expert parallel)' if p.expert_parallel else ''}, "
         f"{p.replicas} replica(s); batch {p.batch} sequences per replica",
         f"  TTFT {p.ttft_s * 1e3:9.1f} ms   TPOT {p.tpot_s * 1e3:7.2f} ms   throughput {p.throughput_tokens_per_s:9.0f} "
-        f"tokens/s" + (f"   (speculative x{p.speculative_speedup:.2f})" if req.speculative else ""),
+        f"tokens/s" + (f"   (speculative x{p.speculative_speedup:.2f}: {req.draft_len} drafts a check "
+                      f"({req.draft.name if req.draft else 'n-gram lookup'}), each accepted at "
+                      f"{acceptance_text(req.acceptance, args)})" if req.speculative else ""),
         f"  KV cache {kv_bytes_per_token(spec, req.kv_bytes_per_value) / 1024:.0f} KiB per token; per GPU: weights "
         f"{b.weights_gib:.1f} GiB, cache {b.kv_gib:.1f} GiB = {b.capacity_tokens} tokens per replica",
         f"  batch limit: paged ({req.block_tokens}-token blocks) {b.max_batch_paged} sequences, fragmentation "
@@ -153,7 +184,7 @@ def run_serving(args: argparse.Namespace) -> int:
         print(json.dumps({"plan": plan.to_dict(), "curves": {f"tp{tp}_pp{pp}{'_ep' if ep else ''}": [
             q.to_dict() for q in pts] for (tp, pp, ep), pts in found.curves.items()}}, indent=2))
     else:
-        print(format_serving(spec, args.cluster, req, found))
+        print(format_serving(spec, args.cluster, req, found, args))
         if args.output:
             print(f"  plan written to {args.output}")
     return 0

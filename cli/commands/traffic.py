@@ -24,7 +24,7 @@ from planner.files import atomic_write_text
 from planner.model_source import load_draft, load_model_spec
 from planner.zoo import zoo_name_of_hub_id
 from cli.commands.flags import first_given
-from cli.commands.serve import TRAINING_FLAGS, memory_args, memory_section
+from cli.commands.serve import TRAINING_FLAGS, acceptance_text, draft_settings, memory_args, memory_section
 from cli.commands.served import load_served_spec, served_model_path, served_precision, with_max_model_len
 
 DEFAULT_REQUESTS = 2000
@@ -67,18 +67,12 @@ def scheduler_config(args: argparse.Namespace, cluster: Cluster, spec: ModelSpec
 
 def speculation_args(args: argparse.Namespace, spec: ModelSpec) -> dict:
     """SchedulerConfig's speculative decoding from --draft-model (a model, `ngram` for
-    prompt-lookup proposals, or an EAGLE head on `spec`), --draft-len (default 4) and
-    --acceptance (default 0.8)."""
-    if not getattr(args, "draft_model", None):
-        flag = first_given(args, ("draft_len", "acceptance"))
-        if flag:
-            raise ConfigError(f"{flag} goes with --draft-model (a draft model, or ngram)")
+    prompt-lookup proposals, or an EAGLE head on `spec`), --draft-len and the drafts' acceptance
+    (`draft_settings`)."""
+    k, acceptance = draft_settings(args)
+    if not k:
         return {}
-    if args.draft_len is not None and (isinstance(args.draft_len, bool) or args.draft_len < 1):
-        raise ConfigError(f"--draft-len must be a positive integer, got {args.draft_len}")
-    return {"speculative_tokens": 4 if args.draft_len is None else args.draft_len,
-            "acceptance": 0.8 if args.acceptance is None else args.acceptance,
-            "draft": load_draft(args.draft_model, spec)}
+    return {"speculative_tokens": k, "acceptance": acceptance, "draft": load_draft(args.draft_model, spec)}
 
 
 def speculation_section(cfg: SchedulerConfig, args: argparse.Namespace) -> dict:
@@ -141,7 +135,9 @@ def _ms(seconds: float) -> str:
 
 
 def format_traffic(spec: ModelSpec, cluster_text: str, layout: ServingLayout, cfg: SchedulerConfig,
-                   name: str, rate: float | None, r: TrafficResult, concurrency: int | None = None) -> str:
+                   name: str, rate: float | None, r: TrafficResult, concurrency: int | None = None,
+                   args: argparse.Namespace | None = None) -> str:
+    """The run as text; `args`: the command's flags (a default it took is marked), None: as planned."""
     m = r.metrics()
     split = f", {layout.prefill_replicas} of them prefill only" if layout.prefill_replicas else ""
     memory = (f", {cfg.kv_cache_dtype} KV cache" if cfg.kv_cache_dtype != "auto" else "") + (
@@ -157,7 +153,7 @@ def format_traffic(spec: ModelSpec, cluster_text: str, layout: ServingLayout, cf
         f"{f', decodes in runs of {cfg.num_scheduler_steps} steps' if cfg.num_scheduler_steps > 1 else ''}"
         f"{memory}; engine {cfg.engine}" + (
             f"; speculative: {cfg.speculative_tokens} drafts a decode "
-            f"({cfg.draft.name if cfg.draft else 'n-gram lookup'}), each accepted at {cfg.acceptance:g}: "
+            f"({cfg.draft.name if cfg.draft else 'n-gram lookup'}), each accepted at {acceptance_text(cfg.acceptance, args)}: "
             f"{cfg.tokens_per_check:.2f} tokens a check" if cfg.speculative_tokens else ""),
         "             p50 ms    p90 ms    p99 ms",
     ]
@@ -206,6 +202,9 @@ def from_vllm_command(args: argparse.Namespace, cluster: Cluster) -> tuple[Model
     if cmd.block_size is not None:
         check_block_size(cmd.block_size, "vllm")
         taken["block_tokens"] = cmd.block_size
+    flag = None if cmd.draft_model else first_given(args, ("acceptance", "acceptance_length"))
+    if flag:
+        raise ConfigError(f"{flag}: the vllm command has no --speculative-config (no drafts to accept)")
     if cmd.draft_model:  # its draft by Hub id or directory, n-gram proposals or an EAGLE head ("eagle:HEAD")
         draft = cmd.draft_model if ":" in cmd.draft_model else _model_text(cmd.draft_model)
         try:
@@ -213,8 +212,8 @@ def from_vllm_command(args: argparse.Namespace, cluster: Cluster) -> tuple[Model
         except ConfigError as exc:
             raise ConfigError(f"{exc} (the vllm command's speculative draft {cmd.draft_model!r})") from None
         taken["speculative_tokens"] = cmd.speculative_tokens
-        if args.acceptance is not None:
-            taken["acceptance"] = args.acceptance
+        taken["acceptance"] = draft_settings(argparse.Namespace(**{
+            **vars(args), "draft_model": cmd.draft_model, "draft_len": cmd.speculative_tokens}))[1]
     if cmd.unknown:
         print(f"paraplan: note: {not_understood(engine, cmd.unknown).strip()}", file=sys.stderr)
     return spec, layout, replace(cfg, **taken)
@@ -280,7 +279,7 @@ def run_traffic_simulate(args: argparse.Namespace) -> int:
                                            if cfg.speculative_tokens else {})},
                           "predicted": predicted}, indent=2))
     else:
-        print(format_traffic(spec, args.cluster, layout, cfg, args.workload, args.rate, result, args.concurrency))
+        print(format_traffic(spec, args.cluster, layout, cfg, args.workload, args.rate, result, args.concurrency, args))
         if args.trace:
             print(f"  trace written to {args.trace} (open in ui.perfetto.dev)")
     return 0
