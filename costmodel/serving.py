@@ -362,13 +362,13 @@ def token_layer_s(spec: ModelSpec, cluster: Cluster, dtype: str, tp: int, rows: 
             copies = rows * k / tp * rank_imbalance(E, tp, EXPERT_LOAD_CV)
             touched = local * (1 - (1 - 1 / local) ** copies)
             fe = spec.expert_ffn_hidden
-            m = copies / touched
         else:
+            copies = rows * k
             touched = E * (1 - (1 - k / E) ** rows)
             fe = spec.expert_ffn_hidden // tp
-            m = rows * k / touched
-        sparse = touched * (gemm_s(dev, dtype, m, spec.hidden, 2 * fe if spec.gated else fe, e)
-                            + gemm_s(dev, dtype, m, fe, spec.hidden, e)) + gemm_s(dev, dtype, rows, spec.hidden, E, e)
+        sparse = sum(grouped_gemm_s(dev, dtype, copies, touched, kk, n, e)
+                     for kk, n in ((spec.hidden, 2 * fe if spec.gated else fe), (fe, spec.hidden)))
+        sparse += gemm_s(dev, dtype, rows, spec.hidden, E, e)  # the router
         if spec.shared_expert_ffn_hidden:
             fs = spec.shared_expert_ffn_hidden // tp
             sparse += (gemm_s(dev, dtype, rows, spec.hidden, 2 * fs if spec.gated else fs, e)
@@ -382,6 +382,17 @@ def token_layer_s(spec: ModelSpec, cluster: Cluster, dtype: str, tp: int, rows: 
     if tp > 1:
         layer += 2 * tensor_all_reduce_s(rows * spec.hidden * e, cluster, tp)
     return layer
+
+
+def grouped_gemm_s(dev, dtype: str, copies: float, experts: float, k: int, n: int, e: int) -> float:
+    """One fused MoE projection (vLLM's fused_moe, TensorRT-LLM's MoE plugin: one kernel over
+    every expert): `copies` token rows, each through one of `experts` (k x n) weights. Its
+    FLOPs at the device's efficiency for the launch's whole size (the experts' tiles share the
+    SMs in one wave), bounded below by reading each reached expert's weights once, every row's
+    input and writing its output; the skinny curve where the experts get few rows each."""
+    flops = 2.0 * copies * k * n
+    moved = e * (experts * k * n + copies * (k + n))
+    return dev.gemm_s(flops, moved, dtype, rows=int(copies / experts) if experts else 0)
 
 
 def tensor_all_reduce_s(nbytes: float, cluster: Cluster, tp: int) -> float:

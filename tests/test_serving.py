@@ -197,6 +197,33 @@ def test_check_weighs_a_serving_plan_by_its_kv_cache(tmp_path):
     assert any("batch 5000 needs more KV cache" in p for p in report["problems"])
 
 
+def test_a_fused_moe_runs_its_experts_as_one_launch():
+    """vLLM's fused_moe (and TensorRT-LLM's MoE plugin) run a projection of every expert in one
+    kernel: Mixtral's 8,192-token chunk on 2 H100s (2,048 rows an expert, 7,168 columns a GPU) is
+    priced as one grouped GEMM, faster than eight GEMMs of an expert's shape one by one (each at
+    the smaller size's efficiency), no faster than its FLOPs at the device's best efficiency, and
+    bounded below by reading each expert's weights and every row's input and output once; a
+    decode's few rows read the experts they reach, as before."""
+    from costmodel.cluster import with_runtime
+    from costmodel.ops import gemm_s
+    from costmodel.runtime import FUSED
+    from costmodel.serving import grouped_gemm_s
+
+    spec = ZOO["mixtral-8x7b"]
+    dev = with_runtime(engine_cluster(load_cluster("h100-sxm:2"), "vllm"), FUSED).device
+    rows, tp, h = 8192, 2, spec.hidden
+    copies, fe = rows * spec.experts_per_token, spec.expert_ffn_hidden // tp
+    one = grouped_gemm_s(dev, "bf16", copies, spec.experts, h, 2 * fe, 2)
+    looped = spec.experts * gemm_s(dev, "bf16", copies / spec.experts, h, 2 * fe, 2)
+    flops = 2.0 * copies * h * 2 * fe
+    best = flops / (dev.peak_flops("bf16") * dev.gemm_efficiency(1e15) * dev.compute_sustained)
+    assert best <= one < 0.97 * looped
+    floor = dev.memory_s(2 * (spec.experts * h * 2 * fe + copies * (h + 2 * fe)))
+    assert grouped_gemm_s(dev, "bf16", 8, 8, h, 2 * fe, 2) == pytest.approx(
+        dev.memory_s(2 * (8 * h * 2 * fe + 8 * (h + 2 * fe))))  # a decode of 4 rows: the 8 experts read
+    assert one >= floor
+
+
 def test_expert_parallel_serving_holds_experts_whole_at_the_same_weight():
     """vLLM's --enable-expert-parallel: DeepSeek-V3's 256 experts whole, 32 on each of 8 H200s,
     against each expert split 8 ways. The same weight bytes per GPU; a prefill runs the experts'
