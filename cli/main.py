@@ -147,8 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--quick", action="store_true", help="fewer sizes (under 2 minutes on a CPU)")
     prof.add_argument("--extends", help="the datasheet profile the measurements override (default: cpu / h100-sxm)")
     rep = sub.add_parser("report", help="compare strategies (or serving layouts) in tables and pictures")
-    rep.add_argument("--model", required=True)
-    rep.add_argument("--cluster", required=True)
+    rep.add_argument("plan", nargs="?", metavar="PLAN",
+                     help="a plan YAML: its model, cluster and batch (or serving setup), the plan ranked among the rest")
+    rep.add_argument("--model")
+    rep.add_argument("--cluster")
     rep.add_argument("--global-batch", type=int, help="training: sequences per step")
     rep.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for report.md, CSV and PNGs")
     rep.add_argument("--runtime", help="training-runtime profile (default paraplan)")

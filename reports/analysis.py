@@ -37,6 +37,8 @@ def what_binds(result: StepResult, best: StepResult | None = None) -> str:
         "recomputation": t["recompute"],
     }
     name, seconds = max(losses.items(), key=lambda kv: kv[1])
+    if best is not None and result is not best and step <= best.step_time_s * (1 + 1e-6):
+        return f"ties the fastest; its largest overhead is {name} ({100 * seconds / step:.0f}% of the step)"
     if best is not None and result is not best and seconds / step < 0.02:
         return f"compute: {100 * result.mfu:.0f}% MFU against the best's {100 * best.mfu:.0f}% (smaller, less efficient GEMMs)"
     if best is None or result is best:

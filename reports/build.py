@@ -13,7 +13,7 @@ from costmodel.cluster import Cluster
 from costmodel.spec import ModelSpec, format_count
 from planner.search import SearchRequest, run_search
 from reports import figures
-from reports.analysis import describe, evaluate
+from reports.analysis import describe, evaluate, what_binds
 from reports.strategies import canonical
 
 PLANNER = "planner's choice"
@@ -66,11 +66,14 @@ def best_at_each_size(spec: ModelSpec, cluster: Cluster, global_batch: int) -> l
 
 
 def build_report(spec: ModelSpec, cluster: Cluster, global_batch: int, out_dir: Path,
-                 formats: tuple[str, ...] = ("md",), progress: bool = False) -> dict:
+                 formats: tuple[str, ...] = ("md",), progress: bool = False,
+                 extra: dict[str, Strategy] | None = None) -> dict:
+    """The report of `spec` on `cluster`: the canonical strategies, the planner's and `extra`
+    (a user's plan, by name) ranked together."""
     t0 = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     skipped: dict[str, str] = {}
-    strategies = canonical(spec, cluster, global_batch, skipped)
+    strategies = {**(extra or {}), **canonical(spec, cluster, global_batch, skipped)}
     try:
         found = run_search(SearchRequest(spec=spec, cluster=cluster, global_batch=global_batch, progress=progress))
         strategies = {PLANNER: found.strategy, **strategies}
@@ -94,7 +97,11 @@ def build_report(spec: ModelSpec, cluster: Cluster, global_batch: int, out_dir: 
         figures.breakdown(results, fitting, out_dir / "breakdown.png")
     summary = {"model": spec.name, "cluster": cluster.name, "runtime": cluster.runtime.name, "profile": cluster.profile,
                "global_batch": global_batch, "strategies": len(order),
-               "fitting": len(fitting), "best": fitting[0] if fitting else None, "seconds": time.perf_counter() - t0}
+               "fitting": len(fitting), "best": fitting[0] if fitting else None, "seconds": time.perf_counter() - t0,
+               # a given plan's rank among the strategies that fit (ties share the better rank); None: it does not fit
+               **({"ranks": {name: 1 + sum(results[n].step_time_s < results[name].step_time_s * (1 - 1e-6)
+                                            for n in fitting) if name in fitting else None
+                             for name in extra}} if extra else {})}
     md = _markdown(spec, cluster, global_batch, table, results, strategies, fitting,
                    None if found else planner_note, summary, skipped)
     if "md" in formats:
@@ -126,6 +133,9 @@ def _markdown(spec, cluster, batch, table, results, strategies, fitting, planner
         lines.append("**No strategy fits in memory.**")
     if planner_note:
         lines.append(f"The planner found nothing: {planner_note}")
+    for name, rank in summary.get("ranks", {}).items():
+        lines.append(f"**{name}** ({describe(strategies[name])}) " + (
+            f"ranks {rank} of the {summary['fitting']} that fit." if rank else f"does not fit: {what_binds(results[name])}."))
     lines += ["", f"{summary['strategies']} strategies simulated, {summary['fitting']} fit.", "",
               "## Ranked strategies", "", "(also in `strategies.csv`; * = selective recompute without FlashAttention)", "",
               "| # | strategy | tokens/s | MFU | step s | GiB/GPU | fits | what binds |", "|---|---|---|---|---|---|---|---|"]

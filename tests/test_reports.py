@@ -93,3 +93,40 @@ def test_report_bad_format(tmp_path):
     out = paraplan("report", "--model", MODEL, "--cluster", CLUSTER, "--global-batch", "8", "-o", str(tmp_path),
                    "--format", "pdf")
     assert out.returncode == 2 and "--format" in out.stderr
+
+
+def test_a_report_of_a_plan_ranks_it_among_the_rest(tmp_path):
+    """`paraplan report PLAN`: the plan's model, cluster and batch, the plan itself in the table,
+    ranked among the strategies that fit (a tie shares the better rank; a plan edited past the
+    GPU's memory says what binds); a serving plan reports its own setup; a flag the plan already
+    says is one line, and without a plan --model and --cluster are asked for."""
+    tp2, edited = tmp_path / "tp2.yaml", tmp_path / "edited.yaml"
+    assert paraplan("simulate", "--model", MODEL, "--cluster", CLUSTER, "--tp", "2", "--global-batch", "32",
+                    "-o", str(tp2)).returncode == 0
+    out = paraplan("report", str(tp2), "-o", str(tmp_path / "r"), "--json")
+    summary = json.loads(out.stdout)
+    rank = summary["ranks"]["the plan tp2.yaml"]
+    assert (summary["model"], summary["cluster"], summary["global_batch"]) == (MODEL, CLUSTER, 32)
+    rows = list(csv.DictReader((tmp_path / "r" / "strategies.csv").open()))
+    mine = next(r for r in rows if r["strategy"] == "the plan tp2.yaml")
+    faster = sum(float(r["step_time_s"]) < float(mine["step_time_s"]) * (1 - 1e-6) for r in rows if r["fits"] == "True")
+    assert rank == 1 + faster > 1 and "tp 2" in mine["layout"]
+    assert f"ranks {rank} of the {summary['fitting']} that fit" in (tmp_path / "r" / "report.md").read_text()
+    import yaml
+
+    data = yaml.safe_load(tp2.read_text())
+    data["mesh"].update(tp=1, dp_replicate=16, dp_shard=1)
+    data["global_batch"], data["schedule"]["microbatch_size"] = 1024, 64
+    edited.write_text(yaml.safe_dump(data))
+    out = paraplan("report", str(edited), "-o", str(tmp_path / "e"))
+    assert out.returncode == 0 and "the plan edited.yaml does not fit" in out.stdout, out.stderr
+    serving = tmp_path / "serve.yaml"
+    assert paraplan("plan", "--mode", "inference", "--model", "llama3-8b", "--cluster", "h100-sxm:1", "--prompt-len",
+                    "512", "--output-len", "128", "-o", str(serving)).returncode == 0
+    out = paraplan("report", str(serving), "-o", str(tmp_path / "s"))
+    assert out.returncode == 0 and (tmp_path / "s" / "report.md").exists() and "h100-sxm:1: tp1 x pp1" in out.stdout
+    for argv, needle in (((str(tp2), "--global-batch", "8"), "--global-batch comes from the plan"),
+                         ((str(tp2), "--mode", "inference"), "--mode comes from the plan"),
+                         ((), "report needs --model and --cluster (or a plan")):
+        out = paraplan("report", *argv, "-o", str(tmp_path / "x"))
+        assert out.returncode == 2 and needle in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr

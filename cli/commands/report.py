@@ -10,6 +10,7 @@ from pathlib import Path
 from costmodel import ConfigError, load_cluster
 from planner.pricing import price_step
 from costmodel.runtime import DEFAULT_RUNTIME
+from costmodel.spec import ModelSpec
 from planner.model_source import load_model_spec
 from planner.plan import Plan
 from cli.commands.flags import first_given
@@ -17,7 +18,7 @@ from cli.commands.serve import INFERENCE_FLAGS, memory_args
 from cli.commands.served import load_served_spec, served_precision
 
 
-def run_serving_report(args: argparse.Namespace, out: Path) -> int:
+def run_serving_report(args: argparse.Namespace, out: Path, spec: ModelSpec | None = None) -> int:
     """`paraplan report --mode inference`: under traffic (--workload: reports.traffic) or in the
     steady state (--prompt-len/--output-len: reports.serving)."""
     if args.global_batch is not None:
@@ -27,7 +28,7 @@ def run_serving_report(args: argparse.Namespace, out: Path) -> int:
         raise ConfigError("--runtime prices training; a serving report takes --engine (vllm or tensorrt-llm)")
     if args.format != "md":
         raise ConfigError(f"--format {args.format!r}: serving reports are markdown (md)")
-    spec = load_served_spec(args)
+    spec = spec or load_served_spec(args)
     if args.workload:
         from costmodel.traffic import SLO
         from planner.serving_search import TrafficWorkload
@@ -72,9 +73,40 @@ def run_serving_report(args: argparse.Namespace, out: Path) -> int:
     return 0
 
 
+def plan_report_args(args: argparse.Namespace) -> tuple[Plan, ModelSpec]:
+    """A report of a plan: its model, cluster and batch, or its serving setup (the steady
+    state's lengths, or the workload, rate and objectives it was planned for), set on `args`;
+    a flag that says them again is one line."""
+    flag = first_given(args, ("model", "cluster", "global_batch", "runtime", "prompt_len", "output_len", "workload",
+                              "rate", "slo", "engine", "precision", "max_model_len"))
+    if flag or args.mode != "train":
+        raise ConfigError(f"{flag or '--mode'} comes from the plan {args.plan}; drop it (or leave out the plan and "
+                          "give --model and --cluster)")
+    plan = Plan.load(args.plan)
+    spec = plan.spec
+    args.cluster = plan.cluster
+    if plan.mode != "inference":
+        args.global_batch, args.runtime = plan.global_batch, plan.runtime
+        return plan, spec
+    sv = plan.serving
+    args.mode, args.engine, args.precision = "inference", sv.get("engine"), plan.precision
+    if sv.get("workload"):
+        args.workload, args.rate = sv["workload"], sv.get("rate")
+        args.slo = ",".join(f"{k}={v}" for k, v in sv["slo"].items()) if isinstance(sv.get("slo"), dict) else sv.get("slo")
+    else:
+        args.prompt_len, args.output_len = sv.get("prompt_len"), sv.get("output_len")
+    for name in ("kv_cache_dtype", "gpu_memory_utilization"):
+        if name in sv:
+            setattr(args, name, sv[name])
+    return plan, spec
+
+
 def run_report(args: argparse.Namespace) -> int:
     from reports.build import build_report
 
+    plan, spec = plan_report_args(args) if args.plan else (None, None)
+    if not plan and (not args.model or not args.cluster):
+        raise ConfigError("report needs --model and --cluster (or a plan: `paraplan report PLAN -o DIR`)")
     formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
     bad = [f for f in formats if f not in ("md", "html")]
     if bad or not formats:
@@ -83,7 +115,7 @@ def run_report(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"-o {out} is a file; give a folder for the report")
     if getattr(args, "mode", "train") == "inference":
-        return run_serving_report(args, out)
+        return run_serving_report(args, out, spec)
     flag = first_given(args, INFERENCE_FLAGS + ("precision",))  # (those of them report takes)
     if flag:
         raise ConfigError(f"{flag} is for serving reports: add --mode inference")
@@ -92,14 +124,18 @@ def run_report(args: argparse.Namespace) -> int:
                           "--mode inference")
     if args.global_batch < 1:
         raise ConfigError(f"--global-batch must be a positive integer, got {args.global_batch}")
-    spec = load_model_spec(args.model)
+    spec = spec or load_model_spec(args.model)
     cluster = load_cluster(args.cluster, runtime=args.runtime or DEFAULT_RUNTIME)
-    summary = build_report(spec, cluster, args.global_batch, out, formats, progress=sys.stderr.isatty() and not args.json)
+    extra = {f"the plan {Path(args.plan).name}": plan.strategy()} if plan else None
+    summary = build_report(spec, cluster, args.global_batch, out, formats, progress=sys.stderr.isatty() and not args.json,
+                           extra=extra)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         print(f"report of {summary['strategies']} strategies ({summary['fitting']} fit) in {out}/report.md; "
-              f"best: {summary['best']}; {summary['seconds']:.1f} s")
+              f"best: {summary['best']}; {summary['seconds']:.1f} s"
+              + "".join(f"; {name} " + (f"ranks {rank} of {summary['fitting']}" if rank else "does not fit")
+                        for name, rank in summary.get("ranks", {}).items()))
     return 0
 
 
