@@ -128,4 +128,24 @@ def run(cfg: LaunchConfig) -> int:
               if losses else "no steps run")
         print(f"step time {summary.get('step_time_s', 0):.4f} s measured, "
               f"{summary.get('predicted_step_time_s')} s predicted; {summary.get('tokens_per_s', 0):.0f} tokens/s")
+        note = prediction_note(summary, plan)
+        if note:
+            print(note)
     return 0
+
+
+def prediction_note(summary: dict, plan: Plan) -> str:
+    """A line where the measured step falls outside the plan's predicted range (and is more
+    than 1.5x from the prediction): the profile that priced the plan and what to do about it."""
+    measured, predicted = summary.get("step_time_s") or 0.0, summary.get("predicted_step_time_s") or 0.0
+    low, high = (plan.predicted.get("step_time_s_range") or (predicted, predicted))[:2]
+    if not (measured > 0 and predicted > 0) or (low <= measured <= high) or 1 / 1.5 <= measured / predicted <= 1.5:
+        return ""
+    try:
+        why = load_cluster(plan.cluster, runtime=plan.runtime).profile_note
+    except ConfigError:
+        why = ""
+    return (f"note: measured {measured / predicted:.1f}x the prediction, outside its range {low:.4g} - {high:.4g} s "
+            f"(hardware profile {plan.profile or plan.cluster}): "
+            + (why or "the profile is not this machine as it runs now (`paraplan profile -o here.yaml` measures it; "
+                      "plan on here.yaml:N), or the steps after the first are still warming up (more --steps)"))

@@ -13,7 +13,7 @@ from planner.contract import layout_problems, plan_problems
 from planner.module_map import zoo_map
 from planner.plan import Plan
 from planner.zoo import ZOO
-from runtime.launch import refuse_unrunnable
+from runtime.launch import prediction_note, refuse_unrunnable
 
 
 def _run(capsys, *argv):
@@ -149,6 +149,29 @@ def test_the_datasheet_cpu_profile_says_it_is_not_this_host(capsys):
     assert code == 0 and "hardware profile cpu" in out and "without the host's overheads" in out
     code, out, _ = _run(capsys, "simulate", "--model", "tiny-llama", "--cluster", "cpu-2core:4")
     assert code == 0 and "hardware profile cpu-2core" in out and "without the host's overheads" not in out
+
+
+def test_a_run_far_from_its_prediction_says_which_profile_priced_it(tmp_path, capsys):
+    """`paraplan run` ends with the measured step beside the predicted one; where the measured
+    falls outside the prediction's range and 1.5x from it, a line names the profile and the way
+    out (the datasheet CPU profile's own note; else measuring this machine or more steps). It
+    printed a 28x gap on cpu:4 without a word."""
+    target = tmp_path / "p.yaml"
+    assert _run(capsys, "plan", "--model", "tiny-llama", "--cluster", "cpu:4", "--global-batch", "8",
+                "-o", str(target))[0] == 0
+    plan = Plan.load(target)
+    predicted = plan.predicted["step_time_s"]
+    low, high = plan.predicted["step_time_s_range"]
+    assert prediction_note({"step_time_s": high, "predicted_step_time_s": predicted}, plan) == ""
+    note = prediction_note({"step_time_s": 28 * predicted, "predicted_step_time_s": predicted}, plan)
+    assert note.startswith("note: measured 28.0x the prediction") and "datasheet guess" in note
+    gpu = tmp_path / "g.yaml"
+    assert _run(capsys, "plan", "--model", "gpt3-1.3b", "--cluster", "a100-80g:8", "--global-batch", "64",
+                "-o", str(gpu))[0] == 0
+    plan = Plan.load(gpu)
+    note = prediction_note({"step_time_s": plan.predicted["step_time_s"] / 3,
+                            "predicted_step_time_s": plan.predicted["step_time_s"]}, plan)
+    assert "0.3x the prediction" in note and "a100-80g" in note and "paraplan profile" in note
 
 
 def test_tiny_models_print_counts_with_a_unit_that_fits(capsys):
