@@ -21,7 +21,8 @@ LAYOUTS = [  # (tp, sequence parallel, microbatch)
     (4, False, 1),
     (8, True, 2),
 ]
-BIG = [n for n in ZOO if not n.startswith("tiny") and not ZOO[n].moe]  # MoE: formula-priced (planner.pricing.unpriceable)
+# MoE: formula-priced (planner.pricing.unpriceable); Llama 3.1's 8B and 70B are Llama 3's shapes (longer positions)
+BIG = [n for n in ZOO if not n.startswith(("tiny", "llama3.1")) and not ZOO[n].moe]
 
 
 def _both(spec, tp, sp, mbs, cluster="a100-80g"):

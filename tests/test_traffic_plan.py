@@ -281,6 +281,28 @@ def test_simulate_takes_vllms_defaults_for_the_gpu(capsys):
     assert code == 0 and json.loads(out)["scheduler"]["max_num_seqs"] == 64
 
 
+def test_llama_3_1_checkpoints_read_their_long_context(capsys):
+    """A vllm command serving a Llama 3.1 or 3.3 checkpoint is read as Llama 3's shape with its
+    131,072 positions: --max-model-len 32768 is taken (it was refused as past Llama 3's 8,192),
+    Llama 3's own checkpoints keep 8,192, and Llama 3.1 405B reads 131,072 too."""
+    from planner.zoo import ZOO, zoo_name_of_hub_id
+
+    for hub, name in (("meta-llama/Llama-3.1-8B-Instruct", "llama3.1-8b"), ("meta-llama/Meta-Llama-3.1-70B", "llama3.1-70b"),
+                      ("meta-llama/Llama-3.3-70B-Instruct", "llama3.1-70b"), ("meta-llama/Meta-Llama-3-8B", "llama3-8b")):
+        assert zoo_name_of_hub_id(hub) == name
+    assert [ZOO[n].context_len for n in ("llama3-8b", "llama3.1-8b", "llama3.1-70b", "llama3-405b")] == [
+        8192, 131072, 131072, 131072]
+    assert ZOO["llama3.1-70b"].num_params == ZOO["llama3-70b"].num_params
+    code, out, err = _main(capsys, "simulate", "--mode", "inference", "--from", "vllm",
+                           "vllm serve meta-llama/Llama-3.1-8B-Instruct --max-model-len 32768", "--cluster", "h100-sxm:1",
+                           "--workload", "chat", "--rate", "2", "--requests", "20", "--json")
+    assert code == 0 and json.loads(out)["model"] == "llama3.1-8b", err
+    code, _, err = _main(capsys, "simulate", "--mode", "inference", "--from", "vllm",
+                         "vllm serve meta-llama/Meta-Llama-3-8B --max-model-len 32768", "--cluster", "h100-sxm:1",
+                         "--workload", "chat", "--rate", "2", "--requests", "20")
+    assert code == 2 and "exceeds llama3-8b's 8192 positions" in err
+
+
 def test_a_vllm_serve_command_is_priced_as_it_runs(tmp_path, capsys):
     """`simulate --mode inference --from vllm COMMAND`: the layout and engine arguments of a `vllm
     serve` line (a file or the line itself). The command paraplan exports for a traffic plan reads

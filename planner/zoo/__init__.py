@@ -34,7 +34,13 @@ _SPECS = [
     llama_spec("llama2-70b", layers=80, hidden=8192, heads=64, kv_heads=8, ffn_hidden=28672, vocab=32000, seq_len=4096),
     llama_spec("llama3-8b", layers=32, hidden=4096, heads=32, kv_heads=8, ffn_hidden=14336, vocab=128256, seq_len=8192),
     llama_spec("llama3-70b", layers=80, hidden=8192, heads=64, kv_heads=8, ffn_hidden=28672, vocab=128256, seq_len=8192),
-    llama_spec("llama3-405b", layers=126, hidden=16384, heads=128, kv_heads=8, ffn_hidden=53248, vocab=128256, seq_len=8192),
+    # Llama 3.1 (and 3.3 70B): Llama 3's shapes read to 131,072 positions (rope scaling; trained at 8,192)
+    replace(llama_spec("llama3.1-8b", layers=32, hidden=4096, heads=32, kv_heads=8, ffn_hidden=14336, vocab=128256,
+                       seq_len=8192), max_positions=131072),
+    replace(llama_spec("llama3.1-70b", layers=80, hidden=8192, heads=64, kv_heads=8, ffn_hidden=28672, vocab=128256,
+                       seq_len=8192), max_positions=131072),
+    replace(llama_spec("llama3-405b", layers=126, hidden=16384, heads=128, kv_heads=8, ffn_hidden=53248, vocab=128256,
+                       seq_len=8192), max_positions=131072),
     # mixtures of experts
     _mixtral("mixtral-8x7b", layers=32, hidden=4096, heads=32, ffn_hidden=14336, vocab=32000, seq_len=4096),
     _mixtral("mixtral-8x22b", layers=56, hidden=6144, heads=48, ffn_hidden=16384, vocab=32768, seq_len=4096),
@@ -65,7 +71,8 @@ ZOO: dict[str, ModelSpec] = {spec.name: spec for spec in _SPECS}
 HUB_IDS: dict[str, str] = {
     "llama2-7b": "meta-llama/Llama-2-7b-hf", "llama2-13b": "meta-llama/Llama-2-13b-hf",
     "llama2-70b": "meta-llama/Llama-2-70b-hf", "llama3-8b": "meta-llama/Meta-Llama-3-8B",
-    "llama3-70b": "meta-llama/Meta-Llama-3-70B", "llama3-405b": "meta-llama/Llama-3.1-405B",
+    "llama3-70b": "meta-llama/Meta-Llama-3-70B", "llama3.1-8b": "meta-llama/Llama-3.1-8B",
+    "llama3.1-70b": "meta-llama/Llama-3.1-70B", "llama3-405b": "meta-llama/Llama-3.1-405B",
     "mixtral-8x7b": "mistralai/Mixtral-8x7B-v0.1", "mixtral-8x22b": "mistralai/Mixtral-8x22B-v0.1",
     "qwen3-30b-a3b": "Qwen/Qwen3-30B-A3B", "qwen3-235b-a22b": "Qwen/Qwen3-235B-A22B",
     "deepseek-v3": "deepseek-ai/DeepSeek-V3",
@@ -73,6 +80,10 @@ HUB_IDS: dict[str, str] = {
 _TUNED = {"meta-llama/Llama-2-7b-chat-hf": "llama2-7b", "meta-llama/Llama-2-13b-chat-hf": "llama2-13b",
           "meta-llama/Llama-2-70b-chat-hf": "llama2-70b", "meta-llama/Meta-Llama-3-8B-Instruct": "llama3-8b",
           "meta-llama/Meta-Llama-3-70B-Instruct": "llama3-70b", "meta-llama/Llama-3.1-405B-Instruct": "llama3-405b",
+          "meta-llama/Llama-3.1-8B-Instruct": "llama3.1-8b", "meta-llama/Meta-Llama-3.1-8B": "llama3.1-8b",
+          "meta-llama/Meta-Llama-3.1-8B-Instruct": "llama3.1-8b", "meta-llama/Llama-3.1-70B-Instruct": "llama3.1-70b",
+          "meta-llama/Meta-Llama-3.1-70B": "llama3.1-70b", "meta-llama/Meta-Llama-3.1-70B-Instruct": "llama3.1-70b",
+          "meta-llama/Llama-3.3-70B-Instruct": "llama3.1-70b", "meta-llama/Meta-Llama-3.1-405B": "llama3-405b",
           "mistralai/Mixtral-8x7B-Instruct-v0.1": "mixtral-8x7b", "mistralai/Mixtral-8x22B-Instruct-v0.1": "mixtral-8x22b"}
 
 
