@@ -362,7 +362,7 @@ def _int(data: dict, *keys: str, default=None) -> int:
 
 
 READ_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")  # the dense decoders this reader sizes exactly
-MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")  # and the mixtures of experts
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe")  # and the mixtures of experts
 GELU_ACTS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_python")
 EXPERT_FIELDS = ("num_local_experts", "n_routed_experts", "num_experts", "moe_num_experts")
 
@@ -441,7 +441,8 @@ def spec_from_hf_config(data: dict, *, name: str = "hf-model") -> ModelSpec:
         norm="rmsnorm" if "rms_norm_eps" in data or gated else "layernorm",
         position="rope" if "rope_theta" in data or gated else "learned",
         tied_embeddings=bool(data.get("tie_word_embeddings", not gated or model_type.startswith("gemma"))),
-        bias=bool(data.get("attention_bias", data.get("mlp_bias", False))),
+        # GLM-4.5's attention_bias is q, k and v's only (as Qwen2's): not counted, as Qwen2's (0.001%)
+        bias=model_type != "glm4_moe" and bool(data.get("attention_bias", data.get("mlp_bias", False))),
         dropout=False,
         head_dim=(_int(data, "head_dim") if isinstance(head_dim, int) and head_dim * heads != hidden
                   else _int(data, "qk_nope_head_dim") + _int(data, "qk_rope_head_dim") if "kv_lora_rank" in data else 0),
@@ -483,7 +484,9 @@ def _experts_of(data: dict, model_type: str) -> dict:
         out = dict(experts=_int(data, "num_local_experts"), experts_per_token=_int(data, "num_experts_per_tok"),
                    expert_ffn_hidden=_int(data, "intermediate_size"))
     elif model_type in ("qwen2_moe", "qwen3_moe"):
-        out = dict(experts=_int(data, "num_experts"), experts_per_token=_int(data, "num_experts_per_tok"),
+        # (transformers 5 writes Qwen3-MoE's num_experts as num_local_experts)
+        out = dict(experts=_int(data, "num_experts", "num_local_experts"),
+                   experts_per_token=_int(data, "num_experts_per_tok"),
                    expert_ffn_hidden=_int(data, "moe_intermediate_size"),
                    moe_every=_int(data, "decoder_sparse_step", default=1))
         if model_type == "qwen2_moe":  # one shared expert behind a sigmoid gate
@@ -497,6 +500,12 @@ def _experts_of(data: dict, model_type: str) -> dict:
                    dense_layers=_int(data, "first_k_dense_replace", default=0))
         out.update(kv_lora_rank=_int(data, "kv_lora_rank"), q_lora_rank=_int(data, "q_lora_rank", default=0),
                    qk_rope_head_dim=_int(data, "qk_rope_head_dim"), v_head_dim=_int(data, "v_head_dim"))
+    elif model_type == "glm4_moe":  # GLM-4.5 / 4.6: DeepSeek-V3's experts (shared, first layers dense), grouped-query
+        shared = _int(data, "n_shared_experts", default=0)  # attention; its next-token module is not the model's
+        out = dict(experts=_int(data, "n_routed_experts"), experts_per_token=_int(data, "num_experts_per_tok"),
+                   expert_ffn_hidden=_int(data, "moe_intermediate_size"),
+                   shared_expert_ffn_hidden=shared * _int(data, "moe_intermediate_size"),
+                   dense_layers=_int(data, "first_k_dense_replace", default=0))
     return out
 
 

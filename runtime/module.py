@@ -318,22 +318,85 @@ def _init_submodule(pristine: nn.Module, path: str, seed: int, targets: dict[str
         copy_full(target, this_ranks_experts(full, *experts) if experts is not None else full)
 
 
+# a fused experts parameter of transformers 5 (`...experts.gate_up_proj`: (experts, 2 f, h), gate
+# before up; `...experts.down_proj`: (experts, h, f)) and the per-expert tensors checkpoints keep for
+# it (`...experts.N.gate_proj.weight`; Mixtral's `...block_sparse_moe.experts.N.w1.weight`)
+EXPERT_PARTS = {"gate_up_proj": (("gate_proj", "w1"), ("up_proj", "w3")), "down_proj": (("down_proj", "w2"),)}
+
+
+def checkpoint_key(name: str, keys: set[str]) -> str | None:
+    """The checkpoint's name of a module tensor: its own, or Mixtral's older `block_sparse_moe`
+    for transformers 5's `mlp`; None if neither is stored."""
+    for key in (name, name.replace(".mlp.", ".block_sparse_moe.")):
+        if key in keys:
+            return key
+    return None
+
+
+def fused_experts(name: str, shape: torch.Size, keys: dict[str, Path]) -> torch.Tensor | None:
+    """The whole fused experts parameter `name` of `shape` assembled on the CPU from the
+    checkpoint's per-expert tensors (each expert's projections stacked, gate before up); None
+    if `name` is not one or the checkpoint lacks any of its tensors."""
+    from safetensors import safe_open
+
+    prefix, _, leaf = name.rpartition(".")
+    if not prefix.endswith(".experts") or leaf not in EXPERT_PARTS or len(shape) != 3:
+        return None
+    for base in (prefix, prefix.replace(".mlp.", ".block_sparse_moe.")):
+        for alias in range(2):  # transformers' names, then Mixtral's w1 / w3 / w2
+            wanted = [[f"{base}.{e}.{part[alias]}.weight" for part in EXPERT_PARTS[leaf]] for e in range(shape[0])]
+            if all(k in keys for row in wanted for k in row):
+                experts = []
+                for row in wanted:  # one expert: its projections concatenated along the output rows
+                    parts = []
+                    for k in row:
+                        with safe_open(str(keys[k]), "pt") as f:
+                            parts.append(f.get_tensor(k))
+                    experts.append(torch.cat(parts, dim=0))
+                return torch.stack(experts)  # (experts, rows, columns)
+    return None
+
+
 def load_pretrained(model: nn.Module, plan: Plan, mmap: ModuleMap) -> None:
     """Read this part's slices of the model directory's safetensors (DCP's Hugging Face reader:
-    each rank reads what its shards hold). A tied head not stored under its own name (as
-    `save_pretrained` writes a tied model) reads the embedding's tensor."""
+    each rank reads what its shards hold), parameters and persistent buffers (a router's score
+    correction). A tied head not stored under its own name (as `save_pretrained` writes a tied
+    model) reads the embedding's tensor; a checkpoint's per-expert tensors fill transformers 5's
+    fused experts (`fused_experts`), and Mixtral's `block_sparse_moe` names its `mlp`. A tensor
+    the checkpoint does not hold is one line, not DCP's traceback."""
     import torch.distributed.checkpoint as dcp
+    from safetensors import safe_open
 
     files = safetensors_files(plan)
+    keys: dict[str, Path] = {}
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            keys.update({k: file for k in f.keys()})
+    persistent = {_join(path, n): b for path, sub in model.named_modules() for n, b in sub._buffers.items()
+                  if b is not None and n not in sub._non_persistent_buffers_set}
     state: dict[str, torch.Tensor] = {}
+    fused: list[tuple[str, torch.Tensor]] = []
     seen: set[int] = set()
-    for name, p in _by_name(model).items():
+    for name, p in {**_by_name(model), **{clean(n): b for n, b in persistent.items()}}.items():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        key = mmap.embedding_weight if mmap.tied and name == f"{mmap.head}.weight" else name
-        state[key] = p
+        key = checkpoint_key(mmap.embedding_weight if mmap.tied and name == f"{mmap.head}.weight" else name, set(keys))
+        if key is not None:
+            state[key] = p
+        elif name.rpartition(".")[2] in EXPERT_PARTS:
+            fused.append((name, p))
+        else:
+            raise ConfigError(f"the checkpoint in {files[0].parent} holds no tensor for the module's {name}; plan "
+                              "from the config alone (a folder without *.safetensors) to train from initialisation")
     dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(files[0].parent)))
+    with torch.no_grad():
+        for name, p in fused:
+            full = fused_experts(name, p.shape, keys)
+            if full is None:
+                raise ConfigError(f"the checkpoint in {files[0].parent} holds neither {name} nor its experts' "
+                                  "gate_proj / up_proj / down_proj (or w1 / w3 / w2) tensors")
+            copy_full(p, full)
 
 
 # -- the whole build --------------------------------------------------------------------------

@@ -51,6 +51,16 @@ QWEN1_5_MOE_A2_7B = {"model_type": "qwen2_moe", "hidden_size": 2048, "intermedia
                      "max_position_embeddings": 8192, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
                      "tie_word_embeddings": False, "hidden_act": "silu"}
 
+# zai-org/GLM-4.5-Air's config.json: DeepSeek-V3's experts (one shared, the first layer dense), grouped-query attention
+# of 96 heads of 128 over a 4096 width, q/k/v biases, a next-token module the model itself does not run
+GLM_4_5_AIR = {"model_type": "glm4_moe", "hidden_size": 4096, "intermediate_size": 10944, "moe_intermediate_size": 1408,
+               "num_attention_heads": 96, "num_key_value_heads": 8, "head_dim": 128, "num_hidden_layers": 46,
+               "n_routed_experts": 128, "n_shared_experts": 1, "num_experts_per_tok": 8, "first_k_dense_replace": 1,
+               "vocab_size": 151552, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 1e6,
+               "partial_rotary_factor": 0.5, "attention_bias": True, "use_qk_norm": False, "tie_word_embeddings": False,
+               "hidden_act": "silu", "num_nextn_predict_layers": 1, "n_group": 1, "topk_group": 1,
+               "norm_topk_prob": True, "routed_scaling_factor": 1.0}
+
 
 def within_card(count: float, card: float, digits_unit: float) -> bool:
     """The card's figure to 0.5%, or to its last printed digit where it is printed coarser:
@@ -69,6 +79,8 @@ CARDS = {
     "qwen3-30b-a3b": (ZOO["qwen3-30b-a3b"], 30.5e9, 3.3e9, 0.1e9, True),
     "deepseek-v3": (ZOO["deepseek-v3"], 671e9, 37e9, 1e9, False),
     "deepseek-v2-lite": (spec_from_hf_config(DEEPSEEK_V2_LITE, name="v2-lite"), 15.7e9, 2.4e9, 0.1e9, False),
+    # zai-org's card: "106 billion total parameters and 12 billion active" (the next-token module aside)
+    "glm-4.5-air": (spec_from_hf_config(GLM_4_5_AIR, name="glm-4.5-air"), 106e9, 12e9, 1e9, False),
 }
 
 
@@ -80,7 +92,8 @@ def test_total_and_active_parameters_are_the_model_cards(name):
     assert spec.active_params() < spec.num_params / 3  # read as dense it would be one expert's model
 
 
-@pytest.mark.parametrize("config", [MIXTRAL_8X7B, DEEPSEEK_V2_LITE, DEEPSEEK_V3, QWEN3_30B_A3B, QWEN1_5_MOE_A2_7B],
+@pytest.mark.parametrize("config", [MIXTRAL_8X7B, DEEPSEEK_V2_LITE, DEEPSEEK_V3, QWEN3_30B_A3B, QWEN1_5_MOE_A2_7B,
+                                    GLM_4_5_AIR],
                          ids=lambda c: c["model_type"])
 def test_the_reader_counts_what_transformers_builds(config):
     spec = spec_from_hf_config(config)
@@ -258,6 +271,54 @@ def test_hugging_face_experts_train_under_expert_parallelism(tmp_path):
         for layout in HF_LAYOUTS[name]:
             np.testing.assert_allclose(np.array(results[f"{name}-{layout}"]["losses"]), base, rtol=1e-5, atol=0,
                                        err_msg=f"{name} {layout}")
+
+
+TINY_GLM4_MOE = {"model_type": "glm4_moe", "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
+                 "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "num_hidden_layers": 3,
+                 "n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2, "first_k_dense_replace": 1,
+                 "vocab_size": 256, "max_position_embeddings": 64, "attention_bias": True, "partial_rotary_factor": 0.5,
+                 "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "hidden_act": "silu"}
+
+
+def test_pretrained_experts_load_as_transformers_reads_them(tmp_path):
+    """Checkpoints keep each expert's projections (Mixtral's block_sparse_moe.experts.N.w1/w3/w2,
+    GLM-4.5's and Qwen's mlp.experts.N.gate_proj/up_proj/down_proj) where transformers 5's modules
+    hold them fused (experts.gate_up_proj, experts.down_proj), GLM's router keeps a score
+    correction as a persistent buffer, and transformers 5 writes Qwen3-MoE's num_experts as
+    num_local_experts (the reader refused it): the first step's loss of the saved weights, under DDP and
+    under FSDP on 2 processes, is the loss transformers' from_pretrained computes on the same
+    batch (it was DCP's "Missing key ... experts.down_proj" traceback on every pretrained MoE)."""
+    import torch
+    import torch.nn.functional as F
+    import transformers
+
+    from runtime.data import TokenSource
+
+    plans, folders = [], {}
+    qwen3 = {**TINY_HF_MOE["qwen2_moe"], "model_type": "qwen3_moe", "head_dim": 16}  # (saved: num_local_experts)
+    qwen3.pop("shared_expert_intermediate_size")
+    for name, config in {"mixtral": TINY_HF_MOE["mixtral"], "glm4_moe": TINY_GLM4_MOE, "qwen3_moe": qwen3}.items():
+        cfg = transformers.AutoConfig.for_model(**config)
+        torch.manual_seed(3)
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+        if name == "glm4_moe":  # a trained router's correction, not the initial zeros
+            for layer in model.model.layers[1:]:
+                layer.mlp.gate.e_score_correction_bias.copy_(torch.linspace(-0.5, 0.5, 4))
+        folder = folders[name] = tmp_path / name
+        model.save_pretrained(folder)
+        for layout, flags in (("dp", dict(dp=2, microbatch_size=4)), ("fsdp", dict(dp=2, zero=3, microbatch_size=4))):
+            plans.append(write_source_plan(tmp_path, f"hf:{folder}", Strategy(precision="fp32", global_batch=8,
+                                                                             seq_len=32, **flags), f"{name}-{layout}"))
+    run = launch(2, plans, tmp_path / "out.jsonl", "--steps", "1")
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = read_results(tmp_path / "out.jsonl")
+    x, y = TokenSource(256, 32, None, 0).batch(0, 8)
+    for name, folder in folders.items():
+        plain = transformers.AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+        with torch.no_grad():
+            loss = float(F.cross_entropy(plain(x).logits.flatten(0, 1), y.flatten()))
+        for layout in ("dp", "fsdp"):
+            assert abs(results[f"{name}-{layout}"]["losses"][0] - loss) <= 1e-5 * loss, (name, layout)
 
 
 def test_expert_parallelism_is_refused_where_it_does_not_run(tmp_path):
