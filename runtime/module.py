@@ -357,13 +357,14 @@ def fused_experts(name: str, shape: torch.Size, keys: dict[str, Path]) -> torch.
     return None
 
 
-def load_pretrained(model: nn.Module, plan: Plan, mmap: ModuleMap) -> None:
+def load_pretrained(model: nn.Module, plan: Plan, mmap: ModuleMap) -> set[str]:
     """Read this part's slices of the model directory's safetensors (DCP's Hugging Face reader:
     each rank reads what its shards hold), parameters and persistent buffers (a router's score
     correction). A tied head not stored under its own name (as `save_pretrained` writes a tied
     model) reads the embedding's tensor; a checkpoint's per-expert tensors fill transformers 5's
-    fused experts (`fused_experts`), and Mixtral's `block_sparse_moe` names its `mlp`. A tensor
-    the checkpoint does not hold is one line, not DCP's traceback."""
+    fused experts (`fused_experts`), and Mixtral's `block_sparse_moe` names its `mlp`. A weight
+    the checkpoint does not hold is one line, not DCP's traceback; the persistent buffers it does
+    not hold are returned, for the model's own initialisation (as from_pretrained does)."""
     import torch.distributed.checkpoint as dcp
     from safetensors import safe_open
 
@@ -376,7 +377,9 @@ def load_pretrained(model: nn.Module, plan: Plan, mmap: ModuleMap) -> None:
                   if b is not None and n not in sub._non_persistent_buffers_set}
     state: dict[str, torch.Tensor] = {}
     fused: list[tuple[str, torch.Tensor]] = []
+    missing: set[str] = set()
     seen: set[int] = set()
+    buffers = {clean(n) for n in persistent}
     for name, p in {**_by_name(model), **{clean(n): b for n, b in persistent.items()}}.items():
         if id(p) in seen:
             continue
@@ -386,6 +389,8 @@ def load_pretrained(model: nn.Module, plan: Plan, mmap: ModuleMap) -> None:
             state[key] = p
         elif name.rpartition(".")[2] in EXPERT_PARTS:
             fused.append((name, p))
+        elif name in buffers:
+            missing.add(name)
         else:
             raise ConfigError(f"the checkpoint in {files[0].parent} holds no tensor for the module's {name}; plan "
                               "from the config alone (a folder without *.safetensors) to train from initialisation")
@@ -397,6 +402,7 @@ def load_pretrained(model: nn.Module, plan: Plan, mmap: ModuleMap) -> None:
                 raise ConfigError(f"the checkpoint in {files[0].parent} holds neither {name} nor its experts' "
                                   "gate_proj / up_proj / down_proj (or w1 / w3 / w2) tensors")
             copy_full(p, full)
+    return missing
 
 
 # -- the whole build --------------------------------------------------------------------------
@@ -439,26 +445,29 @@ def build_user_parts(plan: Plan, mesh, device: torch.device, seed: int, mmap: Mo
         model.to_empty(device=device)
         tie(model, mmap)
         if pretrained:
-            load_pretrained(model, plan, mmap)
+            unread = load_pretrained(model, plan, mmap)
         else:
             initialise(model, pristine, plan, mmap, seed)
-        _restore_buffers(model, plan)
+            unread = None  # no weights: every persistent buffer from the model's init
+        _restore_buffers(model, plan, unread)
         model.train()
         parts.append(model)
         ids.append(k)
     return parts, ids
 
 
-def _restore_buffers(model: nn.Module, plan: Plan) -> None:
+def _restore_buffers(model: nn.Module, plan: Plan, unread: frozenset[str] | set[str] | None = frozenset()) -> None:
     """Buffers after `to_empty`: Hugging Face's init recomputes them (a rotary embedding's
-    tables; Gemma-2's embedding scale, sqrt(hidden)), run on a copy of each submodule whose
-    parameters are throwaway CPU tensors, so that the weights already filled stay; a py:
-    module's come from its CPU build."""
+    tables; Gemma-2's embedding scale, sqrt(hidden); the persistent ones the weights did not
+    bring, `unread` by name, every one of them where None: a router's score correction), run on
+    a copy of each submodule whose parameters are throwaway CPU tensors, so that the weights
+    already filled stay; a py: module's come from its CPU build."""
     if plan.source.get("kind") == "hf":
         with torch.no_grad():
             for path, sub in model.named_modules():
-                mine = {n: b for n, b in sub._buffers.items() if b is not None and n in sub._non_persistent_buffers_set}
-                if not mine:  # (persistent buffers come with the weights)
+                mine = {n: b for n, b in sub._buffers.items() if b is not None and (
+                    n in sub._non_persistent_buffers_set or unread is None or clean(_join(path, n)) in unread)}
+                if not mine:
                     continue
                 local = copy.copy(sub)
                 local._modules, local._buffers = {}, dict(mine)

@@ -239,11 +239,17 @@ TINY_HF_MOE = {  # transformers' own mixture-of-experts classes, a few kilobytes
                   "num_hidden_layers": 2, "num_experts": 4, "num_experts_per_tok": 2, "decoder_sparse_step": 1,
                   "mlp_only_layers": [], "vocab_size": 256, "max_position_embeddings": 64, "rms_norm_eps": 1e-6,
                   "rope_theta": 10000.0, "tie_word_embeddings": False, "hidden_act": "silu"},
+    "glm4_moe": {"model_type": "glm4_moe", "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
+                     "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "num_hidden_layers": 3,
+                     "n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2, "first_k_dense_replace": 1,
+                     "vocab_size": 256, "max_position_embeddings": 64, "attention_bias": True, "partial_rotary_factor": 0.5,
+                     "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "hidden_act": "silu"},
 }
 
 
 HF_CONFIGS = {k: CONFIGS[k] for k in ("ep2_fsdp2", "ep4")}  # EP x DDP is the built-in model's test's
-HF_LAYOUTS = {"mixtral": ("ep2_fsdp2", "ep4"), "qwen2_moe": ("ep2_fsdp2",)}  # the shared expert under EP x FSDP
+HF_LAYOUTS = {"mixtral": ("ep2_fsdp2", "ep4"), "qwen2_moe": ("ep2_fsdp2",),  # the shared expert under EP x FSDP
+              "glm4_moe": ("ep2_fsdp2",)}  # DeepSeek-V3's router (its score correction a persistent buffer), a dense layer
 
 
 def test_hugging_face_experts_train_under_expert_parallelism(tmp_path):
@@ -273,13 +279,6 @@ def test_hugging_face_experts_train_under_expert_parallelism(tmp_path):
                                        err_msg=f"{name} {layout}")
 
 
-TINY_GLM4_MOE = {"model_type": "glm4_moe", "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
-                 "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "num_hidden_layers": 3,
-                 "n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2, "first_k_dense_replace": 1,
-                 "vocab_size": 256, "max_position_embeddings": 64, "attention_bias": True, "partial_rotary_factor": 0.5,
-                 "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "hidden_act": "silu"}
-
-
 def test_pretrained_experts_load_as_transformers_reads_them(tmp_path):
     """Checkpoints keep each expert's projections (Mixtral's block_sparse_moe.experts.N.w1/w3/w2,
     GLM-4.5's and Qwen's mlp.experts.N.gate_proj/up_proj/down_proj) where transformers 5's modules
@@ -297,7 +296,7 @@ def test_pretrained_experts_load_as_transformers_reads_them(tmp_path):
     plans, folders = [], {}
     qwen3 = {**TINY_HF_MOE["qwen2_moe"], "model_type": "qwen3_moe", "head_dim": 16}  # (saved: num_local_experts)
     qwen3.pop("shared_expert_intermediate_size")
-    for name, config in {"mixtral": TINY_HF_MOE["mixtral"], "glm4_moe": TINY_GLM4_MOE, "qwen3_moe": qwen3}.items():
+    for name, config in {"mixtral": TINY_HF_MOE["mixtral"], "glm4_moe": TINY_HF_MOE["glm4_moe"], "qwen3_moe": qwen3}.items():
         cfg = transformers.AutoConfig.for_model(**config)
         torch.manual_seed(3)
         model = transformers.AutoModelForCausalLM.from_config(cfg)
