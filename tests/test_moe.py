@@ -240,10 +240,10 @@ TINY_HF_MOE = {  # transformers' own mixture-of-experts classes, a few kilobytes
                   "mlp_only_layers": [], "vocab_size": 256, "max_position_embeddings": 64, "rms_norm_eps": 1e-6,
                   "rope_theta": 10000.0, "tie_word_embeddings": False, "hidden_act": "silu"},
     "glm4_moe": {"model_type": "glm4_moe", "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
-                     "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "num_hidden_layers": 3,
-                     "n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2, "first_k_dense_replace": 1,
-                     "vocab_size": 256, "max_position_embeddings": 64, "attention_bias": True, "partial_rotary_factor": 0.5,
-                     "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "hidden_act": "silu"},
+                 "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "num_hidden_layers": 3,
+                 "n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2, "first_k_dense_replace": 1,
+                 "vocab_size": 256, "max_position_embeddings": 64, "attention_bias": True, "partial_rotary_factor": 0.5,
+                 "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "hidden_act": "silu"},
 }
 
 
@@ -253,8 +253,8 @@ HF_LAYOUTS = {"mixtral": ("ep2_fsdp2", "ep4"), "qwen2_moe": ("ep2_fsdp2",),  # t
 
 
 def test_hugging_face_experts_train_under_expert_parallelism(tmp_path):
-    """transformers' Mixtral and Qwen2-MoE (a gated shared expert beside the routed ones) as the
-    user has them, their experts split over ep (folded into DP and FSDP), against the same
+    """transformers' Mixtral, Qwen2-MoE (a gated shared expert beside the routed ones) and GLM-4.5
+    (a shared expert, a dense first layer, DeepSeek-V3's router) as the user has them, their experts split over ep (folded into DP and FSDP), against the same
     modules in one process; tolerance as for the built-in model."""
     singles, plans = [], []
     for name, config in TINY_HF_MOE.items():
