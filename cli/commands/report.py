@@ -88,6 +88,9 @@ def plan_report_args(args: argparse.Namespace) -> tuple[Plan, ModelSpec]:
     if plan.mode != "inference":
         args.global_batch, args.runtime = plan.global_batch, plan.runtime
         return plan, spec
+    from planner.serving_plan import serving_setup
+
+    serving_setup(plan, args.plan)  # a section that is missing a field or wrong: one line naming it
     sv = plan.serving
     args.mode, args.engine, args.precision = "inference", sv.get("engine"), plan.precision
     if sv.get("workload"):
