@@ -379,12 +379,12 @@ def load_pretrained(model: nn.Module, plan: Plan, mmap: ModuleMap) -> set[str]:
     fused: list[tuple[str, torch.Tensor]] = []
     missing: set[str] = set()
     seen: set[int] = set()
-    buffers = {clean(n) for n in persistent}
+    buffers, stored = {clean(n) for n in persistent}, set(keys)
     for name, p in {**_by_name(model), **{clean(n): b for n, b in persistent.items()}}.items():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        key = checkpoint_key(mmap.embedding_weight if mmap.tied and name == f"{mmap.head}.weight" else name, set(keys))
+        key = checkpoint_key(mmap.embedding_weight if mmap.tied and name == f"{mmap.head}.weight" else name, stored)
         if key is not None:
             state[key] = p
         elif name.rpartition(".")[2] in EXPERT_PARTS:
