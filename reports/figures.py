@@ -94,7 +94,10 @@ def scaling(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
     ax.set_xlabel("GPUs")
     ax.set_ylabel("tokens/s (cluster)")
     ax.set_title("Scaling with GPU count, same global batch")
-    ax.legend(fontsize=7)
+    if any(curves.values()):
+        ax.legend(fontsize=7)
+    else:  # nothing fits at any size: say so on the figure (a legend of nothing warned on stderr)
+        ax.text(0.5, 0.5, "no strategy fits at any GPU count", transform=ax.transAxes, ha="center")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

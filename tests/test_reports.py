@@ -125,11 +125,15 @@ def test_a_report_of_a_plan_ranks_it_among_the_rest(tmp_path):
                     "512", "--output-len", "128", "-o", str(serving)).returncode == 0
     out = paraplan("report", str(serving), "-o", str(tmp_path / "s"))
     assert out.returncode == 0 and (tmp_path / "s" / "report.md").exists() and "h100-sxm:1: tp1 x pp1" in out.stdout
+    lora = tmp_path / "lora.yaml"
+    assert paraplan("plan", "--mode", "lora", "--model", "llama3-8b", "--cluster", "a100-80g:1", "--global-batch", "8",
+                    "-o", str(lora)).returncode == 0
     broken = yaml.safe_load(serving.read_text())
     del broken["serving"]["prompt_len"]
     (tmp_path / "broken.yaml").write_text(yaml.safe_dump(broken))
     for argv, needle in (((str(tp2), "--global-batch", "8"), "--global-batch comes from the plan"),
                          ((str(tmp_path / "broken.yaml"),), "its `serving` section: prompt_len is missing"),
+                         ((str(lora),), "is a LoRA plan and a report ranks full-training strategies"),
                          ((str(tp2), "--mode", "inference"), "--mode comes from the plan"),
                          ((), "report needs --model and --cluster (or a plan")):
         out = paraplan("report", *argv, "-o", str(tmp_path / "x"))

@@ -83,6 +83,9 @@ def plan_report_args(args: argparse.Namespace) -> tuple[Plan, ModelSpec]:
         raise ConfigError(f"{flag or '--mode'} comes from the plan {args.plan}; drop it (or leave out the plan and "
                           "give --model and --cluster)")
     plan = Plan.load(args.plan)
+    if plan.mode == "lora":
+        raise ConfigError(f"{args.plan} is a LoRA plan and a report ranks full-training strategies; `paraplan simulate "
+                          f"--plan {args.plan}` prices it, `paraplan compare` sets LoRA plans side by side")
     spec = plan.spec
     args.cluster = plan.cluster
     if plan.mode != "inference":
