@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--json", action="store_true")
     rep_ = sub.add_parser("replan", help="plan the same model and batch for a new GPU count")
     rep_.add_argument("plan", help="the plan YAML in use")
-    rep_.add_argument("--gpus", type=int, required=True, help="the GPU count now available")
+    rep_.add_argument("--gpus", type=int, help="the GPU count now available (default: --cluster's)")
     rep_.add_argument("--cluster", help="the new cluster (default: the plan's device with --gpus of them)")
     rep_.add_argument("--time-limit", type=float, metavar="S", help="stop searching after S seconds, keep the best")
     rep_.add_argument("-o", "--output", metavar="PLAN", help="write the new plan YAML here")

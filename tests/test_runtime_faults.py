@@ -130,6 +130,10 @@ def test_replan_refuses_what_it_cannot_do(tmp_path):
     old = write_plan(tmp_path, "tiny-gpt", Strategy(precision="fp32", dp=2, global_batch=8, microbatch_size=4), "dp2")
     out = paraplan("replan", str(old), "--gpus", "0")
     assert out.returncode == 2 and "--gpus" in out.stderr and "Traceback" not in out.stderr
+    out = paraplan("replan", str(old))
+    assert out.returncode == 2 and "--gpus N" in out.stderr and "--cluster DEVICE:COUNT" in out.stderr
+    out = paraplan("replan", str(old), "--cluster", "cpu:4", "--json")  # the count is the new cluster's
+    assert out.returncode == 0 and json.loads(out.stdout)["plan"]["cluster"] == "cpu:4", out.stderr
     data = yaml.safe_load(old.read_text())
     data["cluster"] = "my-cluster.yaml"
     old.write_text(yaml.safe_dump(data))

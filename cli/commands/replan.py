@@ -40,11 +40,15 @@ def runtime_constraints(plan: Plan) -> dict:
 
 def run_replan(args: argparse.Namespace) -> int:
     old = Plan.load(args.plan)
-    if args.gpus is None or args.gpus < 1:
-        raise ConfigError("replan needs --gpus N, a positive GPU count")
+    if args.gpus is None and not args.cluster:
+        raise ConfigError("replan needs --gpus N (the GPU count now available) or --cluster DEVICE:COUNT")
+    if args.gpus is not None and args.gpus < 1:
+        raise ConfigError(f"--gpus must be a positive GPU count, got {args.gpus}")
     cluster_text = args.cluster or resized_cluster(old.cluster, args.gpus)
     cluster = load_cluster(cluster_text, runtime=old.runtime)
-    if cluster.world_size != args.gpus:
+    if args.gpus is None:  # the new cluster says how many
+        args.gpus = cluster.world_size
+    elif cluster.world_size != args.gpus:
         raise ConfigError(f"--cluster {cluster_text} has {cluster.world_size} GPUs, not --gpus {args.gpus}")
     spec = old.spec
     req = SearchRequest(spec=spec, cluster=cluster, global_batch=old.global_batch, fixed=runtime_constraints(old),
