@@ -80,9 +80,9 @@ from costmodel.kv_groups import KVGroups
 from costmodel.runtime import FUSED
 from costmodel.serving_engine import DEFAULT_ENGINE, ServingEngine, check_engine_name, engine_cluster
 from costmodel.serving import (BYTES, DEFAULT_ACCEPTANCE, GPU_MEMORY_UTILIZATION, SPECULATION_PP, KVBudget,
-                               ServingRequest, check_kv_cache, cli_flag, decode_attention_s, head_s, kv_budget, kv_bytes_per_token, kv_value_bytes,
-                               kv_values_per_token_gpu, layout_label, layout_problems, speculation_problems,
-                               token_layer_s, window_prefill)
+                               ServingRequest, check_kv_cache, cli_flag, decode_attention_s, head_s, kv_budget,
+                               kv_bytes_per_token, kv_value_bytes, kv_values_per_token_gpu, layout_label,
+                               layout_problems, speculation_problems, token_layer_s, window_prefill)
 from costmodel.spec import ModelSpec
 from costmodel.workload import Request
 

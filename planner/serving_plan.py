@@ -84,7 +84,8 @@ def serving_setup(plan: Plan, where: str = "the plan") -> ServingSetup:
         request = ServingRequest(prompt_len=_int(sv, "prompt_len"), output_len=_int(sv, "output_len"),
                                  beam=_int(sv, "beam", 1), block_tokens=_int(sv, "block_tokens", 16),
                                  precision=plan.precision, engine=engine, draft=draft, ngram=ngram,
-                                 draft_len=_int(sv, "draft_len", 4), acceptance=_number(sv, "acceptance", DEFAULT_ACCEPTANCE),
+                                 draft_len=_int(sv, "draft_len", 4),
+                                 acceptance=_number(sv, "acceptance", DEFAULT_ACCEPTANCE),
                                  **memory)
         expert_parallel = _flag(sv, "expert_parallel", False)
         replicas = _int(sv, "replicas", 1)

@@ -254,8 +254,9 @@ HF_LAYOUTS = {"mixtral": ("ep2_fsdp2", "ep4"), "qwen2_moe": ("ep2_fsdp2",),  # t
 
 def test_hugging_face_experts_train_under_expert_parallelism(tmp_path):
     """transformers' Mixtral, Qwen2-MoE (a gated shared expert beside the routed ones) and GLM-4.5
-    (a shared expert, a dense first layer, DeepSeek-V3's router) as the user has them, their experts split over ep (folded into DP and FSDP), against the same
-    modules in one process; tolerance as for the built-in model."""
+    (a shared expert, a dense first layer, DeepSeek-V3's router) as the user has them, their
+    experts split over ep (folded into DP and FSDP), against the same modules in one process;
+    tolerance as for the built-in model."""
     singles, plans = [], []
     for name, config in TINY_HF_MOE.items():
         folder = tmp_path / name

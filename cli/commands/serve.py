@@ -7,8 +7,8 @@ import argparse
 import json
 
 from costmodel import ConfigError, Strategy, load_cluster
-from costmodel.serving import (DEFAULT_ACCEPTANCE, GPU_MEMORY_UTILIZATION, ServingPlan, ServingPoint, ServingRequest, check_degrees,
-                               acceptance_of_length, kv_bytes_per_token, layout_label, plan_serving)
+from costmodel.serving import (DEFAULT_ACCEPTANCE, GPU_MEMORY_UTILIZATION, ServingPlan, ServingPoint, ServingRequest,
+                               acceptance_of_length, check_degrees, kv_bytes_per_token, layout_label, plan_serving)
 from costmodel.spec import ModelSpec, format_count
 from costmodel.serving_engine import DEFAULT_ENGINE, check_block_size
 from planner.files import atomic_write_text
