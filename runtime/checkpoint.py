@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import torch.distributed as dist
@@ -150,6 +151,14 @@ def save(directory: str | Path, step: int, state: TrainState) -> Path:
         os.replace(tmp, final)
     dist.barrier()
     return final
+
+
+def load_in_one_process(state: dict, path: str | Path) -> None:
+    """DCP's load of a checkpoint into `state` in this process alone (export, generate): its
+    warning that no process group exists says what is meant, so it is not printed."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path), no_dist=True)
 
 
 def load(path: Path, state: TrainState) -> None:

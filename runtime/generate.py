@@ -84,16 +84,14 @@ def load_model(spec: ModelSpec, *, checkpoint: str | None = None, seed: int = 0)
     model = build_model(spec, device="cpu")
     model.init_weights(seed)
     if checkpoint:
-        from runtime.checkpoint import latest
+        from runtime.checkpoint import latest, load_in_one_process
 
         found = latest(checkpoint) if not (Path(checkpoint) / "COMPLETE").exists() else Path(checkpoint)
         if found is None:
             raise ConfigError(f"no complete checkpoint in {checkpoint}; give a `paraplan run --checkpoint-dir` folder")
-        import torch.distributed.checkpoint as dcp
-
         state = {"train": {"model": model.state_dict()}}
         try:
-            dcp.load(state, checkpoint_id=str(found))
+            load_in_one_process(state, found)
         except Exception as exc:  # noqa: BLE001 - a checkpoint of another model, or damaged
             raise ConfigError(f"cannot load the model from {found}: {str(exc).splitlines()[0][:200]}") from None
         model.load_state_dict(state["train"]["model"])

@@ -74,6 +74,8 @@ def load_model_state(model: torch.nn.Module, checkpoint: Path) -> None:
     """The model part of a training checkpoint (`train.model.<name>`) into a whole module."""
     import torch.distributed.checkpoint as dcp
 
+    from runtime.checkpoint import load_in_one_process
+
     stored = set(dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata)
     state = {name: t for name, t in model.state_dict().items() if f"train.model.{name}" in stored}
     missing = [n for n, _ in model.named_parameters() if n not in state]
@@ -81,7 +83,7 @@ def load_model_state(model: torch.nn.Module, checkpoint: Path) -> None:
         raise ConfigError(f"checkpoint {checkpoint} lacks {missing[0]} (and {len(missing) - 1} more); it was "
                           "written for another model")
     try:
-        dcp.load({"train": {"model": state}}, checkpoint_id=str(checkpoint), no_dist=True)
+        load_in_one_process({"train": {"model": state}}, checkpoint)
     except Exception as exc:  # noqa: BLE001 - a damaged checkpoint or another model's
         raise ConfigError(f"cannot load the model from {checkpoint}: {str(exc).splitlines()[0][:200]}") from None
     model.load_state_dict(state, strict=False)
