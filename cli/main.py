@@ -83,7 +83,9 @@ def add_mode_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch", type=int, help="sequences per replica (default: the best the KV cache allows)")
     g.add_argument("--beam", type=int, help="beam width (multiplies the KV cache of the output)")
     g.add_argument("--block-size", type=int, help="paged KV block, tokens (default 16)")
-    g.add_argument("--draft-model", help="speculative decoding: the draft model")
+    g.add_argument("--draft-model", help="speculative decoding: a draft model, ngram (drafts looked up in the prompt), "
+                                         "eagle:HEAD / eagle3:HEAD (an EAGLE head's checkpoint) or mtp (the model's "
+                                         "own next-token module: DeepSeek-V3, GLM-4.5)")
     g.add_argument("--draft-len", type=int, help="speculative decoding: tokens drafted per step (gamma, default 4)")
     g.add_argument("--acceptance", type=float, help="speculative decoding: the chance each drafted token is accepted "
                                                     "(default 0.6, published EAGLE heads on chat prompts)")

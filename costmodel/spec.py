@@ -87,6 +87,10 @@ class ModelSpec:
     # the longest sequence the model reads (Hugging Face's max_position_embeddings, vLLM's default
     # max_model_len): what serving may fill; 0: seq_len (which is what training runs at)
     max_positions: int = 0
+    # next-token prediction modules the checkpoint carries beside the model (DeepSeek-V3's and
+    # GLM-4.5's num_nextn_predict_layers): not in the model's own forward or its parameter count;
+    # vLLM's mtp proposer drafts with them
+    mtp_layers: int = 0
 
     def __post_init__(self) -> None:
         for name in ("layers", "hidden", "heads", "vocab", "seq_len"):
@@ -95,7 +99,7 @@ class ModelSpec:
                 raise ConfigError(f"model field '{name}' must be a positive integer, got {value!r}")
         for name in ("ffn_hidden", "kv_heads", "head_dim", "experts", "experts_per_token", "expert_ffn_hidden",
                      "shared_expert_ffn_hidden", "dense_layers", "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim",
-                     "v_head_dim", "attention_window", "windowed_layers", "max_positions"):
+                     "v_head_dim", "attention_window", "windowed_layers", "max_positions", "mtp_layers"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"model field '{name}' must be a positive integer, got {value!r}")
@@ -399,7 +403,7 @@ class ModelSpec:
                 continue
             if f.name in MOE_AND_MLA_FIELDS and f.name not in defaults and value == f.default:
                 continue  # a dense model's spec reads as before
-            if f.name == "max_positions" and not value:
+            if f.name in ("max_positions", "mtp_layers") and not value:
                 continue
             out[f.name] = value.value if isinstance(value, StrEnum) else value
         return out

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from costmodel.errors import ConfigError
 from planner.plan import Plan
 from engines.common import json_object
-from planner.model_source import EAGLE_METHODS, NGRAM, checkpoint_weights
+from planner.model_source import EAGLE_METHODS, MTP, NGRAM, checkpoint_weights
 from planner.zoo import HUB_IDS
 
 _VLLM_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16"}  # what the export writes for a 16-bit dtype
@@ -61,6 +61,8 @@ def commands(plan: Plan, *, model_path: str | None = None) -> list[list[str]]:
         method, sep, head = sv["draft_model"].partition(":")
         if sv["draft_model"] == NGRAM:
             proposer = {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": NGRAM_LOOKUP}
+        elif sv["draft_model"] == MTP:  # the model's own next-token module
+            proposer = {"method": "mtp", "num_speculative_tokens": k}
         elif sep and method in EAGLE_METHODS:  # an EAGLE head's checkpoint
             proposer = {"method": method, "model": head, "num_speculative_tokens": k}
         else:
@@ -154,8 +156,8 @@ _CHOICE_FLAGS = {"--dtype": ("precision", _DTYPES), "--kv-cache-dtype": ("kv_cac
 
 
 def _speculative(raw: str) -> tuple[str, int] | None:
-    """(draft model, "ngram" or "eagle:HEAD" / "eagle3:HEAD", proposed tokens) of a
-    --speculative-config JSON; None for a proposer not priced (Medusa, MTP)."""
+    """(draft model, "ngram", "eagle:HEAD" / "eagle3:HEAD" or "mtp", proposed tokens) of a
+    --speculative-config JSON; None for a proposer not priced (Medusa)."""
     config = json_object(raw, "the vllm command's --speculative-config")
     k = config.get("num_speculative_tokens")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -167,6 +169,8 @@ def _speculative(raw: str) -> tuple[str, int] | None:
         return config["model"], k
     if method in EAGLE_METHODS and isinstance(config.get("model"), str):
         return f"{method}:{config['model']}", k
+    if isinstance(method, str) and (method == MTP or method.endswith("_mtp")):  # mtp; deepseek_mtp, glm4_moe_mtp, ...
+        return MTP, k
     return None
 
 

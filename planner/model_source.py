@@ -33,14 +33,28 @@ NGRAM = "ngram"  # --draft-model ngram: drafts looked up in the prompt (vLLM's n
 # (vLLM's eagle and eagle3 methods), the checkpoint's Hub id or directory; EAGLE-3's heads predict a
 # draft vocabulary of 32,000 tokens (the published heads' draft_vocab_size)
 EAGLE_METHODS = {"eagle": None, "eagle3": 32_000}
+# --draft-model mtp: the target's own next-token prediction module (vLLM's mtp method; DeepSeek-V3,
+# GLM-4.5): one block of the target's shape (its experts where it has them) on the target's embedding
+# and head, run once a drafted token
+MTP = "mtp"
 
 
 def load_draft(text: str, target: ModelSpec | None = None) -> ModelSpec | None:
-    """A speculative-decoding draft model by name, None for n-gram proposals (`ngram`), or an
-    EAGLE head (`eagle:CHECKPOINT`, `eagle3:CHECKPOINT`) priced as one decoder layer of the
-    target's shape and a head over its vocabulary (EAGLE-3's draft vocabulary), named as given."""
+    """A speculative-decoding draft model by name, None for n-gram proposals (`ngram`), an EAGLE
+    head (`eagle:CHECKPOINT`, `eagle3:CHECKPOINT`) priced as one decoder layer of the target's
+    shape and a head over its vocabulary (EAGLE-3's draft vocabulary), named as given, or the
+    target's own next-token module (`mtp`): one block of its shape, experts included."""
     if text == NGRAM:
         return None
+    if text == MTP:
+        if target is None:
+            raise ConfigError("--draft-model mtp drafts with the target's own next-token module: give --model")
+        if not target.mtp_layers:
+            raise ConfigError(f"--draft-model mtp: {target.name} carries no next-token prediction module (its "
+                              "config's num_nextn_predict_layers, as DeepSeek-V3's and GLM-4.5's); use a draft model, "
+                              "ngram or eagle3:HEAD")
+        return replace(target, name=MTP, layers=1, dense_layers=0, windowed_layers=0, attention_window=0,
+                       tied_embeddings=True, mtp_layers=0)  # one block as the target's sparse ones, its head shared
     method, sep, checkpoint = text.partition(":")
     if sep and method in EAGLE_METHODS:
         if not checkpoint:
@@ -56,8 +70,9 @@ def load_draft(text: str, target: ModelSpec | None = None) -> ModelSpec | None:
     try:
         return load_model_spec(text)
     except ConfigError as exc:
-        raise ConfigError(f"{exc}; or --draft-model {NGRAM} for drafts looked up in the prompt, or "
-                          "eagle:CHECKPOINT / eagle3:CHECKPOINT for an EAGLE head") from None
+        raise ConfigError(f"{exc}; or --draft-model {NGRAM} for drafts looked up in the prompt, "
+                          "eagle:CHECKPOINT / eagle3:CHECKPOINT for an EAGLE head, or mtp for the model's own "
+                          "next-token module") from None
 
 
 def load_model(text: str):
@@ -499,13 +514,15 @@ def _experts_of(data: dict, model_type: str) -> dict:
                    shared_expert_ffn_hidden=shared * _int(data, "moe_intermediate_size"),
                    dense_layers=_int(data, "first_k_dense_replace", default=0))
         out.update(kv_lora_rank=_int(data, "kv_lora_rank"), q_lora_rank=_int(data, "q_lora_rank", default=0),
-                   qk_rope_head_dim=_int(data, "qk_rope_head_dim"), v_head_dim=_int(data, "v_head_dim"))
+                   qk_rope_head_dim=_int(data, "qk_rope_head_dim"), v_head_dim=_int(data, "v_head_dim"),
+                   mtp_layers=_int(data, "num_nextn_predict_layers", default=0))
     elif model_type == "glm4_moe":  # GLM-4.5 / 4.6: DeepSeek-V3's experts (shared, first layers dense), grouped-query
         shared = _int(data, "n_shared_experts", default=0)  # attention; its next-token module is not the model's
         out = dict(experts=_int(data, "n_routed_experts"), experts_per_token=_int(data, "num_experts_per_tok"),
                    expert_ffn_hidden=_int(data, "moe_intermediate_size"),
                    shared_expert_ffn_hidden=shared * _int(data, "moe_intermediate_size"),
-                   dense_layers=_int(data, "first_k_dense_replace", default=0))
+                   dense_layers=_int(data, "first_k_dense_replace", default=0),
+                   mtp_layers=_int(data, "num_nextn_predict_layers", default=0))
     return out
 
 

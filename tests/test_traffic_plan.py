@@ -590,6 +590,44 @@ def test_a_speculative_serving_plan_goes_through_check_export_and_back(tmp_path)
     assert code == 2 and "runs with pp 1" in err and "Traceback" not in err
 
 
+def test_mtp_drafts_with_the_models_own_next_token_module(tmp_path):
+    """vLLM's mtp method: DeepSeek-V3's (and GLM-4.5's) checkpoint carries a next-token module
+    (num_nextn_predict_layers) that drafts for it: `--draft-model mtp` is one block of the
+    target's shape, its experts and latent attention included, on the target's head; recorded by
+    the reader (not counted in the model's parameters), exported as {"method":"mtp"}, read back
+    from mtp and deepseek_mtp; a model without one is one line; a lone request's TPOT drops."""
+    from engines.vllm import import_serve
+    from planner.model_source import load_draft, spec_from_hf_config
+    from test_moe import GLM_4_5_AIR
+
+    target = ZOO["deepseek-v3"]
+    draft = load_draft("mtp", target)
+    assert (draft.layers, draft.dense_layers, draft.experts, draft.kv_lora_rank, draft.mtp_layers) == (1, 0, 256, 512, 0)
+    glm = spec_from_hf_config(GLM_4_5_AIR)
+    assert glm.mtp_layers == 1 and glm.num_params == spec_from_hf_config({**GLM_4_5_AIR, "num_nextn_predict_layers": 0}).num_params
+    with pytest.raises(ConfigError, match="llama3-8b carries no next-token prediction module"):
+        load_draft("mtp", ZOO["llama3-8b"])
+    plan = tmp_path / "mtp.yaml"
+    code, _, err = paraplan("plan", "--mode", "inference", "--model", "deepseek-v3", "--cluster", "h200:8", "--precision",
+                            "fp8", "--prompt-len", "1000", "--output-len", "200", "--batch", "1", "--draft-model", "mtp",
+                            "--draft-len", "1", "--acceptance", "0.85", "-o", str(plan))
+    assert code == 0, err
+    line = paraplan("export", str(plan), "--to", "vllm")[1]
+    assert """--speculative-config '{"method":"mtp","num_speculative_tokens":1}'""" in line
+    for method in ("mtp", "deepseek_mtp"):
+        cmd = import_serve(f"""vllm serve deepseek-ai/DeepSeek-V3 -tp 8 --speculative-config '{{"method":"{method}","num_speculative_tokens":2}}'""")
+        assert (cmd.draft_model, cmd.speculative_tokens) == ("mtp", 2) and not cmd.unknown
+    alone = [Request(id=0, arrival_s=0.0, prompt_tokens=1000, output_tokens=201)]
+    h200 = load_cluster("h200:8")
+    plain, drafted = (simulate_traffic(target, h200, alone, ServingLayout(tp=8, precision="fp8"),
+                                       SchedulerConfig(**kw)).tpot_s[0]
+                      for kw in ({}, dict(speculative_tokens=1, acceptance=0.85, draft=draft)))
+    assert drafted < plain / 1.3
+    code, _, err = paraplan("simulate", "--mode", "inference", "--model", "llama3-8b", "--cluster", "h100-sxm:1",
+                            "--workload", "chat", "--rate", "1", "--draft-model", "mtp")
+    assert code == 2 and "carries no next-token prediction module" in err and len(err.strip().splitlines()) == 1
+
+
 def test_the_planner_speculates_where_it_pays():
     """Given a proposer, the search holds every unit with and without it: n-gram drafts that are
     hardly ever accepted (0.05) never pay for their check, and the plan does not speculate; at 0.9

@@ -132,7 +132,8 @@ def format_serving(spec, cluster_text: str, req: ServingRequest, found: ServingP
         f"  layout tp {p.tp} x pp {p.pp}{' (experts whole over tp: expert parallel)' if p.expert_parallel else ''}, "
         f"{p.replicas} replica(s); batch {p.batch} sequences per replica",
         f"  TTFT {p.ttft_s * 1e3:9.1f} ms   TPOT {p.tpot_s * 1e3:7.2f} ms   throughput {p.throughput_tokens_per_s:9.0f} "
-        f"tokens/s" + (f"   (speculative x{p.speculative_speedup:.2f}: {req.draft_len} drafts a check "
+        f"tokens/s" + (f"   (speculative x{p.speculative_speedup:.2f}: {req.draft_len} "
+                      f"draft{'s' if req.draft_len > 1 else ''} a check "
                       f"({req.draft.name if req.draft else 'n-gram lookup'}), each accepted at "
                       f"{acceptance_text(req.acceptance, args)})" if req.speculative else ""),
         f"  KV cache {kv_bytes_per_token(spec, req.kv_bytes_per_value) / 1024:.0f} KiB per token; per GPU: weights "

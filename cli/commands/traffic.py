@@ -152,7 +152,7 @@ def format_traffic(spec: ModelSpec, cluster_text: str, layout: ServingLayout, cf
         f"{'on' if cfg.chunked_prefill else 'off'}, prefix caching {'on' if cfg.prefix_caching else 'off'}"
         f"{f', decodes in runs of {cfg.num_scheduler_steps} steps' if cfg.num_scheduler_steps > 1 else ''}"
         f"{memory}; engine {cfg.engine}" + (
-            f"; speculative: {cfg.speculative_tokens} drafts a decode "
+            f"; speculative: {cfg.speculative_tokens} draft{'s' if cfg.speculative_tokens > 1 else ''} a decode "
             f"({cfg.draft.name if cfg.draft else 'n-gram lookup'}), each accepted at {acceptance_text(cfg.acceptance, args)}: "
             f"{cfg.tokens_per_check:.2f} tokens a check" if cfg.speculative_tokens else ""),
         "             p50 ms    p90 ms    p99 ms",

@@ -53,7 +53,7 @@ _SPECS = [
     replace(llama_spec("deepseek-v3", layers=61, hidden=7168, heads=128, kv_heads=128, ffn_hidden=18432,
                        vocab=129280, seq_len=4096), head_dim=192, v_head_dim=128, kv_lora_rank=512, q_lora_rank=1536,
             qk_rope_head_dim=64, experts=256, experts_per_token=8, expert_ffn_hidden=2048,
-            shared_expert_ffn_hidden=2048, dense_layers=3),
+            shared_expert_ffn_hidden=2048, dense_layers=3, mtp_layers=1),
     # tiny models for tests and CPU runs
     ModelSpec(name="tiny-gpt", layers=4, hidden=64, heads=4, vocab=256, seq_len=32, tied_embeddings=False),
     # GPT-2's tie of the token embedding and the output head (so do GPT-NeoX, Gemma and small Llamas)
