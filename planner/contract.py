@@ -17,7 +17,6 @@ without importing the runtime); the runtime's executable layouts are written dow
 from __future__ import annotations
 
 import fnmatch
-from pathlib import Path
 
 from costmodel.errors import ConfigError
 from costmodel.spec import ModelSpec
@@ -187,11 +186,6 @@ def source_strategy_problems(source: dict, s: Strategy, mode: str = "train") -> 
     if kind == "hf" and s.tp > 1 and _hf_fields(source["path"], "model_type")[0] in MOE_HF_TYPES:
         problems.append("tensor parallelism on a Hugging Face mixture of experts is not run yet (its router and "
                         "experts take the whole sequence); re-plan with --tp 1")
-    if s.ep > 1 and kind == "hf":
-        folder = Path(source["path"]) if Path(source["path"]).is_dir() else Path(source["path"]).parent
-        if any(folder.glob("*.safetensors")):
-            problems.append("reading pretrained experts split over ep is not supported yet; re-plan with --ep 1 (or "
-                            "train from the config's initialisation)")
     if s.sequence_parallel and s.tp > 1 and kind == "py":
         problems.append("sequence parallelism on a py: module is not run (its blocks may size themselves from "
                         "their sequence-sharded input); re-plan with --no-sequence-parallel")

@@ -333,10 +333,11 @@ def checkpoint_key(name: str, keys: set[str]) -> str | None:
     return None
 
 
-def fused_experts(name: str, shape: torch.Size, keys: dict[str, Path]) -> torch.Tensor | None:
-    """The whole fused experts parameter `name` of `shape` assembled on the CPU from the
-    checkpoint's per-expert tensors (each expert's projections stacked, gate before up); None
-    if `name` is not one or the checkpoint lacks any of its tensors."""
+def fused_experts(name: str, shape: torch.Size, keys: dict[str, Path], first: int = 0) -> torch.Tensor | None:
+    """The whole fused experts parameter `name` of `shape` (its shape[0] experts from the
+    checkpoint's expert `first` on: an expert-parallel rank's share) assembled on the CPU from
+    the checkpoint's per-expert tensors (each expert's projections stacked, gate before up);
+    None if `name` is not one or the checkpoint lacks any of its tensors."""
     from safetensors import safe_open
 
     prefix, _, leaf = name.rpartition(".")
@@ -344,7 +345,8 @@ def fused_experts(name: str, shape: torch.Size, keys: dict[str, Path]) -> torch.
         return None
     for base in (prefix, prefix.replace(".mlp.", ".block_sparse_moe.")):
         for alias in range(2):  # transformers' names, then Mixtral's w1 / w3 / w2
-            wanted = [[f"{base}.{e}.{part[alias]}.weight" for part in EXPERT_PARTS[leaf]] for e in range(shape[0])]
+            wanted = [[f"{base}.{e}.{part[alias]}.weight" for part in EXPERT_PARTS[leaf]]
+                      for e in range(first, first + shape[0])]
             if all(k in keys for row in wanted for k in row):
                 experts = []
                 for row in wanted:  # one expert: its projections concatenated along the output rows
@@ -362,7 +364,8 @@ def load_pretrained(model: nn.Module, plan: Plan, mmap: ModuleMap) -> set[str]:
     each rank reads what its shards hold), parameters and persistent buffers (a router's score
     correction). A tied head not stored under its own name (as `save_pretrained` writes a tied
     model) reads the embedding's tensor; a checkpoint's per-expert tensors fill transformers 5's
-    fused experts (`fused_experts`), and Mixtral's `block_sparse_moe` names its `mlp`. A weight
+    fused experts (`fused_experts`; under expert parallelism this rank's share of them), and
+    Mixtral's `block_sparse_moe` names its `mlp`. A weight
     the checkpoint does not hold is one line, not DCP's traceback; the persistent buffers it does
     not hold are returned, for the model's own initialisation (as from_pretrained does)."""
     import torch.distributed.checkpoint as dcp
@@ -395,9 +398,11 @@ def load_pretrained(model: nn.Module, plan: Plan, mmap: ModuleMap) -> set[str]:
             raise ConfigError(f"the checkpoint in {files[0].parent} holds no tensor for the module's {name}; plan "
                               "from the config alone (a folder without *.safetensors) to train from initialisation")
     dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(files[0].parent)))
+    split = {clean(path): expert_slice(sub) for path, sub in model.named_modules() if expert_slice(sub)}
     with torch.no_grad():
         for name, p in fused:
-            full = fused_experts(name, p.shape, keys)
+            rank, _ = split.get(name.rpartition(".")[0], (0, 1))  # under ep: this rank's experts of them all
+            full = fused_experts(name, p.shape, keys, first=rank * p.shape[0])
             if full is None:
                 raise ConfigError(f"the checkpoint in {files[0].parent} holds neither {name} nor its experts' "
                                   "gate_proj / up_proj / down_proj (or w1 / w3 / w2) tensors")
@@ -415,9 +420,6 @@ def build_user_parts(plan: Plan, mesh, device: torch.device, seed: int, mmap: Mo
     recompute = {s.virtual_stage: s.recompute for s in plan.stages}
     pretrained = bool(safetensors_files(plan))
     ep = int(plan.experts.get("ep", 1))
-    if pretrained and ep > 1:
-        raise ConfigError("reading pretrained experts split over ep is not supported yet (each rank would read all "
-                          "of them); re-plan with --ep 1, or train from the config's initialisation")
     emesh = expert_mesh(plan.mesh, plan.zero, ep, device.type) if ep > 1 else None
     if pp > 1 and plan.source["kind"] == "py":
         problem = stage_driver_problem(plan, mmap, seed)

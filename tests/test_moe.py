@@ -280,14 +280,18 @@ def test_hugging_face_experts_train_under_expert_parallelism(tmp_path):
                                        err_msg=f"{name} {layout}")
 
 
+LOAD_LAYOUTS = {"dp": dict(dp=2, microbatch_size=4), "fsdp": dict(dp=2, zero=3, microbatch_size=4),
+                "ep2": dict(dp=2, ep=2, microbatch_size=4)}  # under ep each rank reads its half of the experts
+
+
 def test_pretrained_experts_load_as_transformers_reads_them(tmp_path):
     """Checkpoints keep each expert's projections (Mixtral's block_sparse_moe.experts.N.w1/w3/w2,
     GLM-4.5's and Qwen's mlp.experts.N.gate_proj/up_proj/down_proj) where transformers 5's modules
     hold them fused (experts.gate_up_proj, experts.down_proj), GLM's router keeps a score
     correction as a persistent buffer, and transformers 5 writes Qwen3-MoE's num_experts as
-    num_local_experts (the reader refused it): the first step's loss of the saved weights, under DDP and
-    under FSDP on 2 processes, is the loss transformers' from_pretrained computes on the same
-    batch (it was DCP's "Missing key ... experts.down_proj" traceback on every pretrained MoE)."""
+    num_local_experts (the reader refused it): the first step's loss of the saved weights, under DDP,
+    FSDP and EP 2 (each rank reading its half of the experts; refused before) on 2 processes, is
+    the loss transformers' from_pretrained computes on the same batch (it was DCP's "Missing key ... experts.down_proj" traceback on every pretrained MoE)."""
     import torch
     import torch.nn.functional as F
     import transformers
@@ -306,7 +310,7 @@ def test_pretrained_experts_load_as_transformers_reads_them(tmp_path):
                 layer.mlp.gate.e_score_correction_bias.copy_(torch.linspace(-0.5, 0.5, 4))
         folder = folders[name] = tmp_path / name
         model.save_pretrained(folder)
-        for layout, flags in (("dp", dict(dp=2, microbatch_size=4)), ("fsdp", dict(dp=2, zero=3, microbatch_size=4))):
+        for layout, flags in LOAD_LAYOUTS.items():
             plans.append(write_source_plan(tmp_path, f"hf:{folder}", Strategy(precision="fp32", global_batch=8,
                                                                              seq_len=32, **flags), f"{name}-{layout}"))
     run = launch(2, plans, tmp_path / "out.jsonl", "--steps", "1")
@@ -317,7 +321,7 @@ def test_pretrained_experts_load_as_transformers_reads_them(tmp_path):
         plain = transformers.AutoModelForCausalLM.from_pretrained(str(folder)).eval()
         with torch.no_grad():
             loss = float(F.cross_entropy(plain(x).logits.flatten(0, 1), y.flatten()))
-        for layout in ("dp", "fsdp"):
+        for layout in LOAD_LAYOUTS:
             assert abs(results[f"{name}-{layout}"]["losses"][0] - loss) <= 1e-5 * loss, (name, layout)
 
 
@@ -330,8 +334,8 @@ def test_expert_parallelism_is_refused_where_it_does_not_run(tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(TINY_HF_MOE["mixtral"]))
     assert not source_strategy_problems({"kind": "hf", "path": str(folder)}, s)
-    (folder / "model.safetensors").write_bytes(b"")
-    assert any("pretrained experts" in p for p in source_strategy_problems({"kind": "hf", "path": str(folder)}, s))
+    (folder / "model.safetensors").write_bytes(b"")  # pretrained experts split over ep: read (each rank its share)
+    assert not source_strategy_problems({"kind": "hf", "path": str(folder)}, s)
 
 
 MISTRAL_7B_V01 = {"model_type": "mistral", "num_hidden_layers": 32, "hidden_size": 4096, "num_attention_heads": 32,
