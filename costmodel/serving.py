@@ -217,6 +217,12 @@ def layout_problems(spec: ModelSpec, tp: int, pp: int, expert_parallel: bool = F
     return problems
 
 
+def expected_tokens(acceptance: float, proposed: int) -> float:
+    """Tokens a speculative step emits on average with `proposed` drafts each accepted with
+    `acceptance` until the first rejection: (1 - a^(k+1)) / (1 - a) = 1 + a + ... + a^k."""
+    return (1 - acceptance ** (proposed + 1)) / (1 - acceptance)
+
+
 def acceptance_of_length(length: float, proposed: int) -> float:
     """The acceptance a of each drafted token that gives `length` tokens a check on average with
     `proposed` drafts (vLLM's spec-decode metric "Mean acceptance length": accepted drafts a check
@@ -233,7 +239,7 @@ def acceptance_of_length(length: float, proposed: int) -> float:
     low, high = 0.0, 1.0
     while high - low > 1e-12:
         mid = (low + high) / 2
-        if sum(mid ** i for i in range(proposed + 1)) < length:
+        if expected_tokens(mid, proposed) < length:
             low = mid
         else:
             high = mid
@@ -244,7 +250,7 @@ def speculative_speedup(alpha: float, gamma: int, cost_ratio: float) -> float:
     """Expected decode speedup of speculative decoding (Leviathan et al. 2023, Theorem 3.8)."""
     if not 0 <= alpha < 1 or gamma < 1 or cost_ratio < 0:
         raise ConfigError("speculative decoding needs 0 <= alpha < 1, gamma >= 1 and a cost ratio >= 0")
-    return (1 - alpha ** (gamma + 1)) / ((1 - alpha) * (gamma * cost_ratio + 1))
+    return expected_tokens(alpha, gamma) / (gamma * cost_ratio + 1)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -80,8 +80,8 @@ from costmodel.kv_groups import KVGroups
 from costmodel.runtime import FUSED
 from costmodel.serving_engine import DEFAULT_ENGINE, ServingEngine, check_engine_name, engine_cluster
 from costmodel.serving import (BYTES, DEFAULT_ACCEPTANCE, GPU_MEMORY_UTILIZATION, SPECULATION_PP, KVBudget,
-                               ServingRequest, check_kv_cache, cli_flag, decode_attention_s, head_s, kv_budget,
-                               kv_bytes_per_token, kv_value_bytes, kv_values_per_token_gpu, layout_label,
+                               ServingRequest, check_kv_cache, cli_flag, decode_attention_s, expected_tokens, head_s,
+                               kv_budget, kv_bytes_per_token, kv_value_bytes, kv_values_per_token_gpu, layout_label,
                                layout_problems, speculation_problems, token_layer_s, window_prefill)
 from costmodel.spec import ModelSpec
 from costmodel.workload import Request
@@ -150,12 +150,6 @@ class SchedulerConfig:
         """Tokens a decode emits a step on average: the accepted drafts and the target's own
         (Leviathan et al. 2023: (1 - a^(k+1)) / (1 - a)); 1 without speculation."""
         return expected_tokens(self.acceptance, self.speculative_tokens)
-
-
-def expected_tokens(acceptance: float, proposed: int) -> float:
-    """Tokens a speculative step emits on average with `proposed` drafts each accepted with
-    `acceptance` until the first rejection: (1 - a^(k+1)) / (1 - a)."""
-    return (1 - acceptance ** (proposed + 1)) / (1 - acceptance)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

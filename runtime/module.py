@@ -348,14 +348,12 @@ def fused_experts(name: str, shape: torch.Size, keys: dict[str, Path], first: in
             wanted = [[f"{base}.{e}.{part[alias]}.weight" for part in EXPERT_PARTS[leaf]]
                       for e in range(first, first + shape[0])]
             if all(k in keys for row in wanted for k in row):
-                experts = []
-                for row in wanted:  # one expert: its projections concatenated along the output rows
-                    parts = []
-                    for k in row:
-                        with safe_open(str(keys[k]), "pt") as f:
-                            parts.append(f.get_tensor(k))
-                    experts.append(torch.cat(parts, dim=0))
-                return torch.stack(experts)  # (experts, rows, columns)
+                tensors: dict[str, torch.Tensor] = {}
+                for file in {keys[k] for row in wanted for k in row}:  # each file opened once
+                    with safe_open(str(file), "pt") as f:
+                        tensors.update({k: f.get_tensor(k) for row in wanted for k in row if keys[k] == file})
+                # one expert: its projections concatenated along the output rows
+                return torch.stack([torch.cat([tensors[k] for k in row], dim=0) for row in wanted])  # (experts, rows, cols)
     return None
 
 

@@ -51,9 +51,7 @@ def refuse_other_flags(args: argparse.Namespace) -> None:
 
 def draft_settings(args: argparse.Namespace) -> tuple[int, float]:
     """(drafts a check, acceptance of each) of speculative decoding: --draft-len (default 4) and
-    --acceptance, or --acceptance-length (vLLM's "Mean acceptance length" at that --draft-len)
-    solved for the acceptance, or DEFAULT_ACCEPTANCE; one line for either without --draft-model."""
-    length = getattr(args, "acceptance_length", None)
+    the acceptance at it (`acceptance_at`); one line for either without --draft-model."""
     if not getattr(args, "draft_model", None):
         flag = first_given(args, ("draft_len", "acceptance", "acceptance_length"))
         if flag:
@@ -62,18 +60,33 @@ def draft_settings(args: argparse.Namespace) -> tuple[int, float]:
     k = 4 if args.draft_len is None else args.draft_len
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ConfigError(f"--draft-len must be a positive integer, got {k}")
+    return k, acceptance_at(args, k)
+
+
+def acceptance_at(args: argparse.Namespace, k: int) -> float:
+    """The acceptance of each of `k` drafts: --acceptance, or --acceptance-length (vLLM's "Mean
+    acceptance length" at k) solved for it, or DEFAULT_ACCEPTANCE; both given is one line."""
+    length = getattr(args, "acceptance_length", None)
     if length is not None and args.acceptance is not None:
         raise ConfigError("give --acceptance (of each drafted token) or --acceptance-length (tokens a check), not both")
     if length is not None:
-        return k, acceptance_of_length(length, k)
-    return k, DEFAULT_ACCEPTANCE if args.acceptance is None else args.acceptance
+        return acceptance_of_length(length, k)
+    return DEFAULT_ACCEPTANCE if args.acceptance is None else args.acceptance
 
 
-def acceptance_text(acceptance: float, args: argparse.Namespace | None) -> str:
-    """The drafts' acceptance as the output says it: defaulted (no --acceptance or
-    --acceptance-length given) it says so; `args` None: as a plan recorded it."""
+def speculation_text(k: int, draft: ModelSpec | None, acceptance: float, args: argparse.Namespace | None,
+                     per: str) -> str:
+    """`k` drafts a `per` (check, decode), the proposer (`draft`, or n-gram lookup) and the
+    acceptance as the output says it: defaulted (no --acceptance or --acceptance-length in
+    `args`) it says so; `args` None: as a plan recorded it."""
     given = args is None or args.acceptance is not None or getattr(args, "acceptance_length", None) is not None
-    return f"{acceptance:.2g}" + ("" if given else " (default; --acceptance or --acceptance-length)")
+    return (f"{k} draft{'s' if k > 1 else ''} a {per} ({draft.name if draft else 'n-gram lookup'}), each accepted at "
+            f"{acceptance:.2g}" + ("" if given else " (default; --acceptance or --acceptance-length)"))
+
+
+def speculation_section(args: argparse.Namespace, k: int, acceptance: float) -> dict:
+    """A plan's record of the speculative decoding it was planned with (k 0: none)."""
+    return {"draft_model": args.draft_model, "draft_len": k, "acceptance": acceptance} if k else {}
 
 
 def serving_request(args: argparse.Namespace, spec: ModelSpec) -> ServingRequest:
@@ -132,10 +145,9 @@ def format_serving(spec, cluster_text: str, req: ServingRequest, found: ServingP
         f"  layout tp {p.tp} x pp {p.pp}{' (experts whole over tp: expert parallel)' if p.expert_parallel else ''}, "
         f"{p.replicas} replica(s); batch {p.batch} sequences per replica",
         f"  TTFT {p.ttft_s * 1e3:9.1f} ms   TPOT {p.tpot_s * 1e3:7.2f} ms   throughput {p.throughput_tokens_per_s:9.0f} "
-        f"tokens/s" + (f"   (speculative x{p.speculative_speedup:.2f}: {req.draft_len} "
-                      f"draft{'s' if req.draft_len > 1 else ''} a check "
-                      f"({req.draft.name if req.draft else 'n-gram lookup'}), each accepted at "
-                      f"{acceptance_text(req.acceptance, args)})" if req.speculative else ""),
+        f"tokens/s" + (f"   (speculative x{p.speculative_speedup:.2f}: "
+                      f"{speculation_text(req.draft_len, req.draft, req.acceptance, args, 'check')})"
+                      if req.speculative else ""),
         f"  KV cache {kv_bytes_per_token(spec, req.kv_bytes_per_value) / 1024:.0f} KiB per token; per GPU: weights "
         f"{b.weights_gib:.1f} GiB, cache {b.kv_gib:.1f} GiB = {b.capacity_tokens} tokens per replica",
         f"  batch limit: paged ({req.block_tokens}-token blocks) {b.max_batch_paged} sequences, fragmentation "
@@ -177,8 +189,8 @@ def run_serving(args: argparse.Namespace) -> int:
                                          "block_tokens": req.block_tokens, "replicas": best.replicas,
                                          "engine": req.engine, **served_model_path(args.model), **memory_section(req),
                                          **({"expert_parallel": True} if best.expert_parallel else {}),
-                                         **({"draft_model": args.draft_model, "draft_len": req.draft_len,
-                                             "acceptance": req.acceptance} if req.speculative else {})}})
+                                         **speculation_section(args, req.draft_len if req.speculative else 0,
+                                                               req.acceptance)}})
     if args.output:
         atomic_write_text(args.output, plan.to_yaml())
     if args.json:

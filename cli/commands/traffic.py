@@ -24,7 +24,8 @@ from planner.files import atomic_write_text
 from planner.model_source import load_draft, load_model_spec
 from planner.zoo import zoo_name_of_hub_id
 from cli.commands.flags import first_given
-from cli.commands.serve import TRAINING_FLAGS, acceptance_text, draft_settings, memory_args, memory_section
+from cli.commands.serve import (TRAINING_FLAGS, acceptance_at, draft_settings, memory_args, memory_section,
+                                speculation_section, speculation_text)
 from cli.commands.served import load_served_spec, served_model_path, served_precision, with_max_model_len
 
 DEFAULT_REQUESTS = 2000
@@ -73,13 +74,6 @@ def speculation_args(args: argparse.Namespace, spec: ModelSpec) -> dict:
     if not k:
         return {}
     return {"speculative_tokens": k, "acceptance": acceptance, "draft": load_draft(args.draft_model, spec)}
-
-
-def speculation_section(cfg: SchedulerConfig, args: argparse.Namespace) -> dict:
-    """A plan's record of the speculative decoding it was planned with (as the steady state's)."""
-    if not cfg.speculative_tokens:
-        return {}
-    return {"draft_model": args.draft_model, "draft_len": cfg.speculative_tokens, "acceptance": cfg.acceptance}
 
 
 def load_requests(args: argparse.Namespace, spec: ModelSpec) -> list[Request]:
@@ -152,8 +146,7 @@ def format_traffic(spec: ModelSpec, cluster_text: str, layout: ServingLayout, cf
         f"{'on' if cfg.chunked_prefill else 'off'}, prefix caching {'on' if cfg.prefix_caching else 'off'}"
         f"{f', decodes in runs of {cfg.num_scheduler_steps} steps' if cfg.num_scheduler_steps > 1 else ''}"
         f"{memory}; engine {cfg.engine}" + (
-            f"; speculative: {cfg.speculative_tokens} draft{'s' if cfg.speculative_tokens > 1 else ''} a decode "
-            f"({cfg.draft.name if cfg.draft else 'n-gram lookup'}), each accepted at {acceptance_text(cfg.acceptance, args)}: "
+            f"; speculative: {speculation_text(cfg.speculative_tokens, cfg.draft, cfg.acceptance, args, 'decode')}: "
             f"{cfg.tokens_per_check:.2f} tokens a check" if cfg.speculative_tokens else ""),
         "             p50 ms    p90 ms    p99 ms",
     ]
@@ -212,8 +205,7 @@ def from_vllm_command(args: argparse.Namespace, cluster: Cluster) -> tuple[Model
         except ConfigError as exc:
             raise ConfigError(f"{exc} (the vllm command's speculative draft {cmd.draft_model!r})") from None
         taken["speculative_tokens"] = cmd.speculative_tokens
-        taken["acceptance"] = draft_settings(argparse.Namespace(**{
-            **vars(args), "draft_model": cmd.draft_model, "draft_len": cmd.speculative_tokens}))[1]
+        taken["acceptance"] = acceptance_at(args, cmd.speculative_tokens)
     if cmd.unknown:
         print(f"paraplan: note: {not_understood(engine, cmd.unknown).strip()}", file=sys.stderr)
     return spec, layout, replace(cfg, **taken)
@@ -395,7 +387,8 @@ def run_traffic_plan(args: argparse.Namespace) -> int:
         "max_num_batched_tokens": best.scheduler.max_num_batched_tokens,
         "chunked_prefill": best.scheduler.chunked_prefill, "prefix_caching": best.scheduler.prefix_caching,
         "engine": best.scheduler.engine, "requests": wl.requests, "workload_seed": wl.seed, "burst_cv": wl.burst_cv,
-        **served_model_path(args.model), **memory_section(best.scheduler), **speculation_section(best.scheduler, args),
+        **served_model_path(args.model), **memory_section(best.scheduler),
+        **speculation_section(args, best.scheduler.speculative_tokens, best.scheduler.acceptance),
         **({"expert_parallel": True} if d.expert_parallel else {})}})
     if args.output:
         atomic_write_text(args.output, plan.to_yaml())
