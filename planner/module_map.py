@@ -110,11 +110,14 @@ class ModuleMap:
 
 def zoo_map(spec: ModelSpec) -> ModuleMap:
     """paraplan's own `Transformer` (planner.zoo.model), read from its definition."""
-    mlp = ("feed_forward.w1", "feed_forward.w3") if spec.gated else ("feed_forward.w1",)
-    groups = (ColumnGroup(source="attention_norm", column=("attention.wq", "attention.wk", "attention.wv"),
-                          row="attention.wo"),
-              ColumnGroup(source="ffn_norm", column=mlp, row="feed_forward.w2"))
-    linears = [*groups[0].column, groups[0].row, *mlp, groups[1].row]
+    attention = ColumnGroup(source="attention_norm", column=("attention.wq", "attention.wk", "attention.wv"),
+                            row="attention.wo")
+    linears = [*attention.column, attention.row]
+    groups: tuple[ColumnGroup, ...] = (attention,)
+    if spec.moe_layers < spec.layers:  # a dense MLP in some layer (a mixture of experts' layers hold experts)
+        mlp = ("feed_forward.w1", "feed_forward.w3") if spec.gated else ("feed_forward.w1",)
+        groups += (ColumnGroup(source="ffn_norm", column=mlp, row="feed_forward.w2"),)
+        linears += [*mlp, "feed_forward.w2"]
     return ModuleMap(blocks="layers", layers=spec.layers, embedding="tok_embeddings", head="output", final_norm="norm",
                      positions="pos_embeddings" if spec.position.value == "learned" else "", tied=spec.tied_embeddings,
                      groups=groups, biased=tuple(linears) if spec.bias else ())

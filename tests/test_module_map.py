@@ -157,3 +157,32 @@ def test_fused_projections_are_left_whole(tmp_path):
     # a Llama's separate q, k, v and gate, up (the same widths) stay split
     llama = _llama_dir(tmp_path)
     assert len(module_map_of(source_of(llama), load_model(llama)[0]).groups) == 2
+
+
+@pytest.mark.parametrize("name", ["mixtral-8x7b", "deepseek-v3"])
+def test_the_zoos_map_of_a_mixture_of_experts_names_only_parameters_it_has(name):
+    """Mixtral's every layer holds experts (no feed_forward.w1): a plan that placed the dense MLP's
+    linears on it was refused by `check` ("matches no parameter"), so `plan` wrote nothing at tp > 1;
+    DeepSeek-V3's first three layers are dense MLPs and keep their Megatron placements."""
+    import dataclasses
+    import fnmatch
+
+    import torch
+
+    from planner.zoo.model import Transformer
+
+    spec = dataclasses.replace(ZOO[name], layers=4)
+    with torch.device("meta"):
+        names = [n for n, _ in Transformer(spec).named_parameters()]
+    patterns = zoo_map(spec).megatron()
+    assert all(any(fnmatch.fnmatchcase(n, p) for n in names) for p in patterns)
+    assert ("layers.*.feed_forward.w1.weight" in patterns) == (spec.dense_layers > 0)
+
+
+def test_a_mixture_of_experts_plans_with_tensor_parallelism(tmp_path):
+    target = tmp_path / "mixtral.yaml"
+    out = paraplan("plan", "--model", "mixtral-8x7b", "--cluster", "h100-sxm:16", "--global-batch", "512",
+                   "-o", str(target))
+    assert out.returncode == 0, out.stderr
+    checked = paraplan("check", str(target), "--cluster", "h100-sxm:16")
+    assert checked.returncode == 0 and "OK" in checked.stdout, checked.stdout + checked.stderr
