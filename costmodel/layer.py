@@ -68,6 +68,7 @@ class LayerCost:
     # a mixture of experts, the mean over the layers: routed-expert parameters on one GPU (not
     # in `params`; sharded and reduced over the expert data-parallel ranks)
     expert_params: float = 0.0
+    frozen_expert_bytes: float = 0.0  # LoRA: the routed experts on one GPU, frozen in the base precision
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,22 +231,30 @@ def layer_cost(spec: ModelSpec, strategy: Strategy, cluster: Cluster, tp_group: 
         wgrad = gemms
     tp_f, tp_b = price.tp_forward_s, price.tp_backward_s
     ep_f = ep_b = 0.0
-    expert_params = 0.0
+    expert_params = frozen_experts = 0.0
     if spec.moe:
         share = spec.moe_share
         layout = experts or expert_layout(spec, strategy, cluster)
         sparse = moe_cost(spec, device=dev, dtype=dtype, bytes_per_value=e, batch=sh.b, seq_local=sh.s,
                           tp=strategy.tp, layout=layout, expert_cv=strategy.expert_load_cv,
-                          elementwise_traffic=rt.elementwise_traffic, host_us=rt.moe_host_us)
+                          elementwise_traffic=rt.elementwise_traffic, host_us=rt.moe_host_us,
+                          frozen=strategy.lora)
         fwd_compute += share * sparse.forward_s
         bwd_compute += share * sparse.backward_s
         wgrad += share * sparse.wgrad_s
         ep_f, ep_b = share * sparse.all_to_all_forward_s, share * sparse.all_to_all_backward_s
         if strategy.ep_overlap:  # hidden behind another microbatch's pass, up to the length of the pass
             ep_f, ep_b = max(0.0, ep_f - fwd_compute), max(0.0, ep_b - bwd_compute)
-        expert_params = share * sparse.expert_params
-        fwd_compute += dev.memory_s(cast_f * expert_params)  # the experts' weights cast at use, gradients back
-        bwd_compute += dev.memory_s(cast_b * expert_params)
+        local = share * sparse.expert_params
+        if strategy.lora:  # the experts are frozen base: no gradient or state; QLoRA dequantizes them at each use
+            frozen_experts = local * lora.bytes_per_weight(strategy.base_precision, strategy.policy.param_bytes)
+            dequant_x = dev.memory_s(lora.dequant_traffic(local, strategy.base_precision))
+            fwd_compute += dequant_x if strategy.base_precision == "nf4" else dev.memory_s(cast_f * local)
+            bwd_compute += dequant_x if strategy.base_precision == "nf4" else dev.memory_s(cast_f * local)
+        else:
+            expert_params = local
+            fwd_compute += dev.memory_s(cast_f * expert_params)  # the experts' weights cast at use, gradients back
+            bwd_compute += dev.memory_s(cast_b * expert_params)
     # -- context parallel: ring exchange of K and V, overlapped with the attention blocks
     cp_f = cp_b = 0.0
     if cp_group.size > 1:
@@ -277,6 +286,7 @@ def layer_cost(spec: ModelSpec, strategy: Strategy, cluster: Cluster, tp_group: 
         params=params,
         frozen_bytes=frozen,
         expert_params=expert_params,
+        frozen_expert_bytes=frozen_experts,
     )
 
 

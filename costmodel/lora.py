@@ -12,7 +12,9 @@ gradients. The frozen base keeps its weights in 16 bits, or in 4-bit NormalFloat
 Dettmers et al. 2023): blocks of 64 with double-quantized constants, 4.127 bits per weight,
 dequantized to 16 bits (read 0.516 B, write 2 B per weight) at every use. The backward of a
 frozen linear computes only the input gradient (no weight-gradient GEMM). Embeddings, norms
-and the head stay frozen in 16 bits.
+and the head stay frozen in 16 bits. A mixture of experts' routed experts are part of the
+frozen base (the adapters go on attention and dense MLPs): held as the expert layout places
+them, in the base precision, with no gradient or optimizer state.
 """
 
 from __future__ import annotations
@@ -51,19 +53,29 @@ def adapter_params_per_tp_rank(spec: ModelSpec, targets, rank: int, tp: int) -> 
 
 
 def linear_weights_per_tp_rank(spec: ModelSpec, tp: int) -> int:
-    """Weights of the block's linears on one tp rank (what QLoRA quantizes)."""
+    """Weights of the block's linears on one tp rank (what QLoRA quantizes), the mean over the
+    layers; a mixture of experts' routed experts aside (the expert layout holds them)."""
     kv_repeat = max(tp // spec.kv_heads, 1)
-    return (spec.layer_params - 2 * spec.norm_params + 2 * spec.hidden * spec.kv_dim * (kv_repeat - 1)) // tp
+    routed = spec.moe_layers * spec.experts * spec.expert_params // spec.layers if spec.moe else 0
+    return (spec.layer_params - routed - 2 * spec.norm_params + 2 * spec.hidden * spec.kv_dim * (kv_repeat - 1)) // tp
+
+
+def bytes_per_weight(base_precision: str, bytes_16: int) -> float:
+    """A frozen linear weight's bytes: NF4's (QLoRA) or the 16-bit base's."""
+    return NF4_BYTES_PER_WEIGHT if base_precision == "nf4" else bytes_16
 
 
 def frozen_layer_bytes(spec: ModelSpec, tp: int, base_precision: str, bytes_16: int) -> float:
-    """Bytes of one block's frozen base on one tp rank: linears in the base precision, norms in 16 bits."""
-    per = NF4_BYTES_PER_WEIGHT if base_precision == "nf4" else bytes_16
-    return linear_weights_per_tp_rank(spec, tp) * per + 2 * spec.norm_params * bytes_16
+    """Bytes of one block's frozen base on one tp rank: linears in the base precision, norms in 16 bits
+    (routed experts aside)."""
+    return linear_weights_per_tp_rank(spec, tp) * bytes_per_weight(base_precision, bytes_16) + 2 * spec.norm_params * bytes_16
+
+
+def dequant_traffic(weights: float, base_precision: str) -> float:
+    """Memory traffic to dequantize `weights` frozen weights once (0 for a 16-bit base)."""
+    return weights * (NF4_BYTES_PER_WEIGHT + 2) if base_precision == "nf4" else 0.0
 
 
 def dequant_bytes(spec: ModelSpec, tp: int, base_precision: str) -> float:
-    """Memory traffic to dequantize one block's linears once (0 for a 16-bit base)."""
-    if base_precision != "nf4":
-        return 0.0
-    return linear_weights_per_tp_rank(spec, tp) * (NF4_BYTES_PER_WEIGHT + 2)
+    """Memory traffic to dequantize one block's linears once (routed experts aside)."""
+    return dequant_traffic(linear_weights_per_tp_rank(spec, tp), base_precision)

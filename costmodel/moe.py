@@ -110,9 +110,12 @@ def local_tokens(batch: int, seq_local: int, tp: int) -> int:
 
 def moe_cost(spec: ModelSpec, *, device, dtype: str, bytes_per_value: int, batch: int, seq_local: int, tp: int,
              layout: ExpertLayout, expert_cv: float = EXPERT_LOAD_CV, elementwise_traffic: float = 1.0,
-             host_us: tuple[tuple[float, float], tuple[float, float]] = ((0.0, 0.0), (0.0, 0.0))) -> MoeCost:
+             host_us: tuple[tuple[float, float], tuple[float, float]] = ((0.0, 0.0), (0.0, 0.0)),
+             frozen: bool = False) -> MoeCost:
     """`elementwise_traffic`: the runtime's memory-bound bytes over one fused kernel per op;
-    `host_us`: its host time of the sparse MLP ([fixed, per local expert] x [forward, backward])."""
+    `host_us`: its host time of the sparse MLP ([fixed, per local expert] x [forward, backward]);
+    `frozen`: the experts are part of a frozen base (LoRA): their backward computes the input
+    gradients only, no weight-gradient GEMM."""
     if not spec.moe:
         raise ConfigError(f"{spec.name} has no experts")
     e, h, k, E = bytes_per_value, spec.hidden, spec.experts_per_token, spec.experts
@@ -136,7 +139,8 @@ def moe_cost(spec: ModelSpec, *, device, dtype: str, bytes_per_value: int, batch
         shared_fwd = (gemm_s(device, dtype, T, h, 2 * fs if spec.gated else fs, e) + gemm_s(device, dtype, T, fs, h, e)
                       + device.memory_s((3 if spec.gated else 2) * T * fs * e))
     gpu_fwd = experts_fwd + router + elementwise + shared_fwd
-    gpu_bwd = 2 * (experts_fwd + shared_fwd) + router * 2 + 2 * elementwise
+    wgrad = 0.0 if frozen else experts_fwd + shared_fwd
+    gpu_bwd = experts_fwd + shared_fwd + wgrad + router * 2 + 2 * elementwise
     (fixed_f, fixed_b), (per_f, per_b) = host_us
     host_f, host_b = (fixed_f + per_f * local_experts) * 1e-6, (fixed_b + per_b * local_experts) * 1e-6
     host_bound = max(0.0, host_f - gpu_fwd) + max(0.0, host_b - gpu_bwd)
@@ -150,7 +154,7 @@ def moe_cost(spec: ModelSpec, *, device, dtype: str, bytes_per_value: int, batch
                     + reduce_scatter_s(a2a_bytes * etp, layout.etp_group))
     expert_params = spec.expert_params * local_experts / etp
     return MoeCost(
-        forward_s=fwd, backward_s=bwd, host_bound_s=host_bound, wgrad_s=experts_fwd + shared_fwd,
+        forward_s=fwd, backward_s=bwd, host_bound_s=host_bound, wgrad_s=wgrad,
         all_to_all_forward_s=a2a + etp_comm, all_to_all_backward_s=a2a + etp_comm,
         expert_params=expert_params,
     )

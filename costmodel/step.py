@@ -157,11 +157,12 @@ def build_step(spec: ModelSpec, strategy: Strategy, cluster: Cluster, block: Blo
     # per parameter: the compute dtype, or fp32 where the runtime gathers fp32 weights
     gather_bytes = 4 if rt.fsdp_param_dtype == "fp32" else pol.param_bytes
 
-    def gather_s(params: int, frozen: float = 0.0, experts: float = 0.0) -> float:  # one all-gather of a layer's weights
-        key = (params, frozen, experts)
+    def gather_s(params: int, frozen: float = 0.0, experts: float = 0.0, frozen_experts: float = 0.0) -> float:
+        """One all-gather of a layer's weights (frozen ones in bytes)."""
+        key = (params, frozen, experts, frozen_experts)
         if key not in gathers:
             gathers[key] = (all_gather_s(params * gather_bytes + frozen, shard_group)
-                            + all_gather_s(experts * gather_bytes, eshard_group))
+                            + all_gather_s(experts * gather_bytes + frozen_experts, eshard_group))
         return gathers[key]
 
     def scatter_s(params: int, experts: float = 0.0) -> float:  # one reduce-scatter of a layer's gradients
@@ -185,8 +186,9 @@ def build_step(spec: ModelSpec, strategy: Strategy, cluster: Cluster, block: Blo
             frozen = ([ends.embed_frozen_bytes] if first else []) + [layer.frozen_bytes] * n + (
                 [ends.head_frozen_bytes] if last else [])
             experts = ([0.0] if first else []) + [layer.expert_params] * n + ([0.0] if last else [])
+            frozen_x = [layer.frozen_expert_bytes if zero >= 3 else 0.0] * len(experts)
             # FSDP gathers the frozen weights too; ZeRO-1/2 gather only what the optimizer updated
-            gather = ([gather_s(p, f if zero >= 3 else 0.0, x) for p, f, x in zip(params, frozen, experts)]
+            gather = ([gather_s(p, f if zero >= 3 else 0.0, x, fx) for p, f, x, fx in zip(params, frozen, experts, frozen_x)]
                       if zero >= 1 else [])
             scatter = [scatter_s(p, x) for p, x in zip(params, experts)] if zero >= 2 else []
             root = ([True] if last else []) + [False] * n + ([True] if first else [])  # FSDP2's root unit holds the ends
@@ -339,7 +341,9 @@ def _rank_memory(spec, s: Strategy, cluster: Cluster, layer: LayerCost, ends, co
             sum(counts[k] * layer.expert_params for k in chunks), eshard, s.zero if eshard > 1 else 0,
             param_bytes=pol.param_bytes, grad_bytes=pol.grad_bytes, optimizer_bytes=pol.optimizer_bytes,
         )
-        p, g, o, expert_states = p + xp, g + xg, o + xo, xp + xg + xo
+        # LoRA: the experts are frozen base (no states above), their weights sharded the same way
+        frozen_x = sum(counts[k] for k in chunks) * layer.frozen_expert_bytes / (eshard if s.zero == 3 and eshard > 1 else 1)
+        p, g, o, expert_states = p + xp + frozen_x, g + xg, o + xo, xp + xg + xo + frozen_x
     if s.lora:  # the frozen base: weights only, sharded by FSDP (ZeRO-3)
         frozen = (sum(counts[k] for k in chunks) * layer.frozen_bytes + (ends.embed_frozen_bytes if 0 in chunks else 0)
                   + (ends.head_frozen_bytes if k_stages - 1 in chunks else 0))
@@ -376,7 +380,8 @@ def _rank_memory(spec, s: Strategy, cluster: Cluster, layer: LayerCost, ends, co
     buffers = 0.0
     if s.zero == 3 and shard > 1:  # two layers gathered (current, prefetched) and one unsharded gradient
         params_whole = layer.params + layer.expert_params
-        buffers = 2 * (params_whole * pol.param_bytes + layer.frozen_bytes) + params_whole * pol.grad_bytes
+        buffers = (2 * (params_whole * pol.param_bytes + layer.frozen_bytes + layer.frozen_expert_bytes)
+                   + params_whole * pol.grad_bytes)
     other = overhead.fixed_gib * GIB + buffers + overhead.fragmentation * (p + g + o + activations)
     return RankMemory(parameters=p, gradients=g, optimizer=o, activations=activations, other=other,
                       experts=expert_states)

@@ -46,7 +46,11 @@ def strategy_problems(spec: ModelSpec, strategy: Strategy, world_size: int) -> l
         )
     if s.sequence_parallel and seq // s.cp % s.tp:
         problems.append(f"sequence parallelism splits seq_len/cp ({seq // s.cp}) over tp({s.tp}), which does not divide it")
-    if "gate" in s.lora_targets and spec.activation.value != "swiglu":
+    mlp_targets = [t for t in s.lora_targets if t in ("up", "gate", "down")]
+    if spec.moe and mlp_targets:
+        problems.append(f"--lora-targets {','.join(mlp_targets)}: {spec.name}'s MLPs are routed experts, frozen with "
+                        "the base (adapters go on attention); use some of q,k,v,o")
+    elif "gate" in s.lora_targets and spec.activation.value != "swiglu":
         problems.append(f"--lora-targets gate: {spec.name} has no gate projection (a {spec.activation.value} MLP); "
                         "use q,k,v,o,up,down")
     per_replica = s.dp * s.microbatch_size

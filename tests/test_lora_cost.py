@@ -84,3 +84,34 @@ def test_a_lora_plan_round_trips(tmp_path):
     assert plan["mode"] == "lora" and plan["lora"] == {"rank": 8, "targets": ["q", "v"], "base_precision": "nf4"}
     assert json.loads(sim.stdout)["predicted"]["step_time_s"] == pytest.approx(plan["predicted"]["step_time_s"])
     assert json.loads(sim.stdout)["strategy"]["lora_rank"] == 8
+
+
+def test_a_mixture_of_experts_fine_tunes_with_its_experts_frozen():
+    """LoRA on Mixtral: the routed experts are frozen base like the rest (the adapters go on attention;
+    the runtime freezes every weight but the adapters). They were priced as trained (gradients and
+    AdamW states) and again inside the frozen base on every GPU: QLoRA of Mixtral 8x7B on two A100s
+    needed 414 GiB a GPU, where QLoRA's 4-bit base (46.7B weights at 4.127 bits, 24 GB) fits one."""
+    spec = ZOO["mixtral-8x7b"]
+    base = dict(global_batch=8, microbatch_size=1, recompute="full", seq_len=2048)
+    lora = predict(spec, Strategy(lora_rank=16, **base), load_cluster("a100-80g:1"))
+    qlora = predict(spec, Strategy(lora_rank=16, base_precision="nf4", **base), load_cluster("a100-80g:1"))
+    assert lora.memory_gib["gradients"] < 0.1 and lora.memory_gib["optimizer"] < 0.3
+    routed = spec.moe_layers * spec.experts * spec.expert_params
+    assert lora.memory_gib["experts"] * 2**30 == pytest.approx(routed * 2, rel=1e-6)  # 16-bit, no states
+    assert qlora.memory_gib["experts"] * 2**30 == pytest.approx(routed * NF4_BYTES_PER_WEIGHT, rel=1e-6)
+    # every weight counted once: the base's linears at 4.127 bits, embeddings and head in 16
+    linears = spec.layers * linear_weights_per_tp_rank(spec, 1) + routed
+    ends = 2 * spec.vocab * spec.hidden * 2
+    assert qlora.memory_gib["parameters"] * 2**30 == pytest.approx(linears * NF4_BYTES_PER_WEIGHT + ends, rel=0.02)
+    assert qlora.fits and not lora.fits  # 93 GB of 16-bit weights do not fit one 80 GB GPU
+    # frozen experts run the backward's input gradients only: the step is shorter than training them
+    one = load_cluster("a100-80g:1")
+    full_step, lora_step = build_step(spec, Strategy(**base), one), build_step(spec, Strategy(lora_rank=16, **base), one)
+    assert lora_step.backward[0].compute < 0.75 * full_step.backward[0].compute
+
+
+def test_lora_on_routed_experts_is_refused_in_one_line():
+    out = paraplan("plan", "--mode", "lora", "--model", "mixtral-8x7b", "--cluster", "a100-80g:8", "--global-batch",
+                   "64", "--lora-targets", "q,v,up,down")
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert "--lora-targets up,down" in out.stderr and "routed experts" in out.stderr
