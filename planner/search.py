@@ -171,7 +171,8 @@ def states_floor_gib(spec: ModelSpec, s: Strategy) -> float:
 
 
 # the search holds at most this many routed experts per GPU (Megatron-Core's and DeepSeek-V3's
-# runs hold 1 to 8): fewer ranks per expert group only grow the expert states per GPU
+# runs hold 1 to 8), or as few as the GPUs allow: fewer ranks per expert group only grow the
+# expert states per GPU
 MAX_LOCAL_EXPERTS = 8
 
 
@@ -186,9 +187,14 @@ def _expert_degrees(spec: ModelSpec, fixed: dict, dp: int, cp: int, tp: int) -> 
     out = []
     for etp in etps:
         fold = dp * cp * (tp if etp == 1 else 1)
-        eps = [fixed["ep"]] if "ep" in fixed else [e for e in divisors(spec.experts)
-                                                    if fold % e == 0 and spec.experts // e <= MAX_LOCAL_EXPERTS]
-        out += [(e, etp) for e in eps]
+        if "ep" in fixed:
+            out += [(fixed["ep"], etp)]
+            continue
+        feasible = [e for e in divisors(spec.experts) if fold % e == 0]
+        # where no ep brings the local experts down to the cap (Qwen3-30B-A3B's 128 on 8 GPUs), the
+        # widest ep there is
+        cap = max(MAX_LOCAL_EXPERTS, min(spec.experts // e for e in feasible))
+        out += [(e, etp) for e in feasible if spec.experts // e <= cap]
     return out
 
 

@@ -564,3 +564,17 @@ def test_published_moe_training_runs_within_the_issue_target():
     median, _ = moe_fidelity.percentiles(errs)
     assert median <= 0.15, [round(e, 3) for e in errs]
     assert sum(abs(e) <= 0.30 for e in errs) >= 7  # the H100 Qwen3-30B-A3B row (+104%) is the outlier
+
+
+def test_fine_grained_experts_plan_on_fewer_gpus_than_the_local_expert_cap_needs():
+    """Qwen3-30B-A3B's 128 experts: no ep on 8 GPUs brings a GPU's share to the search's cap of 8
+    (16 at ep 8), and the search found no candidate at all ("no strategy of the given flags fits 8
+    GPUs", with no flag given); one GPU for LoRA likewise. The widest ep the GPUs allow is tried."""
+    from planner.search import SearchRequest, run_search
+
+    spec = ZOO["qwen3-30b-a3b"]
+    found = run_search(SearchRequest(spec=spec, cluster=load_cluster("a100-80g:8"), global_batch=256))
+    assert found.strategy.ep == 8 and found.result.fits
+    lora = run_search(SearchRequest(spec=spec, cluster=load_cluster("h100-sxm:1"), global_batch=8,
+                                    fixed={"lora_rank": 16}))
+    assert lora.strategy.ep == 1 and lora.result.fits
