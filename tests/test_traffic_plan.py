@@ -642,3 +642,49 @@ def test_the_planner_speculates_where_it_pays():
     often = plan_traffic(SPEC, cluster, wl, 10.0, slo, speculative_tokens=4, acceptance=0.9)
     assert often.best.scheduler.speculative_tokens == 4 and often.best.max_rate_rps > 2.5 * plain.best.max_rate_rps
     assert "speculating 4" in often.best.name()
+
+
+def test_a_serving_plans_deployment_is_simulated_under_other_traffic(tmp_path, capsys):
+    """`simulate --plan PLAN --workload W --rate R`: the plan's layout and engine arguments under
+    another workload or rate (it said "add --mode inference", and with it "not --plan"). Engine
+    flags override the plan's; what the plan fixes (model, cluster, layout) is refused in one line,
+    as is a training plan."""
+    traffic = tmp_path / "traffic.yaml"
+    code, _, err = _main(capsys, "plan", "--mode", "inference", "--model", "llama3-8b", "--cluster", "h100-sxm:2",
+                         "--workload", "chat", "--rate", "30", "--slo", "ttft_p99=1,tpot_p99=50ms", "-o", str(traffic))
+    assert code == 0, err
+    planned = yaml.safe_load(traffic.read_text())
+    code, out, err = _main(capsys, "simulate", "--plan", str(traffic), "--workload", "long-context", "--rate", "0.5",
+                           "--requests", "60", "--json")
+    assert code == 0, err
+    got = json.loads(out)
+    assert got["cluster"] == "h100-sxm:2" and got["workload"] == "long-context"
+    assert got["layout"]["tp"] == planned["mesh"]["tp"] and got["layout"]["replicas"] == planned["serving"]["replicas"]
+    assert got["scheduler"]["max_num_seqs"] == planned["serving"]["max_num_seqs"]
+    assert got["predicted"]["requests"] == 60
+    # the same as simulating the layout by flags
+    code, out, err = _main(capsys, "simulate", "--mode", "inference", "--model", "llama3-8b", "--cluster", "h100-sxm:2",
+                           "--tp", str(planned["mesh"]["tp"]), "--replicas", str(planned["serving"]["replicas"]),
+                           "--max-num-seqs", str(planned["serving"]["max_num_seqs"]),
+                           "--max-num-batched-tokens", str(planned["serving"]["max_num_batched_tokens"]),
+                           "--workload", "long-context", "--rate", "0.5", "--requests", "60", "--json")
+    assert code == 0, err
+    assert json.loads(out)["predicted"] == got["predicted"]
+    code, out, err = _main(capsys, "simulate", "--plan", str(traffic), "--workload", "chat", "--rate", "5",
+                           "--requests", "50", "--max-num-seqs", "8", "--json")
+    assert code == 0 and json.loads(out)["scheduler"]["max_num_seqs"] == 8, err
+    code, _, err = _main(capsys, "simulate", "--plan", str(traffic), "--workload", "chat", "--rate", "5", "--tp", "2")
+    assert code == 2 and "--plan fixes the model, cluster and layout; drop --tp" in err
+    training = tmp_path / "train.yaml"
+    assert _main(capsys, "simulate", "--model", "llama3-8b", "--cluster", "h100-sxm:8", "--dp", "8", "-o",
+                 str(training))[0] == 0
+    code, _, err = _main(capsys, "simulate", "--plan", str(training), "--workload", "chat", "--rate", "5")
+    assert code == 2 and "is a training plan, not a serving plan" in err and len(err.strip().splitlines()) == 1
+
+
+def test_built_in_mixtures_of_experts_serve_their_configs_context():
+    """The zoo's mixtures of experts train at 4,096 tokens but serve to their Hugging Face configs'
+    max_position_embeddings (long-context traffic was cut at 4,096)."""
+    assert [ZOO[n].context_len for n in ("mixtral-8x7b", "mixtral-8x22b", "qwen3-30b-a3b", "qwen3-235b-a22b",
+                                         "deepseek-v3")] == [32768, 65536, 40960, 40960, 163840]
+    assert all(ZOO[n].seq_len == 4096 for n in ("mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v3"))

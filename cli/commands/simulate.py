@@ -83,6 +83,10 @@ def run_simulate(args: argparse.Namespace) -> int:
             return run_serving_simulate(args)
         raise ConfigError("simulate --mode inference predicts serving under traffic (add --workload: chat, long-context, "
                           "agent or a trace file, and --rate) or in the steady state (add --prompt-len and --output-len)")
+    if args.plan and getattr(args, "workload", None):  # a serving plan's deployment under this traffic
+        from cli.commands.traffic import run_traffic_simulate
+
+        return run_traffic_simulate(args)
     refuse_serving_flags(args)
     imported = None
     if getattr(args, "from_engine", None):

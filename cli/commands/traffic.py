@@ -220,12 +220,50 @@ def _model_text(served: str) -> str:
     return zoo_name_of_hub_id(served) or served
 
 
+# what a serving plan fixes (simulate --plan PLAN --workload W takes its deployment)
+PLAN_FIXED = ("model", "cluster", "tp", "pp", "replicas", "prefill_replicas", "expert_parallel", "precision",
+              "from_engine", "max_model_len", "draft_model", "draft_len", "acceptance", "acceptance_length")
+SCHEDULER_FIELDS = ("max_num_seqs", "max_num_batched_tokens", "chunked_prefill", "prefix_caching", "preemption",
+                    "evicted_prefix", "engine", "num_scheduler_steps", "kv_cache_dtype", "gpu_memory_utilization")
+
+
+def plan_deployment(args: argparse.Namespace) -> tuple[ModelSpec, str, ServingLayout, SchedulerConfig]:
+    """(model, cluster, layout, engine arguments) of the serving plan `args.plan`, for another
+    workload or rate: a traffic plan's scheduler, or a steady-state plan's engine defaults on its
+    GPU (with its speculation and KV cache settings); engine flags given override them."""
+    from planner.plan import Plan
+    from planner.serving_plan import serving_setup
+
+    flag = first_given(args, PLAN_FIXED)
+    if flag:
+        raise ConfigError(f"--plan fixes the model, cluster and layout; drop {flag}")
+    plan = Plan.load(args.plan)
+    setup, spec = serving_setup(plan, str(args.plan)), plan.spec
+    cluster = load_cluster(plan.cluster)
+    cfg = setup.scheduler
+    if cfg is None:  # a steady-state plan: the engine's defaults, the plan's request settings
+        req = setup.request
+        seqs, tokens = (vllm_scheduler_defaults(cluster.device) if req.engine == "vllm" else (256, 8192))
+        cfg = SchedulerConfig(max_num_seqs=seqs, max_num_batched_tokens=tokens, block_tokens=req.block_tokens,
+                              engine=req.engine, kv_cache_dtype=req.kv_cache_dtype,
+                              gpu_memory_utilization=req.gpu_memory_utilization,
+                              **({"speculative_tokens": req.draft_len, "acceptance": req.acceptance, "draft": req.draft}
+                                 if req.speculative else {}))
+    given = {k: getattr(args, k) for k in SCHEDULER_FIELDS if getattr(args, k, None) is not None}
+    if getattr(args, "block_size", None) is not None:
+        given["block_tokens"] = args.block_size
+    if "block_tokens" in given:
+        check_block_size(given["block_tokens"], given.get("engine", cfg.engine))
+    return spec, plan.cluster, setup.layout, replace(cfg, **given)
+
+
 def run_traffic_simulate(args: argparse.Namespace) -> int:
     refuse_other_flags(args)
+    cluster_text = args.cluster
     if args.plan:
-        raise ConfigError("simulate --mode inference --workload takes --model and --cluster, or --from vllm COMMAND "
-                          "(not --plan: `simulate --plan PLAN` reprices a serving plan as planned)")
-    if getattr(args, "from_engine", None):
+        spec, cluster_text, layout, cfg = plan_deployment(args)
+        cluster = load_cluster(cluster_text)
+    elif getattr(args, "from_engine", None):
         if not args.cluster:
             raise ConfigError("simulate --from vllm COMMAND needs --cluster")
         cluster = load_cluster(args.cluster)
@@ -250,11 +288,11 @@ def run_traffic_simulate(args: argparse.Namespace) -> int:
     outputs = []
     if args.trace:
         outputs.append((args.trace, json.dumps(serving_trace(result.timeline, result.roles, predicted=predicted,
-                                                             title=f"{spec.name} on {args.cluster}"))))
+                                                             title=f"{spec.name} on {cluster_text}"))))
     for path, text in outputs:
         atomic_write_text(path, text)
     if args.json:
-        print(json.dumps({"model": spec.name, "cluster": args.cluster, "workload": args.workload, "rate": args.rate,
+        print(json.dumps({"model": spec.name, "cluster": cluster_text, "workload": args.workload, "rate": args.rate,
                           "concurrency": args.concurrency,
                           "layout": {"tp": layout.tp, "pp": layout.pp, "replicas": layout.replicas,
                                      "prefill_replicas": layout.prefill_replicas, "precision": layout.precision,
@@ -271,7 +309,7 @@ def run_traffic_simulate(args: argparse.Namespace) -> int:
                                            if cfg.speculative_tokens else {})},
                           "predicted": predicted}, indent=2))
     else:
-        print(format_traffic(spec, args.cluster, layout, cfg, args.workload, args.rate, result, args.concurrency, args))
+        print(format_traffic(spec, cluster_text, layout, cfg, args.workload, args.rate, result, args.concurrency, args))
         if args.trace:
             print(f"  trace written to {args.trace} (open in ui.perfetto.dev)")
     return 0

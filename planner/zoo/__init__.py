@@ -41,19 +41,22 @@ _SPECS = [
                        seq_len=8192), max_positions=131072),
     replace(llama_spec("llama3-405b", layers=126, hidden=16384, heads=128, kv_heads=8, ffn_hidden=53248, vocab=128256,
                        seq_len=8192), max_positions=131072),
-    # mixtures of experts
-    _mixtral("mixtral-8x7b", layers=32, hidden=4096, heads=32, ffn_hidden=14336, vocab=32000, seq_len=4096),
-    _mixtral("mixtral-8x22b", layers=56, hidden=6144, heads=48, ffn_hidden=16384, vocab=32768, seq_len=4096),
+    # mixtures of experts: trained here at 4,096 tokens, served to their configs' max_position_embeddings
+    replace(_mixtral("mixtral-8x7b", layers=32, hidden=4096, heads=32, ffn_hidden=14336, vocab=32000, seq_len=4096),
+            max_positions=32768),
+    replace(_mixtral("mixtral-8x22b", layers=56, hidden=6144, heads=48, ffn_hidden=16384, vocab=32768, seq_len=4096),
+            max_positions=65536),
     replace(llama_spec("qwen3-30b-a3b", layers=48, hidden=2048, heads=32, kv_heads=4, ffn_hidden=6144, vocab=151936,
-                       seq_len=4096), head_dim=128, v_head_dim=0, experts=128, experts_per_token=8, expert_ffn_hidden=768),
+                       seq_len=4096), head_dim=128, v_head_dim=0, experts=128, experts_per_token=8, expert_ffn_hidden=768,
+            max_positions=40960),
     replace(llama_spec("qwen3-235b-a22b", layers=94, hidden=4096, heads=64, kv_heads=4, ffn_hidden=12288,
                        vocab=151936, seq_len=4096), head_dim=128, v_head_dim=0, experts=128, experts_per_token=8,
-            expert_ffn_hidden=1536),
+            expert_ffn_hidden=1536, max_positions=40960),
     # DeepSeek-V3 (DeepSeek-AI 2024, arXiv:2412.19437): MLA, 1 shared + 256 routed experts (top-8), 3 dense layers
     replace(llama_spec("deepseek-v3", layers=61, hidden=7168, heads=128, kv_heads=128, ffn_hidden=18432,
                        vocab=129280, seq_len=4096), head_dim=192, v_head_dim=128, kv_lora_rank=512, q_lora_rank=1536,
             qk_rope_head_dim=64, experts=256, experts_per_token=8, expert_ffn_hidden=2048,
-            shared_expert_ffn_hidden=2048, dense_layers=3, mtp_layers=1),
+            shared_expert_ffn_hidden=2048, dense_layers=3, mtp_layers=1, max_positions=163840),
     # tiny models for tests and CPU runs
     ModelSpec(name="tiny-gpt", layers=4, hidden=64, heads=4, vocab=256, seq_len=32, tied_embeddings=False),
     # GPT-2's tie of the token embedding and the output head (so do GPT-NeoX, Gemma and small Llamas)
