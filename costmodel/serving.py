@@ -628,7 +628,17 @@ def plan_serving(spec: ModelSpec, cluster: Cluster, req: ServingRequest, *, tp: 
             if best is None or p.throughput_tokens_per_s > best.throughput_tokens_per_s:
                 best = p
     if best is None:
-        reasons = "; ".join(f"{layout_label(*layout)}: {why}" for layout, why in list(refused.items())[:3])
+        points = [(layout, p) for layout, ps in curves.items() for p in ps]
+        if points:  # every layout ran, none within the targets: how near each target came
+            nearest = []
+            for name, cap, of in (("TTFT", req.max_ttft_ms, lambda p: p.ttft_s), ("TPOT", req.max_tpot_ms, lambda p: p.tpot_s)):
+                if cap is not None:
+                    layout, p = min(points, key=lambda lp: of(lp[1]))
+                    nearest.append(f"the lowest {name} is {of(p) * 1e3:.1f} ms ({layout_label(*layout)}, batch {p.batch}) "
+                                   f"against {cap:g} ms")
+            reasons = "; ".join(nearest)
+        else:
+            reasons = "; ".join(f"{layout_label(*layout)}: {why}" for layout, why in list(refused.items())[:3])
         targets = " within the latency targets" if req.max_ttft_ms or req.max_tpot_ms else ""
         raise ConfigError(f"no layout serves {spec.name} on {cluster.name}{targets}"
                           f"{' (' + reasons + ')' if reasons else ''}; add GPUs, shorten the sequences or relax the targets")

@@ -77,6 +77,19 @@ def test_weights_fill_the_gpu_without_room_for_a_cache():
         plan_serving(spec, load_cluster("h100-sxm:1"), REQ)
 
 
+def test_latency_targets_no_layout_meets_say_how_near_the_nearest_came():
+    """Every layout ran and none met the target: the lowest TPOT (or TTFT) any reached, where, and the
+    target (it named the one-GPU layout the weights did not fit, which the target had nothing to do with)."""
+    spec, cluster = ZOO["llama2-70b"], load_cluster("a100-80g:4")
+    fastest = min(evaluate(spec, cluster, REQ, 4, 1, 1).tpot_s, evaluate(spec, cluster, REQ, 2, 2, 1).tpot_s)
+    req = replace(REQ, max_tpot_ms=0.95 * fastest * 1e3)
+    with pytest.raises(ConfigError) as info:
+        plan_serving(spec, cluster, req)
+    assert f"the lowest TPOT is {fastest * 1e3:.1f} ms (tp4 x pp1, batch 1) against" in str(info.value)
+    assert "weights need" not in str(info.value)
+    assert plan_serving(spec, cluster, replace(REQ, max_tpot_ms=1.01 * fastest * 1e3)).best.tp == 4
+
+
 def test_decode_is_memory_bound_and_prefill_compute_bound():
     spec, dev = ZOO["llama2-70b"], engine_cluster(H100, REQ.engine).device  # the GPU as the engine runs it
     weights = weights_bytes_per_gpu(spec, 4, 1, 2)
