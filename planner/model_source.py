@@ -459,8 +459,10 @@ def spec_from_hf_config(data: dict, *, name: str = "hf-model") -> ModelSpec:
         # GLM-4.5's attention_bias is q, k and v's only (as Qwen2's): not counted, as Qwen2's (0.001%)
         bias=model_type != "glm4_moe" and bool(data.get("attention_bias", data.get("mlp_bias", False))),
         dropout=False,
-        head_dim=(_int(data, "head_dim") if isinstance(head_dim, int) and head_dim * heads != hidden
-                  else _int(data, "qk_nope_head_dim") + _int(data, "qk_rope_head_dim") if "kv_lora_rank" in data else 0),
+        # latent attention's query head: its no-RoPE and RoPE parts (transformers 5 writes head_dim as the
+        # RoPE part alone)
+        head_dim=(_int(data, "qk_nope_head_dim") + _int(data, "qk_rope_head_dim") if "kv_lora_rank" in data
+                  else _int(data, "head_dim") if isinstance(head_dim, int) and head_dim * heads != hidden else 0),
     )
 
 

@@ -578,3 +578,12 @@ def test_fine_grained_experts_plan_on_fewer_gpus_than_the_local_expert_cap_needs
     lora = run_search(SearchRequest(spec=spec, cluster=load_cluster("h100-sxm:1"), global_batch=8,
                                     fixed={"lora_rank": 16}))
     assert lora.strategy.ep == 1 and lora.result.fits
+
+
+def test_a_latent_attention_config_transformers_5_saved_reads_its_whole_query_head():
+    """transformers 5 writes DeepSeek's config with head_dim = qk_rope_head_dim (64, the RoPE part):
+    read as the query head, every such config was refused ("qk_rope_head_dim (64) must be ... below
+    head_dim (64 ...)"). The query head is the no-RoPE and RoPE parts together (192)."""
+    spec = spec_from_hf_config({**DEEPSEEK_V3, "head_dim": 64})
+    assert (spec.head_dim, spec.v_head_dim, spec.qk_rope_head_dim) == (192, 128, 64)
+    assert spec.num_params == spec_from_hf_config(DEEPSEEK_V3).num_params
