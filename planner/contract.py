@@ -23,7 +23,7 @@ from costmodel.spec import ModelSpec
 from costmodel.strategy import Strategy
 from costmodel.validate import strategy_problems
 from planner.module_map import ModuleMap, placement_of
-from planner.model_source import module_map_of
+from planner.model_source import MOE_TYPES, module_map_of
 from planner.plan import Plan, schedule_problems
 
 SUPPORTED = ("Shard(0)", "Shard(1)", "Replicate()")
@@ -183,9 +183,13 @@ def source_strategy_problems(source: dict, s: Strategy, mode: str = "train") -> 
     if s.ep > 1 and kind == "py":
         problems.append("expert parallelism runs on paraplan's built-in mixture of experts and transformers' experts "
                         "modules (Mixtral, Qwen2-MoE, Qwen3-MoE) so far; re-plan with --ep 1")
-    if kind == "hf" and s.tp > 1 and _hf_fields(source["path"], "model_type")[0] in MOE_HF_TYPES:
+    hf_type = _hf_fields(source["path"], "model_type")[0] if kind == "hf" else None
+    if kind == "hf" and s.tp > 1 and hf_type in MOE_TYPES:
         problems.append("tensor parallelism on a Hugging Face mixture of experts is not run yet (its router and "
                         "experts take the whole sequence); re-plan with --tp 1")
+    if kind == "hf" and s.ep > 1 and hf_type not in MOE_HF_TYPES:
+        problems.append(f"expert parallelism on a Hugging Face {hf_type or 'model'}'s experts is not run yet (it splits "
+                        f"the experts modules of {', '.join(MOE_HF_TYPES)}); re-plan with --ep 1")
     if s.sequence_parallel and s.tp > 1 and kind == "py":
         problems.append("sequence parallelism on a py: module is not run (its blocks may size themselves from "
                         "their sequence-sharded input); re-plan with --no-sequence-parallel")
