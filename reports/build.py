@@ -11,6 +11,7 @@ from pathlib import Path
 from costmodel import ConfigError, Strategy, predict
 from costmodel.cluster import Cluster
 from costmodel.spec import ModelSpec, format_count
+from planner.files import make_output_dir
 from planner.search import SearchRequest, run_search
 from reports import figures
 from reports.analysis import describe, evaluate, what_binds
@@ -71,7 +72,7 @@ def build_report(spec: ModelSpec, cluster: Cluster, global_batch: int, out_dir: 
     """The report of `spec` on `cluster`: the canonical strategies, the planner's and `extra`
     (a user's plan, by name) ranked together."""
     t0 = time.perf_counter()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out_dir)
     skipped: dict[str, str] = {}
     strategies = {**(extra or {}), **canonical(spec, cluster, global_batch, skipped)}
     try:

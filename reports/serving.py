@@ -21,6 +21,7 @@ import pandas as pd  # noqa: E402
 from costmodel import load_cluster  # noqa: E402
 from costmodel.serving import ServingRequest, kv_bytes_per_token, plan_serving  # noqa: E402
 from costmodel.spec import ModelSpec  # noqa: E402
+from planner.files import make_output_dir  # noqa: E402
 
 
 def serving_table(spec: ModelSpec, clusters: list[str], req: ServingRequest) -> tuple[pd.DataFrame, dict]:
@@ -75,7 +76,7 @@ def capacity_figure(table: pd.DataFrame, path: Path, title: str) -> None:
 
 def build_serving_report(spec: ModelSpec, clusters: list[str], req: ServingRequest, out_dir: Path) -> dict:
     table, best = serving_table(spec, clusters, req)
-    out_dir.mkdir(parents=True, exist_ok=True)  # once everything is priced: a refusal leaves nothing behind
+    make_output_dir(out_dir)  # once everything is priced: a refusal leaves nothing behind
     table.to_csv(out_dir / "serving.csv", index=False)
     targets = ", ".join(t for t in (f"TTFT <= {req.max_ttft_ms:g} ms" if req.max_ttft_ms else "",
                                     f"TPOT <= {req.max_tpot_ms:g} ms" if req.max_tpot_ms else "") if t) or "none"

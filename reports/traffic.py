@@ -28,6 +28,7 @@ from costmodel.serving_engine import DEFAULT_ENGINE  # noqa: E402
 from costmodel.traffic import SLO, SchedulerConfig, simulate_traffic  # noqa: E402
 from costmodel.workload import mean_lengths  # noqa: E402
 from planner.model_source import load_model_spec  # noqa: E402
+from planner.files import make_output_dir  # noqa: E402
 from planner.serving_search import (TrafficWorkload, meets, plan_traffic, static_unit,  # noqa: E402
                                     unit_bound, unit_max_rate)
 
@@ -90,7 +91,7 @@ def build_traffic_report(model: str | ModelSpec, cluster_text: str, out_dir: Pat
         timelines[name] = simulate_traffic(spec, cluster, wl.probe(best.max_rate_rps, spec.context_len), best.unit,
                                            best.scheduler, slo)
     table = pd.DataFrame([asdict(r) for r in rows])
-    out_dir.mkdir(parents=True, exist_ok=True)  # once everything is priced: a refusal leaves nothing behind
+    make_output_dir(out_dir)  # once everything is priced: a refusal leaves nothing behind
     table.to_csv(out_dir / "traffic.csv", index=False)
     _curves_figure(curves, out_dir / "latency_vs_rate.png", f"{spec.name} on {cluster_text}")
     _timeline_figure(timelines, out_dir / "timeline.png", f"{spec.name} on {cluster_text}: the planner's unit at its rate")

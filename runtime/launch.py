@@ -87,10 +87,35 @@ def refuse_unrunnable(plan: Plan) -> None:
         raise ConfigError(problems[0] + more)
 
 
+def machine_problem(plan: Plan, plan_path: str, per_node: int, cuda_gpus: int) -> str | None:
+    """Why this machine cannot start the plan's processes, if it cannot: a plan for GPUs where
+    there is no CUDA GPU (its ranks would fall back to the CPU, each building its share of a model
+    sized for GPUs, until the host runs out of memory), or more processes on a node than it has
+    GPUs. A plan for cpu:N runs anywhere (gloo)."""
+    device = load_cluster(plan.cluster, runtime=plan.runtime).device
+    if device.arch == "cpu":
+        return None
+    if cuda_gpus == 0:
+        return (f"{plan_path} is planned for {plan.world_size} {device.name} GPUs and this machine has no CUDA GPU; run "
+                f"it where they are, or plan for cpu:N (cpu-2core:N) to try the layout here")
+    if cuda_gpus < per_node:
+        return (f"{plan_path} starts {per_node} processes on this node, which has {cuda_gpus} GPU(s); run it over "
+                f"nodes (--nnodes, --node-rank, --rdzv-endpoint) or re-plan for them (`paraplan replan {plan_path} "
+                f"--gpus {cuda_gpus}`)")
+    return None
+
+
 def run(cfg: LaunchConfig) -> int:
     plan = Plan.load(cfg.plan_path)
     world = plan.world_size
     refuse_unrunnable(plan)
+    import torch
+
+    inside = "RANK" in os.environ or "SLURM_PROCID" in os.environ
+    problem = machine_problem(plan, cfg.plan_path, 1 if inside else max(1, world // cfg.nnodes),
+                              torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    if problem:
+        raise ConfigError(problem)
     if plan.runtime not in RUNNABLE_RUNTIMES:  # priced for another framework: say what the comparison means
         print(f"paraplan: note: {cfg.plan_path} was priced for runtime {plan.runtime}; paraplan run executes "
               f"paraplan's runtime, so compare the measured step with `paraplan simulate --plan {cfg.plan_path} "

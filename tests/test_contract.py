@@ -13,7 +13,7 @@ from planner.contract import layout_problems, plan_problems
 from planner.module_map import zoo_map
 from planner.plan import Plan
 from planner.zoo import ZOO
-from runtime.launch import prediction_note, refuse_unrunnable
+from runtime.launch import machine_problem, prediction_note, refuse_unrunnable
 
 
 def _run(capsys, *argv):
@@ -174,6 +174,28 @@ def test_a_run_far_from_its_prediction_says_which_profile_priced_it(tmp_path, ca
     assert "0.3x the prediction" in note and "a100-80g" in note and "paraplan profile" in note
 
 
+def test_a_plan_for_gpus_is_not_started_where_they_are_not(tmp_path, capsys):
+    """`paraplan run` of a plan for 16 H100s on a machine without CUDA started 16 CPU ranks, each
+    building its share of Mixtral, until the host killed them (SIGKILL, a torchrun traceback); a
+    node with fewer GPUs than the plan's processes on it is refused likewise. cpu:N plans run anywhere."""
+    gpu = tmp_path / "g.yaml"
+    assert _run(capsys, "plan", "--model", "gpt3-1.3b", "--cluster", "a100-80g:8", "--global-batch", "64",
+                "-o", str(gpu))[0] == 0
+    plan = Plan.load(gpu)
+    assert "this machine has no CUDA GPU" in machine_problem(plan, "g.yaml", 8, 0)
+    assert "starts 8 processes on this node, which has 4 GPU(s)" in machine_problem(plan, "g.yaml", 8, 4)
+    assert machine_problem(plan, "g.yaml", 8, 8) is None
+    cpu = tmp_path / "c.yaml"
+    assert _run(capsys, "plan", "--model", "tiny-llama", "--cluster", "cpu:4", "--global-batch", "8",
+                "-o", str(cpu))[0] == 0
+    assert machine_problem(Plan.load(cpu), "c.yaml", 4, 0) is None
+    import torch
+
+    if not torch.cuda.is_available():
+        code, _, err = _run(capsys, "run", str(gpu))
+        assert code == 2 and "no CUDA GPU" in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_tiny_models_print_counts_with_a_unit_that_fits(capsys):
     code, out, _ = _run(capsys, "simulate", "--model", "tiny-llama", "--cluster", "cpu-2core:1")
     assert code == 0 and out.startswith("tiny-llama (217.66K params)")
@@ -186,3 +208,15 @@ def test_a_missing_plan_is_one_line_for_every_command(tmp_path, capsys):
         code, _, err = _run(capsys, *argv)
         assert code == 2 and err.strip() == (f"paraplan: error: plan file {missing} does not exist; write one with "
                                              f"`paraplan plan ... -o {missing}`"), argv
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    """`report -o` under a file (or anywhere the folder cannot be made) was a FileNotFoundError traceback."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code, _, err = _run(capsys, "report", "--model", "tiny-llama", "--cluster", "cpu:2", "--global-batch", "4",
+                        "-o", str(blocker / "rep"))
+    assert code == 2 and err.startswith("paraplan: error: cannot write into") and len(err.strip().splitlines()) == 1
+    code, _, err = _run(capsys, "plan", "--model", "tiny-llama", "--cluster", "cpu:2", "--global-batch", "4",
+                        "-o", str(blocker / "p.yaml"))
+    assert code == 2 and "cannot write" in err and len(err.strip().splitlines()) == 1
