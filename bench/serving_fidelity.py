@@ -371,6 +371,10 @@ def main() -> int:
             "tokens_per_s_gpu", batch, optimistic_sign=1)
     compare("first-token latency of one request, ms (predicted / published)", data["first_token"], first_token_ms,
             "ttft_ms", lambda r: f"prompt {r['input']:5d}", optimistic_sign=-1)
+    trt += compare("TensorRT-LLM v0.8.0's A100 FP16 tables, held out: offline throughput, output tokens/s per GPU",
+                   data["throughput_0_8"], offline_throughput, "tokens_per_s_gpu", batch, optimistic_sign=1)
+    compare("TensorRT-LLM v0.8.0, first-token latency of one request, ms", data["first_token_0_8"], first_token_ms,
+            "ttft_ms", lambda r: f"prompt {r['input']:5d}", optimistic_sign=-1)
     trt += compare("TensorRT-LLM v0.9.0's A100 FP16 tables, held out: offline throughput, output tokens/s per GPU",
                    data["throughput_0_9"], offline_throughput, "tokens_per_s_gpu", batch, optimistic_sign=1)
     compare("the same, by the steady-state model", data["throughput_0_9"], steady_state_throughput, "tokens_per_s_gpu",

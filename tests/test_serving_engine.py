@@ -145,6 +145,21 @@ def test_tensorrt_llm_v0_9s_tables_held_out_are_predicted():
         assert max(e for k, e in errs.items() if k not in far) < math.log(1.17), predict
 
 
+def test_tensorrt_llm_v0_8s_tables_held_out_are_predicted():
+    """TensorRT-LLM v0.8.0's A100 FP16 tables (16 static batches of GPT-J 6B, Mistral 7B, Llama-2 7B
+    and 70B; nothing fitted to them): median |error| 6.3%, every row within 15% but the long decodes
+    of the grouped-query models (Mistral's 128/2048 +48% and 2048/2048 +32%, Llama-2 70B's 128/2048
+    +33%): v0.8's GQA decode kernel was "experimental and not enabled by default", and its generic
+    kernel reads a KV head once per query head, some of it from L2 (how much is not published)."""
+    rows = DATA["throughput_0_8"]
+    gqa_long = {("mistral-7b", 128, 2048), ("mistral-7b", 2048, 2048), ("llama2-70b", 128, 2048)}
+    errs = {(r["model"], r["input"], r["output"]): math.log(serving_fidelity.offline_throughput(r) / r["tokens_per_s_gpu"])
+            for r in rows}
+    assert len(errs) == 16 and statistics.median(map(abs, errs.values())) < math.log(1.10)
+    assert max(abs(e) for k, e in errs.items() if k not in gqa_long) < math.log(1.15)
+    assert all(errs[k] > math.log(1.25) for k in gqa_long)  # optimistic: the kernel read less than it did
+
+
 def test_cli_names_the_engine_and_refuses_an_unknown_one(tmp_path):
     out = paraplan("simulate", "--model", "llama3-8b", "--cluster", "h100-sxm:1", "--mode", "inference",
                    "--workload", "chat", "--rate", "5", "--requests", "200", "--engine", "tensorrt-llm")
