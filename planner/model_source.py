@@ -335,6 +335,13 @@ def _load_file_spec(text: str) -> ModelSpec:
     path = Path(text)
     if path.suffix in (".yaml", ".yml", ".json"):
         return _from_file(path)
+    from planner.zoo import hub_weights, zoo_name_of_hub_id
+
+    name = zoo_name_of_hub_id(text)
+    if name:  # a Hub id: paraplan reads no Hub, but knows this architecture
+        fp8 = " (its checkpoint keeps fp8 weights: serve it with --precision fp8, as vLLM does)" if hub_weights(text) else ""
+        raise ConfigError(f"unknown model '{text}': a Hugging Face Hub id of the built-in {name}'s architecture; give "
+                          f"--model {name}{fp8}, or hf:DIR for a downloaded checkpoint")
     raise ConfigError(
         f"unknown model '{text}'; use a built-in name ({', '.join(ZOO)}), a spec .yaml/.json, "
         "a Hugging Face config.json, hf:MODEL_DIR or py:MODULE:CALLABLE"

@@ -688,3 +688,23 @@ def test_built_in_mixtures_of_experts_serve_their_configs_context():
     assert [ZOO[n].context_len for n in ("mixtral-8x7b", "mixtral-8x22b", "qwen3-30b-a3b", "qwen3-235b-a22b",
                                          "deepseek-v3")] == [32768, 65536, 40960, 40960, 163840]
     assert all(ZOO[n].seq_len == 4096 for n in ("mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v3"))
+
+
+def test_fp8_checkpoints_by_hub_id_are_served_in_fp8_and_hub_ids_point_at_the_built_in(capsys):
+    """DeepSeek-V3/R1's Hub checkpoints keep their weights in fp8 (and `-FP8` twins of built-in models):
+    vLLM serves them so, whatever --dtype says. `vllm serve deepseek-ai/DeepSeek-V3 -tp 8` on eight H200s
+    was priced in bf16, 156 GiB of weights a GPU: "holds 0 tokens of KV cache". A Hub id given as
+    --model says which built-in model has its architecture (it was "unknown model")."""
+    from planner.zoo import hub_weights, zoo_name_of_hub_id
+
+    assert zoo_name_of_hub_id("deepseek-ai/DeepSeek-R1") == "deepseek-v3" and hub_weights("deepseek-ai/DeepSeek-R1") == "fp8"
+    assert zoo_name_of_hub_id("Qwen/Qwen3-235B-A22B-FP8") == "qwen3-235b-a22b"
+    assert hub_weights("meta-llama/Llama-3.1-8B-Instruct") is None and hub_weights("someone/unknown-FP8") is None
+    code, out, err = _main(capsys, "simulate", "--mode", "inference", "--from", "vllm",
+                           "vllm serve deepseek-ai/DeepSeek-V3 -tp 8 --dtype bfloat16 --max-model-len 32768",
+                           "--cluster", "h200:8", "--workload", "chat", "--rate", "2", "--requests", "30", "--json")
+    assert code == 0, err
+    assert json.loads(out)["layout"]["precision"] == "fp8" and "keeps its weights in fp8" in err
+    code, _, err = _main(capsys, "plan", "--model", "meta-llama/Llama-3.1-8B-Instruct", "--cluster", "h100-sxm:8",
+                         "--global-batch", "64")
+    assert code == 2 and "the built-in llama3.1-8b's architecture; give --model llama3.1-8b" in err

@@ -22,7 +22,7 @@ from costmodel.traffic import SLO, SchedulerConfig, ServingLayout, TrafficResult
 from costmodel.workload import Request, context_note, mean_lengths, scenario_of, typical_request, workload
 from planner.files import atomic_write_text
 from planner.model_source import load_draft, load_model_spec
-from planner.zoo import zoo_name_of_hub_id
+from planner.zoo import hub_weights, zoo_name_of_hub_id
 from cli.commands.flags import first_given
 from cli.commands.serve import (TRAINING_FLAGS, acceptance_at, draft_settings, memory_args, memory_section,
                                 speculation_section, speculation_text)
@@ -185,7 +185,7 @@ def from_vllm_command(args: argparse.Namespace, cluster: Cluster) -> tuple[Model
     except ConfigError as exc:
         raise ConfigError(f"{exc} (the vllm command serves {cmd.model!r}; give --model for its shape)") from None
     spec = with_max_model_len(spec, cmd.max_model_len)
-    precision = cmd.precision or served_precision(args, args.model or served)  # (an fp8 checkpoint: as vLLM loads it)
+    precision = vllm_precision(args, cmd, served)
     layout = ServingLayout(tp=cmd.tp, pp=cmd.pp, replicas=cmd.dp, precision=precision,
                            expert_parallel=cmd.expert_parallel)
     cfg = scheduler_config(args, cluster, spec, speculation=False)  # the command's own, below (--acceptance with it)
@@ -209,6 +209,21 @@ def from_vllm_command(args: argparse.Namespace, cluster: Cluster) -> tuple[Model
     if cmd.unknown:
         print(f"paraplan: note: {not_understood(engine, cmd.unknown).strip()}", file=sys.stderr)
     return spec, layout, replace(cfg, **taken)
+
+
+def vllm_precision(args: argparse.Namespace, cmd, served: str) -> str:
+    """The weights' precision as vLLM serves the command: paraplan's --precision; else an fp8
+    checkpoint's (its config.json's quantization_config, or the Hub id of one: vLLM loads it in fp8
+    whatever --dtype says, a note says so); else --quantization fp8 or --dtype; else bf16."""
+    if getattr(args, "precision", None):
+        return args.precision
+    hub = None if args.model else hub_weights(cmd.model)
+    if hub:
+        print(f"paraplan: note: {cmd.model} keeps its weights in {hub} (its quantization_config), as vLLM loads it: "
+              f"priced as --precision {hub}", file=sys.stderr)
+        return hub
+    stored = served_precision(args, args.model or served)  # a checkpoint directory's config (with a note), or bf16
+    return stored if stored == "fp8" else cmd.precision or stored
 
 
 def _model_text(served: str) -> str:

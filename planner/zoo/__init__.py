@@ -90,10 +90,29 @@ _TUNED = {"meta-llama/Llama-2-7b-chat-hf": "llama2-7b", "meta-llama/Llama-2-13b-
           "mistralai/Mixtral-8x7B-Instruct-v0.1": "mixtral-8x7b", "mistralai/Mixtral-8x22B-Instruct-v0.1": "mixtral-8x22b"}
 
 
+# checkpoints of a built-in model's architecture that keep their weights in 8-bit floats (block-scaled
+# e4m3: quant_method fp8 in their config.json), which vLLM serves as such without being told
+_FP8_CHECKPOINTS = {"deepseek-ai/DeepSeek-V3": "deepseek-v3", "deepseek-ai/DeepSeek-V3-0324": "deepseek-v3",
+                    "deepseek-ai/DeepSeek-V3.1": "deepseek-v3", "deepseek-ai/DeepSeek-R1": "deepseek-v3",
+                    "deepseek-ai/DeepSeek-R1-0528": "deepseek-v3"}
+FP8_SUFFIX = "-fp8"  # a quantized twin's Hub id: Qwen/Qwen3-235B-A22B-FP8, ...-Instruct-FP8
+
+
 def zoo_name_of_hub_id(hub_id: str) -> str | None:
-    """The built-in model a Hub id names (its base or chat-tuned checkpoint; case aside), or None."""
-    known = {v.lower(): k for k, v in HUB_IDS.items()} | {k.lower(): v for k, v in _TUNED.items()}
-    return known.get(hub_id.lower())
+    """The built-in model a Hub id names (its base or chat-tuned checkpoint, an fp8 checkpoint of
+    it; case aside), or None."""
+    known = ({v.lower(): k for k, v in HUB_IDS.items()} | {k.lower(): v for k, v in _TUNED.items()}
+             | {k.lower(): v for k, v in _FP8_CHECKPOINTS.items()})
+    key = hub_id.lower()
+    if key not in known and key.endswith(FP8_SUFFIX):
+        key = key[: -len(FP8_SUFFIX)]
+    return known.get(key)
+
+
+def hub_weights(hub_id: str) -> str | None:
+    """"fp8" where the Hub checkpoint of a built-in model keeps its weights in 8-bit floats, else None."""
+    fp8 = hub_id.lower() in {k.lower() for k in _FP8_CHECKPOINTS} or hub_id.lower().endswith(FP8_SUFFIX)
+    return "fp8" if fp8 and zoo_name_of_hub_id(hub_id) else None
 
 
 def zoo_names() -> list[str]:
