@@ -373,7 +373,14 @@ def run_search(req: SearchRequest, *, module_map=None) -> SearchResult:
     try:
         if why_not:
             raise ConfigError(why_not)
-        priced = graph_price(spec, strategy, cluster, placements, graph=graph, time_limit_s=req.time_limit_s or 30)
+        try:
+            priced = graph_price(spec, strategy, cluster, placements, graph=graph, time_limit_s=req.time_limit_s or 30)
+        except ConfigError:
+            if source != "ilp":
+                raise
+            # the ILP's placements do not price as the runtime would run them: Megatron's, which do
+            placements, source = placements_for(spec, strategy, None, module_map)
+            priced = graph_price(spec, strategy, cluster, placements, graph=graph, time_limit_s=req.time_limit_s or 30)
         result = simulate(build_step(spec, strategy, cluster, priced.block), record_events=False)
         priced_by = "graph"
     except ConfigError as exc:  # the formulas' price stands, and the plan says why
@@ -459,10 +466,19 @@ def placements_for(spec: ModelSpec, s: Strategy, solution: IntraOpSolution | Non
 def _ilp_placements(s: Strategy, solution: IntraOpSolution, megatron: dict, mmap) -> dict[str, dict[str, str]]:
     """The ILP's block placements (layer index written `*`) with Megatron's embedding and head."""
     out = {k: v for k, v in megatron.items() if not k.startswith(f"{mmap.blocks}.")}
-    for name, placement in sorted(solution.parameter_placements().items()):
+    chosen = solution.parameter_placements()
+    for name, placement in sorted(chosen.items()):
         parts = name.split(".")
         generic = ".".join("*" if p.isdigit() else p for p in parts)
         axes = {k: v for k, v in placement.items() if k != "dp_shard"}
+        owner = name[: -len(".bias")] + ".weight" if name.endswith(".bias") else None
+        if owner in chosen:
+            # a linear's bias is split as the runtime splits it with its weight (ColwiseParallel
+            # shards it, RowwiseParallel keeps it whole): the ILP may leave it whole beside a
+            # column-split weight (a free local slice), which the pinned pricing would refuse
+            axes.pop("tp", None)
+            if chosen[owner].get("tp") == "Shard(0)":
+                axes["tp"] = "Shard(0)"
         if s.zero == 3 and s.dp_shard * s.cp > 1:
             # FSDP2 shards every parameter of a block on dim 0; the ILP's data-axis choice (which
             # to shard, on which dim) prices the same bytes, and the runtime shards them all

@@ -179,3 +179,23 @@ def test_a_mixture_of_experts_is_priced_by_the_formulas_and_says_so():
     s = Strategy(dp=4, ep=2, global_batch=8, microbatch_size=2, precision="fp32")
     assert "torch.export" in unpriceable(spec) and not unpriceable(ZOO["tiny-llama"])
     assert price_step(spec, s, cluster, {}).step_time_s == predict(spec, s, cluster).step_time_s
+
+
+def test_a_biased_models_ilp_placements_split_each_bias_with_its_weight(tmp_path):
+    """GPT-3 13B on 8 H100s (tp 2 x pp 4): the block's ILP left q's and k's biases whole beside
+    their column-split weights (a free local slice in its costs), which the pinned pricing, and so
+    `check`, refused ("no strategy of op linear ... under the pinned placements"): `plan` wrote
+    nothing. A bias now follows its weight as ColwiseParallel / RowwiseParallel run it."""
+    target = tmp_path / "g13.yaml"
+    out = paraplan("plan", "--model", "gpt3-13b", "--cluster", "h100-sxm:8", "--global-batch", "512", "--json",
+                   "-o", str(target))
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["plan"]["search"]["priced"] == "graph" and got["plan"]["mesh"]["tp"] == 2
+    placements = got["plan"]["placements"]
+    for name, axes in placements.items():
+        if name.endswith(".bias"):
+            weight = placements.get(name[: -len(".bias")] + ".weight", {})
+            assert axes.get("tp") == "Shard(0)" == weight.get("tp"), name
+    checked = paraplan("check", str(target))
+    assert checked.returncode == 0 and "OK" in checked.stdout, checked.stdout + checked.stderr
