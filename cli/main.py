@@ -44,7 +44,8 @@ def add_strategy_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--schedule", choices=("gpipe", "1f1b", "interleaved"), help="pipeline schedule")
     g.add_argument("--virtual-stages", type=int, help="model chunks per pipeline rank (interleaved)")
     g.add_argument("--seq-len", type=int, help="sequence length (default: the model's)")
-    g.add_argument("--precision", choices=("fp32", "bf16", "fp16", "fp8"), help="training precision")
+    g.add_argument("--precision", choices=("fp32", "bf16", "fp16", "fp8", "mxfp4"),
+                   help="training precision; serving: the weights' (mxfp4: a mixture of experts' experts in MXFP4)")
     g.add_argument("--grad-dtype", choices=("fp32", "bf16"),
                    help="gradients and their reduction (default: the training runtime's)")
     g.add_argument("--master-dtype", choices=("fp32", "bf16"),
@@ -168,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rate", type=float, help="requests per second to deploy for (default: the scenario's)")
     g.add_argument("--slo", help="latency objectives, e.g. ttft_p99=1,tpot_p99=50ms (default: the scenario's)")
     g.add_argument("--engine", help="serving engine profile: vllm (default) or tensorrt-llm")
-    g.add_argument("--precision", choices=("bf16", "fp16", "fp8"),
+    g.add_argument("--precision", choices=("bf16", "fp16", "fp8", "mxfp4"),
                    help="the weights' (default bf16, or what a checkpoint's quantization_config says)")
     cmp_ = sub.add_parser("compare", help="plans side by side")
     cmp_.add_argument("plans", nargs="+", metavar="PLAN")

@@ -63,6 +63,12 @@ from costmodel.strategy import Strategy
 PREFILL_TOKENS = 8192
 GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default share of the GPU it may use
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+# weight formats whose routed experts are stored narrower than they are computed: MXFP4 (OCP
+# Microscaling: 4-bit E2M1 values and one 8-bit scale per 32, 4.25 bits a weight), gpt-oss's
+# checkpoints' experts (their attention, router, embedding and head 16-bit), which vLLM's MoE
+# kernels dequantize to bf16 on the way in (weight-only on Hopper and Ampere)
+WEIGHT_FORMATS = {"mxfp4": ("bf16", 4.25 / 8)}
+SERVING_PRECISIONS = (*BYTES, *WEIGHT_FORMATS)
 # the KV cache's values (vLLM's --kv-cache-dtype): "auto" as the model's activations
 KV_CACHE_DTYPES = ("auto", "bf16", "fp16", "fp8")
 
@@ -77,12 +83,32 @@ def check_kv_cache(kv_cache_dtype: str, gpu_memory_utilization: float) -> None:
                           f"{gpu_memory_utilization!r}")
 
 
+def compute_dtype(precision: str) -> str:
+    """The dtype a serving precision computes in (a weight format's: bf16 for MXFP4 experts)."""
+    return WEIGHT_FORMATS[precision][0] if precision in WEIGHT_FORMATS else precision
+
+
+def expert_weight_bytes(precision: str) -> float:
+    """Bytes of one routed-expert weight as the precision stores it (MXFP4: 4.25 bits)."""
+    return WEIGHT_FORMATS[precision][1] if precision in WEIGHT_FORMATS else BYTES[precision]
+
+
+def check_serving_precision(precision: str, spec: ModelSpec | None = None) -> None:
+    """One line for a precision serving does not price, or a weight format for experts on a
+    model without them."""
+    if precision not in SERVING_PRECISIONS:
+        raise ConfigError(f"serving precision {precision!r}; use one of {', '.join(SERVING_PRECISIONS)}")
+    if precision in WEIGHT_FORMATS and spec is not None and not spec.moe:
+        raise ConfigError(f"--precision {precision} stores a mixture of experts' routed experts (gpt-oss's checkpoints); "
+                          f"{spec.name} has none: use bf16 or fp8")
+
+
 def kv_value_bytes(precision: str, kv_cache_dtype: str = "auto") -> int:
     """Bytes of one cached K/V value: the KV cache's own dtype, or with "auto" the model's
     activations (bf16 under fp8 weights: vLLM's --quantization fp8 and TensorRT-LLM's fp8
     engines keep a 16-bit cache unless it is asked for in fp8, --kv-cache-dtype / --fp8_kv_cache)."""
     if kv_cache_dtype == "auto":
-        return BYTES["bf16"] if precision == "fp8" else BYTES[precision]
+        return BYTES["bf16"] if precision == "fp8" else BYTES[compute_dtype(precision)]
     return BYTES[kv_cache_dtype]
 
 
@@ -116,7 +142,7 @@ class ServingRequest:
     max_tpot_ms: float | None = None
     beam: int = 1
     block_tokens: int = 16
-    precision: str = "bf16"  # weights and KV cache
+    precision: str = "bf16"  # weights and KV cache (or a weight format: costmodel.serving.WEIGHT_FORMATS)
     draft: ModelSpec | None = None
     ngram: bool = False  # speculative decoding's drafts looked up in the prompt (vLLM's n-gram proposer): no draft model
     draft_len: int = 4
@@ -136,8 +162,7 @@ class ServingRequest:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive milliseconds, got {value!r}")
-        if self.precision not in BYTES:
-            raise ConfigError(f"serving precision {self.precision!r}; use one of {', '.join(BYTES)}")
+        check_serving_precision(self.precision)
         if not 0 <= self.acceptance < 1:
             raise ConfigError(f"--acceptance must be in [0, 1), got {self.acceptance}")
         if self.ngram and self.draft is not None:
@@ -152,7 +177,8 @@ class ServingRequest:
 
     @property
     def bytes_per_value(self) -> int:
-        return BYTES[self.precision]
+        """Bytes of an activation, and of a weight outside the routed experts."""
+        return BYTES[compute_dtype(self.precision)] if self.precision in WEIGHT_FORMATS else BYTES[self.precision]
 
     @property
     def kv_bytes_per_value(self) -> int:
@@ -279,22 +305,25 @@ class KVBudget:
         return 1 - self.used_tokens / self.reserved_tokens_paged
 
 
-def weights_bytes_per_gpu(spec: ModelSpec, tp: int, pp: int, bytes_per_value: int) -> float:
+def weights_bytes_per_gpu(spec: ModelSpec, tp: int, pp: int, bytes_per_value: float,
+                          expert_bytes: float | None = None) -> float:
     """The largest stage's weights on one GPU: its layers split over tp, plus the embedding
-    or the head (vocab-parallel)."""
+    or the head (vocab-parallel); the routed experts at `expert_bytes` a weight (a weight
+    format's; bytes_per_value by default)."""
     layers = math.ceil(spec.layers / pp)
     vocab = -(-spec.vocab // tp) * spec.hidden
     ends = vocab if pp > 1 else vocab * (1 if spec.tied_embeddings else 2)
-    return (layers * _params_per_tp_rank(spec, tp) + expert_weights_per_gpu(spec, tp, layers) + ends
-            + spec.norm_params) * bytes_per_value
+    experts = expert_weights_per_gpu(spec, tp, layers) * (bytes_per_value if expert_bytes is None else expert_bytes)
+    return (layers * _params_per_tp_rank(spec, tp) + ends + spec.norm_params) * bytes_per_value + experts
 
 
 def kv_budget(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: int, pp: int) -> KVBudget:
+    check_serving_precision(req.precision, spec)
     cluster = engine_cluster(cluster, req.engine)
     e = req.bytes_per_value
-    weights = weights_bytes_per_gpu(spec, tp, pp, e)
+    weights = weights_bytes_per_gpu(spec, tp, pp, e, expert_weight_bytes(req.precision))
     if req.draft is not None:  # speculative decoding's draft model on the same GPUs, split over tp
-        weights += weights_bytes_per_gpu(req.draft, tp, 1, e)
+        weights += weights_bytes_per_gpu(req.draft, tp, 1, e, expert_weight_bytes(req.precision))
     # prefill workspace: one sequence's prompt through a layer (residual, q/k/v, MLP) and its logits
     workspace = req.prompt_len * (4 * spec.hidden + 2 * spec.ffn_hidden // tp) * e + spec.vocab // tp * 4
     fixed = cluster.device.memory_overhead.fixed_gib * 2**30
@@ -336,14 +365,15 @@ def prefill_s(spec: ModelSpec, cluster: Cluster, req: ServingRequest, tp: int, p
     parallelism the experts whole over tp: the training model's ep = tp with whole experts)."""
     cluster = engine_cluster(cluster, req.engine)
     ep = {"ep": tp, "expert_tp": 1} if expert_parallel else {}
-    s = Strategy(tp=tp, precision=req.precision, microbatch_size=batch, global_batch=batch,
+    s = Strategy(tp=tp, precision=compute_dtype(req.precision), microbatch_size=batch, global_batch=batch,
                  seq_len=req.prompt_len, sequence_parallel=False, **ep)
     # serving engines (vLLM, TensorRT-LLM) run fused kernels over bf16 weights, whatever runtime priced training
     cluster = with_runtime(cluster, FUSED)
     tp_group, cp_group = cluster.group(tp, 1), cluster.group(1, tp)
     per_layer = layer_cost(spec.with_seq_len(req.prompt_len), s, cluster, tp_group, cp_group).forward.total
     dev, e = cluster.device, req.bytes_per_value
-    logits = dev.gemm_s(2.0 * batch * spec.hidden * spec.vocab / tp, e * spec.hidden * spec.vocab / tp, req.precision)
+    logits = dev.gemm_s(2.0 * batch * spec.hidden * spec.vocab / tp, e * spec.hidden * spec.vocab / tp,
+                        compute_dtype(req.precision))
     hops = (pp - 1) * send_recv_s(batch * req.prompt_len * spec.hidden * e, cluster.p2p_link(tp))
     return spec.layers * per_layer + logits + hops
 
@@ -354,7 +384,9 @@ def token_layer_s(spec: ModelSpec, cluster: Cluster, dtype: str, tp: int, rows: 
     new tokens: decodes and prefill chunks alike), attention aside: the weight GEMMs (skinny at
     few rows: at the device's efficiency for their size, bounded below by reading the weights;
     a mixture of experts reads the experts the rows reach), norms, residuals and activation,
-    host dispatch, and two tensor-parallel all-reduces of (rows, hidden)."""
+    host dispatch, and two tensor-parallel all-reduces of (rows, hidden). `dtype`: the serving
+    precision (a weight format computes in its dtype, its experts read at their stored width)."""
+    dtype, xe = compute_dtype(dtype), expert_weight_bytes(dtype)
     dev, e = cluster.device, BYTES[dtype]
     q, kv = spec.q_dim // tp, kv_heads_per_gpu(spec, tp) * spec.head_dim
     f = spec.ffn_hidden // tp
@@ -372,7 +404,7 @@ def token_layer_s(spec: ModelSpec, cluster: Cluster, dtype: str, tp: int, rows: 
             copies = rows * k
             touched = E * (1 - (1 - k / E) ** rows)
             fe = spec.expert_ffn_hidden // tp
-        sparse = sum(grouped_gemm_s(dev, dtype, copies, touched, kk, n, e)
+        sparse = sum(grouped_gemm_s(dev, dtype, copies, touched, kk, n, e, xe)
                      for kk, n in ((spec.hidden, 2 * fe if spec.gated else fe), (fe, spec.hidden)))
         sparse += gemm_s(dev, dtype, rows, spec.hidden, E, e)  # the router
         if spec.shared_expert_ffn_hidden:
@@ -390,14 +422,16 @@ def token_layer_s(spec: ModelSpec, cluster: Cluster, dtype: str, tp: int, rows: 
     return layer
 
 
-def grouped_gemm_s(dev, dtype: str, copies: float, experts: float, k: int, n: int, e: int) -> float:
+def grouped_gemm_s(dev, dtype: str, copies: float, experts: float, k: int, n: int, e: float,
+                   weight_bytes: float | None = None) -> float:
     """One fused MoE projection (vLLM's fused_moe, TensorRT-LLM's MoE plugin: one kernel over
     every expert): `copies` token rows, each through one of `experts` (k x n) weights. Its
     FLOPs at the device's efficiency for the launch's whole size (the experts' tiles share the
-    SMs in one wave), bounded below by reading each reached expert's weights once, every row's
-    input and writing its output; the skinny curve where the experts get few rows each."""
+    SMs in one wave), bounded below by reading each reached expert's weights once (at
+    `weight_bytes` each: a weight format's stored width, `e` by default), every row's input and
+    writing its output; the skinny curve where the experts get few rows each."""
     flops = 2.0 * copies * k * n
-    moved = e * (experts * k * n + copies * (k + n))
+    moved = (e if weight_bytes is None else weight_bytes) * experts * k * n + e * copies * (k + n)
     return dev.gemm_s(flops, moved, dtype, rows=int(copies / experts) if experts else 0)
 
 
@@ -420,9 +454,10 @@ def decode_attention_s(spec: ModelSpec, cluster: Cluster, dtype: str, tp: int, r
     (its K and V, or latent, read once, `kv_bytes` a value: the activations' width by default):
     memory-bound. The mean over the layers: a sliding-window layer reads the last
     attention_window tokens only (the kernel skips the rest, whatever the cache holds)."""
+    width = kv_values_per_token_gpu(spec, tp) * (kv_bytes or kv_value_bytes(dtype))
+    dtype = compute_dtype(dtype)
     dev, e = cluster.device, BYTES[dtype]
     q = spec.q_dim // tp
-    width = kv_values_per_token_gpu(spec, tp) * (kv_bytes or kv_value_bytes(dtype))
 
     def one(keys: float) -> float:
         return dev.attention_s(4.0 * rows * keys * q, rows * keys * width + 2 * rows * q * e, dtype, decode=True)
@@ -448,6 +483,7 @@ def window_prefill(spec: ModelSpec, computed: float, take: float) -> tuple[float
 
 def head_s(spec: ModelSpec, cluster: Cluster, dtype: str, tp: int, rows: float) -> float:
     """The logits of `rows` tokens (vocab-parallel over tp)."""
+    dtype = compute_dtype(dtype)
     return gemm_s(cluster.device, dtype, rows, spec.hidden, -(-spec.vocab // tp), BYTES[dtype])
 
 

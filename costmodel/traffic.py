@@ -80,7 +80,8 @@ from costmodel.kv_groups import KVGroups
 from costmodel.runtime import FUSED
 from costmodel.serving_engine import DEFAULT_ENGINE, ServingEngine, check_engine_name, engine_cluster
 from costmodel.serving import (BYTES, DEFAULT_ACCEPTANCE, GPU_MEMORY_UTILIZATION, SPECULATION_PP, KVBudget,
-                               ServingRequest, check_kv_cache, cli_flag, decode_attention_s, expected_tokens, head_s,
+                               ServingRequest, check_kv_cache, check_serving_precision, cli_flag, compute_dtype,
+                               decode_attention_s, expected_tokens, head_s,
                                kv_budget, kv_bytes_per_token, kv_value_bytes, kv_values_per_token_gpu, layout_label,
                                layout_problems, speculation_problems, token_layer_s, window_prefill)
 from costmodel.spec import ModelSpec
@@ -194,11 +195,12 @@ class IterationCost:
     def __init__(self, spec: ModelSpec, cluster: Cluster, tp: int, pp: int, precision: str, max_tokens: int,
                  expert_parallel: bool = False, engine: ServingEngine | str = DEFAULT_ENGINE,
                  kv_cache_dtype: str = "auto"):
+        check_serving_precision(precision, spec)
         # the GPU as the serving engine runs it (a cluster already priced for one stays as it is),
         # with fused kernels whatever runtime priced training
         cluster = with_runtime(engine_cluster(cluster, engine), FUSED)
-        self.spec, self.cluster, self.tp, self.pp, self.dtype = spec, cluster, tp, pp, precision
-        self.e = BYTES[precision]
+        self.spec, self.cluster, self.tp, self.pp, self.dtype = spec, cluster, tp, pp, compute_dtype(precision)
+        self.e = BYTES[self.dtype]
         grid = [1]
         while grid[-1] < max_tokens:
             grid.append(grid[-1] * 2)
@@ -208,7 +210,7 @@ class IterationCost:
                        + (pp - 1) * send_recv_s(n * spec.hidden * self.e, link) for n in grid]
         self._head = [head_s(spec, cluster, precision, tp, n) for n in grid]
         self._q = spec.q_dim // tp
-        self._kv_bytes = kv_value_bytes(precision, kv_cache_dtype)
+        self._kv_bytes = kv_value_bytes(precision, kv_cache_dtype)  # (a weight format's cache: its compute dtype's)
         self._kv_token_layer = kv_values_per_token_gpu(spec, tp) * self._kv_bytes  # bytes per cached token, one layer
 
     def _interp(self, table: list[float], n: float) -> float:
@@ -915,8 +917,7 @@ class ServingLayout:
         if self.prefill_replicas < 0 or (self.prefill_replicas and self.prefill_replicas >= self.replicas):
             raise ConfigError(f"--prefill-replicas ({self.prefill_replicas}) must leave at least one of the "
                               f"{self.replicas} replicas to decode")
-        if self.precision not in BYTES:
-            raise ConfigError(f"serving precision {self.precision!r}; use one of {', '.join(BYTES)}")
+        check_serving_precision(self.precision)
         if not isinstance(self.expert_parallel, bool):
             raise ConfigError(f"expert_parallel must be true or false, got {self.expert_parallel!r}")
 

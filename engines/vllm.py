@@ -152,7 +152,7 @@ _NO_COST = {"--host": True, "--port": True, "--served-model-name": True, "--api-
 _DTYPES = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "half": "fp16", "fp16": "fp16", "auto": None}
 _KV_DTYPES = {"auto": "auto", "fp8": "fp8", "fp8_e4m3": "fp8", "fp8_e5m2": "fp8", "bfloat16": "bf16", "float16": "fp16"}
 _CHOICE_FLAGS = {"--dtype": ("precision", _DTYPES), "--kv-cache-dtype": ("kv_cache_dtype", _KV_DTYPES),
-                 "--quantization": ("quantization", {"fp8": "fp8"})}  # W8A8 fp8 weights; other schemes not priced
+                 "--quantization": ("quantization", {"fp8": "fp8", "mxfp4": "mxfp4"})}  # W8A8 fp8; MXFP4 experts
 
 
 def _speculative(raw: str) -> tuple[str, int] | None:
@@ -257,8 +257,9 @@ def import_serve(text: str) -> ServeCommand:
             unknown.append(token)
     if not model:
         raise ConfigError("the vllm command names no model: write `vllm serve MODEL ...`")
-    if fields.pop("quantization", None) == "fp8":  # fp8 weights and GEMMs, the activations (and cache) 16-bit
-        fields["precision"] = "fp8"
+    quantization = fields.pop("quantization", None)
+    if quantization in ("fp8", "mxfp4"):  # fp8 weights and GEMMs (the activations and cache 16-bit); MXFP4 experts
+        fields["precision"] = quantization
 
     for name in dict.fromkeys(_INT_FLAGS.values()):
         if name in fields and fields[name] < 1:

@@ -107,6 +107,9 @@ def model_planned_only(spec: ModelSpec) -> list[str]:
     if spec.latent_attention:
         return [f"{spec.name} uses multi-head latent attention, which the cost model prices and the runtime does "
                 "not build yet: its plans are for prediction and export"]
+    if spec.moe and spec.bias:
+        return [f"{spec.name}'s experts carry biases, which the cost model prices and the runtime's experts do not "
+                "build yet: its plans are for prediction and export"]
     return []
 
 

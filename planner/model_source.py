@@ -95,9 +95,9 @@ def checkpoint_weights(text: str) -> str | None:
     """The precision a Hugging Face checkpoint keeps its weights in, where its config says it
     is quantized (`quantization_config`, which vLLM reads to load it): "fp8" for 8-bit float
     weights (quant_method fp8 or fbgemm_fp8, or compressed-tensors with 8-bit float weights);
-    None for an unquantized checkpoint or a model that is not a Hugging Face config; a
-    ConfigError for a quantization paraplan does not price (4-bit AWQ, GPTQ, MXFP4 and
-    bitsandbytes weights, integer ones), naming it and the way to price 16-bit weights."""
+    "mxfp4" for MXFP4 experts (gpt-oss); None for an unquantized checkpoint or a model that is
+    not a Hugging Face config; a ConfigError for a quantization paraplan does not price (4-bit
+    AWQ, GPTQ and bitsandbytes weights, integer ones), naming it and the way to price 16-bit weights."""
     source = source_of(text) if not text.startswith("py:") else {}
     if source.get("kind") != "hf":
         return None
@@ -112,6 +112,8 @@ def checkpoint_weights(text: str) -> str | None:
     method = str(quant.get("quant_method", "")).lower()
     if method in FP8_METHODS:
         return "fp8"
+    if method == "mxfp4":  # gpt-oss: the routed experts in MXFP4, the rest 16-bit (modules_to_not_convert)
+        return "mxfp4"
     if method == "compressed-tensors":
         groups = quant.get("config_groups") or {}
         weights = [g.get("weights") or {} for g in groups.values() if isinstance(g, dict)]

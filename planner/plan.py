@@ -21,6 +21,7 @@ from costmodel.runtime import load_runtime
 from costmodel.spec import ModelSpec
 from costmodel.strategy import MESH_AXES, Strategy
 from costmodel.validate import stage_layer_counts
+from costmodel.serving import compute_dtype
 
 SCHEMA_VERSION = 1
 MODES = ("train", "lora", "inference")
@@ -115,7 +116,8 @@ class Plan:
             sequence_parallel=self.sequence_parallel, recompute=recomputes[0] if recomputes else "none",
             stage_recompute=() if uniform else tuple(recomputes),
             microbatch_size=sched["microbatch_size"], global_batch=self.global_batch,
-            schedule=sched["name"], virtual_stages=sched.get("virtual_stages", 1), precision=self.precision,
+            schedule=sched["name"], virtual_stages=sched.get("virtual_stages", 1),
+            precision=compute_dtype(self.precision),  # (a serving plan's weight format: its compute dtype)
             flash_attention=self.flash_attention, seq_len=self.seq_len,
             stage_layers=tuple(st.layers[1] - st.layers[0] for st in ordered),
             lora_rank=int(self.lora.get("rank", 0)), lora_targets=tuple(self.lora.get("targets", ())),

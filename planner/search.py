@@ -32,6 +32,7 @@ from costmodel.hardware import GIB
 from costmodel.memory import zero_model_state_bytes
 from costmodel.moe import expert_shard
 from costmodel.result import StepResult
+from costmodel.serving import WEIGHT_FORMATS
 from costmodel.spec import ModelSpec, format_count
 from costmodel.strategy import Schedule
 from costmodel.validate import strategy_problems
@@ -286,6 +287,9 @@ def run_search(req: SearchRequest, *, module_map=None) -> SearchResult:
     # a compute dtype the GPU has no tensor cores for is said first, not as "does not fit" behind the
     # candidates too large to price (a QLoRA base's nf4 is storage, computed in bf16: not checked)
     dtype = req.fixed.get("precision")
+    if dtype in WEIGHT_FORMATS:
+        raise ConfigError(f"--precision {dtype} is a serving weight format (a mixture of experts' stored experts); "
+                          "training computes in one of fp32, bf16, fp16, fp8: plan serving with --mode inference")
     if dtype and dtype not in cluster.device.peak_tflops:
         cluster.device.peak_flops(dtype)  # raises, naming the GPU's dtypes
     rejected: list[str] = []

@@ -119,6 +119,8 @@ def test_the_zoo_is_what_the_configs_say():
     assert spec_from_hf_config(MIXTRAL_8X7B).num_params == ZOO["mixtral-8x7b"].num_params
     assert spec_from_hf_config(DEEPSEEK_V3).num_params == ZOO["deepseek-v3"].num_params == 671_026_404_352
     assert spec_from_hf_config(QWEN3_30B_A3B).num_params == ZOO["qwen3-30b-a3b"].num_params
+    assert spec_from_hf_config(GPT_OSS_20B).num_params == ZOO["gpt-oss-20b"].num_params
+    assert spec_from_hf_config(GPT_OSS_120B).num_params == ZOO["gpt-oss-120b"].num_params
 
 
 def test_latent_attention_caches_the_latent_only():
@@ -626,3 +628,15 @@ def test_gpt_oss_is_read_with_its_window_and_its_experts_run_without_expert_para
     out = paraplan("plan", "--model", f"hf:{tmp_path / 'oss'}", "--cluster", "cpu:2", "--global-batch", "4",
                    "--seq-len", "32", "--json")
     assert out.returncode == 0 and json.loads(out.stdout)["plan"]["experts"]["ep"] == 1, out.stderr
+
+
+def test_biased_experts_are_planned_for_prediction_not_run(tmp_path):
+    """gpt-oss's experts carry biases the runtime's grouped experts do not build: its training plans
+    are written with a note and refused by check, as DeepSeek-V3's latent attention is."""
+    from tests_helpers import paraplan
+
+    target = tmp_path / "oss.yaml"
+    out = paraplan("plan", "--model", "gpt-oss-20b", "--cluster", "h100-sxm:8", "--global-batch", "64", "-o", str(target))
+    assert out.returncode == 0 and "experts carry biases" in out.stderr, out.stderr
+    checked = paraplan("check", str(target))
+    assert checked.returncode == 2 and "experts carry biases" in checked.stdout + checked.stderr

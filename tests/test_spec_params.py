@@ -30,7 +30,8 @@ def test_llama_params_match_published(name):
     assert ZOO[name].num_params == pytest.approx(LLAMA_PUBLISHED_PARAMS[name], rel=0.005)
 
 
-@pytest.mark.parametrize("name", [n for n in ZOO if not ZOO[n].latent_attention])  # MLA: priced, not built
+# MLA and biased experts (gpt-oss): priced, not built (planner.contract.model_planned_only)
+@pytest.mark.parametrize("name", [n for n in ZOO if not ZOO[n].latent_attention and not (ZOO[n].moe and ZOO[n].bias)])
 def test_module_parameter_count_equals_spec(name):
     spec = ZOO[name]
     model = build_model(spec, device="meta")

@@ -708,3 +708,56 @@ def test_fp8_checkpoints_by_hub_id_are_served_in_fp8_and_hub_ids_point_at_the_bu
     code, _, err = _main(capsys, "plan", "--model", "meta-llama/Llama-3.1-8B-Instruct", "--cluster", "h100-sxm:8",
                          "--global-batch", "64")
     assert code == 2 and "the built-in llama3.1-8b's architecture; give --model llama3.1-8b" in err
+
+
+def test_gpt_oss_serves_with_its_experts_in_mxfp4(tmp_path, capsys):
+    """gpt-oss's checkpoints keep their routed experts in MXFP4 (4-bit values, an 8-bit scale per 32:
+    4.25 bits), the rest bf16, and vLLM serves them so: gpt-oss-120b's weights fit one 80 GB GPU
+    (they do not in bf16), decoding reads its experts at 4.25 bits, and the note says how far
+    vLLM's MXFP4 kernels fell behind this pricing. `vllm serve openai/gpt-oss-120b` was "unknown
+    model"; a checkpoint directory's mxfp4 quantization_config was refused."""
+    from costmodel.serving import ServingRequest, kv_budget, token_layer_s
+    from costmodel.serving_engine import engine_cluster
+
+    spec, h100 = ZOO["gpt-oss-120b"], load_cluster("h100-sxm:1")
+    req = ServingRequest(prompt_len=1024, output_len=256, precision="mxfp4")
+    fits = kv_budget(spec, h100, req, 1, 1)
+    routed = spec.moe_layers * spec.experts * spec.expert_params
+    assert fits.weights_gib * 2**30 == pytest.approx(routed * 4.25 / 8 + (spec.num_params - routed) * 2, rel=0.01)
+    assert fits.max_batch_paged > 0 and kv_budget(spec, h100, ServingRequest(prompt_len=1024, output_len=256), 1,
+                                                   1).max_batch_paged == 0
+    cl = engine_cluster(h100, "vllm")
+    step4, step16 = (spec.layers * token_layer_s(spec, cl, p, 1, 64) for p in ("mxfp4", "bf16"))
+    assert step4 < 0.45 * step16  # a decode of 64 rows reads the experts it reaches: 4.25 bits against 16
+    code, out, err = _main(capsys, "simulate", "--mode", "inference", "--from", "vllm", "vllm serve openai/gpt-oss-120b",
+                           "--cluster", "h100-sxm:1", "--workload", "chat", "--rate", "1", "--requests", "30", "--json")
+    assert code == 0, err
+    assert json.loads(out)["layout"]["precision"] == "mxfp4" and "read the prediction as optimistic" in err
+    # a checkpoint directory says so in its config; a plan writes it; the vllm command reads it back
+    oss = tmp_path / "oss"
+    oss.mkdir()
+    config = {"model_type": "gpt_oss", "hidden_size": 2880, "intermediate_size": 2880, "num_hidden_layers": 24,
+              "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64, "num_local_experts": 32,
+              "num_experts_per_tok": 4, "vocab_size": 201088, "max_position_embeddings": 131072, "sliding_window": 128,
+              "layer_types": ["sliding_attention", "full_attention"] * 12, "rope_theta": 150000,
+              "tie_word_embeddings": False, "hidden_act": "silu", "rms_norm_eps": 1e-5, "attention_bias": True,
+              "quantization_config": {"quant_method": "mxfp4"}}
+    (oss / "config.json").write_text(json.dumps(config))
+    plan = tmp_path / "oss.yaml"
+    code, _, err = _main(capsys, "plan", "--mode", "inference", "--model", f"hf:{oss}", "--cluster", "h100-sxm:1",
+                         "--prompt-len", "1000", "--output-len", "200", "-o", str(plan))
+    assert code == 0 and "keeps its weights in mxfp4" in err, err
+    assert yaml.safe_load(plan.read_text())["precision"] == "mxfp4"
+    assert _main(capsys, "check", str(plan))[0] == 0
+    code, out, err = _main(capsys, "export", str(plan), "--to", "vllm")
+    assert code == 0 and "--quantization" not in out, out
+    from engines.vllm import import_serve
+
+    assert import_serve("vllm serve openai/gpt-oss-20b --quantization mxfp4").precision == "mxfp4"
+    # a model without experts, or training, in MXFP4: one line each
+    code, _, err = _main(capsys, "simulate", "--mode", "inference", "--model", "llama3-8b", "--cluster", "h100-sxm:1",
+                         "--workload", "chat", "--rate", "1", "--precision", "mxfp4")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "llama3-8b has none" in err
+    code, _, err = _main(capsys, "plan", "--model", "gpt-oss-20b", "--cluster", "h100-sxm:8", "--global-batch", "64",
+                         "--precision", "mxfp4")
+    assert code == 2 and "serving weight format" in err

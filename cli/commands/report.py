@@ -42,7 +42,8 @@ def run_serving_report(args: argparse.Namespace, out: Path, spec: ModelSpec | No
         SLO.parse(slo_text)
         load_cluster(args.cluster)
         table = build_traffic_report(spec, args.cluster, out, {args.workload: (slo_text, rate)},
-                                     engine=args.engine, memory=memory_args(args), precision=served_precision(args))
+                                     engine=args.engine, memory=memory_args(args),
+                                     precision=served_precision(args, spec=spec))
         rows = table.to_dict("records")
         if args.json:
             print(json.dumps({"report": str(out / "README.md"), "rows": rows}, indent=2))
@@ -61,7 +62,7 @@ def run_serving_report(args: argparse.Namespace, out: Path, spec: ModelSpec | No
                           "--workload (under traffic)")
     req = ServingRequest(prompt_len=args.prompt_len, output_len=args.output_len, max_ttft_ms=args.max_ttft_ms,
                          max_tpot_ms=args.max_tpot_ms, engine=args.engine or DEFAULT_ENGINE, **memory_args(args),
-                         precision=served_precision(args))
+                         precision=served_precision(args, spec=spec))
     best = build_serving_report(spec, [args.cluster], req, out)
     if args.json:
         print(json.dumps({"report": str(out / "report.md"), "best": best}, indent=2))

@@ -8,7 +8,8 @@ import json
 
 from costmodel import ConfigError, Strategy, load_cluster
 from costmodel.serving import (DEFAULT_ACCEPTANCE, GPU_MEMORY_UTILIZATION, ServingPlan, ServingPoint, ServingRequest,
-                               acceptance_of_length, check_degrees, kv_bytes_per_token, layout_label, plan_serving)
+                               acceptance_of_length, check_degrees, compute_dtype, kv_bytes_per_token, layout_label,
+                               plan_serving)
 from costmodel.spec import ModelSpec, format_count
 from costmodel.serving_engine import DEFAULT_ENGINE, check_block_size
 from planner.files import atomic_write_text
@@ -175,16 +176,17 @@ def run_serving(args: argparse.Namespace) -> int:
         raise ConfigError("plan searches --expert-parallel (with and without, for a mixture of experts); leave it out")
     refuse_other_flags(args)
     spec = load_served_spec(args)
-    args.precision = served_precision(args)
+    args.precision = served_precision(args, spec=spec)
     cluster = load_cluster(args.cluster)
     req = serving_request(args, spec)
     found = plan_serving(spec, cluster, req, tp=args.tp, pp=args.pp)  # given degrees are fixed
     best = found.best
     s = Strategy(tp=best.tp, pp=best.pp, dp=best.replicas, microbatch_size=best.batch,
-                 global_batch=best.batch * best.replicas, precision=req.precision, seq_len=spec.seq_len,
+                 global_batch=best.batch * best.replicas, precision=compute_dtype(req.precision), seq_len=spec.seq_len,
                  sequence_parallel=False)
     plan = plan_from_strategy(spec, s, args.cluster, predicted(spec, req, best))
     plan = plan.__class__(**{**{f: getattr(plan, f) for f in plan.__slots__}, "mode": "inference",
+                             "precision": req.precision,  # (a weight format: the compute dtype's strategy above)
                              "serving": {"prompt_len": req.prompt_len, "output_len": req.output_len, "beam": req.beam,
                                          "block_tokens": req.block_tokens, "replicas": best.replicas,
                                          "engine": req.engine, **served_model_path(args.model), **memory_section(req),

@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from costmodel import ConfigError
+from costmodel.serving import check_serving_precision
 from costmodel.spec import ModelSpec
 from planner.model_source import checkpoint_weights, load_model_spec
 
@@ -30,17 +31,30 @@ def load_served_spec(args: argparse.Namespace, model: str | None = None) -> Mode
     return with_max_model_len(load_model_spec(model or args.model), getattr(args, "max_model_len", None))
 
 
-def served_precision(args: argparse.Namespace, model: str | None = None) -> str:
+def served_precision(args: argparse.Namespace, model: str | None = None, spec: ModelSpec | None = None) -> str:
     """--precision, else what the checkpoint's quantization_config says its weights are (vLLM
     loads an fp8 checkpoint in fp8 without being told; a note says so), else bf16."""
     if getattr(args, "precision", None):
-        return args.precision
+        return weight_format_note(args.precision, spec)
     found = checkpoint_weights(model or args.model) if (model or args.model) else None
     if found:
         print(f"paraplan: note: {model or args.model} keeps its weights in {found} (its quantization_config), "
               f"as vLLM loads it: priced as --precision {found}", file=sys.stderr)
-        return found
+        return weight_format_note(found, spec)
     return "bf16"
+
+
+def weight_format_note(precision: str, spec: ModelSpec | None = None) -> str:
+    """`precision` (checked against `spec` where given), with a note on what its prediction is
+    worth where it is a weight format (MXFP4 experts: priced at the bf16 GEMM rates, which vLLM's
+    MXFP4 MoE kernels did not reach)."""
+    if spec is not None:
+        check_serving_precision(precision, spec)
+    if precision == "mxfp4":
+        print("paraplan: note: MXFP4 experts are priced as bf16 GEMMs reading 4.25-bit weights; vLLM 0.11 served "
+              "gpt-oss-20b on an H100 29-77% slower than that (bench/serving_fidelity.py): read the prediction as "
+              "optimistic", file=sys.stderr)
+    return precision
 
 
 def served_model_path(model: str) -> dict:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from costmodel import ConfigError, load_cluster
 from costmodel.cluster import Cluster
-from costmodel.serving import GPU_MEMORY_UTILIZATION, ServingRequest, check_degrees, evaluate, kv_budget
+from costmodel.serving import (GPU_MEMORY_UTILIZATION, ServingRequest, check_degrees, compute_dtype, evaluate,
+                               kv_budget)
 from costmodel.serving_engine import DEFAULT_ENGINE, check_block_size, vllm_scheduler_defaults
 from costmodel.spec import ModelSpec, format_count
 from costmodel.trace import serving_trace
@@ -26,7 +27,8 @@ from planner.zoo import hub_weights, zoo_name_of_hub_id
 from cli.commands.flags import first_given
 from cli.commands.serve import (TRAINING_FLAGS, acceptance_at, draft_settings, memory_args, memory_section,
                                 speculation_section, speculation_text)
-from cli.commands.served import load_served_spec, served_model_path, served_precision, with_max_model_len
+from cli.commands.served import (load_served_spec, served_model_path, served_precision, weight_format_note,
+                                 with_max_model_len)
 
 DEFAULT_REQUESTS = 2000
 # the steady-state serving model's request, batch and objectives
@@ -185,7 +187,7 @@ def from_vllm_command(args: argparse.Namespace, cluster: Cluster) -> tuple[Model
     except ConfigError as exc:
         raise ConfigError(f"{exc} (the vllm command serves {cmd.model!r}; give --model for its shape)") from None
     spec = with_max_model_len(spec, cmd.max_model_len)
-    precision = vllm_precision(args, cmd, served)
+    precision = vllm_precision(args, cmd, served, spec)
     layout = ServingLayout(tp=cmd.tp, pp=cmd.pp, replicas=cmd.dp, precision=precision,
                            expert_parallel=cmd.expert_parallel)
     cfg = scheduler_config(args, cluster, spec, speculation=False)  # the command's own, below (--acceptance with it)
@@ -211,7 +213,7 @@ def from_vllm_command(args: argparse.Namespace, cluster: Cluster) -> tuple[Model
     return spec, layout, replace(cfg, **taken)
 
 
-def vllm_precision(args: argparse.Namespace, cmd, served: str) -> str:
+def vllm_precision(args: argparse.Namespace, cmd, served: str, spec: ModelSpec) -> str:
     """The weights' precision as vLLM serves the command: paraplan's --precision; else an fp8
     checkpoint's (its config.json's quantization_config, or the Hub id of one: vLLM loads it in fp8
     whatever --dtype says, a note says so); else --quantization fp8 or --dtype; else bf16."""
@@ -221,8 +223,8 @@ def vllm_precision(args: argparse.Namespace, cmd, served: str) -> str:
     if hub:
         print(f"paraplan: note: {cmd.model} keeps its weights in {hub} (its quantization_config), as vLLM loads it: "
               f"priced as --precision {hub}", file=sys.stderr)
-        return hub
-    stored = served_precision(args, args.model or served)  # a checkpoint directory's config (with a note), or bf16
+        return weight_format_note(hub, spec)
+    stored = served_precision(args, args.model or served, spec)  # a checkpoint directory's config (with a note), or bf16
     return stored if stored == "fp8" else cmd.precision or stored
 
 
@@ -287,7 +289,7 @@ def run_traffic_simulate(args: argparse.Namespace) -> int:
         if not args.model or not args.cluster:
             raise ConfigError("simulate --mode inference needs --model and --cluster")
         spec = load_served_spec(args)
-        args.precision = served_precision(args)
+        args.precision = served_precision(args, spec=spec)
         cluster = load_cluster(args.cluster)
         cfg = scheduler_config(args, cluster, spec)
         layout = layout_from_args(args, cluster)
@@ -418,7 +420,7 @@ def run_traffic_plan(args: argparse.Namespace) -> int:
     rate = args.rate if args.rate is not None else wl.native_rate()
     if rate is None:
         raise ConfigError(f"workload {args.workload} needs --rate (requests per second)")
-    precision = args.precision = served_precision(args)
+    precision = args.precision = served_precision(args, spec=spec)
     found = plan_traffic(spec, cluster, wl, rate, slo, precision=precision, progress=not args.json,
                          engine=args.engine or DEFAULT_ENGINE, tp=args.tp, pp=args.pp,  # given degrees are fixed
                          **memory_args(args), **speculation_args(args, spec))
@@ -428,12 +430,13 @@ def run_traffic_plan(args: argparse.Namespace) -> int:
     predicted = {**steady_state(spec, cluster, one, best.scheduler, reqs),
                  **found.at_rate.metrics(), "goodput_rps_per_gpu": best.goodput_per_gpu,
                  "unit_max_rate_rps": best.max_rate_rps}
-    s = Strategy(tp=d.tp, pp=d.pp, dp=d.replicas, microbatch_size=1, global_batch=d.replicas, precision=precision,
-                 seq_len=spec.seq_len, sequence_parallel=False)
+    s = Strategy(tp=d.tp, pp=d.pp, dp=d.replicas, microbatch_size=1, global_batch=d.replicas,
+                 precision=compute_dtype(precision), seq_len=spec.seq_len, sequence_parallel=False)
     mean_prompt, mean_output = typical_request(*mean_lengths(reqs), spec.context_len)
     plan = plan_from_strategy(spec, s, f"{cluster.profile or cluster.device.name}:{max(d.gpus, cluster.world_size)}"
                               if not found.fits_cluster else args.cluster, predicted)
-    plan = plan.__class__(**{**{f: getattr(plan, f) for f in plan.__slots__}, "mode": "inference", "serving": {
+    plan = plan.__class__(**{**{f: getattr(plan, f) for f in plan.__slots__}, "mode": "inference",
+                             "precision": precision, "serving": {
         "prompt_len": mean_prompt, "output_len": mean_output, "beam": 1, "block_tokens": best.scheduler.block_tokens,
         "replicas": d.replicas, "prefill_replicas": d.prefill_replicas, "workload": args.workload, "rate": rate,
         "slo": args.slo, "max_num_seqs": best.scheduler.max_num_seqs,

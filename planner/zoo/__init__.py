@@ -57,6 +57,14 @@ _SPECS = [
                        vocab=129280, seq_len=4096), head_dim=192, v_head_dim=128, kv_lora_rank=512, q_lora_rank=1536,
             qk_rope_head_dim=64, experts=256, experts_per_token=8, expert_ffn_hidden=2048,
             shared_expert_ffn_hidden=2048, dense_layers=3, mtp_layers=1, max_positions=163840),
+    # OpenAI's gpt-oss (arXiv 2508.10925; openai/gpt-oss-20b and -120b config.json): every layer's MLP routed
+    # (top-4), q/k/v/o, expert and router biases, 64 query heads of 64 over 2880, a 128-token window in every
+    # other layer; its checkpoints keep the experts in MXFP4 (hub_weights). Served here; trained at 4,096 tokens
+    # (the runtime does not build biased experts: planner.contract.model_planned_only)
+    *(replace(llama_spec(name, layers=layers, hidden=2880, heads=64, kv_heads=8, ffn_hidden=2880, vocab=201088,
+                         seq_len=4096), head_dim=64, v_head_dim=64, bias=True, experts=experts, experts_per_token=4,
+                 expert_ffn_hidden=2880, attention_window=128, windowed_layers=layers // 2, max_positions=131072)
+      for name, layers, experts in (("gpt-oss-20b", 24, 32), ("gpt-oss-120b", 36, 128))),
     # tiny models for tests and CPU runs
     ModelSpec(name="tiny-gpt", layers=4, hidden=64, heads=4, vocab=256, seq_len=32, tied_embeddings=False),
     # GPT-2's tie of the token embedding and the output head (so do GPT-NeoX, Gemma and small Llamas)
@@ -78,7 +86,7 @@ HUB_IDS: dict[str, str] = {
     "llama3.1-70b": "meta-llama/Llama-3.1-70B", "llama3-405b": "meta-llama/Llama-3.1-405B",
     "mixtral-8x7b": "mistralai/Mixtral-8x7B-v0.1", "mixtral-8x22b": "mistralai/Mixtral-8x22B-v0.1",
     "qwen3-30b-a3b": "Qwen/Qwen3-30B-A3B", "qwen3-235b-a22b": "Qwen/Qwen3-235B-A22B",
-    "deepseek-v3": "deepseek-ai/DeepSeek-V3",
+    "deepseek-v3": "deepseek-ai/DeepSeek-V3", "gpt-oss-20b": "openai/gpt-oss-20b", "gpt-oss-120b": "openai/gpt-oss-120b",
 }
 _TUNED = {"meta-llama/Llama-2-7b-chat-hf": "llama2-7b", "meta-llama/Llama-2-13b-chat-hf": "llama2-13b",
           "meta-llama/Llama-2-70b-chat-hf": "llama2-70b", "meta-llama/Meta-Llama-3-8B-Instruct": "llama3-8b",
@@ -96,6 +104,8 @@ _FP8_CHECKPOINTS = {"deepseek-ai/DeepSeek-V3": "deepseek-v3", "deepseek-ai/DeepS
                     "deepseek-ai/DeepSeek-V3.1": "deepseek-v3", "deepseek-ai/DeepSeek-R1": "deepseek-v3",
                     "deepseek-ai/DeepSeek-R1-0528": "deepseek-v3"}
 FP8_SUFFIX = "-fp8"  # a quantized twin's Hub id: Qwen/Qwen3-235B-A22B-FP8, ...-Instruct-FP8
+# checkpoints whose routed experts are MXFP4 (quant_method mxfp4), the rest 16-bit
+_MXFP4_CHECKPOINTS = {"openai/gpt-oss-20b", "openai/gpt-oss-120b"}
 
 
 def zoo_name_of_hub_id(hub_id: str) -> str | None:
@@ -110,9 +120,14 @@ def zoo_name_of_hub_id(hub_id: str) -> str | None:
 
 
 def hub_weights(hub_id: str) -> str | None:
-    """"fp8" where the Hub checkpoint of a built-in model keeps its weights in 8-bit floats, else None."""
-    fp8 = hub_id.lower() in {k.lower() for k in _FP8_CHECKPOINTS} or hub_id.lower().endswith(FP8_SUFFIX)
-    return "fp8" if fp8 and zoo_name_of_hub_id(hub_id) else None
+    """The stored weights of a built-in model's Hub checkpoint where they are not 16-bit: "fp8"
+    (8-bit floats), "mxfp4" (MXFP4 experts); None otherwise."""
+    if not zoo_name_of_hub_id(hub_id):
+        return None
+    key = hub_id.lower()
+    if key in {k.lower() for k in _MXFP4_CHECKPOINTS}:
+        return "mxfp4"
+    return "fp8" if key in {k.lower() for k in _FP8_CHECKPOINTS} or key.endswith(FP8_SUFFIX) else None
 
 
 def zoo_names() -> list[str]:
