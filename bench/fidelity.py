@@ -82,8 +82,8 @@ def main() -> None:
             Path(args.save).write_text(json.dumps(measured, indent=1))
     print(f"{SPEC.name}: {SPEC.layers} layers, hidden {SPEC.hidden}, seq {SPEC.seq_len}, "
           f"{SPEC.num_params / 1e6:.1f}M params, batch {BATCH}, fp32; profile {args.profile}")
-    print(f"| plan | processes | predicted ms | measured ms | error |")
-    print(f"|---|---|---|---|---|")
+    print("| plan | processes | predicted ms | measured ms | error |")
+    print("|---|---|---|---|---|")
     errors = []
     for name in PLANS:
         p, m = predicted(name, args.profile), measured[name]

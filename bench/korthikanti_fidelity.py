@@ -19,7 +19,7 @@ from planner.zoo import ZOO  # noqa: E402
 
 def main() -> None:
     print("Korthikanti et al. 2022, Table 5 (iteration time, s), A100-80G, seq 2048, no FlashAttention")
-    print(f"| model | GPUs | tp x pp (v) | recompute | published s | predicted s | error | predicted MFU |")
+    print("| model | GPUs | tp x pp (v) | recompute | published s | predicted s | error | predicted MFU |")
     print("|---|---|---|---|---|---|---|---|")
     errors = []
     for row in KORTHIKANTI_TABLE3:

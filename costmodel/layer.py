@@ -246,11 +246,12 @@ def layer_cost(spec: ModelSpec, strategy: Strategy, cluster: Cluster, tp_group: 
         if strategy.ep_overlap:  # hidden behind another microbatch's pass, up to the length of the pass
             ep_f, ep_b = max(0.0, ep_f - fwd_compute), max(0.0, ep_b - bwd_compute)
         local = share * sparse.expert_params
-        if strategy.lora:  # the experts are frozen base: no gradient or state; QLoRA dequantizes them at each use
+        if strategy.lora:  # the experts are frozen base: no gradient or state; at each use QLoRA dequantizes
             frozen_experts = local * lora.bytes_per_weight(strategy.base_precision, strategy.policy.param_bytes)
-            dequant_x = dev.memory_s(lora.dequant_traffic(local, strategy.base_precision))
-            fwd_compute += dequant_x if strategy.base_precision == "nf4" else dev.memory_s(cast_f * local)
-            bwd_compute += dequant_x if strategy.base_precision == "nf4" else dev.memory_s(cast_f * local)
+            use = (dev.memory_s(lora.dequant_traffic(local, strategy.base_precision)) if strategy.base_precision == "nf4"
+                   else dev.memory_s(cast_f * local))  # them, a 16-bit base casts them
+            fwd_compute += use
+            bwd_compute += use
         else:
             expert_params = local
             fwd_compute += dev.memory_s(cast_f * expert_params)  # the experts' weights cast at use, gradients back
