@@ -761,3 +761,33 @@ def test_gpt_oss_serves_with_its_experts_in_mxfp4(tmp_path, capsys):
     code, _, err = _main(capsys, "plan", "--model", "gpt-oss-20b", "--cluster", "h100-sxm:8", "--global-batch", "64",
                          "--precision", "mxfp4")
     assert code == 2 and "serving weight format" in err
+
+
+def test_a_deployment_past_the_cluster_is_written_for_whole_nodes(tmp_path, capsys):
+    """A rate that needs 10 GPUs of 8-GPU nodes: the plan named the cluster h100-sxm:10, which check
+    and simulate --plan refused ("10 GPUs do not fill nodes of 8"); it names whole nodes now."""
+    target = tmp_path / "t.yaml"
+    code, out, err = _main(capsys, "plan", "--mode", "inference", "--model", "llama3-8b", "--cluster", "h100-sxm:8",
+                           "--workload", "chat", "--rate", "400", "--requests", "100", "--slo", "ttft_p99=1,tpot_p99=50ms",
+                           "-o", str(target))
+    assert code == 0 and "more than the 8 given" in out, err
+    plan = yaml.safe_load(target.read_text())
+    assert plan["cluster"] == "h100-sxm:16" and 8 < plan["serving"]["replicas"] * plan["mesh"]["tp"] * plan["mesh"]["pp"] <= 16
+    assert _main(capsys, "check", str(target))[0] == 0
+    assert _main(capsys, "simulate", "--plan", str(target))[0] == 0
+
+
+def test_a_built_in_model_serves_in_its_checkpoints_format_unless_told(capsys):
+    """`--model gpt-oss-120b` (its checkpoint's experts MXFP4) and `--model deepseek-v3` (fp8) are served
+    as vLLM loads their checkpoints, with a note; --precision bf16 prices a 16-bit copy. gpt-oss-120b on
+    one H100 was refused: 217.6 GiB of bf16 weights."""
+    code, out, err = _main(capsys, "simulate", "--mode", "inference", "--model", "gpt-oss-120b", "--cluster",
+                           "h100-sxm:1", "--workload", "chat", "--rate", "1", "--requests", "20", "--json")
+    assert code == 0 and json.loads(out)["layout"]["precision"] == "mxfp4", err
+    assert "its checkpoint openai/gpt-oss-120b" in err
+    code, _, err = _main(capsys, "simulate", "--mode", "inference", "--model", "gpt-oss-120b", "--cluster",
+                         "h100-sxm:1", "--workload", "chat", "--rate", "1", "--requests", "20", "--precision", "bf16")
+    assert code == 2 and "217.6 GiB" in err
+    code, out, err = _main(capsys, "simulate", "--mode", "inference", "--model", "llama3-8b", "--cluster", "h100-sxm:1",
+                           "--workload", "chat", "--rate", "1", "--requests", "20", "--json")
+    assert code == 0 and json.loads(out)["layout"]["precision"] == "bf16" and "keeps its weights" not in err

@@ -11,6 +11,7 @@ from costmodel import ConfigError
 from costmodel.serving import check_serving_precision
 from costmodel.spec import ModelSpec
 from planner.model_source import checkpoint_weights, load_model_spec
+from planner.zoo import HUB_IDS, hub_weights
 
 
 def with_max_model_len(spec: ModelSpec, max_model_len: int | None) -> ModelSpec:
@@ -33,13 +34,19 @@ def load_served_spec(args: argparse.Namespace, model: str | None = None) -> Mode
 
 def served_precision(args: argparse.Namespace, model: str | None = None, spec: ModelSpec | None = None) -> str:
     """--precision, else what the checkpoint's quantization_config says its weights are (vLLM
-    loads an fp8 checkpoint in fp8 without being told; a note says so), else bf16."""
+    loads an fp8 checkpoint in fp8 without being told; a note says so): a Hugging Face
+    directory's, or the Hub checkpoint's of a built-in model (DeepSeek-V3's fp8, gpt-oss's MXFP4
+    experts); else bf16."""
     if getattr(args, "precision", None):
         return weight_format_note(args.precision, spec)
-    found = checkpoint_weights(model or args.model) if (model or args.model) else None
+    name = model or args.model
+    found = checkpoint_weights(name) if name else None
+    where = "its quantization_config"
+    if not found and name in HUB_IDS:
+        found, where = hub_weights(HUB_IDS[name]), f"its checkpoint {HUB_IDS[name]}"
     if found:
-        print(f"paraplan: note: {model or args.model} keeps its weights in {found} (its quantization_config), "
-              f"as vLLM loads it: priced as --precision {found}", file=sys.stderr)
+        print(f"paraplan: note: {name} keeps its weights in {found} ({where}), as vLLM loads it: priced as "
+              f"--precision {found} (give --precision bf16 for a 16-bit copy)", file=sys.stderr)
         return weight_format_note(found, spec)
     return "bf16"
 

@@ -433,7 +433,10 @@ def run_traffic_plan(args: argparse.Namespace) -> int:
     s = Strategy(tp=d.tp, pp=d.pp, dp=d.replicas, microbatch_size=1, global_batch=d.replicas,
                  precision=compute_dtype(precision), seq_len=spec.seq_len, sequence_parallel=False)
     mean_prompt, mean_output = typical_request(*mean_lengths(reqs), spec.context_len)
-    plan = plan_from_strategy(spec, s, f"{cluster.profile or cluster.device.name}:{max(d.gpus, cluster.world_size)}"
+    need = max(d.gpus, cluster.world_size)  # past the cluster: its GPUs in whole nodes, as a cluster is given
+    if need > cluster.gpus_per_node:
+        need = -(-need // cluster.gpus_per_node) * cluster.gpus_per_node
+    plan = plan_from_strategy(spec, s, f"{cluster.profile or cluster.device.name}:{need}"
                               if not found.fits_cluster else args.cluster, predicted)
     plan = plan.__class__(**{**{f: getattr(plan, f) for f in plan.__slots__}, "mode": "inference",
                              "precision": precision, "serving": {
