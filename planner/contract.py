@@ -101,13 +101,14 @@ def strategy_runtime_problems(spec: ModelSpec, s: Strategy, mode: str = "train")
     return problems + list(planned_only(s, mode).values())
 
 
-def model_planned_only(spec: ModelSpec) -> list[str]:
+def model_planned_only(spec: ModelSpec, source: dict | None = None) -> list[str]:
     """What the cost model prices in a model and the runtime does not build: its plans are
-    written (with a note) for prediction and export; `check` and `run` refuse them."""
+    written (with a note) for prediction and export; `check` and `run` refuse them. `source`: the
+    plan's (a user's module runs as it is: transformers' gpt-oss keeps its own biased experts)."""
     if spec.latent_attention:
         return [f"{spec.name} uses multi-head latent attention, which the cost model prices and the runtime does "
                 "not build yet: its plans are for prediction and export"]
-    if spec.moe and spec.bias:
+    if spec.moe and spec.bias and not (source or {}).get("kind"):
         return [f"{spec.name}'s experts carry biases, which the cost model prices and the runtime's experts do not "
                 "build yet: its plans are for prediction and export"]
     return []
@@ -148,7 +149,7 @@ def runnable_problems(plan: Plan, world_size: int | None = None) -> list[str]:
     if plan.mode == "inference":
         return problems + ["a serving plan is not trained; `paraplan generate` runs the built-in models with a KV cache"]
     spec = plan.spec
-    problems += model_planned_only(spec)
+    problems += model_planned_only(spec, plan.source)
     if not plan.source and spec.attention_window and spec.attention_window < plan.seq_len:
         problems.append(f"paraplan's built-in model attends to the whole sequence, not a sliding window of "
                         f"{spec.attention_window} tokens; train {spec.name} from its Hugging Face config (hf:DIR) "

@@ -625,9 +625,13 @@ def test_gpt_oss_is_read_with_its_window_and_its_experts_run_without_expert_para
                    "--seq-len", "32", "--ep", "2")
     err = [line for line in out.stderr.splitlines() if not line.startswith("[transformers]")]
     assert out.returncode == 2 and len(err) == 1 and "expert parallelism on a Hugging Face gpt_oss" in err[0], out.stderr
+    target = tmp_path / "oss.yaml"
     out = paraplan("plan", "--model", f"hf:{tmp_path / 'oss'}", "--cluster", "cpu:2", "--global-batch", "4",
-                   "--seq-len", "32", "--json")
+                   "--seq-len", "32", "--json", "-o", str(target))
     assert out.returncode == 0 and json.loads(out.stdout)["plan"]["experts"]["ep"] == 1, out.stderr
+    # transformers' own module runs its biased experts (the built-in model's are not built)
+    checked = paraplan("check", str(target))
+    assert checked.returncode == 0 and "OK" in checked.stdout, checked.stdout + checked.stderr
 
 
 def test_biased_experts_are_planned_for_prediction_not_run(tmp_path):

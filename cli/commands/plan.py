@@ -28,8 +28,9 @@ def plan_of_search(spec, found, cluster_text: str, stats: dict, cluster, source:
     if plan.runtime in RUNNABLE_RUNTIMES:
         problems, _ = plan_problems(plan, cluster)
         # features the flags asked for, and models the runtime does not build: noted
-        asked = set(planned_only(found.strategy, plan.mode).values()) | set(model_planned_only(spec))
-        hard = [p for p in problems if p not in asked] if not model_planned_only(spec) else []
+        built = model_planned_only(spec, plan.source)
+        asked = set(planned_only(found.strategy, plan.mode).values()) | set(built)
+        hard = [p for p in problems if p not in asked] if not built else []
         if hard:
             raise ConfigError(f"the best plan found would not run: {hard[0]}")
         for p in problems:
