@@ -49,6 +49,19 @@ class TokenSource:
         return seqs[:, :-1].contiguous(), seqs[:, 1:].contiguous()
 
 
+def check_data(path: str | None, vocab: int, seq_len: int, tokenizer: str | None = None) -> None:
+    """One line (ConfigError) where the data file cannot feed the plan, said before any process
+    starts: missing, too short, or holding tokens past the vocabulary (a text file the model's
+    tokenizer reads is only checked to exist here: tokenizing it is the workers' job)."""
+    if path is None:
+        return
+    if tokenizer is not None and Path(path).suffix not in (".npy", ".bin"):
+        if not Path(path).is_file():
+            raise ConfigError(f"data file {path} does not exist")
+        return
+    TokenSource(vocab, seq_len, path)
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 

@@ -116,6 +116,11 @@ def run(cfg: LaunchConfig) -> int:
                               torch.cuda.device_count() if torch.cuda.is_available() else 0)
     if problem:
         raise ConfigError(problem)
+    if cfg.data is not None:  # a bad data file is one line here, not a traceback from every rank
+        from runtime.data import check_data, tokenizer_dir
+
+        check_data(cfg.data, plan.spec.vocab, plan.seq_len,
+                   tokenizer_dir(plan.source["path"]) if plan.source.get("kind") == "hf" else None)
     if plan.runtime not in RUNNABLE_RUNTIMES:  # priced for another framework: say what the comparison means
         print(f"paraplan: note: {cfg.plan_path} was priced for runtime {plan.runtime}; paraplan run executes "
               f"paraplan's runtime, so compare the measured step with `paraplan simulate --plan {cfg.plan_path} "

@@ -38,3 +38,19 @@ def test_bad_data_files(tmp_path):
 def test_data_parallel_slices_cover_the_batch():
     x = torch.arange(8).view(8, 1)
     assert torch.equal(torch.cat([dp_slice(x, r, 4) for r in range(4)]), x)
+
+
+def test_a_bad_data_file_is_one_line_before_any_process_starts(tmp_path):
+    """`paraplan run --data` with a missing, short or out-of-vocabulary file: each rank raised the
+    error and torchrun printed its ChildFailedError traceback; the launcher says it first, in one line."""
+    from tests_helpers import paraplan
+
+    plan = tmp_path / "p.yaml"
+    assert paraplan("plan", "--model", "tiny-llama", "--cluster", "cpu:2", "--global-batch", "4",
+                    "-o", str(plan)).returncode == 0
+    (tmp_path / "short.txt").write_text("too short")
+    np.save(tmp_path / "big.npy", np.full(100, 999))
+    for data, why in (("none.bin", "does not exist"), ("short.txt", "longer than seq_len"), ("big.npy", "vocab")):
+        out = paraplan("run", str(plan), "--steps", "1", "--data", str(tmp_path / data))
+        assert out.returncode == 2 and why in out.stderr and "Traceback" not in out.stderr, out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1
