@@ -47,6 +47,13 @@ class LaunchConfig:
             raise ConfigError("a multi-node run needs --rdzv-endpoint HOST:PORT")
         if self.max_restarts < 0:
             raise ConfigError(f"--max-restarts must be 0 or more, got {self.max_restarts}")
+        if (self.resume or self.checkpoint_every) and not self.checkpoint_dir:
+            flag = "--resume" if self.resume else "--checkpoint-every"
+            raise ConfigError(f"{flag} needs --checkpoint-dir DIR (where the checkpoints are written and read)")
+        if self.checkpoint_dir:
+            _check_writable(self.checkpoint_dir, "--checkpoint-dir", folder=True)
+        if self.metrics:
+            _check_writable(self.metrics, "--metrics", folder=False)
 
     def worker_args(self, out: str | None) -> list[str]:
         a = [self.plan_path, "--steps", str(self.steps), "--seed", str(self.seed)]
@@ -61,6 +68,19 @@ class LaunchConfig:
         if not self.json:
             a.append("--step-lines")
         return a
+
+
+def _check_writable(path: str, flag: str, *, folder: bool) -> None:
+    """One line where `path` cannot be written: a folder (made on the way) or a file in one,
+    checked before any process starts (a rank's OSError came back as a torchrun traceback)."""
+    target = Path(path)
+    if target.exists() and target.is_dir() != folder:
+        raise ConfigError(f"{flag} {path} is {'a file' if folder else 'a folder'}; give a {'folder' if folder else 'file'} path")
+    parent = target if folder and target.exists() else target.parent
+    while not parent.exists():  # the nearest folder that exists: the rest is made below it
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ConfigError(f"{flag} {path}: {parent} is not a folder this user can write into; give another path")
 
 
 def _from_slurm(env) -> None:

@@ -297,6 +297,8 @@ def train(plan: Plan, cfg: RunConfig) -> dict:
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.precision)
     autocast = (torch.autocast(device.type, dtype=low) if low is not None and dp == 1
                 else contextlib.nullcontext())
+    if cfg.metrics_path and rank == 0:  # (its folder made on the way, as the checkpoints' is)
+        Path(cfg.metrics_path).parent.mkdir(parents=True, exist_ok=True)
     metrics = open(cfg.metrics_path, "a") if cfg.metrics_path and rank == 0 else None
     start_step = extra["step"]
     for step in range(start_step, cfg.steps):

@@ -54,3 +54,27 @@ def test_a_bad_data_file_is_one_line_before_any_process_starts(tmp_path):
         out = paraplan("run", str(plan), "--steps", "1", "--data", str(tmp_path / data))
         assert out.returncode == 2 and why in out.stderr and "Traceback" not in out.stderr, out.stderr
         assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_run_output_paths_are_checked_before_any_process_starts(tmp_path):
+    """--checkpoint-dir or --metrics under a file raised an OSError in the ranks (a torchrun traceback);
+    --resume or --checkpoint-every without --checkpoint-dir were ignored without a word; --metrics in a
+    folder that did not exist yet failed in rank 0."""
+    from tests_helpers import paraplan
+
+    plan = tmp_path / "p.yaml"
+    assert paraplan("plan", "--model", "tiny-llama", "--cluster", "cpu:2", "--global-batch", "4",
+                    "-o", str(plan)).returncode == 0
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for args, why in ((["--checkpoint-dir", str(blocker / "ck"), "--checkpoint-every", "1"], "not a folder"),
+                      (["--metrics", str(blocker / "m.jsonl")], "not a folder"),
+                      (["--checkpoint-dir", str(blocker)], "is a file"),
+                      (["--resume"], "--resume needs --checkpoint-dir"),
+                      (["--checkpoint-every", "1"], "--checkpoint-every needs --checkpoint-dir")):
+        out = paraplan("run", str(plan), "--steps", "1", *args)
+        assert out.returncode == 2 and why in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    metrics = tmp_path / "new" / "m.jsonl"
+    out = paraplan("run", str(plan), "--steps", "2", "--metrics", str(metrics))
+    assert out.returncode == 0, out.stderr[-500:]
+    assert len(metrics.read_text().splitlines()) == 2
