@@ -341,9 +341,10 @@ def _load_file_spec(text: str) -> ModelSpec:
 
     name = zoo_name_of_hub_id(text)
     if name:  # a Hub id: paraplan reads no Hub, but knows this architecture
-        fp8 = " (its checkpoint keeps fp8 weights: serve it with --precision fp8, as vLLM does)" if hub_weights(text) else ""
+        stored = hub_weights(text)
+        how = f" (its checkpoint's {stored} weights: serve with --precision {stored})" if stored else ""
         raise ConfigError(f"unknown model '{text}': a Hugging Face Hub id of the built-in {name}'s architecture; give "
-                          f"--model {name}{fp8}, or hf:DIR for a downloaded checkpoint")
+                          f"--model {name}{how}, or hf:DIR for a downloaded checkpoint")
     raise ConfigError(
         f"unknown model '{text}'; use a built-in name ({', '.join(ZOO)}), a spec .yaml/.json, "
         "a Hugging Face config.json, hf:MODEL_DIR or py:MODULE:CALLABLE"
