@@ -139,3 +139,9 @@ def test_replan_refuses_what_it_cannot_do(tmp_path):
     old.write_text(yaml.safe_dump(data))
     out = paraplan("replan", str(old), "--gpus", "2")
     assert out.returncode == 2 and "--cluster" in out.stderr
+    # a serving plan is served, not trained: re-planned as training it read its replicas as a global batch of 1
+    serving = tmp_path / "serve.yaml"
+    assert paraplan("plan", "--mode", "inference", "--model", "llama3-8b", "--cluster", "h100-sxm:8", "--prompt-len",
+                    "512", "--output-len", "128", "-o", str(serving)).returncode == 0
+    out = paraplan("replan", str(serving), "--gpus", "16")
+    assert out.returncode == 2 and "is a serving plan" in out.stderr and len(out.stderr.strip().splitlines()) == 1

@@ -40,6 +40,9 @@ def runtime_constraints(plan: Plan) -> dict:
 
 def run_replan(args: argparse.Namespace) -> int:
     old = Plan.load(args.plan)
+    if old.mode == "inference":  # re-planned as training it read its replicas as a global batch of 1
+        raise ConfigError(f"{args.plan} is a serving plan and replan re-plans training; plan the serving again for the "
+                          "new GPUs (`paraplan plan --mode inference ... --cluster DEVICE:N`)")
     if args.gpus is None and not args.cluster:
         raise ConfigError("replan needs --gpus N (the GPU count now available) or --cluster DEVICE:COUNT")
     if args.gpus is not None and args.gpus < 1:
