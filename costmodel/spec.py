@@ -22,6 +22,8 @@ classes (tested).
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, fields, replace
 from enum import StrEnum
 
@@ -91,6 +93,9 @@ class ModelSpec:
     # GLM-4.5's num_nextn_predict_layers): not in the model's own forward or its parameter count;
     # vLLM's mtp proposer drafts with them
     mtp_layers: int = 0
+    # RoPE's base (a config's rope_theta): 0 is the classic 10,000. It prices nothing; the built-in
+    # model rotates with it and the engine exports write it (Llama 3's 500,000, Qwen3's 1,000,000)
+    rope_theta: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("layers", "hidden", "heads", "vocab", "seq_len"):
@@ -103,6 +108,9 @@ class ModelSpec:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"model field '{name}' must be a positive integer, got {value!r}")
+        if isinstance(self.rope_theta, bool) or not isinstance(self.rope_theta, (int, float)) or not (
+                self.rope_theta >= 0 and math.isfinite(self.rope_theta)):
+            raise ConfigError(f"model field 'rope_theta' must be a positive number (0: 10,000), got {self.rope_theta!r}")
         if self.ffn_hidden == 0:
             object.__setattr__(self, "ffn_hidden", 4 * self.hidden)
         if self.kv_heads == 0:
@@ -403,7 +411,7 @@ class ModelSpec:
                 continue
             if f.name in MOE_AND_MLA_FIELDS and f.name not in defaults and value == f.default:
                 continue  # a dense model's spec reads as before
-            if f.name in ("max_positions", "mtp_layers") and not value:
+            if f.name in ("max_positions", "mtp_layers", "rope_theta") and not value:
                 continue
             out[f.name] = value.value if isinstance(value, StrEnum) else value
         return out

@@ -29,7 +29,7 @@ VALUED = {"--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--n
           "--num-experts", "--moe-router-topk", "--moe-ffn-hidden-size", "--expert-tensor-parallel-size",
           "--moe-shared-expert-intermediate-size", "--moe-layer-freq", "--moe-expert-capacity-factor",
           "--moe-token-dispatcher-type", "--q-lora-rank", "--kv-lora-rank", "--qk-head-dim", "--qk-pos-emb-head-dim",
-          "--v-head-dim"}
+          "--v-head-dim", "--rotary-base"}
 SWITCHES = {"--sequence-parallel", "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
             "--bf16", "--fp16", "--group-query-attention", "--swiglu", "--untie-embeddings-and-output-weights",
             "--disable-bias-linear", "--use-flash-attn", "--use-torch-fsdp2", "--moe-grouped-gemm",
@@ -65,6 +65,8 @@ def export(plan: Plan) -> list[str]:
              "--position-embedding-type", {"learned": "learned_absolute"}.get(spec.position.value, spec.position.value),
              "--normalization", "LayerNorm" if spec.norm.value == "layernorm" else "RMSNorm",
              "--vocab-size", spec.vocab]
+    if spec.position.value == "rope" and spec.rope_theta:  # Megatron-LM's default base is 10,000 (an int flag)
+        args += ["--rotary-base", round(spec.rope_theta)]
     if spec.activation.value == "swiglu":
         args.append("--swiglu")
     if not spec.tied_embeddings:
@@ -144,6 +146,15 @@ def export_text(plan: Plan) -> str:
             lines.append(args[i])
             i += 1
     return " \\\n".join(lines) + "\n"
+
+
+def _rotary_base(values: dict) -> float:
+    """--rotary-base (RoPE's base; 0: Megatron-LM's default 10,000)."""
+    text = values.get("--rotary-base")
+    try:
+        return float(text) if text is not None else 0.0
+    except ValueError:
+        raise ConfigError(f"the Megatron-LM arguments' --rotary-base {text!r} is not a number") from None
 
 
 def _attention_fields(values: dict, switches: set, num) -> dict:
@@ -248,6 +259,7 @@ def import_(argv: list[str], *, world_size: int) -> Imported:
             position={"rope": "rope", "none": "none"}.get(position, "learned"),
             tied_embeddings="--untie-embeddings-and-output-weights" not in switches,
             bias="--disable-bias-linear" not in switches, dropout=True,
+            rope_theta=_rotary_base(values),
             **_attention_fields(values, switches, num), **_expert_fields(values, num, num("--num-layers")))
     elif "--num-experts" in values or "--multi-latent-attention" in switches:
         raise ConfigError("the Megatron-LM arguments describe experts or latent attention but not the model's size; "

@@ -469,11 +469,19 @@ def spec_from_hf_config(data: dict, *, name: str = "hf-model") -> ModelSpec:
         # GLM-4.5's attention_bias is q, k and v's only (as Qwen2's): not counted, as Qwen2's (0.001%)
         bias=model_type != "glm4_moe" and bool(data.get("attention_bias", data.get("mlp_bias", False))),
         dropout=False,
+        rope_theta=_rope_theta(data),
         # latent attention's query head: its no-RoPE and RoPE parts (transformers 5 writes head_dim as the
         # RoPE part alone)
         head_dim=(_int(data, "qk_nope_head_dim") + _int(data, "qk_rope_head_dim") if "kv_lora_rank" in data
                   else _int(data, "head_dim") if isinstance(head_dim, int) and head_dim * heads != hidden else 0),
     )
+
+
+def _rope_theta(data: dict) -> float:
+    """RoPE's base: rope_theta, where transformers 5 writes it too (rope_parameters); 0 where neither."""
+    params = data.get("rope_parameters")
+    theta = data.get("rope_theta", params.get("rope_theta") if isinstance(params, dict) else None)
+    return float(theta) if isinstance(theta, (int, float)) and not isinstance(theta, bool) and theta > 0 else 0.0
 
 
 def _window_of(data: dict, model_type: str) -> dict:

@@ -313,3 +313,34 @@ def test_export_of_a_missing_plan_and_an_unknown_engine(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "none.yaml"), "--to", "nemo"]) == 2
     assert "invalid choice: 'nemo'" in capsys.readouterr().err
+
+
+def test_the_rope_base_travels_from_the_config_to_megatron_and_back():
+    """Llama 3 rotates with a base of 500,000, Qwen3 and Mixtral with 1,000,000 (rope_theta; transformers 5 writes
+    it under rope_parameters): the spec keeps it, the built-in model rotates with it, Megatron-LM's arguments carry
+    it (--rotary-base, an int flag) and read it back. Exports wrote Megatron's default 10,000: the same FLOPs, not
+    the same model."""
+    import torch
+
+    from planner.model_source import spec_from_hf_config
+    from planner.zoo.model import rope_tables
+
+    llama = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+             "num_hidden_layers": 2, "vocab_size": 256, "max_position_embeddings": 64, "rms_norm_eps": 1e-5}
+    assert spec_from_hf_config({**llama, "rope_theta": 500000.0}).rope_theta == 500000.0
+    assert spec_from_hf_config({**llama, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}).rope_theta == 1e6
+    assert spec_from_hf_config(llama).rope_theta == 0.0  # the classic 10,000
+    assert ZOO["llama3-70b"].rope_theta == 500000.0 and ZOO["qwen3-30b-a3b"].rope_theta == 1e6
+    plan = _plan("llama3-70b", "h100-sxm:256", tp=8, pp=4, dp=8, zero=1, sequence_parallel=True, microbatch_size=1,
+                 global_batch=256, recompute="full")
+    argv = [str(a) for a in megatron.export(plan)]
+    assert argv[argv.index("--rotary-base") + 1] == "500000"
+    assert megatron.import_(argv, world_size=256).spec.rope_theta == 500000.0
+    from planner.zoo.model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(ZOO["tiny-llama"].__class__(**{**ZOO["tiny-llama"].to_dict(), "rope_theta": 500000.0}))
+    model.to_empty(device="cpu")
+    model.init_buffers()
+    cos, _ = rope_tables(16, 32, 500000.0)
+    assert torch.equal(model.rope_cos, cos) and not torch.equal(cos, rope_tables(16, 32)[0])

@@ -32,26 +32,29 @@ _SPECS = [
     llama_spec("llama2-7b", layers=32, hidden=4096, heads=32, kv_heads=32, ffn_hidden=11008, vocab=32000, seq_len=4096),
     llama_spec("llama2-13b", layers=40, hidden=5120, heads=40, kv_heads=40, ffn_hidden=13824, vocab=32000, seq_len=4096),
     llama_spec("llama2-70b", layers=80, hidden=8192, heads=64, kv_heads=8, ffn_hidden=28672, vocab=32000, seq_len=4096),
-    llama_spec("llama3-8b", layers=32, hidden=4096, heads=32, kv_heads=8, ffn_hidden=14336, vocab=128256, seq_len=8192),
-    llama_spec("llama3-70b", layers=80, hidden=8192, heads=64, kv_heads=8, ffn_hidden=28672, vocab=128256, seq_len=8192),
+    # Llama 3 rotates with a base of 500,000 (its config's rope_theta), Qwen3 and Mixtral with 1,000,000
+    replace(llama_spec("llama3-8b", layers=32, hidden=4096, heads=32, kv_heads=8, ffn_hidden=14336, vocab=128256,
+                       seq_len=8192), rope_theta=500000.0),
+    replace(llama_spec("llama3-70b", layers=80, hidden=8192, heads=64, kv_heads=8, ffn_hidden=28672, vocab=128256,
+                       seq_len=8192), rope_theta=500000.0),
     # Llama 3.1 (and 3.3 70B): Llama 3's shapes read to 131,072 positions (rope scaling; trained at 8,192)
     replace(llama_spec("llama3.1-8b", layers=32, hidden=4096, heads=32, kv_heads=8, ffn_hidden=14336, vocab=128256,
-                       seq_len=8192), max_positions=131072),
+                       seq_len=8192), max_positions=131072, rope_theta=500000.0),
     replace(llama_spec("llama3.1-70b", layers=80, hidden=8192, heads=64, kv_heads=8, ffn_hidden=28672, vocab=128256,
-                       seq_len=8192), max_positions=131072),
+                       seq_len=8192), max_positions=131072, rope_theta=500000.0),
     replace(llama_spec("llama3-405b", layers=126, hidden=16384, heads=128, kv_heads=8, ffn_hidden=53248, vocab=128256,
-                       seq_len=8192), max_positions=131072),
+                       seq_len=8192), max_positions=131072, rope_theta=500000.0),
     # mixtures of experts: trained here at 4,096 tokens, served to their configs' max_position_embeddings
     replace(_mixtral("mixtral-8x7b", layers=32, hidden=4096, heads=32, ffn_hidden=14336, vocab=32000, seq_len=4096),
-            max_positions=32768),
+            max_positions=32768, rope_theta=1e6),
     replace(_mixtral("mixtral-8x22b", layers=56, hidden=6144, heads=48, ffn_hidden=16384, vocab=32768, seq_len=4096),
-            max_positions=65536),
+            max_positions=65536, rope_theta=1e6),
     replace(llama_spec("qwen3-30b-a3b", layers=48, hidden=2048, heads=32, kv_heads=4, ffn_hidden=6144, vocab=151936,
                        seq_len=4096), head_dim=128, v_head_dim=0, experts=128, experts_per_token=8, expert_ffn_hidden=768,
-            max_positions=40960),
+            max_positions=40960, rope_theta=1e6),
     replace(llama_spec("qwen3-235b-a22b", layers=94, hidden=4096, heads=64, kv_heads=4, ffn_hidden=12288,
                        vocab=151936, seq_len=4096), head_dim=128, v_head_dim=0, experts=128, experts_per_token=8,
-            expert_ffn_hidden=1536, max_positions=40960),
+            expert_ffn_hidden=1536, max_positions=40960, rope_theta=1e6),
     # DeepSeek-V3 (DeepSeek-AI 2024, arXiv:2412.19437): MLA, 1 shared + 256 routed experts (top-8), 3 dense layers
     replace(llama_spec("deepseek-v3", layers=61, hidden=7168, heads=128, kv_heads=128, ffn_hidden=18432,
                        vocab=129280, seq_len=4096), head_dim=192, v_head_dim=128, kv_lora_rank=512, q_lora_rank=1536,
@@ -63,7 +66,8 @@ _SPECS = [
     # (the runtime does not build biased experts: planner.contract.model_planned_only)
     *(replace(llama_spec(name, layers=layers, hidden=2880, heads=64, kv_heads=8, ffn_hidden=2880, vocab=201088,
                          seq_len=4096), head_dim=64, v_head_dim=64, bias=True, experts=experts, experts_per_token=4,
-                 expert_ffn_hidden=2880, attention_window=128, windowed_layers=layers // 2, max_positions=131072)
+                 expert_ffn_hidden=2880, attention_window=128, windowed_layers=layers // 2, max_positions=131072,
+                 rope_theta=150000.0)
       for name, layers, experts in (("gpt-oss-20b", 24, 32), ("gpt-oss-120b", 36, 128))),
     # tiny models for tests and CPU runs
     ModelSpec(name="tiny-gpt", layers=4, hidden=64, heads=4, vocab=256, seq_len=32, tied_embeddings=False),

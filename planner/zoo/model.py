@@ -391,7 +391,7 @@ class Transformer(nn.Module):
         if spec.tied_embeddings:
             self.output.weight = self.tok_embeddings.weight
         if spec.position is Position.ROPE:
-            cos, sin = rope_tables(spec.head_dim, spec.seq_len)
+            cos, sin = rope_tables(spec.head_dim, spec.seq_len, spec.rope_theta or 10000.0)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         else:
@@ -407,7 +407,8 @@ class Transformer(nn.Module):
     def init_buffers(self) -> None:
         """Recompute the rotary tables (after `to_empty` from the meta device)."""
         if self.rope_cos is not None:
-            cos, sin = rope_tables(self.spec.head_dim, self.spec.seq_len, device=self.rope_cos.device)
+            cos, sin = rope_tables(self.spec.head_dim, self.spec.seq_len, self.spec.rope_theta or 10000.0,
+                                   device=self.rope_cos.device)
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
 

@@ -8,6 +8,7 @@
 --position-embedding-type rope \
 --normalization RMSNorm \
 --vocab-size 128256 \
+--rotary-base 500000 \
 --swiglu \
 --untie-embeddings-and-output-weights \
 --disable-bias-linear \
