@@ -178,7 +178,7 @@ class ServingRequest:
     @property
     def bytes_per_value(self) -> int:
         """Bytes of an activation, and of a weight outside the routed experts."""
-        return BYTES[compute_dtype(self.precision)] if self.precision in WEIGHT_FORMATS else BYTES[self.precision]
+        return BYTES[compute_dtype(self.precision)]
 
     @property
     def kv_bytes_per_value(self) -> int:
