@@ -72,11 +72,13 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def enumerate_candidates(req: SearchRequest, rejected: list[str] | None = None) -> list[Strategy]:
+def enumerate_candidates(req: SearchRequest, rejected: list[str] | None = None,
+                         nearest: list[str] | None = None) -> list[Strategy]:
     """Every strategy of the given flags that the model, the cluster and (for plans priced
     for paraplan's own runtime) `paraplan run` accept; why the others were dropped goes to
-    `rejected`."""
+    `rejected`, and (to `nearest` too) why those the model and cluster accept were dropped."""
     rejected = [] if rejected is None else rejected
+    nearest = [] if nearest is None else nearest
     spec, cluster, fixed = req.spec, req.cluster, req.fixed
     world, per_node = cluster.world_size, cluster.gpus_per_node
     seq = fixed.get("seq_len") or spec.seq_len
@@ -144,11 +146,18 @@ def enumerate_candidates(req: SearchRequest, rejected: list[str] | None = None) 
                             asked = {msg for flag, msg in planned_only(s, mode).items() if flag in fixed}
                             problems = [p for p in strategy_runtime_problems(spec, s, mode) if p not in asked]
                             problems += source_strategy_problems(req.source, s, mode)
+                            if problems:
+                                nearest.append(problems[0])
                         if problems:
                             rejected.append(problems[0])
                         else:
                             out.append(s)
     return out
+
+
+def main_reason(reasons: list[str]) -> str:
+    """The most frequent reason, in the words of the rule that gave it (the first of a tie)."""
+    return max(set(reasons), key=lambda r: (reasons.count(r), -reasons.index(r)))
 
 
 def states_floor_gib(spec: ModelSpec, s: Strategy) -> float:
@@ -293,15 +302,17 @@ def run_search(req: SearchRequest, *, module_map=None) -> SearchResult:
     if dtype and dtype not in cluster.device.peak_tflops:
         cluster.device.peak_flops(dtype)  # raises, naming the GPU's dtypes
     rejected: list[str] = []
-    candidates = enumerate_candidates(req, rejected)
+    nearest: list[str] = []
+    candidates = enumerate_candidates(req, rejected, nearest)
     if not candidates:
-        if rejected:  # the most frequent reason, in the words of the rule that gave it (the first of a tie)
-            raise ConfigError(max(set(rejected), key=lambda r: (rejected.count(r), -rejected.index(r))))
+        if rejected:  # why the candidates nearest to running were dropped (those the model and cluster accept)
+            raise ConfigError(main_reason(nearest or rejected))
         raise ConfigError(
             f"no strategy of the given flags fits {cluster.world_size} GPUs for global batch {req.global_batch}; "
             "loosen a flag or change the batch"
         )
     scored: list[tuple[float, int, Strategy]] = []
+    unpriced: list[str] = []  # why candidates could not be estimated
     smallest_gib = math.inf
     estimated = floored = 0
     timed_out = False
@@ -319,15 +330,15 @@ def run_search(req: SearchRequest, *, module_map=None) -> SearchResult:
         try:
             est = estimate(build_step(spec, s, cluster))
         except ConfigError as exc:
-            rejected.append(str(exc))
+            unpriced.append(str(exc))
             continue
         estimated += 1
         smallest_gib = min(smallest_gib, est.memory_gib)
         if est.fits:
             scored.append((est.step_time_s, i, s))
     bar.close()
-    if not scored and estimated == 0 and not floored and rejected:  # nothing could be priced: say why, not "inf GiB"
-        raise ConfigError(max(set(rejected), key=lambda r: (rejected.count(r), -rejected.index(r))))
+    if not scored and estimated == 0 and not floored and unpriced:  # nothing could be priced: say why, not "inf GiB"
+        raise ConfigError(main_reason(unpriced))
     if not scored:
         raise ConfigError(
             f"{spec.name} ({format_count(spec.num_params)} parameters) does not fit on {cluster.name}: the smallest plan "

@@ -644,3 +644,15 @@ def test_biased_experts_are_planned_for_prediction_not_run(tmp_path):
     assert out.returncode == 0 and "experts carry biases" in out.stderr, out.stderr
     checked = paraplan("check", str(target))
     assert checked.returncode == 2 and "experts carry biases" in checked.stdout + checked.stderr
+
+
+def test_a_search_with_no_candidate_names_what_stops_the_nearest_ones():
+    """tiny-moe (2 K/V heads) with --tp 4 on 8 GPUs: every candidate fails, those with ep 1 or 2 on the
+    expert layout, those with ep 4 (a valid layout) on the runtime's K/V-head split. The search named
+    the first of the tied counts ("ep(1) ... must be a multiple of tp(4)"); it names the reason of the
+    candidates the model and cluster accept."""
+    from planner.search import SearchRequest, run_search
+
+    with pytest.raises(ConfigError, match=r"tp\(4\) is more than tiny-moe's 2 K/V heads"):
+        run_search(SearchRequest(spec=ZOO["tiny-moe"], cluster=load_cluster("h100-sxm:8"), global_batch=256,
+                                 fixed={"tp": 4}))
