@@ -48,19 +48,27 @@ def refuse_other_flags(args: argparse.Namespace) -> None:
                           "requests come from the workload and the latency objectives from --slo")
 
 
+SCHEDULER_FIELDS = ("max_num_seqs", "max_num_batched_tokens", "chunked_prefill", "prefix_caching", "preemption",
+                    "evicted_prefix", "engine", "num_scheduler_steps", "kv_cache_dtype", "gpu_memory_utilization")
+
+
+def engine_flags(args: argparse.Namespace, engine: str) -> dict:
+    """The engine arguments the flags give (--block-size as block_tokens, checked against the block
+    sizes of the flags' --engine, else `engine`)."""
+    given = {k: getattr(args, k) for k in SCHEDULER_FIELDS if getattr(args, k, None) is not None}
+    if getattr(args, "block_size", None) is not None:
+        given["block_tokens"] = args.block_size
+    if "block_tokens" in given:  # an engine takes the block sizes its kernels have
+        check_block_size(given["block_tokens"], given.get("engine", engine))
+    return given
+
+
 def scheduler_config(args: argparse.Namespace, cluster: Cluster, spec: ModelSpec,
                      speculation: bool = True) -> SchedulerConfig:
     """The engine arguments given, the engine's defaults on this GPU for the rest (vLLM's sequence
     and token limits depend on the GPU: costmodel.serving_engine.vllm_scheduler_defaults); the
     speculative decoding the flags give where `speculation` (a vllm command gives its own)."""
-    given = {k: getattr(args, k) for k in ("max_num_seqs", "max_num_batched_tokens", "chunked_prefill", "prefix_caching",
-                                           "preemption", "evicted_prefix", "engine", "num_scheduler_steps",
-                                           "kv_cache_dtype", "gpu_memory_utilization")
-             if getattr(args, k, None) is not None}
-    if getattr(args, "block_size", None) is not None:
-        given["block_tokens"] = args.block_size
-    if "block_tokens" in given:  # an engine takes the block sizes its kernels have
-        check_block_size(given["block_tokens"], given.get("engine", DEFAULT_ENGINE))
+    given = engine_flags(args, DEFAULT_ENGINE)
     if given.get("engine", DEFAULT_ENGINE) == "vllm":
         seqs, tokens = vllm_scheduler_defaults(cluster.device)
         given.setdefault("max_num_seqs", seqs)
@@ -240,8 +248,6 @@ def _model_text(served: str) -> str:
 # what a serving plan fixes (simulate --plan PLAN --workload W takes its deployment)
 PLAN_FIXED = ("model", "cluster", "tp", "pp", "replicas", "prefill_replicas", "expert_parallel", "precision",
               "from_engine", "max_model_len", "draft_model", "draft_len", "acceptance", "acceptance_length")
-SCHEDULER_FIELDS = ("max_num_seqs", "max_num_batched_tokens", "chunked_prefill", "prefix_caching", "preemption",
-                    "evicted_prefix", "engine", "num_scheduler_steps", "kv_cache_dtype", "gpu_memory_utilization")
 
 
 def plan_deployment(args: argparse.Namespace) -> tuple[ModelSpec, str, ServingLayout, SchedulerConfig]:
@@ -266,12 +272,7 @@ def plan_deployment(args: argparse.Namespace) -> tuple[ModelSpec, str, ServingLa
                               gpu_memory_utilization=req.gpu_memory_utilization,
                               **({"speculative_tokens": req.draft_len, "acceptance": req.acceptance, "draft": req.draft}
                                  if req.speculative else {}))
-    given = {k: getattr(args, k) for k in SCHEDULER_FIELDS if getattr(args, k, None) is not None}
-    if getattr(args, "block_size", None) is not None:
-        given["block_tokens"] = args.block_size
-    if "block_tokens" in given:
-        check_block_size(given["block_tokens"], given.get("engine", cfg.engine))
-    return spec, plan.cluster, setup.layout, replace(cfg, **given)
+    return spec, plan.cluster, setup.layout, replace(cfg, **engine_flags(args, cfg.engine))
 
 
 def run_traffic_simulate(args: argparse.Namespace) -> int:
