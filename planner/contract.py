@@ -182,8 +182,14 @@ def source_strategy_problems(source: dict, s: Strategy, mode: str = "train") -> 
     kind = source.get("kind")
     problems = []
     if kind and mode == "lora":
-        problems.append("LoRA runs on paraplan's built-in models only so far; plan a zoo model or a spec file "
-                        "for LoRA, or full fine-tuning of this one")
+        paths = ModuleMap.from_dict(source["map"]).lora_paths() if "map" in source else {}
+        missing = [t for t in s.lora_targets if t not in paths]
+        if missing:
+            kept = ",".join(t for t in s.lora_targets if t in paths)
+            problems.append(f"LoRA target{'s' if len(missing) > 1 else ''} {', '.join(missing)}: the module's blocks "
+                            f"have no linear of {'their' if len(missing) > 1 else 'its'} own that the runtime wraps "
+                            f"(it finds {', '.join(paths) or 'none'}; a fused projection is not cut into its parts); "
+                            + (f"re-plan with --lora-targets {kept}" if kept else "plan full fine-tuning"))
     if s.ep > 1 and kind == "py":
         problems.append("expert parallelism runs on paraplan's built-in mixture of experts and transformers' experts "
                         "modules (Mixtral, Qwen2-MoE, Qwen3-MoE) so far; re-plan with --ep 1")

@@ -61,6 +61,9 @@ def spec_from_graph(graph: OpGraph, *, name: str) -> ModelSpec:
         weight = g.nodes[preds[1]]["shape"]
         widths.append((weight[0], weight[1], len(preds) > 2))
     from_hidden = [w for w in widths if w[1] == hidden]
+    if not from_hidden:
+        raise ConfigError(f"{name}: its layers project the hidden state with no linear op (aten.linear: nn.Linear or "
+                          "F.linear; a matmul against a weight is not read as one); write a spec YAML with its sizes")
     attn_widths = sorted(w[0] for w in from_hidden if w[0] <= heads * head_dim)  # q, k, v
     kv_heads = attn_widths[0] // head_dim if attn_widths else heads
     ffn = max(w[0] for w in from_hidden)

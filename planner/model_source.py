@@ -7,6 +7,7 @@ is not needed): Llama-family configs (llama, mistral, qwen2, ...) and GPT-2 styl
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -75,15 +76,30 @@ def load_draft(text: str, target: ModelSpec | None = None) -> ModelSpec | None:
                           "next-token module") from None
 
 
+def hf_directory(text: str) -> str | None:
+    """The directory a bare --model names where it is a folder (a downloaded Hugging Face model, as
+    `vllm serve` and from_pretrained take one): read as hf:DIR; None for anything else. A folder
+    without a config.json is a ConfigError naming what it lacks."""
+    if text in ZOO or text.startswith(("hf:", "py:")) or not Path(text).is_dir():
+        return None
+    if not (Path(text) / "config.json").is_file():
+        raise ConfigError(f"--model {text}: a folder without a config.json; give a Hugging Face model directory "
+                          "(holding config.json), a config or spec file, or a built-in name")
+    return text
+
+
 def load_model(text: str):
     """(spec, traced graph or None): a py: module comes with the graph it was read from, so
-    the planner's placements name the module's own parameters."""
+    the planner's placements name the module's own parameters. A bare folder is hf:FOLDER."""
     if text in ZOO:
         return ZOO[text], None
     if text.startswith("py:"):
         return _from_python(text)
     if text.startswith("hf:"):
         return _from_hf(text[3:]), None
+    folder = hf_directory(text)
+    if folder is not None:
+        return _from_hf(folder), None
     return _load_file_spec(text), None
 
 
@@ -135,8 +151,8 @@ def source_of(text: str) -> dict:
     "path": the folder it imports from} for a user's module whose spec was read off its graph."""
     if text in ZOO:
         return {}
-    if text.startswith("hf:"):
-        path = Path(text[3:]).resolve()
+    if text.startswith("hf:") or hf_directory(text) is not None:
+        path = Path(text.removeprefix("hf:")).resolve()
         return {"kind": "hf", "path": str(path)}
     if text.startswith("py:"):
         target = text[3:]
@@ -365,9 +381,50 @@ def _from_file(path: Path) -> ModelSpec:
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of model fields")
     if is_hf_config(data):  # named for its model directory where the file is the usual config.json
-        return spec_from_hf_config(data, name=path.parent.name if path.name == "config.json" and path.parent.name
-                                   else path.stem)
+        name = path.parent.name if path.name == "config.json" and path.parent.name else path.stem
+        try:
+            return spec_from_hf_config(data, name=name)
+        except UnreadType as exc:
+            return spec_from_hf_graph(path, data, name=name, why=str(exc))
     return ModelSpec.from_dict(data, name=path.stem)
+
+
+GRAPH_PROBE_LAYERS = 2  # blocks of transformers' class traced to read a model_type the config reader does not size
+
+
+def spec_from_hf_graph(path: Path, data: dict, *, name: str, why: str) -> ModelSpec:
+    """A `ModelSpec` of a Hugging Face config whose model_type the config reader does not size
+    (OLMo-2, Granite, GPT-NeoX, StarCoder2, Gemma, Phi, Cohere, ...): transformers' own class is
+    built from it on the meta device GRAPH_PROBE_LAYERS blocks deep, traced (torch.export) and read
+    as any module is (planner.graph_spec: widths, heads, K/V heads, gating, norm, positions, tied
+    head); the config gives the depth, the positions and RoPE's base. The whole model's size is
+    checked against transformers' count of the full config: a class the graph reader misreads is
+    refused. `why`: the reader's refusal, said where transformers cannot build or trace it."""
+    from planner.graph_spec import spec_from_graph
+    from planner.trace import trace_module
+
+    if importlib.util.find_spec("transformers") is None:
+        raise ConfigError(f'{why}; or pip install "paraplan[hf]" to read it off transformers\' class')
+    model_type = str(data.get("model_type", ""))
+    layers = _int(data, "num_hidden_layers", "n_layer", "num_layers")
+    probe = {"kind": "hf", "path": str(path)}
+    stand_in = ModelSpec(name=name, layers=1, hidden=64, heads=1, vocab=2, seq_len=SYNTHETIC_TOKENS)  # token count only
+    try:
+        module, inputs = build_source_module(probe, stand_in, probe_layers=min(GRAPH_PROBE_LAYERS, layers))
+        spec = spec_from_graph(trace_module(module, inputs), name=name)
+    except ConfigError as exc:
+        raise ConfigError(f"model_type {model_type!r} (not one the config reader sizes), read off transformers' "
+                          f"class: {exc}") from None
+    positions = _int(data, "max_position_embeddings", "n_positions", "seq_length", default=2048)
+    seq_len = min(positions, HF_TRAIN_SEQ_LEN) if spec.position.value == "rope" else positions
+    spec = replace(spec, layers=layers, seq_len=seq_len, max_positions=positions if positions > seq_len else 0,
+                   rope_theta=_rope_theta(data), **_window_of(data, str(data.get("model_type", ""))))
+    real = _transformers_count(data)
+    if real is not None and abs(spec.num_params - real) > COUNT_TOLERANCE * real:
+        raise ConfigError(f"model_type {model_type!r} (not one the config reader sizes), read off transformers' "
+                          f"class, has {spec.num_params:,} parameters where transformers builds {real:,}: its layers "
+                          "hold more than a GPT/Llama block; write a spec YAML with its sizes")
+    return spec
 
 
 def is_hf_config(data: dict) -> bool:
@@ -384,6 +441,11 @@ def _int(data: dict, *keys: str, default=None) -> int:
     if default is not None:
         return default
     raise ConfigError(f"Hugging Face config lacks '{keys[0]}'; it is needed to size the model")
+
+
+class UnreadType(ConfigError):
+    """A config of a model_type the config reader does not size: read off transformers' own class
+    instead (spec_from_hf_graph), where transformers can build it."""
 
 
 READ_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")  # the dense decoders this reader sizes exactly
@@ -410,7 +472,7 @@ def _understood(data: dict) -> None:
     if model_type in MOE_TYPES and data.get("moe_layer_freq", 1) != 1:
         raise ConfigError(f"moe_layer_freq {data['moe_layer_freq']} is not read; write a spec YAML with moe_every")
     if model_type and model_type not in READ_TYPES + MOE_TYPES:
-        raise ConfigError(f"model_type {model_type!r} is not one this reader sizes (it reads "
+        raise UnreadType(f"model_type {model_type!r} is not one this reader sizes (it reads "
                           f"{', '.join(READ_TYPES + MOE_TYPES)}); read as one of those it would be mispriced: write a spec "
                           "YAML with its sizes")
     act = data.get("hidden_activation") or data.get("hidden_act") or "silu"

@@ -23,6 +23,9 @@ from costmodel.errors import ConfigError
 from costmodel.spec import ModelSpec
 
 COLUMN, ROW = "Shard(0)", "Shard(1)"
+# transformers' Llama-family linear names -> LoRA targets (PEFT's target_modules for these models)
+LLAMA_LINEAR_NAMES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate",
+                      "up_proj": "up", "down_proj": "down"}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -80,6 +83,28 @@ class ModuleMap:
                        others=tuple(map(str, data.get("others", ()))))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ConfigError(f"the plan's module map is malformed ({type(exc).__name__}: {exc}); re-plan") from None
+
+    def lora_paths(self) -> dict[str, str]:
+        """LoRA target (costmodel.lora.TARGETS) -> the block-relative linear it wraps: q, k, v
+        and o from the group of three column linears and its row linear; gate and up (the
+        column linear named gate, else the first called, as Llama's MLP calls gate_proj first)
+        or up alone, and down, from a group of two or one; then, for targets no group gives
+        (linears left whole), the linears named as transformers' Llama family names them
+        (q_proj, ..., down_proj). A fused projection (Phi-3's qkv_proj) gives none of its parts."""
+        out: dict[str, str] = {}
+        for g in self.groups:
+            if len(g.column) == 3:
+                out.update(zip(("q", "k", "v"), g.column), o=g.row)
+            elif len(g.column) == 2:
+                gate = next((c for c in g.column if "gate" in c.rpartition(".")[2]), g.column[0])
+                out.update(gate=gate, up=next(c for c in g.column if c != gate), down=g.row)
+            elif len(g.column) == 1:
+                out.update(up=g.column[0], down=g.row)
+        for path in self.unsplittable:
+            target = LLAMA_LINEAR_NAMES.get(path.rpartition(".")[2])
+            if target and target not in out:
+                out[target] = path
+        return out
 
     def block_param(self, layer: int | str, path: str, leaf: str = "weight") -> str:
         return f"{self.blocks}.{layer}.{path}.{leaf}"
@@ -176,6 +201,7 @@ def traced_map(module, example_inputs: tuple, spec: ModelSpec) -> ModuleMap:
     groups, unsplittable, biased = [], [], []
     current: list[str] = []
     source = ""
+    group_input = None  # id of the tensor the current group's column linears read
     width = _width(in_block)
     for path, sub, arg, _out in in_block:
         if not isinstance(sub, nn.Linear):
@@ -191,7 +217,13 @@ def traced_map(module, example_inputs: tuple, spec: ModelSpec) -> ModuleMap:
             if current and src != source:
                 unsplittable.extend(current)
                 current = []
-            source = src
+            source, group_input = src, arg
+            current.append(rel)
+        elif not reader and sub.in_features == width and (not current or arg == group_input):
+            # the residual stream mid-block, made by an add (OLMo-2's MLP reads x + post_norm(attention)):
+            # replicated on every rank (or, under sequence parallelism, its sequence shard), as a block input is
+            if not current:
+                source, group_input = "", arg
             current.append(rel)
         elif current and sub.out_features == width:
             if _fused(module, prefix, current, spec):
@@ -202,6 +234,7 @@ def traced_map(module, example_inputs: tuple, spec: ModelSpec) -> ModuleMap:
         else:
             unsplittable.append(rel)
     unsplittable.extend(current)
+    groups = _head_local_groups(module, prefix, in_block, produced_by, groups, unsplittable)
     known = {p for g in groups for p in (g.source, *g.column, g.row)} | set(unsplittable)
     others = tuple(dict.fromkeys(c[0][len(prefix):] for c in in_block
                                  if not isinstance(c[1], nn.Linear) and c[0][len(prefix):] not in known))
@@ -221,6 +254,33 @@ def traced_map(module, example_inputs: tuple, spec: ModelSpec) -> ModuleMap:
                      final_norm=norm if norm and not norm.startswith(f"{container}.") else "", positions=positions,
                      tied=tied, groups=tuple(groups), biased=tuple(biased), unsplittable=tuple(unsplittable),
                      head_attributes=heads, others=others)
+
+
+def _head_local_groups(module, prefix: str, in_block, produced_by: dict, groups: list, unsplittable: list) -> list:
+    """The groups whose column linears' outputs are only ever acted on head by head: a module with
+    parameters that reads a column linear's whole output (OLMo-2's q_norm and k_norm: an RMSNorm
+    over all heads' q, a weight of q_dim) would see one rank's columns with a full-width weight,
+    so its group is not split (its linears join `unsplittable`). Qwen3's per-head q_norm (a weight
+    of head_dim) leaves its group split."""
+    from torch import nn
+
+    whole = set()
+    for path, sub, arg, _out in in_block:
+        if isinstance(sub, nn.Linear):
+            continue
+        reader = produced_by.get(arg, "")
+        if not reader.startswith(prefix) or not isinstance(_module_at(module, reader), nn.Linear):
+            continue
+        width = _module_at(module, reader).out_features
+        if any(p.shape[-1] == width for p in sub.parameters(recurse=False) if p.dim() >= 1) and width > 1:
+            whole.add(reader[len(prefix):])
+    kept = []
+    for g in groups:
+        if whole & set(g.column):
+            unsplittable.extend([*g.column, g.row])
+        else:
+            kept.append(g)
+    return kept
 
 
 def _fused(module, prefix: str, column: list[str], spec: ModelSpec) -> bool:

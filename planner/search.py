@@ -73,15 +73,19 @@ def divisors(n: int) -> list[int]:
 
 
 def enumerate_candidates(req: SearchRequest, rejected: list[str] | None = None,
-                         nearest: list[str] | None = None) -> list[Strategy]:
+                         nearest: list[str] | None = None, module_map=None) -> list[Strategy]:
     """Every strategy of the given flags that the model, the cluster and (for plans priced
     for paraplan's own runtime) `paraplan run` accept; why the others were dropped goes to
-    `rejected`, and (to `nearest` too) why those the model and cluster accept were dropped."""
+    `rejected`, and (to `nearest` too) why those the model and cluster accept were dropped.
+    `module_map`: the user's module's (None: paraplan's own Transformer, which splits every
+    linear): tensor parallelism only where its blocks have linears the runtime splits, sequence
+    parallelism by default only where it splits them all."""
     rejected = [] if rejected is None else rejected
     nearest = [] if nearest is None else nearest
     spec, cluster, fixed = req.spec, req.cluster, req.fixed
     world, per_node = cluster.world_size, cluster.gpus_per_node
     seq = fixed.get("seq_len") or spec.seq_len
+    unsplit = module_map is not None and bool(module_map.unsplittable)  # some block linear stays whole
     # tensor-parallel groups inside a node: a tp that does not divide the node would straddle two
     tps = [fixed["tp"]] if "tp" in fixed else [t for t in (1, 2, 4, 8, 16)
                                                if t <= per_node and per_node % t == 0 and spec.heads % t == 0]
@@ -127,7 +131,7 @@ def enumerate_candidates(req: SearchRequest, rejected: list[str] | None = None,
                             s = Strategy(
                                 tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, expert_tp=etp, zero=zero, shard_group=group,
                                 sequence_parallel=fixed.get("sequence_parallel", tp > 1 and not fixed.get("lora_rank")
-                                                            and req.source.get("kind") != "py"),
+                                                            and req.source.get("kind") != "py" and not unsplit),
                                 recompute=rc,
                                 stage_recompute=stage_rc, microbatch_size=mbs, global_batch=req.global_batch,
                                 schedule=sched, virtual_stages=v, precision=fixed.get("precision", "bf16"),
@@ -146,6 +150,9 @@ def enumerate_candidates(req: SearchRequest, rejected: list[str] | None = None,
                             asked = {msg for flag, msg in planned_only(s, mode).items() if flag in fixed}
                             problems = [p for p in strategy_runtime_problems(spec, s, mode) if p not in asked]
                             problems += source_strategy_problems(req.source, s, mode)
+                            if not problems and module_map is not None and s.tp > 1:
+                                problems = layout_problems(module_map, megatron_placements(spec, s, module_map),
+                                                           s.tp, s.sequence_parallel)
                             if problems:
                                 nearest.append(problems[0])
                         if problems:
@@ -303,7 +310,7 @@ def run_search(req: SearchRequest, *, module_map=None) -> SearchResult:
         cluster.device.peak_flops(dtype)  # raises, naming the GPU's dtypes
     rejected: list[str] = []
     nearest: list[str] = []
-    candidates = enumerate_candidates(req, rejected, nearest)
+    candidates = enumerate_candidates(req, rejected, nearest, module_map)
     if not candidates:
         if rejected:  # why the candidates nearest to running were dropped (those the model and cluster accept)
             raise ConfigError(main_reason(nearest or rejected))

@@ -182,6 +182,8 @@ def trace_module(module: torch.nn.Module, example_inputs: tuple) -> OpGraph:
         if node.op == "placeholder":
             pname, pkind = param_names.get(node.name, (None, "input"))
             kind = {"parameter": "param", "buffer": "buffer"}.get(pkind, "input")
+            if kind == "param" and not node.users:
+                continue  # a tied weight's second name: export lifts both, the graph reads one
         else:
             pname = None
             kind = KINDS.get(target, "pointwise" if target in POINTWISE else "other")

@@ -1,4 +1,6 @@
-"""LoRA adapters on the built-in models: each target linear keeps its (frozen) weight under
+"""LoRA adapters on the built-in models and on the user's module (a Hugging Face model: the
+linears its module map names for each target, as PEFT's target_modules q_proj, ..., down_proj
+name them): each target linear keeps its (frozen) weight under
 its own name and gains `lora_a` (r x in) and `lora_b` (out x r), trained; y = W x + B (A x)
 (Hu et al. 2021; scale alpha / r = 1, B starts at zero so training starts from the base).
 
@@ -11,6 +13,9 @@ reduced together with the base's.
 
 from __future__ import annotations
 
+import math
+import zlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,6 +23,7 @@ from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
 from costmodel.lora import MODULES
+from planner.zoo.model import copy_full
 
 ADAPTER_NAMES = ("lora_a", "lora_b")
 
@@ -35,18 +41,40 @@ class LoRALinear(nn.Linear):
 
 def apply_lora(model: nn.Module, targets, rank: int) -> None:
     """Swap each block's target linears for LoRALinear and freeze everything but the adapters."""
-    for block in model.layers.values():
-        for target in targets:
-            path = MODULES[target]
-            parent_name, attr = path.rsplit(".", 1)
-            parent = block.get_submodule(parent_name)
+    wrap_targets(model, list(model.layers.values()), {t: MODULES[t] for t in targets}, rank)
+
+
+def wrap_targets(model: nn.Module, blocks, paths: dict[str, str], rank: int) -> None:
+    """In every block, the linear at each of `paths` (target -> block-relative path) swapped for a
+    LoRALinear of its shape, weight and bias under their own names (a checkpoint's names load
+    into it); every parameter of `model` but the adapters frozen."""
+    for block in blocks:
+        for path in paths.values():
+            parent_name, _, attr = path.rpartition(".")
+            parent = block.get_submodule(parent_name) if parent_name else block
             old = getattr(parent, attr)
             if old is None:
                 continue
-            setattr(parent, attr, LoRALinear(old.in_features, old.out_features, old.bias is not None, rank,
-                                             device=old.weight.device))
+            new = LoRALinear(old.in_features, old.out_features, old.bias is not None, rank, device=old.weight.device)
+            setattr(parent, attr, new.to(old.weight.dtype))
     for name, p in model.named_parameters():
         p.requires_grad_(name.rsplit(".", 1)[-1] in ADAPTER_NAMES)
+
+
+@torch.no_grad()
+def init_adapters(model: nn.Module, seed: int, clean=lambda name: name) -> None:
+    """Every LoRALinear's adapters as PEFT starts them: A Kaiming-uniform (a = sqrt(5), drawn from a
+    generator seeded by (seed, the module's name): every rank and every split draws the same whole
+    A), B zero, so training starts from the base model. `clean`: the name without wrappers."""
+    for path, sub in model.named_modules():
+        if not isinstance(sub, LoRALinear):
+            continue
+        name = clean(path)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        a = torch.empty(tuple(sub.lora_a.shape))
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
+        copy_full(sub.lora_a, a)
+        copy_full(sub.lora_b, torch.zeros(tuple(sub.lora_b.shape)))
 
 
 def _distribute(module: nn.Module, mesh, placements: dict[str, list]) -> None:

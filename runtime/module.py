@@ -39,6 +39,8 @@ from planner.plan import Plan
 from planner.zoo.model import copy_full, this_ranks_experts
 from runtime.activation_checkpoint import selective_context
 from runtime.data_parallel import apply_data_parallel_blocks
+from runtime.lora import (ADAPTER_NAMES, LoRAColwiseParallel, LoRALinear, LoRARowwiseParallel, init_adapters,
+                          wrap_targets)
 from runtime.tensor_parallel import LocalShard
 from runtime.expert_parallel import apply_hf_expert_parallel, expert_mesh, expert_slice, shard_experts
 
@@ -219,20 +221,32 @@ def apply_module_tp(model: nn.Module, mmap: ModuleMap, mesh, placements: dict, s
     for key, block in blocks.named_children():
         plan: dict[str, object] = {}
         sources = []
+        # the residual stream's width: what the block's first linear reads
+        width = next((m.in_features for m in block.modules() if isinstance(m, nn.Linear)), 0)
         for g in mmap.groups:
             if tp_placement(placements, mmap.block_param(key, g.column[0])) != "Shard(0)":
                 continue  # a replicated group (the contract allows all or none)
             for path in g.column:
-                plan[path] = ColwiseParallel(input_layouts=Shard(1) if sp and not g.source else Replicate())
-            plan[g.row] = RowwiseParallel(output_layouts=Shard(1) if sp else Replicate())
+                column = LoRAColwiseParallel if isinstance(block.get_submodule(path), LoRALinear) else ColwiseParallel
+                plan[path] = column(input_layouts=Shard(1) if sp and not g.source else Replicate())
+            row = LoRARowwiseParallel if isinstance(block.get_submodule(g.row), LoRALinear) else RowwiseParallel
+            plan[g.row] = row(output_layouts=Shard(1) if sp else Replicate())
             if g.source:
                 sources.append(g.source)
                 if sp:
                     plan[g.source] = SequenceParallel()
         if not plan:
             continue
+        split = {column.rpartition(".")[0] for g in mmap.groups for column in g.column
+                 if tp_placement(placements, mmap.block_param(key, g.column[0])) == "Shard(0)"}
         for path in mmap.others:
-            plan[path] = LocalShard()
+            local_heads = path.rpartition(".")[0] in split and not _on_residual(block.get_submodule(path), width)
+            if sp or local_heads:
+                # rank-local input: its sequence shard under sequence parallelism, else the heads of a split
+                # group beside it (Qwen3's q_norm): its gradient a partial sum over tp
+                plan[path] = LocalShard()
+            # else it sees what every rank sees (Gemma-2's post-norms without sequence parallelism, OLMo-2's
+            # k_norm beside whole attention): replicated, its gradient whole already (not summed over tp)
         parallelize_module(block, mesh, plan)
         for path in dict.fromkeys(sources):
             block.get_submodule(path).register_forward_hook(_replicate_output(mesh, sp, local=False))
@@ -243,6 +257,12 @@ def apply_module_tp(model: nn.Module, mmap: ModuleMap, mesh, placements: dict, s
     if sp and emb is not None:
         first = blocks[next(iter(blocks._modules))] if isinstance(blocks, nn.ModuleDict) else blocks[0]
         first.register_forward_pre_hook(_scatter_sequence(mesh), with_kwargs=True)
+
+
+def _on_residual(module: nn.Module, width: int) -> bool:
+    """Whether a module's parameters span the residual stream's width (a norm of the whole hidden
+    state), not one head's (a per-head q/k norm)."""
+    return any(p.dim() >= 1 and p.shape[-1] == width for p in module.parameters(recurse=False))
 
 
 def apply_module_recompute(model: nn.Module, mmap: ModuleMap, policy_by_layer: dict[str, str]) -> None:
@@ -382,7 +402,7 @@ def load_pretrained(model: nn.Module, plan: Plan, mmap: ModuleMap) -> set[str]:
     seen: set[int] = set()
     buffers, stored = {clean(n) for n in persistent}, set(keys)
     for name, p in {**_by_name(model), **{clean(n): b for n, b in persistent.items()}}.items():
-        if id(p) in seen:
+        if id(p) in seen or name.rpartition(".")[2] in ADAPTER_NAMES:  # LoRA's adapters start fresh
             continue
         seen.add(id(p))
         key = checkpoint_key(mmap.embedding_weight if mmap.tied and name == f"{mmap.head}.weight" else name, stored)
@@ -430,6 +450,10 @@ def build_user_parts(plan: Plan, mesh, device: torch.device, seed: int, mmap: Mo
         if pp > 1:
             model = cut_stage(model, mmap, first, end, has_embedding=k == 0, has_head=k == last, seq_len=plan.seq_len,
                               kind=plan.source["kind"])
+        if plan.mode == "lora":  # the targets' linears wrapped, all else frozen (the pristine copy keeps the base)
+            paths = mmap.lora_paths()
+            wrap_targets(model, list(blocks_of(model, mmap).children()),
+                         {t: paths[t] for t in plan.lora["targets"]}, int(plan.lora["rank"]))
         if emesh is not None:
             apply_hf_expert_parallel(model, emesh, tp)
         if tp > 1:
@@ -449,6 +473,8 @@ def build_user_parts(plan: Plan, mesh, device: torch.device, seed: int, mmap: Mo
         else:
             initialise(model, pristine, plan, mmap, seed)
             unread = None  # no weights: every persistent buffer from the model's init
+        if plan.mode == "lora":
+            init_adapters(model, seed, clean)
         _restore_buffers(model, plan, unread)
         model.train()
         parts.append(model)

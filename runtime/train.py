@@ -292,7 +292,7 @@ def train(plan: Plan, cfg: RunConfig) -> dict:
     has_first = 0 in stage_ids or pp == 1
     has_last = (len(plan.stages) - 1) in stage_ids or pp == 1
     m_micro = plan.schedule["num_microbatches"]
-    losses, times = [], []
+    losses, times, grad_norms = [], [], []
     # 16-bit compute: FSDP's mixed-precision policy where data parallel, autocast otherwise
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.precision)
     autocast = (torch.autocast(device.type, dtype=low) if low is not None and dp == 1
@@ -322,8 +322,8 @@ def train(plan: Plan, cfg: RunConfig) -> dict:
             dist.all_reduce(loss, op=dist.ReduceOp.AVG, group=dp_mesh.get_group())
         if tied_group is not None:
             sync_tied_grads(modules, tied_group, mmap)
-        _grad_norm_clip(modules, cfg.grad_clip, pp_group, tied_copy=pp > 1 and spec.tied_embeddings, mmap=mmap,
-                        expert_group=expert_group)
+        grad_norm = _grad_norm_clip(modules, cfg.grad_clip, pp_group, tied_copy=pp > 1 and spec.tied_embeddings,
+                                    mmap=mmap, expert_group=expert_group)
         for o, s in zip(optimizers, schedulers):
             o.step()
             o.zero_grad(set_to_none=True)
@@ -333,13 +333,14 @@ def train(plan: Plan, cfg: RunConfig) -> dict:
         dt = time.perf_counter() - t0
         value = float(loss)
         losses.append(value)
+        grad_norms.append(grad_norm)
         times.append(dt)
         extra["step"] = step + 1
         if cfg.log and rank == 0:
             print(f"step {step + 1:>5}  loss {value:.4f}  {dt * 1e3:8.1f} ms  "
                   f"{plan.global_batch * plan.seq_len / dt:10.0f} tokens/s", flush=True)
         if metrics is not None:
-            record = {"step": step + 1, "loss": value, "step_time_s": dt,
+            record = {"step": step + 1, "loss": value, "grad_norm": grad_norm, "step_time_s": dt,
                       "tokens_per_s": plan.global_batch * plan.seq_len / dt}
             if device.type == "cuda":
                 record["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -354,6 +355,7 @@ def train(plan: Plan, cfg: RunConfig) -> dict:
     measured = statistics.median(times[1:] if len(times) > 1 else times) if times else 0.0
     return {
         "losses": losses,
+        "grad_norms": grad_norms,  # the global L2 norm of the gradients before clipping, each step
         "step_time_s": measured,
         "predicted_step_time_s": plan.predicted.get("step_time_s"),
         "tokens_per_s": plan.global_batch * plan.seq_len / measured if measured else 0.0,

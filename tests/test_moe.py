@@ -19,7 +19,7 @@ from costmodel.serving import kv_bytes_per_token
 from costmodel.spec import ModelSpec
 from planner.model_source import _transformers_count, spec_from_hf_config
 from planner.zoo import ZOO
-from runtime_helpers import ROOT, launch, read_results, worker_env, write_plan, write_source_plan
+from runtime_helpers import ROOT, assert_same_gradients, launch, read_results, worker_env, write_plan, write_source_plan
 
 # Hugging Face config.json fields of the released models (the parts that size them)
 MIXTRAL_8X7B = {"model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
@@ -204,6 +204,7 @@ def test_expert_parallel_training_matches_one_process(tmp_path):
     for name in CONFIGS:
         losses = np.array(results[f"tiny-moe__{name}"]["losses"])
         np.testing.assert_allclose(losses, base, rtol=1e-5, atol=0, err_msg=name)
+        assert_same_gradients(results[f"tiny-moe__{name}"], results["tiny-moe__single"])
 
 
 def test_all_to_alls_per_layer_are_the_predicted(tmp_path):
@@ -294,6 +295,7 @@ def test_hugging_face_experts_train_under_expert_parallelism(tmp_path):
         for layout in HF_LAYOUTS[name]:
             np.testing.assert_allclose(np.array(results[f"{name}-{layout}"]["losses"]), base, rtol=1e-5, atol=0,
                                        err_msg=f"{name} {layout}")
+            assert_same_gradients(results[f"{name}-{layout}"], results[f"{name}-single"])
 
 
 LOAD_LAYOUTS = {"dp": dict(dp=2, microbatch_size=4), "fsdp": dict(dp=2, zero=3, microbatch_size=4),

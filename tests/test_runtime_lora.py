@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from costmodel import Strategy, load_cluster, predict
 from planner.plan import Plan, plan_from_strategy
 from planner.zoo import ZOO
-from runtime_helpers import launch, read_results
+from runtime_helpers import assert_same_gradients, launch, read_results
 
 TOLERANCE = 1e-5
 STEPS = 5
@@ -100,3 +100,90 @@ def test_lora_losses_match_single_process(runs, model, layout):
     for step, (a, b) in enumerate(zip(ours, ref), 1):
         assert abs(a - b) <= TOLERANCE * abs(b), f"step {step}: {a} vs {b}"
     assert ours[-1] < ours[0]  # the adapters learn
+    assert_same_gradients(runs[f"{model}__{layout}"], runs[f"{model}__reference"])
+
+
+# --- LoRA on the user's module: a Hugging Face Llama from its checkpoint (PEFT's q_proj ... down_proj) ---
+HF_LAYOUTS = {"dp": dict(dp=2, microbatch_size=4), "fsdp": dict(dp=4, zero=3, microbatch_size=2),
+              "tp_fsdp": dict(tp=2, dp=2, zero=3, microbatch_size=4),
+              "pp": dict(pp=2, dp=2, microbatch_size=2, schedule="1f1b")}
+HF_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def _hf_llama(root):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                      intermediate_size=128, vocab_size=256, max_position_embeddings=64,
+                                      tie_word_embeddings=False)
+    torch.manual_seed(3)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(root / "llama")  # a checkpoint to adapt
+    return root / "llama"
+
+
+def _hf_lora_plan(directory, folder, name: str, **fields):
+    from runtime_helpers import write_source_plan
+
+    s = Strategy(precision="fp32", global_batch=8, seq_len=32, lora_rank=4, lora_targets=HF_TARGETS, **fields)
+    return write_source_plan(directory, f"hf:{folder}", s, f"hf-llama__{name}")
+
+
+def test_lora_on_a_hugging_face_model_wraps_its_own_linears(tmp_path):
+    """Every target linear of every block wrapped in its own name (the checkpoint's weight loads into
+    it), only the adapters trainable, B zero: the first forward is the checkpoint's own model."""
+    transformers = pytest.importorskip("transformers")
+    from runtime.mesh import build_mesh
+    from runtime.train import build_plan_parts
+
+    folder = _hf_llama(tmp_path)
+    plan = Plan.from_yaml(_hf_lora_plan(tmp_path, folder, "one", microbatch_size=8).read_text())
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29583")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        (model,), _, _ = build_plan_parts(plan, build_mesh(plan.mesh, "cpu"), torch.device("cpu"), seed=0)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert len(trainable) == 2 * len(HF_TARGETS) * 4
+        assert "model.layers.0.self_attn.q_proj.lora_a" in trainable and "model.layers.3.mlp.down_proj.lora_b" in trainable
+        assert all(n.endswith(("lora_a", "lora_b")) for n in trainable)
+        assert all(float(p.detach().abs().sum()) == 0 for n, p in model.named_parameters() if n.endswith("lora_b"))
+        assert all(float(p.detach().abs().sum()) > 0 for n, p in model.named_parameters() if n.endswith("lora_a"))
+        original = transformers.AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+        tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            torch.testing.assert_close(model.eval()(tokens).logits, original(tokens).logits, rtol=1e-5, atol=1e-5)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_target_the_module_has_no_linear_for_is_refused_in_one_line(tmp_path):
+    """Phi-3 fuses q, k and v in one qkv_proj: LoRA on q alone has nothing to wrap."""
+    transformers = pytest.importorskip("transformers")
+    from tests_helpers import paraplan
+
+    transformers.Phi3Config(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
+                            intermediate_size=128, vocab_size=256, max_position_embeddings=64, pad_token_id=0,
+                            ).save_pretrained(tmp_path / "phi3")
+    out = paraplan("plan", "--model", str(tmp_path / "phi3"), "--mode", "lora", "--lora-rank", "4", "--lora-targets",
+                   "q,o", "--cluster", "cpu:2", "--global-batch", "4", "--seq-len", "32", "-o", str(tmp_path / "p.yaml"))
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+    assert "LoRA target q:" in out.stderr and "--lora-targets o" in out.stderr and not (tmp_path / "p.yaml").exists()
+
+
+def test_lora_on_a_hugging_face_model_matches_one_process(tmp_path):
+    """The checkpoint adapted under DP, FSDP, TP x FSDP and PP x DP: losses and gradient norms
+    those of one process (1e-5), and the adapters learn."""
+    folder = _hf_llama(tmp_path)
+    ref = _hf_lora_plan(tmp_path, folder, "reference", microbatch_size=8)
+    plans = [_hf_lora_plan(tmp_path, folder, name, **fields) for name, fields in HF_LAYOUTS.items()]
+    results = {}
+    for world, todo in ((1, [ref]), (4, [p for p in plans if "__dp." not in str(p)]), (2, [plans[0]])):
+        out = tmp_path / f"w{world}.jsonl"
+        proc = launch(world, todo, out, "--steps", str(STEPS), preload=("transformers.models.llama.modeling_llama",))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results.update(read_results(out))
+    base = results["hf-llama__reference"]
+    assert base["losses"][-1] < base["losses"][0]
+    for name in HF_LAYOUTS:
+        ours = results[f"hf-llama__{name}"]
+        for step, (a, b) in enumerate(zip(ours["losses"], base["losses"]), 1):
+            assert abs(a - b) <= TOLERANCE * abs(b), f"{name} step {step}: {a} vs {b}"
+        assert_same_gradients(ours, base)

@@ -14,7 +14,7 @@ moves the loss by >1e-3 within two steps).
 
 import pytest
 
-from runtime_helpers import CONFIGS, MODELS, launch, read_results, strategy, write_plan
+from runtime_helpers import CONFIGS, MODELS, assert_same_gradients, launch, read_results, strategy, write_plan
 
 TOLERANCE = 1e-5
 STEPS = 4
@@ -67,6 +67,7 @@ def test_losses_match_single_process(runs, model, config):
     for step, (a, b) in enumerate(zip(ours, ref), 1):
         assert abs(a - b) <= TOLERANCE * abs(b), f"step {step}: {a} vs {b}"
     assert ours[-1] < ours[0]  # it trains
+    assert_same_gradients(runs[f"{model}__{config}"], runs[f"{model}__reference"])
 
 
 @pytest.mark.parametrize("config", TIED_CONFIGS)
@@ -77,6 +78,7 @@ def test_tied_embeddings_match_single_process(runs, config):
     assert abs(ref[0] - untied[0]) > 1e-3  # the reference really is tied: another model from step 1
     for step, (a, b) in enumerate(zip(ours, ref), 1):
         assert abs(a - b) <= TOLERANCE * abs(b), f"step {step}: {a} vs {b}"
+    assert_same_gradients(runs[f"{TIED}__{config}"], runs[f"{TIED}__reference"])
 
 
 def test_world_sizes_are_what_the_plans_say(runs):

@@ -66,12 +66,12 @@ def weight_format_note(precision: str, spec: ModelSpec | None = None) -> str:
 
 def served_model_path(model: str) -> dict:
     """{"model_path": the Hugging Face model directory} that `vllm serve` loads, where --model
-    named one (hf:DIR, hf:DIR/config.json, DIR/config.json); {} for a built-in name or a spec
+    named one (hf:DIR, hf:DIR/config.json, DIR/config.json, a bare DIR holding config.json); {} for a built-in name or a spec
     file (the export then names the model by its spec's name)."""
     text = model[3:] if model.startswith("hf:") else model
     path = Path(text)
     if path.is_file() and path.name == "config.json":
         path = path.parent
-    elif not (model.startswith("hf:") and path.is_dir()):
+    elif not (path.is_dir() and (model.startswith("hf:") or (path / "config.json").is_file())):
         return {}
     return {"model_path": str(path.resolve())}

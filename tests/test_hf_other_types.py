@@ -1,0 +1,156 @@
+"""Hugging Face configs of model types the config reader does not size (OLMo-2, Granite, Gemma,
+Phi-2, Falcon, ...) are read off transformers' own class, traced on the meta device; a model
+directory is taken as it is given (`--model DIR`, as `vllm serve DIR` takes it); and the
+module map leaves whole what tensor parallelism cannot split in such a class (OLMo-2's q/k
+norms over all heads), so what `plan` writes, `check` accepts and `run` trains."""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from costmodel.errors import ConfigError
+from planner.model_source import load_model, load_model_spec, module_map_of, source_of
+from planner.module_map import ColumnGroup
+from tests_helpers import paraplan
+
+transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+
+# the published models' config.json fields (sizes only); their published parameter counts (B) as the
+# model cards give them, to two decimals
+REAL = {
+    # allenai/OLMo-2-0425-1B: post-norms only, q_norm / k_norm over all heads, tied? no
+    "olmo2-1b": ("olmo2", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=16,
+                               num_key_value_heads=16, vocab_size=100352, max_position_embeddings=4096,
+                               rope_theta=500000, tie_word_embeddings=False), 1.48),
+    # ibm-granite/granite-3.0-2b-base: GQA, tied head, scaled residuals and logits (no weights of their own)
+    "granite-3-2b": ("granite", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=40,
+                                     num_attention_heads=32, num_key_value_heads=8, vocab_size=49155,
+                                     max_position_embeddings=4096, tie_word_embeddings=True,
+                                     embedding_multiplier=12.0, logits_scaling=8.0, residual_multiplier=0.22,
+                                     attention_multiplier=0.015625), 2.53),
+    # google/gemma-2b: multi-query attention, 256-wide heads, GeGLU, tied head
+    "gemma-2b": ("gemma", dict(hidden_size=2048, intermediate_size=16384, num_hidden_layers=18, num_attention_heads=8,
+                               num_key_value_heads=1, head_dim=256, vocab_size=256000, max_position_embeddings=8192),
+                 2.51),
+    # microsoft/phi-2: parallel attention and MLP from one LayerNorm, GELU, biases, partial RoPE
+    "phi-2": ("phi", dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=32, num_attention_heads=32,
+                          vocab_size=51200, max_position_embeddings=2048, partial_rotary_factor=0.4), 2.78),
+}
+
+
+def _save(root: Path, name: str, model_type: str, fields: dict) -> Path:
+    transformers.AutoConfig.for_model(model_type, **fields).save_pretrained(root / name)
+    return root / name
+
+
+def _transformers_count(folder: Path) -> int:
+    config = transformers.AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_other_model_types_are_read_off_transformers_class(tmp_path, name):
+    model_type, fields, published_b = REAL[name]
+    folder = _save(tmp_path, name, model_type, fields)
+    spec = load_model_spec(f"hf:{folder}")
+    real = _transformers_count(folder)
+    assert abs(spec.num_params - real) <= 0.005 * real
+    assert round(spec.num_params / 1e9, 2) == published_b
+    assert (spec.layers, spec.hidden, spec.vocab) == (fields["num_hidden_layers"], fields["hidden_size"],
+                                                      fields["vocab_size"])
+    assert spec.heads == fields["num_attention_heads"]
+    assert spec.kv_heads == fields.get("num_key_value_heads", fields["num_attention_heads"])
+    assert spec.position == "rope" and spec.max_positions in (0, fields["max_position_embeddings"])
+    if name == "gemma-2b":
+        assert spec.head_dim == 256 and spec.activation == "geglu" and spec.tied_embeddings
+    if name == "phi-2":
+        assert spec.activation == "gelu" and spec.norm == "layernorm" and spec.bias and not spec.tied_embeddings
+    if name == "granite-3-2b":
+        assert spec.tied_embeddings and spec.activation == "swiglu"
+    if name == "olmo2-1b":
+        assert spec.rope_theta == 500000 and spec.norm == "rmsnorm"
+
+
+def test_a_model_directory_is_taken_as_given(tmp_path):
+    """`--model ./Llama-3.2-1B` (no hf:): was "unknown model"."""
+    folder = _save(tmp_path, "olmo", "olmo2", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                                   max_position_embeddings=128))
+    assert source_of(str(folder)) == {"kind": "hf", "path": str(folder.resolve())}
+    assert load_model_spec(str(folder)) == load_model_spec(f"hf:{folder}")
+    out = paraplan("plan", "--model", str(folder), "--cluster", "cpu:2", "--global-batch", "4", "--seq-len", "32",
+                   "-o", str(tmp_path / "p.yaml"))
+    assert out.returncode == 0, out.stderr
+    plan = yaml.safe_load((tmp_path / "p.yaml").read_text())
+    assert plan["source"]["kind"] == "hf" and plan["source"]["path"] == str(folder.resolve())
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="a folder without a config.json"):
+        load_model(str(empty))
+
+
+def test_a_class_whose_projections_are_not_linear_ops_is_refused_in_one_line(tmp_path):
+    """Falcon's FalconLinear multiplies by its weight (no aten.linear): was a ValueError traceback."""
+    folder = _save(tmp_path, "falcon", "falcon", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                      vocab_size=256, multi_query=True))
+    out = paraplan("plan", "--model", str(folder), "--cluster", "cpu:2", "--global-batch", "4", "--seq-len", "32",
+                   "-o", str(tmp_path / "p.yaml"))
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+    assert "model_type 'falcon'" in out.stderr and "no linear op" in out.stderr and "spec YAML" in out.stderr
+    assert not (tmp_path / "p.yaml").exists()
+
+
+def test_olmo2s_attention_stays_whole_and_its_mlp_is_split(tmp_path):
+    """OLMo-2 normalizes q and k over all heads (a weight as wide as q_proj's output): a column
+    split would hand each rank half of q with the whole norm weight (the run crashed where `check`
+    approved). Its MLP reads the residual stream made mid-block by an add: split like any block
+    input. A search over tp 2 then plans without sequence parallelism, which needs every linear
+    split, and `check` accepts what it writes."""
+    folder = _save(tmp_path, "olmo", "olmo2", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                                   max_position_embeddings=128))
+    spec, _ = load_model(str(folder))
+    mmap = module_map_of(source_of(str(folder)), spec)
+    assert mmap.groups == (ColumnGroup(source="", column=("mlp.gate_proj", "mlp.up_proj"), row="mlp.down_proj"),)
+    assert set(mmap.unsplittable) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"}
+    target = tmp_path / "tp.yaml"
+    out = paraplan("plan", "--model", str(folder), "--cluster", "cpu:2", "--global-batch", "4", "--seq-len", "32",
+                   "--tp", "2", "-o", str(target))
+    assert out.returncode == 0, out.stderr
+    plan = yaml.safe_load(target.read_text())
+    assert plan["mesh"]["tp"] == 2 and plan["sequence_parallel"] is False
+    assert not any("self_attn" in name for name in plan["placements"])
+    check = paraplan("check", str(target), "--cluster", "cpu:2")
+    assert check.returncode == 0, check.stdout + check.stderr
+    forced = paraplan("plan", "--model", str(folder), "--cluster", "cpu:2", "--global-batch", "4", "--seq-len", "32",
+                      "--tp", "2", "--sequence-parallel", "-o", str(tmp_path / "sp.yaml"))
+    assert forced.returncode == 2 and "--no-sequence-parallel" in forced.stderr
+    assert len(forced.stderr.strip().splitlines()) == 1 and not (tmp_path / "sp.yaml").exists()
+
+
+def test_a_tied_head_traced_by_export_is_counted_once(tmp_path):
+    """torch.export lifts a tied weight under both names and reads one: a py: module with a tied
+    head (transformers' Llama, tie_word_embeddings) was refused as 1.5 times its size."""
+    module = tmp_path / "tied_lm.py"
+    module.write_text(
+        "import transformers\n\n\n"
+        "def build():\n"
+        "    config = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,\n"
+        "                                      num_key_value_heads=2, intermediate_size=128, vocab_size=512,\n"
+        "                                      max_position_embeddings=64, tie_word_embeddings=True)\n"
+        "    return transformers.AutoModelForCausalLM.from_config(config)\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        spec, graph = load_model("py:tied_lm:build")
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert spec.tied_embeddings and spec.vocab == 512
+    params = [d for _, d in graph.graph.nodes(data=True) if d["kind"] == "param"]
+    assert sum(math.prod(d["shape"]) for d in params) == spec.num_params
+    assert sum(d["shape"] == (512, 64) for d in params) == 1
