@@ -71,22 +71,33 @@ def load_hf_model(path: str | Path, *, checkpoint: Path | None = None, seed: int
 
 
 def load_model_state(model: torch.nn.Module, checkpoint: Path) -> None:
-    """The model part of a training checkpoint (`train.model.<name>`) into a whole module."""
+    """The model part of a training checkpoint (`train.model.<name>`) into a whole module. A LoRA
+    run's adapters are merged into the weights they adapt (W + B A, LoRA's scale 1: what PEFT's
+    merge_and_unload gives), so the module is the fine-tuned model as it is."""
     import torch.distributed.checkpoint as dcp
 
     from runtime.checkpoint import load_in_one_process
 
-    stored = set(dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata)
+    metadata = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    stored = set(metadata)
     state = {name: t for name, t in model.state_dict().items() if f"train.model.{name}" in stored}
+    adapters = {key[len("train.model."):]: torch.empty(tuple(metadata[key].size)) for key in stored
+                if key.startswith("train.model.") and key.endswith((".lora_a", ".lora_b"))}
     missing = [n for n, _ in model.named_parameters() if n not in state]
     if missing:
         raise ConfigError(f"checkpoint {checkpoint} lacks {missing[0]} (and {len(missing) - 1} more); it was "
                           "written for another model")
     try:
-        load_in_one_process({"train": {"model": state}}, checkpoint)
+        load_in_one_process({"train": {"model": {**state, **adapters}}}, checkpoint)
     except Exception as exc:  # noqa: BLE001 - a damaged checkpoint or another model's
         raise ConfigError(f"cannot load the model from {checkpoint}: {str(exc).splitlines()[0][:200]}") from None
     model.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        for name, a in adapters.items():
+            if name.endswith(".lora_a"):
+                linear = name[: -len(".lora_a")]
+                weight = model.get_parameter(f"{linear}.weight")
+                weight.add_((adapters[f"{linear}.lora_b"] @ a).to(weight.dtype))
 
 
 def export_weights(checkpoint: str | Path, output: str | Path, plan: Plan | None = None) -> Path:

@@ -306,7 +306,8 @@ def initialise(model: nn.Module, pristine: nn.Module, plan: Plan, mmap: ModuleMa
         whole, _ = build_source_module(plan.source, plan.spec, device="cpu")
         full = dict(whole.named_parameters(remove_duplicate=False))
         for name, p in mine.items():
-            copy_full(p, full[name].detach())
+            if name.rpartition(".")[2] not in ADAPTER_NAMES:  # LoRA's adapters: runtime.lora.init_adapters
+                copy_full(p, full[name].detach())
         return
     tied_head = f"{mmap.head}.weight" if mmap.tied else None
     split = {clean(path): expert_slice(sub) for path, sub in model.named_modules() if expert_slice(sub)}
@@ -450,12 +451,12 @@ def build_user_parts(plan: Plan, mesh, device: torch.device, seed: int, mmap: Mo
         if pp > 1:
             model = cut_stage(model, mmap, first, end, has_embedding=k == 0, has_head=k == last, seq_len=plan.seq_len,
                               kind=plan.source["kind"])
-        if plan.mode == "lora":  # the targets' linears wrapped, all else frozen (the pristine copy keeps the base)
-            paths = mmap.lora_paths()
-            wrap_targets(model, list(blocks_of(model, mmap).children()),
-                         {t: paths[t] for t in plan.lora["targets"]}, int(plan.lora["rank"]))
         if emesh is not None:
             apply_hf_expert_parallel(model, emesh, tp)
+        if plan.mode == "lora":  # the targets' linears wrapped, all else frozen (the pristine copy keeps the base;
+            paths = mmap.lora_paths()  # after expert parallelism, whose experts are new parameters)
+            wrap_targets(model, list(blocks_of(model, mmap).children()),
+                         {t: paths[t] for t in plan.lora["targets"]}, int(plan.lora["rank"]))
         if tp > 1:
             apply_module_tp(model, mmap, mesh["tp"], plan.placements, plan.sequence_parallel, tp)
         tie(model, mmap)

@@ -142,10 +142,10 @@ def build_parts(plan: Plan, mesh, device: torch.device, seed: int):
     emesh = expert_mesh(plan.mesh, plan.zero, ep, device.type) if ep > 1 else None
     for k, first, end in stages:
         m = stage_module(spec, first, end, has_embedding=k == 0, has_head=k == last) if pp > 1 else build_model(spec)
-        if plan.mode == "lora":
-            apply_lora(m, plan.lora["targets"], int(plan.lora["rank"]))
         if emesh is not None:
             apply_expert_parallel(m, emesh, tp)
+        if plan.mode == "lora":  # after expert parallelism, whose experts are new parameters: frozen too
+            apply_lora(m, plan.lora["targets"], int(plan.lora["rank"]))
         if tp > 1:
             apply_tensor_parallel(m, mesh["tp"], plan.placements, plan.sequence_parallel)
             m.tie_weights()  # before FSDP, which then manages the one shared parameter
