@@ -176,6 +176,18 @@ def source_of(text: str) -> dict:
     return {}
 
 
+def multimodal_type(path: str) -> str | None:
+    """The model_type of a multimodal Hugging Face config at `path` (a directory or its
+    config.json) whose language model paraplan reads (language_config), else None."""
+    target = Path(path)
+    config = target / "config.json" if target.is_dir() else target
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return str(data.get("model_type", "multimodal")) if isinstance(data, dict) and language_config(data) else None
+
+
 def _meta():
     import torch
 
@@ -194,6 +206,7 @@ def hf_config(path: str):
     if not config_file.is_file():
         raise ConfigError(f"{path}: no config.json there; give a model directory or its config.json")
     data = json.loads(config_file.read_text())
+    data = language_config(data) or data  # a multimodal model: its language model (transformers' text-only class)
     try:
         config = transformers.AutoConfig.for_model(**data)
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds for a config it cannot read
@@ -265,9 +278,12 @@ def source_and_map(text: str, spec: ModelSpec):
     source = source_of(text)
     if not source:
         return {}, None, ""
+    kind = multimodal_type(source["path"]) if source["kind"] == "hf" else None
+    note = (f"{text} is a multimodal model ({kind}): its language model is planned, priced and run (transformers' "
+            "text-only class), its vision tower and image tokens are not") if kind else ""
     try:
         mmap = module_map_of(source, spec)
-        return {**source, "map": mmap.to_dict()}, mmap, ""
+        return {**source, "map": mmap.to_dict()}, mmap, note
     except ConfigError as exc:
         if source["kind"] == "py":
             raise
@@ -311,7 +327,8 @@ def _from_hf(where: str) -> ModelSpec:
         raise ConfigError(f"--model hf:{where}: the config must be a .json file")
     name = path.name if path.is_dir() else path.parent.name or path.stem
     spec = replace(spec, name=name or spec.name)
-    real = _transformers_count(json.loads(config.read_text()))
+    data = json.loads(config.read_text())
+    real = _transformers_count(language_config(data) or data)
     if real is not None and abs(spec.num_params - real) > COUNT_TOLERANCE * real:
         raise ConfigError(f"--model hf:{where}: transformers builds {real:,} parameters from this config and the "
                           f"reader {spec.num_params:,}; it has fields the reader does not size: write a spec YAML")
@@ -382,6 +399,9 @@ def _from_file(path: Path) -> ModelSpec:
         raise ConfigError(f"{path} must hold a mapping of model fields")
     if is_hf_config(data):  # named for its model directory where the file is the usual config.json
         name = path.parent.name if path.name == "config.json" and path.parent.name else path.stem
+        text = language_config(data)
+        if text is not None:  # a multimodal model: its language model, read as any config is
+            return spec_from_hf_config(text, name=name)
         try:
             return spec_from_hf_config(data, name=name)
         except UnreadType as exc:
@@ -425,6 +445,19 @@ def spec_from_hf_graph(path: Path, data: dict, *, name: str, why: str) -> ModelS
                           f"class, has {spec.num_params:,} parameters where transformers builds {real:,}: its layers "
                           "hold more than a GPT/Llama block; write a spec YAML with its sizes")
     return spec
+
+
+def language_config(data: dict) -> dict | None:
+    """The language model's config inside a multimodal model's (`text_config`: Gemma 3, Mistral 3,
+    LLaVA; the wrapper's tie_word_embeddings where the text config lacks its own), None for a
+    decoder's own config. Its vision tower is neither planned nor priced (source_and_map says so)."""
+    text = data.get("text_config")
+    if not isinstance(text, dict) or any(k in data for k in ("num_hidden_layers", "n_layer")):
+        return None
+    out = dict(text)
+    if "tie_word_embeddings" not in out and "tie_word_embeddings" in data:
+        out["tie_word_embeddings"] = data["tie_word_embeddings"]
+    return out
 
 
 def is_hf_config(data: dict) -> bool:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from costmodel.errors import ConfigError
-from planner.model_source import hf_config, with_supported_attention
+from planner.model_source import hf_config, multimodal_type, with_supported_attention
 from planner.plan import Plan
 
 PLAN_FILE = "plan.yaml"  # `paraplan run --checkpoint-dir DIR` keeps the plan it trained here
@@ -59,6 +59,10 @@ def load_hf_model(path: str | Path, *, checkpoint: Path | None = None, seed: int
 
     config = hf_config(str(path))
     folder = model_dir(path)
+    kind = multimodal_type(str(path))
+    if kind and any(folder.glob("*.safetensors")):
+        raise ConfigError(f"{folder} holds a multimodal {kind} checkpoint: generate and export-weights read a "
+                          "language model's own checkpoint; `paraplan run` trains its language model")
     if any(folder.glob("*.safetensors")):
         model = with_supported_attention(
             lambda c: transformers.AutoModelForCausalLM.from_pretrained(str(folder), config=c, dtype=dtype), config)

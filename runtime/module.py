@@ -347,8 +347,12 @@ EXPERT_PARTS = {"gate_up_proj": (("gate_proj", "w1"), ("up_proj", "w3")), "down_
 
 def checkpoint_key(name: str, keys: set[str]) -> str | None:
     """The checkpoint's name of a module tensor: its own, or Mixtral's older `block_sparse_moe`
-    for transformers 5's `mlp`; None if neither is stored."""
-    for key in (name, name.replace(".mlp.", ".block_sparse_moe.")):
+    for transformers 5's `mlp`, or a multimodal checkpoint's name of its language model's tensor
+    (transformers 5's `model.language_model.*`, 4's `language_model.model.*`); None if none is
+    stored."""
+    inner = name.removeprefix("model.")
+    for key in (name, name.replace(".mlp.", ".block_sparse_moe."), f"model.language_model.{inner}",
+                f"language_model.{name}"):
         if key in keys:
             return key
     return None

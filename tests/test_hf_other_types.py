@@ -154,3 +154,54 @@ def test_a_tied_head_traced_by_export_is_counted_once(tmp_path):
     params = [d for _, d in graph.graph.nodes(data=True) if d["kind"] == "param"]
     assert sum(math.prod(d["shape"]) for d in params) == spec.num_params
     assert sum(d["shape"] == (512, 64) for d in params) == 1
+
+
+def _tiny_mistral3(root: Path, weights: bool) -> Path:
+    text = dict(model_type="mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=64, sliding_window=None,
+                tie_word_embeddings=False)
+    vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=28, patch_size=14)
+    # (Mistral Small 3.1's head is its own: the wrapper's tie_word_embeddings, which transformers 5 follows,
+    # defaults to True, so it is said here)
+    config = transformers.AutoConfig.for_model("mistral3", text_config=text, vision_config=vision, image_token_index=5,
+                                               tie_word_embeddings=False)
+    folder = root / "mistral3"
+    if weights:
+        torch.manual_seed(2)
+        transformers.Mistral3ForConditionalGeneration(config).save_pretrained(folder)
+    else:
+        config.save_pretrained(folder)
+    return folder
+
+
+def test_a_multimodal_models_language_model_is_planned_and_run(tmp_path):
+    """Mistral Small 3.1 and Gemma 3 ship as multimodal models (text_config and vision_config; no
+    num_hidden_layers of their own): was "config lacks 'num_hidden_layers'". Their language model
+    is planned, priced and trained from the checkpoint's own tensors (transformers 5 names them
+    model.language_model.*); the vision tower is said to be left out. The first step's loss is
+    the multimodal model's own on the same text batch."""
+    from runtime.data import TokenSource
+    from runtime_helpers import launch, read_results, write_source_plan
+    from costmodel import Strategy
+
+    folder = _tiny_mistral3(tmp_path, weights=True)
+    spec = load_model_spec(str(folder))
+    assert (spec.layers, spec.hidden, spec.kv_heads, spec.vocab, spec.tied_embeddings) == (2, 64, 2, 256, False)
+    planned = paraplan("plan", "--model", str(folder), "--cluster", "cpu:2", "--global-batch", "4", "--seq-len", "32",
+                       "-o", str(tmp_path / "p.yaml"))
+    assert planned.returncode == 0, planned.stderr
+    assert "multimodal model (mistral3)" in planned.stderr and "vision tower" in planned.stderr
+    assert paraplan("check", str(tmp_path / "p.yaml")).returncode == 0
+    data = tmp_path / "data.txt"
+    data.write_text("the quick brown fox jumps over the lazy dog " * 40)
+    plan = write_source_plan(tmp_path, str(folder), Strategy(precision="fp32", global_batch=4, seq_len=32,
+                                                             microbatch_size=4), "one")
+    proc = launch(1, [plan], tmp_path / "out.jsonl", "--steps", "1", "--data", str(data))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = read_results(tmp_path / "out.jsonl")["one"]["losses"][0]
+    whole = transformers.AutoModelForImageTextToText.from_pretrained(str(folder)).eval()
+    x, y = TokenSource(256, 32, str(data), 0).batch(0, 4)
+    with torch.no_grad():
+        plain = float(torch.nn.functional.cross_entropy(whole(input_ids=x).logits.flatten(0, 1), y.flatten()))
+    assert abs(first - plain) <= 1e-5 * plain
