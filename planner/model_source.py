@@ -420,7 +420,7 @@ def spec_from_hf_graph(path: Path, data: dict, *, name: str, why: str) -> ModelS
     head); the config gives the depth, the positions and RoPE's base. The whole model's size is
     checked against transformers' count of the full config: a class the graph reader misreads is
     refused. `why`: the reader's refusal, said where transformers cannot build or trace it."""
-    from planner.graph_spec import spec_from_graph
+    from planner.graph_spec import NotADecoder, spec_from_graph
     from planner.trace import trace_module
 
     if importlib.util.find_spec("transformers") is None:
@@ -432,13 +432,17 @@ def spec_from_hf_graph(path: Path, data: dict, *, name: str, why: str) -> ModelS
     try:
         module, inputs = build_source_module(probe, stand_in, probe_layers=min(GRAPH_PROBE_LAYERS, layers))
         spec = spec_from_graph(trace_module(module, inputs), name=name)
+    except NotADecoder:
+        raise ConfigError(f"model_type {model_type!r} (not one the config reader sizes), read off transformers' class: "
+                          "its blocks run no scaled_dot_product_attention (attention written out as matmuls, as "
+                          "Bloom's ALiBi is); write a spec YAML with its sizes") from None
     except ConfigError as exc:
         raise ConfigError(f"model_type {model_type!r} (not one the config reader sizes), read off transformers' "
                           f"class: {exc}") from None
     positions = _int(data, "max_position_embeddings", "n_positions", "seq_length", default=2048)
     seq_len = min(positions, HF_TRAIN_SEQ_LEN) if spec.position.value == "rope" else positions
     spec = replace(spec, layers=layers, seq_len=seq_len, max_positions=positions if positions > seq_len else 0,
-                   rope_theta=_rope_theta(data), **_window_of(data, str(data.get("model_type", ""))))
+                   rope_theta=_rope_theta(data), **_window_of({**data, "num_hidden_layers": layers}, model_type))
     real = _transformers_count(data)
     if real is not None and abs(spec.num_params - real) > COUNT_TOLERANCE * real:
         raise ConfigError(f"model_type {model_type!r} (not one the config reader sizes), read off transformers' "

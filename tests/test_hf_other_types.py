@@ -95,15 +95,30 @@ def test_a_model_directory_is_taken_as_given(tmp_path):
         load_model(str(empty))
 
 
-def test_a_class_whose_projections_are_not_linear_ops_is_refused_in_one_line(tmp_path):
-    """Falcon's FalconLinear multiplies by its weight (no aten.linear): was a ValueError traceback."""
-    folder = _save(tmp_path, "falcon", "falcon", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                                      vocab_size=256, multi_query=True))
+@pytest.mark.parametrize("model_type,fields,needle", [
+    # Falcon's FalconLinear multiplies by its weight (no aten.linear): was a ValueError traceback
+    ("falcon", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=256, multi_query=True),
+     "no linear op"),
+    # Bloom's ALiBi attention is written out (baddbmm, softmax): was "it is planned from its graph alone", then exit 2
+    ("bloom", dict(hidden_size=64, n_layer=2, n_head=4, vocab_size=256), "no scaled_dot_product_attention"),
+])
+def test_a_class_the_graph_reader_cannot_read_is_refused_in_one_line(tmp_path, model_type, fields, needle):
+    folder = _save(tmp_path, model_type, model_type, fields)
     out = paraplan("plan", "--model", str(folder), "--cluster", "cpu:2", "--global-batch", "4", "--seq-len", "32",
                    "-o", str(tmp_path / "p.yaml"))
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
-    assert "model_type 'falcon'" in out.stderr and "no linear op" in out.stderr and "spec YAML" in out.stderr
+    assert f"model_type '{model_type}'" in out.stderr and needle in out.stderr and "spec YAML" in out.stderr
     assert not (tmp_path / "p.yaml").exists()
+
+
+def test_gpt_j_read_off_its_class_in_its_own_field_names(tmp_path):
+    """EleutherAI/gpt-j-6b's config (n_layer, n_embd; parallel attention and MLP, partial RoPE,
+    biased MLP and head): was "config lacks 'num_hidden_layers'". 6.05B, as its card says."""
+    folder = _save(tmp_path, "gpt-j-6b", "gptj", dict(n_embd=4096, n_layer=28, n_head=16, rotary_dim=64,
+                                                      vocab_size=50400, n_positions=2048))
+    spec = load_model_spec(str(folder))
+    assert (spec.layers, spec.hidden, spec.heads, spec.seq_len) == (28, 4096, 16, 2048)
+    assert round(spec.num_params / 1e9, 2) == 6.05 and abs(spec.num_params - _transformers_count(folder)) < 0.005 * 6.05e9
 
 
 def test_olmo2s_attention_stays_whole_and_its_mlp_is_split(tmp_path):
