@@ -96,6 +96,10 @@ class ModelSpec:
     # RoPE's base (a config's rope_theta): 0 is the classic 10,000. It prices nothing; the built-in
     # model rotates with it and the engine exports write it (Llama 3's 500,000, Qwen3's 1,000,000)
     rope_theta: float = 0.0
+    # an RMSNorm on each head's query and key before RoPE (Qwen3, Gemma 3; Megatron-LM's
+    # --qk-layernorm). Its 2 x head_dim weights a layer are not counted (under 0.001%); the engine
+    # exports write it, or they describe another model
+    qk_norm: bool = False
 
     def __post_init__(self) -> None:
         for name in ("layers", "hidden", "heads", "vocab", "seq_len"):
@@ -108,6 +112,8 @@ class ModelSpec:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"model field '{name}' must be a positive integer, got {value!r}")
+        if not isinstance(self.qk_norm, bool):
+            raise ConfigError(f"model field 'qk_norm' must be true or false, got {self.qk_norm!r}")
         if isinstance(self.rope_theta, bool) or not isinstance(self.rope_theta, (int, float)) or not (
                 self.rope_theta >= 0 and math.isfinite(self.rope_theta)):
             raise ConfigError(f"model field 'rope_theta' must be a positive number (0: 10,000), got {self.rope_theta!r}")
@@ -411,7 +417,7 @@ class ModelSpec:
                 continue
             if f.name in MOE_AND_MLA_FIELDS and f.name not in defaults and value == f.default:
                 continue  # a dense model's spec reads as before
-            if f.name in ("max_positions", "mtp_layers", "rope_theta") and not value:
+            if f.name in ("max_positions", "mtp_layers", "rope_theta", "qk_norm") and not value:
                 continue
             out[f.name] = value.value if isinstance(value, StrEnum) else value
         return out

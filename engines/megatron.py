@@ -33,7 +33,8 @@ VALUED = {"--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--n
 SWITCHES = {"--sequence-parallel", "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
             "--bf16", "--fp16", "--group-query-attention", "--swiglu", "--untie-embeddings-and-output-weights",
             "--disable-bias-linear", "--use-flash-attn", "--use-torch-fsdp2", "--moe-grouped-gemm",
-            "--overlap-moe-expert-parallel-comm", "--moe-router-force-load-balancing", "--multi-latent-attention"}
+            "--overlap-moe-expert-parallel-comm", "--moe-router-force-load-balancing", "--multi-latent-attention",
+            "--qk-layernorm"}
 
 
 def export(plan: Plan) -> list[str]:
@@ -67,6 +68,8 @@ def export(plan: Plan) -> list[str]:
              "--vocab-size", spec.vocab]
     if spec.position.value == "rope" and spec.rope_theta:  # Megatron-LM's default base is 10,000 (an int flag)
         args += ["--rotary-base", round(spec.rope_theta)]
+    if spec.qk_norm:  # Megatron-Core's q_layernorm / k_layernorm on each head (RMSNorm with --normalization)
+        args.append("--qk-layernorm")
     if spec.activation.value == "swiglu":
         args.append("--swiglu")
     if not spec.tied_embeddings:
@@ -259,7 +262,7 @@ def import_(argv: list[str], *, world_size: int) -> Imported:
             position={"rope": "rope", "none": "none"}.get(position, "learned"),
             tied_embeddings="--untie-embeddings-and-output-weights" not in switches,
             bias="--disable-bias-linear" not in switches, dropout=True,
-            rope_theta=_rotary_base(values),
+            rope_theta=_rotary_base(values), qk_norm="--qk-layernorm" in switches,
             **_attention_fields(values, switches, num), **_expert_fields(values, num, num("--num-layers")))
     elif "--num-experts" in values or "--multi-latent-attention" in switches:
         raise ConfigError("the Megatron-LM arguments describe experts or latent attention but not the model's size; "

@@ -569,6 +569,8 @@ def spec_from_hf_config(data: dict, *, name: str = "hf-model") -> ModelSpec:
         bias=model_type != "glm4_moe" and bool(data.get("attention_bias", data.get("mlp_bias", False))),
         dropout=False,
         rope_theta=_rope_theta(data),
+        # Qwen3's and Gemma 3's per-head q_norm / k_norm (GLM-4.5's where use_qk_norm says so)
+        qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text") or bool(data.get("use_qk_norm", False)),
         # latent attention's query head: its no-RoPE and RoPE parts (transformers 5 writes head_dim as the
         # RoPE part alone)
         head_dim=(_int(data, "qk_nope_head_dim") + _int(data, "qk_rope_head_dim") if "kv_lora_rank" in data

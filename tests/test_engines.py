@@ -19,6 +19,7 @@ from cli.main import main
 from costmodel import Strategy, load_cluster, predict
 from costmodel.errors import ConfigError
 from costmodel.validate import stage_layer_counts
+from costmodel.spec import ModelSpec
 from engines import deepspeed, megatron, torchtitan, vllm
 from planner.plan import Plan, plan_from_strategy
 from planner.zoo import ZOO
@@ -313,6 +314,28 @@ def test_export_of_a_missing_plan_and_an_unknown_engine(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "none.yaml"), "--to", "nemo"]) == 2
     assert "invalid choice: 'nemo'" in capsys.readouterr().err
+
+
+def test_qwen3s_qk_norm_travels_from_the_config_to_megatron_and_back():
+    """Qwen3 and Gemma 3 normalize each head's q and k (q_norm / k_norm): Megatron-LM builds that with
+    --qk-layernorm (TransformerConfig.qk_layernorm), which Qwen3 conversions pass. The export lacked it:
+    the same FLOPs, another model. A Llama has none."""
+    from planner.model_source import spec_from_hf_config
+
+    qwen3 = {"model_type": "qwen3", "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "head_dim": 16, "num_hidden_layers": 2, "vocab_size": 256,
+             "max_position_embeddings": 64, "rms_norm_eps": 1e-6}
+    assert spec_from_hf_config(qwen3).qk_norm and not spec_from_hf_config({**qwen3, "model_type": "llama"}).qk_norm
+    assert spec_from_hf_config({**qwen3, "model_type": "gemma3_text"}).qk_norm
+    assert ZOO["qwen3-30b-a3b"].qk_norm and not ZOO["llama3-70b"].qk_norm
+    plan = _plan("qwen3-30b-a3b", "h100-sxm:16", tp=1, pp=1, dp=16, ep=8, zero=1, microbatch_size=1,
+                 global_batch=256, recompute="full")
+    argv = [str(a) for a in megatron.export(plan)]
+    assert "--qk-layernorm" in argv and megatron.import_(argv, world_size=16).spec.qk_norm
+    llama = _plan("llama3-70b", "h100-sxm:256", tp=8, pp=4, dp=8, zero=1, sequence_parallel=True, microbatch_size=1,
+                  global_batch=256, recompute="full")
+    assert "--qk-layernorm" not in [str(a) for a in megatron.export(llama)]
+    assert ModelSpec.from_dict({**ZOO["qwen3-30b-a3b"].to_dict()}).qk_norm  # a spec file keeps it
 
 
 def test_the_rope_base_travels_from_the_config_to_megatron_and_back():

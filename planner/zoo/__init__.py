@@ -51,10 +51,10 @@ _SPECS = [
             max_positions=65536, rope_theta=1e6),
     replace(llama_spec("qwen3-30b-a3b", layers=48, hidden=2048, heads=32, kv_heads=4, ffn_hidden=6144, vocab=151936,
                        seq_len=4096), head_dim=128, v_head_dim=0, experts=128, experts_per_token=8, expert_ffn_hidden=768,
-            max_positions=40960, rope_theta=1e6),
+            max_positions=40960, rope_theta=1e6, qk_norm=True),
     replace(llama_spec("qwen3-235b-a22b", layers=94, hidden=4096, heads=64, kv_heads=4, ffn_hidden=12288,
                        vocab=151936, seq_len=4096), head_dim=128, v_head_dim=0, experts=128, experts_per_token=8,
-            expert_ffn_hidden=1536, max_positions=40960, rope_theta=1e6),
+            expert_ffn_hidden=1536, max_positions=40960, rope_theta=1e6, qk_norm=True),
     # DeepSeek-V3 (DeepSeek-AI 2024, arXiv:2412.19437): MLA, 1 shared + 256 routed experts (top-8), 3 dense layers
     replace(llama_spec("deepseek-v3", layers=61, hidden=7168, heads=128, kv_heads=128, ffn_hidden=18432,
                        vocab=129280, seq_len=4096), head_dim=192, v_head_dim=128, kv_lora_rank=512, q_lora_rank=1536,
