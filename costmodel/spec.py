@@ -97,7 +97,7 @@ class ModelSpec:
     # model rotates with it and the engine exports write it (Llama 3's 500,000, Qwen3's 1,000,000)
     rope_theta: float = 0.0
     # an RMSNorm on each head's query and key before RoPE (Qwen3, Gemma 3; Megatron-LM's
-    # --qk-layernorm). Its 2 x head_dim weights a layer are not counted (under 0.001%); the engine
+    # --qk-layernorm): 2 x head_dim weights a layer; the built-in model builds it and the engine
     # exports write it, or they describe another model
     qk_norm: bool = False
 
@@ -284,7 +284,7 @@ class ModelSpec:
         if self.latent_attention:  # the latents' RMSNorms
             return weights + self.kv_lora_rank + self.q_lora_rank
         biases = (self.q_dim + self.hidden + self.kv_dim + self.kv_heads * self.v_head_dim) if self.bias else 0
-        return weights + biases
+        return weights + biases + (2 * self.head_dim if self.qk_norm else 0)
 
     @staticmethod
     def _ffn_params(h: int, f: int, gated: bool, bias: bool) -> int:
@@ -377,7 +377,7 @@ class ModelSpec:
         ffn = 3 if self.gated else 2
         attention = len(self.attention_weight_shapes())
         per_norm = 2 if self.norm is Norm.LAYERNORM else 1
-        latent_norms = (1 if self.latent_attention else 0) + (1 if self.q_lora_rank else 0)
+        latent_norms = (1 if self.latent_attention else 0) + (1 if self.q_lora_rank else 0) + (2 if self.qk_norm else 0)
         dense = (attention + ffn) * (2 if self.bias else 1) + 2 * per_norm + latent_norms
         if not self.moe:
             return dense

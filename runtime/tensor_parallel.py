@@ -76,6 +76,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, placements: dic
         if any(k.startswith("attention.") for k in plan):
             plan["attention"] = PrepareModuleInput(input_layouts=(arrive, None, None),
                                                    desired_input_layouts=(Replicate(), None, None))
+        if block.attention.q_norm is not None and "attention.wq" in plan:  # on each rank's own heads
+            plan["attention.q_norm"] = LocalShard()
+            plan["attention.k_norm"] = LocalShard()
         if any(k.startswith("feed_forward.") for k in plan):
             plan["feed_forward"] = PrepareModuleInput(input_layouts=(arrive,), desired_input_layouts=(Replicate(),))
         if isinstance(block.feed_forward, MoE):

@@ -14,7 +14,7 @@ moves the loss by >1e-3 within two steps).
 
 import pytest
 
-from runtime_helpers import CONFIGS, MODELS, assert_same_gradients, launch, read_results, strategy, write_plan
+from runtime_helpers import BATCH, CONFIGS, MODELS, assert_same_gradients, launch, read_results, strategy, write_plan
 
 TOLERANCE = 1e-5
 STEPS = 4
@@ -85,3 +85,40 @@ def test_world_sizes_are_what_the_plans_say(runs):
     assert runs["tiny-llama__3d"]["world_size"] == 8
     assert runs["tiny-llama__tp"]["world_size"] == 4
     assert runs["tiny-gpt__reference"]["world_size"] == 1
+
+
+def test_a_model_with_per_head_qk_norms_matches_one_process(tmp_path):
+    """Qwen3's per-head q / k RMSNorms (spec.qk_norm) in the built-in model: their weights see each
+    rank's own heads under tp, so their gradients are partial sums reduced over tp (LocalShard).
+    Under TP, TP+SP and PP the losses and gradient norms are one process's."""
+    from dataclasses import replace
+
+    from costmodel import Strategy, load_cluster, predict
+    from planner.plan import plan_from_strategy
+    from planner.zoo import ZOO
+
+    spec = replace(ZOO["tiny-llama"], qk_norm=True)
+
+    def plan(name: str, **fields):
+        s = Strategy(precision="fp32", global_batch=BATCH, **fields)
+        cluster = f"cpu:{s.world_size}"
+        path = tmp_path / f"qk__{name}.yaml"
+        path.write_text(plan_from_strategy(spec, s, cluster, predict(spec, s, load_cluster(cluster)).predicted()).to_yaml())
+        return path
+
+    layouts = {"tp": dict(tp=2, dp=2, microbatch_size=4), "tp_sp": dict(tp=2, dp=2, sequence_parallel=True,
+                                                                       microbatch_size=4),
+               "pp": dict(pp=2, dp=2, microbatch_size=2, schedule="1f1b")}
+    todo = {1: [plan("reference", microbatch_size=BATCH)], 4: [plan(n, **f) for n, f in layouts.items()]}
+    results = {}
+    for world, plans in todo.items():
+        out = tmp_path / f"w{world}.jsonl"
+        proc = launch(world, plans, out, "--steps", str(STEPS))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results.update(read_results(out))
+    ref = results["qk__reference"]
+    for name in layouts:
+        ours = results[f"qk__{name}"]
+        for step, (a, b) in enumerate(zip(ours["losses"], ref["losses"]), 1):
+            assert abs(a - b) <= TOLERANCE * abs(b), f"{name} step {step}: {a} vs {b}"
+        assert_same_gradients(ours, ref)

@@ -169,6 +169,9 @@ class Attention(nn.Module):
         self.wk = nn.Linear(spec.hidden, spec.kv_dim, bias=spec.bias)
         self.wv = nn.Linear(spec.hidden, spec.kv_dim, bias=spec.bias)
         self.wo = nn.Linear(spec.heads * spec.head_dim, spec.hidden, bias=spec.bias)
+        # Qwen3's per-head q / k RMSNorm before RoPE (spec.qk_norm); eps as Qwen3's config
+        self.q_norm = nn.RMSNorm(spec.head_dim, eps=1e-6) if spec.qk_norm else None
+        self.k_norm = nn.RMSNorm(spec.head_dim, eps=1e-6) if spec.qk_norm else None
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
@@ -178,6 +181,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = self.wk(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.wv(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        if self.q_norm is not None:  # over each head's hs values
+            q, k = self.q_norm(q), self.k_norm(k)
         if getattr(cache, "packed", False):  # continuous batching: several sequences packed in one row
             if self.rope:
                 q, k = rope_at(q, cos, sin, cache.positions), rope_at(k, cos, sin, cache.positions)
