@@ -185,7 +185,9 @@ def multimodal_type(path: str) -> str | None:
         data = json.loads(config.read_text())
     except (OSError, ValueError, UnicodeDecodeError):
         return None
-    return str(data.get("model_type", "multimodal")) if isinstance(data, dict) and language_config(data) else None
+    if not isinstance(data, dict) or not (language_config(data) or isinstance(data.get("vision_config"), dict)):
+        return None
+    return str(data.get("model_type", "multimodal"))
 
 
 def _meta():
@@ -241,7 +243,8 @@ def build_source_module(source: dict, spec: ModelSpec, device: str = "meta", *, 
         import transformers  # hf_config has said how to install it where it is missing
 
         config = hf_config(source["path"])
-        if probe_layers is not None and probe_layers < config.num_hidden_layers:
+        depth = getattr(config, "num_hidden_layers", None)  # (a composite config keeps it in its text_config)
+        if probe_layers is not None and isinstance(depth, int) and probe_layers < depth:
             for key, value in list(vars(config).items()):  # per-layer lists (Gemma-2's layer_types)
                 if isinstance(value, list) and len(value) == config.num_hidden_layers:
                     setattr(config, key, value[:probe_layers])
@@ -518,9 +521,17 @@ def _understood(data: dict) -> None:
                           "YAML with its sizes")
 
 
+# the language models of vision-language configs, by the decoder they are (Qwen2-VL's and Qwen2.5-VL's
+# a Qwen2 with multimodal RoPE sections, which rotate the same dimensions; Qwen3-VL's a Qwen3)
+TEXT_ALIASES = {"qwen2_vl": "qwen2", "qwen2_vl_text": "qwen2", "qwen2_5_vl": "qwen2", "qwen2_5_vl_text": "qwen2",
+                "qwen3_vl": "qwen3", "qwen3_vl_text": "qwen3"}
+
+
 def spec_from_hf_config(data: dict, *, name: str = "hf-model") -> ModelSpec:
     """A `ModelSpec` from the fields of a Hugging Face config.json (dense GPT-2 and Llama-family
     decoders; anything else is refused by name rather than sized as one of them)."""
+    if data.get("model_type") in TEXT_ALIASES:
+        data = {**data, "model_type": TEXT_ALIASES[data["model_type"]]}
     _understood(data)
     model_type = str(data.get("model_type", ""))
     if model_type == "gpt2" or "n_layer" in data:

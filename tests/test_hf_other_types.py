@@ -220,3 +220,40 @@ def test_a_multimodal_models_language_model_is_planned_and_run(tmp_path):
     with torch.no_grad():
         plain = float(torch.nn.functional.cross_entropy(whole(input_ids=x).logits.flatten(0, 1), y.flatten()))
     assert abs(first - plain) <= 1e-5 * plain
+
+
+def test_qwen_vl_configs_are_read_as_their_qwen_language_model(tmp_path):
+    """Qwen2.5-VL's config, as transformers 4 wrote it (the text fields at the top beside
+    vision_config, model_type qwen2_5_vl) and as transformers 5 does (text_config, model_type
+    qwen2_5_vl_text): its language model is a Qwen2 (multimodal RoPE rotates the same dimensions).
+    The 4.x form raised an AttributeError traceback building the module map; transformers has no
+    causal-LM class of it, so `run` trains paraplan's rebuild, as the note says."""
+    text = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000, rope_theta=1e6,
+                rms_norm_eps=1e-6, hidden_act="silu", tie_word_embeddings=False)
+    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584)
+    qwen2 = load_model_spec(str(_write(tmp_path / "qwen2.json", {**text, "model_type": "qwen2"})))
+    flat = _write(tmp_path / "vl4" / "config.json", {**text, "model_type": "qwen2_5_vl", "vision_config": vision})
+    nested = _write(tmp_path / "vl5" / "config.json", {"model_type": "qwen2_5_vl", "vision_config": vision,
+                                                       "text_config": {**text, "model_type": "qwen2_5_vl_text"}})
+    for config in (flat, nested):
+        spec = load_model_spec(str(config.parent))
+        # Qwen2.5-7B's card: 7.61B; the VL model's 8.29B adds its 0.67B vision tower
+        assert spec.num_params == qwen2.num_params and abs(spec.num_params / 1e9 - 7.61) < 0.01
+        assert spec.rope_theta == 1e6 and spec.kv_heads == 4
+    small = {**text, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": 256}
+    tiny = _write(tmp_path / "tiny" / "config.json", {**small, "model_type": "qwen2_5_vl", "vision_config": vision})
+    out = paraplan("plan", "--model", str(tiny.parent), "--cluster", "cpu:2", "--global-batch", "4", "--seq-len", "32",
+                   "-o", str(tmp_path / "p.yaml"))
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    assert "paraplan's own rebuild" in out.stderr
+    assert paraplan("check", str(tmp_path / "p.yaml")).returncode == 0
+
+
+def _write(path: Path, data: dict) -> Path:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+    return path
