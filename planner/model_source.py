@@ -176,6 +176,22 @@ def source_of(text: str) -> dict:
     return {}
 
 
+def class_read_type(path: str) -> str | None:
+    """The model_type of the Hugging Face config at `path` where it was read off transformers' class
+    (spec_from_hf_graph: not one the config reader sizes), else None."""
+    target = Path(path)
+    config = target / "config.json" if target.is_dir() else target
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    text = language_config(data) or data
+    model_type = TEXT_ALIASES.get(text.get("model_type"), text.get("model_type"))
+    return str(model_type) if model_type and model_type not in READ_TYPES + MOE_TYPES + ("gpt2",) else None
+
+
 def multimodal_type(path: str) -> str | None:
     """The model_type of a multimodal Hugging Face config at `path` (a directory or its
     config.json) whose language model paraplan reads (language_config), else None."""

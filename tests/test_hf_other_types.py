@@ -257,3 +257,21 @@ def _write(path: Path, data: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data))
     return path
+
+
+def test_an_export_of_a_model_read_off_its_class_says_what_it_leaves_out(tmp_path):
+    """OLMo-2's post-norms and all-head q/k norms are not in the spec, so a Megatron-LM export of it
+    describes a pre-norm Llama of its sizes: said in a note; a Llama's export has none."""
+    olmo = _save(tmp_path, "olmo", "olmo2", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                                 max_position_embeddings=128))
+    llama = _save(tmp_path, "llama", "llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                                   max_position_embeddings=128))
+    for folder, noted in ((olmo, True), (llama, False)):
+        plan = tmp_path / f"{folder.name}.yaml"
+        assert paraplan("plan", "--model", str(folder), "--cluster", "cpu:2", "--global-batch", "4", "--seq-len",
+                        "32", "-o", str(plan)).returncode == 0
+        out = paraplan("export", str(plan), "--to", "megatron")
+        assert out.returncode == 0 and "--num-layers 2" in out.stdout
+        assert ("read off transformers' class" in out.stderr and "post-norms" in out.stderr) == noted, out.stderr

@@ -14,6 +14,7 @@ from costmodel.spec import ModelSpec
 from engines import deepspeed, megatron, torchtitan, vllm
 from engines.common import Imported
 from planner.files import atomic_write_text
+from planner.model_source import class_read_type
 from planner.plan import Plan
 
 EXPORTERS = {"torchtitan": torchtitan.export, "megatron": megatron.export_text, "deepspeed": deepspeed.export_text,
@@ -24,6 +25,11 @@ IMPORTABLE = ("torchtitan", "megatron", "deepspeed")
 def run_export(args: argparse.Namespace) -> int:
     plan = Plan.load(args.plan)
     text = EXPORTERS[args.to](plan)
+    read_type = class_read_type(plan.source["path"]) if plan.source.get("kind") == "hf" else None
+    if read_type and args.to in ("torchtitan", "megatron"):
+        print(f"paraplan: note: {plan.spec.name} ({read_type}) was read off transformers' class: the {args.to} config "
+              "gives its sizes, attention, MLP and norm kind, not what the spec does not hold (post-norms, norms "
+              "over all heads, partial rotary, scaled residuals); check the engine's own model of it", file=sys.stderr)
     if args.output:
         atomic_write_text(args.output, text)
         print(f"{args.plan} -> {args.output} ({args.to})")
