@@ -122,10 +122,6 @@ def planned_only(s: Strategy, mode: str = "train") -> dict[str, str]:
     if s.cp > 1:
         out["cp"] = ("context parallelism (cp > 1) is planned and simulated but the runtime does not run it yet; "
                      "re-plan with --cp 1")
-    if mode == "lora" and s.sequence_parallel and s.tp > 1:
-        out["sequence_parallel"] = ("LoRA with sequence parallelism is not run yet (its losses drift from the "
-                                    "single-process run by 1e-5 to 1e-4 after a few steps); re-plan with "
-                                    "--no-sequence-parallel")
     if mode == "lora" and s.base_precision == "nf4":
         out["base_precision"] = "QLoRA's 4-bit base is planned but not run; re-plan with --base-precision bf16"
     if s.ep_overlap:

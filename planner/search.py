@@ -130,8 +130,8 @@ def enumerate_candidates(req: SearchRequest, rejected: list[str] | None = None,
                         try:
                             s = Strategy(
                                 tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, expert_tp=etp, zero=zero, shard_group=group,
-                                sequence_parallel=fixed.get("sequence_parallel", tp > 1 and not fixed.get("lora_rank")
-                                                            and req.source.get("kind") != "py" and not unsplit),
+                                sequence_parallel=fixed.get("sequence_parallel", tp > 1 and req.source.get("kind") != "py"
+                                                            and not unsplit),
                                 recompute=rc,
                                 stage_recompute=stage_rc, microbatch_size=mbs, global_batch=req.global_batch,
                                 schedule=sched, virtual_stages=v, precision=fixed.get("precision", "bf16"),

@@ -57,6 +57,13 @@ def wrap_targets(model: nn.Module, blocks, paths: dict[str, str], rank: int) -> 
                 continue
             new = LoRALinear(old.in_features, old.out_features, old.bias is not None, rank, device=old.weight.device)
             setattr(parent, attr, new.to(old.weight.dtype))
+    freeze_base(model)
+
+
+def freeze_base(model: nn.Module) -> None:
+    """Every parameter but the adapters frozen: again after tensor parallelism, whose styles
+    (SequenceParallel on the norms, LocalShard) register each parameter anew, trainable (under
+    sequence parallelism the norms trained, which one process keeps frozen)."""
     for name, p in model.named_parameters():
         p.requires_grad_(name.rsplit(".", 1)[-1] in ADAPTER_NAMES)
 

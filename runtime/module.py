@@ -39,8 +39,8 @@ from planner.plan import Plan
 from planner.zoo.model import copy_full, this_ranks_experts
 from runtime.activation_checkpoint import selective_context
 from runtime.data_parallel import apply_data_parallel_blocks
-from runtime.lora import (ADAPTER_NAMES, LoRAColwiseParallel, LoRALinear, LoRARowwiseParallel, init_adapters,
-                          wrap_targets)
+from runtime.lora import (ADAPTER_NAMES, LoRAColwiseParallel, LoRALinear, LoRARowwiseParallel, freeze_base,
+                          init_adapters, wrap_targets)
 from runtime.tensor_parallel import LocalShard
 from runtime.expert_parallel import apply_hf_expert_parallel, expert_mesh, expert_slice, shard_experts
 
@@ -463,6 +463,8 @@ def build_user_parts(plan: Plan, mesh, device: torch.device, seed: int, mmap: Mo
                          {t: paths[t] for t in plan.lora["targets"]}, int(plan.lora["rank"]))
         if tp > 1:
             apply_module_tp(model, mmap, mesh["tp"], plan.placements, plan.sequence_parallel, tp)
+            if plan.mode == "lora":
+                freeze_base(model)
         tie(model, mmap)
         apply_module_recompute(model, mmap, {key: recompute.get(k, "none") for key, _ in
                                              blocks_of(model, mmap).named_children()})

@@ -33,7 +33,7 @@ from planner.model_source import module_map_of
 from runtime.data import TokenSource, dp_slice, tokenizer_dir
 from runtime.data_parallel import apply_data_parallel
 from runtime.expert_parallel import apply_expert_parallel, ep_group_of, expert_mesh, is_expert_param, shard_experts
-from runtime.lora import apply_lora
+from runtime.lora import apply_lora, freeze_base
 from runtime.mesh import build_mesh
 from runtime.module import build_user_parts, logits_of
 from runtime.pipeline import build_schedule, my_stages, stage_module
@@ -149,6 +149,8 @@ def build_parts(plan: Plan, mesh, device: torch.device, seed: int):
         if tp > 1:
             apply_tensor_parallel(m, mesh["tp"], plan.placements, plan.sequence_parallel)
             m.tie_weights()  # before FSDP, which then manages the one shared parameter
+            if plan.mode == "lora":
+                freeze_base(m)
         apply_recompute(m, {key: recompute.get(k, "none") for key in m.layers.keys()})
         if plan.runtime == "paraplan-compile":  # each block under torch.compile, after AC and before FSDP (torchtitan's order)
             for block in m.layers.values():
