@@ -80,7 +80,11 @@ def hf_directory(text: str) -> str | None:
     """The directory a bare --model names where it is a folder (a downloaded Hugging Face model, as
     `vllm serve` and from_pretrained take one): read as hf:DIR; None for anything else. A folder
     without a config.json is a ConfigError naming what it lacks."""
-    if text in ZOO or text.startswith(("hf:", "py:")) or not Path(text).is_dir():
+    try:
+        folder = not (text in ZOO or text.startswith(("hf:", "py:"))) and Path(text).is_dir()
+    except (OSError, ValueError):  # a name too long for a path, or one with a NUL byte: not a folder
+        folder = False
+    if not folder:
         return None
     if not (Path(text) / "config.json").is_file():
         raise ConfigError(f"--model {text}: a folder without a config.json; give a Hugging Face model directory "
@@ -188,8 +192,9 @@ def class_read_type(path: str) -> str | None:
     if not isinstance(data, dict):
         return None
     text = language_config(data) or data
-    model_type = TEXT_ALIASES.get(text.get("model_type"), text.get("model_type"))
-    return str(model_type) if model_type and model_type not in READ_TYPES + MOE_TYPES + ("gpt2",) else None
+    model_type = str(text.get("model_type", ""))
+    model_type = TEXT_ALIASES.get(model_type, model_type)
+    return model_type if model_type and model_type not in READ_TYPES + MOE_TYPES + ("gpt2",) else None
 
 
 def multimodal_type(path: str) -> str | None:
@@ -546,8 +551,8 @@ TEXT_ALIASES = {"qwen2_vl": "qwen2", "qwen2_vl_text": "qwen2", "qwen2_5_vl": "qw
 def spec_from_hf_config(data: dict, *, name: str = "hf-model") -> ModelSpec:
     """A `ModelSpec` from the fields of a Hugging Face config.json (dense GPT-2 and Llama-family
     decoders; anything else is refused by name rather than sized as one of them)."""
-    if data.get("model_type") in TEXT_ALIASES:
-        data = {**data, "model_type": TEXT_ALIASES[data["model_type"]]}
+    if str(data.get("model_type", "")) in TEXT_ALIASES:
+        data = {**data, "model_type": TEXT_ALIASES[str(data["model_type"])]}
     _understood(data)
     model_type = str(data.get("model_type", ""))
     if model_type == "gpt2" or "n_layer" in data:

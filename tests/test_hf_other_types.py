@@ -93,6 +93,9 @@ def test_a_model_directory_is_taken_as_given(tmp_path):
     empty.mkdir()
     with pytest.raises(ConfigError, match="a folder without a config.json"):
         load_model(str(empty))
+    # a name no file system takes (too long for a path): "unknown model", not the OSError of looking for a folder
+    long = paraplan("plan", "--model", "x" * 5000, "--cluster", "cpu:2", "--global-batch", "4")
+    assert long.returncode == 2 and "unknown model" in long.stderr and "Traceback" not in long.stderr
 
 
 @pytest.mark.parametrize("model_type,fields,needle", [
