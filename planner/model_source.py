@@ -180,16 +180,23 @@ def source_of(text: str) -> dict:
     return {}
 
 
-def class_read_type(path: str) -> str | None:
-    """The model_type of the Hugging Face config at `path` where it was read off transformers' class
-    (spec_from_hf_graph: not one the config reader sizes), else None."""
+def _config_at(path: str) -> dict | None:
+    """The fields of the Hugging Face config at `path` (a directory or its config.json); None where
+    there is none or it is not a JSON mapping."""
     target = Path(path)
     config = target / "config.json" if target.is_dir() else target
     try:
         data = json.loads(config.read_text())
     except (OSError, ValueError, UnicodeDecodeError):
         return None
-    if not isinstance(data, dict):
+    return data if isinstance(data, dict) else None
+
+
+def class_read_type(path: str) -> str | None:
+    """The model_type of the Hugging Face config at `path` where it was read off transformers' class
+    (spec_from_hf_graph: not one the config reader sizes), else None."""
+    data = _config_at(path)
+    if data is None:
         return None
     text = language_config(data) or data
     model_type = str(text.get("model_type", ""))
@@ -200,13 +207,8 @@ def class_read_type(path: str) -> str | None:
 def multimodal_type(path: str) -> str | None:
     """The model_type of a multimodal Hugging Face config at `path` (a directory or its
     config.json) whose language model paraplan reads (language_config), else None."""
-    target = Path(path)
-    config = target / "config.json" if target.is_dir() else target
-    try:
-        data = json.loads(config.read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(data, dict) or not (language_config(data) or isinstance(data.get("vision_config"), dict)):
+    data = _config_at(path)
+    if data is None or not (language_config(data) or isinstance(data.get("vision_config"), dict)):
         return None
     return str(data.get("model_type", "multimodal"))
 
@@ -450,6 +452,7 @@ def spec_from_hf_graph(path: Path, data: dict, *, name: str, why: str) -> ModelS
     if importlib.util.find_spec("transformers") is None:
         raise ConfigError(f'{why}; or pip install "paraplan[hf]" to read it off transformers\' class')
     model_type = str(data.get("model_type", ""))
+    read = f"model_type {model_type!r} (not one the config reader sizes), read off transformers' class"
     layers = _int(data, "num_hidden_layers", "n_layer", "num_layers")
     probe = {"kind": "hf", "path": str(path)}
     stand_in = ModelSpec(name=name, layers=1, hidden=64, heads=1, vocab=2, seq_len=SYNTHETIC_TOKENS)  # token count only
@@ -457,21 +460,18 @@ def spec_from_hf_graph(path: Path, data: dict, *, name: str, why: str) -> ModelS
         module, inputs = build_source_module(probe, stand_in, probe_layers=min(GRAPH_PROBE_LAYERS, layers))
         spec = spec_from_graph(trace_module(module, inputs), name=name)
     except NotADecoder:
-        raise ConfigError(f"model_type {model_type!r} (not one the config reader sizes), read off transformers' class: "
-                          "its blocks run no scaled_dot_product_attention (attention written out as matmuls, as "
-                          "Bloom's ALiBi is); write a spec YAML with its sizes") from None
+        raise ConfigError(f"{read}: its blocks run no scaled_dot_product_attention (attention written out as "
+                          "matmuls, as Bloom's ALiBi is); write a spec YAML with its sizes") from None
     except ConfigError as exc:
-        raise ConfigError(f"model_type {model_type!r} (not one the config reader sizes), read off transformers' "
-                          f"class: {exc}") from None
+        raise ConfigError(f"{read}: {exc}") from None
     positions = _int(data, "max_position_embeddings", "n_positions", "seq_length", default=2048)
     seq_len = min(positions, HF_TRAIN_SEQ_LEN) if spec.position.value == "rope" else positions
     spec = replace(spec, layers=layers, seq_len=seq_len, max_positions=positions if positions > seq_len else 0,
                    rope_theta=_rope_theta(data), **_window_of({**data, "num_hidden_layers": layers}, model_type))
     real = _transformers_count(data)
     if real is not None and abs(spec.num_params - real) > COUNT_TOLERANCE * real:
-        raise ConfigError(f"model_type {model_type!r} (not one the config reader sizes), read off transformers' "
-                          f"class, has {spec.num_params:,} parameters where transformers builds {real:,}: its layers "
-                          "hold more than a GPT/Llama block; write a spec YAML with its sizes")
+        raise ConfigError(f"{read}, has {spec.num_params:,} parameters where transformers builds {real:,}: its "
+                          "layers hold more than a GPT/Llama block; write a spec YAML with its sizes")
     return spec
 
 
