@@ -159,7 +159,7 @@ def runnable_problems(plan: Plan, world_size: int | None = None) -> list[str]:
 
 
 PIPELINED_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
-MOE_HF_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe")  # decoders whose stages runtime.module drives
+MOE_HF_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "olmoe")  # decoders whose stages runtime.module drives
 
 
 def source_problems(plan: Plan) -> list[str]:

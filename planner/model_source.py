@@ -510,7 +510,7 @@ class UnreadType(ConfigError):
 
 
 READ_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")  # the dense decoders this reader sizes exactly
-MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss")  # and the mixtures of experts
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss", "olmoe")  # and the mixtures of experts
 GELU_ACTS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_python")
 EXPERT_FIELDS = ("num_local_experts", "n_routed_experts", "num_experts", "moe_num_experts")
 
@@ -648,9 +648,9 @@ def _window_of(data: dict, model_type: str) -> dict:
 def _experts_of(data: dict, model_type: str) -> dict:
     """The mixture-of-experts and latent-attention fields of a config (transformers' names)."""
     out: dict = {}
-    if model_type in ("mixtral", "gpt_oss"):  # every layer's MLP routed (gpt-oss: biased experts and router)
-        out = dict(experts=_int(data, "num_local_experts"), experts_per_token=_int(data, "num_experts_per_tok"),
-                   expert_ffn_hidden=_int(data, "intermediate_size"))
+    if model_type in ("mixtral", "gpt_oss", "olmoe"):  # every layer's MLP routed (gpt-oss: biased experts and router)
+        out = dict(experts=_int(data, "num_local_experts", "num_experts"),
+                   experts_per_token=_int(data, "num_experts_per_tok"), expert_ffn_hidden=_int(data, "intermediate_size"))
     elif model_type in ("qwen2_moe", "qwen3_moe"):
         # (transformers 5 writes Qwen3-MoE's num_experts as num_local_experts)
         out = dict(experts=_int(data, "num_experts", "num_local_experts"),

@@ -278,3 +278,16 @@ def test_an_export_of_a_model_read_off_its_class_says_what_it_leaves_out(tmp_pat
         out = paraplan("export", str(plan), "--to", "megatron")
         assert out.returncode == 0 and "--num-layers 2" in out.stdout
         assert ("read off transformers' class" in out.stderr and "post-norms" in out.stderr) == noted, out.stderr
+
+
+def test_olmoe_is_read_with_its_experts(tmp_path):
+    """allenai/OLMoE-1B-7B's config (64 experts, 8 a token, num_experts as Qwen2-MoE names it):
+    was refused as a mixture of experts of a kind the reader does not size. 6.9B parameters, 1.3B
+    active, as its card says; transformers' count within 0.5% (its all-head q/k norms uncounted)."""
+    spec = load_model_spec(str(_write(tmp_path / "olmoe" / "config.json", {
+        "model_type": "olmoe", "hidden_size": 2048, "intermediate_size": 1024, "num_hidden_layers": 16,
+        "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 50304, "max_position_embeddings": 4096,
+        "num_experts": 64, "num_experts_per_tok": 8, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "tie_word_embeddings": False, "hidden_act": "silu"}).parent))
+    assert (spec.experts, spec.experts_per_token, spec.expert_ffn_hidden) == (64, 8, 1024)
+    assert round(spec.num_params / 1e9, 1) == 6.9 and round(spec.active_params() / 1e9, 1) == 1.3

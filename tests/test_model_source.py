@@ -157,12 +157,12 @@ def test_a_module_without_attention_is_planned_from_its_graph(tmp_path):
 
 
 @pytest.mark.parametrize("config,needle", [
-    # OLMoE's config.json: experts of a kind the reader does not size (Mixtral's, read since, was once
-    # planned as a dense Mistral: 7.24B instead of 46.7B)
-    ({"model_type": "olmoe", "num_hidden_layers": 16, "hidden_size": 2048, "num_attention_heads": 16,
-      "num_key_value_heads": 16, "intermediate_size": 1024, "vocab_size": 50304, "num_experts": 64,
-      "num_experts_per_tok": 8, "rope_theta": 1e4, "rms_norm_eps": 1e-5, "hidden_act": "silu"},
-     "mixture-of-experts model (num_experts = 64, model_type olmoe)"),
+    # PhiMoE's config.json: experts of a kind the reader does not size (Mixtral's and OLMoE's, read since,
+    # were once planned as dense: Mixtral as a 7.24B Mistral instead of 46.7B)
+    ({"model_type": "phimoe", "num_hidden_layers": 32, "hidden_size": 4096, "num_attention_heads": 32,
+      "num_key_value_heads": 8, "intermediate_size": 6400, "vocab_size": 32064, "num_local_experts": 16,
+      "num_experts_per_tok": 2, "rope_theta": 1e4, "rms_norm_eps": 1e-5, "hidden_act": "silu"},
+     "mixture-of-experts model (num_local_experts = 16, model_type phimoe)"),
     # Gemma (1): an architecture the reader does not size is refused by its model_type
     ({"model_type": "gemma", "num_hidden_layers": 28, "hidden_size": 3072, "num_attention_heads": 16,
       "num_key_value_heads": 16, "head_dim": 256, "intermediate_size": 24576, "vocab_size": 256000},

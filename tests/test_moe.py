@@ -131,8 +131,8 @@ def test_latent_attention_caches_the_latent_only():
 
 
 def test_experts_the_reader_cannot_size_are_refused_by_name():
-    with pytest.raises(ConfigError, match="num_experts = 16"):
-        spec_from_hf_config({**QWEN3_30B_A3B, "model_type": "olmoe", "num_experts": 16})
+    with pytest.raises(ConfigError, match="num_local_experts = 16"):  # (OLMoE's, once refused so, is read now)
+        spec_from_hf_config({**QWEN3_30B_A3B, "model_type": "granitemoe", "num_local_experts": 16})
     with pytest.raises(ConfigError, match="mlp_only_layers"):
         spec_from_hf_config({**QWEN3_30B_A3B, "mlp_only_layers": [0, 1]})
     with pytest.raises(ConfigError, match="experts_per_token"):
@@ -261,17 +261,22 @@ TINY_HF_MOE = {  # transformers' own mixture-of-experts classes, a few kilobytes
                  "n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2, "first_k_dense_replace": 1,
                  "vocab_size": 256, "max_position_embeddings": 64, "attention_bias": True, "partial_rotary_factor": 0.5,
                  "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "hidden_act": "silu"},
+    # OLMoE: every layer routed (num_experts), q_norm / k_norm over all heads
+    "olmoe": {"model_type": "olmoe", "hidden_size": 64, "intermediate_size": 32, "num_attention_heads": 4,
+              "num_key_value_heads": 4, "num_hidden_layers": 2, "num_experts": 4, "num_experts_per_tok": 2,
+              "vocab_size": 256, "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+              "tie_word_embeddings": False, "hidden_act": "silu"},
 }
 
 
 HF_CONFIGS = {k: CONFIGS[k] for k in ("ep2_fsdp2", "ep4")}  # EP x DDP is the built-in model's test's
 HF_LAYOUTS = {"mixtral": ("ep2_fsdp2", "ep4"), "qwen2_moe": ("ep2_fsdp2",),  # the shared expert under EP x FSDP
-              "glm4_moe": ("ep2_fsdp2",)}  # DeepSeek-V3's router (its score correction a persistent buffer), a dense layer
+              "glm4_moe": ("ep2_fsdp2",), "olmoe": ("ep4",)}  # DeepSeek-V3's router (its score correction a persistent buffer), a dense layer
 
 
 def test_hugging_face_experts_train_under_expert_parallelism(tmp_path):
-    """transformers' Mixtral, Qwen2-MoE (a gated shared expert beside the routed ones) and GLM-4.5
-    (a shared expert, a dense first layer, DeepSeek-V3's router) as the user has them, their
+    """transformers' Mixtral, Qwen2-MoE (a gated shared expert beside the routed ones), GLM-4.5
+    (a shared expert, a dense first layer, DeepSeek-V3's router) and OLMoE as the user has them, their
     experts split over ep (folded into DP and FSDP), against the same modules in one process;
     tolerance as for the built-in model."""
     singles, plans = [], []
