@@ -221,7 +221,10 @@ def test_generate_on_a_hugging_face_model(tmp_path, capsys):
     folder = _model_dir(tmp_path, "llama_tied")
     assert main(["generate", "--model", f"hf:{folder}", "--prompt-tokens", "5,17,99", "--max-new-tokens", "6",
                  "--greedy", "--json"]) == 0
-    ours = json.loads(capsys.readouterr().out)["tokens"][0]
+    out = json.loads(capsys.readouterr().out)
+    ours = out["tokens"][0]
+    # the cache holds the prompt and the tokens fed back (not the last one sampled): 8 tokens (was predicted as 9)
+    assert out["kv_cache_bytes"] == out["predicted_kv_cache_bytes"] > 0
     model = transformers.AutoModelForCausalLM.from_pretrained(str(folder)).eval()
     theirs = model.generate(torch.tensor([[5, 17, 99]]), max_new_tokens=6, do_sample=False)[0].tolist()
     assert ours == theirs

@@ -104,7 +104,10 @@ def run_generate(args: argparse.Namespace) -> int:
     else:
         model = load_model(spec, checkpoint=args.checkpoint, seed=args.seed)
         out = generate(model, prompt, args.max_new_tokens, sampling)
-    predicted_bytes = kv_bytes_per_token(spec, 4) * args.batch * (len(ids) + args.max_new_tokens)
+    # the built-in model's cache is allocated for every token; transformers' grows with what it has
+    # computed, which is not the last token sampled
+    held = len(ids) + args.max_new_tokens - (1 if source.get("kind") == "hf" else 0)
+    predicted_bytes = kv_bytes_per_token(spec, 4) * args.batch * held
     cluster = load_cluster(args.cluster)
     req = ServingRequest(prompt_len=len(ids), output_len=args.max_new_tokens, precision="fp32")
     predicted_step = decode_step_s(spec, cluster, req, 1, 1, args.batch, len(ids) + args.max_new_tokens / 2)
