@@ -272,7 +272,7 @@ def _head_local_groups(module, prefix: str, in_block, produced_by: dict, groups:
         if not reader.startswith(prefix) or not isinstance(_module_at(module, reader), nn.Linear):
             continue
         width = _module_at(module, reader).out_features
-        if any(p.shape[-1] == width for p in sub.parameters(recurse=False) if p.dim() >= 1) and width > 1:
+        if width > 1 and spans_width(sub, width):
             whole.add(reader[len(prefix):])
     kept = []
     for g in groups:
@@ -281,6 +281,12 @@ def _head_local_groups(module, prefix: str, in_block, produced_by: dict, groups:
         else:
             kept.append(g)
     return kept
+
+
+def spans_width(module, width: int) -> bool:
+    """Whether one of a module's own parameters is `width` wide in its last dimension: a norm over a
+    whole projection's output or the residual stream, not over one head (Qwen3's per-head q_norm)."""
+    return any(p.dim() >= 1 and p.shape[-1] == width for p in module.parameters(recurse=False))
 
 
 def _fused(module, prefix: str, column: list[str], spec: ModelSpec) -> bool:

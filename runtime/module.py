@@ -34,7 +34,7 @@ from torch.distributed.tensor.parallel import (
 from costmodel.errors import ConfigError
 from planner.contract import tp_placement
 from planner.model_source import build_source_module
-from planner.module_map import ModuleMap
+from planner.module_map import ModuleMap, spans_width
 from planner.plan import Plan
 from planner.zoo.model import copy_full, this_ranks_experts
 from runtime.activation_checkpoint import selective_context
@@ -221,11 +221,13 @@ def apply_module_tp(model: nn.Module, mmap: ModuleMap, mesh, placements: dict, s
     for key, block in blocks.named_children():
         plan: dict[str, object] = {}
         sources = []
+        split = set()  # the modules holding a split group's column linears (self_attn)
         # the residual stream's width: what the block's first linear reads
         width = next((m.in_features for m in block.modules() if isinstance(m, nn.Linear)), 0)
         for g in mmap.groups:
             if tp_placement(placements, mmap.block_param(key, g.column[0])) != "Shard(0)":
                 continue  # a replicated group (the contract allows all or none)
+            split.update(column.rpartition(".")[0] for column in g.column)
             for path in g.column:
                 column = LoRAColwiseParallel if isinstance(block.get_submodule(path), LoRALinear) else ColwiseParallel
                 plan[path] = column(input_layouts=Shard(1) if sp and not g.source else Replicate())
@@ -237,10 +239,8 @@ def apply_module_tp(model: nn.Module, mmap: ModuleMap, mesh, placements: dict, s
                     plan[g.source] = SequenceParallel()
         if not plan:
             continue
-        split = {column.rpartition(".")[0] for g in mmap.groups for column in g.column
-                 if tp_placement(placements, mmap.block_param(key, g.column[0])) == "Shard(0)"}
         for path in mmap.others:
-            local_heads = path.rpartition(".")[0] in split and not _on_residual(block.get_submodule(path), width)
+            local_heads = path.rpartition(".")[0] in split and not spans_width(block.get_submodule(path), width)
             if sp or local_heads:
                 # rank-local input: its sequence shard under sequence parallelism, else the heads of a split
                 # group beside it (Qwen3's q_norm): its gradient a partial sum over tp
@@ -257,12 +257,6 @@ def apply_module_tp(model: nn.Module, mmap: ModuleMap, mesh, placements: dict, s
     if sp and emb is not None:
         first = blocks[next(iter(blocks._modules))] if isinstance(blocks, nn.ModuleDict) else blocks[0]
         first.register_forward_pre_hook(_scatter_sequence(mesh), with_kwargs=True)
-
-
-def _on_residual(module: nn.Module, width: int) -> bool:
-    """Whether a module's parameters span the residual stream's width (a norm of the whole hidden
-    state), not one head's (a per-head q/k norm)."""
-    return any(p.dim() >= 1 and p.shape[-1] == width for p in module.parameters(recurse=False))
 
 
 def apply_module_recompute(model: nn.Module, mmap: ModuleMap, policy_by_layer: dict[str, str]) -> None:
