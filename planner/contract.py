@@ -104,8 +104,9 @@ def strategy_runtime_problems(spec: ModelSpec, s: Strategy, mode: str = "train")
 def model_planned_only(spec: ModelSpec, source: dict | None = None) -> list[str]:
     """What the cost model prices in a model and the runtime does not build: its plans are
     written (with a note) for prediction and export; `check` and `run` refuse them. `source`: the
-    plan's (a user's module runs as it is: transformers' gpt-oss keeps its own biased experts)."""
-    if spec.latent_attention:
+    plan's (a user's module runs as it is: transformers' gpt-oss keeps its own biased experts, its
+    DeepSeek its latent attention)."""
+    if spec.latent_attention and not (source or {}).get("kind"):
         return [f"{spec.name} uses multi-head latent attention, which the cost model prices and the runtime does "
                 "not build yet: its plans are for prediction and export"]
     if spec.moe and spec.bias and not (source or {}).get("kind"):
@@ -158,7 +159,12 @@ def runnable_problems(plan: Plan, world_size: int | None = None) -> list[str]:
     return problems
 
 
-PIPELINED_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+# Hugging Face decoders whose model forward is embed_tokens -> layers (rotary_emb's tables, a causal
+# mask) -> norm -> lm_head and nothing else (runtime.module.cut_stage drives their stages so); not
+# Gemma (its embedding scale), Granite (its multipliers), Cohere (its logit scale), StarCoder2 (its
+# embedding dropout). tests/test_runtime_hf.py checks each against the model's own forward.
+PIPELINED_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "mixtral", "qwen2_moe", "qwen3_moe",
+                      "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe")
 MOE_HF_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "olmoe")  # decoders whose stages runtime.module drives
 
 

@@ -226,7 +226,7 @@ def traced_map(module, example_inputs: tuple, spec: ModelSpec) -> ModuleMap:
                 source, group_input = "", arg
             current.append(rel)
         elif current and sub.out_features == width:
-            if _fused(module, prefix, current, spec):
+            if _fused(module, prefix, current, spec) or not _reads_a_column(module, prefix, current, sub):
                 unsplittable.extend([*current, rel])
             else:
                 groups.append(ColumnGroup(source=source, column=tuple(current), row=rel))
@@ -298,6 +298,14 @@ def _fused(module, prefix: str, column: list[str], spec: ModelSpec) -> bool:
     rows = _module_at(module, prefix + column[0]).out_features
     kv_dim = spec.kv_heads * spec.head_dim
     return rows == spec.q_dim + 2 * kv_dim or (spec.gated and rows == 2 * spec.ffn_hidden)
+
+
+def _reads_a_column(module, prefix: str, column: list[str], row) -> bool:
+    """Whether the row linear reads what one of the column linears writes (q's heads -> o, up's
+    ffn -> down): split by the same columns, each rank's row shard reads its own columns. Multi-head
+    latent attention's kv_a_proj_with_mqa writes a latent every head shares (kv_lora_rank + the
+    rope dims), which o_proj (heads x v_head_dim) does not read: that group is not split."""
+    return any(_module_at(module, prefix + c).out_features == row.in_features for c in column)
 
 
 def _width(in_block) -> int:

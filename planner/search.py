@@ -92,7 +92,7 @@ def enumerate_candidates(req: SearchRequest, rejected: list[str] | None = None,
     cps = [fixed["cp"]] if "cp" in fixed else ([1, 2, 4] if seq >= 16384 else [1, 2] if seq >= 8192 else [1])
     out: list[Strategy] = []
     # `paraplan run` will execute the plan (a model it cannot build at all is planned for prediction)
-    runnable = cluster.runtime.name in RUNNABLE_RUNTIMES and not spec.latent_attention
+    runnable = cluster.runtime.name in RUNNABLE_RUNTIMES and not (spec.latent_attention and not req.source.get("kind"))
     for tp, cp in itertools.product(tps, cps):
         if world % (tp * cp):
             degrees = f"tp({tp}) * cp({cp}) = {tp * cp}" if cp > 1 else f"tp({tp})"

@@ -251,6 +251,8 @@ def apply_module_tp(model: nn.Module, mmap: ModuleMap, mesh, placements: dict, s
         for path in dict.fromkeys(sources):
             block.get_submodule(path).register_forward_hook(_replicate_output(mesh, sp, local=False))
         for path, names in mmap.head_attributes.items():
+            if path not in split:  # a module left whole keeps its heads (multi-head latent attention's under tp)
+                continue
             sub = block.get_submodule(path) if path else block
             for attr in names.split(","):
                 setattr(sub, attr, getattr(sub, attr) // tp)

@@ -161,6 +161,27 @@ def test_fused_projections_are_left_whole(tmp_path):
     assert len(module_map_of(source_of(llama), load_model(llama)[0]).groups) == 2
 
 
+def test_latent_attention_is_left_whole(tmp_path):
+    """DeepSeek-V3's attention: q through a low-rank q_a_proj / q_b_proj, K and V through one latent
+    (kv_a_proj_with_mqa, kv_lora_rank + rope dims, shared by every head) that kv_b_proj expands; o_proj
+    reads heads x v_head_dim. The map grouped kv_a_proj_with_mqa (it reads the block's norm) with o_proj
+    as column and row, a split that would hand each rank a slice of the shared latent. The attention's
+    linears stay whole, the MLP is split; LoRA's o finds o_proj (it took the group's "down" before)."""
+    from test_moe import TINY_HF_MOE
+
+    (tmp_path / "v3").mkdir()
+    (tmp_path / "v3" / "config.json").write_text(json.dumps(TINY_HF_MOE["deepseek_v3"]))
+    model = f"hf:{tmp_path / 'v3'}"
+    spec, _ = load_model(model)
+    mmap = module_map_of(source_of(model), spec)
+    assert mmap.groups == (ColumnGroup(source="post_attention_layernorm", column=("mlp.gate_proj", "mlp.up_proj"),
+                                       row="mlp.down_proj"),)
+    assert set(mmap.unsplittable) == {f"self_attn.{p}" for p in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa",
+                                                                  "kv_b_proj", "o_proj")}
+    assert mmap.lora_paths() == {"gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
+                                 "o": "self_attn.o_proj"}
+
+
 @pytest.mark.parametrize("name", ["mixtral-8x7b", "deepseek-v3"])
 def test_the_zoos_map_of_a_mixture_of_experts_names_only_parameters_it_has(name):
     """Mixtral's every layer holds experts (no feed_forward.w1): a plan that placed the dense MLP's

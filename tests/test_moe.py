@@ -266,18 +266,34 @@ TINY_HF_MOE = {  # transformers' own mixture-of-experts classes, a few kilobytes
               "num_key_value_heads": 4, "num_hidden_layers": 2, "num_experts": 4, "num_experts_per_tok": 2,
               "vocab_size": 256, "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
               "tie_word_embeddings": False, "hidden_act": "silu"},
+    # multi-head latent attention (transformers builds it; the built-in model does not): DeepSeek-V2-Lite's
+    # q_proj, DeepSeek-V3's low-rank q (q_a_proj, q_b_proj), sigmoid router with grouped top-k
+    "deepseek_v2": {"model_type": "deepseek_v2", "hidden_size": 64, "intermediate_size": 128, "kv_lora_rank": 16,
+                    "q_lora_rank": None, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
+                    "num_attention_heads": 4, "num_key_value_heads": 4, "num_hidden_layers": 3,
+                    "first_k_dense_replace": 1, "moe_intermediate_size": 32, "n_routed_experts": 4,
+                    "n_shared_experts": 1, "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1,
+                    "topk_method": "greedy", "norm_topk_prob": False, "scoring_func": "softmax", "vocab_size": 256,
+                    "max_position_embeddings": 64, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+                    "hidden_act": "silu"},
 }
+TINY_HF_MOE["deepseek_v3"] = {**TINY_HF_MOE["deepseek_v2"], "model_type": "deepseek_v3", "q_lora_rank": 24,
+                              "n_group": 2, "topk_group": 1, "norm_topk_prob": True, "routed_scaling_factor": 2.5}
 
 
 HF_CONFIGS = {k: CONFIGS[k] for k in ("ep2_fsdp2", "ep4")}  # EP x DDP is the built-in model's test's
-HF_LAYOUTS = {"mixtral": ("ep2_fsdp2", "ep4"), "qwen2_moe": ("ep2_fsdp2",),  # the shared expert under EP x FSDP
-              "glm4_moe": ("ep2_fsdp2",), "olmoe": ("ep4",)}  # DeepSeek-V3's router (its score correction a persistent buffer), a dense layer
+HF_CONFIGS["pp2_ep2"] = dict(pp=2, dp=2, ep=2, microbatch_size=2, schedule="1f1b")  # stages driven as transformers' forward
+HF_LAYOUTS = {"mixtral": ("ep2_fsdp2", "ep4", "pp2_ep2"), "qwen2_moe": ("ep2_fsdp2",),  # the shared expert under EP x FSDP
+              "glm4_moe": ("ep2_fsdp2",),  # DeepSeek-V3's router (its score correction a persistent buffer), a dense layer
+              "olmoe": ("ep4",), "deepseek_v2": ("ep2_fsdp2",), "deepseek_v3": ("ep4", "pp2_ep2")}
 
 
 def test_hugging_face_experts_train_under_expert_parallelism(tmp_path):
     """transformers' Mixtral, Qwen2-MoE (a gated shared expert beside the routed ones), GLM-4.5
-    (a shared expert, a dense first layer, DeepSeek-V3's router) and OLMoE as the user has them, their
-    experts split over ep (folded into DP and FSDP), against the same modules in one process;
+    (a shared expert, a dense first layer, DeepSeek-V3's router), OLMoE and DeepSeek-V2/V3 (multi-head
+    latent attention: refused as "not built" before, though transformers builds it) as the user has them, their
+    experts split over ep (folded into DP and FSDP; Mixtral and DeepSeek-V3 pipelined too, refused before),
+    against the same modules in one process;
     tolerance as for the built-in model."""
     singles, plans = [], []
     for name, config in TINY_HF_MOE.items():
@@ -324,11 +340,12 @@ def test_pretrained_experts_load_as_transformers_reads_them(tmp_path):
     plans, folders = [], {}
     qwen3 = {**TINY_HF_MOE["qwen2_moe"], "model_type": "qwen3_moe", "head_dim": 16}  # (saved: num_local_experts)
     qwen3.pop("shared_expert_intermediate_size")
-    for name, config in {"mixtral": TINY_HF_MOE["mixtral"], "glm4_moe": TINY_HF_MOE["glm4_moe"], "qwen3_moe": qwen3}.items():
+    for name, config in {"mixtral": TINY_HF_MOE["mixtral"], "glm4_moe": TINY_HF_MOE["glm4_moe"], "qwen3_moe": qwen3,
+                         "deepseek_v3": TINY_HF_MOE["deepseek_v3"]}.items():
         cfg = transformers.AutoConfig.for_model(**config)
         torch.manual_seed(3)
         model = transformers.AutoModelForCausalLM.from_config(cfg)
-        if name == "glm4_moe":  # a trained router's correction, not the initial zeros
+        if name in ("glm4_moe", "deepseek_v3"):  # a trained router's correction, not the initial zeros
             for layer in model.model.layers[1:]:
                 layer.mlp.gate.e_score_correction_bias.copy_(torch.linspace(-0.5, 0.5, 4))
         folder = folders[name] = tmp_path / name
@@ -637,6 +654,27 @@ def test_gpt_oss_is_read_with_its_window_and_its_experts_run_without_expert_para
                    "--seq-len", "32", "--json", "-o", str(target))
     assert out.returncode == 0 and json.loads(out.stdout)["plan"]["experts"]["ep"] == 1, out.stderr
     # transformers' own module runs its biased experts (the built-in model's are not built)
+    checked = paraplan("check", str(target))
+    assert checked.returncode == 0 and "OK" in checked.stdout, checked.stdout + checked.stderr
+
+
+def test_latent_attention_runs_as_transformers_builds_it(tmp_path):
+    """paraplan's own model does not build multi-head latent attention: a plan of the zoo's
+    DeepSeek-V3 is for prediction and export. A Hugging Face DeepSeek is the user's module, which
+    transformers builds: its plan was refused the same way; it is written without the note and
+    `check` accepts it (it trains under EP against one process: the test above)."""
+    from tests_helpers import paraplan
+
+    zoo = paraplan("plan", "--model", "deepseek-v3", "--cluster", "h800:2048", "--global-batch", "2048",
+                   "-o", str(tmp_path / "zoo.yaml"))
+    assert zoo.returncode == 0 and "multi-head latent attention" in zoo.stderr, zoo.stderr
+    assert paraplan("check", str(tmp_path / "zoo.yaml")).returncode == 2
+    (tmp_path / "v2").mkdir()
+    (tmp_path / "v2" / "config.json").write_text(json.dumps(TINY_HF_MOE["deepseek_v2"]))
+    target = tmp_path / "v2.yaml"
+    out = paraplan("plan", "--model", f"hf:{tmp_path / 'v2'}", "--cluster", "cpu:2", "--global-batch", "4",
+                   "--seq-len", "32", "-o", str(target))
+    assert out.returncode == 0 and "latent attention" not in out.stderr, out.stderr
     checked = paraplan("check", str(target))
     assert checked.returncode == 0 and "OK" in checked.stdout, checked.stdout + checked.stderr
 

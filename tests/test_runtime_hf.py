@@ -238,3 +238,37 @@ def test_a_py_module_whose_forward_is_not_the_chain_is_not_pipelined(tmp_path):
     assert proc.returncode != 0
     line = next(l for l in proc.stderr.splitlines() if l.startswith("paraplan: error:"))
     assert "its pipeline stages cannot be cut; re-plan with --pp 1" in line
+
+
+def test_pipeline_stages_are_driven_as_each_models_own_forward(tmp_path):
+    """`paraplan run` drives a Hugging Face model's pipeline stages itself (runtime.module.cut_stage:
+    embed_tokens -> layers with rotary_emb's tables and the causal mask -> norm -> lm_head), for the
+    types planner.contract.PIPELINED_HF_TYPES names. The whole model cut as one stage gives the
+    logits of the model's own forward, for every type on that list (a type whose forward does more,
+    as Gemma's embedding scale or Cohere's logit scale, would differ by far more than 1e-6)."""
+    from planner.contract import PIPELINED_HF_TYPES
+    from planner.model_source import build_source_module, load_model, module_map_of, source_of
+    from runtime.module import cut_stage, logits_of
+    from test_moe import TINY_HF_MOE
+
+    checked = []
+    for model_type in PIPELINED_HF_TYPES:
+        config = TINY_HF_MOE.get(model_type) or transformers.AutoConfig.for_model(
+            model_type, **SIZES, pad_token_id=0, eos_token_id=1, bos_token_id=1).to_dict()
+        folder = tmp_path / model_type
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(config))
+        model = f"hf:{folder}"
+        spec, _ = load_model(model)
+        source = source_of(model)
+        torch.manual_seed(0)
+        whole, _ = build_source_module(source, spec, device="cpu")
+        x = torch.randint(0, spec.vocab, (2, 16))  # (B, T)
+        with torch.no_grad():
+            own = logits_of(whole.eval()(x))
+            cut = cut_stage(whole, module_map_of(source, spec), 0, spec.layers, has_embedding=True, has_head=True,
+                            seq_len=16, kind="hf")
+            driven = cut(x)
+        assert torch.allclose(own, driven, rtol=1e-5, atol=1e-6), model_type
+        checked.append(model_type)
+    assert len(checked) == len(PIPELINED_HF_TYPES) >= 13
