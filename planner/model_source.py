@@ -463,7 +463,10 @@ def spec_from_hf_graph(path: Path, data: dict, *, name: str, why: str) -> ModelS
         raise ConfigError(f"{read}: its blocks run no scaled_dot_product_attention (attention written out as "
                           "matmuls, as Bloom's ALiBi is); write a spec YAML with its sizes") from None
     except ConfigError as exc:
-        raise ConfigError(f"{read}: {exc}") from None
+        way_out = "" if "spec YAML" in str(exc) else (
+            "; check that transformers builds and runs this config (AutoModelForCausalLM.from_config), or write a "
+            "spec YAML with its sizes")
+        raise ConfigError(f"{read}: {str(exc).rstrip('.')}{way_out}") from None
     positions = _int(data, "max_position_embeddings", "n_positions", "seq_length", default=2048)
     seq_len = min(positions, HF_TRAIN_SEQ_LEN) if spec.position.value == "rope" else positions
     spec = replace(spec, layers=layers, seq_len=seq_len, max_positions=positions if positions > seq_len else 0,

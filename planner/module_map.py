@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from costmodel.errors import ConfigError
 from costmodel.spec import ModelSpec
+from planner.trace import quiet_export
 
 COLUMN, ROW = "Shard(0)", "Shard(1)"
 # transformers' Llama-family linear names -> LoRA targets (PEFT's target_modules for these models)
@@ -181,7 +182,8 @@ def traced_map(module, example_inputs: tuple, spec: ModelSpec) -> ModuleMap:
         # under torch.export (fake tensors), as planner.trace runs it: a model's own checks
         # that read values (Hugging Face's packed-sequence test) skip themselves while tracing
         kwargs = {"use_cache": False} if "use_cache" in _forward_args(module) else None
-        torch.export.export(module, tuple(example_inputs), kwargs=kwargs, strict=False)
+        with quiet_export():
+            torch.export.export(module, tuple(example_inputs), kwargs=kwargs, strict=False)
     except Exception as exc:  # noqa: BLE001 - any failure of the user's forward on meta is the same bad input
         raise ConfigError(f"the module failed to run on the meta device ({type(exc).__name__}: {exc}); "
                           "paraplan reads its layout from one such pass") from None

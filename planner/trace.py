@@ -12,6 +12,8 @@ serves every copy.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -144,6 +146,20 @@ def _block_of(node, param_name: str | None) -> tuple[str, int] | None:
     return None
 
 
+@contextlib.contextmanager
+def quiet_export():
+    """torch.export with torch's fake-tensor logger silenced: a forward that fails on meta tensors
+    (a config whose sizes do not fit together) logs the whole traceback at ERROR before raising,
+    and the user is owed one line (the caller's ConfigError), not that log."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def trace_module(module: torch.nn.Module, example_inputs: tuple) -> OpGraph:
     """Trace `module` (on the meta device) into an OpGraph. A module whose forward takes
     `use_cache` (Hugging Face's) is traced with it off: its KV cache object is not a tensor
@@ -157,8 +173,9 @@ def trace_module(module: torch.nn.Module, example_inputs: tuple) -> OpGraph:
     except (TypeError, ValueError):
         takes_cache = False
     try:
-        exported = torch.export.export(module, example_inputs, kwargs={"use_cache": False} if takes_cache else None,
-                                       strict=False)
+        with quiet_export():
+            exported = torch.export.export(module, example_inputs, kwargs={"use_cache": False} if takes_cache else None,
+                                           strict=False)
     except Exception as exc:  # torch raises many kinds; the user needs one line
         raise ConfigError(f"torch.export could not trace the model: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
     param_names = {}

@@ -104,6 +104,10 @@ def test_a_model_directory_is_taken_as_given(tmp_path):
      "no linear op"),
     # Bloom's ALiBi attention is written out (baddbmm, softmax): was "it is planned from its graph alone", then exit 2
     ("bloom", dict(hidden_size=64, n_layer=2, n_head=4, vocab_size=256), "no scaled_dot_product_attention"),
+    # sizes that do not fit together (o_proj reads hidden_size, q_proj writes heads x head_dim): the forward fails
+    # on meta tensors, and torch's fake-tensor logger printed the whole traceback above the one line
+    ("helium", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                    intermediate_size=128, vocab_size=256), "torch.export could not trace the model"),
 ])
 def test_a_class_the_graph_reader_cannot_read_is_refused_in_one_line(tmp_path, model_type, fields, needle):
     folder = _save(tmp_path, model_type, model_type, fields)
