@@ -178,6 +178,16 @@ def source_problems(plan: Plan) -> list[str]:
     return problems
 
 
+def expert_parallel_runs(source: dict) -> bool:
+    """Whether `paraplan run` splits the experts of the module of `source` over ep: paraplan's own
+    mixture of experts and transformers' experts modules of MOE_HF_TYPES (not a `py:` module's, nor
+    gpt-oss's biased ones)."""
+    kind = source.get("kind")
+    if kind == "hf":
+        return _hf_fields(source["path"], "model_type")[0] in MOE_HF_TYPES
+    return kind != "py"
+
+
 def source_strategy_problems(source: dict, s: Strategy, mode: str = "train") -> list[str]:
     """What the runtime does not execute of strategy `s` on the module of `source` (the search
     drops such candidates; check and run refuse them)."""
@@ -194,12 +204,12 @@ def source_strategy_problems(source: dict, s: Strategy, mode: str = "train") -> 
                             + (f"re-plan with --lora-targets {kept}" if kept else "plan full fine-tuning"))
     if s.ep > 1 and kind == "py":
         problems.append("expert parallelism runs on paraplan's built-in mixture of experts and transformers' experts "
-                        "modules (Mixtral, Qwen2-MoE, Qwen3-MoE) so far; re-plan with --ep 1")
+                        "modules (Mixtral, Qwen2-MoE, Qwen3-MoE, ...) so far; re-plan with --ep 1")
     hf_type = _hf_fields(source["path"], "model_type")[0] if kind == "hf" else None
     if kind == "hf" and s.tp > 1 and hf_type in MOE_TYPES:
         problems.append("tensor parallelism on a Hugging Face mixture of experts is not run yet (its router and "
                         "experts take the whole sequence); re-plan with --tp 1")
-    if kind == "hf" and s.ep > 1 and hf_type not in MOE_HF_TYPES:
+    if kind == "hf" and s.ep > 1 and not expert_parallel_runs(source):
         problems.append(f"expert parallelism on a Hugging Face {hf_type or 'model'}'s experts is not run yet (it splits "
                         f"the experts modules of {', '.join(MOE_HF_TYPES)}); re-plan with --ep 1")
     if s.sequence_parallel and s.tp > 1 and kind == "py":

@@ -37,7 +37,8 @@ from costmodel.spec import ModelSpec, format_count
 from costmodel.strategy import Schedule
 from costmodel.validate import strategy_problems
 from planner.contract import (
-    RUNNABLE_RUNTIMES, layout_problems, planned_only, source_strategy_problems, strategy_runtime_problems,
+    RUNNABLE_RUNTIMES, expert_parallel_runs, layout_problems, planned_only, source_strategy_problems,
+    strategy_runtime_problems,
 )
 from planner.inter_op import partition_layers
 from planner.plan import megatron_placements, schedule_problems
@@ -93,6 +94,9 @@ def enumerate_candidates(req: SearchRequest, rejected: list[str] | None = None,
     out: list[Strategy] = []
     # `paraplan run` will execute the plan (a model it cannot build at all is planned for prediction)
     runnable = cluster.runtime.name in RUNNABLE_RUNTIMES and not (spec.latent_attention and not req.source.get("kind"))
+    # a module whose experts the runtime does not split (gpt-oss's): ep 1, even where it holds more
+    # experts per GPU than the search's cap would otherwise let it try
+    expert_fixed = fixed if "ep" in fixed or not runnable or expert_parallel_runs(req.source) else {**fixed, "ep": 1}
     for tp, cp in itertools.product(tps, cps):
         if world % (tp * cp):
             degrees = f"tp({tp}) * cp({cp}) = {tp * cp}" if cp > 1 else f"tp({tp})"
@@ -125,7 +129,7 @@ def enumerate_candidates(req: SearchRequest, rejected: list[str] | None = None,
             for zero, rc, mbs in itertools.product(zeros, _recomputes(fixed), mbss):
                 groups = [fixed["shard_group"]] if "shard_group" in fixed else _shard_groups(zero, dp, tp * cp, per_node)
                 for group, (sched, v), (ep, etp) in itertools.product(
-                        groups, _schedules(fixed, pp, per_replica // mbs, spec.layers), _expert_degrees(spec, fixed, dp, cp, tp)):
+                        groups, _schedules(fixed, pp, per_replica // mbs, spec.layers), _expert_degrees(spec, expert_fixed, dp, cp, tp)):
                     for stage_rc in _stage_recomputes(fixed, rc, pp, sched):
                         try:
                             s = Strategy(

@@ -656,6 +656,16 @@ def test_gpt_oss_is_read_with_its_window_and_its_experts_run_without_expert_para
     # transformers' own module runs its biased experts (the built-in model's are not built)
     checked = paraplan("check", str(target))
     assert checked.returncode == 0 and "OK" in checked.stdout, checked.stdout + checked.stderr
+    # the real gpt-oss-20b (32 experts) on 16 H100s: the search tried only ep >= 4 (at most 8 experts a GPU),
+    # which this module cannot run, and said "tensor parallelism on a Hugging Face mixture of experts is not
+    # run yet" with no plan; where the experts stay whole it plans ep 1
+    (tmp_path / "oss20b").mkdir()
+    (tmp_path / "oss20b" / "config.json").write_text(json.dumps(GPT_OSS_20B))
+    out = paraplan("plan", "--model", f"hf:{tmp_path / 'oss20b'}", "--cluster", "h100-sxm:16", "--global-batch",
+                   "128", "--seq-len", "4096", "--json", "-o", str(tmp_path / "oss20b.yaml"))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["plan"]["experts"]["ep"] == 1
+    assert paraplan("check", str(tmp_path / "oss20b.yaml")).returncode == 0
 
 
 def test_latent_attention_runs_as_transformers_builds_it(tmp_path):
