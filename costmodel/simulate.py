@@ -221,7 +221,7 @@ def simulate(model: StepModel, *, record_events: bool = True) -> StepResult:
         "pp_comm": send_busy[worst],
         "dp_comm": model.dp_comm_s[worst],
         "exposed_comm": exposed,
-        "bubble": max(0.0, step - working),
+        "bubble": step - working if step - working > 1e-9 * step else 0.0,  # no float residue without a pipeline
     }
     mem = [rm.gib() for rm in model.memory]
     worst_mem = max(mem, key=lambda d: d["total"])

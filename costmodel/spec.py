@@ -100,6 +100,29 @@ class ModelSpec:
     # --qk-layernorm): 2 x head_dim weights a layer; the built-in model builds it and the engine
     # exports write it, or they describe another model
     qk_norm: bool = False
+    # RoPE's scaling (a config's rope_scaling, transformers 5's rope_parameters): "" none; "llama3" (Llama
+    # 3.1-3.3: low frequencies stretched by rope_factor over rope_original_positions, 8 over 8,192);
+    # "yarn" (DeepSeek-V2/V3, gpt-oss: rope_factor over rope_original_positions, with the attention
+    # temperature terms rope_mscale and rope_mscale_all_dim, 0 where the config gives none). It prices
+    # nothing: the model's numbers, which the engine exports write (Megatron-LM's --use-rope-scaling,
+    # --rotary-scaling-factor) or a checkpoint loaded there would rotate otherwise
+    rope_scaling: str = ""
+    rope_factor: float = 0.0
+    rope_original_positions: int = 0
+    rope_mscale: float = 0.0
+    rope_mscale_all_dim: float = 0.0
+    # a mixture of experts' router: each expert's score ("softmax" over the experts, or "sigmoid" each,
+    # DeepSeek-V3's), the top-k weights renormalised to sum to 1 (Mixtral, Qwen3-MoE) or not (Qwen2-MoE,
+    # DeepSeek-V2), the top-k taken within the best router_group_topk of router_groups expert groups
+    # (DeepSeek-V3: 4 of 8; 0: no groups), the weights scaled by router_topk_scale (its 2.5) and a
+    # per-expert bias that steers the choice only (auxiliary-loss-free balancing). Prices nothing;
+    # the exports write it (Megatron-Core's --moe-router-* flags)
+    router_score: str = "softmax"
+    router_renormalize: bool = True
+    router_groups: int = 0
+    router_group_topk: int = 0
+    router_topk_scale: float = 1.0
+    router_expert_bias: bool = False
 
     def __post_init__(self) -> None:
         for name in ("layers", "hidden", "heads", "vocab", "seq_len"):
@@ -117,6 +140,8 @@ class ModelSpec:
         if isinstance(self.rope_theta, bool) or not isinstance(self.rope_theta, (int, float)) or not (
                 self.rope_theta >= 0 and math.isfinite(self.rope_theta)):
             raise ConfigError(f"model field 'rope_theta' must be a positive number (0: 10,000), got {self.rope_theta!r}")
+        self._check_rope_scaling()
+        self._check_router()
         if self.ffn_hidden == 0:
             object.__setattr__(self, "ffn_hidden", 4 * self.hidden)
         if self.kv_heads == 0:
@@ -149,6 +174,44 @@ class ModelSpec:
             raise ConfigError(f"windowed_layers ({self.windowed_layers}) exceeds layers ({self.layers})")
         if self.attention_window and not self.windowed_layers:
             object.__setattr__(self, "windowed_layers", self.layers)
+
+    def _check_rope_scaling(self) -> None:
+        for name in ("rope_factor", "rope_mscale", "rope_mscale_all_dim", "router_topk_scale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0 and math.isfinite(value)):
+                raise ConfigError(f"model field '{name}' must be a number >= 0, got {value!r}")
+        if self.rope_scaling not in ("", "llama3", "yarn"):
+            raise ConfigError(f"model field 'rope_scaling' is {self.rope_scaling!r}; use llama3, yarn or leave it out")
+        if not isinstance(self.rope_original_positions, int) or isinstance(self.rope_original_positions, bool) or \
+                self.rope_original_positions < 0:
+            raise ConfigError(f"model field 'rope_original_positions' must be a positive integer, got "
+                              f"{self.rope_original_positions!r}")
+        if self.rope_scaling and not (self.rope_factor >= 1 and self.rope_original_positions > 0):
+            raise ConfigError(f"rope_scaling {self.rope_scaling} needs rope_factor >= 1 and rope_original_positions "
+                              "(the context the model was first trained at)")
+        if not self.rope_scaling and (self.rope_factor or self.rope_original_positions or self.rope_mscale
+                                      or self.rope_mscale_all_dim):
+            raise ConfigError("model fields rope_factor, rope_original_positions and rope_mscale* need rope_scaling "
+                              "(llama3 or yarn)")
+
+    def _check_router(self) -> None:
+        if self.router_score not in ("softmax", "sigmoid"):
+            raise ConfigError(f"model field 'router_score' is {self.router_score!r}; use softmax or sigmoid")
+        for name in ("router_renormalize", "router_expert_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"model field '{name}' must be true or false, got {getattr(self, name)!r}")
+        for name in ("router_groups", "router_group_topk"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"model field '{name}' must be a positive integer, got {value!r}")
+        if self.router_groups and (self.experts % self.router_groups or not 0 < self.router_group_topk <= self.router_groups):
+            raise ConfigError(f"router_groups {self.router_groups} must divide experts ({self.experts}) and "
+                              f"router_group_topk ({self.router_group_topk}) be 1..router_groups")
+        if not self.router_groups and self.router_group_topk:
+            raise ConfigError("model field router_group_topk needs router_groups (expert groups)")
+        routed = [f.name for f in fields(self) if f.name.startswith("router_") and getattr(self, f.name) != f.default]
+        if routed and not self.experts:
+            raise ConfigError(f"model field(s) {', '.join(routed)} need experts > 0 (a mixture-of-experts model)")
 
     def _check_experts(self) -> None:
         if not isinstance(self.moe_every, int) or isinstance(self.moe_every, bool) or self.moe_every < 1:
@@ -419,6 +482,8 @@ class ModelSpec:
                 continue  # a dense model's spec reads as before
             if f.name in ("max_positions", "mtp_layers", "rope_theta", "qk_norm") and not value:
                 continue
+            if f.name in ROPE_AND_ROUTER_FIELDS and value == f.default:
+                continue  # written only where the model has them
             out[f.name] = value.value if isinstance(value, StrEnum) else value
         return out
 
@@ -441,6 +506,9 @@ class ModelSpec:
         return cls(**kwargs)
 
 
+ROPE_AND_ROUTER_FIELDS = ("rope_scaling", "rope_factor", "rope_original_positions", "rope_mscale",
+                          "rope_mscale_all_dim", "router_score", "router_renormalize", "router_groups",
+                          "router_group_topk", "router_topk_scale", "router_expert_bias")
 MOE_AND_MLA_FIELDS = ("experts", "experts_per_token", "expert_ffn_hidden", "shared_expert_ffn_hidden",
                       "shared_expert_gate", "dense_layers", "moe_every", "capacity_factor", "kv_lora_rank",
                       "q_lora_rank", "qk_rope_head_dim", "v_head_dim", "attention_window", "windowed_layers")

@@ -29,12 +29,17 @@ VALUED = {"--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--n
           "--num-experts", "--moe-router-topk", "--moe-ffn-hidden-size", "--expert-tensor-parallel-size",
           "--moe-shared-expert-intermediate-size", "--moe-layer-freq", "--moe-expert-capacity-factor",
           "--moe-token-dispatcher-type", "--q-lora-rank", "--kv-lora-rank", "--qk-head-dim", "--qk-pos-emb-head-dim",
-          "--v-head-dim", "--rotary-base"}
+          "--v-head-dim", "--rotary-base",
+          # RoPE scaling (Llama 3's; YaRN's in latent attention) and the router's kind
+          "--rope-scaling-factor", "--rotary-scaling-factor", "--mscale", "--mscale-all-dim",
+          "--moe-router-score-function", "--moe-router-num-groups", "--moe-router-group-topk",
+          "--moe-router-topk-scaling-factor"}
 SWITCHES = {"--sequence-parallel", "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
             "--bf16", "--fp16", "--group-query-attention", "--swiglu", "--untie-embeddings-and-output-weights",
             "--disable-bias-linear", "--use-flash-attn", "--use-torch-fsdp2", "--moe-grouped-gemm",
             "--overlap-moe-expert-parallel-comm", "--moe-router-force-load-balancing", "--multi-latent-attention",
-            "--qk-layernorm"}
+            "--qk-layernorm", "--use-rope-scaling", "--moe-router-pre-softmax", "--moe-router-enable-expert-bias"}
+MLA_ORIGINAL_POSITIONS = 4096  # Megatron-Core's MLATransformerConfig.original_max_position_embeddings (no flag)
 
 
 def export(plan: Plan) -> list[str]:
@@ -53,10 +58,12 @@ def export(plan: Plan) -> list[str]:
     if spec.activation.value == "geglu":
         raise ConfigError("Megatron-LM's arguments have no GELU-gated MLP (only --swiglu); export this model to "
                           "torchtitan or train it with paraplan run")
-    if spec.latent_attention:  # Megatron-Core's MLA: q_head_dim = qk_head_dim + qk_pos_emb_head_dim
+    if spec.latent_attention:  # Megatron-Core's MLA: q_head_dim = qk_head_dim + qk_pos_emb_head_dim; its
+        # --qk-layernorm is the latent's RMSNorms (DeepSeek's kv_a_layernorm, and q_a_layernorm with a q rank)
         args += ["--multi-latent-attention", "--kv-lora-rank", spec.kv_lora_rank,
                  "--qk-head-dim", spec.head_dim - spec.qk_rope_head_dim, "--qk-pos-emb-head-dim", spec.qk_rope_head_dim,
                  "--v-head-dim", spec.v_head_dim] + (["--q-lora-rank", spec.q_lora_rank] if spec.q_lora_rank else [])
+        args.append("--qk-layernorm")
     elif spec.q_dim != spec.hidden:
         args += ["--kv-channels", spec.head_dim]
     if spec.kv_heads != spec.heads:
@@ -68,7 +75,15 @@ def export(plan: Plan) -> list[str]:
              "--vocab-size", spec.vocab]
     if spec.position.value == "rope" and spec.rope_theta:  # Megatron-LM's default base is 10,000 (an int flag)
         args += ["--rotary-base", round(spec.rope_theta)]
-    if spec.qk_norm:  # Megatron-Core's q_layernorm / k_layernorm on each head (RMSNorm with --normalization)
+    if spec.rope_scaling == "llama3":  # Llama 3.1's; Megatron-LM fixes its low/high frequency factors at 1 and 4
+        args += ["--use-rope-scaling", "--rope-scaling-factor", spec.rope_factor]
+    elif spec.rope_scaling == "yarn" and spec.latent_attention:  # MLA rotates by YaRN over 4,096 positions
+        args += ["--rotary-scaling-factor", spec.rope_factor]
+        if spec.rope_mscale:
+            args += ["--mscale", spec.rope_mscale]
+        if spec.rope_mscale_all_dim:
+            args += ["--mscale-all-dim", spec.rope_mscale_all_dim]
+    if spec.qk_norm and not spec.latent_attention:  # Megatron-Core's q_layernorm / k_layernorm on each head
         args.append("--qk-layernorm")
     if spec.activation.value == "swiglu":
         args.append("--swiglu")
@@ -95,6 +110,7 @@ def export(plan: Plan) -> list[str]:
             args += ["--moe-expert-capacity-factor", spec.capacity_factor]
         if plan.experts.get("overlap"):
             args.append("--overlap-moe-expert-parallel-comm")
+        args += _router_args(spec)
     if plan.sequence_parallel and mesh["tp"] > 1:
         args.append("--sequence-parallel")
     if mesh["pp"] > 1:
@@ -138,6 +154,39 @@ def export(plan: Plan) -> list[str]:
     return [str(a) for a in args]
 
 
+def _router_args(spec: ModelSpec) -> list:
+    """Megatron-Core's router flags for the spec's router: softmax over the top-k logits (renormalised)
+    by default, over all experts first without --moe-router-pre-softmax's renormalisation; sigmoid
+    scores (renormalised over the top-k), expert groups, the weights' scale and the balancing bias."""
+    args: list = []
+    if spec.router_score == "sigmoid":
+        args += ["--moe-router-score-function", "sigmoid"]
+    elif not spec.router_renormalize:
+        args.append("--moe-router-pre-softmax")
+    if spec.router_groups:
+        args += ["--moe-router-num-groups", spec.router_groups, "--moe-router-group-topk", spec.router_group_topk]
+    if spec.router_topk_scale != 1.0:
+        args += ["--moe-router-topk-scaling-factor", spec.router_topk_scale]
+    if spec.router_expert_bias:
+        args.append("--moe-router-enable-expert-bias")
+    return args
+
+
+def export_notes(plan: Plan) -> list[str]:
+    """What of the model the arguments do not carry, to say beside them."""
+    spec, notes = plan.spec, []
+    if spec.rope_scaling == "yarn" and not spec.latent_attention:
+        notes.append(f"{spec.name} rotates by YaRN (factor {spec.rope_factor:g} over {spec.rope_original_positions} "
+                     "positions), which Megatron-LM's arguments give for latent attention only: these arguments "
+                     "rotate without it")
+    elif spec.rope_scaling == "yarn" and spec.rope_original_positions != MLA_ORIGINAL_POSITIONS:
+        notes.append(f"{spec.name}'s YaRN scaling is over {spec.rope_original_positions} positions; Megatron-Core's "
+                     f"latent attention takes {MLA_ORIGINAL_POSITIONS} (MLATransformerConfig, no flag)")
+    if spec.moe and spec.router_score == "sigmoid" and not spec.router_renormalize:
+        notes.append(f"{spec.name}'s sigmoid router does not renormalise its top-k weights; Megatron-Core's does")
+    return notes
+
+
 def export_text(plan: Plan) -> str:
     args = export(plan)
     lines, i = [], 0
@@ -158,6 +207,41 @@ def _rotary_base(values: dict) -> float:
         return float(text) if text is not None else 0.0
     except ValueError:
         raise ConfigError(f"the Megatron-LM arguments' --rotary-base {text!r} is not a number") from None
+
+
+def _float(values: dict, name: str, default: float) -> float:
+    try:
+        return float(values.get(name, default))
+    except ValueError:
+        raise ConfigError(f"the Megatron-LM arguments' {name} {values[name]!r} is not a number") from None
+
+
+def _rope_scaling_fields(values: dict, switches: set) -> dict:
+    """RoPE scaling as ModelSpec fields: --use-rope-scaling (Llama 3's, over 8,192 positions) or, in latent
+    attention, YaRN where --rotary-scaling-factor exceeds 1 (over 4,096 positions)."""
+    if "--use-rope-scaling" in switches:
+        return {"rope_scaling": "llama3", "rope_factor": _float(values, "--rope-scaling-factor", 8.0),
+                "rope_original_positions": 8192}
+    factor = _float(values, "--rotary-scaling-factor", 1.0)
+    if "--multi-latent-attention" in switches and factor > 1:
+        return {"rope_scaling": "yarn", "rope_factor": factor, "rope_original_positions": MLA_ORIGINAL_POSITIONS,
+                "rope_mscale": _float(values, "--mscale", 1.0), "rope_mscale_all_dim": _float(values, "--mscale-all-dim", 0.0)}
+    return {}
+
+
+def _router_fields(values: dict, switches: set, num) -> dict:
+    """The router flags as ModelSpec fields ({} for Megatron-Core's default: softmax top-k renormalised)."""
+    if "--num-experts" not in values:
+        return {}
+    score = values.get("--moe-router-score-function", "softmax")
+    if score not in ("softmax", "sigmoid"):
+        raise ConfigError(f"--moe-router-score-function {score}: Megatron-Core takes softmax or sigmoid")
+    groups = num("--moe-router-num-groups", 0)
+    return {"router_score": score, "router_renormalize": score == "sigmoid" or "--moe-router-pre-softmax" not in switches,
+            "router_groups": groups if groups > 1 else 0,
+            "router_group_topk": num("--moe-router-group-topk", 1) if groups > 1 else 0,
+            "router_topk_scale": _float(values, "--moe-router-topk-scaling-factor", 1.0),
+            "router_expert_bias": "--moe-router-enable-expert-bias" in switches}
 
 
 def _attention_fields(values: dict, switches: set, num) -> dict:
@@ -262,7 +346,9 @@ def import_(argv: list[str], *, world_size: int) -> Imported:
             position={"rope": "rope", "none": "none"}.get(position, "learned"),
             tied_embeddings="--untie-embeddings-and-output-weights" not in switches,
             bias="--disable-bias-linear" not in switches, dropout=True,
-            rope_theta=_rotary_base(values), qk_norm="--qk-layernorm" in switches,
+            rope_theta=_rotary_base(values),
+            qk_norm="--qk-layernorm" in switches and "--multi-latent-attention" not in switches,
+            **_rope_scaling_fields(values, switches), **_router_fields(values, switches, num),
             **_attention_fields(values, switches, num), **_expert_fields(values, num, num("--num-layers")))
     elif "--num-experts" in values or "--multi-latent-attention" in switches:
         raise ConfigError("the Megatron-LM arguments describe experts or latent attention but not the model's size; "

@@ -112,7 +112,29 @@ def model_planned_only(spec: ModelSpec, source: dict | None = None) -> list[str]
     if spec.moe and spec.bias and not (source or {}).get("kind"):
         return [f"{spec.name}'s experts carry biases, which the cost model prices and the runtime's experts do not "
                 "build yet: its plans are for prediction and export"]
+    if (source or {}).get("kind"):
+        return []
+    if spec.rope_scaling == "yarn":
+        return [f"{spec.name} rotates by YaRN's scaled RoPE, which paraplan's built-in model does not (it builds "
+                "Llama 3's): its plans are for prediction and export; train it from its Hugging Face config (hf:DIR)"]
+    if spec.moe and (spec.router_score, spec.router_renormalize, spec.router_groups, spec.router_topk_scale,
+                     spec.router_expert_bias) != ("softmax", True, 0, 1.0, False):
+        return [f"{spec.name}'s router ({router_text(spec)}) is priced and exported, and paraplan's built-in model "
+                "routes by a softmax top-k renormalised: its plans are for prediction and export; train it from its "
+                "Hugging Face config (hf:DIR)"]
     return []
+
+
+def router_text(spec: ModelSpec) -> str:
+    """A mixture of experts' router in words: `sigmoid scores, top-8 within 4 of 8 groups, x2.5, bias`."""
+    parts = [f"{spec.router_score} scores", f"top-{spec.experts_per_token}"
+             + (f" within {spec.router_group_topk} of {spec.router_groups} groups" if spec.router_groups else "")
+             + ("" if spec.router_renormalize else " not renormalised")]
+    if spec.router_topk_scale != 1.0:
+        parts.append(f"x{spec.router_topk_scale:g}")
+    if spec.router_expert_bias:
+        parts.append("a balancing bias")
+    return ", ".join(parts)
 
 
 def planned_only(s: Strategy, mode: str = "train") -> dict[str, str]:

@@ -604,6 +604,8 @@ def spec_from_hf_config(data: dict, *, name: str = "hf-model") -> ModelSpec:
         bias=model_type != "glm4_moe" and bool(data.get("attention_bias", data.get("mlp_bias", False))),
         dropout=False,
         rope_theta=_rope_theta(data),
+        **_rope_scaling_of(data),
+        **_router_of(data, model_type),
         # Qwen3's and Gemma 3's per-head q_norm / k_norm (GLM-4.5's where use_qk_norm says so)
         qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text") or bool(data.get("use_qk_norm", False)),
         # latent attention's query head: its no-RoPE and RoPE parts (transformers 5 writes head_dim as the
@@ -618,6 +620,51 @@ def _rope_theta(data: dict) -> float:
     params = data.get("rope_parameters")
     theta = data.get("rope_theta", params.get("rope_theta") if isinstance(params, dict) else None)
     return float(theta) if isinstance(theta, (int, float)) and not isinstance(theta, bool) and theta > 0 else 0.0
+
+
+def _number(value, default: float = 0.0) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+
+
+def _rope_scaling_of(data: dict) -> dict:
+    """RoPE's scaling where it is Llama 3's or YaRN (rope_scaling, or transformers 5's rope_parameters:
+    rope_type or type, factor, original_max_position_embeddings, YaRN's mscale and mscale_all_dim).
+    Another kind (linear, dynamic, longrope) is not held: it changes no size and no cost."""
+    scaling = data.get("rope_scaling") or data.get("rope_parameters")
+    if not isinstance(scaling, dict):
+        return {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    factor = _number(scaling.get("factor"))
+    original = scaling.get("original_max_position_embeddings")
+    if kind not in ("llama3", "yarn") or factor < 1 or not isinstance(original, int) or original <= 0:
+        return {}
+    out = {"rope_scaling": kind, "rope_factor": factor, "rope_original_positions": original}
+    if kind == "yarn":
+        out.update(rope_mscale=max(0.0, _number(scaling.get("mscale"))),
+                   rope_mscale_all_dim=max(0.0, _number(scaling.get("mscale_all_dim"))))
+    return out
+
+
+def _router_of(data: dict, model_type: str) -> dict:
+    """A mixture of experts' router as transformers' class of `model_type` runs it: Mixtral and
+    gpt-oss renormalise the top-k softmax; Qwen2/3-MoE and OLMoE as norm_topk_prob says;
+    DeepSeek-V2/V3 score by scoring_func, pick within topk_group of n_group groups
+    (group_limited_greedy, noaux_tc), scale by routed_scaling_factor, and noaux_tc steers by a
+    per-expert bias; GLM-4.5 is DeepSeek-V3's router (sigmoid, bias)."""
+    if model_type in ("mixtral", "gpt_oss"):
+        return {}
+    if model_type in ("qwen2_moe", "qwen3_moe", "olmoe"):
+        return {"router_renormalize": bool(data.get("norm_topk_prob", False))}
+    if model_type not in ("deepseek_v2", "deepseek_v3", "glm4_moe"):
+        return {}
+    method = str(data.get("topk_method", "noaux_tc" if model_type != "deepseek_v2" else "greedy"))
+    groups = _int(data, "n_group", default=1) if method in ("group_limited_greedy", "noaux_tc") else 1
+    return {"router_score": "sigmoid" if model_type == "glm4_moe" else str(data.get("scoring_func", "softmax")),
+            "router_renormalize": bool(data.get("norm_topk_prob", False)),
+            "router_groups": groups if groups > 1 else 0,
+            "router_group_topk": _int(data, "topk_group", default=1) if groups > 1 else 0,
+            "router_topk_scale": _number(data.get("routed_scaling_factor"), 1.0),
+            "router_expert_bias": method == "noaux_tc"}
 
 
 def _window_of(data: dict, model_type: str) -> dict:

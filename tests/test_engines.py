@@ -367,3 +367,47 @@ def test_the_rope_base_travels_from_the_config_to_megatron_and_back():
     model.init_buffers()
     cos, _ = rope_tables(16, 32, 500000.0)
     assert torch.equal(model.rope_cos, cos) and not torch.equal(cos, rope_tables(16, 32)[0])
+
+
+def test_llama_3_1s_rope_scaling_is_read_built_and_exported():
+    """Llama 3.1 stretches RoPE's low frequencies by 8 over the 8,192 positions it was first trained
+    at (rope_scaling, rope_type llama3; Llama 3.2 by 32). The reader kept only the base, the built-in
+    model rotated without the scaling and the Megatron arguments said none (--use-rope-scaling):
+    a Llama 3 checkpoint loaded there would rotate as another model. Read (both config layouts),
+    built as transformers' LlamaRotaryEmbedding builds it, exported and read back."""
+    import torch
+
+    transformers = pytest.importorskip("transformers")
+    from planner.model_source import spec_from_hf_config
+    from planner.zoo.model import Transformer, rope_tables
+
+    llama = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+             "num_hidden_layers": 2, "vocab_size": 256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5}
+    scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    for layout in ({"rope_theta": 500000.0, "rope_scaling": scaling},  # transformers 4
+                   {"rope_parameters": {**scaling, "rope_theta": 500000.0}}):  # transformers 5
+        spec = spec_from_hf_config({**llama, **layout})
+        assert (spec.rope_scaling, spec.rope_factor, spec.rope_original_positions) == ("llama3", 32.0, 8192)
+    assert spec_from_hf_config({**llama, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}).rope_scaling == ""
+    with torch.device("meta"):
+        model = Transformer(ModelSpec.from_dict({**ZOO["tiny-llama"].to_dict(), "seq_len": 20000, "rope_theta": 500000.0,
+                                                 "rope_scaling": "llama3", "rope_factor": 32.0,
+                                                 "rope_original_positions": 8192}))
+    model.to_empty(device="cpu")
+    model.init_buffers()
+    config = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=131072,
+                                      rope_theta=500000.0, rope_scaling=scaling)
+    rotary = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(config)
+    cos, _ = rotary(torch.zeros(1, 4, 16), torch.arange(20000).unsqueeze(0))  # (1, T, head_dim)
+    assert torch.allclose(model.rope_cos, cos[0, :, :8], atol=1e-6)
+    assert not torch.allclose(rope_tables(16, 20000, 500000.0)[0], model.rope_cos, atol=1e-2)
+    spec = ZOO["llama3.1-8b"]
+    assert (spec.rope_scaling, spec.rope_factor, spec.rope_original_positions) == ("llama3", 8.0, 8192)
+    plan = _plan("llama3.1-8b", "h100-sxm:64", dp=64, zero=3, microbatch_size=2, global_batch=512, seq_len=8192)
+    argv = [str(a) for a in megatron.export(plan)]
+    assert "--use-rope-scaling" in argv and argv[argv.index("--rope-scaling-factor") + 1] == "8.0"
+    assert set(a for a in argv if a.startswith("--")) <= set(KEYS["megatron"]["flags"])
+    back = megatron.import_(argv, world_size=64).spec
+    assert (back.rope_scaling, back.rope_factor, back.rope_original_positions) == ("llama3", 8.0, 8192)
+    assert megatron.import_([a for a in argv if a not in ("--use-rope-scaling",)], world_size=64).spec.rope_scaling == ""

@@ -33,17 +33,21 @@ DEEPSEEK_V2_LITE = {"model_type": "deepseek_v2", "hidden_size": 2048, "intermedi
                     "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "vocab_size": 102400,
                     "max_position_embeddings": 163840, "rms_norm_eps": 1e-6, "rope_theta": 10000,
                     "tie_word_embeddings": False, "hidden_act": "silu", "topk_method": "greedy", "n_group": 1,
-                    "topk_group": 1, "norm_topk_prob": False, "attention_bias": False}
+                    "topk_group": 1, "norm_topk_prob": False, "attention_bias": False, "scoring_func": "softmax",
+                    "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                                     "mscale": 0.707, "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1}}
 DEEPSEEK_V3 = {**DEEPSEEK_V2_LITE, "model_type": "deepseek_v3", "hidden_size": 7168, "intermediate_size": 18432,
                "moe_intermediate_size": 2048, "num_attention_heads": 128, "num_key_value_heads": 128,
                "num_hidden_layers": 61, "n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 8,
                "first_k_dense_replace": 3, "q_lora_rank": 1536, "vocab_size": 129280, "n_group": 8, "topk_group": 4,
-               "routed_scaling_factor": 2.5, "norm_topk_prob": True, "topk_method": "noaux_tc"}
+               "routed_scaling_factor": 2.5, "norm_topk_prob": True, "topk_method": "noaux_tc", "scoring_func": "sigmoid",
+               "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "mscale": 1.0,
+                                "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1}}
 QWEN3_30B_A3B = {"model_type": "qwen3_moe", "hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768,
                  "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "num_hidden_layers": 48,
                  "num_experts": 128, "num_experts_per_tok": 8, "decoder_sparse_step": 1, "mlp_only_layers": [],
                  "vocab_size": 151936, "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
-                 "tie_word_embeddings": False, "hidden_act": "silu", "attention_bias": False}
+                 "tie_word_embeddings": False, "hidden_act": "silu", "attention_bias": False, "norm_topk_prob": True}
 QWEN1_5_MOE_A2_7B = {"model_type": "qwen2_moe", "hidden_size": 2048, "intermediate_size": 5632,
                      "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632,
                      "num_attention_heads": 16, "num_key_value_heads": 16, "num_hidden_layers": 24, "num_experts": 60,
@@ -462,6 +466,40 @@ def test_megatron_arguments_of_a_mixture_of_experts_read_back_as_the_same_model(
     assert (b.dense_layers, b.moe_every, b.kv_lora_rank, b.q_lora_rank, b.head_dim) == (
         spec.dense_layers, spec.moe_every, spec.kv_lora_rank, spec.q_lora_rank, spec.head_dim)
     assert back.strategy.ep == ep and back.strategy.ep_overlap == (name == "deepseek-v3")
+    # the router and RoPE scaling (the arguments described another router and no scaling before)
+    for field in ("router_score", "router_renormalize", "router_groups", "router_group_topk", "router_topk_scale",
+                  "router_expert_bias", "rope_scaling", "rope_factor", "rope_original_positions", "rope_mscale",
+                  "rope_mscale_all_dim", "qk_norm"):
+        assert getattr(b, field) == getattr(spec, field), field
+
+
+def test_routers_and_rope_scaling_are_read_as_the_configs_give_them_and_exported():
+    """DeepSeek-V3 routes by sigmoid scores within 4 of 8 expert groups, x2.5, with a balancing bias,
+    and rotates by YaRN (factor 40 over 4,096 positions); DeepSeek-V2-Lite by a softmax whose top-6 is
+    not renormalised, YaRN with mscale 0.707; Qwen1.5-MoE's top-k is not renormalised either. The
+    Megatron arguments said Megatron-Core's default router (softmax top-k renormalised) and no RoPE
+    scaling for all of them: another model than the checkpoint's."""
+    from engines import megatron
+    from planner.plan import plan_from_strategy
+
+    v3, lite = spec_from_hf_config(DEEPSEEK_V3), spec_from_hf_config(DEEPSEEK_V2_LITE)
+    assert (v3.router_score, v3.router_groups, v3.router_group_topk, v3.router_topk_scale, v3.router_expert_bias,
+            v3.router_renormalize) == ("sigmoid", 8, 4, 2.5, True, True)
+    assert (v3.rope_scaling, v3.rope_factor, v3.rope_original_positions) == ("yarn", 40.0, 4096)
+    from costmodel.spec import ROPE_AND_ROUTER_FIELDS
+
+    assert all(getattr(v3, f) == getattr(ZOO["deepseek-v3"], f) for f in ROPE_AND_ROUTER_FIELDS)  # the zoo's: its config's
+    assert (lite.router_score, lite.router_renormalize, lite.router_groups, lite.router_expert_bias) == (
+        "softmax", False, 0, False)
+    assert (lite.rope_mscale, lite.rope_mscale_all_dim) == (0.707, 0.707)
+    assert not spec_from_hf_config(QWEN1_5_MOE_A2_7B).router_renormalize
+    args = megatron.export(plan_from_strategy(lite, Strategy(dp=16, ep=8, zero=1, global_batch=16, microbatch_size=1),
+                                              "h100-sxm:16", {}))
+    assert "--moe-router-pre-softmax" in args and "--moe-router-score-function" not in args
+    assert args[args.index("--rotary-scaling-factor") + 1] == "40.0" and args[args.index("--mscale") + 1] == "0.707"
+    assert "--qk-layernorm" in args  # Megatron-Core's MLA latent norms (kv_a_layernorm)
+    back = megatron.import_(args, world_size=16).spec
+    assert (back.router_renormalize, back.rope_scaling, back.rope_mscale, back.qk_norm) == (False, "yarn", 0.707, False)
 
 
 @pytest.mark.parametrize("extra,needle", [
@@ -711,3 +749,25 @@ def test_a_search_with_no_candidate_names_what_stops_the_nearest_ones():
     with pytest.raises(ConfigError, match=r"tp\(4\) is more than tiny-moe's 2 K/V heads"):
         run_search(SearchRequest(spec=ZOO["tiny-moe"], cluster=load_cluster("h100-sxm:8"), global_batch=256,
                                  fixed={"tp": 4}))
+
+
+def test_a_router_or_rope_scaling_the_built_in_model_does_not_build_is_planned_for_prediction():
+    """paraplan's built-in mixture of experts routes by a softmax top-k renormalised and rotates
+    without YaRN: a spec (file or zoo) with another router or YaRN plans with a note and `check`
+    refuses it, naming the router; a Hugging Face source runs transformers' own router."""
+    from planner.contract import model_planned_only
+
+    qwen = ZOO["qwen3-30b-a3b"]
+    assert model_planned_only(qwen) == []
+    sigmoid = replace(qwen, router_score="sigmoid", router_groups=8, router_group_topk=4, router_topk_scale=2.5)
+    (why,) = model_planned_only(sigmoid)
+    assert "sigmoid scores, top-8 within 4 of 8 groups, x2.5" in why and "hf:DIR" in why
+    assert "not renormalised" in model_planned_only(replace(qwen, router_renormalize=False))[0]
+    assert model_planned_only(sigmoid, {"kind": "hf", "path": "x"}) == []
+    yarn = replace(ZOO["llama3-8b"], rope_scaling="yarn", rope_factor=4.0, rope_original_positions=8192)
+    assert "YaRN" in model_planned_only(yarn)[0]
+    assert model_planned_only(ZOO["llama3.1-8b"]) == []  # Llama 3's scaling: built
+    with pytest.raises(ConfigError, match="need experts"):
+        replace(ZOO["llama3-8b"], router_score="sigmoid")
+    with pytest.raises(ConfigError, match="router_groups 3 must divide"):
+        replace(qwen, router_groups=3, router_group_topk=1)

@@ -37,13 +37,14 @@ _SPECS = [
                        seq_len=8192), rope_theta=500000.0),
     replace(llama_spec("llama3-70b", layers=80, hidden=8192, heads=64, kv_heads=8, ffn_hidden=28672, vocab=128256,
                        seq_len=8192), rope_theta=500000.0),
-    # Llama 3.1 (and 3.3 70B): Llama 3's shapes read to 131,072 positions (rope scaling; trained at 8,192)
-    replace(llama_spec("llama3.1-8b", layers=32, hidden=4096, heads=32, kv_heads=8, ffn_hidden=14336, vocab=128256,
-                       seq_len=8192), max_positions=131072, rope_theta=500000.0),
-    replace(llama_spec("llama3.1-70b", layers=80, hidden=8192, heads=64, kv_heads=8, ffn_hidden=28672, vocab=128256,
-                       seq_len=8192), max_positions=131072, rope_theta=500000.0),
-    replace(llama_spec("llama3-405b", layers=126, hidden=16384, heads=128, kv_heads=8, ffn_hidden=53248, vocab=128256,
-                       seq_len=8192), max_positions=131072, rope_theta=500000.0),
+    # Llama 3.1 (and 3.3 70B): Llama 3's shapes read to 131,072 positions (Llama 3's RoPE scaling, 8 over
+    # the 8,192 it was first trained at; trained here at 8,192)
+    *(replace(llama_spec(name, layers=layers, hidden=hidden, heads=heads, kv_heads=8, ffn_hidden=ffn, vocab=128256,
+                         seq_len=8192), max_positions=131072, rope_theta=500000.0, rope_scaling="llama3",
+              rope_factor=8.0, rope_original_positions=8192)
+      for name, layers, hidden, heads, ffn in (("llama3.1-8b", 32, 4096, 32, 14336),
+                                               ("llama3.1-70b", 80, 8192, 64, 28672),
+                                               ("llama3-405b", 126, 16384, 128, 53248))),
     # mixtures of experts: trained here at 4,096 tokens, served to their configs' max_position_embeddings
     replace(_mixtral("mixtral-8x7b", layers=32, hidden=4096, heads=32, ffn_hidden=14336, vocab=32000, seq_len=4096),
             max_positions=32768, rope_theta=1e6),
@@ -59,7 +60,12 @@ _SPECS = [
     replace(llama_spec("deepseek-v3", layers=61, hidden=7168, heads=128, kv_heads=128, ffn_hidden=18432,
                        vocab=129280, seq_len=4096), head_dim=192, v_head_dim=128, kv_lora_rank=512, q_lora_rank=1536,
             qk_rope_head_dim=64, experts=256, experts_per_token=8, expert_ffn_hidden=2048,
-            shared_expert_ffn_hidden=2048, dense_layers=3, mtp_layers=1, max_positions=163840),
+            shared_expert_ffn_hidden=2048, dense_layers=3, mtp_layers=1, max_positions=163840,
+            # YaRN over 4,096 positions; sigmoid scores, top-8 within the best 4 of 8 groups, weights x 2.5,
+            # a per-expert bias for balance (its config: noaux_tc)
+            rope_scaling="yarn", rope_factor=40.0, rope_original_positions=4096, rope_mscale=1.0,
+            rope_mscale_all_dim=1.0, router_score="sigmoid", router_groups=8, router_group_topk=4,
+            router_topk_scale=2.5, router_expert_bias=True),
     # OpenAI's gpt-oss (arXiv 2508.10925; openai/gpt-oss-20b and -120b config.json): every layer's MLP routed
     # (top-4), q/k/v/o, expert and router biases, 64 query heads of 64 over 2880, a 128-token window in every
     # other layer; its checkpoints keep the experts in MXFP4 (hub_weights). Served here; trained at 4,096 tokens
@@ -67,7 +73,7 @@ _SPECS = [
     *(replace(llama_spec(name, layers=layers, hidden=2880, heads=64, kv_heads=8, ffn_hidden=2880, vocab=201088,
                          seq_len=4096), head_dim=64, v_head_dim=64, bias=True, experts=experts, experts_per_token=4,
                  expert_ffn_hidden=2880, attention_window=128, windowed_layers=layers // 2, max_positions=131072,
-                 rope_theta=150000.0)
+                 rope_theta=150000.0, rope_scaling="yarn", rope_factor=32.0, rope_original_positions=4096)
       for name, layers, experts in (("gpt-oss-20b", 24, 32), ("gpt-oss-120b", 36, 128))),
     # tiny models for tests and CPU runs
     ModelSpec(name="tiny-gpt", layers=4, hidden=64, heads=4, vocab=256, seq_len=32, tied_embeddings=False),

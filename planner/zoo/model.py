@@ -25,11 +25,31 @@ def _norm(spec: ModelSpec) -> nn.Module:
     return nn.LayerNorm(spec.hidden, eps=1e-5)
 
 
-def rope_tables(head_dim: int, seq_len: int, theta: float = 10000.0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotary angles, each (seq_len, head_dim // 2)."""
+LLAMA3_LOW_FREQ_FACTOR, LLAMA3_HIGH_FREQ_FACTOR = 1.0, 4.0  # every Llama 3.1-3.3 config's rope_scaling
+
+
+def rope_tables(head_dim: int, seq_len: int, theta: float = 10000.0, device=None,
+                llama3: tuple[float, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, each (seq_len, head_dim // 2). `llama3`: (factor, original
+    positions) of Llama 3.1's scaling (as transformers' _compute_llama3_parameters): frequencies whose
+    wavelength exceeds original / 1 are divided by the factor, those under original / 4 kept, those
+    between blended linearly in original / wavelength."""
     inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    if llama3 is not None:
+        factor, original = llama3
+        wavelength = 2 * math.pi / inv
+        smooth = (original / wavelength - LLAMA3_LOW_FREQ_FACTOR) / (LLAMA3_HIGH_FREQ_FACTOR - LLAMA3_LOW_FREQ_FACTOR)
+        blended = (1 - smooth) * inv / factor + smooth * inv
+        inv = torch.where(wavelength > original / LLAMA3_LOW_FREQ_FACTOR, inv / factor,
+                          torch.where(wavelength < original / LLAMA3_HIGH_FREQ_FACTOR, inv, blended))
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv)  # (T, hs/2)
     return angles.cos(), angles.sin()
+
+
+def spec_rope_tables(spec: ModelSpec, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotary tables of `spec` over its training length: its base, and Llama 3's scaling where it has it."""
+    llama3 = (spec.rope_factor, spec.rope_original_positions) if spec.rope_scaling == "llama3" else None
+    return rope_tables(spec.head_dim, spec.seq_len, spec.rope_theta or 10000.0, device=device, llama3=llama3)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -396,7 +416,7 @@ class Transformer(nn.Module):
         if spec.tied_embeddings:
             self.output.weight = self.tok_embeddings.weight
         if spec.position is Position.ROPE:
-            cos, sin = rope_tables(spec.head_dim, spec.seq_len, spec.rope_theta or 10000.0)
+            cos, sin = spec_rope_tables(spec)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         else:
@@ -412,8 +432,7 @@ class Transformer(nn.Module):
     def init_buffers(self) -> None:
         """Recompute the rotary tables (after `to_empty` from the meta device)."""
         if self.rope_cos is not None:
-            cos, sin = rope_tables(self.spec.head_dim, self.spec.seq_len, self.spec.rope_theta or 10000.0,
-                                   device=self.rope_cos.device)
+            cos, sin = spec_rope_tables(self.spec, device=self.rope_cos.device)
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
 
