@@ -17,6 +17,7 @@ from costmodel.spec import ModelSpec
 from costmodel.strategy import Strategy
 from engines.common import Imported, positive_int, stage_layers, training_plan, uniform_recompute
 from planner.plan import Plan
+from planner.zoo import ZOO  # torchtitan's flavors are shaped as the zoo's models of the same name
 
 SCHEDULES = {"gpipe": "GPipe", "1f1b": "1F1B", "interleaved": "Interleaved1F1B"}
 FLAVORS = {"llama3-8b": ("llama3", "8B"), "llama3-70b": ("llama3", "70B"), "llama3-405b": ("llama3", "405B")}
@@ -44,7 +45,7 @@ def export(plan: Plan) -> str:
                           "re-plan with --zero 0 or --zero 3")
     recompute = uniform_recompute(plan, "torchtitan")
     dp = mesh["dp_replicate"] * mesh["dp_shard"]
-    model_name, flavor = FLAVORS.get(plan.model.get("name", ""), (plan.model.get("name", "custom"), "custom"))
+    model_name, flavor = flavor_of(plan.spec) or (plan.model.get("name", "custom"), "custom")
     parallelism: dict = {
         "data_parallel_replicate_degree": mesh["dp_replicate"],
         "data_parallel_shard_degree": mesh["dp_shard"],
@@ -83,6 +84,29 @@ def export(plan: Plan) -> str:
         lines.append(f"\n[{name}]")
         lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
     return "\n".join(lines) + "\n"
+
+
+SHAPE_FIELDS = ("layers", "hidden", "heads", "kv_heads", "head_dim", "ffn_hidden", "vocab", "activation", "norm",
+                "position", "tied_embeddings", "bias", "rope_theta", "experts", "kv_lora_rank", "qk_norm")
+
+
+def flavor_of(spec: ModelSpec) -> tuple[str, str] | None:
+    """torchtitan's (model name, flavor) of the model shaped as `spec` (a Llama 3 or 3.1 of its sizes,
+    by whatever name it was planned: a Hugging Face directory's, say), or None where it has none."""
+    for zoo_name, flavor in FLAVORS.items():
+        if all(getattr(spec, f) == getattr(ZOO[zoo_name], f) for f in SHAPE_FIELDS):
+            return flavor
+    return None
+
+
+def export_notes(plan: Plan) -> list[str]:
+    """What the job config cannot say of the model, to say beside it."""
+    if flavor_of(plan.spec):
+        return []
+    spec = plan.spec
+    return [f"torchtitan has no flavor of {spec.name}'s shape: [model] names it name = \"{spec.name}\", flavor = "
+            f"\"custom\", which torchtitan must be given (register a flavor of {spec.layers} layers, hidden "
+            f"{spec.hidden}, {spec.heads} heads ({spec.kv_heads} K/V), FFN {spec.ffn_hidden}, vocabulary {spec.vocab})"]
 
 
 def _model_parts(plan: Plan) -> list[list[str]]:

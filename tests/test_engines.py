@@ -411,3 +411,21 @@ def test_llama_3_1s_rope_scaling_is_read_built_and_exported():
     back = megatron.import_(argv, world_size=64).spec
     assert (back.rope_scaling, back.rope_factor, back.rope_original_positions) == ("llama3", 8.0, 8192)
     assert megatron.import_([a for a in argv if a not in ("--use-rope-scaling",)], world_size=64).spec.rope_scaling == ""
+
+
+def test_torchtitan_flavors_are_found_by_shape_and_a_model_without_one_is_said(tmp_path, capsys):
+    """A Llama 3.1 8B read from its Hugging Face directory is named after the directory: the job config
+    said name = "llama31-8b", flavor = "custom", which torchtitan has no model for. Its shape is
+    torchtitan's llama3 8B; a shape torchtitan has no flavor of is written as before, with a note."""
+    from dataclasses import replace
+
+    s = Strategy(dp=64, zero=3, microbatch_size=2, global_batch=512, seq_len=8192)
+    mine = plan_from_strategy(replace(ZOO["llama3.1-8b"], name="llama31-8b"), s, "h100-sxm:64", {})
+    model = tomllib.loads(torchtitan.export(mine))["model"]
+    assert (model["name"], model["flavor"]) == ("llama3", "8B") and torchtitan.export_notes(mine) == []
+    other = plan_from_strategy(replace(ZOO["llama3-8b"], name="wide", ffn_hidden=16384), s, "h100-sxm:64", {})
+    assert tomllib.loads(torchtitan.export(other))["model"] == {"name": "wide", "flavor": "custom"}
+    target = tmp_path / "wide.yaml"
+    target.write_text(other.to_yaml())
+    assert main(["export", str(target), "--to", "torchtitan"]) == 0
+    assert "torchtitan has no flavor of wide's shape" in capsys.readouterr().err

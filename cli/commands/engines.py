@@ -26,9 +26,9 @@ def run_export(args: argparse.Namespace) -> int:
     plan = Plan.load(args.plan)
     text = EXPORTERS[args.to](plan)
     read_type = class_read_type(plan.source["path"]) if plan.source.get("kind") == "hf" else None
-    if args.to == "megatron":
-        for note in megatron.export_notes(plan):
-            print(f"paraplan: note: {note}", file=sys.stderr)
+    notes = {"megatron": megatron.export_notes, "torchtitan": torchtitan.export_notes}.get(args.to)
+    for note in notes(plan) if notes else []:
+        print(f"paraplan: note: {note}", file=sys.stderr)
     if read_type and args.to in ("torchtitan", "megatron"):
         print(f"paraplan: note: {plan.spec.name} ({read_type}) was read off transformers' class: the {args.to} config "
               "gives its sizes, attention, MLP and norm kind, not what the spec does not hold (post-norms, norms "
