@@ -76,14 +76,15 @@ def hf_experts(model: nn.Module) -> list[tuple[str, nn.Module]]:
             and isinstance(getattr(m, "down_proj", None), nn.Parameter)]
 
 
-def apply_hf_expert_parallel(model: nn.Module, emesh: DeviceMesh, tp: int = 1) -> None:
+def apply_hf_expert_parallel(model: nn.Module, emesh: DeviceMesh, tp: int = 1, whole: bool = True) -> None:
     """This rank's experts/ep of each Hugging Face experts module (meta device, before
-    allocation), its forward replaced by expert parallelism's round trip."""
+    allocation), its forward replaced by expert parallelism's round trip. `whole`: the model is
+    all there (a pipeline stage may hold only dense layers: DeepSeek's first ones)."""
     ep = emesh["ep"].size()
     rank = emesh["ep"].get_local_rank()
     group = emesh.get_group("ep")
     found = hf_experts(model)
-    if not found:
+    if not found and whole:
         raise ConfigError("the plan splits experts over ep, but the module has no experts in transformers' layout "
                           "(gate_up_proj and down_proj of experts x ...); re-plan with --ep 1")
     for _path, experts in found:

@@ -165,8 +165,12 @@ def run(cfg: LaunchConfig) -> int:
             cmd.append(f"--max-restarts={cfg.max_restarts}")
         cmd += ["-m", "runtime.worker", *cfg.worker_args(out)]
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL if cfg.json else None)
-        if proc.returncode != 0:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL if cfg.json else None, stderr=subprocess.PIPE,
+                                text=True, errors="replace")
+        said = pass_stderr(proc.stderr, sys.stderr)
+        if proc.wait() != 0:
+            if said:  # a worker said why, in one line: the rest is torchrun stopping the others
+                return 2
             raise ConfigError(f"the run failed (torchrun exit {proc.returncode}); see the workers' messages above")
         summary = json.loads(Path(out).read_text().splitlines()[-1]) if Path(out).exists() else {}
     summary.pop("plan", None)
@@ -182,6 +186,24 @@ def run(cfg: LaunchConfig) -> int:
         if note:
             print(note)
     return 0
+
+
+def pass_stderr(lines, out) -> bool:
+    """Copy the workers' stderr (through torchrun) to `out` as it comes, until a worker says
+    `paraplan: error: ...`; after it, only other such lines: what follows is the run being stopped
+    (torchrun's report of the failed workers and its traceback, other ranks' lost connections), not
+    news. Whether an error was said."""
+    said: set[str] = set()
+    for line in lines:
+        if line.startswith("paraplan: error:"):
+            if line not in said:
+                out.write(line)
+                out.flush()
+            said.add(line)
+        elif not said:
+            out.write(line)
+            out.flush()
+    return bool(said)
 
 
 def prediction_note(summary: dict, plan: Plan) -> str:

@@ -452,7 +452,7 @@ def build_user_parts(plan: Plan, mesh, device: torch.device, seed: int, mmap: Mo
             model = cut_stage(model, mmap, first, end, has_embedding=k == 0, has_head=k == last, seq_len=plan.seq_len,
                               kind=plan.source["kind"])
         if emesh is not None:
-            apply_hf_expert_parallel(model, emesh, tp)
+            apply_hf_expert_parallel(model, emesh, tp, whole=pp == 1)
         if plan.mode == "lora":  # the targets' linears wrapped, all else frozen (the pristine copy keeps the base;
             paths = mmap.lora_paths()  # after expert parallelism, whose experts are new parameters)
             wrap_targets(model, list(blocks_of(model, mmap).children()),

@@ -78,13 +78,32 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     print(line, flush=True)
     except ConfigError as exc:
-        if dist.get_rank() == 0:
-            print(f"paraplan: error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        dist.barrier()  # no rank tears gloo down while another still talks (C++ terminate otherwise)
-        dist.destroy_process_group()
+        return refuse(exc)
+    dist.barrier()  # no rank tears gloo down while another still talks (C++ terminate otherwise)
+    dist.destroy_process_group()
     return 0
+
+
+ARRIVAL_TIMEOUT = datetime.timedelta(seconds=30)
+
+
+def refuse(exc: ConfigError, arrival: datetime.timedelta = ARRIVAL_TIMEOUT) -> int:
+    """Exit status 2 with the error said once. A problem of the plan stops every rank at the same
+    point: they meet, rank 0 says it, the group is torn down. A problem of one rank's own part (its
+    pipeline stage's modules) stops that rank alone while the others wait in a collective for it (a
+    barrier here would wait for them for the group's whole timeout): where they do not all arrive
+    within `arrival`, the rank says its error itself and leaves, and torchrun stops the rest (`paraplan
+    run` shows the error, not the other ranks' lost connections: runtime.launch)."""
+    rank = dist.get_rank()
+    try:
+        dist.barrier(async_op=True).wait(timeout=arrival)
+    except RuntimeError:  # some rank did not come: this one's problem is its own
+        print(f"paraplan: error: {exc}", file=sys.stderr)
+        leave(2)
+    if rank == 0:
+        print(f"paraplan: error: {exc}", file=sys.stderr)
+    dist.destroy_process_group()
+    return 2
 
 
 if __name__ == "__main__":

@@ -282,14 +282,17 @@ TINY_HF_MOE = {  # transformers' own mixture-of-experts classes, a few kilobytes
                     "hidden_act": "silu"},
 }
 TINY_HF_MOE["deepseek_v3"] = {**TINY_HF_MOE["deepseek_v2"], "model_type": "deepseek_v3", "q_lora_rank": 24,
-                              "n_group": 2, "topk_group": 1, "norm_topk_prob": True, "routed_scaling_factor": 2.5}
+                              "n_group": 2, "topk_group": 1, "norm_topk_prob": True, "routed_scaling_factor": 2.5,
+                              "num_hidden_layers": 4}
 
 
 HF_CONFIGS = {k: CONFIGS[k] for k in ("ep2_fsdp2", "ep4")}  # EP x DDP is the built-in model's test's
 HF_CONFIGS["pp2_ep2"] = dict(pp=2, dp=2, ep=2, microbatch_size=2, schedule="1f1b")  # stages driven as transformers' forward
+# one layer a virtual stage: DeepSeek's dense first layer is a stage with no experts (its rank stopped there alone)
+HF_CONFIGS["pp2v2_ep2"] = dict(pp=2, dp=2, ep=2, microbatch_size=2, schedule="interleaved", virtual_stages=2)
 HF_LAYOUTS = {"mixtral": ("ep2_fsdp2", "ep4", "pp2_ep2"), "qwen2_moe": ("ep2_fsdp2",),  # the shared expert under EP x FSDP
               "glm4_moe": ("ep2_fsdp2",),  # DeepSeek-V3's router (its score correction a persistent buffer), a dense layer
-              "olmoe": ("ep4",), "deepseek_v2": ("ep2_fsdp2",), "deepseek_v3": ("ep4", "pp2_ep2")}
+              "olmoe": ("ep4",), "deepseek_v2": ("ep2_fsdp2",), "deepseek_v3": ("ep4", "pp2v2_ep2")}
 
 
 def test_hugging_face_experts_train_under_expert_parallelism(tmp_path):

@@ -16,7 +16,7 @@ import yaml
 
 from costmodel import Strategy
 from planner.plan import Plan
-from runtime_helpers import ROOT, torchrun, write_plan
+from runtime_helpers import ROOT, torchrun, worker_env, write_plan
 from tests_helpers import paraplan
 
 
@@ -145,3 +145,28 @@ def test_replan_refuses_what_it_cannot_do(tmp_path):
                     "512", "--output-len", "128", "-o", str(serving)).returncode == 0
     out = paraplan("replan", str(serving), "--gpus", "16")
     assert out.returncode == 2 and "is a serving plan" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_an_error_of_one_ranks_own_part_is_said_and_the_run_stops(tmp_path):
+    """A ConfigError that one rank meets alone (its pipeline stage's modules: an interleaved stage of
+    DeepSeek's dense first layer had no experts) left it waiting at the worker's closing barrier while
+    the others waited for it in a collective: `paraplan run` hung for the process group's 10-minute
+    timeout, silent where the rank was not rank 0. It says its error and leaves; torchrun stops the rest."""
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(ROOT / "tests" / "refuse_worker.py")], capture_output=True, text=True, cwd=ROOT,
+                          env=worker_env(), timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("paraplan: error: rank 1's own part cannot be built") == 1, proc.stderr[-3000:]
+    assert time.monotonic() - start < 120
+
+
+def test_a_workers_refusal_is_one_line_from_paraplan_run(tmp_path):
+    """A refusal every worker meets (checkpoints of an expert-parallel run, checked in the workers) printed
+    its line and then torchrun's report of the failed workers: a traceback, a table, and "the run failed
+    (torchrun exit 1)". `paraplan run` passes the workers' stderr on until a worker says its error."""
+    plan = write_plan(tmp_path, "tiny-moe", Strategy(dp=2, ep=2, global_batch=4, microbatch_size=2, seq_len=32), "ep2")
+    out = paraplan("run", str(plan), "--steps", "1", "--checkpoint-dir", str(tmp_path / "ckpt"))
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("paraplan: error: checkpoints of an expert-parallel run"), out.stderr
