@@ -176,7 +176,7 @@ class ModelSpec:
             object.__setattr__(self, "windowed_layers", self.layers)
 
     def _check_rope_scaling(self) -> None:
-        for name in ("rope_factor", "rope_mscale", "rope_mscale_all_dim", "router_topk_scale"):
+        for name in ("rope_factor", "rope_mscale", "rope_mscale_all_dim"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0 and math.isfinite(value)):
                 raise ConfigError(f"model field '{name}' must be a number >= 0, got {value!r}")
@@ -195,6 +195,9 @@ class ModelSpec:
                               "(llama3 or yarn)")
 
     def _check_router(self) -> None:
+        value = self.router_topk_scale
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
+            raise ConfigError(f"model field 'router_topk_scale' must be a positive number, got {value!r}")
         if self.router_score not in ("softmax", "sigmoid"):
             raise ConfigError(f"model field 'router_score' is {self.router_score!r}; use softmax or sigmoid")
         for name in ("router_renormalize", "router_expert_bias"):

@@ -106,14 +106,14 @@ def model_planned_only(spec: ModelSpec, source: dict | None = None) -> list[str]
     written (with a note) for prediction and export; `check` and `run` refuse them. `source`: the
     plan's (a user's module runs as it is: transformers' gpt-oss keeps its own biased experts, its
     DeepSeek its latent attention)."""
-    if spec.latent_attention and not (source or {}).get("kind"):
-        return [f"{spec.name} uses multi-head latent attention, which the cost model prices and the runtime does "
-                "not build yet: its plans are for prediction and export"]
-    if spec.moe and spec.bias and not (source or {}).get("kind"):
-        return [f"{spec.name}'s experts carry biases, which the cost model prices and the runtime's experts do not "
-                "build yet: its plans are for prediction and export"]
     if (source or {}).get("kind"):
         return []
+    if spec.latent_attention:
+        return [f"{spec.name} uses multi-head latent attention, which the cost model prices and the runtime does "
+                "not build yet: its plans are for prediction and export"]
+    if spec.moe and spec.bias:
+        return [f"{spec.name}'s experts carry biases, which the cost model prices and the runtime's experts do not "
+                "build yet: its plans are for prediction and export"]
     if spec.rope_scaling == "yarn":
         return [f"{spec.name} rotates by YaRN's scaled RoPE, which paraplan's built-in model does not (it builds "
                 "Llama 3's): its plans are for prediction and export; train it from its Hugging Face config (hf:DIR)"]
@@ -126,7 +126,7 @@ def model_planned_only(spec: ModelSpec, source: dict | None = None) -> list[str]
 
 
 def router_text(spec: ModelSpec) -> str:
-    """A mixture of experts' router in words: `sigmoid scores, top-8 within 4 of 8 groups, x2.5, bias`."""
+    """A mixture of experts' router in words: `sigmoid scores, top-8 within 4 of 8 groups, x2.5, a balancing bias`."""
     parts = [f"{spec.router_score} scores", f"top-{spec.experts_per_token}"
              + (f" within {spec.router_group_topk} of {spec.router_groups} groups" if spec.router_groups else "")
              + ("" if spec.router_renormalize else " not renormalised")]

@@ -92,14 +92,17 @@ def refuse(exc: ConfigError, arrival: datetime.timedelta = ARRIVAL_TIMEOUT) -> i
     point: they meet, rank 0 says it, the group is torn down. A problem of one rank's own part (its
     pipeline stage's modules) stops that rank alone while the others wait in a collective for it (a
     barrier here would wait for them for the group's whole timeout): where they do not all arrive
-    within `arrival`, the rank says its error itself and leaves, and torchrun stops the rest (`paraplan
-    run` shows the error, not the other ranks' lost connections: runtime.launch)."""
+    within `arrival` (gloo), the rank says its error itself and leaves, and torchrun stops the rest
+    (`paraplan run` shows the error, not the other ranks' lost connections: runtime.launch)."""
     rank = dist.get_rank()
-    try:
-        dist.barrier(async_op=True).wait(timeout=arrival)
-    except RuntimeError:  # some rank did not come: this one's problem is its own
-        print(f"paraplan: error: {exc}", file=sys.stderr)
-        leave(2)
+    if dist.get_backend() == "gloo":  # (NCCL's wait does not block the host: its barrier as before)
+        try:
+            dist.barrier(async_op=True).wait(timeout=arrival)
+        except RuntimeError:  # some rank did not come: this one's problem is its own
+            print(f"paraplan: error: {exc}", file=sys.stderr)
+            leave(2)
+    else:
+        dist.barrier()
     if rank == 0:
         print(f"paraplan: error: {exc}", file=sys.stderr)
     dist.destroy_process_group()
