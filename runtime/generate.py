@@ -84,17 +84,16 @@ def load_model(spec: ModelSpec, *, checkpoint: str | None = None, seed: int = 0)
     model = build_model(spec, device="cpu")
     model.init_weights(seed)
     if checkpoint:
-        from runtime.checkpoint import latest, load_in_one_process
+        from runtime.checkpoint import latest, whole_model_state
 
         found = latest(checkpoint) if not (Path(checkpoint) / "COMPLETE").exists() else Path(checkpoint)
         if found is None:
             raise ConfigError(f"no complete checkpoint in {checkpoint}; give a `paraplan run --checkpoint-dir` folder")
-        state = {"train": {"model": model.state_dict()}}
-        try:
-            load_in_one_process(state, found)
+        try:  # an expert-parallel run's experts put back together
+            state = whole_model_state(list(model.state_dict()), found)
+            model.load_state_dict(state)
         except Exception as exc:  # noqa: BLE001 - a checkpoint of another model, or damaged
             raise ConfigError(f"cannot load the model from {found}: {str(exc).splitlines()[0][:200]}") from None
-        model.load_state_dict(state["train"]["model"])
     return model.eval()
 
 

@@ -80,21 +80,20 @@ def load_model_state(model: torch.nn.Module, checkpoint: Path) -> None:
     merge_and_unload gives), so the module is the fine-tuned model as it is."""
     import torch.distributed.checkpoint as dcp
 
-    from runtime.checkpoint import load_in_one_process
+    from runtime.checkpoint import whole_model_state
 
     metadata = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
-    stored = set(metadata)
-    state = {name: t for name, t in model.state_dict().items() if f"train.model.{name}" in stored}
-    adapters = {key[len("train.model."):]: torch.empty(tuple(metadata[key].size)) for key in stored
-                if key.startswith("train.model.") and key.endswith((".lora_a", ".lora_b"))}
+    adapters = [key[len("train.model."):] for key in metadata
+                if key.startswith("train.model.") and key.endswith((".lora_a", ".lora_b"))]
+    try:  # an expert-parallel run's experts put back together
+        state = whole_model_state([*model.state_dict(), *adapters], checkpoint)
+    except Exception as exc:  # noqa: BLE001 - a damaged checkpoint or another model's
+        raise ConfigError(f"cannot load the model from {checkpoint}: {str(exc).splitlines()[0][:200]}") from None
     missing = [n for n, _ in model.named_parameters() if n not in state]
     if missing:
         raise ConfigError(f"checkpoint {checkpoint} lacks {missing[0]} (and {len(missing) - 1} more); it was "
                           "written for another model")
-    try:
-        load_in_one_process({"train": {"model": {**state, **adapters}}}, checkpoint)
-    except Exception as exc:  # noqa: BLE001 - a damaged checkpoint or another model's
-        raise ConfigError(f"cannot load the model from {checkpoint}: {str(exc).splitlines()[0][:200]}") from None
+    adapters = {name: state.pop(name) for name in adapters}
     model.load_state_dict(state, strict=False)
     with torch.no_grad():
         for name, a in adapters.items():

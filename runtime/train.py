@@ -256,9 +256,6 @@ def _forward_backward(modules, schedule, x, y, m_micro: int, autocast, device, h
 def train(plan: Plan, cfg: RunConfig) -> dict:
     world, rank = dist.get_world_size(), dist.get_rank()
     problems = runnable_problems(plan, world)
-    if cfg.checkpoint_dir and int(plan.experts.get("ep", 1)) > 1:
-        problems.append("checkpoints of an expert-parallel run are not written yet (each ep rank holds other experts "
-                        "under the same names); run without --checkpoint-dir or re-plan with ep 1")
     if problems:
         raise ConfigError(problems[0])
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -279,7 +276,7 @@ def train(plan: Plan, cfg: RunConfig) -> dict:
     tokenizer = tokenizer_dir(plan.source["path"]) if plan.source.get("kind") == "hf" else None
     source = TokenSource(spec.vocab, plan.seq_len, cfg.data, cfg.seed, tokenizer=tokenizer)
     extra = {"step": 0}
-    state = ckpt.TrainState(modules, optimizers, extra)
+    state = ckpt.TrainState(modules, optimizers, extra, ep=int(plan.experts.get("ep", 1)))
     if cfg.checkpoint_dir and rank == 0:  # the plan beside its checkpoints (export-weights reads it)
         from planner.files import atomic_write_text
 

@@ -774,3 +774,53 @@ def test_a_router_or_rope_scaling_the_built_in_model_does_not_build_is_planned_f
         replace(ZOO["llama3-8b"], router_score="sigmoid")
     with pytest.raises(ConfigError, match="router_groups 3 must divide"):
         replace(qwen, router_groups=3, router_group_topk=1)
+
+
+def test_an_expert_parallel_run_checkpoints_resumes_and_exports(tmp_path):
+    """Checkpoints of ep > 1 runs were refused (each ep rank holds other experts under the same
+    names). The shards are saved per ep rank: a run resumed from its step-2 checkpoint gives the
+    uninterrupted run's losses bit for bit; a plan of another ep is refused in one line; generate
+    reads the experts back whole (in expert order: ep rank r holds the r-th block); export-weights of
+    a Hugging Face Mixtral's EP checkpoint holds all its experts, as the shards were saved."""
+    import torch
+
+    from runtime.checkpoint import whole_model_state
+    from tests_helpers import paraplan
+
+    s = Strategy(precision="fp32", dp=4, ep=2, zero=3, global_batch=8, microbatch_size=2, seq_len=32)
+    plan = write_plan(tmp_path, "tiny-moe", s, "ep2")
+    ckpt = tmp_path / "ckpt"
+    straight = paraplan("run", str(plan), "--steps", "4", "--checkpoint-dir", str(ckpt), "--checkpoint-every", "2",
+                        "--metrics", str(tmp_path / "straight.jsonl"))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert json.loads((ckpt / "step_2" / "COMPLETE").read_text())["ep"] == 2
+    import shutil
+
+    shutil.rmtree(ckpt / "step_4")
+    resumed = paraplan("run", str(plan), "--steps", "4", "--checkpoint-dir", str(ckpt), "--resume",
+                       "--metrics", str(tmp_path / "resumed.jsonl"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    loss = lambda f: {d["step"]: d["loss"] for d in map(json.loads, (tmp_path / f).read_text().splitlines())}
+    assert loss("resumed.jsonl") == {k: v for k, v in loss("straight.jsonl").items() if k > 2}
+    other = write_plan(tmp_path, "tiny-moe", replace(s, ep=4), "ep4")
+    refused = paraplan("run", str(other), "--steps", "4", "--checkpoint-dir", str(ckpt), "--resume")
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(lines) == 1 and "re-plan with --ep 2" in lines[0], refused.stderr
+    whole = whole_model_state(["layers.1.feed_forward.experts.w1"], ckpt / "step_2")
+    assert whole["layers.1.feed_forward.experts.w1"].shape[0] == ZOO["tiny-moe"].experts
+    generated = paraplan("generate", "--model", "tiny-moe", "--checkpoint", str(ckpt), "--prompt-tokens", "1,2,3",
+                         "--max-new-tokens", "3", "--greedy")
+    assert generated.returncode == 0, generated.stderr
+    import transformers
+
+    folder = tmp_path / "mixtral"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(TINY_HF_MOE["mixtral"]))
+    hf_plan = write_source_plan(tmp_path, f"hf:{folder}", s, "mixtral-ep2")
+    run = paraplan("run", str(hf_plan), "--steps", "1", "--checkpoint-dir", str(tmp_path / "hf"), "--checkpoint-every", "1")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert paraplan("export-weights", str(tmp_path / "hf"), "-o", str(tmp_path / "out")).returncode == 0
+    exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    saved = whole_model_state([name], tmp_path / "hf" / "step_1")[name]
+    assert saved.shape[0] == 4 and torch.equal(exported.get_parameter(name).detach(), saved)
