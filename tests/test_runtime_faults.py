@@ -162,11 +162,15 @@ def test_an_error_of_one_ranks_own_part_is_said_and_the_run_stops(tmp_path):
 
 
 def test_a_workers_refusal_is_one_line_from_paraplan_run(tmp_path):
-    """A refusal every worker meets (checkpoints of an expert-parallel run, checked in the workers) printed
-    its line and then torchrun's report of the failed workers: a traceback, a table, and "the run failed
-    (torchrun exit 1)". `paraplan run` passes the workers' stderr on until a worker says its error."""
-    plan = write_plan(tmp_path, "tiny-moe", Strategy(dp=2, ep=2, global_batch=4, microbatch_size=2, seq_len=32), "ep2")
-    out = paraplan("run", str(plan), "--steps", "1", "--checkpoint-dir", str(tmp_path / "ckpt"))
+    """A refusal every worker meets (a py: module whose forward is not the chain its pipeline stages are
+    cut by, checked as the workers build their stages) printed its line and then torchrun's report of the
+    failed workers: a traceback, a table, and "the run failed (torchrun exit 1)". `paraplan run` passes
+    the workers' stderr on until a worker says its error."""
+    from runtime_helpers import write_source_plan
+
+    plan = write_source_plan(tmp_path, "py:user_model:user_lm_scaled", Strategy(
+        precision="fp32", pp=2, dp=2, microbatch_size=2, global_batch=8, seq_len=32, schedule="1f1b"), "scaled")
+    out = paraplan("run", str(plan), "--steps", "1")
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("paraplan: error: checkpoints of an expert-parallel run"), out.stderr
+    assert len(lines) == 1 and "its pipeline stages cannot be cut; re-plan with --pp 1" in lines[0], out.stderr
