@@ -21,7 +21,10 @@ from __future__ import annotations
 
 from costmodel.spec import ModelSpec
 
-TARGETS = ("q", "k", "v", "o", "up", "gate", "down")
+TARGETS = ("q", "k", "v", "o", "up", "gate", "down", "q_a", "q_b", "kv_a", "kv_b")
+# multi-head latent attention's own projections (DeepSeek's q_a_proj, q_b_proj, kv_a_proj_with_mqa,
+# kv_b_proj, as PEFT's target_modules name them for it); q is its q_proj where it has no q rank
+LATENT_TARGETS = ("q_a", "q_b", "kv_a", "kv_b")
 DEFAULT_TARGETS = ("q", "k", "v", "o")
 NF4_BYTES_PER_WEIGHT = 4.127 / 8  # QLoRA, Sec. 3: 4-bit NF4 plus 0.127 bits of double-quantized constants
 BASE_PRECISIONS = ("bf16", "nf4")
@@ -29,13 +32,32 @@ MODULES = {"q": "attention.wq", "k": "attention.wk", "v": "attention.wv", "o": "
            "up": "feed_forward.w1", "gate": "feed_forward.w3", "down": "feed_forward.w2"}
 
 
-def target_shapes(spec: ModelSpec) -> dict[str, tuple[int, int, bool]]:
-    """Target -> (in, out, column-parallel) for the linears of one block."""
+def default_targets(spec: ModelSpec) -> tuple[str, ...]:
+    """The adapters' targets where none are given: q, k, v, o; latent attention's own projections
+    for a model with it (q or q_a and q_b, kv_a, kv_b, o: what PEFT users target on DeepSeek)."""
+    if spec.latent_attention:
+        return (("q_a", "q_b") if spec.q_lora_rank else ("q",)) + ("kv_a", "kv_b", "o")
+    return DEFAULT_TARGETS
+
+
+def target_shapes(spec: ModelSpec) -> dict[str, tuple[int, int, str]]:
+    """Target -> (in, out, split over tp: "column", "row" or "whole") for the linears of one
+    block. Latent attention has no k or v of its own: q (without a q rank) or q_a -> q_b, kv_a
+    (the latent and the rope key, whole on every rank as Megatron-Core keeps the down projections),
+    kv_b (each head's no-RoPE key and value from the latent), o (heads x v_head_dim in)."""
     h, q, kv, f = spec.hidden, spec.q_dim, spec.kv_dim, spec.ffn_hidden
-    shapes = {"q": (h, q, True), "k": (h, kv, True), "v": (h, kv, True), "o": (q, h, False),
-              "up": (h, f, True), "down": (f, h, False)}
+    if spec.latent_attention:
+        rope, v = spec.qk_rope_head_dim, spec.heads * spec.v_head_dim
+        attention = {"kv_a": (h, spec.kv_lora_rank + rope, "whole"),
+                     "kv_b": (spec.kv_lora_rank, spec.heads * (spec.head_dim - rope) + v, "column"),
+                     "o": (v, h, "row")}
+        attention.update({"q_a": (h, spec.q_lora_rank, "whole"), "q_b": (spec.q_lora_rank, q, "column")}
+                         if spec.q_lora_rank else {"q": (h, q, "column")})
+    else:
+        attention = {"q": (h, q, "column"), "k": (h, kv, "column"), "v": (h, kv, "column"), "o": (q, h, "row")}
+    shapes = {**attention, "up": (h, f, "column"), "down": (f, h, "row")}
     if spec.gated:
-        shapes["gate"] = (h, f, True)
+        shapes["gate"] = (h, f, "column")
     return shapes
 
 
@@ -43,8 +65,9 @@ def adapter_shapes(spec: ModelSpec, targets, rank: int, tp: int) -> list[tuple[i
     """(in, r, out) per target on one tp rank: the two GEMMs x A^T then (x A^T) B^T."""
     out = []
     for name in targets:
-        n_in, n_out, column = target_shapes(spec)[name]
-        out.append((n_in, rank, n_out // tp) if column else (n_in // tp, rank, n_out))
+        n_in, n_out, split = target_shapes(spec)[name]
+        out.append((n_in, rank, n_out // tp) if split == "column" else (n_in // tp, rank, n_out) if split == "row"
+                   else (n_in, rank, n_out))
     return out
 
 

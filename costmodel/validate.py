@@ -6,6 +6,7 @@ Style after torchtitan's ParallelDims: `pp(2) * dp(4) * cp(1) * tp(8) = 64 != wo
 from __future__ import annotations
 
 from costmodel.errors import ConfigError
+from costmodel.lora import target_shapes
 from costmodel.moe import expert_layout_problems
 from costmodel.spec import ModelSpec
 from costmodel.strategy import Schedule, Strategy
@@ -15,6 +16,13 @@ def strategy_problems(spec: ModelSpec, strategy: Strategy, world_size: int) -> l
     """Every reason the strategy cannot run the model on `world_size` GPUs (empty: it can)."""
     s = strategy
     problems: list[str] = []
+    # the model's own first: a target it does not have fails every layout alike
+    absent = [t for t in s.lora_targets if t not in target_shapes(spec) and t not in ("up", "gate", "down")]
+    if absent:
+        have = ",".join(t for t in target_shapes(spec) if t not in ("up", "gate", "down"))
+        problems.append(f"--lora-targets {','.join(absent)}: {spec.name}'s attention has no such projection"
+                        + (" (multi-head latent attention: K and V come from one latent)" if spec.latent_attention else "")
+                        + f"; use some of {have}")
     if s.world_size != world_size:
         problems.append(
             f"pp({s.pp}) * dp({s.dp}) * cp({s.cp}) * tp({s.tp}) = {s.world_size} != world size {world_size}; "

@@ -26,7 +26,9 @@ from planner.trace import quiet_export
 COLUMN, ROW = "Shard(0)", "Shard(1)"
 # transformers' Llama-family linear names -> LoRA targets (PEFT's target_modules for these models)
 LLAMA_LINEAR_NAMES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate",
-                      "up_proj": "up", "down_proj": "down"}
+                      "up_proj": "up", "down_proj": "down",
+                      # DeepSeek's latent attention (kept whole: its projections are linears of their own)
+                      "q_a_proj": "q_a", "q_b_proj": "q_b", "kv_a_proj_with_mqa": "kv_a", "kv_b_proj": "kv_b"}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -33,6 +33,7 @@ from costmodel.memory import zero_model_state_bytes
 from costmodel.moe import expert_shard
 from costmodel.result import StepResult
 from costmodel.serving import WEIGHT_FORMATS
+from costmodel.lora import default_targets
 from costmodel.spec import ModelSpec, format_count
 from costmodel.strategy import Schedule
 from costmodel.validate import strategy_problems
@@ -140,7 +141,9 @@ def enumerate_candidates(req: SearchRequest, rejected: list[str] | None = None,
                                 stage_recompute=stage_rc, microbatch_size=mbs, global_batch=req.global_batch,
                                 schedule=sched, virtual_stages=v, precision=fixed.get("precision", "bf16"),
                                 flash_attention=fixed.get("flash_attention", True), seq_len=seq,
-                                lora_rank=fixed.get("lora_rank", 0), lora_targets=fixed.get("lora_targets", ()),
+                                lora_rank=fixed.get("lora_rank", 0),
+                                lora_targets=fixed.get("lora_targets") or (
+                                    default_targets(spec) if fixed.get("lora_rank") else ()),
                                 base_precision=fixed.get("base_precision", "bf16"),
                                 grad_dtype=fixed.get("grad_dtype", cluster.runtime.grad_dtype),
                                 master_dtype=fixed.get("master_dtype", "fp32"),

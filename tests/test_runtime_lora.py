@@ -3,6 +3,7 @@ sequence parallelism train a tiny Llama (GQA, SwiGLU) and a tiny GPT with the lo
 single-process LoRA run (fp32, tolerance 1e-5 as in test_runtime_parity, whose docstring gives
 the reasoning), and their gradient norms."""
 
+import json
 import os
 
 import pytest
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from costmodel import Strategy, load_cluster, predict
 from planner.plan import Plan, plan_from_strategy
 from planner.zoo import ZOO
-from runtime_helpers import assert_same_gradients, launch, read_results
+from runtime_helpers import assert_same_gradients, launch, read_results, write_source_plan
 
 TOLERANCE = 1e-5
 STEPS = 5
@@ -263,14 +264,63 @@ def test_lora_on_a_mixture_of_experts_under_expert_parallelism_leaves_the_expert
     eps = [write_plan(tmp_path, "tiny-moe", Strategy(dp=2, ep=2, microbatch_size=4, **lora), "ep"),
            write_source_plan(tmp_path, f"hf:{tmp_path / 'mixtral'}",
                              Strategy(seq_len=32, dp=2, ep=2, microbatch_size=4, **lora), "mixtral__ep")]
+    # DeepSeek-V3's latent attention adapted on its own projections (q_a, q_b, kv_a, kv_b, o)
+    from test_moe import TINY_HF_MOE
+
+    (tmp_path / "deepseek").mkdir()
+    (tmp_path / "deepseek" / "config.json").write_text(json.dumps(TINY_HF_MOE["deepseek_v3"]))
+    mla = {**lora, "lora_targets": ("q_a", "q_b", "kv_a", "kv_b", "o")}
+    refs.append(write_source_plan(tmp_path, f"hf:{tmp_path / 'deepseek'}",
+                                  Strategy(seq_len=32, microbatch_size=8, **mla), "deepseek__reference"))
+    eps.append(write_source_plan(tmp_path, f"hf:{tmp_path / 'deepseek'}",
+                                 Strategy(seq_len=32, dp=2, ep=2, microbatch_size=4, **mla), "deepseek__ep"))
     results = {}
     for world, todo in ((1, refs), (2, eps)):
         out = tmp_path / f"w{world}.jsonl"
         proc = launch(world, todo, out, "--steps", str(STEPS))
         assert proc.returncode == 0, proc.stderr[-3000:]
         results.update(read_results(out))
-    for model in ("tiny-moe", "mixtral"):
+    for model in ("tiny-moe", "mixtral", "deepseek"):
         ours, base = results[f"{model}__ep"], results[f"{model}__reference"]
         for step, (a, b) in enumerate(zip(ours["losses"], base["losses"]), 1):
             assert abs(a - b) <= TOLERANCE * abs(b), f"{model} step {step}: {a} vs {b}"
         assert_same_gradients(ours, base)
+
+
+def test_lora_on_latent_attention_wraps_its_own_projections_as_priced(tmp_path):
+    """DeepSeek has no k or v projection: LoRA's default q, k, v, o was refused ("no linear of their
+    own"). Its default is its own projections now (q_a, q_b, kv_a, kv_b, o; q without a q rank), a
+    target it lacks is one line naming those it has, and the adapters the runtime makes are the
+    ones the cost model prices (parameter for parameter)."""
+    from costmodel.lora import adapter_params_per_tp_rank, default_targets
+    from planner.model_source import load_model
+    from runtime.mesh import build_mesh
+    from runtime.train import build_plan_parts
+    from test_moe import TINY_HF_MOE
+    from tests_helpers import paraplan
+
+    (tmp_path / "v3").mkdir()
+    (tmp_path / "v3" / "config.json").write_text(json.dumps(TINY_HF_MOE["deepseek_v3"]))
+    model = f"hf:{tmp_path / 'v3'}"
+    spec, _ = load_model(model)
+    assert default_targets(spec) == ("q_a", "q_b", "kv_a", "kv_b", "o")
+    out = paraplan("plan", "--model", model, "--mode", "lora", "--cluster", "cpu:2", "--global-batch", "4",
+                   "--seq-len", "32", "-o", str(tmp_path / "p.yaml"))
+    assert out.returncode == 0, out.stderr
+    plan = Plan.from_yaml((tmp_path / "p.yaml").read_text())
+    assert plan.lora["targets"] == ["q_a", "q_b", "kv_a", "kv_b", "o"]
+    bad = paraplan("plan", "--model", model, "--mode", "lora", "--lora-targets", "q,k", "--cluster", "cpu:2",
+                   "--global-batch", "4", "--seq-len", "32")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    assert "use some of kv_a,kv_b,o,q_a,q_b" in bad.stderr
+    one = Plan.from_yaml(write_source_plan(tmp_path, model, Strategy(
+        precision="fp32", global_batch=4, microbatch_size=4, seq_len=32, lora_rank=4,
+        lora_targets=default_targets(spec)), "one").read_text())
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29587")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        (built,), _, _ = build_plan_parts(one, build_mesh(one.mesh, "cpu"), torch.device("cpu"), seed=0)
+        trainable = sum(p.numel() for p in built.parameters() if p.requires_grad)
+    finally:
+        dist.destroy_process_group()
+    assert trainable == spec.layers * adapter_params_per_tp_rank(spec, default_targets(spec), 4, 1)

@@ -8,6 +8,7 @@ import sys
 from dataclasses import replace
 
 from costmodel import ConfigError, Strategy, load_cluster, predict
+from costmodel.lora import default_targets
 from costmodel.runtime import DEFAULT_RUNTIME
 from costmodel.spec import ModelSpec, format_count
 from costmodel.trace import chrome_trace
@@ -55,6 +56,8 @@ def strategy_from_args(args: argparse.Namespace, spec: ModelSpec, world_size: in
     """A strategy from the flags, filling what is not given: dp from the world size, sequence
     parallelism on when tp > 1, the interleaved schedule when virtual stages are asked for."""
     given = given_flags(args)
+    if given.get("lora_rank") and "lora_targets" not in given:
+        given["lora_targets"] = default_targets(spec)
     tp, pp, cp = given.get("tp", 1), given.get("pp", 1), given.get("cp", 1)
     if "dp" not in given:
         if world_size % (tp * pp * cp):
