@@ -112,10 +112,14 @@ def whole_model_state(names: list[str], path: str | Path) -> dict[str, torch.Ten
         match = EP_KEY.match(key[len(prefix):]) if key.startswith(prefix) else None
         if match:
             shards.setdefault(match["name"], {})[int(match["rank"])] = key[len(prefix):]
-    wanted = {n: torch.empty(tuple(metadata[prefix + n].size)) for n in names if prefix + n in metadata}
+    def empty(key: str) -> torch.Tensor:  # as it was saved
+        meta = metadata[prefix + key]
+        return torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+
+    wanted = {n: empty(n) for n in names if prefix + n in metadata}
     for name in names:
         for key in shards.get(name, {}).values():
-            wanted[key] = torch.empty(tuple(metadata[prefix + key].size))
+            wanted[key] = empty(key)
     load_in_one_process({"train": {"model": wanted}}, path)
     for name, parts in shards.items():
         if name in names:

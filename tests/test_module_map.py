@@ -166,7 +166,8 @@ def test_latent_attention_is_left_whole(tmp_path):
     (kv_a_proj_with_mqa, kv_lora_rank + rope dims, shared by every head) that kv_b_proj expands; o_proj
     reads heads x v_head_dim. The map grouped kv_a_proj_with_mqa (it reads the block's norm) with o_proj
     as column and row, a split that would hand each rank a slice of the shared latent. The attention's
-    linears stay whole, the MLP is split; LoRA's o finds o_proj (it took the group's "down" before)."""
+    linears stay whole, the MLP is split; LoRA's o and the latent projections find their linears (o took
+    the group's "down" before)."""
     from test_moe import TINY_HF_MOE
 
     (tmp_path / "v3").mkdir()
@@ -179,7 +180,8 @@ def test_latent_attention_is_left_whole(tmp_path):
     assert set(mmap.unsplittable) == {f"self_attn.{p}" for p in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa",
                                                                   "kv_b_proj", "o_proj")}
     assert mmap.lora_paths() == {"gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
-                                 "o": "self_attn.o_proj"}
+                                 "o": "self_attn.o_proj", "q_a": "self_attn.q_a_proj", "q_b": "self_attn.q_b_proj",
+                                 "kv_a": "self_attn.kv_a_proj_with_mqa", "kv_b": "self_attn.kv_b_proj"}
 
 
 @pytest.mark.parametrize("name", ["mixtral-8x7b", "deepseek-v3"])
