@@ -7,6 +7,9 @@ B's rows; a row-parallel W splits A's columns and keeps B whole. So per tp rank:
     column-parallel (q, k, v, up, gate)   r * in + r * out / tp
     row-parallel    (o, down)             r * in / tp + r * out
 
+(latent attention's down projections q_a and kv_a stay whole on every rank: r * (in + out); its
+q_b and kv_b are column-parallel).
+
 Only adapters have gradients and optimizer states; data-parallel traffic carries only their
 gradients. The frozen base keeps its weights in 16 bits, or in 4-bit NormalFloat (QLoRA,
 Dettmers et al. 2023): blocks of 64 with double-quantized constants, 4.127 bits per weight,
