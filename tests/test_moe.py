@@ -802,6 +802,10 @@ def test_an_expert_parallel_run_checkpoints_resumes_and_exports(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     loss = lambda f: {d["step"]: d["loss"] for d in map(json.loads, (tmp_path / f).read_text().splitlines())}
     assert loss("resumed.jsonl") == {k: v for k, v in loss("straight.jsonl").items() if k > 2}
+    from cli.commands.replan import runtime_constraints
+    from planner.plan import Plan
+
+    assert runtime_constraints(Plan.load(plan))["ep"] == 2  # `paraplan replan` keeps the ep its checkpoints need
     other = write_plan(tmp_path, "tiny-moe", replace(s, ep=4), "ep4")
     refused = paraplan("run", str(other), "--steps", "4", "--checkpoint-dir", str(ckpt), "--resume")
     lines = refused.stderr.strip().splitlines()

@@ -26,8 +26,9 @@ def resized_cluster(cluster: str, gpus: int) -> str:
 
 def runtime_constraints(plan: Plan) -> dict:
     """Strategy flags that keep the new plan runnable and numerically the same run: the
-    precision, sequence length and attention kernel stay; the runtime has no context
-    parallelism and cannot split tied embeddings over pipeline stages."""
+    precision, sequence length and attention kernel stay (and expert parallelism's degree, which
+    its checkpoints are written under); the runtime has no context parallelism and cannot split
+    tied embeddings over pipeline stages."""
     fixed = {"precision": plan.precision, "seq_len": plan.seq_len, "flash_attention": plan.flash_attention, "cp": 1,
              "grad_dtype": plan.grad_dtype, "master_dtype": plan.master_dtype}
     if plan.spec.tied_embeddings:
@@ -35,6 +36,8 @@ def runtime_constraints(plan: Plan) -> dict:
     if plan.mode == "lora":  # the same adapters
         fixed.update(lora_rank=int(plan.lora["rank"]), lora_targets=tuple(plan.lora["targets"]),
                      base_precision=str(plan.lora.get("base_precision", "bf16")))
+    if int(plan.experts.get("ep", 1)) > 1:  # its checkpoints keep the experts per ep rank: resumed under the same ep
+        fixed["ep"] = int(plan.experts["ep"])
     return fixed
 
 
