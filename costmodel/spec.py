@@ -131,12 +131,14 @@ class ModelSpec:
                 raise ConfigError(f"model field '{name}' must be a positive integer, got {value!r}")
         for name in ("ffn_hidden", "kv_heads", "head_dim", "experts", "experts_per_token", "expert_ffn_hidden",
                      "shared_expert_ffn_hidden", "dense_layers", "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim",
-                     "v_head_dim", "attention_window", "windowed_layers", "max_positions", "mtp_layers"):
+                     "v_head_dim", "attention_window", "windowed_layers", "max_positions", "mtp_layers",
+                     "rope_original_positions", "router_groups", "router_group_topk"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"model field '{name}' must be a positive integer, got {value!r}")
-        if not isinstance(self.qk_norm, bool):
-            raise ConfigError(f"model field 'qk_norm' must be true or false, got {self.qk_norm!r}")
+        for name in ("qk_norm", "router_renormalize", "router_expert_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"model field '{name}' must be true or false, got {getattr(self, name)!r}")
         if isinstance(self.rope_theta, bool) or not isinstance(self.rope_theta, (int, float)) or not (
                 self.rope_theta >= 0 and math.isfinite(self.rope_theta)):
             raise ConfigError(f"model field 'rope_theta' must be a positive number (0: 10,000), got {self.rope_theta!r}")
@@ -182,10 +184,6 @@ class ModelSpec:
                 raise ConfigError(f"model field '{name}' must be a number >= 0, got {value!r}")
         if self.rope_scaling not in ("", "llama3", "yarn"):
             raise ConfigError(f"model field 'rope_scaling' is {self.rope_scaling!r}; use llama3, yarn or leave it out")
-        if not isinstance(self.rope_original_positions, int) or isinstance(self.rope_original_positions, bool) or \
-                self.rope_original_positions < 0:
-            raise ConfigError(f"model field 'rope_original_positions' must be a positive integer, got "
-                              f"{self.rope_original_positions!r}")
         if self.rope_scaling and not (self.rope_factor >= 1 and self.rope_original_positions > 0):
             raise ConfigError(f"rope_scaling {self.rope_scaling} needs rope_factor >= 1 and rope_original_positions "
                               "(the context the model was first trained at)")
@@ -200,21 +198,19 @@ class ModelSpec:
             raise ConfigError(f"model field 'router_topk_scale' must be a positive number, got {value!r}")
         if self.router_score not in ("softmax", "sigmoid"):
             raise ConfigError(f"model field 'router_score' is {self.router_score!r}; use softmax or sigmoid")
-        for name in ("router_renormalize", "router_expert_bias"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"model field '{name}' must be true or false, got {getattr(self, name)!r}")
-        for name in ("router_groups", "router_group_topk"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"model field '{name}' must be a positive integer, got {value!r}")
         if self.router_groups and (self.experts % self.router_groups or not 0 < self.router_group_topk <= self.router_groups):
             raise ConfigError(f"router_groups {self.router_groups} must divide experts ({self.experts}) and "
                               f"router_group_topk ({self.router_group_topk}) be 1..router_groups")
         if not self.router_groups and self.router_group_topk:
             raise ConfigError("model field router_group_topk needs router_groups (expert groups)")
-        routed = [f.name for f in fields(self) if f.name.startswith("router_") and getattr(self, f.name) != f.default]
-        if routed and not self.experts:
-            raise ConfigError(f"model field(s) {', '.join(routed)} need experts > 0 (a mixture-of-experts model)")
+        if self.router_changes and not self.experts:
+            raise ConfigError(f"model field(s) {', '.join(self.router_changes)} need experts > 0 (a mixture-of-experts "
+                              "model)")
+
+    @property
+    def router_changes(self) -> list[str]:
+        """The router fields that differ from a softmax top-k renormalised (the default router)."""
+        return [f.name for f in fields(self) if f.name.startswith("router_") and getattr(self, f.name) != f.default]
 
     def _check_experts(self) -> None:
         if not isinstance(self.moe_every, int) or isinstance(self.moe_every, bool) or self.moe_every < 1:

@@ -200,15 +200,6 @@ def export_text(plan: Plan) -> str:
     return " \\\n".join(lines) + "\n"
 
 
-def _rotary_base(values: dict) -> float:
-    """--rotary-base (RoPE's base; 0: Megatron-LM's default 10,000)."""
-    text = values.get("--rotary-base")
-    try:
-        return float(text) if text is not None else 0.0
-    except ValueError:
-        raise ConfigError(f"the Megatron-LM arguments' --rotary-base {text!r} is not a number") from None
-
-
 def _float(values: dict, name: str, default: float) -> float:
     try:
         return float(values.get(name, default))
@@ -346,7 +337,7 @@ def import_(argv: list[str], *, world_size: int) -> Imported:
             position={"rope": "rope", "none": "none"}.get(position, "learned"),
             tied_embeddings="--untie-embeddings-and-output-weights" not in switches,
             bias="--disable-bias-linear" not in switches, dropout=True,
-            rope_theta=_rotary_base(values),
+            rope_theta=_float(values, "--rotary-base", 0.0),  # 0: Megatron-LM's default base, 10,000
             qk_norm="--qk-layernorm" in switches and "--multi-latent-attention" not in switches,
             **_rope_scaling_fields(values, switches), **_router_fields(values, switches, num),
             **_attention_fields(values, switches, num), **_expert_fields(values, num, num("--num-layers")))

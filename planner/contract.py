@@ -117,8 +117,7 @@ def model_planned_only(spec: ModelSpec, source: dict | None = None) -> list[str]
     if spec.rope_scaling == "yarn":
         return [f"{spec.name} rotates by YaRN's scaled RoPE, which paraplan's built-in model does not (it builds "
                 "Llama 3's): its plans are for prediction and export; train it from its Hugging Face config (hf:DIR)"]
-    if spec.moe and (spec.router_score, spec.router_renormalize, spec.router_groups, spec.router_topk_scale,
-                     spec.router_expert_bias) != ("softmax", True, 0, 1.0, False):
+    if spec.moe and spec.router_changes:
         return [f"{spec.name}'s router ({router_text(spec)}) is priced and exported, and paraplan's built-in model "
                 "routes by a softmax top-k renormalised: its plans are for prediction and export; train it from its "
                 "Hugging Face config (hf:DIR)"]
@@ -200,13 +199,13 @@ def source_problems(plan: Plan) -> list[str]:
     return problems
 
 
-def expert_parallel_runs(source: dict) -> bool:
+def expert_parallel_runs(source: dict, hf_type: str | None = None) -> bool:
     """Whether `paraplan run` splits the experts of the module of `source` over ep: paraplan's own
     mixture of experts and transformers' experts modules of MOE_HF_TYPES (not a `py:` module's, nor
-    gpt-oss's biased ones)."""
+    gpt-oss's biased ones). `hf_type`: a Hugging Face config's model_type where the caller has read it."""
     kind = source.get("kind")
     if kind == "hf":
-        return _hf_fields(source["path"], "model_type")[0] in MOE_HF_TYPES
+        return (hf_type or _hf_fields(source["path"], "model_type")[0]) in MOE_HF_TYPES
     return kind != "py"
 
 
@@ -231,7 +230,7 @@ def source_strategy_problems(source: dict, s: Strategy, mode: str = "train") -> 
     if kind == "hf" and s.tp > 1 and hf_type in MOE_TYPES:
         problems.append("tensor parallelism on a Hugging Face mixture of experts is not run yet (its router and "
                         "experts take the whole sequence); re-plan with --tp 1")
-    if kind == "hf" and s.ep > 1 and not expert_parallel_runs(source):
+    if kind == "hf" and s.ep > 1 and not expert_parallel_runs(source, hf_type):
         problems.append(f"expert parallelism on a Hugging Face {hf_type or 'model'}'s experts is not run yet (it splits "
                         f"the experts modules of {', '.join(MOE_HF_TYPES)}); re-plan with --ep 1")
     if s.sequence_parallel and s.tp > 1 and kind == "py":

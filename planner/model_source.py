@@ -618,8 +618,8 @@ def spec_from_hf_config(data: dict, *, name: str = "hf-model") -> ModelSpec:
 def _rope_theta(data: dict) -> float:
     """RoPE's base: rope_theta, where transformers 5 writes it too (rope_parameters); 0 where neither."""
     params = data.get("rope_parameters")
-    theta = data.get("rope_theta", params.get("rope_theta") if isinstance(params, dict) else None)
-    return float(theta) if isinstance(theta, (int, float)) and not isinstance(theta, bool) and theta > 0 else 0.0
+    theta = _number(data.get("rope_theta", params.get("rope_theta") if isinstance(params, dict) else None))
+    return theta if theta > 0 else 0.0
 
 
 def _number(value, default: float = 0.0) -> float:

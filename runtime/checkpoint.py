@@ -30,9 +30,9 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.stateful import Stateful
 
 from costmodel.errors import ConfigError
+from runtime.module import clean
 
 MARKER = "COMPLETE"
-WRAPPED = "_checkpoint_wrapped_module."  # the recompute wrapper's prefix, which state dicts do not carry
 EP_KEY = re.compile(r"^(?P<name>.+)\.ep(?P<rank>\d+)of(?P<size>\d+)$")
 
 
@@ -44,7 +44,7 @@ def expert_keys(module) -> dict[str, str]:
         size = getattr(sub, "ep_size", 1)
         if size > 1:
             for leaf, _ in sub.named_parameters(recurse=False):
-                name = f"{path}.{leaf}".replace(WRAPPED, "")
+                name = clean(f"{path}.{leaf}")  # (state dicts do not carry the recompute wrapper's prefix)
                 out[name] = f"{name}.ep{sub.ep_rank}of{size}"
     return out
 
