@@ -47,6 +47,8 @@ class Position(StrEnum):
     NONE = "none"  # no position signal beyond the causal mask (NoPE)
 
 
+ROUTER_SCORES = ("softmax", "sigmoid", "sparsemixer")  # how a router scores the experts (ModelSpec.router_score)
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ModelSpec:
     """Sizes of a decoder-only transformer. `ffn_hidden` defaults to 4*hidden, `kv_heads` to
@@ -112,7 +114,7 @@ class ModelSpec:
     rope_mscale: float = 0.0
     rope_mscale_all_dim: float = 0.0
     # a mixture of experts' router: each expert's score ("softmax" over the experts, or "sigmoid" each,
-    # DeepSeek-V3's), the top-k weights renormalised to sum to 1 (Mixtral, Qwen3-MoE) or not (Qwen2-MoE,
+    # DeepSeek-V3's; "sparsemixer", Phi-3.5-MoE's masked softmaxes of its top-2), the top-k weights renormalised to sum to 1 (Mixtral, Qwen3-MoE) or not (Qwen2-MoE,
     # DeepSeek-V2), the top-k taken within the best router_group_topk of router_groups expert groups
     # (DeepSeek-V3: 4 of 8; 0: no groups), the weights scaled by router_topk_scale (its 2.5) and a
     # per-expert bias that steers the choice only (auxiliary-loss-free balancing). Prices nothing;
@@ -196,8 +198,8 @@ class ModelSpec:
         value = self.router_topk_scale
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
             raise ConfigError(f"model field 'router_topk_scale' must be a positive number, got {value!r}")
-        if self.router_score not in ("softmax", "sigmoid"):
-            raise ConfigError(f"model field 'router_score' is {self.router_score!r}; use softmax or sigmoid")
+        if self.router_score not in ROUTER_SCORES:
+            raise ConfigError(f"model field 'router_score' is {self.router_score!r}; use {', '.join(ROUTER_SCORES)}")
         if self.router_groups and (self.experts % self.router_groups or not 0 < self.router_group_topk <= self.router_groups):
             raise ConfigError(f"router_groups {self.router_groups} must divide experts ({self.experts}) and "
                               f"router_group_topk ({self.router_group_topk}) be 1..router_groups")

@@ -184,6 +184,9 @@ def export_notes(plan: Plan) -> list[str]:
                      f"latent attention takes {MLA_ORIGINAL_POSITIONS} (MLATransformerConfig, no flag)")
     if spec.moe and spec.router_score == "sigmoid" and not spec.router_renormalize:
         notes.append(f"{spec.name}'s sigmoid router does not renormalise its top-k weights; Megatron-Core's does")
+    if spec.moe and spec.router_score == "sparsemixer":
+        notes.append(f"{spec.name} routes by SparseMixer (Phi-3.5-MoE's), which Megatron-Core has no flag for: "
+                     "these arguments route by a softmax top-k")
     return notes
 
 

@@ -185,8 +185,12 @@ def runnable_problems(plan: Plan, world_size: int | None = None) -> list[str]:
 # Gemma (its embedding scale), Granite (its multipliers), Cohere (its logit scale), StarCoder2 (its
 # embedding dropout). tests/test_runtime_hf.py checks each against the model's own forward.
 PIPELINED_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "mixtral", "qwen2_moe", "qwen3_moe",
-                      "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe")
-MOE_HF_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "olmoe")  # decoders whose stages runtime.module drives
+                      "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "phimoe")
+# mixtures of experts whose experts modules runtime.expert_parallel splits (transformers' fused layout:
+# gate_up_proj (experts, 2 ffn, hidden), down_proj (experts, hidden, ffn), called with the router's top-k);
+# not gpt-oss (biased experts) nor Llama 4 (transposed, and its forward runs every token through every expert)
+MOE_HF_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "olmoe", "phimoe",
+                "granitemoe", "granitemoeshared")
 
 
 def source_problems(plan: Plan) -> list[str]:

@@ -272,6 +272,8 @@ def build_source_module(source: dict, spec: ModelSpec, device: str = "meta", *, 
                 if isinstance(value, list) and len(value) == config.num_hidden_layers:
                     setattr(config, key, value[:probe_layers])
             config.num_hidden_layers = probe_layers
+        if device == "meta":
+            _static_rope(config)
         try:
             with torch.device(device):
                 module = with_supported_attention(transformers.AutoModelForCausalLM.from_config, config)
@@ -297,6 +299,36 @@ def build_source_module(source: dict, spec: ModelSpec, device: str = "meta", *, 
     return build_model(spec), tokens
 
 
+# RoPE kinds whose forward branches on the positions' values (Phi-3.5's longrope picks its short or long
+# factors by the largest position): a meta-device pass cannot decide them
+VALUE_DEPENDENT_ROPE = ("longrope", "dynamic")
+
+
+def _static_rope(config) -> None:
+    """A meta-device build's RoPE made the plain kind where the config's branches on position values:
+    the rotation's sizes and ops are the same (what a layout read or a price needs), and a
+    meta-device pass has no values to branch on."""
+    for holder in (config, getattr(config, "text_config", None)):
+        params = getattr(holder, "rope_parameters", None)
+        if isinstance(params, dict) and params.get("rope_type") in VALUE_DEPENDENT_ROPE:
+            holder.rope_parameters = {k: v for k, v in params.items() if k in ("rope_theta", "partial_rotary_factor")} | {
+                "rope_type": "default"}
+
+
+def _dense_experts_note(text: str, source: dict) -> str:
+    """What `paraplan run` does beyond the plan's price on a Hugging Face class whose experts run
+    densely: transformers' Llama 4 runs every token through every expert (Llama4TextExperts, one
+    batched matmul over all of them, the unrouted weighted 0), the price routes each to its top-k."""
+    data = _config_at(source["path"]) or {}
+    text_data = language_config(data) or data
+    if text_data.get("model_type") != "llama4_text":
+        return ""
+    experts, k = text_data.get("num_local_experts"), text_data.get("num_experts_per_tok") or 1
+    return (f"transformers' Llama 4 runs every token through all {experts} experts (unrouted ones weighted 0), so "
+            f"`paraplan run` of {text} does {experts}/{k} times the routed expert work the plan prices; the price is "
+            "the model's under an engine that routes (Megatron-LM, torchtitan)")
+
+
 def source_and_map(text: str, spec: ModelSpec):
     """(source, module map, note) for `--model text`: the user's module where paraplan can build
     it; otherwise ({}, None, why), and `paraplan run` trains paraplan's rebuild of the spec (a
@@ -307,6 +339,8 @@ def source_and_map(text: str, spec: ModelSpec):
     kind = multimodal_type(source["path"]) if source["kind"] == "hf" else None
     note = (f"{text} is a multimodal model ({kind}): its language model is planned, priced and run (transformers' "
             "text-only class), its vision tower and image tokens are not") if kind else ""
+    dense = _dense_experts_note(text, source) if source["kind"] == "hf" else ""
+    note = "; ".join(n for n in (note, dense) if n)
     try:
         mmap = module_map_of(source, spec)
         return {**source, "map": mmap.to_dict()}, mmap, note
@@ -372,7 +406,7 @@ def _transformers_count(data: dict) -> int | None:
     layers = data.get("num_hidden_layers", data.get("n_layer"))
     # built d1 and d2 = d1 + step blocks deep: past the first dense layers every `step` blocks
     # repeat (a mixture of experts' dense-then-sparse period), the rest is their difference
-    step = data.get("decoder_sparse_step") or 1
+    step = data.get("decoder_sparse_step") or data.get("interleave_moe_layer_step") or 1
     first = (data.get("first_k_dense_replace") or 0) + step
     counts = []
     deep = isinstance(layers, int) and isinstance(step, int) and layers > first + step and (layers - first) % step == 0
@@ -513,7 +547,8 @@ class UnreadType(ConfigError):
 
 
 READ_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")  # the dense decoders this reader sizes exactly
-MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss", "olmoe")  # and the mixtures of experts
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss", "olmoe",
+             "phimoe", "granitemoe", "granitemoeshared", "llama4_text")  # and the mixtures of experts
 GELU_ACTS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_python")
 EXPERT_FIELDS = ("num_local_experts", "n_routed_experts", "num_experts", "moe_num_experts")
 
@@ -533,6 +568,13 @@ def _understood(data: dict) -> None:
     if model_type in ("qwen2_moe", "qwen3_moe") and data.get("mlp_only_layers"):
         raise ConfigError(f"mlp_only_layers {data['mlp_only_layers']}: dense layers at chosen places are not modelled "
                           "(paraplan's spec has dense_layers first and moe_every); write a spec YAML")
+    if model_type == "llama4_text" and isinstance(data.get("moe_layers"), list):
+        step = data.get("interleave_moe_layer_step") or 1
+        layers = data.get("num_hidden_layers")
+        if isinstance(layers, int) and isinstance(step, int) and step > 0 \
+                and list(data["moe_layers"]) != list(range(step - 1, layers, step)):
+            raise ConfigError(f"moe_layers {data['moe_layers']}: experts at layers other than every "
+                              f"interleave_moe_layer_step ({step}) are not modelled; write a spec YAML with moe_every")
     if model_type in MOE_TYPES and data.get("moe_layer_freq", 1) != 1:
         raise ConfigError(f"moe_layer_freq {data['moe_layer_freq']} is not read; write a spec YAML with moe_every")
     if model_type and model_type not in READ_TYPES + MOE_TYPES:
@@ -588,7 +630,8 @@ def spec_from_hf_config(data: dict, *, name: str = "hf-model") -> ModelSpec:
         hidden=hidden,
         heads=heads,
         kv_heads=_int(data, "num_key_value_heads", default=heads) if "kv_lora_rank" not in data else heads,
-        ffn_hidden=_int(data, "intermediate_size", default=0),
+        # Llama 4's dense layers' MLP is intermediate_size_mlp (its intermediate_size the experts')
+        ffn_hidden=_int(data, "intermediate_size_mlp" if model_type == "llama4_text" else "intermediate_size", default=0),
         **_experts_of(data, model_type),
         **_window_of(data, model_type),
         vocab=_int(data, "vocab_size"),
@@ -597,17 +640,20 @@ def spec_from_hf_config(data: dict, *, name: str = "hf-model") -> ModelSpec:
         seq_len=seq_len,
         max_positions=positions if positions > seq_len else 0,
         activation=activation,
-        norm="rmsnorm" if "rms_norm_eps" in data or gated else "layernorm",
+        # (Phi-3.5-MoE's norms are LayerNorms with biases, its config's epsilon named rms_norm_eps)
+        norm="rmsnorm" if ("rms_norm_eps" in data or gated) and model_type != "phimoe" else "layernorm",
         position="rope" if "rope_theta" in data or gated else "learned",
         tied_embeddings=bool(data.get("tie_word_embeddings", not gated or model_type.startswith("gemma"))),
         # GLM-4.5's attention_bias is q, k and v's only (as Qwen2's): not counted, as Qwen2's (0.001%)
-        bias=model_type != "glm4_moe" and bool(data.get("attention_bias", data.get("mlp_bias", False))),
+        bias=model_type not in ("glm4_moe", "phimoe") and bool(data.get("attention_bias", data.get("mlp_bias", False))),
         dropout=False,
         rope_theta=_rope_theta(data),
         **_rope_scaling_of(data),
         **_router_of(data, model_type),
-        # Qwen3's and Gemma 3's per-head q_norm / k_norm (GLM-4.5's where use_qk_norm says so)
-        qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text") or bool(data.get("use_qk_norm", False)),
+        # Qwen3's and Gemma 3's per-head q_norm / k_norm (GLM-4.5's where use_qk_norm says so; Llama 4's is an
+        # L2 norm without weights, which neither the spec nor the exports hold)
+        qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text") or (
+            model_type != "llama4_text" and bool(data.get("use_qk_norm", False))),
         # latent attention's query head: its no-RoPE and RoPE parts (transformers 5 writes head_dim as the
         # RoPE part alone)
         head_dim=(_int(data, "qk_nope_head_dim") + _int(data, "qk_rope_head_dim") if "kv_lora_rank" in data
@@ -650,9 +696,15 @@ def _router_of(data: dict, model_type: str) -> dict:
     gpt-oss renormalise the top-k softmax; Qwen2/3-MoE and OLMoE as norm_topk_prob says;
     DeepSeek-V2/V3 score by scoring_func, pick within topk_group of n_group groups
     (group_limited_greedy, noaux_tc), scale by routed_scaling_factor, and noaux_tc steers by a
-    per-expert bias; GLM-4.5 is DeepSeek-V3's router (sigmoid, bias)."""
-    if model_type in ("mixtral", "gpt_oss"):
+    per-expert bias; GLM-4.5 is DeepSeek-V3's router (sigmoid, bias); Phi-3.5-MoE's is SparseMixer
+    (its top-2 weights each a softmax of the logits masked near the chosen one); Llama 4's the sigmoid
+    of each top-k logit, not renormalised."""
+    if model_type in ("mixtral", "gpt_oss", "granitemoe", "granitemoeshared"):  # (Granite: softmax of the top-k logits)
         return {}
+    if model_type == "phimoe":
+        return {"router_score": "sparsemixer"}
+    if model_type == "llama4_text":  # each top-k logit's sigmoid, scaling the expert's input
+        return {"router_score": "sigmoid", "router_renormalize": False}
     if model_type in ("qwen2_moe", "qwen3_moe", "olmoe"):
         return {"router_renormalize": bool(data.get("norm_topk_prob", False))}
     if model_type not in ("deepseek_v2", "deepseek_v3", "glm4_moe"):
@@ -672,8 +724,10 @@ def _window_of(data: dict, model_type: str) -> dict:
     every layer; Qwen2/3 (and their MoE) only with use_sliding_window, from layer max_window_layers up;
     Gemma-2 in every other layer, Gemma-3 in five of every six; `layer_types` where the config
     lists them."""
-    window = data.get("sliding_window")
     layers = _int(data, "num_hidden_layers")
+    if model_type == "llama4_text":
+        return _chunks_of(data, layers)
+    window = data.get("sliding_window")
     if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
         return {}
     types = data.get("layer_types")
@@ -695,12 +749,38 @@ def _window_of(data: dict, model_type: str) -> dict:
     return {"attention_window": window, "windowed_layers": windowed} if windowed else {}
 
 
+def _chunks_of(data: dict, layers: int) -> dict:
+    """Llama 4's chunked attention as a window: a query of a chunked layer sees the keys of its own
+    attention_chunk_size chunk (three layers in four, the RoPE ones; every fourth global, no RoPE),
+    and a server keeps a chunk's KV of those layers. Priced as a window of the chunk's length, which
+    counts the keys a query of a chunk's end sees (a chunk's queries see half that on average):
+    at most twice the chunked layers' attention FLOPs, and only past the chunk's length."""
+    chunk = data.get("attention_chunk_size")
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk <= 0:
+        return {}
+    types = data.get("layer_types")
+    if isinstance(types, list) and len(types) == layers:
+        chunked = sum(t == "chunked_attention" for t in types)
+    else:  # transformers' default: every no_rope_layer_interval-th layer global
+        interval = data.get("no_rope_layer_interval") or 4
+        chunked = layers - layers // interval if isinstance(interval, int) and interval > 0 else layers
+    return {"attention_window": chunk, "windowed_layers": chunked} if chunked else {}
+
+
 def _experts_of(data: dict, model_type: str) -> dict:
     """The mixture-of-experts and latent-attention fields of a config (transformers' names)."""
     out: dict = {}
-    if model_type in ("mixtral", "gpt_oss", "olmoe"):  # every layer's MLP routed (gpt-oss: biased experts and router)
+    if model_type in ("mixtral", "gpt_oss", "olmoe", "phimoe", "granitemoe", "granitemoeshared"):
+        # every layer's MLP routed (gpt-oss: biased experts and router); Granite's shared MLP beside them
         out = dict(experts=_int(data, "num_local_experts", "num_experts"),
                    experts_per_token=_int(data, "num_experts_per_tok"), expert_ffn_hidden=_int(data, "intermediate_size"))
+        if model_type == "granitemoeshared":
+            out["shared_expert_ffn_hidden"] = _int(data, "shared_intermediate_size", default=0)
+    elif model_type == "llama4_text":  # every interleave_moe_layer_step-th layer routed, a shared expert beside
+        out = dict(experts=_int(data, "num_local_experts"), experts_per_token=_int(data, "num_experts_per_tok"),
+                   expert_ffn_hidden=_int(data, "intermediate_size"),
+                   shared_expert_ffn_hidden=_int(data, "intermediate_size"),
+                   moe_every=_int(data, "interleave_moe_layer_step", default=1))
     elif model_type in ("qwen2_moe", "qwen3_moe"):
         # (transformers 5 writes Qwen3-MoE's num_experts as num_local_experts)
         out = dict(experts=_int(data, "num_experts", "num_local_experts"),

@@ -187,7 +187,8 @@ def traced_map(module, example_inputs: tuple, spec: ModelSpec) -> ModuleMap:
         with quiet_export():
             torch.export.export(module, tuple(example_inputs), kwargs=kwargs, strict=False)
     except Exception as exc:  # noqa: BLE001 - any failure of the user's forward on meta is the same bad input
-        raise ConfigError(f"the module failed to run on the meta device ({type(exc).__name__}: {exc}); "
+        raise ConfigError(f"the module failed to run on the meta device ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}); "
                           "paraplan reads its layout from one such pass") from None
     finally:
         for h in hooks:

@@ -13,9 +13,11 @@ serves every copy.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -146,18 +148,29 @@ def _block_of(node, param_name: str | None) -> tuple[str, int] | None:
     return None
 
 
+# torch's loggers that write a failed export's traceback or guard warnings to the terminal
+EXPORT_LOGGERS = ("torch._subclasses.fake_tensor", "torch.fx.experimental.symbolic_shapes", "torch._export",
+                  "torch.export", "torch._dynamo")
+
+
 @contextlib.contextmanager
 def quiet_export():
-    """torch.export with torch's fake-tensor logger silenced: a forward that fails on meta tensors
+    """torch.export with its chatter kept off the terminal: a forward that fails on meta tensors
     (a config whose sizes do not fit together) logs the whole traceback at ERROR before raising,
-    and the user is owed one line (the caller's ConfigError), not that log."""
-    logger = logging.getLogger("torch._subclasses.fake_tensor")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
+    a data-dependent guard prints the partial graph, and a module assigning tensors during the
+    pass warns; the user is owed one line (the caller's ConfigError), not that."""
+    loggers = [logging.getLogger(name) for name in EXPORT_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
     try:
-        yield
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def trace_module(module: torch.nn.Module, example_inputs: tuple) -> OpGraph:

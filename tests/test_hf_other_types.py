@@ -295,3 +295,85 @@ def test_olmoe_is_read_with_its_experts(tmp_path):
         "tie_word_embeddings": False, "hidden_act": "silu"}).parent))
     assert (spec.experts, spec.experts_per_token, spec.expert_ffn_hidden) == (64, 8, 1024)
     assert round(spec.num_params / 1e9, 1) == 6.9 and round(spec.active_params() / 1e9, 1) == 1.3
+
+
+# the published configs' fields (sizes only), from the checkpoints' config.json
+PHI35_MOE = {"model_type": "phimoe", "hidden_size": 4096, "intermediate_size": 6400, "num_hidden_layers": 32,
+             "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32064, "max_position_embeddings": 131072,
+             "num_local_experts": 16, "num_experts_per_tok": 2, "attention_bias": True, "lm_head_bias": True,
+             "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "sliding_window": 131072, "tie_word_embeddings": False,
+             "hidden_act": "silu", "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 64,
+                                                    "long_factor": [1.0] * 64, "short_mscale": 1.243,
+                                                    "long_mscale": 1.243, "original_max_position_embeddings": 4096}}
+GRANITE_MOE = {"model_type": "granitemoe", "hidden_size": 1536, "intermediate_size": 512, "num_hidden_layers": 32,
+               "num_attention_heads": 24, "num_key_value_heads": 8, "vocab_size": 49155, "max_position_embeddings": 131072,
+               "num_local_experts": 40, "num_experts_per_tok": 8, "rms_norm_eps": 1e-6, "rope_theta": 10000000.0,
+               "tie_word_embeddings": True, "hidden_act": "silu", "embedding_multiplier": 12.0, "logits_scaling": 6.0,
+               "residual_multiplier": 0.22, "attention_multiplier": 0.015625}
+LLAMA4_SCOUT_TEXT = {"model_type": "llama4_text", "hidden_size": 5120, "intermediate_size": 8192,
+                     "intermediate_size_mlp": 16384, "num_hidden_layers": 48, "num_attention_heads": 40,
+                     "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 202048,
+                     "max_position_embeddings": 10485760, "num_local_experts": 16, "num_experts_per_tok": 1,
+                     "interleave_moe_layer_step": 1, "use_qk_norm": True, "attention_chunk_size": 8192,
+                     "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "hidden_act": "silu",
+                     "rope_scaling": {"factor": 16.0, "high_freq_factor": 1.0, "low_freq_factor": 1.0,
+                                      "original_max_position_embeddings": 8192, "rope_type": "llama3"}}
+
+
+def _multimodal(text: dict) -> dict:
+    return {"model_type": "llama4", "text_config": text, "tie_word_embeddings": False,
+            "vision_config": {"model_type": "llama4_vision_model", "hidden_size": 1408, "num_hidden_layers": 34}}
+
+
+@pytest.mark.parametrize("name, config, total_b, active_b", [
+    # microsoft/Phi-3.5-MoE-instruct: "16x3.8B parameters with 6.6B active", 41.9B in all
+    ("Phi-3.5-MoE-instruct", PHI35_MOE, 41.87, 6.64),
+    # ibm-granite/granite-3.1-3b-a800m-instruct: 3.3B, 800M active (beside its tied 75M embedding)
+    ("granite-3.1-3b-a800m", GRANITE_MOE, 3.30, 0.88),
+    # meta-llama/Llama-4-Scout-17B-16E-Instruct (its language model): 17B active of 109B with the vision tower
+    ("Llama-4-Scout-17B-16E", _multimodal(LLAMA4_SCOUT_TEXT), 107.77, 17.17),
+    # meta-llama/Llama-4-Maverick-17B-128E-Instruct: experts every other layer, 17B active of 400B
+    ("Llama-4-Maverick-17B-128E", _multimodal({**LLAMA4_SCOUT_TEXT, "num_local_experts": 128,
+                                               "interleave_moe_layer_step": 2}), 400.71, 17.18),
+])
+def test_phi_granite_and_llama4_experts_are_read(tmp_path, name, config, total_b, active_b):
+    """Phi-3.5-MoE, Granite 3 MoE and Llama 4 were refused as experts of a kind the reader does not
+    size. Read now: their totals and active counts as the cards give them, equal to transformers' own
+    class within the reader's tolerance (hf: checks it; Maverick's dense layers between the sparse
+    ones counted by its interleave step); Llama 4's dense layers' MLP is intermediate_size_mlp, a
+    shared expert beside the routed one, and three layers in four attend within 8,192-token chunks."""
+    spec = load_model_spec(f"hf:{_write(tmp_path / name / 'config.json', config).parent}")
+    assert (round(spec.num_params / 1e9, 2), round(spec.active_params() / 1e9, 2)) == (total_b, active_b)
+    if config.get("model_type") == "llama4":
+        assert (spec.ffn_hidden, spec.expert_ffn_hidden, spec.shared_expert_ffn_hidden) == (16384, 8192, 8192)
+        assert (spec.attention_window, spec.windowed_layers) == (8192, 36)
+        assert (spec.router_score, spec.router_renormalize, spec.qk_norm) == ("sigmoid", False, False)
+    if config.get("model_type") == "phimoe":
+        assert (spec.norm, spec.router_score) == ("layernorm", "sparsemixer")
+
+
+def test_a_position_dependent_rope_is_read_and_planned_quietly(tmp_path):
+    """Phi-3.5-MoE's longrope picks its factors by the largest position, which a meta-device pass
+    cannot decide: the plan printed torch's partial graph and a multi-line guard error, and fell
+    back to paraplan's rebuild (which `run` then refused). Its layout is read with the plain
+    rotation (same ops and sizes): the plan records the Hugging Face module and prints no graph."""
+    small = {**PHI35_MOE, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": 256, "num_local_experts": 4}
+    small["rope_scaling"] = {**PHI35_MOE["rope_scaling"], "short_factor": [1.0] * 8, "long_factor": [1.0] * 8}
+    folder = _write(tmp_path / "phi" / "config.json", small).parent
+    out = paraplan("plan", "--model", str(folder), "--cluster", "cpu:2", "--global-batch", "4", "--seq-len", "32",
+                   "-o", str(tmp_path / "plan.yaml"))
+    assert out.returncode == 0, out.stderr
+    assert "def forward" not in out.stdout + out.stderr and "rebuild" not in out.stderr, out.stderr[:2000]
+    assert yaml.safe_load((tmp_path / "plan.yaml").read_text())["source"]["kind"] == "hf"
+
+
+def test_llama4_says_its_experts_run_densely(tmp_path):
+    """transformers' Llama 4 runs every token through every expert: the plan says what `run` of it costs."""
+    small = {**LLAMA4_SCOUT_TEXT, "hidden_size": 64, "intermediate_size": 96, "intermediate_size_mlp": 128,
+             "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+             "vocab_size": 256, "num_local_experts": 4, "attention_chunk_size": 16, "max_position_embeddings": 64}
+    folder = _write(tmp_path / "l4" / "config.json", small).parent
+    out = paraplan("plan", "--model", str(folder), "--cluster", "cpu:2", "--global-batch", "4", "--seq-len", "32",
+                   "-o", str(tmp_path / "plan.yaml"))
+    assert out.returncode == 0 and "through all 4 experts" in out.stderr and "4/1 times" in out.stderr, out.stderr

@@ -157,12 +157,13 @@ def test_a_module_without_attention_is_planned_from_its_graph(tmp_path):
 
 
 @pytest.mark.parametrize("config,needle", [
-    # PhiMoE's config.json: experts of a kind the reader does not size (Mixtral's and OLMoE's, read since,
-    # were once planned as dense: Mixtral as a 7.24B Mistral instead of 46.7B)
-    ({"model_type": "phimoe", "num_hidden_layers": 32, "hidden_size": 4096, "num_attention_heads": 32,
-      "num_key_value_heads": 8, "intermediate_size": 6400, "vocab_size": 32064, "num_local_experts": 16,
-      "num_experts_per_tok": 2, "rope_theta": 1e4, "rms_norm_eps": 1e-5, "hidden_act": "silu"},
-     "mixture-of-experts model (num_local_experts = 16, model_type phimoe)"),
+    # MiniMax-Text-01's config.json (lightning attention beside softmax attention, experts): experts of a kind
+    # the reader does not size (Mixtral's, OLMoE's and PhiMoE's, read since, were once planned as dense:
+    # Mixtral as a 7.24B Mistral instead of 46.7B)
+    ({"model_type": "minimax", "num_hidden_layers": 80, "hidden_size": 6144, "num_attention_heads": 64,
+      "num_key_value_heads": 8, "intermediate_size": 9216, "vocab_size": 200064, "num_local_experts": 32,
+      "num_experts_per_tok": 2, "rope_theta": 1e7, "rms_norm_eps": 1e-5, "hidden_act": "silu"},
+     "mixture-of-experts model (num_local_experts = 32, model_type minimax)"),
     # Gemma (1): an architecture the reader does not size is refused by its model_type
     ({"model_type": "gemma", "num_hidden_layers": 28, "hidden_size": 3072, "num_attention_heads": 16,
       "num_key_value_heads": 16, "head_dim": 256, "intermediate_size": 24576, "vocab_size": 256000},
