@@ -66,9 +66,16 @@ def spec_from_graph(graph: OpGraph, *, name: str) -> ModelSpec:
                           "F.linear; a matmul against a weight is not read as one); write a spec YAML with its sizes")
     attn_widths = sorted(w[0] for w in from_hidden if w[0] <= heads * head_dim)  # q, k, v
     kv_heads = attn_widths[0] // head_dim if attn_widths else heads
-    ffn = max(w[0] for w in from_hidden)
+    mlp_in = from_hidden
+    fused = from_hidden[0][0] - heads * head_dim  # the layer's first projection wider than q: q, k and v in one
+    if fused > 0 and fused % (2 * head_dim) == 0 and heads % (fused // (2 * head_dim)) == 0:  # (StarCoder's c_attn)
+        kv_heads, mlp_in = fused // (2 * head_dim), from_hidden[1:] or from_hidden
+    ffn = max(w[0] for w in mlp_in)
     ops = {nodes[n]["op"] for n in block}
-    gated = sum(1 for w in from_hidden if w[0] == ffn) >= 2  # gate and up read the same input
+    gated = sum(1 for w in mlp_in if w[0] == ffn) >= 2  # gate and up read the same input
+    down = [w[1] for w in widths if w[0] == hidden and w[1] != heads * head_dim]  # the MLP's down projection
+    if not gated and down and ffn == 2 * max(down):  # gate and up in one projection (GLM-4's gate_up_proj)
+        gated, ffn = True, max(down)
     activation = ("swiglu" if "aten.silu.default" in ops else "geglu") if gated else "gelu"
     norm = _norm_kind(ops)
     rope = "aten.cat.default" in ops
@@ -79,6 +86,9 @@ def spec_from_graph(graph: OpGraph, *, name: str) -> ModelSpec:
     vocab = g.nodes[emb_weight]["shape"][0]
     tokens = [n for n in graph.order if g.nodes[n]["kind"] == "input"]
     seq_len = g.nodes[tokens[0]]["shape"][1] if tokens and len(g.nodes[tokens[0]]["shape"]) > 1 else 2048
+    if not rope and len(embeddings) > 1:  # learned positions: as many as the position table holds
+        table = next((p for p in g.predecessors(embeddings[1]) if g.nodes[p]["kind"] == "param"), None)
+        seq_len = g.nodes[table]["shape"][0] if table is not None else seq_len
     tied = any(g.nodes[s]["kind"] == "linear" for s in g.successors(emb_weight))
     spec = ModelSpec(
         name=name, layers=len(copies), hidden=hidden, heads=heads, kv_heads=kv_heads, ffn_hidden=ffn, vocab=vocab,

@@ -39,6 +39,12 @@ REAL = {
     # microsoft/phi-2: parallel attention and MLP from one LayerNorm, GELU, biases, partial RoPE
     "phi-2": ("phi", dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=32, num_attention_heads=32,
                           vocab_size=51200, max_position_embeddings=2048, partial_rotary_factor=0.4), 2.78),
+    # THUDM/GLM-4-9B-0414: gate and up in one projection (gate_up_proj), sandwich norms, half the head rotated;
+    # its gate_up_proj was read as an ungated 27,392-wide MLP and the config refused (1.76B against 1.65B probed)
+    "glm-4-9b": ("glm4", dict(hidden_size=4096, intermediate_size=13696, num_hidden_layers=40, num_attention_heads=32,
+                              num_key_value_heads=2, head_dim=128, vocab_size=151552, max_position_embeddings=32768,
+                              attention_bias=True, partial_rotary_factor=0.5, tie_word_embeddings=False,
+                              pad_token_id=151329), 9.40),
 }
 
 
@@ -75,6 +81,8 @@ def test_other_model_types_are_read_off_transformers_class(tmp_path, name):
         assert spec.tied_embeddings and spec.activation == "swiglu"
     if name == "olmo2-1b":
         assert spec.rope_theta == 500000 and spec.norm == "rmsnorm"
+    if name == "glm-4-9b":
+        assert spec.activation == "swiglu" and spec.ffn_hidden == 13696
 
 
 def test_a_model_directory_is_taken_as_given(tmp_path):
@@ -116,6 +124,19 @@ def test_a_class_the_graph_reader_cannot_read_is_refused_in_one_line(tmp_path, m
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
     assert f"model_type '{model_type}'" in out.stderr and needle in out.stderr and "spec YAML" in out.stderr
     assert not (tmp_path / "p.yaml").exists()
+
+
+def test_starcoder_read_off_its_class_with_fused_multi_query_attention(tmp_path):
+    """bigcode/starcoder (gpt_bigcode: q, k and v in one c_attn projection, one K/V head, 8,192 learned
+    positions): its c_attn was not read as q plus one K/V head, and the position table was sized by the
+    probe's 64 tokens; refused as 'would have ... parameters'. 15.5B as its card says, one K/V head (so
+    tensor parallelism is refused, not run on a copy)."""
+    folder = _save(tmp_path, "starcoder", "gpt_bigcode", dict(n_embd=6144, n_head=48, n_inner=24576, n_layer=40,
+                                                             n_positions=8192, vocab_size=49152, multi_query=True))
+    spec = load_model_spec(str(folder))
+    assert (spec.layers, spec.hidden, spec.heads, spec.kv_heads, spec.seq_len) == (40, 6144, 48, 1, 8192)
+    assert spec.position == "learned" and round(spec.num_params / 1e9, 1) == 15.5
+    assert abs(spec.num_params - _transformers_count(folder)) < 0.005 * spec.num_params
 
 
 def test_gpt_j_read_off_its_class_in_its_own_field_names(tmp_path):

@@ -59,6 +59,13 @@ MODELS = {  # name -> (config class, extra fields, with pretrained weights, layo
     # mid-block (split over tp): tensor parallel without sequence parallelism
     "olmo2": ("Olmo2Config", dict(tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=1), False,
               ("tp",)),
+    # read off transformers' class: GLM-4's gate and up in one projection (the MLP left whole under tp, its
+    # attention split), sandwich norms, half-rotated heads; StarCoder's q, k and v in one c_attn, one K/V
+    # head, learned positions (both refused by the graph reader before)
+    "glm4": ("Glm4Config", dict(head_dim=16, attention_bias=False, tie_word_embeddings=False, pad_token_id=0,
+                                eos_token_id=1, bos_token_id=1), False, ("tp",)),
+    "starcoder": ("GPTBigCodeConfig", dict(n_layer=4, n_embd=64, n_head=4, n_positions=64, multi_query=True,
+                                           attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0), False, ("fsdp",)),
     # fused qkv_proj / gate_up_proj: pipelined (never split over tp: tests/test_module_map.py)
     "phi3": ("Phi3Config", dict(tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=1), False,
              ("pp_1f1b",)),
@@ -74,7 +81,8 @@ MODELS = {  # name -> (config class, extra fields, with pretrained weights, layo
 
 def _model_dir(root, name):
     cls, extra, weights, _ = MODELS[name]
-    config = getattr(transformers, cls)(**SIZES, **extra)
+    sizes = SIZES if "n_layer" not in extra else dict(vocab_size=SIZES["vocab_size"])  # (GPT-2's own field names)
+    config = getattr(transformers, cls)(**sizes, **extra)
     folder = root / name
     if weights:
         torch.manual_seed(1)
