@@ -551,13 +551,22 @@ MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", 
              "phimoe", "granitemoe", "granitemoeshared", "llama4_text")  # and the mixtures of experts
 GELU_ACTS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_python")
 EXPERT_FIELDS = ("num_local_experts", "n_routed_experts", "num_experts", "moe_num_experts")
+ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}  # a config's layer_types read
 
 
 def _understood(data: dict) -> None:
     """Refuse, naming the field, a config this reader would silently size as something else."""
     model_type = str(data.get("model_type", ""))
+    types = data.get("layer_types") if isinstance(data.get("layer_types"), list) else []
+    other = sorted({str(t) for t in types} - ATTENTION_LAYER_TYPES)
+    if other or "mamba" in model_type or any(str(k).startswith("mamba_") for k in data):
+        kinds = ", ".join(other) if other else "state-space (Mamba) layers"
+        raise ConfigError(f"model_type {model_type or 'not given'}: its layers include {kinds}, which paraplan's cost "
+                          "model does not price (it prices softmax-attention decoders); to plan it anyway write a spec "
+                          "YAML of its sizes, whose layers are priced as attention layers (an over-estimate)")
+    nested = data.get("ffn_config") if isinstance(data.get("ffn_config"), dict) else {}  # (DBRX keeps them there)
     for key in EXPERT_FIELDS:
-        experts = data.get(key)
+        experts = data.get(key, nested.get(key))
         if model_type in MOE_TYPES:
             break
         if isinstance(experts, int) and not isinstance(experts, bool) and experts > 1:

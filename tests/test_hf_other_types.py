@@ -398,3 +398,19 @@ def test_llama4_says_its_experts_run_densely(tmp_path):
     out = paraplan("plan", "--model", str(folder), "--cluster", "cpu:2", "--global-batch", "4", "--seq-len", "32",
                    "-o", str(tmp_path / "plan.yaml"))
     assert out.returncode == 0 and "through all 4 experts" in out.stderr and "4/1 times" in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("config, kinds", [
+    # Qwen3-Next (Gated DeltaNet beside attention, experts) and MiniMax-Text-01 (lightning attention): refused
+    # as "experts of a kind the reader does not size: write a spec YAML with experts ...", which would not price them
+    ({"model_type": "qwen3_next", "num_hidden_layers": 4, "num_experts": 512,
+      "layer_types": ["linear_attention", "linear_attention", "linear_attention", "full_attention"]}, "linear_attention"),
+    # Jamba (Mamba layers, experts); Mamba itself was "attention written out as matmuls, as Bloom's ALiBi is"
+    ({"model_type": "jamba", "num_hidden_layers": 4, "num_experts": 16, "mamba_d_state": 16}, "state-space (Mamba)"),
+    ({"model_type": "mamba", "num_hidden_layers": 4, "state_size": 16}, "state-space (Mamba)"),
+])
+def test_layers_other_than_attention_are_refused_as_such(tmp_path, config, kinds):
+    folder = _write(tmp_path / "m" / "config.json", config).parent
+    out = paraplan("plan", "--model", str(folder), "--cluster", "cpu:2", "--global-batch", "4")
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert f"its layers include {kinds}" in out.stderr and "spec YAML" in out.stderr
