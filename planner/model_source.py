@@ -204,6 +204,25 @@ def class_read_type(path: str) -> str | None:
     return model_type if model_type and model_type not in READ_TYPES + MOE_TYPES + ("gpt2",) else None
 
 
+# what a config the reader sizes has and the spec does not hold (it prices nothing, and the engine exports
+# cannot write it), by model_type
+UNHELD = {"granitemoe": "Granite's embedding, residual, attention and logit multipliers",
+          "granitemoeshared": "Granite's embedding, residual, attention and logit multipliers",
+          "phimoe": "its biases on the attention projections and the head",
+          "llama4_text": "its chunked attention, layers without RoPE, weightless q/k norm and router weights applied "
+                         "to the experts' input"}
+
+
+def unheld_features(path: str) -> str | None:
+    """What the Hugging Face config at `path` builds that the spec read from it does not hold
+    (UNHELD), in words; None where nothing is known to be left out."""
+    data = _config_at(path)
+    if data is None:
+        return None
+    text = language_config(data) or data
+    return UNHELD.get(str(text.get("model_type", "")))
+
+
 def multimodal_type(path: str) -> str | None:
     """The model_type of a multimodal Hugging Face config at `path` (a directory or its
     config.json) whose language model paraplan reads (language_config), else None."""

@@ -414,3 +414,17 @@ def test_layers_other_than_attention_are_refused_as_such(tmp_path, config, kinds
     out = paraplan("plan", "--model", str(folder), "--cluster", "cpu:2", "--global-batch", "4")
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert f"its layers include {kinds}" in out.stderr and "spec YAML" in out.stderr
+
+
+def test_an_export_says_what_of_a_read_config_it_leaves_out(tmp_path):
+    """Granite 3 MoE's multipliers and Phi-3.5-MoE's SparseMixer router are in transformers' classes, not in
+    the spec nor in Megatron-LM's arguments: the export says so beside them (it wrote them silently)."""
+    from test_moe import TINY_HF_MOE
+
+    for name, needle in (("granitemoe", "logit multipliers"), ("phimoe", "SparseMixer")):
+        folder = _write(tmp_path / name / "config.json", TINY_HF_MOE[name]).parent
+        plan = tmp_path / f"{name}.yaml"
+        assert paraplan("plan", "--model", str(folder), "--cluster", "cpu:2", "--global-batch", "4", "--seq-len", "32",
+                        "-o", str(plan)).returncode == 0
+        out = paraplan("export", str(plan), "--to", "megatron")
+        assert out.returncode == 0 and "--num-experts 4" in out.stdout and needle in out.stderr, out.stderr

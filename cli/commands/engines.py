@@ -14,7 +14,7 @@ from costmodel.spec import ModelSpec
 from engines import deepspeed, megatron, torchtitan, vllm
 from engines.common import Imported
 from planner.files import atomic_write_text
-from planner.model_source import class_read_type
+from planner.model_source import class_read_type, unheld_features
 from planner.plan import Plan
 
 EXPORTERS = {"torchtitan": torchtitan.export, "megatron": megatron.export_text, "deepspeed": deepspeed.export_text,
@@ -33,6 +33,10 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"paraplan: note: {plan.spec.name} ({read_type}) was read off transformers' class: the {args.to} config "
               "gives its sizes, attention, MLP and norm kind, not what the spec does not hold (post-norms, norms "
               "over all heads, partial rotary, scaled residuals); check the engine's own model of it", file=sys.stderr)
+    unheld = unheld_features(plan.source["path"]) if plan.source.get("kind") == "hf" else None
+    if unheld and args.to in ("torchtitan", "megatron", "deepspeed"):
+        print(f"paraplan: note: {plan.spec.name}'s {args.to} config describes its sizes, attention and experts, not "
+              f"{unheld}; check the engine's own model of it", file=sys.stderr)
     if args.output:
         atomic_write_text(args.output, text)
         print(f"{args.plan} -> {args.output} ({args.to})")
