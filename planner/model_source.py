@@ -223,6 +223,15 @@ def unheld_features(path: str) -> str | None:
     return UNHELD.get(str(text.get("model_type", "")))
 
 
+def hf_model_type(path: str) -> str | None:
+    """The model_type of the Hugging Face config at `path` (a multimodal one's language model's)."""
+    data = _config_at(path)
+    if data is None:
+        return None
+    text = language_config(data) or data
+    return str(text["model_type"]) if text.get("model_type") else None
+
+
 def multimodal_type(path: str) -> str | None:
     """The model_type of a multimodal Hugging Face config at `path` (a directory or its
     config.json) whose language model paraplan reads (language_config), else None."""

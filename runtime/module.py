@@ -33,7 +33,7 @@ from torch.distributed.tensor.parallel import (
 
 from costmodel.errors import ConfigError
 from planner.contract import tp_placement
-from planner.model_source import build_source_module
+from planner.model_source import build_source_module, hf_model_type
 from planner.module_map import ModuleMap, spans_width
 from planner.plan import Plan
 from planner.zoo.model import copy_full, this_ranks_experts
@@ -354,6 +354,28 @@ def checkpoint_key(name: str, keys: set[str]) -> str | None:
     return None
 
 
+def renamed_keys(keys: set[str], model_type: str | None) -> dict[str, str]:
+    """{the module's name: the checkpoint's} for a checkpoint that keeps tensors under older names
+    which transformers renames as it loads them (its conversion mapping's renamings for
+    `model_type`: Phi-3.5-MoE's `block_sparse_moe.gate`, Granite MoE's `input_linear`, ...);
+    empty where transformers keeps none. The experts it merges from per-expert tensors are
+    `fused_experts`' job."""
+    try:
+        from transformers.conversion_mapping import WeightRenaming, get_checkpoint_conversion_mapping
+    except ImportError:
+        return {}
+    renamings = [t for t in (get_checkpoint_conversion_mapping(model_type) or []) if isinstance(t, WeightRenaming)] \
+        if model_type else []
+    out: dict[str, str] = {}
+    for key in keys:
+        name = key
+        for renaming in renamings:
+            name, _ = renaming.rename_source_key(name)
+        if name != key:
+            out[name] = key
+    return out
+
+
 def fused_experts(name: str, shape: torch.Size, keys: dict[str, Path], first: int = 0) -> torch.Tensor | None:
     """The whole fused experts parameter `name` of `shape` (its shape[0] experts from the
     checkpoint's expert `first` on: an expert-parallel rank's share) assembled on the CPU from
@@ -398,30 +420,39 @@ def load_pretrained(model: nn.Module, plan: Plan, mmap: ModuleMap) -> set[str]:
     persistent = {_join(path, n): b for path, sub in model.named_modules() for n, b in sub._buffers.items()
                   if b is not None and n not in sub._non_persistent_buffers_set}
     state: dict[str, torch.Tensor] = {}
-    fused: list[tuple[str, torch.Tensor]] = []
+    fused: list[tuple[str, torch.Tensor, str | None]] = []
     missing: set[str] = set()
     seen: set[int] = set()
     buffers, stored = {clean(n) for n in persistent}, set(keys)
+    renamed = renamed_keys(stored, hf_model_type(plan.source["path"]) if plan.source.get("kind") == "hf" else None)
+    split = {clean(path): expert_slice(sub) for path, sub in model.named_modules() if expert_slice(sub)}
     for name, p in {**_by_name(model), **{clean(n): b for n, b in persistent.items()}}.items():
         if id(p) in seen or name.rpartition(".")[2] in ADAPTER_NAMES:  # LoRA's adapters start fresh
             continue
         seen.add(id(p))
-        key = checkpoint_key(mmap.embedding_weight if mmap.tied and name == f"{mmap.head}.weight" else name, stored)
-        if key is not None:
+        own = mmap.embedding_weight if mmap.tied and name == f"{mmap.head}.weight" else name
+        key = checkpoint_key(own, stored) or renamed.get(own)
+        if key is not None and name.rpartition(".")[0] in split:  # a fused tensor of all the experts, this rank's share
+            fused.append((name, p, key))
+        elif key is not None:
             state[key] = p
         elif name.rpartition(".")[2] in EXPERT_PARTS:
-            fused.append((name, p))
+            fused.append((name, p, None))
         elif name in buffers:
             missing.add(name)
         else:
             raise ConfigError(f"the checkpoint in {files[0].parent} holds no tensor for the module's {name}; plan "
                               "from the config alone (a folder without *.safetensors) to train from initialisation")
     dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(files[0].parent)))
-    split = {clean(path): expert_slice(sub) for path, sub in model.named_modules() if expert_slice(sub)}
     with torch.no_grad():
-        for name, p in fused:
+        for name, p, key in fused:
             rank, _ = split.get(name.rpartition(".")[0], (0, 1))  # under ep: this rank's experts of them all
-            full = fused_experts(name, p.shape, keys, first=rank * p.shape[0])
+            first = rank * p.shape[0]
+            if key is not None:
+                with safe_open(str(keys[key]), "pt") as f:
+                    full = f.get_slice(key)[first:first + p.shape[0]]  # (local experts, rows, cols)
+            else:
+                full = fused_experts(name, p.shape, keys, first=first)
             if full is None:
                 raise ConfigError(f"the checkpoint in {files[0].parent} holds neither {name} nor its experts' "
                                   "gate_proj / up_proj / down_proj (or w1 / w3 / w2) tensors")

@@ -353,7 +353,11 @@ def test_pretrained_experts_load_as_transformers_reads_them(tmp_path):
     correction as a persistent buffer, and transformers 5 writes Qwen3-MoE's num_experts as
     num_local_experts (the reader refused it): the first step's loss of the saved weights, under DDP,
     FSDP and EP 2 (each rank reading its half of the experts; refused before) on 2 processes, is
-    the loss transformers' from_pretrained computes on the same batch (it was DCP's "Missing key ... experts.down_proj" traceback on every pretrained MoE)."""
+    the loss transformers' from_pretrained computes on the same batch (it was DCP's "Missing key ... experts.down_proj" traceback on every pretrained MoE).
+    Granite MoE's checkpoints keep all experts fused under their own names (block_sparse_moe.input_linear,
+    output_linear, router.layer), which transformers renames as it loads: read by its renamings, and under
+    EP each rank reads its rows of the fused tensor (was "holds no tensor for the module's ...router.weight",
+    then DCP's size-mismatch traceback)."""
     import torch
     import torch.nn.functional as F
     import transformers
@@ -364,7 +368,8 @@ def test_pretrained_experts_load_as_transformers_reads_them(tmp_path):
     qwen3 = {**TINY_HF_MOE["qwen2_moe"], "model_type": "qwen3_moe", "head_dim": 16}  # (saved: num_local_experts)
     qwen3.pop("shared_expert_intermediate_size")
     for name, config in {"mixtral": TINY_HF_MOE["mixtral"], "glm4_moe": TINY_HF_MOE["glm4_moe"], "qwen3_moe": qwen3,
-                         "deepseek_v3": TINY_HF_MOE["deepseek_v3"]}.items():
+                         "deepseek_v3": TINY_HF_MOE["deepseek_v3"],
+                         "granitemoeshared": TINY_HF_MOE["granitemoeshared"]}.items():
         cfg = transformers.AutoConfig.for_model(**config)
         torch.manual_seed(3)
         model = transformers.AutoModelForCausalLM.from_config(cfg)
@@ -386,6 +391,20 @@ def test_pretrained_experts_load_as_transformers_reads_them(tmp_path):
             loss = float(F.cross_entropy(plain(x).logits.flatten(0, 1), y.flatten()))
         for layout in LOAD_LAYOUTS:
             assert abs(results[f"{name}-{layout}"]["losses"][0] - loss) <= 1e-5 * loss, (name, layout)
+
+
+def test_a_checkpoints_older_names_are_read_by_transformers_renamings():
+    """Phi-3.5-MoE's checkpoints name its router block_sparse_moe.gate (transformers 5's module:
+    mlp.router), Granite MoE's its experts input_linear / output_linear: the names transformers'
+    conversion mapping gives them, as from_pretrained reads them."""
+    from runtime.module import renamed_keys
+
+    phi = renamed_keys({"model.layers.3.block_sparse_moe.gate.weight", "model.norm.weight"}, "phimoe")
+    assert phi == {"model.layers.3.mlp.router.weight": "model.layers.3.block_sparse_moe.gate.weight"}
+    granite = renamed_keys({"model.layers.0.block_sparse_moe.input_linear.weight"}, "granitemoe")
+    assert granite == {"model.layers.0.block_sparse_moe.experts.gate_up_proj":
+                       "model.layers.0.block_sparse_moe.input_linear.weight"}
+    assert renamed_keys({"model.layers.0.mlp.gate.weight"}, "llama") == {} == renamed_keys({"x"}, None)
 
 
 def test_expert_parallelism_is_refused_where_it_does_not_run(tmp_path):
