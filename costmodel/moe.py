@@ -204,7 +204,7 @@ def expert_layout_problems(spec: ModelSpec, *, ep: int, expert_tp: int, tp: int,
     folded = shard * (tp // etp)  # ranks the ep group may span: data ranks (x tp when experts are whole)
     if etp == 1 and tp > 1 and cp > 1:
         problems.append(f"--expert-tp 1 with tp({tp}) and cp({cp}): whole experts fold over tp only without "
-                        "context parallelism; use --expert-tp {tp}")
+                        f"context parallelism; use --expert-tp {tp}")
     elif folded % ep:
         where = f"dp_shard({shard})" + (f" * tp({tp})" if etp == 1 and tp > 1 else "")
         problems.append(f"ep({ep}) does not divide {where} = {folded}: expert parallelism folds into the "

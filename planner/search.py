@@ -152,25 +152,34 @@ def enumerate_candidates(req: SearchRequest, rejected: list[str] | None = None,
                             rejected.append(str(exc))
                             continue
                         problems = strategy_problems(spec, s, world)
+                        mode = "lora" if s.lora else "train"
+                        # what the user's module cannot run comes first, where the model and cluster would
+                        # take the strategy or not: no other flag changes it
+                        source = sorted(source_strategy_problems(req.source, s, mode) if runnable else [],
+                                        key=lambda p: not _names_a_flag(p, fixed))  # the user's own flags' first
                         if runnable and not problems:  # what the user asked for by a flag stays, with a note
-                            mode = "lora" if s.lora else "train"
                             asked = {msg for flag, msg in planned_only(s, mode).items() if flag in fixed}
-                            problems = [p for p in strategy_runtime_problems(spec, s, mode) if p not in asked]
-                            problems += source_strategy_problems(req.source, s, mode)
+                            problems = source + [p for p in strategy_runtime_problems(spec, s, mode) if p not in asked]
                             if not problems and module_map is not None and s.tp > 1:
                                 problems = layout_problems(module_map, megatron_placements(spec, s, module_map),
                                                            s.tp, s.sequence_parallel)
                             if problems:
                                 nearest.append(problems[0])
-                        if problems:
-                            rejected.append(problems[0])
+                        if problems:  # the module's problems and the first of the rest, each once
+                            rejected.extend(dict.fromkeys(source + problems[:1]))
                         else:
                             out.append(s)
     return out
 
 
+def _names_a_flag(problem: str, fixed: dict) -> bool:
+    """Whether `problem` says to change a flag the user gave (`re-plan with --pp 1` for --pp)."""
+    return any(f"--{flag.replace('_', '-')} " in problem for flag in fixed)
+
+
 def main_reason(reasons: list[str]) -> str:
-    """The most frequent reason, in the words of the rule that gave it (the first of a tie)."""
+    """The most frequent reason (a candidate gives each of its reasons once: the one every
+    candidate met wins), in the words of the rule that gave it (the first of a tie)."""
     return max(set(reasons), key=lambda r: (reasons.count(r), -reasons.index(r)))
 
 
@@ -208,6 +217,8 @@ def _expert_degrees(spec: ModelSpec, fixed: dict, dp: int, cp: int, tp: int) -> 
     # experts whole under tp (Megatron-Core's MoE guideline 4: EP over TP for expert layers: larger
     # local GEMMs, less communication); --expert-tp asks for split experts
     etps = [fixed["expert_tp"]] if "expert_tp" in fixed else ([1] if tp > 1 else [0])
+    if "expert_tp" not in fixed and tp > 1 and fixed.get("ep", tp) % tp:  # an ep whole experts cannot fold over tp
+        etps = [tp]  # (ep 1 where the runtime splits no experts): the experts split over tp as the dense layers
     out = []
     for etp in etps:
         fold = dp * cp * (tp if etp == 1 else 1)

@@ -243,6 +243,14 @@ def test_a_multimodal_models_language_model_is_planned_and_run(tmp_path):
     proc = launch(1, [plan], tmp_path / "out.jsonl", "--steps", "1", "--data", str(data))
     assert proc.returncode == 0, proc.stderr[-3000:]
     first = read_results(tmp_path / "out.jsonl")["one"]["losses"][0]
+    # its language model (a Mistral) is pipelined as a Mistral is: the contract read the wrapper's model_type
+    # (mistral3) and refused --pp
+    piped = paraplan("plan", "--model", str(folder), "--cluster", "cpu:2", "--global-batch", "4", "--seq-len", "32",
+                     "--pp", "2", "--precision", "fp32", "-o", str(tmp_path / "pp.yaml"))
+    assert piped.returncode == 0, piped.stderr
+    proc = launch(2, [tmp_path / "pp.yaml"], tmp_path / "pp.jsonl", "--steps", "1", "--data", str(data))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert abs(next(iter(read_results(tmp_path / "pp.jsonl").values()))["losses"][0] - first) <= 1e-5 * first
     whole = transformers.AutoModelForImageTextToText.from_pretrained(str(folder)).eval()
     x, y = TokenSource(256, 32, str(data), 0).batch(0, 4)
     with torch.no_grad():
@@ -428,3 +436,30 @@ def test_an_export_says_what_of_a_read_config_it_leaves_out(tmp_path):
                         "-o", str(plan)).returncode == 0
         out = paraplan("export", str(plan), "--to", "megatron")
         assert out.returncode == 0 and "--num-experts 4" in out.stdout and needle in out.stderr, out.stderr
+
+
+def test_the_refusal_named_is_the_one_every_candidate_meets(tmp_path):
+    """Llama 4 with --pp 2 was refused for context parallelism the user never asked for ("re-plan with
+    --cp 1"), with --tp 2 for "--expert-tp 1 with tp(2) and cp(2) ... use --expert-tp {tp}" (a literal
+    {tp}); Phi-3.5-MoE with --tp 2 for "give --sequence-parallel", which is refused next. The reason
+    given is the one every candidate meets: what the user's module cannot run under the flag given."""
+    small = {**LLAMA4_SCOUT_TEXT, "hidden_size": 64, "intermediate_size": 96, "intermediate_size_mlp": 128,
+             "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+             "vocab_size": 256, "num_local_experts": 4, "attention_chunk_size": 16, "max_position_embeddings": 64}
+    llama4 = _write(tmp_path / "l4" / "config.json", _multimodal(small)).parent
+    from test_moe import TINY_HF_MOE
+
+    phi = _write(tmp_path / "phi" / "config.json", TINY_HF_MOE["phimoe"]).parent
+    for folder, flag, needle in ((llama4, "--pp", "pipelining a Hugging Face llama4_text is not run yet"),
+                                 (llama4, "--tp", "tensor parallelism on a Hugging Face mixture of experts"),
+                                 (phi, "--tp", "tensor parallelism on a Hugging Face mixture of experts")):
+        out = paraplan("plan", "--model", str(folder), "--cluster", "cpu:8", "--global-batch", "8", "--seq-len", "32",
+                       flag, "2")
+        assert out.returncode == 2 and needle in out.stderr and f"re-plan with {flag} 1" in out.stderr, out.stderr
+        assert len(out.stderr.strip().splitlines()) <= 2  # (a note on Llama 4's dense experts, then the line)
+    from costmodel import ModelSpec
+    from costmodel.moe import expert_layout_problems
+
+    spec = ModelSpec(layers=2, hidden=64, heads=4, vocab=256, seq_len=32, experts=4, experts_per_token=2)
+    problems = expert_layout_problems(spec, ep=2, expert_tp=1, tp=2, dp=2, cp=2, sequence_parallel=True, shard=2)
+    assert any("use --expert-tp 2" in p for p in problems), problems
