@@ -180,12 +180,15 @@ def runnable_problems(plan: Plan, world_size: int | None = None) -> list[str]:
     return problems
 
 
-# Hugging Face decoders whose model forward is embed_tokens -> layers (rotary_emb's tables, a causal
-# mask) -> norm -> lm_head and nothing else (runtime.module.cut_stage drives their stages so); not
-# Gemma (its embedding scale), Granite (its multipliers), Cohere (its logit scale), StarCoder2 (its
-# embedding dropout). tests/test_runtime_hf.py checks each against the model's own forward.
+# Hugging Face decoders whose model forward is the embedding -> layers (rotary_emb's tables, a causal
+# mask) -> final norm -> head, with what runtime.module.cut_stage repeats of their own forwards around
+# that chain (Granite's multipliers, Cohere's logit scale, Gemma-2's soft-capping, Phi's, GPT-NeoX's and
+# StarCoder2's embedding dropout); not Gemma 3 (a local and a global rotation). tests/test_runtime_hf.py
+# checks each against the model's own forward.
 PIPELINED_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "mixtral", "qwen2_moe", "qwen3_moe",
-                      "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "phimoe")
+                      "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "phimoe", "gemma", "gemma2", "granite",
+                      "granitemoe", "granitemoeshared", "cohere", "starcoder2", "phi", "gpt_neox", "stablelm",
+                      "glm4", "olmo")
 # mixtures of experts whose experts modules runtime.expert_parallel splits (transformers' fused layout:
 # gate_up_proj (experts, 2 ffn, hidden), down_proj (experts, hidden, ffn), called with the router's top-k);
 # not gpt-oss (biased experts) nor Llama 4 (transposed, and its forward runs every token through every expert)

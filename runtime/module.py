@@ -91,21 +91,64 @@ def cut_stage(model: nn.Module, mmap: ModuleMap, first: int, end: int, *, has_em
             _set(model, mmap.final_norm, None)
 
     def hf_forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = inner.embed_tokens(x) if inner.embed_tokens is not None else x  # (B, T, C) or its sequence shard
+        embedding = part_at(self, mmap.embedding)
+        h = x if embedding is None else _embedded(inner, embedding(x))  # (B, T, C) or its sequence shard
         positions = torch.arange(seq_len, device=h.device).unsqueeze(0)  # (1, T): the whole sequence
         cos_sin = inner.rotary_emb(h, positions)
+        mask = _eager_causal_mask(self, seq_len, h)
         for block in getattr(inner, blocks_attr).values():
-            out = block(h, attention_mask=None, position_ids=positions, position_embeddings=cos_sin)
+            out = block(h, attention_mask=mask, position_ids=positions, position_embeddings=cos_sin)
             h = out[0] if isinstance(out, tuple) else out
-        if self.lm_head is None:
+        head = part_at(self, mmap.head)
+        if head is None:
             return h
-        return self.lm_head(inner.norm(h))  # (B, T, V)
+        # (a final norm without weights, OLMo's, is in no map: the model's own `norm`)
+        norm = part_at(self, mmap.final_norm) if mmap.final_norm else getattr(inner, "norm", None)
+        return _scaled_logits(self, head(norm(h) if norm is not None else h))  # (B, T, V)
 
     def py_forward(self, x: torch.Tensor) -> torch.Tensor:
         return drive(self, mmap, x)
 
     model.forward = types.MethodType(hf_forward if kind == "hf" else py_forward, model)
     return model
+
+
+def _eager_causal_mask(model: nn.Module, seq_len: int, h: torch.Tensor) -> torch.Tensor | None:
+    """The additive causal mask (1, 1, T, T) a block of eager attention needs (Gemma-2's: no SDPA
+    path), which masks nothing where it is given none; None under SDPA, causal by itself then."""
+    if getattr(model.config, "_attn_implementation", "sdpa") != "eager":
+        return None
+    blocked = torch.ones(seq_len, seq_len, dtype=torch.bool, device=h.device).triu(1)  # (T, T): keys after the query
+    return torch.zeros(seq_len, seq_len, dtype=h.dtype, device=h.device).masked_fill(
+        blocked, torch.finfo(h.dtype).min)[None, None]  # (1, 1, T, T)
+
+
+def _embedded(inner: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """What a Hugging Face decoder does to its token embeddings before the first block, as its own
+    forward does: Granite's embedding_multiplier, Phi's and GPT-NeoX's embedding dropout,
+    StarCoder2's (functional) one."""
+    if isinstance(getattr(inner, "embedding_multiplier", None), (int, float)):
+        h = h * inner.embedding_multiplier
+    for name in ("embed_dropout", "emb_dropout"):
+        if isinstance(getattr(inner, name, None), nn.Dropout):
+            h = getattr(inner, name)(h)
+    if isinstance(getattr(inner, "embedding_dropout", None), float):
+        h = nn.functional.dropout(h, p=inner.embedding_dropout, training=inner.training)
+    return h
+
+
+def _scaled_logits(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """What a Hugging Face causal LM does to its head's output, as its own forward does: Granite's
+    division by logits_scaling, Cohere's logit_scale, Gemma-2's final soft-capping."""
+    config = model.config
+    if isinstance(getattr(config, "logits_scaling", None), (int, float)):
+        logits = logits / config.logits_scaling
+    if isinstance(getattr(model, "logit_scale", None), (int, float)):
+        logits = logits * model.logit_scale
+    cap = getattr(config, "final_logit_softcapping", None)
+    if isinstance(cap, (int, float)) and cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
 
 
 def drive(model: nn.Module, mmap: ModuleMap, x: torch.Tensor) -> torch.Tensor:
