@@ -464,18 +464,24 @@ def decode_attention_s(spec: ModelSpec, cluster: Cluster, dtype: str, tp: int, r
 
     windowed = spec.windowed_layers / spec.layers if spec.attention_window and context > spec.attention_window else 0.0
     full = one(context)
-    return full if not windowed else (1 - windowed) * full + windowed * one(spec.attention_window)
+    # (a chunked layer's query sees its chunk so far: half a chunk on average over the sequences)
+    near = spec.attention_window / 2 if spec.attention_chunked else spec.attention_window
+    return full if not windowed else (1 - windowed) * full + windowed * one(near)
 
 
 def window_prefill(spec: ModelSpec, computed: float, take: float) -> tuple[float, float]:
     """(query-key pairs, keys read) of a prefill chunk of `take` tokens after `computed` cached
     ones in a sliding-window layer: each query sees at most attention_window keys (its own
-    included); a full-attention layer's are (take (computed + (take + 1) / 2), computed + take)."""
+    included), in a chunked layer the keys of its attention chunk from its start (the keys read:
+    the chunks the positions span); a full-attention layer's are (take (computed + (take + 1) / 2),
+    computed + take)."""
     w = spec.attention_window
     full = (take * (computed + (take + 1) / 2), computed + take)
     if not w or computed + take <= w:
         return full
     first, last = computed + 1, computed + take  # the chunk's positions (1-based)
+    if spec.attention_chunked:  # each position sees its own attention chunk from that chunk's start
+        return spec.chunked_pairs(last) - spec.chunked_pairs(first - 1), last - (first - 1) // w * w
     below = max(0.0, min(last, w) - first + 1)  # positions that still see every key before them
     pairs = below * (first + first + below - 1) / 2 + (take - below) * w
     return pairs, min(computed, w) + take

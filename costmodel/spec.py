@@ -83,6 +83,9 @@ class ModelSpec:
     # windowed_layers of the layers (0 with a window: all; Gemma-2 alternates, Qwen2 windows the top ones)
     attention_window: int = 0
     windowed_layers: int = 0
+    # the windowed layers attend within fixed chunks of attention_window tokens instead (Llama 4's chunked
+    # attention: a query sees the keys of its own chunk, from the chunk's start), keeping a chunk's KV
+    attention_chunked: bool = False
     # multi-head latent attention (kv_lora_rank 0: none)
     kv_lora_rank: int = 0
     q_lora_rank: int = 0
@@ -138,7 +141,7 @@ class ModelSpec:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"model field '{name}' must be a positive integer, got {value!r}")
-        for name in ("qk_norm", "router_renormalize", "router_expert_bias"):
+        for name in ("qk_norm", "router_renormalize", "router_expert_bias", "attention_chunked"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"model field '{name}' must be true or false, got {getattr(self, name)!r}")
         if isinstance(self.rope_theta, bool) or not isinstance(self.rope_theta, (int, float)) or not (
@@ -172,8 +175,9 @@ class ModelSpec:
             )
         self._check_experts()
         self._check_latent_attention()
-        if self.windowed_layers and not self.attention_window:
-            raise ConfigError("model field windowed_layers needs attention_window > 0 (sliding-window attention)")
+        if (self.windowed_layers or self.attention_chunked) and not self.attention_window:
+            raise ConfigError("model fields windowed_layers and attention_chunked need attention_window > 0 (the "
+                              "window's or chunk's tokens)")
         if self.windowed_layers > self.layers:
             raise ConfigError(f"windowed_layers ({self.windowed_layers}) exceeds layers ({self.layers})")
         if self.attention_window and not self.windowed_layers:
@@ -293,11 +297,21 @@ class ModelSpec:
 
     def windowed_keys(self, seq: int) -> float:
         """Keys a query attends to on average in a windowed layer of a causal sequence of `seq`
-        tokens (seq / 2 without a window): w - w^2 / (2 seq) once seq passes the window w."""
+        tokens (seq / 2 without a window): w - w^2 / (2 seq) once seq passes the window w; in a
+        chunked layer the mean over its positions of the keys from its chunk's start (about w / 2)."""
         w = self.attention_window
         if not w or seq <= w:
             return seq / 2
+        if self.attention_chunked:
+            return self.chunked_pairs(seq) / seq
         return w - w * w / (2 * seq)
+
+    def chunked_pairs(self, last: float) -> float:
+        """Query-key pairs of positions 1..`last` of a chunked layer (each position p sees
+        (p - 1) mod w + 1 keys, w the chunk): whole chunks w (w + 1) / 2 each, then the rest's."""
+        w = self.attention_window
+        whole, rest = divmod(last, w)
+        return whole * w * (w + 1) / 2 + rest * (rest + 1) / 2
 
     # -- derived sizes ---------------------------------------------------------------
     @property
@@ -512,7 +526,8 @@ ROPE_AND_ROUTER_FIELDS = ("rope_scaling", "rope_factor", "rope_original_position
                           "router_group_topk", "router_topk_scale", "router_expert_bias")
 MOE_AND_MLA_FIELDS = ("experts", "experts_per_token", "expert_ffn_hidden", "shared_expert_ffn_hidden",
                       "shared_expert_gate", "dense_layers", "moe_every", "capacity_factor", "kv_lora_rank",
-                      "q_lora_rank", "qk_rope_head_dim", "v_head_dim", "attention_window", "windowed_layers")
+                      "q_lora_rank", "qk_rope_head_dim", "v_head_dim", "attention_window", "windowed_layers",
+                      "attention_chunked")
 
 
 def gpt_spec(name: str, *, layers: int, hidden: int, heads: int, vocab: int = 51200, seq_len: int = 2048) -> ModelSpec:

@@ -787,11 +787,9 @@ def _window_of(data: dict, model_type: str) -> dict:
 
 
 def _chunks_of(data: dict, layers: int) -> dict:
-    """Llama 4's chunked attention as a window: a query of a chunked layer sees the keys of its own
-    attention_chunk_size chunk (three layers in four, the RoPE ones; every fourth global, no RoPE),
-    and a server keeps a chunk's KV of those layers. Priced as a window of the chunk's length, which
-    counts the keys a query of a chunk's end sees (a chunk's queries see half that on average):
-    at most twice the chunked layers' attention FLOPs, and only past the chunk's length."""
+    """Llama 4's chunked attention: a query of a chunked layer sees the keys of its own
+    attention_chunk_size chunk from its start (three layers in four, the RoPE ones; every fourth
+    global, no RoPE), and a server keeps a chunk's KV of those layers."""
     chunk = data.get("attention_chunk_size")
     if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk <= 0:
         return {}
@@ -801,7 +799,7 @@ def _chunks_of(data: dict, layers: int) -> dict:
     else:  # transformers' default: every no_rope_layer_interval-th layer global
         interval = data.get("no_rope_layer_interval") or 4
         chunked = layers - layers // interval if isinstance(interval, int) and interval > 0 else layers
-    return {"attention_window": chunk, "windowed_layers": chunked} if chunked else {}
+    return {"attention_window": chunk, "windowed_layers": chunked, "attention_chunked": True} if chunked else {}
 
 
 def _experts_of(data: dict, model_type: str) -> dict:

@@ -375,7 +375,7 @@ def test_phi_granite_and_llama4_experts_are_read(tmp_path, name, config, total_b
     assert (round(spec.num_params / 1e9, 2), round(spec.active_params() / 1e9, 2)) == (total_b, active_b)
     if config.get("model_type") == "llama4":
         assert (spec.ffn_hidden, spec.expert_ffn_hidden, spec.shared_expert_ffn_hidden) == (16384, 8192, 8192)
-        assert (spec.attention_window, spec.windowed_layers) == (8192, 36)
+        assert (spec.attention_window, spec.windowed_layers, spec.attention_chunked) == (8192, 36, True)
         assert (spec.router_score, spec.router_renormalize, spec.qk_norm) == ("sigmoid", False, False)
     if config.get("model_type") == "phimoe":
         assert (spec.norm, spec.router_score) == ("layernorm", "sparsemixer")
@@ -463,3 +463,24 @@ def test_the_refusal_named_is_the_one_every_candidate_meets(tmp_path):
     spec = ModelSpec(layers=2, hidden=64, heads=4, vocab=256, seq_len=32, experts=4, experts_per_token=2)
     problems = expert_layout_problems(spec, ep=2, expert_tp=1, tp=2, dp=2, cp=2, sequence_parallel=True, shard=2)
     assert any("use --expert-tp 2" in p for p in problems), problems
+
+
+def test_chunked_attention_is_priced_as_chunks():
+    """Llama 4's chunked layers were priced as sliding windows of the chunk: a query sees its chunk from
+    the chunk's start, about half a window's keys past the chunk's length, and the same before it."""
+    from dataclasses import replace
+
+    from costmodel import ModelSpec
+    from costmodel.serving import window_prefill
+
+    window = ModelSpec(layers=4, hidden=64, heads=4, vocab=256, seq_len=64, attention_window=16, windowed_layers=3)
+    chunked = replace(window, attention_chunked=True)
+    assert chunked.windowed_keys(16) == window.windowed_keys(16) == 8  # within one chunk: causal
+    assert chunked.windowed_keys(64) == pytest.approx(8.5)  # each chunk's positions see 1..16 keys
+    assert window.windowed_keys(64) == pytest.approx(16 - 16 * 16 / 128)
+    # a prefill chunk of positions 33..40 (32 cached): keys 1..8 of the third attention chunk, which it reads
+    assert window_prefill(chunked, 32, 8) == (36, 8)
+    assert window_prefill(window, 32, 8) == (8 * 16, 16 + 8)
+    assert window_prefill(chunked, 0, 16) == window_prefill(window, 0, 16) == (16 * 17 / 2, 16)
+    with pytest.raises(ConfigError, match="attention_chunked need attention_window"):
+        ModelSpec(layers=4, hidden=64, heads=4, vocab=256, seq_len=64, attention_chunked=True)

@@ -195,8 +195,9 @@ def format_table(spec: ModelSpec, cluster_text: str, s: Strategy, r, *, given: s
         f"{spec.name} ({format_count(spec.num_params)} params" + (
             f", {format_count(spec.active_params())} active: {spec.experts_per_token} of {spec.experts} experts"
             if spec.moe else "") + f") on {cluster_text}",
-        *([f"  attention    a sliding window of {spec.attention_window} tokens in {spec.windowed_layers} of "
-           f"{spec.layers} layers (priced: the kernel skips the blocks outside it)"] if spec.attention_window else []),
+        *([f"  attention    {'chunks' if spec.attention_chunked else 'a sliding window'} of {spec.attention_window} "
+           f"tokens in {spec.windowed_layers} of {spec.layers} layers (priced: the kernel skips the blocks outside "
+           f"{'its chunk' if spec.attention_chunked else 'it'})"] if spec.attention_window else []),
         *([f"  experts      ep {s.ep} (folded into data parallelism), expert tp {s.expert_tp or s.tp}; "
            f"{spec.experts // s.ep} experts per GPU, {r.memory_gib.get('experts', 0.0):.2f} GiB of expert states per "
            f"GPU; all-to-all {r.time_s.get('ep_comm', 0.0):.3f} s of the step"] if spec.moe else []),
