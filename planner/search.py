@@ -153,10 +153,10 @@ def enumerate_candidates(req: SearchRequest, rejected: list[str] | None = None,
                             continue
                         problems = strategy_problems(spec, s, world)
                         mode = "lora" if s.lora else "train"
-                        # what the user's module cannot run comes first, where the model and cluster would
-                        # take the strategy or not: no other flag changes it
-                        source = sorted(source_strategy_problems(req.source, s, mode) if runnable else [],
-                                        key=lambda p: not _names_a_flag(p, fixed))  # the user's own flags' first
+                        # what the user's module cannot run, whether the model and cluster take the strategy
+                        # or not; first where it names a flag the user gave (no other flag changes that)
+                        source = source_strategy_problems(req.source, s, mode) if runnable else []
+                        flagged = [p for p in source if _names_a_flag(p, fixed)]
                         if runnable and not problems:  # what the user asked for by a flag stays, with a note
                             asked = {msg for flag, msg in planned_only(s, mode).items() if flag in fixed}
                             problems = source + [p for p in strategy_runtime_problems(spec, s, mode) if p not in asked]
@@ -164,9 +164,9 @@ def enumerate_candidates(req: SearchRequest, rejected: list[str] | None = None,
                                 problems = layout_problems(module_map, megatron_placements(spec, s, module_map),
                                                            s.tp, s.sequence_parallel)
                             if problems:
-                                nearest.append(problems[0])
-                        if problems:  # the module's problems and the first of the rest, each once
-                            rejected.extend(dict.fromkeys(source + problems[:1]))
+                                nearest.append((flagged or problems)[0])
+                        if problems:  # each once: the module's under a flag the user gave, the first, the rest
+                            rejected.extend(dict.fromkeys(flagged + problems[:1] + source))
                         else:
                             out.append(s)
     return out
