@@ -363,7 +363,9 @@ def source_and_map(text: str, spec: ModelSpec):
     Hugging Face config without transformers installed, or one transformers cannot build)."""
     source = source_of(text)
     if not source:
-        return {}, None, ""
+        shadowed = text in ZOO and (Path(text) / "config.json").is_file()
+        return {}, None, (f"{text} names the built-in model; the folder {text} here is not read: give hf:{text} or "
+                          f"./{text} for it") if shadowed else ""
     kind = multimodal_type(source["path"]) if source["kind"] == "hf" else None
     note = (f"{text} is a multimodal model ({kind}): its language model is planned, priced and run (transformers' "
             "text-only class), its vision tower and image tokens are not") if kind else ""

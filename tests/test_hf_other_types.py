@@ -484,3 +484,25 @@ def test_chunked_attention_is_priced_as_chunks():
     assert window_prefill(chunked, 0, 16) == window_prefill(window, 0, 16) == (16 * 17 / 2, 16)
     with pytest.raises(ConfigError, match="attention_chunked need attention_window"):
         ModelSpec(layers=4, hidden=64, heads=4, vocab=256, seq_len=64, attention_chunked=True)
+
+
+def test_a_folder_named_as_a_built_in_model_is_said_to_be_left_unread(tmp_path):
+    """`--model gpt-oss-20b` in a folder holding a downloaded ./gpt-oss-20b plans the built-in model (the
+    name wins, as before) and now says so, with the way to the folder; ./gpt-oss-20b reads the folder."""
+    import os
+    import subprocess
+
+    from tests_helpers import ROOT
+
+    folder = _write(tmp_path / "llama3-8b" / "config.json", GRANITE_MOE).parent
+
+    def here(*args):  # the command line run in the folder holding the download
+        env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+        return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, cwd=tmp_path,
+                              env=env)
+
+    out = here("plan", "--model", "llama3-8b", "--cluster", "h100-sxm:8", "--global-batch", "8", "-o", "p.yaml")
+    assert out.returncode == 0 and "the folder llama3-8b here is not read: give hf:llama3-8b" in out.stderr
+    assert "8.03B params" in out.stdout
+    own = here("plan", "--model", f"./{folder.name}", "--cluster", "h100-sxm:8", "--global-batch", "8", "-o", "q.yaml")
+    assert own.returncode == 0 and "3.30B params" in own.stdout and "not read" not in own.stderr
