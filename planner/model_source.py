@@ -285,7 +285,8 @@ def with_supported_attention(build, config):
 def build_source_module(source: dict, spec: ModelSpec, device: str = "meta", *, probe_layers: int | None = None):
     """(the source's module on `device` (meta: nothing allocated), example inputs for one pass
     over it). `probe_layers`: a Hugging Face model built only that many blocks deep (every
-    block is the same; reading its layout or pricing a block needs no more)."""
+    block is the same; reading its layout or pricing a block needs no more), its RoPE the plain
+    kind where the config's branches on position values (`_static_rope`)."""
     import torch
 
     tokens = (torch.zeros(1, min(spec.seq_len, 64), dtype=torch.long, device=device),)
@@ -300,7 +301,7 @@ def build_source_module(source: dict, spec: ModelSpec, device: str = "meta", *, 
                 if isinstance(value, list) and len(value) == config.num_hidden_layers:
                     setattr(config, key, value[:probe_layers])
             config.num_hidden_layers = probe_layers
-        if device == "meta":
+        if probe_layers is not None:  # a probe reads sizes and ops, not values (the runtime's build keeps it)
             _static_rope(config)
         try:
             with torch.device(device):
@@ -333,9 +334,9 @@ VALUE_DEPENDENT_ROPE = ("longrope", "dynamic")
 
 
 def _static_rope(config) -> None:
-    """A meta-device build's RoPE made the plain kind where the config's branches on position values:
-    the rotation's sizes and ops are the same (what a layout read or a price needs), and a
-    meta-device pass has no values to branch on."""
+    """A probe's RoPE made the plain kind where the config's branches on position values: the
+    rotation's sizes and ops are the same (what a layout read or a price needs), and a
+    meta-device pass has no values to branch on. Never the module a run trains."""
     for holder in (config, getattr(config, "text_config", None)):
         params = getattr(holder, "rope_parameters", None)
         if isinstance(params, dict) and params.get("rope_type") in VALUE_DEPENDENT_ROPE:

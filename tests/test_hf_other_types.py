@@ -395,6 +395,14 @@ def test_a_position_dependent_rope_is_read_and_planned_quietly(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "def forward" not in out.stdout + out.stderr and "rebuild" not in out.stderr, out.stderr[:2000]
     assert yaml.safe_load((tmp_path / "plan.yaml").read_text())["source"]["kind"] == "hf"
+    # the probe's rotation only: the module a run trains keeps its longrope
+    from planner.model_source import build_source_module
+
+    spec = load_model_spec(str(folder))
+    trained, _ = build_source_module(source_of(str(folder)), spec)
+    probe, _ = build_source_module(source_of(str(folder)), spec, probe_layers=1)
+    assert trained.config.rope_parameters["rope_type"] == "longrope"
+    assert probe.config.rope_parameters["rope_type"] == "default"
 
 
 def test_llama4_says_its_experts_run_densely(tmp_path):
