@@ -188,12 +188,12 @@ def runnable_problems(plan: Plan, world_size: int | None = None) -> list[str]:
 PIPELINED_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "mixtral", "qwen2_moe", "qwen3_moe",
                       "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "phimoe", "gemma", "gemma2", "granite",
                       "granitemoe", "granitemoeshared", "cohere", "starcoder2", "phi", "gpt_neox", "stablelm",
-                      "glm4", "olmo")
+                      "glm4", "olmo", "minimax_m2")
 # mixtures of experts whose experts modules runtime.expert_parallel splits (transformers' fused layout:
 # gate_up_proj (experts, 2 ffn, hidden), down_proj (experts, hidden, ffn), called with the router's top-k);
 # not gpt-oss (biased experts) nor Llama 4 (transposed, and its forward runs every token through every expert)
 MOE_HF_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "olmoe", "phimoe",
-                "granitemoe", "granitemoeshared")
+                "granitemoe", "granitemoeshared", "minimax_m2")
 
 
 def source_problems(plan: Plan) -> list[str]:

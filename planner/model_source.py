@@ -210,7 +210,8 @@ UNHELD = {"granitemoe": "Granite's embedding, residual, attention and logit mult
           "granitemoeshared": "Granite's embedding, residual, attention and logit multipliers",
           "phimoe": "its biases on the attention projections and the head",
           "llama4_text": "its chunked attention, layers without RoPE, weightless q/k norm and router weights applied "
-                         "to the experts' input"}
+                         "to the experts' input",
+          "minimax_m2": "its q/k norms over all heads (not per head) and RoPE on part of each head (rotary_dim)"}
 
 
 def unheld_features(path: str) -> str | None:
@@ -579,7 +580,7 @@ class UnreadType(ConfigError):
 
 READ_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")  # the dense decoders this reader sizes exactly
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss", "olmoe",
-             "phimoe", "granitemoe", "granitemoeshared", "llama4_text")  # and the mixtures of experts
+             "phimoe", "granitemoe", "granitemoeshared", "llama4_text", "minimax_m2")  # and the mixtures of experts
 GELU_ACTS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_python")
 EXPERT_FIELDS = ("num_local_experts", "n_routed_experts", "num_experts", "moe_num_experts")
 ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}  # a config's layer_types read
@@ -693,7 +694,7 @@ def spec_from_hf_config(data: dict, *, name: str = "hf-model") -> ModelSpec:
         # Qwen3's and Gemma 3's per-head q_norm / k_norm (GLM-4.5's where use_qk_norm says so; Llama 4's is an
         # L2 norm without weights, which neither the spec nor the exports hold)
         qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text") or (
-            model_type != "llama4_text" and bool(data.get("use_qk_norm", False))),
+            model_type not in ("llama4_text", "minimax_m2") and bool(data.get("use_qk_norm", False))),
         # latent attention's query head: its no-RoPE and RoPE parts (transformers 5 writes head_dim as the
         # RoPE part alone)
         head_dim=(_int(data, "qk_nope_head_dim") + _int(data, "qk_rope_head_dim") if "kv_lora_rank" in data
@@ -738,13 +739,16 @@ def _router_of(data: dict, model_type: str) -> dict:
     (group_limited_greedy, noaux_tc), scale by routed_scaling_factor, and noaux_tc steers by a
     per-expert bias; GLM-4.5 is DeepSeek-V3's router (sigmoid, bias); Phi-3.5-MoE's is SparseMixer
     (its top-2 weights each a softmax of the logits masked near the chosen one); Llama 4's the sigmoid
-    of each top-k logit, not renormalised."""
+    of each top-k logit, not renormalised; MiniMax-M2's sigmoid scores picked with a balancing bias,
+    renormalised."""
     if model_type in ("mixtral", "gpt_oss", "granitemoe", "granitemoeshared"):  # (Granite: softmax of the top-k logits)
         return {}
     if model_type == "phimoe":
         return {"router_score": "sparsemixer"}
     if model_type == "llama4_text":  # each top-k logit's sigmoid, scaling the expert's input
         return {"router_score": "sigmoid", "router_renormalize": False}
+    if model_type == "minimax_m2":  # sigmoid scores, chosen with a balancing bias, the top-k renormalised
+        return {"router_score": "sigmoid", "router_expert_bias": True}
     if model_type in ("qwen2_moe", "qwen3_moe", "olmoe"):
         return {"router_renormalize": bool(data.get("norm_topk_prob", False))}
     if model_type not in ("deepseek_v2", "deepseek_v3", "glm4_moe"):
@@ -808,7 +812,7 @@ def _chunks_of(data: dict, layers: int) -> dict:
 def _experts_of(data: dict, model_type: str) -> dict:
     """The mixture-of-experts and latent-attention fields of a config (transformers' names)."""
     out: dict = {}
-    if model_type in ("mixtral", "gpt_oss", "olmoe", "phimoe", "granitemoe", "granitemoeshared"):
+    if model_type in ("mixtral", "gpt_oss", "olmoe", "phimoe", "granitemoe", "granitemoeshared", "minimax_m2"):
         # every layer's MLP routed (gpt-oss: biased experts and router); Granite's shared MLP beside them
         out = dict(experts=_int(data, "num_local_experts", "num_experts"),
                    experts_per_token=_int(data, "num_experts_per_tok"), expert_ffn_hidden=_int(data, "intermediate_size"))

@@ -361,12 +361,20 @@ def _multimodal(text: dict) -> dict:
     ("granite-3.1-3b-a800m", GRANITE_MOE, 3.30, 0.88),
     # meta-llama/Llama-4-Scout-17B-16E-Instruct (its language model): 17B active of 109B with the vision tower
     ("Llama-4-Scout-17B-16E", _multimodal(LLAMA4_SCOUT_TEXT), 107.77, 17.17),
+    # MiniMaxAI/MiniMax-M2: 256 experts, 8 a token, sigmoid router with a balancing bias; "230B total, 10B
+    # active" on its card (beside its 1.2B of embedding and head)
+    ("MiniMax-M2", {"model_type": "minimax_m2", "hidden_size": 3072, "intermediate_size": 1536,
+                    "num_hidden_layers": 62, "num_attention_heads": 48, "num_key_value_heads": 8, "head_dim": 128,
+                    "rotary_dim": 64, "vocab_size": 200064, "max_position_embeddings": 196608,
+                    "num_local_experts": 256, "num_experts_per_tok": 8, "rope_theta": 5000000.0,
+                    "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "hidden_act": "silu",
+                    "scoring_func": "sigmoid", "use_routing_bias": True, "use_qk_norm": True}, 228.69, 11.03),
     # meta-llama/Llama-4-Maverick-17B-128E-Instruct: experts every other layer, 17B active of 400B
     ("Llama-4-Maverick-17B-128E", _multimodal({**LLAMA4_SCOUT_TEXT, "num_local_experts": 128,
                                                "interleave_moe_layer_step": 2}), 400.71, 17.18),
 ])
 def test_phi_granite_and_llama4_experts_are_read(tmp_path, name, config, total_b, active_b):
-    """Phi-3.5-MoE, Granite 3 MoE and Llama 4 were refused as experts of a kind the reader does not
+    """Phi-3.5-MoE, Granite 3 MoE, MiniMax-M2 and Llama 4 were refused as experts of a kind the reader does not
     size. Read now: their totals and active counts as the cards give them, equal to transformers' own
     class within the reader's tolerance (hf: checks it; Maverick's dense layers between the sparse
     ones counted by its interleave step); Llama 4's dense layers' MLP is intermediate_size_mlp, a
@@ -379,6 +387,8 @@ def test_phi_granite_and_llama4_experts_are_read(tmp_path, name, config, total_b
         assert (spec.router_score, spec.router_renormalize, spec.qk_norm) == ("sigmoid", False, False)
     if config.get("model_type") == "phimoe":
         assert (spec.norm, spec.router_score) == ("layernorm", "sparsemixer")
+    if config.get("model_type") == "minimax_m2":
+        assert (spec.router_score, spec.router_renormalize, spec.router_expert_bias) == ("sigmoid", True, True)
 
 
 def test_a_position_dependent_rope_is_read_and_planned_quietly(tmp_path):

@@ -292,6 +292,9 @@ TINY_HF_MOE["granitemoeshared"] = {**TINY_HF_MOE["mixtral"], "model_type": "gran
                                    "shared_intermediate_size": 64}
 TINY_HF_MOE["phimoe"] = {**TINY_HF_MOE["mixtral"], "model_type": "phimoe", "attention_bias": True,
                          "lm_head_bias": True}
+# MiniMax-M2: sigmoid router with a balancing bias (a persistent buffer), q/k norms over all heads, partial RoPE
+TINY_HF_MOE["minimax_m2"] = {**TINY_HF_MOE["mixtral"], "model_type": "minimax_m2", "head_dim": 16, "rotary_dim": 8,
+                             "intermediate_size": 32}
 STOCHASTIC_ROUTERS = ("phimoe",)  # SparseMixer samples its experts in training (Gumbel): no two runs route alike
 
 
@@ -302,7 +305,8 @@ HF_CONFIGS["pp2v2_ep2"] = dict(pp=2, dp=2, ep=2, microbatch_size=2, schedule="in
 HF_LAYOUTS = {"mixtral": ("ep2_fsdp2", "ep4", "pp2_ep2"), "qwen2_moe": ("ep2_fsdp2",),  # the shared expert under EP x FSDP
               "glm4_moe": ("ep2_fsdp2",),  # DeepSeek-V3's router (its score correction a persistent buffer), a dense layer
               "olmoe": ("ep4",), "deepseek_v2": ("ep2_fsdp2",), "deepseek_v3": ("ep4", "pp2v2_ep2"),
-              "granitemoe": ("ep4",), "granitemoeshared": ("ep2_fsdp2",), "phimoe": ("pp2_ep2",)}
+              "granitemoe": ("ep4",), "granitemoeshared": ("ep2_fsdp2",), "phimoe": ("pp2_ep2",),
+              "minimax_m2": ("ep2_fsdp2",)}
 
 
 def test_hugging_face_experts_train_under_expert_parallelism(tmp_path):
