@@ -229,7 +229,8 @@ def source_strategy_problems(source: dict, s: Strategy, mode: str = "train") -> 
             problems.append(f"LoRA target{'s' if len(missing) > 1 else ''} {', '.join(missing)}: the module's blocks "
                             f"have no linear of {'their' if len(missing) > 1 else 'its'} own that the runtime wraps "
                             f"(it finds {', '.join(paths) or 'none'}; a fused projection is not cut into its parts); "
-                            + (f"re-plan with --lora-targets {kept}" if kept else "plan full fine-tuning"))
+                            + (f"re-plan with --lora-targets {kept or ','.join(paths)}" if kept or paths
+                               else "plan full fine-tuning"))
     if s.ep > 1 and kind == "py":
         problems.append("expert parallelism runs on paraplan's built-in mixture of experts and transformers' experts "
                         "modules (Mixtral, Qwen2-MoE, Qwen3-MoE, ...) so far; re-plan with --ep 1")

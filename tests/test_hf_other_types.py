@@ -524,3 +524,16 @@ def test_a_folder_named_as_a_built_in_model_is_said_to_be_left_unread(tmp_path):
     assert "8.03B params" in out.stdout
     own = here("plan", "--model", f"./{folder.name}", "--cluster", "h100-sxm:8", "--global-batch", "8", "-o", "q.yaml")
     assert own.returncode == 0 and "3.30B params" in own.stdout and "not read" not in own.stderr
+
+
+def test_lora_on_a_fused_attention_names_the_targets_the_module_has(tmp_path):
+    """StarCoder's q, k and v are one c_attn: LoRA's default q, k, v, o was refused with "plan full
+    fine-tuning" though its MLP's linears take adapters; the line names them as the way out."""
+    folder = _save(tmp_path, "starcoder", "gpt_bigcode", dict(n_layer=2, n_embd=64, n_head=4, n_positions=64,
+                                                             vocab_size=256, multi_query=True))
+    out = paraplan("plan", "--model", str(folder), "--mode", "lora", "--cluster", "cpu:2", "--global-batch", "4",
+                   "--seq-len", "32")
+    assert out.returncode == 2 and "re-plan with --lora-targets up,down" in out.stderr, out.stderr
+    ok = paraplan("plan", "--model", str(folder), "--mode", "lora", "--lora-targets", "up,down", "--cluster", "cpu:2",
+                  "--global-batch", "4", "--seq-len", "32", "-o", str(tmp_path / "p.yaml"))
+    assert ok.returncode == 0 and paraplan("check", str(tmp_path / "p.yaml")).returncode == 0
