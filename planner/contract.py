@@ -238,7 +238,7 @@ def source_strategy_problems(source: dict, s: Strategy, mode: str = "train") -> 
     if kind == "hf" and s.tp > 1 and hf_type in MOE_TYPES:
         problems.append("tensor parallelism on a Hugging Face mixture of experts is not run yet (its router and "
                         "experts take the whole sequence); re-plan with --tp 1")
-    if kind == "hf" and s.ep > 1 and not expert_parallel_runs(source, hf_type):
+    if kind == "hf" and s.ep > 1 and hf_type in MOE_TYPES and not expert_parallel_runs(source, hf_type):
         problems.append(f"expert parallelism on a Hugging Face {hf_type or 'model'}'s experts is not run yet (it splits "
                         f"the experts modules of {', '.join(MOE_HF_TYPES)}); re-plan with --ep 1")
     if s.sequence_parallel and s.tp > 1 and kind == "py":

@@ -537,3 +537,13 @@ def test_lora_on_a_fused_attention_names_the_targets_the_module_has(tmp_path):
     ok = paraplan("plan", "--model", str(folder), "--mode", "lora", "--lora-targets", "up,down", "--cluster", "cpu:2",
                   "--global-batch", "4", "--seq-len", "32", "-o", str(tmp_path / "p.yaml"))
     assert ok.returncode == 0 and paraplan("check", str(tmp_path / "p.yaml")).returncode == 0
+
+
+def test_ep_on_a_dense_hugging_face_model_says_it_has_no_experts(tmp_path):
+    """--ep 2 on a dense Gemma-2 said expert parallelism on its experts was not run yet."""
+    folder = _save(tmp_path, "gemma2", "gemma2", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                                      vocab_size=256, max_position_embeddings=64))
+    out = paraplan("plan", "--model", str(folder), "--cluster", "cpu:4", "--global-batch", "8", "--seq-len", "32",
+                   "--ep", "2")
+    assert out.returncode == 2 and "has no experts to split; use --ep 1" in out.stderr, out.stderr
