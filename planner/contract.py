@@ -23,7 +23,7 @@ from costmodel.spec import ModelSpec
 from costmodel.strategy import Strategy
 from costmodel.validate import strategy_problems
 from planner.module_map import ModuleMap, placement_of
-from planner.model_source import MOE_TYPES, language_config, module_map_of
+from planner.model_source import MOE_TYPES, module_map_of, text_config_at
 from planner.plan import Plan, schedule_problems
 
 SUPPORTED = ("Shard(0)", "Shard(1)", "Replicate()")
@@ -260,17 +260,7 @@ def source_strategy_problems(source: dict, s: Strategy, mode: str = "train") -> 
 def _hf_fields(path: str, *keys: str) -> tuple:
     """Fields of a Hugging Face config.json (None where absent or unreadable): a multimodal
     config's language model's (its text_config), as the runtime builds that alone."""
-    import json
-    from pathlib import Path
-
-    target = Path(path)
-    config = target / "config.json" if target.is_dir() else target
-    try:
-        data = json.loads(config.read_text())
-    except (OSError, ValueError):
-        data = {}
-    data = data if isinstance(data, dict) else {}
-    data = language_config(data) or data  # a multimodal model's language model, which the runtime builds
+    data = text_config_at(path) or {}
     return tuple(data.get(k) for k in keys)
 
 

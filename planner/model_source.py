@@ -192,13 +192,19 @@ def _config_at(path: str) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+def text_config_at(path: str) -> dict | None:
+    """The fields of the language model's config at `path`: a multimodal config's text_config, a
+    decoder's own; None where there is no config."""
+    data = _config_at(path)
+    return None if data is None else language_config(data) or data
+
+
 def class_read_type(path: str) -> str | None:
     """The model_type of the Hugging Face config at `path` where it was read off transformers' class
     (spec_from_hf_graph: not one the config reader sizes), else None."""
-    data = _config_at(path)
-    if data is None:
+    text = text_config_at(path)
+    if text is None:
         return None
-    text = language_config(data) or data
     model_type = str(text.get("model_type", ""))
     model_type = TEXT_ALIASES.get(model_type, model_type)
     return model_type if model_type and model_type not in READ_TYPES + MOE_TYPES + ("gpt2",) else None
@@ -217,19 +223,12 @@ UNHELD = {"granitemoe": "Granite's embedding, residual, attention and logit mult
 def unheld_features(path: str) -> str | None:
     """What the Hugging Face config at `path` builds that the spec read from it does not hold
     (UNHELD), in words; None where nothing is known to be left out."""
-    data = _config_at(path)
-    if data is None:
-        return None
-    text = language_config(data) or data
-    return UNHELD.get(str(text.get("model_type", "")))
+    return UNHELD.get(hf_model_type(path) or "")
 
 
 def hf_model_type(path: str) -> str | None:
     """The model_type of the Hugging Face config at `path` (a multimodal one's language model's)."""
-    data = _config_at(path)
-    if data is None:
-        return None
-    text = language_config(data) or data
+    text = text_config_at(path) or {}
     return str(text["model_type"]) if text.get("model_type") else None
 
 
@@ -349,8 +348,7 @@ def _dense_experts_note(text: str, source: dict) -> str:
     """What `paraplan run` does beyond the plan's price on a Hugging Face class whose experts run
     densely: transformers' Llama 4 runs every token through every expert (Llama4TextExperts, one
     batched matmul over all of them, the unrouted weighted 0), the price routes each to its top-k."""
-    data = _config_at(source["path"]) or {}
-    text_data = language_config(data) or data
+    text_data = text_config_at(source["path"]) or {}
     if text_data.get("model_type") != "llama4_text":
         return ""
     experts, k = text_data.get("num_local_experts"), text_data.get("num_experts_per_tok") or 1

@@ -57,8 +57,6 @@ def run_plan(args: argparse.Namespace) -> int:
     except NotADecoder:
         return run_graph_plan(args)
     source, module_map, note = source_and_map(args.model, spec)
-    if note:
-        print(f"paraplan: note: {note}", file=sys.stderr)
     cluster = load_cluster(args.cluster, runtime=args.runtime or DEFAULT_RUNTIME)
     fixed = given_flags(args)
     if module_map is not None and not module_map.groups:
@@ -68,6 +66,8 @@ def run_plan(args: argparse.Namespace) -> int:
     req = SearchRequest(spec=spec, cluster=cluster, global_batch=args.global_batch, fixed=fixed,
                         time_limit_s=args.time_limit, progress=sys.stderr.isatty() and not args.json, source=source)
     found = run_search(req, module_map=module_map)
+    if note:  # (said with a plan: a refusal is its one line)
+        print(f"paraplan: note: {note}", file=sys.stderr)
     stats = dict(found.stats)
     if args.no_timing:
         for key in [k for k in stats if k.endswith("time_s") or k == "trace_s"]:
