@@ -173,8 +173,9 @@ def enumerate_candidates(req: SearchRequest, rejected: list[str] | None = None,
 
 
 def _names_a_flag(problem: str, fixed: dict) -> bool:
-    """Whether `problem` says to change a flag the user gave (`re-plan with --pp 1` for --pp)."""
-    return any(f"--{flag.replace('_', '-')} " in problem for flag in fixed)
+    """Whether `problem` says to change a parallel degree the user gave (`re-plan with --pp 1` for
+    --pp): what the module cannot run under it (a LoRA target it lacks is the validation's to name)."""
+    return any(f"--{flag} " in problem for flag in ("tp", "pp", "ep", "cp", "dp") if flag in fixed)
 
 
 def main_reason(reasons: list[str]) -> str:
