@@ -183,12 +183,12 @@ def runnable_problems(plan: Plan, world_size: int | None = None) -> list[str]:
 # Hugging Face decoders whose model forward is the embedding -> layers (rotary_emb's tables, a causal
 # mask) -> final norm -> head, with what runtime.module.cut_stage repeats of their own forwards around
 # that chain (Granite's multipliers, Cohere's logit scale, Gemma-2's soft-capping, Phi's, GPT-NeoX's and
-# StarCoder2's embedding dropout); not Gemma 3 (a local and a global rotation). tests/test_runtime_hf.py
-# checks each against the model's own forward.
+# StarCoder2's embedding dropout, StarCoder's learned positions); not Gemma 3 (a local and a global
+# rotation). tests/test_runtime_hf.py checks each against the model's own forward.
 PIPELINED_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "mixtral", "qwen2_moe", "qwen3_moe",
                       "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "phimoe", "gemma", "gemma2", "granite",
                       "granitemoe", "granitemoeshared", "cohere", "starcoder2", "phi", "gpt_neox", "stablelm",
-                      "glm4", "olmo", "minimax_m2")
+                      "glm4", "olmo", "minimax_m2", "gpt_bigcode")
 # mixtures of experts whose experts modules runtime.expert_parallel splits (transformers' fused layout:
 # gate_up_proj (experts, 2 ffn, hidden), down_proj (experts, hidden, ffn), called with the router's top-k);
 # not gpt-oss (biased experts) nor Llama 4 (transposed, and its forward runs every token through every expert)

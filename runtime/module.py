@@ -92,9 +92,15 @@ def cut_stage(model: nn.Module, mmap: ModuleMap, first: int, end: int, *, has_em
 
     def hf_forward(self, x: torch.Tensor) -> torch.Tensor:
         embedding = part_at(self, mmap.embedding)
-        h = x if embedding is None else _embedded(inner, embedding(x))  # (B, T, C) or its sequence shard
-        positions = torch.arange(seq_len, device=h.device).unsqueeze(0)  # (1, T): the whole sequence
-        cos_sin = inner.rotary_emb(h, positions)
+        positions = torch.arange(seq_len, device=x.device).unsqueeze(0)  # (1, T): the whole sequence
+        if embedding is not None:
+            h = embedding(x)  # (B, T, C) or its sequence shard
+            learned = part_at(self, mmap.positions) if mmap.positions else None  # (StarCoder's wpe)
+            h = _embedded(inner, h if learned is None else h + learned(positions))
+        else:
+            h = x
+        rotary = getattr(inner, "rotary_emb", None)
+        cos_sin = rotary(h, positions) if rotary is not None else None
         mask = _eager_causal_mask(self, seq_len, h)
         for block in getattr(inner, blocks_attr).values():
             out = block(h, attention_mask=mask, position_ids=positions, position_embeddings=cos_sin)
@@ -125,11 +131,11 @@ def _eager_causal_mask(model: nn.Module, seq_len: int, h: torch.Tensor) -> torch
 
 def _embedded(inner: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """What a Hugging Face decoder does to its token embeddings before the first block, as its own
-    forward does: Granite's embedding_multiplier, Phi's and GPT-NeoX's embedding dropout,
-    StarCoder2's (functional) one."""
+    forward does: Granite's embedding_multiplier, Phi's, GPT-NeoX's and StarCoder's embedding
+    dropout, StarCoder2's (functional) one."""
     if isinstance(getattr(inner, "embedding_multiplier", None), (int, float)):
         h = h * inner.embedding_multiplier
-    for name in ("embed_dropout", "emb_dropout"):
+    for name in ("embed_dropout", "emb_dropout", "drop"):
         if isinstance(getattr(inner, name, None), nn.Dropout):
             h = getattr(inner, name)(h)
     if isinstance(getattr(inner, "embedding_dropout", None), float):

@@ -61,11 +61,12 @@ MODELS = {  # name -> (config class, extra fields, with pretrained weights, layo
               ("tp",)),
     # read off transformers' class: GLM-4's gate and up in one projection (the MLP left whole under tp, its
     # attention split), sandwich norms, half-rotated heads; StarCoder's q, k and v in one c_attn, one K/V
-    # head, learned positions (both refused by the graph reader before)
+    # head, learned positions (both refused by the graph reader before), the positions added by its first stage
     "glm4": ("Glm4Config", dict(head_dim=16, attention_bias=False, tie_word_embeddings=False, pad_token_id=0,
                                 eos_token_id=1, bos_token_id=1), False, ("tp",)),
     "starcoder": ("GPTBigCodeConfig", dict(n_layer=4, n_embd=64, n_head=4, n_positions=64, multi_query=True,
-                                           attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0), False, ("fsdp",)),
+                                           attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0), False,
+                  ("fsdp", "pp_1f1b")),
     # fused qkv_proj / gate_up_proj: pipelined (never split over tp: tests/test_module_map.py)
     "phi3": ("Phi3Config", dict(tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=1), False,
              ("pp_1f1b",)),
@@ -261,7 +262,8 @@ def test_a_py_module_whose_forward_is_not_the_chain_is_not_pipelined(tmp_path):
 # the sizes some types need beside SIZES: Gemma's 256-wide heads by default, GLM-4's q/k/v biases and
 # OLMo's weightless norms (past the reader's 0.5% count tolerance at this size)
 STAGE_SIZES = {"gemma": dict(head_dim=16), "gemma2": dict(head_dim=16), "glm4": dict(head_dim=16, attention_bias=False),
-               "olmo": dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=8, intermediate_size=512)}
+               "olmo": dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=8, intermediate_size=512),
+               "gpt_bigcode": dict(n_layer=4, n_embd=64, n_head=4, n_positions=64, multi_query=True)}
 
 
 def test_pipeline_stages_are_driven_as_each_models_own_forward(tmp_path):
@@ -296,4 +298,4 @@ def test_pipeline_stages_are_driven_as_each_models_own_forward(tmp_path):
             driven = cut(x)
         assert torch.allclose(own, driven, rtol=1e-5, atol=1e-6), model_type
         checked.append(model_type)
-    assert len(checked) == len(PIPELINED_HF_TYPES) >= 26
+    assert len(checked) == len(PIPELINED_HF_TYPES) >= 28
