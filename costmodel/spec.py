@@ -117,9 +117,10 @@ class ModelSpec:
     rope_mscale: float = 0.0
     rope_mscale_all_dim: float = 0.0
     # a mixture of experts' router: each expert's score ("softmax" over the experts, or "sigmoid" each,
-    # DeepSeek-V3's; "sparsemixer", Phi-3.5-MoE's masked softmaxes of its top-2), the top-k weights renormalised to sum to 1 (Mixtral, Qwen3-MoE) or not (Qwen2-MoE,
-    # DeepSeek-V2), the top-k taken within the best router_group_topk of router_groups expert groups
-    # (DeepSeek-V3: 4 of 8; 0: no groups), the weights scaled by router_topk_scale (its 2.5) and a
+    # DeepSeek-V3's; "sparsemixer", Phi-3.5-MoE's masked softmaxes of its top-2), the top-k weights
+    # renormalised to sum to 1 (Mixtral, Qwen3-MoE) or not (Qwen2-MoE, DeepSeek-V2), the top-k taken
+    # within the best router_group_topk of router_groups expert groups (DeepSeek-V3: 4 of 8; 0: no
+    # groups), the weights scaled by router_topk_scale (its 2.5) and a
     # per-expert bias that steers the choice only (auxiliary-loss-free balancing). Prices nothing;
     # the exports write it (Megatron-Core's --moe-router-* flags)
     router_score: str = "softmax"

@@ -340,8 +340,8 @@ def _static_rope(config) -> None:
     for holder in (config, getattr(config, "text_config", None)):
         params = getattr(holder, "rope_parameters", None)
         if isinstance(params, dict) and params.get("rope_type") in VALUE_DEPENDENT_ROPE:
-            holder.rope_parameters = {k: v for k, v in params.items() if k in ("rope_theta", "partial_rotary_factor")} | {
-                "rope_type": "default"}
+            kept = {k: v for k, v in params.items() if k in ("rope_theta", "partial_rotary_factor")}
+            holder.rope_parameters = {**kept, "rope_type": "default"}
 
 
 def _dense_experts_note(text: str, source: dict) -> str:
