@@ -234,7 +234,9 @@ def source_strategy_problems(source: dict, s: Strategy, mode: str = "train") -> 
     if s.ep > 1 and kind == "py":
         problems.append("expert parallelism runs on paraplan's built-in mixture of experts and transformers' experts "
                         "modules (Mixtral, Qwen2-MoE, Qwen3-MoE, ...) so far; re-plan with --ep 1")
-    hf_type = _hf_fields(source["path"], "model_type")[0] if kind == "hf" else None
+    # the config read once (the search asks this of every candidate)
+    hf_type, window, use_window = (_hf_fields(source["path"], "model_type", "sliding_window", "use_sliding_window")
+                                   if kind == "hf" else (None, None, None))
     if kind == "hf" and s.tp > 1 and hf_type in MOE_TYPES:
         problems.append("tensor parallelism on a Hugging Face mixture of experts is not run yet (its router and "
                         "experts take the whole sequence); re-plan with --tp 1")
@@ -245,14 +247,12 @@ def source_strategy_problems(source: dict, s: Strategy, mode: str = "train") -> 
         problems.append("sequence parallelism on a py: module is not run (its blocks may size themselves from "
                         "their sequence-sharded input); re-plan with --no-sequence-parallel")
     if s.pp > 1 and kind == "hf":
-        model_type, window, use_window = _hf_fields(source["path"], "model_type", "sliding_window",
-                                                    "use_sliding_window")
         if isinstance(window, int) and use_window is not False and s.seq_len > window:
             problems.append(f"the model attends within a sliding window of {window} tokens, which the pipeline "
                             f"stages do not apply, and the plan trains {s.seq_len}; re-plan with --pp 1 or "
                             f"--seq-len {window}")
-        if model_type not in PIPELINED_HF_TYPES:
-            problems.append(f"pipelining a Hugging Face {model_type or 'model'} is not run yet (stages are driven "
+        if hf_type not in PIPELINED_HF_TYPES:
+            problems.append(f"pipelining a Hugging Face {hf_type or 'model'} is not run yet (stages are driven "
                             f"for {', '.join(PIPELINED_HF_TYPES)}); re-plan with --pp 1")
     return problems
 

@@ -772,9 +772,9 @@ def _window_of(data: dict, model_type: str) -> dict:
     window = data.get("sliding_window")
     if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
         return {}
-    types = data.get("layer_types")
-    if isinstance(types, list) and len(types) == layers:
-        windowed = sum(t == "sliding_attention" for t in types)
+    listed = _listed_layers(data, layers, "sliding_attention")
+    if listed is not None:
+        windowed = listed
     elif model_type in ("mistral", "mixtral", "phi3"):
         windowed = layers
     elif model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
@@ -791,6 +791,12 @@ def _window_of(data: dict, model_type: str) -> dict:
     return {"attention_window": window, "windowed_layers": windowed} if windowed else {}
 
 
+def _listed_layers(data: dict, layers: int, kind: str) -> int | None:
+    """How many of the `layers` the config's layer_types lists as `kind`; None where it lists none."""
+    types = data.get("layer_types")
+    return sum(t == kind for t in types) if isinstance(types, list) and len(types) == layers else None
+
+
 def _chunks_of(data: dict, layers: int) -> dict:
     """Llama 4's chunked attention: a query of a chunked layer sees the keys of its own
     attention_chunk_size chunk from its start (three layers in four, the RoPE ones; every fourth
@@ -798,10 +804,8 @@ def _chunks_of(data: dict, layers: int) -> dict:
     chunk = data.get("attention_chunk_size")
     if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk <= 0:
         return {}
-    types = data.get("layer_types")
-    if isinstance(types, list) and len(types) == layers:
-        chunked = sum(t == "chunked_attention" for t in types)
-    else:  # transformers' default: every no_rope_layer_interval-th layer global
+    chunked = _listed_layers(data, layers, "chunked_attention")
+    if chunked is None:  # transformers' default: every no_rope_layer_interval-th layer global
         interval = data.get("no_rope_layer_interval") or 4
         chunked = layers - layers // interval if isinstance(interval, int) and interval > 0 else layers
     return {"attention_window": chunk, "windowed_layers": chunked, "attention_chunked": True} if chunked else {}
