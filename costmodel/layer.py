@@ -256,19 +256,25 @@ def layer_cost(spec: ModelSpec, strategy: Strategy, cluster: Cluster, tp_group: 
             expert_params = local
             fwd_compute += dev.memory_s(cast_f * expert_params)  # the experts' weights cast at use, gradients back
             bwd_compute += dev.memory_s(cast_b * expert_params)
-    # -- context parallel: ring exchange of K and V, overlapped with the attention blocks
+    # -- context parallel: K and V of every cp rank to every other
     cp_f = cp_b = 0.0
     if cp_group.size > 1:
-        link = cp_group.inter if cp_group.nodes > 1 else cp_group.intra
         kv_chunk = 2 * sh.b * sh.s * sh.kv * e  # K and V of one cp rank
-        ring_f = (cp_group.size - 1) * send_recv_s(kv_chunk, link)
-        cp_f = max(0.0, ring_f - attn_f)
-        cp_b = max(0.0, 2 * ring_f - attn_b)  # K, V forward again and dK, dV back
+        if rt.context_exchange == "all-gather":  # gathered whole, not overlapped; the backward gathers
+            gather = all_gather_s(cp_group.size * kv_chunk, cp_group)  # again, recomputes the attention
+            cp_f = gather  # and reduce-scatters dK, dV (runtime/context_parallel.py)
+            cp_b = gather + reduce_scatter_s(cp_group.size * kv_chunk, cp_group)
+            bwd_compute += attn_f
+        else:  # a ring of point-to-point exchanges, overlapped with the attention blocks
+            link = cp_group.inter if cp_group.nodes > 1 else cp_group.intra
+            ring_f = (cp_group.size - 1) * send_recv_s(kv_chunk, link)
+            cp_f = max(0.0, ring_f - attn_f)
+            cp_b = max(0.0, 2 * ring_f - attn_b)  # K, V forward again and dK, dV back
     # -- recomputation before the backward
     recompute = Recompute(strategy.recompute)
     re_ep = 0.0
-    if recompute is Recompute.FULL:
-        re_compute, re_tp, re_ep = fwd_compute, tp_f, ep_f
+    if recompute is Recompute.FULL:  # (the forward's K and V exchange too)
+        re_compute, re_tp, re_ep = fwd_compute, tp_f + cp_f, ep_f
     elif recompute is Recompute.SELECTIVE and rt.selective_recompute == "save-matmuls":
         re_compute, re_tp = elem_f, 0.0  # op-level: the memory-bound ops run again, matmuls and attention do not
     elif recompute is Recompute.SELECTIVE and not strategy.flash_attention:

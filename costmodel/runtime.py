@@ -30,6 +30,11 @@ says how much of it a training framework gets, term by term, each figure sourced
   the per-expert token counts keeps the host from running ahead into the next layer); a
   runtime that runs one GEMM per expert pays per local expert.
 - `grad_dtype`: the gradients' dtype when the plan does not say (`--grad-dtype`).
+- `context_exchange`: how context parallelism moves K and V: `ring` (Megatron-Core and
+  TransformerEngine: each rank's K and V passed round the cp ranks point to point, overlapped
+  with the attention blocks) or `all-gather` (gathered whole before the attention and again in
+  the backward, which recomputes the attention, their gradients reduce-scattered; not
+  overlapped: runtime/context_parallel.py).
 - `band`: the calibration residuals (measured / predicted - 1) of this runtime per GPU
   architecture: the prediction's range where the plan is inside what was calibrated.
 
@@ -49,6 +54,7 @@ from costmodel.errors import ConfigError
 RUNTIMES_DIR = Path(__file__).resolve().parent.parent / "profiles" / "runtimes"
 DEFAULT_RUNTIME = "paraplan"
 GRAD_DTYPES = ("fp32", "bf16")
+CONTEXT_EXCHANGES = ("ring", "all-gather")
 UNCALIBRATED_BAND = (-0.15, 0.35)  # no data for this runtime on this architecture: wide, and slower more likely
 
 
@@ -79,6 +85,7 @@ class TrainingRuntime:
     # [fixed, per local expert] x [forward, backward] host microseconds of a MoE layer's sparse MLP
     moe_host_us: tuple[tuple[float, float], tuple[float, float]] = ((0.0, 0.0), (0.0, 0.0))
     grad_dtype: str = "fp32"
+    context_exchange: str = "ring"  # ring (overlapped point to point) or all-gather (exposed, recomputed backward)
     band: dict[str, tuple[float, float]] = field(default_factory=dict)
     calibrated_axes: tuple[str, ...] = ()  # the parallelisms the calibration runs used (dp, tp, pp, cp)
     sources: dict[str, str] = field(default_factory=dict)
@@ -111,6 +118,8 @@ class TrainingRuntime:
             raise ConfigError(f"{where}: selective_recompute must be attention or save-matmuls")
         if self.fsdp_param_dtype not in ("",) + GRAD_DTYPES:
             raise ConfigError(f"{where}: fsdp_param_dtype must be one of {', '.join(GRAD_DTYPES)}")
+        if self.context_exchange not in CONTEXT_EXCHANGES:
+            raise ConfigError(f"{where}: context_exchange must be one of {', '.join(CONTEXT_EXCHANGES)}")
         if self.grad_dtype not in GRAD_DTYPES:
             raise ConfigError(f"{where}: grad_dtype must be one of {', '.join(GRAD_DTYPES)}")
         for arch, pair in self.band.items():

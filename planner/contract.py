@@ -11,7 +11,9 @@ without importing the runtime); the runtime's executable layouts are written dow
   together (q, k, v column and o row, or all replicated), and so do the MLP's (w1, w3
   column and w2 row, or all replicated);
 - sequence parallelism needs every block linear split; tp at most the K/V heads;
-- context parallelism, fp8 training and 4-bit QLoRA bases are planned, not run.
+- context parallelism runs on paraplan's dense models and the Hugging Face types of
+  CONTEXT_HF_TYPES (full causal attention through transformers' attention interface);
+- fp8 training and 4-bit QLoRA bases are planned, not run.
 """
 
 from __future__ import annotations
@@ -141,9 +143,6 @@ def planned_only(s: Strategy, mode: str = "train") -> dict[str, str]:
     that asks for them. The search never picks them on its own; a plan that asks for one
     (the flag given) is written with a note, and `check` and `run` refuse it, as they agree."""
     out: dict[str, str] = {}
-    if s.cp > 1:
-        out["cp"] = ("context parallelism (cp > 1) is planned and simulated but the runtime does not run it yet; "
-                     "re-plan with --cp 1")
     if mode == "lora" and s.base_precision == "nf4":
         out["base_precision"] = "QLoRA's 4-bit base is planned but not run; re-plan with --base-precision bf16"
     if s.ep_overlap:
@@ -189,6 +188,12 @@ PIPELINED_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "mi
                       "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "phimoe", "gemma", "gemma2", "granite",
                       "granitemoe", "granitemoeshared", "cohere", "starcoder2", "phi", "gpt_neox", "stablelm",
                       "glm4", "olmo", "minimax_m2", "gpt_bigcode")
+# Hugging Face decoders whose attention runs through transformers' attention interface as full causal
+# softmax attention (no soft-capping, no window past the plan's sequence; Gemma-2's is neither): under
+# context parallelism runtime.context_parallel attends each rank's chunks over the gathered keys.
+# tests/test_runtime_context.py checks them against one process.
+CONTEXT_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "granite", "gemma", "glm4", "stablelm",
+                    "gpt_neox")
 # mixtures of experts whose experts modules runtime.expert_parallel splits (transformers' fused layout:
 # gate_up_proj (experts, 2 ffn, hidden), down_proj (experts, hidden, ffn), called with the router's top-k);
 # not gpt-oss (biased experts) nor Llama 4 (transposed, and its forward runs every token through every expert)
@@ -243,6 +248,17 @@ def source_strategy_problems(source: dict, s: Strategy, mode: str = "train") -> 
     if kind == "hf" and s.ep > 1 and hf_type in MOE_TYPES and not expert_parallel_runs(source, hf_type):
         problems.append(f"expert parallelism on a Hugging Face {hf_type or 'model'}'s experts is not run yet (it splits "
                         f"the experts modules of {', '.join(MOE_HF_TYPES)}); re-plan with --ep 1")
+    if s.cp > 1 and kind == "py":
+        problems.append("context parallelism on a py: module is not run (its attention is its own, not one the runtime "
+                        "can gather over cp); re-plan with --cp 1")
+    if s.cp > 1 and kind == "hf":
+        if hf_type not in CONTEXT_HF_TYPES:
+            problems.append(f"context parallelism on a Hugging Face {hf_type or 'model'} is not run yet (it runs the "
+                            f"full causal attention of {', '.join(CONTEXT_HF_TYPES)}); re-plan with --cp 1")
+        elif isinstance(window, int) and use_window is not False and s.seq_len > window:
+            problems.append(f"the model attends within a sliding window of {window} tokens, which context "
+                            f"parallelism does not apply, and the plan trains {s.seq_len}; re-plan with --cp 1 or "
+                            f"--seq-len {window}")
     if s.sequence_parallel and s.tp > 1 and kind == "py":
         problems.append("sequence parallelism on a py: module is not run (its blocks may size themselves from "
                         "their sequence-sharded input); re-plan with --no-sequence-parallel")

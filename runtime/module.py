@@ -38,9 +38,11 @@ from planner.module_map import ModuleMap, spans_width
 from planner.plan import Plan
 from planner.zoo.model import copy_full, this_ranks_experts
 from runtime.activation_checkpoint import selective_context
+from runtime.context_parallel import apply_hf_context_parallel, context_shard
 from runtime.data_parallel import apply_data_parallel_blocks
 from runtime.lora import (ADAPTER_NAMES, LoRAColwiseParallel, LoRALinear, LoRARowwiseParallel, freeze_base,
                           init_adapters, wrap_targets)
+from runtime.mesh import data_parallel_mesh
 from runtime.tensor_parallel import LocalShard
 from runtime.expert_parallel import apply_hf_expert_parallel, expert_mesh, expert_slice, shard_experts
 
@@ -92,7 +94,9 @@ def cut_stage(model: nn.Module, mmap: ModuleMap, first: int, end: int, *, has_em
 
     def hf_forward(self, x: torch.Tensor) -> torch.Tensor:
         embedding = part_at(self, mmap.embedding)
-        positions = torch.arange(seq_len, device=x.device).unsqueeze(0)  # (1, T): the whole sequence
+        context = getattr(self, "paraplan_context", None)  # context parallelism: this rank's chunks' positions
+        positions = (torch.arange(seq_len, device=x.device) if context is None
+                     else context.positions(x.shape[1], x.device)).unsqueeze(0)  # (1, T)
         if embedding is not None:
             h = embedding(x)  # (B, T, C) or its sequence shard
             learned = part_at(self, mmap.positions) if mmap.positions else None  # (StarCoder's wpe)
@@ -101,7 +105,7 @@ def cut_stage(model: nn.Module, mmap: ModuleMap, first: int, end: int, *, has_em
             h = x
         rotary = getattr(inner, "rotary_emb", None)
         cos_sin = rotary(h, positions) if rotary is not None else None
-        mask = _eager_causal_mask(self, seq_len, h)
+        mask = _eager_causal_mask(self, seq_len, h) if context is None else None  # (cp: its attention masks)
         for block in getattr(inner, blocks_attr).values():
             out = block(h, attention_mask=mask, position_ids=positions, position_embeddings=cos_sin)
             h = out[0] if isinstance(out, tuple) else out
@@ -514,7 +518,8 @@ def build_user_parts(plan: Plan, mesh, device: torch.device, seed: int, mmap: Mo
     """The parts of the user's module this rank runs (one per virtual stage), parallelized per
     the plan and filled; `stages`: (virtual stage, first layer, end layer) of this rank."""
     pp, tp = plan.mesh["pp"], plan.mesh["tp"]
-    dp = plan.mesh["dp_replicate"] * plan.mesh["dp_shard"]
+    dp = plan.mesh["dp_replicate"] * plan.mesh["dp_shard"] * plan.mesh["cp"]  # ranks averaging the gradients
+    dp_mesh = data_parallel_mesh(mesh, plan.zero) if dp > 1 else None
     last = len(plan.stages) - 1 if pp > 1 else 0
     recompute = {s.virtual_stage: s.recompute for s in plan.stages}
     pretrained = bool(safetensors_files(plan))
@@ -548,7 +553,7 @@ def build_user_parts(plan: Plan, mesh, device: torch.device, seed: int, mmap: Mo
             if emesh is not None:
                 shard_experts(model, emesh, plan.zero, plan.precision)
             apply_data_parallel_blocks(model, list(blocks_of(model, mmap).children()),
-                                       mesh["dp_replicate", "dp_shard"], plan.zero, plan.precision)
+                                       dp_mesh, plan.zero, plan.precision)
         model.to_empty(device=device)
         tie(model, mmap)
         if pretrained:
@@ -559,6 +564,8 @@ def build_user_parts(plan: Plan, mesh, device: torch.device, seed: int, mmap: Mo
         if plan.mode == "lora":
             init_adapters(model, seed, clean)
         _restore_buffers(model, plan, unread)
+        if plan.mesh["cp"] > 1 and plan.source["kind"] == "hf":  # (a py: module's is refused by the contract)
+            apply_hf_context_parallel(model, context_shard(mesh, plan.seq_len))
         model.train()
         parts.append(model)
         ids.append(k)

@@ -30,11 +30,12 @@ from runtime import checkpoint as ckpt
 from runtime.activation_checkpoint import apply_recompute
 from planner.contract import runnable_problems
 from planner.model_source import module_map_of
+from runtime.context_parallel import apply_context_parallel, context_shard
 from runtime.data import TokenSource, dp_slice, tokenizer_dir
 from runtime.data_parallel import apply_data_parallel
 from runtime.expert_parallel import apply_expert_parallel, ep_group_of, expert_mesh, is_expert_param, shard_experts
 from runtime.lora import apply_lora, freeze_base
-from runtime.mesh import build_mesh
+from runtime.mesh import build_mesh, data_parallel_mesh
 from runtime.module import build_user_parts, logits_of
 from runtime.pipeline import build_schedule, my_stages, stage_module
 from runtime.tensor_parallel import apply_tensor_parallel
@@ -132,7 +133,8 @@ def build_parts(plan: Plan, mesh, device: torch.device, seed: int):
     """The model parts this rank runs, parallelized per the plan and initialised."""
     spec = runnable_spec(plan)
     pp, tp = plan.mesh["pp"], plan.mesh["tp"]
-    dp = plan.mesh["dp_replicate"] * plan.mesh["dp_shard"]
+    dp = plan.mesh["dp_replicate"] * plan.mesh["dp_shard"] * plan.mesh["cp"]  # ranks averaging the gradients
+    dp_mesh = data_parallel_mesh(mesh, plan.zero) if dp > 1 else None
     pp_rank = mesh["pp"].get_local_rank()
     stages = my_stages(plan, pp_rank) if pp > 1 else [(0, 0, spec.layers)]
     last = len(plan.stages) - 1 if pp > 1 else 0
@@ -158,10 +160,12 @@ def build_parts(plan: Plan, mesh, device: torch.device, seed: int):
         if dp > 1:
             if emesh is not None:
                 shard_experts(m, emesh, plan.zero, plan.precision)
-            apply_data_parallel(m, mesh["dp_replicate", "dp_shard"], plan.zero, plan.precision)
+            apply_data_parallel(m, dp_mesh, plan.zero, plan.precision)
         m.to_empty(device=device)
         m.tie_weights()  # to_empty gives plain tensors each their own copy (DTensors keep theirs)
         m.init_weights(seed)
+        if plan.mesh["cp"] > 1:
+            apply_context_parallel(m, context_shard(mesh, plan.seq_len))
         modules.append(m)
         ids.append(k)
     return modules, ids
@@ -265,6 +269,8 @@ def train(plan: Plan, cfg: RunConfig) -> dict:
     dp = plan.mesh["dp_replicate"] * plan.mesh["dp_shard"]
     dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
     dp_rank = dp_mesh.get_local_rank()
+    cp = plan.mesh["cp"]
+    shard = context_shard(mesh, plan.seq_len) if cp > 1 else None
     modules, stage_ids, mmap = build_plan_parts(plan, mesh, device, cfg.seed)
     expert_group = ep_group_of(modules)
     optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
@@ -294,7 +300,7 @@ def train(plan: Plan, cfg: RunConfig) -> dict:
     losses, times, grad_norms = [], [], []
     # 16-bit compute: FSDP's mixed-precision policy where data parallel, autocast otherwise
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.precision)
-    autocast = (torch.autocast(device.type, dtype=low) if low is not None and dp == 1
+    autocast = (torch.autocast(device.type, dtype=low) if low is not None and dp * cp == 1
                 else contextlib.nullcontext())
     if cfg.metrics_path and rank == 0:  # (its folder made on the way, as the checkpoints' is)
         Path(cfg.metrics_path).parent.mkdir(parents=True, exist_ok=True)
@@ -304,6 +310,8 @@ def train(plan: Plan, cfg: RunConfig) -> dict:
         t0 = time.perf_counter()
         x, y = source.batch(step, plan.global_batch)
         x, y = dp_slice(x, dp_rank, dp).to(device), dp_slice(y, dp_rank, dp).to(device)
+        if shard is not None:  # this rank's two chunks of every sequence, its targets with them
+            x, y = shard.shard(x), shard.shard(y)
         try:
             with loss_parallel():  # acts on vocab-parallel (DTensor) logits only
                 loss = _forward_backward(modules, schedule, x, y, m_micro, autocast, device, has_first, has_last,
@@ -319,6 +327,8 @@ def train(plan: Plan, cfg: RunConfig) -> dict:
                               "attributes (n_heads, num_key_value_heads); or re-plan with --tp 1") from None
         if dp > 1:
             dist.all_reduce(loss, op=dist.ReduceOp.AVG, group=dp_mesh.get_group())
+        if shard is not None:  # each cp rank's mean over as many tokens: their mean is the sequence's
+            dist.all_reduce(loss, op=dist.ReduceOp.AVG, group=shard.group)
         if tied_group is not None:
             sync_tied_grads(modules, tied_group, mmap)
         grad_norm = _grad_norm_clip(modules, cfg.grad_clip, pp_group, tied_copy=pp > 1 and spec.tied_embeddings,

@@ -193,6 +193,9 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(spec.head_dim, eps=1e-6) if spec.qk_norm else None
         self.k_norm = nn.RMSNorm(spec.head_dim, eps=1e-6) if spec.qk_norm else None
         self.dropout = dropout
+        # context parallelism (set by the runtime): an object whose attend(q, k, v, scale=, dropout=)
+        # attends this rank's queries over the whole sequence's keys (runtime.context_parallel)
+        self.context = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
@@ -218,6 +221,9 @@ class Attention(nn.Module):
                 causal = False
                 pos = torch.arange(k.shape[2], device=x.device)
                 mask = pos[None, :] <= (start + torch.arange(seq, device=x.device))[:, None]  # (T, S)
+        if self.context is not None and cache is None:  # this rank's chunks of the sequence, against all of it
+            y = self.context.attend(q, k, v, dropout=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+            return self.wo(y.transpose(1, 2).reshape(bsz, seq, -1))  # (B, T, nh * hs)
         gqa = k.shape[1] != q.shape[1]
         if gqa and cache is None:  # training (DTensor-friendly): repeat K/V for the query heads
             repeat = q.shape[1] // k.shape[1]
@@ -421,6 +427,7 @@ class Transformer(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         else:
             self.rope_cos = self.rope_sin = None
+        self.context = None  # context parallelism (set by the runtime): its positions(T, device) are this rank's
 
     def tie_weights(self) -> None:
         """Share the token embedding with the output head (a tied model). `to_empty` and
@@ -468,17 +475,22 @@ class Transformer(nn.Module):
         those positions only (B, K, V), as serving engines run it on each sequence's last token."""
         packed = getattr(cache, "packed", False)
         start = cache.length if cache is not None and not packed else 0
+        cos, sin = self.rope_cos, self.rope_sin
+        context = self.context if cache is None else None
+        mine = context.positions(tokens.shape[1], tokens.device) if context is not None else None  # (T,) global
+        if mine is not None and cos is not None:  # the rotation at this rank's positions, row t for its token t
+            cos, sin = cos[mine], sin[mine]  # (T, hs/2) each
         if self.tok_embeddings is not None:
             seq = tokens.shape[1]
             x = self.tok_embeddings(tokens)  # (B, T, C)
             if self.pos_embeddings is not None:
                 positions = cache.positions if packed else torch.arange(start, start + seq, device=tokens.device)
-                x = x + self.pos_embeddings(positions)  # (B, T, C)
+                x = x + self.pos_embeddings(positions if mine is None else mine)  # (B, T, C)
             x = self.embed_dropout(x)
         else:
             x = tokens
         for i, block in enumerate(self.layers.values()):
-            x = block(x, self.rope_cos, self.rope_sin) if cache is None else block(x, self.rope_cos, self.rope_sin, cache, i)
+            x = block(x, cos, sin) if cache is None else block(x, cos, sin, cache, i)
         if cache is not None and not packed:
             cache.length += x.shape[1]
         if self.output is None:
