@@ -90,7 +90,8 @@ def test_paraplan_run_under_the_users_own_torchrun(tmp_path):
 
 
 @pytest.mark.parametrize("changes, needle", [
-    ({"mesh": {"pp": 1, "dp_replicate": 1, "dp_shard": 1, "cp": 2, "tp": 2}}, "context parallelism"),
+    ({"mesh": {"pp": 1, "dp_replicate": 1, "dp_shard": 1, "cp": 2, "tp": 2}, "seq_len": 30},
+     "is not a multiple of 2 * cp(2)"),
     ({"placements": {"layers.*.attention.wq.weight": {"tp": "Shard(2)"}}}, "no sharding rule"),
     ({"schema_version": 0}, "schema_version 0 is not supported"),
 ])
