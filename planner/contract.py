@@ -90,9 +90,6 @@ def layout_problems(mmap: ModuleMap, placements: dict[str, dict[str, str]], tp: 
 def strategy_runtime_problems(spec: ModelSpec, s: Strategy, mode: str = "train") -> list[str]:
     """What `paraplan run` does not execute in a strategy, whatever its placements."""
     problems = schedule_problems(s.schedule.value, s.pp, s.num_microbatches)
-    if spec.moe and s.cp > 1:
-        problems.append(f"{spec.name} is a mixture of experts, which the runtime does not run under context "
-                        "parallelism; re-plan with --cp 1")
     if spec.moe and s.tp > 1 and ((s.expert_tp or s.tp) != 1 or s.ep % s.tp):
         problems.append(f"{spec.name} is a mixture of experts: under tp({s.tp}) the runtime keeps experts whole and "
                         f"folds ep over the tp ranks (ep a multiple of tp, --expert-tp 1); re-plan with --expert-tp 1 "
@@ -193,7 +190,7 @@ PIPELINED_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "mi
 # context parallelism runtime.context_parallel attends each rank's chunks over the gathered keys.
 # tests/test_runtime_context.py checks them against one process.
 CONTEXT_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "granite", "gemma", "glm4", "stablelm",
-                    "gpt_neox")
+                    "gpt_neox", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe")
 # mixtures of experts whose experts modules runtime.expert_parallel splits (transformers' fused layout:
 # gate_up_proj (experts, 2 ffn, hidden), down_proj (experts, hidden, ffn), called with the router's top-k);
 # not gpt-oss (biased experts) nor Llama 4 (transposed, and its forward runs every token through every expert)

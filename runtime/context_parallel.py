@@ -89,7 +89,10 @@ class ContextShard:
         chunks against the keys up to its end."""
         k_all = GatherSequence.apply(k, self)  # (B, nkv, S, hs), S = cp * t, in sequence order
         v_all = GatherSequence.apply(v, self)  # (B, nkv, S, hs_v)
-        gqa = k_all.shape[1] != q.shape[1]  # (SDPA reads grouped K/V heads in place: no copy to every head)
+        if k_all.shape[1] != q.shape[1]:  # grouped K/V heads copied to their query heads: a GPU's Flash and
+            repeat = q.shape[1] // k_all.shape[1]  # memory-efficient kernels both take that under a lower-right
+            k_all = k_all.repeat_interleave(repeat, dim=1)  # mask (the latter no GQA); the copies live one
+            v_all = v_all.repeat_interleave(repeat, dim=1)  # layer's pass long: (B, nh, S, hs)
         c = q.shape[2] // 2
         if 2 * c * self.size != self.seq_len:
             raise ConfigError(f"context parallelism was set up for {self.seq_len} tokens a sequence and gets "
@@ -99,7 +102,7 @@ class ContextShard:
             keys = (g + 1) * c  # chunk g sees every key up to its own end
             out.append(F.scaled_dot_product_attention(
                 q[:, :, i * c:(i + 1) * c], k_all[:, :, :keys], v_all[:, :, :keys],
-                attn_mask=mask, dropout_p=dropout, scale=scale, enable_gqa=gqa))  # (B, nh, c, hs_v)
+                attn_mask=mask, dropout_p=dropout, scale=scale))  # (B, nh, c, hs_v)
         return torch.cat(out, dim=2)  # (B, nh, t, hs_v)
 
 

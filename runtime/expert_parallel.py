@@ -4,9 +4,10 @@ Hugging Face experts modules (transformers 5's Mixtral, Qwen2-MoE, Qwen3-MoE lay
 `experts(hidden_states, top_k_index, top_k_weights)`).
 
 The plan's `ep` ranks are adjacent ranks of a pipeline stage (costmodel.moe): its
-data-parallel x tensor-parallel ranks (tp innermost; under tp the experts stay whole and each
-sequence-parallel rank routes its own tokens) cut into an expert mesh (pp, dp_replicate,
-dp_shard * tp / ep, ep) (ZeRO-0: (pp, dp * tp / ep, 1, ep)). Each MoE layer's experts keep only
+data-parallel x context-parallel x tensor-parallel ranks (tp innermost; under tp the experts
+stay whole and each sequence-parallel rank routes its own tokens; a cp rank routes its chunks')
+cut into an expert mesh (pp, dp_replicate, dp_shard * cp * tp / ep, ep) (ZeRO-0: (pp,
+dp * cp * tp / ep, 1, ep)). Each MoE layer's experts keep only
 this rank's experts/ep of them, and its forward sends every token copy to the rank holding its
 expert with `all_to_all_single` (the counts first, then the copies, and the outputs back: three
 per forward, two in the backward). The experts are sharded by FSDP2 over the ranks holding the
@@ -33,19 +34,20 @@ EXPERT_MESH_AXES = ("epp", "edp_replicate", "edp_shard", "ep")
 
 def expert_mesh(mesh_sizes: dict[str, int], zero: int, ep: int, device_type: str) -> DeviceMesh:
     """The (pp, edp_replicate, edp_shard, ep) mesh: within a pipeline stage, its data-parallel
-    (x tensor-parallel: whole experts fold over tp too) ranks cut into ep adjacent ranks (cp 1)."""
-    tp = mesh_sizes["tp"]
+    x context-parallel (x tensor-parallel: whole experts fold over tp too) ranks cut into ep
+    adjacent ranks, as costmodel.moe folds them."""
+    inner = mesh_sizes["cp"] * mesh_sizes["tp"]  # (cp and tp lie inside dp_shard: the folded ranks stay adjacent)
     if zero > 0:
-        shape = (mesh_sizes["pp"], mesh_sizes["dp_replicate"], mesh_sizes["dp_shard"] * tp // ep, ep)
+        shape = (mesh_sizes["pp"], mesh_sizes["dp_replicate"], mesh_sizes["dp_shard"] * inner // ep, ep)
     else:
-        shape = (mesh_sizes["pp"], mesh_sizes["dp_replicate"] * mesh_sizes["dp_shard"] * tp // ep, 1, ep)
+        shape = (mesh_sizes["pp"], mesh_sizes["dp_replicate"] * mesh_sizes["dp_shard"] * inner // ep, 1, ep)
     return init_device_mesh(device_type, shape, mesh_dim_names=EXPERT_MESH_AXES)
 
 
 def grad_scale(emesh: DeviceMesh, tp: int) -> float:
     """What the experts' gradients are scaled by: they add the copies of every ep rank's tokens
     and FSDP divides by the edp ranks holding the same experts, where the dense ones are divided
-    by all dp ranks: edp / dp = tp / ep."""
+    by all dp x cp ranks: edp / (dp cp) = tp / ep."""
     return tp / emesh["ep"].size()
 
 

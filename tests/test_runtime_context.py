@@ -6,9 +6,10 @@ recomputed in the backward. Shown against one process on real gloo groups:
   output and the gradients of q, k and v, on 4 processes; a Hugging Face Llama's logits for a
   rank's tokens equal the whole model's (its positions set by the hook; without the runtime's
   attention they are 0.1-0.3 off);
-- paraplan's Llama and GPT (learned positions) and Hugging Face Llama, Qwen3 and Gemma train
-  under cp alone, with ZeRO 0 and FSDP data parallelism, tensor + sequence parallelism,
-  pipelining and full or selective recomputation with the one-process losses and gradient
+- paraplan's Llama, GPT (learned positions) and mixture of experts and Hugging Face Llama,
+  Qwen3, Gemma and DeepSeek-V3 (latent attention, experts) train under cp alone, with ZeRO 0
+  and FSDP data parallelism, tensor + sequence parallelism, pipelining, expert parallelism
+  folded over dp x cp and full or selective recomputation with the one-process losses and gradient
   norms (1e-5, as tests/test_runtime_parity.py argues; measured within 2e-7). Every type of
   planner.contract.CONTEXT_HF_TYPES was run the same way under cp2, cp2 x FSDP, cp2 x tp2 and
   cp2 x pp2 when it was listed (within 2e-7 loss, 7e-7 gradient norm).
@@ -35,11 +36,15 @@ ZOO_CASES = {  # name -> (model, strategy flags)
                                                 recompute="selective")),
     "cp2_pp2_full_recompute": ("tiny-gpt", dict(cp=2, pp=2, microbatch_size=2, schedule="1f1b", recompute="full")),
     "cp2": ("tiny-gpt", dict(cp=2, microbatch_size=4)),
+    # a mixture of experts: expert parallelism folded over dp x cp (costmodel.moe's folding)
+    "cp2_dp2_ep4_fsdp": ("tiny-moe", dict(cp=2, dp=2, ep=4, zero=3, microbatch_size=2)),
 }
 HF_CASES = {  # name -> (model, strategy flags)
     "cp2_fsdp": ("llama", dict(cp=2, dp=2, zero=3, microbatch_size=2)),
     "cp2_tp2": ("qwen3", dict(cp=2, tp=2, microbatch_size=4)),
     "cp2_pp2": ("gemma", dict(cp=2, pp=2, microbatch_size=2, schedule="1f1b")),
+    # latent attention (a value head narrower than the query's) and experts over ep = cp
+    "cp2_ep2": ("deepseek_v3", dict(cp=2, ep=2, microbatch_size=4)),
 }
 HF_CONFIGS = {
     "llama": ("LlamaConfig", dict(tie_word_embeddings=False)),
@@ -74,8 +79,14 @@ def test_context_attention_and_a_hf_forward_equal_one_process():
 def _hf_dir(root, name):
     import transformers
 
-    cls, extra = HF_CONFIGS[name]
     folder = root / name
+    if name not in HF_CONFIGS:  # transformers' own mixture-of-experts classes, as tests/test_moe.py writes them
+        from test_moe import TINY_HF_MOE
+
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(TINY_HF_MOE[name]))
+        return folder
+    cls, extra = HF_CONFIGS[name]
     getattr(transformers, cls)(**SIZES, **extra).save_pretrained(folder)
     return folder
 
@@ -85,7 +96,7 @@ def runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("context")
     s = lambda **f: Strategy(precision="fp32", global_batch=8, **f)  # noqa: E731
     by_world: dict[int, list] = {1: [write_plan(d, m, s(microbatch_size=8), "reference")
-                                     for m in ("tiny-llama", "tiny-gpt")]}
+                                     for m in ("tiny-llama", "tiny-gpt", "tiny-moe")]}
     for name, (model, flags) in ZOO_CASES.items():
         by_world.setdefault(s(**flags).world_size, []).append(write_plan(d, model, s(**flags), name))
     try:
