@@ -18,6 +18,7 @@ A run that did not shard its sequence fails in its first step (the attention che
 sequence it was set up for), so parity here is parity of a context-parallel run.
 """
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -56,11 +57,7 @@ SIZES = dict(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_key
 
 
 def test_context_attention_and_a_hf_forward_equal_one_process():
-    transformers_here = True
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        transformers_here = False
+    transformers_here = importlib.util.find_spec("transformers") is not None
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
            str(ROOT / "tests" / "context_worker.py"), *(["--hf"] if transformers_here else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=worker_env(), timeout=600)
@@ -99,11 +96,7 @@ def runs(tmp_path_factory):
                                      for m in ("tiny-llama", "tiny-gpt", "tiny-moe")]}
     for name, (model, flags) in ZOO_CASES.items():
         by_world.setdefault(s(**flags).world_size, []).append(write_plan(d, model, s(**flags), name))
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        pass
-    else:
+    if importlib.util.find_spec("transformers") is not None:
         for name, (model, flags) in HF_CASES.items():
             folder = _hf_dir(d, model)
             by_world[1].append(write_source_plan(d, f"hf:{folder}", s(microbatch_size=8, seq_len=32),
