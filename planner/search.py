@@ -91,7 +91,8 @@ def enumerate_candidates(req: SearchRequest, rejected: list[str] | None = None,
     # tensor-parallel groups inside a node: a tp that does not divide the node would straddle two
     tps = [fixed["tp"]] if "tp" in fixed else [t for t in (1, 2, 4, 8, 16)
                                                if t <= per_node and per_node % t == 0 and spec.heads % t == 0]
-    cps = [fixed["cp"]] if "cp" in fixed else ([1, 2, 4] if seq >= 16384 else [1, 2] if seq >= 8192 else [1])
+    cps = [fixed["cp"]] if "cp" in fixed else ([1, 2, 4, 8] if seq >= 65536 else [1, 2, 4] if seq >= 16384
+                                              else [1, 2] if seq >= 8192 else [1])
     out: list[Strategy] = []
     # `paraplan run` will execute the plan (a model it cannot build at all is planned for prediction)
     runnable = cluster.runtime.name in RUNNABLE_RUNTIMES and not (spec.latent_attention and not req.source.get("kind"))
