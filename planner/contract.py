@@ -176,15 +176,16 @@ def runnable_problems(plan: Plan, world_size: int | None = None) -> list[str]:
     return problems
 
 
-# Hugging Face decoders whose model forward is the embedding -> layers (rotary_emb's tables, a causal
-# mask) -> final norm -> head, with what runtime.module.cut_stage repeats of their own forwards around
-# that chain (Granite's multipliers, Cohere's logit scale, Gemma-2's soft-capping, Phi's, GPT-NeoX's and
-# StarCoder2's embedding dropout, StarCoder's learned positions); not Gemma 3 (a local and a global
-# rotation). tests/test_runtime_hf.py checks each against the model's own forward.
+# Hugging Face decoders whose model forward is the embedding -> layers (rotary_emb's tables, per layer
+# kind for Gemma 3; each layer kind's causal or sliding-window mask) -> final norm -> head, with what
+# runtime.module.cut_stage repeats of their own forwards around that chain (Granite's multipliers,
+# Cohere's logit scale, Gemma-2's soft-capping, Phi's, GPT-NeoX's and StarCoder2's embedding dropout,
+# StarCoder's learned positions). tests/test_runtime_hf.py checks each against the model's own forward,
+# with windows shorter than the sequence where the config has one.
 PIPELINED_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "mixtral", "qwen2_moe", "qwen3_moe",
                       "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "phimoe", "gemma", "gemma2", "granite",
                       "granitemoe", "granitemoeshared", "cohere", "starcoder2", "phi", "gpt_neox", "stablelm",
-                      "glm4", "olmo", "minimax_m2", "gpt_bigcode")
+                      "glm4", "olmo", "minimax_m2", "gpt_bigcode", "gemma3_text")
 # Hugging Face decoders whose attention runs through transformers' attention interface as full causal
 # softmax attention (no soft-capping, no window past the plan's sequence; Gemma-2's is neither): under
 # context parallelism runtime.context_parallel attends each rank's chunks over the gathered keys.
@@ -260,10 +261,6 @@ def source_strategy_problems(source: dict, s: Strategy, mode: str = "train") -> 
         problems.append("sequence parallelism on a py: module is not run (its blocks may size themselves from "
                         "their sequence-sharded input); re-plan with --no-sequence-parallel")
     if s.pp > 1 and kind == "hf":
-        if isinstance(window, int) and use_window is not False and s.seq_len > window:
-            problems.append(f"the model attends within a sliding window of {window} tokens, which the pipeline "
-                            f"stages do not apply, and the plan trains {s.seq_len}; re-plan with --pp 1 or "
-                            f"--seq-len {window}")
         if hf_type not in PIPELINED_HF_TYPES:
             problems.append(f"pipelining a Hugging Face {hf_type or 'model'} is not run yet (stages are driven "
                             f"for {', '.join(PIPELINED_HF_TYPES)}); re-plan with --pp 1")

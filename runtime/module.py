@@ -19,6 +19,7 @@ splits them; attention modules that keep head counts as attributes get their loc
 from __future__ import annotations
 
 import copy
+import inspect
 import types
 import zlib
 from pathlib import Path
@@ -103,11 +104,19 @@ def cut_stage(model: nn.Module, mmap: ModuleMap, first: int, end: int, *, has_em
             h = _embedded(inner, h if learned is None else h + learned(positions))
         else:
             h = x
+        kinds = layer_kinds(self.config, mmap.layers)
         rotary = getattr(inner, "rotary_emb", None)
-        cos_sin = rotary(h, positions) if rotary is not None else None
-        mask = _eager_causal_mask(self, seq_len, h) if context is None else None  # (cp: its attention masks)
-        for block in getattr(inner, blocks_attr).values():
-            out = block(h, attention_mask=mask, position_ids=positions, position_embeddings=cos_sin)
+        if rotary is None:
+            tables = dict.fromkeys(kinds)
+        elif "layer_type" in inspect.signature(rotary.forward).parameters:  # Gemma 3: a rotation per layer kind
+            tables = {kind: rotary(h, positions, kind) for kind in set(kinds)}
+        else:
+            tables = dict.fromkeys(kinds, rotary(h, positions))
+        # cp: its attention masks itself (runtime.context_parallel)
+        masks = dict.fromkeys(kinds) if context is not None else attention_masks(self.config, kinds, seq_len, h, positions)
+        for key, block in getattr(inner, blocks_attr).items():
+            kind = kinds[int(key)]
+            out = block(h, attention_mask=masks[kind], position_ids=positions, position_embeddings=tables[kind])
             h = out[0] if isinstance(out, tuple) else out
         head = part_at(self, mmap.head)
         if head is None:
@@ -123,14 +132,33 @@ def cut_stage(model: nn.Module, mmap: ModuleMap, first: int, end: int, *, has_em
     return model
 
 
-def _eager_causal_mask(model: nn.Module, seq_len: int, h: torch.Tensor) -> torch.Tensor | None:
-    """The additive causal mask (1, 1, T, T) a block of eager attention needs (Gemma-2's: no SDPA
-    path), which masks nothing where it is given none; None under SDPA, causal by itself then."""
-    if getattr(model.config, "_attn_implementation", "sdpa") != "eager":
-        return None
-    blocked = torch.ones(seq_len, seq_len, dtype=torch.bool, device=h.device).triu(1)  # (T, T): keys after the query
-    return torch.zeros(seq_len, seq_len, dtype=h.dtype, device=h.device).masked_fill(
-        blocked, torch.finfo(h.dtype).min)[None, None]  # (1, 1, T, T)
+MASK_KINDS = ("full_attention", "sliding_attention")
+
+
+def layer_kinds(config, layers: int) -> list[str]:
+    """Each layer's attention kind as the model's own forward picks its mask: the config's
+    layer_types (Qwen2/3, Gemma-2/3), else a sliding window on every layer where the config keeps
+    one (Mistral, Phi-3, Mixtral, StarCoder2: their forwards' `mask_function`), else full."""
+    kinds = getattr(config, "layer_types", None)
+    if isinstance(kinds, (list, tuple)) and len(kinds) >= layers:
+        unknown = sorted(set(kinds) - set(MASK_KINDS))
+        if unknown:
+            raise ConfigError(f"the model's layers attend as {', '.join(unknown)}, which pipeline stages do not mask "
+                              "yet; re-plan with --pp 1")
+        return list(kinds)
+    return ["sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"] * layers
+
+
+def attention_masks(config, kinds: list[str], seq_len: int, h: torch.Tensor, positions: torch.Tensor) -> dict:
+    """The mask each layer kind's attention takes, made by transformers' own builders as the model's
+    forward makes them (None where SDPA's causal flag does it; the additive mask eager attention,
+    Gemma-2's, needs), for the whole sequence (a sequence-parallel stage's input is a shard of it)."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    shape = torch.empty((h.shape[0], seq_len, 1), dtype=h.dtype, device=h.device)  # (B, T, .): what the builders read
+    build = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+    return {kind: build[kind](config=config, inputs_embeds=shape, attention_mask=None, cache=None,
+                              position_ids=positions) for kind in set(kinds)}
 
 
 def _embedded(inner: nn.Module, h: torch.Tensor) -> torch.Tensor:

@@ -77,16 +77,19 @@ MODELS = {  # name -> (config class, extra fields, with pretrained weights, layo
     # pipelined (were refused): Gemma-2's eager attention given the causal mask it gets from its model's forward
     # (its blocks attended to every token under --pp, masked by nothing), Granite's multipliers and logit
     # scaling, GPT-NeoX's own names (embed_in, final_layer_norm, embed_out) and embedding dropout
-    "gemma2_pp": ("Gemma2Config", dict(head_dim=16, sliding_window=32, pad_token_id=0, eos_token_id=1, bos_token_id=1),
+    # (its 16-token window on every other layer, shorter than the sequence: refused under --pp before the
+    # stages built each layer kind's mask)
+    "gemma2_pp": ("Gemma2Config", dict(head_dim=16, sliding_window=16, pad_token_id=0, eos_token_id=1, bos_token_id=1),
                   False, ("pp_1f1b",)),
     "granite": ("GraniteConfig", dict(embedding_multiplier=12.0, logits_scaling=6.0, residual_multiplier=0.22,
                                       attention_multiplier=0.0625, pad_token_id=0, eos_token_id=1, bos_token_id=1),
                 False, ("pp_interleaved",)),
     "gpt_neox": ("GPTNeoXConfig", dict(tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=1),
                  False, ("pp_1f1b",)),
-    # one global layer to every local one here (sliding_window_pattern 2), q_norm / k_norm on the local heads
+    # one global layer to every local one here (sliding_window_pattern 2), q_norm / k_norm on the local heads;
+    # pipelined (was refused): a rotation per layer kind (local and global theta) and the window's mask
     "gemma3": ("Gemma3TextConfig", dict(head_dim=16, sliding_window=16, sliding_window_pattern=2, pad_token_id=0,
-                                        eos_token_id=1, bos_token_id=1), False, ("tp_sp",)),
+                                        eos_token_id=1, bos_token_id=1), False, ("tp_sp", "pp_1f1b")),
 }
 
 
@@ -262,6 +265,7 @@ def test_a_py_module_whose_forward_is_not_the_chain_is_not_pipelined(tmp_path):
 # the sizes some types need beside SIZES: Gemma's 256-wide heads by default, GLM-4's q/k/v biases and
 # OLMo's weightless norms (past the reader's 0.5% count tolerance at this size)
 STAGE_SIZES = {"gemma": dict(head_dim=16), "gemma2": dict(head_dim=16), "glm4": dict(head_dim=16, attention_bias=False),
+               "gemma3_text": dict(head_dim=16, sliding_window_pattern=2),
                "olmo": dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=8, intermediate_size=512),
                "gpt_bigcode": dict(n_layer=4, n_embd=64, n_head=4, n_positions=64, multi_query=True)}
 
@@ -271,17 +275,24 @@ def test_pipeline_stages_are_driven_as_each_models_own_forward(tmp_path):
     embed_tokens -> layers with rotary_emb's tables and the causal mask -> norm -> lm_head), for the
     types planner.contract.PIPELINED_HF_TYPES names. The whole model cut as one stage gives the
     logits of the model's own forward, for every type on that list (a type whose forward does more,
-    as Gemma's embedding scale or Cohere's logit scale, would differ by far more than 1e-6)."""
+    as Gemma's embedding scale or Cohere's logit scale, would differ by far more than 1e-6). Where the
+    config keeps a sliding window, it is 8 tokens of the 16 (Qwen's on layers 2-3, Gemma-2's and
+    Gemma 3's every other layer, with Gemma 3's local rotation): the stages were refused under a
+    window shorter than the sequence, then build each layer kind's mask as the model's forward does."""
     from planner.contract import PIPELINED_HF_TYPES
     from planner.model_source import build_source_module, load_model, module_map_of, source_of
     from runtime.module import cut_stage, logits_of
     from test_moe import TINY_HF_MOE
 
-    checked = []
+    checked, windowed = [], []
     for model_type in PIPELINED_HF_TYPES:
         config = TINY_HF_MOE.get(model_type) or transformers.AutoConfig.for_model(
             model_type, **{**SIZES, **STAGE_SIZES.get(model_type, {})}, pad_token_id=0, eos_token_id=1,
             bos_token_id=1).to_dict()
+        if "sliding_window" in transformers.AutoConfig.for_model(model_type).to_dict():
+            config = {**config, "sliding_window": 8, "use_sliding_window": True, "max_window_layers": 2}
+            config.pop("layer_types", None)  # (made again from the window's fields)
+            windowed.append(model_type)
         folder = tmp_path / model_type
         folder.mkdir()
         (folder / "config.json").write_text(json.dumps(config))
@@ -298,4 +309,5 @@ def test_pipeline_stages_are_driven_as_each_models_own_forward(tmp_path):
             driven = cut(x)
         assert torch.allclose(own, driven, rtol=1e-5, atol=1e-6), model_type
         checked.append(model_type)
-    assert len(checked) == len(PIPELINED_HF_TYPES) >= 28
+    assert len(checked) == len(PIPELINED_HF_TYPES) >= 29
+    assert {"mistral", "qwen2", "qwen2_moe", "gemma2", "gemma3_text", "starcoder2"} <= set(windowed)
