@@ -186,12 +186,12 @@ PIPELINED_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "mi
                       "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "phimoe", "gemma", "gemma2", "granite",
                       "granitemoe", "granitemoeshared", "cohere", "starcoder2", "phi", "gpt_neox", "stablelm",
                       "glm4", "olmo", "minimax_m2", "gpt_bigcode", "gemma3_text")
-# Hugging Face decoders whose attention runs through transformers' attention interface as full causal
-# softmax attention (no soft-capping, no window past the plan's sequence; Gemma-2's is neither): under
-# context parallelism runtime.context_parallel attends each rank's chunks over the gathered keys.
+# Hugging Face decoders whose attention runs through transformers' attention interface as causal softmax
+# attention, in a sliding window or not (no soft-capping: not Gemma-2): under context parallelism
+# runtime.context_parallel attends each rank's chunks over the gathered keys.
 # tests/test_runtime_context.py checks them against one process.
 CONTEXT_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "granite", "gemma", "glm4", "stablelm",
-                    "gpt_neox", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe")
+                    "gpt_neox", "gemma3_text", "starcoder2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe")
 # mixtures of experts whose experts modules runtime.expert_parallel splits (transformers' fused layout:
 # gate_up_proj (experts, 2 ffn, hidden), down_proj (experts, hidden, ffn), called with the router's top-k);
 # not gpt-oss (biased experts) nor Llama 4 (transposed, and its forward runs every token through every expert)
@@ -238,8 +238,7 @@ def source_strategy_problems(source: dict, s: Strategy, mode: str = "train") -> 
         problems.append("expert parallelism runs on paraplan's built-in mixture of experts and transformers' experts "
                         "modules (Mixtral, Qwen2-MoE, Qwen3-MoE, ...) so far; re-plan with --ep 1")
     # the config read once (the search asks this of every candidate)
-    hf_type, window, use_window = (_hf_fields(source["path"], "model_type", "sliding_window", "use_sliding_window")
-                                   if kind == "hf" else (None, None, None))
+    hf_type = _hf_fields(source["path"], "model_type")[0] if kind == "hf" else None
     if kind == "hf" and s.tp > 1 and hf_type in MOE_TYPES:
         problems.append("tensor parallelism on a Hugging Face mixture of experts is not run yet (its router and "
                         "experts take the whole sequence); re-plan with --tp 1")
@@ -253,10 +252,6 @@ def source_strategy_problems(source: dict, s: Strategy, mode: str = "train") -> 
         if hf_type not in CONTEXT_HF_TYPES:
             problems.append(f"context parallelism on a Hugging Face {hf_type or 'model'} is not run yet (it runs the "
                             f"full causal attention of {', '.join(CONTEXT_HF_TYPES)}); re-plan with --cp 1")
-        elif isinstance(window, int) and use_window is not False and s.seq_len > window:
-            problems.append(f"the model attends within a sliding window of {window} tokens, which context "
-                            f"parallelism does not apply, and the plan trains {s.seq_len}; re-plan with --cp 1 or "
-                            f"--seq-len {window}")
     if s.sequence_parallel and s.tp > 1 and kind == "py":
         problems.append("sequence parallelism on a py: module is not run (its blocks may size themselves from "
                         "their sequence-sharded input); re-plan with --no-sequence-parallel")

@@ -9,7 +9,7 @@ Attention gathers K and V over the cp group (Llama 3's all-gather context parall
 torch's default `_RotateMethod.ALL_GATHER`), not overlapped with compute; each of the rank's two
 query chunks attends to the keys up to its own end under a causal mask aligned to the lower
 right (`torch.nn.attention.bias.causal_lower_right`, which SDPA runs as Flash attention on a
-GPU). The whole sequence's K and V are not kept for the backward (cp times the layer's own):
+GPU; under a sliding window, the keys of its window with a band mask). The whole sequence's K and V are not kept for the backward (cp times the layer's own):
 ContextAttention keeps the rank's q, k and v, and its backward gathers K and V again,
 recomputes the attention and differentiates it, reduce-scattering the keys' gradients. Per
 layer: an all-gather of K and V forward, another and a reduce-scatter backward, one more
@@ -78,15 +78,26 @@ class ContextShard:
         return torch.cat([torch.arange(g * c, (g + 1) * c, device=device) for g in self.chunks])
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
-               dropout: float = 0.0) -> torch.Tensor:
-        """Causal attention of this rank's queries over the whole sequence's keys.
+               dropout: float = 0.0, window: int | None = None) -> torch.Tensor:
+        """Causal attention of this rank's queries over the whole sequence's keys (the last `window`
+        of them, a query's own included, where a sliding window is given).
         q (B, nh, t, hs), k and v (B, nkv, t, hs), t = 2 chunks of this rank -> (B, nh, t, hs_v)."""
-        return ContextAttention.apply(q, k, v, self, scale, dropout)
+        return ContextAttention.apply(q, k, v, self, scale, dropout, window if window and window < self.seq_len else None)
+
+    def window_mask(self, g: int, c: int, window: int, device) -> tuple[int, torch.Tensor]:
+        """(first key, (c, keys) mask) of chunk g under a sliding window: query p sees keys j with
+        p - window < j <= p (transformers' sliding_window_overlay), the keys from its chunk's first
+        query's window on."""
+        start = g * c
+        first = max(0, start - window + 1)
+        q = start + torch.arange(c, device=device)[:, None]  # (c, 1) positions
+        j = first + torch.arange((g + 1) * c - first, device=device)[None, :]  # (1, keys)
+        return first, (j <= q) & (j > q - window)  # (c, keys)
 
     def attend_gathered(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
-                        dropout: float) -> torch.Tensor:
+                        dropout: float, window: int | None = None) -> torch.Tensor:
         """`attend` as plain autograd: K and V gathered (GatherSequence), each of the two query
-        chunks against the keys up to its end."""
+        chunks against the keys up to its end (from its window's start, under a window)."""
         k_all = GatherSequence.apply(k, self)  # (B, nkv, S, hs), S = cp * t, in sequence order
         v_all = GatherSequence.apply(v, self)  # (B, nkv, S, hs_v)
         if k_all.shape[1] != q.shape[1]:  # grouped K/V heads copied to their query heads: a GPU's Flash and
@@ -99,9 +110,11 @@ class ContextShard:
                               f"{2 * c * self.size}; re-plan for this sequence length")
         out = []
         for i, (g, mask) in enumerate(zip(self.chunks, self.masks)):
-            keys = (g + 1) * c  # chunk g sees every key up to its own end
+            first, keys = 0, (g + 1) * c  # chunk g sees every key up to its own end
+            if window is not None:
+                first, mask = self.window_mask(g, c, window, q.device)
             out.append(F.scaled_dot_product_attention(
-                q[:, :, i * c:(i + 1) * c], k_all[:, :, :keys], v_all[:, :, :keys],
+                q[:, :, i * c:(i + 1) * c], k_all[:, :, first:keys], v_all[:, :, first:keys],
                 attn_mask=mask, dropout_p=dropout, scale=scale))  # (B, nh, c, hs_v)
         return torch.cat(out, dim=2)  # (B, nh, t, hs_v)
 
@@ -113,12 +126,12 @@ class ContextAttention(torch.autograd.Function):
     dropout draws the same mask)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, shard: ContextShard, scale, dropout):
-        ctx.shard, ctx.scale, ctx.dropout = shard, scale, dropout
+    def forward(ctx, q, k, v, shard: ContextShard, scale, dropout, window):
+        ctx.shard, ctx.scale, ctx.dropout, ctx.window = shard, scale, dropout, window
         ctx.rng = _rng_state(q.device) if dropout else None
         ctx.save_for_backward(q, k, v)
         with torch.no_grad():
-            return shard.attend_gathered(q, k, v, scale, dropout)
+            return shard.attend_gathered(q, k, v, scale, dropout, window)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -127,10 +140,10 @@ class ContextAttention(torch.autograd.Function):
             if ctx.rng is not None:
                 _set_rng_state(q.device, ctx.rng)
             with torch.enable_grad():
-                out = ctx.shard.attend_gathered(q, k, v, ctx.scale, ctx.dropout)
+                out = ctx.shard.attend_gathered(q, k, v, ctx.scale, ctx.dropout, ctx.window)
         inputs = [t for t in (q, k, v) if t.requires_grad]
         grads = iter(torch.autograd.grad(out, inputs, grad))
-        return (*(next(grads) if t.requires_grad else None for t in (q, k, v)), None, None, None)
+        return (*(next(grads) if t.requires_grad else None for t in (q, k, v)), None, None, None, None)
 
 
 def _rng_state(device: torch.device):
@@ -196,10 +209,11 @@ def hf_context_attention(module: nn.Module, query: torch.Tensor, key: torch.Tens
     if shard is None:
         raise ConfigError(f"{type(module).__name__} was called under context parallelism without its cp group; "
                           "re-plan with --cp 1")
-    if kwargs.get("sliding_window") or kwargs.get("softcap"):
-        raise ConfigError(f"{type(module).__name__} attends within a sliding window or soft-caps its scores, which "
-                          "context parallelism does not run yet; re-plan with --cp 1")
-    out = shard.attend(query, key, value, scale=scaling, dropout=dropout)  # (B, nh, t, hs_v)
+    if kwargs.get("softcap"):
+        raise ConfigError(f"{type(module).__name__} soft-caps its attention scores, which context parallelism does "
+                          "not run yet; re-plan with --cp 1")
+    out = shard.attend(query, key, value, scale=scaling, dropout=dropout,
+                       window=kwargs.get("sliding_window"))  # (B, nh, t, hs_v)
     return out.transpose(1, 2).contiguous(), None  # (B, t, nh, hs_v)
 
 

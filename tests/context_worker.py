@@ -12,17 +12,24 @@ import torch.nn.functional as F
 from runtime.context_parallel import ContextShard, apply_hf_context_parallel
 
 
-def attention_errors(shard: ContextShard, heads: int, kv_heads: int, seq: int) -> dict[str, float]:
-    """cp attention (fp64) of this rank's chunks against SDPA over the whole sequence: output and gradients."""
+def attention_errors(shard: ContextShard, heads: int, kv_heads: int, seq: int, window: int | None = None
+                     ) -> dict[str, float]:
+    """cp attention (fp64) of this rank's chunks against SDPA over the whole sequence (in a sliding
+    window of `window` keys, a query's own included, where given): output and gradients."""
     gen = torch.Generator().manual_seed(7)
     q = torch.randn(2, heads, seq, 8, dtype=torch.float64, generator=gen, requires_grad=True)
     k = torch.randn(2, kv_heads, seq, 8, dtype=torch.float64, generator=gen, requires_grad=True)
     v = torch.randn(2, kv_heads, seq, 8, dtype=torch.float64, generator=gen, requires_grad=True)
     w = torch.randn(2, heads, seq, 8, dtype=torch.float64, generator=gen)
-    whole = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=heads != kv_heads)
+    if window is None:
+        whole = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=heads != kv_heads)
+    else:
+        i, j = torch.arange(seq)[:, None], torch.arange(seq)[None, :]
+        band = (j <= i) & (j > i - window)  # (seq, seq)
+        whole = F.scaled_dot_product_attention(q, k, v, attn_mask=band, enable_gqa=heads != kv_heads)
     (whole * w).sum().backward()
     mine = [shard.shard(t.detach(), dim=2).requires_grad_() for t in (q, k, v)]
-    out = shard.attend(*mine)
+    out = shard.attend(*mine, window=window)
     (out * shard.shard(w, dim=2)).sum().backward()
     errors = {"out": (out - shard.shard(whole.detach(), dim=2)).abs().max().item()}
     for name, local, full in zip("qkv", mine, (q, k, v)):
@@ -53,6 +60,7 @@ def main() -> None:
     seq = 8 * world
     shard = ContextShard(dist.group.WORLD, rank, world, seq)
     result = {"mha": attention_errors(shard, 4, 4, seq), "gqa": attention_errors(shard, 4, 2, seq),
+              "window": attention_errors(shard, 4, 2, seq, window=5),  # (a window across the 8-token chunks)
               "positions": shard.positions(seq // world).tolist()}
     if len(sys.argv) > 1 and sys.argv[1] == "--hf":
         result["hf_logits"] = hf_logits_error(shard, seq)

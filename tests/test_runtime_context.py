@@ -6,8 +6,9 @@ recomputed in the backward. Shown against one process on real gloo groups:
   output and the gradients of q, k and v, on 4 processes; a Hugging Face Llama's logits for a
   rank's tokens equal the whole model's (its positions set by the hook; without the runtime's
   attention they are 0.1-0.3 off);
+- the same under a sliding window that crosses the chunks;
 - paraplan's Llama, GPT (learned positions) and mixture of experts and Hugging Face Llama,
-  Qwen3, Gemma and DeepSeek-V3 (latent attention, experts) train under cp alone, with ZeRO 0
+  Qwen3, Gemma 3 (sliding windows) and DeepSeek-V3 (latent attention, experts) train under cp alone, with ZeRO 0
   and FSDP data parallelism, tensor + sequence parallelism, pipelining, expert parallelism
   folded over dp x cp and full or selective recomputation with the one-process losses and gradient
   norms (1e-5, as tests/test_runtime_parity.py argues; measured within 2e-7). Every type of
@@ -43,14 +44,16 @@ ZOO_CASES = {  # name -> (model, strategy flags)
 HF_CASES = {  # name -> (model, strategy flags)
     "cp2_fsdp": ("llama", dict(cp=2, dp=2, zero=3, microbatch_size=2)),
     "cp2_tp2": ("qwen3", dict(cp=2, tp=2, microbatch_size=4)),
-    "cp2_pp2": ("gemma", dict(cp=2, pp=2, microbatch_size=2, schedule="1f1b")),
+    # Gemma 3: a sliding window of 8 of the 32 tokens on every other layer, a rotation per layer kind
+    "cp2_pp2": ("gemma3", dict(cp=2, pp=2, microbatch_size=2, schedule="1f1b")),
     # latent attention (a value head narrower than the query's) and experts over ep = cp
     "cp2_ep2": ("deepseek_v3", dict(cp=2, ep=2, microbatch_size=4)),
 }
 HF_CONFIGS = {
     "llama": ("LlamaConfig", dict(tie_word_embeddings=False)),
     "qwen3": ("Qwen3Config", dict(head_dim=16, tie_word_embeddings=False)),
-    "gemma": ("GemmaConfig", dict(head_dim=16, pad_token_id=0, eos_token_id=1, bos_token_id=1)),
+    "gemma3": ("Gemma3TextConfig", dict(head_dim=16, sliding_window=8, sliding_window_pattern=2, pad_token_id=0,
+                                        eos_token_id=1, bos_token_id=1)),
 }
 SIZES = dict(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=128, vocab_size=256, max_position_embeddings=64)
@@ -67,7 +70,7 @@ def test_context_attention_and_a_hf_forward_equal_one_process():
     # rank r holds chunks r and 7 - r of the 8 (4 tokens each): every rank as many causal pairs
     assert ranks[1]["positions"] == [4, 5, 6, 7, 24, 25, 26, 27]
     for rank in ranks:
-        for kind in ("mha", "gqa"):
+        for kind in ("mha", "gqa", "window"):
             assert max(rank[kind].values()) < 1e-12, rank[kind]
         if transformers_here:
             assert rank["hf_logits"] < 1e-12
@@ -190,9 +193,9 @@ def test_context_parallelism_the_runtime_does_not_run_is_refused_in_one_line(mod
     assert len(out.stderr.strip().splitlines()) == 1
 
 
-def test_a_hugging_face_type_outside_the_list_or_a_window_under_cp_is_refused(tmp_path):
-    """Gemma-2 soft-caps its scores and attends within a window on every other layer; a Mistral whose
-    window is shorter than the plan's sequence: neither is run under cp, each said in one line."""
+def test_a_hugging_face_type_outside_the_list_under_cp_is_refused_and_a_window_is_not(tmp_path):
+    """Gemma-2 soft-caps its attention scores: not run under cp, said in one line. A Mistral whose
+    window is shorter than the sequence was refused too; its window is now masked per chunk."""
     transformers = pytest.importorskip("transformers")
     from tests_helpers import paraplan
 
@@ -201,9 +204,10 @@ def test_a_hugging_face_type_outside_the_list_or_a_window_under_cp_is_refused(tm
     transformers.Gemma2Config(**SIZES, head_dim=16, sliding_window=16, **ids).save_pretrained(gemma2)
     mistral = tmp_path / "mistral"
     transformers.MistralConfig(**SIZES, sliding_window=16).save_pretrained(mistral)
-    for folder, needle in ((gemma2, "context parallelism on a Hugging Face gemma2 is not run yet"),
-                           (mistral, "sliding window of 16 tokens, which context parallelism does not apply")):
-        out = paraplan("plan", "--model", f"hf:{folder}", "--cluster", "cpu:4", "--global-batch", "8",
-                       "--seq-len", "32", "--cp", "2")
-        assert out.returncode == 2 and needle in out.stderr and "--cp 1" in out.stderr, out.stderr
-        assert len(out.stderr.strip().splitlines()) == 1
+    flags = ("--cluster", "cpu:4", "--global-batch", "8", "--seq-len", "32", "--cp", "2")
+    out = paraplan("plan", "--model", f"hf:{gemma2}", *flags)
+    needle = "context parallelism on a Hugging Face gemma2 is not run yet"
+    assert out.returncode == 2 and needle in out.stderr and "--cp 1" in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    out = paraplan("plan", "--model", f"hf:{mistral}", *flags, "--json")
+    assert out.returncode == 0 and json.loads(out.stdout)["plan"]["mesh"]["cp"] == 2, out.stderr
