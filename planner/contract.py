@@ -192,6 +192,12 @@ PIPELINED_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "mi
 # tests/test_runtime_context.py checks them against one process.
 CONTEXT_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "granite", "gemma", "glm4", "stablelm",
                     "gpt_neox", "gemma3_text", "starcoder2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe")
+# mixtures of experts run under tensor parallelism: attention split over tp, the residual stream
+# sequence-parallel, and each tp rank's router and experts (over ep, a multiple of tp: experts whole)
+# on its own tokens, the router's and norm's gradients summed over tp (runtime.tensor_parallel.LocalShard),
+# as paraplan's own mixture of experts runs; not those with a shared expert (split as a dense MLP of
+# (tokens, hidden) rows inside the block, which sequence parallelism's row shards do not fit yet)
+MOE_TP_HF_TYPES = ("mixtral", "qwen3_moe", "granitemoe")
 # mixtures of experts whose experts modules runtime.expert_parallel splits (transformers' fused layout:
 # gate_up_proj (experts, 2 ffn, hidden), down_proj (experts, hidden, ffn), called with the router's top-k);
 # not gpt-oss (biased experts) nor Llama 4 (transposed, and its forward runs every token through every expert)
@@ -239,9 +245,9 @@ def source_strategy_problems(source: dict, s: Strategy, mode: str = "train") -> 
                         "modules (Mixtral, Qwen2-MoE, Qwen3-MoE, ...) so far; re-plan with --ep 1")
     # the config read once (the search asks this of every candidate)
     hf_type = _hf_fields(source["path"], "model_type")[0] if kind == "hf" else None
-    if kind == "hf" and s.tp > 1 and hf_type in MOE_TYPES:
-        problems.append("tensor parallelism on a Hugging Face mixture of experts is not run yet (its router and "
-                        "experts take the whole sequence); re-plan with --tp 1")
+    if kind == "hf" and s.tp > 1 and hf_type in MOE_TYPES and hf_type not in MOE_TP_HF_TYPES:
+        problems.append(f"tensor parallelism on a Hugging Face {hf_type} is not run yet (it runs on the mixtures of "
+                        f"experts without shared experts: {', '.join(MOE_TP_HF_TYPES)}); re-plan with --tp 1")
     if kind == "hf" and s.ep > 1 and hf_type in MOE_TYPES and not expert_parallel_runs(source, hf_type):
         problems.append(f"expert parallelism on a Hugging Face {hf_type or 'model'}'s experts is not run yet (it splits "
                         f"the experts modules of {', '.join(MOE_HF_TYPES)}); re-plan with --ep 1")

@@ -321,6 +321,8 @@ def apply_module_tp(model: nn.Module, mmap: ModuleMap, mesh, placements: dict, s
         if not plan:
             continue
         for path in mmap.others:
+            if expert_slice(block.get_submodule(path)):  # experts split over ep run on this rank's tokens already
+                continue
             local_heads = path.rpartition(".")[0] in split and not spans_width(block.get_submodule(path), width)
             if sp or local_heads:
                 # rank-local input: its sequence shard under sequence parallelism, else the heads of a split

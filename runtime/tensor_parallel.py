@@ -30,7 +30,9 @@ class LocalShard(ParallelStyle):
         def take_shard(mod, args, mesh_):
             return (DTensor.from_local(args[0], mesh_, [Shard(0)], run_check=False), *args[1:])
 
-        def give_local(mod, out, mesh_):
+        def give_local(mod, out, mesh_):  # (a router's output: scores, weights, indices, each local)
+            if isinstance(out, tuple):
+                return tuple(t.to_local() if isinstance(t, DTensor) else t for t in out)
             return out.to_local()
 
         return distribute_module(module, mesh, input_fn=take_shard, output_fn=give_local)

@@ -469,8 +469,8 @@ def test_the_refusal_named_is_the_one_every_candidate_meets(tmp_path):
 
     phi = _write(tmp_path / "phi" / "config.json", TINY_HF_MOE["phimoe"]).parent
     for folder, flag, needle in ((llama4, "--pp", "pipelining a Hugging Face llama4_text is not run yet"),
-                                 (llama4, "--tp", "tensor parallelism on a Hugging Face mixture of experts"),
-                                 (phi, "--tp", "tensor parallelism on a Hugging Face mixture of experts")):
+                                 (llama4, "--tp", "tensor parallelism on a Hugging Face llama4_text is not run"),
+                                 (phi, "--tp", "tensor parallelism on a Hugging Face phimoe is not run")):
         out = paraplan("plan", "--model", str(folder), "--cluster", "cpu:8", "--global-batch", "8", "--seq-len", "32",
                        flag, "2")
         assert out.returncode == 2 and needle in out.stderr and f"re-plan with {flag} 1" in out.stderr, out.stderr

@@ -230,13 +230,18 @@ def test_all_to_alls_per_layer_are_the_predicted(tmp_path):
 
 
 def test_runtime_refuses_what_it_does_not_run():
+    from costmodel.validate import strategy_problems
     from planner.contract import strategy_runtime_problems
 
     spec = ZOO["tiny-moe"]
     s = Strategy(tp=2, dp=2, ep=2, sequence_parallel=True, global_batch=4)  # experts split over tp: not run
     assert any("--expert-tp 1" in p for p in strategy_runtime_problems(spec, s))
     assert not strategy_runtime_problems(spec, replace(s, expert_tp=1))
-    assert any("cp 1" in p for p in strategy_runtime_problems(spec, replace(s, cp=2, dp=1, expert_tp=1)))
+    # under context parallelism the experts fold over dp x cp and run (tests/test_runtime_context.py); with
+    # whole experts under tp as well, the validation refuses the layout (Megatron folds them over tp only)
+    assert not strategy_runtime_problems(spec, replace(s, tp=1, cp=2, dp=1, expert_tp=1, sequence_parallel=False))
+    assert any("--expert-tp 1 with tp(2) and cp(2)" in p
+               for p in strategy_problems(spec, replace(s, cp=2, dp=1, expert_tp=1), 4))
 
 
 def test_overlapped_all_to_alls_hide_behind_compute_and_are_planned_only():
@@ -302,10 +307,12 @@ HF_CONFIGS = {k: CONFIGS[k] for k in ("ep2_fsdp2", "ep4")}  # EP x DDP is the bu
 HF_CONFIGS["pp2_ep2"] = dict(pp=2, dp=2, ep=2, microbatch_size=2, schedule="1f1b")  # stages driven as transformers' forward
 # one layer a virtual stage: DeepSeek's dense first layer is a stage with no experts (its rank stopped there alone)
 HF_CONFIGS["pp2v2_ep2"] = dict(pp=2, dp=2, ep=2, microbatch_size=2, schedule="interleaved", virtual_stages=2)
-HF_LAYOUTS = {"mixtral": ("ep2_fsdp2", "ep4", "pp2_ep2"), "qwen2_moe": ("ep2_fsdp2",),  # the shared expert under EP x FSDP
+# tensor parallel, sequence parallel: attention split, each tp rank routing its own tokens, experts whole over ep
+HF_CONFIGS["tp2_sp_ep4"] = dict(tp=2, dp=2, ep=4, expert_tp=1, sequence_parallel=True, microbatch_size=2)
+HF_LAYOUTS = {"mixtral": ("ep2_fsdp2", "ep4", "pp2_ep2", "tp2_sp_ep4"), "qwen2_moe": ("ep2_fsdp2",),  # the shared expert under EP x FSDP
               "glm4_moe": ("ep2_fsdp2",),  # DeepSeek-V3's router (its score correction a persistent buffer), a dense layer
               "olmoe": ("ep4",), "deepseek_v2": ("ep2_fsdp2",), "deepseek_v3": ("ep4", "pp2v2_ep2"),
-              "granitemoe": ("ep4",), "granitemoeshared": ("ep2_fsdp2",), "phimoe": ("pp2_ep2",),
+              "granitemoe": ("ep4", "tp2_sp_ep4"), "granitemoeshared": ("ep2_fsdp2",), "phimoe": ("pp2_ep2",),
               "minimax_m2": ("ep2_fsdp2",)}
 
 
@@ -315,7 +322,8 @@ def test_hugging_face_experts_train_under_expert_parallelism(tmp_path):
     latent attention: refused as "not built" before, though transformers builds it), Granite 3 MoE (with
     and without its shared MLP) as the user has them, their
     experts split over ep (folded into DP and FSDP; Mixtral and DeepSeek-V3 pipelined too, refused before),
-    against the same modules in one process;
+    against the same modules in one process; Mixtral and Granite MoE under tensor and sequence parallelism
+    too (each tp rank routing its own tokens to whole experts over ep; refused before);
     tolerance as for the built-in model. Phi-3.5-MoE (were refused as experts the reader does not size)
     samples its experts while training, so its pipelined EP run is checked to train, not to match."""
     singles, plans = [], []
