@@ -37,7 +37,6 @@ ZOO_CASES = {  # name -> (model, strategy flags)
     "cp2_tp2_sp_selective": ("tiny-llama", dict(cp=2, tp=2, sequence_parallel=True, microbatch_size=4,
                                                 recompute="selective")),
     "cp2_pp2_full_recompute": ("tiny-gpt", dict(cp=2, pp=2, microbatch_size=2, schedule="1f1b", recompute="full")),
-    "cp2": ("tiny-gpt", dict(cp=2, microbatch_size=4)),
     # a mixture of experts: expert parallelism folded over dp x cp (costmodel.moe's folding)
     "cp2_dp2_ep4_fsdp": ("tiny-moe", dict(cp=2, dp=2, ep=4, zero=3, microbatch_size=2)),
 }
@@ -46,8 +45,8 @@ HF_CASES = {  # name -> (model, strategy flags)
     "cp2_tp2": ("qwen3", dict(cp=2, tp=2, microbatch_size=4)),
     # Gemma 3: a sliding window of 8 of the 32 tokens on every other layer, a rotation per layer kind
     "cp2_pp2": ("gemma3", dict(cp=2, pp=2, microbatch_size=2, schedule="1f1b")),
-    # latent attention (a value head narrower than the query's) and experts over ep = cp
-    "cp2_ep2": ("deepseek_v3", dict(cp=2, ep=2, microbatch_size=4)),
+    # latent attention (a value head narrower than the query's) and experts over ep folded into dp x cp
+    "cp2_dp2_ep2": ("deepseek_v3", dict(cp=2, dp=2, ep=2, microbatch_size=2)),
 }
 HF_CONFIGS = {
     "llama": ("LlamaConfig", dict(tie_word_embeddings=False)),
