@@ -254,17 +254,16 @@ def source_strategy_problems(source: dict, s: Strategy, mode: str = "train") -> 
     if s.cp > 1 and kind == "py":
         problems.append("context parallelism on a py: module is not run (its attention is its own, not one the runtime "
                         "can gather over cp); re-plan with --cp 1")
-    if s.cp > 1 and kind == "hf":
-        if hf_type not in CONTEXT_HF_TYPES:
-            problems.append(f"context parallelism on a Hugging Face {hf_type or 'model'} is not run yet (it runs the "
-                            f"full causal attention of {', '.join(CONTEXT_HF_TYPES)}); re-plan with --cp 1")
     if s.sequence_parallel and s.tp > 1 and kind == "py":
         problems.append("sequence parallelism on a py: module is not run (its blocks may size themselves from "
                         "their sequence-sharded input); re-plan with --no-sequence-parallel")
-    if s.pp > 1 and kind == "hf":
-        if hf_type not in PIPELINED_HF_TYPES:
-            problems.append(f"pipelining a Hugging Face {hf_type or 'model'} is not run yet (stages are driven "
-                            f"for {', '.join(PIPELINED_HF_TYPES)}); re-plan with --pp 1")
+    if kind == "hf":  # the types each runs on, as the runtime and its tests know them
+        for degree, flag, what, types, how in (
+                (s.cp, "cp", "context parallelism on", CONTEXT_HF_TYPES, "it runs the causal attention of"),
+                (s.pp, "pp", "pipelining", PIPELINED_HF_TYPES, "stages are driven for")):
+            if degree > 1 and hf_type not in types:
+                problems.append(f"{what} a Hugging Face {hf_type or 'model'} is not run yet ({how} "
+                                f"{', '.join(types)}); re-plan with --{flag} 1")
     return problems
 
 

@@ -106,3 +106,16 @@ def read_results(out: Path) -> dict[str, dict]:
         d = json.loads(line)
         results[Path(d["plan"]).stem] = d
     return results
+
+
+def launch_by_world(by_world: dict[int, list[Path]], directory: Path, *extra: str,
+                    preload: tuple[str, ...] = ()) -> dict[str, dict]:
+    """Each world size's plans on one launch of that many processes (`launch`), in order of size;
+    every plan's result by its name. A launch that fails fails the test with its stderr's tail."""
+    results: dict[str, dict] = {}
+    for world, plans in sorted(by_world.items()):
+        out = directory / f"world{world}.jsonl"
+        proc = launch(world, plans, out, *extra, preload=preload)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results.update(read_results(out))
+    return results

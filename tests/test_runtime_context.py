@@ -27,7 +27,7 @@ import sys
 import pytest
 
 from costmodel import Strategy
-from runtime_helpers import ROOT, assert_same_gradients, launch, read_results, worker_env, write_plan, write_source_plan
+from runtime_helpers import ROOT, assert_same_gradients, launch_by_world, worker_env, write_plan, write_source_plan
 
 TOLERANCE = 1e-5
 STEPS = 3
@@ -106,13 +106,7 @@ def runs(tmp_path_factory):
             strategy = s(seq_len=32, **flags)
             by_world.setdefault(strategy.world_size, []).append(
                 write_source_plan(d, f"hf:{folder}", strategy, f"{model}__{name}"))
-    results = {}
-    for world, plans in sorted(by_world.items()):
-        out = d / f"world{world}.jsonl"
-        proc = launch(world, plans, out, "--steps", str(STEPS))
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        results.update(read_results(out))
-    return results
+    return launch_by_world(by_world, d, "--steps", str(STEPS))
 
 
 def _same(ours: dict, ref: dict) -> None:

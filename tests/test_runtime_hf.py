@@ -23,7 +23,7 @@ transformers = pytest.importorskip("transformers")
 
 from costmodel import Strategy  # noqa: E402
 from runtime.data import TokenSource  # noqa: E402
-from runtime_helpers import (BATCH, ROOT, assert_same_gradients, launch, read_results, worker_env,  # noqa: E402
+from runtime_helpers import (BATCH, ROOT, assert_same_gradients, launch, launch_by_world, worker_env,  # noqa: E402
                              write_source_plan)
 
 TOLERANCE = 1e-5
@@ -127,13 +127,7 @@ def hf_runs(tmp_path_factory):
     by_world[4].append(write_source_plan(d, user, strategy(**LAYOUTS["pp_1f1b"]), "user__pp_1f1b"))
     data = d / "data.txt"  # text (bytes as tokens) that a model can learn, unlike uniform random tokens
     data.write_text(TEXT)
-    results = {}
-    for world, plans in sorted(by_world.items()):
-        out = d / f"world{world}.jsonl"
-        proc = launch(world, plans, out, "--steps", str(STEPS), "--data", str(data), preload=HF_MODULES)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        results.update(read_results(out))
-    return results, dirs, data
+    return launch_by_world(by_world, d, "--steps", str(STEPS), "--data", str(data), preload=HF_MODULES), dirs, data
 
 
 CASES = [(m, layout) for m, (_, _, _, layouts) in MODELS.items() for layout in layouts] + [

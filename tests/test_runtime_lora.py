@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from costmodel import Strategy, load_cluster, predict
 from planner.plan import Plan, plan_from_strategy
 from planner.zoo import ZOO
-from runtime_helpers import assert_same_gradients, launch, read_results, write_source_plan
+from runtime_helpers import assert_same_gradients, launch, launch_by_world, read_results, write_source_plan
 
 TOLERANCE = 1e-5
 STEPS = 5
@@ -87,11 +87,7 @@ def runs(tmp_path_factory):
     for m, name in CASES:
         fields = LAYOUTS[name]
         by_world.setdefault(Strategy(**fields).world_size, []).append(_lora_plan(d, m, name, **fields))
-    for world, plans in sorted(by_world.items()):
-        out = d / f"world{world}.jsonl"
-        proc = launch(world, plans, out, "--steps", str(STEPS))
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        results.update(read_results(out))
+    results.update(launch_by_world(by_world, d, "--steps", str(STEPS)))
     return results
 
 
