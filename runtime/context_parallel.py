@@ -89,7 +89,9 @@ class ContextShard:
         p - window < j <= p (transformers' sliding_window_overlay), the keys from its chunk's first
         query's window on."""
         start = g * c
-        first = max(0, start - window + 1)
+        # (from a multiple of 8 keys, the extra ones masked: a GPU's memory-efficient kernel takes a mask whose
+        # rows are aligned so, where it would fall back to materialising the scores)
+        first = max(0, start - window + 1) // 8 * 8
         q = start + torch.arange(c, device=device)[:, None]  # (c, 1) positions
         j = first + torch.arange((g + 1) * c - first, device=device)[None, :]  # (1, keys)
         return first, (j <= q) & (j > q - window)  # (c, keys)
