@@ -37,6 +37,9 @@ PLANS = {
     "PP 1F1B (pp4, 8 microbatches)": dict(pp=4, microbatch_size=1, schedule="1f1b"),
     "PP interleaved (pp2 x dp2, v=2)": dict(pp=2, dp=2, microbatch_size=1, schedule="interleaved", virtual_stages=2),
     "3D (pp2 x dp2 x tp2 + SP)": dict(pp=2, dp=2, tp=2, sequence_parallel=True, microbatch_size=1, schedule="1f1b"),
+    # context parallelism: K and V all-gathered, the attention recomputed in the backward (runtime/context_parallel.py)
+    "CP (cp2 x dp2)": dict(cp=2, dp=2, microbatch_size=2),
+    "CP (cp4)": dict(cp=4, microbatch_size=4),
 }
 
 
