@@ -187,11 +187,11 @@ PIPELINED_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "mi
                       "granitemoe", "granitemoeshared", "cohere", "starcoder2", "phi", "gpt_neox", "stablelm",
                       "glm4", "olmo", "minimax_m2", "gpt_bigcode", "gemma3_text")
 # Hugging Face decoders whose attention runs through transformers' attention interface as causal softmax
-# attention, in a sliding window or not (no soft-capping: not Gemma-2): under context parallelism
-# runtime.context_parallel attends each rank's chunks over the gathered keys.
+# attention, in a sliding window or not, its scores soft-capped or not (Gemma-2's): under context
+# parallelism runtime.context_parallel attends each rank's chunks over the gathered keys.
 # tests/test_runtime_context.py checks them against one process.
 CONTEXT_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "granite", "gemma", "glm4", "stablelm",
-                    "gpt_neox", "gemma3_text", "starcoder2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe")
+                    "gpt_neox", "gemma2", "gemma3_text", "starcoder2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe")
 # mixtures of experts run under tensor parallelism: attention split over tp, the residual stream
 # sequence-parallel, and each tp rank's router and experts (over ep, a multiple of tp: experts whole)
 # on its own tokens, the router's and norm's gradients summed over tp (runtime.tensor_parallel.LocalShard),

@@ -78,11 +78,13 @@ class ContextShard:
         return torch.cat([torch.arange(g * c, (g + 1) * c, device=device) for g in self.chunks])
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
-               dropout: float = 0.0, window: int | None = None) -> torch.Tensor:
+               dropout: float = 0.0, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
         """Causal attention of this rank's queries over the whole sequence's keys (the last `window`
-        of them, a query's own included, where a sliding window is given).
+        of them, a query's own included, where a sliding window is given; scores soft-capped as
+        cap * tanh(score / cap) where `softcap` is given, Gemma-2's).
         q (B, nh, t, hs), k and v (B, nkv, t, hs), t = 2 chunks of this rank -> (B, nh, t, hs_v)."""
-        return ContextAttention.apply(q, k, v, self, scale, dropout, window if window and window < self.seq_len else None)
+        window = window if window and window < self.seq_len else None
+        return ContextAttention.apply(q, k, v, self, scale, dropout, window, softcap or None)
 
     def window_mask(self, g: int, c: int, window: int, device) -> tuple[int, torch.Tensor]:
         """(first key, (c, keys) mask) of chunk g under a sliding window: query p sees keys j with
@@ -97,7 +99,7 @@ class ContextShard:
         return first, (j <= q) & (j > q - window)  # (c, keys)
 
     def attend_gathered(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
-                        dropout: float, window: int | None = None) -> torch.Tensor:
+                        dropout: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
         """`attend` as plain autograd: K and V gathered (GatherSequence), each of the two query
         chunks against the keys up to its end (from its window's start, under a window)."""
         k_all = GatherSequence.apply(k, self)  # (B, nkv, S, hs), S = cp * t, in sequence order
@@ -115,9 +117,14 @@ class ContextShard:
             first, keys = 0, (g + 1) * c  # chunk g sees every key up to its own end
             if window is not None:
                 first, mask = self.window_mask(g, c, window, q.device)
-            out.append(F.scaled_dot_product_attention(
-                q[:, :, i * c:(i + 1) * c], k_all[:, :, first:keys], v_all[:, :, first:keys],
-                attn_mask=mask, dropout_p=dropout, scale=scale))  # (B, nh, c, hs_v)
+            q_g, k_g, v_g = q[:, :, i * c:(i + 1) * c], k_all[:, :, first:keys], v_all[:, :, first:keys]
+            if softcap is not None:  # no fused kernel caps scores: as the model's own eager attention does
+                if window is None:
+                    mask = torch.ones(c, keys, dtype=torch.bool, device=q.device).tril(keys - c)  # (c, keys)
+                out.append(_capped_attention(q_g, k_g, v_g, mask, scale, dropout, softcap))
+                continue
+            out.append(F.scaled_dot_product_attention(q_g, k_g, v_g, attn_mask=mask, dropout_p=dropout,
+                                                      scale=scale))  # (B, nh, c, hs_v)
         return torch.cat(out, dim=2)  # (B, nh, t, hs_v)
 
 
@@ -128,12 +135,12 @@ class ContextAttention(torch.autograd.Function):
     dropout draws the same mask)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, shard: ContextShard, scale, dropout, window):
-        ctx.shard, ctx.scale, ctx.dropout, ctx.window = shard, scale, dropout, window
+    def forward(ctx, q, k, v, shard: ContextShard, scale, dropout, window, softcap):
+        ctx.shard, ctx.scale, ctx.dropout, ctx.window, ctx.softcap = shard, scale, dropout, window, softcap
         ctx.rng = _rng_state(q.device) if dropout else None
         ctx.save_for_backward(q, k, v)
         with torch.no_grad():
-            return shard.attend_gathered(q, k, v, scale, dropout, window)
+            return shard.attend_gathered(q, k, v, scale, dropout, window, softcap)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -142,10 +149,21 @@ class ContextAttention(torch.autograd.Function):
             if ctx.rng is not None:
                 _set_rng_state(q.device, ctx.rng)
             with torch.enable_grad():
-                out = ctx.shard.attend_gathered(q, k, v, ctx.scale, ctx.dropout, ctx.window)
+                out = ctx.shard.attend_gathered(q, k, v, ctx.scale, ctx.dropout, ctx.window, ctx.softcap)
         inputs = [t for t in (q, k, v) if t.requires_grad]
         grads = iter(torch.autograd.grad(out, inputs, grad))
-        return (*(next(grads) if t.requires_grad else None for t in (q, k, v)), None, None, None, None)
+        return (*(next(grads) if t.requires_grad else None for t in (q, k, v)), None, None, None, None, None)
+
+
+def _capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None,
+                      dropout: float, softcap: float) -> torch.Tensor:
+    """Attention with soft-capped scores, as Gemma-2's eager attention computes it: q (B, nh, c, hs),
+    k, v (B, nh, keys, hs), mask (c, keys) True where a query sees a key -> (B, nh, c, hs_v)."""
+    scores = q @ k.transpose(2, 3) * (scale if scale is not None else q.shape[-1] ** -0.5)  # (B, nh, c, keys)
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    weights = F.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)  # (fp32 at least)
+    return F.dropout(weights, p=dropout, training=dropout > 0) @ v  # (B, nh, c, hs_v)
 
 
 def _rng_state(device: torch.device):
@@ -211,11 +229,8 @@ def hf_context_attention(module: nn.Module, query: torch.Tensor, key: torch.Tens
     if shard is None:
         raise ConfigError(f"{type(module).__name__} was called under context parallelism without its cp group; "
                           "re-plan with --cp 1")
-    if kwargs.get("softcap"):
-        raise ConfigError(f"{type(module).__name__} soft-caps its attention scores, which context parallelism does "
-                          "not run yet; re-plan with --cp 1")
-    out = shard.attend(query, key, value, scale=scaling, dropout=dropout,
-                       window=kwargs.get("sliding_window"))  # (B, nh, t, hs_v)
+    out = shard.attend(query, key, value, scale=scaling, dropout=dropout, window=kwargs.get("sliding_window"),
+                       softcap=kwargs.get("softcap"))  # (B, nh, t, hs_v)
     return out.transpose(1, 2).contiguous(), None  # (B, t, nh, hs_v)
 
 

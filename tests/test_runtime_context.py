@@ -6,9 +6,9 @@ recomputed in the backward. Shown against one process on real gloo groups:
   output and the gradients of q, k and v, on 4 processes; a Hugging Face Llama's logits for a
   rank's tokens equal the whole model's (its positions set by the hook; without the runtime's
   attention they are 0.1-0.3 off);
-- the same under a sliding window that crosses the chunks;
+- the same under a sliding window that crosses the chunks, and with Gemma-2's soft-capped scores;
 - paraplan's Llama, GPT (learned positions) and mixture of experts and Hugging Face Llama,
-  Qwen3, Gemma 3 (sliding windows) and DeepSeek-V3 (latent attention, experts) train under cp alone, with ZeRO 0
+  Qwen3, Gemma-2 (soft-capped scores), Gemma 3 (sliding windows) and DeepSeek-V3 (latent attention, experts) train under cp alone, with ZeRO 0
   and FSDP data parallelism, tensor + sequence parallelism, pipelining, expert parallelism
   folded over dp x cp and full or selective recomputation with the one-process losses and gradient
   norms (1e-5, as tests/test_runtime_parity.py argues; measured within 2e-7). Every type of
@@ -47,10 +47,13 @@ HF_CASES = {  # name -> (model, strategy flags)
     "cp2_pp2": ("gemma3", dict(cp=2, pp=2, microbatch_size=2, schedule="1f1b")),
     # latent attention (a value head narrower than the query's) and experts over ep folded into dp x cp
     "cp2_dp2_ep2": ("deepseek_v3", dict(cp=2, dp=2, ep=2, microbatch_size=2)),
+    # soft-capped scores (eager, as Gemma-2's own attention), a window of 8 on every other layer
+    "cp4": ("gemma2", dict(cp=4, microbatch_size=4)),
 }
 HF_CONFIGS = {
     "llama": ("LlamaConfig", dict(tie_word_embeddings=False)),
     "qwen3": ("Qwen3Config", dict(head_dim=16, tie_word_embeddings=False)),
+    "gemma2": ("Gemma2Config", dict(head_dim=16, sliding_window=8, pad_token_id=0, eos_token_id=1, bos_token_id=1)),
     "gemma3": ("Gemma3TextConfig", dict(head_dim=16, sliding_window=8, sliding_window_pattern=2, pad_token_id=0,
                                         eos_token_id=1, bos_token_id=1)),
 }
@@ -69,7 +72,7 @@ def test_context_attention_and_a_hf_forward_equal_one_process():
     # rank r holds chunks r and 7 - r of the 8 (4 tokens each): every rank as many causal pairs
     assert ranks[1]["positions"] == [4, 5, 6, 7, 24, 25, 26, 27]
     for rank in ranks:
-        for kind in ("mha", "gqa", "window"):
+        for kind in ("mha", "gqa", "window", "softcap"):
             assert max(rank[kind].values()) < 1e-12, rank[kind]
         if transformers_here:
             assert rank["hf_logits"] < 1e-12
@@ -187,19 +190,20 @@ def test_context_parallelism_the_runtime_does_not_run_is_refused_in_one_line(mod
 
 
 def test_a_hugging_face_type_outside_the_list_under_cp_is_refused_and_a_window_is_not(tmp_path):
-    """Gemma-2 soft-caps its attention scores: not run under cp, said in one line. A Mistral whose
-    window is shorter than the sequence was refused too; its window is now masked per chunk."""
+    """StarCoder (GPT-BigCode: its attention its own, not transformers' interface's): not run under
+    cp, said in one line. A Mistral whose window is shorter than the sequence was refused too; its
+    window is now masked per chunk."""
     transformers = pytest.importorskip("transformers")
     from tests_helpers import paraplan
 
-    ids = dict(pad_token_id=0, eos_token_id=1, bos_token_id=1)
-    gemma2 = tmp_path / "gemma2"
-    transformers.Gemma2Config(**SIZES, head_dim=16, sliding_window=16, **ids).save_pretrained(gemma2)
+    starcoder = tmp_path / "starcoder"
+    transformers.GPTBigCodeConfig(n_layer=4, n_embd=64, n_head=4, n_positions=64, multi_query=True,
+                                  vocab_size=256).save_pretrained(starcoder)
     mistral = tmp_path / "mistral"
     transformers.MistralConfig(**SIZES, sliding_window=16).save_pretrained(mistral)
     flags = ("--cluster", "cpu:4", "--global-batch", "8", "--seq-len", "32", "--cp", "2")
-    out = paraplan("plan", "--model", f"hf:{gemma2}", *flags)
-    needle = "context parallelism on a Hugging Face gemma2 is not run yet"
+    out = paraplan("plan", "--model", f"hf:{starcoder}", *flags)
+    needle = "context parallelism on a Hugging Face gpt_bigcode is not run yet"
     assert out.returncode == 2 and needle in out.stderr and "--cp 1" in out.stderr, out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
     out = paraplan("plan", "--model", f"hf:{mistral}", *flags, "--json")
