@@ -11,8 +11,8 @@ without importing the runtime); the runtime's executable layouts are written dow
   together (q, k, v column and o row, or all replicated), and so do the MLP's (w1, w3
   column and w2 row, or all replicated);
 - sequence parallelism needs every block linear split; tp at most the K/V heads;
-- context parallelism runs on paraplan's dense models and the Hugging Face types of
-  CONTEXT_HF_TYPES (full causal attention through transformers' attention interface);
+- context parallelism runs on paraplan's models and the Hugging Face types of CONTEXT_HF_TYPES
+  (causal attention through transformers' attention interface);
 - fp8 training and 4-bit QLoRA bases are planned, not run.
 """
 
@@ -191,7 +191,8 @@ PIPELINED_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "mi
 # parallelism runtime.context_parallel attends each rank's chunks over the gathered keys.
 # tests/test_runtime_context.py checks them against one process.
 CONTEXT_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "granite", "gemma", "glm4", "stablelm",
-                    "gpt_neox", "gemma2", "gemma3_text", "starcoder2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe")
+                    "gpt_neox", "gemma2", "gemma3_text", "starcoder2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
+                    "deepseek_v2", "deepseek_v3", "glm4_moe")
 # mixtures of experts run under tensor parallelism: attention split over tp, the residual stream
 # sequence-parallel, and each tp rank's router and experts (over ep, a multiple of tp: experts whole)
 # on its own tokens, the router's and norm's gradients summed over tp (runtime.tensor_parallel.LocalShard),

@@ -9,8 +9,9 @@ Attention gathers K and V over the cp group (Llama 3's all-gather context parall
 torch's default `_RotateMethod.ALL_GATHER`), not overlapped with compute; each of the rank's two
 query chunks attends to the keys up to its own end under a causal mask aligned to the lower
 right (`torch.nn.attention.bias.causal_lower_right`, which SDPA runs as Flash attention on a
-GPU; under a sliding window, the keys of its window with a band mask). The whole sequence's K and V are not kept for the backward (cp times the layer's own):
-ContextAttention keeps the rank's q, k and v, and its backward gathers K and V again,
+GPU; under a sliding window, the keys of its window with a band mask; Gemma-2's soft-capped
+scores as its eager attention computes them). The whole sequence's K and V are not kept for the
+backward (cp times the layer's own): ContextAttention keeps the rank's q, k and v, and its backward gathers K and V again,
 recomputes the attention and differentiates it, reduce-scattering the keys' gradients. Per
 layer: an all-gather of K and V forward, another and a reduce-scatter backward, one more
 attention forward; `costmodel.layer` prices that for runtimes whose profile says
@@ -262,5 +263,6 @@ def apply_hf_context_parallel(model: nn.Module, shard: ContextShard) -> None:
             kwargs["position_ids"] = shard.positions(tokens.shape[1], tokens.device)[None]  # (1, t)
         return args, kwargs
 
-    if getattr(model.forward, "__func__", None) is type(model).forward:  # (a pipeline stage's reads model.paraplan_context)
+    # (a pipeline stage's own forward, runtime.module.cut_stage, reads model.paraplan_context)
+    if getattr(model.forward, "__func__", None) is type(model).forward:
         model.register_forward_pre_hook(with_positions, with_kwargs=True)

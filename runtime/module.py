@@ -93,6 +93,11 @@ def cut_stage(model: nn.Module, mmap: ModuleMap, first: int, end: int, *, has_em
         if mmap.final_norm:
             _set(model, mmap.final_norm, None)
 
+    if kind == "hf":  # each layer's attention kind, and whether the rotation is one per kind (Gemma 3's): read once
+        kinds = layer_kinds(model.config, mmap.layers)
+        rotary = getattr(inner, "rotary_emb", None)
+        per_kind = rotary is not None and "layer_type" in inspect.signature(rotary.forward).parameters
+
     def hf_forward(self, x: torch.Tensor) -> torch.Tensor:
         embedding = part_at(self, mmap.embedding)
         context = getattr(self, "paraplan_context", None)  # context parallelism: this rank's chunks' positions
@@ -104,19 +109,17 @@ def cut_stage(model: nn.Module, mmap: ModuleMap, first: int, end: int, *, has_em
             h = _embedded(inner, h if learned is None else h + learned(positions))
         else:
             h = x
-        kinds = layer_kinds(self.config, mmap.layers)
-        rotary = getattr(inner, "rotary_emb", None)
         if rotary is None:
             tables = dict.fromkeys(kinds)
-        elif "layer_type" in inspect.signature(rotary.forward).parameters:  # Gemma 3: a rotation per layer kind
-            tables = {kind: rotary(h, positions, kind) for kind in set(kinds)}
+        elif per_kind:
+            tables = {layer: rotary(h, positions, layer) for layer in set(kinds)}
         else:
             tables = dict.fromkeys(kinds, rotary(h, positions))
         # cp: its attention masks itself (runtime.context_parallel)
         masks = dict.fromkeys(kinds) if context is not None else attention_masks(self.config, kinds, seq_len, h, positions)
         for key, block in getattr(inner, blocks_attr).items():
-            kind = kinds[int(key)]
-            out = block(h, attention_mask=masks[kind], position_ids=positions, position_embeddings=tables[kind])
+            layer = kinds[int(key)]
+            out = block(h, attention_mask=masks[layer], position_ids=positions, position_embeddings=tables[layer])
             h = out[0] if isinstance(out, tuple) else out
         head = part_at(self, mmap.head)
         if head is None:
@@ -548,8 +551,7 @@ def build_user_parts(plan: Plan, mesh, device: torch.device, seed: int, mmap: Mo
     """The parts of the user's module this rank runs (one per virtual stage), parallelized per
     the plan and filled; `stages`: (virtual stage, first layer, end layer) of this rank."""
     pp, tp = plan.mesh["pp"], plan.mesh["tp"]
-    dp = plan.mesh["dp_replicate"] * plan.mesh["dp_shard"] * plan.mesh["cp"]  # ranks averaging the gradients
-    dp_mesh = data_parallel_mesh(mesh, plan.zero) if dp > 1 else None
+    dp_mesh = data_parallel_mesh(mesh, plan.zero)  # (None: dp x cp is one rank, nothing to average over)
     last = len(plan.stages) - 1 if pp > 1 else 0
     recompute = {s.virtual_stage: s.recompute for s in plan.stages}
     pretrained = bool(safetensors_files(plan))
@@ -579,7 +581,7 @@ def build_user_parts(plan: Plan, mesh, device: torch.device, seed: int, mmap: Mo
         tie(model, mmap)
         apply_module_recompute(model, mmap, {key: recompute.get(k, "none") for key, _ in
                                              blocks_of(model, mmap).named_children()})
-        if dp > 1:
+        if dp_mesh is not None:
             if emesh is not None:
                 shard_experts(model, emesh, plan.zero, plan.precision)
             apply_data_parallel_blocks(model, list(blocks_of(model, mmap).children()),

@@ -133,8 +133,7 @@ def build_parts(plan: Plan, mesh, device: torch.device, seed: int):
     """The model parts this rank runs, parallelized per the plan and initialised."""
     spec = runnable_spec(plan)
     pp, tp = plan.mesh["pp"], plan.mesh["tp"]
-    dp = plan.mesh["dp_replicate"] * plan.mesh["dp_shard"] * plan.mesh["cp"]  # ranks averaging the gradients
-    dp_mesh = data_parallel_mesh(mesh, plan.zero) if dp > 1 else None
+    dp_mesh = data_parallel_mesh(mesh, plan.zero)  # (None: dp x cp is one rank, nothing to average over)
     pp_rank = mesh["pp"].get_local_rank()
     stages = my_stages(plan, pp_rank) if pp > 1 else [(0, 0, spec.layers)]
     last = len(plan.stages) - 1 if pp > 1 else 0
@@ -157,7 +156,7 @@ def build_parts(plan: Plan, mesh, device: torch.device, seed: int):
         if plan.runtime == "paraplan-compile":  # each block under torch.compile, after AC and before FSDP (torchtitan's order)
             for block in m.layers.values():
                 block.compile()
-        if dp > 1:
+        if dp_mesh is not None:
             if emesh is not None:
                 shard_experts(m, emesh, plan.zero, plan.precision)
             apply_data_parallel(m, dp_mesh, plan.zero, plan.precision)

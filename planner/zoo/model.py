@@ -484,8 +484,9 @@ class Transformer(nn.Module):
             seq = tokens.shape[1]
             x = self.tok_embeddings(tokens)  # (B, T, C)
             if self.pos_embeddings is not None:
-                positions = cache.positions if packed else torch.arange(start, start + seq, device=tokens.device)
-                x = x + self.pos_embeddings(positions if mine is None else mine)  # (B, T, C)
+                positions = (mine if mine is not None else cache.positions if packed
+                             else torch.arange(start, start + seq, device=tokens.device))
+                x = x + self.pos_embeddings(positions)  # (B, T, C)
             x = self.embed_dropout(x)
         else:
             x = tokens
