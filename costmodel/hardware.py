@@ -100,6 +100,11 @@ class Device:
     # set with serving_engine: the engine's own all-reduce inside a node (vLLM's custom one-shot
     # and two-shot kernels over NVLink), per tensor-parallel degree: (degree, floor s, bytes/s)
     custom_all_reduce: tuple[tuple[int, float, float], ...] = ()
+    # set with serving_engine: the share of the fp32 peak the engine's per-query-head decode
+    # attention kernel reaches (0: its decode kernel groups a KV head's query heads on tensor
+    # cores), and the query heads per KV head it has a grouped kernel for ("all" or a tuple)
+    decode_fp32_share: float = 0.0
+    grouped_decode_ratios: str | tuple[int, ...] = "all"
     # MFU's denominator: the datasheet's dense peak (a measured profile's peak_tflops is what
     # its GEMMs reached); and the best MFU published for this GPU type (0: none known)
     mfu_peak_tflops: dict[str, float] = field(default_factory=dict)

@@ -453,20 +453,45 @@ def decode_attention_s(spec: ModelSpec, cluster: Cluster, dtype: str, tp: int, r
     """A layer's attention of `rows` single-token queries, each over `context` cached tokens
     (its K and V, or latent, read once, `kv_bytes` a value: the activations' width by default):
     memory-bound. The mean over the layers: a sliding-window layer reads the last
-    attention_window tokens only (the kernel skips the rest, whatever the cache holds)."""
+    attention_window tokens only (the kernel skips the rest, whatever the cache holds).
+
+    An engine whose decode kernel gives each query head its own thread block on CUDA cores
+    (device.decode_fp32_share > 0: TensorRT-LLM's masked multi-head attention) computes the same
+    FLOPs at that share of the fp32 peak, unless it has a grouped kernel for the model's query
+    heads per KV head (device.grouped_decode_ratios): bound by reading the cache for multi-head
+    attention (one FLOP a byte in 16 bits), by the CUDA cores where a KV head serves several
+    query heads. Latent attention (kv_lora_rank) keeps the fused kernel."""
     width = kv_values_per_token_gpu(spec, tp) * (kv_bytes or kv_value_bytes(dtype))
     dtype = compute_dtype(dtype)
     dev, e = cluster.device, BYTES[dtype]
     q = spec.q_dim // tp
+    per_head_rate = per_head_decode_flops_per_s(spec, dev, tp)
 
     def one(keys: float) -> float:
-        return dev.attention_s(4.0 * rows * keys * q, rows * keys * width + 2 * rows * q * e, dtype, decode=True)
+        flops = 4.0 * rows * keys * q
+        fused = dev.attention_s(flops, rows * keys * width + 2 * rows * q * e, dtype, decode=True)
+        return max(fused, flops / per_head_rate) if per_head_rate else fused
 
     windowed = spec.windowed_layers / spec.layers if spec.attention_window and context > spec.attention_window else 0.0
     full = one(context)
     # (a chunked layer's query sees its chunk so far: half a chunk on average over the sequences)
     near = spec.attention_window / 2 if spec.attention_chunked else spec.attention_window
     return full if not windowed else (1 - windowed) * full + windowed * one(near)
+
+
+def per_head_decode_flops_per_s(spec: ModelSpec, dev, tp: int) -> float:
+    """The FLOP rate of the engine's per-query-head decode kernel for `spec` at `tp` (its share
+    of the device's fp32 peak), or 0 where the engine decodes it with a grouped tensor-core
+    kernel: it has no per-head one, it has a grouped one for the query heads per KV head a GPU
+    holds, or the model's attention is latent."""
+    fp32_tflops = dev.peak_tflops.get("fp32", 0.0)  # (a profile without it: the fused kernel's pricing)
+    if not dev.decode_fp32_share or not fp32_tflops or spec.kv_lora_rank:
+        return 0.0
+    ratio = (spec.heads // tp) // kv_heads_per_gpu(spec, tp)
+    grouped = ratio > 1 if dev.grouped_decode_ratios == "all" else ratio in dev.grouped_decode_ratios
+    if grouped:
+        return 0.0
+    return fp32_tflops * 1e12 * dev.decode_fp32_share
 
 
 def window_prefill(spec: ModelSpec, computed: float, take: float) -> tuple[float, float]:

@@ -15,6 +15,16 @@ iterations reach, per GPU architecture, each figure sourced:
   (the engines fall back to NCCL past a size); a degree it does not list takes the next
   larger one listed, beyond the largest NCCL's alone.
 - `block_sizes`: the KV block sizes (tokens a block) the engine takes; empty: any.
+- `decode_fp32_share`: per architecture, where the engine decodes attention with a kernel that
+  gives each query head its own thread block and computes on CUDA cores in fp32 (TensorRT-LLM's
+  masked multi-head attention: each K and V value converted and multiplied-added once per query
+  head): the share of the device's fp32 peak its FLOPs run at. A grouped-query model's decode is
+  then compute-bound (a KV head read once serves 4-8 query heads' FLOPs). Not listed: the engine's
+  decode kernel runs a KV head's query heads together on tensor cores (FlashAttention's and
+  FlashInfer's decode, TensorRT-LLM's XQA), priced by the device's attention curves.
+- `grouped_decode_ratios`: the query heads per KV head for which an engine with a per-head
+  kernel has a grouped one as well and picks it ("all", or a list: TensorRT-LLM v0.9's XQA
+  kernels were built for 8 only).
 - `non_kv_gib`: GPU memory the engine keeps outside weights and KV cache inside its memory
   budget (CUDA context, non-torch allocations, the profiling run's peak activations):
   vLLM sizes its KV cache as gpu_memory_utilization x the GPU's memory minus weights minus
@@ -53,11 +63,13 @@ class ServingEngine:
     # for the KV cache (TensorRT-LLM's free_gpu_memory_fraction)
     kv_share_of: str = "total"
     block_sizes: tuple[int, ...] = ()
+    decode_fp32_share: dict[str, float] = field(default_factory=dict)
+    grouped_decode_ratios: str | tuple[int, ...] = "all"
     sources: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         where = f"serving engine profile {self.name}"
-        for key in ("compute_sustained", "memory_sustained"):
+        for key in ("compute_sustained", "memory_sustained", "decode_fp32_share"):
             table = getattr(self, key)
             if not isinstance(table, dict) or any(
                     isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1 for v in table.values()):
@@ -69,6 +81,12 @@ class ServingEngine:
                 isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.block_sizes):
             raise ConfigError(f"{where}: block_sizes must be a list of positive token counts")
         object.__setattr__(self, "block_sizes", tuple(self.block_sizes))
+        ratios = self.grouped_decode_ratios
+        if ratios != "all":
+            if not isinstance(ratios, (list, tuple)) or any(
+                    isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in ratios):
+                raise ConfigError(f"{where}: grouped_decode_ratios must be all or a list of query heads per KV head")
+            object.__setattr__(self, "grouped_decode_ratios", tuple(ratios))
         if self.kv_share_of not in ("total", "free"):
             raise ConfigError(f"{where}: kv_share_of must be total or free, got {self.kv_share_of!r}")
         if not isinstance(self.custom_all_reduce, dict) or any(
@@ -84,6 +102,10 @@ class ServingEngine:
 
     def memory_of(self, arch: str) -> float:
         return float(self.memory_sustained.get(arch, 1.0))
+
+    def decode_fp32_share_of(self, arch: str) -> float:
+        """The share of the fp32 peak its per-head decode kernel reaches on `arch` (0: it has none)."""
+        return float(self.decode_fp32_share.get(arch, 0.0))
 
     def custom_all_reduce_of(self, arch: str) -> tuple[tuple[int, float, float], ...]:
         """(degree, floor seconds, bytes per second) of the engine's own all-reduce on `arch`,
@@ -172,5 +194,7 @@ def engine_cluster(cluster, engine: ServingEngine | str):
     engine = load_engine(engine) if isinstance(engine, str) else engine
     device = engine_device(cluster.device, engine)
     device = replace(device, memory_overhead=replace(device.memory_overhead, fixed_gib=engine.non_kv_gib),
-                     serving_engine=engine.name, custom_all_reduce=engine.custom_all_reduce_of(device.arch))
+                     serving_engine=engine.name, custom_all_reduce=engine.custom_all_reduce_of(device.arch),
+                     decode_fp32_share=engine.decode_fp32_share_of(device.arch),
+                     grouped_decode_ratios=engine.grouped_decode_ratios)
     return replace(cluster, device=device)

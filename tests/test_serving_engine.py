@@ -116,29 +116,38 @@ def test_published_latencies_at_a_poisson_rate_are_predicted():
 
 
 def test_tensorrt_llms_published_offline_throughput_is_reproduced():
-    """TensorRT-LLM's A100 FP16 tables (v0.6.1 docs, tests/data/serving_runs.yaml; nothing fitted:
-    engine tensorrt-llm runs at the device profile's rates): the simulator and the steady-state
-    model the serving planner ranks layouts by. Measured: simulator median |error| 3.2%, steady
-    state 4.2% (whose prompts are prefilled together up to the engine's 8192-token budget), each row
-    within 10% but Llama-2 70B at 128/2048 and batch 240 (+59%, +64%: the one row far off, not
-    understood; left out here and reported by the bench)."""
+    """TensorRT-LLM's A100 FP16 tables (v0.6.1 docs, tests/data/serving_runs.yaml): the engine runs at
+    the device profile's rates; one figure is fitted to these rows, the share of the fp32 peak its
+    per-query-head decode kernel reaches (the bench's --fit; the table had no XQA, so its Llama-2 70B
+    decodes ran that kernel). The simulator and the steady-state model the serving planner ranks
+    layouts by: every row within 11% (measured: medians 3.3% and 4.3%, the largest -10.1%; Llama-2 70B at 128/2048 and
+    batch 240, +64% before the kernel was priced, +2.9%). The shipped share is the fit's: 25% off
+    either way fits worse."""
     rows = DATA["throughput"]
-    outlier = [r for r in rows if r["model"] == "llama2-70b" and r["output"] == 2048]
-    assert len(outlier) == 1
     for predict in (serving_fidelity.offline_throughput, serving_fidelity.steady_state_throughput):
-        errs = [abs(math.log(predict(r) / r["tokens_per_s_gpu"])) for r in rows if r not in outlier]
-        assert len(errs) == 10 and statistics.median(errs) < math.log(1.06) and max(errs) < math.log(1.11), predict
+        errs = [abs(math.log(predict(r) / r["tokens_per_s_gpu"])) for r in rows]
+        assert len(errs) == 11 and statistics.median(errs) < math.log(1.06) and max(errs) < math.log(1.12), predict
+    trt = load_engine("tensorrt-llm")
+    share = trt.decode_fp32_share_of("ampere")
+    gqa = [r for r in rows if r["model"] == "llama2-70b"]
+
+    def loss(s: float) -> float:
+        eng = replace(trt, decode_fp32_share={"ampere": s})
+        return sum(math.log(serving_fidelity.offline_throughput(r, eng) / r["tokens_per_s_gpu"]) ** 2 for r in gqa)
+
+    assert loss(share) < min(loss(share * 0.75), loss(share * 1.25))
 
 
 def test_tensorrt_llm_v0_9s_tables_held_out_are_predicted():
     """TensorRT-LLM v0.9.0's A100 FP16 tables (20 static batches of GPT-J 6B, Mistral 7B, Mixtral
-    8x7B, Llama-2 7B and 70B; nothing fitted to them): simulator median |error| 7.6%, steady state
-    6.7%; every row within 17% but four: Mistral's two long decodes +34% and +50% (its 8 KV heads:
-    v0.9 ran its GQA decode kernel only where it helped, and which rows is not said), Mixtral's
-    128/128 at batch 512 +28%, and its 2048/2048 at batch 32 -44% (published faster than reading
-    its experts once a step at the A100's full HBM rate)."""
+    8x7B, Llama-2 7B and 70B; held out), v0.9's XQA kernel for Llama-2 70B's 8 query heads per KV
+    head and the per-head kernel for Mistral's and Mixtral's 4: simulator median |error| 6.4%, p90
+    13.7%, steady state 6.6%, 13.9%; every row within 17% but Mixtral's 128/128 at batch 512 (+23%)
+    and its 2048/2048 at batch 32 (published faster than reading its experts once a step at the
+    A100's full HBM rate). Mistral's two long decodes were +34% and +50% before the per-head kernel
+    was priced."""
     rows = DATA["throughput_0_9"]
-    far = {("mistral-7b", 128, 2048), ("mistral-7b", 2048, 2048), ("mixtral-8x7b", 128, 128), ("mixtral-8x7b", 2048, 2048)}
+    far = {("mixtral-8x7b", 128, 128), ("mixtral-8x7b", 2048, 2048)}
     for predict in (serving_fidelity.offline_throughput, serving_fidelity.steady_state_throughput):
         errs = {(r["model"], r["input"], r["output"]): abs(math.log(predict(r) / r["tokens_per_s_gpu"])) for r in rows}
         assert len(errs) == 20 and statistics.median(errs.values()) < math.log(1.10), predict
@@ -161,17 +170,56 @@ def test_only_a_row_faster_than_reading_its_weights_is_past_the_roofline():
 
 def test_tensorrt_llm_v0_8s_tables_held_out_are_predicted():
     """TensorRT-LLM v0.8.0's A100 FP16 tables (16 static batches of GPT-J 6B, Mistral 7B, Llama-2 7B
-    and 70B; nothing fitted to them): median |error| 6.3%, every row within 15% but the long decodes
-    of the grouped-query models (Mistral's 128/2048 +48% and 2048/2048 +32%, Llama-2 70B's 128/2048
-    +33%): v0.8's GQA decode kernel was "experimental and not enabled by default", and its generic
-    kernel reads a KV head once per query head, some of it from L2 (how much is not published)."""
+    and 70B; held out): v0.8's XQA was off by default, so every grouped-query decode ran the
+    per-query-head kernel. Median |error| 5.1%, every row within 18%. Without that kernel priced
+    (a grouped one at the HBM's rate) the grouped-query models' long decodes are 32-48% optimistic:
+    it is what moves them."""
     rows = DATA["throughput_0_8"]
     gqa_long = {("mistral-7b", 128, 2048), ("mistral-7b", 2048, 2048), ("llama2-70b", 128, 2048)}
     errs = {(r["model"], r["input"], r["output"]): math.log(serving_fidelity.offline_throughput(r) / r["tokens_per_s_gpu"])
             for r in rows}
-    assert len(errs) == 16 and statistics.median(map(abs, errs.values())) < math.log(1.10)
-    assert max(abs(e) for k, e in errs.items() if k not in gqa_long) < math.log(1.15)
-    assert all(errs[k] > math.log(1.25) for k in gqa_long)  # optimistic: the kernel read less than it did
+    assert len(errs) == 16 and statistics.median(map(abs, errs.values())) < math.log(1.08)
+    assert max(map(abs, errs.values())) < math.log(1.25)
+    grouped = replace(load_engine("tensorrt-llm"), decode_fp32_share={})
+    for row in rows:
+        if (row["model"], row["input"], row["output"]) in gqa_long:
+            assert serving_fidelity.offline_throughput(row, grouped) / row["tokens_per_s_gpu"] > 1.25
+
+
+def test_a_per_head_decode_kernel_is_compute_bound_on_cuda_cores_for_grouped_query_attention():
+    """An engine whose decode kernel gives each query head its own thread block (TensorRT-LLM's
+    masked MHA: decode_fp32_share) computes a layer's decode attention at that share of the fp32
+    peak: Llama-2 70B at tp 4 (16 query heads on 2 KV heads a GPU: 8 FLOPs a byte read) is bound by
+    it, exactly FLOPs / rate; its grouped kernel for 8 query heads per KV head (XQA) brings back
+    the fused pricing; multi-head attention (Llama-2 7B, one FLOP a byte) stays bound by reading
+    the cache; latent attention keeps the fused kernel."""
+    from costmodel.serving import decode_attention_s
+
+    a100 = load_cluster("a100-80g:4")
+    trt = replace(load_engine("tensorrt-llm"), grouped_decode_ratios=())
+    per_head, xqa = engine_cluster(a100, trt), engine_cluster(a100, replace(trt, grouped_decode_ratios=(8,)))
+    fused = engine_cluster(a100, replace(trt, decode_fp32_share={}))
+    share = trt.decode_fp32_share_of("ampere")
+    assert per_head.device.decode_fp32_share == share and fused.device.decode_fp32_share == 0.0
+    llama70 = ZOO["llama2-70b"]
+    rows, keys = 128, 1024.0
+    flops = 4.0 * rows * keys * llama70.q_dim / 4
+    got = decode_attention_s(llama70, per_head, "fp16", 4, rows, keys)
+    assert got == pytest.approx(flops / (19.5e12 * share))
+    assert got > 2 * decode_attention_s(llama70, fused, "fp16", 4, rows, keys)
+    assert decode_attention_s(llama70, xqa, "fp16", 4, rows, keys) == decode_attention_s(llama70, fused, "fp16", 4,
+                                                                                          rows, keys)
+    for spec, tp in ((ZOO["llama2-7b"], 1), (ZOO["deepseek-v3"], 1)):
+        one = engine_cluster(load_cluster(f"a100-80g:{tp}"), trt)
+        none = engine_cluster(load_cluster(f"a100-80g:{tp}"), replace(trt, decode_fp32_share={}))
+        assert decode_attention_s(spec, one, "fp16", tp, rows, keys) == decode_attention_s(spec, none, "fp16", tp,
+                                                                                            rows, keys)
+    # the profile is today's release (a grouped kernel for every ratio); bad fields are refused
+    assert load_engine("tensorrt-llm").grouped_decode_ratios == "all"
+    with pytest.raises(ConfigError, match="decode_fp32_share must map architectures to fractions"):
+        ServingEngine(name="x", decode_fp32_share={"ampere": 0})
+    with pytest.raises(ConfigError, match="grouped_decode_ratios must be all or a list"):
+        ServingEngine(name="x", grouped_decode_ratios=[0])
 
 
 def test_cli_names_the_engine_and_refuses_an_unknown_one(tmp_path):
