@@ -7,9 +7,12 @@ of a static batch at fixed prompt and output lengths, and the first-token latenc
 request; sources and readings in the file). Each throughput run is simulated as it ran: all
 requests at time 0, at most `batch` sequences in an iteration, whole prompts (no chunking: the
 engine's context phase runs the batch's prompts together), on the a100-80g profile; throughput
-is output tokens per second per GPU. First-token rows are one request's TTFT. Nothing is fitted
-to these rows: the profile is the one the training side uses. Prints each row, then the median
-and 90th percentile of |error| per kind.
+is output tokens per second per GPU. First-token rows are one request's TTFT. The device profile
+is the one the training side uses; one figure of the tensorrt-llm engine profile is fitted
+(--fit) to the v0.6.1 table, the share of the fp32 peak its per-query-head decode kernel reaches
+(each release run with the query-head ratios its XQA kernel covered: TRT_GROUPED_RATIOS); v0.8's
+and v0.9's tables are held out. Prints each row, then the median and 90th percentile of |error|
+per kind.
 
 Then vLLM (engine profile `vllm`): three labs' runs at request rate inf (GPUStack's vLLM 0.11,
 Lambda's and the SGLang team's vLLM 0.6), each simulated with its engine arguments; the profile's
