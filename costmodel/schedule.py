@@ -9,6 +9,13 @@ c * pp + r (Megatron's interleaving: rank r holds chunks r, r + pp, r + 2 pp, ..
 - Interleaved 1F1B (Narayanan et al. 2021): warm-up of 2 (pp - r - 1) + (v - 1) pp virtual
   microbatches; the k-th forward runs chunk (k // pp) % v of microbatch
   (k // (pp v)) pp + k % pp, the k-th backward the chunks in reverse.
+- Zero bubble (ZB1P, Qi et al. 2024, as torch.distributed.pipelining's
+  ScheduleInterleavedZeroBubble orders it): a backward is split into its input gradient (B,
+  which the previous stage waits for) and its weight gradient (W, which nothing waits for).
+  Warm-up of (v - 1) R + pp - r - 1 forwards (R microbatches a round: pp when m is a multiple of
+  pp); then one F and one B at a time, rank r running the W of its j-th B after its (j + r)-th,
+  so the W's fill what 1F1B leaves idle; the cool-down's B's, then the W's left. Every rank
+  holds up to pp microbatches' activations (a microbatch's until its W), 1F1B's peak on rank 0.
 """
 
 from __future__ import annotations
@@ -23,6 +30,12 @@ class Task(NamedTuple):
     forward: bool
     microbatch: int
     chunk: int
+    weight: bool = False  # the weight-gradient half of a split backward (zero bubble); its input half has False
+
+
+def split_backward(schedule: Schedule) -> bool:
+    """Whether the schedule splits each backward into its input and weight gradients."""
+    return schedule is Schedule.ZERO_BUBBLE
 
 
 def gpipe(pp: int, m: int) -> list[list[Task]]:
@@ -61,11 +74,42 @@ def interleaved_1f1b(pp: int, m: int, v: int) -> list[list[Task]]:
     return orders
 
 
+def zero_bubble(pp: int, m: int, v: int) -> list[list[Task]]:
+    rounds = max(1, m // pp)
+    per_round = m // rounds
+    total = m * v
+    orders = []
+    for rank in range(pp):
+        warmup = min((v - 1) * per_round + pp - 1 - rank, total)
+        next_mb = {kind: [0] * v for kind in "FBW"}
+
+        def task(kind: str, chunk: int) -> Task:
+            mb = next_mb[kind][chunk]
+            next_mb[kind][chunk] += 1
+            return Task(kind == "F", mb, chunk, kind == "W")
+
+        order: list[Task] = []
+        b_chunks: list[int] = []  # the chunk of every B issued, in order: W's follow them
+        for op in range(total + warmup):
+            if op < total:  # a forward: warm-up, or the steady state's F before its B
+                order.append(task("F", (op // per_round) % v))
+            if op >= warmup:
+                b_chunks.append(v - 1 - ((op - warmup) // per_round) % v)
+                order.append(task("B", b_chunks[-1]))
+                if op - warmup >= rank:
+                    order.append(task("W", b_chunks[len(b_chunks) - 1 - rank]))
+        order += [task("W", c) for c in b_chunks[max(0, len(b_chunks) - rank):]]  # the W's left
+        orders.append(order)
+    return orders
+
+
 @lru_cache(maxsize=256)
 def build(schedule: Schedule, pp: int, m: int, v: int = 1) -> tuple[tuple[Task, ...], ...]:
     """Per pipeline rank, its tasks in order (memoized: a pure function of its arguments)."""
     if schedule is Schedule.GPIPE:
         orders = gpipe(pp, m)
+    elif schedule is Schedule.ZERO_BUBBLE:
+        orders = zero_bubble(pp, m, v)
     elif schedule is Schedule.ONE_F_ONE_B or v == 1:
         orders = one_f_one_b(pp, m)
     else:
@@ -79,10 +123,11 @@ def in_flight_peaks(schedule: Schedule, pp: int, m: int, v: int, rank: int) -> t
     every moment just before a backward frees one: the candidates for a rank's peak."""
     held = [0] * v
     peaks = set()
+    frees = "weight" if split_backward(schedule) else "backward"  # a microbatch's activations go with its W
     for task in build(schedule, pp, m, v)[rank]:
         if task.forward:
             held[task.chunk] += 1
-        else:
+        elif task.weight or frees == "backward":
             peaks.add(tuple(held))
             held[task.chunk] -= 1
     # only vectors no other vector dominates can be the peak for non-negative weights; a

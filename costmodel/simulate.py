@@ -36,6 +36,8 @@ def _deliver(model: StepModel, task, k: int, r: int, end: float, arrive_f, arriv
              send_busy, events) -> None:
     """After a task of virtual stage k ends on rank r at `end`: send its activation on (or, at
     the last stage, start the backward here) or its gradient back, on the rank's send streams."""
+    if task.weight:  # a weight gradient: nothing waits for it
+        return
     mb, p2p = task.microbatch, model.p2p_s
     last = len(arrive_f) - 1
     if task.forward and k == last:
@@ -58,7 +60,27 @@ def _deliver(model: StepModel, task, k: int, r: int, end: float, arrive_f, arriv
 def _task_part(model: StepModel, task, k: int) -> Part:
     if task.forward:
         return model.forward_first[k] if task.microbatch == 0 else model.forward[k]
-    return model.backward[k]
+    return model.backward_weight[k] if task.weight else model.backward[k]
+
+
+def _ready(task, k: int, arrive_f, arrive_b) -> float:
+    """When the task's input is on its rank (NaN: not yet); a weight gradient's is its own
+    rank's input gradient, run before it in the rank's order."""
+    if task.weight:
+        return 0.0
+    return arrive_f[k][task.microbatch] if task.forward else arrive_b[k][task.microbatch]
+
+
+def _label(task) -> str:
+    return f"{'F' if task.forward else 'W' if task.weight else 'B'}{task.microbatch}.{task.chunk}"
+
+
+def _last_gradients(model: StepModel, task) -> bool:
+    """Whether the task makes its chunk's last weight gradients (the data-parallel reduction
+    of the chunk's gradients starts with it): the last microbatch's backward, or its weight
+    half where the backward is split."""
+    split = bool(model.backward_weight)
+    return not task.forward and task.microbatch == model.strategy.num_microbatches - 1 and task.weight == split
 
 
 def _run(model: StepModel, record_events: bool) -> _Pipeline:
@@ -66,7 +88,6 @@ def _run(model: StepModel, record_events: bool) -> _Pipeline:
     s = model.strategy
     pp, m = s.pp, s.num_microbatches
     arrive_f, arrive_b, free, send_free_f, send_free_b, pos, last_backward_start, busy, send_busy, events = _fresh(model)
-    last_mb = m - 1
     remaining = sum(len(o) for o in model.orders)
     while remaining:
         progressed = False
@@ -75,22 +96,18 @@ def _run(model: StepModel, record_events: bool) -> _Pipeline:
             while pos[r] < len(order):
                 task = order[pos[r]]
                 k = task.chunk * pp + r
-                mb = task.microbatch
-                ready = arrive_f[k][mb] if task.forward else arrive_b[k][mb]
+                ready = _ready(task, k, arrive_f, arrive_b)
                 if ready != ready:  # not arrived yet
                     break
-                if task.forward:
-                    part = model.forward_first[k] if mb == 0 else model.forward[k]
-                else:
-                    part = model.backward[k]
-                    if mb == last_mb:
-                        last_backward_start[k] = max(free[r], ready)
+                part = _task_part(model, task, k)
                 start = max(free[r], ready)
+                if _last_gradients(model, task):
+                    last_backward_start[k] = start
                 end = start + part.total
                 free[r] = end
                 busy[r] = busy[r] + part
                 if record_events:
-                    events.append(Event(r, "compute", f"{'F' if task.forward else 'B'}{mb}.{task.chunk}", start, part.total))
+                    events.append(Event(r, "compute", _label(task), start, part.total))
                 pos[r] += 1
                 remaining -= 1
                 progressed = True
@@ -116,17 +133,16 @@ def _run_shared_host(model: StepModel, record_events: bool) -> _Pipeline:
     arrive_f, arrive_b, free, send_free_f, send_free_b, pos, last_backward_start, busy, send_busy, events = _fresh(model)
     running: dict[int, list] = {}  # rank -> [task, k, part, remaining seconds at the modelled speed, start]
     now = 0.0
-    last_mb = m - 1
     while True:
         for r in range(pp):  # start what can start
             if r in running or pos[r] >= len(model.orders[r]):
                 continue
             task = model.orders[r][pos[r]]
             k = task.chunk * pp + r
-            ready = arrive_f[k][task.microbatch] if task.forward else arrive_b[k][task.microbatch]
+            ready = _ready(task, k, arrive_f, arrive_b)
             if ready == ready and ready <= now:
                 part = _task_part(model, task, k)
-                if not task.forward and task.microbatch == last_mb:
+                if _last_gradients(model, task):
                     last_backward_start[k] = now
                 running[r] = [task, k, part, part.total, now]
         if not running:
@@ -150,11 +166,10 @@ def _run_shared_host(model: StepModel, record_events: bool) -> _Pipeline:
             if item[3] > 1e-12:
                 continue
             task, k, part, _, start = running.pop(r)
-            mb = task.microbatch
             free[r] = now
             busy[r] = busy[r] + part
             if record_events:
-                events.append(Event(r, "compute", f"{'F' if task.forward else 'B'}{mb}.{task.chunk}", start, now - start))
+                events.append(Event(r, "compute", _label(task), start, now - start))
             pos[r] += 1
             _deliver(model, task, k, r, now, arrive_f, arrive_b, send_free_f, send_free_b, send_busy,
                      events if record_events else None)
@@ -163,8 +178,7 @@ def _run_shared_host(model: StepModel, record_events: bool) -> _Pipeline:
 
 def _ready_time(model: StepModel, r: int, i: int, arrive_f, arrive_b) -> float:
     task = model.orders[r][i]
-    k = task.chunk * model.strategy.pp + r
-    return arrive_f[k][task.microbatch] if task.forward else arrive_b[k][task.microbatch]
+    return _ready(task, task.chunk * model.strategy.pp + r, arrive_f, arrive_b)
 
 
 @dataclass

@@ -20,7 +20,7 @@ from costmodel.layer import BlockPrice, LayerCost, Part, ends_cost, layer_cost
 from costmodel.memory import layer_activation_bytes, saved_matmul_outputs_bytes, zero_model_state_bytes
 from costmodel.moe import expert_layout, expert_shard
 from costmodel.network import Group
-from costmodel.schedule import Task, build, peak_in_flight
+from costmodel.schedule import Task, build, peak_in_flight, split_backward
 from costmodel.spec import ModelSpec
 from costmodel.strategy import Recompute, Strategy
 from costmodel.validate import check_strategy, stage_layer_counts
@@ -65,7 +65,7 @@ class StepModel:
     orders: list[list[Task]]  # per pipeline rank
     forward: tuple[Part, ...]  # per virtual stage, one microbatch
     forward_first: tuple[Part, ...]  # the first microbatch (ZeRO-1/2 parameter all-gather)
-    backward: tuple[Part, ...]
+    backward: tuple[Part, ...]  # under a split-backward schedule (zero bubble): its input-gradient half
     buckets: tuple[tuple[Bucket, ...], ...]  # per virtual stage, in its last backward
     p2p_s: float  # one activation (or its gradient) between neighbouring stages
     dp_comm_s: tuple[float, ...]  # per pipeline rank: all data-parallel traffic of a step
@@ -74,6 +74,9 @@ class StepModel:
     model_flops: float
     hardware_flops: float
     tokens: int
+    # under a split-backward schedule: per virtual stage, the weight-gradient half (its layers'
+    # weight-gradient GEMMs), which no other stage waits for; empty otherwise
+    backward_weight: tuple[Part, ...] = ()
 
 
 def overlap_s(compute: list[float], pre: list[float], post: list[float]) -> float:
@@ -171,7 +174,8 @@ def build_step(spec: ModelSpec, strategy: Strategy, cluster: Cluster, block: Blo
                                            + reduce_scatter_s(experts * pol.grad_bytes, eshard_group))
         return scatters[(params, experts)]
 
-    fwd, fwd_first, bwd, buckets, sharded_comm = [], [], [], [], []
+    fwd, fwd_first, bwd, buckets, sharded_comm, bwd_weight = [], [], [], [], [], []
+    split = split_backward(s.schedule)
     ov = cluster.overlaps_comm
     zero = s.zero if shard > 1 else 0
     stages: dict[tuple, tuple] = {}  # stages alike (ends held, layers, recompute) are priced once
@@ -202,6 +206,10 @@ def build_step(spec: ModelSpec, strategy: Strategy, cluster: Cluster, block: Blo
                 m * ((2 * sum(gather) if zero == 3 else 0.0) + (sum(scatter) if zero >= 2 else 0.0)),
             )
         f, f1, b, bk, sc = stages[key]
+        if split:  # the layers' weight-gradient GEMMs leave the backward for its own task
+            w = Part(compute=min(n * layers_by_policy[s.recompute_of(k)].wgrad_s, b.compute))
+            b = replace(b, compute=b.compute - w.compute)
+            bwd_weight.append(w)
         fwd.append(f)
         fwd_first.append(f1)
         bwd.append(b)
@@ -237,7 +245,7 @@ def build_step(spec: ModelSpec, strategy: Strategy, cluster: Cluster, block: Blo
         p2p_s=p2p, dp_comm_s=tuple(dp_comm), optimizer_s=tuple(optim), memory=memory,
         model_flops=flops_share * model_flops_per_step(spec, tokens, spec.seq_len),
         hardware_flops=flops_share * hardware_flops_per_step(spec, tokens, spec.seq_len, per_policy, s.flash_attention),
-        tokens=tokens,
+        tokens=tokens, backward_weight=tuple(bwd_weight),
     )
 
 

@@ -28,6 +28,7 @@ class Schedule(StrEnum):
     GPIPE = "gpipe"
     ONE_F_ONE_B = "1f1b"
     INTERLEAVED = "interleaved"
+    ZERO_BUBBLE = "zero-bubble"  # ZB1P (Qi et al. 2024): backward split into input and weight gradients
 
 
 class Precision(StrEnum):
@@ -151,12 +152,13 @@ class Strategy:
                 f"--shard-group {self.shard_group} does not divide dp ({self.dp}); "
                 f"use a divisor of {self.dp}"
             )
-        if self.virtual_stages > 1 and self.schedule is not Schedule.INTERLEAVED:
+        if self.virtual_stages > 1 and self.schedule not in (Schedule.INTERLEAVED, Schedule.ZERO_BUBBLE):
             raise ConfigError(
-                f"--virtual-stages {self.virtual_stages} needs --schedule interleaved (got {self.schedule.value})"
+                f"--virtual-stages {self.virtual_stages} needs --schedule interleaved or zero-bubble "
+                f"(got {self.schedule.value})"
             )
-        if self.schedule is Schedule.INTERLEAVED and self.pp == 1:
-            raise ConfigError("--schedule interleaved needs --pp 2 or more")
+        if self.schedule in (Schedule.INTERLEAVED, Schedule.ZERO_BUBBLE) and self.pp == 1:
+            raise ConfigError(f"--schedule {self.schedule.value} needs --pp 2 or more")
         object.__setattr__(self, "stage_layers", tuple(self.stage_layers))
         try:
             object.__setattr__(self, "stage_recompute", tuple(Recompute(r) for r in self.stage_recompute))

@@ -120,8 +120,8 @@ def export(plan: Plan) -> list[str]:
                 raise ConfigError("Megatron-LM interleaves equal virtual stages only; this plan's cut is uneven: "
                                   "re-plan with --schedule 1f1b")
             args += ["--num-layers-per-virtual-pipeline-stage", counts[0]]
-        elif sched["name"] == "gpipe":
-            raise ConfigError("Megatron-LM runs 1F1B (or interleaved) pipelines, not GPipe; re-plan with "
+        elif sched["name"] in ("gpipe", "zero-bubble"):
+            raise ConfigError(f"Megatron-LM runs 1F1B (or interleaved) pipelines, not {sched['name']}; re-plan with "
                               "--schedule 1f1b")
         elif len(set(counts)) > 1:
             middle = counts[1:-1]

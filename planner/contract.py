@@ -94,6 +94,10 @@ def strategy_runtime_problems(spec: ModelSpec, s: Strategy, mode: str = "train")
         problems.append(f"{spec.name} is a mixture of experts: under tp({s.tp}) the runtime keeps experts whole and "
                         f"folds ep over the tp ranks (ep a multiple of tp, --expert-tp 1); re-plan with --expert-tp 1 "
                         f"--ep {s.tp * max(1, s.ep // s.tp)} or --tp 1")
+    if s.schedule.value == "zero-bubble" and s.zero == 3 and s.dp * s.cp > 1:
+        problems.append("the zero-bubble schedule under --zero 3 loses weight gradients across microbatches in torch's "
+                        "FSDP2 (measured: 1e-4 off one process within 3 steps); use --zero 1 or 2 (torchtitan keeps "
+                        "parameters gathered under pipelining too) or --schedule 1f1b")
     if s.tp > spec.kv_heads:
         problems.append(f"tp({s.tp}) is more than {spec.name}'s {spec.kv_heads} K/V heads: the runtime splits whole "
                         f"K/V heads (it does not copy them, as Megatron does); use --tp {spec.kv_heads} or less")
@@ -169,6 +173,9 @@ def runnable_problems(plan: Plan, world_size: int | None = None) -> list[str]:
                         f"{spec.attention_window} tokens; train {spec.name} from its Hugging Face config (hf:DIR) "
                         f"or with --seq-len {spec.attention_window}")
     problems += strategy_runtime_problems(spec, plan.strategy(), plan.mode)
+    if plan.runtime == "paraplan-compile" and plan.schedule.get("name") == "zero-bubble":
+        problems.append("the zero-bubble schedule splits each backward outside torch.compile's graphs, which torch "
+                        "does not support; re-plan with --runtime paraplan or --schedule 1f1b")
     from_source = source_problems(plan)
     if from_source:
         return problems + from_source

@@ -231,7 +231,7 @@ class Plan:
 def schedule_problems(name: str, pp: int, microbatches: int) -> list[str]:
     """What torch.distributed.pipelining refuses in a pipeline schedule (Schedule1F1B needs at
     least as many microbatches as stages; ScheduleInterleaved1F1B a multiple of the stages, as
-    the search plans it). The search emits only schedules without problems, and `check` and
+    the search plans it; ScheduleInterleavedZeroBubble a multiple of its rounds, max(1, m // pp)). The search emits only schedules without problems, and `check` and
     `run` refuse the rest, so the three agree."""
     if pp == 1:
         return []
@@ -241,6 +241,10 @@ def schedule_problems(name: str, pp: int, microbatches: int) -> list[str]:
     if name == "interleaved" and microbatches % pp:
         return [f"the interleaved schedule needs the microbatches ({microbatches}) to be a multiple of pp ({pp}); "
                 "change the global batch or the microbatch size"]
+    rounds = max(1, microbatches // pp)
+    if name == "zero-bubble" and microbatches % rounds:
+        return [f"the zero-bubble schedule runs the microbatches in rounds of about pp ({pp}) and needs "
+                f"{microbatches} microbatches to be a multiple of the {rounds} rounds; use a multiple of pp"]
     return []
 
 

@@ -32,6 +32,7 @@ from costmodel.hardware import GIB
 from costmodel.memory import zero_model_state_bytes
 from costmodel.moe import expert_shard
 from costmodel.result import StepResult
+from costmodel.schedule import peak_in_flight
 from costmodel.serving import WEIGHT_FORMATS
 from costmodel.lora import default_targets
 from costmodel.spec import ModelSpec, format_count
@@ -96,6 +97,7 @@ def enumerate_candidates(req: SearchRequest, rejected: list[str] | None = None,
     out: list[Strategy] = []
     # `paraplan run` will execute the plan (a model it cannot build at all is planned for prediction)
     runnable = cluster.runtime.name in RUNNABLE_RUNTIMES and not (spec.latent_attention and not req.source.get("kind"))
+    zero_bubble = cluster.runtime.name == "paraplan"  # torch's zero-bubble schedule, which torch.compile does not take
     # a module whose experts the runtime does not split (gpt-oss's): ep 1, even where it holds more
     # experts per GPU than the search's cap would otherwise let it try
     expert_fixed = fixed if "ep" in fixed or not runnable or expert_parallel_runs(req.source) else {**fixed, "ep": 1}
@@ -131,7 +133,8 @@ def enumerate_candidates(req: SearchRequest, rejected: list[str] | None = None,
             for zero, rc, mbs in itertools.product(zeros, _recomputes(fixed), mbss):
                 groups = [fixed["shard_group"]] if "shard_group" in fixed else _shard_groups(zero, dp, tp * cp, per_node)
                 for group, (sched, v), (ep, etp) in itertools.product(
-                        groups, _schedules(fixed, pp, per_replica // mbs, spec.layers), _expert_degrees(spec, expert_fixed, dp, cp, tp)):
+                        groups, _schedules(fixed, pp, per_replica // mbs, spec.layers, zero_bubble),
+                        _expert_degrees(spec, expert_fixed, dp, cp, tp)):
                     for stage_rc in _stage_recomputes(fixed, rc, pp, sched):
                         try:
                             s = Strategy(
@@ -264,9 +267,11 @@ def _recomputes(fixed: dict) -> list[str]:
     return ["none", "selective", "full"]
 
 
-def _schedules(fixed: dict, pp: int, m: int, layers: int) -> list[tuple[str, int]]:
-    """The (schedule, virtual stages) to try: those the runtime's pipelining accepts."""
-    return [(name, v) for name, v in _schedule_choices(fixed, pp, m, layers) if not schedule_problems(name, pp, m)]
+def _schedules(fixed: dict, pp: int, m: int, layers: int, zero_bubble: bool = True) -> list[tuple[str, int]]:
+    """The (schedule, virtual stages) to try: those the runtime's pipelining accepts; the zero-bubble
+    schedule unasked only where `zero_bubble` (paraplan's runtime runs torch's; Megatron-Core has none)."""
+    return [(name, v) for name, v in _schedule_choices(fixed, pp, m, layers)
+            if not schedule_problems(name, pp, m) and (zero_bubble or name != "zero-bubble" or "schedule" in fixed)]
 
 
 def _schedule_choices(fixed: dict, pp: int, m: int, layers: int) -> list[tuple[str, int]]:
@@ -274,17 +279,22 @@ def _schedule_choices(fixed: dict, pp: int, m: int, layers: int) -> list[tuple[s
         return [(fixed.get("schedule", "1f1b"), 1)] if fixed.get("schedule", "1f1b") != "interleaved" else []
     if "schedule" in fixed:
         sched = fixed["schedule"]
+        if sched == "zero-bubble":
+            vs = [fixed["virtual_stages"]] if "virtual_stages" in fixed else [1, 2]
+            return [(sched, v) for v in vs if layers >= pp * v]
         if sched != "interleaved":
             return [(sched, 1)]
         vs = [fixed["virtual_stages"]] if "virtual_stages" in fixed else [2, 3, 4]
         return [("interleaved", v) for v in vs if layers >= pp * v]
     vs = [fixed["virtual_stages"]] if "virtual_stages" in fixed else [2, 3, 4, 6]
-    return [("1f1b", 1)] + [("interleaved", v) for v in vs if v > 1 and layers >= pp * v]
+    zb = [fixed["virtual_stages"]] if "virtual_stages" in fixed else [1, 2]
+    return ([("1f1b", 1)] + [("interleaved", v) for v in vs if v > 1 and layers >= pp * v]
+            + [("zero-bubble", v) for v in zb if layers >= pp * v])
 
 
 def _partition(spec: ModelSpec, s: Strategy, cluster: Cluster) -> Strategy:
     """Cut the layers with the inter-op DP for a non-interleaved pipeline."""
-    if s.pp == 1 or s.schedule is Schedule.INTERLEAVED:
+    if s.pp == 1 or s.schedule is Schedule.INTERLEAVED or s.virtual_stages > 1:
         return s
     model = build_step(spec, s, cluster)
     # per-layer figures from the balanced model: a middle stage has only transformer layers
@@ -294,7 +304,8 @@ def _partition(spec: ModelSpec, s: Strategy, cluster: Cluster) -> Strategy:
     first_t = model.forward[0].total + model.backward[0].total - per_layer_t * counts[0]
     last_t = model.forward[-1].total + model.backward[-1].total - per_layer_t * counts[-1]
     mem_mid = model.memory[mid]
-    in_flight = np.array([s.pp - i if s.schedule is Schedule.ONE_F_ONE_B else s.num_microbatches for i in range(s.pp)],
+    # microbatches whose activations each rank holds at its peak (1F1B: pp - rank; zero bubble: pp)
+    in_flight = np.array([peak_in_flight(s.schedule, s.pp, s.num_microbatches, 1, i, [1.0]) for i in range(s.pp)],
                          dtype=float)
     states_per_layer = (mem_mid.parameters + mem_mid.gradients + mem_mid.optimizer) / counts[mid]
     act_per_layer = mem_mid.activations / counts[mid] / in_flight[mid]

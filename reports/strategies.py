@@ -1,6 +1,6 @@
 """The canonical strategies a report compares, for a model, a cluster and a global batch:
 pure data parallelism, ZeRO-1/2/3 (FSDP), HSDP, tensor parallelism (with and without
-sequence parallelism), pipelines (1F1B, interleaved), 3D combinations, under each recompute
+sequence parallelism), pipelines (1F1B, interleaved, zero bubble), 3D combinations, under each recompute
 policy. Candidates that cannot be formed (divisibility) are left out."""
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ def canonical(spec: ModelSpec, cluster: Cluster, global_batch: int, skipped: dic
         f"3D TP{tp} PP{pp} ZeRO-1": dict(tp=tp, pp=pp, dp=n // (tp * pp), sequence_parallel=True, zero=1),
         f"3D TP{tp} PP{pp} interleaved": dict(tp=tp, pp=pp, dp=n // (tp * pp), sequence_parallel=True,
                                              schedule="interleaved", virtual_stages=2),
+        f"3D TP{tp} PP{pp} zero bubble": dict(tp=tp, pp=pp, dp=n // (tp * pp), sequence_parallel=True,
+                                             schedule="zero-bubble"),
     }
     if spec.moe:  # expert parallelism inside a node (Megatron-Core's guideline 2), folded into data parallelism
         ep = max(e for e in range(1, min(node, spec.experts) + 1) if spec.experts % e == 0 and n % e == 0)

@@ -1,12 +1,14 @@
 """Pipeline parallelism with torch.distributed.pipelining: the model cut at the plan's layer
 ranges (one module per virtual stage this rank holds: stages r, r + pp, ...), and the plan's
-schedule (GPipe, 1F1B, interleaved 1F1B)."""
+schedule (GPipe, 1F1B, interleaved 1F1B, zero bubble: ScheduleInterleavedZeroBubble, whose
+order costmodel.schedule.zero_bubble prices)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B,
+                                         ScheduleInterleavedZeroBubble)
 
 from costmodel.spec import ModelSpec
 from planner.plan import Plan
@@ -43,5 +45,7 @@ def build_schedule(plan: Plan, modules: list[nn.Module], stage_ids: list[int], d
     name = plan.schedule["name"]
     if name == "interleaved":
         return ScheduleInterleaved1F1B(stages, n_microbatches=m, loss_fn=loss_fn)
+    if name == "zero-bubble":
+        return ScheduleInterleavedZeroBubble(stages, n_microbatches=m, loss_fn=loss_fn)
     cls = ScheduleGPipe if name == "gpipe" else Schedule1F1B
     return cls(stages[0], n_microbatches=m, loss_fn=loss_fn)

@@ -32,6 +32,9 @@ CONFIGS = {
     "3d": dict(pp=2, dp=2, tp=2, sequence_parallel=True, microbatch_size=2, schedule="1f1b"),
     "3d_interleaved_fsdp_recompute": dict(pp=2, dp=2, tp=2, zero=3, microbatch_size=2, schedule="interleaved",
                                           virtual_stages=2, recompute="full"),
+    "pp_zero_bubble": dict(pp=4, microbatch_size=2, schedule="zero-bubble"),
+    "pp_zero_bubble_interleaved_zero1": dict(pp=2, dp=2, zero=1, microbatch_size=2, schedule="zero-bubble",
+                                             virtual_stages=2),
 }
 MODELS = ("tiny-gpt", "tiny-llama")
 

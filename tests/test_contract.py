@@ -220,3 +220,28 @@ def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path, capsys):
     code, _, err = _run(capsys, "plan", "--model", "tiny-llama", "--cluster", "cpu:2", "--global-batch", "4",
                         "-o", str(blocker / "p.yaml"))
     assert code == 2 and "cannot write" in err and len(err.strip().splitlines()) == 1
+
+
+def test_zero_bubble_is_planned_where_it_runs_and_refused_where_it_does_not(tmp_path, capsys):
+    """The zero-bubble schedule runs on paraplan's runtime (tests/test_runtime_parity.py) but not
+    under --zero 3 with data parallelism (torch's FSDP2 then drifts 1e-4 off one process within 3
+    steps, measured) nor under torch.compile: `plan` never emits those, `check` refuses them in one
+    line, and a plan asked for with --schedule zero-bubble passes its own check."""
+    from planner.contract import strategy_runtime_problems
+
+    spec = ZOO["tiny-llama"]
+    fsdp = Strategy(pp=2, dp=2, zero=3, global_batch=8, microbatch_size=2, schedule="zero-bubble")
+    assert any("zero-bubble schedule under --zero 3" in p for p in strategy_runtime_problems(spec, fsdp))
+    assert not strategy_runtime_problems(spec, fsdp.replace(zero=1))
+    out = tmp_path / "zb.yaml"
+    code, _, err = _run(capsys, "plan", "--model", "tiny-llama", "--cluster", "cpu:4", "--global-batch", "8",
+                        "--pp", "2", "--schedule", "zero-bubble", "-o", str(out))
+    assert code == 0, err
+    plan = yaml.safe_load(out.read_text())
+    assert plan["schedule"]["name"] == "zero-bubble" and plan["zero"] != 3
+    assert _run(capsys, "check", str(out))[0] == 0
+    code, _, err = _run(capsys, "plan", "--model", "tiny-llama", "--cluster", "cpu:4", "--global-batch", "8",
+                        "--pp", "2", "--schedule", "zero-bubble", "--runtime", "paraplan-compile", "-o",
+                        str(tmp_path / "compiled.yaml"))
+    assert code == 2 and "torch.compile" in err and err.count("\n") == 1
+    assert not (tmp_path / "compiled.yaml").exists()

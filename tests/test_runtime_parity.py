@@ -24,7 +24,7 @@ CONFIG_MODELS = {
     "dp": (GPT,), "zero2": (GPT,), "fsdp": (GPT,), "fsdp_full_recompute": (LLAMA,), "hsdp": (LLAMA,),
     "tp": (LLAMA,), "tp_sp": (GPT, LLAMA), "tp_sp_selective_recompute": (LLAMA,), "pp_gpipe": (GPT,),
     "pp_1f1b": (LLAMA,), "pp_1f1b_full_recompute": (GPT,), "pp_interleaved": (LLAMA,), "3d": (LLAMA,),
-    "3d_interleaved_fsdp_recompute": (GPT,),
+    "3d_interleaved_fsdp_recompute": (GPT,), "pp_zero_bubble": (LLAMA,), "pp_zero_bubble_interleaved_zero1": (GPT,),
 }
 CASES = [(m, c) for c in CONFIGS for m in CONFIG_MODELS[c]]
 # a model that ties its embedding and head (GPT-2): the tie must hold under every kind of split.
