@@ -36,6 +36,8 @@ PLANS = {
     "TP+DP (dp2 x tp2)": dict(dp=2, tp=2, microbatch_size=4),
     "PP 1F1B (pp4, 8 microbatches)": dict(pp=4, microbatch_size=1, schedule="1f1b"),
     "PP interleaved (pp2 x dp2, v=2)": dict(pp=2, dp=2, microbatch_size=1, schedule="interleaved", virtual_stages=2),
+    # the backward split into input and weight gradients (torch's ScheduleInterleavedZeroBubble)
+    "PP zero bubble (pp4, 8 microbatches)": dict(pp=4, microbatch_size=1, schedule="zero-bubble"),
     "3D (pp2 x dp2 x tp2 + SP)": dict(pp=2, dp=2, tp=2, sequence_parallel=True, microbatch_size=1, schedule="1f1b"),
     # context parallelism: K and V all-gathered, the attention recomputed in the backward (runtime/context_parallel.py)
     "CP (cp2 x dp2)": dict(cp=2, dp=2, microbatch_size=2),
@@ -71,13 +73,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="launches per plan; the mean of their median steps")
     ap.add_argument("--save", help="write the measured step times here (JSON)")
     ap.add_argument("--measured", help="reuse measured step times from this JSON instead of running")
+    ap.add_argument("--only", help="run only the plans whose names contain this text (e.g. PP)")
     args = ap.parse_args()
+    names = [n for n in PLANS if not args.only or args.only in n]
     if args.measured:
         measured = json.loads(Path(args.measured).read_text())
     else:
         measured = {}
         with tempfile.TemporaryDirectory() as tmp:
-            for name in PLANS:
+            for name in names:
                 runs = [measure(name, args.profile, args.steps, Path(tmp)) for _ in range(args.repeats)]
                 measured[name] = sum(runs) / len(runs)
                 print(f"  ran {name}: {measured[name] * 1e3:.1f} ms/step", file=sys.stderr, flush=True)
@@ -88,7 +92,7 @@ def main() -> None:
     print("| plan | processes | predicted ms | measured ms | error |")
     print("|---|---|---|---|---|")
     errors = []
-    for name in PLANS:
+    for name in names:
         p, m = predicted(name, args.profile), measured[name]
         err = 100 * (p / m - 1)
         errors.append(abs(err))
