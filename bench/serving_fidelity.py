@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 import dataclasses  # noqa: E402
 import math  # noqa: E402
+import re  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -76,16 +77,23 @@ def spec_of(name: str) -> ModelSpec:
 # was "experimental and not enabled by default" (its docs); v0.9's was on by default, its
 # precompiled kernels built for 8 query heads per KV head only (decoderXQAImplPrecompiled's
 # sXqaKernelMetaInfo: fp16, head size 128, beam 1, nqpkv 8), picked where batch x KV heads x 4
-# >= the SMs (mayHavePerfGain: every row here). The shipped profile is today's release: a grouped
-# kernel for every ratio.
-TRT_GROUPED_RATIOS = {"trtllm-0.5": (), "trtllm-0.6.1": (), "trtllm-0.8.0": (), "trtllm-0.9.0": (8,)}
+# >= the SMs (mayHavePerfGain: every row here). So: releases before 0.9, none; 0.9, 8 only; later
+# ones as the shipped profile says, today's release: a grouped kernel for every ratio (assumed for
+# 0.10 on; the releases between are not checked here).
+TRT_GROUPED_RATIOS = (((0, 9), ()), ((0, 10), (8,)))  # (releases before, ratios): later ones, the profile's
 TRT_FIT_SOURCE = "trtllm-0.6.1"  # the table the per-head kernel's fp32 share is fitted to (--fit)
 
 
 def trt_engine(row: dict, base: ServingEngine | None = None) -> ServingEngine:
-    """The tensorrt-llm engine profile as the row's release ran it (TRT_GROUPED_RATIOS)."""
-    return dataclasses.replace(base or load_engine("tensorrt-llm"),
-                               grouped_decode_ratios=TRT_GROUPED_RATIOS[row["source"]])
+    """The tensorrt-llm engine profile as the row's release ran it (its source "trtllm-X.Y[.Z]";
+    TRT_GROUPED_RATIOS), or as shipped where the source names no release."""
+    base = base or load_engine("tensorrt-llm")
+    release = re.fullmatch(r"trtllm-(\d+)\.(\d+)(?:\.\d+)?", row["source"])
+    if not release:
+        return base
+    version = (int(release[1]), int(release[2]))
+    ratios = next((r for before, r in TRT_GROUPED_RATIOS if version < before), base.grouped_decode_ratios)
+    return dataclasses.replace(base, grouped_decode_ratios=ratios)
 
 
 def offline_throughput(row: dict, base: ServingEngine | None = None) -> float:

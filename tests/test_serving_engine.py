@@ -214,8 +214,12 @@ def test_a_per_head_decode_kernel_is_compute_bound_on_cuda_cores_for_grouped_que
         none = engine_cluster(load_cluster(f"a100-80g:{tp}"), replace(trt, decode_fp32_share={}))
         assert decode_attention_s(spec, one, "fp16", tp, rows, keys) == decode_attention_s(spec, none, "fp16", tp,
                                                                                             rows, keys)
-    # the profile is today's release (a grouped kernel for every ratio); bad fields are refused
+    # the profile is today's release (a grouped kernel for every ratio); the bench runs each published
+    # release with its own (none before 0.9, Llama-2 70B's 8 in 0.9); bad fields are refused
     assert load_engine("tensorrt-llm").grouped_decode_ratios == "all"
+    assert [serving_fidelity.trt_engine({"source": f"trtllm-{v}"}).grouped_decode_ratios
+            for v in ("0.5", "0.7.1", "0.9.0", "0.12.0")] == [(), (), (8,), "all"]
+    assert serving_fidelity.trt_engine({"source": "gpustack-trtllm"}).grouped_decode_ratios == "all"
     with pytest.raises(ConfigError, match="decode_fp32_share must map architectures to fractions"):
         ServingEngine(name="x", decode_fp32_share={"ampere": 0})
     with pytest.raises(ConfigError, match="grouped_decode_ratios must be all or a list"):
