@@ -46,12 +46,13 @@ LAYOUTS = {  # name -> strategy flags (world size 4, or 8 for 3d)
     "pp_1f1b": dict(pp=2, dp=2, microbatch_size=2, schedule="1f1b", recompute="full"),
     "pp_interleaved": dict(pp=2, dp=2, microbatch_size=2, schedule="interleaved", virtual_stages=2),
     "3d": dict(pp=2, dp=2, tp=2, zero=3, sequence_parallel=True, microbatch_size=2, schedule="1f1b"),
+    "pp_zero_bubble": dict(pp=2, dp=2, zero=1, microbatch_size=2, schedule="zero-bubble", virtual_stages=2),
 }
 MODELS = {  # name -> (config class, extra fields, with pretrained weights, layouts run)
     # every layout once on a Llama (tied or not); ties under each kind of split; Qwen2's q/k/v biases
     "llama": ("LlamaConfig", dict(tie_word_embeddings=False), False, ("dp", "hsdp", "tp", "pp_interleaved", "3d")),
     "llama_tied": ("LlamaConfig", dict(tie_word_embeddings=True), True, ("fsdp", "tp_sp", "pp_1f1b", "3d")),
-    "qwen2_tied": ("Qwen2Config", dict(tie_word_embeddings=True), False, ("tp_sp", "pp_interleaved")),
+    "qwen2_tied": ("Qwen2Config", dict(tie_word_embeddings=True), False, ("tp_sp", "pp_interleaved", "pp_zero_bubble")),
     # q_norm / k_norm on each rank's local heads (runtime.tensor_parallel.LocalShard)
     "qwen3": ("Qwen3Config", dict(tie_word_embeddings=False, head_dim=16), False, ("tp", "tp_sp")),
     # a model_type the config reader does not size (read off transformers' class): q_norm / k_norm over
