@@ -43,7 +43,7 @@ def add_strategy_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--microbatch-size", type=int, help="sequences per microbatch")
     g.add_argument("--schedule", choices=("gpipe", "1f1b", "interleaved", "zero-bubble"),
                    help="pipeline schedule (zero-bubble: torch's ScheduleInterleavedZeroBubble, with --virtual-stages V)")
-    g.add_argument("--virtual-stages", type=int, help="model chunks per pipeline rank (interleaved)")
+    g.add_argument("--virtual-stages", type=int, help="model chunks per pipeline rank (interleaved, zero-bubble)")
     g.add_argument("--seq-len", type=int, help="sequence length (default: the model's)")
     g.add_argument("--precision", choices=("fp32", "bf16", "fp16", "fp8", "mxfp4"),
                    help="training precision; serving: the weights' (mxfp4: a mixture of experts' experts in MXFP4)")

@@ -123,11 +123,11 @@ def in_flight_peaks(schedule: Schedule, pp: int, m: int, v: int, rank: int) -> t
     every moment just before a backward frees one: the candidates for a rank's peak."""
     held = [0] * v
     peaks = set()
-    frees = "weight" if split_backward(schedule) else "backward"  # a microbatch's activations go with its W
+    split = split_backward(schedule)  # then a microbatch's activations go with its W, not its B
     for task in build(schedule, pp, m, v)[rank]:
         if task.forward:
             held[task.chunk] += 1
-        elif task.weight or frees == "backward":
+        elif task.weight or not split:
             peaks.add(tuple(held))
             held[task.chunk] -= 1
     # only vectors no other vector dominates can be the peak for non-negative weights; a

@@ -231,8 +231,9 @@ class Plan:
 def schedule_problems(name: str, pp: int, microbatches: int) -> list[str]:
     """What torch.distributed.pipelining refuses in a pipeline schedule (Schedule1F1B needs at
     least as many microbatches as stages; ScheduleInterleaved1F1B a multiple of the stages, as
-    the search plans it; ScheduleInterleavedZeroBubble a multiple of its rounds, max(1, m // pp)). The search emits only schedules without problems, and `check` and
-    `run` refuse the rest, so the three agree."""
+    the search plans it; ScheduleInterleavedZeroBubble a multiple of its rounds, max(1, m // pp)).
+    The search emits only schedules without problems, and `check` and `run` refuse the rest, so
+    the three agree."""
     if pp == 1:
         return []
     if name == "1f1b" and microbatches < pp:
