@@ -194,7 +194,7 @@ def import_(text: str, *, world_size: int, spec: ModelSpec | None = None) -> Imp
         if parts:
             fields["stage_layers"] = tuple(sum(1 for n in part if str(n).startswith("layers.")) for part in parts)
             fields["virtual_stages"] = len(parts) // pp
-        elif fields["schedule"] == "interleaved" and "pipeline_parallel_layers_per_stage" in par:
+        elif fields["schedule"] in ("interleaved", "zero-bubble") and "pipeline_parallel_layers_per_stage" in par:
             per_stage = num(par, "pipeline_parallel_layers_per_stage", 1)
     else:
         fields["microbatch_size"] = local

@@ -48,6 +48,9 @@ GRID = [
     ("llama2-7b", "a100-80g:32", dict(tp=2, dp=16, zero=3, shard_group=8, sequence_parallel=True, microbatch_size=1,
                                       global_batch=256)),
     ("llama2-13b", "a100-80g:8", dict(dp=8, microbatch_size=1, global_batch=64, recompute="full")),
+    # torchtitan's InterleavedZeroBubble (two chunks a rank); Megatron-LM and DeepSpeed have no such schedule
+    ("llama3-70b", "h100-sxm:256", dict(tp=8, pp=4, dp=8, zero=1, sequence_parallel=True, microbatch_size=1,
+                                        global_batch=256, schedule="zero-bubble", virtual_stages=2)),
 ]
 
 
@@ -207,6 +210,7 @@ def test_golden_vllm(tmp_path, capsys):
 @pytest.mark.parametrize("engine,plan_fields,reason", [
     ("deepspeed", dict(tp=8, dp=8, sequence_parallel=True, global_batch=64), "tensor, pipeline and context parallelism"),
     ("megatron", dict(pp=4, dp=16, zero=3, global_batch=64), "does not run with pipeline parallelism"),
+    ("megatron", dict(pp=4, dp=16, zero=1, global_batch=64, schedule="zero-bubble"), "not zero-bubble"),
     ("torchtitan", dict(tp=8, dp=8, sequence_parallel=False, global_batch=64), "sequence-parallel norms always"),
     ("vllm", dict(dp=64, global_batch=64), "vLLM serves; this is a training plan"),
 ])
