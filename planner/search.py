@@ -277,19 +277,18 @@ def _schedules(fixed: dict, pp: int, m: int, layers: int, zero_bubble: bool = Tr
 def _schedule_choices(fixed: dict, pp: int, m: int, layers: int) -> list[tuple[str, int]]:
     if pp == 1:
         return [(fixed.get("schedule", "1f1b"), 1)] if fixed.get("schedule", "1f1b") != "interleaved" else []
+    zb = [fixed["virtual_stages"]] if "virtual_stages" in fixed else [1, 2]
+    zero_bubble = [("zero-bubble", v) for v in zb if layers >= pp * v]
     if "schedule" in fixed:
         sched = fixed["schedule"]
         if sched == "zero-bubble":
-            vs = [fixed["virtual_stages"]] if "virtual_stages" in fixed else [1, 2]
-            return [(sched, v) for v in vs if layers >= pp * v]
+            return zero_bubble
         if sched != "interleaved":
             return [(sched, 1)]
         vs = [fixed["virtual_stages"]] if "virtual_stages" in fixed else [2, 3, 4]
         return [("interleaved", v) for v in vs if layers >= pp * v]
     vs = [fixed["virtual_stages"]] if "virtual_stages" in fixed else [2, 3, 4, 6]
-    zb = [fixed["virtual_stages"]] if "virtual_stages" in fixed else [1, 2]
-    return ([("1f1b", 1)] + [("interleaved", v) for v in vs if v > 1 and layers >= pp * v]
-            + [("zero-bubble", v) for v in zb if layers >= pp * v])
+    return [("1f1b", 1)] + [("interleaved", v) for v in vs if v > 1 and layers >= pp * v] + zero_bubble
 
 
 def _partition(spec: ModelSpec, s: Strategy, cluster: Cluster) -> Strategy:

@@ -185,13 +185,9 @@ def test_lora_on_a_hugging_face_model_matches_one_process(tmp_path):
         tmp_path, user, Strategy(precision="fp32", global_batch=8, seq_len=32, lora_rank=4, lora_targets=HF_TARGETS, **f),
         f"user__{name}")
     ref_user, user_tp = user_plan("reference", microbatch_size=8), user_plan("tp_fsdp", **HF_LAYOUTS["tp_fsdp"])
-    results = {}
-    for world, todo in ((1, [ref, ref_user]), (4, [p for p in plans if "__dp." not in str(p)] + [user_tp]),
-                        (2, [plans[0]])):
-        out = tmp_path / f"w{world}.jsonl"
-        proc = launch(world, todo, out, "--steps", str(STEPS), preload=("transformers.models.llama.modeling_llama",))
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        results.update(read_results(out))
+    by_world = {1: [ref, ref_user], 4: [p for p in plans if "__dp." not in str(p)] + [user_tp], 2: [plans[0]]}
+    results = launch_by_world(by_world, tmp_path, "--steps", str(STEPS),
+                              preload=("transformers.models.llama.modeling_llama",))
     base = results["hf-llama__reference"]
     assert base["losses"][-1] < base["losses"][0]
     for name in HF_LAYOUTS:

@@ -14,7 +14,8 @@ moves the loss by >1e-3 within two steps).
 
 import pytest
 
-from runtime_helpers import BATCH, CONFIGS, MODELS, assert_same_gradients, launch, read_results, strategy, write_plan
+from runtime_helpers import (BATCH, CONFIGS, MODELS, assert_same_gradients, launch, launch_by_world, read_results,
+                             strategy, write_plan)
 
 TOLERANCE = 1e-5
 STEPS = 4
@@ -41,18 +42,12 @@ def runs(tmp_path_factory):
 
     ref_plans = [write_plan(d, m, Strategy(precision="fp32", global_batch=8, microbatch_size=8), "reference")
                  for m in (*MODELS, TIED)]
-    by_world: dict[int, list] = {}
+    by_world: dict[int, list] = {1: ref_plans}
     for name in CONFIGS:
         s = strategy(name)
         for m in CONFIG_MODELS[name] + ((TIED,) if name in TIED_CONFIGS else ()):
             by_world.setdefault(s.world_size, []).append(write_plan(d, m, s, name))
-    results = {}
-    for world, plans in [(1, ref_plans), *sorted(by_world.items())]:
-        out = d / f"world{world}.jsonl"
-        proc = launch(world, plans, out, "--steps", str(STEPS))
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        results.update(read_results(out))
-    return results
+    return launch_by_world(by_world, d, "--steps", str(STEPS))
 
 
 def test_every_layout_trains_a_model():
